@@ -1,0 +1,310 @@
+"""The closed op set of the IR: attributes, shape rule and torch reference.
+
+The reference functions are the living definition of each op: the
+interpreter runs them, and every Triton kernel is tested against them.
+
+Tensors are flat per token: q is [T, H*D], not [T, H, D]. Ops that need
+heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
+(`T`, `B`, `R`...); see `graph.py`.
+
+| op              | inputs                                                        | outputs        |
+|-----------------|---------------------------------------------------------------|----------------|
+| embedding       | token_ids [T], weight [V, H]                                  | [T, H]         |
+| rms_norm        | x [T, H], (residual [T, H]), weight [H]                       | y, (x+residual)|
+| linear          | x [T, K], weight [N, K], (bias [N])                           | [T, N]         |
+| head_rms_norm   | x [T, Hn*D], weight [D]                                       | [T, Hn*D]      |
+| rope            | q [T, Hq*D], k [T, Hk*D], positions [T]                       | q', k'         |
+| kv_cache_write  | k, v [T, Hk*D], slot_mapping [T], k_cache, v_cache [NB,BS,Hk,D] | (in place)   |
+| attention       | q [T, Hq*D], k_cache, v_cache, block_tables [B, MB],          | [T, Hq*D]      |
+|                 | seq_lens [B], cu_seqlens_q [B+1], positions [T], (sinks [Hq]) |                |
+| gated_act       | gate [T, I], up [T, I]  or  gate_up [T, 2I]                   | [T, I]         |
+| add             | a, b (same shape)                                             | a + b          |
+| logits          | x [T, H], logits_indices [R], weight [V, H]                   | [R, V] float32 |
+| argmax          | logits [R, V]                                                 | [R] int64      |
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from rdnac.ir.graph import TensorSpec
+
+Ref = Callable[..., "torch.Tensor | tuple[torch.Tensor, ...] | None"]
+Infer = Callable[[dict, list[TensorSpec]], list[TensorSpec]]
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    required_attrs: tuple[str, ...]
+    num_inputs: tuple[int, ...]  # accepted input counts
+    infer: Infer
+    reference: Ref
+    has_side_effects: bool = False
+
+
+# ---------------------------------------------------------------- references
+
+
+def embedding(token_ids: torch.Tensor, weight: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+    out = weight[token_ids]  # [T, H]
+    return out * scale if scale != 1.0 else out
+
+
+def rms_norm(x: torch.Tensor, *rest: torch.Tensor, eps: float, unit_offset: bool = False):
+    """y = norm(x [+ residual]) * w; with a residual also returns the sum.
+
+    Computed in float32 and cast back before the weight product, as the
+    Hugging Face Llama family does."""
+    weight = rest[-1]
+    residual_out = None
+    if len(rest) == 2:
+        x = x + rest[0]
+        residual_out = x
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    w = (1.0 + weight.float()).to(x.dtype) if unit_offset else weight
+    y = w * y
+    return y if residual_out is None else (y, residual_out)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, *, num_heads: int, head_dim: int,
+                  eps: float, unit_offset: bool = False) -> torch.Tensor:
+    num_tokens = x.shape[0]
+    y = rms_norm(x.reshape(num_tokens, num_heads, head_dim), weight, eps=eps, unit_offset=unit_offset)
+    return y.reshape(num_tokens, num_heads * head_dim)
+
+
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [rotary_dim/2] and the cos/sin scale for a RoPE variant.
+
+    `scaling` is None or a dict with `rope_type` in {linear, llama3, yarn} and
+    that variant's parameters (normalized by the frontend)."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    if not scaling:
+        return inv_freq, 1.0
+    kind = scaling["rope_type"]
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        return _yarn_inv_freq(rotary_dim, theta, scaling)
+    raise ValueError(f"unknown rope_type {kind!r}")
+
+
+def _yarn_inv_freq(dim: int, base: float, p: dict) -> tuple[torch.Tensor, float]:
+    factor = p["factor"]
+
+    def get_mscale(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        if p.get("mscale") and p.get("mscale_all_dim"):
+            attention_factor = get_mscale(factor, p["mscale"]) / get_mscale(factor, p["mscale_all_dim"])
+        else:
+            attention_factor = get_mscale(factor)
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+    max_pos = p["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(max_pos / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    extrapolation = 1 - ramp
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float,
+                 scaling: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, rotary_dim/2] in float32."""
+    inv_freq, attention_scaling = rope_inv_freq(rotary_dim, theta, scaling)
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    return freqs.cos() * attention_scaling, freqs.sin() * attention_scaling
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int, style: str) -> torch.Tensor:
+    # x: [T, H, D]; cos, sin: [T, rotary_dim/2] float32
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    if style == "neox":
+        x1, x2 = rot[..., : rotary_dim // 2], rot[..., rotary_dim // 2:]
+        cos2, sin2 = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        rotated = rot * cos2 + torch.cat([-x2, x1], -1) * sin2
+    else:  # gptj: interleaved pairs (x0, x1), (x2, x3), ...
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2)
+    return torch.cat([rotated, rest], -1)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *, num_heads: int, num_kv_heads: int,
+         head_dim: int, rotary_dim: int, theta: float, style: str = "neox", scaling: dict | None = None):
+    num_tokens = q.shape[0]
+    cos, sin = rope_cos_sin(positions, rotary_dim, theta, scaling)
+    q = _rotate(q.reshape(num_tokens, num_heads, head_dim), cos, sin, rotary_dim, style)
+    k = _rotate(k.reshape(num_tokens, num_kv_heads, head_dim), cos, sin, rotary_dim, style)
+    return q.reshape(num_tokens, -1), k.reshape(num_tokens, -1)
+
+
+def kv_cache_write(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, *, num_kv_heads: int, head_dim: int) -> None:
+    """Scatter each token's K and V to its cache slot; slots < 0 (padding) are skipped."""
+    block_size = k_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = k[keep].reshape(-1, num_kv_heads, head_dim).to(k_cache.dtype)
+    v_cache[blocks, offsets] = v[keep].reshape(-1, num_kv_heads, head_dim).to(v_cache.dtype)
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+              seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, positions: torch.Tensor,
+              sinks: torch.Tensor | None = None, *, num_heads: int, num_kv_heads: int, head_dim: int,
+              scale: float, sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """Paged attention over each sequence's cached keys, in float32.
+
+    Query i of sequence b sits at positions[i] and sees key positions j with
+    j <= positions[i] (causal), j < seq_lens[b], and, with a window W > 0,
+    j > positions[i] - W. Keys of sequence b are read from cache slots
+    block_tables[b, j // BS] * BS + j % BS."""
+    block_size = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    out = torch.empty(q.shape[0], num_heads, head_dim, dtype=q.dtype, device=q.device)
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for b in range(len(lens)):
+        start, end, ctx = cu[b], cu[b + 1], lens[b]
+        if end == start:
+            continue
+        j = torch.arange(ctx, device=q.device)
+        slots = block_tables[b, j // block_size].long() * block_size + j % block_size
+        keys = k_cache.reshape(-1, num_kv_heads, head_dim)[slots].float()  # [S, Hk, D]
+        values = v_cache.reshape(-1, num_kv_heads, head_dim)[slots].float()
+        keys = keys.repeat_interleave(group, dim=1)  # [S, Hq, D]
+        values = values.repeat_interleave(group, dim=1)
+        queries = q[start:end].reshape(-1, num_heads, head_dim).float()  # [Tq, Hq, D]
+        scores = torch.einsum("thd,shd->hts", queries, keys) * scale  # [Hq, Tq, S]
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
+        pos = positions[start:end].long()[:, None]  # [Tq, 1]
+        allowed = j[None, :] <= pos
+        if sliding_window > 0:
+            allowed &= j[None, :] > pos - sliding_window
+        scores = scores.masked_fill(~allowed[None], float("-inf"))
+        if sinks is not None:
+            sink = sinks.float()[:, None, None].expand(num_heads, end - start, 1)
+            probs = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, -1)
+        out[start:end] = torch.einsum("hts,shd->thd", probs, values).to(q.dtype)
+    return out.reshape(q.shape[0], num_heads * head_dim)
+
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def gated_act(*xs: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    gate, up = xs if len(xs) == 2 else xs[0].chunk(2, dim=-1)
+    return _ACTIVATIONS[act](gate) * up
+
+
+def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a + b
+
+
+def logits(x: torch.Tensor, logits_indices: torch.Tensor, weight: torch.Tensor, *,
+           softcap: float = 0.0) -> torch.Tensor:
+    out = F.linear(x[logits_indices.long()], weight).float()  # [R, V]
+    if softcap > 0:
+        out = softcap * torch.tanh(out / softcap)
+    return out
+
+
+def argmax(logits_: torch.Tensor) -> torch.Tensor:
+    return logits_.argmax(dim=-1)
+
+
+# ---------------------------------------------------------------- shape rules
+
+
+def _same(_attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
+    return [ins[0]]
+
+
+def _embedding_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
+    return [TensorSpec(ins[1].dtype, (ins[0].shape[0], ins[1].shape[1]))]
+
+
+def _rms_norm_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
+    return [ins[0], ins[0]] if len(ins) == 3 else [ins[0]]
+
+
+def _linear_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
+    return [TensorSpec(ins[0].dtype, (ins[0].shape[0], ins[1].shape[0]))]
+
+
+def _rope_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
+    return [ins[0], ins[1]]
+
+
+def _gated_act_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
+    if len(ins) == 2:
+        return [ins[0]]
+    width = ins[0].shape[1]
+    return [TensorSpec(ins[0].dtype, (ins[0].shape[0], width // 2 if isinstance(width, int) else width))]
+
+
+def _logits_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
+    return [TensorSpec("float32", (ins[1].shape[0], ins[2].shape[0]))]
+
+
+def _argmax_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
+    return [TensorSpec("int64", (ins[0].shape[0],))]
+
+
+OPS: dict[str, OpDef] = {op.name: op for op in [
+    OpDef("embedding", (), (2,), _embedding_infer, embedding),
+    OpDef("rms_norm", ("eps",), (2, 3), _rms_norm_infer, rms_norm),
+    OpDef("linear", (), (2, 3), _linear_infer, linear),
+    OpDef("head_rms_norm", ("num_heads", "head_dim", "eps"), (2,), _same, head_rms_norm),
+    OpDef("rope", ("num_heads", "num_kv_heads", "head_dim", "rotary_dim", "theta"), (3,), _rope_infer, rope),
+    OpDef("kv_cache_write", ("num_kv_heads", "head_dim"), (5,), lambda a, i: [], kv_cache_write,
+          has_side_effects=True),
+    OpDef("attention", ("num_heads", "num_kv_heads", "head_dim", "scale"), (7, 8), _same, attention),
+    OpDef("gated_act", ("act",), (1, 2), _gated_act_infer, gated_act),
+    OpDef("add", (), (2,), _same, add),
+    OpDef("logits", (), (3,), _logits_infer, logits),
+    OpDef("argmax", (), (1,), _argmax_infer, argmax),
+]}

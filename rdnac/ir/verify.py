@@ -1,0 +1,89 @@
+"""Check a graph's structure, attributes and shapes; errors name the node.
+
+Run after every pass in tests. Shape rules come from `ops.OPS`; symbolic
+dims (`T`, `B`...) compare by name.
+"""
+
+from __future__ import annotations
+
+from rdnac.errors import GraphError
+from rdnac.ir.graph import Graph, Node, TensorSpec
+from rdnac.ir.ops import OPS
+
+def _fail(graph: Graph, node: Node | None, message: str) -> None:
+    where = f"node {node.name!r} ({node.op})" if node else "graph"
+    raise GraphError(f"{where}: {message}\n{graph.dump()}")
+
+def verify(graph: Graph) -> None:
+    specs: dict[str, TensorSpec] = dict(graph.inputs)
+    for name, w in graph.weights.items():
+        if name in specs:
+            _fail(graph, None, f"weight {name!r} shadows a graph input")
+        specs[name] = TensorSpec(w.dtype, w.shape)
+    written_caches: set[str] = set()
+    seen_names: set[str] = set()
+    for node in graph.nodes:
+        if node.name in seen_names:
+            _fail(graph, node, "duplicate node name")
+        seen_names.add(node.name)
+        opdef = OPS.get(node.op)
+        if opdef is None:
+            _fail(graph, node, f"unknown op; expected one of {sorted(OPS)}")
+        if len(node.inputs) not in opdef.num_inputs:
+            _fail(graph, node, f"expected {' or '.join(map(str, opdef.num_inputs))} inputs, found {len(node.inputs)}")
+        for name in node.inputs:
+            if name not in specs:
+                _fail(graph, node, f"input {name!r} is not defined before this node")
+        missing = [a for a in opdef.required_attrs if a not in node.attrs]
+        if missing:
+            _fail(graph, node, f"missing attributes {missing}")
+        in_specs = [specs[name] for name in node.inputs]
+        _check_shapes(graph, node, in_specs)
+        if node.op == "kv_cache_write":
+            written_caches.update(node.inputs[3:5])
+        if node.op == "attention" and not set(node.inputs[1:3]) <= written_caches:
+            _fail(graph, node, f"reads caches {node.inputs[1:3]} before any kv_cache_write to them")
+        out_specs = opdef.infer(node.attrs, in_specs)
+        if len(out_specs) != len(node.outputs):
+            _fail(graph, node, f"expected {len(out_specs)} outputs, found {len(node.outputs)}")
+        for name, spec in zip(node.outputs, out_specs):
+            if name in specs:
+                _fail(graph, node, f"output {name!r} redefines an existing value")
+            specs[name] = spec
+    for name in graph.outputs:
+        if name not in specs:
+            _fail(graph, None, f"output {name!r} is never produced")
+
+def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
+    a = node.attrs
+    def expect(cond: bool, what: str) -> None:
+        if not cond:
+            _fail(graph, node, f"{what}; inputs {[ (n, s.shape) for n, s in zip(node.inputs, ins)]}")
+    if node.op == "linear":
+        expect(ins[0].shape[-1] == ins[1].shape[1], "x's last dim must equal weight's in_features")
+        if len(ins) == 3:
+            expect(ins[2].shape == (ins[1].shape[0],), "bias must be [out_features]")
+    elif node.op == "rms_norm":
+        expect(ins[-1].shape == (ins[0].shape[-1],), "weight must be [hidden]")
+    elif node.op == "head_rms_norm":
+        expect(ins[1].shape == (a["head_dim"],), "weight must be [head_dim]")
+        expect(ins[0].shape[-1] == a["num_heads"] * a["head_dim"], "x must be [T, num_heads*head_dim]")
+    elif node.op == "rope":
+        expect(ins[0].shape[-1] == a["num_heads"] * a["head_dim"], "q must be [T, num_heads*head_dim]")
+        expect(ins[1].shape[-1] == a["num_kv_heads"] * a["head_dim"], "k must be [T, num_kv_heads*head_dim]")
+        expect(0 < a["rotary_dim"] <= a["head_dim"] and a["rotary_dim"] % 2 == 0, "rotary_dim must be even, <= head_dim")
+        expect(a.get("style", "neox") in ("neox", "gptj"), "style must be neox or gptj")
+    elif node.op == "attention":
+        expect(a["num_heads"] % a["num_kv_heads"] == 0, "num_heads must be a multiple of num_kv_heads")
+        expect(ins[0].shape[-1] == a["num_heads"] * a["head_dim"], "q must be [T, num_heads*head_dim]")
+        expect(tuple(ins[1].shape[2:]) == (a["num_kv_heads"], a["head_dim"]), "k_cache must be [NB, BS, Hk, D]")
+    elif node.op == "kv_cache_write":
+        expect(tuple(ins[3].shape[2:]) == (a["num_kv_heads"], a["head_dim"]), "k_cache must be [NB, BS, Hk, D]")
+    elif node.op == "add":
+        expect(ins[0].shape == ins[1].shape, "operands must have the same shape")
+    elif node.op == "embedding":
+        expect(len(ins[1].shape) == 2, "weight must be [vocab, hidden]")
+    elif node.op == "logits":
+        expect(ins[0].shape[-1] == ins[2].shape[1], "x's hidden must equal weight's")
+    elif node.op == "gated_act":
+        expect(a["act"] in ("silu", "gelu", "gelu_tanh"), "act must be silu, gelu or gelu_tanh")
