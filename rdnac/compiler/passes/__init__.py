@@ -1,0 +1,24 @@
+"""Graph passes, one per file. Each is `run(graph, ctx) -> Graph` and logs its decisions in `ctx`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from rdnac.ir.graph import Graph
+
+
+@dataclass
+class PassContext:
+    target: str
+    options: dict = field(default_factory=dict)
+    decisions: list[dict] = field(default_factory=list)
+
+    def decide(self, pass_name: str, node: str, action: str, reason: str) -> None:
+        self.decisions.append({"pass": pass_name, "node": node, "action": action, "reason": reason})
+
+
+def registry() -> dict[str, Callable[[Graph, PassContext], Graph]]:
+    from rdnac.compiler.passes import dce, fuse_add_rms_norm
+
+    return {"fuse_add_rms_norm": fuse_add_rms_norm.run, "dce": dce.run}

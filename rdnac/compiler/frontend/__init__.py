@@ -1,0 +1,48 @@
+"""Checkpoint frontends: read a checkpoint, build the IR graph of its family.
+
+`read_checkpoint` picks the reader (HF directory or GGUF file); `build_graph`
+picks the family builder from `config["architectures"]`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rdnac.compiler.frontend.checkpoint import Checkpoint
+from rdnac.errors import CheckpointError, UnsupportedModelError
+
+
+def read_checkpoint(model: str | Path) -> Checkpoint:
+    if isinstance(model, str) and model.startswith("demo:"):
+        from rdnac.compiler.frontend.demo_models import resolve_demo
+
+        model = resolve_demo(model)
+    path = Path(model)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory; requires a Hugging Face model directory, "
+                              "a .gguf file, or demo:smollm2")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(f"{path}: requires a .gguf file or a Hugging Face directory; got {path.suffix or 'a file'}")
+        from rdnac.compiler.frontend.gguf_reader import read_gguf
+
+        return read_gguf(path)
+    from rdnac.compiler.frontend.hf import read_hf
+
+    return read_hf(path)
+
+
+def families() -> dict:
+    from rdnac.compiler.frontend import llama
+
+    return dict(llama.ARCHITECTURES)
+
+
+def build_graph(checkpoint: Checkpoint, dtype: str):
+    archs = checkpoint.config.get("architectures") or []
+    known = families()
+    for arch in archs:
+        if arch in known:
+            return known[arch](checkpoint, dtype)
+    raise UnsupportedModelError(
+        f"{checkpoint.path}: architecture {archs or 'missing'} is not supported; supported: {', '.join(sorted(known))}")

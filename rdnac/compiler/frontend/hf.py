@@ -1,0 +1,135 @@
+"""Hugging Face directory reader: config.json, safetensors, tokenizer, templates.
+
+Produces a `Checkpoint` (see checkpoint.py). Safetensors may be one file or
+sharded with `model.safetensors.index.json`. A multimodal wrapper's
+`text_config` becomes the config; the wrapper's architecture is kept under
+`wrapper_architectures` so family builders can ignore the other towers on
+purpose.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from rdnac.compiler.frontend.checkpoint import Checkpoint
+from rdnac.errors import CheckpointError
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: requires valid JSON; got {e.msg} at line {e.lineno}") from None
+
+
+def _check_safetensors_file(path: Path) -> dict:
+    """Validate the header and the data length; returns the header. Catches truncation early."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > size - 8:
+            raise CheckpointError(f"{path}: truncated safetensors file (header of {header_len} bytes, file {size})")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header") from None
+    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + data_end > size:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file: requires {8 + header_len + data_end} bytes; got {size}; "
+            "re-download or re-save the checkpoint")
+    return header
+
+
+class SafetensorsSource:
+    """Lazy tensor access over one or more safetensors files."""
+
+    def __init__(self, files: dict[str, Path]):
+        self._file_of = files  # tensor name -> file
+        self._headers: dict[Path, dict] = {}
+        self._handles: dict[Path, object] = {}
+        for path in sorted(set(files.values())):
+            self._headers[path] = _check_safetensors_file(path)
+        for name, path in files.items():
+            if name not in self._headers[path]:
+                raise CheckpointError(f"{path}: the index lists tensor {name!r} in this file but it is absent")
+
+    def names(self) -> list[str]:
+        return list(self._file_of)
+
+    def spec(self, name: str) -> tuple[str, tuple[int, ...]]:
+        entry = self._headers[self._file_of[name]][name]
+        return _ST_DTYPES.get(entry["dtype"], entry["dtype"]), tuple(entry["shape"])
+
+    def load(self, name: str) -> torch.Tensor:
+        path = self._file_of[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(str(path), framework="pt")
+        return self._handles[path].get_tensor(name)
+
+
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _tensor_files(directory: Path) -> dict[str, Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: requires a 'weight_map' object")
+        missing = sorted({f for f in weight_map.values() if not (directory / f).exists()})
+        if missing:
+            raise CheckpointError(f"{index}: shard files listed but missing: {', '.join(missing)}")
+        return {name: directory / f for name, f in weight_map.items()}
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: requires model.safetensors or model.safetensors.index.json; found neither")
+    out: dict[str, Path] = {}
+    for path in files:
+        for name in _check_safetensors_file(path):
+            if name != "__metadata__":
+                out[name] = path
+    return out
+
+
+def read_hf(directory: Path) -> Checkpoint:
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{directory}: requires config.json (a Hugging Face model directory) or a .gguf file")
+    config = _read_json(config_path)
+    notes = []
+    if "text_config" in config:
+        text = dict(config["text_config"])
+        text["wrapper_architectures"] = config.get("architectures", [])
+        text.setdefault("architectures", text.get("architectures") or [])
+        notes.append(f"config: using text_config of {config.get('architectures')}")
+        if "quantization_config" in config and "quantization_config" not in text:
+            text["quantization_config"] = config["quantization_config"]
+        for key in ("tie_word_embeddings",):
+            if key in config and key not in text:
+                text[key] = config[key]
+        config = text
+    tokenizer_config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").exists() else {}
+    chat_template = None
+    if (directory / "chat_template.jinja").exists():
+        chat_template = (directory / "chat_template.jinja").read_text()
+    elif (directory / "chat_template.json").exists():
+        chat_template = _read_json(directory / "chat_template.json").get("chat_template")
+    elif isinstance(tokenizer_config.get("chat_template"), str):
+        chat_template = tokenizer_config["chat_template"]
+    tokenizer_json = (directory / "tokenizer.json").read_text() if (directory / "tokenizer.json").exists() else None
+    generation_config = (_read_json(directory / "generation_config.json")
+                         if (directory / "generation_config.json").exists() else {})
+    return Checkpoint(path=directory, format="hf", config=config, tensors=SafetensorsSource(_tensor_files(directory)),
+                      tokenizer_json=tokenizer_json, tokenizer_config=tokenizer_config, chat_template=chat_template,
+                      generation_config=generation_config, notes=notes)

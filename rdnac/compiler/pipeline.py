@@ -1,0 +1,107 @@
+"""`rdnac.compile`: checkpoint -> frontend -> passes -> (kernels) -> plan file.
+
+Targets other than cpu add kernel selection and the AOT build (see
+`rdnac.targets` and `build.py`); the cpu target's plan is run by the
+reference interpreter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import rdnac
+from rdnac.compiler.frontend import build_graph, read_checkpoint
+from rdnac.compiler.passes import PassContext, registry
+from rdnac.errors import RdnacError
+from rdnac.ir.verify import verify
+from rdnac.plans import write_plan
+
+CPU_PASSES = ("fuse_add_rms_norm", "dce")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    target: str = "cpu"
+    dtype: str | None = None  # compute dtype; default float32 on cpu, bfloat16 on GPUs
+    max_model_len: int | None = None
+    kv_block_size: int = 16
+    disable_passes: tuple[str, ...] = field(default_factory=tuple)
+    verify_each_pass: bool = True
+
+    def __post_init__(self):
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise RdnacError(f"--dtype requires one of {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise RdnacError(f"--max-model-len requires a positive integer; got {self.max_model_len}")
+        if self.kv_block_size not in (8, 16, 32, 64):
+            raise RdnacError(f"kv_block_size requires 8, 16, 32 or 64; got {self.kv_block_size}")
+
+
+def _model_identity(checkpoint) -> dict:
+    name = checkpoint.path.name.removesuffix(".gguf")
+    return {"name": name, "path": str(checkpoint.path), "format": checkpoint.format,
+            "architecture": (checkpoint.config.get("architectures") or ["?"])[0],
+            "config_sha256": hashlib.sha256(json.dumps(checkpoint.config, sort_keys=True, default=str)
+                                            .encode()).hexdigest()}
+
+
+def default_output(model: str | Path, target: str) -> Path:
+    stem = str(model).removeprefix("demo:").rstrip("/").split("/")[-1].removesuffix(".gguf")
+    return Path(f"{stem}.{target}.msgpack")
+
+
+def compile_model(model: str | Path, target: str = "cpu", output: str | Path | None = None, **options) -> Path:
+    opts = CompileOptions(target=target, **options)
+    if target != "cpu":
+        raise RdnacError(f"target {target!r}: GPU targets are not wired into compile yet; use --target cpu")
+    started = time.perf_counter()
+    checkpoint = read_checkpoint(model)
+    dtype = opts.dtype or "float32"
+    graph, weights, decisions = build_graph(checkpoint, dtype)
+    verify(graph)
+    ctx = PassContext(target=target, options={"disable_passes": opts.disable_passes})
+    ctx.decisions.extend({"pass": "reader", "node": "-", "action": note, "reason": ""} for note in checkpoint.notes)
+    ctx.decisions.extend(decisions)
+    passes = registry()
+    for name in CPU_PASSES:
+        if name in opts.disable_passes:
+            ctx.decide(name, "-", "skipped", "disabled with --disable-pass")
+            continue
+        graph = passes[name](graph, ctx)
+        if opts.verify_each_pass:
+            verify(graph)
+    weights = {k: v for k, v in weights.items() if k in graph.weights}
+    max_len = min(opts.max_model_len or graph.attrs["max_position_embeddings"], graph.attrs["max_position_embeddings"])
+    header = {
+        "rdnac_version": rdnac.__version__, "torch_version": torch.__version__, "triton_version": None,
+        "target": target, "model": _model_identity(checkpoint),
+        "compile_options": {"dtype": dtype, "max_model_len": opts.max_model_len,
+                            "disable_passes": list(opts.disable_passes)},
+        "created_unix": int(time.time()),
+    }
+    body = {
+        "graph": graph.to_dict(),
+        "decisions": ctx.decisions,
+        "kernels": [],
+        "program": [],
+        "runtime": {"kv_block_size": opts.kv_block_size, "max_model_len": max_len, "device": "cpu"},
+        "tokenizer": {"json": checkpoint.tokenizer_json, "config": _jsonable(checkpoint.tokenizer_config)},
+        "chat_template": checkpoint.chat_template,
+        "generation_config": _jsonable(checkpoint.generation_config),
+    }
+    out = Path(output) if output else default_output(model, target)
+    write_plan(out, header, body, weights)
+    header["compile_seconds"] = round(time.perf_counter() - started, 2)
+    return out
+
+
+def _jsonable(d: dict) -> dict:
+    """msgpack-safe copy (tokenizer_config may hold nested objects such as AddedToken dicts)."""
+    return json.loads(json.dumps(d, default=str))

@@ -1,0 +1,111 @@
+"""Plan file format: `PLAN.msgpack` plus a `PLAN.weights.safetensors` sidecar.
+
+The msgpack file is one map:
+
+    {"format": "rdnac-plan", "format_version": 1, "header": {...},
+     "body_sha256": <hex>, "body": <bytes: msgpack map>}
+
+The header is readable without decoding the body (rdnac version, Triton
+version, target, model identity, compile options, the weights file's name,
+size and sha256). The body holds the graph, decision log, kernels, program,
+runtime defaults, tokenizer, chat template and generation config. Loading
+checks the format version first, then the body hash, then the weights size
+and hash, and never executes anything carried in the plan (no pickle).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rdnac.errors import PlanError
+
+FORMAT = "rdnac-plan"
+FORMAT_VERSION = 1
+
+
+def weights_path_for(plan_path: Path) -> Path:
+    plan_path = Path(plan_path)
+    return plan_path.with_name(plan_path.name.removesuffix(".msgpack") + ".weights.safetensors")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Plan:
+    path: Path
+    header: dict
+    body: dict
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path.with_name(self.header["weights"]["file"])
+
+    def load_weights(self, device: str = "cpu", verify: bool = True) -> dict[str, torch.Tensor]:
+        path = self.weights_path
+        info = self.header["weights"]
+        if not path.exists():
+            raise PlanError(f"{self.path}: requires its weights file {path}; it is missing (copy it next to the plan)")
+        size = path.stat().st_size
+        if size != info["size"]:
+            raise PlanError(f"{path}: weights file size {size} does not match the plan's record {info['size']}; "
+                            "the file is truncated or from another compile; recompile or copy the matching file")
+        if verify and _sha256_file(path) != info["sha256"]:
+            raise PlanError(f"{path}: weights sha256 does not match the plan's record; the file is corrupt or "
+                            "from another compile; recompile or copy the matching file")
+        out = {}
+        with safe_open(str(path), framework="pt", device=device) as f:
+            for name in f.keys():
+                out[name] = f.get_tensor(name)
+        return out
+
+
+def write_plan(path: Path, header: dict, body: dict, weights: dict[str, torch.Tensor]) -> Path:
+    path = Path(path)
+    wpath = weights_path_for(path)
+    tmp_w = wpath.with_name(wpath.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_w), metadata={"format": FORMAT})
+    tmp_w.replace(wpath)
+    header = dict(header, weights={"file": wpath.name, "size": wpath.stat().st_size, "sha256": _sha256_file(wpath)})
+    body_bytes = msgpack.packb(body, use_bin_type=True)
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "header": header,
+           "body_sha256": hashlib.sha256(body_bytes).hexdigest(), "body": body_bytes}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(msgpack.packb(doc, use_bin_type=True))
+    tmp.replace(path)
+    return path
+
+
+def read_plan(path: Path | str, *, header_only: bool = False) -> Plan:
+    path = Path(path)
+    if not path.exists():
+        raise PlanError(f"{path}: no such plan file")
+    try:
+        doc = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
+    except (msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException, ValueError) as e:
+        raise PlanError(f"{path}: truncated or corrupt plan file ({type(e).__name__}); recompile it") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise PlanError(f"{path}: not an rdnac plan (requires format {FORMAT!r}); was it written by rdnac compile?")
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PlanError(f"{path}: plan format version {version} is not supported by this rdnac "
+                        f"(reads version {FORMAT_VERSION}); recompile the model with this rdnac")
+    body_bytes = doc.get("body")
+    if not isinstance(body_bytes, bytes) or hashlib.sha256(body_bytes).hexdigest() != doc.get("body_sha256"):
+        raise PlanError(f"{path}: plan body does not match its sha256; the file is corrupt; recompile it")
+    if header_only:
+        return Plan(path, doc["header"], {})
+    body = msgpack.unpackb(body_bytes, raw=False, strict_map_key=False)
+    return Plan(path, doc["header"], body)

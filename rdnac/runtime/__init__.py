@@ -1,0 +1,1 @@
+"""The lean runtime: loads a plan and generates. Imports nothing from rdnac.compiler."""

@@ -1,0 +1,209 @@
+"""Engine: load a plan, prefill and decode sequences over the paged KV cache.
+
+Each step packs the running sequences into one flat ragged batch with its
+attention metadata (positions, slot_mapping, block_tables, seq_lens,
+cu_seqlens_q, logits_indices) and runs the plan graph. On the cpu device the
+reference interpreter runs the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from rdnac.errors import RequestError
+from rdnac.ir import interpreter
+from rdnac.ir.graph import Graph
+from rdnac.plans import read_plan
+from rdnac.runtime.kv_cache import KVCache
+from rdnac.runtime.tokenizer import Tokenizer
+
+Prompt = str | list[int] | list[dict]
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    generator: torch.Generator | None
+    output_ids: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str  # "stop" (EOS) or "length"
+
+
+class Engine:
+    def __init__(self, plan, weights: dict[str, torch.Tensor], device: str):
+        self.plan = plan
+        self.device = device
+        self.graph = Graph.from_dict(plan.body["graph"])
+        self.weights = weights
+        rt = plan.body["runtime"]
+        self.block_size = rt["kv_block_size"]
+        self.max_model_len = rt["max_model_len"]
+        tok = plan.body["tokenizer"]
+        self.tokenizer = Tokenizer(tok["json"], tok["config"], plan.body.get("chat_template"),
+                                   plan.body.get("generation_config") or {})
+        self._dtype = getattr(torch, self.graph.attrs["dtype"])
+        self._cache: KVCache | None = None
+
+    @classmethod
+    def load(cls, plan_path: str | Path, device: str = "cpu", verify_weights: bool = True) -> Engine:
+        plan = read_plan(plan_path)
+        if device not in ("cpu", "cuda"):
+            raise RequestError(f"device requires cpu or cuda; got {device!r}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RequestError("device cuda requires a CUDA/ROCm GPU visible to torch; none found; use --device cpu")
+        weights = plan.load_weights("cpu", verify=verify_weights)
+        if device != "cpu":
+            weights = {k: v.to(device) for k, v in weights.items()}
+        return cls(plan, weights, device)
+
+    # ------------------------------------------------------------ prompts
+
+    def encode_prompt(self, prompt: Prompt, chat: bool) -> list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            return self.tokenizer.encode_chat(prompt)
+        if isinstance(prompt, str):
+            if chat:
+                return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.graph.attrs["vocab_size"]]
+            if bad:
+                raise RequestError(f"token ids require 0 <= id < {self.graph.attrs['vocab_size']}; got {bad[:5]}")
+            return list(prompt)
+        raise RequestError(f"a prompt requires a string, a list of token ids or a list of chat messages; got {type(prompt).__name__}")
+
+    def _check_length(self, ids: list[int]) -> None:
+        if not ids:
+            raise RequestError("a prompt requires at least one token; got an empty prompt")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(f"prompt of {len(ids)} tokens requires fewer than the plan's max model length "
+                               f"{self.max_model_len}; shorten the prompt or recompile with a larger --max-model-len")
+
+    # ------------------------------------------------------------ running
+
+    def _ensure_cache(self, num_blocks: int) -> KVCache:
+        a = self.graph.attrs
+        if self._cache is None or self._cache.allocator.num_blocks < num_blocks:
+            self._cache = KVCache(a["num_layers"], num_blocks, self.block_size, a["num_kv_heads"], a["head_dim"],
+                                  self._dtype, self.device)
+        return self._cache
+
+    def _forward(self, seqs: list[Sequence], starts: list[int], logits_all: bool = False) -> torch.Tensor:
+        """One step: token ranges [starts[i], len(ids)) of each sequence; returns float32 logits."""
+        cache = self._cache
+        bs = self.block_size
+        tokens, positions, slots, cu, lens, last = [], [], [], [0], [], []
+        for seq, start in zip(seqs, starts):
+            ids = seq.ids
+            for p in range(start, len(ids)):
+                tokens.append(ids[p])
+                positions.append(p)
+                slots.append(seq.blocks[p // bs] * bs + p % bs)
+            cu.append(len(tokens))
+            lens.append(len(ids))
+            last.append(len(tokens) - 1)
+        max_blocks = max(len(s.blocks) for s in seqs)
+        tables = [s.blocks + [0] * (max_blocks - len(s.blocks)) for s in seqs]
+        dev = self.device
+        inputs = {
+            "token_ids": torch.tensor(tokens, dtype=torch.int64, device=dev),
+            "positions": torch.tensor(positions, dtype=torch.int64, device=dev),
+            "slot_mapping": torch.tensor(slots, dtype=torch.int64, device=dev),
+            "block_tables": torch.tensor(tables, dtype=torch.int32, device=dev),
+            "seq_lens": torch.tensor(lens, dtype=torch.int32, device=dev),
+            "cu_seqlens_q": torch.tensor(cu, dtype=torch.int32, device=dev),
+            "logits_indices": torch.arange(len(tokens), device=dev) if logits_all
+            else torch.tensor(last, dtype=torch.int64, device=dev),
+            **cache.inputs(),
+        }
+        with torch.inference_mode():
+            return interpreter.run(self.graph, self.weights, inputs)["logits"]
+
+    def _sample(self, logits: torch.Tensor, seq: Sequence) -> int:
+        if seq.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / seq.temperature, dim=-1).cpu()
+        return int(torch.multinomial(probs, 1, generator=seq.generator))
+
+    def logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Float32 logits [T, vocab] for every position of one sequence."""
+        ids = self.encode_prompt(list(token_ids), chat=False)
+        if len(ids) > self.max_model_len:
+            self._check_length(ids)
+        seq = Sequence(ids, 0, 0.0, None)
+        cache = self._ensure_cache(-(-len(ids) // self.block_size))
+        seq.blocks = cache.allocator.allocate(cache.blocks_for(len(ids)))
+        try:
+            return self._forward([seq], [0], logits_all=True).cpu()
+        finally:
+            cache.allocator.free(seq.blocks)
+
+    def stream(self, prompts: list[Prompt], max_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
+               chat: bool = False) -> Iterator[tuple[int, int]]:
+        """Yield (prompt index, token id) as tokens are generated; all prompts run as one batch."""
+        if max_tokens < 1:
+            raise RequestError(f"max_tokens requires a positive integer; got {max_tokens}")
+        if temperature < 0:
+            raise RequestError(f"temperature requires a value >= 0; got {temperature}")
+        seqs = []
+        for i, prompt in enumerate(prompts):
+            ids = self.encode_prompt(prompt, chat)
+            self._check_length(ids)
+            gen = None
+            if temperature > 0:
+                gen = torch.Generator().manual_seed(seed + i if seed is not None else torch.seed())
+            budget = min(max_tokens, self.max_model_len - len(ids))
+            seqs.append(Sequence(ids, budget, temperature, gen))
+        need = sum(-(-(len(s.prompt_ids) + s.max_tokens) // self.block_size) for s in seqs)
+        cache = self._ensure_cache(need)
+        for s in seqs:
+            s.blocks = cache.allocator.allocate(cache.blocks_for(len(s.prompt_ids) + s.max_tokens))
+        try:
+            active, starts = seqs, [0] * len(seqs)
+            while active:
+                logits = self._forward(active, starts)
+                for row, seq in enumerate(active):
+                    token = self._sample(logits[row], seq)
+                    seq.output_ids.append(token)
+                    yield seqs.index(seq), token
+                    if token in self.tokenizer.eos_token_ids or len(seq.output_ids) >= seq.max_tokens:
+                        seq.done = True
+                starts = [len(s.ids) - 1 for s in active if not s.done]
+                active = [s for s in active if not s.done]
+        finally:
+            for s in seqs:
+                cache.allocator.free(s.blocks)
+            self._last_seqs = seqs
+
+    def generate(self, prompts: Prompt | list[Prompt], max_tokens: int = 64, temperature: float = 0.0,
+                 seed: int | None = None, chat: bool = False,
+                 on_token: Callable[[int, int], None] | None = None) -> list[Completion]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        for index, token in self.stream(prompts, max_tokens, temperature, seed, chat):
+            if on_token:
+                on_token(index, token)
+        out = []
+        for seq in self._last_seqs:
+            stopped = bool(seq.output_ids) and seq.output_ids[-1] in self.tokenizer.eos_token_ids
+            out.append(Completion(self.tokenizer.decode(seq.output_ids), list(seq.output_ids),
+                                  list(seq.prompt_ids), "stop" if stopped else "length"))
+        return out

@@ -1,0 +1,43 @@
+"""The plan's tokenizer: a `tokenizers` tokenizer plus the plan's special tokens."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+from rdnac.runtime.chat import render_chat, token_string
+
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+class Tokenizer:
+    def __init__(self, tokenizer_json: str, config: dict, chat_template: str | None, generation_config: dict):
+        self._tok = _HFTokenizer.from_str(tokenizer_json)
+        self.config = config
+        self.chat_template = chat_template
+        self.special_tokens = {k: token_string(config.get(k)) for k in _SPECIAL_KEYS}
+        self.eos_token_ids = self._eos_ids(generation_config)
+
+    def _eos_ids(self, generation_config: dict) -> set[int]:
+        ids = generation_config.get("eos_token_id")
+        ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        eos = self.special_tokens["eos_token"]
+        if eos is not None and self._tok.token_to_id(eos) is not None:
+            ids.add(self._tok.token_to_id(eos))
+        return ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return render_chat(self.chat_template, messages, self.special_tokens, add_generation_prompt)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        # transformers tokenizes the rendered chat with add_special_tokens=False: the template places them.
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
