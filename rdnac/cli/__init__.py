@@ -1,0 +1,1 @@
+"""The `rdnac` command line (click): compile, run, inspect, targets."""

@@ -1,0 +1,58 @@
+"""compile -> run -> inspect round trip through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+import rdnac
+from rdnac.cli.main import cli
+from tests.support.checkpoints import make_checkpoint
+
+
+def test_compile_run_inspect_round_trip(tmp_path):
+    make_checkpoint("qwen3", tmp_path / "ckpt")
+    plan = tmp_path / "q.msgpack"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["compile", str(tmp_path / "ckpt"), "--target", "cpu", "-o", str(plan)])
+    assert result.exit_code == 0, result.output
+    assert plan.exists() and (tmp_path / "q.weights.safetensors").exists()
+
+    result = runner.invoke(cli, ["inspect", str(plan), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["header"]["target"] == "cpu"
+    assert summary["model"]["architecture"] == "Qwen3ForCausalLM"
+    assert summary["graph"]["ops"]["attention"] == 2
+    assert summary["graph"]["ops"]["rms_norm"] == 5  # 2 per layer + final, adds fused in
+    assert "add" not in summary["graph"]["ops"]
+    assert summary["weights"]["bytes"] > 0
+
+    result = runner.invoke(cli, ["inspect", str(plan), "--decisions"])
+    assert result.exit_code == 0 and "fuse_add_rms_norm" in result.output
+
+    engine = rdnac.load(plan)
+    expected = engine.generate("Hello there", max_tokens=8, chat=True)[0].text
+    result = runner.invoke(cli, ["run", str(plan), "--chat", "Hello there", "--max-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.rstrip("\n") == expected
+
+
+def test_seeded_sampling_is_reproducible(tmp_path):
+    make_checkpoint("llama", tmp_path / "ckpt")
+    engine = rdnac.load(rdnac.compile(tmp_path / "ckpt", output=tmp_path / "l.msgpack"))
+    a = engine.generate(["abc"], max_tokens=12, temperature=1.0, seed=7)[0].token_ids
+    b = engine.generate(["abc"], max_tokens=12, temperature=1.0, seed=7)[0].token_ids
+    c = engine.generate(["abc"], max_tokens=12, temperature=1.0, seed=8)[0].token_ids
+    assert a == b and a != c
+
+
+def test_fuse_pass_on_and_off_agree(tmp_path):
+    make_checkpoint("llama", tmp_path / "ckpt")
+    fused = rdnac.load(rdnac.compile(tmp_path / "ckpt", output=tmp_path / "a.msgpack"))
+    plain = rdnac.load(rdnac.compile(tmp_path / "ckpt", output=tmp_path / "b.msgpack",
+                                     disable_passes=("fuse_add_rms_norm",)))
+    assert "add" in plain.graph.op_counts() and "add" not in fused.graph.op_counts()
+    ids = [1, 2, 3, 4, 5, 6]
+    assert (fused.logits(ids) - plain.logits(ids)).abs().max() <= 1e-5
