@@ -1,0 +1,343 @@
+"""Attention over the paged KV cache: IR op `attention` (see rdnac/ir/ops.py).
+
+Two variants of the same op, picked per phase by kernel selection:
+
+* `attention_prefill`: varlen causal prefill (also chunked prefill, where a
+  sequence's queries start after context already in the cache, and mixed
+  batches). FlashAttention-style online softmax over key tiles. The GQA group
+  is packed into the M tile: row r of a tile is query token r // GROUP, query
+  head kv_head * GROUP + r % GROUP. All heads sharing a kv head then read each
+  K/V tile once, and short query chunks (a 7-token chunk at GQA 4:1 is 28 rows)
+  still fill an MMA tile. Grid (B, cdiv(max_query_len * GROUP, BLOCK_M), Hk).
+* `attention_decode`: one query per sequence (T == B, row b belongs to
+  sequence b). Program (b, kv_head, split) holds the GROUP query heads of one
+  kv head (padded to BLOCK_G >= 16 rows for tl.dot) and a contiguous range of
+  key tiles computed in-kernel from seq_lens, so the grid (B, Hk, NUM_SPLITS)
+  depends only on B and the config and a captured graph replays for any
+  seq_lens. With NUM_SPLITS > 1 each split writes its partial max/sum/acc to
+  a workspace and `_decode_reduce_kernel` (grid (B, Hq)) merges them; an empty
+  split writes max=-inf, sum=0 and contributes nothing. NUM_SPLITS == 1
+  normalizes in place and launches one kernel.
+
+Keys are gathered per key through the block table (slot = block_tables[b, j //
+KV_BLOCK_SIZE] * KV_BLOCK_SIZE + j % KV_BLOCK_SIZE), so BLOCK_N (a power of two
+>= 16, the tl.dot minimum) is independent of the cache block size; the
+configs offer BLOCK_N >= 16 = the default KV block size. head_dim is padded to
+BLOCK_D = next power of two with masks (64, 80, 128 tested). Softmax runs in
+base 2 (scores pre-multiplied by log2(e)); sinks are logits in natural units.
+A query that sees no key (seq_len 0, never produced by the runtime) returns 0
+where the reference returns NaN.
+
+Config spaces (`config_space(problem)`; problem keys: phase ("prefill" |
+"decode"), num_heads, num_kv_heads, head_dim, block_size, max_model_len,
+dtype, optional num_seqs (decode batch size, steers the default NUM_SPLITS)):
+  prefill: BLOCK_M {16, 32, 64, 128} x BLOCK_N {16, 32, 64} x num_warps {4, 8}
+           x num_stages {1, 2, 3}, pruned to K/V/Q tiles within 64 KiB LDS, no 16x8-warp
+           tiles and no 128-row tiles on 4 warps (they spill on gfx1201 at D=128).
+           Default 64x64 (D <= 64) or 64x32, 4 warps, 2 stages.
+  decode:  NUM_SPLITS {1, 2, 4, 8, 16} x BLOCK_N {16, 32, 64}, 4 warps, 2 stages. Default
+           BLOCK_N 32 and about one split per 512 keys of max_model_len (at most 16), halved
+           while num_seqs * num_kv_heads * NUM_SPLITS > 1024 programs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rdnac.kernels.launch import Launcher
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+# tl.max/tl.min/tl.sum/tl.zeros are @triton.jit functions, which the interpreter path cannot call;
+# tl.reduce with the standard combine functions is what they lower to (our operands are 32-bit already),
+# and the interpreter recognizes these combine functions and reduces with numpy.
+_MAX = tl.standard._elementwise_max
+_MIN = tl.standard._elementwise_min
+_SUM = tl.standard._sum_combine
+_SMALLEST_LDS_BYTES = 64 * 1024  # gfx1201/gfx1151/gfx942; see DESIGN.md "Targets"
+
+
+@triton.jit
+def _prefill_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr, positions_ptr,
+        sinks_ptr, out_ptr,
+        stride_qt, stride_ot, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        scale, softcap, sliding_window,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
+        HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    seq = tl.program_id(0)
+    tile = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if tile * BLOCK_M >= q_len * GROUP:  # max_query_len covers the longest sequence only
+        return
+
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = rows // GROUP  # [BLOCK_M] query token within the sequence
+    head = kv_head * GROUP + rows % GROUP  # [BLOCK_M] query head
+    row_ok = tok < q_len
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q_off = (q_start + tok)[:, None] * stride_qt + head[:, None] * HEAD_DIM + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    pos = tl.load(positions_ptr + q_start + tok, mask=row_ok, other=0).to(tl.int32)  # [BLOCK_M]
+
+    # Key range the whole tile can see; positions need not be sorted.
+    seq_len = tl.load(seq_lens_ptr + seq)
+    kv_end = tl.minimum(seq_len, tl.reduce(tl.where(row_ok, pos, -1), 0, _MAX) + 1)
+    if HAS_WINDOW:
+        first = tl.reduce(tl.where(row_ok, pos, kv_end), 0, _MIN) - sliding_window + 1
+        kv_lo = (tl.maximum(first, 0) // BLOCK_N) * BLOCK_N
+    else:
+        kv_lo = 0
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 units
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    for start in range(kv_lo, kv_end, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
+        j_ok = j < kv_end
+        blk = tl.load(block_tables_ptr + seq * stride_bt + j // KV_BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
+        in_blk = j % KV_BLOCK_SIZE
+        kv_mask = j_ok[None, :] & d_ok[:, None]
+        k = tl.load(k_cache_ptr + blk[None, :] * stride_kb + in_blk[None, :] * stride_ks + kv_head * stride_kh
+                    + d[:, None], mask=kv_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
+        s = tl.dot(q, k) * scale  # [BLOCK_M, BLOCK_N]
+        if HAS_SOFTCAP:  # softcap * tanh(s / softcap); tanh via exp, portable to every target
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+        allowed = j_ok[None, :] & (j[None, :] <= pos[:, None])
+        if HAS_WINDOW:
+            allowed = allowed & (j[None, :] > pos[:, None] - sliding_window)
+        s = tl.where(allowed, s * _LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: avoid -inf - -inf
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + in_blk[:, None] * stride_vs + kv_head * stride_vh
+                    + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    if HAS_SINKS:  # the sink is one extra logit in the denominator, with no value
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * _LOG2E
+        m_f = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_f)
+        l_i = l_i * alpha + tl.exp2(sink - m_f)
+        acc = acc * alpha[:, None]
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_off = (q_start + tok)[:, None] * stride_ot + head[:, None] * HEAD_DIM + d[None, :]
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, positions_ptr, sinks_ptr, out_ptr,
+        part_max_ptr, part_sum_ptr, part_acc_ptr,
+        stride_qt, stride_ot, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        scale, softcap, sliding_window,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+        KV_BLOCK_SIZE: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * GROUP
+
+    g = tl.arange(0, BLOCK_G)
+    g_ok = g < GROUP
+    head = kv_head * GROUP + g  # [BLOCK_G] query heads of this kv head
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(q_ptr + seq * stride_qt + head[:, None] * HEAD_DIM + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    pos = tl.load(positions_ptr + seq).to(tl.int32)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    kv_end = tl.minimum(seq_len, pos + 1)
+    if HAS_WINDOW:
+        kv_lo = (tl.maximum(pos - sliding_window + 1, 0) // BLOCK_N) * BLOCK_N
+    else:
+        kv_lo = 0
+    # This split's contiguous share of the key tiles; trailing splits may get none.
+    num_tiles = (tl.maximum(kv_end - kv_lo, 0) + BLOCK_N - 1) // BLOCK_N
+    tiles_per_split = (num_tiles + NUM_SPLITS - 1) // NUM_SPLITS
+    lo = kv_lo + split * tiles_per_split * BLOCK_N
+    hi = tl.minimum(kv_end, lo + tiles_per_split * BLOCK_N)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max, log2 units
+    l_i = tl.full([BLOCK_G], 0.0, tl.float32)
+    acc = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
+        j_ok = j < hi
+        blk = tl.load(block_tables_ptr + seq * stride_bt + j // KV_BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
+        in_blk = j % KV_BLOCK_SIZE
+        k = tl.load(k_cache_ptr + blk[None, :] * stride_kb + in_blk[None, :] * stride_ks + kv_head * stride_kh
+                    + d[:, None], mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
+        s = tl.dot(q, k) * scale  # [BLOCK_G, BLOCK_N]
+        if HAS_SOFTCAP:
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+        allowed = j_ok
+        if HAS_WINDOW:
+            allowed = allowed & (j > pos - sliding_window)
+        s = tl.where(allowed[None, :], s * _LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + in_blk[:, None] * stride_vs + kv_head * stride_vh
+                    + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        if HAS_SINKS:
+            sink = tl.load(sinks_ptr + head, mask=g_ok, other=0.0).to(tl.float32) * _LOG2E
+            m_f = tl.maximum(m_i, sink)
+            alpha = tl.exp2(m_i - m_f)
+            l_i = l_i * alpha + tl.exp2(sink - m_f)
+            acc = acc * alpha[:, None]
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + seq * stride_ot + head[:, None] * HEAD_DIM + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    else:
+        part = (seq * num_heads + head) * NUM_SPLITS + split  # [BLOCK_G] row of the [B, Hq, NUM_SPLITS] partials
+        tl.store(part_max_ptr + part, m_i, mask=g_ok)
+        tl.store(part_sum_ptr + part, l_i, mask=g_ok)
+        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+        part_max_ptr, part_sum_ptr, part_acc_ptr, sinks_ptr, out_ptr, stride_ot,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    sp = tl.arange(0, BLOCK_S)
+    sp_ok = sp < NUM_SPLITS
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + sp  # [BLOCK_S]
+    m = tl.load(part_max_ptr + part, mask=sp_ok, other=float("-inf"))
+    l = tl.load(part_sum_ptr + part, mask=sp_ok, other=0.0)
+    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :],
+                  mask=sp_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+    m_all = tl.reduce(m, 0, _MAX)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * _LOG2E
+        m_all = tl.maximum(m_all, sink)
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    w = tl.exp2(m - m_safe)  # empty splits (max -inf) weigh 0
+    total = tl.reduce(l * w, 0, _SUM)
+    if HAS_SINKS:
+        total += tl.exp2(sink - m_safe)
+    out = tl.reduce(acc * w[:, None], 0, _SUM) / tl.where(total > 0, total, 1.0)  # [BLOCK_D]
+    tl.store(out_ptr + seq * stride_ot + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def _common_args(q, k_cache, v_cache, block_tables, num_heads, num_kv_heads, head_dim):
+    num_blocks, block_size, hk, hd = k_cache.shape
+    assert (hk, hd) == (num_kv_heads, head_dim) and v_cache.shape == k_cache.shape, (k_cache.shape, v_cache.shape)
+    assert q.dim() == 2 and q.shape[1] == num_heads * head_dim and q.stride(1) == 1, (q.shape, q.stride())
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1 and block_tables.stride(1) == 1
+    assert q.dtype == k_cache.dtype == v_cache.dtype, (q.dtype, k_cache.dtype, v_cache.dtype)
+    out = torch.empty(q.shape[0], num_heads * head_dim, dtype=q.dtype, device=q.device)  # [T, Hq*D]
+    strides = (q.stride(0), out.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0))
+    shape_constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
+                        "GROUP": num_heads // num_kv_heads, "KV_BLOCK_SIZE": block_size}
+    return out, strides, shape_constexprs
+
+
+def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, positions: torch.Tensor,
+                      sinks: torch.Tensor | None = None, *, num_heads: int, num_kv_heads: int, head_dim: int,
+                      scale: float, sliding_window: int = 0, softcap: float = 0.0,
+                      max_query_len: int, config: dict, launcher: Launcher) -> torch.Tensor:
+    """Varlen (chunked) prefill. `max_query_len` (host int) bounds cu_seqlens_q's largest difference."""
+    out, strides, cx = _common_args(q, k_cache, v_cache, block_tables, num_heads, num_kv_heads, head_dim)
+    c = config["constexprs"]
+    grid = (seq_lens.shape[0], triton.cdiv(max_query_len * cx["GROUP"], c["BLOCK_M"]), num_kv_heads)
+    args = (q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, positions,
+            q if sinks is None else sinks, out, *strides, float(scale), float(softcap), int(sliding_window))
+    launcher.launch(_prefill_kernel, grid, args,
+                    constexprs={**cx, "HAS_SINKS": sinks is not None, "HAS_SOFTCAP": softcap > 0,
+                                "HAS_WINDOW": sliding_window > 0, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
+                    num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return out
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, positions: torch.Tensor,
+                     sinks: torch.Tensor | None = None, *, num_heads: int, num_kv_heads: int, head_dim: int,
+                     scale: float, sliding_window: int = 0, softcap: float = 0.0,
+                     config: dict, launcher: Launcher) -> torch.Tensor:
+    """Split-K decode: one query per sequence, so q row b is sequence b (cu_seqlens_q == arange(B + 1),
+    which is not read). Padded rows (seq_len 1, table row of block 0) give finite output as long as
+    cache block 0 holds finite values (a zero-initialized cache does)."""
+    out, strides, cx = _common_args(q, k_cache, v_cache, block_tables, num_heads, num_kv_heads, head_dim)
+    num_seqs = seq_lens.shape[0]
+    assert q.shape[0] == num_seqs, f"decode needs one query per sequence; got T={q.shape[0]}, B={num_seqs}"
+    num_splits, block_n = config["constexprs"]["NUM_SPLITS"], config["constexprs"]["BLOCK_N"]
+    has_sinks = sinks is not None
+    sinks_arg = q if sinks is None else sinks
+    if num_splits > 1:  # float32 partials, fixed size for a given B and config (graph capture safe)
+        part_max = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    else:
+        part_max = part_sum = part_acc = out  # never touched
+    args = (q, k_cache, v_cache, block_tables, seq_lens, positions, sinks_arg, out, part_max, part_sum, part_acc,
+            *strides, float(scale), float(softcap), int(sliding_window))
+    launcher.launch(_decode_kernel, (num_seqs, num_kv_heads, num_splits), args,
+                    constexprs={**cx, "BLOCK_G": max(16, triton.next_power_of_2(cx["GROUP"])),
+                                "HAS_SINKS": has_sinks, "HAS_SOFTCAP": softcap > 0, "HAS_WINDOW": sliding_window > 0,
+                                "NUM_SPLITS": num_splits, "BLOCK_N": block_n},
+                    num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if num_splits > 1:
+        launcher.launch(_decode_reduce_kernel, (num_seqs, num_heads),
+                        (part_max, part_sum, part_acc, sinks_arg, out, out.stride(0)),
+                        constexprs={"HEAD_DIM": head_dim, "BLOCK_D": cx["BLOCK_D"], "HAS_SINKS": has_sinks,
+                                    "NUM_SPLITS": num_splits, "BLOCK_S": triton.next_power_of_2(num_splits)},
+                        num_warps=2, num_stages=1)
+    return out
+
+
+def _config(num_warps: int, num_stages: int, **constexprs: int) -> dict:
+    return {"constexprs": constexprs, "num_warps": num_warps, "num_stages": num_stages}
+
+
+def _prefill_lds_bytes(block_m: int, block_n: int, block_d: int, num_stages: int, elem_bytes: int) -> int:
+    """Rough shared-memory need: Q tile once, K and V tiles per pipeline stage."""
+    return elem_bytes * block_d * (block_m + 2 * block_n * max(num_stages, 1))
+
+
+def config_space(problem: dict) -> list[dict]:
+    """Candidates for one attention problem (keys: see the module docstring)."""
+    if problem["phase"] == "decode":
+        return [_config(4, 2, NUM_SPLITS=s, BLOCK_N=n) for s in (1, 2, 4, 8, 16) for n in (16, 32, 64)]
+    block_d = triton.next_power_of_2(problem["head_dim"])
+    # Sized for 2-byte tiles: float32 only runs on the CPU interpreter, where LDS does not exist.
+    return [_config(w, st, BLOCK_M=m, BLOCK_N=n)
+            for m in (16, 32, 64, 128) for n in (16, 32, 64) for w in (4, 8) for st in (1, 2, 3)
+            if _prefill_lds_bytes(m, n, block_d, st, 2) <= _SMALLEST_LDS_BYTES
+            and not (m == 16 and w == 8) and not (m == 128 and w == 4)]  # 128x4 spills at D=128 on wave32
+
+
+def default_config(problem: dict) -> dict:
+    if problem["phase"] == "decode":
+        # Aim at >= 512 keys per split at full context, fewer splits when the batch alone fills the GPU.
+        splits = min(16, max(1, triton.next_power_of_2(problem.get("max_model_len", 4096) // 512)))
+        busy = problem.get("num_seqs", 1) * problem["num_kv_heads"]
+        while splits > 1 and busy * splits > 1024:
+            splits //= 2
+        return _config(4, 2, NUM_SPLITS=splits, BLOCK_N=32)
+    if triton.next_power_of_2(problem["head_dim"]) <= 64:
+        return _config(4, 2, BLOCK_M=64, BLOCK_N=64)
+    return _config(4, 2, BLOCK_M=64, BLOCK_N=32)

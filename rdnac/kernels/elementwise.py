@@ -1,0 +1,41 @@
+"""IR op `add`: out = a + b over contiguous tensors of one shape.
+
+Config space: BLOCK (elements per program) and num_warps; problem keys
+{"numel_per_token", "dtype"}. Graphs from the Llama family have no `add`
+left after fuse_add_rms_norm; this runs when that pass is disabled.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rdnac.kernels.launch import Launcher
+
+
+@triton.jit
+def _add_kernel(a_ptr, b_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    a = tl.load(a_ptr + offsets, mask=mask).to(tl.float32)
+    b = tl.load(b_ptr + offsets, mask=mask).to(tl.float32)
+    tl.store(out_ptr + offsets, (a + b).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add(a: torch.Tensor, b: torch.Tensor, *, config: dict, launcher: Launcher) -> torch.Tensor:
+    assert a.shape == b.shape and a.is_contiguous() and b.is_contiguous(), "add: operands must match and be contiguous"
+    out = torch.empty_like(a)
+    block = config["constexprs"]["BLOCK"]
+    launcher.launch(_add_kernel, (triton.cdiv(a.numel(), block),), (a, b, out, a.numel()),
+                    constexprs={"BLOCK": block}, num_warps=config["num_warps"], num_stages=1)
+    return out
+
+
+def config_space(problem: dict) -> list[dict]:
+    return [{"constexprs": {"BLOCK": block}, "num_warps": warps, "num_stages": 1}
+            for block, warps in ((1024, 4), (2048, 8))]
+
+
+def default_config(problem: dict) -> dict:
+    return config_space(problem)[0]

@@ -1,0 +1,268 @@
+"""Paged attention kernels (prefill and split-K decode) against rdnac.ir.ops.attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rdnac.ir import ops
+from rdnac.kernels import attention as attn
+from rdnac.kernels.launch import InterpretLauncher, JitLauncher
+
+BLOCK_SIZE = 16
+TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (2e-2, 2e-2)}  # (atol, rtol)
+
+# (context length incl. new tokens, new tokens): block-boundary contexts, T in {1, 7, 33},
+# full prefills and chunks after cached context.
+PREFILL_SEQS = [(1, 1), (17, 7), (40, 33), (100, 33), (15, 15), (16, 7)]
+DECODE_CONTEXTS = [1, 15, 16, 17, 40, 100]
+
+
+def make_batch(seqs, num_heads, num_kv_heads, head_dim, dtype, *, num_padded=0, device="cpu", seed=0):
+    """A paged batch with shuffled block tables. Block 0 is reserved and finite (padding reads it);
+    every cache slot no sequence owns holds NaN, so reading past seq_len shows up in the output."""
+    gen = torch.Generator().manual_seed(seed)
+    ctx_lens = [c for c, _ in seqs] + [1] * num_padded
+    q_lens = [n for _, n in seqs] + [1] * num_padded
+    blocks_per_seq = [-(-c // BLOCK_SIZE) for c, _ in seqs]
+    num_blocks = 1 + sum(blocks_per_seq) + 3
+    ids = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    max_blocks = max(blocks_per_seq) + 2
+    block_tables = torch.zeros(len(ctx_lens), max_blocks, dtype=torch.int32)
+    cache_shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
+    k_cache = torch.randn(cache_shape, generator=gen)
+    v_cache = torch.randn(cache_shape, generator=gen)
+    owned = torch.zeros(num_blocks, BLOCK_SIZE, dtype=torch.bool)
+    owned[0] = True
+    for b, (ctx, _) in enumerate(seqs):
+        for i in range(blocks_per_seq[b]):
+            block_tables[b, i] = ids.pop()
+            owned[block_tables[b, i], : min(BLOCK_SIZE, ctx - i * BLOCK_SIZE)] = True
+    k_cache[~owned] = float("nan")
+    v_cache[~owned] = float("nan")
+    total = sum(q_lens)
+    # q is a column slice of a wider qkv buffer: its row stride is not Hq*D.
+    qkv = torch.randn(total, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen)
+    q = qkv[:, : num_heads * head_dim]
+    positions = torch.cat([torch.arange(c - n, c) for c, n in zip(ctx_lens, q_lens)])
+    positions[total - num_padded:] = 0
+    cu = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    sinks = torch.randn(num_heads, generator=gen)
+    batch = dict(q=q.to(dtype), k_cache=k_cache.to(dtype), v_cache=v_cache.to(dtype), block_tables=block_tables,
+                 seq_lens=torch.tensor(ctx_lens, dtype=torch.int32), cu_seqlens_q=cu, positions=positions,
+                 sinks=sinks.to(dtype))
+    return {k: v.to(device) for k, v in batch.items()}, max(q_lens)
+
+
+def check(phase, batch, max_query_len, attrs, config, launcher, *, use_sinks=False):
+    args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "cu_seqlens_q", "positions")]
+    sinks = batch["sinks"] if use_sinks else None
+    expected = ops.attention(*args, sinks, **attrs)
+    if phase == "prefill":
+        out = attn.attention_prefill(*args, sinks, **attrs, max_query_len=max_query_len, config=config,
+                                     launcher=launcher)
+    else:
+        out = attn.attention_decode(*args, sinks, **attrs, config=config, launcher=launcher)
+    assert out.shape == expected.shape
+    assert out.dtype == expected.dtype
+    assert torch.isfinite(out).all(), "non-finite output"
+    atol, rtol = TOLERANCES[out.dtype]
+    err = (out.float() - expected.float()).abs().max().item()
+    assert torch.allclose(out.float(), expected.float(), atol=atol, rtol=rtol), f"max abs error {err} ({config})"
+
+
+def attrs_for(num_heads, num_kv_heads, head_dim, **extra):
+    return dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=head_dim ** -0.5, **extra)
+
+
+def problem(phase, num_heads, num_kv_heads, head_dim, **extra):
+    return dict(phase=phase, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                block_size=BLOCK_SIZE, max_model_len=4096, dtype="bfloat16", **extra)
+
+
+HEADS = [(2, 2), (3, 1), (8, 2), (8, 1)]  # GQA 1:1, 3:1, 4:1, 8:1
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEADS)
+def test_prefill_matches_reference(num_heads, num_kv_heads, head_dim):
+    batch, max_q = make_batch(PREFILL_SEQS, num_heads, num_kv_heads, head_dim, torch.float32)
+    config = attn.default_config(problem("prefill", num_heads, num_kv_heads, head_dim))
+    check("prefill", batch, max_q, attrs_for(num_heads, num_kv_heads, head_dim), config, InterpretLauncher())
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("num_heads,num_kv_heads", HEADS)
+def test_decode_matches_reference_with_padding(num_heads, num_kv_heads, head_dim):
+    batch, _ = make_batch([(c, 1) for c in DECODE_CONTEXTS], num_heads, num_kv_heads, head_dim, torch.float32,
+                          num_padded=2)
+    config = attn.default_config(problem("decode", num_heads, num_kv_heads, head_dim))
+    check("decode", batch, 1, attrs_for(num_heads, num_kv_heads, head_dim), config, InterpretLauncher())
+
+
+OPTIONS = [dict(sliding_window=8), dict(sliding_window=20, softcap=3.0), dict(softcap=2.0), dict()]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("use_sinks", [False, True])
+def test_prefill_window_softcap_sinks(options, use_sinks):
+    batch, max_q = make_batch(PREFILL_SEQS, 6, 2, 64, torch.float32, seed=1)
+    config = attn._config(4, 2, BLOCK_M=32, BLOCK_N=16)  # several key tiles so the window skips some
+    check("prefill", batch, max_q, attrs_for(6, 2, 64, **options), config, InterpretLauncher(),
+          use_sinks=use_sinks)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("use_sinks", [False, True])
+def test_decode_window_softcap_sinks(options, use_sinks, num_splits):
+    batch, _ = make_batch([(c, 1) for c in DECODE_CONTEXTS], 6, 2, 64, torch.float32, num_padded=1, seed=2)
+    config = attn._config(4, 2, NUM_SPLITS=num_splits, BLOCK_N=16)
+    check("decode", batch, 1, attrs_for(6, 2, 64, **options), config, InterpretLauncher(), use_sinks=use_sinks)
+
+
+def _prefill_subset(space, default):
+    """Default plus every (BLOCK_M, BLOCK_N) pair once: warps and stages do not change interpreted results."""
+    seen, picked = set(), [default]
+    for config in space:
+        key = (config["constexprs"]["BLOCK_M"], config["constexprs"]["BLOCK_N"])
+        if key not in seen:
+            seen.add(key)
+            picked.append(config)
+    return picked
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_prefill_config_space(head_dim):
+    prob = problem("prefill", 4, 1, head_dim)
+    space, default = attn.config_space(prob), attn.default_config(prob)
+    assert default in space
+    batch, max_q = make_batch(PREFILL_SEQS[1:4], 4, 1, head_dim, torch.float32, seed=3)
+    launcher = InterpretLauncher()
+    for config in _prefill_subset(space, default):
+        check("prefill", batch, max_q, attrs_for(4, 1, head_dim, sliding_window=24), config, launcher, use_sinks=True)
+
+
+def test_decode_config_space():
+    prob = problem("decode", 4, 1, 128)
+    space, default = attn.config_space(prob), attn.default_config(prob)
+    assert default in space
+    batch, _ = make_batch([(c, 1) for c in DECODE_CONTEXTS], 4, 1, 128, torch.float32, num_padded=1, seed=4)
+    launcher = InterpretLauncher()
+    # Every NUM_SPLITS once and every BLOCK_N once (plus the default): the two do not interact in-kernel.
+    subset = [default] + [c for c in space if c["constexprs"]["BLOCK_N"] == 16 or c["constexprs"]["NUM_SPLITS"] == 4]
+    for config in subset:
+        check("decode", batch, 1, attrs_for(4, 1, 128), config, launcher)
+
+
+def test_default_decode_splits_follow_batch_and_length():
+    small = attn.default_config(problem("decode", 32, 8, 128, num_seqs=1))["constexprs"]["NUM_SPLITS"]
+    big = attn.default_config(problem("decode", 32, 8, 128, num_seqs=256))["constexprs"]["NUM_SPLITS"]
+    assert small > big >= 1
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_head_dim_80_and_bfloat16(phase):
+    seqs = PREFILL_SEQS if phase == "prefill" else [(c, 1) for c in DECODE_CONTEXTS]
+    launcher = InterpretLauncher()
+    for head_dim, dtype in [(80, torch.float32), (128, torch.bfloat16), (64, torch.float16)]:
+        batch, max_q = make_batch(seqs, 8, 2, head_dim, dtype, num_padded=int(phase == "decode"), seed=5)
+        config = attn.default_config(problem(phase, 8, 2, head_dim))
+        check(phase, batch, max_q, attrs_for(8, 2, head_dim, softcap=5.0), config, launcher, use_sinks=True)
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_single_sequence(phase):
+    """B = 1: one new token after 99 cached ones (T = 1), decode split over many mostly-empty splits."""
+    batch, max_q = make_batch([(100, 1)], 4, 1, 64, torch.float32, seed=6)
+    config = (attn._config(4, 2, BLOCK_M=16, BLOCK_N=32) if phase == "prefill"
+              else attn._config(4, 2, NUM_SPLITS=16, BLOCK_N=16))
+    check(phase, batch, max_q, attrs_for(4, 1, 64), config, InterpretLauncher(), use_sinks=True)
+
+
+class _RecordingLauncher:
+    def __init__(self):
+        self.launches = []
+
+    def launch(self, kernel, grid, args, *, constexprs, num_warps=4, num_stages=2):
+        self.launches.append((kernel.fn.__name__, grid))
+
+
+def test_wrappers_run_on_meta_tensors_with_shape_only_grids():
+    """No host reads of tensor values: the wrappers must record over meta tensors (and so capture in graphs)."""
+    batch, _ = make_batch([(c, 1) for c in DECODE_CONTEXTS], 8, 2, 64, torch.float32, device="meta")
+    rec = _RecordingLauncher()
+    args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "cu_seqlens_q", "positions")]
+    attrs = attrs_for(8, 2, 64)
+    out = attn.attention_decode(*args, batch["sinks"], **attrs, config=attn._config(4, 2, NUM_SPLITS=8, BLOCK_N=32),
+                                launcher=rec)
+    attn.attention_prefill(*args, **attrs, max_query_len=1, config=attn._config(4, 2, BLOCK_M=16, BLOCK_N=16),
+                           launcher=rec)
+    assert out.shape == (6, 8 * 64) and out.device.type == "meta"
+    assert rec.launches == [("_decode_kernel", (6, 2, 8)), ("_decode_reduce_kernel", (6, 8)),
+                            ("_prefill_kernel", (6, 1, 2))]
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/HIP GPU")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_bfloat16():
+    """Every GQA shape with the default configs; the config spaces on one shape per head_dim (compiles are slow)."""
+    launcher = JitLauncher()
+    decode_seqs = [(c, 1) for c in DECODE_CONTEXTS]
+    for head_dim in (64, 128):
+        for num_heads, num_kv_heads in HEADS:
+            sweep = (num_heads, num_kv_heads) == (8, 2)
+            for options, use_sinks in [(dict(), False), (dict(sliding_window=20, softcap=3.0), True)]:
+                attrs = attrs_for(num_heads, num_kv_heads, head_dim, **options)
+                batch, max_q = make_batch(PREFILL_SEQS, num_heads, num_kv_heads, head_dim, torch.bfloat16,
+                                          device="cuda")
+                prob = problem("prefill", num_heads, num_kv_heads, head_dim)
+                configs = attn.config_space(prob) if sweep and not use_sinks else [attn.default_config(prob)]
+                for config in configs:
+                    check("prefill", batch, max_q, attrs, config, launcher, use_sinks=use_sinks)
+                batch, _ = make_batch(decode_seqs, num_heads, num_kv_heads, head_dim, torch.bfloat16,
+                                      num_padded=2, device="cuda")
+                prob = problem("decode", num_heads, num_kv_heads, head_dim)
+                configs = attn.config_space(prob) if sweep and not use_sinks else [attn.default_config(prob)]
+                for config in configs:
+                    check("decode", batch, 1, attrs, config, launcher, use_sinks=use_sinks)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_decode_graph_replays_for_new_seq_lens():
+    """Capture decode once, then change the metadata in place: the replay must follow the new contexts."""
+    launcher = JitLauncher()
+    attrs = attrs_for(8, 2, 128)
+    config = attn._config(4, 2, NUM_SPLITS=8, BLOCK_N=32)
+    first, _ = make_batch([(c, 1) for c in (3, 17, 40, 100)], 8, 2, 128, torch.bfloat16, device="cuda", seed=7)
+    second, _ = make_batch([(c, 1) for c in (90, 1, 33, 16)], 8, 2, 128, torch.bfloat16, device="cuda", seed=8)
+    names = ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "cu_seqlens_q", "positions")
+    static = {}  # buffers large enough for both batches, updated in place like the runtime's
+    for name in names:
+        shape = [max(a, b) for a, b in zip(first[name].shape, second[name].shape)]
+        static[name] = torch.zeros(shape, dtype=first[name].dtype, device=first[name].device)
+
+    def load(batch):
+        for name in names:
+            static[name].zero_()
+            static[name][tuple(slice(0, n) for n in batch[name].shape)].copy_(batch[name])
+
+    def run():
+        return attn.attention_decode(*[static[k] for k in names], **attrs, config=config, launcher=launcher)
+
+    load(first)
+    run()  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for batch in (first, second):
+        load(batch)
+        graph.replay()
+        expected = ops.attention(*[static[k] for k in names], **attrs)
+        err = (out.float() - expected.float()).abs().max().item()
+        assert torch.allclose(out.float(), expected.float(), atol=2e-2, rtol=2e-2), f"max abs error {err}"
