@@ -1,0 +1,222 @@
+"""A small, explainable cost model that ranks kernel configs without a GPU.
+
+The kernel-selection pass asks `rank(family, problem, candidates, target)`
+for each op and M bucket, keeps the first config that also passes the
+target's resource probe, and records the winner's `reason` in the decision
+log. The model is a roofline with the few effects that decide GEMM configs
+on real GPUs; it is meant to order candidates sanely, not to predict
+microseconds:
+
+* bytes: the weight once per group of GROUP_SIZE_M row tiles (L2 catches
+  reuse inside a group), the activations once per column tile, the output,
+  and split-K's fp32 partials written and read back by the reduce kernel.
+  All are charged at HBM bandwidth; for prefill the activation re-reads
+  mostly hit L2, so large-M estimates are pessimistic in absolute terms but
+  still rank tile shapes the right way (fewer, larger tiles re-read less);
+* memory time = bytes / (HBM bandwidth x the fraction the launch can
+  saturate): by Little's law a GPU needs about bandwidth x DRAM latency bytes
+  in flight, and each resident program keeps num_stages K-steps of its
+  tiles in flight. Few programs (M = 1 with wide tiles) cannot saturate HBM,
+  which is what split-K and narrow tiles fix;
+* compute time = padded flops (whole BLOCK_M x BLOCK_N tiles, so M = 1 in a
+  64-row tile costs 64 rows) / (peak x the share of compute units busy,
+  counting the idle units of a partial last wave);
+* time = max(memory, compute) + a quarter of the smaller (loads and MMAs
+  overlap imperfectly inside a program) + a fixed cost per kernel launch and
+  per wave of programs, doubled when the tile likely spills registers;
+* resources: a config whose operand tiles exceed the target's LDS gets an
+  infinite time and a "does not fit" reason; LDS, warps and registers bound
+  how many programs a compute unit holds (`occupancy`).
+
+`target` is duck-typed: `name`, `num_compute_units`, `hbm_gbps`, `lds_bytes`
+(per program) and `warp_size` are read. Peak matrix throughput is not a
+target field yet; `PEAK_TFLOPS_16BIT` below states the figure used per target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+# Dense bf16/fp16 matrix peak (TFLOP/s) from vendor specifications.
+PEAK_TFLOPS_16BIT = {
+    "gfx1201": 195.0,   # RX 9070 XT, WMMA
+    "gfx1151": 59.0,    # Radeon 8060S, WMMA
+    "gfx942": 1307.0,   # MI300X, MFMA
+    "gfx950": 2500.0,   # MI355X, MFMA
+    "sm90": 989.0,      # H100 SXM, wgmma
+    "sm89": 362.0,      # L40S
+    "sm80": 312.0,      # A100
+}
+GUESSED_TFLOPS_PER_CU = 2.0  # for a target missing from the table; the reason says so
+FP32_SLOWDOWN = 8.0          # IEEE fp32 dots run on vector ALUs, not the matrix units
+MAX_WARPS_PER_CU = {"sm90": 64}  # resident warps per CU/SM; 32 for the AMD targets
+DEFAULT_MAX_WARPS_PER_CU = 32
+REGISTER_FILE_BYTES = {"gfx942": 512 * 1024, "gfx950": 512 * 1024}  # per CU/SM
+DEFAULT_REGISTER_FILE_BYTES = 256 * 1024
+MAX_REGS_PER_THREAD = 256    # beyond this the compiler spills
+SPILL_SLOWDOWN = 2.0
+DRAM_LATENCY_US = 1.0        # Little's law: bytes in flight needed = bandwidth x latency
+LAUNCH_US = 2.0              # one kernel node of a replayed graph
+WAVE_US = 0.5                # fill and drain of one wave of programs
+OVERLAP_LOSS = 0.25          # share of the smaller of memory/compute time that does not overlap
+
+ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e4m3fnuz": 1}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    bytes_moved: int
+    flops: int          # padded: whole tiles
+    tiles: int          # programs launched by the main kernel
+    waves: int          # ceil(tiles / compute units)
+    occupancy: int      # programs resident per compute unit; 0: does not fit
+    est_time_us: float  # math.inf when the config cannot run on the target
+    reason: str         # one line, for the decision log
+
+    @property
+    def is_feasible(self) -> bool:
+        return math.isfinite(self.est_time_us)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _peak_tflops(target, dtype: str) -> tuple[float, str]:
+    """(peak TFLOP/s for dots on `dtype`, note for the reason string)."""
+    peak = PEAK_TFLOPS_16BIT.get(target.name)
+    note = ""
+    if peak is None:
+        peak = GUESSED_TFLOPS_PER_CU * target.num_compute_units
+        note = f" (peak guessed at {peak:.0f} TFLOP/s: {target.name} not in PEAK_TFLOPS_16BIT)"
+    if dtype == "float32":
+        peak /= FP32_SLOWDOWN
+    return peak, note
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def lds_bytes_per_program(config: dict, dtype: str, target) -> int:
+    """LDS / shared memory for the operand tiles of one GEMM program.
+
+    AMD's stream pipeliner holds one stage in registers and num_stages - 1 in
+    LDS; NVIDIA's holds all num_stages in shared memory. Both match
+    `metadata.shared` of Triton 3.9 cross-compiles (gfx1201 exactly; sm90 for
+    tiles of 64+ rows, an upper bound below that)."""
+    c = config["constexprs"]
+    num_stages = config["num_stages"]
+    is_amd = getattr(target, "backend", None) == "hip" or target.name.startswith("gfx")
+    buffers = max(1, num_stages - 1) if is_amd else num_stages
+    return buffers * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * ELEMENT_BYTES[_dtype_name(dtype)]
+
+
+def _estimate_gemm(problem: dict, config: dict, target, *, out_bytes_per_elt: int | None = None) -> Estimate:
+    M, N, K = problem["M"], problem["N"], problem["K"]
+    dtype = _dtype_name(problem.get("dtype", "bfloat16"))
+    elt = ELEMENT_BYTES[dtype]
+    out_elt = out_bytes_per_elt or elt
+    c = config["constexprs"]
+    block_m, block_n, block_k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+    group_m, split_k = c.get("GROUP_SIZE_M", 1), c.get("SPLIT_K", 1)
+    num_warps, num_stages = config["num_warps"], config["num_stages"]
+    num_cu = target.num_compute_units
+
+    m_tiles, n_tiles = math.ceil(M / block_m), math.ceil(N / block_n)
+    tiles = m_tiles * n_tiles * split_k
+    waves = math.ceil(tiles / num_cu)
+
+    lds_per_program = lds_bytes_per_program(config, dtype, target)
+    max_warps = MAX_WARPS_PER_CU.get(target.name, DEFAULT_MAX_WARPS_PER_CU)
+    # Registers per thread: the fp32 accumulator, one stage of operands, ~32 for addresses and masks.
+    threads = num_warps * target.warp_size
+    regs = (block_m * block_n + (block_m + block_n) * block_k * elt // 4) // threads + 32
+    register_file = REGISTER_FILE_BYTES.get(target.name, DEFAULT_REGISTER_FILE_BYTES)
+    occupancy = min(target.lds_bytes // lds_per_program, max_warps // num_warps,
+                    max(1, register_file // (min(regs, MAX_REGS_PER_THREAD) * 4 * threads)))
+    if occupancy == 0:
+        why = (f"needs {lds_per_program // 1024} KiB LDS per program, {target.name} has {target.lds_bytes // 1024} KiB"
+               if lds_per_program > target.lds_bytes else f"{num_warps} warps exceed {max_warps} per CU")
+        return Estimate(0, 0, tiles, waves, 0, math.inf, f"does not fit: {why}")
+
+    # HBM traffic.
+    weight_reads = math.ceil(m_tiles / min(group_m, m_tiles))
+    bytes_weight = N * K * elt * weight_reads
+    bytes_act = M * K * elt * n_tiles
+    bytes_partials = 2 * split_k * M * N * 4 if split_k > 1 else 0
+    bytes_moved = bytes_weight + bytes_act + M * N * out_elt + bytes_partials
+
+    # Memory time: can the launch keep enough bytes in flight?
+    resident = min(tiles, num_cu * occupancy)
+    in_flight_per_program = num_stages * (min(block_m, M) + block_n) * block_k * elt  # masked rows load nothing
+    needed_in_flight = target.hbm_gbps * 1e3 * DRAM_LATENCY_US  # (bytes/us) x us
+    bw_fraction = min(1.0, resident * in_flight_per_program / needed_in_flight)
+    mem_us = bytes_moved / (target.hbm_gbps * 1e3 * bw_fraction)  # GB/s = 1e3 bytes/us
+
+    # Compute time on padded tiles, on the share of CUs that have work.
+    flops = 2 * (m_tiles * block_m) * (n_tiles * block_n) * K
+    peak, peak_note = _peak_tflops(target, dtype)
+    cu_busy = tiles / (waves * num_cu)
+    compute_us = flops / (peak * 1e6 * cu_busy)  # TFLOP/s = 1e6 flop/us
+
+    launches = 2 if split_k > 1 else 1
+    overhead_us = launches * LAUNCH_US + waves * WAVE_US
+    est_us = max(mem_us, compute_us) + OVERLAP_LOSS * min(mem_us, compute_us) + overhead_us
+    if regs > MAX_REGS_PER_THREAD:
+        est_us *= SPILL_SLOWDOWN
+
+    bound = "memory" if mem_us >= compute_us else "compute"
+    notes = []
+    if M < block_m:
+        notes.append(f"M={M} fills {M}/{block_m} tile rows")
+    if group_m > m_tiles:
+        notes.append(f"GROUP_SIZE_M={group_m} over {m_tiles} row tile(s) reuses nothing")
+    if regs > MAX_REGS_PER_THREAD:
+        notes.append(f"~{regs} registers per thread: likely spills (x{SPILL_SLOWDOWN:g})")
+    if split_k > 1:
+        notes.append(f"split-K {split_k}: +{_fmt_bytes(bytes_partials)} partials, +1 launch")
+    reason = (f"{bound}-bound {est_us:.1f} us: {_fmt_bytes(bytes_moved)} at {bw_fraction:.0%} of "
+              f"{target.hbm_gbps:.0f} GB/s ({resident} programs x {in_flight_per_program // 1024} KiB in flight) "
+              f"= {mem_us:.1f} us, compute {compute_us:.1f} us{peak_note}; "
+              f"{tiles} tiles = {waves} wave(s) on {num_cu} CUs, {occupancy}/CU resident"
+              + "".join(f"; {n}" for n in notes))
+    return Estimate(bytes_moved, flops, tiles, waves, occupancy, est_us, reason)
+
+
+def _estimate_logits(problem: dict, config: dict, target) -> Estimate:
+    return _estimate_gemm(problem, config, target, out_bytes_per_elt=4)  # float32 logits
+
+
+ESTIMATORS: dict[str, Callable[[dict, dict, Any], Estimate]] = {
+    "gemm": _estimate_gemm,
+    "linear": _estimate_gemm,
+    "logits": _estimate_logits,
+}
+
+
+def estimate(family: str, problem: dict, config: dict, target) -> Estimate:
+    """Estimate one config of a kernel family on `target` (see the module docstring)."""
+    if family not in ESTIMATORS:
+        raise ValueError(f"cost model requires a family in {sorted(ESTIMATORS)}; got {family!r}; "
+                         f"add an estimator to rdnac.compiler.cost_model.ESTIMATORS")
+    if target.num_compute_units <= 0:
+        raise ValueError(f"cost model requires a GPU target (num_compute_units > 0); got {target.name!r}")
+    return ESTIMATORS[family](problem, config, target)
+
+
+def _simplicity(config: dict) -> tuple:
+    # Ties go to the simpler config: no split-K, no grouping, fewer stages and warps.
+    c = config["constexprs"]
+    return (c.get("SPLIT_K", 1), c.get("GROUP_SIZE_M", 1), config["num_stages"], config["num_warps"])
+
+
+def rank(family: str, problem: dict, candidates: list[dict], target) -> list[tuple[dict, Estimate]]:
+    """Candidates with their estimates, best first; configs that do not fit come last."""
+    scored = [(config, estimate(family, problem, config, target)) for config in candidates]
+    return sorted(scored, key=lambda item: (item[1].est_time_us, _simplicity(item[0])))
