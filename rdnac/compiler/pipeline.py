@@ -21,8 +21,9 @@ from rdnac.compiler.passes import PassContext, registry
 from rdnac.errors import RdnacError
 from rdnac.ir.verify import verify
 from rdnac.plans import write_plan
+from rdnac.targets import get_target
 
-CPU_PASSES = ("fuse_add_rms_norm", "dce")
+GRAPH_PASSES = ("fuse_add_rms_norm", "dce")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -34,12 +35,19 @@ class CompileOptions:
     kv_block_size: int = 16
     disable_passes: tuple[str, ...] = field(default_factory=tuple)
     verify_each_pass: bool = True
+    max_num_seqs: int = 64  # largest decode batch a GPU plan has kernels for
+    max_num_batched_tokens: int = 2048  # largest prefill step; longer prompts are chunked
+    quiet: bool = False
 
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise RdnacError(f"--dtype requires one of {', '.join(_DTYPES)}; got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise RdnacError(f"--max-model-len requires a positive integer; got {self.max_model_len}")
+        if not 1 <= self.max_num_seqs <= 1024:
+            raise RdnacError(f"--max-num-seqs requires 1..1024; got {self.max_num_seqs}")
+        if not 16 <= self.max_num_batched_tokens <= 32768:
+            raise RdnacError(f"--max-num-batched-tokens requires 16..32768; got {self.max_num_batched_tokens}")
         if self.kv_block_size not in (8, 16, 32, 64):
             raise RdnacError(f"kv_block_size requires 8, 16, 32 or 64; got {self.kv_block_size}")
 
@@ -59,18 +67,17 @@ def default_output(model: str | Path, target: str) -> Path:
 
 def compile_model(model: str | Path, target: str = "cpu", output: str | Path | None = None, **options) -> Path:
     opts = CompileOptions(target=target, **options)
-    if target != "cpu":
-        raise RdnacError(f"target {target!r}: GPU targets are not wired into compile yet; use --target cpu")
+    tgt = get_target(target)
     started = time.perf_counter()
     checkpoint = read_checkpoint(model)
-    dtype = opts.dtype or "float32"
+    dtype = opts.dtype or ("bfloat16" if tgt.is_gpu else "float32")
     graph, weights, decisions = build_graph(checkpoint, dtype)
     verify(graph)
     ctx = PassContext(target=target, options={"disable_passes": opts.disable_passes})
     ctx.decisions.extend({"pass": "reader", "node": "-", "action": note, "reason": ""} for note in checkpoint.notes)
     ctx.decisions.extend(decisions)
     passes = registry()
-    for name in CPU_PASSES:
+    for name in GRAPH_PASSES:
         if name in opts.disable_passes:
             ctx.decide(name, "-", "skipped", "disabled with --disable-pass")
             continue
@@ -79,9 +86,25 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
             verify(graph)
     weights = {k: v for k, v in weights.items() if k in graph.weights}
     max_len = min(opts.max_model_len or graph.attrs["max_position_embeddings"], graph.attrs["max_position_embeddings"])
+    runtime = {"kv_block_size": opts.kv_block_size, "max_model_len": max_len,
+               "device": "cuda" if tgt.is_gpu else "cpu", "max_num_seqs": opts.max_num_seqs,
+               "max_num_batched_tokens": opts.max_num_batched_tokens}
+    program, kernels, capabilities, triton_version = {}, [], None, None
+    if tgt.is_gpu:
+        import triton
+
+        from rdnac.compiler.passes import select_kernels
+        from rdnac.targets.probe import probe
+
+        capabilities = probe(tgt).to_dict()
+        keys = select_kernels.step_keys(opts.max_num_seqs, opts.max_num_batched_tokens)
+        ctx.options["quiet"] = opts.quiet
+        program, binaries = select_kernels.run(graph, ctx, tgt, runtime, keys)
+        kernels = [b.to_dict() for b in binaries]
+        triton_version = triton.__version__
     header = {
-        "rdnac_version": rdnac.__version__, "torch_version": torch.__version__, "triton_version": None,
-        "target": target, "model": _model_identity(checkpoint),
+        "rdnac_version": rdnac.__version__, "torch_version": torch.__version__, "triton_version": triton_version,
+        "target": target, "target_info": tgt.to_dict(), "capabilities": capabilities, "model": _model_identity(checkpoint),
         "compile_options": {"dtype": dtype, "max_model_len": opts.max_model_len,
                             "disable_passes": list(opts.disable_passes)},
         "created_unix": int(time.time()),
@@ -89,9 +112,9 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
     body = {
         "graph": graph.to_dict(),
         "decisions": ctx.decisions,
-        "kernels": [],
-        "program": [],
-        "runtime": {"kv_block_size": opts.kv_block_size, "max_model_len": max_len, "device": "cpu"},
+        "kernels": kernels,
+        "program": program,
+        "runtime": runtime,
         "tokenizer": {"json": checkpoint.tokenizer_json, "config": _jsonable(checkpoint.tokenizer_config)},
         "chat_template": checkpoint.chat_template,
         "generation_config": _jsonable(checkpoint.generation_config),

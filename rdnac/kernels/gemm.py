@@ -35,6 +35,10 @@ import triton.language as tl
 
 from rdnac.kernels.launch import Launcher
 
+# Shape ints fixed by the weights (never token counts): binaries specialize on their divisibility by 16.
+AOT_DIVISIBLE = {"_gemm_kernel": ("N", "K", "stride_xm", "stride_wn", "stride_om", "k_per_split"),
+                 "_splitk_reduce_kernel": ("N",)}
+
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LARGE_M = 2048  # label of the M > 256 bucket
 DECODE_MAX_M = 16
@@ -249,14 +253,17 @@ def config_space(problem: dict) -> list[dict]:
                 candidates.append(_config(16, block_n, block_k, 1, split_k, 4, 2))
         candidates.append(_config(16, 64, _clamp_block_k(128, K), 1, 1, 4, 3))
     elif M <= 64:
+        # 8 warps too: at 4 warps the 64x64 tile holds ~255 registers per thread and spills on sm90/gfx1201.
         for block_n, block_k in ((64, 64), (64, 128), (128, 64)):
             block_k = _clamp_block_k(block_k, K)
             for split_k in _split_k_options(N, K, block_k, max_split=4):
-                candidates.append(_config(M, block_n, block_k, 1, split_k, 4, 2))
+                for num_warps in (4, 8):
+                    candidates.append(_config(M, block_n, block_k, 1, split_k, num_warps, 2))
     elif M <= 256:
         for block_n in (64, 128):
             for num_stages in (2, 3):
-                candidates.append(_config(64, block_n, _clamp_block_k(64, K), 8, 1, 4, num_stages))
+                for num_warps in (4, 8):  # 8: unaligned K (no vectorized loads) needs the registers
+                    candidates.append(_config(64, block_n, _clamp_block_k(64, K), 8, 1, num_warps, num_stages))
     else:
         for block_n, block_k in ((64, 64), (128, 32), (128, 64), (256, 64)):
             for num_stages in (2, 3):

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import importlib
+
 import triton
 
 
@@ -72,3 +74,185 @@ class InterpretLauncher:
         if fn is None:
             fn = self._interpreted[id(kernel)] = InterpretedFunction(kernel.fn)
         fn[grid](*args, **constexprs)
+
+
+# -- AOT: what a launch needs compiled ------------------------------------------------
+
+# torch dtype name -> Triton's pointee type name (as in a `signature` "*bf16").
+_TRITON_DTYPES = {
+    "float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
+    "float8_e4m3fn": "fp8e4nv", "float8_e5m2": "fp8e5", "float8_e4m3fnuz": "fp8e4b8", "float8_e5m2fnuz": "fp8e5b16",
+    "int8": "i8", "int16": "i16", "int32": "i32", "int64": "i64",
+    "uint8": "u8", "uint16": "u16", "uint32": "u32", "uint64": "u64", "bool": "i1",
+}
+_DTYPE_PREFIX = "tl.dtype:"  # how a tl.dtype constexpr (e.g. OUT_DTYPE=tl.bfloat16) is stored
+
+
+def kernel_name(kernel: triton.JITFunction) -> str:
+    """"module:function", the name by which a plan (and a rebuild) finds a kernel in rdnac's library."""
+    assert isinstance(kernel, triton.JITFunction), f"AOT launches need a plain @triton.jit kernel; got {kernel!r}"
+    return f"{kernel.fn.__module__}:{kernel.fn.__qualname__}"
+
+
+def resolve_kernel(name: str) -> triton.JITFunction:
+    """The @triton.jit function called "module:function" (imported, never read from a plan)."""
+    import importlib
+
+    module_name, _, fn_name = name.partition(":")
+    kernel = getattr(importlib.import_module(module_name), fn_name, None)
+    assert isinstance(kernel, triton.JITFunction), f"{name} is not a @triton.jit kernel"
+    return kernel
+
+
+def triton_type(arg: Any) -> str:
+    """The Triton signature type of one runtime argument, as the JIT would pick it."""
+    if hasattr(arg, "dtype") and hasattr(arg, "data_ptr"):  # a torch tensor, meta tensors included
+        name = str(arg.dtype).removeprefix("torch.")
+        assert name in _TRITON_DTYPES, f"no Triton pointer type for tensor dtype {arg.dtype}"
+        return "*" + _TRITON_DTYPES[name]
+    if isinstance(arg, bool):
+        return "i1"
+    if isinstance(arg, int):
+        if -(2**31) <= arg < 2**31:
+            return "i32"
+        return "i64" if -(2**63) <= arg < 2**63 else "u64"
+    if isinstance(arg, float):
+        return "fp32"
+    raise AssertionError(f"unsupported runtime kernel argument {arg!r} (pass tensors, ints, floats or bools)")
+
+
+def encode_constexpr(value: Any) -> Any:
+    import triton.language as tl
+
+    if isinstance(value, tl.dtype):
+        return _DTYPE_PREFIX + value.name
+    assert value is None or isinstance(value, (bool, int, float, str)), f"unsupported constexpr value {value!r}"
+    return value
+
+
+def decode_constexpr(value: Any) -> Any:
+    import triton.language as tl
+
+    if isinstance(value, str) and value.startswith(_DTYPE_PREFIX):
+        return tl.dtype(value[len(_DTYPE_PREFIX):])
+    return value
+
+
+def spec_key(kernel: str, types: Any, constexprs: dict[str, Any], num_warps: int, num_stages: int,
+             divisible: tuple[str, ...] = ()) -> str:
+    """The lookup key of one specialization: kernel, argument types, constexprs, warps, stages, and
+    which of the kernel's declared shape ints are divisible by 16 (see `divisible_args`).
+
+    Pointer alignment is not part of it: it is checked against the actual
+    arguments when the binary found by this key launches."""
+    import json
+
+    cx = ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(constexprs.items()))
+    div = f"|div16={','.join(divisible)}" if divisible else ""
+    return f"{kernel}({','.join(types)}){{{cx}}}w{num_warps}s{num_stages}{div}"
+
+
+def divisible_args(kernel: triton.JITFunction, args: tuple[Any, ...]) -> tuple[str, ...]:
+    """Which of the kernel's shape ints are divisible by 16 in this launch.
+
+    A kernel module may declare `AOT_DIVISIBLE = {"kernel_fn": ("N", "K", "stride_xm")}`:
+    integer args fixed by the model's shapes (never token counts). Binaries
+    are specialized on their divisibility, as Triton's JIT would, so loads
+    vectorize; the recorder and the AOT launcher both derive it from the
+    actual values, so a launch always finds the binary built for it."""
+    declared = getattr(importlib.import_module(kernel.fn.__module__), "AOT_DIVISIBLE", {}).get(kernel.fn.__name__)
+    if not declared:
+        return ()
+    runtime = [p.name for p in kernel.params if not p.is_constexpr]
+    return tuple(name for name, arg in zip(runtime, args)
+                 if name in declared and isinstance(arg, int) and not isinstance(arg, bool) and arg % 16 == 0)
+
+
+@dataclass(frozen=True, eq=True)
+class KernelCall:
+    """One kernel specialization a plan needs compiled (msgpack-safe via to_dict)."""
+
+    kernel: str  # "module:function" in rdnac's kernel library
+    signature: dict[str, str]  # runtime arg -> Triton type ("*bf16", "i32", "fp32"), in parameter order
+    constexprs: dict[str, Any]  # every constexpr of the kernel (defaults filled), encoded values
+    num_warps: int = 4
+    num_stages: int = 2
+    aligned: tuple[str, ...] | None = None  # pointer args assumed 16-byte aligned; None: all of them
+    divisible: tuple[str, ...] = ()  # int args assumed divisible by 16; none by default (token counts vary)
+
+    def __post_init__(self) -> None:
+        pointers = tuple(a for a, ty in self.signature.items() if ty.startswith("*"))
+        if self.aligned is None:
+            object.__setattr__(self, "aligned", pointers)
+        object.__setattr__(self, "aligned", tuple(self.aligned))
+        object.__setattr__(self, "divisible", tuple(self.divisible))
+        assert set(self.aligned) <= set(pointers), f"{self.kernel}: aligned {self.aligned} names non-pointer args"
+        ints = {a for a, ty in self.signature.items() if ty[0] in "iu"}
+        assert set(self.divisible) <= ints, f"{self.kernel}: divisible {self.divisible} names non-integer args"
+
+    def __hash__(self) -> int:
+        return hash((self.key, self.aligned, self.divisible))
+
+    @property
+    def key(self) -> str:
+        return spec_key(self.kernel, self.signature.values(), self.constexprs, self.num_warps, self.num_stages,
+                        self.divisible)
+
+    @classmethod
+    def from_launch(cls, kernel: triton.JITFunction, args: tuple[Any, ...], constexprs: dict[str, Any],
+                    num_warps: int = 4, num_stages: int = 2) -> KernelCall:
+        runtime = [p for p in kernel.params if not p.is_constexpr]
+        assert len(args) == len(runtime), (f"{kernel_name(kernel)} takes {len(runtime)} runtime args "
+                                           f"({', '.join(p.name for p in runtime)}); got {len(args)}")
+        signature = {}
+        for param, arg in zip(runtime, args):
+            annotated = param.annotation_type
+            is_tensor = hasattr(arg, "data_ptr")
+            signature[param.name] = annotated if annotated and not is_tensor else triton_type(arg)
+        return cls(kernel_name(kernel), signature, full_constexprs(kernel, constexprs), num_warps, num_stages,
+                   divisible=divisible_args(kernel, args))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kernel": self.kernel, "signature": dict(self.signature), "constexprs": dict(self.constexprs),
+                "num_warps": self.num_warps, "num_stages": self.num_stages,
+                "aligned": list(self.aligned), "divisible": list(self.divisible)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KernelCall:
+        return cls(d["kernel"], dict(d["signature"]), dict(d["constexprs"]), d["num_warps"], d["num_stages"],
+                   tuple(d["aligned"]), tuple(d["divisible"]))
+
+
+def full_constexprs(kernel: triton.JITFunction, constexprs: dict[str, Any]) -> dict[str, Any]:
+    """Every constexpr of `kernel`, defaults filled in, values encoded (so keys match across launches)."""
+    import inspect
+
+    names = [p.name for p in kernel.params if p.is_constexpr]
+    unknown = set(constexprs) - set(names)
+    assert not unknown, f"{kernel_name(kernel)} has no constexpr {sorted(unknown)}; it has {names}"
+    out = {}
+    for p in kernel.params:
+        if not p.is_constexpr:
+            continue
+        if p.name in constexprs:
+            out[p.name] = encode_constexpr(constexprs[p.name])
+        else:
+            assert p.default is not inspect.Parameter.empty, f"{kernel_name(kernel)}: constexpr {p.name} not given"
+            out[p.name] = encode_constexpr(p.default)
+    return out
+
+
+class RecordingLauncher:
+    """Record the specializations a program needs, running nothing (works over meta tensors)."""
+
+    def __init__(self) -> None:
+        self._calls: dict[str, KernelCall] = {}
+
+    def launch(self, kernel, grid, args, *, constexprs, num_warps=4, num_stages=2):
+        call = KernelCall.from_launch(kernel, tuple(args), constexprs, num_warps, num_stages)
+        self._calls.setdefault(call.key, call)
+
+    @property
+    def calls(self) -> list[KernelCall]:
+        """The distinct specializations, in first-launch order."""
+        return list(self._calls.values())

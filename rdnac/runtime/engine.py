@@ -18,6 +18,8 @@ from rdnac.errors import RequestError
 from rdnac.ir import interpreter
 from rdnac.ir.graph import Graph
 from rdnac.plans import read_plan
+from rdnac.kernels.launch import InterpretLauncher
+from rdnac.runtime.executor import Executor, StepMeta
 from rdnac.runtime.kv_cache import KVCache
 from rdnac.runtime.tokenizer import Tokenizer
 
@@ -48,7 +50,7 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, plan, weights: dict[str, torch.Tensor], device: str):
+    def __init__(self, plan, weights: dict[str, torch.Tensor], device: str, launcher=None):
         self.plan = plan
         self.device = device
         self.graph = Graph.from_dict(plan.body["graph"])
@@ -56,23 +58,48 @@ class Engine:
         rt = plan.body["runtime"]
         self.block_size = rt["kv_block_size"]
         self.max_model_len = rt["max_model_len"]
+        self.max_num_seqs = rt.get("max_num_seqs") or 1 << 30
+        self.max_num_batched_tokens = rt.get("max_num_batched_tokens") or 1 << 30
         tok = plan.body["tokenizer"]
         self.tokenizer = Tokenizer(tok["json"], tok["config"], plan.body.get("chat_template"),
                                    plan.body.get("generation_config") or {})
         self._dtype = getattr(torch, self.graph.attrs["dtype"])
         self._cache: KVCache | None = None
+        self._executor = Executor(self.graph, plan.body["program"], launcher, device) if launcher else None
 
     @classmethod
-    def load(cls, plan_path: str | Path, device: str = "cpu", verify_weights: bool = True) -> Engine:
+    def load(cls, plan_path: str | Path, device: str = "cpu", verify_weights: bool = True,
+             interpret: bool = False) -> Engine:
+        """Load a plan. A cpu-target plan runs under the reference interpreter (on cpu or cuda);
+        a GPU-target plan runs its precompiled kernels on `cuda`, or with `interpret=True` its own
+        kernel specializations under the Triton interpreter on the CPU."""
         plan = read_plan(plan_path)
         if device not in ("cpu", "cuda"):
             raise RequestError(f"device requires cpu or cuda; got {device!r}")
+        target = plan.header["target"]
+        is_gpu_plan = bool(plan.body.get("kernels"))
+        if interpret:
+            if not is_gpu_plan:
+                raise RequestError(f"{plan.path}: --interpret requires a plan built for a GPU target (it runs "
+                                   f"that plan's Triton kernels on the CPU); this plan's target is {target}")
+            device = "cpu"
+        elif is_gpu_plan and device != "cuda":
+            raise RequestError(f"{plan.path}: a plan for target {target} requires --device cuda (or --interpret "
+                               f"to run its kernels under the Triton interpreter on the CPU)")
         if device == "cuda" and not torch.cuda.is_available():
             raise RequestError("device cuda requires a CUDA/ROCm GPU visible to torch; none found; use --device cpu")
+        launcher = None
+        if is_gpu_plan and interpret:
+            launcher = InterpretLauncher()
+        elif is_gpu_plan:
+            from rdnac.runtime.aot import AotLauncher, check_target
+
+            check_target(target, torch.device("cuda"))
+            launcher = AotLauncher(plan.body["kernels"], "cuda")
         weights = plan.load_weights("cpu", verify=verify_weights)
         if device != "cpu":
             weights = {k: v.to(device) for k, v in weights.items()}
-        return cls(plan, weights, device)
+        return cls(plan, weights, device, launcher)
 
     # ------------------------------------------------------------ prompts
 
@@ -106,19 +133,20 @@ class Engine:
                                   self._dtype, self.device)
         return self._cache
 
-    def _forward(self, seqs: list[Sequence], starts: list[int], logits_all: bool = False) -> torch.Tensor:
-        """One step: token ranges [starts[i], len(ids)) of each sequence; returns float32 logits."""
+    def _forward(self, seqs: list[Sequence], spans: list[tuple[int, int]], logits_all: bool = False) -> torch.Tensor:
+        """One step over token ranges [start, end) of each sequence; float32 logits at each range's
+        last token (or at every token with `logits_all`)."""
         cache = self._cache
         bs = self.block_size
         tokens, positions, slots, cu, lens, last = [], [], [], [0], [], []
-        for seq, start in zip(seqs, starts):
+        for seq, (start, end) in zip(seqs, spans):
             ids = seq.ids
-            for p in range(start, len(ids)):
+            for p in range(start, end):
                 tokens.append(ids[p])
                 positions.append(p)
                 slots.append(seq.blocks[p // bs] * bs + p % bs)
             cu.append(len(tokens))
-            lens.append(len(ids))
+            lens.append(end)
             last.append(len(tokens) - 1)
         max_blocks = max(len(s.blocks) for s in seqs)
         tables = [s.blocks + [0] * (max_blocks - len(s.blocks)) for s in seqs]
@@ -135,7 +163,34 @@ class Engine:
             **cache.inputs(),
         }
         with torch.inference_mode():
-            return interpreter.run(self.graph, self.weights, inputs)["logits"]
+            if self._executor is None:
+                return interpreter.run(self.graph, self.weights, inputs)["logits"]
+            is_decode = all(end - start == 1 for start, end in spans)
+            meta = StepMeta("decode" if is_decode else "prefill", len(tokens),
+                            max(end - start for start, end in spans))
+            return self._executor.run({**self.weights, **inputs}, meta)["logits"]
+
+    def _steps(self, seqs: list[Sequence], spans: list[tuple[int, int]]):
+        """Split a step so it fits the plan: at most max_num_seqs sequences per decode step and
+        max_num_batched_tokens tokens per prefill step (long prompts are chunked)."""
+        if all(end - start == 1 for start, end in spans):
+            for i in range(0, len(seqs), self.max_num_seqs):
+                yield seqs[i:i + self.max_num_seqs], spans[i:i + self.max_num_seqs]
+            return
+        budget = self.max_num_batched_tokens
+        group, group_spans, used = [], [], 0
+        for seq, (start, end) in zip(seqs, spans):
+            while start < end:
+                take = min(end - start, budget - used)
+                group.append(seq)
+                group_spans.append((start, start + take))
+                used += take
+                start += take
+                if used == budget:
+                    yield group, group_spans
+                    group, group_spans, used = [], [], 0
+        if group:
+            yield group, group_spans
 
     def _sample(self, logits: torch.Tensor, seq: Sequence) -> int:
         if seq.temperature <= 0:
@@ -152,7 +207,8 @@ class Engine:
         cache = self._ensure_cache(-(-len(ids) // self.block_size))
         seq.blocks = cache.allocator.allocate(cache.blocks_for(len(ids)))
         try:
-            return self._forward([seq], [0], logits_all=True).cpu()
+            chunks = [self._forward(g, sp, logits_all=True).cpu() for g, sp in self._steps([seq], [(0, len(ids))])]
+            return torch.cat(chunks)
         finally:
             cache.allocator.free(seq.blocks)
 
@@ -177,17 +233,20 @@ class Engine:
         for s in seqs:
             s.blocks = cache.allocator.allocate(cache.blocks_for(len(s.prompt_ids) + s.max_tokens))
         try:
-            active, starts = seqs, [0] * len(seqs)
+            active, spans = seqs, [(0, len(s.prompt_ids)) for s in seqs]
             while active:
-                logits = self._forward(active, starts)
-                for row, seq in enumerate(active):
-                    token = self._sample(logits[row], seq)
-                    seq.output_ids.append(token)
-                    yield seqs.index(seq), token
-                    if token in self.tokenizer.eos_token_ids or len(seq.output_ids) >= seq.max_tokens:
-                        seq.done = True
-                starts = [len(s.ids) - 1 for s in active if not s.done]
+                for group, group_spans in self._steps(active, spans):
+                    logits = self._forward(group, group_spans)
+                    for row, (seq, (_, end)) in enumerate(zip(group, group_spans)):
+                        if end < len(seq.ids):
+                            continue  # a prompt chunk: no token until its last chunk
+                        token = self._sample(logits[row], seq)
+                        seq.output_ids.append(token)
+                        yield seqs.index(seq), token
+                        if token in self.tokenizer.eos_token_ids or len(seq.output_ids) >= seq.max_tokens:
+                            seq.done = True
                 active = [s for s in active if not s.done]
+                spans = [(len(s.ids) - 1, len(s.ids)) for s in active]
         finally:
             for s in seqs:
                 cache.allocator.free(s.blocks)

@@ -1,0 +1,191 @@
+"""Select kernels: a wrapper and a config per node and step key, within the target's limits.
+
+For every step key (phase x token bucket) and node: the candidates of the
+node's kernel family are ordered (GEMMs by the cost model, other families
+default first, then the rest of their space). The whole program is recorded
+over meta tensors with a RecordingLauncher, every specialization is built
+for the target in parallel, and any node whose binaries exceed the LDS
+budget or spill moves to its next candidate, with the rejection and its
+reason logged. The result is the plan's program and its kernel binaries.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from rdnac.compiler import cost_model
+from rdnac.compiler.build import check_resources, compile_calls
+from rdnac.compiler.passes import PassContext
+from rdnac.errors import RdnacError
+from rdnac.ir.graph import Graph, Node
+from rdnac.kernels.launch import KernelCall
+from rdnac.runtime.executor import StepMeta, bucket_for, wrapper_name
+from rdnac.targets import Target
+
+NAME = "select_kernels"
+
+
+def step_keys(max_num_seqs: int, max_num_batched_tokens: int) -> list[tuple[str, int]]:
+    keys = []
+    for phase, limit in (("decode", max_num_seqs), ("prefill", max_num_batched_tokens)):
+        b = 1
+        while True:
+            keys.append((phase, b))
+            if b >= limit:
+                break
+            b = bucket_for(b + 1)
+    return keys
+
+
+def _problem(node: Node, phase: str, env: dict[str, torch.Tensor], runtime: dict) -> tuple[str, dict]:
+    a, ins = node.attrs, [env[n] for n in node.inputs]
+    dtype = str(ins[0].dtype).removeprefix("torch.")
+    if node.op == "linear":
+        return "gemm", {"M": ins[0].shape[0], "N": ins[1].shape[0], "K": ins[1].shape[1], "dtype": dtype,
+                        "has_bias": len(ins) == 3}
+    if node.op == "logits":
+        return "gemm", {"M": ins[1].shape[0], "N": ins[2].shape[0], "K": ins[2].shape[1], "dtype": dtype,
+                        "has_bias": False}
+    if node.op == "attention":
+        return "attention", {"phase": phase, "num_heads": a["num_heads"], "num_kv_heads": a["num_kv_heads"],
+                             "head_dim": a["head_dim"], "block_size": runtime["kv_block_size"],
+                             "max_model_len": runtime["max_model_len"], "dtype": dtype,
+                             "num_seqs": ins[4].shape[0]}
+    if node.op == "embedding":
+        return "embedding", {"H": ins[1].shape[1]}
+    if node.op == "rms_norm":
+        return "rms_norm", {"H": ins[0].shape[1], "num_heads": 1}
+    if node.op == "head_rms_norm":
+        return "rms_norm", {"H": a["head_dim"], "num_heads": a["num_heads"]}
+    if node.op == "rope":
+        return "rope", {"head_dim": a["head_dim"], "num_heads": a["num_heads"], "num_kv_heads": a["num_kv_heads"]}
+    if node.op == "kv_cache_write":
+        return "kv_cache", {"num_kv_heads": a["num_kv_heads"], "head_dim": a["head_dim"]}
+    if node.op == "gated_act":
+        width = ins[0].shape[1]
+        return "activation", {"I": width if len(ins) == 2 else width // 2}
+    if node.op == "add":
+        return "elementwise", {"numel_per_token": ins[0].shape[1], "dtype": dtype}
+    raise RdnacError(f"node {node.name!r}: no kernel family implements op {node.op!r} for GPU targets")
+
+
+def _candidates(family: str, problem: dict, target: Target) -> list[tuple[dict, str]]:
+    module = importlib.import_module(f"rdnac.kernels.{family}")
+    space = module.config_space(problem)
+    if family == "gemm":
+        return [(cfg, est.reason) for cfg, est in cost_model.rank("gemm", problem, space, target)]
+    default = module.default_config(problem)
+    rest = [c for c in space if c != default]
+    return [(default, "family default")] + [(c, "next in the config space") for c in rest]
+
+
+def meta_env(graph: Graph, phase: str, num_tokens: int, runtime: dict) -> tuple[dict, StepMeta]:
+    """Meta tensors for every weight and input of a step of `num_tokens` tokens."""
+    num_seqs = num_tokens if phase == "decode" else 1
+    max_blocks = -(-runtime["max_model_len"] // runtime["kv_block_size"])
+    sizes = {"T": num_tokens, "B": num_seqs, "B1": num_seqs + 1, "R": num_seqs, "MB": max_blocks,
+             "NB": max_blocks, "BS": runtime["kv_block_size"]}
+    env = {}
+    for name, spec in graph.weights.items():
+        env[name] = torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device="meta")
+    for name, spec in graph.inputs.items():
+        shape = tuple(sizes[d] if isinstance(d, str) else d for d in spec.shape)
+        env[name] = torch.empty(shape, dtype=getattr(torch, spec.dtype), device="meta")
+    return env, StepMeta(phase, num_tokens, num_tokens if phase == "prefill" else 1)
+
+
+def _record_step(graph, program, phase, num_tokens, runtime) -> dict[str, list]:
+    """Run the program for one step over meta tensors; returns {node name: [KernelCall]}."""
+    from rdnac.runtime.executor import Executor
+
+    env, meta = meta_env(graph, phase, num_tokens, runtime)
+    calls: dict[str, list] = {}
+    current = {"node": None}
+
+    class PerNode:
+        def launch(self, kernel, grid, args, *, constexprs, num_warps=4, num_stages=2):
+            call = KernelCall.from_launch(kernel, tuple(args), constexprs, num_warps, num_stages)
+            calls.setdefault(current["node"], []).append(call)
+
+    executor = Executor(graph, program, PerNode(), "meta")
+    executor.run(env, meta, on_node=lambda node: current.update(node=node.name))
+    return calls
+
+
+def run(graph: Graph, ctx: PassContext, target: Target, runtime: dict, keys: list[tuple[str, int]]) -> tuple[dict, list]:
+    """Returns (program, binaries). program: node -> step key -> {"kernel", "config"}."""
+    program: dict[str, dict] = {n.name: {} for n in graph.nodes}
+    options: dict[tuple[str, str], list] = {}  # (node, key) -> remaining ranked candidates
+    for phase, bucket in keys:
+        key = f"{phase}:{bucket}"
+        env, _ = meta_env(graph, phase, bucket, runtime)
+        for node in graph.nodes:
+            family, problem = _problem(node, phase, env, runtime)
+            ranked = _candidates(family, problem, target)
+            options[(node.name, key)] = ranked
+            program[node.name][key] = {"kernel": wrapper_name(node.op, phase), "config": ranked[0][0],
+                                       "reason": ranked[0][1]}
+            _propagate_meta(node, env)
+    while True:
+        step_calls = {}
+        for phase, bucket in keys:
+            step_calls[f"{phase}:{bucket}"] = _record_step(graph, program, phase, bucket, runtime)
+        flat = [(key, node, call) for key, per_node in step_calls.items() for node, cs in per_node.items()
+                for call in cs]
+        binaries = compile_calls([c for _, _, c in flat], target, quiet=ctx.options.get("quiet", False))
+        rejected = {}
+        for (key, node, _), binary in zip(flat, binaries):
+            problems = check_resources(binary, target)
+            if problems:
+                rejected.setdefault((node, key), problems)
+        if not rejected:
+            break
+        for (node, key), problems in rejected.items():
+            remaining = options[(node, key)]
+            bad = remaining.pop(0)
+            ctx.decide(NAME, node, f"rejected config {bad[0]} at {key}", "; ".join(problems))
+            if not remaining:
+                raise RdnacError(f"node {node!r}: no candidate config fits target {target.name} at {key}; "
+                                 f"last problem: {problems[0]}")
+            program[node][key].update(config=remaining[0][0], reason=remaining[0][1])
+    unique = {}
+    for b in binaries:
+        unique.setdefault(b.key, b)
+    for node in graph.nodes:
+        chosen = {}
+        for key, choice in program[node.name].items():
+            chosen.setdefault(_config_label(choice), []).append(key)
+        for label, ks in chosen.items():
+            ctx.decide(NAME, node.name, f"{label} for {_key_span(ks)}",
+                       program[node.name][ks[0]].get("reason", ""))
+    return program, list(unique.values())
+
+
+def _propagate_meta(node: Node, env: dict) -> None:
+    """Give a node's outputs meta tensors of the right shape (reference shape rules, no data)."""
+    from rdnac.ir.ops import OPS
+
+    ins = [env[n] for n in node.inputs]
+    if node.op == "kv_cache_write":
+        return  # in place, no outputs
+    out = torch.empty_like(ins[0]) if node.op == "attention" else OPS[node.op].reference(*ins, **node.attrs)
+    if isinstance(out, torch.Tensor):
+        out = (out,)
+    for name, value in zip(node.outputs, out or ()):
+        env[name] = value
+
+
+def _config_label(choice: dict) -> str:
+    c = choice["config"]
+    consts = ",".join(f"{k}={v}" for k, v in c["constexprs"].items())
+    return f"{choice['kernel']}[{consts}; warps={c['num_warps']}, stages={c['num_stages']}]"
+
+
+def _key_span(keys: list[str]) -> str:
+    by_phase: dict[str, list[str]] = {}
+    for k in keys:
+        phase, bucket = k.split(":")
+        by_phase.setdefault(phase, []).append(bucket)
+    return "; ".join(f"{p} T<={','.join(bs)}" for p, bs in by_phase.items())

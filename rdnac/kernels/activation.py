@@ -1,0 +1,85 @@
+"""Gated activation: implements the IR op `gated_act`, act(gate) * up.
+
+Both input forms: gate [T, I] and up [T, I], or the merged gate_up [T, 2I]
+output of a merged gate/up linear (gate is the first half of each row, as
+`chunk(2, dim=-1)` in the reference). Activations: "silu", "gelu" (erf)
+and "gelu_tanh". Rounding mirrors the reference: act(gate) is computed in
+float32 and rounded to the activation dtype before the product with up.
+
+Config space: BLOCK_I (a power of two; the grid tiles I), num_warps.
+Problem keys: {"I": intermediate size, "dtype"}.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rdnac.kernels.launch import Launcher
+
+# model-shape ints (never token counts) that AOT binaries specialize on divisibility by 16, as the JIT does,
+# so row loads vectorize; see rdnac.kernels.launch.divisible_args
+AOT_DIVISIBLE = {"_gated_act_kernel": ("I", "stride_gate_row", "stride_up_row", "up_col_offset")}
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+@triton.jit
+def _gated_act_kernel(gate_ptr, up_ptr, out_ptr, I, stride_gate_row, stride_up_row, up_col_offset,
+                      ACT: tl.constexpr, BLOCK_I: tl.constexpr):
+    act_dtype = out_ptr.dtype.element_ty
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)  # [BLOCK_I]
+    mask = cols < I
+    gate = tl.load(gate_ptr + token * stride_gate_row + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + token * stride_up_row + up_col_offset + cols, mask=mask, other=0.0).to(tl.float32)
+    if ACT == "silu":
+        act = gate / (1.0 + tl.exp(-gate))
+    elif ACT == "gelu":
+        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    else:  # gelu_tanh; tanh(z) = 1 - 2 / (exp(2z) + 1) saturates correctly at both ends
+        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        act = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+    act = act.to(act_dtype).to(tl.float32)
+    tl.store(out_ptr + token * I + cols, (act * up).to(act_dtype), mask=mask)
+
+
+def gated_act(*xs: torch.Tensor, act: str = "silu", config: dict, launcher: Launcher) -> torch.Tensor:
+    """(gate [T, I], up [T, I]) or (gate_up [T, 2I],) -> [T, I]; rows may be strided."""
+    assert act in ACTIVATIONS, f"gated_act requires act in {ACTIVATIONS}; got {act!r}"
+    if len(xs) == 2:
+        gate, up = xs
+        width, up_col_offset = gate.shape[1], 0
+    else:
+        (gate,) = xs
+        up = gate  # the same tensor, read at column offset I
+        assert gate.shape[1] % 2 == 0, f"gate_up width must be even; got {gate.shape[1]}"
+        width = up_col_offset = gate.shape[1] // 2
+    assert gate.stride(-1) == 1 and up.stride(-1) == 1 and gate.dtype == up.dtype
+    num_tokens = gate.shape[0]
+    out = torch.empty(num_tokens, width, dtype=gate.dtype, device=gate.device)  # [T, I]
+    if num_tokens == 0:
+        return out
+    block_i = config["constexprs"]["BLOCK_I"]
+    grid = (num_tokens, triton.cdiv(width, block_i))
+    launcher.launch(_gated_act_kernel, grid,
+                    (gate, up, out, width, gate.stride(0), up.stride(0), up_col_offset),
+                    constexprs={"ACT": act, "BLOCK_I": block_i},
+                    num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return out
+
+
+def config_space(problem: dict) -> list[dict]:
+    """Candidates for {"I": intermediate size}."""
+    whole = triton.next_power_of_2(problem["I"])
+    blocks = sorted({b for b in (256, 512, 1024, 2048, 4096) if b < whole} | {min(whole, 4096)})
+    return [{"constexprs": {"BLOCK_I": b}, "num_warps": w, "num_stages": 1}
+            for b in blocks for w in (1, 2, 4, 8) if w == 1 or 32 * w * 4 <= b]
+
+
+def default_config(problem: dict) -> dict:
+    # 1024-wide tiles: enough programs at decode (I / 1024 per token), 8 elements per thread
+    block = min(triton.next_power_of_2(problem["I"]), 1024)
+    return {"constexprs": {"BLOCK_I": block}, "num_warps": 4 if block >= 1024 else max(1, block // 256),
+            "num_stages": 1}

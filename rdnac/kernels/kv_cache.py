@@ -1,0 +1,93 @@
+"""Paged KV-cache write: implements the IR op `kv_cache_write`.
+
+Token t's K and V rows go to slot s = slot_mapping[t] of the paged caches
+[NB, BS, Hk, D], i.e. block s // BS, offset s % BS, cast to the cache dtype.
+Slots < 0 mark padded tokens (a partial decode batch padded up to a
+captured size): the kernel masks their loads and stores, so their cache
+slots are never touched. The check is on the device because the wrapper
+must not read slot_mapping on the host (CUDA-graph capture).
+
+A program writes BLOCK_HEADS heads of one token.
+Config space: BLOCK_HEADS, num_warps. Problem keys: {"num_kv_heads",
+"head_dim", "dtype"}.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rdnac.kernels.launch import Launcher
+
+# model-shape ints (never token counts) that AOT binaries specialize on divisibility by 16, as the JIT does,
+# so row loads vectorize; see rdnac.kernels.launch.divisible_args
+AOT_DIVISIBLE = {"_kv_cache_write_kernel": (
+    "block_size", "stride_k_row", "stride_v_row", "stride_kc_block", "stride_kc_slot", "stride_kc_head",
+    "stride_vc_block", "stride_vc_slot", "stride_vc_head")}
+
+
+@triton.jit
+def _kv_cache_write_kernel(k_ptr, v_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr,
+                           num_kv_heads, block_size, stride_k_row, stride_v_row,
+                           stride_kc_block, stride_kc_slot, stride_kc_head,
+                           stride_vc_block, stride_vc_slot, stride_vc_head,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    # int64: slot * row stride overflows int32 on caches over 2**31 elements
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    block, offset = slot // block_size, slot % block_size
+    heads = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)  # [BLOCK_HEADS]
+    d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
+    # broadcast the slot to a block before comparing: the interpreter rejects a
+    # load mask built from a scalar bool & a block
+    is_real = (tl.full([BLOCK_HEADS, 1], 0, tl.int64) + slot) >= 0  # [BLOCK_HEADS, 1]
+    mask = is_real & (heads[:, None] < num_kv_heads) & (d[None, :] < HEAD_DIM)  # [BLOCK_HEADS, BLOCK_D]
+    src = heads[:, None] * HEAD_DIM + d[None, :]
+    k = tl.load(k_ptr + token * stride_k_row + src, mask=mask)
+    v = tl.load(v_ptr + token * stride_v_row + src, mask=mask)
+    k_dst = (k_cache_ptr + block * stride_kc_block + offset * stride_kc_slot
+             + heads[:, None] * stride_kc_head + d[None, :])
+    v_dst = (v_cache_ptr + block * stride_vc_block + offset * stride_vc_slot
+             + heads[:, None] * stride_vc_head + d[None, :])
+    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def kv_cache_write(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, *, num_kv_heads: int, head_dim: int,
+                   config: dict, launcher: Launcher) -> None:
+    """k, v [T, Hk*D] (rows may be strided), slot_mapping [T] int32/int64, caches [NB, BS, Hk, D] (in place)."""
+    assert k_cache.shape[1:] == v_cache.shape[1:] and k_cache.shape[2:] == (num_kv_heads, head_dim), \
+        f"caches must be [NB, BS, {num_kv_heads}, {head_dim}]; got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    num_tokens = k.shape[0]
+    if num_tokens == 0:
+        return None
+    block_heads = config["constexprs"]["BLOCK_HEADS"]
+    grid = (num_tokens, triton.cdiv(num_kv_heads, block_heads))
+    launcher.launch(_kv_cache_write_kernel, grid,
+                    (k, v, slot_mapping, k_cache, v_cache, num_kv_heads, k_cache.shape[1], k.stride(0), v.stride(0),
+                     k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                     v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
+                    constexprs={"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
+                                "BLOCK_HEADS": block_heads},
+                    num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return None
+
+
+def config_space(problem: dict) -> list[dict]:
+    """Candidates for {"num_kv_heads", "head_dim"}; any BLOCK_HEADS is correct (masked)."""
+    all_heads = triton.next_power_of_2(problem["num_kv_heads"])
+    block_d = triton.next_power_of_2(problem["head_dim"])
+    heads = sorted({h for h in (1, 2, 4) if h <= all_heads} | {all_heads})
+    return [{"constexprs": {"BLOCK_HEADS": h}, "num_warps": w, "num_stages": 1}
+            for h in heads for w in (1, 2, 4) if w == 1 or 32 * w * 4 <= h * block_d]
+
+
+def default_config(problem: dict) -> dict:
+    # one program per token: decode writes a handful of tokens, prefill has plenty of programs
+    all_heads = triton.next_power_of_2(problem["num_kv_heads"])
+    elements = all_heads * triton.next_power_of_2(problem["head_dim"])
+    warps = 4 if elements >= 2048 else 2 if elements >= 512 else 1
+    return {"constexprs": {"BLOCK_HEADS": all_heads}, "num_warps": warps, "num_stages": 1}
