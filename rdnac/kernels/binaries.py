@@ -24,7 +24,7 @@ from typing import Any
 from rdnac.kernels.launch import KernelCall, decode_constexpr, resolve_kernel
 from rdnac.targets import Target, get_target
 
-BINARY_FORMAT_VERSION = 1
+BINARY_FORMAT_VERSION = 2  # 2: NVIDIA spills from ptxas -v
 # Pinned, not left to Triton's default: Triton 3.10 turns FP fusion off by default.
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
@@ -41,7 +41,7 @@ class Resources:
     shared_bytes: int  # dynamic LDS/shared memory per block (Triton's metadata.shared)
     num_regs: int | None  # VGPRs per lane (AMD) / registers per thread (NVIDIA)
     num_sgprs: int | None  # AMD scalar registers; None on NVIDIA
-    num_spills: int  # AMD: VGPR + SGPR spill count; NVIDIA: stack/local bytes / 4 (Triton's n_spills)
+    num_spills: int  # AMD: VGPR + SGPR spill count; NVIDIA: ptxas's spill-store bytes / 4
     matrix_instructions: tuple[str, ...] = ()  # distinct v_wmma_*/v_mfma_* (AMD), wgmma/mma (NVIDIA)
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,8 +134,31 @@ def read_resources(compiled: Any, target: Target) -> Resources:
         return Resources(shared, counts.get("vgpr_count"), counts.get("sgpr_count"),
                          counts.get("vgpr_spill_count", 0) + counts.get("sgpr_spill_count", 0),
                          matrix_instructions(amdgcn))
-    regs, stack, local = nvidia_usage(compiled.asm["cubin"])
-    return Resources(shared, regs, None, (stack + local) // 4, matrix_instructions(compiled.asm["ptx"]))
+    regs, _stack, _local = nvidia_usage(compiled.asm["cubin"])
+    return Resources(shared, regs, None, nvidia_spills(compiled.asm["ptx"], compiled.metadata.target.arch),
+                     matrix_instructions(compiled.asm["ptx"]))
+
+
+_NV_SPILLS = re.compile(r"(\d+) bytes spill stores")
+
+
+def nvidia_spills(ptx: str, arch: int) -> int:
+    """Register spills (4-byte slots) as ptxas reports them.
+
+    Not stack + local bytes: libdevice's precise sin/cos keep a local array for
+    their slow argument reduction, which is local memory but not a spill."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch)  # the ptxas Triton itself uses for this arch (3.6 and 3.9)
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.ptx"
+        path.write_text(ptx)
+        out = subprocess.run([ptxas.path, "-v", f"--gpu-name={gpu}", str(path), "-o",
+                              str(Path(tmp) / "k.cubin")], capture_output=True, text=True, check=True)
+    stores = [int(n) for n in _NV_SPILLS.findall(out.stdout + out.stderr)]
+    assert stores, f"ptxas -v printed no spill line:\n{out.stderr}"
+    return max(stores) // 4
 
 
 def matrix_instructions(asm: str) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ FAMILIES = {
 
 
 def make_checkpoint(model_type: str, directory: Path, *, seed: int = 0, shard_size: str | None = None,
-                    with_tokenizer: bool = True, **overrides):
+                    with_tokenizer: bool = True, perturb_std: float = 0.1, **overrides):
     """Write a tiny random `model_type` checkpoint to `directory`; returns the transformers model (fp32)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -33,7 +33,7 @@ def make_checkpoint(model_type: str, directory: Path, *, seed: int = 0, shard_si
     with torch.no_grad():  # random init leaves norms at 1; perturb them so norm weights are exercised
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+                p.add_(torch.randn_like(p) * perturb_std)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(directory, **kwargs)
     if with_tokenizer:

@@ -1,0 +1,107 @@
+"""GPU (sm90): random-weight checkpoints at real shapes, plan vs transformers on the same GPU.
+
+Checks prefill logits within bf16 tolerance, greedy continuations that pass
+the logprob-closeness check (identical up to the first divergence; at a
+divergence each side's token is within the other's top 5), and that loading
+and running a plan compiles nothing. Divergence positions are printed for
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import rdnac
+from tests.support.checkpoints import make_checkpoint
+
+pytestmark = pytest.mark.gpu
+
+SHAPES = {
+    "llama-smollm2": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                                    max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=100000.0)),
+    "qwen3-0.6b": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                                 max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=1000000.0)),
+}
+PROMPTS = [[11, 400, 1200, 7, 42, 99, 3000, 17, 256, 8, 1024, 5, 77], [900, 12, 13, 14],
+           list(range(100, 170)), [31337 % 49152, 2, 4000, 600, 5]]
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def case(request, tmp_path_factory):
+    family, overrides = SHAPES[request.param]
+    directory = tmp_path_factory.mktemp(request.param)
+    model = make_checkpoint(family, directory / "ckpt", perturb_std=1.0, **overrides)
+    plan = rdnac.compile(directory / "ckpt", target="sm90", output=directory / "plan.msgpack", quiet=True)
+    model = model.to("cuda")
+    return request.param, model, plan
+
+
+@pytest.fixture
+def no_compilation(monkeypatch):
+    import triton
+    from triton.runtime.jit import JITFunction
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a kernel was compiled at run time")
+
+    monkeypatch.setattr(triton, "compile", refuse)
+    monkeypatch.setattr(triton.compiler, "compile", refuse)
+    monkeypatch.setattr(JITFunction, "run", refuse)
+
+
+@torch.no_grad()
+def test_prefill_logits_within_bf16_tolerance(case, no_compilation):
+    """Our bf16 plan against transformers fp32, with transformers' own bf16 error as the yardstick."""
+    name, model, plan = case
+    engine = rdnac.load(plan, device="cuda")
+    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    for prompt in PROMPTS:
+        ids = torch.tensor([prompt], device="cuda")
+        ours = engine.logits(prompt).float()
+        ref = model(ids).logits[0].float().cpu()
+        ref_bf16 = model_bf16(ids).logits[0].float().cpu()
+        assert ours.shape == ref.shape and ours.dtype == torch.float32
+        err, err_hf = (ours - ref).abs().max().item(), (ref_bf16 - ref).abs().max().item()
+        cos = torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min().item()
+        cos_hf = torch.nn.functional.cosine_similarity(ref_bf16, ref, dim=-1).min().item()
+        print(f"\n{name} T={len(prompt)}: max abs err {err:.4f} (transformers bf16: {err_hf:.4f}), "
+              f"min cosine {cos:.5f} (transformers bf16: {cos_hf:.5f}), max |logit| {ref.abs().max():.3f}")
+        assert err <= 2 * err_hf + 1e-2, f"{name}: error {err} vs transformers bf16 {err_hf}"
+        assert 1 - cos <= 2 * (1 - cos_hf) + 1e-4
+
+
+@torch.no_grad()
+def test_greedy_logprob_closeness(case, no_compilation):
+    name, model, plan = case
+    engine = rdnac.load(plan, device="cuda")
+    outputs = engine.generate(PROMPTS, max_tokens=64)
+    for prompt, out in zip(PROMPTS, outputs):
+        ours = out.token_ids
+        assert len(ours) == 64
+        full = torch.tensor([prompt + ours], device="cuda")
+        ref_logits = model(full).logits[0, len(prompt) - 1:-1].float()  # [64, V]: predicts each of ours
+        ref_greedy = ref_logits.argmax(-1).tolist()
+        divergence = next((i for i, (a, b) in enumerate(zip(ours, ref_greedy)) if a != b), None)
+        print(f"\n{name} prompt of {len(prompt)}: first divergence at {divergence}")
+        if divergence is None:
+            continue
+        ref_top5 = ref_logits[divergence].topk(5).indices.tolist()
+        our_logits = engine.logits(prompt + ours[:divergence])[-1]
+        our_top5 = our_logits.topk(5).indices.tolist()
+        assert ours[divergence] in ref_top5, f"{name}: our token not in the reference top 5 at {divergence}"
+        assert ref_greedy[divergence] in our_top5, f"{name}: reference token not in our top 5 at {divergence}"
+
+
+def test_amd_plan_on_nvidia_names_both(tmp_path):
+    from rdnac.errors import RdnacError
+
+    make_checkpoint("llama", tmp_path / "ckpt")
+    amd = rdnac.compile(tmp_path / "ckpt", target="gfx1201", output=tmp_path / "amd.msgpack", quiet=True)
+    with pytest.raises(RdnacError, match="gfx1201") as info:
+        rdnac.load(amd, device="cuda")
+    assert "sm90" in str(info.value) or "NVIDIA" in str(info.value)
