@@ -30,11 +30,40 @@ def summarize(plan_path) -> dict:
                   "outputs": graph.outputs},
         "weights": {"count": len(graph.weights), "bytes": weight_bytes,
                     "file": plan.header["weights"]["file"], "file_bytes": plan.header["weights"]["size"]},
-        "kernels": [{k: v for k, v in kern.items() if k != "binary"} for kern in plan.body.get("kernels", [])],
+        "kernels": [_kernel_summary(k) for k in plan.body.get("kernels", [])],
+        "program": _program_summary(plan.body.get("program") or {}),
         "runtime": plan.body["runtime"],
         "has_chat_template": bool(plan.body.get("chat_template")),
         "decisions": plan.body["decisions"],
     }
+
+
+def _kernel_summary(k: dict) -> dict:
+    r, call = k["resources"], k["call"]
+    return {"kernel": k["kernel"], "key": k["key"], "target": k["target"], "triton_version": k["triton_version"],
+            "constexprs": call["constexprs"], "num_warps": call["num_warps"], "num_stages": call["num_stages"],
+            "shared_bytes": r["shared_bytes"], "registers": r["num_regs"], "spills": r["num_spills"],
+            "matrix_instructions": r["matrix_instructions"], "binary_bytes": len(k["binary"]), "sha256": k["sha256"]}
+
+
+def _program_summary(program: dict) -> list[dict]:
+    """Per node: the wrapper and config chosen at the smallest decode step and the largest prefill step."""
+    out = []
+    for node, choices in program.items():
+        decode = [k for k in choices if k.startswith("decode:")]
+        prefill = [k for k in choices if k.startswith("prefill:")]
+        entry = {"node": node}
+        for label, keys in (("decode", decode[:1]), ("prefill", prefill[-1:])):
+            if keys:
+                c = choices[keys[0]]
+                entry[label] = {"step": keys[0], "kernel": c["kernel"], "config": c["config"]}
+        out.append(entry)
+    return out
+
+
+def _config_text(c: dict) -> str:
+    consts = " ".join(f"{k}={v}" for k, v in c["constexprs"].items())
+    return f"{consts} w{c['num_warps']} s{c['num_stages']}"
 
 
 def render_text(s: dict, show_decisions: bool = False) -> None:
@@ -53,14 +82,23 @@ def render_text(s: dict, show_decisions: bool = False) -> None:
     for op, n in sorted(s["graph"]["ops"].items(), key=lambda kv: -kv[1]):
         table.add_row(op, str(n))
     console.print(table)
+    if s["program"]:
+        pt = Table(title="program (node: kernel and config at decode T=1 / largest prefill step)")
+        for col in ("node", "kernel", "decode config", "prefill config"):
+            pt.add_column(col, overflow="fold")
+        for e in s["program"]:
+            d, p = e.get("decode"), e.get("prefill")
+            pt.add_row(e["node"], (d or p)["kernel"].replace("_decode", "_*") if d and p and d["kernel"] != p["kernel"]
+                       else (d or p)["kernel"], _config_text(d["config"]) if d else "-",
+                       _config_text(p["config"]) if p else "-")
+        console.print(pt)
     if s["kernels"]:
-        kt = Table(title=f"kernels: {len(s['kernels'])}")
-        for col in ("name", "config", "shared", "registers", "spills", "matrix"):
-            kt.add_column(col)
+        kt = Table(title=f"kernels: {len(s['kernels'])} binaries for {h['target']} (Triton {h['triton_version']})")
+        for col in ("kernel", "config", "shared", "regs", "spills", "matrix instructions"):
+            kt.add_column(col, overflow="fold")
         for k in s["kernels"]:
-            r = k.get("resources", {})
-            kt.add_row(str(k.get("name")), str(k.get("config", "")), str(r.get("shared", "")),
-                       str(r.get("registers", "")), str(r.get("spills", "")), ",".join(r.get("matrix", []) or []))
+            kt.add_row(k["kernel"].removeprefix("rdnac.kernels."), _config_text(k), str(k["shared_bytes"]),
+                       str(k["registers"]), str(k["spills"]), ", ".join(k["matrix_instructions"]) or "-")
         console.print(kt)
     console.print(f"decision log: {len(s['decisions'])} entries" + ("" if show_decisions else " (--decisions to list)"))
     if show_decisions:

@@ -33,13 +33,19 @@ def cli():
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute dtype.")
 @click.option("--max-model-len", type=int, help="Maximum tokens per sequence (default: the model's).")
 @click.option("--disable-pass", "disable_passes", multiple=True, help="Skip a pass by name (repeatable).")
-def compile_cmd(model, target, output, dtype, max_model_len, disable_passes):
+@click.option("--max-num-seqs", default=64, show_default=True, help="Largest decode batch the plan has kernels for.")
+@click.option("--max-num-batched-tokens", default=2048, show_default=True,
+              help="Largest prefill step; longer prompts are chunked.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max_num_seqs, max_num_batched_tokens,
+                quiet):
     """Compile MODEL (HF directory, .gguf file, or demo:smollm2) into a plan."""
     from rdnac.compiler.pipeline import compile_model
 
     started = time.perf_counter()
     path = compile_model(model, target, output, dtype=dtype, max_model_len=max_model_len,
-                         disable_passes=tuple(disable_passes))
+                         disable_passes=tuple(disable_passes), max_num_seqs=max_num_seqs,
+                         max_num_batched_tokens=max_num_batched_tokens, quiet=quiet)
     click.echo(f"wrote {path} ({time.perf_counter() - started:.1f} s)", err=True)
 
 
@@ -50,14 +56,20 @@ def compile_cmd(model, target, output, dtype, max_model_len, disable_passes):
 @click.option("--max-tokens", default=64, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float)
 @click.option("--seed", type=int, help="Sampling seed (with --temperature > 0).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-def run_cmd(plan, prompt, chat_text, max_tokens, temperature, seed, device):
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Default: cuda for GPU-target plans, cpu for cpu plans.")
+@click.option("--interpret", is_flag=True, help="Run a GPU plan's own kernels under the Triton interpreter (CPU).")
+def run_cmd(plan, prompt, chat_text, max_tokens, temperature, seed, device, interpret):
     """Generate from PLAN, streaming text to stdout."""
     import rdnac
 
     if (prompt is None) == (chat_text is None):
         raise click.UsageError("requires exactly one of --prompt or --chat")
-    engine = rdnac.load(plan, device=device)
+    if device is None:
+        from rdnac.plans import read_plan
+
+        device = "cpu" if interpret or read_plan(plan, header_only=True).header["target"] == "cpu" else "cuda"
+    engine = rdnac.load(plan, device=device, interpret=interpret)
     ids: list[int] = []
     printed = ""
 

@@ -164,17 +164,13 @@ def run(graph: Graph, ctx: PassContext, target: Target, runtime: dict, keys: lis
 
 
 def _propagate_meta(node: Node, env: dict) -> None:
-    """Give a node's outputs meta tensors of the right shape (reference shape rules, no data)."""
+    """Give a node's outputs meta tensors of the shapes its op's shape rule gives (no computation)."""
+    from rdnac.ir.graph import TensorSpec
     from rdnac.ir.ops import OPS
 
-    ins = [env[n] for n in node.inputs]
-    if node.op == "kv_cache_write":
-        return  # in place, no outputs
-    out = torch.empty_like(ins[0]) if node.op == "attention" else OPS[node.op].reference(*ins, **node.attrs)
-    if isinstance(out, torch.Tensor):
-        out = (out,)
-    for name, value in zip(node.outputs, out or ()):
-        env[name] = value
+    specs = [TensorSpec(str(env[n].dtype).removeprefix("torch."), tuple(env[n].shape)) for n in node.inputs]
+    for name, spec in zip(node.outputs, OPS[node.op].infer(node.attrs, specs)):
+        env[name] = torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device="meta")
 
 
 def _config_label(choice: dict) -> str:
