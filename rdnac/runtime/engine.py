@@ -42,6 +42,15 @@ class Sequence:
 
 
 @dataclass
+class StepEntry:
+    """One sequence's part of a model step: tokens [start, end) of `token_ids`."""
+    token_ids: list[int]
+    block_table: list[int]
+    start: int
+    end: int
+
+
+@dataclass
 class Completion:
     text: str
     token_ids: list[int]
@@ -127,29 +136,41 @@ class Engine:
     # ------------------------------------------------------------ running
 
     def _ensure_cache(self, num_blocks: int) -> KVCache:
-        a = self.graph.attrs
         if self._cache is None or self._cache.allocator.num_blocks < num_blocks:
-            self._cache = KVCache(a["num_layers"], num_blocks, self.block_size, a["num_kv_heads"], a["head_dim"],
-                                  self._dtype, self.device)
+            self.init_kv_cache(num_blocks)
         return self._cache
 
-    def _forward(self, seqs: list[Sequence], spans: list[tuple[int, int]], logits_all: bool = False) -> torch.Tensor:
-        """One step over token ranges [start, end) of each sequence; float32 logits at each range's
-        last token (or at every token with `logits_all`)."""
-        cache = self._cache
+    def init_kv_cache(self, num_blocks: int) -> KVCache:
+        """Allocate (or replace) the paged KV cache: `num_blocks` blocks of `block_size` tokens per layer."""
+        a = self.graph.attrs
+        self._cache = KVCache(a["num_layers"], num_blocks, self.block_size, a["num_kv_heads"], a["head_dim"],
+                              self._dtype, self.device)
+        return self._cache
+
+    def kv_bytes_per_block(self) -> int:
+        a = self.graph.attrs
+        return 2 * a["num_layers"] * self.block_size * a["num_kv_heads"] * a["head_dim"] * self._dtype.itemsize
+
+    def execute(self, entries: list[StepEntry], logits_all: bool = False) -> torch.Tensor:
+        """Run one model step (the model-runner API the scheduler drives).
+
+        Each entry is one sequence's token range [start, end) of `token_ids`, with its
+        block table (enough blocks for `end` tokens). Returns float32 logits on the
+        engine's device: one row per entry (at its last token), or one per token with
+        `logits_all`. The step must fit the plan: all entries single-token (decode, at
+        most max_num_seqs), or at most max_num_batched_tokens tokens in all."""
         bs = self.block_size
         tokens, positions, slots, cu, lens, last = [], [], [], [0], [], []
-        for seq, (start, end) in zip(seqs, spans):
-            ids = seq.ids
-            for p in range(start, end):
-                tokens.append(ids[p])
+        for e in entries:
+            for p in range(e.start, e.end):
+                tokens.append(e.token_ids[p])
                 positions.append(p)
-                slots.append(seq.blocks[p // bs] * bs + p % bs)
+                slots.append(e.block_table[p // bs] * bs + p % bs)
             cu.append(len(tokens))
-            lens.append(end)
+            lens.append(e.end)
             last.append(len(tokens) - 1)
-        max_blocks = max(len(s.blocks) for s in seqs)
-        tables = [s.blocks + [0] * (max_blocks - len(s.blocks)) for s in seqs]
+        max_blocks = max(len(e.block_table) for e in entries)
+        tables = [list(e.block_table) + [0] * (max_blocks - len(e.block_table)) for e in entries]
         dev = self.device
         inputs = {
             "token_ids": torch.tensor(tokens, dtype=torch.int64, device=dev),
@@ -160,15 +181,19 @@ class Engine:
             "cu_seqlens_q": torch.tensor(cu, dtype=torch.int32, device=dev),
             "logits_indices": torch.arange(len(tokens), device=dev) if logits_all
             else torch.tensor(last, dtype=torch.int64, device=dev),
-            **cache.inputs(),
+            **self._cache.inputs(),
         }
         with torch.inference_mode():
             if self._executor is None:
                 return interpreter.run(self.graph, self.weights, inputs)["logits"]
-            is_decode = all(end - start == 1 for start, end in spans)
+            is_decode = all(e.end - e.start == 1 for e in entries)
             meta = StepMeta("decode" if is_decode else "prefill", len(tokens),
-                            max(end - start for start, end in spans))
+                            max(e.end - e.start for e in entries))
             return self._executor.run({**self.weights, **inputs}, meta)["logits"]
+
+    def _forward(self, seqs: list[Sequence], spans: list[tuple[int, int]], logits_all: bool = False) -> torch.Tensor:
+        entries = [StepEntry(s.ids, s.blocks, start, end) for s, (start, end) in zip(seqs, spans)]
+        return self.execute(entries, logits_all)
 
     def _steps(self, seqs: list[Sequence], spans: list[tuple[int, int]]):
         """Split a step so it fits the plan: at most max_num_seqs sequences per decode step and
