@@ -19,6 +19,7 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 |                 | seq_lens [B], cu_seqlens_q [B+1], positions [T], (sinks [Hq]) |                |
 | gated_act       | gate [T, I], up [T, I]  or  gate_up [T, 2I]                   | [T, I]         |
 | add             | a, b (same shape)                                             | a + b          |
+| linear_fp8      | x [T, K], weight fp8 [N, K], weight_scale, (input_scale), (bias [N]) | [T, N]  |
 | logits          | x [T, H], logits_indices [R], weight [V, H]                   | [R, V] float32 |
 | argmax          | logits [R, V]                                                 | [R] int64      |
 """
@@ -235,6 +236,42 @@ _ACTIVATIONS = {
 }
 
 
+def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *rest: torch.Tensor,
+               weight_scheme: str, act_scheme: str, fp8_format: str, block_size: list | None = None,
+               has_bias: bool = False) -> torch.Tensor:
+    """y = Q(x) @ W.T (+ bias) in float32, cast to x's dtype.
+
+    W = fp8 bits * weight_scale: per "tensor" ([1]), "channel" ([N]) or "block"
+    ([ceil(N/bn), ceil(K/bk)] with block_size [bn, bk]). Q(x): "dynamic_token"
+    quantizes each row to fp8 with scale amax/FP8_MAX; "dynamic_group" per row
+    and group of bk columns (block schemes); "static" with the given
+    input_scale [1]; "none" keeps x (a16w8). rest = (input_scale if static, bias if has_bias)."""
+    from rdnac.ir.fp8 import FP8_MAX, FORMATS, dequantize_weight, quantize_rows
+
+    rest = list(rest)
+    input_scale = rest.pop(0) if act_scheme == "static" else None
+    bias = rest.pop(0) if has_bias else None
+    w = dequantize_weight(weight, weight_scale, weight_scheme, tuple(block_size) if block_size else None)
+    if act_scheme == "none":
+        xq = x.float()
+    elif act_scheme == "dynamic_token":
+        q, s = quantize_rows(x, fp8_format)
+        xq = q.float() * s
+    elif act_scheme == "dynamic_group":
+        group = block_size[1]
+        q, s = quantize_rows(x, fp8_format, group)
+        xq = q.float() * s.repeat_interleave(group, 1)[:, : x.shape[1]]
+    elif act_scheme == "static":
+        s = input_scale.float().reshape(())
+        xq = (x.float() / s).clamp(-FP8_MAX[fp8_format], FP8_MAX[fp8_format]).to(FORMATS[fp8_format]).float() * s
+    else:
+        raise ValueError(f"unknown act_scheme {act_scheme!r}")
+    y = xq @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 def gated_act(*xs: torch.Tensor, act: str = "silu") -> torch.Tensor:
     gate, up = xs if len(xs) == 2 else xs[0].chunk(2, dim=-1)
     return _ACTIVATIONS[act](gate) * up
@@ -275,6 +312,10 @@ def _linear_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
     return [TensorSpec(ins[0].dtype, (ins[0].shape[0], ins[1].shape[0]))]
 
 
+def _linear_fp8_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
+    return [TensorSpec(ins[0].dtype, (ins[0].shape[0], ins[1].shape[0]))]
+
+
 def _rope_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
     return [ins[0], ins[1]]
 
@@ -305,6 +346,7 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("attention", ("num_heads", "num_kv_heads", "head_dim", "scale"), (7, 8), _same, attention),
     OpDef("gated_act", ("act",), (1, 2), _gated_act_infer, gated_act),
     OpDef("add", (), (2,), _same, add),
+    OpDef("linear_fp8", ("weight_scheme", "act_scheme", "fp8_format"), (3, 4, 5), _linear_fp8_infer, linear_fp8),
     OpDef("logits", (), (3,), _logits_infer, logits),
     OpDef("argmax", (), (1,), _argmax_infer, argmax),
 ]}

@@ -1,0 +1,59 @@
+"""FP8 formats and the reference quantization rules used by the `linear_fp8` op.
+
+Two 8-bit formats matter: OCP e4m3fn (max 448; gfx1201, gfx950, sm90) and
+e4m3fnuz (max 240; gfx942). The same bits mean half the value in fnuz, and
+0x80 is NaN there. Weights are stored as their FP8 bits with float32 scales.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FORMATS = {"e4m3fn": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz}
+FP8_MAX = {"e4m3fn": 448.0, "e4m3fnuz": 240.0}
+
+
+def quantize_rows(x: torch.Tensor, fmt: str, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token (per-row) quantization, or per (row, `group` columns) when group > 0.
+
+    Returns (fp8 values [T, K], float32 scales [T, 1] or [T, ceil(K/group)]); a zero
+    row gets scale 1 (not 0/0)."""
+    xf = x.float()
+    num_tokens, k = xf.shape
+    if group:
+        pad = (-k) % group
+        padded = torch.nn.functional.pad(xf, (0, pad)).reshape(num_tokens, -1, group)
+        amax = padded.abs().amax(-1)  # [T, G]
+        scale = torch.where(amax > 0, amax / FP8_MAX[fmt], torch.ones_like(amax))
+        q = (padded / scale[..., None]).clamp(-FP8_MAX[fmt], FP8_MAX[fmt]).reshape(num_tokens, -1)[:, :k]
+        return q.to(FORMATS[fmt]), scale
+    amax = xf.abs().amax(-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / FP8_MAX[fmt], torch.ones_like(amax))
+    return (xf / scale).clamp(-FP8_MAX[fmt], FP8_MAX[fmt]).to(FORMATS[fmt]), scale
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, scheme: str,
+                      block_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """float32 [N, K] from fp8 bits and a per-tensor [1], per-channel [N] or block [N/bn, K/bk] scale."""
+    w = weight.float()
+    if scheme == "tensor":
+        return w * scale.float().reshape(())
+    if scheme == "channel":
+        return w * scale.float().reshape(-1, 1)
+    if scheme == "block":
+        bn, bk = block_size
+        s = scale.float().repeat_interleave(bn, 0).repeat_interleave(bk, 1)
+        return w * s[: w.shape[0], : w.shape[1]]
+    raise ValueError(f"unknown FP8 weight scheme {scheme!r}")
+
+
+def e4m3fn_to_e4m3fnuz(bits: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Bit-exact OCP e4m3fn -> e4m3fnuz: the same bit pattern is half the value in fnuz, so the
+    bits are kept and the scale doubles (returned factor 2.0). -0 (0x80) is NaN in fnuz: it maps to
+    +0; OCP NaN (0x7F, 0xFF) maps to fnuz's only NaN, 0x80."""
+    u8 = bits.view(torch.uint8)
+    is_nan, is_neg_zero = (u8 & 0x7F) == 0x7F, u8 == 0x80
+    out = u8.clone()
+    out[is_neg_zero] = 0
+    out[is_nan] = 0x80
+    return out.view(torch.float8_e4m3fnuz), 2.0
