@@ -88,18 +88,93 @@ def run_cmd(plan, prompt, chat_text, max_tokens, temperature, seed, device, inte
 
 
 @cli.command("inspect")
-@click.argument("plan", type=click.Path(dir_okay=False))
+@click.argument("plan", type=click.Path(dir_okay=False), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (layout in docs/inspect.md).")
 @click.option("--decisions/--no-decisions", default=False, help="Also list the decision log.")
-def inspect_cmd(plan, as_json, decisions):
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="Write the graph as ONNX (for Netron).")
+@click.option("--diff", nargs=2, type=click.Path(dir_okay=False), help="Compare two plans: --diff A B.")
+def inspect_cmd(plan, as_json, decisions, html_path, onnx_path, diff):
     """Show what PLAN holds: header, model, graph by op, weights, decisions."""
     from rdnac.cli.inspect import render_text, summarize
 
+    if diff:
+        if plan or html_path or onnx_path:
+            raise click.UsageError("--diff A B takes the two plans itself; requires no PLAN, --html or --onnx")
+        from rdnac.cli.diff import diff_plans, render_diff
+
+        result = diff_plans(*diff)
+        if as_json:
+            click.echo(json.dumps(result, indent=2, sort_keys=True))
+        else:
+            render_diff(result)
+        return
+    if plan is None:
+        raise click.UsageError("requires PLAN (or --diff A B)")
+    if html_path or onnx_path:
+        from rdnac.cli.onnx_export import export_onnx
+        from rdnac.cli.report import write_html
+
+        for path, write in ((html_path, write_html), (onnx_path, export_onnx)):
+            if path:
+                click.echo(f"wrote {write(plan, path)}", err=True)
+        return
     summary = summarize(plan)
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
     else:
         render_text(summary, show_decisions=decisions)
+
+
+@cli.command("verify")
+@click.argument("plan", type=click.Path(dir_okay=False))
+@click.option("--against", "model", required=True, help="The checkpoint PLAN was compiled from (the reference).")
+@click.option("--prompt", help="Text to run (default: a fixed sentence).")
+@click.option("--token-ids", help="Comma-separated token ids to run instead of a prompt.")
+@click.option("--atol", type=float, help="Tolerance on max abs error / max abs value, per value "
+              "(default by plan dtype: float32 1e-4, float16 2e-2, bfloat16 1e-1).")
+@click.option("--interpret", is_flag=True, help="Run a GPU plan's kernels under the Triton interpreter "
+              "(the default where no GPU is visible).")
+def verify_cmd(plan, model, prompt, token_ids, atol, interpret):
+    """Run PLAN and an unfused float32 reference of MODEL side by side; name the first node that differs."""
+    from rdnac.cli.verify import render_verify, verify_plan
+
+    if prompt is not None and token_ids is not None:
+        raise click.UsageError("requires at most one of --prompt or --token-ids")
+    try:
+        ids = [int(t) for t in token_ids.replace(",", " ").split()] if token_ids is not None else None
+    except ValueError:
+        raise click.BadParameter(f"requires comma-separated integers; got {token_ids!r}", param_hint="--token-ids")
+    result = verify_plan(plan, model, prompt=prompt, token_ids=ids, tolerance=atol, interpret=interpret or None)
+    render_verify(result)
+    bad = result.first_failure
+    if bad is not None:
+        click.echo(f"error: {bad.node} ({bad.op}) is the first node over tolerance: {bad.value} error "
+                   f"{bad.error:.3g} > {result.tolerance:g} (max abs error {bad.max_abs_error:.3g})", err=True)
+        sys.exit(1)
+
+
+@cli.command("serve")
+@click.argument("plan", type=click.Path(dir_okay=False, exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--api-key", help="Require `Authorization: Bearer KEY` on /v1 routes.")
+@click.option("--model-name", help="Model id clients send (default: the plan's model name).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Default: cuda for GPU-target plans, cpu for cpu plans.")
+@click.option("--max-num-seqs", type=int, help="Most sequences scheduled at once (default: the plan's).")
+@click.option("--max-num-batched-tokens", type=int, help="Most tokens per step (default: the plan's).")
+@click.option("--gpu-memory-utilization", default=0.9, show_default=True, type=float,
+              help="Fraction of GPU memory the KV cache may fill up to.")
+@click.option("--enable-prefix-caching", is_flag=True, help="Reuse KV blocks of shared prompt prefixes.")
+def serve_cmd(plan, host, port, api_key, model_name, device, max_num_seqs, max_num_batched_tokens,
+              gpu_memory_utilization, enable_prefix_caching):
+    """Serve PLAN over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
+    from rdnac.serve import serve
+
+    serve(plan, host=host, port=port, api_key=api_key, model_name=model_name, device=device,
+          max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+          gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching)
 
 
 @cli.command("targets")

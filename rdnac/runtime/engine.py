@@ -59,7 +59,8 @@ class Completion:
 
 
 class Engine:
-    def __init__(self, plan, weights: dict[str, torch.Tensor], device: str, launcher=None):
+    def __init__(self, plan, weights: dict[str, torch.Tensor], device: str, launcher=None,
+                 enforce_eager: bool = False):
         self.plan = plan
         self.device = device
         self.graph = Graph.from_dict(plan.body["graph"])
@@ -74,11 +75,13 @@ class Engine:
                                    plan.body.get("generation_config") or {})
         self._dtype = getattr(torch, self.graph.attrs["dtype"])
         self._cache: KVCache | None = None
+        self._graphs = None
+        self.enforce_eager = enforce_eager
         self._executor = Executor(self.graph, plan.body["program"], launcher, device) if launcher else None
 
     @classmethod
     def load(cls, plan_path: str | Path, device: str = "cpu", verify_weights: bool = True,
-             interpret: bool = False) -> Engine:
+             interpret: bool = False, enforce_eager: bool = False) -> Engine:
         """Load a plan. A cpu-target plan runs under the reference interpreter (on cpu or cuda);
         a GPU-target plan runs its precompiled kernels on `cuda`, or with `interpret=True` its own
         kernel specializations under the Triton interpreter on the CPU."""
@@ -108,7 +111,7 @@ class Engine:
         weights = plan.load_weights("cpu", verify=verify_weights)
         if device != "cpu":
             weights = {k: v.to(device) for k, v in weights.items()}
-        return cls(plan, weights, device, launcher)
+        return cls(plan, weights, device, launcher, enforce_eager=enforce_eager)
 
     # ------------------------------------------------------------ prompts
 
@@ -137,15 +140,41 @@ class Engine:
 
     def _ensure_cache(self, num_blocks: int) -> KVCache:
         if self._cache is None or self._cache.allocator.num_blocks < num_blocks:
+            if self.use_graphs:  # graphs bake in the cache: size it once, generously, to avoid recaptures
+                full = self.max_num_seqs * -(-self.max_model_len // self.block_size)
+                budget = int(torch.cuda.mem_get_info()[0] * 0.5) // self.kv_bytes_per_block()
+                num_blocks = max(num_blocks, min(full, budget))
             self.init_kv_cache(num_blocks)
         return self._cache
 
     def init_kv_cache(self, num_blocks: int) -> KVCache:
         """Allocate (or replace) the paged KV cache: `num_blocks` blocks of `block_size` tokens per layer."""
         a = self.graph.attrs
+        self._graphs = None
+        self._cache = None
         self._cache = KVCache(a["num_layers"], num_blocks, self.block_size, a["num_kv_heads"], a["head_dim"],
                               self._dtype, self.device)
+        if self.use_graphs:
+            self.capture_graphs()
         return self._cache
+
+    @property
+    def use_graphs(self) -> bool:
+        return self._executor is not None and self.device == "cuda" and not self.enforce_eager
+
+    def capture_graphs(self) -> float:
+        """Capture decode steps for every batch bucket up to max_num_seqs; returns the capture seconds.
+
+        Graphs bake in the KV cache's addresses, so a new cache recaptures."""
+        from rdnac.runtime.executor import BUCKETS
+        from rdnac.runtime.graphs import DecodeGraphs
+
+        buckets = [b for b in BUCKETS if b <= self.max_num_seqs] or [1]
+        max_blocks = -(-self.max_model_len // self.block_size)
+        with torch.inference_mode():
+            self._graphs = DecodeGraphs(self._executor, self.weights, self._cache.inputs(), buckets, max_blocks,
+                                        self.device)
+        return self._graphs.capture_seconds
 
     def kv_bytes_per_block(self) -> int:
         a = self.graph.attrs
@@ -169,6 +198,11 @@ class Engine:
             cu.append(len(tokens))
             lens.append(e.end)
             last.append(len(tokens) - 1)
+        is_decode = all(e.end - e.start == 1 for e in entries)
+        if is_decode and not logits_all and self._graphs is not None and self._graphs.bucket_for(len(entries)):
+            host = {"token_ids": tokens, "positions": positions, "slot_mapping": slots, "seq_lens": lens,
+                    "block_tables": [e.block_table for e in entries]}
+            return self._graphs.run(host, len(entries))
         max_blocks = max(len(e.block_table) for e in entries)
         tables = [list(e.block_table) + [0] * (max_blocks - len(e.block_table)) for e in entries]
         dev = self.device
@@ -186,7 +220,6 @@ class Engine:
         with torch.inference_mode():
             if self._executor is None:
                 return interpreter.run(self.graph, self.weights, inputs)["logits"]
-            is_decode = all(e.end - e.start == 1 for e in entries)
             meta = StepMeta("decode" if is_decode else "prefill", len(tokens),
                             max(e.end - e.start for e in entries))
             return self._executor.run({**self.weights, **inputs}, meta)["logits"]
@@ -262,10 +295,11 @@ class Engine:
             while active:
                 for group, group_spans in self._steps(active, spans):
                     logits = self._forward(group, group_spans)
+                    greedy = logits.argmax(dim=-1).tolist()  # one device->host copy per step
                     for row, (seq, (_, end)) in enumerate(zip(group, group_spans)):
                         if end < len(seq.ids):
                             continue  # a prompt chunk: no token until its last chunk
-                        token = self._sample(logits[row], seq)
+                        token = greedy[row] if seq.temperature <= 0 else self._sample(logits[row], seq)
                         seq.output_ids.append(token)
                         yield seqs.index(seq), token
                         if token in self.tokenizer.eos_token_ids or len(seq.output_ids) >= seq.max_tokens:

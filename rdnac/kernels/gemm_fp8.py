@@ -1,0 +1,443 @@
+"""FP8 GEMM family: IR op `linear_fp8` (y = Q(x) @ (fp8 W * weight_scale).T + bias, in x's dtype).
+
+Kernels, one job each:
+  `_quant_fp8_kernel`      activation quant: per token ("dynamic_token", one program per row, no
+                           atomics), per (token, group) ("dynamic_group") or with a given scale
+                           ("static"); writes fp8 values [M, K] and fp32 scales [M, G].
+  `_fp8_gemm_kernel`       per-token/static x per-channel/per-tensor: fp8 x fp8 `tl.dot`, fp32
+                           accumulation, row scale x column scale once in the epilogue. With
+                           IS_A16 ("none", a16w8) the activation is x itself and the FP8 weight is
+                           cast to x's dtype in registers: the path for targets without an FP8 dot
+                           (gfx1151).
+  `_fp8_block_gemm_kernel` block scales (weight_scheme "block" or act_scheme "dynamic_group"): the K
+                           loop steps inside one scale block at a time and adds each partial product
+                           times a_scale[m, kb] * w_scale[n // bn, kb]. BLOCK_K must divide the
+                           scale block's K (block_size[1], 128 in every FP8 checkpoint seen); the
+                           column scale is gathered per column, so any BLOCK_N is correct, and the
+                           config space offers only BLOCK_N dividing block_size[0] (one scale per tile).
+  `_fp8_splitk_reduce_kernel` SPLIT_K > 1: sums the fp32 partials [SPLIT_K, M, N] in a fixed order
+                           (deterministic, no atomics, no zeroed buffer), then applies the epilogue
+                           scales (epilogue kernel only) and the bias once.
+
+Rounding matches the reference bit for bit: scale = amax / FP8_MAX and x / scale are correctly
+rounded divisions (`tl.div_rn`: NVIDIA's default fp32 `/` is approximate), and the value is rounded
+to the FP8 grid (nearest, ties to even) in fp32 before the cast, so the cast itself is exact. That
+step exists because the Triton interpreter's fp32 -> fp8 cast rounds ties away from zero and drops
+the carry when the mantissa rounds up (124.0 became 64.0 in e4m3fn), and because a cast of an exact
+value is the same on every backend.
+
+Config space (`config_space(problem)`; problem keys "M" (bucket label, see `gemm.m_bucket`), "N",
+"K", "dtype" (x's), "has_bias", "weight_scheme", "act_scheme", "fp8_format", "block_size"):
+  decode  M <= 16 : BLOCK_M 16, GROUP_SIZE_M 1, narrow deep tiles, SPLIT_K 1/2/4/8 for large weights
+  middle  M <= 64 : BLOCK_M = bucket, GROUP_SIZE_M 1, SPLIT_K 1/2/4 for large weights
+  M <= 256        : BLOCK_M 64, GROUP_SIZE_M 8, BLOCK_N 64/128
+  prefill M > 256 : BLOCK_M 128, GROUP_SIZE_M 8, BLOCK_N 128/256 (fp8 tiles are half bf16's LDS), 8 warps
+BLOCK_K is 128 on the FP8-dot paths (K = 32..128 per matrix instruction), 64 where an a16w8 tile
+would otherwise need more than 64 KiB of LDS; on the block path it divides block_size[1].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rdnac.ir.fp8 import FORMATS, FP8_MAX
+from rdnac.kernels.gemm import DECODE_MAX_M, m_bucket
+from rdnac.kernels.launch import Launcher
+
+# Shape ints fixed by the weights (never token counts): binaries specialize on their divisibility by 16.
+AOT_DIVISIBLE = {"_quant_fp8_kernel": ("K", "stride_xm", "stride_qm"),
+                 "_fp8_gemm_kernel": ("N", "K", "stride_am", "stride_wn", "stride_om", "k_per_split"),
+                 "_fp8_block_gemm_kernel": ("N", "K", "stride_am", "stride_wn", "stride_om", "k_per_split"),
+                 "_fp8_splitk_reduce_kernel": ("N",)}
+
+# Per format: (smallest normal, 2**23 * the subnormal spacing: adding and subtracting it rounds a
+# subnormal to the FP8 grid). e4m3fn: bias 7, normals from 2**-6, spacing 2**-9; fnuz: bias 8.
+_GRID = {"e4m3fn": (2.0 ** -6, 2.0 ** 14), "e4m3fnuz": (2.0 ** -7, 2.0 ** 13)}
+_MAX = tl.standard._elementwise_max  # tl.max is a jit function: the interpreter path cannot call it
+SPLIT_K_MIN_NK = 1 << 20  # as in gemm: split K only when the weight read beats a second launch
+REDUCE_BLOCK = 1024
+QUANT_STEP = 2048  # activation quant reads a row in tiles of about this many elements
+
+
+@triton.jit
+def _quant_fp8_kernel(x_ptr, in_scale_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, stride_sm,
+                      GROUP: tl.constexpr, IS_STATIC: tl.constexpr, FP8_MAX: tl.constexpr,
+                      MIN_NORMAL: tl.constexpr, SUBNORMAL_ROUNDER: tl.constexpr,
+                      GROUPS_PER_STEP: tl.constexpr, BLOCK: tl.constexpr):
+    # x: [M, K] -> q: [M, K] fp8, scale: [M, G] fp32, G = cdiv(K, GROUP) (GROUP 0: one scale per row;
+    # IS_STATIC: the given [1] scale, nothing written). One program per row, no atomics. Each step
+    # covers a [GROUPS_PER_STEP, BLOCK] tile: whole groups (BLOCK >= GROUP), or BLOCK columns per row.
+    row = tl.program_id(0).to(tl.int64)
+    chunk: tl.constexpr = GROUP if GROUP > 0 else BLOCK  # columns per tile row
+    step: tl.constexpr = GROUPS_PER_STEP * chunk
+    offs_g = tl.arange(0, GROUPS_PER_STEP)  # [GS]
+    offs_c = tl.arange(0, BLOCK)  # [B]
+    tile = offs_g[:, None] * chunk + offs_c[None, :]  # [GS, B] column offsets within a step
+    in_chunk = offs_c[None, :] < chunk
+    x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * stride_qm
+    if IS_STATIC:
+        scale = tl.load(in_scale_ptr).to(tl.float32)
+    elif GROUP == 0:  # per token: the row's amax first, then a second pass quantizes
+        amax = tl.full((GROUPS_PER_STEP, BLOCK), 0.0, tl.float32)
+        for k0 in range(0, K, step):
+            xk = tl.load(x_row + k0 + tile, mask=in_chunk & (k0 + tile < K), other=0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(xk))
+        amax_row = tl.reduce(tl.reduce(amax, 1, _MAX), 0, _MAX)
+        scale = tl.where(amax_row > 0, tl.div_rn(amax_row, FP8_MAX), 1.0)  # a zero row: 1, not 0/0
+        tl.store(scale_ptr + row * stride_sm, scale)
+    for k0 in range(0, K, step):
+        mask = in_chunk & (k0 + tile < K)
+        xk = tl.load(x_row + k0 + tile, mask=mask, other=0).to(tl.float32)  # [GS, B]
+        if GROUP > 0 and not IS_STATIC:  # whole groups in this tile: one pass
+            amax_group = tl.reduce(tl.abs(xk), 1, _MAX)  # [GS]
+            group_scale = tl.where(amax_group > 0, tl.div_rn(amax_group, FP8_MAX), 1.0)
+            groups = k0 // GROUP + offs_g
+            tl.store(scale_ptr + row * stride_sm + groups, group_scale, mask=groups * GROUP < K)
+            v = tl.div_rn(xk, group_scale[:, None])
+        else:
+            v = tl.div_rn(xk, scale)
+        v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
+        # Round |v| to the FP8 grid in fp32, ties to even: normals keep 3 mantissa bits (a carry
+        # into the exponent is the right result), subnormals snap to the fixed spacing.
+        mag = tl.abs(v)
+        bits = mag.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+        subnormal = (mag + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER
+        mag = tl.where(mag < MIN_NORMAL, subnormal, normal)
+        q = tl.where((v < 0) & (mag > 0), -mag, mag)  # no -0: its bits are NaN in e4m3fnuz
+        tl.store(q_row + k0 + tile, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fp8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                     M, N, K, stride_am, stride_wn, stride_om, stride_as, stride_ws, k_per_split,
+                     IS_A16: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr):
+    # a: [M, K] fp8 (x itself if IS_A16); w: [N, K] fp8; a_scale[m * stride_as] (0: one scale);
+    # w_scale[n * stride_ws] (0: per tensor); out: [M, N], or the fp32 workspace [SPLIT_K, M, N].
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # tl.cdiv is a jit function: inlined
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    if GROUP_SIZE_M == 1:
+        pid_m = pid // num_pid_n
+        pid_n = pid % num_pid_n
+    else:  # grouped order: GROUP_SIZE_M row tiles reuse each weight panel from L2
+        num_pid_in_group = GROUP_SIZE_M * num_pid_n
+        first_pid_m = (pid // num_pid_in_group) * GROUP_SIZE_M
+        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_SIZE_M)
+        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+        pid_n = (pid % num_pid_in_group) // group_size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    offs_k = tl.arange(0, BLOCK_K)  # [BK]
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + (k_begin + offs_k)[None, :]  # [BM, BK]
+    # [BK, BN] with K contiguous: the K-major B operand FP8 wgmma/MFMA/WMMA want, no transpose.
+    b_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + (k_begin + offs_k)[:, None]
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_left = k_end - k0  # masks the K tail of the last step
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)  # fp8: a float `other`
+        if IS_A16:
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0)
+            acc = tl.dot(a, b.to(a.dtype), acc, input_precision="ieee")  # fp8 -> bf16/fp32 is exact
+        else:
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            acc = tl.dot(a, b, acc)  # [BM, BN] fp32
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        if not IS_A16:
+            acc *= tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=1.0).to(tl.float32)[:, None]
+        acc *= tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n, other=1.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:  # scales and bias are applied once, by the reduce kernel
+        tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
+
+
+@triton.jit
+def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+                           M, N, K, stride_am, stride_wn, stride_om, stride_asm, stride_ask,
+                           stride_wsn, stride_wsk, k_per_split,
+                           IS_A16: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           SCALE_BLOCK_N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr):
+    # a: [M, K] fp8 (x if IS_A16), a_scale[m * stride_asm + kb * stride_ask]; w: [N, K] fp8,
+    # w_scale[(n // SCALE_BLOCK_N) * stride_wsn + kb * stride_wsk], kb = k // SCALE_BLOCK_K
+    # (zero strides broadcast: per-token, per-channel and per-tensor scales ride along).
+    # out: [M, N], or the fp32 workspace [SPLIT_K, M, N] (already scaled).
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    if GROUP_SIZE_M == 1:
+        pid_m = pid // num_pid_n
+        pid_n = pid % num_pid_n
+    else:
+        num_pid_in_group = GROUP_SIZE_M * num_pid_n
+        first_pid_m = (pid // num_pid_in_group) * GROUP_SIZE_M
+        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_SIZE_M)
+        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+        pid_n = (pid % num_pid_in_group) // group_size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_begin = pid_k * k_per_split  # a multiple of BLOCK_K, so every step lies in one scale block
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    offs_k = tl.arange(0, BLOCK_K)  # [BK]
+    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + (k_begin + offs_k)[None, :]  # [BM, BK]
+    b_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + (k_begin + offs_k)[:, None]  # [BK, BN]
+    a_scale_rows = a_scale_ptr + offs_m * stride_asm  # [BM]
+    w_scale_cols = w_scale_ptr + (offs_n // SCALE_BLOCK_N) * stride_wsn  # [BN]
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_left = k_end - k0
+        kb = k0 // SCALE_BLOCK_K
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
+        w_scale = tl.load(w_scale_cols + kb * stride_wsk, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
+        if IS_A16:
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0)
+            partial = tl.dot(a, b.to(a.dtype), input_precision="ieee")  # [BM, BN] fp32
+            acc += partial * w_scale[None, :]
+        else:
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            a_scale = tl.load(a_scale_rows + kb * stride_ask, mask=mask_m, other=0.0).to(tl.float32)  # [BM]
+            acc += tl.dot(a, b) * a_scale[:, None] * w_scale[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
+
+
+@triton.jit
+def _fp8_splitk_reduce_kernel(ws_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_ptr, M, N, stride_as, stride_ws,
+                              HAS_A_SCALE: tl.constexpr, HAS_W_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    # ws: [SPLIT_K, M, N] fp32 partials -> out: [M, N] (contiguous)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat [M*N] index
+    mask = offs < M * N
+    acc = tl.full((BLOCK,), 0.0, tl.float32)
+    for s in tl.static_range(SPLIT_K):  # fixed order: bitwise reproducible
+        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
+    if HAS_A_SCALE:
+        acc *= tl.load(a_scale_ptr + (offs // N) * stride_as, mask=mask, other=1.0).to(tl.float32)
+    if HAS_W_SCALE:
+        acc *= tl.load(w_scale_ptr + (offs % N) * stride_ws, mask=mask, other=1.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------- wrapper
+
+
+def _quantize(x, input_scale, fmt, group, *, launcher):
+    """(q [M, K] fp8, scales) for act_scheme dynamic_token (group 0), dynamic_group or static."""
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=FORMATS[fmt], device=x.device)  # [M, K]
+    is_static = input_scale is not None
+    num_groups = 1 if group == 0 else triton.cdiv(K, group)
+    scale = input_scale if is_static else torch.empty((M, num_groups), dtype=torch.float32, device=x.device)
+    if group:  # whole groups per step, about QUANT_STEP columns
+        block = triton.next_power_of_2(group)
+        groups_per_step = min(max(1, QUANT_STEP // block), triton.next_power_of_2(num_groups))
+    else:
+        block, groups_per_step = min(triton.next_power_of_2(K), QUANT_STEP), 1
+    min_normal, rounder = _GRID[fmt]
+    launcher.launch(_quant_fp8_kernel, (M,),
+                    (x, scale, q, scale, K, x.stride(0), q.stride(0), num_groups),
+                    constexprs=dict(GROUP=group, IS_STATIC=is_static, FP8_MAX=FP8_MAX[fmt], MIN_NORMAL=min_normal,
+                                    SUBNORMAL_ROUNDER=rounder, GROUPS_PER_STEP=groups_per_step, BLOCK=block),
+                    num_warps=4, num_stages=1)
+    return q, scale
+
+
+def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *rest: torch.Tensor,
+               weight_scheme: str, act_scheme: str, fp8_format: str, block_size: list | None = None,
+               has_bias: bool = False, config: dict, launcher: Launcher) -> torch.Tensor:
+    """y [M, N] = Q(x [M, K]) @ (weight [N, K] fp8 * weight_scale).T (+ bias [N]), in x's dtype.
+
+    rest = (input_scale [1] if act_scheme == "static", bias [N] if has_bias), as the IR reference."""
+    rest = list(rest)
+    input_scale = rest.pop(0) if act_scheme == "static" else None
+    bias = rest.pop(0) if has_bias else None
+    assert not rest, f"linear_fp8: {len(rest)} unexpected extra inputs"
+    M, K = x.shape
+    N = weight.shape[0]
+    assert weight.shape == (N, K), f"linear_fp8: weight must be [N, {K}]; got {tuple(weight.shape)}"
+    assert weight.dtype == FORMATS[fp8_format], f"linear_fp8: {fp8_format} weight must be {FORMATS[fp8_format]}; got {weight.dtype}"
+    assert x.stride(1) == 1 and weight.stride(1) == 1, "linear_fp8: x and weight need unit stride along K"
+    assert bias is None or tuple(bias.shape) == (N,), f"linear_fp8: bias must be [{N}]"
+    assert act_scheme in ("none", "dynamic_token", "dynamic_group", "static"), f"unknown act_scheme {act_scheme!r}"
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)  # [M, N]
+    if M == 0:
+        return out
+    is_a16 = act_scheme == "none"
+    is_block = weight_scheme == "block" or act_scheme == "dynamic_group"
+    group = block_size[1] if act_scheme == "dynamic_group" else 0
+    a, a_scale = (x, x) if is_a16 else _quantize(x, input_scale, fp8_format, group, launcher=launcher)
+
+    c = config["constexprs"]
+    block_m, block_n, block_k, split_k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"]
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k  # whole BLOCK_K steps per split
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split_k)
+    target = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+    stride_target = out.stride(0) if split_k == 1 else N
+    bias_arg = bias if has_bias else weight_scale  # never read when HAS_BIAS is False
+    flags = dict(IS_A16=is_a16, HAS_BIAS=has_bias and split_k == 1, BLOCK_M=block_m, BLOCK_N=block_n,
+                 BLOCK_K=block_k, GROUP_SIZE_M=c["GROUP_SIZE_M"], SPLIT_K=split_k)
+    launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+    # a_scale is [M, G] (dynamic), [1] (static) or unused (a16w8): zero strides broadcast it.
+    stride_asm = 0 if is_a16 or input_scale is not None else a_scale.stride(0)
+    if is_block:
+        if weight_scheme == "block":
+            scale_bn, scale_bk = block_size
+            stride_wsn, stride_wsk = weight_scale.stride(0), weight_scale.stride(1)
+        else:  # per-channel / per-tensor weight under per-group activations
+            scale_bn, scale_bk = 1, block_size[1]
+            stride_wsn, stride_wsk = (1 if weight_scheme == "channel" else 0), 0
+        assert scale_bk % block_k == 0, f"linear_fp8: BLOCK_K {block_k} must divide the scale block's K {scale_bk}"
+        stride_ask = 1 if group else 0
+        launcher.launch(_fp8_block_gemm_kernel, grid,
+                        (a, a_scale, weight, weight_scale, bias_arg, target, M, N, K, a.stride(0), weight.stride(0),
+                         stride_target, stride_asm, stride_ask, stride_wsn, stride_wsk, k_per_split),
+                        constexprs=dict(flags, SCALE_BLOCK_N=scale_bn, SCALE_BLOCK_K=scale_bk), **launch)
+        has_a_scale = has_w_scale = False
+    else:
+        stride_ws = 1 if weight_scheme == "channel" else 0
+        assert weight_scheme in ("channel", "tensor"), f"unknown FP8 weight scheme {weight_scheme!r}"
+        launcher.launch(_fp8_gemm_kernel, grid,
+                        (a, a_scale, weight, weight_scale, bias_arg, target, M, N, K, a.stride(0), weight.stride(0),
+                         stride_target, stride_asm, stride_ws, k_per_split),
+                        constexprs=flags, **launch)
+        has_a_scale, has_w_scale = not is_a16, True
+    if split_k > 1:
+        assert out.is_contiguous()
+        launcher.launch(_fp8_splitk_reduce_kernel, (triton.cdiv(M * N, REDUCE_BLOCK),),
+                        (target, a_scale, weight_scale, bias_arg, out, M, N, stride_asm,
+                         0 if is_block else stride_ws),
+                        constexprs=dict(HAS_A_SCALE=has_a_scale, HAS_W_SCALE=has_w_scale, HAS_BIAS=has_bias,
+                                        SPLIT_K=split_k, BLOCK=REDUCE_BLOCK),
+                        num_warps=4, num_stages=1)
+    return out
+
+
+# ---------------------------------------------------------------- configs
+
+
+def _config(block_m: int, block_n: int, block_k: int, group_size_m: int, split_k: int,
+            num_warps: int, num_stages: int) -> dict:
+    return {"constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                           "GROUP_SIZE_M": group_size_m, "SPLIT_K": split_k},
+            "num_warps": num_warps, "num_stages": num_stages}
+
+
+def _split_k_options(N: int, K: int, block_k: int, max_split: int) -> list[int]:
+    """1, plus powers of two when the weight is large, each split keeping >= 2 BLOCK_K steps, none empty."""
+    options = [1]
+    if N * K < SPLIT_K_MIN_NK:
+        return options
+    for split in (2, 4, 8):
+        k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k  # as linear_fp8 computes it
+        if split <= max_split and k_per_split >= 2 * block_k and triton.cdiv(K, k_per_split) == split:
+            options.append(split)
+    return options
+
+
+def _shape(problem: dict) -> tuple[int, int, int, bool, int | None, int | None]:
+    """(M bucket, N, K, is_a16, scale block N, scale block K); the scale blocks are None off the block path."""
+    M, N, K = m_bucket(problem["M"]), problem["N"], problem["K"]
+    is_a16 = problem["act_scheme"] == "none"
+    if problem["weight_scheme"] == "block":
+        scale_bn, scale_bk = problem["block_size"]
+        assert scale_bn % 16 == 0, f"linear_fp8: block_size N {scale_bn} must be a multiple of 16 (a tile divides it)"
+    elif problem["act_scheme"] == "dynamic_group":
+        scale_bn, scale_bk = None, problem["block_size"][1]
+    else:
+        scale_bn = scale_bk = None
+    return M, N, K, is_a16, scale_bn, scale_bk
+
+
+def _block_k(want: int, K: int, scale_bk: int | None) -> int:
+    """BLOCK_K near `want`: >= 32 (the smallest FP8 dot K), not far past K, dividing the scale block's K."""
+    block_k = max(32, min(want, triton.next_power_of_2(K)))
+    if scale_bk is not None:
+        while scale_bk % block_k:
+            block_k //= 2
+        assert block_k >= 16, f"linear_fp8: block_size K {scale_bk} needs a power-of-two factor >= 16"
+    return block_k
+
+
+def _block_ns(options: tuple[int, ...], scale_bn: int | None) -> tuple[int, ...]:
+    # On the block path, tiles that divide (or equal) the scale block read one scale per tile.
+    return tuple(n for n in options if scale_bn is None or scale_bn % n == 0) or (16,)
+
+
+def config_space(problem: dict) -> list[dict]:
+    """Candidates for {"M", "N", "K", "dtype", "has_bias", "weight_scheme", "act_scheme", "fp8_format",
+    "block_size"} (see the module docstring). dtype, has_bias and fp8_format do not change them."""
+    M, N, K, is_a16, scale_bn, scale_bk = _shape(problem)
+    deep = 64 if is_a16 else 128  # an a16w8 A tile is twice the bytes of an fp8 one
+    out: list[dict] = []
+    if M <= DECODE_MAX_M:
+        tiles = ((32, 256), (64, 128), (64, 256), (128, 128))
+        for block_n, want_k in tiles:
+            block_k = _block_k(want_k, K, scale_bk)
+            if block_n not in _block_ns((block_n,), scale_bn):
+                continue
+            for split_k in _split_k_options(N, K, block_k, max_split=8):
+                out.append(_config(16, block_n, block_k, 1, split_k, 4, 2))
+        out.append(_config(16, 64, _block_k(128, K, scale_bk), 1, 1, 4, 3))
+    elif M <= 64:
+        for block_n in _block_ns((64, 128), scale_bn):
+            block_k = _block_k(128, K, scale_bk)
+            for split_k in _split_k_options(N, K, block_k, max_split=4):
+                for num_warps in (4, 8):
+                    out.append(_config(M, block_n, block_k, 1, split_k, num_warps, 2))
+    elif M <= 256:
+        for block_n in _block_ns((64, 128), scale_bn):
+            for num_stages in (2, 3):
+                for num_warps in (4, 8):
+                    out.append(_config(64, block_n, _block_k(deep, K, scale_bk), 8, 1, num_warps, num_stages))
+    else:
+        for block_n in _block_ns((128, 256), scale_bn) + ((64,) if scale_bn is not None else ()):
+            for want_k in (64, 128):
+                for num_stages in (2, 3):
+                    out.append(_config(128, block_n, _block_k(want_k, K, scale_bk), 8, 1, 8, num_stages))
+    return [c for i, c in enumerate(out) if c not in out[:i]]
+
+
+def default_config(problem: dict) -> dict:
+    """A safe pick from config_space without a target (fits 64 KiB of LDS on every target); the compiler
+    normally ranks the space instead. Decode splits K until roughly 64 programs exist."""
+    M, N, K, is_a16, scale_bn, scale_bk = _shape(problem)
+    if M <= 64:
+        block_m = 16 if M <= DECODE_MAX_M else M
+        block_n = _block_ns((64,), scale_bn)[0]
+        block_k = _block_k(128, K, scale_bk)
+        options = _split_k_options(N, K, block_k, max_split=8 if M <= DECODE_MAX_M else 4)
+        split_k = next((s for s in options if triton.cdiv(N, block_n) * s >= 64), options[-1])
+        return _config(block_m, block_n, block_k, 1, split_k, 4, 2)
+    if M <= 256:
+        return _config(64, _block_ns((64,), scale_bn)[0], _block_k(64 if is_a16 else 128, K, scale_bk), 8, 1, 4, 2)
+    return _config(128, _block_ns((128,), scale_bn)[0], _block_k(64, K, scale_bk), 8, 1, 8, 2)

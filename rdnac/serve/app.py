@@ -1,0 +1,289 @@
+"""The OpenAI-compatible HTTP API of `rdnac serve` (FastAPI), and the uvicorn server that runs it.
+
+    GET  /health               200, or 503 once the engine thread has died
+    GET  /metrics              Prometheus text
+    GET  /v1/models            the one model served
+    POST /v1/completions       prompt: string, token ids, or a list of either
+    POST /v1/chat/completions  messages, rendered with the plan's chat template
+
+Handlers never touch the LLMEngine: they submit to the engine thread
+(`worker.EngineWorker`) and await its events. A client that goes away
+mid-request has its engine requests aborted, which frees their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import sys
+import time
+import uuid
+from typing import AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rdnac.errors import RdnacError
+from rdnac.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs,
+                                  completion_logprobs, envelope, finish_reason, parse_request, sampling_params, usage)
+from rdnac.serve.worker import ClientDisconnected, EngineFailed, EngineWorker, RequestGroup
+
+_SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+class _Choice:
+    """What one prompt's engine request has produced so far."""
+
+    def __init__(self):
+        self.text, self.token_ids, self.logprobs, self.finish_reason = "", [], [], None
+
+    def add(self, out) -> list[float]:
+        """Record one RequestOutput; returns the logprobs of its new tokens."""
+        self.text, self.token_ids = out.text, list(out.token_ids)
+        new_logprobs = list(out.logprobs[-len(out.new_token_ids):]) if out.logprobs and out.new_token_ids else []
+        self.logprobs += new_logprobs
+        self.finish_reason = finish_reason(out)
+        return new_logprobs
+
+
+class _Server:
+    def __init__(self, worker: EngineWorker, engine, model_name: str):
+        self.worker = worker
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.model_name = model_name
+        self.created = int(time.time())
+        gen = engine.plan.body.get("generation_config") or {}
+        self.defaults = {k: gen[k] for k in _SAMPLING_DEFAULT_KEYS if gen.get(k) is not None}
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
+                           param="model", code="model_not_found")
+
+    def params(self, req, max_tokens: int, logprobs: bool):
+        try:
+            return sampling_params(req, self.defaults, max_tokens, logprobs)
+        except RdnacError as e:
+            raise APIError(400, str(e)) from None
+
+    async def start(self, request_id: str, prompts: list, params, chat: bool) -> RequestGroup:
+        group = RequestGroup(self.worker, request_id, len(prompts))
+        group.submit(prompts, params, chat)
+        try:
+            await group.admitted()
+        except RdnacError as e:  # prompt too long, bad token ids, bad template: the client's to fix
+            raise APIError(400, str(e), param="messages" if chat else "prompt") from None
+        except EngineFailed as e:
+            raise APIError(503, str(e), type="server_error") from None
+        except asyncio.CancelledError:
+            group.abort()
+            raise
+        return group
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+
+    async def collect(self, request: Request, group: RequestGroup, num_choices: int) -> list[_Choice]:
+        """Run a non-streaming request to the end; aborts it if the client disconnects first."""
+        choices = [_Choice() for _ in range(num_choices)]
+        watcher = asyncio.create_task(_watch_disconnect(request, group))
+        try:
+            async for index, out in group.outputs():
+                choices[index].add(out)
+        except EngineFailed as e:
+            raise APIError(500, str(e), type="server_error") from None
+        except ClientDisconnected:  # nobody reads this answer; 499 is nginx's "client closed request"
+            raise APIError(499, "the client disconnected before the response was complete") from None
+        finally:
+            watcher.cancel()
+            if not group.is_finished:
+                group.abort()
+        return choices
+
+    def stream(self, request: Request, group: RequestGroup, first: list[dict],
+               chunk: Callable[[int, object, list[float]], dict | None], envelope_of: Callable[..., dict],
+               include_usage: bool) -> StreamingResponse:
+        """SSE: `first` chunks, one chunk per engine output, an optional usage chunk, then [DONE]."""
+
+        async def events() -> AsyncIterator[str]:
+            choices = [_Choice() for _ in group.ids]
+            extra = {"usage": None} if include_usage else {}
+            try:
+                for choice in first:
+                    yield _sse(envelope_of([choice], **extra))
+                async for index, out in group.outputs():
+                    data = chunk(index, out, choices[index].add(out))
+                    if data is not None:
+                        yield _sse(envelope_of([data], **extra))
+                if include_usage:
+                    num_completion = sum(len(c.token_ids) for c in choices)
+                    yield _sse(envelope_of([], usage=usage(sum(group.num_prompt_tokens), num_completion)))
+            except EngineFailed as e:
+                yield _sse(APIError(500, str(e), type="server_error").body())
+            finally:  # also runs when Starlette cancels the stream because the client disconnected
+                if not group.is_finished:
+                    group.abort()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _watch_disconnect(request: Request, group: RequestGroup) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            group.client_disconnected()
+            return
+
+
+async def _read_json(request: Request):
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body requires valid JSON; {e}") from None
+
+
+def create_app(worker: EngineWorker, engine, model_name: str | None = None, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app over a started EngineWorker; `engine` supplies the tokenizer, limits and plan."""
+    server = _Server(worker, engine, model_name or engine.plan.header["model"]["name"])
+    app = FastAPI(title="rdnac", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(e.status_code, str(e.detail), type=kind).body(), status_code=e.status_code)
+
+    async def check_api_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "requires the header `Authorization: Bearer <key>` with the server's --api-key",
+                           code="invalid_api_key")
+
+    @app.get("/health")
+    async def health():
+        if not worker.is_alive:
+            return JSONResponse({"status": "error", "error": worker.error or "engine thread stopped"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(worker.metrics.render(server.model_name), media_type="text/plain; version=0.0.4")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    @v1.get("/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": server.created,
+                                            "owned_by": "rdnac", "max_model_len": server.max_model_len}]}
+
+    @v1.post("/completions")
+    async def completions(request: Request):
+        req = parse_request(CompletionRequest, await _read_json(request))
+        server.check_model(req.model)
+        prompts = req.prompts()
+        params = server.params(req, req.max_tokens or 16, logprobs=req.logprobs is not None)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        group = await server.start(request_id, prompts, params, chat=False)
+
+        def wrap(choices, **extra):
+            return envelope(request_id, "text_completion", server.model_name, choices, **extra)
+
+        def logprobs_of(token_ids, logprobs, offset=0):
+            return completion_logprobs(server.token_strings(token_ids), logprobs, offset) \
+                if req.logprobs is not None else None
+
+        if req.stream:
+            def chunk(index, out, new_logprobs):
+                if not (out.new_text or out.finished or (new_logprobs and req.logprobs is not None)):
+                    return None
+                offset = len(out.text) - len(out.new_text)
+                return {"index": index, "text": out.new_text, "finish_reason": finish_reason(out),
+                        "logprobs": logprobs_of(out.new_token_ids, new_logprobs, offset)}
+            return server.stream(request, group, [], chunk, wrap, req.include_usage)
+
+        choices = await server.collect(request, group, len(prompts))
+        body = wrap([{"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                      "logprobs": logprobs_of(c.token_ids, c.logprobs)} for i, c in enumerate(choices)],
+                    usage=usage(sum(group.num_prompt_tokens), sum(len(c.token_ids) for c in choices)))
+        return JSONResponse(body)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request):
+        req = parse_request(ChatCompletionRequest, await _read_json(request))
+        server.check_model(req.model)
+        messages = req.template_messages()
+        # OpenAI's chat default is "until the context is full"; the engine caps it at the model length.
+        max_tokens = req.max_completion_tokens or req.max_tokens or server.max_model_len
+        params = server.params(req, max_tokens, logprobs=req.logprobs)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        group = await server.start(request_id, [messages], params, chat=True)
+
+        def wrap(choices, **extra):
+            return envelope(request_id, "chat.completion.chunk" if req.stream else "chat.completion",
+                            server.model_name, choices, **extra)
+
+        def logprobs_of(token_ids, logprobs):
+            return chat_logprobs(server.token_strings(token_ids), logprobs) if req.logprobs else None
+
+        if req.stream:
+            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}
+
+            def chunk(index, out, new_logprobs):
+                if not (out.new_text or out.finished or (new_logprobs and req.logprobs)):
+                    return None
+                return {"index": index, "delta": {"content": out.new_text} if out.new_text else {},
+                        "logprobs": logprobs_of(out.new_token_ids, new_logprobs),
+                        "finish_reason": finish_reason(out)}
+            return server.stream(request, group, [first], chunk, wrap, req.include_usage)
+
+        (choice,) = await server.collect(request, group, 1)
+        body = wrap([{"index": 0, "message": {"role": "assistant", "content": choice.text},
+                      "logprobs": logprobs_of(choice.token_ids, choice.logprobs),
+                      "finish_reason": choice.finish_reason}],
+                    usage=usage(group.num_prompt_tokens[0], len(choice.token_ids)))
+        return JSONResponse(body)
+
+    app.include_router(v1)
+    return app
+
+
+def run_server(plan: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               model_name: str | None = None, device: str | None = None, log_level: str = "info",
+               **llm_options) -> None:
+    """Load PLAN, start the engine thread and serve until interrupted (`rdnac serve`)."""
+    import uvicorn
+
+    import rdnac
+    from rdnac.runtime.llm_engine import LLMEngine
+
+    if device is None:
+        from rdnac.plans import read_plan
+
+        device = "cpu" if read_plan(plan, header_only=True).header["target"] == "cpu" else "cuda"
+    engine = rdnac.load(plan, device=device)
+    worker = EngineWorker(LLMEngine(engine, **{k: v for k, v in llm_options.items() if v is not None}))
+    worker.start()
+    app = create_app(worker, engine, model_name, api_key)
+    name = app.state.server.model_name
+    print(f"rdnac: serving {name} from {plan} on http://{host}:{port} (device {device})", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        worker.shutdown()

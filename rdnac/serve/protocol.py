@@ -1,0 +1,221 @@
+"""OpenAI request and response bodies for `rdnac serve`.
+
+Requests are validated with pydantic and mapped onto the runtime's
+SamplingParams; whatever rdnac cannot honour (n > 1, echo, penalties, tools)
+is refused with a 400 naming the field, never silently ignored. Fields
+clients commonly send and that change nothing (user, metadata) are ignored.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+from rdnac.runtime.llm_engine import RequestOutput, SamplingParams
+
+
+class APIError(Exception):
+    """An OpenAI-style error response: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---------------------------------------------------------------- requests
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1)  # -1 and 0 both mean "off" (vLLM uses -1)
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: bool = False
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def check_supported(self) -> None:
+        if self.n != 1:
+            raise APIError(400, f"n requires 1 (rdnac serve returns one choice per prompt); got {self.n}", param="n")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise APIError(400, f"{name} is not supported; got {getattr(self, name)}; use repetition_penalty",
+                               param=name)
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options requires stream=true", param="stream_options")
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[StrictInt] | list[str | list[StrictInt]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise APIError(400, "echo=true is not supported; the response holds the completion only", param="echo")
+        if self.best_of not in (None, 1):
+            raise APIError(400, f"best_of requires 1; got {self.best_of}", param="best_of")
+        if self.suffix:
+            raise APIError(400, "suffix is not supported", param="suffix")
+
+    def prompts(self) -> list[str | list[int]]:
+        """One engine prompt per choice: a string, or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise APIError(400, "prompt requires a string, a token list, or a non-empty list of them; got []",
+                           param="prompt")
+        if isinstance(p[0], int):
+            return [list(p)]
+        return list(p)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def to_template(self, index: int) -> dict:
+        content = self.content
+        if isinstance(content, list):
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"messages[{index}].content: only text parts are supported; got type "
+                                        f"{part.type!r}", param=f"messages.{index}.content")
+            content = "".join(part.text for part in content)
+        message = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    response_format: dict | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.top_logprobs:
+            raise APIError(400, f"top_logprobs requires 0 (only the chosen token's logprob is returned); got "
+                                f"{self.top_logprobs}", param="top_logprobs")
+        if self.tools:
+            raise APIError(400, "tools are not supported", param="tools")
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise APIError(400, f"response_format requires type 'text'; got {self.response_format.get('type')!r}",
+                           param="response_format")
+
+    def template_messages(self) -> list[dict]:
+        return [m.to_template(i) for i, m in enumerate(self.messages)]
+
+
+def parse_request(cls: type[BaseModel], body: Any):
+    """Validate a decoded JSON body; a validation failure is a 400 naming the field."""
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body requires a JSON object; got {type(body).__name__}")
+    try:
+        request = cls.model_validate(body)
+    except ValidationError as e:
+        message, param = _describe(e.errors())
+        raise APIError(400, message, param=param) from None
+    request.check_supported()
+    return request
+
+
+def _describe(errors: list[dict]) -> tuple[str, str | None]:
+    """(message, param) for pydantic errors; a union reports one error per alternative, merged here."""
+    # loc parts that name a union alternative ("str", "list[int]") are not fields
+    path = [str(p) for p in errors[0]["loc"] if isinstance(p, int) or p.isidentifier() and p not in _TYPE_TAGS]
+    param = ".".join(path) or None
+    related = [err["msg"] for err in errors if err["loc"][:1] == errors[0]["loc"][:1]]
+    message = " or ".join(dict.fromkeys(related))
+    return (f"{param}: {message}" if param else message), param
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def sampling_params(req: _SamplingRequest, defaults: dict, max_tokens: int, logprobs: bool) -> SamplingParams:
+    """Map a request onto SamplingParams; unset fields take the plan's generation_config, then OpenAI's defaults."""
+
+    def pick(name: str, fallback):
+        value = getattr(req, name)
+        return value if value is not None else defaults.get(name, fallback)
+
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=float(pick("temperature", 1.0)), top_k=max(0, int(pick("top_k", 0))),
+        top_p=float(pick("top_p", 1.0)), min_p=float(pick("min_p", 0.0)),
+        repetition_penalty=float(pick("repetition_penalty", 1.0)), seed=req.seed, stop=stop,
+        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs)
+
+
+# ---------------------------------------------------------------- responses
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens}
+
+
+def envelope(request_id: str, obj: str, model: str, choices: list[dict], **extra) -> dict:
+    return {"id": request_id, "object": obj, "created": int(time.time()), "model": model, "choices": choices,
+            **extra}
+
+
+def completion_logprobs(tokens: list[str], logprobs: list[float], text_offset: int = 0) -> dict:
+    """The legacy completions logprobs object (chosen tokens only: top_logprobs is null)."""
+    offsets = []
+    for token in tokens:
+        offsets.append(text_offset)
+        text_offset += len(token)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+
+
+def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict:
+    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
+                        for t, lp in zip(tokens, logprobs)]}
+
+
+def finish_reason(out: RequestOutput) -> str | None:
+    return out.finish_reason if out.finished else None

@@ -1,0 +1,246 @@
+"""The engine thread of `rdnac serve`, and the asyncio side of one HTTP request.
+
+LLMEngine is not thread-safe, so one dedicated thread owns it: it admits
+submitted requests, applies aborts, and loops `step()` while there is work,
+sleeping on a condition when idle. HTTP handlers talk to it only through
+`submit`/`abort` (thread-safe queues) and receive events through a callback
+that the engine thread calls; `RequestGroup` turns those callbacks into an
+asyncio queue on the server's event loop.
+
+Events a sink receives, in order, for one request id:
+    ("accepted", num_prompt_tokens)  then ("output", RequestOutput)... until one is finished
+    ("error", RdnacError)            add_request refused it (nothing else follows)
+    ("aborted", None)                after `abort`, if the request was still live
+    ("failed", message)              the engine thread died; nothing else follows
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from rdnac.errors import RdnacError
+from rdnac.serve.metrics import ServeMetrics
+
+log = logging.getLogger("rdnac.serve")
+
+Sink = Callable[[tuple[str, Any]], None]
+
+
+@dataclass
+class _Submission:
+    request_id: str
+    prompt: Any
+    params: Any
+    chat: bool
+    sink: Sink
+    arrival: float
+
+
+@dataclass
+class _Live:
+    sink: Sink
+    arrival: float
+    has_output: bool = False
+
+
+class EngineWorker:
+    def __init__(self, llm, metrics: ServeMetrics | None = None):
+        self.llm = llm
+        self.metrics = metrics or ServeMetrics()
+        self.error: str | None = None  # set if the engine thread died
+        self._cond = threading.Condition()
+        self._new: list[_Submission] = []
+        self._aborts: list[str] = []
+        self._stopping = False
+        self._live: dict[str, _Live] = {}  # engine thread only
+        self._thread = threading.Thread(target=self._run, name="rdnac-engine", daemon=True)
+
+    # ------------------------------------------------------------ any thread
+
+    def start(self) -> None:
+        self._snapshot()
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def submit(self, request_id: str, prompt, params, chat: bool, sink: Sink) -> None:
+        with self._cond:
+            if self.error is not None or self._stopping:
+                sink(("failed", self.error or "the server is shutting down"))
+                return
+            self._new.append(_Submission(request_id, prompt, params, chat, sink, time.perf_counter()))
+            self._cond.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            self._aborts.append(request_id)
+            self._cond.notify()
+
+    # ------------------------------------------------------------ engine thread
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._new or self._aborts or self._stopping or self.llm.has_unfinished()):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    new, self._new = self._new, []
+                    aborts, self._aborts = set(self._aborts), []
+                self._admit([s for s in new if s.request_id not in aborts])
+                self._abort(aborts)
+                if self.llm.has_unfinished():
+                    self._dispatch(self.llm.step())
+                self._snapshot()
+        except Exception as e:  # the engine state is unknown now: fail every request; /health turns 503
+            log.exception("rdnac engine thread died")
+            with self._cond:
+                self.error = f"the engine failed: {type(e).__name__}: {e}"
+                pending, self._new = self._new, []
+            for s in pending:
+                s.sink(("failed", self.error))
+            for live in self._live.values():
+                live.sink(("failed", self.error))
+            self._live.clear()
+
+    def _admit(self, submissions: list[_Submission]) -> None:
+        for s in submissions:
+            try:
+                num_prompt_tokens = self.llm.add_request(s.request_id, s.prompt, s.params, chat=s.chat)
+            except RdnacError as e:  # a bad request: tell its client, keep serving
+                self.metrics.on_rejected()
+                s.sink(("error", e))
+                continue
+            self.metrics.on_admitted(num_prompt_tokens)
+            self._live[s.request_id] = _Live(s.sink, s.arrival)
+            s.sink(("accepted", num_prompt_tokens))
+
+    def _abort(self, request_ids: set[str]) -> None:
+        for rid in request_ids:
+            live = self._live.pop(rid, None)
+            if live is None:
+                continue  # finished already, or never admitted
+            self.llm.abort_request(rid)
+            self.metrics.on_finished("abort", time.perf_counter() - live.arrival)
+            live.sink(("aborted", None))
+
+    def _dispatch(self, outputs) -> None:
+        now = time.perf_counter()
+        for out in outputs:
+            live = self._live.get(out.request_id)
+            if live is None:
+                continue  # aborted while its step ran
+            if out.new_token_ids:
+                self.metrics.on_tokens(len(out.new_token_ids))
+                if not live.has_output:
+                    live.has_output = True
+                    self.metrics.on_first_token(now - live.arrival)
+            if out.finished:
+                del self._live[out.request_id]
+                self.metrics.on_finished(out.finish_reason or "stop", now - live.arrival)
+            live.sink(("output", out))
+
+    def _snapshot(self) -> None:
+        stats = self.llm.stats()
+        self.metrics.set_gauges(
+            running=stats["running"], waiting=stats["waiting"], preemptions=stats["preemptions"],
+            kv_blocks_free=stats["free_blocks"], kv_blocks_total=stats["total_blocks"])
+
+
+class RequestGroup:
+    """The engine requests behind one HTTP request (one per prompt), as seen from the event loop."""
+
+    def __init__(self, worker: EngineWorker, request_id: str, num_requests: int):
+        self.worker = worker
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.ids = [request_id] if num_requests == 1 else [f"{request_id}-{i}" for i in range(num_requests)]
+        self.num_prompt_tokens = [0] * num_requests
+        self._unfinished = set(range(num_requests))
+        self._early: list[tuple[int, Any]] = []  # outputs that arrived while others still awaited admission
+
+    def submit(self, prompts: list, params, chat: bool) -> None:
+        for i, prompt in enumerate(prompts):
+            self.worker.submit(self.ids[i], prompt, params, chat, self._sink(i))
+
+    def _sink(self, index: int) -> Sink:
+        def deliver(event):  # called on the engine thread
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+            except RuntimeError:  # the event loop is closed: the server stopped and nobody awaits this
+                pass
+        return deliver
+
+    async def admitted(self) -> None:
+        """Wait until every request is admitted; raises the first refusal (aborting the rest)."""
+        waiting = set(range(len(self.ids)))
+        while waiting:
+            index, (kind, payload) = await self.queue.get()
+            if kind == "accepted":
+                waiting.discard(index)
+                self.num_prompt_tokens[index] = payload
+            elif kind == "output":
+                self._early.append((index, payload))
+            else:
+                self._unfinished.discard(index)
+                self.abort()
+                if kind == "error":
+                    raise payload
+                raise EngineFailed(str(payload))
+
+    async def outputs(self):
+        """Yield (index, RequestOutput) until every request has finished."""
+        for index, out in self._early:
+            if out.finished:
+                self._unfinished.discard(index)
+            yield index, out
+        self._early = []
+        while self._unfinished:
+            index, (kind, payload) = await self.queue.get()
+            if kind == "output":
+                if payload.finished:
+                    self._unfinished.discard(index)
+                yield index, payload
+            elif kind == "disconnected":
+                raise ClientDisconnected()
+            elif kind == "aborted":
+                self._unfinished.discard(index)
+            elif kind == "failed":
+                self._unfinished.discard(index)
+                raise EngineFailed(str(payload))
+
+    def client_disconnected(self) -> None:
+        self.queue.put_nowait((-1, ("disconnected", None)))
+
+    def abort(self) -> None:
+        """Abort every request not finished yet (the client is gone, or one prompt was refused)."""
+        for index in sorted(self._unfinished):
+            self.worker.abort(self.ids[index])
+        self._unfinished.clear()
+
+    @property
+    def is_finished(self) -> bool:
+        return not self._unfinished
+
+
+class EngineFailed(Exception):
+    """The engine thread died; the request cannot complete."""
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before its response was complete."""

@@ -1,0 +1,292 @@
+"""FP8 GEMM family (`linear_fp8`) against the IR reference, under the Triton interpreter, plus
+cross-compilation of every default config for the FP8 targets.
+
+The kernels quantize activations bit-identically to the reference (checked directly on ties,
+subnormals and clamped values), so outputs differ only by fp32 summation order and by where the
+scales multiply (after the dot, not into each operand): fp32 x is compared at atol = rtol = 2e-5 on
+O(1) outputs (weight scales carry 1/sqrt(K)); bf16 x at atol 1e-3, rtol 8e-3 (one bf16 ulp is
+2**-8 relative: the two fp32 results may round to neighbouring bf16 values).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rdnac.compiler.build import check_resources, compile_calls
+from rdnac.ir import ops
+from rdnac.ir.fp8 import FORMATS, FP8_MAX, quantize_rows
+from rdnac.kernels import gemm_fp8
+from rdnac.kernels.launch import InterpretLauncher, JitLauncher, RecordingLauncher
+
+SHAPES = [(384, 256), (256, 384), (1536, 512)]  # (N, K), multiples of the 128 x 128 scale block
+TOKENS = [1, 7, 33]
+FORMATS_ = ["e4m3fn", "e4m3fnuz"]
+BLOCK = [128, 128]
+# name -> (weight_scheme, act_scheme)
+VARIANTS = {"token_channel": ("channel", "dynamic_token"), "static_tensor": ("tensor", "static"),
+            "block": ("block", "dynamic_group"), "a16_channel": ("channel", "none"),
+            "a16_tensor": ("tensor", "none"), "a16_block": ("block", "none")}
+MIXED = {"token_tensor": ("tensor", "dynamic_token"), "static_channel": ("channel", "static"),
+         "block_token": ("block", "dynamic_token"), "channel_group": ("channel", "dynamic_group")}
+TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-3, 8e-3)}  # (atol, rtol)
+
+INTERPRET = InterpretLauncher()
+
+
+def _problem(M, N, K, dtype, has_bias, variant, fmt) -> dict:
+    weight_scheme, act_scheme = {**VARIANTS, **MIXED}[variant]
+    return {"M": M, "N": N, "K": K, "dtype": str(dtype).removeprefix("torch."), "has_bias": has_bias,
+            "weight_scheme": weight_scheme, "act_scheme": act_scheme, "fp8_format": fmt,
+            "block_size": BLOCK if weight_scheme == "block" or act_scheme == "dynamic_group" else None}
+
+
+def _quantize_weight(w: torch.Tensor, scheme: str, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8 [N, K] and its float32 scale ([1], [N] or [cdiv(N, 128), cdiv(K, 128)]), as a checkpoint holds them."""
+    N, K = w.shape
+    if scheme == "tensor":
+        q, s = quantize_rows(w.reshape(1, -1), fmt)
+        return q.reshape(N, K), s.reshape(1)
+    if scheme == "channel":
+        q, s = quantize_rows(w, fmt)
+        return q, s.reshape(N)
+    bn, bk = BLOCK
+    padded = torch.nn.functional.pad(w, (0, (-K) % bk, 0, (-N) % bn))
+    tiles = padded.reshape(padded.shape[0] // bn, bn, padded.shape[1] // bk, bk)
+    s = tiles.abs().amax((1, 3)) / FP8_MAX[fmt]  # [cdiv(N, bn), cdiv(K, bk)]
+    q = (tiles / s[:, None, :, None]).clamp(-FP8_MAX[fmt], FP8_MAX[fmt]).reshape(padded.shape)[:N, :K]
+    return q.to(FORMATS[fmt]), s
+
+
+def _operands(M, N, K, dtype, has_bias, variant, fmt, device="cpu", seed=0):
+    """(x, weight, weight_scale, rest, attrs); x has a zero row (scale 1, not 0/0) when M > 3."""
+    weight_scheme, act_scheme = {**VARIANTS, **MIXED}[variant]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)  # [M, K]
+    if M > 3:
+        x[2] = 0
+    weight, weight_scale = _quantize_weight(torch.randn(N, K, generator=g), weight_scheme, fmt)
+    weight_scale = weight_scale / math.sqrt(K)  # O(1) outputs
+    rest = []
+    if act_scheme == "static":  # amax of x near 4: the largest values clamp to FP8_MAX
+        rest.append(torch.tensor([3.0 / FP8_MAX[fmt]]))
+    if has_bias:
+        rest.append(torch.randn(N, generator=g).to(dtype))
+    attrs = dict(weight_scheme=weight_scheme, act_scheme=act_scheme, fp8_format=fmt,
+                 block_size=_problem(M, N, K, dtype, has_bias, variant, fmt)["block_size"], has_bias=has_bias)
+    move = lambda t: t.to(device)  # noqa: E731
+    return move(x.to(dtype)), move(weight), move(weight_scale), [move(t) for t in rest], attrs
+
+
+def _check(M, N, K, dtype, has_bias, variant, fmt, config, launcher, device="cpu"):
+    x, weight, weight_scale, rest, attrs = _operands(M, N, K, dtype, has_bias, variant, fmt, device)
+    out = gemm_fp8.linear_fp8(x, weight, weight_scale, *rest, **attrs, config=config, launcher=launcher)
+    # The reference runs on CPU: CUDA torch divides by a scalar through its reciprocal, which would
+    # move an activation scale by an ulp.
+    ref = ops.linear_fp8(x.cpu(), weight.cpu(), weight_scale.cpu(), *(t.cpu() for t in rest), **attrs)
+    what = f"linear_fp8 {variant} {fmt} M={M} N={N} K={K} {dtype} bias={has_bias} {config}"
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert out.dtype == dtype, f"{what}: dtype {out.dtype} != {dtype}"
+    atol, rtol = TOLERANCES[dtype]
+    out, ref = out.cpu().float(), ref.float()
+    err = (out - ref).abs().max().item()
+    assert torch.allclose(out, ref, atol=atol, rtol=rtol), f"{what}: max abs error {err:.3g} (atol {atol}, rtol {rtol})"
+
+
+# ---------------------------------------------------------------- activation quantization
+
+
+@pytest.mark.parametrize("fmt", FORMATS_)
+@pytest.mark.parametrize("group", [0, 128])
+def test_quantize_matches_reference_bits(fmt, group):
+    """Every representable value, every midpoint (ties), subnormals and clamped values: the kernel's
+    fp8 bits and scales equal `quantize_rows`' (the interpreter's own fp32 -> fp8 cast would not)."""
+    grid = torch.arange(256, dtype=torch.uint8).view(FORMATS[fmt]).float()
+    grid = grid[~grid.isnan()].unique()  # sorted
+    ties = (grid[1:] + grid[:-1]) / 2
+    values = torch.cat([grid, ties, torch.randn(600) * 1e-2, torch.randn(600) * 50])
+    values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))]
+    K = 640  # 5 groups of 128; the last row is zero
+    x = torch.nn.functional.pad(values, (0, (-values.numel()) % K)).reshape(-1, K)
+    x = torch.cat([x, torch.zeros(1, K)])
+    # Row amax = FP8_MAX makes the scale exactly 1 for the grid rows, so ties stay ties.
+    x[:, 0] = FP8_MAX[fmt]
+    q, scale = gemm_fp8._quantize(x, None, fmt, group, launcher=INTERPRET)
+    q_ref, scale_ref = quantize_rows(x, fmt, group)
+    assert torch.equal(scale.reshape(scale_ref.shape), scale_ref), f"{fmt} group={group}: scales differ"
+    # -0 may be stored as +0 (the kernel never writes -0: it is NaN in e4m3fnuz); values must be equal.
+    diff = (q.float() != q_ref.float()).sum().item()
+    assert diff == 0, f"{fmt} group={group}: {diff} fp8 values differ"
+
+
+@pytest.mark.parametrize("fmt", FORMATS_)
+def test_static_quantize_clamps_like_reference(fmt):
+    x = torch.randn(5, 300) * 4  # [T, K]
+    s = torch.tensor([2.0 / FP8_MAX[fmt]])
+    q, scale = gemm_fp8._quantize(x, s, fmt, 0, launcher=INTERPRET)
+    q_ref = (x / s).clamp(-FP8_MAX[fmt], FP8_MAX[fmt]).to(FORMATS[fmt])
+    assert scale is s and torch.equal(q.float(), q_ref.float())
+
+
+# ---------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS) + list(MIXED))
+@pytest.mark.parametrize("M", [1, 8, 16, 32, 64, 128, 256, 2048])
+@pytest.mark.parametrize("N,K", SHAPES + [(256, 4096), (7168, 2048), (4096, 7168)])
+def test_config_space_is_sound(variant, M, N, K):
+    problem = _problem(M, N, K, torch.bfloat16, True, variant, "e4m3fn")
+    space = gemm_fp8.config_space(problem)
+    assert 1 <= len(space) <= 24
+    assert gemm_fp8.default_config(problem) in space
+    is_block = problem["block_size"] is not None
+    for config in space:
+        c = config["constexprs"]
+        assert min(c["BLOCK_M"], c["BLOCK_N"]) >= 16 and c["BLOCK_K"] >= 32, config  # FP8 dot minimum
+        if M <= gemm_fp8.DECODE_MAX_M:
+            assert c["BLOCK_M"] == 16 and c["GROUP_SIZE_M"] == 1, config
+        if is_block:
+            assert BLOCK[1] % c["BLOCK_K"] == 0, config
+            if problem["weight_scheme"] == "block":
+                assert BLOCK[0] % c["BLOCK_N"] == 0, config
+        k_per_split = -(-(-(-K // c["SPLIT_K"])) // c["BLOCK_K"]) * c["BLOCK_K"]
+        assert -(-K // k_per_split) == c["SPLIT_K"], config  # no empty or truncated split
+
+
+def test_wrapper_runs_on_meta_tensors():
+    # Proves the wrapper never reads tensor values on the host, and that split-K scales once.
+    M, N, K = 7, 576, 4608
+    for variant in VARIANTS:
+        problem = _problem(M, N, K, torch.bfloat16, True, variant, "e4m3fn")
+        config = gemm_fp8.default_config(problem)
+        assert config["constexprs"]["SPLIT_K"] > 1, variant
+        x, weight, weight_scale, rest, attrs = _operands(M, N, K, torch.bfloat16, True, variant, "e4m3fn",
+                                                         device="meta")
+        recorder = RecordingLauncher()
+        out = gemm_fp8.linear_fp8(x, weight, weight_scale, *rest, **attrs, config=config, launcher=recorder)
+        assert out.shape == (M, N) and out.dtype == torch.bfloat16 and out.is_meta
+        names = [call.kernel.rpartition(":")[2] for call in recorder.calls]
+        assert names[-1] == "_fp8_splitk_reduce_kernel" and ("_quant_fp8_kernel" in names) == (variant[:3] != "a16")
+        assert recorder.calls[-1].constexprs["HAS_BIAS"] and not recorder.calls[-2].constexprs["HAS_BIAS"]
+
+
+# ---------------------------------------------------------------- interpreter
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("M", TOKENS)
+def test_linear_fp8_default_config(variant, M):
+    # Formats, bias and dtype rotate over the shapes so each variant meets each of them at each M.
+    for i, (N, K) in enumerate(SHAPES):
+        fmt = FORMATS_[(i + M) % 2]
+        has_bias = (i + M // 7) % 2 == 0
+        dtype = (torch.float32, torch.bfloat16)[i % 2]
+        config = gemm_fp8.default_config(_problem(M, N, K, dtype, has_bias, variant, fmt))
+        _check(M, N, K, dtype, has_bias, variant, fmt, config, INTERPRET)
+
+
+@pytest.mark.parametrize("fmt", FORMATS_)
+@pytest.mark.parametrize("variant", list(MIXED))
+def test_linear_fp8_mixed_schemes(variant, fmt):
+    # Block weights with per-token activations, per-channel weights with per-group activations, ...
+    N, K = SHAPES[1]
+    _check(7, N, K, torch.float32, True, variant, fmt, gemm_fp8.default_config(_problem(7, N, K, torch.float32, True,
+                                                                                   variant, fmt)), INTERPRET)
+
+
+@pytest.mark.parametrize("variant", ["token_channel", "block", "a16_block"])
+def test_linear_fp8_every_decode_candidate(variant):
+    # N * K = 1M: split-K candidates (2/4/8, the reduce kernel applying scales and bias) are offered.
+    M, N, K = 7, 256, 4096
+    space = gemm_fp8.config_space(_problem(M, N, K, torch.float32, True, variant, "e4m3fn"))
+    assert any(c["constexprs"]["SPLIT_K"] > 1 for c in space)
+    for config in space:
+        _check(M, N, K, torch.float32, True, variant, "e4m3fn", config, INTERPRET)
+
+
+@pytest.mark.parametrize("M,variant", [(33, "token_channel"), (33, "block"), (200, "a16_channel"),
+                                       (300, "a16_block")])
+def test_linear_fp8_every_candidate_larger_m(M, variant):
+    # The M > 16 buckets (row tiles of 32..128, grouped order); a16w8 at M > 64 skips the per-row
+    # quant programs, which the interpreter runs slowly.
+    N, K = 256, 256
+    for config in gemm_fp8.config_space(_problem(M, N, K, torch.float32, True, variant, "e4m3fnuz")):
+        _check(M, N, K, torch.float32, True, variant, "e4m3fnuz", config, INTERPRET)
+
+
+def test_linear_fp8_prefill_quantized():
+    N, K = SHAPES[0]
+    for variant, M in (("static_tensor", 300), ("block", 130)):
+        config = gemm_fp8.default_config(_problem(M, N, K, torch.bfloat16, True, variant, "e4m3fn"))
+        _check(M, N, K, torch.bfloat16, True, variant, "e4m3fn", config, INTERPRET)
+
+
+# ---------------------------------------------------------------- cross-compilation
+
+FP8_TARGETS = {"sm90": "e4m3fn", "gfx1201": "e4m3fn", "gfx950": "e4m3fn", "gfx942": "e4m3fnuz"}
+COMPILE_BUCKETS = (1, 32, 64, 256, 2048)  # one per distinct default config
+COMPILE_SHAPE = (1536, 4096)  # large enough that decode splits K (the reduce kernel compiles too)
+
+
+def _record_defaults(fmt: str, variants) -> list:
+    recorder = RecordingLauncher()
+    N, K = COMPILE_SHAPE
+    for variant in variants:
+        for M in COMPILE_BUCKETS:
+            problem = _problem(M, N, K, torch.bfloat16, True, variant, fmt)
+            x, weight, weight_scale, rest, attrs = _operands(min(M, 300), N, K, torch.bfloat16, True, variant, fmt,
+                                                             device="meta")
+            gemm_fp8.linear_fp8(x, weight, weight_scale, *rest, **attrs, config=gemm_fp8.default_config(problem),
+                                launcher=recorder)
+    return recorder.calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", list(FP8_TARGETS) + ["gfx1151"])
+def test_default_configs_compile(target):
+    """Every default config compiles with no spills and within LDS; FP8 dots use FP8 matrix instructions
+    where the target has them (gfx1151 has none: a16w8 only, bf16 WMMA)."""
+    fmt = FP8_TARGETS.get(target, "e4m3fn")
+    variants = [v for v in VARIANTS if v.startswith("a16")] if target == "gfx1151" else list(VARIANTS)
+    binaries = compile_calls(_record_defaults(fmt, variants), target, quiet=True)
+    used = {}
+    for b in binaries:
+        assert check_resources(b, target) == [], b.key
+        name = b.kernel.rpartition(":")[2]
+        if "gemm" in name:
+            assert b.resources.matrix_instructions, f"{target}: {b.key} uses no matrix instruction"
+            kind = "a16" if b.call.constexprs["IS_A16"] else "fp8"
+            used.setdefault((name, kind), set()).update(b.resources.matrix_instructions)
+    print(f"\n{target}: " + "; ".join(f"{n} {k}: {sorted(v)}" for (n, k), v in sorted(used.items())))
+    for (name, kind), instructions in used.items():
+        text = " ".join(instructions)
+        if kind == "fp8" and target.startswith("gfx"):
+            assert "fp8" in text or "f8" in text, f"{target} {name}: FP8 dot lowered to {text}"
+        if kind == "fp8" and target == "sm90":  # wgmma e4m3 at BLOCK_M >= 64; mma.sync f16 at decode
+            assert "e4m3" in text, f"sm90 {name}: FP8 dot lowered to {text}"
+
+
+# ---------------------------------------------------------------- GPU
+
+
+def _gpu_formats() -> list[str]:
+    if torch.version.hip and "gfx94" in torch.cuda.get_device_properties(0).gcnArchName:
+        return ["e4m3fnuz"]
+    return ["e4m3fn"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/HIP GPU")
+def test_linear_fp8_gpu():
+    launcher = JitLauncher()
+    for fmt in _gpu_formats():
+        for variant in list(VARIANTS) + list(MIXED):
+            for M in TOKENS + [300]:
+                for N, K in SHAPES + [(256, 4096)]:
+                    for has_bias in (False, True):
+                        problem = _problem(M, N, K, torch.bfloat16, has_bias, variant, fmt)
+                        configs = gemm_fp8.config_space(problem) if has_bias else [gemm_fp8.default_config(problem)]
+                        for config in configs:
+                            _check(M, N, K, torch.bfloat16, has_bias, variant, fmt, config, launcher, device="cuda")
