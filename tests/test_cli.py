@@ -56,3 +56,16 @@ def test_fuse_pass_on_and_off_agree(tmp_path):
     assert "add" in plain.graph.op_counts() and "add" not in fused.graph.op_counts()
     ids = [1, 2, 3, 4, 5, 6]
     assert (fused.logits(ids) - plain.logits(ids)).abs().max() <= 1e-5
+
+
+def test_interactive_multi_turn_chat(tmp_path):
+    """`rdnac run PLAN --chat` alone: each turn re-renders the whole conversation."""
+    make_checkpoint("llama", tmp_path / "ckpt")
+    plan = rdnac.compile(tmp_path / "ckpt", output=tmp_path / "l.msgpack")
+    engine = rdnac.load(plan)
+    first = engine.generate([[{"role": "user", "content": "hi"}]], max_tokens=4)[0].text
+    second = engine.generate([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
+                               {"role": "user", "content": "more"}]], max_tokens=4)[0].text
+    result = CliRunner().invoke(cli, ["run", str(plan), "--chat", "--max-tokens", "4"], input="hi\nmore\n\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[:2] == [first, second]

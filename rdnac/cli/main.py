@@ -52,14 +52,17 @@ def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max
 @cli.command("run")
 @click.argument("plan", type=click.Path(dir_okay=False))
 @click.option("--prompt", help="Plain text prompt.")
-@click.option("--chat", "chat_text", help="A user message, rendered with the plan's chat template.")
+@click.option("--chat", "chat_text", is_flag=False, flag_value="", default=None,
+              help="A user message, rendered with the plan's chat template; `--chat` alone starts an "
+                   "interactive multi-turn chat.")
 @click.option("--max-tokens", default=64, show_default=True, type=int)
 @click.option("--temperature", default=0.0, show_default=True, type=float)
 @click.option("--seed", type=int, help="Sampling seed (with --temperature > 0).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Default: cuda for GPU-target plans, cpu for cpu plans.")
 @click.option("--interpret", is_flag=True, help="Run a GPU plan's own kernels under the Triton interpreter (CPU).")
-def run_cmd(plan, prompt, chat_text, max_tokens, temperature, seed, device, interpret):
+@click.option("--enforce-eager", is_flag=True, help="No CUDA graphs (debugging).")
+def run_cmd(plan, prompt, chat_text, max_tokens, temperature, seed, device, interpret, enforce_eager):
     """Generate from PLAN, streaming text to stdout."""
     import rdnac
 
@@ -69,7 +72,16 @@ def run_cmd(plan, prompt, chat_text, max_tokens, temperature, seed, device, inte
         from rdnac.plans import read_plan
 
         device = "cpu" if interpret or read_plan(plan, header_only=True).header["target"] == "cpu" else "cuda"
-    engine = rdnac.load(plan, device=device, interpret=interpret)
+    engine = rdnac.load(plan, device=device, interpret=interpret, enforce_eager=enforce_eager)
+    options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    if chat_text == "":
+        _interactive_chat(engine, options)
+        return
+    _stream(engine, prompt if prompt is not None else chat_text, chat=chat_text is not None, **options)
+
+
+def _stream(engine, prompt, chat: bool, **options) -> str:
+    """Generate one completion, writing text to stdout as it decodes; returns the text."""
     ids: list[int] = []
     printed = ""
 
@@ -82,9 +94,29 @@ def run_cmd(plan, prompt, chat_text, max_tokens, temperature, seed, device, inte
             sys.stdout.flush()
             printed = text
 
-    engine.generate([prompt if prompt is not None else chat_text], max_tokens=max_tokens, temperature=temperature,
-                    seed=seed, chat=chat_text is not None, on_token=on_token)
-    sys.stdout.write(engine.tokenizer.decode(ids)[len(printed):] + "\n")
+    engine.generate([prompt], chat=chat, on_token=on_token, **options)
+    text = engine.tokenizer.decode(ids)
+    sys.stdout.write(text[len(printed):] + "\n")
+    sys.stdout.flush()
+    return text
+
+
+def _interactive_chat(engine, options: dict) -> None:
+    """Multi-turn chat: the whole conversation is re-rendered through the chat template each turn."""
+    messages: list[dict] = []
+    click.echo("chat with the model; an empty line or Ctrl-D ends it, /reset starts over", err=True)
+    while True:
+        sys.stderr.write("> ")  # the prompt goes to stderr: stdout carries only the model's text
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line.strip():
+            break
+        if line.strip() == "/reset":
+            messages = []
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = _stream(engine, list(messages), chat=True, **options)
+        messages.append({"role": "assistant", "content": reply})
 
 
 @cli.command("inspect")
