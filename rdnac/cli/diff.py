@@ -74,14 +74,18 @@ def _kernel_diff(pa: dict, pb: dict) -> list[dict]:
     return out
 
 
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _weight_diff(ga: Graph, gb: Graph) -> dict:
     changed = []
     for name in (w for w in ga.weights if w in gb.weights):
         a, b = ga.weights[name], gb.weights[name]
-        entry = {f: [getattr(a, f), getattr(b, f)] for f in ("dtype", "shape", "scheme") if getattr(a, f) != getattr(b, f)}
+        entry = {f: [_plain(getattr(a, f)), _plain(getattr(b, f))] for f in ("dtype", "shape", "scheme")
+                 if getattr(a, f) != getattr(b, f)}
         if entry:
-            changed.append({"weight": name, **{k: [list(v) if isinstance(v, tuple) else v for v in pair]
-                                               for k, pair in entry.items()}})
+            changed.append({"weight": name, **entry})
     return {"removed": [w for w in ga.weights if w not in gb.weights],
             "added": [w for w in gb.weights if w not in ga.weights], "changed": changed}
 
@@ -107,10 +111,11 @@ def diff_plans(path_a: str | Path, path_b: str | Path) -> dict:
            "has_program": [bool(a.body.get("program")), bool(b.body.get("program"))],
            "kernels": _kernel_diff(a.body.get("program") or {}, b.body.get("program") or {}),
            "weights": _weight_diff(ga, gb), "decisions": _decision_diff(a.body["decisions"], b.body["decisions"])}
-    n, w = out["nodes"], out["weights"]
-    out["identical"] = not (out["header"] or runtime or ops or out["has_program"][0] != out["has_program"][1] or n["removed"] or n["added"] or n["changed"]
-                            or out["kernels"] or w["removed"] or w["added"] or w["changed"]
-                            or out["decisions"]["only_a"] or out["decisions"]["only_b"])
+    n, w, dec = out["nodes"], out["weights"], out["decisions"]
+    differences = (out["header"], runtime, ops, out["has_program"][0] != out["has_program"][1], n["removed"],
+                   n["added"], n["changed"], out["kernels"], w["removed"], w["added"], w["changed"], dec["only_a"],
+                   dec["only_b"])
+    out["identical"] = not any(differences)
     return out
 
 
@@ -142,7 +147,8 @@ def render_diff(d: dict, console: Console | None = None) -> None:
         console.print("plans are identical in everything compared (header, graph, kernels, weights, decisions)")
         return
     if d["header"] or d["runtime"]:
-        rows = [(k, a, b) for k, (a, b) in {**d["header"], **{f"runtime.{k}": v for k, v in d["runtime"].items()}}.items()]
+        fields = {**d["header"], **{f"runtime.{k}": v for k, v in d["runtime"].items()}}
+        rows = [(k, a, b) for k, (a, b) in fields.items()]
         console.print(_table("header", ("field", "A", "B"), rows))
     if d["ops"]:
         console.print(_table("op counts", ("op", "A", "B"), [(op, a, b) for op, (a, b) in d["ops"].items()]
@@ -151,17 +157,18 @@ def render_diff(d: dict, console: Console | None = None) -> None:
     rows = [("removed (only in A)", e["node"], e["op"]) for e in n["removed"]]
     rows += [("added (only in B)", e["node"], e["op"]) for e in n["added"]]
     for e in n["changed"]:
-        what = "; ".join(f"{f}: {_text(e[f][0])} -> {_text(e[f][1])}" for f in ("op", "inputs", "outputs") if f in e)
-        what += "; ".join([""] + [f"{k}: {a} -> {b}" for k, (a, b) in e.get("attrs", {}).items()]) if "attrs" in e else ""
-        rows.append(("changed", e["node"], what.strip("; ")))
+        what = [f"{f}: {_text(e[f][0])} -> {_text(e[f][1])}" for f in ("op", "inputs", "outputs") if f in e]
+        what += [f"{k}: {a} -> {b}" for k, (a, b) in e.get("attrs", {}).items()]
+        rows.append(("changed", e["node"], "; ".join(what)))
     if rows:
         console.print(_table("nodes", ("", "node", "op / change"), rows))
     for side, has in zip("AB", d["has_program"]):
         if not has and any(d["has_program"]):
-            console.print(f"{side} has no kernels: the reference interpreter runs its graph (kernel choices not compared)")
+            console.print(f"{side} has no kernels: the reference interpreter runs its graph "
+                          "(kernel choices not compared)")
     if d["kernels"]:
-        console.print(_table(f"kernel choices that differ: {len(d['kernels'])}", ("node", "step", "A", "B"),
-                             [(e["node"], e["step"], _choice_text(e["a"]), _choice_text(e["b"])) for e in d["kernels"]]))
+        rows = [(e["node"], e["step"], _choice_text(e["a"]), _choice_text(e["b"])) for e in d["kernels"]]
+        console.print(_table(f"kernel choices that differ: {len(rows)}", ("node", "step", "A", "B"), rows))
     w = d["weights"]
     rows = [("removed", name, "") for name in w["removed"]] + [("added", name, "") for name in w["added"]]
     rows += [("changed", e["weight"], "; ".join(f"{k}: {v[0]} -> {v[1]}" for k, v in e.items() if k != "weight"))

@@ -119,7 +119,8 @@ def export_onnx(plan_path: str | Path, out_path: str | Path) -> Path:
             "architecture": h["model"]["architecture"], "graph_attrs": graph.attrs}
     notes: dict[str, list[str]] = {}
     for d in plan.body.get("decisions") or []:
-        notes.setdefault(d["node"], []).append(f"[{d['pass']}] {d['action']}" + (f": {d['reason']}" if d["reason"] else ""))
+        line = f"[{d['pass']}] {d['action']}" + (f": {d['reason']}" if d["reason"] else "")
+        notes.setdefault(d["node"], []).append(line)
     model = graph_to_onnx(graph, name=h["model"]["name"], metadata=meta, notes=notes)
     onnx.checker.check_model(model)
     out = Path(out_path)

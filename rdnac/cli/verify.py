@@ -236,13 +236,14 @@ def render_verify(result: VerifyResult, console=None) -> None:
     table = Table(title=f"{result.plan} ({result.runner}) vs unfused float32 reference of {result.reference}: "
                         f"{result.num_tokens} tokens, tolerance {result.tolerance:g} (max abs error / max abs value)",
                   title_justify="left")
-    for col in ("node", "op", "value", "shape", "max abs err", "scale", "error", ""):
+    for col in ("node (→ value)", "op", "max abs err", "scale", "error", ""):
         table.add_column(col, overflow="fold", justify="right" if col in ("max abs err", "scale", "error") else "left")
     first = result.first_failure
     for r in result.rows:
         mark = "ok" if r.is_ok else ("FIRST" if r is first else "over")
         style = None if r.is_ok else ("bold red" if r is first else "red")
-        table.add_row(r.node, r.op, r.value, "×".join(map(str, r.shape)), f"{r.max_abs_error:.3g}", f"{r.scale:.3g}",
+        name = r.node if r.value == r.node else f"{r.node} → {r.value}"
+        table.add_row(name, r.op, f"{r.max_abs_error:.3g}", f"{r.scale:.3g}",
                       f"{r.error:.3g}", mark + (f" ({r.note})" if r.note else ""), style=style)
     console.print(table)
     if first is None:
