@@ -25,7 +25,7 @@ from rdnac.compiler.frontend.gguf_reader import read_gguf
 from rdnac.compiler.frontend.gguf_tokenizer import bytes_to_unicode
 from rdnac.errors import CheckpointError, UnsupportedModelError
 
-pytest.importorskip("transformers")
+import transformers  # noqa: E402,F401  (a test dependency: missing it is an install error, not a skip)
 
 TEXTS = [
     "Hello world",

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
+import fastapi  # noqa: E402,F401  (installed by make: rdnac[serve])
+import uvicorn  # noqa: E402,F401
+import openai  # noqa: E402
+import httpx  # noqa: E402
 
 import rdnac  # noqa: E402
 from tests.support.checkpoints import make_checkpoint  # noqa: E402
@@ -176,11 +176,13 @@ def test_concurrent_requests_match_sequential(served):
         return served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=8,
                                                 temperature=0).choices[0].text
 
+    steps = served.llm.stats()["steps"]
     started = time.monotonic()
     with ThreadPoolExecutor(32) as pool:
         answers = list(pool.map(ask, prompts))
     assert time.monotonic() - started < 60
     assert answers == expected
+    assert served.llm.stats()["steps"] - steps < 32 * 8 // 2  # they were batched, not run one by one
 
 
 # ---------------------------------------------------------------- errors

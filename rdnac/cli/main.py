@@ -37,15 +37,17 @@ def cli():
 @click.option("--max-num-batched-tokens", default=2048, show_default=True,
               help="Largest prefill step; longer prompts are chunked.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--quantize", type=click.Choice(["fp8", "fp8-block"]),
+              help="FP8 linears for a float checkpoint: per-channel (fp8) or 128x128 blocks (fp8-block).")
 def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max_num_seqs, max_num_batched_tokens,
-                quiet):
+                quiet, quantize):
     """Compile MODEL (HF directory, .gguf file, or demo:smollm2) into a plan."""
     from rdnac.compiler.pipeline import compile_model
 
     started = time.perf_counter()
     path = compile_model(model, target, output, dtype=dtype, max_model_len=max_model_len,
                          disable_passes=tuple(disable_passes), max_num_seqs=max_num_seqs,
-                         max_num_batched_tokens=max_num_batched_tokens, quiet=quiet)
+                         max_num_batched_tokens=max_num_batched_tokens, quiet=quiet, quantize=quantize)
     click.echo(f"wrote {path} ({time.perf_counter() - started:.1f} s)", err=True)
 
 

@@ -117,7 +117,6 @@ class AotLauncher:
                 if not allow_rebuild:
                     raise PlanError(f"kernel {binary.key} requires the Triton and kernel library it was built "
                                     f"with; it was {reason}; do recompile the plan on this machine")
-                warnings.warn(f"rdnac: rebuilding kernel {binary.key} for {binary.target}: {reason}", stacklevel=2)
                 try:
                     binary = KernelBinary.from_dict(rebuild(d))
                 except Exception as e:
@@ -125,7 +124,11 @@ class AotLauncher:
                                     f"installed kernel library; that failed ({type(e).__name__}: {e}); "
                                     f"do recompile the plan on this machine") from e
                 self.rebuilt.append(binary.key)
+                stale_reason = reason
             self._kernels[binary.key] = self._load(binary)
+        if self.rebuilt:  # one warning for the plan, not one per kernel
+            warnings.warn(f"rdnac: {len(self.rebuilt)} kernel(s) of this plan were {stale_reason}; rebuilt them "
+                          f"from rdnac's installed kernel library (recompile the plan to skip this)", stacklevel=2)
 
     def _load(self, binary: KernelBinary) -> _Loaded:
         import torch

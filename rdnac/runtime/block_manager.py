@@ -52,7 +52,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         bs, prev, hits = self.block_size, b"", []
-        for i in range(len(token_ids) // bs):
+        for i in range((len(token_ids) - 1) // bs):
             tokens = token_ids[i * bs:(i + 1) * bs]
             prev = chain_hash(prev, tokens)
             block = self.hash_to_block.get(prev)

@@ -14,7 +14,7 @@ abort requests.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -33,6 +33,10 @@ _PROMPT_CONTEXT_TOKENS = 6  # prompt tail the detokenizer starts from, so the fi
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # x == x: not NaN
 
 
 @dataclass
@@ -71,10 +75,6 @@ class SamplingParams:
         for name, ok, requirement in checks:
             if not ok:
                 raise RequestError(f"{name} requires {requirement}; got {getattr(self, name)!r}")
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # x == x: not NaN
 
 
 @dataclass
@@ -189,6 +189,7 @@ class LLMEngine:
         """Queue a request; returns its number of prompt tokens."""
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params requires a SamplingParams; got {type(params).__name__}")
+        params = replace(params, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids))  # own copy
         ids = self.engine.encode_prompt(prompt, chat)
         if not ids:
             raise RequestError("a prompt requires at least one token; got an empty prompt")
@@ -272,7 +273,7 @@ class LLMEngine:
             delta = req.detokenizer.flush()
         else:
             delta = req.detokenizer.push(token)
-            if len(seq.output_ids) >= req.max_tokens:
+            if seq.num_tokens - seq.num_prompt_tokens >= req.max_tokens:
                 finish_reason = "length"
                 delta += req.detokenizer.flush()
         num_released = req.num_released

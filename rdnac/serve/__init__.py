@@ -23,8 +23,8 @@ def require_server_deps() -> None:
         except ImportError:
             missing.append(module)
     if missing:
-        raise RdnacError(f"rdnac serve requires {' and '.join(missing)}; they are not installed; "
-                         f"install them with: pip install 'rdnac[serve]'")
+        raise RdnacError(f"rdnac serve requires fastapi and uvicorn; got no {' and no '.join(missing)} in this "
+                         f"environment; install them with: pip install 'rdnac[serve]'")
 
 
 def serve(plan: str, **options) -> None:

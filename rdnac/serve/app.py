@@ -103,7 +103,7 @@ class _Server:
                 group.abort()
         return choices
 
-    def stream(self, request: Request, group: RequestGroup, first: list[dict],
+    def stream(self, group: RequestGroup, first: list[dict],
                chunk: Callable[[int, object, list[float]], dict | None], envelope_of: Callable[..., dict],
                include_usage: bool) -> StreamingResponse:
         """SSE: `first` chunks, one chunk per engine output, an optional usage chunk, then [DONE]."""
@@ -198,11 +198,11 @@ def create_app(worker: EngineWorker, engine, model_name: str | None = None, api_
         server.check_model(req.model)
         prompts = req.prompts()
         params = server.params(req, req.max_tokens or 16, logprobs=req.logprobs is not None)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         group = await server.start(request_id, prompts, params, chat=False)
 
         def wrap(choices, **extra):
-            return envelope(request_id, "text_completion", server.model_name, choices, **extra)
+            return envelope(request_id, "text_completion", server.model_name, created, choices, **extra)
 
         def logprobs_of(token_ids, logprobs, offset=0):
             return completion_logprobs(server.token_strings(token_ids), logprobs, offset) \
@@ -215,7 +215,7 @@ def create_app(worker: EngineWorker, engine, model_name: str | None = None, api_
                 offset = len(out.text) - len(out.new_text)
                 return {"index": index, "text": out.new_text, "finish_reason": finish_reason(out),
                         "logprobs": logprobs_of(out.new_token_ids, new_logprobs, offset)}
-            return server.stream(request, group, [], chunk, wrap, req.include_usage)
+            return server.stream(group, [], chunk, wrap, req.include_usage)
 
         choices = await server.collect(request, group, len(prompts))
         body = wrap([{"index": i, "text": c.text, "finish_reason": c.finish_reason,
@@ -231,12 +231,12 @@ def create_app(worker: EngineWorker, engine, model_name: str | None = None, api_
         # OpenAI's chat default is "until the context is full"; the engine caps it at the model length.
         max_tokens = req.max_completion_tokens or req.max_tokens or server.max_model_len
         params = server.params(req, max_tokens, logprobs=req.logprobs)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         group = await server.start(request_id, [messages], params, chat=True)
 
         def wrap(choices, **extra):
             return envelope(request_id, "chat.completion.chunk" if req.stream else "chat.completion",
-                            server.model_name, choices, **extra)
+                            server.model_name, created, choices, **extra)
 
         def logprobs_of(token_ids, logprobs):
             return chat_logprobs(server.token_strings(token_ids), logprobs) if req.logprobs else None
@@ -251,7 +251,7 @@ def create_app(worker: EngineWorker, engine, model_name: str | None = None, api_
                 return {"index": index, "delta": {"content": out.new_text} if out.new_text else {},
                         "logprobs": logprobs_of(out.new_token_ids, new_logprobs),
                         "finish_reason": finish_reason(out)}
-            return server.stream(request, group, [first], chunk, wrap, req.include_usage)
+            return server.stream(group, [first], chunk, wrap, req.include_usage)
 
         (choice,) = await server.collect(request, group, 1)
         body = wrap([{"index": 0, "message": {"role": "assistant", "content": choice.text},

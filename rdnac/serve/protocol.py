@@ -8,7 +8,6 @@ clients commonly send and that change nothing (user, metadata) are ignored.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
@@ -198,9 +197,8 @@ def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
             "total_tokens": num_prompt_tokens + num_completion_tokens}
 
 
-def envelope(request_id: str, obj: str, model: str, choices: list[dict], **extra) -> dict:
-    return {"id": request_id, "object": obj, "created": int(time.time()), "model": model, "choices": choices,
-            **extra}
+def envelope(request_id: str, obj: str, model: str, created: int, choices: list[dict], **extra) -> dict:
+    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": choices, **extra}
 
 
 def completion_logprobs(tokens: list[str], logprobs: list[float], text_offset: int = 0) -> dict:
