@@ -4,8 +4,8 @@ cross-compilation of every default config for the FP8 targets.
 The kernels quantize activations bit-identically to the reference (checked directly on ties,
 subnormals and clamped values), so outputs differ only by fp32 summation order and by where the
 scales multiply (after the dot, not into each operand): fp32 x is compared at atol = rtol = 2e-5 on
-O(1) outputs (weight scales carry 1/sqrt(K)); bf16 x at atol 1e-3, rtol 8e-3 (one bf16 ulp is
-2**-8 relative: the two fp32 results may round to neighbouring bf16 values).
+O(1) outputs (weight scales carry 1/sqrt(K)); bf16 x at atol 1e-3, rtol 1e-2 (one bf16 ulp is at most
+2**-7 relative: the two fp32 results may round to neighbouring bf16 values).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ VARIANTS = {"token_channel": ("channel", "dynamic_token"), "static_tensor": ("te
             "a16_tensor": ("tensor", "none"), "a16_block": ("block", "none")}
 MIXED = {"token_tensor": ("tensor", "dynamic_token"), "static_channel": ("channel", "static"),
          "block_token": ("block", "dynamic_token"), "channel_group": ("channel", "dynamic_group")}
-TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-3, 8e-3)}  # (atol, rtol)
+TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-3, 1e-2)}  # (atol, rtol)
 
 INTERPRET = InterpretLauncher()
 
@@ -108,7 +108,7 @@ def test_quantize_matches_reference_bits(fmt, group):
     ties = (grid[1:] + grid[:-1]) / 2
     values = torch.cat([grid, ties, torch.randn(600) * 1e-2, torch.randn(600) * 50])
     values = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))]
-    K = 640  # 5 groups of 128; the last row is zero
+    K = 1280  # two quant steps per row (10 groups of 128, 8 per step; 1024 + 256 columns); last row zero
     x = torch.nn.functional.pad(values, (0, (-values.numel()) % K)).reshape(-1, K)
     x = torch.cat([x, torch.zeros(1, K)])
     # Row amax = FP8_MAX makes the scale exactly 1 for the grid rows, so ties stay ties.
@@ -196,31 +196,40 @@ def test_linear_fp8_mixed_schemes(variant, fmt):
                                                                                    variant, fmt)), INTERPRET)
 
 
-@pytest.mark.parametrize("variant", ["token_channel", "block", "a16_block"])
-def test_linear_fp8_every_decode_candidate(variant):
-    # N * K = 1M: split-K candidates (2/4/8, the reduce kernel applying scales and bias) are offered.
+def test_linear_fp8_every_decode_candidate():
+    # N * K = 1M: split-K candidates (2/4/8, the reduce kernel applying both scales and the bias) are offered.
     M, N, K = 7, 256, 4096
-    space = gemm_fp8.config_space(_problem(M, N, K, torch.float32, True, variant, "e4m3fn"))
+    space = gemm_fp8.config_space(_problem(M, N, K, torch.float32, True, "token_channel", "e4m3fn"))
     assert any(c["constexprs"]["SPLIT_K"] > 1 for c in space)
     for config in space:
-        _check(M, N, K, torch.float32, True, variant, "e4m3fn", config, INTERPRET)
+        _check(M, N, K, torch.float32, True, "token_channel", "e4m3fn", config, INTERPRET)
 
 
-@pytest.mark.parametrize("M,variant", [(33, "token_channel"), (33, "block"), (200, "a16_channel"),
-                                       (300, "a16_block")])
-def test_linear_fp8_every_candidate_larger_m(M, variant):
+@pytest.mark.parametrize("variant", ["block", "a16_block", "a16_channel", "static_tensor"])
+def test_linear_fp8_split_k(variant):
+    # Split-K for the other kernels (block: partials already scaled; a16w8: no row scale), on a
+    # smaller weight than the space offers it for, to stay affordable under the interpreter.
+    M, N, K = 7, 384, 1024
+    config = gemm_fp8._config(16, 64, 128, 1, 4, 4, 2)
+    for fmt, dtype in (("e4m3fn", torch.float32), ("e4m3fnuz", torch.bfloat16)):
+        _check(M, N, K, dtype, True, variant, fmt, config, INTERPRET)
+
+
+@pytest.mark.parametrize("M,N,variant", [(33, 256, "token_channel"), (33, 256, "block"), (72, 256, "a16_channel"),
+                                         (260, 128, "a16_block")])
+def test_linear_fp8_every_candidate_larger_m(M, N, variant):
     # The M > 16 buckets (row tiles of 32..128, grouped order); a16w8 at M > 64 skips the per-row
     # quant programs, which the interpreter runs slowly.
-    N, K = 256, 256
+    K = 256
     for config in gemm_fp8.config_space(_problem(M, N, K, torch.float32, True, variant, "e4m3fnuz")):
         _check(M, N, K, torch.float32, True, variant, "e4m3fnuz", config, INTERPRET)
 
 
 def test_linear_fp8_prefill_quantized():
-    N, K = SHAPES[0]
-    for variant, M in (("static_tensor", 300), ("block", 130)):
-        config = gemm_fp8.default_config(_problem(M, N, K, torch.bfloat16, True, variant, "e4m3fn"))
-        _check(M, N, K, torch.bfloat16, True, variant, "e4m3fn", config, INTERPRET)
+    # Block quant at the M <= 256 bucket (grouped tile order) with fp8 activations.
+    M, (N, K) = 130, SHAPES[0]
+    config = gemm_fp8.default_config(_problem(M, N, K, torch.bfloat16, True, "block", "e4m3fn"))
+    _check(M, N, K, torch.bfloat16, True, "block", "e4m3fn", config, INTERPRET)
 
 
 # ---------------------------------------------------------------- cross-compilation
@@ -280,6 +289,7 @@ def _gpu_formats() -> list[str]:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/HIP GPU")
 def test_linear_fp8_gpu():
+    # Every candidate for the main variants (bias on), the default config otherwise; bf16 activations.
     launcher = JitLauncher()
     for fmt in _gpu_formats():
         for variant in list(VARIANTS) + list(MIXED):
@@ -287,6 +297,6 @@ def test_linear_fp8_gpu():
                 for N, K in SHAPES + [(256, 4096)]:
                     for has_bias in (False, True):
                         problem = _problem(M, N, K, torch.bfloat16, has_bias, variant, fmt)
-                        configs = gemm_fp8.config_space(problem) if has_bias else [gemm_fp8.default_config(problem)]
-                        for config in configs:
+                        every = has_bias and variant in VARIANTS
+                        for config in gemm_fp8.config_space(problem) if every else [gemm_fp8.default_config(problem)]:
                             _check(M, N, K, torch.bfloat16, has_bias, variant, fmt, config, launcher, device="cuda")

@@ -233,7 +233,8 @@ def test_cancelled_requests_free_their_blocks(served):
 
     start = _wait_until(idle_free_blocks, 30, "the engine to go idle")
     aborted = served.metrics()['rdnac_requests_finished_total{finish_reason="abort"}']
-    body = {"model": MODEL, "prompt": "never ending", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    # 240 tokens take >= 240 decode steps: far longer than the 0.1 s client timeout below
+    body = {"model": MODEL, "prompt": "never ending", "max_tokens": 240, "temperature": 0, "ignore_eos": True}
 
     with httpx.stream("POST", f"{served.url}/v1/completions", json={**body, "stream": True}, timeout=30) as response:
         for _ in zip(range(3), response.iter_lines()):
@@ -241,7 +242,7 @@ def test_cancelled_requests_free_their_blocks(served):
         assert served.llm.num_free_blocks < start  # it holds blocks while it runs
     # a non-streaming request whose client gives up is aborted too
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{served.url}/v1/completions", json=body, timeout=0.5)
+        httpx.post(f"{served.url}/v1/completions", json=body, timeout=0.1)
 
     def both_aborted() -> bool:
         m = served.metrics()

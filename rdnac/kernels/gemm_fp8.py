@@ -31,9 +31,10 @@ Config space (`config_space(problem)`; problem keys "M" (bucket label, see `gemm
   decode  M <= 16 : BLOCK_M 16, GROUP_SIZE_M 1, narrow deep tiles, SPLIT_K 1/2/4/8 for large weights
   middle  M <= 64 : BLOCK_M = bucket, GROUP_SIZE_M 1, SPLIT_K 1/2/4 for large weights
   M <= 256        : BLOCK_M 64, GROUP_SIZE_M 8, BLOCK_N 64/128
-  prefill M > 256 : BLOCK_M 128, GROUP_SIZE_M 8, BLOCK_N 128/256 (fp8 tiles are half bf16's LDS), 8 warps
-BLOCK_K is 128 on the FP8-dot paths (K = 32..128 per matrix instruction), 64 where an a16w8 tile
-would otherwise need more than 64 KiB of LDS; on the block path it divides block_size[1].
+  prefill M > 256 : BLOCK_M 128, GROUP_SIZE_M 8, BLOCK_N 64/128/256 (fp8 tiles take half bf16's LDS), 8 warps
+BLOCK_K is 128 on the FP8-dot paths (32..128 per matrix instruction) and 64 for a16w8 above decode
+(bf16 A tiles; gfx1151's wave32 VGPRs); on the block path it divides block_size[1]. Candidates are
+target-agnostic; the compiler rejects those over a target's LDS or spilling, and ranks the rest.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ _GRID = {"e4m3fn": (2.0 ** -6, 2.0 ** 14), "e4m3fnuz": (2.0 ** -7, 2.0 ** 13)}
 _MAX = tl.standard._elementwise_max  # tl.max is a jit function: the interpreter path cannot call it
 SPLIT_K_MIN_NK = 1 << 20  # as in gemm: split K only when the weight read beats a second launch
 REDUCE_BLOCK = 1024
-QUANT_STEP = 2048  # activation quant reads a row in tiles of about this many elements
+QUANT_STEP = 1024  # activation quant reads a row in tiles of this many elements (2048 spills SGPRs on gfx1201)
 
 
 @triton.jit
@@ -285,7 +286,8 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     M, K = x.shape
     N = weight.shape[0]
     assert weight.shape == (N, K), f"linear_fp8: weight must be [N, {K}]; got {tuple(weight.shape)}"
-    assert weight.dtype == FORMATS[fp8_format], f"linear_fp8: {fp8_format} weight must be {FORMATS[fp8_format]}; got {weight.dtype}"
+    assert weight.dtype == FORMATS[fp8_format], \
+        f"linear_fp8: an {fp8_format} weight must be {FORMATS[fp8_format]} (view uint8 bits); got {weight.dtype}"
     assert x.stride(1) == 1 and weight.stride(1) == 1, "linear_fp8: x and weight need unit stride along K"
     assert bias is None or tuple(bias.shape) == (N,), f"linear_fp8: bias must be [{N}]"
     assert act_scheme in ("none", "dynamic_token", "dynamic_group", "static"), f"unknown act_scheme {act_scheme!r}"
@@ -315,7 +317,7 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             stride_wsn, stride_wsk = weight_scale.stride(0), weight_scale.stride(1)
         else:  # per-channel / per-tensor weight under per-group activations
             scale_bn, scale_bk = 1, block_size[1]
-            stride_wsn, stride_wsk = (1 if weight_scheme == "channel" else 0), 0
+            stride_wsn, stride_wsk = (weight_scale.stride(0) if weight_scheme == "channel" else 0), 0
         assert scale_bk % block_k == 0, f"linear_fp8: BLOCK_K {block_k} must divide the scale block's K {scale_bk}"
         stride_ask = 1 if group else 0
         launcher.launch(_fp8_block_gemm_kernel, grid,
@@ -324,8 +326,8 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                         constexprs=dict(flags, SCALE_BLOCK_N=scale_bn, SCALE_BLOCK_K=scale_bk), **launch)
         has_a_scale = has_w_scale = False
     else:
-        stride_ws = 1 if weight_scheme == "channel" else 0
         assert weight_scheme in ("channel", "tensor"), f"unknown FP8 weight scheme {weight_scheme!r}"
+        stride_ws = weight_scale.stride(0) if weight_scheme == "channel" else 0  # [N] or [N, 1]
         launcher.launch(_fp8_gemm_kernel, grid,
                         (a, a_scale, weight, weight_scale, bias_arg, target, M, N, K, a.stride(0), weight.stride(0),
                          stride_target, stride_asm, stride_ws, k_per_split),
@@ -384,7 +386,7 @@ def _block_k(want: int, K: int, scale_bk: int | None) -> int:
     if scale_bk is not None:
         while scale_bk % block_k:
             block_k //= 2
-        assert block_k >= 16, f"linear_fp8: block_size K {scale_bk} needs a power-of-two factor >= 16"
+        assert block_k >= 32, f"linear_fp8: block_size K {scale_bk} needs a power-of-two factor >= 32"
     return block_k
 
 
@@ -397,20 +399,19 @@ def config_space(problem: dict) -> list[dict]:
     """Candidates for {"M", "N", "K", "dtype", "has_bias", "weight_scheme", "act_scheme", "fp8_format",
     "block_size"} (see the module docstring). dtype, has_bias and fp8_format do not change them."""
     M, N, K, is_a16, scale_bn, scale_bk = _shape(problem)
-    deep = 64 if is_a16 else 128  # an a16w8 A tile is twice the bytes of an fp8 one
+    # a16w8 A tiles are bf16, twice an fp8 tile, and the wave32 targets (gfx1151) hold them in VGPRs
+    deep = 64 if is_a16 else 128
     out: list[dict] = []
     if M <= DECODE_MAX_M:
-        tiles = ((32, 256), (64, 128), (64, 256), (128, 128))
-        for block_n, want_k in tiles:
+        for block_n, want_k in ((32, 256), (64, 128), (64, 256), (128, 128)):
             block_k = _block_k(want_k, K, scale_bk)
-            if block_n not in _block_ns((block_n,), scale_bn):
-                continue
-            for split_k in _split_k_options(N, K, block_k, max_split=8):
-                out.append(_config(16, block_n, block_k, 1, split_k, 4, 2))
+            if block_n in _block_ns((block_n,), scale_bn):
+                for split_k in _split_k_options(N, K, block_k, max_split=8):
+                    out.append(_config(16, block_n, block_k, 1, split_k, 4, 2))
         out.append(_config(16, 64, _block_k(128, K, scale_bk), 1, 1, 4, 3))
     elif M <= 64:
         for block_n in _block_ns((64, 128), scale_bn):
-            block_k = _block_k(128, K, scale_bk)
+            block_k = _block_k(deep, K, scale_bk)
             for split_k in _split_k_options(N, K, block_k, max_split=4):
                 for num_warps in (4, 8):
                     out.append(_config(M, block_n, block_k, 1, split_k, num_warps, 2))
@@ -420,7 +421,7 @@ def config_space(problem: dict) -> list[dict]:
                 for num_warps in (4, 8):
                     out.append(_config(64, block_n, _block_k(deep, K, scale_bk), 8, 1, num_warps, num_stages))
     else:
-        for block_n in _block_ns((128, 256), scale_bn) + ((64,) if scale_bn is not None else ()):
+        for block_n in _block_ns((64, 128, 256), scale_bn):
             for want_k in (64, 128):
                 for num_stages in (2, 3):
                     out.append(_config(128, block_n, _block_k(want_k, K, scale_bk), 8, 1, 8, num_stages))
@@ -428,16 +429,18 @@ def config_space(problem: dict) -> list[dict]:
 
 
 def default_config(problem: dict) -> dict:
-    """A safe pick from config_space without a target (fits 64 KiB of LDS on every target); the compiler
-    normally ranks the space instead. Decode splits K until roughly 64 programs exist."""
+    """A safe pick from config_space without a target: within 64 KiB of LDS and spill-free on every
+    target (the a16w8 picks are sized for gfx1151's wave32 VGPRs); the compiler normally ranks the
+    space instead. Decode splits K until roughly 64 programs exist."""
     M, N, K, is_a16, scale_bn, scale_bk = _shape(problem)
+    block_n = _block_ns((64,), scale_bn)[0]
     if M <= 64:
         block_m = 16 if M <= DECODE_MAX_M else M
-        block_n = _block_ns((64,), scale_bn)[0]
-        block_k = _block_k(128, K, scale_bk)
+        block_k = _block_k(128 if M <= DECODE_MAX_M or not is_a16 else 64, K, scale_bk)
         options = _split_k_options(N, K, block_k, max_split=8 if M <= DECODE_MAX_M else 4)
         split_k = next((s for s in options if triton.cdiv(N, block_n) * s >= 64), options[-1])
-        return _config(block_m, block_n, block_k, 1, split_k, 4, 2)
+        return _config(block_m, block_n, block_k, 1, split_k, 8 if is_a16 and M == 64 else 4, 2)
     if M <= 256:
-        return _config(64, _block_ns((64,), scale_bn)[0], _block_k(64 if is_a16 else 128, K, scale_bk), 8, 1, 4, 2)
-    return _config(128, _block_ns((128,), scale_bn)[0], _block_k(64, K, scale_bk), 8, 1, 8, 2)
+        return _config(64, block_n, _block_k(64 if is_a16 else 128, K, scale_bk), 8, 1, 8 if is_a16 else 4, 2)
+    block_n = block_n if is_a16 else _block_ns((128,), scale_bn)[0]
+    return _config(128, block_n, _block_k(64, K, scale_bk), 8, 1, 8, 2)
