@@ -69,3 +69,18 @@ def test_interactive_multi_turn_chat(tmp_path):
     result = CliRunner().invoke(cli, ["run", str(plan), "--chat", "--max-tokens", "4"], input="hi\nmore\n\n")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[:2] == [first, second]
+
+
+def test_bench_reports_levels_as_json(tmp_path):
+    make_checkpoint("llama", tmp_path / "ckpt")
+    plan = rdnac.compile(tmp_path / "ckpt", output=tmp_path / "l.msgpack")
+    result = CliRunner().invoke(cli, ["bench", str(plan), "-c", "1", "-c", "4", "--input-len", "8",
+                                      "--output-len", "6", "--num-prompts", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    levels = json.loads(result.stdout)
+    assert [r["concurrency"] for r in levels] == [1, 4]
+    for r in levels:
+        assert r["num_prompts"] == 6 and r["output_tokens_per_s"] > 0
+        assert 0 < r["ttft_s"]["p50"] <= r["ttft_s"]["p99"] and r["tpot_s"]["p50"] > 0
+    # four requests in flight finish the same work in less wall time than one at a time
+    assert levels[1]["wall_s"] < levels[0]["wall_s"]

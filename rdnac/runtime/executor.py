@@ -28,6 +28,7 @@ WRAPPERS = {
     "rms_norm": "rms_norm.rms_norm",
     "head_rms_norm": "rms_norm.head_rms_norm",
     "linear": "gemm.linear",
+    "linear_fp8": "gemm_fp8.linear_fp8",
     "rope": "rope.rope",
     "kv_cache_write": "kv_cache.kv_cache_write",
     "attention": {"prefill": "attention.attention_prefill", "decode": "attention.attention_decode"},

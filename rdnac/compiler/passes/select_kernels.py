@@ -45,6 +45,11 @@ def _problem(node: Node, phase: str, env: dict[str, torch.Tensor], runtime: dict
     if node.op == "linear":
         return "gemm", {"M": ins[0].shape[0], "N": ins[1].shape[0], "K": ins[1].shape[1], "dtype": dtype,
                         "has_bias": len(ins) == 3}
+    if node.op == "linear_fp8":
+        return "gemm_fp8", {"M": ins[0].shape[0], "N": ins[1].shape[0], "K": ins[1].shape[1], "dtype": dtype,
+                            "has_bias": a.get("has_bias", False), "weight_scheme": a["weight_scheme"],
+                            "act_scheme": a["act_scheme"], "fp8_format": a["fp8_format"],
+                            "block_size": a.get("block_size")}
     if node.op == "logits":
         return "gemm", {"M": ins[1].shape[0], "N": ins[2].shape[0], "K": ins[2].shape[1], "dtype": dtype,
                         "has_bias": False}
