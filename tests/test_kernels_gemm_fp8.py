@@ -31,7 +31,9 @@ VARIANTS = {"token_channel": ("channel", "dynamic_token"), "static_tensor": ("te
             "a16_tensor": ("tensor", "none"), "a16_block": ("block", "none")}
 MIXED = {"token_tensor": ("tensor", "dynamic_token"), "static_channel": ("channel", "static"),
          "block_token": ("block", "dynamic_token"), "channel_group": ("channel", "dynamic_group")}
-TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-3, 1e-2)}  # (atol, rtol)
+# (atol, rtol). bf16 allows two bf16 ulps (2 x 2^-7): on the H200 the fp32 accumulation order of
+# wgmma vs the CPU reference moved outputs near 2-4 by 0.031 (seen 2026-11-22, M=33 N=1536 K=512).
+TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-3, 1.6e-2)}
 
 INTERPRET = InterpretLauncher()
 
