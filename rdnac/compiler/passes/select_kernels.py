@@ -133,6 +133,7 @@ def run(graph: Graph, ctx: PassContext, target: Target, runtime: dict, keys: lis
             program[node.name][key] = {"kernel": wrapper_name(node.op, phase), "config": ranked[0][0],
                                        "reason": ranked[0][1]}
             _propagate_meta(node, env)
+    rejections: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
     while True:
         step_calls = {}
         for phase, bucket in keys:
@@ -150,11 +151,14 @@ def run(graph: Graph, ctx: PassContext, target: Target, runtime: dict, keys: lis
         for (node, key), problems in rejected.items():
             remaining = options[(node, key)]
             bad = remaining.pop(0)
-            ctx.decide(NAME, node, f"rejected config {bad[0]} at {key}", "; ".join(problems))
+            label = _config_label({"kernel": program[node][key]["kernel"], "config": bad[0]})
+            rejections.setdefault((node, label), ([], problems))[0].append(key)
             if not remaining:
                 raise RdnacError(f"node {node!r}: no candidate config fits target {target.name} at {key}; "
                                  f"last problem: {problems[0]}")
             program[node][key].update(config=remaining[0][0], reason=remaining[0][1])
+    for (node, label), (ks, problems) in rejections.items():
+        ctx.decide(NAME, node, f"rejected {label} for {_key_span(ks)}", "; ".join(problems))
     unique = {}
     for b in binaries:
         unique.setdefault(b.key, b)
