@@ -17,7 +17,7 @@ import torch
 
 import rdnac
 from rdnac.compiler.frontend import build_graph, read_checkpoint
-from rdnac.compiler.passes import PassContext, registry
+from rdnac.compiler.passes import PassContext, fp8_layout, quantize, registry
 from rdnac.errors import RdnacError
 from rdnac.ir.verify import verify
 from rdnac.plans import write_plan
@@ -25,6 +25,7 @@ from rdnac.targets import get_target
 
 GRAPH_PASSES = ("fuse_add_rms_norm", "dce")
 _DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE_SCHEMES = ("fp8", "fp8-block")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class CompileOptions:
     max_num_seqs: int = 64  # largest decode batch a GPU plan has kernels for
     max_num_batched_tokens: int = 2048  # largest prefill step; longer prompts are chunked
     quiet: bool = False
+    quantize: str | None = None  # compile-time FP8 of a float checkpoint's linears: "fp8" | "fp8-block"
 
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -48,6 +50,8 @@ class CompileOptions:
             raise RdnacError(f"--max-num-seqs requires 1..1024; got {self.max_num_seqs}")
         if not 16 <= self.max_num_batched_tokens <= 32768:
             raise RdnacError(f"--max-num-batched-tokens requires 16..32768; got {self.max_num_batched_tokens}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_SCHEMES:
+            raise RdnacError(f"--quantize requires one of {', '.join(QUANTIZE_SCHEMES)}; got {self.quantize!r}")
         if self.kv_block_size not in (8, 16, 32, 64):
             raise RdnacError(f"kv_block_size requires 8, 16, 32 or 64; got {self.kv_block_size}")
 
@@ -76,6 +80,10 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
     ctx = PassContext(target=target, options={"disable_passes": opts.disable_passes})
     ctx.decisions.extend({"pass": "reader", "node": "-", "action": note, "reason": ""} for note in checkpoint.notes)
     ctx.decisions.extend(decisions)
+    if opts.quantize:
+        graph = quantize.run(graph, weights, ctx, opts.quantize)
+        if opts.verify_each_pass:
+            verify(graph)
     passes = registry()
     for name in GRAPH_PASSES:
         if name in opts.disable_passes:
@@ -85,6 +93,14 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
         if opts.verify_each_pass:
             verify(graph)
     weights = {k: v for k, v in weights.items() if k in graph.weights}
+    caps = None
+    if tgt.is_gpu:
+        from rdnac.targets.probe import probe
+
+        caps = probe(tgt)
+    graph = fp8_layout.run(graph, weights, ctx, tgt, caps)
+    if opts.verify_each_pass:
+        verify(graph)
     max_len = min(opts.max_model_len or graph.attrs["max_position_embeddings"], graph.attrs["max_position_embeddings"])
     runtime = {"kv_block_size": opts.kv_block_size, "max_model_len": max_len,
                "device": "cuda" if tgt.is_gpu else "cpu", "max_num_seqs": opts.max_num_seqs,
@@ -94,9 +110,8 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
         import triton
 
         from rdnac.compiler.passes import select_kernels
-        from rdnac.targets.probe import probe
 
-        capabilities = probe(tgt).to_dict()
+        capabilities = caps.to_dict()
         keys = select_kernels.step_keys(opts.max_num_seqs, opts.max_num_batched_tokens)
         ctx.options["quiet"] = opts.quiet
         program, binaries = select_kernels.run(graph, ctx, tgt, runtime, keys)
@@ -106,7 +121,7 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
         "rdnac_version": rdnac.__version__, "torch_version": torch.__version__, "triton_version": triton_version,
         "target": target, "target_info": tgt.to_dict(), "capabilities": capabilities, "model": _model_identity(checkpoint),
         "compile_options": {"dtype": dtype, "max_model_len": opts.max_model_len,
-                            "disable_passes": list(opts.disable_passes)},
+                            "disable_passes": list(opts.disable_passes), "quantize": opts.quantize},
         "created_unix": int(time.time()),
     }
     body = {

@@ -111,13 +111,13 @@ def read_hf(directory: Path) -> Checkpoint:
     if "text_config" in config:
         text = dict(config["text_config"])
         text["wrapper_architectures"] = config.get("architectures", [])
-        text.setdefault("architectures", text.get("architectures") or [])
+        # A text_config without architectures is built by the family that knows the wrapper (text-only).
+        text["architectures"] = text.get("architectures") or config.get("architectures", [])
         notes.append(f"config: using text_config of {config.get('architectures')}")
         if "quantization_config" in config and "quantization_config" not in text:
             text["quantization_config"] = config["quantization_config"]
-        for key in ("tie_word_embeddings",):
-            if key in config and key not in text:
-                text[key] = config[key]
+        if "tie_word_embeddings" in config:  # transformers ties the wrapper's lm_head by the wrapper's flag
+            text["tie_word_embeddings"] = config["tie_word_embeddings"]
         config = text
     tokenizer_config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").exists() else {}
     chat_template = None

@@ -1,0 +1,97 @@
+"""Compile-time FP8 quantization of a float checkpoint's linears (`--quantize fp8 | fp8-block`).
+
+    y = linear(x, W)   ==>   y = linear_fp8(x, bits(W), scale(W))
+
+`fp8`: one scale per output channel (amax/448), activations quantized per
+token at run time. `fp8-block`: one scale per 128x128 block, activations per
+(token, 128 columns), the DeepSeek-V3 layout. Only `linear` nodes change:
+the logits projection and the embedding keep the compute dtype (their error
+would reach every token), as do linears that share a weight. Each weight's
+quantization and its relative error are recorded. Runs before the fusion
+passes, on the weights dict (this pass rewrites weights, so it is called
+with them rather than through the graph-only registry).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rdnac.compiler.passes import PassContext
+from rdnac.ir.fp8 import FORMATS, FP8_MAX
+from rdnac.ir.graph import Graph, WeightSpec
+
+NAME = "quantize"
+BLOCK = (128, 128)
+SCHEMES = {  # --quantize value -> (weight_scheme, act_scheme, block_size)
+    "fp8": ("channel", "dynamic_token", None),
+    "fp8-block": ("block", "dynamic_group", BLOCK),
+}
+
+
+def quantize_weight(w: torch.Tensor, weight_scheme: str, block_size: tuple[int, int] | None = None,
+                    fmt: str = "e4m3fn", headroom: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 bits [N, K] and a float32 scale with W ~= bits * scale, scale = amax / FP8_MAX (times `headroom`,
+    >= 1, same shape as the scale) per tensor ([1]), output channel ([N]) or block ([ceil(N/bn), ceil(K/bk)]);
+    an all-zero group gets scale 1."""
+    wf = w.float()
+    fp8_max = FP8_MAX[fmt]
+    if weight_scheme == "tensor":
+        amax = wf.abs().amax().reshape(1)
+    elif weight_scheme == "channel":
+        amax = wf.abs().amax(1)  # [N]
+    elif weight_scheme == "block":
+        bn, bk = block_size
+        n, k = wf.shape
+        padded = torch.nn.functional.pad(wf, (0, (-k) % bk, 0, (-n) % bn))
+        grid = padded.reshape(padded.shape[0] // bn, bn, padded.shape[1] // bk, bk)
+        amax = grid.abs().amax((1, 3))  # [N/bn, K/bk]
+    else:
+        raise ValueError(f"unknown FP8 weight scheme {weight_scheme!r}")
+    scale = torch.where(amax > 0, amax / fp8_max, torch.ones_like(amax)) * headroom
+    if weight_scheme == "tensor":
+        full = scale.reshape(1, 1)
+    elif weight_scheme == "channel":
+        full = scale[:, None]
+    else:
+        full = scale.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[: wf.shape[0], : wf.shape[1]]
+    bits = (wf / full).clamp(-fp8_max, fp8_max).to(FORMATS[fmt])
+    return bits, scale.float()
+
+
+def run(graph: Graph, weights: dict[str, torch.Tensor], ctx: PassContext, scheme: str) -> Graph:
+    from rdnac.ir.fp8 import dequantize_weight
+
+    weight_scheme, act_scheme, block_size = SCHEMES[scheme]
+    tag = f"fp8-block{block_size[0]}x{block_size[1]}" if block_size else f"fp8-{weight_scheme}"
+    readers: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        for name in node.inputs:
+            readers.setdefault(name, []).append(node.name)
+    ctx.decide(NAME, "-", f"--quantize {scheme}: linears to {tag}, activations {act_scheme}",
+               "logits and embedding weights keep the compute dtype")
+    for node in graph.nodes:
+        if node.op != "linear":
+            continue
+        x, wname, *bias = node.inputs
+        if len(readers[wname]) > 1:
+            ctx.decide(NAME, node.name, f"kept {wname} in {graph.weights[wname].dtype}",
+                       f"the weight is shared with {', '.join(r for r in readers[wname] if r != node.name)}")
+            continue
+        w = weights[wname]  # [N, K]
+        bits, scale = quantize_weight(w, weight_scheme, block_size)
+        sname = wname.removesuffix(".weight") + ".weight_scale"
+        assert sname not in graph.weights, f"{sname} already exists"
+        deq = dequantize_weight(bits, scale, weight_scheme, block_size)
+        rel_err = ((deq - w.float()).norm() / w.float().norm().clamp_min(1e-30)).item()
+        source = graph.weights[wname].source or wname
+        weights[wname], weights[sname] = bits, scale
+        graph.weights[wname] = WeightSpec("float8_e4m3fn", tuple(bits.shape), tag, source=source)
+        graph.weights[sname] = WeightSpec("float32", tuple(scale.shape), "fp8-scale", source=f"quantize({source})")
+        node.op = "linear_fp8"
+        node.inputs = [x, wname, sname, *bias]
+        node.attrs = {"weight_scheme": weight_scheme, "act_scheme": act_scheme, "fp8_format": "e4m3fn",
+                      "block_size": list(block_size) if block_size else None, "has_bias": bool(bias)}
+        ctx.decide(NAME, node.name, f"quantized {wname} to {tag}, activations {act_scheme}",
+                   f"scale = amax/448 per {'block' if block_size else 'output channel'}; "
+                   f"weight relative error {rel_err:.2%}")
+    return graph
