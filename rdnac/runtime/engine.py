@@ -8,6 +8,8 @@ reference interpreter runs the graph.
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -174,6 +176,8 @@ class Engine:
         with torch.inference_mode():
             self._graphs = DecodeGraphs(self._executor, self.weights, self._cache.inputs(), buckets, max_blocks,
                                         self.device)
+        print(f"rdnac: captured decode graphs for batch buckets {buckets} in {self._graphs.capture_seconds:.2f} s",
+              file=sys.stderr)
         return self._graphs.capture_seconds
 
     def kv_bytes_per_block(self) -> int:
