@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
 
 
 def pytest_collection_modifyitems(config, items):
@@ -13,3 +14,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def no_compiler(monkeypatch):
+    """Any Triton compile or JIT during the test fails it (plans must run from their binaries)."""
+    import triton.compiler
+    import triton.compiler.compiler
+    from triton.runtime.jit import JITFunction
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a kernel was compiled at run time")
+
+    monkeypatch.setattr(triton, "compile", refuse)
+    monkeypatch.setattr(triton.compiler, "compile", refuse)
+    monkeypatch.setattr(triton.compiler.compiler, "compile", refuse)
+    monkeypatch.setattr(JITFunction, "run", refuse)

@@ -96,22 +96,6 @@ def binaries(device_target, tmp_path_factory) -> list[dict]:
     return _build(device_target, tmp_path_factory.mktemp("rdnac-cache"))
 
 
-@pytest.fixture
-def no_compiler(monkeypatch):
-    """Any Triton compile or JIT during the test fails it."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("AotLauncher compiled a kernel")
-
-    import triton.compiler
-    import triton.compiler.compiler
-    from triton.runtime.jit import JITFunction
-
-    monkeypatch.setattr(triton, "compile", refuse)
-    monkeypatch.setattr(triton.compiler, "compile", refuse)
-    monkeypatch.setattr(triton.compiler.compiler, "compile", refuse)
-    monkeypatch.setattr(JITFunction, "run", refuse)
-
-
 def _assert_close(out, ref, atol, rtol, what):
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert out.dtype == ref.dtype, f"{what}: dtype {out.dtype} != {ref.dtype}"
