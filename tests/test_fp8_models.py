@@ -25,6 +25,10 @@ from safetensors.torch import save_file
 import rdnac
 from rdnac.compiler.frontend import build_graph, read_checkpoint
 from rdnac.compiler.passes import PassContext, fp8_layout
+
+# These tests follow each checkpoint linear to its FP8 scheme node by node, so they compile without
+# merge_linears; tests/test_merge_linears.py covers merged FP8 linears.
+UNMERGED = ("merge_linears",)
 from rdnac.errors import CheckpointError
 from rdnac.ir import interpreter
 from rdnac.ir.fp8 import FP8_MAX, dequantize_weight
@@ -140,7 +144,8 @@ def fp8_cases(float_checkpoints, tmp_path_factory):
                 options["input_scales"] = calibrate_input_scales(float_dir, first)
             deq = write_fp8_checkpoint(float_dir, root / "fp8", scheme, seed=3, **options)
             ref = reference_logits(float_dir, deq, root / "reference")
-            built[name] = (root / "fp8", ref, rdnac.compile(root / "fp8", target="cpu", output=root / "fp8.msgpack"))
+            built[name] = (root / "fp8", ref, rdnac.compile(root / "fp8", target="cpu", output=root / "fp8.msgpack",
+                                                                   disable_passes=UNMERGED))
         return built[name]
 
     return get
@@ -322,7 +327,7 @@ def mistral3(tmp_path_factory):
     deq = write_fp8_checkpoint(root / "float", root / "fp8", "fp8-tensor-static-declared", seed=5,
                                ignore=["model.vision_tower", "model.multi_modal_projector"])
     ref = reference_logits(root / "float", deq, root / "reference", Mistral3ForConditionalGeneration)
-    plan = rdnac.compile(root / "fp8", target="cpu", output=root / "fp8.msgpack")
+    plan = rdnac.compile(root / "fp8", target="cpu", output=root / "fp8.msgpack", disable_passes=UNMERGED)
     return root, ref, plan
 
 
@@ -361,7 +366,7 @@ def test_mistral3_v5_tensor_names_give_the_same_plan(mistral3, tmp_path):
     save_file(tensors, str(renamed / "model.safetensors"))
     for side in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(root / "fp8" / side, renamed / side)
-    other = rdnac.compile(renamed, target="cpu", output=tmp_path / "v5.msgpack")
+    other = rdnac.compile(renamed, target="cpu", output=tmp_path / "v5.msgpack", disable_passes=UNMERGED)
     assert torch.equal(rdnac.load(other).logits(PROMPT), rdnac.load(plan).logits(PROMPT))
 
 
@@ -370,7 +375,8 @@ def test_mistral3_v5_tensor_names_give_the_same_plan(mistral3, tmp_path):
 
 def test_quantize_fp8_block_on_a_float_checkpoint(float_checkpoints, tmp_path):
     directory, model = float_checkpoints["qwen3"]
-    plan = rdnac.compile(directory, target="cpu", output=tmp_path / "q.msgpack", quantize="fp8-block")
+    plan = rdnac.compile(directory, target="cpu", output=tmp_path / "q.msgpack", quantize="fp8-block",
+                         disable_passes=UNMERGED)
     body = read_plan(plan).body
     ops = [n["op"] for n in body["graph"]["nodes"]]
     assert "linear" not in ops and ops.count("linear_fp8") == 14
@@ -451,7 +457,7 @@ def test_random_checkpoint_of_real_layout_compiles(tmp_path, scheme):
     write_random_checkpoint(tmp_path / "b", **shapes, scheme=scheme, seed=1)
     for shard in sorted((tmp_path / "a").glob("*.safetensors")):
         assert shard.read_bytes() == (tmp_path / "b" / shard.name).read_bytes(), shard.name
-    plan = rdnac.compile(tmp_path / "a", target="cpu", output=tmp_path / "r.msgpack")
+    plan = rdnac.compile(tmp_path / "a", target="cpu", output=tmp_path / "r.msgpack", disable_passes=UNMERGED)
     logits = rdnac.load(plan).logits(list(range(8)))
     assert logits.shape == (8, 512) and torch.isfinite(logits).all()
     ops = [n["op"] for n in read_plan(plan).body["graph"]["nodes"]]

@@ -175,16 +175,19 @@ def test_verify_honest_plans(plans):
 def test_verify_names_the_corrupted_node(plans, tmp_path):
     plan = read_plan(plans["cpu"])
     weights = plan.load_weights()
-    weights["model.layers.1.self_attn.v_proj.weight"] *= 1.5
+    weights["model.layers.1.self_attn.qkv_proj.weight"][-32:] *= 1.5  # v rows (2 kv heads x 16) of the merged qkv
     bad = write_plan(tmp_path / "bad.msgpack", plan.header, plan.body, weights)  # sidecar size and sha256 rewritten
     result = _invoke("verify", bad, "--against", plans["ckpt"], "--prompt", "Hello there")
     assert result.exit_code == 1
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and "layers.1.v_proj (linear) is the first node over tolerance" in error_lines[0]
+    # merge_linears made q/k/v one GEMM; the split node that yields v_proj is the first value over tolerance
+    assert len(error_lines) == 1 and "layers.1.qkv_proj.split (split) is the first node over tolerance: " \
+        "layers.1.v_proj error 0.5" in error_lines[0]
 
     checks = verify_plan(bad, plans["ckpt"], token_ids=[1, 2, 3]).rows
     first = next(i for i, r in enumerate(checks) if not r.is_ok)
-    assert checks[first].node == "layers.1.v_proj" and all(r.is_ok for r in checks[:first])
+    assert checks[first].node == "layers.1.qkv_proj.split" and checks[first].value == "layers.1.v_proj"
+    assert all(r.is_ok for r in checks[:first])
     assert checks[first].error == pytest.approx(0.5, rel=1e-4)  # |1.5 x - x| / max|x|
 
 

@@ -17,13 +17,13 @@ import torch
 
 import rdnac
 from rdnac.compiler.frontend import build_graph, read_checkpoint
-from rdnac.compiler.passes import PassContext, fp8_layout, quantize, registry
+from rdnac.compiler.passes import WEIGHT_PASSES, PassContext, fp8_layout, quantize, registry
 from rdnac.errors import RdnacError
 from rdnac.ir.verify import verify
 from rdnac.plans import write_plan
 from rdnac.targets import get_target
 
-GRAPH_PASSES = ("fuse_add_rms_norm", "dce")
+GRAPH_PASSES = ("merge_linears", "fuse_add_rms_norm", "dce")
 _DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE_SCHEMES = ("fp8", "fp8-block")
 
@@ -89,7 +89,8 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
         if name in opts.disable_passes:
             ctx.decide(name, "-", "skipped", "disabled with --disable-pass")
             continue
-        graph = passes[name](graph, ctx)
+        # passes that rewrite weights (merge_linears concatenates them) get the weights dict, like quantize
+        graph = passes[name](graph, ctx, weights) if name in WEIGHT_PASSES else passes[name](graph, ctx)
         if opts.verify_each_pass:
             verify(graph)
     weights = {k: v for k, v in weights.items() if k in graph.weights}

@@ -22,6 +22,7 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 | linear_fp8      | x [T, K], weight fp8 [N, K], weight_scale, (input_scale), (bias [N]) | [T, N]  |
 | logits          | x [T, H], logits_indices [R], weight [V, H]                   | [R, V] float32 |
 | argmax          | logits [R, V]                                                 | [R] int64      |
+| split           | x [T, N] (attr sizes, summing to N)                           | len(sizes) views [T, sizes[i]] |
 """
 
 from __future__ import annotations
@@ -293,6 +294,11 @@ def argmax(logits_: torch.Tensor) -> torch.Tensor:
     return logits_.argmax(dim=-1)
 
 
+def split(x: torch.Tensor, *, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+    """Column views of x [T, N]: sizes[i] columns each, in order (no copy; rows keep x's stride)."""
+    return tuple(torch.split(x, list(sizes), dim=1))
+
+
 # ---------------------------------------------------------------- shape rules
 
 
@@ -331,6 +337,10 @@ def _logits_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
     return [TensorSpec("float32", (ins[1].shape[0], ins[2].shape[0]))]
 
 
+def _split_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
+    return [TensorSpec(ins[0].dtype, (ins[0].shape[0], int(n))) for n in attrs["sizes"]]
+
+
 def _argmax_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
     return [TensorSpec("int64", (ins[0].shape[0],))]
 
@@ -349,4 +359,5 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("linear_fp8", ("weight_scheme", "act_scheme", "fp8_format"), (3, 4, 5), _linear_fp8_infer, linear_fp8),
     OpDef("logits", (), (3,), _logits_infer, logits),
     OpDef("argmax", (), (1,), _argmax_infer, argmax),
+    OpDef("split", ("sizes",), (1,), _split_infer, split),
 ]}

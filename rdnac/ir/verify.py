@@ -87,3 +87,12 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(ins[0].shape[-1] == ins[2].shape[1], "x's hidden must equal weight's")
     elif node.op == "gated_act":
         expect(a["act"] in ("silu", "gelu", "gelu_tanh"), "act must be silu, gelu or gelu_tanh")
+    elif node.op == "split":
+        sizes = a["sizes"]
+        expect(isinstance(sizes, (list, tuple)) and len(sizes) >= 1
+               and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes),
+               f"sizes must be a non-empty list of positive ints; got {sizes!r}")
+        expect(len(ins[0].shape) == 2, "x must be [T, N]")
+        width = ins[0].shape[-1]
+        expect(not isinstance(width, int) or sum(sizes) == width,
+               f"sizes {list(sizes)} must sum to x's last dim")

@@ -36,6 +36,10 @@ WRAPPERS = {
     "add": "elementwise.add",
     "logits": "gemm.logits",
 }
+# IR ops that need no kernel: the executor computes them itself and the program has no entry for them.
+# `split` returns column views of its input; every wrapper that reads a split output (rope, kv_cache_write,
+# head_rms_norm, attention's q, gated_act) takes rows with a stride, so no copy is made.
+NO_KERNEL_OPS = ("split",)
 
 
 def bucket_for(num_tokens: int) -> int:
@@ -95,6 +99,10 @@ class Executor:
         for node in self.graph.nodes:
             if on_node is not None:
                 on_node(node)
+            if node.op == "split":
+                for name, value in zip(node.outputs, torch.split(env[node.inputs[0]], node.attrs["sizes"], dim=1)):
+                    env[name] = value
+                continue
             choice = self.program[node.name][key]
             kwargs = dict(node.attrs)
             kwargs.update(self._extras.get(node.name, {}))

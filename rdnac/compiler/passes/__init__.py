@@ -18,7 +18,12 @@ class PassContext:
         self.decisions.append({"pass": pass_name, "node": node, "action": action, "reason": reason})
 
 
-def registry() -> dict[str, Callable[[Graph, PassContext], Graph]]:
-    from rdnac.compiler.passes import dce, fuse_add_rms_norm
+# passes in the registry that rewrite weights: called as run(graph, ctx, weights)
+WEIGHT_PASSES = ("merge_linears",)
 
-    return {"fuse_add_rms_norm": fuse_add_rms_norm.run, "dce": dce.run}
+
+def registry() -> dict[str, Callable[..., Graph]]:
+    """Graph passes by name: run(graph, ctx), or run(graph, ctx, weights) for those in WEIGHT_PASSES."""
+    from rdnac.compiler.passes import dce, fuse_add_rms_norm, merge_linears
+
+    return {"merge_linears": merge_linears.run, "fuse_add_rms_norm": fuse_add_rms_norm.run, "dce": dce.run}

@@ -21,7 +21,7 @@ from rdnac.compiler.passes import PassContext
 from rdnac.errors import RdnacError
 from rdnac.ir.graph import Graph, Node
 from rdnac.kernels.launch import KernelCall
-from rdnac.runtime.executor import StepMeta, bucket_for, wrapper_name
+from rdnac.runtime.executor import NO_KERNEL_OPS, StepMeta, bucket_for, wrapper_name
 from rdnac.targets import Target
 
 NAME = "select_kernels"
@@ -121,12 +121,15 @@ def _record_step(graph, program, phase, num_tokens, runtime) -> dict[str, list]:
 
 def run(graph: Graph, ctx: PassContext, target: Target, runtime: dict, keys: list[tuple[str, int]]) -> tuple[dict, list]:
     """Returns (program, binaries). program: node -> step key -> {"kernel", "config"}."""
-    program: dict[str, dict] = {n.name: {} for n in graph.nodes}
+    program: dict[str, dict] = {n.name: {} for n in graph.nodes if n.op not in NO_KERNEL_OPS}
     options: dict[tuple[str, str], list] = {}  # (node, key) -> remaining ranked candidates
     for phase, bucket in keys:
         key = f"{phase}:{bucket}"
         env, _ = meta_env(graph, phase, bucket, runtime)
         for node in graph.nodes:
+            if node.op in NO_KERNEL_OPS:  # computed by the executor (views), no kernel to select
+                _propagate_meta(node, env)
+                continue
             family, problem = _problem(node, phase, env, runtime)
             ranked = _candidates(family, problem, target)
             options[(node.name, key)] = ranked
@@ -164,7 +167,7 @@ def run(graph: Graph, ctx: PassContext, target: Target, runtime: dict, keys: lis
         unique.setdefault(b.key, b)
     for node in graph.nodes:
         chosen = {}
-        for key, choice in program[node.name].items():
+        for key, choice in program.get(node.name, {}).items():
             chosen.setdefault(_config_label(choice), []).append(key)
         for label, ks in chosen.items():
             ctx.decide(NAME, node.name, f"{label} for {_key_span(ks)}",
