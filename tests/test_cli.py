@@ -84,3 +84,11 @@ def test_bench_reports_levels_as_json(tmp_path):
         assert 0 < r["ttft_s"]["p50"] <= r["ttft_s"]["p99"] and r["tpot_s"]["p50"] > 0
     # four requests in flight finish the same work in less wall time than one at a time
     assert levels[1]["wall_s"] < levels[0]["wall_s"]
+
+
+def test_targets_lists_every_target_with_probed_capabilities():
+    result = CliRunner().invoke(cli, ["targets"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    for name in ("gfx1201", "gfx1151", "gfx942", "gfx950", "sm90", "cpu"):
+        assert name in result.output
+    assert "v_wmma_f32_16x16x16_bf16" in result.output and "e4m3fnuz" in result.output
