@@ -72,7 +72,6 @@ def default_output(model: str | Path, target: str) -> Path:
 def compile_model(model: str | Path, target: str = "cpu", output: str | Path | None = None, **options) -> Path:
     opts = CompileOptions(target=target, **options)
     tgt = get_target(target)
-    started = time.perf_counter()
     checkpoint = read_checkpoint(model)
     dtype = opts.dtype or ("bfloat16" if tgt.is_gpu else "float32")
     graph, weights, decisions = build_graph(checkpoint, dtype)
@@ -137,7 +136,6 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
     }
     out = Path(output) if output else default_output(model, target)
     write_plan(out, header, body, weights)
-    header["compile_seconds"] = round(time.perf_counter() - started, 2)
     return out
 
 

@@ -160,12 +160,17 @@ def divisible_args(kernel: triton.JITFunction, args: tuple[Any, ...]) -> tuple[s
     are specialized on their divisibility, as Triton's JIT would, so loads
     vectorize; the recorder and the AOT launcher both derive it from the
     actual values, so a launch always finds the binary built for it."""
-    declared = getattr(importlib.import_module(kernel.fn.__module__), "AOT_DIVISIBLE", {}).get(kernel.fn.__name__)
-    if not declared:
-        return ()
-    runtime = [p.name for p in kernel.params if not p.is_constexpr]
-    return tuple(name for name, arg in zip(runtime, args)
-                 if name in declared and isinstance(arg, int) and not isinstance(arg, bool) and arg % 16 == 0)
+    positions = _DIVISIBLE_POSITIONS.get(id(kernel))
+    if positions is None:  # once per kernel: this runs on every launch
+        declared = getattr(importlib.import_module(kernel.fn.__module__), "AOT_DIVISIBLE", {}).get(
+            kernel.fn.__name__, ())
+        runtime = [p.name for p in kernel.params if not p.is_constexpr]
+        positions = _DIVISIBLE_POSITIONS[id(kernel)] = tuple((i, n) for i, n in enumerate(runtime) if n in declared)
+    return tuple(name for i, name in positions
+                 if isinstance(args[i], int) and not isinstance(args[i], bool) and args[i] % 16 == 0)
+
+
+_DIVISIBLE_POSITIONS: dict[int, tuple[tuple[int, str], ...]] = {}  # id(kernel) -> declared (index, name)
 
 
 @dataclass(frozen=True, eq=True)

@@ -77,12 +77,14 @@ class Executor:
         self.program = program  # node name -> {step key -> {"kernel": wrapper name, "config": {...}}}
         self.launcher = launcher
         self._wrappers: dict[str, object] = {}
-        self._extras: dict[str, dict] = {}
+        # Each node's wrapper keywords, built once: its attrs plus what the runtime adds (RoPE tables).
+        self._kwargs: dict[str, dict] = {}
         for node in graph.nodes:
+            self._kwargs[node.name] = dict(node.attrs)
             if node.op == "rope":
                 inv_freq, scaling = rope_inv_freq(node.attrs["rotary_dim"], node.attrs["theta"],
                                                   node.attrs.get("scaling"))
-                self._extras[node.name] = {"inv_freq": inv_freq.to(device), "attention_scaling": scaling}
+                self._kwargs[node.name].update(inv_freq=inv_freq.to(device), attention_scaling=scaling)
 
     def _wrapper(self, name: str):
         fn = self._wrappers.get(name)
@@ -104,10 +106,9 @@ class Executor:
                     env[name] = value
                 continue
             choice = self.program[node.name][key]
-            kwargs = dict(node.attrs)
-            kwargs.update(self._extras.get(node.name, {}))
+            kwargs = self._kwargs[node.name]
             if choice["kernel"] == "attention.attention_prefill":
-                kwargs["max_query_len"] = meta.max_query_len
+                kwargs = {**kwargs, "max_query_len": meta.max_query_len}
             result = self._wrapper(choice["kernel"])(*(env[n] for n in node.inputs), **kwargs,
                                                      config=choice["config"], launcher=self.launcher)
             if isinstance(result, torch.Tensor):
