@@ -1,0 +1,192 @@
+"""Issue 6 harness (GPU machine): rdnac sm90 plans against transformers on 8B-shaped random checkpoints.
+
+    python bench/harness.py --out results/ --shapes qwen3-8b --schemes bf16 fp8-block --peers
+
+Per (shape, scheme), in one process and one run: device copy bandwidth; the
+checkpoint written by rdnac's generator; compile time for sm90 with a cold
+kernel cache (a fresh XDG_CACHE_HOME and TRITON_CACHE_DIR, in a subprocess);
+cold start (process start to the first token of `rdnac run`, in a
+subprocess); decode TPOT with graphs at each batch size at context 256 (the
+middle of 128 prompt + 256 output tokens) with achieved bandwidth = bytes
+read per step (weights the step reads + KV cache) / TPOT; prefill tokens/s
+and TFLOP/s; a per-node kernel breakdown of one batch-1 decode step
+(torch.profiler); and with --peers the same decode and prefill through
+transformers eager and transformers static cache + torch.compile. Writes one
+JSON line per measurement to OUT/results.jsonl and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import rdnac  # noqa: E402
+from rdnac.runtime.engine import StepEntry  # noqa: E402
+from rdnac.testing.fp8 import write_random_checkpoint  # noqa: E402
+from decode import copy_bandwidth, tpot  # noqa: E402
+from profile_step import kernel_breakdown  # noqa: E402
+
+SHAPES = {
+    "qwen3-8b": dict(arch="Qwen3ForCausalLM", hidden=4096, layers=36, heads=32, kv_heads=8, head_dim=128,
+                     intermediate=12288, vocab=151936),
+    "llama-8b": dict(arch="LlamaForCausalLM", hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128,
+                     intermediate=14336, vocab=128256),
+    "smollm2": dict(arch="LlamaForCausalLM", hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64,
+                    intermediate=1536, vocab=49152),
+}
+CONTEXT = 256
+RESULTS: Path | None = None
+
+
+def emit(record: dict) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    if RESULTS is not None:
+        with RESULTS.open("a") as f:
+            f.write(line + "\n")
+
+
+def decode_bytes(engine, batch: int, context: int) -> int:
+    """Bytes one decode step reads: every weight but the embedding table (only `batch` rows of it are
+    read, unless the logits reuse it), plus the KV cache of `context` tokens per sequence."""
+    graph = engine.graph
+    logits_weights = {n.inputs[2] for n in graph.nodes if n.op == "logits"}
+    embed = {n.inputs[1] for n in graph.nodes if n.op == "embedding"} - logits_weights
+    total = sum(t.numel() * t.element_size() for k, t in engine.weights.items() if k not in embed)
+    total += sum(batch * engine.weights[k].shape[1] * engine.weights[k].element_size() for k in embed)
+    a = graph.attrs
+    return total + batch * context * 2 * a["num_layers"] * a["num_kv_heads"] * a["head_dim"] * engine._dtype.itemsize
+
+
+def matmul_flops(engine, tokens: int, context: int) -> float:
+    """FLOPs of a prefill of `tokens` tokens: 2 per weight element per token for the linears and
+    logits of the last token, plus causal attention (QK^T and PV)."""
+    graph = engine.graph
+    linear = sum(engine.weights[n.inputs[1]].numel() for n in graph.nodes if n.op in ("linear", "linear_fp8"))
+    logits = sum(engine.weights[n.inputs[2]].numel() for n in graph.nodes if n.op == "logits")
+    a = graph.attrs
+    attn = 4 * a["num_layers"] * a["num_heads"] * a["head_dim"] * tokens * (context + 1) / 2
+    return 2.0 * linear * tokens + 2.0 * logits + attn
+
+
+def prefill_seconds(engine, tokens: int, repeats: int = 5) -> float:
+    engine._ensure_cache(-(-tokens // engine.block_size) + 1)
+    blocks = engine._cache.allocator.allocate(-(-tokens // engine.block_size))
+    ids = [(7 * i) % 50000 + 300 for i in range(tokens)]
+    times = []
+    for _ in range(repeats + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.execute([StepEntry(ids, blocks, 0, tokens)])
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    engine._cache.allocator.free(blocks)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def timed_subprocess(cmd: list[str], env: dict) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return seconds, proc.stdout + proc.stderr
+
+
+def rdnac_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from rdnac.cli.main import main; main()", *args]
+
+
+def measure_rdnac(shape: str, scheme: str, work: Path, args) -> None:
+    ckpt = work / f"{shape}-{scheme}"
+    spec = dict(SHAPES[shape])
+    if args.layers:
+        spec["layers"] = args.layers
+    started = time.perf_counter()
+    write_random_checkpoint(ckpt, scheme=None if scheme == "bf16" else scheme, seed=0, **spec)
+    emit({"shape": shape, "scheme": scheme, "layers": spec["layers"], "checkpoint_write_s":
+          round(time.perf_counter() - started, 1)})
+    plan = work / f"{shape}-{scheme}.sm90.msgpack"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if args.cold_compile:
+        cold = Path(tempfile.mkdtemp())
+        env.update(XDG_CACHE_HOME=str(cold / "xdg"), TRITON_CACHE_DIR=str(cold / "triton"))
+    compile_s, _ = timed_subprocess(rdnac_cmd("compile", str(ckpt), "--target", "sm90", "-o", str(plan), "-q"), env)
+    emit({"shape": shape, "scheme": scheme, "compile_s": round(compile_s, 1), "cold_kernel_cache": args.cold_compile})
+    cold_s, out = timed_subprocess(rdnac_cmd("run", str(plan), "--prompt", "Hello", "--max-tokens", "1",
+                                             "--device", "cuda"), dict(os.environ, PYTHONPATH=str(ROOT)))
+    emit({"shape": shape, "scheme": scheme, "cold_start_to_first_token_s": round(cold_s, 2)})
+
+    engine = rdnac.load(plan, device="cuda")
+    bw = copy_bandwidth()
+    for batch in args.batch:
+        t = tpot(engine, batch, CONTEXT)
+        read = decode_bytes(engine, batch, CONTEXT)
+        emit({"engine": "rdnac", "shape": shape, "scheme": scheme, "batch": batch, "context": CONTEXT,
+              "tpot_ms": round(t * 1e3, 3), "tokens_per_s": round(batch / t, 1), "bytes_read_GB": round(read / 1e9, 3),
+              "achieved_GBps": round(read / t / 1e9, 1), "pct_of_copy": round(100 * read / t / 1e9 / bw, 1),
+              "copy_GBps": round(bw, 1)})
+    for tokens in args.prefill:
+        t = prefill_seconds(engine, tokens)
+        emit({"engine": "rdnac", "shape": shape, "scheme": scheme, "prefill_tokens": tokens,
+              "prefill_ms": round(t * 1e3, 2), "tokens_per_s": round(tokens / t), "tflops":
+              round(matmul_flops(engine, tokens, tokens) / t / 1e12, 1)})
+    if args.profile:
+        rows, summary = kernel_breakdown(engine, CONTEXT, bw)
+        emit({"shape": shape, "scheme": scheme, "profile_summary": summary})
+        (RESULTS.parent / f"profile-{shape}-{scheme}.json").write_text(json.dumps(rows, indent=1))
+    del engine
+    torch.cuda.empty_cache()
+    if args.peers and scheme == "bf16":
+        from peers import measure_transformers
+
+        for record in measure_transformers(ckpt, args.batch, args.peer_compile_batch, args.prefill, CONTEXT, bw):
+            emit({"shape": shape, "scheme": scheme, **record})
+    shutil.rmtree(ckpt)  # 8B checkpoints and plans are 8-16 GB each; the disk holds 64 GB
+    for path in work.glob(f"{shape}-{scheme}.sm90.*"):
+        path.unlink()
+
+
+def main() -> None:
+    global RESULTS
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("bench-results"))
+    ap.add_argument("--shapes", nargs="+", default=["qwen3-8b"], choices=sorted(SHAPES))
+    ap.add_argument("--schemes", nargs="+", default=["bf16"], choices=["bf16", "fp8-block", "fp8-tensor"])
+    ap.add_argument("--layers", type=int, help="Override the layer count (quick runs).")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--prefill", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--peers", action="store_true", help="Also transformers eager and static cache + compile.")
+    ap.add_argument("--peer-compile-batch", type=int, nargs="+", default=[1, 16, 64],
+                    help="Batch sizes for transformers + torch.compile (each one recompiles).")
+    ap.add_argument("--profile", action="store_true", help="Per-node kernel breakdown of a batch-1 decode step.")
+    ap.add_argument("--cold-compile", action="store_true", help="Compile with empty rdnac and Triton caches.")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    RESULTS = args.out / "results.jsonl"
+    import triton
+    import transformers
+
+    emit({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+          "transformers": transformers.__version__, "argv": sys.argv[1:]})
+    work = Path(tempfile.mkdtemp(dir=os.environ.get("RDNAC_BENCH_TMP")))
+    for shape in args.shapes:
+        for scheme in args.schemes:
+            measure_rdnac(shape, scheme, work, args)
+
+
+if __name__ == "__main__":
+    main()
