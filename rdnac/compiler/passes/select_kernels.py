@@ -15,7 +15,7 @@ import importlib
 
 import torch
 
-from rdnac.compiler import cost_model
+from rdnac.compiler import cost_model, tuning
 from rdnac.compiler.build import check_resources, compile_calls
 from rdnac.compiler.passes import PassContext
 from rdnac.errors import RdnacError
@@ -80,10 +80,14 @@ def _candidates(family: str, problem: dict, target: Target) -> list[tuple[dict, 
     module = importlib.import_module(f"rdnac.kernels.{family}")
     space = module.config_space(problem)
     if family == "gemm":
-        return [(cfg, est.reason) for cfg, est in cost_model.rank("gemm", problem, space, target)]
-    default = module.default_config(problem)
-    rest = [c for c in space if c != default]
-    return [(default, "family default")] + [(c, "next in the config space") for c in rest]
+        ranked = [(cfg, est.reason) for cfg, est in cost_model.rank("gemm", problem, space, target)]
+    else:
+        default = module.default_config(problem)
+        ranked = [(default, "family default")] + [(c, "next in the config space") for c in space if c != default]
+    measured = tuning.lookup(target.name, family, problem)
+    if measured is not None:  # a measurement beats the model; it may lie outside the default space
+        ranked = [(measured["config"], tuning.describe(measured))] + [r for r in ranked if r[0] != measured["config"]]
+    return ranked
 
 
 def meta_env(graph: Graph, phase: str, num_tokens: int, runtime: dict) -> tuple[dict, StepMeta]:

@@ -1,0 +1,95 @@
+"""Measured kernel configs: search on a GPU, store per target, pick up at compile time.
+
+The cost model ranks configs without a GPU; a tuning table replaces its guess
+with a measurement where one exists. `search(...)` runs on a machine with the
+target GPU: it builds every candidate through the same AOT path plans use
+(record over meta tensors, `compile_calls`, `check_resources`), loads the
+binaries with the runtime's `AotLauncher`, and times each candidate as a
+captured CUDA graph of back-to-back calls that cycle through enough weight
+copies to defeat the L2 cache (decode GEMMs are bandwidth-bound; a weight
+that stays in L2 would flatter them). The winners go to
+`rdnac/compiler/tuned/<target>.json` (shipped) or the user's
+`~/.cache/rdnac/tuned/<target>.json` (which wins on conflicts).
+
+Entries are keyed by family and problem (the GEMM's M bucket, N, K, dtype and
+FP8 scheme). A lookup for an M bucket that was not measured takes the
+nearest measured bucket of the same tile regime (decode M <= 16, M <= 64,
+M <= 256, prefill), because configs only change between regimes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from pathlib import Path
+
+from rdnac.targets.probe import user_cache_dir
+
+SHIPPED_DIR = Path(__file__).resolve().parent / "tuned"
+TUNED_FAMILIES = ("gemm", "gemm_fp8")
+_KEY_FIELDS = {"gemm": ("N", "K", "dtype"),
+               "gemm_fp8": ("N", "K", "dtype", "weight_scheme", "act_scheme", "fp8_format", "block_size")}
+_REGIMES = ((1, 16), (17, 64), (65, 256), (257, 1 << 30))
+
+
+def problem_key(family: str, problem: dict) -> str:
+    return family + "|" + "|".join(f"{f}={problem.get(f)}" for f in _KEY_FIELDS[family])
+
+
+def _regime(m: int) -> tuple[int, int]:
+    return next(r for r in _REGIMES if r[0] <= m <= r[1])
+
+
+def table_paths(target: str) -> list[Path]:
+    """The tables read for `target`, lowest priority first."""
+    return [SHIPPED_DIR / f"{target}.json", user_cache_dir() / "tuned" / f"{target}.json"]
+
+
+@lru_cache(maxsize=None)
+def load(target: str) -> dict[str, dict]:
+    """{problem_key: {M bucket (int): entry}} merged over the tables of `target`."""
+    merged: dict[str, dict] = {}
+    for path in table_paths(target):
+        if not path.exists():
+            continue
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: tuning table is not valid JSON ({e}); delete or fix it") from e
+        for entry in doc.get("entries", []):
+            entry = dict(entry, device=doc.get("device"), table=str(path))
+            merged.setdefault(entry["key"], {})[int(entry["M"])] = entry
+    return merged
+
+
+def lookup(target: str, family: str, problem: dict) -> dict | None:
+    """The measured entry for this problem, or the nearest measured M bucket of the same regime."""
+    if family not in TUNED_FAMILIES:
+        return None
+    by_m = load(target).get(problem_key(family, problem))
+    if not by_m:
+        return None
+    m = problem["M"]
+    lo, hi = _regime(m)
+    same = [mm for mm in by_m if lo <= mm <= hi]
+    if not same:
+        return None
+    return by_m[min(same, key=lambda mm: abs(math.log2(mm) - math.log2(max(m, 1))))]
+
+
+def describe(entry: dict) -> str:
+    return (f"measured fastest of {entry['candidates']} candidates on {entry.get('device')}: "
+            f"{entry['us']:.1f} us at M={entry['M']} (tuning table {Path(entry['table']).name})")
+
+
+def save(path: Path, device: str, versions: dict, entries: list[dict]) -> None:
+    """Merge `entries` into the table at `path` (same key and M replaced)."""
+    doc = json.loads(path.read_text()) if path.exists() else {"entries": []}
+    fresh = {(e["key"], e["M"]) for e in entries}
+    kept = [e for e in doc["entries"] if (e["key"], e["M"]) not in fresh]
+    doc.update(device=device, versions=versions,
+               entries=sorted(kept + entries, key=lambda e: (e["key"], e["M"])))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    load.cache_clear()
