@@ -123,7 +123,8 @@ def test_weights_file_mismatch(plan, tmp_path):
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
-    line = _one_line_error(["run", str(work / "llama.msgpack"), "--prompt", "hi", "--max-tokens", "2"])
+    line = _one_line_error(["run", str(work / "llama.msgpack"), "--prompt", "hi", "--max-tokens", "2",
+                            "--verify-weights"])
     assert "sha256" in line and "llama.weights.safetensors" in line
     weights.write_bytes(bytes(data[:-100]))
     assert "size" in _one_line_error(["run", str(work / "llama.msgpack"), "--prompt", "hi"])
@@ -136,3 +137,29 @@ def test_prompt_longer_than_max_model_len(plan):
 
 def test_not_a_checkpoint(tmp_path):
     assert "config.json" in _one_line_error(["compile", str(tmp_path), "-o", str(tmp_path / "p.msgpack")])
+
+
+def test_weights_checked_at_load_and_hashed_on_request(plan, tmp_path):
+    """Load checks size and tensor specs; a flipped byte is caught only by verify_weights (a full read)."""
+    import rdnac
+    from rdnac.errors import PlanError
+
+    copy = tmp_path / "llama.msgpack"
+    shutil.copy(plan, copy)
+    wpath = tmp_path / "llama.weights.safetensors"
+    shutil.copy(plan.with_name("llama.weights.safetensors"), wpath)
+    data = bytearray(wpath.read_bytes())
+    data[-3] ^= 0x01  # inside the last tensor's data
+    wpath.write_bytes(bytes(data))
+    rdnac.load(copy)  # same size, same tensors: loads without reading the file twice
+    with pytest.raises(PlanError, match="sha256 does not match"):
+        rdnac.load(copy, verify_weights=True)
+    tensors = load_file(str(plan.with_name("llama.weights.safetensors")))
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name][:1].clone()
+    save_file(tensors, str(wpath))
+    doc = msgpack.unpackb(copy.read_bytes(), raw=False)
+    doc["header"]["weights"]["size"] = wpath.stat().st_size  # pass the size check: reach the spec check
+    copy.write_bytes(msgpack.packb(doc, use_bin_type=True))
+    with pytest.raises(PlanError, match=f"tensor {name!r} is"):
+        rdnac.load(copy)

@@ -64,7 +64,8 @@ def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max
               help="Default: cuda for GPU-target plans, cpu for cpu plans.")
 @click.option("--interpret", is_flag=True, help="Run a GPU plan's own kernels under the Triton interpreter (CPU).")
 @click.option("--enforce-eager", is_flag=True, help="No CUDA graphs (debugging).")
-def run_cmd(plan, prompt, chat_text, max_tokens, temperature, seed, device, interpret, enforce_eager):
+@click.option("--verify-weights", is_flag=True, help="Check the weights file's sha256 against the plan (reads it all).")
+def run_cmd(plan, prompt, chat_text, max_tokens, temperature, seed, device, interpret, enforce_eager, verify_weights):
     """Generate from PLAN, streaming text to stdout."""
     import rdnac
 
@@ -74,7 +75,8 @@ def run_cmd(plan, prompt, chat_text, max_tokens, temperature, seed, device, inte
         from rdnac.plans import read_plan
 
         device = "cpu" if interpret or read_plan(plan, header_only=True).header["target"] == "cpu" else "cuda"
-    engine = rdnac.load(plan, device=device, interpret=interpret, enforce_eager=enforce_eager)
+    engine = rdnac.load(plan, device=device, interpret=interpret, enforce_eager=enforce_eager,
+                        verify_weights=verify_weights)
     options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
     if chat_text == "":
         _interactive_chat(engine, options)

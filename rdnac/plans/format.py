@@ -28,6 +28,10 @@ from rdnac.errors import PlanError
 
 FORMAT = "rdnac-plan"
 FORMAT_VERSION = 1
+# safetensors dtype names -> the graph's dtype names
+_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
+              "I32": "int32", "I8": "int8", "U8": "uint8", "F8_E4M3": "float8_e4m3fn",
+              "F8_E4M3FNUZ": "float8_e4m3fnuz", "BOOL": "bool"}
 
 
 def weights_path_for(plan_path: Path) -> Path:
@@ -53,7 +57,12 @@ class Plan:
     def weights_path(self) -> Path:
         return self.path.with_name(self.header["weights"]["file"])
 
-    def load_weights(self, device: str = "cpu", verify: bool = True) -> dict[str, torch.Tensor]:
+    def load_weights(self, device: str = "cpu", verify: bool = False) -> dict[str, torch.Tensor]:
+        """The plan's weights, read straight onto `device`.
+
+        Always checked: the file's size, and that its tensors are exactly the graph's weights with
+        their recorded dtypes and shapes. With `verify`, also the file's sha256 against the plan's
+        record (a full read: seconds per GB, so it is asked for, e.g. `rdnac run --verify-weights`)."""
         path = self.weights_path
         info = self.header["weights"]
         if not path.exists():
@@ -65,9 +74,21 @@ class Plan:
         if verify and _sha256_file(path) != info["sha256"]:
             raise PlanError(f"{path}: weights sha256 does not match the plan's record; the file is corrupt or "
                             "from another compile; recompile or copy the matching file")
+        specs = self.body["graph"]["weights"]
         out = {}
         with safe_open(str(path), framework="pt", device=device) as f:
-            for name in f.keys():
+            names = set(f.keys())
+            if names != set(specs):
+                missing, extra = sorted(set(specs) - names), sorted(names - set(specs))
+                raise PlanError(f"{path}: requires the tensors of the plan's graph; missing {missing[:3]}, "
+                                f"unexpected {extra[:3]}; recompile or copy the matching file")
+            for name in specs:
+                sl = f.get_slice(name)
+                shape, dtype = list(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype())
+                want = specs[name]
+                if shape != list(want["shape"]) or dtype != want["dtype"]:
+                    raise PlanError(f"{path}: tensor {name!r} is {dtype} {shape}; the plan's graph requires "
+                                    f"{want['dtype']} {list(want['shape'])}; recompile or copy the matching file")
                 out[name] = f.get_tensor(name)
         return out
 

@@ -82,7 +82,7 @@ class Engine:
         self._executor = Executor(self.graph, plan.body["program"], launcher, device) if launcher else None
 
     @classmethod
-    def load(cls, plan_path: str | Path, device: str = "cpu", verify_weights: bool = True,
+    def load(cls, plan_path: str | Path, device: str = "cpu", verify_weights: bool = False,
              interpret: bool = False, enforce_eager: bool = False) -> Engine:
         """Load a plan. A cpu-target plan runs under the reference interpreter (on cpu or cuda);
         a GPU-target plan runs its precompiled kernels on `cuda`, or with `interpret=True` its own
@@ -110,9 +110,7 @@ class Engine:
 
             check_target(target, torch.device("cuda"))
             launcher = AotLauncher(plan.body["kernels"], "cuda")
-        weights = plan.load_weights("cpu", verify=verify_weights)
-        if device != "cpu":
-            weights = {k: v.to(device) for k, v in weights.items()}
+        weights = plan.load_weights(device, verify=verify_weights)  # straight onto the device
         return cls(plan, weights, device, launcher, enforce_eager=enforce_eager)
 
     # ------------------------------------------------------------ prompts
