@@ -24,6 +24,7 @@ import math
 from functools import lru_cache
 from pathlib import Path
 
+from rdnac.errors import RdnacError
 from rdnac.targets.probe import user_cache_dir
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "tuned"
@@ -56,7 +57,7 @@ def load(target: str) -> dict[str, dict]:
         try:
             doc = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: tuning table is not valid JSON ({e}); delete or fix it") from e
+            raise RdnacError(f"{path}: tuning table is not valid JSON ({e}); delete or fix it") from e
         for entry in doc.get("entries", []):
             entry = dict(entry, device=doc.get("device"), table=str(path))
             merged.setdefault(entry["key"], {})[int(entry["M"])] = entry
