@@ -128,7 +128,8 @@ def measure_rdnac(shape: str, scheme: str, work: Path, args) -> None:
     emit({"shape": shape, "scheme": scheme, "compile_s": round(compile_s, 1), "cold_kernel_cache": args.cold_compile})
     cold_s, out = timed_subprocess(rdnac_cmd("run", str(plan), "--prompt", "Hello", "--max-tokens", "1",
                                              "--device", "cuda"), dict(os.environ, PYTHONPATH=str(ROOT)))
-    emit({"shape": shape, "scheme": scheme, "cold_start_to_first_token_s": round(cold_s, 2)})
+    emit({"shape": shape, "scheme": scheme, "cold_start_to_first_token_s": round(cold_s, 2),
+          "startup_log": [line for line in out.splitlines() if line.startswith("rdnac:")]})
 
     engine = rdnac.load(plan, device="cuda")
     bw = copy_bandwidth()

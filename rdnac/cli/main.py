@@ -77,6 +77,11 @@ def run_cmd(plan, prompt, chat_text, max_tokens, temperature, seed, device, inte
         device = "cpu" if interpret or read_plan(plan, header_only=True).header["target"] == "cpu" else "cuda"
     engine = rdnac.load(plan, device=device, interpret=interpret, enforce_eager=enforce_eager,
                         verify_weights=verify_weights)
+    t = engine.load_timings
+    if engine.device == "cuda":  # start-up on a GPU is worth a line; the cpu interpreter's is not
+        click.echo(f"rdnac: loaded {plan} in {sum(v for k, v in t.items() if k.endswith('_s')):.2f} s (plan "
+                   f"{t['plan_s']:.2f} s, kernels {t.get('kernels_s', 0):.2f} s, {t['weights_gb']:.2f} GB of weights "
+                   f"{t['weights_s']:.2f} s)", err=True)
     options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
     if chat_text == "":
         _interactive_chat(engine, options)

@@ -12,7 +12,8 @@ that stays in L2 would flatter them). The winners go to
 `~/.cache/rdnac/tuned/<target>.json` (which wins on conflicts).
 
 Entries are keyed by family and problem (the GEMM's M bucket, N, K, dtype and
-FP8 scheme). A lookup for an M bucket that was not measured takes the
+FP8 scheme; attention's phase, heads, head size and KV block size, with the
+sequences of a decode step or the tokens of a prefill step as its "M"). A lookup for an M bucket that was not measured takes the
 nearest measured bucket of the same tile regime (decode M <= 16, M <= 64,
 M <= 256, prefill), because configs only change between regimes.
 """
@@ -28,14 +29,22 @@ from rdnac.errors import RdnacError
 from rdnac.targets.probe import user_cache_dir
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "tuned"
-TUNED_FAMILIES = ("gemm", "gemm_fp8")
+TUNED_FAMILIES = ("gemm", "gemm_fp8", "attention")
 _KEY_FIELDS = {"gemm": ("N", "K", "dtype"),
-               "gemm_fp8": ("N", "K", "dtype", "weight_scheme", "act_scheme", "fp8_format", "block_size")}
+               "gemm_fp8": ("N", "K", "dtype", "weight_scheme", "act_scheme", "fp8_format", "block_size"),
+               "attention": ("phase", "num_heads", "num_kv_heads", "head_dim", "block_size", "dtype")}
 _REGIMES = ((1, 16), (17, 64), (65, 256), (257, 1 << 30))
 
 
 def problem_key(family: str, problem: dict) -> str:
     return family + "|" + "|".join(f"{f}={problem.get(f)}" for f in _KEY_FIELDS[family])
+
+
+def problem_m(family: str, problem: dict) -> int:
+    """The size a config depends on: GEMM rows; attention's sequences (decode) or tokens (prefill)."""
+    if family == "attention":
+        return problem["num_seqs"] if problem["phase"] == "decode" else problem["num_tokens"]
+    return problem["M"]
 
 
 def _regime(m: int) -> tuple[int, int]:
@@ -71,7 +80,7 @@ def lookup(target: str, family: str, problem: dict) -> dict | None:
     by_m = load(target).get(problem_key(family, problem))
     if not by_m:
         return None
-    m = problem["M"]
+    m = problem_m(family, problem)
     lo, hi = _regime(m)
     same = [mm for mm in by_m if lo <= mm <= hi]
     if not same:

@@ -9,6 +9,7 @@ reference interpreter runs the graph.
 from __future__ import annotations
 
 import sys
+import time
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,7 @@ class Engine:
         self._cache: KVCache | None = None
         self._graphs = None
         self.enforce_eager = enforce_eager
+        self.load_timings: dict[str, float] = {}  # set by Engine.load: where start-up time went
         self._executor = Executor(self.graph, plan.body["program"], launcher, device) if launcher else None
 
     @classmethod
@@ -87,7 +89,9 @@ class Engine:
         """Load a plan. A cpu-target plan runs under the reference interpreter (on cpu or cuda);
         a GPU-target plan runs its precompiled kernels on `cuda`, or with `interpret=True` its own
         kernel specializations under the Triton interpreter on the CPU."""
+        started = time.perf_counter()
         plan = read_plan(plan_path)
+        timings = {"plan_s": time.perf_counter() - started}
         if device not in ("cpu", "cuda"):
             raise RequestError(f"device requires cpu or cuda; got {device!r}")
         target = plan.header["target"]
@@ -109,9 +113,18 @@ class Engine:
             from rdnac.runtime.aot import AotLauncher, check_target
 
             check_target(target, torch.device("cuda"))
+            mark = time.perf_counter()
             launcher = AotLauncher(plan.body["kernels"], "cuda")
+            timings["kernels_s"] = time.perf_counter() - mark
+        mark = time.perf_counter()
         weights = plan.load_weights(device, verify=verify_weights)  # straight onto the device
-        return cls(plan, weights, device, launcher, enforce_eager=enforce_eager)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        timings["weights_s"] = time.perf_counter() - mark
+        timings["weights_gb"] = sum(t.numel() * t.element_size() for t in weights.values()) / 1e9
+        engine = cls(plan, weights, device, launcher, enforce_eager=enforce_eager)
+        engine.load_timings = timings
+        return engine
 
     # ------------------------------------------------------------ prompts
 

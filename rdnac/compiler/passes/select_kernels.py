@@ -57,7 +57,7 @@ def _problem(node: Node, phase: str, env: dict[str, torch.Tensor], runtime: dict
         return "attention", {"phase": phase, "num_heads": a["num_heads"], "num_kv_heads": a["num_kv_heads"],
                              "head_dim": a["head_dim"], "block_size": runtime["kv_block_size"],
                              "max_model_len": runtime["max_model_len"], "dtype": dtype,
-                             "num_seqs": ins[4].shape[0]}
+                             "num_seqs": ins[4].shape[0], "num_tokens": ins[0].shape[0]}
     if node.op == "embedding":
         return "embedding", {"H": ins[1].shape[1]}
     if node.op == "rms_norm":

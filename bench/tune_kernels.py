@@ -1,6 +1,6 @@
-"""Search GEMM configs on this GPU and store the winners in the tuning table (GPU machine).
+"""Search GEMM and attention configs on this GPU and store the winners in the tuning table (GPU machine).
 
-    python bench/tune_gemm.py --shapes qwen3-8b llama-8b --out rdnac/compiler/tuned/sm90.json
+    python bench/tune_kernels.py --shapes qwen3-8b llama-8b --out rdnac/compiler/tuned/sm90.json
 
 For every linear of the shapes (merged qkv and gate_up, o, down, logits) and
 M in --m (1 stands for the whole decode regime M <= 16): the family's config
@@ -34,6 +34,7 @@ from rdnac.targets import get_target  # noqa: E402
 from harness import SHAPES  # noqa: E402
 
 L2_DEFEAT_BYTES = 256 << 20
+CONTEXT = 1024  # decode attention is timed at this many cached tokens per sequence
 FP8_SCHEMES = {"bf16": None,
                "fp8-block": dict(weight_scheme="block", act_scheme="dynamic_group", block_size=[128, 128]),
                "fp8-tensor": dict(weight_scheme="channel", act_scheme="dynamic_token", block_size=None)}
@@ -55,6 +56,18 @@ def problems(shape: str, scheme: str, ms: list[int]) -> list[tuple[str, dict]]:
     return out
 
 
+def attention_problems(shape: str, batches: list[int], prefill: list[int]) -> list[tuple[str, dict]]:
+    s = SHAPES[shape]
+    base = {"num_heads": s["heads"], "num_kv_heads": s["kv_heads"], "head_dim": s["head_dim"], "block_size": 16,
+            "max_model_len": 4096, "dtype": "bfloat16"}
+    return ([("attention", dict(base, phase="decode", num_seqs=b, num_tokens=b)) for b in batches]
+            + [("attention", dict(base, phase="prefill", num_seqs=1, num_tokens=t)) for t in prefill])
+
+
+def _acfg(warps, stages, **constexprs):
+    return {"constexprs": constexprs, "num_warps": warps, "num_stages": stages}
+
+
 def _cfg(bm, bn, bk, group, split, warps, stages):
     return {"constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_SIZE_M": group, "SPLIT_K": split},
             "num_warps": warps, "num_stages": stages}
@@ -63,12 +76,21 @@ def _cfg(bm, bn, bk, group, split, warps, stages):
 def candidates(family: str, problem: dict) -> list[dict]:
     module = importlib.import_module(f"rdnac.kernels.{family}")
     space = list(module.config_space(problem))
+    if family == "attention":
+        if problem["phase"] == "decode":
+            extra = [_acfg(w, st, NUM_SPLITS=s, BLOCK_N=n) for s in (1, 2, 4, 8, 16, 32) for n in (16, 32, 64, 128)
+                     for w, st in ((4, 3), (2, 2), (8, 2))]
+        else:
+            extra = [_acfg(w, st, BLOCK_M=m, BLOCK_N=n) for m, n, w, st in
+                     ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
+                      (128, 32, 8, 3), (64, 128, 8, 2), (128, 128, 8, 3))]
+        return [c for j, c in enumerate(space + extra) if c not in (space + extra)[:j]]
     M, N, K = problem["M"], problem["N"], problem["K"]
     block_scale = problem.get("weight_scheme") == "block"
     extra = []
     if M <= 16:
         for bn in ((64, 128) if block_scale else (32, 64, 128)):
-            for bk in (128, 256):
+            for bk in ((128,) if block_scale else (128, 256)):
                 for split in (1, 2, 4, 8, 16):
                     kps = triton.cdiv(triton.cdiv(K, split), bk) * bk
                     if split > 1 and (kps < 2 * bk or triton.cdiv(K, kps) != split):
@@ -83,7 +105,36 @@ def candidates(family: str, problem: dict) -> list[dict]:
     return [c for j, c in enumerate(space + extra) if c not in (space + extra)[:j]]
 
 
-def _tensors(family: str, problem: dict, device: str, copies: int):
+def _attention_tensors(problem: dict, device: str, copies: int, context: int):
+    hq, hk, d, bs = problem["num_heads"], problem["num_kv_heads"], problem["head_dim"], problem["block_size"]
+    decode = problem["phase"] == "decode"
+    b = problem["num_seqs"]
+    t = b if decode else problem["num_tokens"]
+    ctx = context if decode else t
+    per_seq = -(-ctx // bs)
+    make = (lambda *shape, dtype=torch.bfloat16: torch.empty(shape, dtype=dtype, device="meta")) if device == "meta" \
+        else (lambda *shape, dtype=torch.bfloat16: torch.randn(shape, device=device).to(dtype))
+    q = make(t, hq * d)
+    ints = (lambda v: torch.empty(len(v), dtype=torch.int32, device="meta")) if device == "meta" \
+        else (lambda v: torch.tensor(v, dtype=torch.int32, device=device))
+    tables = torch.arange(b * per_seq, dtype=torch.int32).reshape(b, per_seq)
+    tables = torch.empty(b, per_seq, dtype=torch.int32, device="meta") if device == "meta" else tables.to(device)
+    seq_lens = ints([ctx] * b)
+    cu = ints(list(range(b + 1)) if decode else [0, t])
+    positions = ints([ctx - 1] * b if decode else list(range(t)))
+    kw = dict(num_heads=hq, num_kv_heads=hk, head_dim=d, scale=d ** -0.5)
+    if not decode:
+        kw["max_query_len"] = t
+    sets = []
+    for _ in range(copies):
+        k_cache, v_cache = make(b * per_seq, bs, hk, d), make(b * per_seq, bs, hk, d)
+        sets.append(((q, k_cache, v_cache, tables, seq_lens, cu, positions), kw))
+    return sets
+
+
+def _tensors(family: str, problem: dict, device: str, copies: int, context: int = 1024):
+    if family == "attention":
+        return _attention_tensors(problem, device, copies, context)
     M, N, K = problem["M"], problem["N"], problem["K"]
     x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
     sets = []
@@ -102,9 +153,11 @@ def _tensors(family: str, problem: dict, device: str, copies: int):
     return sets
 
 
-def _wrapper(family: str):
-    from rdnac.kernels import gemm, gemm_fp8
+def _wrapper(family: str, problem: dict | None = None):
+    from rdnac.kernels import attention, gemm, gemm_fp8
 
+    if family == "attention":
+        return attention.attention_decode if problem["phase"] == "decode" else attention.attention_prefill
     return gemm.linear if family == "gemm" else gemm_fp8.linear_fp8
 
 
@@ -115,7 +168,7 @@ def search(jobs: list[tuple[str, dict]], target: str) -> list[dict]:
         (args, kw), = _tensors(family, problem, "meta", 1)
         for config in candidates(family, problem):
             rec = RecordingLauncher()
-            _wrapper(family)(*args, **kw, config=config, launcher=rec)
+            _wrapper(family, problem)(*args, **kw, config=config, launcher=rec)
             plan.append((j, config, rec.calls))
     started = time.perf_counter()
     binaries = compile_calls([c for _, _, calls in plan for c in calls], tgt, quiet=True)
@@ -130,22 +183,35 @@ def search(jobs: list[tuple[str, dict]], target: str) -> list[dict]:
     launcher = AotLauncher([b.to_dict() for _, _, bins in ok for b in bins], "cuda")
     results = []
     for j, (family, problem) in enumerate(jobs):
-        weight_bytes = problem["N"] * problem["K"] * (2 if family == "gemm" else 1)
+        if family == "attention":
+            ctx = CONTEXT if problem["phase"] == "decode" else problem["num_tokens"]
+            weight_bytes = 2 * problem["num_seqs"] * ctx * problem["num_kv_heads"] * problem["head_dim"] * 2
+        else:
+            weight_bytes = problem["N"] * problem["K"] * (2 if family == "gemm" else 1)
         copies = max(1, min(16, -(-L2_DEFEAT_BYTES // weight_bytes)))
-        sets = _tensors(family, problem, "cuda", copies)
+        sets = _tensors(family, problem, "cuda", copies, CONTEXT)
         reps = max(copies, 8)
         timed = []
         for jj, config, _ in ok:
             if jj != j:
                 continue
-            timed.append((_time(family, sets, reps, config, launcher), config))
+            timed.append((_time(_wrapper(family, problem), sets, reps, config, launcher), config))
         timed.sort(key=lambda t: t[0])
         best_us, best = timed[0]
-        entry = {"key": tuning.problem_key(family, problem), "M": problem["M"], "family": family,
-                 "problem": problem, "config": best, "us": round(best_us, 2), "candidates": len(timed)}
-        flops = 2 * problem["M"] * problem["N"] * problem["K"]
-        entry["GBps"] = round((weight_bytes + problem["M"] * problem["K"] * 2) / best_us / 1e3, 1)
-        entry["tflops"] = round(flops / best_us / 1e6, 1)
+        entry = {"key": tuning.problem_key(family, problem), "M": tuning.problem_m(family, problem),
+                 "family": family, "problem": problem, "config": best, "us": round(best_us, 2),
+                 "candidates": len(timed)}
+        if family == "attention":
+            entry["GBps"] = round(weight_bytes / best_us / 1e3, 1)
+            if problem["phase"] == "prefill":
+                t = problem["num_tokens"]
+                entry["tflops"] = round(4 * problem["num_heads"] * problem["head_dim"] * t * (t + 1) / 2 / best_us / 1e6, 1)
+            else:
+                entry["context"] = CONTEXT
+        else:
+            flops = 2 * problem["M"] * problem["N"] * problem["K"]
+            entry["GBps"] = round((weight_bytes + problem["M"] * problem["K"] * 2) / best_us / 1e3, 1)
+            entry["tflops"] = round(flops / best_us / 1e6, 1)
         if family == "gemm":
             pick = cost_model.rank("gemm", problem, [c for _, c in timed], tgt)[0][0]
             entry["cost_model_pick_us"] = round(next(t for t, c in timed if c == pick), 2)
@@ -156,8 +222,7 @@ def search(jobs: list[tuple[str, dict]], target: str) -> list[dict]:
     return results
 
 
-def _time(family, sets, reps, config, launcher) -> float:
-    fn = _wrapper(family)
+def _time(fn, sets, reps, config, launcher) -> float:
 
     def step(i):
         args, kw = sets[i % len(sets)]
@@ -188,6 +253,8 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["qwen3-8b", "llama-8b", "smollm2"], choices=sorted(SHAPES))
     ap.add_argument("--schemes", nargs="+", default=["bf16"], choices=sorted(FP8_SCHEMES))
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 2048])
+    ap.add_argument("--attention", action="store_true", help="Also decode (batch 1, 64) and prefill attention.")
+    ap.add_argument("--prefill", type=int, nargs="+", default=[2048])
     ap.add_argument("--target", default="sm90")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -197,6 +264,8 @@ def main() -> None:
             for job in problems(shape, scheme, args.m):
                 if job not in jobs:
                     jobs.append(job)
+        if args.attention:
+            jobs += [j for j in attention_problems(shape, [1, 64], args.prefill) if j not in jobs]
     results = search(jobs, args.target)
     import rdnac
 
