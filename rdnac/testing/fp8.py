@@ -234,12 +234,24 @@ def _layer_specs(i: int, c: dict, scheme: str | None, is_qwen3: bool):
     return specs
 
 
+DECISIVE_RESIDUAL_SCALE = 0.1
+DECISIVE_STRIDE = 7919  # a prime: j -> (7919 j + 1) mod V is a permutation for any vocab it does not divide
+
+
 def write_random_checkpoint(out_dir: str | Path, arch: str = "Qwen3ForCausalLM", hidden: int = 4096,
                             layers: int = 36, heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
                             intermediate: int = 12288, vocab: int = 151936, scheme: str | None = None,
-                            seed: int = 0) -> Path:
+                            seed: int = 0, decisive: bool = False) -> Path:
     """A random HF checkpoint of real shapes (bf16, or FP8 linears with scheme fp8-block / fp8-tensor),
-    one safetensors shard per layer, written while generated (peak memory ~ one layer)."""
+    one safetensors shard per layer, written while generated (peak memory ~ one layer).
+
+    Random weights give flat next-token distributions (top-2 logit gaps of a few hundredths), where any
+    two correct implementations that round differently pick different greedy tokens. `decisive=True`
+    gives the peaked predictions a trained model has, so greedy tokens are a stable comparison: the
+    embedding is unit-scale, o_proj/down_proj are scaled by DECISIVE_RESIDUAL_SCALE (each layer adds a
+    perturbation of about a tenth of the token's embedding norm to the residual stream), and lm_head
+    row j is the embedding row of token (a*j + b) mod vocab, so each token predicts a fixed other token
+    by a wide margin while every layer still shapes the logits."""
     if arch not in _MODEL_TYPES:
         raise ValueError(f"arch requires one of {sorted(_MODEL_TYPES)}; got {arch!r}")
     if scheme not in (None, "fp8-block", "fp8-tensor"):
@@ -268,17 +280,30 @@ def write_random_checkpoint(out_dir: str | Path, arch: str = "Qwen3ForCausalLM",
             weight_map[name] = filename
             if kind == "norm":
                 t = 1.0 + 0.1 * torch.randn(shape, generator=_generator(seed, name))
+            elif kind == "embedding" and decisive and name == "lm_head.weight":
+                for start in range(0, shape[0], 16384):  # row j = embedding row (a*j + b) mod V
+                    rows = torch.arange(start, min(start + 16384, shape[0]))
+                    writer.write(name, embedding[(DECISIVE_STRIDE * rows + 1) % shape[0]])
+                continue
             elif kind == "embedding":  # in row chunks: [V, H] is the largest tensor
+                std = 1.0 if decisive else 0.02
+                chunks = []
                 for start in range(0, shape[0], 16384):
                     rows = min(16384, shape[0] - start)
-                    chunk = 0.02 * torch.randn((rows, shape[1]), generator=_generator(seed, f"{name}@{start}"))
-                    writer.write(name, chunk.bfloat16())
+                    chunks.append((std * torch.randn((rows, shape[1]), generator=_generator(seed, f"{name}@{start}")))
+                                  .bfloat16())
+                    writer.write(name, chunks[-1])
+                    if not decisive:
+                        chunks.clear()
+                embedding = torch.cat(chunks) if decisive else None  # kept for the decisive lm_head
                 continue
             elif kind == "scale":
                 writer.write(name, pending_scale.pop(name))
                 continue
             else:
                 t = (shape[1] ** -0.5) * torch.randn(shape, generator=_generator(seed, name))
+                if decisive and name.endswith(("o_proj.weight", "down_proj.weight")):
+                    t = t * DECISIVE_RESIDUAL_SCALE
                 if scheme:
                     bits, scale, weight_scheme, block = _quantize(name, t, scheme, seed)
                     module = name.removesuffix(".weight")
