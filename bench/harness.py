@@ -149,6 +149,10 @@ def measure_rdnac(shape: str, scheme: str, work: Path, args) -> None:
         rows, summary = kernel_breakdown(engine, CONTEXT, bw)
         emit({"shape": shape, "scheme": scheme, "profile_summary": summary})
         (RESULTS.parent / f"profile-{shape}-{scheme}.json").write_text(json.dumps(rows, indent=1))
+        tokens = max(args.prefill)
+        rows, summary = kernel_breakdown(engine, CONTEXT, bw, prefill=tokens)
+        emit({"shape": shape, "scheme": scheme, "prefill_profile_summary": summary, "prefill_tokens": tokens})
+        (RESULTS.parent / f"profile-prefill{tokens}-{shape}-{scheme}.json").write_text(json.dumps(rows, indent=1))
     del engine
     torch.cuda.empty_cache()
     if args.peers and scheme == "bf16":

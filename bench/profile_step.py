@@ -1,4 +1,4 @@
-"""Per-node kernel breakdown of one batch-1 decode step (torch.profiler), for bench/harness.py.
+"""Per-node kernel breakdown of one batch-1 decode or prefill step (torch.profiler), for bench/harness.py.
 
 The step runs eagerly once with the launcher wrapped, which records the
 (node, kernel) sequence of its launches; a second eager step runs under
@@ -18,11 +18,14 @@ from rdnac.kernels.launch import kernel_name
 from rdnac.runtime.engine import StepEntry
 
 
-def _entries(engine, context: int) -> list[StepEntry]:
-    per_seq = -(-(context + 1) // engine.block_size)
+def _entries(engine, context: int, prefill: int) -> list[StepEntry]:
+    """One sequence: a decode step at `context` cached tokens, or a prefill of `prefill` tokens."""
+    total = prefill or context + 1
+    per_seq = -(-total // engine.block_size)
     engine._ensure_cache(per_seq + 1)
     blocks = engine._cache.allocator.allocate(per_seq)
-    return [StepEntry([1] * (context + 1), blocks, context, context + 1)]
+    ids = [(7 * i) % 50000 + 300 for i in range(total)]
+    return [StepEntry(ids, blocks, 0, prefill) if prefill else StepEntry(ids, blocks, context, context + 1)]
 
 
 def _node_bytes(engine, node, context: int) -> int:
@@ -34,11 +37,14 @@ def _node_bytes(engine, node, context: int) -> int:
     if node.op == "attention":
         a = node.attrs
         return 2 * context * a["num_kv_heads"] * a["head_dim"] * engine._dtype.itemsize
+    if node.op == "qk_norm_rope_cache":
+        return 0
     return 0
 
 
-def kernel_breakdown(engine, context: int, copy_gbps: float) -> tuple[list[dict], dict]:
-    entries = _entries(engine, context)
+def kernel_breakdown(engine, context: int, copy_gbps: float, prefill: int = 0) -> tuple[list[dict], dict]:
+    """Per-node kernel times of a batch-1 decode step at `context`, or of a `prefill`-token prefill."""
+    entries = _entries(engine, context, prefill)
     executor, launcher = engine._executor, engine._executor.launcher
     sequence: list[tuple[str, str]] = []
     current = {"node": None}
