@@ -171,9 +171,9 @@ def run_plan(plan: Plan, weights: dict[str, torch.Tensor], token_ids: list[int],
 
 def reference_passes_disabled() -> tuple[str, ...]:
     """Every graph pass but dead-code elimination: the reference is the frontend's graph as built."""
-    from rdnac.compiler.pipeline import GRAPH_PASSES
+    from rdnac.compiler.pipeline import GRAPH_PASSES, LATE_PASSES
 
-    return tuple(p for p in GRAPH_PASSES if p != "dce")
+    return tuple(p for p in GRAPH_PASSES + LATE_PASSES if p != "dce")
 
 
 def compile_reference(model: str | Path, directory: Path, max_model_len: int | None) -> Plan:
