@@ -37,6 +37,7 @@ AOT_DIVISIBLE = {"_rms_norm_quant_kernel": ("stride_x_row", "stride_residual_row
 # tl.sum/tl.max are @triton.jit functions, which the interpreter path cannot call (see rms_norm.py)
 _SUM = tl.standard._sum_combine
 _MAX = tl.standard._elementwise_max
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -159,8 +160,6 @@ def rms_norm_quant(x: torch.Tensor, *rest: torch.Tensor, eps: float, unit_offset
                         num_warps=config["num_warps"], num_stages=config["num_stages"])
     return (q, scale) if residual_out is None else (q, scale, residual_out)
 
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def config_space(problem: dict) -> list[dict]:

@@ -64,7 +64,8 @@ def value_readers(graph: Graph) -> dict[str, list[Node]]:
 
 def value_specs(graph: Graph) -> dict[str, TensorSpec]:
     """Type and shape of every value, by the ops' shape rules."""
-    specs: dict[str, TensorSpec] = {**graph.inputs, **{k: TensorSpec(w.dtype, w.shape) for k, w in graph.weights.items()}}
+    specs: dict[str, TensorSpec] = dict(graph.inputs)
+    specs.update((k, TensorSpec(w.dtype, w.shape)) for k, w in graph.weights.items())
     for node in graph.nodes:
         specs.update(zip(node.outputs, OPS[node.op].infer(node.attrs, [specs[n] for n in node.inputs])))
     return specs
