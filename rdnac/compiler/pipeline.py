@@ -24,6 +24,8 @@ from rdnac.plans import write_plan
 from rdnac.targets import get_target
 
 GRAPH_PASSES = ("merge_linears", "fuse_add_rms_norm", "dce")
+# run after fp8_layout, which fixes each FP8 linear's format and activation scheme (a16w8 is not fused)
+LATE_PASSES = ("fuse_norm_quant", "fuse_act_quant")
 _DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE_SCHEMES = ("fp8", "fp8-block")
 
@@ -101,6 +103,13 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
     graph = fp8_layout.run(graph, weights, ctx, tgt, caps)
     if opts.verify_each_pass:
         verify(graph)
+    for name in LATE_PASSES:
+        if name in opts.disable_passes:
+            ctx.decide(name, "-", "skipped", "disabled with --disable-pass")
+            continue
+        graph = passes[name](graph, ctx)
+        if opts.verify_each_pass:
+            verify(graph)
     max_len = min(opts.max_model_len or graph.attrs["max_position_embeddings"], graph.attrs["max_position_embeddings"])
     runtime = {"kv_block_size": opts.kv_block_size, "max_model_len": max_len,
                "device": "cuda" if tgt.is_gpu else "cpu", "max_num_seqs": opts.max_num_seqs,

@@ -20,9 +20,22 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 | gated_act       | gate [T, I], up [T, I]  or  gate_up [T, 2I]                   | [T, I]         |
 | add             | a, b (same shape)                                             | a + b          |
 | linear_fp8      | x [T, K], weight fp8 [N, K], weight_scale, (input_scale), (bias [N]) | [T, N]  |
+|                 | prequantized: x_q fp8 [T, K], weight, weight_scale, x_scale [T, G], (bias) |         |
+| rms_norm_quant  | x [T, H], (residual [T, H]), weight [H]                       | q fp8, scale, (x+residual) |
+| gated_act_quant | gate [T, I], up [T, I]  or  gate_up [T, 2I]                   | q fp8 [T, I], scale |
 | logits          | x [T, H], logits_indices [R], weight [V, H]                   | [R, V] float32 |
 | argmax          | logits [R, V]                                                 | [R] int64      |
 | split           | x [T, N] (attr sizes, summing to N)                           | len(sizes) views [T, sizes[i]] |
+
+FP8 activation quantization fused into its producer: `rms_norm_quant` and
+`gated_act_quant` compute `rms_norm` / `gated_act` exactly, then
+`rdnac.ir.fp8.quantize_rows` (attr `group`: 0 = one scale per token [T, 1],
+else one per token and `group` columns [T, ceil(H/group)]). Their consumer is
+a `linear_fp8` with act_scheme "prequantized": the same op (same weight
+inputs at the same positions, same kernels) whose x is already fp8 and whose
+fourth input, where a static input scale would sit, is x_scale; attrs `group`
+(as above) and `out_dtype` (x's dtype before quantization). Fused and
+unfused graphs compute the same values bit for bit in the reference.
 """
 
 from __future__ import annotations
@@ -239,18 +252,20 @@ _ACTIVATIONS = {
 
 def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *rest: torch.Tensor,
                weight_scheme: str, act_scheme: str, fp8_format: str, block_size: list | None = None,
-               has_bias: bool = False) -> torch.Tensor:
+               has_bias: bool = False, group: int = 0, out_dtype: str | None = None) -> torch.Tensor:
     """y = Q(x) @ W.T (+ bias) in float32, cast to x's dtype.
 
     W = fp8 bits * weight_scale: per "tensor" ([1]), "channel" ([N]) or "block"
     ([ceil(N/bn), ceil(K/bk)] with block_size [bn, bk]). Q(x): "dynamic_token"
     quantizes each row to fp8 with scale amax/FP8_MAX; "dynamic_group" per row
     and group of bk columns (block schemes); "static" with the given
-    input_scale [1]; "none" keeps x (a16w8). rest = (input_scale if static, bias if has_bias)."""
+    input_scale [1]; "none" keeps x (a16w8); "prequantized": x is fp8 already, with x_scale [T, 1]
+    (group 0) or [T, ceil(K/group)], and the output is `out_dtype`.
+    rest = (input_scale if static, x_scale if prequantized, bias if has_bias)."""
     from rdnac.ir.fp8 import FP8_MAX, FORMATS, dequantize_weight, quantize_rows
 
     rest = list(rest)
-    input_scale = rest.pop(0) if act_scheme == "static" else None
+    input_scale = rest.pop(0) if act_scheme in ("static", "prequantized") else None
     bias = rest.pop(0) if has_bias else None
     w = dequantize_weight(weight, weight_scale, weight_scheme, tuple(block_size) if block_size else None)
     if act_scheme == "none":
@@ -265,17 +280,38 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     elif act_scheme == "static":
         s = input_scale.float().reshape(())
         xq = (x.float() / s).clamp(-FP8_MAX[fp8_format], FP8_MAX[fp8_format]).to(FORMATS[fp8_format]).float() * s
+    elif act_scheme == "prequantized":  # the same products as the dynamic schemes above
+        s = input_scale.float()
+        xq = x.float() * (s.repeat_interleave(group, 1)[:, : x.shape[1]] if group else s)
     else:
         raise ValueError(f"unknown act_scheme {act_scheme!r}")
     y = xq @ w.T
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype)
+    return y.to(getattr(torch, out_dtype) if act_scheme == "prequantized" else x.dtype)
 
 
 def gated_act(*xs: torch.Tensor, act: str = "silu") -> torch.Tensor:
     gate, up = xs if len(xs) == 2 else xs[0].chunk(2, dim=-1)
     return _ACTIVATIONS[act](gate) * up
+
+
+def rms_norm_quant(x: torch.Tensor, *rest: torch.Tensor, eps: float, unit_offset: bool = False,
+                   fp8_format: str, group: int = 0):
+    """(q, scale) = quantize_rows(rms_norm(x [+ residual])); with a residual also returns the sum."""
+    from rdnac.ir.fp8 import quantize_rows
+
+    out = rms_norm(x, *rest, eps=eps, unit_offset=unit_offset)
+    y, residual_out = (out, None) if isinstance(out, torch.Tensor) else out
+    q, scale = quantize_rows(y, fp8_format, group)
+    return (q, scale) if residual_out is None else (q, scale, residual_out)
+
+
+def gated_act_quant(*xs: torch.Tensor, act: str = "silu", fp8_format: str, group: int = 0):
+    """(q, scale) = quantize_rows(gated_act(...))."""
+    from rdnac.ir.fp8 import quantize_rows
+
+    return quantize_rows(gated_act(*xs, act=act), fp8_format, group)
 
 
 def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -319,7 +355,27 @@ def _linear_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
 
 
 def _linear_fp8_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
-    return [TensorSpec(ins[0].dtype, (ins[0].shape[0], ins[1].shape[0]))]
+    dtype = attrs["out_dtype"] if attrs["act_scheme"] == "prequantized" else ins[0].dtype
+    return [TensorSpec(dtype, (ins[0].shape[0], ins[1].shape[0]))]
+
+
+def _quant_specs(attrs: dict, x: TensorSpec) -> list[TensorSpec]:
+    """q fp8 [T, H] and its float32 scales [T, 1] or [T, ceil(H / group)]."""
+    from rdnac.ir.fp8 import FORMATS
+
+    num_tokens, width = x.shape  # width is a model dim: an int
+    group = attrs.get("group", 0)
+    num_groups = -(-width // group) if group else 1
+    return [TensorSpec(str(FORMATS[attrs["fp8_format"]]).removeprefix("torch."), (num_tokens, width)),
+            TensorSpec("float32", (num_tokens, num_groups))]
+
+
+def _rms_norm_quant_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
+    return _quant_specs(attrs, ins[0]) + ([ins[0]] if len(ins) == 3 else [])
+
+
+def _gated_act_quant_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
+    return _quant_specs(attrs, _gated_act_infer(attrs, ins)[0])
 
 
 def _rope_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
@@ -357,6 +413,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("gated_act", ("act",), (1, 2), _gated_act_infer, gated_act),
     OpDef("add", (), (2,), _same, add),
     OpDef("linear_fp8", ("weight_scheme", "act_scheme", "fp8_format"), (3, 4, 5), _linear_fp8_infer, linear_fp8),
+    OpDef("rms_norm_quant", ("eps", "fp8_format", "group"), (2, 3), _rms_norm_quant_infer, rms_norm_quant),
+    OpDef("gated_act_quant", ("act", "fp8_format", "group"), (1, 2), _gated_act_quant_infer, gated_act_quant),
     OpDef("logits", (), (3,), _logits_infer, logits),
     OpDef("argmax", (), (1,), _argmax_infer, argmax),
     OpDef("split", ("sizes",), (1,), _split_infer, split),

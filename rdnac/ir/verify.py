@@ -63,7 +63,7 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(ins[0].shape[-1] == ins[1].shape[1], "x's last dim must equal weight's in_features")
         if len(ins) == 3:
             expect(ins[2].shape == (ins[1].shape[0],), "bias must be [out_features]")
-    elif node.op == "rms_norm":
+    elif node.op in ("rms_norm", "rms_norm_quant"):
         expect(ins[-1].shape == (ins[0].shape[-1],), "weight must be [hidden]")
     elif node.op == "head_rms_norm":
         expect(ins[1].shape == (a["head_dim"],), "weight must be [head_dim]")
@@ -85,7 +85,7 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(len(ins[1].shape) == 2, "weight must be [vocab, hidden]")
     elif node.op == "logits":
         expect(ins[0].shape[-1] == ins[2].shape[1], "x's hidden must equal weight's")
-    elif node.op == "gated_act":
+    elif node.op in ("gated_act", "gated_act_quant"):
         expect(a["act"] in ("silu", "gelu", "gelu_tanh"), "act must be silu, gelu or gelu_tanh")
     elif node.op == "split":
         sizes = a["sizes"]
@@ -96,3 +96,14 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         width = ins[0].shape[-1]
         expect(not isinstance(width, int) or sum(sizes) == width,
                f"sizes {list(sizes)} must sum to x's last dim")
+    # FP8 quantization fused into its producer, and the linear reading it (see ops.py)
+    if node.op in ("rms_norm_quant", "gated_act_quant"):
+        expect(a["fp8_format"] in ("e4m3fn", "e4m3fnuz"),
+               f"fp8_format must be e4m3fn or e4m3fnuz; got {a['fp8_format']!r}")
+        expect(isinstance(a["group"], int) and a["group"] >= 0, f"group must be an int >= 0; got {a['group']!r}")
+    if node.op == "linear_fp8" and a["act_scheme"] == "prequantized":
+        expect(ins[0].dtype == f"float8_{a['fp8_format']}", f"prequantized x must be float8_{a['fp8_format']}")
+        expect(len(ins) == 4 + bool(a.get("has_bias")),
+               "prequantized takes (x_q, weight, weight_scale, x_scale, (bias))")
+        expect(ins[3].dtype == "float32" and ins[3].shape[0] == ins[0].shape[0], "x_scale must be float32 [T, G]")
+        expect("out_dtype" in a and "group" in a, "prequantized needs attrs out_dtype and group")

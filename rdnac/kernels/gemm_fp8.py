@@ -1,5 +1,9 @@
 """FP8 GEMM family: IR op `linear_fp8` (y = Q(x) @ (fp8 W * weight_scale).T + bias, in x's dtype).
 
+act_scheme "prequantized": x arrives as fp8 with its scales (from `rms_norm_quant` or
+`gated_act_quant`, which quantize exactly as `_quant_fp8_kernel` does), so the quant launch is skipped
+and the GEMMs below read them as they read their own quant's output.
+
 Kernels, one job each:
   `_quant_fp8_kernel`      activation quant: per token ("dynamic_token", one program per row, no
                            atomics), per (token, group) ("dynamic_group") or with a given scale
@@ -27,7 +31,8 @@ the carry when the mantissa rounds up (124.0 became 64.0 in e4m3fn), and because
 value is the same on every backend.
 
 Config space (`config_space(problem)`; problem keys "M" (bucket label, see `gemm.m_bucket`), "N",
-"K", "dtype" (x's), "has_bias", "weight_scheme", "act_scheme", "fp8_format", "block_size"):
+"K", "dtype" (x's), "has_bias", "weight_scheme", "act_scheme", "fp8_format", "block_size", and
+"group" for "prequantized"; a prequantized problem gets the space of its dynamic scheme):
   decode  M <= 16 : BLOCK_M 16, GROUP_SIZE_M 1, narrow deep tiles, SPLIT_K 1/2/4/8 for large weights
   middle  M <= 64 : BLOCK_M = bucket, GROUP_SIZE_M 1, SPLIT_K 1/2/4 for large weights
   M <= 256        : BLOCK_M 64, GROUP_SIZE_M 8, BLOCK_N 64/128
@@ -275,12 +280,17 @@ def _quantize(x, input_scale, fmt, group, *, launcher):
 
 def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *rest: torch.Tensor,
                weight_scheme: str, act_scheme: str, fp8_format: str, block_size: list | None = None,
-               has_bias: bool = False, config: dict, launcher: Launcher) -> torch.Tensor:
+               has_bias: bool = False, group: int = 0, out_dtype: str | None = None,
+               config: dict, launcher: Launcher) -> torch.Tensor:
     """y [M, N] = Q(x [M, K]) @ (weight [N, K] fp8 * weight_scale).T (+ bias [N]), in x's dtype.
 
-    rest = (input_scale [1] if act_scheme == "static", bias [N] if has_bias), as the IR reference."""
+    rest = (input_scale [1] if act_scheme == "static", x_scale [M, G] if "prequantized", bias [N] if
+    has_bias), as the IR reference. Prequantized: x is fp8, G = 1 (group 0) or cdiv(K, group), and
+    the output is `out_dtype`."""
     rest = list(rest)
+    is_prequantized = act_scheme == "prequantized"
     input_scale = rest.pop(0) if act_scheme == "static" else None
+    x_scale = rest.pop(0) if is_prequantized else None
     bias = rest.pop(0) if has_bias else None
     assert not rest, f"linear_fp8: {len(rest)} unexpected extra inputs"
     M, K = x.shape
@@ -290,14 +300,24 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         f"linear_fp8: an {fp8_format} weight must be {FORMATS[fp8_format]} (view uint8 bits); got {weight.dtype}"
     assert x.stride(1) == 1 and weight.stride(1) == 1, "linear_fp8: x and weight need unit stride along K"
     assert bias is None or tuple(bias.shape) == (N,), f"linear_fp8: bias must be [{N}]"
-    assert act_scheme in ("none", "dynamic_token", "dynamic_group", "static"), f"unknown act_scheme {act_scheme!r}"
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)  # [M, N]
+    assert act_scheme in ("none", "dynamic_token", "dynamic_group", "static", "prequantized"), \
+        f"unknown act_scheme {act_scheme!r}"
+    out = torch.empty((M, N), dtype=getattr(torch, out_dtype) if is_prequantized else x.dtype, device=x.device)
     if M == 0:
         return out
     is_a16 = act_scheme == "none"
-    is_block = weight_scheme == "block" or act_scheme == "dynamic_group"
-    group = block_size[1] if act_scheme == "dynamic_group" else 0
-    a, a_scale = (x, x) if is_a16 else _quantize(x, input_scale, fp8_format, group, launcher=launcher)
+    if not is_prequantized:
+        group = block_size[1] if act_scheme == "dynamic_group" else 0
+    is_block = weight_scheme == "block" or group > 0
+    if is_prequantized:
+        assert x.dtype == FORMATS[fp8_format], f"linear_fp8: prequantized x must be {FORMATS[fp8_format]}"
+        assert tuple(x_scale.shape) == (M, triton.cdiv(K, group) if group else 1) and x_scale.stride(1) == 1, \
+            f"linear_fp8: x_scale must be [{M}, G] for group {group}; got {tuple(x_scale.shape)}"
+        assert weight_scheme != "block" or not group or group == block_size[1], \
+            f"linear_fp8: activation group {group} must equal the weight's scale block K {block_size[1]}"
+        a, a_scale = x, x_scale
+    else:
+        a, a_scale = (x, x) if is_a16 else _quantize(x, input_scale, fp8_format, group, launcher=launcher)
 
     c = config["constexprs"]
     block_m, block_n, block_k, split_k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"]
@@ -316,7 +336,7 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             scale_bn, scale_bk = block_size
             stride_wsn, stride_wsk = weight_scale.stride(0), weight_scale.stride(1)
         else:  # per-channel / per-tensor weight under per-group activations
-            scale_bn, scale_bk = 1, block_size[1]
+            scale_bn, scale_bk = 1, group
             stride_wsn, stride_wsk = (weight_scale.stride(0) if weight_scheme == "channel" else 0), 0
         assert scale_bk % block_k == 0, f"linear_fp8: BLOCK_K {block_k} must divide the scale block's K {scale_bk}"
         stride_ask = 1 if group else 0
@@ -375,6 +395,8 @@ def _shape(problem: dict) -> tuple[int, int, int, bool, int | None, int | None]:
         assert scale_bn % 16 == 0, f"linear_fp8: block_size N {scale_bn} must be a multiple of 16 (a tile divides it)"
     elif problem["act_scheme"] == "dynamic_group":
         scale_bn, scale_bk = None, problem["block_size"][1]
+    elif problem["act_scheme"] == "prequantized" and problem.get("group"):
+        scale_bn, scale_bk = None, problem["group"]
     else:
         scale_bn = scale_bk = None
     return M, N, K, is_a16, scale_bn, scale_bk

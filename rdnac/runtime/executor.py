@@ -35,6 +35,8 @@ WRAPPERS = {
     "gated_act": "activation.gated_act",
     "add": "elementwise.add",
     "logits": "gemm.logits",
+    "rms_norm_quant": "rms_norm_quant.rms_norm_quant",
+    "gated_act_quant": "activation_quant.gated_act_quant",
 }
 # IR ops that need no kernel: the executor computes them itself and the program has no entry for them.
 # `split` returns column views of its input; every wrapper that reads a split output (rope, kv_cache_write,

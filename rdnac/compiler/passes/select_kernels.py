@@ -46,10 +46,16 @@ def _problem(node: Node, phase: str, env: dict[str, torch.Tensor], runtime: dict
         return "gemm", {"M": ins[0].shape[0], "N": ins[1].shape[0], "K": ins[1].shape[1], "dtype": dtype,
                         "has_bias": len(ins) == 3}
     if node.op == "linear_fp8":
-        return "gemm_fp8", {"M": ins[0].shape[0], "N": ins[1].shape[0], "K": ins[1].shape[1], "dtype": dtype,
+        return "gemm_fp8", {"M": ins[0].shape[0], "N": ins[1].shape[0], "K": ins[1].shape[1],
+                            "dtype": a.get("out_dtype") or dtype,
                             "has_bias": a.get("has_bias", False), "weight_scheme": a["weight_scheme"],
                             "act_scheme": a["act_scheme"], "fp8_format": a["fp8_format"],
-                            "block_size": a.get("block_size")}
+                            "block_size": a.get("block_size"), "group": a.get("group", 0)}
+    if node.op == "rms_norm_quant":
+        return "rms_norm_quant", {"H": ins[0].shape[1], "group": a["group"], "dtype": dtype}
+    if node.op == "gated_act_quant":
+        width = ins[0].shape[1]
+        return "activation_quant", {"I": width if len(ins) == 2 else width // 2, "group": a["group"], "dtype": dtype}
     if node.op == "logits":
         return "gemm", {"M": ins[1].shape[0], "N": ins[2].shape[0], "K": ins[2].shape[1], "dtype": dtype,
                         "has_bias": False}

@@ -1,0 +1,153 @@
+"""Gated activation with FP8 activation quantization fused in: implements the IR op `gated_act_quant`.
+
+Writes what `gated_act` followed by the `linear_fp8` wrapper's `_quant_fp8_kernel`
+would, in one launch and without the bf16 round trip: fp8 values [T, I] and
+float32 scales ([T, 1] per token, or [T, cdiv(I, GROUP)] per token and GROUP
+columns). Both input forms of `gated_act` (gate and up, or the merged gate_up
+[T, 2I] read at column offset I).
+
+Bit for bit the unfused kernels' output: act(gate) in float32 with
+`_gated_act_kernel`'s formulas, rounded to the activation dtype, times up,
+rounded again, then `_quant_fp8_kernel`'s rule (scale = amax / FP8_MAX
+correctly rounded; y / scale rounded to the FP8 grid in fp32, ties to even,
+no -0; an exact cast).
+
+Grid: per group, (T, cdiv(I, BLOCK_I)), each program quantizing whole groups
+of its tile in one pass; per token, (T, 1), a program loops over its row
+twice (the amax, then the values; the activation is recomputed rather than
+stored). GROUP must be a power of two dividing BLOCK_I.
+
+Config space: BLOCK_I (a power of two, >= GROUP), num_warps.
+Problem keys: {"I", "group", "dtype"}.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rdnac.ir.fp8 import FORMATS, FP8_MAX
+from rdnac.kernels.activation import ACTIVATIONS
+from rdnac.kernels.gemm_fp8 import _GRID
+from rdnac.kernels.launch import Launcher
+
+AOT_DIVISIBLE = {"_gated_act_quant_kernel": ("I", "stride_gate_row", "stride_up_row", "up_col_offset")}
+
+_MAX = tl.standard._elementwise_max  # tl.max is a jit function: the interpreter path cannot call it
+
+
+@triton.jit
+def _gated_act_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, I, stride_gate_row, stride_up_row, up_col_offset,
+                            ACT: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr,
+                            MIN_NORMAL: tl.constexpr, SUBNORMAL_ROUNDER: tl.constexpr, BLOCK_I: tl.constexpr):
+    # gate, up: [T, I] rows (strided) -> q: [T, I] fp8, scale: [T, G] fp32 (both contiguous)
+    act_dtype = gate_ptr.dtype.element_ty
+    token = tl.program_id(0).to(tl.int64)
+    gate_row = gate_ptr + token * stride_gate_row
+    up_row = up_ptr + token * stride_up_row + up_col_offset
+    cols = tl.arange(0, BLOCK_I)  # [BLOCK_I]
+    if GROUP > 0:  # this program's tile only, one pass
+        first = tl.program_id(1) * BLOCK_I
+        last = first + BLOCK_I
+        num_passes: tl.constexpr = 1
+    else:  # the whole row: its amax, then the values
+        first = 0
+        last = I
+        num_passes: tl.constexpr = 2
+    groups_per_tile: tl.constexpr = BLOCK_I // GROUP if GROUP > 0 else 1
+    amax = tl.full([BLOCK_I], 0.0, tl.float32)
+    for quant_pass in tl.static_range(num_passes):
+        if quant_pass == 1:
+            row_amax = tl.reduce(amax, 0, _MAX)
+            scale = tl.where(row_amax > 0, tl.div_rn(row_amax, FP8_MAX), 1.0)  # a zero row: 1, not 0/0
+            tl.store(scale_ptr + token, scale)
+        for start in range(first, last, BLOCK_I):
+            offs = start + cols
+            in_row = offs < I
+            gate = tl.load(gate_row + offs, mask=in_row, other=0.0).to(tl.float32)
+            up = tl.load(up_row + offs, mask=in_row, other=0.0).to(tl.float32)
+            # _gated_act_kernel's formulas (activation.py)
+            if ACT == "silu":
+                act = gate / (1.0 + tl.exp(-gate))
+            elif ACT == "gelu":
+                act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+            else:  # gelu_tanh
+                z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+                act = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+            act = act.to(act_dtype).to(tl.float32)
+            y = (act * up).to(act_dtype).to(tl.float32)  # what gated_act writes, back in fp32
+            if GROUP > 0:  # whole groups: one scale per row of the [groups, GROUP] view
+                y = tl.reshape(y, [groups_per_tile, GROUP])
+                offs = tl.reshape(offs, [groups_per_tile, GROUP])
+                in_row = offs < I
+                group_amax = tl.reduce(tl.abs(y), 1, _MAX)  # [groups_per_tile]
+                group_scale = tl.where(group_amax > 0, tl.div_rn(group_amax, FP8_MAX), 1.0)
+                groups = start // GROUP + tl.arange(0, groups_per_tile)
+                num_groups = (I + GROUP - 1) // GROUP
+                tl.store(scale_ptr + token * num_groups + groups, group_scale, mask=groups < num_groups)
+                v = tl.div_rn(y, group_scale[:, None])
+            elif quant_pass == 0:
+                amax = tl.maximum(amax, tl.abs(y))
+            else:
+                v = tl.div_rn(y, scale)
+            if quant_pass + 1 == num_passes:
+                v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
+                # round |v| to the FP8 grid in fp32, ties to even, as _quant_fp8_kernel (see gemm_fp8.py)
+                mag = tl.abs(v)
+                bits = mag.to(tl.int32, bitcast=True)
+                normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+                subnormal = (mag + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER
+                mag = tl.where(mag < MIN_NORMAL, subnormal, normal)
+                q = tl.where((v < 0) & (mag > 0), -mag, mag)  # no -0: its bits are NaN in e4m3fnuz
+                tl.store(q_ptr + token * I + offs, q.to(q_ptr.dtype.element_ty), mask=in_row)
+
+
+def gated_act_quant(*xs: torch.Tensor, act: str = "silu", fp8_format: str, group: int = 0, config: dict,
+                    launcher: Launcher) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate [T, I], up [T, I]) or (gate_up [T, 2I],) -> q [T, I] fp8, scale [T, G] float32
+    (G = 1 or cdiv(I, group)); rows may be strided."""
+    assert act in ACTIVATIONS, f"gated_act_quant requires act in {ACTIVATIONS}; got {act!r}"
+    assert group == 0 or group & (group - 1) == 0, f"gated_act_quant requires a power-of-two group; got {group}"
+    if len(xs) == 2:
+        gate, up = xs
+        width, up_col_offset = gate.shape[1], 0
+    else:
+        (gate,) = xs
+        up = gate  # the same tensor, read at column offset I
+        assert gate.shape[1] % 2 == 0, f"gate_up width must be even; got {gate.shape[1]}"
+        width = up_col_offset = gate.shape[1] // 2
+    assert gate.stride(-1) == 1 and up.stride(-1) == 1 and gate.dtype == up.dtype
+    num_tokens = gate.shape[0]
+    num_groups = triton.cdiv(width, group) if group else 1
+    q = torch.empty((num_tokens, width), dtype=FORMATS[fp8_format], device=gate.device)  # [T, I]
+    scale = torch.empty((num_tokens, num_groups), dtype=torch.float32, device=gate.device)  # [T, G]
+    if num_tokens == 0:
+        return q, scale
+    block_i = config["constexprs"]["BLOCK_I"]
+    assert block_i >= group, f"gated_act_quant: BLOCK_I {block_i} must hold whole groups of {group}"
+    grid = (num_tokens, triton.cdiv(width, block_i) if group else 1)
+    min_normal, rounder = _GRID[fp8_format]
+    launcher.launch(_gated_act_quant_kernel, grid,
+                    (gate, up, q, scale, width, gate.stride(0), up.stride(0), up_col_offset),
+                    constexprs={"ACT": act, "GROUP": group, "FP8_MAX": FP8_MAX[fp8_format], "MIN_NORMAL": min_normal,
+                                "SUBNORMAL_ROUNDER": rounder, "BLOCK_I": block_i},
+                    num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return q, scale
+
+
+def config_space(problem: dict) -> list[dict]:
+    """Candidates for {"I", "group"}: tiles of whole groups; per token a program loops over its row."""
+    group = problem.get("group", 0)
+    whole = max(triton.next_power_of_2(problem["I"]), group)
+    blocks = sorted({b for b in (256, 512, 1024, 2048, 4096) if group <= b < whole} | {min(whole, 4096)})
+    return [{"constexprs": {"BLOCK_I": b}, "num_warps": w, "num_stages": 1}
+            for b in blocks for w in (1, 2, 4, 8) if w == 1 or 32 * w * 4 <= b]
+
+
+def default_config(problem: dict) -> dict:
+    # per group, 1024-wide tiles as gated_act (enough programs at decode); per token one program per
+    # row, so wider tiles and more warps cover the row in fewer steps
+    group = problem.get("group", 0)
+    block = min(max(triton.next_power_of_2(problem["I"]), group), 1024 if group else 4096)
+    return {"constexprs": {"BLOCK_I": block}, "num_warps": 4 if block <= 1024 else 8, "num_stages": 1}

@@ -1,0 +1,177 @@
+"""RMSNorm with FP8 activation quantization fused in: implements the IR op `rms_norm_quant`.
+
+Writes what `rms_norm` followed by the `linear_fp8` wrapper's `_quant_fp8_kernel`
+would, in one launch and without the bf16 round trip: the fp8 values [T, H],
+their float32 scales ([T, 1] per token, or [T, cdiv(H, GROUP)] per token and
+GROUP columns), and the residual sum when there is a residual.
+
+Bit for bit the unfused kernels' output: the residual sum, the float32 sum of
+squares (same [1, BLOCK_H] tiles reduced the same way as `_rms_norm_kernel`),
+the normalized value rounded to the activation dtype, `w * y` rounded to the
+dtype `rms_norm` would write (Y_DTYPE), then `_quant_fp8_kernel`'s rule:
+scale = amax / FP8_MAX (correctly rounded), y / scale rounded to the FP8 grid
+in fp32 (ties to even, no -0) before an exact cast.
+
+One program per token. With BLOCK_H >= H the row is read once; otherwise pass
+1 sums squares (and stores the residual sum), pass 2 recomputes y from the
+inputs and takes the row amax (per token) or quantizes whole groups, and per
+token a pass 3 quantizes. GROUP must be a power of two that divides BLOCK_H.
+
+Config space: BLOCK_H (power of two, >= GROUP), num_warps.
+Problem keys: {"H", "group", "dtype"}.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from rdnac.ir.fp8 import FORMATS, FP8_MAX
+from rdnac.kernels.gemm_fp8 import _GRID
+from rdnac.kernels.launch import Launcher
+from rdnac.kernels.rms_norm import _warps_for
+
+AOT_DIVISIBLE = {"_rms_norm_quant_kernel": ("stride_x_row", "stride_residual_row")}
+
+# tl.sum/tl.max are @triton.jit functions, which the interpreter path cannot call (see rms_norm.py)
+_SUM = tl.standard._sum_combine
+_MAX = tl.standard._elementwise_max
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _rms_norm_quant_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, residual_out_ptr,
+                           stride_x_row, stride_residual_row, eps,
+                           H: tl.constexpr, GROUP: tl.constexpr, Y_DTYPE: tl.constexpr,
+                           HAS_RESIDUAL: tl.constexpr, UNIT_OFFSET: tl.constexpr, FP8_MAX: tl.constexpr,
+                           MIN_NORMAL: tl.constexpr, SUBNORMAL_ROUNDER: tl.constexpr, BLOCK_H: tl.constexpr):
+    # x, residual: [T, H] -> q: [T, H] fp8, scale: [T, G] fp32, residual_out: [T, H] (outputs contiguous)
+    act_dtype = x_ptr.dtype.element_ty
+    token = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + token * stride_x_row
+    residual_row = residual_ptr + token * stride_residual_row
+    cols = tl.arange(0, BLOCK_H)[None, :]  # [1, BLOCK_H], as _rms_norm_kernel's one-head tiles
+    num_groups: tl.constexpr = (H + GROUP - 1) // GROUP if GROUP > 0 else 1
+    groups_per_tile: tl.constexpr = BLOCK_H // GROUP if GROUP > 0 else 1
+
+    # pass 1: sum of squares, and the residual sum (stored once)
+    if BLOCK_H >= H:
+        mask = cols < H
+        x = tl.load(x_row + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            x = (x.to(tl.float32) + tl.load(residual_row + cols, mask=mask, other=0.0)).to(act_dtype)
+            tl.store(residual_out_ptr + token * H + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        sum_sq = xf * xf
+    else:
+        sum_sq = tl.full([1, BLOCK_H], 0.0, tl.float32)
+        for start in range(0, H, BLOCK_H):
+            mask = start + cols < H
+            x = tl.load(x_row + start + cols, mask=mask, other=0.0)
+            if HAS_RESIDUAL:
+                x = (x.to(tl.float32) + tl.load(residual_row + start + cols, mask=mask, other=0.0)).to(act_dtype)
+                tl.store(residual_out_ptr + token * H + start + cols, x, mask=mask)
+            xf = x.to(tl.float32)
+            sum_sq += xf * xf
+    rstd = tl.math.rsqrt(tl.reduce(sum_sq, 1, _SUM) / H + eps)  # [1]
+
+    # pass 2 (per token, looping only): the row amax; then quantize (_quant_fp8_kernel's rule)
+    num_passes: tl.constexpr = 1 if GROUP > 0 or BLOCK_H >= H else 2
+    amax = tl.full([1, BLOCK_H], 0.0, tl.float32)
+    for quant_pass in tl.static_range(num_passes):
+        if quant_pass == 1:
+            row_amax = tl.reduce(tl.reduce(amax, 1, _MAX), 0, _MAX)
+            scale = tl.where(row_amax > 0, tl.div_rn(row_amax, FP8_MAX), 1.0)  # a zero row: 1, not 0/0
+            tl.store(scale_ptr + token, scale)
+        for start in range(0, H, BLOCK_H):
+            offs = start + cols  # [1, BLOCK_H]
+            in_row = offs < H
+            if BLOCK_H >= H:  # the one tile read in pass 1
+                xn = x.to(tl.float32)
+            elif HAS_RESIDUAL:  # recomputed from the inputs: residual_out was written without a barrier
+                xn = (tl.load(x_row + offs, mask=in_row, other=0.0).to(tl.float32)
+                      + tl.load(residual_row + offs, mask=in_row, other=0.0)).to(act_dtype).to(tl.float32)
+            else:
+                xn = tl.load(x_row + offs, mask=in_row, other=0.0).to(tl.float32)
+            y = (xn * rstd[:, None]).to(act_dtype).to(tl.float32)
+            w = tl.load(weight_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
+            if UNIT_OFFSET:
+                w = (1.0 + w).to(act_dtype).to(tl.float32)
+            y = (w * y).to(Y_DTYPE).to(tl.float32)  # [1, BLOCK_H]: what rms_norm writes, back in fp32
+            if GROUP > 0:  # whole groups per tile: one scale per row of the [groups, GROUP] view
+                y = tl.reshape(y, [groups_per_tile, GROUP])
+                offs = tl.reshape(offs, [groups_per_tile, GROUP])
+                in_row = offs < H
+                group_amax = tl.reduce(tl.abs(y), 1, _MAX)  # [groups_per_tile]
+                group_scale = tl.where(group_amax > 0, tl.div_rn(group_amax, FP8_MAX), 1.0)
+                groups = start // GROUP + tl.arange(0, groups_per_tile)
+                tl.store(scale_ptr + token * num_groups + groups, group_scale, mask=groups < num_groups)
+                v = tl.div_rn(y, group_scale[:, None])
+            elif quant_pass + 1 < num_passes:
+                amax = tl.maximum(amax, tl.abs(y))
+            else:
+                if num_passes == 1:  # the one tile holds the row
+                    row_amax = tl.reduce(tl.reduce(tl.abs(y), 1, _MAX), 0, _MAX)
+                    scale = tl.where(row_amax > 0, tl.div_rn(row_amax, FP8_MAX), 1.0)
+                    tl.store(scale_ptr + token, scale)
+                v = tl.div_rn(y, scale)
+            if quant_pass + 1 == num_passes:
+                v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
+                # round |v| to the FP8 grid in fp32, ties to even, as _quant_fp8_kernel (see gemm_fp8.py)
+                mag = tl.abs(v)
+                bits = mag.to(tl.int32, bitcast=True)
+                normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+                subnormal = (mag + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER
+                mag = tl.where(mag < MIN_NORMAL, subnormal, normal)
+                q = tl.where((v < 0) & (mag > 0), -mag, mag)  # no -0: its bits are NaN in e4m3fnuz
+                tl.store(q_ptr + token * H + offs, q.to(q_ptr.dtype.element_ty), mask=in_row)
+
+
+def rms_norm_quant(x: torch.Tensor, *rest: torch.Tensor, eps: float, unit_offset: bool = False,
+                   fp8_format: str, group: int = 0, config: dict, launcher: Launcher):
+    """x [T, H], (residual [T, H]), weight [H] -> q [T, H] fp8, scale [T, G] float32 (G = 1 or
+    cdiv(H, group)), and x + residual [T, H] with a residual."""
+    residual, weight = (rest[0] if len(rest) == 2 else None), rest[-1]
+    num_tokens, H = x.shape
+    assert x.stride(1) == 1 and weight.is_contiguous(), "rms_norm_quant needs unit stride along H"
+    assert group == 0 or group & (group - 1) == 0, f"rms_norm_quant requires a power-of-two group; got {group}"
+    # the dtype rms_norm would write (see rms_norm._launch): y is rounded to it before quantization
+    y_dtype = x.dtype if unit_offset else torch.promote_types(x.dtype, weight.dtype)
+    num_groups = triton.cdiv(H, group) if group else 1
+    q = torch.empty((num_tokens, H), dtype=FORMATS[fp8_format], device=x.device)  # [T, H]
+    scale = torch.empty((num_tokens, num_groups), dtype=torch.float32, device=x.device)  # [T, G]
+    residual_out = None
+    if residual is not None:
+        assert residual.dtype == x.dtype and residual.stride(1) == 1, "residual must match x's dtype"
+        residual_out = torch.empty((num_tokens, H), dtype=x.dtype, device=x.device)  # [T, H]
+    if num_tokens > 0:
+        block_h = config["constexprs"]["BLOCK_H"]
+        assert block_h >= group, f"rms_norm_quant: BLOCK_H {block_h} must hold whole groups of {group}"
+        min_normal, rounder = _GRID[fp8_format]
+        launcher.launch(_rms_norm_quant_kernel, (num_tokens,),
+                        (x, residual if residual is not None else x, weight, q, scale,
+                         residual_out if residual_out is not None else q,
+                         x.stride(0), residual.stride(0) if residual is not None else 0, float(eps)),
+                        constexprs={"H": H, "GROUP": group, "Y_DTYPE": _TL_DTYPES[y_dtype],
+                                    "HAS_RESIDUAL": residual is not None, "UNIT_OFFSET": bool(unit_offset),
+                                    "FP8_MAX": FP8_MAX[fp8_format], "MIN_NORMAL": min_normal,
+                                    "SUBNORMAL_ROUNDER": rounder, "BLOCK_H": block_h},
+                        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    return (q, scale) if residual_out is None else (q, scale, residual_out)
+
+
+
+def config_space(problem: dict) -> list[dict]:
+    """Candidates for {"H", "group"}: BLOCK_H covering H or looping over it, always whole groups."""
+    whole = max(triton.next_power_of_2(problem["H"]), problem.get("group", 0))
+    block_hs = sorted({whole} | {b for b in (256, 512, 1024, 2048, 4096) if problem.get("group", 0) <= b < whole})
+    return [{"constexprs": {"BLOCK_H": b}, "num_warps": w, "num_stages": 1} for b in block_hs for w in _warps_for(b)]
+
+
+def default_config(problem: dict) -> dict:
+    # as rms_norm's default (the same BLOCK_H and warps give the same sum of squares as the unfused norm)
+    whole = max(triton.next_power_of_2(problem["H"]), problem.get("group", 0))
+    block_h = whole if whole <= 8192 else 4096
+    warps = 8 if block_h >= 8192 else 4 if block_h >= 2048 else 2 if block_h >= 512 else 1
+    return {"constexprs": {"BLOCK_H": block_h}, "num_warps": warps, "num_stages": 1}
