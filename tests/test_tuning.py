@@ -66,3 +66,13 @@ def test_bad_table_is_a_clear_error(user_table):
     user_table.write_text("{not json")
     with pytest.raises(RdnacError, match="sm90.json: tuning table is not valid JSON"):
         tuning.lookup("sm90", "gemm", {"M": 1, "N": 1, "K": 1, "dtype": "bfloat16"})
+
+
+def test_prequantized_fp8_gemm_uses_the_dynamic_scheme_measurement():
+    base = {"M": 1, "N": 4096, "K": 4096, "dtype": "bfloat16", "weight_scheme": "block", "fp8_format": "e4m3fn",
+            "block_size": [128, 128]}
+    assert tuning.problem_key("gemm_fp8", dict(base, act_scheme="prequantized", group=128)) == \
+        tuning.problem_key("gemm_fp8", dict(base, act_scheme="dynamic_group"))
+    per_token = dict(base, weight_scheme="channel", block_size=None)
+    assert tuning.problem_key("gemm_fp8", dict(per_token, act_scheme="prequantized", group=0)) == \
+        tuning.problem_key("gemm_fp8", dict(per_token, act_scheme="dynamic_token"))

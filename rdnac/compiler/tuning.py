@@ -37,6 +37,8 @@ _REGIMES = ((1, 16), (17, 64), (65, 256), (257, 1 << 30))
 
 
 def problem_key(family: str, problem: dict) -> str:
+    if problem.get("act_scheme") == "prequantized":  # the GEMM of the dynamic scheme its fused producer ran
+        problem = dict(problem, act_scheme="dynamic_group" if problem.get("group") else "dynamic_token")
     return family + "|" + "|".join(f"{f}={problem.get(f)}" for f in _KEY_FIELDS[family])
 
 
