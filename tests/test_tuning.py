@@ -58,7 +58,7 @@ def test_nearest_bucket_in_regime_and_user_table_wins(user_table):
     assert shipped["device"] and shipped["entries"], "the shipped sm90 table holds measurements"
     s = shipped["entries"][0]
     tuning.save(user_table, "Mine", {}, [dict(s, config=_cfg(64, 8), us=1.0)])
-    assert tuning.lookup("sm90", "gemm", s["problem"])["device"] == "Mine"
+    assert tuning.lookup("sm90", s["family"], s["problem"])["device"] == "Mine"
 
 
 def test_bad_table_is_a_clear_error(user_table):
