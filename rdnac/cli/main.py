@@ -39,15 +39,17 @@ def cli():
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--quantize", type=click.Choice(["fp8", "fp8-block"]),
               help="FP8 linears for a float checkpoint: per-channel (fp8) or 128x128 blocks (fp8-block).")
+@click.option("--fp8-lm-head", is_flag=True, help="The logits projection in FP8 too (per-channel; float32 logits).")
 def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max_num_seqs, max_num_batched_tokens,
-                quiet, quantize):
+                quiet, quantize, fp8_lm_head):
     """Compile MODEL (HF directory, .gguf file, or demo:smollm2) into a plan."""
     from rdnac.compiler.pipeline import compile_model
 
     started = time.perf_counter()
     path = compile_model(model, target, output, dtype=dtype, max_model_len=max_model_len,
                          disable_passes=tuple(disable_passes), max_num_seqs=max_num_seqs,
-                         max_num_batched_tokens=max_num_batched_tokens, quiet=quiet, quantize=quantize)
+                         max_num_batched_tokens=max_num_batched_tokens, quiet=quiet, quantize=quantize,
+                         fp8_lm_head=fp8_lm_head)
     click.echo(f"wrote {path} ({time.perf_counter() - started:.1f} s)", err=True)
 
 

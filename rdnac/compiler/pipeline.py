@@ -42,6 +42,7 @@ class CompileOptions:
     max_num_batched_tokens: int = 2048  # largest prefill step; longer prompts are chunked
     quiet: bool = False
     quantize: str | None = None  # compile-time FP8 of a float checkpoint's linears: "fp8" | "fp8-block"
+    fp8_lm_head: bool = False  # the logits projection as an FP8 GEMM (per-channel weight, float32 logits)
 
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -83,6 +84,10 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
     ctx.decisions.extend(decisions)
     if opts.quantize:
         graph = quantize.run(graph, weights, ctx, opts.quantize)
+        if opts.verify_each_pass:
+            verify(graph)
+    if opts.fp8_lm_head:
+        graph = quantize.quantize_lm_head(graph, weights, ctx)
         if opts.verify_each_pass:
             verify(graph)
     passes = registry()
@@ -130,7 +135,8 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
         "rdnac_version": rdnac.__version__, "torch_version": torch.__version__, "triton_version": triton_version,
         "target": target, "target_info": tgt.to_dict(), "capabilities": capabilities, "model": _model_identity(checkpoint),
         "compile_options": {"dtype": dtype, "max_model_len": opts.max_model_len,
-                            "disable_passes": list(opts.disable_passes), "quantize": opts.quantize},
+                            "disable_passes": list(opts.disable_passes), "quantize": opts.quantize,
+                            "fp8_lm_head": opts.fp8_lm_head},
         "created_unix": int(time.time()),
     }
     body = {

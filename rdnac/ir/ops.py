@@ -253,7 +253,7 @@ _ACTIVATIONS = {
 def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *rest: torch.Tensor,
                weight_scheme: str, act_scheme: str, fp8_format: str, block_size: list | None = None,
                has_bias: bool = False, group: int = 0, out_dtype: str | None = None) -> torch.Tensor:
-    """y = Q(x) @ W.T (+ bias) in float32, cast to x's dtype.
+    """y = Q(x) @ W.T (+ bias) in float32, cast to `out_dtype` (default: x's dtype; float32 for an FP8 lm_head).
 
     W = fp8 bits * weight_scale: per "tensor" ([1]), "channel" ([N]) or "block"
     ([ceil(N/bn), ceil(K/bk)] with block_size [bn, bk]). Q(x): "dynamic_token"
@@ -288,7 +288,7 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     y = xq @ w.T
     if bias is not None:
         y = y + bias.float()
-    return y.to(getattr(torch, out_dtype) if act_scheme == "prequantized" else x.dtype)
+    return y.to(getattr(torch, out_dtype) if out_dtype else x.dtype)
 
 
 def gated_act(*xs: torch.Tensor, act: str = "silu") -> torch.Tensor:
@@ -355,7 +355,7 @@ def _linear_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
 
 
 def _linear_fp8_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
-    dtype = attrs["out_dtype"] if attrs["act_scheme"] == "prequantized" else ins[0].dtype
+    dtype = attrs.get("out_dtype") or ins[0].dtype
     return [TensorSpec(dtype, (ins[0].shape[0], ins[1].shape[0]))]
 
 

@@ -302,7 +302,7 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     assert bias is None or tuple(bias.shape) == (N,), f"linear_fp8: bias must be [{N}]"
     assert act_scheme in ("none", "dynamic_token", "dynamic_group", "static", "prequantized"), \
         f"unknown act_scheme {act_scheme!r}"
-    out = torch.empty((M, N), dtype=getattr(torch, out_dtype) if is_prequantized else x.dtype, device=x.device)
+    out = torch.empty((M, N), dtype=getattr(torch, out_dtype) if out_dtype else x.dtype, device=x.device)
     if M == 0:
         return out
     is_a16 = act_scheme == "none"

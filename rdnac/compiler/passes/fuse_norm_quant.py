@@ -112,6 +112,7 @@ def prequantize_readers(graph: Graph, value: str, readers: list[Node], fmt: str,
     assert q not in taken and scale not in taken, f"{q} or {scale} already names a value"
     for r in readers:  # (x, weight, weight_scale, [bias]) -> (q, weight, weight_scale, scale, [bias])
         r.inputs = [q, r.inputs[1], r.inputs[2], scale, *r.inputs[3:]]
-        r.attrs = {**r.attrs, "act_scheme": "prequantized", "group": group, "out_dtype": out_dtype}
+        r.attrs = {**r.attrs, "act_scheme": "prequantized", "group": group,
+                   "out_dtype": r.attrs.get("out_dtype") or out_dtype}  # an FP8 lm_head keeps float32
         assert r.attrs["fp8_format"] == fmt
     return q, scale
