@@ -102,10 +102,10 @@ def _prefill_kernel(
         j_ok = j < kv_end
         blk = tl.load(block_tables_ptr + seq * stride_bt + j // KV_BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
         in_blk = j % KV_BLOCK_SIZE
-        kv_mask = j_ok[None, :] & d_ok[:, None]
-        k = tl.load(k_cache_ptr + blk[None, :] * stride_kb + in_blk[None, :] * stride_ks + kv_head * stride_kh
-                    + d[:, None], mask=kv_mask, other=0.0)  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, k) * scale  # [BLOCK_M, BLOCK_N]
+        # K rows as stored ([BLOCK_N, BLOCK_D], head dim contiguous: coalesced), transposed for the dot
+        k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + in_blk[:, None] * stride_ks + kv_head * stride_kh
+                    + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_M, BLOCK_N]
         if HAS_SOFTCAP:  # softcap * tanh(s / softcap); tanh via exp, portable to every target
             s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
         allowed = j_ok[None, :] & (j[None, :] <= pos[:, None])
@@ -176,9 +176,9 @@ def _decode_kernel(
         j_ok = j < hi
         blk = tl.load(block_tables_ptr + seq * stride_bt + j // KV_BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
         in_blk = j % KV_BLOCK_SIZE
-        k = tl.load(k_cache_ptr + blk[None, :] * stride_kb + in_blk[None, :] * stride_ks + kv_head * stride_kh
-                    + d[:, None], mask=j_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        s = tl.dot(q, k) * scale  # [BLOCK_G, BLOCK_N]
+        k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + in_blk[:, None] * stride_ks + kv_head * stride_kh
+                    + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D], coalesced
+        s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_N]
         if HAS_SOFTCAP:
             s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
         allowed = j_ok
