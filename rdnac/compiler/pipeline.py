@@ -23,7 +23,7 @@ from rdnac.ir.verify import verify
 from rdnac.plans import write_plan
 from rdnac.targets import get_target
 
-GRAPH_PASSES = ("merge_linears", "fuse_add_rms_norm", "dce")
+GRAPH_PASSES = ("merge_linears", "fuse_add_rms_norm", "fuse_qk_norm_rope_cache", "dce")
 _DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE_SCHEMES = ("fp8", "fp8-block")
 
