@@ -63,9 +63,10 @@ def _unfused_kernels(q, k, v, positions, slots, k_cache, v_cache, norms, attrs, 
 
 
 def _check(launcher, device, dtype, config, num_heads, num_kv_heads, head_dim, rotary_dim, style, qk_norm,
-           scaling=None, unit_offset=False, cache_dtype=None, slot_dtype=torch.int64, num_tokens=7) -> float:
-    """Fused kernel vs the reference (tolerance) and vs the unfused kernels (exact); returns the max diff
-    to the unfused kernels over q' and both caches."""
+           scaling=None, unit_offset=False, cache_dtype=None, slot_dtype=torch.int64, num_tokens=7,
+           exact=True) -> float:
+    """Fused kernel vs the reference (tolerance) and vs the unfused kernels (exact, or with `exact=False`
+    the reference's tolerance); returns the max diff to the unfused kernels over q' and both caches."""
     q, k, v, positions, slots, k_cache, v_cache, norms = _inputs(device, dtype, num_heads, num_kv_heads, head_dim,
                                                                   num_tokens, cache_dtype)
     slots = slots.to(slot_dtype)
@@ -85,10 +86,11 @@ def _check(launcher, device, dtype, config, num_heads, num_kv_heads, head_dim, r
             f"{scaling and scaling['rope_type']} {config['constexprs']}")
     atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (2e-2, 1.6e-2)  # cos/sin ulps before rounding
     assert_close(name + " q'", out, ref, atol, rtol)
+    tol = (0.0, 0.0) if exact else (atol, rtol)
     for i, what in enumerate(("k_cache", "v_cache")):
         assert_close(f"{name} {what}", caches["fused"][i], caches["reference"][i], atol, rtol)
-        assert_close(f"{name} {what} vs unfused kernels", caches["fused"][i], caches["unfused"][i], 0.0, 0.0)
-    assert_close(name + " q' vs unfused kernels", out, unfused, 0.0, 0.0)
+        assert_close(f"{name} {what} vs unfused kernels", caches["fused"][i], caches["unfused"][i], *tol)
+    assert_close(name + " q' vs unfused kernels", out, unfused, *tol)
     padded = slots < 0
     untouched = torch.ones(k_cache.shape[:2], dtype=torch.bool, device=device).flatten()
     untouched[slots[~padded].long()] = False
@@ -291,11 +293,14 @@ def test_sm90_plan_fused_vs_unfused_under_interpreter(checkpoints, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_cuda, reason="needs a CUDA/HIP GPU")
 def test_kernel_gpu():
-    jit = JitLauncher()
+    """JIT-compiled on the GPU in bf16; against the unfused kernels within bf16 rounding (the GPU's reduction
+    order for the norm's sum of squares may differ between the two kernels' tile shapes), max diff printed."""
+    jit, worst = JitLauncher(), 0.0
     for heads, kv_heads, head_dim, rotary_dim in [*CASES, (32, 8, 128, 128), (16, 2, 128, 64)]:
         problem = {"head_dim": head_dim, "num_heads": heads, "num_kv_heads": kv_heads}
         for config in qk_norm_rope_cache.config_space(problem)[::3]:
             for style in ("neox", "gptj"):
                 for qk_norm in (False, True):
-                    _check(jit, "cuda", torch.bfloat16, config, heads, kv_heads, head_dim, rotary_dim, style, qk_norm,
-                           num_tokens=9)
+                    worst = max(worst, _check(jit, "cuda", torch.bfloat16, config, heads, kv_heads, head_dim,
+                                              rotary_dim, style, qk_norm, num_tokens=9, exact=False))
+    print(f"\nGPU bf16: fused vs unfused kernels, max abs diff over q' and caches: {worst:.3g}")
