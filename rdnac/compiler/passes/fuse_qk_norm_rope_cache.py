@@ -47,9 +47,9 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             continue
         write = nodes[write_index]
         norms, norm_note = _norms(graph, rope, i, producer, users)
-        parent = rope.name.rpartition(".")[0]
-        name = f"{parent}.{OP}" if norms else f"{parent}.rope_cache"
-        name = name.lstrip(".")
+        parent, _, _ = rope.name.rpartition(".")
+        leaf = OP if norms else "rope_cache"  # layers.0.qk_norm_rope_cache (Qwen3), layers.0.rope_cache (Llama)
+        name = f"{parent}.{leaf}" if parent else leaf
         if name in names:
             ctx.decide(NAME, rope.name, "kept separate", f"the fused node's name {name!r} is taken")
             continue
