@@ -198,13 +198,14 @@ def test_compare_values_flags_nan_and_shape(plans):
     assert runner == "interpreter"
     reference = {k: v.clone() for k, v in values.items()}
     assert all(r.is_ok and r.error == 0 for r in compare_values(graph, values, reference, 1e-6))
-    values["layers.0.k_norm"] = values["layers.0.k_norm"].clone()
-    values["layers.0.k_norm"][0, 0] = float("nan")
+    # layers.0.rope.0 is q' of the fused q/k-norm + rope + cache-write node (the norms' own values are gone)
+    values["layers.0.rope.0"] = values["layers.0.rope.0"].clone()
+    values["layers.0.rope.0"][0, 0] = float("nan")
     values["layers.1.act"] = values["layers.1.act"][:2]
     rows = {r.value: r for r in compare_values(graph, values, reference, 1e-6)}
-    assert not rows["layers.0.k_norm"].is_ok and rows["layers.0.k_norm"].max_abs_error == float("inf")
+    assert not rows["layers.0.rope.0"].is_ok and rows["layers.0.rope.0"].max_abs_error == float("inf")
     assert not rows["layers.1.act"].is_ok and "shape" in rows["layers.1.act"].note
-    assert rows["layers.0.q_norm"].is_ok
+    assert rows["layers.0.qkv_proj"].is_ok
 
 
 def test_inspect_usage_errors(plans):

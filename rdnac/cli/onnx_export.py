@@ -7,10 +7,10 @@ inputs with symbolic dims (T, B, NB...); weights are graph inputs too,
 typed and shaped but with no data, so the file stays small. Every value
 carries its type and shape from the ops' shape rules.
 
-`kv_cache_write` updates its caches in place; ONNX values are written once,
-so its outputs are new names for the updated caches (`k_cache.0.written`)
-and later readers of a cache read those, which shows the write -> attention
-edge.
+`kv_cache_write` and `qk_norm_rope_cache` update their caches in place
+(`OpDef.in_place`); ONNX values are written once, so the updated caches are
+extra outputs with new names (`k_cache.0.written`) and later readers of a
+cache read those, which shows the write -> attention edge.
 """
 
 from __future__ import annotations
@@ -79,11 +79,11 @@ def graph_to_onnx(graph: Graph, name: str = "rdnac", metadata: dict | None = Non
         inputs = [current[n] for n in node.inputs]
         out_specs = OPS[node.op].infer(node.attrs, [specs[n] for n in node.inputs])
         outputs = list(node.outputs)
-        if node.op == "kv_cache_write":  # in place: name the updated caches (inputs 3 and 4)
-            out_specs = [specs[n] for n in node.inputs[3:5]]
-            outputs = [f"{n}.written" for n in node.inputs[3:5]]
-            for ir_name, onnx_name in zip(node.inputs[3:5], outputs):
-                current[ir_name] = onnx_name
+        written = [node.inputs[i] for i in OPS[node.op].in_place]  # in place (KV caches): name the updated values
+        out_specs = out_specs + [specs[n] for n in written]
+        outputs += [f"{n}.written" for n in written]
+        for ir_name in written:
+            current[ir_name] = f"{ir_name}.written"
         for out, spec in zip(outputs, out_specs):
             specs[out] = spec
             value_info.append(_value_info(out, spec))

@@ -23,7 +23,7 @@ from rdnac.ir.verify import verify
 from rdnac.plans import write_plan
 from rdnac.targets import get_target
 
-GRAPH_PASSES = ("merge_linears", "fuse_add_rms_norm", "dce")
+GRAPH_PASSES = ("merge_linears", "fuse_add_rms_norm", "fuse_qk_norm_rope_cache", "dce")
 # run after fp8_layout, which fixes each FP8 linear's format and activation scheme (a16w8 is not fused)
 LATE_PASSES = ("fuse_norm_quant", "fuse_act_quant")
 _DTYPES = ("float32", "bfloat16", "float16")

@@ -15,6 +15,8 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 | head_rms_norm   | x [T, Hn*D], weight [D]                                       | [T, Hn*D]      |
 | rope            | q [T, Hq*D], k [T, Hk*D], positions [T]                       | q', k'         |
 | kv_cache_write  | k, v [T, Hk*D], slot_mapping [T], k_cache, v_cache [NB,BS,Hk,D] | (in place)   |
+| qk_norm_rope_cache | q [T, Hq*D], k, v [T, Hk*D], positions [T], slot_mapping [T], | q' [T, Hq*D] |
+|                 | k_cache, v_cache, (q_norm, k_norm [D] if attr qk_norm)        | (k', v: caches)|
 | attention       | q [T, Hq*D], k_cache, v_cache, block_tables [B, MB],          | [T, Hq*D]      |
 |                 | seq_lens [B], cu_seqlens_q [B+1], positions [T], (sinks [Hq]) |                |
 | gated_act       | gate [T, I], up [T, I]  or  gate_up [T, 2I]                   | [T, I]         |
@@ -61,6 +63,7 @@ class OpDef:
     infer: Infer
     reference: Ref
     has_side_effects: bool = False
+    in_place: tuple[int, ...] = ()  # indices of the inputs it writes (KV caches)
 
 
 # ---------------------------------------------------------------- references
@@ -198,6 +201,24 @@ def kv_cache_write(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
     blocks, offsets = slots // block_size, slots % block_size
     k_cache[blocks, offsets] = k[keep].reshape(-1, num_kv_heads, head_dim).to(k_cache.dtype)
     v_cache[blocks, offsets] = v[keep].reshape(-1, num_kv_heads, head_dim).to(v_cache.dtype)
+
+
+def qk_norm_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                       slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       *norm_weights: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                       rotary_dim: int, theta: float, style: str = "neox", scaling: dict | None = None,
+                       qk_norm: bool = False, eps: float = 1e-6, unit_offset: bool = False) -> torch.Tensor:
+    """[head_rms_norm(q), head_rms_norm(k)] -> rope -> kv_cache_write(k', v) as one op; returns q'.
+
+    Defined as that chain, so it rounds exactly where the unfused ops do."""
+    if qk_norm:
+        q_norm, k_norm = norm_weights
+        q = head_rms_norm(q, q_norm, num_heads=num_heads, head_dim=head_dim, eps=eps, unit_offset=unit_offset)
+        k = head_rms_norm(k, k_norm, num_heads=num_kv_heads, head_dim=head_dim, eps=eps, unit_offset=unit_offset)
+    q, k = rope(q, k, positions, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                rotary_dim=rotary_dim, theta=theta, style=style, scaling=scaling)
+    kv_cache_write(k, v, slot_mapping, k_cache, v_cache, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    return q
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -408,7 +429,9 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("head_rms_norm", ("num_heads", "head_dim", "eps"), (2,), _same, head_rms_norm),
     OpDef("rope", ("num_heads", "num_kv_heads", "head_dim", "rotary_dim", "theta"), (3,), _rope_infer, rope),
     OpDef("kv_cache_write", ("num_kv_heads", "head_dim"), (5,), lambda a, i: [], kv_cache_write,
-          has_side_effects=True),
+          has_side_effects=True, in_place=(3, 4)),
+    OpDef("qk_norm_rope_cache", ("num_heads", "num_kv_heads", "head_dim", "rotary_dim", "theta", "qk_norm"), (7, 9),
+          _same, qk_norm_rope_cache, has_side_effects=True, in_place=(5, 6)),
     OpDef("attention", ("num_heads", "num_kv_heads", "head_dim", "scale"), (7, 8), _same, attention),
     OpDef("gated_act", ("act",), (1, 2), _gated_act_infer, gated_act),
     OpDef("add", (), (2,), _same, add),

@@ -39,8 +39,7 @@ def verify(graph: Graph) -> None:
             _fail(graph, node, f"missing attributes {missing}")
         in_specs = [specs[name] for name in node.inputs]
         _check_shapes(graph, node, in_specs)
-        if node.op == "kv_cache_write":
-            written_caches.update(node.inputs[3:5])
+        written_caches.update(node.inputs[i] for i in opdef.in_place)
         if node.op == "attention" and not set(node.inputs[1:3]) <= written_caches:
             _fail(graph, node, f"reads caches {node.inputs[1:3]} before any kv_cache_write to them")
         out_specs = opdef.infer(node.attrs, in_specs)
@@ -79,6 +78,16 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(tuple(ins[1].shape[2:]) == (a["num_kv_heads"], a["head_dim"]), "k_cache must be [NB, BS, Hk, D]")
     elif node.op == "kv_cache_write":
         expect(tuple(ins[3].shape[2:]) == (a["num_kv_heads"], a["head_dim"]), "k_cache must be [NB, BS, Hk, D]")
+    elif node.op == "qk_norm_rope_cache":
+        hq, hk, d = a["num_heads"] * a["head_dim"], a["num_kv_heads"] * a["head_dim"], a["head_dim"]
+        expect(ins[0].shape[-1] == hq, "q must be [T, num_heads*head_dim]")
+        expect(ins[1].shape[-1] == hk and ins[2].shape[-1] == hk, "k and v must be [T, num_kv_heads*head_dim]")
+        expect(all(tuple(c.shape[2:]) == (a["num_kv_heads"], d) for c in ins[5:7]), "caches must be [NB, BS, Hk, D]")
+        expect(0 < a["rotary_dim"] <= d and a["rotary_dim"] % 2 == 0, "rotary_dim must be even, <= head_dim")
+        expect(a.get("style", "neox") in ("neox", "gptj"), "style must be neox or gptj")
+        expect(len(ins) == (9 if a["qk_norm"] else 7), "q_norm and k_norm weights are inputs exactly when qk_norm")
+        expect(all(w.shape == (d,) for w in ins[7:]), "q_norm and k_norm weights must be [head_dim]")
+        expect(not a["qk_norm"] or "eps" in a, "qk_norm requires attr eps")
     elif node.op == "add":
         expect(ins[0].shape == ins[1].shape, "operands must have the same shape")
     elif node.op == "embedding":

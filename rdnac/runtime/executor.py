@@ -31,6 +31,7 @@ WRAPPERS = {
     "linear_fp8": "gemm_fp8.linear_fp8",
     "rope": "rope.rope",
     "kv_cache_write": "kv_cache.kv_cache_write",
+    "qk_norm_rope_cache": "qk_norm_rope_cache.qk_norm_rope_cache",
     "attention": {"prefill": "attention.attention_prefill", "decode": "attention.attention_decode"},
     "gated_act": "activation.gated_act",
     "add": "elementwise.add",
@@ -83,7 +84,7 @@ class Executor:
         self._kwargs: dict[str, dict] = {}
         for node in graph.nodes:
             self._kwargs[node.name] = dict(node.attrs)
-            if node.op == "rope":
+            if node.op in ("rope", "qk_norm_rope_cache"):
                 inv_freq, scaling = rope_inv_freq(node.attrs["rotary_dim"], node.attrs["theta"],
                                                   node.attrs.get("scaling"))
                 self._kwargs[node.name].update(inv_freq=inv_freq.to(device), attention_scaling=scaling)

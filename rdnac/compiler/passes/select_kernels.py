@@ -74,6 +74,9 @@ def _problem(node: Node, phase: str, env: dict[str, torch.Tensor], runtime: dict
         return "rope", {"head_dim": a["head_dim"], "num_heads": a["num_heads"], "num_kv_heads": a["num_kv_heads"]}
     if node.op == "kv_cache_write":
         return "kv_cache", {"num_kv_heads": a["num_kv_heads"], "head_dim": a["head_dim"]}
+    if node.op == "qk_norm_rope_cache":
+        return "qk_norm_rope_cache", {"head_dim": a["head_dim"], "num_heads": a["num_heads"],
+                                      "num_kv_heads": a["num_kv_heads"], "qk_norm": a["qk_norm"]}
     if node.op == "gated_act":
         width = ins[0].shape[1]
         return "activation", {"I": width if len(ins) == 2 else width // 2}
