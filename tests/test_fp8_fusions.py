@@ -36,14 +36,19 @@ PASSES = ("fuse_norm_quant", "fuse_act_quant")
 PROMPT = [(37 * i) % 990 + 5 for i in range(12)]
 
 
-def _assert_same_quant(what, q, scale, q_ref, scale_ref, is_kernel=True):
+def _assert_same_quant(what, q, scale, q_ref, scale_ref, is_kernel=True, max_flips=0.0):
     """Equal scales, and equal fp8 bytes (a kernel's) or values (`quantize_rows` may write -0, which
-    the kernels store as +0: its bits are NaN in e4m3fnuz)."""
+    the kernels store as +0: its bits are NaN in e4m3fnuz). `max_flips`: the fraction of bytes that may
+    sit one FP8 code away (a GPU sum of squares in another order moves a norm output by one bf16 ulp)."""
     assert q.shape == q_ref.shape and q.dtype == q_ref.dtype, f"{what}: q {q.shape} {q.dtype}"
     assert scale.shape == scale_ref.shape and scale.dtype == torch.float32, f"{what}: scale {scale.shape}"
     assert torch.equal(scale, scale_ref), f"{what}: scales differ by up to {(scale - scale_ref).abs().max():.3g}"
-    num_diff = ((q.view(torch.uint8) != q_ref.view(torch.uint8)) if is_kernel else (q.float() != q_ref.float())).sum()
-    assert num_diff == 0, f"{what}: {num_diff} fp8 {'bytes' if is_kernel else 'values'} differ"
+    differ = (q.view(torch.uint8) != q_ref.view(torch.uint8)) if is_kernel else (q.float() != q_ref.float())
+    num_diff = int(differ.sum())
+    assert num_diff <= max_flips * q.numel(), f"{what}: {num_diff} fp8 {'bytes' if is_kernel else 'values'} differ"
+    if num_diff:
+        steps = (q.view(torch.uint8)[differ].int() - q_ref.view(torch.uint8)[differ].int()).abs()
+        assert int(steps.max()) == 1, f"{what}: fp8 bytes differ by up to {int(steps.max())} codes"
 
 
 def _assert_close_to_reference(what, q, scale, y_ref, group):
@@ -396,8 +401,9 @@ def test_default_configs_compile_at_real_shapes(target, fmt):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/HIP GPU")
 def test_fused_kernels_gpu_match_unfused_kernels():
-    """On the GPU with the families' default configs: the same fp8 bytes and scales as the unfused
-    kernels (norm and activation defaults tile the same way, so the sums of squares agree)."""
+    """On the GPU with the families' default configs: the same scales and fp8 bytes as the unfused kernels,
+    except that a norm whose sum of squares runs in another order may move one in 10^5 bytes by one code
+    (measured on an H200: 1 of 1.5M at H=5120; the activation's bytes all agree)."""
     launcher = JitLauncher()
     fmt = "e4m3fnuz" if torch.version.hip and "gfx94" in torch.cuda.get_device_properties(0).gcnArchName \
         else "e4m3fn"
@@ -414,7 +420,8 @@ def test_fused_kernels_gpu_match_unfused_kernels():
                 y, total_ref = rms_norm.rms_norm(x, residual, weight, eps=1e-6, launcher=launcher,
                                                  config=rms_norm.default_config({"H": H, "num_heads": 1}))
                 what = f"rms_norm_quant GPU H={H} M={M} group={group}"
-                _assert_same_quant(what, q, scale, *gemm_fp8._quantize(y, None, fmt, group, launcher=launcher))
+                _assert_same_quant(what, q, scale, *gemm_fp8._quantize(y, None, fmt, group, launcher=launcher),
+                                   max_flips=1e-5)
                 assert torch.equal(total, total_ref), what
                 gate_up = torch.randn(M, 2 * H, generator=g).to(torch.bfloat16).cuda()
                 cfg = activation_quant.default_config({"I": H, "group": group})
