@@ -37,7 +37,9 @@ L2_DEFEAT_BYTES = 256 << 20
 CONTEXT = 1024  # decode attention is timed at this many cached tokens per sequence
 FP8_SCHEMES = {"bf16": None,
                "fp8-block": dict(weight_scheme="block", act_scheme="dynamic_group", block_size=[128, 128]),
-               "fp8-tensor": dict(weight_scheme="channel", act_scheme="dynamic_token", block_size=None)}
+               "fp8-tensor": dict(weight_scheme="channel", act_scheme="dynamic_token", block_size=None),
+               # per-tensor checkpoints: merged q/k/v and gate/up become per-channel, o_proj/down_proj stay per-tensor
+               "fp8-tensor-unmerged": dict(weight_scheme="tensor", act_scheme="dynamic_token", block_size=None)}
 
 
 def problems(shape: str, scheme: str, ms: list[int]) -> list[tuple[str, dict]]:
@@ -146,7 +148,7 @@ def _tensors(family: str, problem: dict, device: str, copies: int, context: int 
         else:
             w = (torch.randn(N, K, device=device) * 64).to(torch.float8_e4m3fn) if device != "meta" else \
                 torch.empty(N, K, device="meta", dtype=torch.float8_e4m3fn)
-            shape = ((N + 127) // 128, (K + 127) // 128) if problem["weight_scheme"] == "block" else (N,)
+            shape = {"block": ((N + 127) // 128, (K + 127) // 128), "channel": (N,), "tensor": (1,)}[problem["weight_scheme"]]
             scale = torch.full(shape, 1e-3, device=device) if device != "meta" else torch.empty(shape, device="meta")
             sets.append(((x, w, scale), {k: problem[k] for k in ("weight_scheme", "act_scheme", "fp8_format",
                                                                   "block_size")}))
