@@ -14,31 +14,11 @@ a dynamically quantizing `linear_fp8` with one format and group.
 from __future__ import annotations
 
 from rdnac.compiler.passes import PassContext
-from rdnac.compiler.passes.fuse_norm_quant import (prequantize_readers, quant_label, shared_quant, value_readers,
-                                                   value_specs)
-from rdnac.ir.graph import Graph, Node
+from rdnac.compiler.passes.fuse_norm_quant import fuse_into_producer
+from rdnac.ir.graph import Graph
 
 NAME = "fuse_act_quant"
 
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
-    readers = value_readers(graph)
-    specs = value_specs(graph)
-    for i, act in enumerate(graph.nodes):
-        if act.op != "gated_act":
-            continue
-        m = act.outputs[0]
-        quant, why_not = shared_quant(graph, m, readers.get(m, []))
-        if quant is None:
-            if why_not:
-                ctx.decide(NAME, act.name, "kept unfused", why_not)
-            continue
-        fmt, group = quant
-        q, scale = prequantize_readers(graph, m, readers[m], fmt, group, specs[m].dtype)
-        graph.nodes[i] = Node(act.name, "gated_act_quant", list(act.inputs), [q, scale],
-                              {**act.attrs, "fp8_format": fmt, "group": group})
-        ctx.decide(NAME, act.name, f"fused {quant_label(fmt, group)} quantization of "
-                   f"{', '.join(r.name for r in readers[m])} into the activation",
-                   f"the activation writes fp8 {q} and scales {scale}, which the linear reads as they are: "
-                   "one launch fewer and no bf16 round trip; the same bits as quantizing in the linear")
-    return graph
+    return fuse_into_producer(graph, ctx, NAME, "gated_act", "gated_act_quant", "activation")

@@ -27,24 +27,30 @@ NAME = "fuse_norm_quant"
 
 
 def run(graph: Graph, ctx: PassContext) -> Graph:
+    return fuse_into_producer(graph, ctx, NAME, "rms_norm", "rms_norm_quant", "norm")
+
+
+def fuse_into_producer(graph: Graph, ctx: PassContext, pass_name: str, op: str, fused_op: str, noun: str) -> Graph:
+    """Replace each `op` node whose first output only FP8 linears read, all quantizing it the same way,
+    by `fused_op` writing (fp8 values, scales, the node's other outputs); its readers take them as they are."""
     readers = value_readers(graph)
     specs = value_specs(graph)
-    for i, norm in enumerate(graph.nodes):
-        if norm.op != "rms_norm":
+    for i, node in enumerate(graph.nodes):
+        if node.op != op:
             continue
-        y = norm.outputs[0]
+        y = node.outputs[0]
         quant, why_not = shared_quant(graph, y, readers.get(y, []))
         if quant is None:
             if why_not:
-                ctx.decide(NAME, norm.name, "kept unfused", why_not)
+                ctx.decide(pass_name, node.name, "kept unfused", why_not)
             continue
         fmt, group = quant
         q, scale = prequantize_readers(graph, y, readers[y], fmt, group, specs[y].dtype)
-        graph.nodes[i] = Node(norm.name, "rms_norm_quant", list(norm.inputs), [q, scale, *norm.outputs[1:]],
-                              {**norm.attrs, "fp8_format": fmt, "group": group})
-        ctx.decide(NAME, norm.name, f"fused {quant_label(fmt, group)} quantization of "
-                   f"{', '.join(r.name for r in readers[y])} into the norm",
-                   f"the norm writes fp8 {q} and scales {scale}, which the linears read as they are: "
+        graph.nodes[i] = Node(node.name, fused_op, list(node.inputs), [q, scale, *node.outputs[1:]],
+                              {**node.attrs, "fp8_format": fmt, "group": group})
+        ctx.decide(pass_name, node.name, f"fused {quant_label(fmt, group)} quantization of "
+                   f"{', '.join(r.name for r in readers[y])} into the {noun}",
+                   f"the {noun} writes fp8 {q} and scales {scale}, which the linears read as they are: "
                    "one launch fewer and no bf16 round trip; the same bits as quantizing in the linear")
     return graph
 
