@@ -76,3 +76,55 @@ def test_prequantized_fp8_gemm_uses_the_dynamic_scheme_measurement():
     per_token = dict(base, weight_scheme="channel", block_size=None)
     assert tuning.problem_key("gemm_fp8", dict(per_token, act_scheme="prequantized", group=0)) == \
         tuning.problem_key("gemm_fp8", dict(per_token, act_scheme="dynamic_token"))
+
+
+@pytest.fixture(scope="module")
+def sm90_plan(tmp_path_factory):
+    import rdnac
+    from tests.support.checkpoints import make_checkpoint
+
+    directory = tmp_path_factory.mktemp("tune")
+    make_checkpoint("qwen3", directory / "ckpt")
+    return rdnac.compile(directory / "ckpt", "sm90", directory / "p.msgpack", quiet=True, max_model_len=256,
+                         max_num_seqs=8, max_num_batched_tokens=512)
+
+
+def test_problems_from_plan_cover_each_regime(sm90_plan):
+    from rdnac.compiler.tune import problems_from_plan
+
+    jobs = problems_from_plan(sm90_plan)
+    gemm = {(p["M"], p["N"], p["K"]) for f, p in jobs if f == "gemm"}
+    # decode at 1 and at the plan's batch, prefill at its largest step (the logits read 1 row there)
+    assert {m for m, _, _ in gemm} == {1, 8, 512}
+    attention = [p for f, p in jobs if f == "attention"]
+    assert {(p["phase"], tuning.problem_m("attention", p)) for p in attention} == \
+        {("decode", 1), ("decode", 8), ("prefill", 512)}
+    assert len(jobs) == len({(f, tuning.problem_key(f, p), tuning.problem_m(f, p)) for f, p in jobs})
+
+
+def test_candidates_build_for_the_target_on_cpu():
+    """The search's build half runs anywhere: candidates recorded, cross-compiled, resource-checked."""
+    from rdnac.compiler.tune import build_candidates, candidates
+
+    job = ("gemm", {"M": 64, "N": 64, "K": 64, "dtype": "bfloat16", "has_bias": False})
+    built = build_candidates([job], "sm90", log=lambda line: None)
+    assert 0 < len(built) <= len(candidates(*job))
+    for index, config, binaries in built:
+        assert index == 0 and binaries and all(b.target == "sm90" for b in binaries)
+
+
+def test_tune_cli_needs_a_gpu_plan_and_a_gpu(sm90_plan, tmp_path, monkeypatch):
+    import torch
+    from click.testing import CliRunner
+
+    import rdnac
+    from rdnac.cli.main import cli
+    from tests.support.checkpoints import make_checkpoint
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    result = CliRunner().invoke(cli, ["tune", str(sm90_plan)])
+    assert result.exit_code == 1 and "tuning requires a GPU visible to torch" in result.output
+    make_checkpoint("llama", tmp_path / "ckpt")
+    cpu_plan = rdnac.compile(tmp_path / "ckpt", "cpu", tmp_path / "c.msgpack", quiet=True)
+    result = CliRunner().invoke(cli, ["tune", str(cpu_plan)])
+    assert result.exit_code == 1 and "requires a plan compiled for a GPU target" in result.output

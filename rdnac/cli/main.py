@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -218,6 +219,27 @@ def serve_cmd(plan, host, port, api_key, model_name, device, max_num_seqs, max_n
     serve(plan, host=host, port=port, api_key=api_key, model_name=model_name, device=device,
           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
           gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching)
+
+
+@cli.command("tune")
+@click.argument("plan", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="Tuning table to write (default: ~/.cache/rdnac/tuned/TARGET.json, read by every compile).")
+def tune_cmd(plan, out):
+    """Measure GEMM and attention configs for PLAN's shapes on this machine's GPU.
+
+    Later compiles for the plan's target take the measured configs ahead of the cost model's
+    guesses (`rdnac inspect --decisions` says which was used); recompile the plan to use them."""
+    from rdnac.compiler import tune, tuning
+    from rdnac.plans import read_plan
+
+    target = read_plan(plan, header_only=True).header["target"]
+    jobs = tune.problems_from_plan(plan)
+    click.echo(f"rdnac: tuning {len(jobs)} problems of {plan} for {target}", err=True)
+    results = tune.search(jobs, target, log=lambda line: click.echo(line, err=True))
+    path = Path(out) if out else tuning.table_paths(target)[-1]
+    tune.save_results(path, results)
+    click.echo(f"wrote {len(results)} measured configs to {path}; recompile the plan to use them")
 
 
 @cli.command("targets")

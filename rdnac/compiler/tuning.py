@@ -1,15 +1,11 @@
 """Measured kernel configs: search on a GPU, store per target, pick up at compile time.
 
 The cost model ranks configs without a GPU; a tuning table replaces its guess
-with a measurement where one exists. `search(...)` runs on a machine with the
-target GPU: it builds every candidate through the same AOT path plans use
-(record over meta tensors, `compile_calls`, `check_resources`), loads the
-binaries with the runtime's `AotLauncher`, and times each candidate as a
-captured CUDA graph of back-to-back calls that cycle through enough weight
-copies to defeat the L2 cache (decode GEMMs are bandwidth-bound; a weight
-that stays in L2 would flatter them). The winners go to
-`rdnac/compiler/tuned/<target>.json` (shipped) or the user's
-`~/.cache/rdnac/tuned/<target>.json` (which wins on conflicts).
+with a measurement where one exists. The search (`rdnac.compiler.tune`,
+`rdnac tune PLAN`, `bench/tune_kernels.py`) runs on a machine with the target
+GPU and times every candidate built through the same AOT path plans use.
+The winners go to `rdnac/compiler/tuned/<target>.json` (shipped) or the
+user's `~/.cache/rdnac/tuned/<target>.json` (which wins on conflicts).
 
 Entries are keyed by family and problem (the GEMM's M bucket, N, K, dtype and
 FP8 scheme; attention's phase, heads, head size and KV block size, with the

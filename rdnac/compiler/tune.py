@@ -1,0 +1,274 @@
+"""`rdnac tune`: measure kernel configs on this GPU and write them to the tuning table.
+
+Every candidate of a problem (the family's config space plus wider decode and
+prefill tiles) is built through the plan path: recorded over meta tensors,
+compiled for the target in parallel (`compile_calls`), checked against the
+target's resources (`check_resources`). The survivors are loaded with the
+runtime's `AotLauncher` and timed as a captured CUDA/HIP graph of
+back-to-back calls that cycle through enough weight copies to defeat the L2
+cache. `rdnac.compiler.tuning` stores and looks up the winners;
+`problems_from_plan` lists the problems a compiled plan selects configs for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+
+import torch
+import triton
+
+from rdnac.compiler import cost_model, tuning
+from rdnac.compiler.build import check_resources, compile_calls
+from rdnac.errors import RdnacError
+from rdnac.kernels.launch import RecordingLauncher
+from rdnac.targets import get_target
+
+L2_DEFEAT_BYTES = 256 << 20
+CONTEXT = 1024  # decode attention is timed at this many cached tokens per sequence
+
+
+def _cfg(bm, bn, bk, group, split, warps, stages):
+    return {"constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_SIZE_M": group, "SPLIT_K": split},
+            "num_warps": warps, "num_stages": stages}
+
+
+def _acfg(warps, stages, **constexprs):
+    return {"constexprs": constexprs, "num_warps": warps, "num_stages": stages}
+
+
+def candidates(family: str, problem: dict) -> list[dict]:
+    module = importlib.import_module(f"rdnac.kernels.{family}")
+    space = list(module.config_space(problem))
+    if family == "attention":
+        if problem["phase"] == "decode":
+            extra = [_acfg(w, st, NUM_SPLITS=s, BLOCK_N=n) for s in (1, 2, 4, 8, 16, 32) for n in (16, 32, 64, 128)
+                     for w, st in ((4, 3), (2, 2), (8, 2))]
+        else:
+            extra = [_acfg(w, st, BLOCK_M=m, BLOCK_N=n) for m, n, w, st in
+                     ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
+                      (128, 32, 8, 3), (64, 128, 8, 2), (128, 128, 8, 3))]
+        return [c for j, c in enumerate(space + extra) if c not in (space + extra)[:j]]
+    M, N, K = problem["M"], problem["N"], problem["K"]
+    block_scale = problem.get("weight_scheme") == "block"
+    extra = []
+    if M <= 16:
+        for bn in ((64, 128) if block_scale else (32, 64, 128)):
+            for bk in ((128,) if block_scale else (128, 256)):
+                for split in (1, 2, 4, 8, 16):
+                    kps = triton.cdiv(triton.cdiv(K, split), bk) * bk
+                    if split > 1 and (kps < 2 * bk or triton.cdiv(K, kps) != split):
+                        continue
+                    for stages in (3, 4):
+                        extra.append(_cfg(16, bn, bk, 1, split, 4, stages))
+    elif M > 256:
+        for bn, bk, warps, stages in ((256, 64, 8, 3), (256, 64, 8, 4), (128, 64, 8, 4), (128, 128, 8, 3),
+                                      (128, 64, 4, 4)):
+            if not (block_scale and bk != 128):
+                extra.append(_cfg(128, bn, bk, 8, 1, warps, stages))
+    return [c for j, c in enumerate(space + extra) if c not in (space + extra)[:j]]
+
+
+def _attention_tensors(problem: dict, device: str, copies: int, context: int):
+    hq, hk, d, bs = problem["num_heads"], problem["num_kv_heads"], problem["head_dim"], problem["block_size"]
+    decode = problem["phase"] == "decode"
+    b = problem["num_seqs"]
+    t = b if decode else problem["num_tokens"]
+    ctx = context if decode else t
+    per_seq = -(-ctx // bs)
+    make = (lambda *shape, dtype=torch.bfloat16: torch.empty(shape, dtype=dtype, device="meta")) if device == "meta" \
+        else (lambda *shape, dtype=torch.bfloat16: torch.randn(shape, device=device).to(dtype))
+    q = make(t, hq * d)
+    ints = (lambda v: torch.empty(len(v), dtype=torch.int32, device="meta")) if device == "meta" \
+        else (lambda v: torch.tensor(v, dtype=torch.int32, device=device))
+    tables = torch.arange(b * per_seq, dtype=torch.int32).reshape(b, per_seq)
+    tables = torch.empty(b, per_seq, dtype=torch.int32, device="meta") if device == "meta" else tables.to(device)
+    seq_lens = ints([ctx] * b)
+    cu = ints(list(range(b + 1)) if decode else [0, t])
+    positions = ints([ctx - 1] * b if decode else list(range(t)))
+    kw = dict(num_heads=hq, num_kv_heads=hk, head_dim=d, scale=d ** -0.5)
+    if not decode:
+        kw["max_query_len"] = t
+    sets = []
+    for _ in range(copies):
+        k_cache, v_cache = make(b * per_seq, bs, hk, d), make(b * per_seq, bs, hk, d)
+        sets.append(((q, k_cache, v_cache, tables, seq_lens, cu, positions), kw))
+    return sets
+
+
+def _tensors(family: str, problem: dict, device: str, copies: int, context: int = 1024):
+    if family == "attention":
+        return _attention_tensors(problem, device, copies, context)
+    M, N, K = problem["M"], problem["N"], problem["K"]
+    x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+    sets = []
+    for c in range(copies):
+        if family == "gemm":
+            w = (0.02 * torch.randn(N, K, device=device)).to(torch.bfloat16) if device != "meta" else \
+                torch.empty(N, K, device="meta", dtype=torch.bfloat16)
+            sets.append(((x, w), {}))
+        else:
+            w = (torch.randn(N, K, device=device) * 64).to(torch.float8_e4m3fn) if device != "meta" else \
+                torch.empty(N, K, device="meta", dtype=torch.float8_e4m3fn)
+            shape = {"block": ((N + 127) // 128, (K + 127) // 128), "channel": (N,), "tensor": (1,)}[problem["weight_scheme"]]
+            scale = torch.full(shape, 1e-3, device=device) if device != "meta" else torch.empty(shape, device="meta")
+            sets.append(((x, w, scale), {k: problem[k] for k in ("weight_scheme", "act_scheme", "fp8_format",
+                                                                  "block_size")}))
+    return sets
+
+
+def _wrapper(family: str, problem: dict | None = None):
+    from rdnac.kernels import attention, gemm, gemm_fp8
+
+    if family == "attention":
+        return attention.attention_decode if problem["phase"] == "decode" else attention.attention_prefill
+    return gemm.linear if family == "gemm" else gemm_fp8.linear_fp8
+
+
+def build_candidates(jobs: list[tuple[str, dict]], target: str, log=print) -> list[tuple[int, dict, list]]:
+    """(job index, config, binaries) of every candidate that builds for `target` within its resources."""
+    tgt = get_target(target)
+    plan = []  # (job index, config, [KernelCall])
+    for j, (family, problem) in enumerate(jobs):
+        (args, kw), = _tensors(family, problem, "meta", 1)
+        for config in candidates(family, problem):
+            rec = RecordingLauncher()
+            _wrapper(family, problem)(*args, **kw, config=config, launcher=rec)
+            plan.append((j, config, rec.calls))
+    started = time.perf_counter()
+    binaries = compile_calls([c for _, _, calls in plan for c in calls], tgt, quiet=True)
+    log(f"built {len(binaries)} binaries for {len(plan)} candidates in {time.perf_counter() - started:.0f} s")
+    ok, pos = [], 0
+    for j, config, calls in plan:
+        bins = binaries[pos:pos + len(calls)]
+        pos += len(calls)
+        if not any(check_resources(b, tgt) for b in bins):
+            ok.append((j, config, bins))
+    return ok
+
+
+def search(jobs: list[tuple[str, dict]], target: str, log=print) -> list[dict]:
+    """Time every candidate of every job on this machine's GPU; one table entry per job (the fastest)."""
+    from rdnac.runtime.aot import AotLauncher, check_target
+
+    if not torch.cuda.is_available():
+        raise RdnacError("tuning requires a GPU visible to torch; none found (tune on the machine that will run "
+                         "the plans, then compile anywhere with its table)")
+    check_target(target, torch.device("cuda"))
+    tgt = get_target(target)
+    ok = build_candidates(jobs, target, log)
+    launcher = AotLauncher([b.to_dict() for _, _, bins in ok for b in bins], "cuda")
+    results = []
+    for j, (family, problem) in enumerate(jobs):
+        if family == "attention":
+            ctx = CONTEXT if problem["phase"] == "decode" else problem["num_tokens"]
+            weight_bytes = 2 * problem["num_seqs"] * ctx * problem["num_kv_heads"] * problem["head_dim"] * 2
+        else:
+            weight_bytes = problem["N"] * problem["K"] * (2 if family == "gemm" else 1)
+        copies = max(1, min(16, -(-L2_DEFEAT_BYTES // weight_bytes)))
+        sets = _tensors(family, problem, "cuda", copies, CONTEXT)
+        reps = max(copies, 8)
+        timed = []
+        for jj, config, _ in ok:
+            if jj != j:
+                continue
+            timed.append((_time(_wrapper(family, problem), sets, reps, config, launcher), config))
+        timed.sort(key=lambda t: t[0])
+        best_us, best = timed[0]
+        entry = {"key": tuning.problem_key(family, problem), "M": tuning.problem_m(family, problem),
+                 "family": family, "problem": problem, "config": best, "us": round(best_us, 2),
+                 "candidates": len(timed)}
+        if family == "attention":
+            entry["GBps"] = round(weight_bytes / best_us / 1e3, 1)
+            if problem["phase"] == "prefill":
+                t = problem["num_tokens"]
+                entry["tflops"] = round(4 * problem["num_heads"] * problem["head_dim"] * t * (t + 1) / 2 / best_us / 1e6, 1)
+            else:
+                entry["context"] = CONTEXT
+        else:
+            flops = 2 * problem["M"] * problem["N"] * problem["K"]
+            entry["GBps"] = round((weight_bytes + problem["M"] * problem["K"] * 2) / best_us / 1e3, 1)
+            entry["tflops"] = round(flops / best_us / 1e6, 1)
+        if family == "gemm":
+            pick = cost_model.rank("gemm", problem, [c for _, c in timed], tgt)[0][0]
+            entry["cost_model_pick_us"] = round(next(t for t, c in timed if c == pick), 2)
+        log(json.dumps(entry))
+        results.append(entry)
+        del sets
+        torch.cuda.empty_cache()
+    return results
+
+
+def _time(fn, sets, reps, config, launcher) -> float:
+
+    def step(i):
+        args, kw = sets[i % len(sets)]
+        fn(*args, **kw, config=config, launcher=launcher)
+
+    step(0)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            step(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    del graph
+    return sorted(times)[2]
+
+
+
+
+def save_results(path, results: list[dict]) -> None:
+    """Merge measured entries into the table at `path`, stamped with this GPU and the versions."""
+    import rdnac
+
+    tuning.save(path, torch.cuda.get_device_name(), {"rdnac": rdnac.__version__, "torch": torch.__version__,
+                                                     "triton": triton.__version__}, results)
+
+
+def _normalized(family: str, problem: dict) -> dict:
+    """A plan's problem as the search times it: a prequantized FP8 GEMM as its dynamic scheme (the
+    same GEMM, plus the quant launch the fused producer saves), the M/tokens of the regime's label."""
+    p = {k: v for k, v in problem.items() if k != "group"}
+    if p.get("act_scheme") == "prequantized":
+        p["act_scheme"] = "dynamic_group" if problem.get("group") else "dynamic_token"
+    return p
+
+
+def problems_from_plan(plan_path) -> list[tuple[str, dict]]:
+    """The tunable problems (GEMM, FP8 GEMM, attention) a compiled GPU plan selects configs for, one per
+    tile regime: decode at 1 and the plan's batch, middle sizes at 64, prefill at its largest step."""
+    from rdnac.compiler.passes.select_kernels import _problem, _propagate_meta, meta_env
+    from rdnac.ir.graph import Graph
+    from rdnac.plans import read_plan
+    from rdnac.runtime.executor import NO_KERNEL_OPS
+
+    plan = read_plan(plan_path)
+    if not plan.body.get("kernels"):
+        raise RdnacError(f"{plan.path}: tuning requires a plan compiled for a GPU target; this one is for "
+                         f"{plan.header['target']}")
+    graph, runtime = Graph.from_dict(plan.body["graph"]), plan.body["runtime"]
+    keys = [("decode", 1), ("decode", 64), ("prefill", runtime["max_num_batched_tokens"])]
+    if runtime["max_num_seqs"] < 64:
+        keys[1] = ("decode", runtime["max_num_seqs"])
+    jobs: list[tuple[str, dict]] = []
+    for phase, tokens in keys:
+        env, _ = meta_env(graph, phase, tokens, runtime)
+        for node in graph.nodes:
+            if node.op not in NO_KERNEL_OPS:
+                family, problem = _problem(node, phase, env, runtime)
+                job = (family, _normalized(family, problem))
+                if family in tuning.TUNED_FAMILIES and job not in jobs:
+                    jobs.append(job)
+            _propagate_meta(node, env)
+    return jobs
