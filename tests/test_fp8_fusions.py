@@ -22,7 +22,7 @@ from rdnac.ir import interpreter, ops
 from rdnac.ir.fp8 import FORMATS, FP8_MAX, quantize_rows
 from rdnac.ir.graph import Graph, Node, TensorSpec, WeightSpec
 from rdnac.ir.verify import verify
-from rdnac.kernels import activation, activation_quant, gemm_fp8, rms_norm, rms_norm_quant
+from rdnac.kernels import activation, activation_quant, fp8_quant, gemm_fp8, rms_norm, rms_norm_quant
 from rdnac.kernels.launch import InterpretLauncher, JitLauncher, RecordingLauncher
 from rdnac.runtime.engine import Engine
 from rdnac.testing.fp8 import write_random_checkpoint
@@ -86,7 +86,7 @@ def test_rms_norm_quant_matches_unfused_kernels(fmt, group, has_residual, H, blo
     what = f"rms_norm_quant {fmt} group={group} residual={has_residual} H={H} BLOCK_H={block_h}"
     assert len(fused) == 2 + has_residual
     _assert_same_quant(what + " vs norm + _quant_fp8_kernel", fused[0], fused[1],
-                       *gemm_fp8._quantize(y, None, fmt, group, launcher=INTERPRET))
+                       *fp8_quant.quantize_activations(y, None, fmt, group, launcher=INTERPRET))
     _assert_same_quant(what + " vs quantize_rows(norm kernel)", fused[0], fused[1], *quantize_rows(y, fmt, group),
                        is_kernel=False)
     if has_residual:
@@ -138,7 +138,7 @@ def test_gated_act_quant_matches_unfused_kernels(fmt, group, is_merged, I, block
     y = activation.gated_act(*ins, act=act, config=cfg, launcher=INTERPRET)
     what = f"gated_act_quant {act} {fmt} group={group} merged={is_merged} I={I} BLOCK_I={block_i}"
     _assert_same_quant(what + " vs gated_act + _quant_fp8_kernel", q, scale,
-                       *gemm_fp8._quantize(y, None, fmt, group, launcher=INTERPRET))
+                       *fp8_quant.quantize_activations(y, None, fmt, group, launcher=INTERPRET))
     _assert_same_quant(what + " vs quantize_rows(gated_act kernel)", q, scale, *quantize_rows(y, fmt, group),
                        is_kernel=False)
     q_ref, scale_ref = ops.gated_act_quant(*ins, act=act, fp8_format=fmt, group=group)
@@ -420,7 +420,7 @@ def test_fused_kernels_gpu_match_unfused_kernels():
                 y, total_ref = rms_norm.rms_norm(x, residual, weight, eps=1e-6, launcher=launcher,
                                                  config=rms_norm.default_config({"H": H, "num_heads": 1}))
                 what = f"rms_norm_quant GPU H={H} M={M} group={group}"
-                _assert_same_quant(what, q, scale, *gemm_fp8._quantize(y, None, fmt, group, launcher=launcher),
+                _assert_same_quant(what, q, scale, *fp8_quant.quantize_activations(y, None, fmt, group, launcher=launcher),
                                    max_flips=1e-5)
                 assert torch.equal(total, total_ref), what
                 gate_up = torch.randn(M, 2 * H, generator=g).to(torch.bfloat16).cuda()
@@ -430,7 +430,7 @@ def test_fused_kernels_gpu_match_unfused_kernels():
                 y = activation.gated_act(gate_up, act="silu", config=activation.default_config({"I": H}),
                                          launcher=launcher)
                 _assert_same_quant(f"gated_act_quant GPU I={H} M={M} group={group}", q, scale,
-                                   *gemm_fp8._quantize(y, None, fmt, group, launcher=launcher))
+                                   *fp8_quant.quantize_activations(y, None, fmt, group, launcher=launcher))
 
 
 def test_inspect_tools_read_fused_plans(checkpoints, tmp_path):

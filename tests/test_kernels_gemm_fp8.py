@@ -18,7 +18,7 @@ import torch
 from rdnac.compiler.build import check_resources, compile_calls
 from rdnac.ir import ops
 from rdnac.ir.fp8 import FORMATS, FP8_MAX, quantize_rows
-from rdnac.kernels import gemm_fp8
+from rdnac.kernels import fp8_quant, gemm_fp8
 from rdnac.kernels.launch import InterpretLauncher, JitLauncher, RecordingLauncher
 
 SHAPES = [(384, 256), (256, 384), (1536, 512)]  # (N, K), multiples of the 128 x 128 scale block
@@ -115,7 +115,7 @@ def test_quantize_matches_reference_bits(fmt, group):
     x = torch.cat([x, torch.zeros(1, K)])
     # Row amax = FP8_MAX makes the scale exactly 1 for the grid rows, so ties stay ties.
     x[:, 0] = FP8_MAX[fmt]
-    q, scale = gemm_fp8._quantize(x, None, fmt, group, launcher=INTERPRET)
+    q, scale = fp8_quant.quantize_activations(x, None, fmt, group, launcher=INTERPRET)
     q_ref, scale_ref = quantize_rows(x, fmt, group)
     assert torch.equal(scale.reshape(scale_ref.shape), scale_ref), f"{fmt} group={group}: scales differ"
     # -0 may be stored as +0 (the kernel never writes -0: it is NaN in e4m3fnuz); values must be equal.
@@ -127,7 +127,7 @@ def test_quantize_matches_reference_bits(fmt, group):
 def test_static_quantize_clamps_like_reference(fmt):
     x = torch.randn(5, 300) * 4  # [T, K]
     s = torch.tensor([2.0 / FP8_MAX[fmt]])
-    q, scale = gemm_fp8._quantize(x, s, fmt, 0, launcher=INTERPRET)
+    q, scale = fp8_quant.quantize_activations(x, s, fmt, 0, launcher=INTERPRET)
     q_ref = (x / s).clamp(-FP8_MAX[fmt], FP8_MAX[fmt]).to(FORMATS[fmt])
     assert scale is s and torch.equal(q.float(), q_ref.float())
 

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
 from rdnac.kernels.activation import ACTIVATIONS
-from rdnac.kernels.gemm_fp8 import _GRID
+from rdnac.kernels.fp8_quant import GRID
 from rdnac.kernels.launch import Launcher
 
 AOT_DIVISIBLE = {"_gated_act_quant_kernel": ("I", "stride_gate_row", "stride_up_row", "up_col_offset")}
@@ -93,7 +93,7 @@ def _gated_act_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, I, stride_gate_r
                 v = tl.div_rn(y, scale)
             if quant_pass + 1 == num_passes:
                 v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
-                # round |v| to the FP8 grid in fp32, ties to even, as _quant_fp8_kernel (see gemm_fp8.py)
+                # round |v| to the FP8 grid in fp32, ties to even, as _quant_fp8_kernel (see fp8_quant.py)
                 mag = tl.abs(v)
                 bits = mag.to(tl.int32, bitcast=True)
                 normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
@@ -127,7 +127,7 @@ def gated_act_quant(*xs: torch.Tensor, act: str = "silu", fp8_format: str, group
     block_i = config["constexprs"]["BLOCK_I"]
     assert block_i >= group, f"gated_act_quant: BLOCK_I {block_i} must hold whole groups of {group}"
     grid = (num_tokens, triton.cdiv(width, block_i) if group else 1)
-    min_normal, rounder = _GRID[fp8_format]
+    min_normal, rounder = GRID[fp8_format]
     launcher.launch(_gated_act_quant_kernel, grid,
                     (gate, up, q, scale, width, gate.stride(0), up.stride(0), up_col_offset),
                     constexprs={"ACT": act, "GROUP": group, "FP8_MAX": FP8_MAX[fp8_format], "MIN_NORMAL": min_normal,

@@ -1,13 +1,11 @@
 """FP8 GEMM family: IR op `linear_fp8` (y = Q(x) @ (fp8 W * weight_scale).T + bias, in x's dtype).
 
-act_scheme "prequantized": x arrives as fp8 with its scales (from `rms_norm_quant` or
-`gated_act_quant`, which quantize exactly as `_quant_fp8_kernel` does), so the quant launch is skipped
-and the GEMMs below read them as they read their own quant's output.
+The wrapper first quantizes x with `rdnac.kernels.fp8_quant` (per token "dynamic_token", per
+(token, group) "dynamic_group", or a given "static" scale). With act_scheme "prequantized" x arrives
+as fp8 with its scales (from `rms_norm_quant` or `gated_act_quant`, which quantize exactly as
+fp8_quant does), so that launch is skipped and the GEMMs read them as they read its output.
 
 Kernels, one job each:
-  `_quant_fp8_kernel`      activation quant: per token ("dynamic_token", one program per row, no
-                           atomics), per (token, group) ("dynamic_group") or with a given scale
-                           ("static"); writes fp8 values [M, K] and fp32 scales [M, G].
   `_fp8_gemm_kernel`       per-token/static x per-channel/per-tensor: fp8 x fp8 `tl.dot`, fp32
                            accumulation, row scale x column scale once in the epilogue. With
                            IS_A16 ("none", a16w8) the activation is x itself and the FP8 weight is
@@ -22,13 +20,6 @@ Kernels, one job each:
   `_fp8_splitk_reduce_kernel` SPLIT_K > 1: sums the fp32 partials [SPLIT_K, M, N] in a fixed order
                            (deterministic, no atomics, no zeroed buffer), then applies the epilogue
                            scales (epilogue kernel only) and the bias once.
-
-Rounding matches the reference bit for bit: scale = amax / FP8_MAX and x / scale are correctly
-rounded divisions (`tl.div_rn`: NVIDIA's default fp32 `/` is approximate), and the value is rounded
-to the FP8 grid (nearest, ties to even) in fp32 before the cast, so the cast itself is exact. That
-step exists because the Triton interpreter's fp32 -> fp8 cast rounds ties away from zero and drops
-the carry when the mantissa rounds up (124.0 became 64.0 in e4m3fn), and because a cast of an exact
-value is the same on every backend.
 
 Config space (`config_space(problem)`; problem keys "M" (bucket label, see `gemm.m_bucket`), "N",
 "K", "dtype" (x's), "has_bias", "weight_scheme", "act_scheme", "fp8_format", "block_size", and
@@ -50,71 +41,17 @@ import triton.language as tl
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
 from rdnac.kernels.gemm import DECODE_MAX_M, m_bucket
+from rdnac.kernels.fp8_quant import quantize_activations
 from rdnac.kernels.launch import Launcher
 
 # Shape ints fixed by the weights (never token counts): binaries specialize on their divisibility by 16.
-AOT_DIVISIBLE = {"_quant_fp8_kernel": ("K", "stride_xm", "stride_qm"),
-                 "_fp8_gemm_kernel": ("N", "K", "stride_am", "stride_wn", "stride_om", "k_per_split"),
+AOT_DIVISIBLE = {"_fp8_gemm_kernel": ("N", "K", "stride_am", "stride_wn", "stride_om", "k_per_split"),
                  "_fp8_block_gemm_kernel": ("N", "K", "stride_am", "stride_wn", "stride_om", "k_per_split"),
                  "_fp8_splitk_reduce_kernel": ("N",)}
 
-# Per format: (smallest normal, 2**23 * the subnormal spacing: adding and subtracting it rounds a
-# subnormal to the FP8 grid). e4m3fn: bias 7, normals from 2**-6, spacing 2**-9; fnuz: bias 8.
-_GRID = {"e4m3fn": (2.0 ** -6, 2.0 ** 14), "e4m3fnuz": (2.0 ** -7, 2.0 ** 13)}
 _MAX = tl.standard._elementwise_max  # tl.max is a jit function: the interpreter path cannot call it
 SPLIT_K_MIN_NK = 1 << 20  # as in gemm: split K only when the weight read beats a second launch
 REDUCE_BLOCK = 1024
-QUANT_STEP = 1024  # activation quant reads a row in tiles of this many elements (2048 spills SGPRs on gfx1201)
-
-
-@triton.jit
-def _quant_fp8_kernel(x_ptr, in_scale_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, stride_sm,
-                      GROUP: tl.constexpr, IS_STATIC: tl.constexpr, FP8_MAX: tl.constexpr,
-                      MIN_NORMAL: tl.constexpr, SUBNORMAL_ROUNDER: tl.constexpr,
-                      GROUPS_PER_STEP: tl.constexpr, BLOCK: tl.constexpr):
-    # x: [M, K] -> q: [M, K] fp8, scale: [M, G] fp32, G = cdiv(K, GROUP) (GROUP 0: one scale per row;
-    # IS_STATIC: the given [1] scale, nothing written). One program per row, no atomics. Each step
-    # covers a [GROUPS_PER_STEP, BLOCK] tile: whole groups (BLOCK >= GROUP), or BLOCK columns per row.
-    row = tl.program_id(0).to(tl.int64)
-    chunk: tl.constexpr = GROUP if GROUP > 0 else BLOCK  # columns per tile row
-    step: tl.constexpr = GROUPS_PER_STEP * chunk
-    offs_g = tl.arange(0, GROUPS_PER_STEP)  # [GS]
-    offs_c = tl.arange(0, BLOCK)  # [B]
-    tile = offs_g[:, None] * chunk + offs_c[None, :]  # [GS, B] column offsets within a step
-    in_chunk = offs_c[None, :] < chunk
-    x_row = x_ptr + row * stride_xm
-    q_row = q_ptr + row * stride_qm
-    if IS_STATIC:
-        scale = tl.load(in_scale_ptr).to(tl.float32)
-    elif GROUP == 0:  # per token: the row's amax first, then a second pass quantizes
-        amax = tl.full((GROUPS_PER_STEP, BLOCK), 0.0, tl.float32)
-        for k0 in range(0, K, step):
-            xk = tl.load(x_row + k0 + tile, mask=in_chunk & (k0 + tile < K), other=0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(xk))
-        amax_row = tl.reduce(tl.reduce(amax, 1, _MAX), 0, _MAX)
-        scale = tl.where(amax_row > 0, tl.div_rn(amax_row, FP8_MAX), 1.0)  # a zero row: 1, not 0/0
-        tl.store(scale_ptr + row * stride_sm, scale)
-    for k0 in range(0, K, step):
-        mask = in_chunk & (k0 + tile < K)
-        xk = tl.load(x_row + k0 + tile, mask=mask, other=0).to(tl.float32)  # [GS, B]
-        if GROUP > 0 and not IS_STATIC:  # whole groups in this tile: one pass
-            amax_group = tl.reduce(tl.abs(xk), 1, _MAX)  # [GS]
-            group_scale = tl.where(amax_group > 0, tl.div_rn(amax_group, FP8_MAX), 1.0)
-            groups = k0 // GROUP + offs_g
-            tl.store(scale_ptr + row * stride_sm + groups, group_scale, mask=groups * GROUP < K)
-            v = tl.div_rn(xk, group_scale[:, None])
-        else:
-            v = tl.div_rn(xk, scale)
-        v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
-        # Round |v| to the FP8 grid in fp32, ties to even: normals keep 3 mantissa bits (a carry
-        # into the exponent is the right result), subnormals snap to the fixed spacing.
-        mag = tl.abs(v)
-        bits = mag.to(tl.int32, bitcast=True)
-        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-        subnormal = (mag + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER
-        mag = tl.where(mag < MIN_NORMAL, subnormal, normal)
-        q = tl.where((v < 0) & (mag > 0), -mag, mag)  # no -0: its bits are NaN in e4m3fnuz
-        tl.store(q_row + k0 + tile, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -257,27 +194,6 @@ def _fp8_splitk_reduce_kernel(ws_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_pt
 # ---------------------------------------------------------------- wrapper
 
 
-def _quantize(x, input_scale, fmt, group, *, launcher):
-    """(q [M, K] fp8, scales) for act_scheme dynamic_token (group 0), dynamic_group or static."""
-    M, K = x.shape
-    q = torch.empty((M, K), dtype=FORMATS[fmt], device=x.device)  # [M, K]
-    is_static = input_scale is not None
-    num_groups = 1 if group == 0 else triton.cdiv(K, group)
-    scale = input_scale if is_static else torch.empty((M, num_groups), dtype=torch.float32, device=x.device)
-    if group:  # whole groups per step, about QUANT_STEP columns
-        block = triton.next_power_of_2(group)
-        groups_per_step = min(max(1, QUANT_STEP // block), triton.next_power_of_2(num_groups))
-    else:
-        block, groups_per_step = min(triton.next_power_of_2(K), QUANT_STEP), 1
-    min_normal, rounder = _GRID[fmt]
-    launcher.launch(_quant_fp8_kernel, (M,),
-                    (x, scale, q, scale, K, x.stride(0), q.stride(0), num_groups),
-                    constexprs=dict(GROUP=group, IS_STATIC=is_static, FP8_MAX=FP8_MAX[fmt], MIN_NORMAL=min_normal,
-                                    SUBNORMAL_ROUNDER=rounder, GROUPS_PER_STEP=groups_per_step, BLOCK=block),
-                    num_warps=4, num_stages=1)
-    return q, scale
-
-
 def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *rest: torch.Tensor,
                weight_scheme: str, act_scheme: str, fp8_format: str, block_size: list | None = None,
                has_bias: bool = False, group: int = 0, out_dtype: str | None = None,
@@ -317,7 +233,7 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             f"linear_fp8: activation group {group} must equal the weight's scale block K {block_size[1]}"
         a, a_scale = x, x_scale
     else:
-        a, a_scale = (x, x) if is_a16 else _quantize(x, input_scale, fp8_format, group, launcher=launcher)
+        a, a_scale = (x, x) if is_a16 else quantize_activations(x, input_scale, fp8_format, group, launcher=launcher)
 
     c = config["constexprs"]
     block_m, block_n, block_k, split_k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"]

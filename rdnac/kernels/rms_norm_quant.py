@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
-from rdnac.kernels.gemm_fp8 import _GRID
+from rdnac.kernels.fp8_quant import GRID
 from rdnac.kernels.launch import Launcher
 from rdnac.kernels.rms_norm import _warps_for
 
@@ -118,7 +118,7 @@ def _rms_norm_quant_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, re
                 v = tl.div_rn(y, scale)
             if quant_pass + 1 == num_passes:
                 v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
-                # round |v| to the FP8 grid in fp32, ties to even, as _quant_fp8_kernel (see gemm_fp8.py)
+                # round |v| to the FP8 grid in fp32, ties to even, as _quant_fp8_kernel (see fp8_quant.py)
                 mag = tl.abs(v)
                 bits = mag.to(tl.int32, bitcast=True)
                 normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
@@ -148,7 +148,7 @@ def rms_norm_quant(x: torch.Tensor, *rest: torch.Tensor, eps: float, unit_offset
     if num_tokens > 0:
         block_h = config["constexprs"]["BLOCK_H"]
         assert block_h >= group, f"rms_norm_quant: BLOCK_H {block_h} must hold whole groups of {group}"
-        min_normal, rounder = _GRID[fp8_format]
+        min_normal, rounder = GRID[fp8_format]
         launcher.launch(_rms_norm_quant_kernel, (num_tokens,),
                         (x, residual if residual is not None else x, weight, q, scale,
                          residual_out if residual_out is not None else q,
