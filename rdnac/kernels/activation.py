@@ -45,18 +45,25 @@ def _gated_act_kernel(gate_ptr, up_ptr, out_ptr, I, stride_gate_row, stride_up_r
     tl.store(out_ptr + token * I + cols, (act * up).to(act_dtype), mask=mask)
 
 
-def gated_act(*xs: torch.Tensor, act: str = "silu", config: dict, launcher: Launcher) -> torch.Tensor:
-    """(gate [T, I], up [T, I]) or (gate_up [T, 2I],) -> [T, I]; rows may be strided."""
-    assert act in ACTIVATIONS, f"gated_act requires act in {ACTIVATIONS}; got {act!r}"
+def gate_and_up(xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(gate, up, I, up's column offset) from (gate [T, I], up [T, I]) or (gate_up [T, 2I],), where up
+    is the same tensor as gate read from column I."""
     if len(xs) == 2:
         gate, up = xs
         width, up_col_offset = gate.shape[1], 0
     else:
         (gate,) = xs
-        up = gate  # the same tensor, read at column offset I
+        up = gate
         assert gate.shape[1] % 2 == 0, f"gate_up width must be even; got {gate.shape[1]}"
         width = up_col_offset = gate.shape[1] // 2
     assert gate.stride(-1) == 1 and up.stride(-1) == 1 and gate.dtype == up.dtype
+    return gate, up, width, up_col_offset
+
+
+def gated_act(*xs: torch.Tensor, act: str = "silu", config: dict, launcher: Launcher) -> torch.Tensor:
+    """(gate [T, I], up [T, I]) or (gate_up [T, 2I],) -> [T, I]; rows may be strided."""
+    assert act in ACTIVATIONS, f"gated_act requires act in {ACTIVATIONS}; got {act!r}"
+    gate, up, width, up_col_offset = gate_and_up(xs)
     num_tokens = gate.shape[0]
     out = torch.empty(num_tokens, width, dtype=gate.dtype, device=gate.device)  # [T, I]
     if num_tokens == 0:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
-from rdnac.kernels.activation import ACTIVATIONS
+from rdnac.kernels.activation import ACTIVATIONS, gate_and_up
 from rdnac.kernels.fp8_quant import GRID
 from rdnac.kernels.launch import Launcher
 
@@ -109,15 +109,7 @@ def gated_act_quant(*xs: torch.Tensor, act: str = "silu", fp8_format: str, group
     (G = 1 or cdiv(I, group)); rows may be strided."""
     assert act in ACTIVATIONS, f"gated_act_quant requires act in {ACTIVATIONS}; got {act!r}"
     assert group == 0 or group & (group - 1) == 0, f"gated_act_quant requires a power-of-two group; got {group}"
-    if len(xs) == 2:
-        gate, up = xs
-        width, up_col_offset = gate.shape[1], 0
-    else:
-        (gate,) = xs
-        up = gate  # the same tensor, read at column offset I
-        assert gate.shape[1] % 2 == 0, f"gate_up width must be even; got {gate.shape[1]}"
-        width = up_col_offset = gate.shape[1] // 2
-    assert gate.stride(-1) == 1 and up.stride(-1) == 1 and gate.dtype == up.dtype
+    gate, up, width, up_col_offset = gate_and_up(xs)
     num_tokens = gate.shape[0]
     num_groups = triton.cdiv(width, group) if group else 1
     q = torch.empty((num_tokens, width), dtype=FORMATS[fp8_format], device=gate.device)  # [T, I]
