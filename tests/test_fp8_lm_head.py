@@ -45,3 +45,19 @@ def test_sm90_plan_fp8_lm_head_kernels_match_reference(tmp_path):
     cosine = torch.nn.functional.cosine_similarity(ours, reference, dim=-1).min().item()
     print(f"\nsm90 kernels vs reference: min cosine {cosine:.5f}")
     assert ours.dtype == torch.float32 and cosine > 0.99
+
+
+@pytest.mark.parametrize("target,fmt,act", [("gfx942", "e4m3fnuz", "dynamic_token"), ("gfx1151", "e4m3fn", "none")])
+def test_fp8_lm_head_per_target_layout(target, fmt, act, tmp_path):
+    """gfx942 holds the lm_head in FNUZ (scale doubled), gfx1151 runs it a16w8; both match the reference."""
+    path = _checkpoint(tmp_path, tied=False)
+    plan = rdnac.compile(path, target, tmp_path / "p.msgpack", quiet=True, fp8_lm_head=True, max_model_len=256)
+    engine = rdnac.load(plan, interpret=True)
+    head = next(n for n in engine.graph.nodes if "logits" in n.outputs)
+    assert (head.attrs["fp8_format"], head.attrs["act_scheme"]) == (fmt, act)
+    assert engine.graph.weights[head.inputs[1]].dtype == f"float8_{fmt}"
+    ours = engine.logits(PROMPT).float()
+    reference = Engine(engine.plan, engine.weights, "cpu").logits(PROMPT).float()
+    cosine = torch.nn.functional.cosine_similarity(ours, reference, dim=-1).min().item()
+    print(f"\n{target} kernels vs reference: min cosine {cosine:.5f}")
+    assert ours.dtype == torch.float32 and cosine > 0.99

@@ -363,6 +363,10 @@ def config_space(problem: dict) -> list[dict]:
             for want_k in (64, 128):
                 for num_stages in (2, 3):
                     out.append(_config(128, block_n, _block_k(want_k, K, scale_bk), 8, 1, 8, num_stages))
+    # Last resort, correct for every M: a 16 x 32 x 64 tile holds few registers, so when unaligned N or
+    # K (no vectorized loads) makes every wider tile spill (seen for a vocab of 1000: gfx942 at M=64,
+    # gfx1151's a16w8 at M=1), the node still compiles, slower, with the rejections logged.
+    out.append(_config(16, _block_ns((32,), scale_bn)[0], _block_k(64, K, scale_bk), 1, 1, 4, 2))
     return [c for i, c in enumerate(out) if c not in out[:i]]
 
 
