@@ -35,18 +35,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import rdnac  # noqa: E402
 from rdnac.runtime.engine import StepEntry  # noqa: E402
-from rdnac.testing.fp8 import write_random_checkpoint  # noqa: E402
+from rdnac.testing.fp8 import SHAPES, write_random_checkpoint  # noqa: E402
 from decode import copy_bandwidth, tpot  # noqa: E402
 from profile_step import kernel_breakdown  # noqa: E402
 
-SHAPES = {
-    "qwen3-8b": dict(arch="Qwen3ForCausalLM", hidden=4096, layers=36, heads=32, kv_heads=8, head_dim=128,
-                     intermediate=12288, vocab=151936),
-    "llama-8b": dict(arch="LlamaForCausalLM", hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128,
-                     intermediate=14336, vocab=128256),
-    "smollm2": dict(arch="LlamaForCausalLM", hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64,
-                    intermediate=1536, vocab=49152),
-}
 CONTEXT = 256
 RESULTS: Path | None = None
 

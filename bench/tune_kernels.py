@@ -1,6 +1,6 @@
 """Search GEMM and attention configs on this GPU and store the winners in the tuning table (GPU machine).
 
-    python bench/tune_kernels.py --shapes qwen3-8b llama-8b --out rdnac/compiler/tuned/sm90.json
+    python bench/tune_kernels.py --shapes qwen3-8b llama3-8b --out rdnac/compiler/tuned/sm90.json
 
 The search itself is `rdnac.compiler.tune` (what `rdnac tune PLAN` runs for
 a compiled plan); this script lists problems by model shape instead. For
@@ -58,7 +58,7 @@ def attention_problems(shape: str, batches: list[int], prefill: list[int]) -> li
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", nargs="+", default=["qwen3-8b", "llama-8b", "smollm2"], choices=sorted(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["qwen3-8b", "llama3-8b", "smollm2"], choices=sorted(SHAPES))
     ap.add_argument("--schemes", nargs="+", default=["bf16"], choices=sorted(FP8_SCHEMES))
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 2048])
     ap.add_argument("--attention", action="store_true", help="Also decode (batch 1, 64) and prefill attention.")

@@ -77,13 +77,12 @@ def _attention_tensors(problem: dict, device: str, copies: int, context: int):
     t = b if decode else problem["num_tokens"]
     ctx = context if decode else t
     per_seq = -(-ctx // bs)
-    make = (lambda *shape, dtype=torch.bfloat16: torch.empty(shape, dtype=dtype, device="meta")) if device == "meta" \
-        else (lambda *shape, dtype=torch.bfloat16: torch.randn(shape, device=device).to(dtype))
-    q = make(t, hq * d)
-    ints = (lambda v: torch.empty(len(v), dtype=torch.int32, device="meta")) if device == "meta" \
-        else (lambda v: torch.tensor(v, dtype=torch.int32, device=device))
-    tables = torch.arange(b * per_seq, dtype=torch.int32).reshape(b, per_seq)
-    tables = torch.empty(b, per_seq, dtype=torch.int32, device="meta") if device == "meta" else tables.to(device)
+
+    def ints(values):
+        return torch.tensor(values, dtype=torch.int32).to(device)
+
+    q = torch.randn(t, hq * d, device=device).to(torch.bfloat16)  # meta tensors: shapes only (recording)
+    tables = torch.arange(b * per_seq, dtype=torch.int32).reshape(b, per_seq).to(device)
     seq_lens = ints([ctx] * b)
     cu = ints(list(range(b + 1)) if decode else [0, t])
     positions = ints([ctx - 1] * b if decode else list(range(t)))
@@ -92,27 +91,25 @@ def _attention_tensors(problem: dict, device: str, copies: int, context: int):
         kw["max_query_len"] = t
     sets = []
     for _ in range(copies):
-        k_cache, v_cache = make(b * per_seq, bs, hk, d), make(b * per_seq, bs, hk, d)
+        k_cache, v_cache = (torch.randn(b * per_seq, bs, hk, d, device=device).to(torch.bfloat16) for _ in range(2))
         sets.append(((q, k_cache, v_cache, tables, seq_lens, cu, positions), kw))
     return sets
 
 
 def _tensors(family: str, problem: dict, device: str, copies: int, context: int = 1024):
+    """`copies` argument sets for one problem's wrapper (distinct weights, so timing defeats the L2)."""
     if family == "attention":
         return _attention_tensors(problem, device, copies, context)
     M, N, K = problem["M"], problem["N"], problem["K"]
     x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
     sets = []
-    for c in range(copies):
+    for _ in range(copies):
         if family == "gemm":
-            w = (0.02 * torch.randn(N, K, device=device)).to(torch.bfloat16) if device != "meta" else \
-                torch.empty(N, K, device="meta", dtype=torch.bfloat16)
-            sets.append(((x, w), {}))
+            sets.append(((x, (0.02 * torch.randn(N, K, device=device)).to(torch.bfloat16)), {}))
         else:
-            w = (torch.randn(N, K, device=device) * 64).to(torch.float8_e4m3fn) if device != "meta" else \
-                torch.empty(N, K, device="meta", dtype=torch.float8_e4m3fn)
+            w = (64 * torch.randn(N, K, device=device)).to(torch.float8_e4m3fn)
             shape = {"block": ((N + 127) // 128, (K + 127) // 128), "channel": (N,), "tensor": (1,)}[problem["weight_scheme"]]
-            scale = torch.full(shape, 1e-3, device=device) if device != "meta" else torch.empty(shape, device="meta")
+            scale = torch.full(shape, 1e-3, device=device)
             sets.append(((x, w, scale), {k: problem[k] for k in ("weight_scheme", "act_scheme", "fp8_format",
                                                                   "block_size")}))
     return sets
@@ -236,13 +233,9 @@ def save_results(path, results: list[dict]) -> None:
                                                      "triton": triton.__version__}, results)
 
 
-def _normalized(family: str, problem: dict) -> dict:
-    """A plan's problem as the search times it: a prequantized FP8 GEMM as its dynamic scheme (the
-    same GEMM, plus the quant launch the fused producer saves), the M/tokens of the regime's label."""
-    p = {k: v for k, v in problem.items() if k != "group"}
-    if p.get("act_scheme") == "prequantized":
-        p["act_scheme"] = "dynamic_group" if problem.get("group") else "dynamic_token"
-    return p
+def _normalized(problem: dict) -> dict:
+    """A plan's problem as the search times it (`tuning.measured_form`, without the fused group)."""
+    return {k: v for k, v in tuning.measured_form(problem).items() if k != "group"}
 
 
 def problems_from_plan(plan_path) -> list[tuple[str, dict]]:
@@ -267,7 +260,7 @@ def problems_from_plan(plan_path) -> list[tuple[str, dict]]:
         for node in graph.nodes:
             if node.op not in NO_KERNEL_OPS:
                 family, problem = _problem(node, phase, env, runtime)
-                job = (family, _normalized(family, problem))
+                job = (family, _normalized(problem))
                 if family in tuning.TUNED_FAMILIES and job not in jobs:
                     jobs.append(job)
             _propagate_meta(node, env)

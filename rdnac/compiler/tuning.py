@@ -32,9 +32,16 @@ _KEY_FIELDS = {"gemm": ("N", "K", "dtype"),
 _REGIMES = ((1, 16), (17, 64), (65, 256), (257, 1 << 30))
 
 
+def measured_form(problem: dict) -> dict:
+    """The problem as a measurement stands for it: a prequantized FP8 GEMM is the GEMM of the dynamic
+    scheme its fused producer replaced (the same kernel, minus the quant launch)."""
+    if problem.get("act_scheme") != "prequantized":
+        return problem
+    return dict(problem, act_scheme="dynamic_group" if problem.get("group") else "dynamic_token")
+
+
 def problem_key(family: str, problem: dict) -> str:
-    if problem.get("act_scheme") == "prequantized":  # the GEMM of the dynamic scheme its fused producer ran
-        problem = dict(problem, act_scheme="dynamic_group" if problem.get("group") else "dynamic_token")
+    problem = measured_form(problem)
     return family + "|" + "|".join(f"{f}={problem.get(f)}" for f in _KEY_FIELDS[family])
 
 

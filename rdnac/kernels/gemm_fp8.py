@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rdnac.ir.fp8 import FORMATS, FP8_MAX
+from rdnac.ir.fp8 import FORMATS
 from rdnac.kernels.gemm import DECODE_MAX_M, m_bucket
 from rdnac.kernels.fp8_quant import quantize_activations
 from rdnac.kernels.launch import Launcher
@@ -49,7 +49,6 @@ AOT_DIVISIBLE = {"_fp8_gemm_kernel": ("N", "K", "stride_am", "stride_wn", "strid
                  "_fp8_block_gemm_kernel": ("N", "K", "stride_am", "stride_wn", "stride_om", "k_per_split"),
                  "_fp8_splitk_reduce_kernel": ("N",)}
 
-_MAX = tl.standard._elementwise_max  # tl.max is a jit function: the interpreter path cannot call it
 SPLIT_K_MIN_NK = 1 << 20  # as in gemm: split K only when the weight read beats a second launch
 REDUCE_BLOCK = 1024
 

@@ -166,6 +166,8 @@ SHAPES = {
                       intermediate=14336, vocab=128256),
     "ministral3-8b": dict(arch="MistralForCausalLM", hidden=4096, layers=34, heads=32, kv_heads=8, head_dim=128,
                           intermediate=14336, vocab=131072),
+    "smollm2": dict(arch="LlamaForCausalLM", hidden=576, layers=30, heads=9, kv_heads=3, head_dim=64,
+                    intermediate=1536, vocab=49152),
     "tiny": dict(arch="Qwen3ForCausalLM", hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64,
                  intermediate=384, vocab=512),
 }
