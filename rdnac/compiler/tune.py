@@ -48,7 +48,8 @@ def candidates(family: str, problem: dict) -> list[dict]:
         else:
             extra = [_acfg(w, st, BLOCK_M=m, BLOCK_N=n) for m, n, w, st in
                      ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
-                      (128, 32, 8, 3), (64, 128, 8, 2), (128, 128, 8, 3))]
+                      (128, 32, 8, 3), (64, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 4),
+                      (64, 32, 4, 3), (64, 128, 4, 3))]
         return [c for j, c in enumerate(space + extra) if c not in (space + extra)[:j]]
     M, N, K = problem["M"], problem["N"], problem["K"]
     block_scale = problem.get("weight_scheme") == "block"
