@@ -73,7 +73,7 @@ def load(target: str) -> dict[str, dict]:
         except json.JSONDecodeError as e:
             raise RdnacError(f"{path}: tuning table is not valid JSON ({e}); delete or fix it") from e
         for entry in doc.get("entries", []):
-            entry = dict(entry, device=doc.get("device"), table=str(path))
+            entry = dict(entry, device=entry.get("device", doc.get("device")), table=str(path))
             merged.setdefault(entry["key"], {})[int(entry["M"])] = entry
     return merged
 
@@ -99,10 +99,14 @@ def describe(entry: dict) -> str:
 
 
 def save(path: Path, device: str, versions: dict, entries: list[dict]) -> None:
-    """Merge `entries` into the table at `path` (same key and M replaced)."""
+    """Merge `entries` into the table at `path` (same key and M replaced). Every entry carries the
+    device and versions it was measured with: one table may hold measurements from several GPUs of
+    the target (an H100 and an H200 are both sm90); the document's own stamp is the latest run's."""
     doc = json.loads(path.read_text()) if path.exists() else {"entries": []}
     fresh = {(e["key"], e["M"]) for e in entries}
-    kept = [e for e in doc["entries"] if (e["key"], e["M"]) not in fresh]
+    kept = [dict(e, device=e.get("device", doc.get("device")), versions=e.get("versions", doc.get("versions")))
+            for e in doc["entries"] if (e["key"], e["M"]) not in fresh]
+    entries = [dict(e, device=device, versions=versions) for e in entries]
     doc.update(device=device, versions=versions,
                entries=sorted(kept + entries, key=lambda e: (e["key"], e["M"])))
     path.parent.mkdir(parents=True, exist_ok=True)

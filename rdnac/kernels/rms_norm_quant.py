@@ -169,9 +169,21 @@ def config_space(problem: dict) -> list[dict]:
     return [{"constexprs": {"BLOCK_H": b}, "num_warps": w, "num_stages": 1} for b in block_hs for w in _warps_for(b)]
 
 
+# Measured on an H100 (bench/norm_quant.py, H 4096, 2048 tokens): with group scales, whole-row tiles
+# slow down with the number of groups they hold (BLOCK_H 1024: 37 us, 2048: 102 us, 4096: 174 us; the
+# unfused norm + quant pair takes 39 us), so group tiles stop at 1024 columns and loop over the row.
+GROUP_TILE_MAX = 1024
+
+
 def default_config(problem: dict) -> dict:
-    # as rms_norm's default (the same BLOCK_H and warps give the same sum of squares as the unfused norm)
-    whole = max(triton.next_power_of_2(problem["H"]), problem.get("group", 0))
+    # Per-token scales: as rms_norm's BLOCK_H (the same tiles give the same sum of squares as the
+    # unfused norm), 8 warps for a one-tile row of 4096+ (H100, H 4096: 3.4 vs 4.1 us at 1 token, 25 vs
+    # 27 us at 2048).
+    group = problem.get("group", 0)
+    whole = max(triton.next_power_of_2(problem["H"]), group)
     block_h = whole if whole <= 8192 else 4096
-    warps = 8 if block_h >= 8192 else 4 if block_h >= 2048 else 2 if block_h >= 512 else 1
+    if group:
+        block_h = min(block_h, max(GROUP_TILE_MAX, group))
+    one_tile = block_h >= problem["H"]  # the looping path at 4096 x 8 warps spills on gfx1201
+    warps = 8 if block_h >= 4096 and one_tile else 4 if block_h >= 1024 else 2 if block_h >= 512 else 1
     return {"constexprs": {"BLOCK_H": block_h}, "num_warps": warps, "num_stages": 1}
