@@ -6,6 +6,13 @@ write skips it) and a block table of block 0, so attention reads one finite
 key and nothing is written (seq_len 0 would give 0/0 = NaN). Inputs are
 copied into static buffers before replay; nothing inside the captured step
 syncs with the host, allocates differently from warm-up, or compiles.
+
+The per-step inputs of a bucket (token ids, positions, slots: int64; seq_lens,
+block tables: int32) are views of one device byte buffer, filled by one
+host-to-device copy from a pinned staging buffer of the same layout: one copy
+in the stream per step instead of five pageable ones. Two staging buffers
+alternate, and a buffer is refilled only after the copy that last read it has
+finished (an event), so a host running ahead never overwrites a copy in flight.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ class DecodeGraphs:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._static: dict[int, dict[str, torch.Tensor]] = {}
         self._logits: dict[int, torch.Tensor] = {}
+        self._raw: dict[int, torch.Tensor] = {}  # bucket -> device byte buffer the static inputs view
+        self._staging: dict[int, list] = {}  # bucket -> two (pinned host buffer, event of its last copy)
+        self._turn = 0
         pool = torch.cuda.graph_pool_handle()
         started = time.perf_counter()
         for bucket in reversed(self.buckets):  # largest first: the pool then fits the smaller ones
@@ -46,17 +56,27 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - started
 
+    def _layout(self, raw: torch.Tensor, bucket: int) -> dict[str, torch.Tensor]:
+        """The per-step inputs as views of one byte buffer: 3 int64 rows of `bucket`, then int32
+        seq_lens [bucket] and block_tables [bucket, max_blocks]."""
+        i64 = raw[: 24 * bucket].view(torch.int64)
+        i32 = raw[24 * bucket:].view(torch.int32)
+        return {"token_ids": i64[:bucket], "positions": i64[bucket: 2 * bucket],
+                "slot_mapping": i64[2 * bucket:], "seq_lens": i32[:bucket],
+                "block_tables": i32[bucket:].view(bucket, self.max_blocks)}
+
     def _padding(self, bucket: int, device: str) -> dict[str, torch.Tensor]:
         """Static input buffers of a bucket, filled with the padding row."""
-        return {
-            "token_ids": torch.zeros(bucket, dtype=torch.int64, device=device),
-            "positions": torch.zeros(bucket, dtype=torch.int64, device=device),
-            "slot_mapping": torch.full((bucket,), -1, dtype=torch.int64, device=device),
-            "block_tables": torch.zeros(bucket, self.max_blocks, dtype=torch.int32, device=device),
-            "seq_lens": torch.ones(bucket, dtype=torch.int32, device=device),
-            "cu_seqlens_q": torch.arange(bucket + 1, dtype=torch.int32, device=device),
-            "logits_indices": torch.arange(bucket, dtype=torch.int64, device=device),
-        }
+        nbytes = 24 * bucket + 4 * bucket * (1 + self.max_blocks)
+        raw = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self._raw[bucket] = raw
+        self._staging[bucket] = [(torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
+                                 for _ in range(2)]
+        static = self._layout(raw, bucket)
+        static["slot_mapping"].fill_(-1)
+        static["seq_lens"].fill_(1)
+        return {**static, "cu_seqlens_q": torch.arange(bucket + 1, dtype=torch.int32, device=device),
+                "logits_indices": torch.arange(bucket, dtype=torch.int64, device=device)}
 
     def bucket_for(self, num_seqs: int) -> int | None:
         return next((b for b in self.buckets if b >= num_seqs), None)
@@ -65,19 +85,20 @@ class DecodeGraphs:
     def run(self, host: dict[str, list], num_seqs: int) -> torch.Tensor:
         """Replay the bucket's graph for `num_seqs` real rows given host-side input lists; logits [B, V]."""
         bucket = self.bucket_for(num_seqs)
-        static = self._static[bucket]
         pad = bucket - num_seqs
-        rows = {
-            "token_ids": host["token_ids"] + [0] * pad,
-            "positions": host["positions"] + [0] * pad,
-            "slot_mapping": host["slot_mapping"] + [-1] * pad,
-            "seq_lens": host["seq_lens"] + [1] * pad,
-        }
-        for name, values in rows.items():
-            static[name].copy_(torch.tensor(values, dtype=static[name].dtype), non_blocking=True)
-        tables = torch.zeros(bucket, self.max_blocks, dtype=torch.int32)
-        for i, row in enumerate(host["block_tables"]):
-            tables[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
-        static["block_tables"].copy_(tables, non_blocking=True)
+        pinned, copied = self._staging[bucket][self._turn]
+        self._turn ^= 1
+        copied.synchronize()  # the copy that last read this staging buffer is done
+        i64 = pinned[: 24 * bucket].view(torch.int64)  # token_ids | positions | slot_mapping (see _layout)
+        i64.copy_(torch.tensor(host["token_ids"] + [0] * pad + host["positions"] + [0] * pad
+                               + host["slot_mapping"] + [-1] * pad, dtype=torch.int64))
+        tables = []
+        for row in host["block_tables"]:
+            tables += list(row) + [0] * (self.max_blocks - len(row))
+        i32 = pinned[24 * bucket:].view(torch.int32)  # seq_lens | block_tables
+        i32.copy_(torch.tensor(host["seq_lens"] + [1] * pad + tables + [0] * (pad * self.max_blocks),
+                               dtype=torch.int32))
+        self._raw[bucket].copy_(pinned, non_blocking=True)
+        copied.record()
         self._graphs[bucket].replay()
         return self._logits[bucket][:num_seqs]
