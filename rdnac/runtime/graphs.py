@@ -17,12 +17,14 @@ finished (an event), so a host running ahead never overwrites a copy in flight.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
 from rdnac.runtime.executor import Executor, StepMeta
 
+_ALIGN = 256
 _INPUTS = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "cu_seqlens_q", "logits_indices")
 
 
@@ -56,21 +58,29 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - started
 
+    def _sections(self, bucket: int) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
+        """(name, dtype, shape, byte offset) of each per-step input in a bucket's byte buffer; every
+        section starts on a 256-byte boundary (kernels assume 16-byte aligned pointers)."""
+        sections, offset = [], 0
+        for name, dtype, shape in (("token_ids", torch.int64, (bucket,)), ("positions", torch.int64, (bucket,)),
+                                   ("slot_mapping", torch.int64, (bucket,)), ("seq_lens", torch.int32, (bucket,)),
+                                   ("block_tables", torch.int32, (bucket, self.max_blocks))):
+            sections.append((name, dtype, shape, offset))
+            offset += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+        return sections
+
     def _layout(self, raw: torch.Tensor, bucket: int) -> dict[str, torch.Tensor]:
-        """The per-step inputs as views of one byte buffer: 3 int64 rows of `bucket`, then int32
-        seq_lens [bucket] and block_tables [bucket, max_blocks]."""
-        i64 = raw[: 24 * bucket].view(torch.int64)
-        i32 = raw[24 * bucket:].view(torch.int32)
-        return {"token_ids": i64[:bucket], "positions": i64[bucket: 2 * bucket],
-                "slot_mapping": i64[2 * bucket:], "seq_lens": i32[:bucket],
-                "block_tables": i32[bucket:].view(bucket, self.max_blocks)}
+        """The per-step inputs as views of one byte buffer (see `_sections`)."""
+        return {name: raw[offset: offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+                for name, dtype, shape, offset in self._sections(bucket)}
 
     def _padding(self, bucket: int, device: str) -> dict[str, torch.Tensor]:
         """Static input buffers of a bucket, filled with the padding row."""
-        nbytes = 24 * bucket + 4 * bucket * (1 + self.max_blocks)
+        name, dtype, shape, offset = self._sections(bucket)[-1]
+        nbytes = offset + math.prod(shape) * dtype.itemsize
         raw = torch.zeros(nbytes, dtype=torch.uint8, device=device)
         self._raw[bucket] = raw
-        self._staging[bucket] = [(torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
+        self._staging[bucket] = [(torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True), torch.cuda.Event())
                                  for _ in range(2)]
         static = self._layout(raw, bucket)
         static["slot_mapping"].fill_(-1)
@@ -89,15 +99,13 @@ class DecodeGraphs:
         pinned, copied = self._staging[bucket][self._turn]
         self._turn ^= 1
         copied.synchronize()  # the copy that last read this staging buffer is done
-        i64 = pinned[: 24 * bucket].view(torch.int64)  # token_ids | positions | slot_mapping (see _layout)
-        i64.copy_(torch.tensor(host["token_ids"] + [0] * pad + host["positions"] + [0] * pad
-                               + host["slot_mapping"] + [-1] * pad, dtype=torch.int64))
+        views = self._layout(pinned, bucket)
+        for name, fill in (("token_ids", 0), ("positions", 0), ("slot_mapping", -1), ("seq_lens", 1)):
+            views[name].copy_(torch.tensor(host[name] + [fill] * pad, dtype=views[name].dtype))
         tables = []
         for row in host["block_tables"]:
             tables += list(row) + [0] * (self.max_blocks - len(row))
-        i32 = pinned[24 * bucket:].view(torch.int32)  # seq_lens | block_tables
-        i32.copy_(torch.tensor(host["seq_lens"] + [1] * pad + tables + [0] * (pad * self.max_blocks),
-                               dtype=torch.int32))
+        views["block_tables"].view(-1).copy_(torch.tensor(tables + [0] * (pad * self.max_blocks), dtype=torch.int32))
         self._raw[bucket].copy_(pinned, non_blocking=True)
         copied.record()
         self._graphs[bucket].replay()
