@@ -18,14 +18,15 @@ from rdnac.kernels.launch import kernel_name
 from rdnac.runtime.engine import StepEntry
 
 
-def _entries(engine, context: int, prefill: int) -> list[StepEntry]:
-    """One sequence: a decode step at `context` cached tokens, or a prefill of `prefill` tokens."""
+def _entries(engine, context: int, prefill: int, batch: int = 1) -> list[StepEntry]:
+    """`batch` sequences at a decode step at `context` cached tokens, or one prefill of `prefill` tokens."""
     total = prefill or context + 1
     per_seq = -(-total // engine.block_size)
-    engine._ensure_cache(per_seq + 1)
-    blocks = engine._cache.allocator.allocate(per_seq)
+    engine._ensure_cache(batch * per_seq + 1)
     ids = [(7 * i) % 50000 + 300 for i in range(total)]
-    return [StepEntry(ids, blocks, 0, prefill) if prefill else StepEntry(ids, blocks, context, context + 1)]
+    if prefill:
+        return [StepEntry(ids, engine._cache.allocator.allocate(per_seq), 0, prefill)]
+    return [StepEntry(ids, engine._cache.allocator.allocate(per_seq), context, context + 1) for _ in range(batch)]
 
 
 def _node_bytes(engine, node, context: int) -> int:
@@ -42,9 +43,10 @@ def _node_bytes(engine, node, context: int) -> int:
     return 0
 
 
-def kernel_breakdown(engine, context: int, copy_gbps: float, prefill: int = 0) -> tuple[list[dict], dict]:
-    """Per-node kernel times of a batch-1 decode step at `context`, or of a `prefill`-token prefill."""
-    entries = _entries(engine, context, prefill)
+def kernel_breakdown(engine, context: int, copy_gbps: float, prefill: int = 0,
+                     batch: int = 1) -> tuple[list[dict], dict]:
+    """Per-node kernel times of a decode step of `batch` sequences at `context`, or of a `prefill`-token prefill."""
+    entries = _entries(engine, context, prefill, batch)
     executor, launcher = engine._executor, engine._executor.launcher
     sequence: list[tuple[str, str]] = []
     current = {"node": None}
@@ -102,6 +104,7 @@ def kernel_breakdown(engine, context: int, copy_gbps: float, prefill: int = 0) -
         agg["us"] = round(agg["us"], 1)
         if agg["bytes"]:
             agg["pct_of_copy"] = round(100 * agg["bytes"] / agg["us"] / 1e3 / copy_gbps, 1)
-    engine._cache.allocator.free(entries[0].block_table)
+    for entry in entries:
+        engine._cache.allocator.free(entry.block_table)
     summary = {"kernel_us_total": round(total_us, 1), "launches": len(sequence), "by_op": by_op}
     return list(rows.values()), summary
