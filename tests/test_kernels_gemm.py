@@ -174,6 +174,64 @@ def test_logits_full_vocab():
     _check_logits(T, R, V, H, torch.bfloat16, 30.0, config, INTERPRET)
 
 
+def _self_reducing(config: dict) -> dict:
+    return {**config, "constexprs": {**config["constexprs"], "SELF_REDUCE": True}}
+
+
+def _split_configs(M, N, K):
+    return [c for c in gemm.config_space(_problem(M, N, K, torch.bfloat16)) if c["constexprs"]["SPLIT_K"] > 1]
+
+
+@pytest.mark.parametrize("M,has_bias", [(1, False), (5, True), (16, True)])
+def test_self_reduce_is_bit_identical_to_the_reduce_kernel(M, has_bias):
+    """SELF_REDUCE sums the partials in the reduce kernel's order: the same bits, no second launch,
+    and every arrival counter back at 0 (the next launch, or a graph replay, starts clean)."""
+    N, K = 640, 2048  # 1.3M weights: the decode space splits K
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    w = (torch.randn(N, K, generator=g) * 0.02).to(torch.bfloat16)
+    bias = torch.randn(N, generator=g).to(torch.bfloat16) if has_bias else None
+    configs = _split_configs(M, N, K)
+    assert configs, "the decode space should split K for this shape"
+    for config in configs:
+        two_kernels = gemm.linear(x, w, bias, config=config, launcher=INTERPRET)
+        for _ in range(2):  # twice: the counters must reset
+            one = gemm.linear(x, w, bias, config=_self_reducing(config), launcher=INTERPRET)
+            assert torch.equal(one, two_kernels), f"{config}: differs from the two-kernel result"
+        assert not gemm.split_k_counters(x.device, 1).any(), "arrival counters left non-zero"
+
+
+def test_self_reduce_logits_softcap():
+    T, R, V, H = 9, 3, 4099, 576
+    config = next(c for c in gemm.config_space(_problem(R, V, H, torch.bfloat16)) if c["constexprs"]["SPLIT_K"] > 1)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16)
+    w = torch.randn(V, H, generator=g).to(torch.bfloat16)
+    idx = torch.tensor([8, 0, 4])
+    two = gemm.logits(x, idx, w, softcap=30.0, config=config, launcher=INTERPRET)
+    one = gemm.logits(x, idx, w, softcap=30.0, config=_self_reducing(config), launcher=INTERPRET)
+    assert torch.equal(one, two)
+
+
+def test_self_reduce_launches_one_kernel_and_compiles_for_every_gpu_target():
+    from rdnac.compiler.build import check_resources, compile_calls
+    from rdnac.kernels.launch import RecordingLauncher
+
+    meta = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16, device="meta")  # noqa: E731
+    calls = []
+    for config in _split_configs(1, 4096, 12288):
+        rec = RecordingLauncher()
+        gemm.linear(meta(1, 12288), meta(4096, 12288), config=_self_reducing(config), launcher=rec)
+        assert [c.kernel.split(":")[1] for c in rec.calls] == ["_gemm_kernel"]
+        calls += rec.calls
+    # Every target builds them (a build error raises); on sm90, where `rdnac tune` offers them, none
+    # spills. (On gfx1201 the widest BLOCK_K spills, as plan builds detect and skip for any config.)
+    for target in ("sm90", "gfx942", "gfx1201"):
+        binaries = compile_calls(calls, target, quiet=True)
+        if target == "sm90":
+            assert all(check_resources(b, target) == [] for b in binaries)
+
+
 # ---------------------------------------------------------------- GPU
 
 
@@ -191,3 +249,25 @@ def test_gemm_gpu():
         problem = _problem(R, 49152, 576, torch.bfloat16)
         for config in gemm.config_space(problem):
             _check_logits(8, R, 49152, 576, torch.bfloat16, 30.0, config, launcher, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/HIP GPU")
+def test_self_reduce_gpu_bit_identical_in_a_replayed_graph():
+    """Decode shapes of an 8B model: SELF_REDUCE equals the two-kernel path bit for bit, eagerly and
+    over 20 replays of a captured graph (a race between splits would show as a wrong sum)."""
+    launcher = JitLauncher()
+    for N, K in ((4096, 4096), (4096, 12288), (6144, 4096)):
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        w = (0.02 * torch.randn(N, K, device="cuda")).to(torch.bfloat16)
+        for config in _split_configs(1, N, K):
+            expected = gemm.linear(x, w, config=config, launcher=launcher)
+            one = _self_reducing(config)
+            assert torch.equal(gemm.linear(x, w, config=one, launcher=launcher), expected), config
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = gemm.linear(x, w, config=one, launcher=launcher)
+            for _ in range(20):
+                graph.replay()
+                torch.cuda.synchronize()
+                assert torch.equal(out, expected), config

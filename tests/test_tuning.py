@@ -128,3 +128,30 @@ def test_tune_cli_needs_a_gpu_plan_and_a_gpu(sm90_plan, tmp_path, monkeypatch):
     cpu_plan = rdnac.compile(tmp_path / "ckpt", "cpu", tmp_path / "c.msgpack", quiet=True)
     result = CliRunner().invoke(cli, ["tune", str(cpu_plan)])
     assert result.exit_code == 1 and "requires a plan compiled for a GPU target" in result.output
+
+
+def test_decode_candidates_offer_self_reducing_split_k_twins():
+    """Split-K without the reduce launch is only ever a measured choice: the tuner offers it next to each
+    decode split config (never for M > 16, never without a split)."""
+    from rdnac.compiler.tune import candidates
+
+    decode = candidates("gemm", {"M": 1, "N": 4096, "K": 12288, "dtype": "bfloat16", "has_bias": False})
+    twins = [c for c in decode if c["constexprs"].get("SELF_REDUCE")]
+    splits = [c for c in decode if c["constexprs"]["SPLIT_K"] > 1 and not c["constexprs"].get("SELF_REDUCE")]
+    assert twins and len(twins) == len(splits)
+    assert all(c["constexprs"]["SPLIT_K"] > 1 for c in twins)
+    prefill = candidates("gemm", {"M": 2048, "N": 4096, "K": 4096, "dtype": "bfloat16", "has_bias": False})
+    assert not any(c["constexprs"].get("SELF_REDUCE") for c in prefill)
+
+
+def test_a_wrong_candidate_is_never_timed():
+    """The search compares each candidate's output with the family default's before timing it."""
+    import torch
+
+    from rdnac.compiler.tune import _disagrees
+
+    ref = torch.randn(4, 64)
+    assert _disagrees(ref + 1e-3 * ref.abs().max(), ref) == ""
+    assert "max error" in _disagrees(ref * 0.5, ref)  # e.g. one of two split-K partials lost
+    assert "non-finite" in _disagrees(torch.full_like(ref, float("nan")), ref)
+    assert "shape" in _disagrees(ref[:2], ref)

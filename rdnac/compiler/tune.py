@@ -4,7 +4,9 @@ Every candidate of a problem (the family's config space plus wider decode and
 prefill tiles) is built through the plan path: recorded over meta tensors,
 compiled for the target in parallel (`compile_calls`), checked against the
 target's resources (`check_resources`). The survivors are loaded with the
-runtime's `AotLauncher` and timed as a captured CUDA/HIP graph of
+runtime's `AotLauncher`, checked against the family's default config (JIT-built)
+on the same inputs (a candidate off by more than 2% of the output's range is
+left out, with the reason logged), and timed as a captured CUDA/HIP graph of
 back-to-back calls that cycle through enough weight copies to defeat the L2
 cache. `rdnac.compiler.tuning` stores and looks up the winners;
 `problems_from_plan` lists the problems a compiled plan selects configs for.
@@ -22,7 +24,7 @@ import triton
 from rdnac.compiler import cost_model, tuning
 from rdnac.compiler.build import check_resources, compile_calls
 from rdnac.errors import RdnacError
-from rdnac.kernels.launch import RecordingLauncher
+from rdnac.kernels.launch import JitLauncher, RecordingLauncher
 from rdnac.targets import get_target
 
 L2_DEFEAT_BYTES = 256 << 20
@@ -68,7 +70,11 @@ def candidates(family: str, problem: dict) -> list[dict]:
                                       (128, 64, 4, 4)):
             if not (block_scale and bk != 128):
                 extra.append(_cfg(128, bn, bk, 8, 1, warps, stages))
-    return [c for j, c in enumerate(space + extra) if c not in (space + extra)[:j]]
+    unique = [c for j, c in enumerate(space + extra) if c not in (space + extra)[:j]]
+    if family == "gemm" and M <= 16:  # split-K without the reduce launch (see gemm.py), only ever measured
+        unique += [{**c, "constexprs": {**c["constexprs"], "SELF_REDUCE": True}} for c in unique
+                   if c["constexprs"]["SPLIT_K"] > 1]
+    return unique
 
 
 def _attention_tensors(problem: dict, device: str, copies: int, context: int):
@@ -168,10 +174,21 @@ def search(jobs: list[tuple[str, dict]], target: str, log=print) -> list[dict]:
         sets = _tensors(family, problem, "cuda", copies, CONTEXT)
         reps = max(copies, 8)
         timed = []
+        wrapper = _wrapper(family, problem)
+        module = importlib.import_module(f"rdnac.kernels.{family}")
+        args, kw = sets[0]
+        reference = wrapper(*args, **kw, config=module.default_config(problem), launcher=JitLauncher()).float()
         for jj, config, _ in ok:
             if jj != j:
                 continue
-            timed.append((_time(_wrapper(family, problem), sets, reps, config, launcher), config))
+            wrong = _disagrees(wrapper(*args, **kw, config=config, launcher=launcher).float(), reference)
+            if wrong:  # a fast wrong kernel must never win: say so and leave it out
+                log(f"{tuning.problem_key(family, problem)}: candidate {config} left out: {wrong}")
+                continue
+            timed.append((_time(wrapper, sets, reps, config, launcher), config))
+        if not timed:
+            raise RdnacError(f"{tuning.problem_key(family, problem)} at M={tuning.problem_m(family, problem)}: "
+                             f"no candidate agrees with the default config's output (see the log above)")
         timed.sort(key=lambda t: t[0])
         best_us, best = timed[0]
         entry = {"key": tuning.problem_key(family, problem), "M": tuning.problem_m(family, problem),
@@ -196,6 +213,17 @@ def search(jobs: list[tuple[str, dict]], target: str, log=print) -> list[dict]:
         del sets
         torch.cuda.empty_cache()
     return results
+
+
+def _disagrees(out: torch.Tensor, reference: torch.Tensor) -> str:
+    """Why a candidate's output is not the default config's within bf16 rounding ('' when it is)."""
+    if out.shape != reference.shape:
+        return f"shape {tuple(out.shape)}, expected {tuple(reference.shape)}"
+    if not torch.isfinite(out).all():
+        return "non-finite output"
+    scale = reference.abs().max().item() or 1.0
+    err = (out - reference).abs().max().item() / scale
+    return f"max error {err:.3g} of the output's range (limit 0.02)" if err > 0.02 else ""
 
 
 def _time(fn, sets, reps, config, launcher) -> float:

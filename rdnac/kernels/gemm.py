@@ -9,6 +9,13 @@ Split-K (SPLIT_K > 1) lets few output tiles still fill the GPU at decode:
 program (tile, s) reduces K range s into an fp32 workspace [SPLIT_K, M, N], and
 a second kernel sums the SPLIT_K partials in a fixed order (deterministic, no
 atomics, no zeroed buffer), then adds the bias / applies the softcap and casts.
+With SELF_REDUCE (a config choice, offered to measurement by `rdnac tune`, never
+picked by the cost model) there is no second launch: each program counts its
+arrival on the tile's counter (an atomic, acquire-release at device scope) and
+the last to arrive sums the partials in the same fixed order, so the output is
+bit for bit the two-kernel one, then sets the counter back to 0. The counters
+are a persistent zeroed int32 buffer per device (`split_k_counters`); launches
+on one stream run one after another, so one buffer serves every GEMM.
 Without split-K the kernel loops over all of K with masks, so no config can
 truncate K.
 
@@ -57,13 +64,14 @@ def m_bucket(M: int) -> int:
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr,
+def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_ptr,
                  M, N, K, stride_xm, stride_wn, stride_om, k_per_split, softcap,
                  HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr):
+                 GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr):
     # x: [*, K] (rows idx[m] if HAS_GATHER else m); w: [N, K]; out: [M, N],
-    # or the fp32 workspace [SPLIT_K, M, N] when SPLIT_K > 1.
+    # or the fp32 workspace [SPLIT_K, M, N] when SPLIT_K > 1. SELF_REDUCE: final [M, N]
+    # (contiguous) gets the sum; counter[pid] counts the tile's finished splits (0 between launches).
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # tl.cdiv is a jit function: inlined
@@ -120,6 +128,45 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr,
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
+        if SELF_REDUCE:
+            tl.debug_barrier()  # every thread's partial is stored before the release below
+            arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:  # the tile's last split: sum in _splitk_reduce_kernel's order
+                total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    # .cg: read through L2, never a stale L1 line of this SM
+                    total += tl.load(out_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                if HAS_SOFTCAP:
+                    t = tl.exp(-2.0 * tl.abs(total / softcap))
+                    tanh_abs = (1.0 - t) / (1.0 + t)
+                    total = softcap * tl.where(total < 0, -tanh_abs, tanh_abs)
+                tl.store(final_ptr + offs_m[:, None] * N + offs_n[None, :],
+                         total.to(final_ptr.dtype.element_ty), mask=out_mask)
+                tl.store(counter_ptr + pid, 0)  # ready for the next launch
+
+
+_COUNTERS: dict[str, torch.Tensor] = {}
+_COUNTERS_MIN = 4096
+
+
+def split_k_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
+    """The persistent zeroed int32 arrival counters of SELF_REDUCE split-K launches on `device`.
+    Grown by replacement only outside graph capture; a captured graph keeps the buffer it saw
+    alive (a replaced buffer stays referenced here)."""
+    if device.type == "meta":
+        return torch.empty(max(num_tiles, 1), dtype=torch.int32, device=device)
+    key = str(device)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < num_tiles:
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = _COUNTERS[key] = torch.zeros(max(num_tiles, _COUNTERS_MIN), dtype=torch.int32, device=device)
+    return buf
+
+
+_RETIRED: list[torch.Tensor] = []  # replaced counter buffers: graphs captured with them may still run
 
 
 @triton.jit
@@ -152,10 +199,11 @@ def _check_operands(op: str, x: torch.Tensor, weight: torch.Tensor) -> None:
 
 
 def _launch_gemm(x, idx, weight, bias, out, M, softcap, *, config, launcher, is_gather):
-    """Launch the GEMM (and, with SPLIT_K > 1, its reduce) writing `out` [M, N]."""
+    """Launch the GEMM (and, with SPLIT_K > 1 and no SELF_REDUCE, its reduce) writing `out` [M, N]."""
     N, K = weight.shape
     c = config["constexprs"]
     block_m, block_n, block_k, split_k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"]
+    self_reduce = bool(c.get("SELF_REDUCE", False)) and split_k > 1
     if M == 0:
         return out
     # Each split covers whole BLOCK_K steps; the last one stops at K (masked).
@@ -163,28 +211,31 @@ def _launch_gemm(x, idx, weight, bias, out, M, softcap, *, config, launcher, is_
     has_bias, has_softcap = bias is not None, softcap > 0
     bias_arg = bias if has_bias else weight  # never read when HAS_BIAS is False
     idx_arg = idx if is_gather else weight  # never read when HAS_GATHER is False
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split_k)
+    num_tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    grid = (num_tiles, split_k)
+    counters = split_k_counters(x.device, num_tiles)  # read only with SELF_REDUCE
     flags = dict(HAS_GATHER=is_gather, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                 GROUP_SIZE_M=c["GROUP_SIZE_M"], SPLIT_K=split_k)
+                 GROUP_SIZE_M=c["GROUP_SIZE_M"], SPLIT_K=split_k, SELF_REDUCE=self_reduce)
     if split_k == 1:
         launcher.launch(_gemm_kernel, grid,
-                        (x, idx_arg, weight, bias_arg, out, M, N, K, x.stride(0), weight.stride(0),
+                        (x, idx_arg, weight, bias_arg, out, out, counters, M, N, K, x.stride(0), weight.stride(0),
                          out.stride(0), k_per_split, float(softcap)),
                         constexprs=dict(flags, HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap),
                         num_warps=config["num_warps"], num_stages=config["num_stages"])
         return out
+    assert out.is_contiguous()
     workspace = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)  # [S, M, N]
     launcher.launch(_gemm_kernel, grid,
-                    (x, idx_arg, weight, bias_arg, workspace, M, N, K, x.stride(0), weight.stride(0),
+                    (x, idx_arg, weight, bias_arg, workspace, out, counters, M, N, K, x.stride(0), weight.stride(0),
                      N, k_per_split, float(softcap)),
-                    constexprs=dict(flags, HAS_BIAS=False, HAS_SOFTCAP=False),
+                    constexprs=dict(flags, HAS_BIAS=has_bias and self_reduce, HAS_SOFTCAP=has_softcap and self_reduce),
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
-    assert out.is_contiguous()
-    launcher.launch(_splitk_reduce_kernel, (triton.cdiv(M * N, REDUCE_BLOCK),),
-                    (workspace, bias_arg, out, M, N, float(softcap)),
-                    constexprs=dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, SPLIT_K=split_k,
-                                    BLOCK=REDUCE_BLOCK),
-                    num_warps=4, num_stages=1)
+    if not self_reduce:
+        launcher.launch(_splitk_reduce_kernel, (triton.cdiv(M * N, REDUCE_BLOCK),),
+                        (workspace, bias_arg, out, M, N, float(softcap)),
+                        constexprs=dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, SPLIT_K=split_k,
+                                        BLOCK=REDUCE_BLOCK),
+                        num_warps=4, num_stages=1)
     return out
 
 
