@@ -19,6 +19,7 @@ from rdnac.compiler.build import check_resources, compile_calls
 from rdnac.ir import ops
 from rdnac.ir.fp8 import FORMATS, FP8_MAX, quantize_rows
 from rdnac.kernels import fp8_quant, gemm_fp8
+from rdnac.kernels.gemm import DECODE_MAX_M
 from rdnac.kernels.launch import InterpretLauncher, JitLauncher, RecordingLauncher
 
 SHAPES = [(384, 256), (256, 384), (1536, 512)]  # (N, K), multiples of the 128 x 128 scale block
@@ -147,7 +148,7 @@ def test_config_space_is_sound(variant, M, N, K):
     for config in space:
         c = config["constexprs"]
         assert min(c["BLOCK_M"], c["BLOCK_N"]) >= 16 and c["BLOCK_K"] >= 32, config  # FP8 dot minimum
-        if M <= gemm_fp8.DECODE_MAX_M:
+        if M <= DECODE_MAX_M:
             assert c["BLOCK_M"] == 16 and c["GROUP_SIZE_M"] == 1, config
         if is_block:
             assert BLOCK[1] % c["BLOCK_K"] == 0, config
@@ -215,6 +216,43 @@ def test_linear_fp8_split_k(variant):
     config = gemm_fp8._config(16, 64, 128, 1, 4, 4, 2)
     for fmt, dtype in (("e4m3fn", torch.float32), ("e4m3fnuz", torch.bfloat16)):
         _check(M, N, K, dtype, True, variant, fmt, config, INTERPRET)
+
+
+@pytest.mark.parametrize("variant", ["token_channel", "block", "a16_channel", "static_tensor"])
+def test_self_reduce_split_k_is_bit_identical(variant):
+    """SELF_REDUCE (no reduce launch; see gemm.py) writes the reduce kernel's bits: the row and column
+    scales and the bias in the same order; the arrival counters end at 0."""
+    from rdnac.kernels.gemm import split_k_counters
+
+    M, N, K = 7, 384, 1024
+    x, weight, weight_scale, rest, attrs = _operands(M, N, K, torch.bfloat16, True, variant, "e4m3fn")
+    config = gemm_fp8._config(16, 64, 128, 1, 4, 4, 2)
+    one = {**config, "constexprs": {**config["constexprs"], "SELF_REDUCE": True}}
+    two_kernels = gemm_fp8.linear_fp8(x, weight, weight_scale, *rest, **attrs, config=config, launcher=INTERPRET)
+    for _ in range(2):
+        out = gemm_fp8.linear_fp8(x, weight, weight_scale, *rest, **attrs, config=one, launcher=INTERPRET)
+        assert torch.equal(out, two_kernels), variant
+    assert not split_k_counters(x.device, 1).any()
+
+
+def test_self_reduce_split_k_builds_for_sm90_and_gfx942():
+    from rdnac.compiler.build import check_resources, compile_calls
+    from rdnac.kernels.launch import RecordingLauncher
+
+    calls = []
+    for variant, fmt in (("block", "e4m3fn"), ("token_channel", "e4m3fnuz")):
+        x, weight, weight_scale, rest, attrs = _operands(1, 4096, 12288, torch.bfloat16, False, variant, fmt,
+                                                         device="meta")
+        for config in gemm_fp8.config_space(_problem(1, 4096, 12288, torch.bfloat16, False, variant, fmt)):
+            if config["constexprs"]["SPLIT_K"] > 1:
+                rec = RecordingLauncher()
+                one = {**config, "constexprs": {**config["constexprs"], "SELF_REDUCE": True}}
+                gemm_fp8.linear_fp8(x, weight, weight_scale, *rest, **attrs, config=one, launcher=rec)
+                assert not any("reduce" in c.kernel for c in rec.calls)
+                calls += [(fmt, c) for c in rec.calls]
+    for target, fmt in (("sm90", "e4m3fn"), ("gfx942", "e4m3fnuz")):
+        binaries = compile_calls([c for f, c in calls if f == fmt], target, quiet=True)
+        assert binaries and all(check_resources(b, target) == [] for b in binaries), target
 
 
 @pytest.mark.parametrize("M,N,variant", [(33, 256, "token_channel"), (33, 256, "block"), (72, 256, "a16_channel"),
@@ -302,3 +340,30 @@ def test_linear_fp8_gpu():
                         every = has_bias and variant in VARIANTS
                         for config in gemm_fp8.config_space(problem) if every else [gemm_fp8.default_config(problem)]:
                             _check(M, N, K, torch.bfloat16, has_bias, variant, fmt, config, launcher, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/HIP GPU")
+def test_self_reduce_gpu_bit_identical_in_a_replayed_graph():
+    """8B decode shapes: SELF_REDUCE equals the two-kernel path bit for bit, eagerly and over 20
+    replays of a captured graph (a race between a tile's splits would show as a wrong sum)."""
+    launcher = JitLauncher()
+    fmt = "e4m3fnuz" if torch.version.hip and "gfx94" in torch.cuda.get_device_properties(0).gcnArchName else "e4m3fn"
+    for variant in ("block", "token_channel"):
+        for N, K in ((4096, 4096), (4096, 12288), (6144, 4096)):
+            x, weight, weight_scale, rest, attrs = _operands(1, N, K, torch.bfloat16, True, variant, fmt, device="cuda")
+            for config in gemm_fp8.config_space(_problem(1, N, K, torch.bfloat16, True, variant, fmt)):
+                if config["constexprs"]["SPLIT_K"] == 1:
+                    continue
+                one = {**config, "constexprs": {**config["constexprs"], "SELF_REDUCE": True}}
+                run = lambda cfg: gemm_fp8.linear_fp8(x, weight, weight_scale, *rest, **attrs,  # noqa: E731
+                                                      config=cfg, launcher=launcher)
+                expected = run(config)
+                assert torch.equal(run(one), expected), (variant, config)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = run(one)
+                for _ in range(20):
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    assert torch.equal(out, expected), (variant, config)

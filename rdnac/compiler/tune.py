@@ -71,7 +71,7 @@ def candidates(family: str, problem: dict) -> list[dict]:
             if not (block_scale and bk != 128):
                 extra.append(_cfg(128, bn, bk, 8, 1, warps, stages))
     unique = [c for j, c in enumerate(space + extra) if c not in (space + extra)[:j]]
-    if family == "gemm" and M <= 16:  # split-K without the reduce launch (see gemm.py), only ever measured
+    if M <= 16:  # split-K without the reduce launch (see gemm.py), only ever measured
         unique += [{**c, "constexprs": {**c["constexprs"], "SELF_REDUCE": True}} for c in unique
                    if c["constexprs"]["SPLIT_K"] > 1]
     return unique

@@ -19,7 +19,9 @@ Kernels, one job each:
                            config space offers only BLOCK_N dividing block_size[0] (one scale per tile).
   `_fp8_splitk_reduce_kernel` SPLIT_K > 1: sums the fp32 partials [SPLIT_K, M, N] in a fixed order
                            (deterministic, no atomics, no zeroed buffer), then applies the epilogue
-                           scales (epilogue kernel only) and the bias once.
+                           scales (epilogue kernel only) and the bias once. With SELF_REDUCE (a
+                           measured choice only, see `gemm.py`) the last split of each tile does the
+                           same in-kernel, bit for bit, and there is no second launch.
 
 Config space (`config_space(problem)`; problem keys "M" (bucket label, see `gemm.m_bucket`), "N",
 "K", "dtype" (x's), "has_bias", "weight_scheme", "act_scheme", "fp8_format", "block_size", and
@@ -40,8 +42,9 @@ import triton
 import triton.language as tl
 
 from rdnac.ir.fp8 import FORMATS
-from rdnac.kernels.gemm import DECODE_MAX_M, m_bucket
 from rdnac.kernels.fp8_quant import quantize_activations
+from rdnac.kernels.gemm import split_k_counters
+from rdnac.kernels.gemm_fp8_configs import _config, config_space, default_config  # noqa: F401 (the family API)
 from rdnac.kernels.launch import Launcher
 
 # Shape ints fixed by the weights (never token counts): binaries specialize on their divisibility by 16.
@@ -49,16 +52,15 @@ AOT_DIVISIBLE = {"_fp8_gemm_kernel": ("N", "K", "stride_am", "stride_wn", "strid
                  "_fp8_block_gemm_kernel": ("N", "K", "stride_am", "stride_wn", "stride_om", "k_per_split"),
                  "_fp8_splitk_reduce_kernel": ("N",)}
 
-SPLIT_K_MIN_NK = 1 << 20  # as in gemm: split K only when the weight read beats a second launch
 REDUCE_BLOCK = 1024
 
 
 @triton.jit
-def _fp8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+def _fp8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, final_ptr, counter_ptr,
                      M, N, K, stride_am, stride_wn, stride_om, stride_as, stride_ws, k_per_split,
                      IS_A16: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr):
+                     GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr):
     # a: [M, K] fp8 (x itself if IS_A16); w: [N, K] fp8; a_scale[m * stride_as] (0: one scale);
     # w_scale[n * stride_ws] (0: per tensor); out: [M, N], or the fp32 workspace [SPLIT_K, M, N].
     pid = tl.program_id(0)
@@ -105,18 +107,33 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:  # scales and bias are applied once, by the reduce kernel
+    else:  # scales and bias are applied once, by the reduce kernel or the last split (SELF_REDUCE)
         tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
+        if SELF_REDUCE:  # as gemm._gemm_kernel; the epilogue in _fp8_splitk_reduce_kernel's order
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    total += tl.load(out_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if not IS_A16:
+                    total *= tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=1.0).to(tl.float32)[:, None]
+                total *= tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n, other=1.0).to(tl.float32)[None, :]
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                tl.store(final_ptr + offs_m[:, None] * N + offs_n[None, :],
+                         total.to(final_ptr.dtype.element_ty), mask=out_mask)
+                tl.store(counter_ptr + pid, 0)
 
 
 @triton.jit
-def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
+def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, final_ptr, counter_ptr,
                            M, N, K, stride_am, stride_wn, stride_om, stride_asm, stride_ask,
                            stride_wsn, stride_wsk, k_per_split,
                            IS_A16: tl.constexpr, HAS_BIAS: tl.constexpr,
                            SCALE_BLOCK_N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr):
+                           GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr):
     # a: [M, K] fp8 (x if IS_A16), a_scale[m * stride_asm + kb * stride_ask]; w: [N, K] fp8,
     # w_scale[(n // SCALE_BLOCK_N) * stride_wsn + kb * stride_wsk], kb = k // SCALE_BLOCK_K
     # (zero strides broadcast: per-token, per-channel and per-tensor scales ride along).
@@ -169,6 +186,18 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
+        if SELF_REDUCE:  # as gemm._gemm_kernel; partials are already scaled, the bias is added once
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    total += tl.load(out_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                tl.store(final_ptr + offs_m[:, None] * N + offs_n[None, :],
+                         total.to(final_ptr.dtype.element_ty), mask=out_mask)
+                tl.store(counter_ptr + pid, 0)
 
 
 @triton.jit
@@ -236,13 +265,17 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
     c = config["constexprs"]
     block_m, block_n, block_k, split_k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"]
+    self_reduce = bool(c.get("SELF_REDUCE", False)) and split_k > 1  # see gemm.py: no reduce launch
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k  # whole BLOCK_K steps per split
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split_k)
+    num_tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    grid = (num_tiles, split_k)
     target = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
     stride_target = out.stride(0) if split_k == 1 else N
+    counters = split_k_counters(x.device, num_tiles)  # read only with SELF_REDUCE
     bias_arg = bias if has_bias else weight_scale  # never read when HAS_BIAS is False
-    flags = dict(IS_A16=is_a16, HAS_BIAS=has_bias and split_k == 1, BLOCK_M=block_m, BLOCK_N=block_n,
-                 BLOCK_K=block_k, GROUP_SIZE_M=c["GROUP_SIZE_M"], SPLIT_K=split_k)
+    flags = dict(IS_A16=is_a16, HAS_BIAS=has_bias and (split_k == 1 or self_reduce), BLOCK_M=block_m,
+                 BLOCK_N=block_n, BLOCK_K=block_k, GROUP_SIZE_M=c["GROUP_SIZE_M"], SPLIT_K=split_k,
+                 SELF_REDUCE=self_reduce)
     launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
     # a_scale is [M, G] (dynamic), [1] (static) or unused (a16w8): zero strides broadcast it.
     stride_asm = 0 if is_a16 or input_scale is not None else a_scale.stride(0)
@@ -256,20 +289,21 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         assert scale_bk % block_k == 0, f"linear_fp8: BLOCK_K {block_k} must divide the scale block's K {scale_bk}"
         stride_ask = 1 if group else 0
         launcher.launch(_fp8_block_gemm_kernel, grid,
-                        (a, a_scale, weight, weight_scale, bias_arg, target, M, N, K, a.stride(0), weight.stride(0),
-                         stride_target, stride_asm, stride_ask, stride_wsn, stride_wsk, k_per_split),
+                        (a, a_scale, weight, weight_scale, bias_arg, target, out, counters, M, N, K, a.stride(0),
+                         weight.stride(0), stride_target, stride_asm, stride_ask, stride_wsn, stride_wsk, k_per_split),
                         constexprs=dict(flags, SCALE_BLOCK_N=scale_bn, SCALE_BLOCK_K=scale_bk), **launch)
         has_a_scale = has_w_scale = False
     else:
         assert weight_scheme in ("channel", "tensor"), f"unknown FP8 weight scheme {weight_scheme!r}"
         stride_ws = weight_scale.stride(0) if weight_scheme == "channel" else 0  # [N] or [N, 1]
         launcher.launch(_fp8_gemm_kernel, grid,
-                        (a, a_scale, weight, weight_scale, bias_arg, target, M, N, K, a.stride(0), weight.stride(0),
-                         stride_target, stride_asm, stride_ws, k_per_split),
+                        (a, a_scale, weight, weight_scale, bias_arg, target, out, counters, M, N, K, a.stride(0),
+                         weight.stride(0), stride_target, stride_asm, stride_ws, k_per_split),
                         constexprs=flags, **launch)
         has_a_scale, has_w_scale = not is_a16, True
     if split_k > 1:
         assert out.is_contiguous()
+    if split_k > 1 and not self_reduce:
         launcher.launch(_fp8_splitk_reduce_kernel, (triton.cdiv(M * N, REDUCE_BLOCK),),
                         (target, a_scale, weight_scale, bias_arg, out, M, N, stride_asm,
                          0 if is_block else stride_ws),
@@ -277,111 +311,3 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                                         SPLIT_K=split_k, BLOCK=REDUCE_BLOCK),
                         num_warps=4, num_stages=1)
     return out
-
-
-# ---------------------------------------------------------------- configs
-
-
-def _config(block_m: int, block_n: int, block_k: int, group_size_m: int, split_k: int,
-            num_warps: int, num_stages: int) -> dict:
-    return {"constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                           "GROUP_SIZE_M": group_size_m, "SPLIT_K": split_k},
-            "num_warps": num_warps, "num_stages": num_stages}
-
-
-def _split_k_options(N: int, K: int, block_k: int, max_split: int) -> list[int]:
-    """1, plus powers of two when the weight is large, each split keeping >= 2 BLOCK_K steps, none empty."""
-    options = [1]
-    if N * K < SPLIT_K_MIN_NK:
-        return options
-    for split in (2, 4, 8):
-        k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k  # as linear_fp8 computes it
-        if split <= max_split and k_per_split >= 2 * block_k and triton.cdiv(K, k_per_split) == split:
-            options.append(split)
-    return options
-
-
-def _shape(problem: dict) -> tuple[int, int, int, bool, int | None, int | None]:
-    """(M bucket, N, K, is_a16, scale block N, scale block K); the scale blocks are None off the block path."""
-    M, N, K = m_bucket(problem["M"]), problem["N"], problem["K"]
-    is_a16 = problem["act_scheme"] == "none"
-    if problem["weight_scheme"] == "block":
-        scale_bn, scale_bk = problem["block_size"]
-        assert scale_bn % 16 == 0, f"linear_fp8: block_size N {scale_bn} must be a multiple of 16 (a tile divides it)"
-    elif problem["act_scheme"] == "dynamic_group":
-        scale_bn, scale_bk = None, problem["block_size"][1]
-    elif problem["act_scheme"] == "prequantized" and problem.get("group"):
-        scale_bn, scale_bk = None, problem["group"]
-    else:
-        scale_bn = scale_bk = None
-    return M, N, K, is_a16, scale_bn, scale_bk
-
-
-def _block_k(want: int, K: int, scale_bk: int | None) -> int:
-    """BLOCK_K near `want`: >= 32 (the smallest FP8 dot K), not far past K, dividing the scale block's K."""
-    block_k = max(32, min(want, triton.next_power_of_2(K)))
-    if scale_bk is not None:
-        while scale_bk % block_k:
-            block_k //= 2
-        assert block_k >= 32, f"linear_fp8: block_size K {scale_bk} needs a power-of-two factor >= 32"
-    return block_k
-
-
-def _block_ns(options: tuple[int, ...], scale_bn: int | None) -> tuple[int, ...]:
-    # On the block path, tiles that divide (or equal) the scale block read one scale per tile.
-    return tuple(n for n in options if scale_bn is None or scale_bn % n == 0) or (16,)
-
-
-def config_space(problem: dict) -> list[dict]:
-    """Candidates for {"M", "N", "K", "dtype", "has_bias", "weight_scheme", "act_scheme", "fp8_format",
-    "block_size"} (see the module docstring). dtype, has_bias and fp8_format do not change them."""
-    M, N, K, is_a16, scale_bn, scale_bk = _shape(problem)
-    # a16w8 A tiles are bf16, twice an fp8 tile, and the wave32 targets (gfx1151) hold them in VGPRs
-    deep = 64 if is_a16 else 128
-    out: list[dict] = []
-    if M <= DECODE_MAX_M:
-        for block_n, want_k in ((32, 256), (64, 128), (64, 256), (128, 128)):
-            block_k = _block_k(want_k, K, scale_bk)
-            if block_n in _block_ns((block_n,), scale_bn):
-                for split_k in _split_k_options(N, K, block_k, max_split=8):
-                    out.append(_config(16, block_n, block_k, 1, split_k, 4, 2))
-        out.append(_config(16, 64, _block_k(128, K, scale_bk), 1, 1, 4, 3))
-    elif M <= 64:
-        for block_n in _block_ns((64, 128), scale_bn):
-            block_k = _block_k(deep, K, scale_bk)
-            for split_k in _split_k_options(N, K, block_k, max_split=4):
-                for num_warps in (4, 8):
-                    out.append(_config(M, block_n, block_k, 1, split_k, num_warps, 2))
-    elif M <= 256:
-        for block_n in _block_ns((64, 128), scale_bn):
-            for num_stages in (2, 3):
-                for num_warps in (4, 8):
-                    out.append(_config(64, block_n, _block_k(deep, K, scale_bk), 8, 1, num_warps, num_stages))
-    else:
-        for block_n in _block_ns((64, 128, 256), scale_bn):
-            for want_k in (64, 128):
-                for num_stages in (2, 3):
-                    out.append(_config(128, block_n, _block_k(want_k, K, scale_bk), 8, 1, 8, num_stages))
-    # Last resort, correct for every M: a 16 x 32 x 64 tile holds few registers, so when unaligned N or
-    # K (no vectorized loads) makes every wider tile spill (seen for a vocab of 1000: gfx942 at M=64,
-    # gfx1151's a16w8 at M=1), the node still compiles, slower, with the rejections logged.
-    out.append(_config(16, _block_ns((32,), scale_bn)[0], _block_k(64, K, scale_bk), 1, 1, 4, 2))
-    return [c for i, c in enumerate(out) if c not in out[:i]]
-
-
-def default_config(problem: dict) -> dict:
-    """A safe pick from config_space without a target: within 64 KiB of LDS and spill-free on every
-    target (the a16w8 picks are sized for gfx1151's wave32 VGPRs); the compiler normally ranks the
-    space instead. Decode splits K until roughly 64 programs exist."""
-    M, N, K, is_a16, scale_bn, scale_bk = _shape(problem)
-    block_n = _block_ns((64,), scale_bn)[0]
-    if M <= 64:
-        block_m = 16 if M <= DECODE_MAX_M else M
-        block_k = _block_k(128 if M <= DECODE_MAX_M or not is_a16 else 64, K, scale_bk)
-        options = _split_k_options(N, K, block_k, max_split=8 if M <= DECODE_MAX_M else 4)
-        split_k = next((s for s in options if triton.cdiv(N, block_n) * s >= 64), options[-1])
-        return _config(block_m, block_n, block_k, 1, split_k, 8 if is_a16 and M == 64 else 4, 2)
-    if M <= 256:
-        return _config(64, block_n, _block_k(64 if is_a16 else 128, K, scale_bk), 8, 1, 8 if is_a16 else 4, 2)
-    block_n = block_n if is_a16 else _block_ns((128,), scale_bn)[0]
-    return _config(128, block_n, _block_k(64, K, scale_bk), 8, 1, 8, 2)
