@@ -24,16 +24,12 @@ import triton
 from rdnac.compiler import cost_model, tuning
 from rdnac.compiler.build import check_resources, compile_calls
 from rdnac.errors import RdnacError
+from rdnac.kernels.gemm import _config
 from rdnac.kernels.launch import JitLauncher, RecordingLauncher
 from rdnac.targets import get_target
 
 L2_DEFEAT_BYTES = 256 << 20
 CONTEXT = 1024  # decode attention is timed at this many cached tokens per sequence
-
-
-def _cfg(bm, bn, bk, group, split, warps, stages):
-    return {"constexprs": {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_SIZE_M": group, "SPLIT_K": split},
-            "num_warps": warps, "num_stages": stages}
 
 
 def _acfg(warps, stages, **constexprs):
@@ -64,12 +60,12 @@ def candidates(family: str, problem: dict) -> list[dict]:
                     if split > 1 and (kps < 2 * bk or triton.cdiv(K, kps) != split):
                         continue
                     for stages in (3, 4):
-                        extra.append(_cfg(16, bn, bk, 1, split, 4, stages))
+                        extra.append(_config(16, bn, bk, 1, split, 4, stages))
     elif M > 256:
         for bn, bk, warps, stages in ((256, 64, 8, 3), (256, 64, 8, 4), (128, 64, 8, 4), (128, 128, 8, 3),
                                       (128, 64, 4, 4)):
             if not (block_scale and bk != 128):
-                extra.append(_cfg(128, bn, bk, 8, 1, warps, stages))
+                extra.append(_config(128, bn, bk, 8, 1, warps, stages))
     unique = [c for j, c in enumerate(space + extra) if c not in (space + extra)[:j]]
     if M <= 16:  # split-K without the reduce launch (see gemm.py), only ever measured
         unique += [{**c, "constexprs": {**c["constexprs"], "SELF_REDUCE": True}} for c in unique

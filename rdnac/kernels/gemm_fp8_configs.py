@@ -6,15 +6,9 @@ from __future__ import annotations
 import triton
 
 from rdnac.kernels.gemm import DECODE_MAX_M, m_bucket
+from rdnac.kernels.gemm import _config  # one tile-config shape for both GEMM families
 
 SPLIT_K_MIN_NK = 1 << 20  # as in gemm: split K only when the weight read beats a second launch
-
-
-def _config(block_m: int, block_n: int, block_k: int, group_size_m: int, split_k: int,
-            num_warps: int, num_stages: int) -> dict:
-    return {"constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                           "GROUP_SIZE_M": group_size_m, "SPLIT_K": split_k},
-            "num_warps": num_warps, "num_stages": num_stages}
 
 
 def _split_k_options(N: int, K: int, block_k: int, max_split: int) -> list[int]:
