@@ -147,26 +147,23 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
                 tl.store(counter_ptr + pid, 0)  # ready for the next launch
 
 
-_COUNTERS: dict[str, torch.Tensor] = {}
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []  # replaced counter buffers: graphs captured with them may still run
 _COUNTERS_MIN = 4096
 
 
 def split_k_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
-    """The persistent zeroed int32 arrival counters of SELF_REDUCE split-K launches on `device`.
-    Grown by replacement only outside graph capture; a captured graph keeps the buffer it saw
-    alive (a replaced buffer stays referenced here)."""
-    if device.type == "meta":
-        return torch.empty(max(num_tiles, 1), dtype=torch.int32, device=device)
-    key = str(device)
-    buf = _COUNTERS.get(key)
+    """The persistent zeroed int32 arrival counters of SELF_REDUCE split-K launches on `device`
+    (every GEMM launch passes them; only SELF_REDUCE reads them). A buffer too small is replaced,
+    and the old one stays referenced, so a graph captured with it still runs."""
+    buf = _COUNTERS.get(device)
     if buf is None or buf.numel() < num_tiles:
+        if device.type == "meta":  # recording: shapes only
+            return torch.empty(max(num_tiles, 1), dtype=torch.int32, device=device)
         if buf is not None:
             _RETIRED.append(buf)
-        buf = _COUNTERS[key] = torch.zeros(max(num_tiles, _COUNTERS_MIN), dtype=torch.int32, device=device)
+        buf = _COUNTERS[device] = torch.zeros(max(num_tiles, _COUNTERS_MIN), dtype=torch.int32, device=device)
     return buf
-
-
-_RETIRED: list[torch.Tensor] = []  # replaced counter buffers: graphs captured with them may still run
 
 
 @triton.jit
