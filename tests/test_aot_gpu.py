@@ -69,7 +69,7 @@ def test_launch_assumptions_are_checked_against_the_arguments():
 
     from rdnac.runtime.aot import AotLauncher, _Loaded
 
-    loaded = _Loaded(binary=SimpleNamespace(kernel="m:k"), compiled=None, constexpr_slots=[],
+    loaded = _Loaded(binary=SimpleNamespace(kernel="m:k"), kernel=None,
                      aligned=[(0, "x_ptr")], divisible=[(1, "K")])
     check = AotLauncher.__new__(AotLauncher)._check_assumptions
     x = torch.zeros(64)  # fresh allocations are 16-byte aligned (torch aligns to 64)

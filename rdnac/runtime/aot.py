@@ -9,44 +9,31 @@ built it; at each launch it finds the binary by the same specialization key
 assumes against the actual arguments. A launch with no binary is an error,
 never a JIT. Imports nothing from `rdnac.compiler`.
 
-Loading reuses Triton's own `CompiledKernel` (built from the metadata JSON and
-the binary, as Triton does from its cache directory). Its launcher is not a
-kernel compile, but note: Triton 3.6 builds a small C host stub per argument
-signature with the system C compiler on first use (cached in ~/.triton/cache);
-Triton 3.9 launches through a generic launcher compiled into libtriton.
+Loading and launching go through the driver API directly (`rdnac.runtime.driver`):
+Triton's own launcher would build C host stubs with the system compiler on
+first use (Triton 3.6: one per argument signature, 6.6 s for an 8B plan on a
+fresh machine), a run-time compile the plan promises not to do.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from rdnac.errors import PlanError, TargetError
-from rdnac.kernels.launch import (decode_constexpr, divisible_args, full_constexprs, kernel_name, resolve_kernel,
-                                  spec_key, triton_type)
+from rdnac.kernels.launch import divisible_args, full_constexprs, kernel_name, resolve_kernel, spec_key, triton_type
 from rdnac.kernels.binaries import KernelBinary, sha256_hex
+from rdnac.runtime.driver import Kernel, driver_api
 from rdnac.targets import get_target
 
 
 @dataclass
 class _Loaded:
     binary: KernelBinary
-    compiled: Any  # triton.compiler.CompiledKernel
-    constexpr_slots: list[tuple[int, Any]]  # (parameter index, value) to splice into the args
+    kernel: Kernel | None  # loaded into the driver (None only in unit tests of the checks)
     aligned: list[tuple[int, str]]  # (runtime arg index, name) assumed 16-byte aligned
     divisible: list[tuple[int, str]]  # (runtime arg index, name) assumed divisible by 16
-
-
-class _PlanSource:
-    """What Triton's launcher reads from a compile source: the full signature and the constants."""
-
-    def __init__(self, signature: dict[str, str], constants: dict[tuple[int], Any]) -> None:
-        self.signature = signature
-        self.constants = constants  # keyed by (parameter index,), as ASTSource stores them
 
 
 def device_arch(device: Any) -> tuple[str, str]:
@@ -102,6 +89,11 @@ class AotLauncher:
         self.device = torch.device(device)
         if self.device.index is None:
             self.device = torch.device(self.device.type, torch.cuda.current_device())
+        self._api = driver_api("hip" if torch.version.hip else "cuda")
+        self._stream_of = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # device index -> stream handle
+        if self._stream_of is None:  # the private fast path is gone: the public one
+            self._stream_of = lambda index: torch.cuda.current_stream(index).cuda_stream
+        self._current_device = torch.cuda.current_device
         self._kernels: dict[str, _Loaded] = {}
         self._memo: dict[tuple, _Loaded] = {}
         self.rebuilt: list[str] = []  # keys of kernels rebuilt at load, for the engine to report
@@ -132,32 +124,29 @@ class AotLauncher:
 
     def _load(self, binary: KernelBinary) -> _Loaded:
         import torch
-        from triton.compiler.compiler import CompiledKernel
 
-        kernel = resolve_kernel(binary.kernel)
-        call = binary.call
-        signature = {p.name: "constexpr" if p.is_constexpr else call.signature[p.name] for p in kernel.params}
-        slots = [(i, p.name) for i, p in enumerate(kernel.params) if p.is_constexpr]
-        constexprs = [(i, decode_constexpr(call.constexprs[name])) for i, name in slots]
-        src = _PlanSource(signature, {(i,): v for i, v in constexprs})
-        name = binary.metadata["name"]
-        with tempfile.TemporaryDirectory(prefix="rdnac-aot-") as tmp:
-            # CompiledKernel reads its metadata group (the files Triton's cache holds) eagerly.
-            group = {f"{name}.json": str(Path(tmp) / f"{name}.json"),
-                     f"{name}.{binary.binary_ext}": str(Path(tmp) / f"{name}.{binary.binary_ext}")}
-            Path(group[f"{name}.json"]).write_text(json.dumps(binary.metadata))
-            Path(group[f"{name}.{binary.binary_ext}"]).write_bytes(binary.binary)
-            compiled = CompiledKernel(src, group, binary.metadata["hash"])
+        meta, call = binary.metadata, binary.call
+        what = f"kernel {binary.kernel} ({binary.key})"
+        unsupported = {k: meta.get(k) for k in ("global_scratch_size", "profile_scratch_size") if meta.get(k)}
+        if meta.get("num_ctas", 1) != 1 or meta.get("launch_cooperative_grid") or meta.get("launch_pdl"):
+            unsupported.update(num_ctas=meta.get("num_ctas"), cooperative=meta.get("launch_cooperative_grid"),
+                               pdl=meta.get("launch_pdl"))
+        if unsupported:
+            raise PlanError(f"{what} requires launch features rdnac's launcher does not provide ({unsupported}); "
+                            f"do recompile the plan with this rdnac (its kernels need none of them)")
+        if self._api.backend == "hip" and "warp_size" not in meta:  # wave32 (RDNA) or wave64 (CDNA)
+            raise PlanError(f"{what} requires its wave size in the binary's metadata; it has none; do recompile "
+                            f"the plan with this rdnac")
+        runtime = [p.name for p in resolve_kernel(binary.kernel).params if not p.is_constexpr]
         with torch.cuda.device(self.device):
-            compiled.run  # noqa: B018 -- loads the module now, not inside a later graph capture
-        runtime = [p.name for p in kernel.params if not p.is_constexpr]
-        return _Loaded(binary, compiled, constexprs,
+            kernel = self._api.load(binary.binary, meta["name"], signature=[call.signature[a] for a in runtime],
+                                    num_warps=meta["num_warps"], warp_size=meta.get("warp_size", 32),
+                                    shared=meta["shared"], device_index=self.device.index, what=what)
+        return _Loaded(binary, kernel,
                        [(runtime.index(a), a) for a in call.aligned],
                        [(runtime.index(a), a) for a in call.divisible])
 
     def launch(self, kernel, grid, args, *, constexprs, num_warps=4, num_stages=2):
-        import torch
-
         divisible = divisible_args(kernel, args)
         memo_key = (id(kernel), tuple(triton_type(a) for a in args), tuple(sorted(constexprs.items())),
                     num_warps, num_stages, divisible)
@@ -170,15 +159,15 @@ class AotLauncher:
                 raise PlanError(self._missing(kernel_name(kernel), key))
             self._memo[memo_key] = loaded
         self._check_assumptions(loaded, args)
-        full = list(args)
-        for i, value in loaded.constexpr_slots:
-            full.insert(i, value)
         grid = tuple(grid) + (1,) * (3 - len(grid))
-        if torch.cuda.current_device() != self.device.index:
+        index = self.device.index
+        if self._current_device() != index:
+            import torch
+
             with torch.cuda.device(self.device):
-                loaded.compiled[grid](*full)
+                self._api.launch(loaded.kernel, grid, args, self._stream_of(index), index)
         else:
-            loaded.compiled[grid](*full)
+            self._api.launch(loaded.kernel, grid, args, self._stream_of(index), index)
 
     def _check_assumptions(self, loaded: _Loaded, args) -> None:
         for i, name in loaded.aligned:
