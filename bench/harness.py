@@ -102,6 +102,24 @@ def rdnac_cmd(*args: str) -> list[str]:
     return [sys.executable, "-c", "from rdnac.cli.main import main; main()", *args]
 
 
+def decode_records(engine, shape: str, scheme: str, batches: list[int], bw: float, **extra) -> None:
+    for batch in batches:
+        t = tpot(engine, batch, CONTEXT)
+        read = decode_bytes(engine, batch, CONTEXT)
+        emit({"engine": "rdnac", "shape": shape, "scheme": scheme, "batch": batch, "context": CONTEXT,
+              "tpot_ms": round(t * 1e3, 3), "tokens_per_s": round(batch / t, 1), "bytes_read_GB": round(read / 1e9, 3),
+              "achieved_GBps": round(read / t / 1e9, 1), "pct_of_copy": round(100 * read / t / 1e9 / bw, 1),
+              "copy_GBps": round(bw, 1), "plan_pdl": engine.plan.body["runtime"].get("pdl", False), **extra})
+
+
+def prefill_records(engine, shape: str, scheme: str, sizes: list[int], **extra) -> None:
+    for tokens in sizes:
+        t = prefill_seconds(engine, tokens)
+        emit({"engine": "rdnac", "shape": shape, "scheme": scheme, "prefill_tokens": tokens,
+              "prefill_ms": round(t * 1e3, 2), "tokens_per_s": round(tokens / t), "tflops":
+              round(matmul_flops(engine, tokens, tokens) / t / 1e12, 1), **extra})
+
+
 def measure_rdnac(shape: str, scheme: str, work: Path, args) -> None:
     ckpt = work / f"{shape}-{scheme}"
     spec = dict(SHAPES[shape])
@@ -125,18 +143,8 @@ def measure_rdnac(shape: str, scheme: str, work: Path, args) -> None:
 
     engine = rdnac.load(plan, device="cuda")
     bw = copy_bandwidth()
-    for batch in args.batch:
-        t = tpot(engine, batch, CONTEXT)
-        read = decode_bytes(engine, batch, CONTEXT)
-        emit({"engine": "rdnac", "shape": shape, "scheme": scheme, "batch": batch, "context": CONTEXT,
-              "tpot_ms": round(t * 1e3, 3), "tokens_per_s": round(batch / t, 1), "bytes_read_GB": round(read / 1e9, 3),
-              "achieved_GBps": round(read / t / 1e9, 1), "pct_of_copy": round(100 * read / t / 1e9 / bw, 1),
-              "copy_GBps": round(bw, 1)})
-    for tokens in args.prefill:
-        t = prefill_seconds(engine, tokens)
-        emit({"engine": "rdnac", "shape": shape, "scheme": scheme, "prefill_tokens": tokens,
-              "prefill_ms": round(t * 1e3, 2), "tokens_per_s": round(tokens / t), "tflops":
-              round(matmul_flops(engine, tokens, tokens) / t / 1e12, 1)})
+    decode_records(engine, shape, scheme, args.batch, bw, launch_pdl=True)
+    prefill_records(engine, shape, scheme, args.prefill, launch_pdl=True)
     if args.profile:
         rows, summary = kernel_breakdown(engine, CONTEXT, bw)
         emit({"shape": shape, "scheme": scheme, "profile_summary": summary})
@@ -147,6 +155,12 @@ def measure_rdnac(shape: str, scheme: str, work: Path, args) -> None:
         (RESULTS.parent / f"profile-prefill{tokens}-{shape}-{scheme}.json").write_text(json.dumps(rows, indent=1))
     del engine
     torch.cuda.empty_cache()
+    if args.ab_pdl:  # the same plan and binaries, launched without programmatic dependent launch
+        engine = rdnac.load(plan, device="cuda", launch_pdl=False)
+        decode_records(engine, shape, scheme, args.batch, bw, launch_pdl=False)
+        prefill_records(engine, shape, scheme, args.prefill, launch_pdl=False)
+        del engine
+        torch.cuda.empty_cache()
     if args.peers and scheme == "bf16":
         from peers import measure_transformers
 
@@ -170,6 +184,8 @@ def main() -> None:
     ap.add_argument("--peer-compile-batch", type=int, nargs="+", default=[1, 16, 64],
                     help="Batch sizes for transformers + torch.compile (each one recompiles).")
     ap.add_argument("--profile", action="store_true", help="Per-node kernel breakdown of a batch-1 decode step.")
+    ap.add_argument("--ab-pdl", action="store_true",
+                    help="Also decode with the plan's PDL binaries launched without programmatic dependent launch.")
     ap.add_argument("--cold-compile", action="store_true", help="Compile with empty rdnac and Triton caches.")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

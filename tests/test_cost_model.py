@@ -167,7 +167,8 @@ def test_lds_model_matches_gfx1201_cross_compile(config):
     from triton.compiler import ASTSource
 
     kernel = gemm._gemm_kernel
-    flags = dict(config["constexprs"], HAS_GATHER=False, HAS_BIAS=True, HAS_SOFTCAP=False)
+    flags = dict({"SELF_REDUCE": False}, **config["constexprs"], HAS_GATHER=False, HAS_BIAS=True, HAS_SOFTCAP=False,
+                 PDL=False)
     ints = {"M", "N", "K", "stride_xm", "stride_wn", "stride_om", "k_per_split"}
     signature = {name: "constexpr" if name in flags else "i32" if name in ints else "fp32" if name == "softcap"
                  else "*i64" if name == "idx_ptr" else "*bf16" for name in kernel.arg_names}

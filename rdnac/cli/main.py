@@ -41,8 +41,10 @@ def cli():
 @click.option("--quantize", type=click.Choice(["fp8", "fp8-block"]),
               help="FP8 linears for a float checkpoint: per-channel (fp8) or 128x128 blocks (fp8-block).")
 @click.option("--fp8-lm-head", is_flag=True, help="The logits projection in FP8 too (per-channel; float32 logits).")
+@click.option("--pdl/--no-pdl", default=None,
+              help="Programmatic dependent launch between kernels (default: on where the target has it, sm90+).")
 def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max_num_seqs, max_num_batched_tokens,
-                quiet, quantize, fp8_lm_head):
+                quiet, quantize, fp8_lm_head, pdl):
     """Compile MODEL (HF directory, .gguf file, or demo:smollm2) into a plan."""
     from rdnac.compiler.pipeline import compile_model
 
@@ -50,7 +52,7 @@ def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max
     path = compile_model(model, target, output, dtype=dtype, max_model_len=max_model_len,
                          disable_passes=tuple(disable_passes), max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens, quiet=quiet, quantize=quantize,
-                         fp8_lm_head=fp8_lm_head)
+                         fp8_lm_head=fp8_lm_head, pdl=pdl)
     click.echo(f"wrote {path} ({time.perf_counter() - started:.1f} s)", err=True)
 
 

@@ -43,6 +43,7 @@ class CompileOptions:
     quiet: bool = False
     quantize: str | None = None  # compile-time FP8 of a float checkpoint's linears: "fp8" | "fp8-block"
     fp8_lm_head: bool = False  # the logits projection as an FP8 GEMM (per-channel weight, float32 logits)
+    pdl: bool | None = None  # programmatic dependent launch; None: where the target has it (sm90+)
 
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -118,7 +119,7 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
     max_len = min(opts.max_model_len or graph.attrs["max_position_embeddings"], graph.attrs["max_position_embeddings"])
     runtime = {"kv_block_size": opts.kv_block_size, "max_model_len": max_len,
                "device": "cuda" if tgt.is_gpu else "cpu", "max_num_seqs": opts.max_num_seqs,
-               "max_num_batched_tokens": opts.max_num_batched_tokens}
+               "max_num_batched_tokens": opts.max_num_batched_tokens, "pdl": _pdl(opts, tgt, ctx)}
     program, kernels, capabilities, triton_version = {}, [], None, None
     if tgt.is_gpu:
         import triton
@@ -136,7 +137,7 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
         "target": target, "target_info": tgt.to_dict(), "capabilities": capabilities, "model": _model_identity(checkpoint),
         "compile_options": {"dtype": dtype, "max_model_len": opts.max_model_len,
                             "disable_passes": list(opts.disable_passes), "quantize": opts.quantize,
-                            "fp8_lm_head": opts.fp8_lm_head},
+                            "fp8_lm_head": opts.fp8_lm_head, "pdl": opts.pdl},
         "created_unix": int(time.time()),
     }
     body = {
@@ -157,3 +158,17 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
 def _jsonable(d: dict) -> dict:
     """msgpack-safe copy (tokenizer_config may hold nested objects such as AddedToken dicts)."""
     return json.loads(json.dumps(d, default=str))
+
+
+def _pdl(opts: CompileOptions, tgt, ctx) -> bool:
+    """Whether the plan's kernels use programmatic dependent launch (`rdnac.kernels.launch.with_pdl`)."""
+    if opts.pdl and not tgt.has_pdl:
+        raise RdnacError(f"--pdl requires a target with programmatic dependent launch (NVIDIA sm90 or newer); "
+                         f"{tgt.name} has none")
+    on = tgt.has_pdl if opts.pdl is None else opts.pdl
+    if tgt.is_gpu:
+        why = ("--no-pdl" if opts.pdl is False else "the target has it: each kernel lets the next one's blocks "
+               "start and waits on the GPU for its predecessor (no launch gap)") if tgt.has_pdl else \
+            "the target has no programmatic dependent launch"
+        ctx.decide("launch", "-", "programmatic dependent launch " + ("on" if on else "off"), why)
+    return on

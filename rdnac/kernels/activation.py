@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rdnac.kernels.launch import Launcher
+from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 # model-shape ints (never token counts) that AOT binaries specialize on divisibility by 16, as the JIT does,
 # so row loads vectorize; see rdnac.kernels.launch.divisible_args
@@ -27,7 +28,10 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 @triton.jit
 def _gated_act_kernel(gate_ptr, up_ptr, out_ptr, I, stride_gate_row, stride_up_row, up_col_offset,
-                      ACT: tl.constexpr, BLOCK_I: tl.constexpr):
+                      ACT: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     act_dtype = out_ptr.dtype.element_ty
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)  # [BLOCK_I]
@@ -69,7 +73,7 @@ def gated_act(*xs: torch.Tensor, act: str = "silu", config: dict, launcher: Laun
     if num_tokens == 0:
         return out
     block_i = config["constexprs"]["BLOCK_I"]
-    grid = (num_tokens, triton.cdiv(width, block_i))
+    grid = (num_tokens, cdiv(width, block_i))
     launcher.launch(_gated_act_kernel, grid,
                     (gate, up, out, width, gate.stride(0), up.stride(0), up_col_offset),
                     constexprs={"ACT": act, "BLOCK_I": block_i},
@@ -79,7 +83,7 @@ def gated_act(*xs: torch.Tensor, act: str = "silu", config: dict, launcher: Laun
 
 def config_space(problem: dict) -> list[dict]:
     """Candidates for {"I": intermediate size}."""
-    whole = triton.next_power_of_2(problem["I"])
+    whole = next_power_of_2(problem["I"])
     blocks = sorted({b for b in (256, 512, 1024, 2048, 4096) if b < whole} | {min(whole, 4096)})
     return [{"constexprs": {"BLOCK_I": b}, "num_warps": w, "num_stages": 1}
             for b in blocks for w in (1, 2, 4, 8) if w == 1 or 32 * w * 4 <= b]
@@ -87,6 +91,6 @@ def config_space(problem: dict) -> list[dict]:
 
 def default_config(problem: dict) -> dict:
     # 1024-wide tiles: enough programs at decode (I / 1024 per token), 8 elements per thread
-    block = min(triton.next_power_of_2(problem["I"]), 1024)
+    block = min(next_power_of_2(problem["I"]), 1024)
     return {"constexprs": {"BLOCK_I": block}, "num_warps": 4 if block >= 1024 else max(1, block // 256),
             "num_stages": 1}

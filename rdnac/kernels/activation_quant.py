@@ -26,11 +26,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
 from rdnac.kernels.activation import ACTIVATIONS, gate_and_up
 from rdnac.kernels.fp8_quant import GRID
-from rdnac.kernels.launch import Launcher
+from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 AOT_DIVISIBLE = {"_gated_act_quant_kernel": ("I", "stride_gate_row", "stride_up_row", "up_col_offset")}
 
@@ -40,7 +41,11 @@ _MAX = tl.standard._elementwise_max  # tl.max is a jit function: the interpreter
 @triton.jit
 def _gated_act_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, I, stride_gate_row, stride_up_row, up_col_offset,
                             ACT: tl.constexpr, GROUP: tl.constexpr, FP8_MAX: tl.constexpr,
-                            MIN_NORMAL: tl.constexpr, SUBNORMAL_ROUNDER: tl.constexpr, BLOCK_I: tl.constexpr):
+                            MIN_NORMAL: tl.constexpr, SUBNORMAL_ROUNDER: tl.constexpr, BLOCK_I: tl.constexpr,
+                            PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     # gate, up: [T, I] rows (strided) -> q: [T, I] fp8, scale: [T, G] fp32 (both contiguous)
     act_dtype = gate_ptr.dtype.element_ty
     token = tl.program_id(0).to(tl.int64)
@@ -111,14 +116,14 @@ def gated_act_quant(*xs: torch.Tensor, act: str = "silu", fp8_format: str, group
     assert group == 0 or group & (group - 1) == 0, f"gated_act_quant requires a power-of-two group; got {group}"
     gate, up, width, up_col_offset = gate_and_up(xs)
     num_tokens = gate.shape[0]
-    num_groups = triton.cdiv(width, group) if group else 1
+    num_groups = cdiv(width, group) if group else 1
     q = torch.empty((num_tokens, width), dtype=FORMATS[fp8_format], device=gate.device)  # [T, I]
     scale = torch.empty((num_tokens, num_groups), dtype=torch.float32, device=gate.device)  # [T, G]
     if num_tokens == 0:
         return q, scale
     block_i = config["constexprs"]["BLOCK_I"]
     assert block_i >= group, f"gated_act_quant: BLOCK_I {block_i} must hold whole groups of {group}"
-    grid = (num_tokens, triton.cdiv(width, block_i) if group else 1)
+    grid = (num_tokens, cdiv(width, block_i) if group else 1)
     min_normal, rounder = GRID[fp8_format]
     launcher.launch(_gated_act_quant_kernel, grid,
                     (gate, up, q, scale, width, gate.stride(0), up.stride(0), up_col_offset),
@@ -131,7 +136,7 @@ def gated_act_quant(*xs: torch.Tensor, act: str = "silu", fp8_format: str, group
 def config_space(problem: dict) -> list[dict]:
     """Candidates for {"I", "group"}: tiles of whole groups; per token a program loops over its row."""
     group = problem.get("group", 0)
-    whole = max(triton.next_power_of_2(problem["I"]), group)
+    whole = max(next_power_of_2(problem["I"]), group)
     blocks = sorted({b for b in (256, 512, 1024, 2048, 4096) if group <= b < whole} | {min(whole, 4096)})
     return [{"constexprs": {"BLOCK_I": b}, "num_warps": w, "num_stages": 1}
             for b in blocks for w in (1, 2, 4, 8) if w == 1 or 32 * w * 4 <= b]
@@ -141,5 +146,5 @@ def default_config(problem: dict) -> dict:
     # per group, 1024-wide tiles as gated_act (enough programs at decode); per token one program per
     # row, so wider tiles and more warps cover the row in fewer steps
     group = problem.get("group", 0)
-    block = min(max(triton.next_power_of_2(problem["I"]), group), 1024 if group else 4096)
+    block = min(max(next_power_of_2(problem["I"]), group), 1024 if group else 4096)
     return {"constexprs": {"BLOCK_I": block}, "num_warps": 4 if block <= 1024 else 8, "num_stages": 1}

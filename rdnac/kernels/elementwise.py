@@ -10,12 +10,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rdnac.kernels.launch import Launcher
+from rdnac.kernels.launch import Launcher, cdiv
 
 
 @triton.jit
-def _add_kernel(a_ptr, b_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+def _add_kernel(a_ptr, b_ptr, out_ptr, numel, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
     a = tl.load(a_ptr + offsets, mask=mask).to(tl.float32)
@@ -27,7 +31,7 @@ def add(a: torch.Tensor, b: torch.Tensor, *, config: dict, launcher: Launcher) -
     assert a.shape == b.shape and a.is_contiguous() and b.is_contiguous(), "add: operands must match and be contiguous"
     out = torch.empty_like(a)
     block = config["constexprs"]["BLOCK"]
-    launcher.launch(_add_kernel, (triton.cdiv(a.numel(), block),), (a, b, out, a.numel()),
+    launcher.launch(_add_kernel, (cdiv(a.numel(), block),), (a, b, out, a.numel()),
                     constexprs={"BLOCK": block}, num_warps=config["num_warps"], num_stages=1)
     return out
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rdnac.kernels.launch import Launcher
+from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 # model-shape ints (never token counts) that AOT binaries specialize on divisibility by 16, as the JIT does,
 # so row loads vectorize; see rdnac.kernels.launch.divisible_args
@@ -24,7 +25,10 @@ AOT_DIVISIBLE = {"_embedding_kernel": ("H", "stride_weight_row", "stride_out_row
 
 @triton.jit
 def _embedding_kernel(ids_ptr, weight_ptr, out_ptr, H, stride_weight_row, stride_out_row, scale,
-                      BLOCK_H: tl.constexpr):
+                      BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
     mask = cols < H
@@ -44,7 +48,7 @@ def embedding(token_ids: torch.Tensor, weight: torch.Tensor, *, scale: float = 1
     if num_tokens == 0:
         return out
     block_h = config["constexprs"]["BLOCK_H"]
-    grid = (num_tokens, triton.cdiv(hidden, block_h))
+    grid = (num_tokens, cdiv(hidden, block_h))
     launcher.launch(_embedding_kernel, grid,
                     (token_ids, weight, out, hidden, weight.stride(0), out.stride(0), float(scale)),
                     constexprs={"BLOCK_H": block_h},
@@ -54,7 +58,7 @@ def embedding(token_ids: torch.Tensor, weight: torch.Tensor, *, scale: float = 1
 
 def config_space(problem: dict) -> list[dict]:
     """Candidates for {"H": hidden size}; BLOCK_H from 256 up to the whole row."""
-    whole = triton.next_power_of_2(problem["H"])
+    whole = next_power_of_2(problem["H"])
     blocks = sorted({b for b in (256, 512, 1024, 2048, 4096) if b < whole} | {whole})
     return [{"constexprs": {"BLOCK_H": b}, "num_warps": w, "num_stages": 1}
             for b in blocks for w in (1, 2, 4, 8) if 32 * w <= max(b, 32)]
@@ -62,5 +66,5 @@ def config_space(problem: dict) -> list[dict]:
 
 def default_config(problem: dict) -> dict:
     # a whole row per program: decode batches are small, so fewer larger programs win
-    block = min(triton.next_power_of_2(problem["H"]), 4096)
+    block = min(next_power_of_2(problem["H"]), 4096)
     return {"constexprs": {"BLOCK_H": block}, "num_warps": 4 if block >= 1024 else 2, "num_stages": 1}

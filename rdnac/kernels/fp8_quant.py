@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
-from rdnac.kernels.launch import Launcher
+from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 # model-shape ints (never token counts) that AOT binaries specialize on divisibility by 16
 AOT_DIVISIBLE = {"_quant_fp8_kernel": ("K", "stride_xm", "stride_qm")}
@@ -36,7 +37,10 @@ QUANT_STEP = 1024  # a row is read in tiles of this many elements (2048 spills S
 def _quant_fp8_kernel(x_ptr, in_scale_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, stride_sm,
                       GROUP: tl.constexpr, IS_STATIC: tl.constexpr, FP8_MAX: tl.constexpr,
                       MIN_NORMAL: tl.constexpr, SUBNORMAL_ROUNDER: tl.constexpr,
-                      GROUPS_PER_STEP: tl.constexpr, BLOCK: tl.constexpr):
+                      GROUPS_PER_STEP: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     # x: [M, K] -> q: [M, K] fp8, scale: [M, G] fp32, G = cdiv(K, GROUP) (GROUP 0: one scale per row;
     # IS_STATIC: the given [1] scale, nothing written). One program per row, no atomics. Each step
     # covers a [GROUPS_PER_STEP, BLOCK] tile: whole groups (BLOCK >= GROUP), or BLOCK columns per row.
@@ -89,13 +93,13 @@ def quantize_activations(x: torch.Tensor, input_scale: torch.Tensor | None, fmt:
     M, K = x.shape
     q = torch.empty((M, K), dtype=FORMATS[fmt], device=x.device)  # [M, K]
     is_static = input_scale is not None
-    num_groups = 1 if group == 0 else triton.cdiv(K, group)
+    num_groups = 1 if group == 0 else cdiv(K, group)
     scale = input_scale if is_static else torch.empty((M, num_groups), dtype=torch.float32, device=x.device)
     if group:  # whole groups per step, about QUANT_STEP columns
-        block = triton.next_power_of_2(group)
-        groups_per_step = min(max(1, QUANT_STEP // block), triton.next_power_of_2(num_groups))
+        block = next_power_of_2(group)
+        groups_per_step = min(max(1, QUANT_STEP // block), next_power_of_2(num_groups))
     else:
-        block, groups_per_step = min(triton.next_power_of_2(K), QUANT_STEP), 1
+        block, groups_per_step = min(next_power_of_2(K), QUANT_STEP), 1
     min_normal, rounder = GRID[fmt]
     launcher.launch(_quant_fp8_kernel, (M,),
                     (x, scale, q, scale, K, x.stride(0), q.stride(0), num_groups),

@@ -39,8 +39,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rdnac.kernels.launch import Launcher
+from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 # Shape ints fixed by the weights (never token counts): binaries specialize on their divisibility by 16.
 AOT_DIVISIBLE = {"_gemm_kernel": ("N", "K", "stride_xm", "stride_wn", "stride_om", "k_per_split"),
@@ -68,7 +69,10 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
                  M, N, K, stride_xm, stride_wn, stride_om, k_per_split, softcap,
                  HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr):
+                 GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr,
+                 PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
+        gdc_wait()
     # x: [*, K] (rows idx[m] if HAS_GATHER else m); w: [N, K]; out: [M, N],
     # or the fp32 workspace [SPLIT_K, M, N] when SPLIT_K > 1. SELF_REDUCE: final [M, N]
     # (contiguous) gets the sum; counter[pid] counts the tile's finished splits (0 between launches).
@@ -115,6 +119,8 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
+    if PDL:  # the main loop is done: let the next kernel's blocks be scheduled (triggering at the top
+        gdc_launch_dependents()  # let chains of waiting kernels crowd the SMs: 8B decode 17% slower)
     out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
@@ -169,7 +175,10 @@ def split_k_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
 @triton.jit
 def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, softcap,
                           HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                          SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+                          SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     # ws: [SPLIT_K, M, N] fp32 partials -> out: [M, N] (contiguous)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat [M*N] index
     mask = offs < M * N
@@ -204,11 +213,11 @@ def _launch_gemm(x, idx, weight, bias, out, M, softcap, *, config, launcher, is_
     if M == 0:
         return out
     # Each split covers whole BLOCK_K steps; the last one stops at K (masked).
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k
     has_bias, has_softcap = bias is not None, softcap > 0
     bias_arg = bias if has_bias else weight  # never read when HAS_BIAS is False
     idx_arg = idx if is_gather else weight  # never read when HAS_GATHER is False
-    num_tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    num_tiles = cdiv(M, block_m) * cdiv(N, block_n)
     grid = (num_tiles, split_k)
     counters = split_k_counters(x.device, num_tiles)  # read only with SELF_REDUCE
     flags = dict(HAS_GATHER=is_gather, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
@@ -228,7 +237,7 @@ def _launch_gemm(x, idx, weight, bias, out, M, softcap, *, config, launcher, is_
                     constexprs=dict(flags, HAS_BIAS=has_bias and self_reduce, HAS_SOFTCAP=has_softcap and self_reduce),
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
     if not self_reduce:
-        launcher.launch(_splitk_reduce_kernel, (triton.cdiv(M * N, REDUCE_BLOCK),),
+        launcher.launch(_splitk_reduce_kernel, (cdiv(M * N, REDUCE_BLOCK),),
                         (workspace, bias_arg, out, M, N, float(softcap)),
                         constexprs=dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, SPLIT_K=split_k,
                                         BLOCK=REDUCE_BLOCK),
@@ -274,15 +283,15 @@ def _split_k_options(N: int, K: int, block_k: int, max_split: int) -> list[int]:
     if N * K < SPLIT_K_MIN_NK:
         return options
     for split in (2, 4, 8, 16):
-        k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k  # as _launch_gemm computes it
-        if split <= max_split and k_per_split >= 2 * block_k and triton.cdiv(K, k_per_split) == split:
+        k_per_split = cdiv(cdiv(K, split), block_k) * block_k  # as _launch_gemm computes it
+        if split <= max_split and k_per_split >= 2 * block_k and cdiv(K, k_per_split) == split:
             options.append(split)
     return options
 
 
 def _clamp_block_k(block_k: int, K: int) -> int:
     # A BLOCK_K far beyond K only adds masked lanes; 16 is the smallest tl.dot K.
-    return max(16, min(block_k, triton.next_power_of_2(K)))
+    return max(16, min(block_k, next_power_of_2(K)))
 
 
 def config_space(problem: dict) -> list[dict]:
@@ -328,7 +337,7 @@ def default_config(problem: dict) -> dict:
     if M <= 64:
         block_m = 16 if M <= DECODE_MAX_M else M
         block_k = _clamp_block_k(128 if M <= DECODE_MAX_M else 64, K)
-        num_tiles = triton.cdiv(N, 64)
+        num_tiles = cdiv(N, 64)
         options = _split_k_options(N, K, block_k, max_split=8 if M <= DECODE_MAX_M else 4)
         split_k = next((s for s in options if num_tiles * s >= 64), options[-1])
         return _config(block_m, 64, block_k, 1, split_k, 4, 2)

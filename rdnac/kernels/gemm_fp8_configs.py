@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import triton
 
+from rdnac.kernels.launch import cdiv, next_power_of_2
+
 from rdnac.kernels.gemm import DECODE_MAX_M, m_bucket
 from rdnac.kernels.gemm import _config  # one tile-config shape for both GEMM families
 
@@ -17,8 +19,8 @@ def _split_k_options(N: int, K: int, block_k: int, max_split: int) -> list[int]:
     if N * K < SPLIT_K_MIN_NK:
         return options
     for split in (2, 4, 8):
-        k_per_split = triton.cdiv(triton.cdiv(K, split), block_k) * block_k  # as linear_fp8 computes it
-        if split <= max_split and k_per_split >= 2 * block_k and triton.cdiv(K, k_per_split) == split:
+        k_per_split = cdiv(cdiv(K, split), block_k) * block_k  # as linear_fp8 computes it
+        if split <= max_split and k_per_split >= 2 * block_k and cdiv(K, k_per_split) == split:
             options.append(split)
     return options
 
@@ -41,7 +43,7 @@ def _shape(problem: dict) -> tuple[int, int, int, bool, int | None, int | None]:
 
 def _block_k(want: int, K: int, scale_bk: int | None) -> int:
     """BLOCK_K near `want`: >= 32 (the smallest FP8 dot K), not far past K, dividing the scale block's K."""
-    block_k = max(32, min(want, triton.next_power_of_2(K)))
+    block_k = max(32, min(want, next_power_of_2(K)))
     if scale_bk is not None:
         while scale_bk % block_k:
             block_k //= 2
@@ -101,7 +103,7 @@ def default_config(problem: dict) -> dict:
         block_m = 16 if M <= DECODE_MAX_M else M
         block_k = _block_k(128 if M <= DECODE_MAX_M or not is_a16 else 64, K, scale_bk)
         options = _split_k_options(N, K, block_k, max_split=8 if M <= DECODE_MAX_M else 4)
-        split_k = next((s for s in options if triton.cdiv(N, block_n) * s >= 64), options[-1])
+        split_k = next((s for s in options if cdiv(N, block_n) * s >= 64), options[-1])
         return _config(block_m, block_n, block_k, 1, split_k, 8 if is_a16 and M == 64 else 4, 2)
     if M <= 256:
         return _config(64, block_n, _block_k(64 if is_a16 else 128, K, scale_bk), 8, 1, 8 if is_a16 else 4, 2)

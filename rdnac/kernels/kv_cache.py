@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rdnac.kernels.launch import Launcher
+from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 # model-shape ints (never token counts) that AOT binaries specialize on divisibility by 16, as the JIT does,
 # so row loads vectorize; see rdnac.kernels.launch.divisible_args
@@ -32,7 +33,11 @@ def _kv_cache_write_kernel(k_ptr, v_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_
                            num_kv_heads, block_size, stride_k_row, stride_v_row,
                            stride_kc_block, stride_kc_slot, stride_kc_head,
                            stride_vc_block, stride_vc_slot, stride_vc_head,
-                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr):
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+                           PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     token = tl.program_id(0).to(tl.int64)
     # int64: slot * row stride overflows int32 on caches over 2**31 elements
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -65,12 +70,12 @@ def kv_cache_write(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
     if num_tokens == 0:
         return None
     block_heads = config["constexprs"]["BLOCK_HEADS"]
-    grid = (num_tokens, triton.cdiv(num_kv_heads, block_heads))
+    grid = (num_tokens, cdiv(num_kv_heads, block_heads))
     launcher.launch(_kv_cache_write_kernel, grid,
                     (k, v, slot_mapping, k_cache, v_cache, num_kv_heads, k_cache.shape[1], k.stride(0), v.stride(0),
                      k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                      v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
-                    constexprs={"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim),
+                    constexprs={"HEAD_DIM": head_dim, "BLOCK_D": next_power_of_2(head_dim),
                                 "BLOCK_HEADS": block_heads},
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
     return None
@@ -78,8 +83,8 @@ def kv_cache_write(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
 
 def config_space(problem: dict) -> list[dict]:
     """Candidates for {"num_kv_heads", "head_dim"}; any BLOCK_HEADS is correct (masked)."""
-    all_heads = triton.next_power_of_2(problem["num_kv_heads"])
-    block_d = triton.next_power_of_2(problem["head_dim"])
+    all_heads = next_power_of_2(problem["num_kv_heads"])
+    block_d = next_power_of_2(problem["head_dim"])
     heads = sorted({h for h in (1, 2, 4) if h <= all_heads} | {all_heads})
     return [{"constexprs": {"BLOCK_HEADS": h}, "num_warps": w, "num_stages": 1}
             for h in heads for w in (1, 2, 4) if w == 1 or 32 * w * 4 <= h * block_d]
@@ -87,7 +92,7 @@ def config_space(problem: dict) -> list[dict]:
 
 def default_config(problem: dict) -> dict:
     # one program per token: decode writes a handful of tokens, prefill has plenty of programs
-    all_heads = triton.next_power_of_2(problem["num_kv_heads"])
-    elements = all_heads * triton.next_power_of_2(problem["head_dim"])
+    all_heads = next_power_of_2(problem["num_kv_heads"])
+    elements = all_heads * next_power_of_2(problem["head_dim"])
     warps = 4 if elements >= 2048 else 2 if elements >= 512 else 1
     return {"constexprs": {"BLOCK_HEADS": all_heads}, "num_warps": warps, "num_stages": 1}

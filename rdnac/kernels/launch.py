@@ -18,6 +18,16 @@ import importlib
 import triton
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code: `triton.cdiv` is a constexpr function, ~7 us a call from Python."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (>= 1), for host code (see `cdiv`)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 class Launcher(Protocol):
     def launch(self, kernel: triton.JITFunction, grid: tuple[int, ...], args: tuple[Any, ...], *,
                constexprs: dict[str, Any], num_warps: int = 4, num_stages: int = 2) -> None: ...
@@ -173,6 +183,26 @@ def divisible_args(kernel: triton.JITFunction, args: tuple[Any, ...]) -> tuple[s
 _DIVISIBLE_POSITIONS: dict[int, tuple[tuple[int, str], ...]] = {}  # id(kernel) -> declared (index, name)
 
 
+def with_pdl(kernel: triton.JITFunction, constexprs: dict[str, Any], pdl: bool) -> dict[str, Any]:
+    """`constexprs` plus PDL=True when `pdl` is on and the kernel takes a `PDL` constexpr.
+
+    Programmatic dependent launch (NVIDIA sm90+): a kernel built with PDL=True
+    starts with `griddepcontrol.launch_dependents; griddepcontrol.wait`, so the
+    next kernel's blocks are scheduled while this one drains and wait, on the
+    GPU, for it to complete: the launch gap between dependent kernels goes,
+    the order of memory effects stays. Wrappers never pass PDL; the plan's
+    recorder and its launcher add it, so one wrapper serves every target."""
+    if not pdl or "PDL" in constexprs:
+        return constexprs
+    has = _HAS_PDL.get(id(kernel))
+    if has is None:
+        has = _HAS_PDL[id(kernel)] = any(p.name == "PDL" and p.is_constexpr for p in kernel.params)
+    return {**constexprs, "PDL": True} if has else constexprs
+
+
+_HAS_PDL: dict[int, bool] = {}  # id(kernel) -> whether it takes a PDL constexpr
+
+
 @dataclass(frozen=True, eq=True)
 class KernelCall:
     """One kernel specialization a plan needs compiled (msgpack-safe via to_dict)."""
@@ -250,10 +280,12 @@ def full_constexprs(kernel: triton.JITFunction, constexprs: dict[str, Any]) -> d
 class RecordingLauncher:
     """Record the specializations a program needs, running nothing (works over meta tensors)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pdl: bool = False) -> None:
         self._calls: dict[str, KernelCall] = {}
+        self.pdl = pdl  # record the PDL=True specializations (see `with_pdl`)
 
     def launch(self, kernel, grid, args, *, constexprs, num_warps=4, num_stages=2):
+        constexprs = with_pdl(kernel, constexprs, self.pdl)
         call = KernelCall.from_launch(kernel, tuple(args), constexprs, num_warps, num_stages)
         self._calls.setdefault(call.key, call)
 

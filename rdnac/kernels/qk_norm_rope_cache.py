@@ -26,8 +26,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rdnac.kernels.launch import Launcher
+from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 # model-shape ints (never token counts) that AOT binaries specialize on divisibility by 16, as the JIT does,
 # so row loads vectorize; see rdnac.kernels.launch.divisible_args
@@ -47,7 +48,10 @@ def _qk_norm_rope_cache_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, slot_mapping_
                                stride_vc_block, stride_vc_slot, stride_vc_head, attention_scaling, eps,
                                HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_HEADS: tl.constexpr, IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr,
-                               UNIT_OFFSET: tl.constexpr):
+                               UNIT_OFFSET: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     in_dtype = q_ptr.dtype.element_ty
     act_dtype = q_out_ptr.dtype.element_ty  # the norm's output dtype, in which rope rounds
     token = tl.program_id(0).to(tl.int64)
@@ -148,14 +152,14 @@ def qk_norm_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     if num_tokens == 0:
         return q_out
     block_heads = config["constexprs"]["BLOCK_HEADS"]
-    grid = (num_tokens, triton.cdiv(num_heads + num_kv_heads, block_heads))
+    grid = (num_tokens, cdiv(num_heads + num_kv_heads, block_heads))
     launcher.launch(_qk_norm_rope_cache_kernel, grid,
                     (q, k, v, positions, slot_mapping, inv_freq, q_norm, k_norm, q_out, k_cache, v_cache,
                      num_heads, num_kv_heads, k_cache.shape[1], q.stride(0), k.stride(0), v.stride(0),
                      k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                      v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), float(attention_scaling), float(eps)),
                     constexprs={"HEAD_DIM": head_dim, "ROTARY_DIM": rotary_dim,
-                                "BLOCK_D": triton.next_power_of_2(head_dim), "BLOCK_HEADS": block_heads,
+                                "BLOCK_D": next_power_of_2(head_dim), "BLOCK_HEADS": block_heads,
                                 "IS_NEOX": style == "neox", "QK_NORM": bool(qk_norm), "UNIT_OFFSET": bool(unit_offset)},
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
     return q_out
@@ -163,8 +167,8 @@ def qk_norm_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
 
 def config_space(problem: dict) -> list[dict]:
     """Candidates for {"head_dim", "num_heads", "num_kv_heads"}; any BLOCK_HEADS is correct (masked)."""
-    block_d = triton.next_power_of_2(problem["head_dim"])
-    all_heads = triton.next_power_of_2(problem["num_heads"] + problem["num_kv_heads"])
+    block_d = next_power_of_2(problem["head_dim"])
+    all_heads = next_power_of_2(problem["num_heads"] + problem["num_kv_heads"])
     heads = sorted({h for h in (1, 2, 4, 8, 16, 32, 64) if h <= all_heads} | {all_heads})
     return [{"constexprs": {"BLOCK_HEADS": h}, "num_warps": w, "num_stages": 1}
             for h in heads for w in (1, 2, 4, 8) if w == 1 or 32 * w * 4 <= h * block_d]
@@ -172,8 +176,8 @@ def config_space(problem: dict) -> list[dict]:
 
 def default_config(problem: dict) -> dict:
     # as rope.py: up to a 2048-element tile of heads per program
-    block_d = triton.next_power_of_2(problem["head_dim"])
-    all_heads = triton.next_power_of_2(problem["num_heads"] + problem["num_kv_heads"])
+    block_d = next_power_of_2(problem["head_dim"])
+    all_heads = next_power_of_2(problem["num_heads"] + problem["num_kv_heads"])
     heads = min(all_heads, max(1, 2048 // block_d))
     elements = heads * block_d
     warps = 4 if elements >= 2048 else 2 if elements >= 512 else 1

@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rdnac.kernels.launch import Launcher
+from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 # model-shape ints (never token counts) that AOT binaries specialize on divisibility by 16, as the JIT does,
 # so row loads vectorize; see rdnac.kernels.launch.divisible_args
@@ -36,7 +37,10 @@ _SUM = tl.standard._sum_combine
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
                      num_heads, stride_x_row, stride_residual_row, eps,
                      H: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HEADS: tl.constexpr,
-                     HAS_RESIDUAL: tl.constexpr, UNIT_OFFSET: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, UNIT_OFFSET: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     act_dtype = x_ptr.dtype.element_ty
     token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)  # [BLOCK_HEADS]
@@ -104,7 +108,7 @@ def _launch(x, residual, weight, num_heads: int, head_dim: int, eps: float, unit
         residual_out = torch.empty(num_tokens, head_dim, dtype=x.dtype, device=x.device)  # [T, H]
     if num_tokens > 0:
         c = config["constexprs"]
-        grid = (num_tokens, triton.cdiv(num_heads, c["BLOCK_HEADS"]))
+        grid = (num_tokens, cdiv(num_heads, c["BLOCK_HEADS"]))
         launcher.launch(_rms_norm_kernel, grid,
                         (x, residual if residual is not None else x, weight, out,
                          residual_out if residual_out is not None else out,
@@ -137,12 +141,12 @@ def _warps_for(elements: int) -> list[int]:
 
 def config_space(problem: dict) -> list[dict]:
     """Candidates for {"H", "num_heads"}; every BLOCK_H either covers H or loops over it."""
-    whole = triton.next_power_of_2(problem["H"])
+    whole = next_power_of_2(problem["H"])
     num_heads = problem.get("num_heads", 1)
     block_hs = sorted({whole} | {b for b in (256, 512, 1024, 2048, 4096) if b < whole})
     configs = []
     for block_h in block_hs:
-        heads = sorted({1} | {h for h in (2, 4, 8, 16, 32, 64) if h <= triton.next_power_of_2(num_heads)
+        heads = sorted({1} | {h for h in (2, 4, 8, 16, 32, 64) if h <= next_power_of_2(num_heads)
                               and h * block_h <= 8192})
         for block_heads in heads:
             for warps in _warps_for(block_h * block_heads):
@@ -152,10 +156,10 @@ def config_space(problem: dict) -> list[dict]:
 
 
 def default_config(problem: dict) -> dict:
-    whole = triton.next_power_of_2(problem["H"])
+    whole = next_power_of_2(problem["H"])
     block_h = whole if whole <= 8192 else 4096
     # head norm: all heads of a token in one program, up to a 4096-element tile
-    block_heads = min(triton.next_power_of_2(problem.get("num_heads", 1)), max(1, 4096 // block_h))
+    block_heads = min(next_power_of_2(problem.get("num_heads", 1)), max(1, 4096 // block_h))
     elements = block_h * block_heads
     warps = 8 if elements >= 8192 else 4 if elements >= 2048 else 2 if elements >= 512 else 1
     return {"constexprs": {"BLOCK_H": block_h, "BLOCK_HEADS": block_heads}, "num_warps": warps, "num_stages": 1}

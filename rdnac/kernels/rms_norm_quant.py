@@ -26,10 +26,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
 from rdnac.kernels.fp8_quant import GRID
-from rdnac.kernels.launch import Launcher
+from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 from rdnac.kernels.rms_norm import _warps_for
 
 AOT_DIVISIBLE = {"_rms_norm_quant_kernel": ("stride_x_row", "stride_residual_row")}
@@ -45,7 +46,11 @@ def _rms_norm_quant_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, re
                            stride_x_row, stride_residual_row, eps,
                            H: tl.constexpr, GROUP: tl.constexpr, Y_DTYPE: tl.constexpr,
                            HAS_RESIDUAL: tl.constexpr, UNIT_OFFSET: tl.constexpr, FP8_MAX: tl.constexpr,
-                           MIN_NORMAL: tl.constexpr, SUBNORMAL_ROUNDER: tl.constexpr, BLOCK_H: tl.constexpr):
+                           MIN_NORMAL: tl.constexpr, SUBNORMAL_ROUNDER: tl.constexpr, BLOCK_H: tl.constexpr,
+                           PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     # x, residual: [T, H] -> q: [T, H] fp8, scale: [T, G] fp32, residual_out: [T, H] (outputs contiguous)
     act_dtype = x_ptr.dtype.element_ty
     token = tl.program_id(0).to(tl.int64)
@@ -138,7 +143,7 @@ def rms_norm_quant(x: torch.Tensor, *rest: torch.Tensor, eps: float, unit_offset
     assert group == 0 or group & (group - 1) == 0, f"rms_norm_quant requires a power-of-two group; got {group}"
     # the dtype rms_norm would write (see rms_norm._launch): y is rounded to it before quantization
     y_dtype = x.dtype if unit_offset else torch.promote_types(x.dtype, weight.dtype)
-    num_groups = triton.cdiv(H, group) if group else 1
+    num_groups = cdiv(H, group) if group else 1
     q = torch.empty((num_tokens, H), dtype=FORMATS[fp8_format], device=x.device)  # [T, H]
     scale = torch.empty((num_tokens, num_groups), dtype=torch.float32, device=x.device)  # [T, G]
     residual_out = None
@@ -164,7 +169,7 @@ def rms_norm_quant(x: torch.Tensor, *rest: torch.Tensor, eps: float, unit_offset
 
 def config_space(problem: dict) -> list[dict]:
     """Candidates for {"H", "group"}: BLOCK_H covering H or looping over it, always whole groups."""
-    whole = max(triton.next_power_of_2(problem["H"]), problem.get("group", 0))
+    whole = max(next_power_of_2(problem["H"]), problem.get("group", 0))
     block_hs = sorted({whole} | {b for b in (256, 512, 1024, 2048, 4096) if problem.get("group", 0) <= b < whole})
     return [{"constexprs": {"BLOCK_H": b}, "num_warps": w, "num_stages": 1} for b in block_hs for w in _warps_for(b)]
 
@@ -180,7 +185,7 @@ def default_config(problem: dict) -> dict:
     # unfused norm), 8 warps for a one-tile row of 4096+ (H100, H 4096: 3.4 vs 4.1 us at 1 token, 25 vs
     # 27 us at 2048).
     group = problem.get("group", 0)
-    whole = max(triton.next_power_of_2(problem["H"]), group)
+    whole = max(next_power_of_2(problem["H"]), group)
     block_h = whole if whole <= 8192 else 4096
     if group:
         block_h = min(block_h, max(GROUP_TILE_MAX, group))

@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rdnac.kernels.launch import Launcher
+from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 # model-shape ints (never token counts) that AOT binaries specialize on divisibility by 16, as the JIT does,
 # so row loads vectorize; see rdnac.kernels.launch.divisible_args
@@ -33,7 +34,10 @@ AOT_DIVISIBLE = {"_rope_kernel": ("stride_q_row", "stride_k_row")}
 def _rope_kernel(q_ptr, k_ptr, positions_ptr, inv_freq_ptr, q_out_ptr, k_out_ptr,
                  num_heads, num_kv_heads, stride_q_row, stride_k_row, attention_scaling,
                  HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_HEADS: tl.constexpr, IS_NEOX: tl.constexpr):
+                 BLOCK_HEADS: tl.constexpr, IS_NEOX: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     act_dtype = q_out_ptr.dtype.element_ty
     token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)  # [BLOCK_HEADS], q heads then k heads
@@ -89,12 +93,12 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *, num_heads
     if num_tokens == 0:
         return q_out, k_out
     block_heads = config["constexprs"]["BLOCK_HEADS"]
-    grid = (num_tokens, triton.cdiv(num_heads + num_kv_heads, block_heads))
+    grid = (num_tokens, cdiv(num_heads + num_kv_heads, block_heads))
     launcher.launch(_rope_kernel, grid,
                     (q, k, positions, inv_freq, q_out, k_out, num_heads, num_kv_heads,
                      q.stride(0), k.stride(0), float(attention_scaling)),
                     constexprs={"HEAD_DIM": head_dim, "ROTARY_DIM": rotary_dim,
-                                "BLOCK_D": triton.next_power_of_2(head_dim), "BLOCK_HEADS": block_heads,
+                                "BLOCK_D": next_power_of_2(head_dim), "BLOCK_HEADS": block_heads,
                                 "IS_NEOX": style == "neox"},
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
     return q_out, k_out
@@ -102,16 +106,16 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *, num_heads
 
 def config_space(problem: dict) -> list[dict]:
     """Candidates for {"head_dim", "num_heads", "num_kv_heads"}; any BLOCK_HEADS is correct (masked)."""
-    block_d = triton.next_power_of_2(problem["head_dim"])
-    all_heads = triton.next_power_of_2(problem["num_heads"] + problem["num_kv_heads"])
+    block_d = next_power_of_2(problem["head_dim"])
+    all_heads = next_power_of_2(problem["num_heads"] + problem["num_kv_heads"])
     heads = sorted({h for h in (1, 2, 4, 8, 16, 32, 64) if h <= all_heads} | {all_heads})
     return [{"constexprs": {"BLOCK_HEADS": h}, "num_warps": w, "num_stages": 1}
             for h in heads for w in (1, 2, 4, 8) if w == 1 or 32 * w * 4 <= h * block_d]
 
 
 def default_config(problem: dict) -> dict:
-    block_d = triton.next_power_of_2(problem["head_dim"])
-    all_heads = triton.next_power_of_2(problem["num_heads"] + problem["num_kv_heads"])
+    block_d = next_power_of_2(problem["head_dim"])
+    all_heads = next_power_of_2(problem["num_heads"] + problem["num_kv_heads"])
     heads = min(all_heads, max(1, 2048 // block_d))
     elements = heads * block_d
     warps = 4 if elements >= 2048 else 2 if elements >= 512 else 1

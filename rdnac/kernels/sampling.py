@@ -45,8 +45,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rdnac.kernels.launch import Launcher
+from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 # model-shape ints (never token counts) that AOT binaries specialize on divisibility by 16, as the JIT does,
 # so row loads vectorize; see rdnac.kernels.launch.divisible_args
@@ -63,7 +64,10 @@ _EMPTY_KEY = tl.constexpr(-9223372036854775807)  # below every real key, the sma
 
 @triton.jit
 def _argmax_partial_kernel(logits_ptr, value_ptr, index_ptr, V, stride_row,
-                           BLOCK_V: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                           BLOCK_V: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     split_len = ((V + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_V - 1) // BLOCK_V * BLOCK_V
@@ -93,7 +97,10 @@ def _argmax_partial_kernel(logits_ptr, value_ptr, index_ptr, V, stride_row,
 
 
 @triton.jit
-def _argmax_merge_kernel(value_ptr, index_ptr, out_ptr, NUM_SPLITS: tl.constexpr):
+def _argmax_merge_kernel(value_ptr, index_ptr, out_ptr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     splits = tl.arange(0, NUM_SPLITS)
     best = tl.load(value_ptr + row * NUM_SPLITS + splits)  # [NUM_SPLITS]
@@ -133,7 +140,10 @@ def argmax(logits: torch.Tensor, *, config: dict, launcher: Launcher) -> torch.T
 @triton.jit
 def _sample_chunk_kernel(logits_ptr, temperature_ptr, seeds_ptr, offsets_ptr, keys_ptr, win_score_ptr,
                          win_index_ptr, V, stride_row, num_chunks,
-                         BLOCK_V: tl.constexpr, TOPK_MAX: tl.constexpr):
+                         BLOCK_V: tl.constexpr, TOPK_MAX: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     cols = chunk * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V]
@@ -164,7 +174,10 @@ def _sample_chunk_kernel(logits_ptr, temperature_ptr, seeds_ptr, offsets_ptr, ke
 @triton.jit
 def _sample_select_kernel(keys_ptr, win_score_ptr, win_index_ptr, temperature_ptr, top_k_ptr, seeds_ptr,
                           offsets_ptr, out_ptr, V, num_chunks,
-                          TOPK_MAX: tl.constexpr, BLOCK_CHUNKS: tl.constexpr):
+                          TOPK_MAX: tl.constexpr, BLOCK_CHUNKS: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     row = tl.program_id(0).to(tl.int64)
     slots = tl.arange(0, BLOCK_CHUNKS * TOPK_MAX)
     keys = tl.load(keys_ptr + row * num_chunks * TOPK_MAX + slots, mask=slots < num_chunks * TOPK_MAX,
@@ -216,7 +229,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)  # [R]
     if num_rows == 0:
         return out
-    num_chunks = triton.cdiv(vocab, block_v)
+    num_chunks = cdiv(vocab, block_v)
     keys = torch.empty(num_rows, num_chunks, topk_max, dtype=torch.int64, device=logits.device)  # [R, C, K]
     win_score = torch.empty(num_rows, num_chunks, dtype=torch.float32, device=logits.device)  # [R, C]
     win_index = torch.empty(num_rows, num_chunks, dtype=torch.int32, device=logits.device)  # [R, C]
@@ -227,7 +240,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
     launcher.launch(_sample_select_kernel, (num_rows,),
                     (keys, win_score, win_index, temperature, top_k, seeds, offsets, out, vocab, num_chunks),
-                    constexprs={"TOPK_MAX": topk_max, "BLOCK_CHUNKS": triton.next_power_of_2(num_chunks)},
+                    constexprs={"TOPK_MAX": topk_max, "BLOCK_CHUNKS": next_power_of_2(num_chunks)},
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out
 
@@ -243,7 +256,7 @@ def config_space(problem: dict) -> list[dict]:
     configs = []
     for splits in (1, 4, 16, 64):
         for block in (1024, 2048, 4096):
-            if splits > 1 and splits * block > 2 * triton.next_power_of_2(vocab):
+            if splits > 1 and splits * block > 2 * next_power_of_2(vocab):
                 continue  # most splits would be empty
             configs += [{"constexprs": {"BLOCK_V": block, "NUM_SPLITS": splits}, "num_warps": w, "num_stages": 1}
                         for w in (4, 8)]
@@ -254,18 +267,18 @@ def default_config(problem: dict) -> dict:
     # few rows (decode): split each row so ~64 programs share the read; many rows: one program each
     rows, vocab = problem.get("R", 1), problem["V"]
     splits = 1
-    while splits < 64 and rows * splits < 128 and (splits * 4) * 2048 <= 2 * triton.next_power_of_2(vocab):
+    while splits < 64 and rows * splits < 128 and (splits * 4) * 2048 <= 2 * next_power_of_2(vocab):
         splits *= 4
     return {"constexprs": {"BLOCK_V": 2048, "NUM_SPLITS": splits}, "num_warps": 4, "num_stages": 1}
 
 
 def sample_config_space(problem: dict) -> list[dict]:
     """sample candidates for {"V", "max_top_k"}; TOPK_MAX is the power of two covering max_top_k."""
-    topk_max = triton.next_power_of_2(max(problem.get("max_top_k", 64), 1))
+    topk_max = next_power_of_2(max(problem.get("max_top_k", 64), 1))
     return [{"constexprs": {"BLOCK_V": block, "TOPK_MAX": topk_max}, "num_warps": w, "num_stages": 1}
             for block in (1024, 2048, 4096, 8192) if block >= topk_max for w in (4, 8)]
 
 
 def sample_default_config(problem: dict) -> dict:
-    topk_max = triton.next_power_of_2(max(problem.get("max_top_k", 64), 1))
+    topk_max = next_power_of_2(max(problem.get("max_top_k", 64), 1))
     return {"constexprs": {"BLOCK_V": max(4096, topk_max), "TOPK_MAX": topk_max}, "num_warps": 4, "num_stages": 1}

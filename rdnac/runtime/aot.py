@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rdnac.errors import PlanError, TargetError
-from rdnac.kernels.launch import divisible_args, full_constexprs, kernel_name, resolve_kernel, spec_key, triton_type
+from rdnac.kernels.launch import (divisible_args, full_constexprs, kernel_name, resolve_kernel, spec_key, triton_type,
+                                  with_pdl)
 from rdnac.kernels.binaries import KernelBinary, sha256_hex
 from rdnac.runtime.driver import Kernel, driver_api
 from rdnac.targets import get_target
@@ -80,12 +81,27 @@ def is_stale(binary: KernelBinary) -> str:
     return ""
 
 
+def _arg_class(arg: Any) -> Any:
+    """What decides an argument's Triton type (`triton_type`), cheaply: a tensor's dtype, an int's width."""
+    t = type(arg)
+    if t is int:
+        return "i32" if -2147483648 <= arg < 2147483648 else "i64" if -(2**63) <= arg < 2**63 else "u64"
+    if t is bool or t is float:
+        return t
+    return arg.dtype
+
+
 class AotLauncher:
     """Run kernels from a plan's binaries (dicts as stored in the plan) on one GPU."""
 
-    def __init__(self, binaries: list[dict[str, Any]], device: Any = "cuda", *, allow_rebuild: bool = True) -> None:
+    def __init__(self, binaries: list[dict[str, Any]], device: Any = "cuda", *, allow_rebuild: bool = True,
+                 pdl: bool = False, launch_pdl: bool = True) -> None:
+        """`pdl`: the plan was recorded with programmatic dependent launch (its runtime["pdl"]): launches
+        look up their PDL=True binaries. `launch_pdl=False` launches those binaries without the launch
+        attribute (their griddepcontrol instructions are then no-ops): for measuring what PDL gains."""
         import torch
 
+        self.pdl, self.launch_pdl = pdl, launch_pdl
         self.device = torch.device(device)
         if self.device.index is None:
             self.device = torch.device(self.device.type, torch.cuda.current_device())
@@ -141,18 +157,20 @@ class AotLauncher:
         with torch.cuda.device(self.device):
             kernel = self._api.load(binary.binary, meta["name"], signature=[call.signature[a] for a in runtime],
                                     num_warps=meta["num_warps"], warp_size=meta.get("warp_size", 32),
-                                    shared=meta["shared"], device_index=self.device.index, what=what)
+                                    shared=meta["shared"], device_index=self.device.index, what=what,
+                                    pdl=self.launch_pdl and call.constexprs.get("PDL") is True)
         return _Loaded(binary, kernel,
                        [(runtime.index(a), a) for a in call.aligned],
                        [(runtime.index(a), a) for a in call.divisible])
 
     def launch(self, kernel, grid, args, *, constexprs, num_warps=4, num_stages=2):
+        constexprs = with_pdl(kernel, constexprs, self.pdl)
         divisible = divisible_args(kernel, args)
-        memo_key = (id(kernel), tuple(triton_type(a) for a in args), tuple(sorted(constexprs.items())),
+        memo_key = (id(kernel), tuple(map(_arg_class, args)), tuple(sorted(constexprs.items())),
                     num_warps, num_stages, divisible)
         loaded = self._memo.get(memo_key)
         if loaded is None:
-            key = spec_key(kernel_name(kernel), memo_key[1], full_constexprs(kernel, constexprs),
+            key = spec_key(kernel_name(kernel), [triton_type(a) for a in args], full_constexprs(kernel, constexprs),
                            num_warps, num_stages, divisible)
             loaded = self._kernels.get(key)
             if loaded is None:

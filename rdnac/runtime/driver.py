@@ -35,6 +35,19 @@ _CODES = {"i1": "b", "i8": "b", "i16": "h", "i32": "i", "i64": "q",
           "u1": "B", "u8": "B", "u16": "H", "u32": "I", "u64": "Q", "fp32": "f", "f32": "f", "fp64": "d"}
 _SLOT = 8  # every argument gets an 8-byte-aligned slot in the packed buffer
 _CUDA_ERROR_INVALID_CONTEXT = 201
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CUlaunchAttributeID
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, padding, a 64-byte value union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("value_rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
 HIDDEN_POINTERS = 2  # global scratch, profile scratch: appended by Triton >= 3.5 to every kernel
 
 
@@ -71,6 +84,8 @@ class Kernel:
     fmt: str
     buffer: Any  # ctypes char array, one 8-byte slot per parameter (hidden ones stay zero)
     params: Any  # ctypes void* array pointing into buffer
+    pdl: bool = False  # launch with programmatic stream serialization (the binary waits on griddepcontrol)
+    config: Any = None  # the CUlaunchConfig of a PDL launch, grid and stream filled per launch
 
 
 class DriverApi:
@@ -94,6 +109,7 @@ class DriverApi:
                                "DevicePrimaryCtxRetain": [p(vp), i], "DeviceGet": [p(i), i],
                                "DeviceGetAttribute": [p(i), i, i], "FuncSetAttribute": [vp, i, i],
                                "FuncSetCacheConfig": [vp, i], "GetErrorName": [i, p(ctypes.c_char_p)]})
+            signatures["LaunchKernelEx"] = [ctypes.POINTER(_LaunchConfig), vp, p(vp), p(vp)]
             if hasattr(self.lib, "cuFuncGetParamInfo"):  # CUDA >= 12.4
                 signatures["FuncGetParamInfo"] = [vp, ctypes.c_size_t, p(ctypes.c_size_t), p(ctypes.c_size_t)]
         else:
@@ -134,8 +150,12 @@ class DriverApi:
         self.check(self._fn["CtxSetCurrent"](ctx), "cuCtxSetCurrent")
 
     def load(self, image: bytes, name: str, *, signature: list[str], num_warps: int, warp_size: int,
-             shared: int, device_index: int, what: str) -> Kernel:
-        """Load one binary image (cubin / hsaco) and find kernel `name` in it; `what` names it in errors."""
+             shared: int, device_index: int, what: str, pdl: bool = False) -> Kernel:
+        """Load one binary image (cubin / hsaco) and find kernel `name` in it; `what` names it in errors.
+        `pdl`: launch it with programmatic stream serialization (a binary built with PDL=True)."""
+        if pdl and self.backend != "cuda":
+            raise PlanError(f"{what} requires programmatic dependent launch, which only CUDA has; do recompile "
+                            f"the plan for this GPU")
         self.ensure_context(device_index)
         module = ctypes.c_void_p()
         self.check(self._fn["ModuleLoadData"](ctypes.byref(module), image), f"loading the binary of {what}")
@@ -150,9 +170,16 @@ class DriverApi:
         buffer = ctypes.create_string_buffer(n * _SLOT)
         base = ctypes.addressof(buffer)
         params = (ctypes.c_void_p * n)(*[base + k * _SLOT for k in range(n)])
-        return Kernel(name, function.value, num_warps * warp_size, shared, codes,
-                      tuple(k for k, ty in enumerate(signature) if ty.startswith("*")), pack_format(codes),
-                      buffer, params)
+        kernel = Kernel(name, function.value, num_warps * warp_size, shared, codes,
+                        tuple(k for k, ty in enumerate(signature) if ty.startswith("*")), pack_format(codes),
+                        buffer, params)
+        if pdl:
+            attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+            kernel.pdl, kernel.config = True, _LaunchConfig(blockDimX=kernel.threads, blockDimY=1, blockDimZ=1,
+                                                            sharedMemBytes=shared, attrs=ctypes.pointer(attr),
+                                                            numAttrs=1)
+            kernel.config._attr = attr  # keep the attribute alive with the config
+        return kernel
 
     def _allow_shared(self, function: ctypes.c_void_p, shared: int, device_index: int, what: str) -> None:
         """Opt in to more than 48 KiB of dynamic shared memory, as Triton's loader does."""
@@ -197,14 +224,21 @@ class DriverApi:
         for k in kernel.tensors:
             values[k] = values[k].data_ptr()
         struct.pack_into(kernel.fmt, kernel.buffer, 0, *values)
-        code = self._launch(kernel.function, grid[0], grid[1], grid[2], kernel.threads, 1, 1, kernel.shared,
-                            stream, kernel.params, None)
+        code = self._launch_once(kernel, grid, stream)
         if code == _CUDA_ERROR_INVALID_CONTEXT and self.backend == "cuda":  # a thread torch has not used yet
             self.ensure_context(device_index)
-            code = self._launch(kernel.function, grid[0], grid[1], grid[2], kernel.threads, 1, 1, kernel.shared,
-                                stream, kernel.params, None)
+            code = self._launch_once(kernel, grid, stream)
         if code != 0:
             raise PlanError(f"launching {kernel.name} on grid {grid} failed: {self.error_name(code)} ({code})")
+
+
+    def _launch_once(self, kernel: Kernel, grid: tuple[int, int, int], stream: int) -> int:
+        if kernel.pdl:
+            c = kernel.config
+            c.gridDimX, c.gridDimY, c.gridDimZ, c.hStream = grid[0], grid[1], grid[2], stream
+            return self._fn["LaunchKernelEx"](ctypes.byref(c), kernel.function, kernel.params, None)
+        return self._launch(kernel.function, grid[0], grid[1], grid[2], kernel.threads, 1, 1, kernel.shared,
+                            stream, kernel.params, None)
 
 
 def _open_library(backend: str) -> ctypes.CDLL:

@@ -85,10 +85,11 @@ class Engine:
 
     @classmethod
     def load(cls, plan_path: str | Path, device: str = "cpu", verify_weights: bool = False,
-             interpret: bool = False, enforce_eager: bool = False) -> Engine:
+             interpret: bool = False, enforce_eager: bool = False, launch_pdl: bool = True) -> Engine:
         """Load a plan. A cpu-target plan runs under the reference interpreter (on cpu or cuda);
         a GPU-target plan runs its precompiled kernels on `cuda`, or with `interpret=True` its own
-        kernel specializations under the Triton interpreter on the CPU."""
+        kernel specializations under the Triton interpreter on the CPU. `launch_pdl=False` launches a
+        plan built with programmatic dependent launch without it (same binaries; for measuring it)."""
         started = time.perf_counter()
         plan = read_plan(plan_path)
         timings = {"plan_s": time.perf_counter() - started}
@@ -114,7 +115,8 @@ class Engine:
 
             check_target(target, torch.device("cuda"))
             mark = time.perf_counter()
-            launcher = AotLauncher(plan.body["kernels"], "cuda")
+            launcher = AotLauncher(plan.body["kernels"], "cuda", pdl=plan.body["runtime"].get("pdl", False),
+                                   launch_pdl=launch_pdl)
             timings["kernels_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
         weights = plan.load_weights(device, verify=verify_weights)  # straight onto the device

@@ -60,6 +60,11 @@ class Target:
     def is_gpu(self) -> bool:
         return self.backend != "cpu"
 
+    @property
+    def has_pdl(self) -> bool:
+        """Programmatic dependent launch (griddepcontrol): NVIDIA Hopper and newer."""
+        return self.backend == "cuda" and self.arch >= 90
+
     def gpu_target(self) -> Any:
         """Triton's `GPUTarget` for cross-compiling to this target."""
         if not self.is_gpu:

@@ -20,7 +20,7 @@ from rdnac.compiler.build import check_resources, compile_calls
 from rdnac.compiler.passes import PassContext
 from rdnac.errors import RdnacError
 from rdnac.ir.graph import Graph, Node
-from rdnac.kernels.launch import KernelCall
+from rdnac.kernels.launch import KernelCall, with_pdl
 from rdnac.runtime.executor import NO_KERNEL_OPS, StepMeta, bucket_for, wrapper_name
 from rdnac.targets import Target
 
@@ -124,6 +124,7 @@ def _record_step(graph, program, phase, num_tokens, runtime) -> dict[str, list]:
 
     class PerNode:
         def launch(self, kernel, grid, args, *, constexprs, num_warps=4, num_stages=2):
+            constexprs = with_pdl(kernel, constexprs, runtime.get("pdl", False))
             call = KernelCall.from_launch(kernel, tuple(args), constexprs, num_warps, num_stages)
             calls.setdefault(current["node"], []).append(call)
 
