@@ -78,7 +78,9 @@ def _prefill_kernel(
     if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
         gdc_wait()
     seq = tl.program_id(0)
-    tile = tl.program_id(1)
+    # Causal tiles further down a sequence see more keys: blocks are scheduled in launch order, so the
+    # heaviest tiles go first and the light ones fill the tail of the grid.
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
     kv_head = tl.program_id(2)
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
