@@ -100,6 +100,28 @@ def test_rms_norm_quant_matches_unfused_kernels(fmt, group, has_residual, H, blo
                                else ops.rms_norm(*ins, eps=1e-6)[0], group)
 
 
+@pytest.mark.parametrize("H,has_residual", [(4096, True), (700, False)])
+def test_rms_norm_quant_chunks_match_one_program_per_token(H, has_residual):
+    """CHUNK columns per program (decode sizes) write the bits of one program per token."""
+    g = torch.Generator().manual_seed(H)
+    x = torch.randn(3, H, generator=g).to(torch.bfloat16) * 3
+    residual, weight = torch.randn(3, H, generator=g).to(torch.bfloat16), torch.randn(H, generator=g).to(torch.bfloat16)
+    x[1], residual[1] = 0, 0
+    ins = (x, residual, weight) if has_residual else (x, weight)
+    whole = 1 << (H - 1).bit_length()
+    one = rms_norm_quant.rms_norm_quant(*ins, eps=1e-6, fp8_format="e4m3fn", group=128, launcher=INTERPRET,
+                                        config={"constexprs": {"BLOCK_H": whole}, "num_warps": 2, "num_stages": 1})
+    for chunk in (128, 512):
+        cfg = {"constexprs": {"BLOCK_H": whole, "CHUNK": chunk}, "num_warps": 2, "num_stages": 1}
+        chunked = rms_norm_quant.rms_norm_quant(*ins, eps=1e-6, fp8_format="e4m3fn", group=128, config=cfg,
+                                                launcher=INTERPRET)
+        assert torch.equal(chunked[0].view(torch.uint8), one[0].view(torch.uint8)), f"H={H} CHUNK={chunk}: fp8 bytes"
+        assert all(torch.equal(a, b) for a, b in zip(chunked[1:], one[1:])), f"H={H} CHUNK={chunk}: scales/sum"
+    decode = rms_norm_quant.default_config({"H": 4096, "group": 128, "M": 1})
+    assert decode["constexprs"].get("CHUNK") and decode in rms_norm_quant.config_space({"H": 4096, "group": 128})
+    assert "CHUNK" not in rms_norm_quant.default_config({"H": 4096, "group": 128, "M": 2048})["constexprs"]
+
+
 @pytest.mark.parametrize("variant", ["unit_offset", "float32_weight", "float32"])
 def test_rms_norm_quant_rounds_like_rms_norm(variant):
     # y is rounded to the dtype rms_norm writes: x's with unit_offset, float32 for a float32 weight.
@@ -382,15 +404,16 @@ def test_default_configs_compile_at_real_shapes(target, fmt):
 
     recorder = RecordingLauncher()
     meta = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16, device="meta")  # noqa: E731
-    for group in (0, 128):
-        for H in (4096, 16384):
-            cfg = rms_norm_quant.default_config({"H": H, "group": group})
-            rms_norm_quant.rms_norm_quant(meta(7, H), meta(7, H), meta(H), eps=1e-6, fp8_format=fmt, group=group,
-                                          config=cfg, launcher=recorder)
-        cfg = activation_quant.default_config({"I": 12288, "group": group})
-        activation_quant.gated_act_quant(meta(7, 2 * 12288), act="silu", fp8_format=fmt, group=group, config=cfg,
-                                         launcher=recorder)
-    assert len(recorder.calls) == 6
+    for M in (1, 2048):  # decode sizes take other tiles (CHUNK programs, fewer warps)
+        for group in (0, 128):
+            for H in (4096, 16384):
+                cfg = rms_norm_quant.default_config({"H": H, "group": group, "M": M})
+                rms_norm_quant.rms_norm_quant(meta(M, H), meta(M, H), meta(H), eps=1e-6, fp8_format=fmt, group=group,
+                                              config=cfg, launcher=recorder)
+            cfg = activation_quant.default_config({"I": 12288, "group": group, "M": M})
+            activation_quant.gated_act_quant(meta(M, 2 * 12288), act="silu", fp8_format=fmt, group=group, config=cfg,
+                                             launcher=recorder)
+    assert len(recorder.calls) == 8  # distinct calls: per-token scales and 16384-wide rows ignore M
     for binary in compile_calls(recorder.calls, target, quiet=True):
         assert check_resources(binary, target) == [], binary.key
 
@@ -414,7 +437,7 @@ def test_fused_kernels_gpu_match_unfused_kernels():
             residual = torch.randn(M, H, generator=g).to(torch.bfloat16).cuda()
             weight = torch.randn(H, generator=g).to(torch.bfloat16).cuda()
             for group in (0, 128):
-                cfg = rms_norm_quant.default_config({"H": H, "group": group})
+                cfg = rms_norm_quant.default_config({"H": H, "group": group, "M": M})
                 q, scale, total = rms_norm_quant.rms_norm_quant(x, residual, weight, eps=1e-6, fp8_format=fmt,
                                                                 group=group, config=cfg, launcher=launcher)
                 y, total_ref = rms_norm.rms_norm(x, residual, weight, eps=1e-6, launcher=launcher,
@@ -424,7 +447,7 @@ def test_fused_kernels_gpu_match_unfused_kernels():
                                    max_flips=1e-5)
                 assert torch.equal(total, total_ref), what
                 gate_up = torch.randn(M, 2 * H, generator=g).to(torch.bfloat16).cuda()
-                cfg = activation_quant.default_config({"I": H, "group": group})
+                cfg = activation_quant.default_config({"I": H, "group": group, "M": M})
                 q, scale = activation_quant.gated_act_quant(gate_up, act="silu", fp8_format=fmt, group=group,
                                                             config=cfg, launcher=launcher)
                 y = activation.gated_act(gate_up, act="silu", config=activation.default_config({"I": H}),

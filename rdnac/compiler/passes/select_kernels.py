@@ -52,10 +52,11 @@ def _problem(node: Node, phase: str, env: dict[str, torch.Tensor], runtime: dict
                             "act_scheme": a["act_scheme"], "fp8_format": a["fp8_format"],
                             "block_size": a.get("block_size"), "group": a.get("group", 0)}
     if node.op == "rms_norm_quant":
-        return "rms_norm_quant", {"H": ins[0].shape[1], "group": a["group"], "dtype": dtype}
+        return "rms_norm_quant", {"H": ins[0].shape[1], "group": a["group"], "dtype": dtype, "M": ins[0].shape[0]}
     if node.op == "gated_act_quant":
         width = ins[0].shape[1]
-        return "activation_quant", {"I": width if len(ins) == 2 else width // 2, "group": a["group"], "dtype": dtype}
+        return "activation_quant", {"I": width if len(ins) == 2 else width // 2, "group": a["group"], "dtype": dtype,
+                                    "M": ins[0].shape[0]}
     if node.op == "logits":
         return "gemm", {"M": ins[1].shape[0], "N": ins[2].shape[0], "K": ins[2].shape[1], "dtype": dtype,
                         "has_bias": False}
@@ -76,7 +77,7 @@ def _problem(node: Node, phase: str, env: dict[str, torch.Tensor], runtime: dict
         return "kv_cache", {"num_kv_heads": a["num_kv_heads"], "head_dim": a["head_dim"]}
     if node.op == "qk_norm_rope_cache":
         return "qk_norm_rope_cache", {"head_dim": a["head_dim"], "num_heads": a["num_heads"],
-                                      "num_kv_heads": a["num_kv_heads"], "qk_norm": a["qk_norm"]}
+                                      "num_kv_heads": a["num_kv_heads"], "qk_norm": a["qk_norm"], "M": ins[0].shape[0]}
     if node.op == "gated_act":
         width = ins[0].shape[1]
         return "activation", {"I": width if len(ins) == 2 else width // 2}
