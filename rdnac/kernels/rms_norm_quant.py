@@ -225,19 +225,20 @@ def config_space(problem: dict) -> list[dict]:
 GROUP_TILE_MAX = 1024
 
 
-# Decode-sized steps (M <= this many tokens) with group scales split each row over programs of CHUNK
-# columns: one program per token looped over the row in dependent steps (H100, H 4096, 1 token: 5.4 us
-# at best, against 2.0 us for rms_norm alone).
-CHUNK_MAX_TOKENS = 64
-CHUNK = 512
+# With group scales, rows of up to 8192 split over programs of CHUNK columns, narrower at decode sizes
+# (M <= 64 tokens). H100, H 4096 (bench/small_kernels.py): 1 token 2.56 us with CHUNK 512 and 8 warps,
+# against 5.35 for the best program-per-token config (rms_norm alone: 2.0); 2048 tokens 34.4 us with
+# CHUNK 2048 against 37.2.
+DECODE_TOKENS = 64
+CHUNK = {"decode": 512, "prefill": 2048}
 
 
 def default_config(problem: dict) -> dict:
     group = problem.get("group", 0)
     whole = max(next_power_of_2(problem["H"]), group)
-    chunk = max(group, min(CHUNK, whole // 2))
-    if group and chunk < whole <= 8192 and problem.get("M", CHUNK_MAX_TOKENS + 1) <= CHUNK_MAX_TOKENS:
-        return {"constexprs": {"BLOCK_H": whole, "CHUNK": chunk}, "num_warps": 4, "num_stages": 1}
+    chunk = max(group, min(CHUNK["decode" if problem.get("M", 1 << 30) <= DECODE_TOKENS else "prefill"], whole // 2))
+    if group and chunk < whole <= 8192:
+        return {"constexprs": {"BLOCK_H": whole, "CHUNK": chunk}, "num_warps": 8, "num_stages": 1}
     # Per-token scales: as rms_norm's BLOCK_H (the same tiles give the same sum of squares as the
     # unfused norm), 8 warps for a one-tile row of 4096+ (H100, H 4096: 3.4 vs 4.1 us at 1 token, 25 vs
     # 27 us at 2048).
