@@ -61,8 +61,10 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["qwen3-8b", "llama3-8b", "smollm2"], choices=sorted(SHAPES))
     ap.add_argument("--schemes", nargs="+", default=["bf16"], choices=sorted(FP8_SCHEMES))
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 2048])
-    ap.add_argument("--attention", action="store_true", help="Also decode (batch 1, 64) and prefill attention.")
-    ap.add_argument("--prefill", type=int, nargs="+", default=[2048])
+    ap.add_argument("--attention", action="store_true", help="Also decode and prefill attention.")
+    ap.add_argument("--decode-batches", type=int, nargs="*", default=[1, 64],
+                    help="decode attention batch sizes with --attention (none: prefill only)")
+    ap.add_argument("--prefill", type=int, nargs="*", default=[2048])
     ap.add_argument("--target", default="sm90")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -73,7 +75,7 @@ def main() -> None:
                 if job not in jobs:
                     jobs.append(job)
         if args.attention:
-            jobs += [j for j in attention_problems(shape, [1, 64], args.prefill) if j not in jobs]
+            jobs += [j for j in attention_problems(shape, args.decode_batches, args.prefill) if j not in jobs]
     results = search(jobs, args.target)
     save_results(args.out, results)
 

@@ -199,6 +199,26 @@ def test_linear_fp8_prequantized_matches_dynamic(variant):
         assert torch.equal(ref, ops.linear_fp8(x, weight, weight_scale, *rest, **attrs)), variant
 
 
+@pytest.mark.parametrize("variant", ["block", "channel_group"])
+def test_linear_fp8_quant_a_matches_separate_quant(variant):
+    """QUANT_A (the block GEMM quantizes x's groups itself) computes the bits of the quant launch + GEMM
+    (split-K with and without SELF_REDUCE included), and records no quant kernel."""
+    M, N, K = 7, 384, 512
+    for fmt, split_k, self_reduce in (("e4m3fn", 1, False), ("e4m3fnuz", 4, False), ("e4m3fn", 2, True)):
+        x, weight, weight_scale, rest, attrs = _operands(M, N, K, torch.bfloat16, True, variant, fmt)
+        assert attrs["act_scheme"] == "dynamic_group"
+        x[3] = 0  # a zero row: scale 1
+        config = gemm_fp8._config(16, 64, 128, 1, split_k, 4, 2)
+        fused = {**config, "constexprs": {**config["constexprs"], "QUANT_A": True, "SELF_REDUCE": self_reduce}}
+        separate = gemm_fp8.linear_fp8(x, weight, weight_scale, *rest, **attrs, config=config, launcher=INTERPRET)
+        out = gemm_fp8.linear_fp8(x, weight, weight_scale, *rest, **attrs, config=fused, launcher=INTERPRET)
+        assert torch.equal(out, separate), f"{variant} {fmt} SPLIT_K={split_k}: max diff {(out - separate).abs().max()}"
+        recorder = RecordingLauncher()
+        meta = [t.to("meta") for t in (x, weight, weight_scale, *rest)]
+        gemm_fp8.linear_fp8(*meta, **attrs, config=fused, launcher=recorder)
+        assert not any("_quant_fp8_kernel" in c.kernel for c in recorder.calls), recorder.calls
+
+
 def test_prequantized_wrapper_launches_no_quant_kernel():
     M, N, K = 7, 576, 4608
     for variant, group in (("token_channel", 0), ("block", 128)):

@@ -7,6 +7,7 @@ import torch
 
 from rdnac.ir import ops
 from rdnac.kernels import attention as attn
+from rdnac.kernels.gemm import split_k_counters
 from rdnac.kernels.launch import InterpretLauncher, JitLauncher
 
 BLOCK_SIZE = 16
@@ -69,6 +70,7 @@ def check(phase, batch, max_query_len, attrs, config, launcher, *, use_sinks=Fal
     atol, rtol = TOLERANCES[out.dtype]
     err = (out.float() - expected.float()).abs().max().item()
     assert torch.allclose(out.float(), expected.float(), atol=atol, rtol=rtol), f"max abs error {err} ({config})"
+    return out
 
 
 def attrs_for(num_heads, num_kv_heads, head_dim, **extra):
@@ -180,6 +182,58 @@ def test_single_sequence(phase):
     check(phase, batch, max_q, attrs_for(4, 1, 64), config, InterpretLauncher(), use_sinks=True)
 
 
+def _self_reducing(config: dict) -> dict:
+    return {**config, "constexprs": {**config["constexprs"], "SELF_REDUCE": True}}
+
+
+DECODE_ARGS = ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "cu_seqlens_q", "positions")
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,dtype", [(8, 2, torch.float32), (2, 2, torch.bfloat16)])
+@pytest.mark.parametrize("use_sinks", [False, True])
+def test_decode_self_reduce_is_bit_identical_to_the_reduce_kernel(num_heads, num_kv_heads, dtype, use_sinks):
+    """SELF_REDUCE merges the splits with the reduce kernel's operations in its order: the same bits, and
+    every arrival counter back at 0 (a second launch, or a graph replay, starts clean). The 9-key
+    sequence fills less than one tile, so all its splits but the first are empty."""
+    batch, _ = make_batch([(100, 1), (9, 1), (40, 1)], num_heads, num_kv_heads, 64, dtype, seed=9)
+    attrs = attrs_for(num_heads, num_kv_heads, 64)
+    launcher = InterpretLauncher()
+    for num_splits in (2, 4, 16):
+        for block_n in (16, 32):
+            config = attn._config(4, 2, NUM_SPLITS=num_splits, BLOCK_N=block_n)
+            two_launches = check("decode", batch, 1, attrs, config, launcher, use_sinks=use_sinks)
+            for run in range(2):  # twice: the counters must have been reset
+                one = check("decode", batch, 1, attrs, _self_reducing(config), launcher, use_sinks=use_sinks)
+                assert torch.equal(one, two_launches), f"{config}: run {run} differs from the two-launch output"
+            assert not split_k_counters(one.device, 1).any(), "arrival counters left non-zero"
+
+
+def test_decode_self_reduce_launches_one_kernel_and_compiles_for_every_gpu_target():
+    from rdnac.compiler.build import check_resources, compile_calls
+    from rdnac.kernels.launch import RecordingLauncher
+
+    # Qwen3-8B widths at batch 1 (32/8 heads x 128), as `rdnac tune` records them
+    batch, _ = make_batch([(1000, 1)], 32, 8, 128, torch.bfloat16, device="meta")
+    args = [batch[k] for k in DECODE_ARGS]
+    attrs = attrs_for(32, 8, 128)
+    calls = []
+    for num_splits, block_n, num_warps, use_sinks in ((16, 64, 8, False), (32, 16, 8, True), (4, 128, 2, False)):
+        rec = RecordingLauncher()
+        config = _self_reducing(attn._config(num_warps, 2, NUM_SPLITS=num_splits, BLOCK_N=block_n))
+        attn.attention_decode(*args, batch["sinks"] if use_sinks else None, **attrs, config=config, launcher=rec)
+        assert [c.kernel.split(":")[1] for c in rec.calls] == ["_decode_kernel"]
+        calls += rec.calls
+    rec = RecordingLauncher()  # one split: nothing to merge, SELF_REDUCE is dropped
+    attn.attention_decode(*args, **attrs, config=_self_reducing(attn._config(4, 2, NUM_SPLITS=1, BLOCK_N=32)),
+                          launcher=rec)
+    assert [c.constexprs["SELF_REDUCE"] for c in rec.calls] == [False]
+    # Every target builds them (a build error raises); on sm90, where `rdnac tune` offers them, none spills.
+    for target in ("sm90", "gfx942", "gfx1201"):
+        binaries = compile_calls(calls, target, quiet=True)
+        if target == "sm90":
+            assert all(check_resources(b, target) == [] for b in binaries)
+
+
 class _RecordingLauncher:
     def __init__(self):
         self.launches = []
@@ -266,3 +320,30 @@ def test_gpu_decode_graph_replays_for_new_seq_lens():
         expected = ops.attention(*[static[k] for k in names], **attrs)
         err = (out.float() - expected.float()).abs().max().item()
         assert torch.allclose(out.float(), expected.float(), atol=2e-2, rtol=2e-2), f"max abs error {err}"
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_decode_self_reduce_bit_identical_in_a_replayed_graph():
+    """Qwen3-8B widths: SELF_REDUCE equals the two-launch output bit for bit, eagerly and over 20 replays of
+    a captured graph (a race between splits, or a counter left non-zero, would show as other bits)."""
+    launcher = JitLauncher()
+    attrs = attrs_for(32, 8, 128)
+    batch, _ = make_batch([(1000, 1), (9, 1), (300, 1)], 32, 8, 128, torch.bfloat16, device="cuda", seed=10)
+    args = [batch[k] for k in DECODE_ARGS]
+    for num_splits, block_n, num_warps, use_sinks in ((2, 16, 8, False), (4, 64, 4, True), (16, 64, 8, False),
+                                                      (16, 16, 2, True), (32, 16, 8, False)):
+        config = attn._config(num_warps, 2, NUM_SPLITS=num_splits, BLOCK_N=block_n)
+        sinks = batch["sinks"] if use_sinks else None
+        expected = attn.attention_decode(*args, sinks, **attrs, config=config, launcher=launcher)
+        one = _self_reducing(config)
+        eager = check("decode", batch, 1, attrs, one, launcher, use_sinks=use_sinks)
+        assert torch.equal(eager, expected), f"{config}: differs from the two-launch output"
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = attn.attention_decode(*args, sinks, **attrs, config=one, launcher=launcher)
+        for _ in range(20):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, expected), f"{config}: a replay differs from the two-launch output"
+        assert not split_k_counters(out.device, 1).any(), "arrival counters left non-zero"

@@ -43,6 +43,9 @@ def candidates(family: str, problem: dict) -> list[dict]:
         if problem["phase"] == "decode":
             extra = [_acfg(w, st, NUM_SPLITS=s, BLOCK_N=n) for s in (1, 2, 4, 8, 16, 32) for n in (16, 32, 64, 128)
                      for w, st in ((4, 3), (2, 2), (8, 2))]
+            # Split KV without the reduce launch (see attention.py), only ever measured
+            extra += [{**c, "constexprs": {**c["constexprs"], "SELF_REDUCE": True}} for c in extra
+                      if c["constexprs"]["NUM_SPLITS"] > 1]
         else:
             extra = [_acfg(w, st, BLOCK_M=m, BLOCK_N=n) for m, n, w, st in
                      ((128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
@@ -70,6 +73,10 @@ def candidates(family: str, problem: dict) -> list[dict]:
     if M <= 16:  # split-K without the reduce launch (see gemm.py), only ever measured
         unique += [{**c, "constexprs": {**c["constexprs"], "SELF_REDUCE": True}} for c in unique
                    if c["constexprs"]["SPLIT_K"] > 1]
+        if problem.get("act_scheme") == "dynamic_group":  # x quantized inside the GEMM (see gemm_fp8.py)
+            group = problem["block_size"][1]
+            unique += [{**c, "constexprs": {**c["constexprs"], "QUANT_A": True}} for c in unique
+                       if c["constexprs"]["BLOCK_K"] == group]
     return unique
 
 

@@ -15,9 +15,16 @@ Two variants of the same op, picked per phase by kernel selection:
   key tiles computed in-kernel from seq_lens, so the grid (B, Hk, NUM_SPLITS)
   depends only on B and the config and a captured graph replays for any
   seq_lens. With NUM_SPLITS > 1 each split writes its partial max/sum/acc to
-  a workspace and `_decode_reduce_kernel` (grid (B, Hq)) merges them; an empty
-  split writes max=-inf, sum=0 and contributes nothing. NUM_SPLITS == 1
-  normalizes in place and launches one kernel.
+  a workspace and `_decode_reduce_kernel` (grid (B, Hq)) merges them, one
+  split after another; an empty split writes max=-inf, sum=0 and contributes
+  nothing. With SELF_REDUCE (a measured choice: `rdnac tune` offers it, the
+  config space and default never do) there is no second launch: each split
+  counts its arrival on its (b, kv_head) counter (`gemm.split_k_counters`,
+  atomic, acquire-release at device scope) and the last to arrive merges the
+  GROUP heads with the reduce kernel's operations in its order, so the output
+  is bit for bit the two-launch one, then sets the counter back to 0.
+  NUM_SPLITS == 1 normalizes in place and launches one kernel (SELF_REDUCE is
+  ignored).
 
 Keys are gathered per key through the block table (slot = block_tables[b, j //
 KV_BLOCK_SIZE] * KV_BLOCK_SIZE + j % KV_BLOCK_SIZE), so BLOCK_N (a power of two
@@ -47,6 +54,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from rdnac.kernels.gemm import split_k_counters
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -186,12 +194,13 @@ def _prefill_kernel(
 @triton.jit
 def _decode_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, positions_ptr, sinks_ptr, out_ptr,
-        part_max_ptr, part_sum_ptr, part_acc_ptr,
+        part_max_ptr, part_sum_ptr, part_acc_ptr, counter_ptr,
         stride_qt, stride_ot, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
         scale, softcap, sliding_window,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         KV_BLOCK_SIZE: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+        HAS_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+        SELF_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False):
     if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
         gdc_wait()
     seq = tl.program_id(0)
@@ -263,41 +272,74 @@ def _decode_kernel(
         tl.store(out_ptr + seq * stride_ot + head[:, None] * HEAD_DIM + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
     else:
-        part = (seq * num_heads + head) * NUM_SPLITS + split  # [BLOCK_G] row of the [B, Hq, NUM_SPLITS] partials
-        tl.store(part_max_ptr + part, m_i, mask=g_ok)
-        tl.store(part_sum_ptr + part, l_i, mask=g_ok)
-        tl.store(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+        part = (seq * num_heads + head) * NUM_SPLITS  # [BLOCK_G] first row of each head's [NUM_SPLITS] partials
+        hd_ok = g_ok[:, None] & d_ok[None, :]
+        tl.store(part_max_ptr + part + split, m_i, mask=g_ok)
+        tl.store(part_sum_ptr + part + split, l_i, mask=g_ok)
+        tl.store(part_acc_ptr + (part + split)[:, None] * HEAD_DIM + d[None, :], acc, mask=hd_ok)
+        if SELF_REDUCE:  # counter[seq, kv_head] counts finished splits (0 between launches)
+            tl.debug_barrier()  # every thread's partial is stored before the release below
+            counter = counter_ptr + seq * tl.num_programs(1) + kv_head
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == NUM_SPLITS - 1:
+                # The last split merges _decode_reduce_kernel's way, op for op: the same bits. Loads
+                # are .cg: read through L2, never a stale L1 line of this SM.
+                m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
+                for s in tl.static_range(NUM_SPLITS):
+                    m_all = tl.maximum(m_all, tl.load(part_max_ptr + part + s, mask=g_ok, other=float("-inf"),
+                                                      cache_modifier=".cg"))
+                if HAS_SINKS:
+                    sink = tl.load(sinks_ptr + head, mask=g_ok, other=0.0).to(tl.float32) * _LOG2E
+                    m_all = tl.maximum(m_all, sink)
+                m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+                total = tl.full([BLOCK_G], 0.0, tl.float32)
+                out = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
+                for s in tl.static_range(NUM_SPLITS):
+                    w = tl.exp2(tl.load(part_max_ptr + part + s, mask=g_ok, other=float("-inf"),
+                                        cache_modifier=".cg") - m_safe)  # [BLOCK_G]
+                    total += tl.load(part_sum_ptr + part + s, mask=g_ok, other=0.0, cache_modifier=".cg") * w
+                    out += tl.load(part_acc_ptr + (part + s)[:, None] * HEAD_DIM + d[None, :], mask=hd_ok, other=0.0,
+                                   cache_modifier=".cg") * w[:, None]
+                if HAS_SINKS:
+                    total += tl.exp2(sink - m_safe)
+                out = out / tl.where(total > 0, total, 1.0)[:, None]
+                tl.store(out_ptr + seq * stride_ot + head[:, None] * HEAD_DIM + d[None, :],
+                         out.to(out_ptr.dtype.element_ty), mask=hd_ok)
+                tl.store(counter, 0)  # ready for the next launch (graph replays reuse the counters)
 
 
 @triton.jit
 def _decode_reduce_kernel(
         part_max_ptr, part_sum_ptr, part_acc_ptr, sinks_ptr, out_ptr, stride_ot,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+        NUM_SPLITS: tl.constexpr, PDL: tl.constexpr = False):
     if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
         gdc_launch_dependents()
         gdc_wait()
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    sp = tl.arange(0, BLOCK_S)
-    sp_ok = sp < NUM_SPLITS
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + sp  # [BLOCK_S]
-    m = tl.load(part_max_ptr + part, mask=sp_ok, other=float("-inf"))
-    l = tl.load(part_sum_ptr + part, mask=sp_ok, other=0.0)
-    acc = tl.load(part_acc_ptr + part[:, None] * HEAD_DIM + d[None, :],
-                  mask=sp_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
-    m_all = tl.reduce(m, 0, _MAX)
+    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS  # first row of this head's [NUM_SPLITS] partials
+    # Splits are merged one after another, elementwise: a tl.reduce would sum in an order set by the
+    # tile's layout, and the SELF_REDUCE merge in _decode_kernel (other tile, other warps) must give these
+    # bits. Keep the two in step.
+    m_all = tl.full([], float("-inf"), tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        m_all = tl.maximum(m_all, tl.load(part_max_ptr + part + s))
     if HAS_SINKS:
         sink = tl.load(sinks_ptr + head).to(tl.float32) * _LOG2E
         m_all = tl.maximum(m_all, sink)
     m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
-    w = tl.exp2(m - m_safe)  # empty splits (max -inf) weigh 0
-    total = tl.reduce(l * w, 0, _SUM)
+    total = tl.full([], 0.0, tl.float32)
+    out = tl.full([BLOCK_D], 0.0, tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        w = tl.exp2(tl.load(part_max_ptr + part + s) - m_safe)  # empty splits (max -inf) weigh 0
+        total += tl.load(part_sum_ptr + part + s) * w
+        out += tl.load(part_acc_ptr + (part + s) * HEAD_DIM + d, mask=d_ok, other=0.0) * w
     if HAS_SINKS:
         total += tl.exp2(sink - m_safe)
-    out = tl.reduce(acc * w[:, None], 0, _SUM) / tl.where(total > 0, total, 1.0)  # [BLOCK_D]
+    out = out / tl.where(total > 0, total, 1.0)  # [BLOCK_D]
     tl.store(out_ptr + seq * stride_ot + head * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
@@ -344,7 +386,9 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out, strides, cx = _common_args(q, k_cache, v_cache, block_tables, num_heads, num_kv_heads, head_dim)
     num_seqs = seq_lens.shape[0]
     assert q.shape[0] == num_seqs, f"decode needs one query per sequence; got T={q.shape[0]}, B={num_seqs}"
-    num_splits, block_n = config["constexprs"]["NUM_SPLITS"], config["constexprs"]["BLOCK_N"]
+    c = config["constexprs"]
+    num_splits, block_n = c["NUM_SPLITS"], c["BLOCK_N"]
+    self_reduce = bool(c.get("SELF_REDUCE", False)) and num_splits > 1  # no reduce launch (module docstring)
     has_sinks = sinks is not None
     sinks_arg = q if sinks is None else sinks
     if num_splits > 1:  # float32 partials, fixed size for a given B and config (graph capture safe)
@@ -353,18 +397,19 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     else:
         part_max = part_sum = part_acc = out  # never touched
+    counters = split_k_counters(q.device, num_seqs * num_kv_heads)  # read only with SELF_REDUCE
     args = (q, k_cache, v_cache, block_tables, seq_lens, positions, sinks_arg, out, part_max, part_sum, part_acc,
-            *strides, float(scale), float(softcap), int(sliding_window))
+            counters, *strides, float(scale), float(softcap), int(sliding_window))
     launcher.launch(_decode_kernel, (num_seqs, num_kv_heads, num_splits), args,
                     constexprs={**cx, "BLOCK_G": max(16, next_power_of_2(cx["GROUP"])),
                                 "HAS_SINKS": has_sinks, "HAS_SOFTCAP": softcap > 0, "HAS_WINDOW": sliding_window > 0,
-                                "NUM_SPLITS": num_splits, "BLOCK_N": block_n},
+                                "NUM_SPLITS": num_splits, "BLOCK_N": block_n, "SELF_REDUCE": self_reduce},
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
-    if num_splits > 1:
+    if num_splits > 1 and not self_reduce:
         launcher.launch(_decode_reduce_kernel, (num_seqs, num_heads),
                         (part_max, part_sum, part_acc, sinks_arg, out, out.stride(0)),
                         constexprs={"HEAD_DIM": head_dim, "BLOCK_D": cx["BLOCK_D"], "HAS_SINKS": has_sinks,
-                                    "NUM_SPLITS": num_splits, "BLOCK_S": next_power_of_2(num_splits)},
+                                    "NUM_SPLITS": num_splits},
                         num_warps=2, num_stages=1)
     return out
 

@@ -17,6 +17,11 @@ Kernels, one job each:
                            scale block's K (block_size[1], 128 in every FP8 checkpoint seen); the
                            column scale is gathered per column, so any BLOCK_N is correct, and the
                            config space offers only BLOCK_N dividing block_size[0] (one scale per tile).
+                           With QUANT_A (act_scheme "dynamic_group", BLOCK_K == the group; a measured
+                           choice only, offered by `rdnac tune` at decode sizes) it reads x itself and
+                           quantizes each [BLOCK_M, group] tile with `_quant_fp8_kernel`'s rule, the
+                           same bits, so the quant launch goes; every N tile redoes that work, cheap
+                           only while M is small.
   `_fp8_splitk_reduce_kernel` SPLIT_K > 1: sums the fp32 partials [SPLIT_K, M, N] in a fixed order
                            (deterministic, no atomics, no zeroed buffer), then applies the epilogue
                            scales (epilogue kernel only) and the bias once. With SELF_REDUCE (a
@@ -42,8 +47,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rdnac.ir.fp8 import FORMATS
-from rdnac.kernels.fp8_quant import quantize_activations
+from rdnac.ir.fp8 import FORMATS, FP8_MAX
+from rdnac.kernels.fp8_quant import GRID, quantize_activations
 from rdnac.kernels.gemm import split_k_counters
 from rdnac.kernels.gemm_fp8_configs import _config, config_space, default_config  # noqa: F401 (the family API)
 from rdnac.kernels.launch import Launcher, cdiv
@@ -54,6 +59,7 @@ AOT_DIVISIBLE = {"_fp8_gemm_kernel": ("N", "K", "stride_am", "stride_wn", "strid
                  "_fp8_splitk_reduce_kernel": ("N",)}
 
 REDUCE_BLOCK = 1024
+_MAX = tl.standard._elementwise_max  # tl.max is a jit function: the interpreter path cannot call it
 
 
 @triton.jit
@@ -140,10 +146,12 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
                            SCALE_BLOCK_N: tl.constexpr, SCALE_BLOCK_K: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr,
+                           QUANT_A: tl.constexpr = False, FP8_MAX: tl.constexpr = 0.0,
+                           MIN_NORMAL: tl.constexpr = 0.0, SUBNORMAL_ROUNDER: tl.constexpr = 0.0,
                            PDL: tl.constexpr = False):
     if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
         gdc_wait()
-    # a: [M, K] fp8 (x if IS_A16), a_scale[m * stride_asm + kb * stride_ask]; w: [N, K] fp8,
+    # a: [M, K] fp8 (x if IS_A16 or QUANT_A), a_scale[m * stride_asm + kb * stride_ask]; w: [N, K] fp8,
     # w_scale[(n // SCALE_BLOCK_N) * stride_wsn + kb * stride_wsk], kb = k // SCALE_BLOCK_K
     # (zero strides broadcast: per-token, per-channel and per-tensor scales ride along).
     # out: [M, N], or the fp32 workspace [SPLIT_K, M, N] (already scaled).
@@ -181,6 +189,18 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0)
             partial = tl.dot(a, b.to(a.dtype), input_precision="ieee")  # [BM, BN] fp32
             acc += partial * w_scale[None, :]
+        elif QUANT_A:  # x's [BM, BLOCK_K == group] tile quantized here, by _quant_fp8_kernel's rule
+            xa = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0).to(tl.float32)
+            amax = tl.reduce(tl.abs(xa), 1, _MAX)  # [BM]
+            a_scale = tl.where(amax > 0, tl.div_rn(amax, FP8_MAX), 1.0)  # a zero group: 1, not 0/0
+            v = tl.minimum(tl.maximum(tl.div_rn(xa, a_scale[:, None]), -FP8_MAX), FP8_MAX)
+            mag = tl.abs(v)  # to the FP8 grid in fp32, ties to even (see fp8_quant.py)
+            bits = mag.to(tl.int32, bitcast=True)
+            normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+            subnormal = (mag + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER
+            mag = tl.where(mag < MIN_NORMAL, subnormal, normal)
+            a = tl.where((v < 0) & (mag > 0), -mag, mag).to(w_ptr.dtype.element_ty)
+            acc += tl.dot(a, b) * a_scale[:, None] * w_scale[None, :]
         else:
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
             a_scale = tl.load(a_scale_rows + kb * stride_ask, mask=mask_m, other=0.0).to(tl.float32)  # [BM]
@@ -236,6 +256,13 @@ def _fp8_splitk_reduce_kernel(ws_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_pt
 # ---------------------------------------------------------------- wrapper
 
 
+def _quant_a_constexprs(quant_a: bool, fp8_format: str) -> dict:
+    if not quant_a:
+        return {}
+    min_normal, rounder = GRID[fp8_format]
+    return dict(QUANT_A=True, FP8_MAX=FP8_MAX[fp8_format], MIN_NORMAL=min_normal, SUBNORMAL_ROUNDER=rounder)
+
+
 def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *rest: torch.Tensor,
                weight_scheme: str, act_scheme: str, fp8_format: str, block_size: list | None = None,
                has_bias: bool = False, group: int = 0, out_dtype: str | None = None,
@@ -264,6 +291,10 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     if M == 0:
         return out
     is_a16 = act_scheme == "none"
+    c = config["constexprs"]
+    # QUANT_A (a measured choice at decode sizes, see the module docstring): the block GEMM quantizes
+    # x's groups itself, the bits _quant_fp8_kernel would write, and there is no quant launch.
+    quant_a = act_scheme == "dynamic_group" and bool(c.get("QUANT_A", False))
     if not is_prequantized:
         group = block_size[1] if act_scheme == "dynamic_group" else 0
     is_block = weight_scheme == "block" or group > 0
@@ -274,10 +305,12 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         assert weight_scheme != "block" or not group or group == block_size[1], \
             f"linear_fp8: activation group {group} must equal the weight's scale block K {block_size[1]}"
         a, a_scale = x, x_scale
+    elif is_a16 or quant_a:
+        assert not quant_a or c["BLOCK_K"] == group, f"linear_fp8: QUANT_A needs BLOCK_K == the group {group}"
+        a, a_scale = x, x
     else:
-        a, a_scale = (x, x) if is_a16 else quantize_activations(x, input_scale, fp8_format, group, launcher=launcher)
+        a, a_scale = quantize_activations(x, input_scale, fp8_format, group, launcher=launcher)
 
-    c = config["constexprs"]
     block_m, block_n, block_k, split_k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"]
     self_reduce = bool(c.get("SELF_REDUCE", False)) and split_k > 1  # see gemm.py: no reduce launch
     k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k  # whole BLOCK_K steps per split
@@ -292,7 +325,7 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                  SELF_REDUCE=self_reduce)
     launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
     # a_scale is [M, G] (dynamic), [1] (static) or unused (a16w8): zero strides broadcast it.
-    stride_asm = 0 if is_a16 or input_scale is not None else a_scale.stride(0)
+    stride_asm = 0 if is_a16 or quant_a or input_scale is not None else a_scale.stride(0)
     if is_block:
         if weight_scheme == "block":
             scale_bn, scale_bk = block_size
@@ -305,7 +338,8 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         launcher.launch(_fp8_block_gemm_kernel, grid,
                         (a, a_scale, weight, weight_scale, bias_arg, target, out, counters, M, N, K, a.stride(0),
                          weight.stride(0), stride_target, stride_asm, stride_ask, stride_wsn, stride_wsk, k_per_split),
-                        constexprs=dict(flags, SCALE_BLOCK_N=scale_bn, SCALE_BLOCK_K=scale_bk), **launch)
+                        constexprs=dict(flags, SCALE_BLOCK_N=scale_bn, SCALE_BLOCK_K=scale_bk,
+                                        **_quant_a_constexprs(quant_a, fp8_format)), **launch)
         has_a_scale = has_w_scale = False
     else:
         assert weight_scheme in ("channel", "tensor"), f"unknown FP8 weight scheme {weight_scheme!r}"
