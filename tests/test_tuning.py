@@ -78,6 +78,21 @@ def test_prequantized_fp8_gemm_uses_the_dynamic_scheme_measurement():
         tuning.problem_key("gemm_fp8", dict(per_token, act_scheme="dynamic_token"))
 
 
+def test_prequantized_fp8_gemm_never_takes_a_quant_a_config(user_table):
+    """QUANT_A quantizes x inside the GEMM; a prequantized GEMM (fp8 x from a fused norm) shares the
+    measurement of its dynamic scheme and takes the fastest config that reads fp8 x instead."""
+    problem = {"M": 1, "N": 4096, "K": 4096, "dtype": "bfloat16", "has_bias": False, "weight_scheme": "block",
+               "act_scheme": "dynamic_group", "fp8_format": "e4m3fn", "block_size": [128, 128]}
+    fused, plain = _cfg(64, 4), _cfg(128, 2)
+    fused["constexprs"]["QUANT_A"] = True
+    tuning.save(user_table, "Test GPU", {}, [dict(_entry(problem, fused, 9.0), key=tuning.problem_key(
+        "gemm_fp8", problem), family="gemm_fp8", prequantized_config=plain)])
+    target = get_target("sm90")
+    assert _candidates("gemm_fp8", problem, target)[0][0] == fused
+    pre = dict(problem, act_scheme="prequantized", group=128)
+    assert _candidates("gemm_fp8", pre, target)[0][0] == plain
+
+
 @pytest.fixture(scope="module")
 def sm90_plan(tmp_path_factory):
     import rdnac

@@ -210,6 +210,10 @@ def search(jobs: list[tuple[str, dict]], target: str, log=print) -> list[dict]:
             flops = 2 * problem["M"] * problem["N"] * problem["K"]
             entry["GBps"] = round((weight_bytes + problem["M"] * problem["K"] * 2) / best_us / 1e3, 1)
             entry["tflops"] = round(flops / best_us / 1e6, 1)
+        if best["constexprs"].get("QUANT_A"):
+            # a prequantized GEMM looks this entry up too (tuning.measured_form) and has no x to quantize:
+            # it takes the fastest config that reads fp8 x (every such time carries the same quant launch)
+            entry["prequantized_config"] = next(c for _, c in timed if not c["constexprs"].get("QUANT_A"))
         if family == "gemm":
             pick = cost_model.rank("gemm", problem, [c for _, c in timed], tgt)[0][0]
             entry["cost_model_pick_us"] = round(next(t for t, c in timed if c == pick), 2)

@@ -96,7 +96,10 @@ def _candidates(family: str, problem: dict, target: Target) -> list[tuple[dict, 
         ranked = [(default, "family default")] + [(c, "next in the config space") for c in space if c != default]
     measured = tuning.lookup(target.name, family, problem)
     if measured is not None:  # a measurement beats the model; it may lie outside the default space
-        ranked = [(measured["config"], tuning.describe(measured))] + [r for r in ranked if r[0] != measured["config"]]
+        config = measured["config"]
+        if problem.get("act_scheme") == "prequantized":  # measured as its dynamic scheme: see tune.search
+            config = measured.get("prequantized_config", config)
+        ranked = [(config, tuning.describe(measured))] + [r for r in ranked if r[0] != config]
     return ranked
 
 
