@@ -67,7 +67,8 @@ def matmul_flops(engine, tokens: int, context: int) -> float:
     """FLOPs of a prefill of `tokens` tokens: 2 per weight element per token for the linears and
     logits of the last token, plus causal attention (QK^T and PV)."""
     graph = engine.graph
-    linear = sum(engine.weights[n.inputs[1]].numel() for n in graph.nodes if n.op in ("linear", "linear_fp8"))
+    linear = sum(engine.weights[n.inputs[1]].numel() for n in graph.nodes
+                 if n.op in ("linear", "linear_fp8", "linear_gated_act"))
     logits = sum(engine.weights[n.inputs[2]].numel() for n in graph.nodes if n.op == "logits")
     a = graph.attrs
     attn = 4 * a["num_layers"] * a["num_heads"] * a["head_dim"] * tokens * (context + 1) / 2
@@ -161,6 +162,21 @@ def measure_rdnac(shape: str, scheme: str, work: Path, args) -> None:
         prefill_records(engine, shape, scheme, args.prefill, launch_pdl=False)
         del engine
         torch.cuda.empty_cache()
+    if args.ab_disable_pass:  # the disk holds the checkpoint and one 8B plan at a time
+        for path in work.glob(f"{shape}-{scheme}.sm90.*"):
+            path.unlink()
+    for name in args.ab_disable_pass:  # the same checkpoint compiled without one pass (warm kernel cache)
+        other = work / f"{shape}-{scheme}.sm90.no-{name}.msgpack"
+        compile_s, _ = timed_subprocess(rdnac_cmd("compile", str(ckpt), "--target", "sm90", "-o", str(other), "-q",
+                                                  "--disable-pass", name), dict(os.environ, PYTHONPATH=str(ROOT)))
+        emit({"shape": shape, "scheme": scheme, "disabled_pass": name, "compile_s": round(compile_s, 1)})
+        engine = rdnac.load(other, device="cuda")
+        decode_records(engine, shape, scheme, args.batch, bw, disabled_pass=name)
+        prefill_records(engine, shape, scheme, args.prefill, disabled_pass=name)
+        del engine
+        torch.cuda.empty_cache()
+        for path in work.glob(f"{shape}-{scheme}.sm90.no-{name}.*"):
+            path.unlink()
     if args.peers and scheme == "bf16":
         from peers import measure_transformers
 
@@ -186,6 +202,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="Per-node kernel breakdown of a batch-1 decode step.")
     ap.add_argument("--ab-pdl", action="store_true",
                     help="Also decode with the plan's PDL binaries launched without programmatic dependent launch.")
+    ap.add_argument("--ab-disable-pass", nargs="+", default=[], metavar="PASS",
+                    help="Also compile, decode and prefill with each of these compiler passes turned off.")
     ap.add_argument("--cold-compile", action="store_true", help="Compile with empty rdnac and Triton caches.")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

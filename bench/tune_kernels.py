@@ -4,7 +4,8 @@
 
 The search itself is `rdnac.compiler.tune` (what `rdnac tune PLAN` runs for
 a compiled plan); this script lists problems by model shape instead. For
-every linear of the shapes (merged qkv and gate_up, o, down, logits) and
+every linear of the shapes (merged qkv and gate_up, o, down, logits; for bf16 also gate_up with its
+gated activation, the `gemm_gated` family) and
 M in --m (1 stands for the whole decode regime M <= 16): the family's config
 space plus wider decode and prefill candidates, each built for the target
 through the plan path (`rdnac.compiler.tuning` explains the method), timed,
@@ -45,6 +46,8 @@ def problems(shape: str, scheme: str, ms: list[int]) -> list[tuple[str, dict]]:
                                          "fp8_format": "e4m3fn", **fp8}))
             else:
                 out.append(("gemm", {"M": m, "N": n, "K": k, "dtype": "bfloat16", "has_bias": False}))
+        if not FP8_SCHEMES[scheme]:  # a bf16 plan's gate_up GEMM carries its activation (fuse_gated_linear)
+            out.append(("gemm_gated", {"M": m, "N": i, "K": h, "dtype": "bfloat16", "act": s.get("act", "silu")}))
     return out
 
 
@@ -65,6 +68,8 @@ def main() -> None:
     ap.add_argument("--decode-batches", type=int, nargs="*", default=[1, 64],
                     help="decode attention batch sizes with --attention (none: prefill only)")
     ap.add_argument("--prefill", type=int, nargs="*", default=[2048])
+    ap.add_argument("--families", nargs="+", default=["gemm", "gemm_fp8", "gemm_gated", "attention"],
+                    help="Tune only these kernel families.")
     ap.add_argument("--target", default="sm90")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
@@ -76,7 +81,7 @@ def main() -> None:
                     jobs.append(job)
         if args.attention:
             jobs += [j for j in attention_problems(shape, args.decode_batches, args.prefill) if j not in jobs]
-    results = search(jobs, args.target)
+    results = search([j for j in jobs if j[0] in args.families], args.target)
     save_results(args.out, results)
 
 

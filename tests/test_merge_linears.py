@@ -24,7 +24,7 @@ OFF = ("merge_linears",)
 def _per_layer_linears(graph) -> dict[str, int]:
     counts: dict[str, int] = {}
     for n in graph.nodes:
-        if n.op in ("linear", "linear_fp8"):
+        if n.op in ("linear", "linear_fp8", "linear_gated_act"):  # gate_up with its activation fused
             leaf = n.name.rsplit(".", 1)[1]
             counts[leaf] = counts.get(leaf, 0) + 1
     return counts
@@ -48,8 +48,10 @@ def test_merged_plan_matches_unmerged(family, checkpoints, tmp_path):
                                                 "down_proj": layers}
     assert merged.graph.op_counts()["split"] == layers  # qkv only: gate_up feeds gated_act directly
     assert "split" not in plain.graph.op_counts() and plain.graph.op_counts()["linear"] == 7 * layers
-    acts = [n for n in merged.graph.nodes if n.op == "gated_act"]
-    assert all(len(n.inputs) == 1 and n.inputs[0].endswith("gate_up_proj") for n in acts)
+    # the merged gate_up GEMM and its gated_act then fuse (fuse_gated_linear); unmerged, they cannot
+    assert "gated_act" not in merged.graph.op_counts() and plain.graph.op_counts()["gated_act"] == layers
+    fused = [n for n in merged.graph.nodes if n.op == "linear_gated_act"]
+    assert len(fused) == layers and all(n.inputs[1].endswith("gate_up_proj.weight") for n in fused)
     weights = merged.graph.weights
     qkv = weights["model.layers.0.self_attn.qkv_proj.weight"]
     assert qkv.shape == ((6 + 2 * 2) * 16, 72)

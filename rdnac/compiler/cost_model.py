@@ -117,7 +117,7 @@ def lds_bytes_per_program(config: dict, dtype: str, target) -> int:
     return buffers * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * ELEMENT_BYTES[_dtype_name(dtype)]
 
 
-def _estimate_gemm(problem: dict, config: dict, target, *, out_bytes_per_elt: int | None = None) -> Estimate:
+def _estimate_gemm(problem: dict, config: dict, target, *, out_bytes_per_elt: float | None = None) -> Estimate:
     M, N, K = problem["M"], problem["N"], problem["K"]
     dtype = _dtype_name(problem.get("dtype", "bfloat16"))
     elt = ELEMENT_BYTES[dtype]
@@ -150,7 +150,7 @@ def _estimate_gemm(problem: dict, config: dict, target, *, out_bytes_per_elt: in
     bytes_weight = N * K * elt * weight_reads
     bytes_act = M * K * elt * n_tiles
     bytes_partials = 2 * split_k * M * N * 4 if split_k > 1 else 0
-    bytes_moved = bytes_weight + bytes_act + M * N * out_elt + bytes_partials
+    bytes_moved = int(bytes_weight + bytes_act + M * N * out_elt + bytes_partials)
 
     # Memory time: can the launch keep enough bytes in flight?
     resident = min(tiles, num_cu * occupancy)
@@ -193,10 +193,23 @@ def _estimate_logits(problem: dict, config: dict, target) -> Estimate:
     return _estimate_gemm(problem, config, target, out_bytes_per_elt=4)  # float32 logits
 
 
+def _estimate_gemm_gated(problem: dict, config: dict, target) -> Estimate:
+    """A gated GEMM program (BLOCK_N gate and BLOCK_N up columns) is a gemm tile 2 x BLOCK_N wide of the
+    merged [2I, K] GEMM: the same tiles, LDS, registers, weight and activation bytes; it writes [M, I],
+    half the merged output (charged as half an element per merged column)."""
+    c = config["constexprs"]
+    if c.get("UNFUSED"):  # the merged GEMM writing [M, 2I] (the activation launch is not modelled)
+        return _estimate_gemm({**problem, "N": 2 * problem["N"]}, config, target)
+    wide = {**config, "constexprs": {**c, "BLOCK_N": 2 * c["BLOCK_N"]}}
+    half = ELEMENT_BYTES[_dtype_name(problem.get("dtype", "bfloat16"))] / 2
+    return _estimate_gemm({**problem, "N": 2 * problem["N"]}, wide, target, out_bytes_per_elt=half)
+
+
 ESTIMATORS: dict[str, Callable[[dict, dict, Any], Estimate]] = {
     "gemm": _estimate_gemm,
     "linear": _estimate_gemm,
     "logits": _estimate_logits,
+    "gemm_gated": _estimate_gemm_gated,
 }
 
 

@@ -52,6 +52,14 @@ def candidates(family: str, problem: dict) -> list[dict]:
                       (128, 32, 8, 3), (64, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (64, 64, 4, 4),
                       (64, 32, 4, 3), (64, 128, 4, 3))]
         return [c for j, c in enumerate(space + extra) if c not in (space + extra)[:j]]
+    if family == "gemm_gated":  # the merged [2N, K] GEMM's candidates without split-K, BLOCK_N halved
+        from rdnac.kernels.gemm_gated import from_gemm_configs, unfused_configs
+
+        merged = {"M": problem["M"], "N": 2 * problem["N"], "K": problem["K"], "dtype": problem.get("dtype"),
+                  "has_bias": False}
+        gemm_candidates = candidates("gemm", merged)
+        fused = space + [c for c in from_gemm_configs(gemm_candidates) if c not in space]
+        return fused + unfused_configs(gemm_candidates, problem)  # the unfused pair, measured alike
     M, N, K = problem["M"], problem["N"], problem["K"]
     block_scale = problem.get("weight_scheme") == "block"
     extra = []
@@ -116,6 +124,8 @@ def _tensors(family: str, problem: dict, device: str, copies: int, context: int 
     for _ in range(copies):
         if family == "gemm":
             sets.append(((x, (0.02 * torch.randn(N, K, device=device)).to(torch.bfloat16)), {}))
+        elif family == "gemm_gated":  # weight [2N, K]: gate rows, then up rows
+            sets.append(((x, (0.02 * torch.randn(2 * N, K, device=device)).to(torch.bfloat16)), {"act": problem["act"]}))
         else:
             w = (64 * torch.randn(N, K, device=device)).to(torch.float8_e4m3fn)
             shape = {"block": ((N + 127) // 128, (K + 127) // 128), "channel": (N,), "tensor": (1,)}[problem["weight_scheme"]]
@@ -126,11 +136,11 @@ def _tensors(family: str, problem: dict, device: str, copies: int, context: int 
 
 
 def _wrapper(family: str, problem: dict | None = None):
-    from rdnac.kernels import attention, gemm, gemm_fp8
+    from rdnac.kernels import attention, gemm, gemm_fp8, gemm_gated
 
     if family == "attention":
         return attention.attention_decode if problem["phase"] == "decode" else attention.attention_prefill
-    return gemm.linear if family == "gemm" else gemm_fp8.linear_fp8
+    return {"gemm": gemm.linear, "gemm_gated": gemm_gated.linear_gated_act}.get(family, gemm_fp8.linear_fp8)
 
 
 def build_candidates(jobs: list[tuple[str, dict]], target: str, log=print) -> list[tuple[int, dict, list]]:
@@ -172,7 +182,7 @@ def search(jobs: list[tuple[str, dict]], target: str, log=print) -> list[dict]:
             ctx = CONTEXT if problem["phase"] == "decode" else problem["num_tokens"]
             weight_bytes = 2 * problem["num_seqs"] * ctx * problem["num_kv_heads"] * problem["head_dim"] * 2
         else:
-            weight_bytes = problem["N"] * problem["K"] * (2 if family == "gemm" else 1)
+            weight_bytes = problem["N"] * problem["K"] * {"gemm": 2, "gemm_gated": 4}.get(family, 1)  # gated: [2N, K]
         copies = max(1, min(16, -(-L2_DEFEAT_BYTES // weight_bytes)))
         sets = _tensors(family, problem, "cuda", copies, CONTEXT)
         reps = max(copies, 8)
@@ -207,15 +217,15 @@ def search(jobs: list[tuple[str, dict]], target: str, log=print) -> list[dict]:
             else:
                 entry["context"] = CONTEXT
         else:
-            flops = 2 * problem["M"] * problem["N"] * problem["K"]
+            flops = 2 * problem["M"] * problem["N"] * problem["K"] * (2 if family == "gemm_gated" else 1)
             entry["GBps"] = round((weight_bytes + problem["M"] * problem["K"] * 2) / best_us / 1e3, 1)
             entry["tflops"] = round(flops / best_us / 1e6, 1)
         if best["constexprs"].get("QUANT_A"):
             # a prequantized GEMM looks this entry up too (tuning.measured_form) and has no x to quantize:
             # it takes the fastest config that reads fp8 x (every such time carries the same quant launch)
             entry["prequantized_config"] = next(c for _, c in timed if not c["constexprs"].get("QUANT_A"))
-        if family == "gemm":
-            pick = cost_model.rank("gemm", problem, [c for _, c in timed], tgt)[0][0]
+        if family in ("gemm", "gemm_gated"):
+            pick = cost_model.rank(family, problem, [c for _, c in timed], tgt)[0][0]
             entry["cost_model_pick_us"] = round(next(t for t, c in timed if c == pick), 2)
         log(json.dumps(entry))
         results.append(entry)
@@ -277,7 +287,7 @@ def _normalized(problem: dict) -> dict:
 
 
 def problems_from_plan(plan_path) -> list[tuple[str, dict]]:
-    """The tunable problems (GEMM, FP8 GEMM, attention) a compiled GPU plan selects configs for, one per
+    """The tunable problems (GEMM, FP8 GEMM, gated GEMM, attention) a compiled GPU plan selects configs for, one per
     tile regime: decode at 1 and the plan's batch, middle sizes at 64, prefill at its largest step."""
     from rdnac.compiler.passes.select_kernels import _problem, _propagate_meta, meta_env
     from rdnac.ir.graph import Graph

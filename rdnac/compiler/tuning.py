@@ -25,8 +25,9 @@ from rdnac.errors import RdnacError
 from rdnac.targets.probe import user_cache_dir
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "tuned"
-TUNED_FAMILIES = ("gemm", "gemm_fp8", "attention")
+TUNED_FAMILIES = ("gemm", "gemm_fp8", "gemm_gated", "attention")
 _KEY_FIELDS = {"gemm": ("N", "K", "dtype"),
+               "gemm_gated": ("N", "K", "dtype", "act"),  # N: the output width I (weight [2N, K])
                "gemm_fp8": ("N", "K", "dtype", "weight_scheme", "act_scheme", "fp8_format", "block_size"),
                "attention": ("phase", "num_heads", "num_kv_heads", "head_dim", "block_size", "dtype")}
 _REGIMES = ((1, 16), (17, 64), (65, 256), (257, 1 << 30))

@@ -20,6 +20,7 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 | attention       | q [T, Hq*D], k_cache, v_cache, block_tables [B, MB],          | [T, Hq*D]      |
 |                 | seq_lens [B], cu_seqlens_q [B+1], positions [T], (sinks [Hq]) |                |
 | gated_act       | gate [T, I], up [T, I]  or  gate_up [T, 2I]                   | [T, I]         |
+| linear_gated_act| x [T, K], weight [2I, K] (gate rows, then up), (bias [2I])    | [T, I]         |
 | add             | a, b (same shape)                                             | a + b          |
 | linear_fp8      | x [T, K], weight fp8 [N, K], weight_scale, (input_scale), (bias [N]) | [T, N]  |
 |                 | prequantized: x_q fp8 [T, K], weight, weight_scale, x_scale [T, G], (bias) |         |
@@ -38,6 +39,10 @@ inputs at the same positions, same kernels) whose x is already fp8 and whose
 fourth input, where a static input scale would sit, is x_scale; attrs `group`
 (as above) and `out_dtype` (x's dtype before quantization). Fused and
 unfused graphs compute the same values bit for bit in the reference.
+
+`linear_gated_act` is `gated_act(linear(x, weight, bias), act)` as one op (the
+MLP's merged gate/up GEMM with its activation; `fuse_gated_linear` builds it),
+defined as that chain so it rounds exactly where the unfused ops do.
 """
 
 from __future__ import annotations
@@ -317,6 +322,12 @@ def gated_act(*xs: torch.Tensor, act: str = "silu") -> torch.Tensor:
     return _ACTIVATIONS[act](gate) * up
 
 
+def linear_gated_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     act: str = "silu") -> torch.Tensor:
+    """gated_act(linear(x, weight, bias), act): weight [2I, K] holds the gate rows, then the up rows."""
+    return gated_act(linear(x, weight, bias), act=act)
+
+
 def rms_norm_quant(x: torch.Tensor, *rest: torch.Tensor, eps: float, unit_offset: bool = False,
                    fp8_format: str, group: int = 0):
     """(q, scale) = quantize_rows(rms_norm(x [+ residual])); with a residual also returns the sum."""
@@ -410,6 +421,10 @@ def _gated_act_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
     return [TensorSpec(ins[0].dtype, (ins[0].shape[0], width // 2 if isinstance(width, int) else width))]
 
 
+def _linear_gated_act_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
+    return _gated_act_infer(attrs, _linear_infer(attrs, ins))
+
+
 def _logits_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
     return [TensorSpec("float32", (ins[1].shape[0], ins[2].shape[0]))]
 
@@ -437,6 +452,7 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("add", (), (2,), _same, add),
     OpDef("linear_fp8", ("weight_scheme", "act_scheme", "fp8_format"), (3, 4, 5), _linear_fp8_infer, linear_fp8),
     OpDef("rms_norm_quant", ("eps", "fp8_format", "group"), (2, 3), _rms_norm_quant_infer, rms_norm_quant),
+    OpDef("linear_gated_act", ("act",), (2, 3), _linear_gated_act_infer, linear_gated_act),
     OpDef("gated_act_quant", ("act", "fp8_format", "group"), (1, 2), _gated_act_quant_infer, gated_act_quant),
     OpDef("logits", (), (3,), _logits_infer, logits),
     OpDef("argmax", (), (1,), _argmax_infer, argmax),

@@ -62,6 +62,13 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(ins[0].shape[-1] == ins[1].shape[1], "x's last dim must equal weight's in_features")
         if len(ins) == 3:
             expect(ins[2].shape == (ins[1].shape[0],), "bias must be [out_features]")
+    elif node.op == "linear_gated_act":
+        expect(ins[0].shape[-1] == ins[1].shape[1], "x's last dim must equal weight's in_features")
+        expect(isinstance(ins[1].shape[0], int) and ins[1].shape[0] % 2 == 0,
+               "weight must be [2I, K] (gate rows, then up rows)")
+        if len(ins) == 3:
+            expect(ins[2].shape == (ins[1].shape[0],), "bias must be [2I]")
+        expect(a["act"] in ("silu", "gelu", "gelu_tanh"), "act must be silu, gelu or gelu_tanh")
     elif node.op in ("rms_norm", "rms_norm_quant"):
         expect(ins[-1].shape == (ins[0].shape[-1],), "weight must be [hidden]")
     elif node.op == "head_rms_norm":

@@ -34,6 +34,7 @@ WRAPPERS = {
     "qk_norm_rope_cache": "qk_norm_rope_cache.qk_norm_rope_cache",
     "attention": {"prefill": "attention.attention_prefill", "decode": "attention.attention_decode"},
     "gated_act": "activation.gated_act",
+    "linear_gated_act": "gemm_gated.linear_gated_act",
     "add": "elementwise.add",
     "logits": "gemm.logits",
     "rms_norm_quant": "rms_norm_quant.rms_norm_quant",
