@@ -43,7 +43,8 @@ def test_measured_config_comes_first_with_its_reason(user_table):
     assert model_pick[0] in [c for c, _ in ranked[1:]]  # the model's ranking follows as fallbacks
     # the decode regime (M <= 16) shares the measurement; the prefill regime does not
     assert _candidates("gemm", dict(problem, M=16), target)[0][0] == tuned
-    assert "measured" not in _candidates("gemm", dict(problem, M=2048), target)[0][1]
+    # (prefill sizes take the nearest measured shape's tile instead: see the test below)
+    assert "Test GPU" not in _candidates("gemm", dict(problem, M=2048), target)[0][1]
     assert "measured" not in _candidates("gemm", dict(problem, N=1024), target)[0][1]
 
 
@@ -59,6 +60,31 @@ def test_nearest_bucket_in_regime_and_user_table_wins(user_table):
     s = shipped["entries"][0]
     tuning.save(user_table, "Mine", {}, [dict(s, config=_cfg(64, 8), us=1.0)])
     assert tuning.lookup("sm90", s["family"], s["problem"])["device"] == "Mine"
+
+
+def test_unmeasured_shape_at_prefill_sizes_takes_the_nearest_measured_shapes_tile(user_table):
+    """The shipped sm90 table's compute-bound winners are one tile per kind on every measured shape (and
+    the cost model's pick measured ~2x slower there), so an unmeasured shape at prefill sizes takes the
+    nearest measured shape's config; at decode sizes, or for another dtype, the cost model still ranks."""
+    target = get_target("sm90")
+    small, wide = _cfg(32, 1), _cfg(64, 1)
+    fp16 = {"N": 4096, "K": 4096, "dtype": "float16", "has_bias": False}
+    tuning.save(user_table, "Test GPU", {}, [_entry(dict(fp16, M=2048), small, 100.0),
+                                             _entry(dict(fp16, M=2048, N=16384), wide, 400.0),
+                                             _entry(dict(fp16, M=1), _cfg(128, 4), 9.0)])
+    for n, expected in ((5000, small), (14000, wide), (4096, small)):
+        config, reason = _candidates("gemm", dict(fp16, M=1024, N=n), target)[0]
+        assert config == expected, n
+        if n != 4096:  # 4096 is measured itself
+            assert f"nearest measured shape N={4096 if expected is small else 16384} K=4096" in reason
+            assert "100.0 us" in reason or "400.0 us" in reason
+    # decode sizes: no carry-over (split-K and tile widths depend on N and K)
+    assert "measured" not in _candidates("gemm", dict(fp16, M=1, N=5000), target)[0][1]
+    assert "measured" not in _candidates("gemm", dict(fp16, M=64, N=5000), target)[0][1]
+    # another dtype or family matches nothing of these (bf16 falls back on the shipped bf16 entries)
+    bf16 = _candidates("gemm", dict(fp16, M=1024, N=5000, dtype="bfloat16"), target)[0]
+    assert bf16[0] != small and "nearest measured shape" in bf16[1] and "Test GPU" not in bf16[1]
+    assert tuning.nearest_shape("sm90", "attention", {"phase": "prefill", "num_tokens": 2048}) is None
 
 
 def test_bad_table_is_a_clear_error(user_table):

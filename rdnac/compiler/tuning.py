@@ -94,6 +94,41 @@ def lookup(target: str, family: str, problem: dict) -> dict | None:
     return by_m[min(same, key=lambda mm: abs(math.log2(mm) - math.log2(max(m, 1))))]
 
 
+# Sizes where a measured tile carries over to other shapes of the same kind: compute-bound GEMMs,
+# whose sm90 winners are one tile per kind on every measured shape (bf16: 128x128x64, 8 warps, 3-4
+# stages, where the cost model's pick measured ~2x slower; FP8 per-channel 128x256x128; FP8 block
+# 128x128x128). Decode winners depend on N and K (split-K, tile widths) and do not carry over.
+SHAPE_FREE_MIN_M = _REGIMES[-1][0]
+
+
+def nearest_shape(target: str, family: str, problem: dict) -> dict | None:
+    """For a GEMM problem the table lacks, at compute-bound sizes: the entry of the measured shape
+    nearest in (log N, log K) with the same key fields otherwise (dtype, scheme, act) and the same
+    regime, or None."""
+    if not family.startswith("gemm") or problem_m(family, problem) < SHAPE_FREE_MIN_M:
+        return None
+    form = measured_form(problem)
+    same_kind = [f for f in _KEY_FIELDS[family] if f not in ("N", "K")]
+    best, best_distance = None, math.inf
+    for by_m in load(target).values():
+        for m, entry in by_m.items():
+            p = entry["problem"]
+            if (entry["family"] != family or m < SHAPE_FREE_MIN_M
+                    or any(p.get(f) != form.get(f) for f in same_kind)):
+                continue
+            distance = abs(math.log2(p["N"] / form["N"])) + abs(math.log2(p["K"] / form["K"]))
+            if distance < best_distance:
+                best, best_distance = entry, distance
+    return best
+
+
+def describe_nearest(entry: dict, problem: dict) -> str:
+    p = entry["problem"]
+    return (f"not measured at N={problem['N']} K={problem['K']}: the config measured fastest for the nearest "
+            f"measured shape N={p['N']} K={p['K']} ({entry['us']:.1f} us at M={entry['M']} on {entry.get('device')}, "
+            f"tuning table {Path(entry['table']).name}); compute-bound tiles carry over between shapes")
+
+
 def describe(entry: dict) -> str:
     return (f"measured fastest of {entry['candidates']} candidates on {entry.get('device')}: "
             f"{entry['us']:.1f} us at M={entry['M']} (tuning table {Path(entry['table']).name})")

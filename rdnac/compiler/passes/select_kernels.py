@@ -106,6 +106,10 @@ def _candidates(family: str, problem: dict, target: Target) -> list[tuple[dict, 
         if problem.get("act_scheme") == "prequantized":  # measured as its dynamic scheme: see tune.search
             config = measured.get("prequantized_config", config)
         ranked = [(config, tuning.describe(measured))] + [r for r in ranked if r[0] != config]
+    elif (near := tuning.nearest_shape(target.name, family, problem)) is not None:
+        config = near.get("prequantized_config", near["config"]) if problem.get("act_scheme") == "prequantized" \
+            else near["config"]
+        ranked = [(config, tuning.describe_nearest(near, problem))] + [r for r in ranked if r[0] != config]
     return ranked
 
 
