@@ -129,7 +129,8 @@ def describe_nearest(entry: dict, problem: dict) -> str:
             f"tuning table {Path(entry['table']).name}); compute-bound tiles carry over between shapes")
 
 
-def describe(entry: dict) -> str:
+def describe(entry: dict, problem: dict | None = None) -> str:
+    """Why a measured config was chosen (`problem` unused: the signature of describe_nearest)."""
     return (f"measured fastest of {entry['candidates']} candidates on {entry.get('device')}: "
             f"{entry['us']:.1f} us at M={entry['M']} (tuning table {Path(entry['table']).name})")
 

@@ -100,16 +100,16 @@ def _candidates(family: str, problem: dict, target: Target) -> list[tuple[dict, 
     else:
         default = module.default_config(problem)
         ranked = [(default, "family default")] + [(c, "next in the config space") for c in space if c != default]
-    measured = tuning.lookup(target.name, family, problem)
-    if measured is not None:  # a measurement beats the model; it may lie outside the default space
-        config = measured["config"]
+    # a measurement beats the model (it may lie outside the default space); at compute-bound sizes an
+    # unmeasured shape takes its nearest measured neighbour's tile
+    entry, why = tuning.lookup(target.name, family, problem), tuning.describe
+    if entry is None:
+        entry, why = tuning.nearest_shape(target.name, family, problem), tuning.describe_nearest
+    if entry is not None:
+        config = entry["config"]
         if problem.get("act_scheme") == "prequantized":  # measured as its dynamic scheme: see tune.search
-            config = measured.get("prequantized_config", config)
-        ranked = [(config, tuning.describe(measured))] + [r for r in ranked if r[0] != config]
-    elif (near := tuning.nearest_shape(target.name, family, problem)) is not None:
-        config = near.get("prequantized_config", near["config"]) if problem.get("act_scheme") == "prequantized" \
-            else near["config"]
-        ranked = [(config, tuning.describe_nearest(near, problem))] + [r for r in ranked if r[0] != config]
+            config = entry.get("prequantized_config", config)
+        ranked = [(config, why(entry, problem))] + [r for r in ranked if r[0] != config]
     return ranked
 
 
