@@ -113,12 +113,42 @@ def decode_records(engine, shape: str, scheme: str, batches: list[int], bw: floa
               "copy_GBps": round(bw, 1), "plan_pdl": engine.plan.body["runtime"].get("pdl", False), **extra})
 
 
+class GpuClocks:
+    """SM clock (MHz) and board power (W) sampled by nvidia-smi every 50 ms while the block runs: a
+    sustained prefill may run below the clock the kernels were tuned at (short bursts)."""
+
+    def __enter__(self):
+        self.proc = None
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                                          "-lms", "50"], stdout=subprocess.PIPE, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.samples = []
+        if self.proc is not None:
+            self.proc.terminate()
+            out, _ = self.proc.communicate()
+            for line in out.splitlines():  # the last line may be cut off by terminate()
+                fields = line.split(",")
+                if len(fields) == 2 and all(f.strip().replace(".", "", 1).isdigit() for f in fields):
+                    self.samples.append((float(fields[0]), float(fields[1])))
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {"gpu_clocks": "not sampled (nvidia-smi not found or no sample in the window)"}
+        clocks = sorted(c for c, _ in self.samples)
+        return {"sm_mhz_min": clocks[0], "sm_mhz_median": clocks[len(clocks) // 2],
+                "power_w_max": max(p for _, p in self.samples), "clock_samples": len(clocks)}
+
+
 def prefill_records(engine, shape: str, scheme: str, sizes: list[int], **extra) -> None:
     for tokens in sizes:
-        t = prefill_seconds(engine, tokens)
+        with GpuClocks() as clocks:
+            t = prefill_seconds(engine, tokens)
         emit({"engine": "rdnac", "shape": shape, "scheme": scheme, "prefill_tokens": tokens,
               "prefill_ms": round(t * 1e3, 2), "tokens_per_s": round(tokens / t), "tflops":
-              round(matmul_flops(engine, tokens, tokens) / t / 1e12, 1), **extra})
+              round(matmul_flops(engine, tokens, tokens) / t / 1e12, 1), **clocks.summary(), **extra})
 
 
 def measure_rdnac(shape: str, scheme: str, work: Path, args) -> None:
