@@ -75,19 +75,23 @@ def matmul_flops(engine, tokens: int, context: int) -> float:
     return 2.0 * linear * tokens + 2.0 * logits + attn
 
 
-def prefill_seconds(engine, tokens: int, repeats: int = 5) -> float:
+def prefill_seconds(engine, tokens: int, repeats: int = 5) -> tuple[float, float]:
+    """Median seconds of a prefill step, and of its host part (until execute returns, every kernel
+    enqueued): a host part close to the whole says the step is bound by launches, not kernels."""
     engine._ensure_cache(-(-tokens // engine.block_size) + 1)
     blocks = engine._cache.allocator.allocate(-(-tokens // engine.block_size))
     ids = [(7 * i) % 50000 + 300 for i in range(tokens)]
-    times = []
+    times, host = [], []
     for _ in range(repeats + 1):
         torch.cuda.synchronize()
         start = time.perf_counter()
         engine.execute([StepEntry(ids, blocks, 0, tokens)])
+        host.append(time.perf_counter() - start)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     engine._cache.allocator.free(blocks)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    median = lambda xs: sorted(xs[1:])[len(xs[1:]) // 2]  # noqa: E731  (the first is a warm-up)
+    return median(times), median(host)
 
 
 def timed_subprocess(cmd: list[str], env: dict) -> tuple[float, str]:
@@ -145,9 +149,10 @@ class GpuClocks:
 def prefill_records(engine, shape: str, scheme: str, sizes: list[int], **extra) -> None:
     for tokens in sizes:
         with GpuClocks() as clocks:
-            t = prefill_seconds(engine, tokens)
+            t, host = prefill_seconds(engine, tokens)
         emit({"engine": "rdnac", "shape": shape, "scheme": scheme, "prefill_tokens": tokens,
-              "prefill_ms": round(t * 1e3, 2), "tokens_per_s": round(tokens / t), "tflops":
+              "prefill_ms": round(t * 1e3, 2), "host_enqueue_ms": round(host * 1e3, 2),
+              "tokens_per_s": round(tokens / t), "tflops":
               round(matmul_flops(engine, tokens, tokens) / t / 1e12, 1), **clocks.summary(), **extra})
 
 
