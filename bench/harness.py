@@ -133,10 +133,12 @@ class GpuClocks:
         if self.proc is not None:
             self.proc.terminate()
             out, _ = self.proc.communicate()
-            for line in out.splitlines():  # the last line may be cut off by terminate()
-                fields = line.split(",")
-                if len(fields) == 2 and all(f.strip().replace(".", "", 1).isdigit() for f in fields):
-                    self.samples.append((float(fields[0]), float(fields[1])))
+            for line in out.splitlines():
+                try:
+                    clock, power = (float(f) for f in line.split(","))
+                except ValueError:  # the last line may be cut off by terminate()
+                    continue
+                self.samples.append((clock, power))
 
     def summary(self) -> dict:
         if not self.samples:

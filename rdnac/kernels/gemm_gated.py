@@ -165,8 +165,7 @@ def unfused_configs(configs: list[dict], problem: dict) -> list[dict]:
     its default config: the unfused pair as a choice of this node (the same bits; `rdnac tune` offers
     them so a size where the fused kernel is slower keeps the two launches)."""
     act_config = activation.default_config({"I": problem["N"]})
-    return [{**cfg, "constexprs": {**cfg["constexprs"], "UNFUSED": True}, "act_config": act_config}
-            for cfg in configs if not cfg["constexprs"].get("QUANT_A")]
+    return [{**cfg, "constexprs": {**cfg["constexprs"], "UNFUSED": True}, "act_config": act_config} for cfg in configs]
 
 
 def merged_problem(problem: dict) -> dict:

@@ -120,9 +120,9 @@ def _unfused_first(problem: dict, target: Target) -> list[tuple[dict, str]]:
     and faster at decode (batch 1: 4.459 against 4.511 ms). A measurement (`rdnac tune`) overrides it."""
     merged = gemm_gated.merged_problem(problem)
     ranked = cost_model.rank("gemm", merged, gemm.config_space(merged), target)
-    return [(cfg, f"unfused pair: no measurement at this size, where the fused kernel measured slower; "
-                  f"GEMM {est.reason}") for cfg, est in zip(gemm_gated.unfused_configs([c for c, _ in ranked], problem),
-                                                              [e for _, e in ranked])]
+    pairs = gemm_gated.unfused_configs([cfg for cfg, _ in ranked], problem)
+    return [(pair, f"unfused pair: no measurement at this size, where the fused kernel measured slower; GEMM "
+                   f"{est.reason}") for pair, (_, est) in zip(pairs, ranked)]
 
 
 def meta_env(graph: Graph, phase: str, num_tokens: int, runtime: dict) -> tuple[dict, StepMeta]:
