@@ -74,16 +74,19 @@ def test_interactive_multi_turn_chat(tmp_path):
 def test_bench_reports_levels_as_json(tmp_path):
     make_checkpoint("llama", tmp_path / "ckpt")
     plan = rdnac.compile(tmp_path / "ckpt", output=tmp_path / "l.msgpack")
-    result = CliRunner().invoke(cli, ["bench", str(plan), "-c", "1", "-c", "4", "--input-len", "8",
-                                      "--output-len", "6", "--num-prompts", "6", "--json"])
-    assert result.exit_code == 0, result.output
-    levels = json.loads(result.stdout)
-    assert [r["concurrency"] for r in levels] == [1, 4]
-    for r in levels:
-        assert r["num_prompts"] == 6 and r["output_tokens_per_s"] > 0
-        assert 0 < r["ttft_s"]["p50"] <= r["ttft_s"]["p99"] and r["tpot_s"]["p50"] > 0
-    # four requests in flight finish the same work in less wall time than one at a time
-    assert levels[1]["wall_s"] < levels[0]["wall_s"]
+    walls = {1: [], 4: []}
+    for _ in range(3):  # each level takes ~0.1 s here: one stall of the shared CI machine can flip a single run
+        result = CliRunner().invoke(cli, ["bench", str(plan), "-c", "1", "-c", "4", "--input-len", "8",
+                                          "--output-len", "6", "--num-prompts", "6", "--json"])
+        assert result.exit_code == 0, result.output
+        levels = json.loads(result.stdout)
+        assert [r["concurrency"] for r in levels] == [1, 4]
+        for r in levels:
+            assert r["num_prompts"] == 6 and r["output_tokens_per_s"] > 0
+            assert 0 < r["ttft_s"]["p50"] <= r["ttft_s"]["p99"] and r["tpot_s"]["p50"] > 0
+            walls[r["concurrency"]].append(r["wall_s"])
+    # four requests in flight finish the same work in less wall time than one at a time (best of three)
+    assert min(walls[4]) < min(walls[1]), walls
 
 
 def test_targets_lists_every_target_with_probed_capabilities():
