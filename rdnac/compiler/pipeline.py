@@ -27,6 +27,8 @@ GRAPH_PASSES = ("merge_linears", "fuse_add_rms_norm", "fuse_qk_norm_rope_cache",
 # run after fp8_layout, which fixes each FP8 linear's format and activation scheme (a16w8 is not fused);
 # fuse_gated_linear last: a gated_act whose FP8 quantization fused into it stays a gated_act_quant
 LATE_PASSES = ("fuse_norm_quant", "fuse_act_quant", "fuse_gated_linear")
+# what --disable-pass accepts: the graph passes, and the decode tuning for PDL in select_kernels
+DISABLEABLE = GRAPH_PASSES + LATE_PASSES + ("weight_prefetch",)
 _DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE_SCHEMES = ("fp8", "fp8-block")
 
@@ -57,6 +59,10 @@ class CompileOptions:
             raise RdnacError(f"--max-num-batched-tokens requires 16..32768; got {self.max_num_batched_tokens}")
         if self.quantize is not None and self.quantize not in QUANTIZE_SCHEMES:
             raise RdnacError(f"--quantize requires one of {', '.join(QUANTIZE_SCHEMES)}; got {self.quantize!r}")
+        unknown = [name for name in self.disable_passes if name not in DISABLEABLE]
+        if unknown:
+            raise RdnacError(f"--disable-pass: no pass named {', '.join(map(repr, unknown))}; "
+                             f"the passes are {', '.join(DISABLEABLE)}")
         if self.kv_block_size not in (8, 16, 32, 64):
             raise RdnacError(f"kv_block_size requires 8, 16, 32 or 64; got {self.kv_block_size}")
 
