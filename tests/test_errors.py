@@ -163,3 +163,13 @@ def test_weights_checked_at_load_and_hashed_on_request(plan, tmp_path):
     copy.write_bytes(msgpack.packb(doc, use_bin_type=True))
     with pytest.raises(PlanError, match=f"tensor {name!r} is"):
         rdnac.load(copy)
+
+
+
+def test_unknown_disable_pass_names_the_passes(checkpoint, tmp_path):
+    """A misspelt --disable-pass must not compile a plan with every pass on."""
+    out = tmp_path / "x.msgpack"
+    line = _one_line_error(["compile", str(checkpoint), "--target", "cpu", "-o", str(out),
+                            "--disable-pass", "fuse_gated_linaer"])
+    assert "no pass named 'fuse_gated_linaer'; the passes are" in line and "fuse_gated_linear" in line, line
+    assert not out.exists()

@@ -27,8 +27,7 @@ GRAPH_PASSES = ("merge_linears", "fuse_add_rms_norm", "fuse_qk_norm_rope_cache",
 # run after fp8_layout, which fixes each FP8 linear's format and activation scheme (a16w8 is not fused);
 # fuse_gated_linear last: a gated_act whose FP8 quantization fused into it stays a gated_act_quant
 LATE_PASSES = ("fuse_norm_quant", "fuse_act_quant", "fuse_gated_linear")
-# what --disable-pass accepts: the graph passes, and the decode tuning for PDL in select_kernels
-DISABLEABLE = GRAPH_PASSES + LATE_PASSES + ("weight_prefetch",)
+DISABLEABLE = GRAPH_PASSES + LATE_PASSES  # what --disable-pass accepts
 _DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE_SCHEMES = ("fp8", "fp8-block")
 

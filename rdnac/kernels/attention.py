@@ -200,10 +200,8 @@ def _decode_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         KV_BLOCK_SIZE: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
         HAS_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-        SELF_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False, EARLY_TRIGGER: tl.constexpr = False):
-    if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop,
-        if EARLY_TRIGGER:  # or here: the next kernel, a GEMM, prefetches its weights while this one runs)
-            gdc_launch_dependents()
+        SELF_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
         gdc_wait()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -405,8 +403,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     launcher.launch(_decode_kernel, (num_seqs, num_kv_heads, num_splits), args,
                     constexprs={**cx, "BLOCK_G": max(16, next_power_of_2(cx["GROUP"])),
                                 "HAS_SINKS": has_sinks, "HAS_SOFTCAP": softcap > 0, "HAS_WINDOW": sliding_window > 0,
-                                "NUM_SPLITS": num_splits, "BLOCK_N": block_n, "SELF_REDUCE": self_reduce,
-                                **({"EARLY_TRIGGER": True} if c.get("EARLY_TRIGGER") else {})},
+                                "NUM_SPLITS": num_splits, "BLOCK_N": block_n, "SELF_REDUCE": self_reduce},
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
     if num_splits > 1 and not self_reduce:
         launcher.launch(_decode_reduce_kernel, (num_seqs, num_heads),

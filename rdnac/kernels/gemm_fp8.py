@@ -49,7 +49,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
 from rdnac.kernels.fp8_quant import GRID, quantize_activations
-from rdnac.kernels.gemm import prefetch_constexprs, prefetch_rows, split_k_counters
+from rdnac.kernels.gemm import split_k_counters
 from rdnac.kernels.gemm_fp8_configs import _config, config_space, default_config  # noqa: F401 (the family API)
 from rdnac.kernels.launch import Launcher, cdiv
 
@@ -68,7 +68,9 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, 
                      IS_A16: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr,
-                     PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 128):
+                     PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
+        gdc_wait()
     # a: [M, K] fp8 (x itself if IS_A16); w: [N, K] fp8; a_scale[m * stride_as] (0: one scale);
     # w_scale[n * stride_ws] (0: per tensor); out: [M, N], or the fp32 workspace [SPLIT_K, M, N].
     pid = tl.program_id(0)
@@ -89,10 +91,6 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, 
     mask_m = offs_m < M
     mask_n = offs_n < N
     k_begin = pid_k * k_per_split
-    if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
-        if PREFETCH > 0:  # meanwhile L2 fetches the first lines of this program's weight rows (see gemm.py)
-            prefetch_rows(w_ptr, offs_n, stride_wn, k_begin, N, K, PREFETCH, LINE)
-        gdc_wait()
     k_end = tl.minimum(k_begin + k_per_split, K)
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
     a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + (k_begin + offs_k)[None, :]  # [BM, BK]
@@ -150,7 +148,9 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
                            GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr,
                            QUANT_A: tl.constexpr = False, FP8_MAX: tl.constexpr = 0.0,
                            MIN_NORMAL: tl.constexpr = 0.0, SUBNORMAL_ROUNDER: tl.constexpr = 0.0,
-                           PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 128):
+                           PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
+        gdc_wait()
     # a: [M, K] fp8 (x if IS_A16 or QUANT_A), a_scale[m * stride_asm + kb * stride_ask]; w: [N, K] fp8,
     # w_scale[(n // SCALE_BLOCK_N) * stride_wsn + kb * stride_wsk], kb = k // SCALE_BLOCK_K
     # (zero strides broadcast: per-token, per-channel and per-tensor scales ride along).
@@ -173,10 +173,6 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
     mask_m = offs_m < M
     mask_n = offs_n < N
     k_begin = pid_k * k_per_split  # a multiple of BLOCK_K, so every step lies in one scale block
-    if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
-        if PREFETCH > 0:  # meanwhile L2 fetches the first lines of this program's weight rows (see gemm.py)
-            prefetch_rows(w_ptr, offs_n, stride_wn, k_begin, N, K, PREFETCH, LINE)
-        gdc_wait()
     k_end = tl.minimum(k_begin + k_per_split, K)
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
     a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + (k_begin + offs_k)[None, :]  # [BM, BK]
@@ -326,7 +322,7 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     bias_arg = bias if has_bias else weight_scale  # never read when HAS_BIAS is False
     flags = dict(IS_A16=is_a16, HAS_BIAS=has_bias and (split_k == 1 or self_reduce), BLOCK_M=block_m,
                  BLOCK_N=block_n, BLOCK_K=block_k, GROUP_SIZE_M=c["GROUP_SIZE_M"], SPLIT_K=split_k,
-                 SELF_REDUCE=self_reduce, **prefetch_constexprs(c, weight.element_size()))
+                 SELF_REDUCE=self_reduce)
     launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
     # a_scale is [M, G] (dynamic), [1] (static) or unused (a16w8): zero strides broadcast it.
     stride_asm = 0 if is_a16 or quant_a or input_scale is not None else a_scale.stride(0)

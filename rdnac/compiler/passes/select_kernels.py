@@ -21,16 +21,11 @@ from rdnac.compiler.passes import PassContext
 from rdnac.errors import RdnacError
 from rdnac.ir.graph import Graph, Node
 from rdnac.kernels import gemm, gemm_gated
-from rdnac.kernels.launch import KernelCall, cdiv, with_pdl
+from rdnac.kernels.launch import KernelCall, with_pdl
 from rdnac.runtime.executor import NO_KERNEL_OPS, StepMeta, bucket_for, wrapper_name
 from rdnac.targets import Target
 
 NAME = "select_kernels"
-PREFETCH_STEP = "weight_prefetch"  # a --disable-pass name: decode kernels tuned for PDL (see weight_prefetch)
-# Bytes a decode GEMM's programs ask L2 for before waiting on the previous kernel: about what HBM moves
-# in the 2-9 us of the kernels before it, and a third of the 50 MB L2 of every PDL (sm90+) GPU.
-PREFETCH_BUDGET = 16 << 20
-_ELEMENT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def step_keys(max_num_seqs: int, max_num_batched_tokens: int) -> list[tuple[str, int]]:
@@ -118,31 +113,6 @@ def _candidates(family: str, problem: dict, target: Target) -> list[tuple[dict, 
     return ranked
 
 
-def weight_prefetch(family: str, problem: dict, config: dict) -> dict:
-    """A decode step's config tuned for programmatic dependent launch, where a kernel's programs may be
-    resident before its predecessor finishes. A GEMM (bf16, gated or FP8; a weight's bytes dominate its
-    time at decode) gets PREFETCH: the power of two of 128-byte lines per weight row (per split) that its
-    programs ask L2 for before `gdc_wait`, as many as keep the whole launch within PREFETCH_BUDGET; none
-    when not one line fits (a vocabulary-wide logits GEMM). Decode attention gets EARLY_TRIGGER: it lets
-    the next kernel (o_proj, or its activation quant and then o_proj) start, and prefetch, while it runs.
-    Prefetches change no result. Other families are returned as they are."""
-    c = config["constexprs"]
-    if family == "attention":
-        return {**config, "constexprs": {**c, "EARLY_TRIGGER": True}}
-    if family not in ("gemm", "gemm_gated", "gemm_fp8"):
-        return config
-    element = 1 if family == "gemm_fp8" else _ELEMENT_BYTES[problem["dtype"]]
-    rows = 2 * problem["N"] if family == "gemm_gated" else problem["N"]  # gated: gate and up rows
-    split = c.get("SPLIT_K", 1)
-    k_per_split = cdiv(cdiv(problem["K"], split), c["BLOCK_K"]) * c["BLOCK_K"]  # as the wrappers split K
-    programs_per_row = split * cdiv(problem["M"], c["BLOCK_M"])  # every M tile reads the row again
-    lines = min(PREFETCH_BUDGET // (rows * programs_per_row * gemm.LINE_BYTES),
-                min(k_per_split, problem["K"]) * element // gemm.LINE_BYTES)
-    if lines < 1:
-        return config
-    return {**config, "constexprs": {**c, "PREFETCH": 1 << (lines.bit_length() - 1)}}
-
-
 def _unfused_first(problem: dict, target: Target) -> list[tuple[dict, str]]:
     """Above decode sizes, unmeasured, a gated GEMM keeps the unfused pair (the merged GEMM ranked by the
     cost model, then the activation): on an H200 the fused kernel measured slower there (Qwen3-8B
@@ -193,7 +163,6 @@ def run(graph: Graph, ctx: PassContext, target: Target, runtime: dict, keys: lis
     """Returns (program, binaries). program: node -> step key -> {"kernel", "config"}."""
     program: dict[str, dict] = {n.name: {} for n in graph.nodes if n.op not in NO_KERNEL_OPS}
     options: dict[tuple[str, str], list] = {}  # (node, key) -> remaining ranked candidates
-    prefetch = _prefetch_on(ctx, runtime)
     for phase, bucket in keys:
         key = f"{phase}:{bucket}"
         env, _ = meta_env(graph, phase, bucket, runtime)
@@ -203,8 +172,6 @@ def run(graph: Graph, ctx: PassContext, target: Target, runtime: dict, keys: lis
                 continue
             family, problem = _problem(node, phase, env, runtime)
             ranked = _candidates(family, problem, target)
-            if prefetch and phase == "decode":
-                ranked = [(weight_prefetch(family, problem, cfg), why) for cfg, why in ranked]
             options[(node.name, key)] = ranked
             program[node.name][key] = {"kernel": wrapper_name(node.op, phase), "config": ranked[0][0],
                                        "reason": ranked[0][1]}
@@ -246,21 +213,6 @@ def run(graph: Graph, ctx: PassContext, target: Target, runtime: dict, keys: lis
             ctx.decide(NAME, node.name, f"{label} for {_key_span(ks)}",
                        program[node.name][ks[0]].get("reason", ""))
     return program, list(unique.values())
-
-
-def _prefetch_on(ctx: PassContext, runtime: dict) -> bool:
-    if PREFETCH_STEP in ctx.options.get("disable_passes", ()):
-        ctx.decide(PREFETCH_STEP, "-", "skipped", "disabled with --disable-pass")
-        return False
-    if not runtime.get("pdl"):
-        ctx.decide(PREFETCH_STEP, "-", "off", "no programmatic dependent launch: a kernel's programs start only "
-                   "after its predecessor ends, so there is nothing to overlap")
-        return False
-    ctx.decide(PREFETCH_STEP, "-", f"decode GEMMs prefetch up to {PREFETCH_BUDGET >> 20} MiB of weights (PREFETCH "
-               "lines per row); decode attention triggers its successor at its start (EARLY_TRIGGER)",
-               "with PDL a kernel's programs are resident while its predecessor runs; weights never depend on "
-               "it, so HBM can stream them meanwhile instead of idling through the small kernels between GEMMs")
-    return True
 
 
 def _propagate_meta(node: Node, env: dict) -> None:
