@@ -166,9 +166,11 @@ def test_lds_model_matches_gfx1201_cross_compile(config):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from rdnac.kernels.launch import full_constexprs
+
     kernel = gemm._gemm_kernel
-    flags = dict({"SELF_REDUCE": False}, **config["constexprs"], HAS_GATHER=False, HAS_BIAS=True, HAS_SOFTCAP=False,
-                 PDL=False)
+    flags = full_constexprs(kernel, dict({"SELF_REDUCE": False}, **config["constexprs"], HAS_GATHER=False,
+                                         HAS_BIAS=True, HAS_SOFTCAP=False))  # every other constexpr at its default
     ints = {"M", "N", "K", "stride_xm", "stride_wn", "stride_om", "k_per_split"}
     signature = {name: "constexpr" if name in flags else "i32" if name in ints else "fp32" if name == "softcap"
                  else "*i64" if name == "idx_ptr" else "*bf16" for name in kernel.arg_names}

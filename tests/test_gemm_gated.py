@@ -1,7 +1,8 @@
 """Gated GEMM (`linear_gated_act`): the MLP's merged gate/up GEMM with its activation in one kernel.
 
 Kernels run under the Triton interpreter. The fused kernel must write the unfused pair's bytes
-(`_gemm_kernel` with the same tile, then `_gated_act_kernel`) and be close to the IR reference. The
+(`_gemm_kernel` with the same tile, then `_gated_act_kernel`) and be close to the IR reference; so
+must a WIDE config (`_gemm_kernel` with its gated epilogue, gate and up columns interleaved). The
 pass `fuse_gated_linear` is checked on hand-built graphs (what fuses, what is kept and why) and on
 tiny Llama and Qwen3 checkpoints against transformers (cpu plans), fusion on vs off bit for bit, and
 compiled for sm90 with the fused kernels within the target's resources.
@@ -102,6 +103,132 @@ def test_empty_batch_and_bad_weight():
     assert gemm_gated.linear_gated_act(x, w, act="silu", config=CONFIGS[0], launcher=INTERPRET).shape == (0, 40)
     with pytest.raises(AssertionError, match=r"\[2I, K\]"):
         gemm_gated.linear_gated_act(x, w[:-1], act="silu", config=CONFIGS[0], launcher=INTERPRET)
+
+
+def _wide(block_m, block_n, block_k, group_size_m, split_k=1, num_warps=4, num_stages=2, self_reduce=False) -> dict:
+    """A WIDE config: the merged [2I, K] GEMM's tile (BLOCK_N / 2 gate/up pairs), gated in its epilogue."""
+    merged = gemm._config(block_m, block_n, block_k, group_size_m, split_k, num_warps, num_stages)
+    if self_reduce:
+        merged["constexprs"]["SELF_REDUCE"] = True
+    (config,) = gemm_gated.wide_configs([merged])
+    return config
+
+
+# decode tiles (one split-K self-reducing), a middle one, and a prefill-shaped grouped one small enough to interpret
+WIDE_CONFIGS = [_wide(16, 64, 64, 1), _wide(16, 32, 64, 1, split_k=2, self_reduce=True),
+                _wide(32, 64, 32, 1, num_warps=8), _wide(128, 128, 32, 8, num_warps=8)]
+
+
+def _gemm_config(config: dict) -> dict:
+    return {**config, "constexprs": {k: v for k, v in config["constexprs"].items() if k != "WIDE"}}
+
+
+def _check_wide(M, I, K, dtype, has_bias, act, config, launcher, device="cpu", exact=False):
+    """WIDE against the unfused pair with the same GEMM config (bit for bit where `exact`, else within two
+    roundings: see below) and against the IR reference."""
+    x, w, bias = _operands(M, I, K, dtype, has_bias, device)
+    out = gemm_gated.linear_gated_act(x, w, bias, act=act, config=config, launcher=launcher)
+    what = f"WIDE linear_gated_act M={M} I={I} K={K} {dtype} bias={has_bias} {act} {config}"
+    assert out.shape == (M, I), f"{what}: shape {tuple(out.shape)}"
+    assert out.dtype == dtype, f"{what}: dtype {out.dtype}"
+    act_config = activation.default_config({"I": I})
+    gate_up = gemm.linear(x, w, bias, config=_gemm_config(config), launcher=launcher)  # [M, 2I]
+    pair = activation.gated_act(gate_up, act=act, config=act_config, launcher=launcher)  # [M, I]
+    err = (out.float() - pair.float()).abs().max().item()
+    if exact:
+        assert torch.equal(out, pair), f"{what}: differs from the unfused pair by up to {err:.3g}"
+    else:  # bf16: two roundings of the output; fp32 output also shows the K sum's order (measured: < 3 eps)
+        eps, scale = torch.finfo(dtype).eps, pair.float().abs().max().item()
+        roundings = 2 if dtype == torch.bfloat16 else 8
+        assert torch.allclose(out.float(), pair.float(), rtol=2 * eps, atol=roundings * eps * scale), \
+            f"{what}: differs from the unfused pair by up to {err:.3g}"
+    ref = ops.linear_gated_act(x.float(), w.float(), None if bias is None else bias.float(), act=act)
+    atol, rtol = TOLERANCES[dtype]
+    err = (out.float() - ref.float()).abs().max().item()
+    assert torch.allclose(out.float(), ref.float(), atol=atol, rtol=rtol), f"{what}: max abs error {err:.3g}"
+    return x, w, bias, out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("config", WIDE_CONFIGS, ids=lambda c: "x".join(str(v) for v in c["constexprs"].values()))
+def test_wide_kernel_is_the_unfused_pair(dtype, act, config):
+    """M = 1 and M > 1 (not a multiple of BLOCK_M), K not a multiple of BLOCK_K, I a multiple of BLOCK_N / 2 and
+    not (masked pairs), with and without bias. Against the unfused pair on the merged weight: within two
+    roundings, because the WIDE tile interleaves gate and up columns and the interpreter's tl.dot (numpy's
+    BLAS) may round a column by its place in the tile (bit for bit on the GPU:
+    test_wide_kernel_gpu_is_the_unfused_pair_bit_for_bit). Bit for bit here against the same pair on that
+    weight with its rows interleaved as the tile reads them (gate row j at 2j, up row j at 2j + 1): the
+    GEMM then sees every column at its WIDE place, so this holds the row mapping, the bias, the masks and
+    the epilogue's arithmetic exactly."""
+    for M, I, K, has_bias in ((1, 128, 200, True), (5, 96, 72, False), (70, 100, 200, True)):
+        x, w, bias, out = _check_wide(M, I, K, dtype, has_bias, act, config, INTERPRET)
+        order = torch.stack([torch.arange(I), I + torch.arange(I)], dim=1).flatten()  # [2I]: g0, u0, g1, u1, ...
+        gate_up = gemm.linear(x, w[order], None if bias is None else bias[order], config=_gemm_config(config),
+                              launcher=INTERPRET)  # [M, 2I], interleaved
+        pair = activation.gated_act(gate_up[:, 0::2].contiguous(), gate_up[:, 1::2].contiguous(), act=act,
+                                    config=activation.default_config({"I": I}), launcher=INTERPRET)
+        assert torch.equal(out, pair), \
+            f"M={M} I={I}: differs from the interleaved pair by up to {(out.float() - pair.float()).abs().max():.3g}"
+
+
+def test_wide_configs_keep_split_k_only_with_self_reduce():
+    configs = gemm.config_space({"M": 1, "N": 2 * 12288, "K": 4096, "dtype": "bfloat16", "has_bias": False})
+    with_self_reduce = [{**c, "constexprs": {**c["constexprs"], "SELF_REDUCE": True}} for c in configs
+                        if c["constexprs"]["SPLIT_K"] > 1]
+    assert with_self_reduce, "the decode space of an 8B MLP has split-K configs"
+    wide = gemm_gated.wide_configs(configs + with_self_reduce)
+    assert all(c["constexprs"]["WIDE"] for c in wide)
+    assert [_gemm_config(c) for c in wide] == [c for c in configs if c["constexprs"]["SPLIT_K"] == 1] + with_self_reduce
+
+
+def test_wide_rejects_split_k_without_self_reduce():
+    meta = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16, device="meta")  # noqa: E731
+    config = {**_wide(16, 64, 64, 1), "constexprs": {**_wide(16, 64, 64, 1)["constexprs"], "SPLIT_K": 2}}
+    with pytest.raises(AssertionError, match=r"requires SPLIT_K 1 or SELF_REDUCE.*got SPLIT_K=2 without SELF_REDUCE"):
+        gemm_gated.linear_gated_act(meta(1, 4096), meta(2 * 12288, 4096), act="silu", config=config,
+                                    launcher=RecordingLauncher())
+
+
+def test_wide_prefill_tile_compiles_for_sm90_without_spills():
+    """The [128, 256] x 64 tile (8 warps, 3 stages) that wins the merged GEMM at prefill on an H200, gated, at
+    Qwen3-8B's MLP: one kernel on wgmma, no spills, shared memory within sm90; with its bias, and a
+    self-reducing decode config with PDL and weight prefetch. gfx1201 builds the configs that fit it."""
+    from rdnac.compiler.build import check_resources, compile_calls
+
+    meta = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16, device="meta")  # noqa: E731
+    I, K = 12288, 4096
+    prefill = _wide(128, 256, 64, 8, num_warps=8, num_stages=3)
+    decode = _wide(16, 64, 128, 1, split_k=4, num_stages=3, self_reduce=True)
+    decode["constexprs"]["PREFETCH"] = 4
+    for target, configs in (("sm90", (prefill, decode)), ("gfx1201", (_wide(128, 128, 32, 8, num_warps=8), decode))):
+        rec = RecordingLauncher(pdl=target == "sm90")
+        for config in configs:
+            M = 2048 if config["constexprs"]["BLOCK_M"] == 128 else 1
+            for bias in (None, meta(2 * I)):
+                gemm_gated.linear_gated_act(meta(M, K), meta(2 * I, K), bias, act="silu", config=config, launcher=rec)
+        assert [(c.kernel.split(":")[1], c.constexprs["GATED"]) for c in rec.calls] == [("_gemm_kernel", "silu")] * 4
+        for binary in compile_calls(rec.calls, target, quiet=True):
+            assert check_resources(binary, target) == [], (target, binary.key)
+            res = binary.resources
+            assert res.num_spills == 0 and res.matrix_instructions, (target, binary.key, res)
+            if target == "sm90" and binary.call.constexprs["BLOCK_N"] == 256:
+                assert any(i.startswith("wgmma.") for i in res.matrix_instructions), res
+
+
+def test_cost_model_ranks_wide_as_the_merged_tile():
+    """WIDE is measured only (not in config_space), but tune ranks the measured configs with the model: a WIDE
+    tile is the merged GEMM's tile as it stands, writing [M, I] instead of [M, 2I]."""
+    target = get_target("sm90")
+    problem = {"M": 2048, "N": 12288, "K": 4096, "dtype": "bfloat16", "act": "silu"}
+    merged = gemm_gated.merged_problem(problem)
+    wide = _wide(128, 256, 64, 8, num_warps=8, num_stages=3)
+    est = cost_model.estimate("gemm_gated", problem, wide, target)
+    plain = cost_model.estimate("gemm", merged, _gemm_config(wide), target)
+    assert est.is_feasible and est.tiles == plain.tiles == 16 * 96 and est.flops == plain.flops
+    assert plain.bytes_moved - est.bytes_moved == 2048 * 12288 * 2  # half the merged [M, 2I] bf16 output
+    mixed = [wide, _cfg(128, 128, 64, 8, 8, 3)] + gemm_gated.unfused_configs([_gemm_config(wide)], problem)
+    assert len(cost_model.rank("gemm_gated", problem, mixed, target)) == 3
 
 
 @pytest.mark.parametrize("M", [1, 16, 64, 256, 2048])
@@ -271,16 +398,29 @@ def test_tune_builds_gated_candidates_on_cpu():
     job = ("gemm_gated", {"M": 1, "N": 64, "K": 64, "dtype": "bfloat16", "act": "silu"})
     assert tuning.problem_key(*job) == "gemm_gated|N=64|K=64|dtype=bfloat16|act=silu"
     offered = candidates(*job)
-    fused = [c for c in offered if not c["constexprs"].get("UNFUSED")]
+    fused = [c for c in offered if not c["constexprs"].get("UNFUSED") and not c["constexprs"].get("WIDE")]
     unfused = [c for c in offered if c["constexprs"].get("UNFUSED")]
+    wide = [c for c in offered if c["constexprs"].get("WIDE")]
     assert fused and all("SPLIT_K" not in c["constexprs"] for c in fused)
-    # the unfused pair is measured alike: the merged GEMM's candidates, each with the activation's default
-    assert len(unfused) == len([c for c in candidates("gemm", {"M": 1, "N": 128, "K": 64, "dtype": "bfloat16",
-                                                                 "has_bias": False})])
+    # the unfused pair and WIDE are measured alike: the merged GEMM's candidates, the pair's each with the
+    # activation's default
+    merged = candidates("gemm", {"M": 1, "N": 128, "K": 64, "dtype": "bfloat16", "has_bias": False})
+    assert len(unfused) == len(merged)
     assert all(c["act_config"] == activation.default_config({"I": 64}) for c in unfused)
-    assert not any(c["constexprs"].get("UNFUSED") for c in gemm_gated.config_space(job[1]))  # measured only
+    assert wide == gemm_gated.wide_configs(merged) != []
+    assert not any(c["constexprs"].get("UNFUSED") or c["constexprs"].get("WIDE")
+                   for c in gemm_gated.config_space(job[1]))  # measured only
     built = build_candidates([job], "sm90", log=lambda line: None)
     assert 0 < len(built) <= len(offered) and any(c["constexprs"].get("UNFUSED") for _, c, _ in built)
+    assert any(c["constexprs"].get("WIDE") for _, c, _ in built)
+    # at 8B decode the merged GEMM splits K: WIDE keeps only the self-reducing splits
+    decode = {"M": 1, "N": 12288, "K": 4096, "dtype": "bfloat16", "act": "silu"}
+    wide = [c["constexprs"] for c in candidates("gemm_gated", decode) if c["constexprs"].get("WIDE")]
+    assert any(c["SPLIT_K"] > 1 for c in wide) and all(c["SPLIT_K"] == 1 or c.get("SELF_REDUCE") for c in wide)
+    # and at prefill the [128, 256] x 64 tile is among them
+    prefill = dict(decode, M=2048)
+    assert any((c["constexprs"]["BLOCK_M"], c["constexprs"]["BLOCK_N"], c["constexprs"]["BLOCK_K"]) == (128, 256, 64)
+               for c in candidates("gemm_gated", prefill) if c["constexprs"].get("WIDE"))
 
 
 def test_unfused_config_runs_the_pair_and_a_measured_one_is_selected(tmp_path, monkeypatch):
@@ -315,6 +455,31 @@ def test_unfused_config_runs_the_pair_and_a_measured_one_is_selected(tmp_path, m
         tuning.load.cache_clear()
 
 
+def test_a_measured_wide_config_is_selected_and_carried_to_other_shapes(tmp_path, monkeypatch):
+    """select_kernels never offers WIDE unmeasured; a table entry that measured it fastest at prefill puts it
+    first there, and at another shape's prefill (nearest measured shape), never at decode."""
+    from rdnac.compiler.passes.select_kernels import _candidates
+
+    wide = _wide(128, 256, 64, 8, num_warps=8, num_stages=3)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    tuning.load.cache_clear()
+    try:
+        problem = {"M": 2048, "N": 12288, "K": 4096, "dtype": "bfloat16", "act": "silu"}
+        target = get_target("sm90")
+        assert not any(cfg["constexprs"].get("WIDE") for cfg, _ in _candidates("gemm_gated", problem, target))
+        tuning.save(tmp_path / "rdnac" / "tuned" / "sm90.json", "Test GPU", {},
+                    [{"key": tuning.problem_key("gemm_gated", problem), "M": 2048, "family": "gemm_gated",
+                      "problem": problem, "config": wide, "us": 300.0, "candidates": 90}])
+        picked, reason = _candidates("gemm_gated", problem, target)[0]
+        assert picked == wide and "measured fastest of 90 candidates" in reason
+        other = dict(problem, N=11008)  # not in the shipped table
+        picked, reason = _candidates("gemm_gated", other, target)[0]
+        assert picked == wide and "nearest measured shape N=12288" in reason
+        assert not _candidates("gemm_gated", dict(problem, M=1), target)[0][0]["constexprs"].get("WIDE")
+    finally:
+        tuning.load.cache_clear()
+
+
 # ---------------------------------------------------------------- GPU
 
 
@@ -330,3 +495,36 @@ def test_fused_kernel_gpu_is_the_unfused_pair_bit_for_bit():
             for config in gemm_gated.config_space(problem):
                 for act in ACTS:
                     _check(M, I, K, torch.bfloat16, M == 33, act, config, launcher, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/HIP GPU")
+def test_wide_kernel_gpu_is_the_unfused_pair_bit_for_bit():
+    """WIDE writes the unfused pair's bytes with the same GEMM config (each output element's K loop and
+    epilogue arithmetic are the pair's): the prefill [128, 256] x 64 tile and the self-reducing split-K decode
+    config for every activation, then every WIDE candidate `rdnac tune` measures (silu), at Qwen3-8B's MLP
+    and an irregular shape."""
+    from rdnac.compiler.tune import candidates
+
+    launcher = JitLauncher()
+    chosen = {2048: [_wide(128, 256, 64, 8, num_warps=8, num_stages=3),
+                     _wide(128, 128, 64, 8, num_warps=8, num_stages=3)],
+              1: [_wide(16, 64, 128, 1, split_k=4, num_stages=3, self_reduce=True), _wide(16, 32, 256, 1)]}
+    for I, K in ((12288, 4096), (1823, 781)):
+        for M, configs in chosen.items():
+            for config in configs:
+                for act in ACTS:
+                    _check_wide(M, I, K, torch.bfloat16, M == 1, act, config, launcher, device="cuda", exact=True)
+        for M in (1, 33, 2048):
+            problem = {"M": gemm.m_bucket(M), "N": I, "K": K, "dtype": "bfloat16", "act": "silu"}
+            seen = set()  # one config per tile, split and warps: stages change no element's K order
+            for config in candidates("gemm_gated", problem):
+                c = config["constexprs"]
+                if not c.get("WIDE"):
+                    continue
+                tile = (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"], c.get("SELF_REDUCE"),
+                        config["num_warps"])
+                if tile not in seen:
+                    seen.add(tile)
+                    _check_wide(M, I, K, torch.bfloat16, M == 33, "silu", config, launcher, device="cuda",
+                                exact=True)

@@ -196,13 +196,17 @@ def _estimate_logits(problem: dict, config: dict, target) -> Estimate:
 def _estimate_gemm_gated(problem: dict, config: dict, target) -> Estimate:
     """A gated GEMM program (BLOCK_N gate and BLOCK_N up columns) is a gemm tile 2 x BLOCK_N wide of the
     merged [2I, K] GEMM: the same tiles, LDS, registers, weight and activation bytes; it writes [M, I],
-    half the merged output (charged as half an element per merged column)."""
+    half the merged output (charged as half an element per merged column). A WIDE config (measured
+    only, see gemm_gated.py) is that merged tile as it stands: its BLOCK_N already counts both halves."""
     c = config["constexprs"]
+    merged = {**problem, "N": 2 * problem["N"]}
     if c.get("UNFUSED"):  # the merged GEMM writing [M, 2I] (the activation launch is not modelled)
-        return _estimate_gemm({**problem, "N": 2 * problem["N"]}, config, target)
-    wide = {**config, "constexprs": {**c, "BLOCK_N": 2 * c["BLOCK_N"]}}
+        return _estimate_gemm(merged, config, target)
     half = ELEMENT_BYTES[_dtype_name(problem.get("dtype", "bfloat16"))] / 2
-    return _estimate_gemm({**problem, "N": 2 * problem["N"]}, wide, target, out_bytes_per_elt=half)
+    if c.get("WIDE"):
+        return _estimate_gemm(merged, config, target, out_bytes_per_elt=half)
+    wide = {**config, "constexprs": {**c, "BLOCK_N": 2 * c["BLOCK_N"]}}
+    return _estimate_gemm(merged, wide, target, out_bytes_per_elt=half)
 
 
 ESTIMATORS: dict[str, Callable[[dict, dict, Any], Estimate]] = {

@@ -53,11 +53,12 @@ def candidates(family: str, problem: dict) -> list[dict]:
                       (64, 32, 4, 3), (64, 128, 4, 3))]
         return [c for j, c in enumerate(space + extra) if c not in (space + extra)[:j]]
     if family == "gemm_gated":  # the merged [2N, K] GEMM's candidates without split-K, BLOCK_N halved
-        from rdnac.kernels.gemm_gated import from_gemm_configs, merged_problem, unfused_configs
+        from rdnac.kernels.gemm_gated import from_gemm_configs, merged_problem, unfused_configs, wide_configs
 
         gemm_candidates = candidates("gemm", merged_problem(problem))
         fused = space + [c for c in from_gemm_configs(gemm_candidates) if c not in space]
-        return fused + unfused_configs(gemm_candidates, problem)  # the unfused pair, measured alike
+        # the unfused pair and the merged GEMM with a gated epilogue (WIDE), measured alike
+        return fused + unfused_configs(gemm_candidates, problem) + wide_configs(gemm_candidates)
     M, N, K = problem["M"], problem["N"], problem["K"]
     block_scale = problem.get("weight_scheme") == "block"
     extra = []

@@ -19,6 +19,15 @@ on one stream run one after another, so one buffer serves every GEMM.
 Without split-K the kernel loops over all of K with masks, so no config can
 truncate K.
 
+With constexpr GATED (an activation name: `gemm_gated`'s WIDE configs) the
+kernel is the MLP's merged gate/up GEMM with its activation: w is [N = 2I, K]
+(gate rows, then up rows, unchanged), tile column c reads weight row
+c // 2 + (c % 2) * I, so a tile holds BLOCK_N / 2 matched (gate, up) column
+pairs, and the epilogue stores act(gate) * up [M, I] rounded as
+`activation.gated_act` rounds: the unfused pair's bits for the same config,
+without the [M, 2I] round trip or the second launch. Split-K only with
+SELF_REDUCE (the activation needs the whole K sum; the last split holds it).
+
 With PDL (programmatic dependent launch, sm90+) a program may be resident
 before the previous kernel finishes. Constexpr PREFETCH > 0 (lines of 128
 bytes per weight row, set by the compiler at decode sizes, see
@@ -93,10 +102,14 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
                  HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr,
-                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64):
+                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
+                 GATED: tl.constexpr = ""):
     # x: [*, K] (rows idx[m] if HAS_GATHER else m); w: [N, K]; out: [M, N],
     # or the fp32 workspace [SPLIT_K, M, N] when SPLIT_K > 1. SELF_REDUCE: final [M, N]
     # (contiguous) gets the sum; counter[pid] counts the tile's finished splits (0 between launches).
+    # GATED (an activation name): w is a merged [N = 2I, K] gate/up weight; tile column c computes
+    # weight row c // 2 + (c % 2) * I (gate row j at column 2j, up row j at 2j + 1) and the [M, I]
+    # output (final when SELF_REDUCE) gets act(gate) * up.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # tl.cdiv is a jit function: inlined
@@ -117,10 +130,14 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     mask_m = offs_m < M
     mask_n = offs_n < N
+    if GATED != "":  # even tile columns read gate rows, odd ones the matching up rows: no weight re-layout
+        w_rows = offs_n // 2 + (offs_n % 2) * (N // 2)  # [BN]
+    else:
+        w_rows = offs_n
     k_begin = pid_k * k_per_split
     if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
         if PREFETCH > 0:  # meanwhile HBM streams the first lines of this program's weight rows into L2
-            prefetch_rows(w_ptr, offs_n, stride_wn, k_begin, N, K, PREFETCH, LINE)
+            prefetch_rows(w_ptr, w_rows, stride_wn, k_begin, N, K, PREFETCH, LINE)
         gdc_wait()
     if HAS_GATHER:
         rows = tl.load(idx_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
@@ -128,7 +145,7 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
         rows = offs_m.to(tl.int64)
     x_rows = x_ptr + rows * stride_xm  # [BM] row pointers
     # int64: vocab * hidden can pass 2**31 elements.
-    w_cols = w_ptr + offs_n.to(tl.int64) * stride_wn  # [BN] row pointers of w
+    w_cols = w_ptr + w_rows.to(tl.int64) * stride_wn  # [BN] row pointers of w
 
     k_end = tl.minimum(k_begin + k_per_split, K)
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
@@ -148,15 +165,37 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
         gdc_launch_dependents()  # let chains of waiting kernels crowd the SMs: 8B decode 17% slower)
     out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
+    if GATED != "":  # the [M, I] output's columns of this tile: one per (gate, up) pair
+        offs_i = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # [BN/2]
+        gated_mask = mask_m[:, None] & (offs_i < N // 2)[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + w_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if HAS_SOFTCAP:
             # softcap * tanh(acc / softcap), tanh written out: no libdevice in portable Triton.
             t = tl.exp(-2.0 * tl.abs(acc / softcap))
             tanh_abs = (1.0 - t) / (1.0 + t)
             acc = softcap * tl.where(acc < 0, -tanh_abs, tanh_abs)
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if GATED != "":
+            # Round gate and up as the unfused GEMM stores gate_up, then activation._gated_act_kernel's
+            # formulas op for op (copied, here and below: under the interpreter a kernel cannot call a
+            # @triton.jit helper), so the output is the unfused pair's bit for bit.
+            act_dtype = out_ptr.dtype.element_ty
+            gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # [BM, BN/2] each
+            gate = gate.to(act_dtype).to(tl.float32)
+            up = up.to(act_dtype).to(tl.float32)
+            if GATED == "silu":
+                act = gate / (1.0 + tl.exp(-gate))
+            elif GATED == "gelu":
+                act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+            else:  # gelu_tanh; tanh(z) = 1 - 2 / (exp(2z) + 1) saturates correctly at both ends
+                z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+                act = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+            act = act.to(act_dtype).to(tl.float32)
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_i[None, :], (act * up).to(act_dtype),
+                     mask=gated_mask)
+        else:
+            tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
         if SELF_REDUCE:
@@ -168,13 +207,29 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
                     # .cg: read through L2, never a stale L1 line of this SM
                     total += tl.load(out_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
                 if HAS_BIAS:
-                    total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+                    total += tl.load(bias_ptr + w_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
                 if HAS_SOFTCAP:
                     t = tl.exp(-2.0 * tl.abs(total / softcap))
                     tanh_abs = (1.0 - t) / (1.0 + t)
                     total = softcap * tl.where(total < 0, -tanh_abs, tanh_abs)
-                tl.store(final_ptr + offs_m[:, None] * N + offs_n[None, :],
-                         total.to(final_ptr.dtype.element_ty), mask=out_mask)
+                if GATED != "":  # as in the SPLIT_K == 1 epilogue above; final is [M, I], contiguous
+                    act_dtype = final_ptr.dtype.element_ty
+                    gate, up = tl.split(tl.reshape(total, (BLOCK_M, BLOCK_N // 2, 2)))  # [BM, BN/2] each
+                    gate = gate.to(act_dtype).to(tl.float32)
+                    up = up.to(act_dtype).to(tl.float32)
+                    if GATED == "silu":
+                        act = gate / (1.0 + tl.exp(-gate))
+                    elif GATED == "gelu":
+                        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+                    else:  # gelu_tanh
+                        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+                        act = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+                    act = act.to(act_dtype).to(tl.float32)
+                    tl.store(final_ptr + offs_m[:, None] * (N // 2) + offs_i[None, :], (act * up).to(act_dtype),
+                             mask=gated_mask)
+                else:
+                    tl.store(final_ptr + offs_m[:, None] * N + offs_n[None, :],
+                             total.to(final_ptr.dtype.element_ty), mask=out_mask)
                 tl.store(counter_ptr + pid, 0)  # ready for the next launch
 
 
@@ -229,12 +284,20 @@ def _check_operands(op: str, x: torch.Tensor, weight: torch.Tensor) -> None:
     assert x.stride(1) == 1 and weight.stride(1) == 1, f"{op}: x and weight need unit stride along K"
 
 
-def _launch_gemm(x, idx, weight, bias, out, M, softcap, *, config, launcher, is_gather):
-    """Launch the GEMM (and, with SPLIT_K > 1 and no SELF_REDUCE, its reduce) writing `out` [M, N]."""
+def _launch_gemm(x, idx, weight, bias, out, M, softcap, *, config, launcher, is_gather, gated=""):
+    """Launch the GEMM (and, with SPLIT_K > 1 and no SELF_REDUCE, its reduce) writing `out` [M, N].
+    With `gated` (an activation name) weight is a merged gate/up [N = 2I, K] and `out` is [M, I]."""
     N, K = weight.shape
     c = config["constexprs"]
     block_m, block_n, block_k, split_k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"]
     self_reduce = bool(c.get("SELF_REDUCE", False)) and split_k > 1
+    if gated:
+        assert not is_gather and softcap == 0, "a gated GEMM has no row gather and no softcap"
+        assert N % 2 == 0 and block_n % 2 == 0, f"a gated GEMM pairs columns: N={N}, BLOCK_N={block_n} must be even"
+        assert split_k == 1 or self_reduce, (
+            f"a gated GEMM requires SPLIT_K 1 or SELF_REDUCE (the activation needs the whole K sum, which only "
+            f"the last split of a self-reducing tile holds); got SPLIT_K={split_k} without SELF_REDUCE in {config}; "
+            f"add SELF_REDUCE or use SPLIT_K 1")
     if M == 0:
         return out
     # Each split covers whole BLOCK_K steps; the last one stops at K (masked).
@@ -247,7 +310,7 @@ def _launch_gemm(x, idx, weight, bias, out, M, softcap, *, config, launcher, is_
     counters = split_k_counters(x.device, num_tiles)  # read only with SELF_REDUCE
     flags = dict(HAS_GATHER=is_gather, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                  GROUP_SIZE_M=c["GROUP_SIZE_M"], SPLIT_K=split_k, SELF_REDUCE=self_reduce,
-                 **prefetch_constexprs(c, weight.element_size()))
+                 **prefetch_constexprs(c, weight.element_size()), **({"GATED": gated} if gated else {}))
     if split_k == 1:
         launcher.launch(_gemm_kernel, grid,
                         (x, idx_arg, weight, bias_arg, out, out, counters, M, N, K, x.stride(0), weight.stride(0),

@@ -11,16 +11,23 @@ unfused pair's output bit for bit (same tile shape and K order); the [T, 2I]
 gate_up tensor and the activation launch are gone.
 
 SPLIT_K is not supported (the activation needs the whole K sum): the kernel
-has no split constexpr. A config with constexpr UNFUSED runs the unfused pair
-instead (`gemm.linear` with the config's GEMM constexprs, then
-`activation.gated_act` with its `act_config`): only `rdnac tune` offers it, for
-the sizes where the two launches measure faster (on an H200 the fused kernel
-wins at one token and loses at prefill sizes, where one [128, 256] wgmma tile
-beats two [128, 128] accumulators). The config space is gemm's for the merged [2I, K]
-GEMM in the same M regime, SPLIT_K 1 only, with BLOCK_N halved: a program's
-2 x BLOCK_N accumulator columns are one gemm tile's worth of registers, LDS
-and weight bytes. `config_space(problem)` takes {"M": bucket label (see
-`gemm.m_bucket`), "N": I (the output width), "K", "dtype", "act"}.
+has no split constexpr. Two other forms are configs of this node too, with the
+merged GEMM's constexprs plus a flag, offered only by `rdnac tune` for the sizes
+where they measure faster (on an H200 the fused kernel wins at one token and
+loses at prefill sizes, where one [128, 256] wgmma tile beats two [128, 128]
+accumulators):
+  UNFUSED: the unfused pair, `gemm.linear` writing gate_up [M, 2I], then
+           `activation.gated_act` with the config's `act_config`;
+  WIDE:    `gemm._gemm_kernel` with GATED=act: one merged tile holds gate and
+           up columns interleaved (BLOCK_N / 2 pairs) and its epilogue stores
+           act(gate) * up, so [M, 2I] and the second launch are gone; split-K
+           only with SELF_REDUCE (`wide_configs`).
+WIDE writes the unfused pair's bits for the same GEMM config (each output
+element's K loop is the same). The config space is gemm's for the merged
+[2I, K] GEMM in the same M regime, SPLIT_K 1 only, with BLOCK_N halved: a
+program's 2 x BLOCK_N accumulator columns are one gemm tile's worth of
+registers, LDS and weight bytes. `config_space(problem)` takes {"M": bucket
+label (see `gemm.m_bucket`), "N": I (the output width), "K", "dtype", "act"}.
 """
 
 from __future__ import annotations
@@ -128,6 +135,10 @@ def linear_gated_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if M == 0:
         return out
     c = config["constexprs"]
+    if c.get("WIDE"):  # the merged GEMM's kernel and tile, storing act(gate) * up from its epilogue
+        gemm_config = {**config, "constexprs": {k: v for k, v in c.items() if k != "WIDE"}}
+        return gemm._launch_gemm(x, None, weight, bias, out, M, 0.0, config=gemm_config, launcher=launcher,
+                                 is_gather=False, gated=act)
     if c.get("UNFUSED"):  # measured faster at this size: the merged GEMM, then the activation kernel
         gemm_config = {**config, "constexprs": {k: v for k, v in c.items() if k != "UNFUSED"}}
         del gemm_config["act_config"]
@@ -171,6 +182,14 @@ def unfused_configs(configs: list[dict], problem: dict) -> list[dict]:
     them so a size where the fused kernel is slower keeps the two launches)."""
     act_config = activation.default_config({"I": problem["N"]})
     return [{**cfg, "constexprs": {**cfg["constexprs"], "UNFUSED": True}, "act_config": act_config} for cfg in configs]
+
+
+def wide_configs(configs: list[dict]) -> list[dict]:
+    """gemm configs of the merged [2I, K] GEMM -> WIDE configs: `gemm._gemm_kernel` with its GATED
+    epilogue, the same tile (BLOCK_N columns of the merged GEMM = BLOCK_N / 2 gate/up pairs). A split-K
+    config needs SELF_REDUCE (only the tile's last split holds the whole K sum); others are dropped."""
+    return [{**cfg, "constexprs": {**cfg["constexprs"], "WIDE": True}} for cfg in configs
+            if cfg["constexprs"].get("SPLIT_K", 1) == 1 or cfg["constexprs"].get("SELF_REDUCE")]
 
 
 def merged_problem(problem: dict) -> dict:
