@@ -28,14 +28,6 @@ pairs, and the epilogue stores act(gate) * up [M, I] rounded as
 without the [M, 2I] round trip or the second launch. Split-K only with
 SELF_REDUCE (the activation needs the whole K sum; the last split holds it).
 
-With PDL (programmatic dependent launch, sm90+) a program may be resident
-before the previous kernel finishes. Constexpr PREFETCH > 0 (lines of 128
-bytes per weight row, set by the compiler at decode sizes, see
-`select_kernels.weight_prefetch`) asks L2 for the first PREFETCH lines of
-the program's weight rows before `gdc_wait`: weights never depend on the
-previous kernel, so HBM streams them while it drains. Prefetches change no
-result; without PDL the constexpr is not read.
-
 Config space, per M bucket (`m_bucket`; buckets M <= 1, 2, 4, 8, 16, 32, 64,
 128, 256 and M > 256, labelled by their upper bound, the last one by
 `LARGE_M` = 2048, a typical prefill chunk; a bucket's configs are correct for
@@ -81,29 +73,13 @@ def m_bucket(M: int) -> int:
     return LARGE_M
 
 
-LINE_BYTES = 128  # an L2 line: PREFETCH counts these per weight row
-
-
-@triton.jit
-def prefetch_rows(w_ptr, rows, stride_wn, k_begin, N, K, LINES: tl.constexpr, LINE: tl.constexpr):
-    """Ask L2 for LINES lines of LINE elements from column k_begin of weight rows `rows` [R] (clamped in
-    bounds: a prefetch never faults, but an address past the tensor is still a wasted request). GPU
-    only (PTX): kernels call it under their PDL constexpr, which the interpreter never sets."""
-    r = tl.minimum(rows, N - 1).to(tl.int64)
-    cols = tl.minimum(k_begin + tl.arange(0, LINES) * LINE, K - 1)
-    tl.inline_asm_elementwise("mov.b32 $0, 0;\n\tprefetch.global.L2 [$1];", "=r,l",
-                              [w_ptr + r[:, None] * stride_wn + cols[None, :]],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
 @triton.jit
 def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_ptr,
                  M, N, K, stride_xm, stride_wn, stride_om, k_per_split, softcap,
                  HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr,
-                 PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, LINE: tl.constexpr = 64,
-                 GATED: tl.constexpr = ""):
+                 PDL: tl.constexpr = False, GATED: tl.constexpr = ""):
     # x: [*, K] (rows idx[m] if HAS_GATHER else m); w: [N, K]; out: [M, N],
     # or the fp32 workspace [SPLIT_K, M, N] when SPLIT_K > 1. SELF_REDUCE: final [M, N]
     # (contiguous) gets the sum; counter[pid] counts the tile's finished splits (0 between launches).
@@ -136,8 +112,6 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
         w_rows = offs_n
     k_begin = pid_k * k_per_split
     if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
-        if PREFETCH > 0:  # meanwhile HBM streams the first lines of this program's weight rows into L2
-            prefetch_rows(w_ptr, w_rows, stride_wn, k_begin, N, K, PREFETCH, LINE)
         gdc_wait()
     if HAS_GATHER:
         rows = tl.load(idx_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
@@ -310,7 +284,7 @@ def _launch_gemm(x, idx, weight, bias, out, M, softcap, *, config, launcher, is_
     counters = split_k_counters(x.device, num_tiles)  # read only with SELF_REDUCE
     flags = dict(HAS_GATHER=is_gather, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                  GROUP_SIZE_M=c["GROUP_SIZE_M"], SPLIT_K=split_k, SELF_REDUCE=self_reduce,
-                 **prefetch_constexprs(c, weight.element_size()), **({"GATED": gated} if gated else {}))
+                 **({"GATED": gated} if gated else {}))
     if split_k == 1:
         launcher.launch(_gemm_kernel, grid,
                         (x, idx_arg, weight, bias_arg, out, out, counters, M, N, K, x.stride(0), weight.stride(0),
@@ -332,12 +306,6 @@ def _launch_gemm(x, idx, weight, bias, out, M, softcap, *, config, launcher, is_
                                         BLOCK=REDUCE_BLOCK),
                         num_warps=4, num_stages=1)
     return out
-
-
-def prefetch_constexprs(constexprs: dict, element_size: int) -> dict:
-    """PREFETCH (lines per weight row) and LINE (elements per line) for a config that asks for a prefetch."""
-    lines = constexprs.get("PREFETCH", 0)
-    return dict(PREFETCH=lines, LINE=LINE_BYTES // element_size) if lines else {}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -49,8 +49,7 @@ AOT_DIVISIBLE = {"_gemm_gated_kernel": ("N", "K", "stride_xm", "stride_wn", "str
 def _gemm_gated_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                        ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_SIZE_M: tl.constexpr, PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
-                       LINE: tl.constexpr = 64):
+                       GROUP_SIZE_M: tl.constexpr, PDL: tl.constexpr = False):
     # x: [M, K]; w: [2N, K] (gate rows, then up rows); bias: [2N]; out: [M, N]
     pid = tl.program_id(0)
     num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # tl.cdiv is a jit function: inlined
@@ -72,9 +71,6 @@ def _gemm_gated_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stri
     mask_m = offs_m < M
     mask_n = offs_n < N
     if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
-        if PREFETCH > 0:  # meanwhile L2 fetches the first lines of the gate and up rows (see gemm.py)
-            gemm.prefetch_rows(w_ptr, offs_n, stride_wn, 0, N, K, PREFETCH, LINE)
-            gemm.prefetch_rows(w_ptr, N + offs_n, stride_wn, 0, 2 * N, K, PREFETCH, LINE)
         gdc_wait()
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm  # [BM] row pointers
     gate_cols = w_ptr + offs_n.to(tl.int64) * stride_wn  # [BN] gate rows of w
@@ -151,8 +147,7 @@ def linear_gated_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                     (x, weight, bias if bias is not None else weight,  # bias never read without HAS_BIAS
                      out, M, N, K, x.stride(0), weight.stride(0), out.stride(0)),
                     constexprs=dict(ACT=act, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                                    BLOCK_K=c["BLOCK_K"], GROUP_SIZE_M=c["GROUP_SIZE_M"],
-                                    **gemm.prefetch_constexprs(c, weight.element_size())),
+                                    BLOCK_K=c["BLOCK_K"], GROUP_SIZE_M=c["GROUP_SIZE_M"]),
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out
 
