@@ -245,8 +245,8 @@ def _rope_decode_kernel(
             if arrived == NUM_SPLITS - 1:
                 # The last split merges _decode_reduce_kernel's way, op for op (.cg: through L2).
                 m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
-                for s in tl.static_range(NUM_SPLITS):
-                    m_all = tl.maximum(m_all, tl.load(part_max_ptr + part + s, mask=g_ok, other=float("-inf"),
+                for i in tl.static_range(NUM_SPLITS):  # (not `s`: the peeled tile's scores)
+                    m_all = tl.maximum(m_all, tl.load(part_max_ptr + part + i, mask=g_ok, other=float("-inf"),
                                                       cache_modifier=".cg"))
                 if HAS_SINKS:
                     sink = tl.load(sinks_ptr + head, mask=g_ok, other=0.0).to(tl.float32) * _LOG2E
@@ -254,11 +254,11 @@ def _rope_decode_kernel(
                 m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
                 total = tl.full([BLOCK_G], 0.0, tl.float32)
                 out = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
-                for s in tl.static_range(NUM_SPLITS):
-                    w = tl.exp2(tl.load(part_max_ptr + part + s, mask=g_ok, other=float("-inf"),
+                for i in tl.static_range(NUM_SPLITS):
+                    w = tl.exp2(tl.load(part_max_ptr + part + i, mask=g_ok, other=float("-inf"),
                                         cache_modifier=".cg") - m_safe)  # [BLOCK_G]
-                    total += tl.load(part_sum_ptr + part + s, mask=g_ok, other=0.0, cache_modifier=".cg") * w
-                    out += tl.load(part_acc_ptr + (part + s)[:, None] * HEAD_DIM + d[None, :], mask=hd_ok, other=0.0,
+                    total += tl.load(part_sum_ptr + part + i, mask=g_ok, other=0.0, cache_modifier=".cg") * w
+                    out += tl.load(part_acc_ptr + (part + i)[:, None] * HEAD_DIM + d[None, :], mask=hd_ok, other=0.0,
                                    cache_modifier=".cg") * w[:, None]
                 if HAS_SINKS:
                     total += tl.exp2(sink - m_safe)
