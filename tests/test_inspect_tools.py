@@ -90,7 +90,8 @@ def test_html_report(plans, which):
     if which == "cpu":
         assert "no bandwidth figure" in text and "interpreter (torch reference)" in text
         return
-    for kernel in ("gemm.linear", "attention.attention_prefill", "attention.attention_decode", "_gemm_kernel"):
+    for kernel in ("gemm.linear", "attention_rope.rope_cache_attention_prefill",
+                   "attention_rope.rope_cache_attention_decode", "_gemm_kernel", "_rope_decode_kernel"):
         assert kernel in text, kernel
     rows = data["roofline"]["rows"]
     assert rows[0]["context"] == 1 and rows[-1]["context"] == data["memory"]["max_model_len"]
