@@ -24,7 +24,7 @@ def test_compile_run_inspect_round_trip(tmp_path):
     summary = json.loads(result.stdout)
     assert summary["header"]["target"] == "cpu"
     assert summary["model"]["architecture"] == "Qwen3ForCausalLM"
-    assert summary["graph"]["ops"]["rope_cache_attention"] == 2  # attention with its rope fused in
+    assert summary["graph"]["ops"]["attention"] == 2
     assert summary["graph"]["ops"]["rms_norm"] == 5  # 2 per layer + final, adds fused in
     assert "add" not in summary["graph"]["ops"]
     assert summary["weights"]["bytes"] > 0

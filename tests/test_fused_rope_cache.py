@@ -25,7 +25,6 @@ from tests.support.checkpoints import make_checkpoint
 from tests.test_kernels_small import CPU, ROPE_SCALINGS, _RecordingLauncher, assert_close
 
 PASS = "fuse_qk_norm_rope_cache"
-LATER = "fuse_rope_attention"  # would fuse this pass's node into attention: off, so plans show this pass alone
 IDS = [1, 2, 3, 4, 5, 6, 7, 9, 11]
 has_cuda = torch.cuda.is_available()
 
@@ -242,8 +241,8 @@ def test_pass_logs_why_it_cannot_fuse(checkpoints):
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_cpu_plan_fused_is_bit_identical_and_disable_pass_restores(family, checkpoints, tmp_path):
     ckpt = checkpoints / family
-    on = rdnac.load(rdnac.compile(ckpt, output=tmp_path / "on.msgpack", disable_passes=(LATER,)))
-    off = rdnac.load(rdnac.compile(ckpt, output=tmp_path / "off.msgpack", disable_passes=(PASS, LATER)))
+    on = rdnac.load(rdnac.compile(ckpt, output=tmp_path / "on.msgpack"))
+    off = rdnac.load(rdnac.compile(ckpt, output=tmp_path / "off.msgpack", disable_passes=(PASS,)))
     layers = on.graph.attrs["num_layers"]
     norms = 2 * layers if family == "qwen3" else 0
     assert on.graph.op_counts()["qk_norm_rope_cache"] == layers
@@ -263,9 +262,8 @@ def test_sm90_plan_fused_vs_unfused_under_interpreter(checkpoints, tmp_path):
 
     opts = dict(quiet=True, max_model_len=64, max_num_seqs=2, max_num_batched_tokens=16)
     ckpt = checkpoints / "qwen3"
-    on = rdnac.load(rdnac.compile(ckpt, "sm90", tmp_path / "on.msgpack", disable_passes=(LATER,), **opts),
-                    interpret=True)
-    off = rdnac.load(rdnac.compile(ckpt, "sm90", tmp_path / "off.msgpack", disable_passes=(PASS, LATER), **opts),
+    on = rdnac.load(rdnac.compile(ckpt, "sm90", tmp_path / "on.msgpack", **opts), interpret=True)
+    off = rdnac.load(rdnac.compile(ckpt, "sm90", tmp_path / "off.msgpack", disable_passes=(PASS,), **opts),
                      interpret=True)
     program = on.plan.body["program"]
     fused_nodes = [n.name for n in on.graph.nodes if n.op == "qk_norm_rope_cache"]

@@ -86,8 +86,8 @@ def decode_roofline(graph: Graph, runtime: dict, hbm_gbps: float, contexts: list
     """Estimated decode step at batch 1: bytes read and the TPOT that HBM bandwidth allows."""
     windows = {}  # cache input -> sliding window of the attention reading it (0: full context)
     for node in graph.nodes:
-        if node.op in ("attention", "rope_cache_attention"):
-            for name in (node.inputs[1:3] if node.op == "attention" else node.inputs[5:7]):
+        if node.op == "attention":
+            for name in node.inputs[1:3]:
                 windows[name] = node.attrs.get("sliding_window", 0) or 0
     per_cache = kv_bytes_per_token(graph)
     weights = decode_weight_bytes(graph)

@@ -23,7 +23,7 @@ from rdnac.ir.verify import verify
 from rdnac.plans import write_plan
 from rdnac.targets import get_target
 
-GRAPH_PASSES = ("merge_linears", "fuse_add_rms_norm", "fuse_qk_norm_rope_cache", "fuse_rope_attention", "dce")
+GRAPH_PASSES = ("merge_linears", "fuse_add_rms_norm", "fuse_qk_norm_rope_cache", "dce")
 # run after fp8_layout, which fixes each FP8 linear's format and activation scheme (a16w8 is not fused);
 # fuse_gated_linear last: a gated_act whose FP8 quantization fused into it stays a gated_act_quant
 LATE_PASSES = ("fuse_norm_quant", "fuse_act_quant", "fuse_gated_linear")

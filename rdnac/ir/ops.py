@@ -19,8 +19,6 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 |                 | k_cache, v_cache, (q_norm, k_norm [D] if attr qk_norm)        | (k', v: caches)|
 | attention       | q [T, Hq*D], k_cache, v_cache, block_tables [B, MB],          | [T, Hq*D]      |
 |                 | seq_lens [B], cu_seqlens_q [B+1], positions [T], (sinks [Hq]) |                |
-| rope_cache_attention | qk_norm_rope_cache's 7 inputs, block_tables, seq_lens,   | [T, Hq*D]      |
-|                 | cu_seqlens_q, (q_norm, k_norm if attr qk_norm), (sinks [Hq])  | (k', v: caches)|
 | gated_act       | gate [T, I], up [T, I]  or  gate_up [T, 2I]                   | [T, I]         |
 | linear_gated_act| x [T, K], weight [2I, K] (gate rows, then up), (bias [2I])    | [T, I]         |
 | add             | a, b (same shape)                                             | a + b          |
@@ -271,24 +269,6 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     return out.reshape(q.shape[0], num_heads * head_dim)
 
 
-def rope_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                         slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                         *rest: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, rotary_dim: int,
-                         theta: float, style: str = "neox", scaling: dict | None = None, qk_norm: bool = False,
-                         eps: float = 1e-6, unit_offset: bool = False, scale: float, sliding_window: int = 0,
-                         softcap: float = 0.0) -> torch.Tensor:
-    """qk_norm_rope_cache then attention (over q', the caches it wrote and `positions`) as one op.
-
-    rest = (q_norm, k_norm) exactly when qk_norm, then optional sinks [Hq]."""
-    norms, sinks = rest[:2 * qk_norm], (rest[2 * qk_norm:] or (None,))[0]
-    heads = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
-    q = qk_norm_rope_cache(q, k, v, positions, slot_mapping, k_cache, v_cache, *norms, **heads, rotary_dim=rotary_dim,
-                           theta=theta, style=style, scaling=scaling, qk_norm=qk_norm, eps=eps, unit_offset=unit_offset)
-    return attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, positions, sinks, **heads,
-                     scale=scale, sliding_window=sliding_window, softcap=softcap)
-
-
 _ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
@@ -468,8 +448,6 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("qk_norm_rope_cache", ("num_heads", "num_kv_heads", "head_dim", "rotary_dim", "theta", "qk_norm"), (7, 9),
           _same, qk_norm_rope_cache, has_side_effects=True, in_place=(5, 6)),
     OpDef("attention", ("num_heads", "num_kv_heads", "head_dim", "scale"), (7, 8), _same, attention),
-    OpDef("rope_cache_attention", ("num_heads", "num_kv_heads", "head_dim", "rotary_dim", "theta", "qk_norm", "scale"),
-          (10, 11, 12, 13), _same, rope_cache_attention, has_side_effects=True, in_place=(5, 6)),
     OpDef("gated_act", ("act",), (1, 2), _gated_act_infer, gated_act),
     OpDef("add", (), (2,), _same, add),
     OpDef("linear_fp8", ("weight_scheme", "act_scheme", "fp8_format"), (3, 4, 5), _linear_fp8_infer, linear_fp8),

@@ -85,26 +85,16 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(tuple(ins[1].shape[2:]) == (a["num_kv_heads"], a["head_dim"]), "k_cache must be [NB, BS, Hk, D]")
     elif node.op == "kv_cache_write":
         expect(tuple(ins[3].shape[2:]) == (a["num_kv_heads"], a["head_dim"]), "k_cache must be [NB, BS, Hk, D]")
-    elif node.op in ("qk_norm_rope_cache", "rope_cache_attention"):
+    elif node.op == "qk_norm_rope_cache":
         hq, hk, d = a["num_heads"] * a["head_dim"], a["num_kv_heads"] * a["head_dim"], a["head_dim"]
         expect(ins[0].shape[-1] == hq, "q must be [T, num_heads*head_dim]")
         expect(ins[1].shape[-1] == hk and ins[2].shape[-1] == hk, "k and v must be [T, num_kv_heads*head_dim]")
         expect(all(tuple(c.shape[2:]) == (a["num_kv_heads"], d) for c in ins[5:7]), "caches must be [NB, BS, Hk, D]")
         expect(0 < a["rotary_dim"] <= d and a["rotary_dim"] % 2 == 0, "rotary_dim must be even, <= head_dim")
         expect(a.get("style", "neox") in ("neox", "gptj"), "style must be neox or gptj")
+        expect(len(ins) == (9 if a["qk_norm"] else 7), "q_norm and k_norm weights are inputs exactly when qk_norm")
+        expect(all(w.shape == (d,) for w in ins[7:]), "q_norm and k_norm weights must be [head_dim]")
         expect(not a["qk_norm"] or "eps" in a, "qk_norm requires attr eps")
-        if node.op == "qk_norm_rope_cache":
-            expect(len(ins) == (9 if a["qk_norm"] else 7), "q_norm and k_norm weights are inputs exactly when qk_norm")
-            expect(all(w.shape == (d,) for w in ins[7:]), "q_norm and k_norm weights must be [head_dim]")
-        else:  # inputs 7-9: block_tables, seq_lens, cu_seqlens_q; then (q_norm, k_norm), (sinks)
-            num_norms = 2 if a["qk_norm"] else 0
-            expect(len(ins) in (10 + num_norms, 11 + num_norms),
-                   "inputs: qk_norm_rope_cache's 7, block_tables, seq_lens, cu_seqlens_q, q_norm and k_norm exactly "
-                   "when qk_norm, then optional sinks")
-            expect(all(w.shape == (d,) for w in ins[10:10 + num_norms]), "q_norm and k_norm weights must be [head_dim]")
-            expect(all(s.shape == (a["num_heads"],) for s in ins[10 + num_norms:]), "sinks must be [num_heads]")
-            expect(a["num_heads"] % a["num_kv_heads"] == 0, "num_heads must be a multiple of num_kv_heads")
-            expect(len(ins[7].shape) == 2, "block_tables must be [B, MB]")
     elif node.op == "add":
         expect(ins[0].shape == ins[1].shape, "operands must have the same shape")
     elif node.op == "embedding":

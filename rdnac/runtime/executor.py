@@ -33,8 +33,6 @@ WRAPPERS = {
     "kv_cache_write": "kv_cache.kv_cache_write",
     "qk_norm_rope_cache": "qk_norm_rope_cache.qk_norm_rope_cache",
     "attention": {"prefill": "attention.attention_prefill", "decode": "attention.attention_decode"},
-    "rope_cache_attention": {"prefill": "attention_rope.rope_cache_attention_prefill",
-                             "decode": "attention_rope.rope_cache_attention_decode"},
     "gated_act": "activation.gated_act",
     "linear_gated_act": "gemm_gated.linear_gated_act",
     "add": "elementwise.add",
@@ -87,7 +85,7 @@ class Executor:
         self._kwargs: dict[str, dict] = {}
         for node in graph.nodes:
             self._kwargs[node.name] = dict(node.attrs)
-            if node.op in ("rope", "qk_norm_rope_cache", "rope_cache_attention"):
+            if node.op in ("rope", "qk_norm_rope_cache"):
                 inv_freq, scaling = rope_inv_freq(node.attrs["rotary_dim"], node.attrs["theta"],
                                                   node.attrs.get("scaling"))
                 self._kwargs[node.name].update(inv_freq=inv_freq.to(device), attention_scaling=scaling)
@@ -113,7 +111,7 @@ class Executor:
                 continue
             choice = self.program[node.name][key]
             kwargs = self._kwargs[node.name]
-            if choice["kernel"] in ("attention.attention_prefill", "attention_rope.rope_cache_attention_prefill"):
+            if choice["kernel"] == "attention.attention_prefill":
                 kwargs = {**kwargs, "max_query_len": meta.max_query_len}
             result = self._wrapper(choice["kernel"])(*(env[n] for n in node.inputs), **kwargs,
                                                      config=choice["config"], launcher=self.launcher)

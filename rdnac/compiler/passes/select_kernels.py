@@ -64,12 +64,11 @@ def _problem(node: Node, phase: str, env: dict[str, torch.Tensor], runtime: dict
     if node.op == "logits":
         return "gemm", {"M": ins[1].shape[0], "N": ins[2].shape[0], "K": ins[2].shape[1], "dtype": dtype,
                         "has_bias": False}
-    if node.op in ("attention", "rope_cache_attention"):  # the fused op takes attention's configs (and tunings)
-        seq_lens = ins[4] if node.op == "attention" else ins[8]
+    if node.op == "attention":
         return "attention", {"phase": phase, "num_heads": a["num_heads"], "num_kv_heads": a["num_kv_heads"],
                              "head_dim": a["head_dim"], "block_size": runtime["kv_block_size"],
                              "max_model_len": runtime["max_model_len"], "dtype": dtype,
-                             "num_seqs": seq_lens.shape[0], "num_tokens": ins[0].shape[0]}
+                             "num_seqs": ins[4].shape[0], "num_tokens": ins[0].shape[0]}
     if node.op == "embedding":
         return "embedding", {"H": ins[1].shape[1]}
     if node.op == "rms_norm":
@@ -112,21 +111,6 @@ def _candidates(family: str, problem: dict, target: Target) -> list[tuple[dict, 
             config = entry.get("prequantized_config", config)
         ranked = [(config, why(entry, problem))] + [r for r in ranked if r[0] != config]
     return ranked
-
-
-def _with_rope_launch(node: Node, problem: dict, ranked: list[tuple[dict, str]]) -> list[tuple[dict, str]]:
-    """A rope_cache_attention prefill is two launches (see kernels/attention_rope.py): each attention candidate
-    carries the qk_norm_rope_cache launch's config as config["rope"], that family's default for the step."""
-    from rdnac.kernels import qk_norm_rope_cache
-
-    a = node.attrs
-    rope_problem = {"head_dim": a["head_dim"], "num_heads": a["num_heads"], "num_kv_heads": a["num_kv_heads"],
-                    "qk_norm": a["qk_norm"], "M": problem["num_tokens"]}
-    rope = qk_norm_rope_cache.default_config(rope_problem)
-    label = ",".join(f"{k}={v}" for k, v in rope["constexprs"].items())
-    return [({**config, "rope": rope}, f"{reason}; its qk_norm_rope_cache launch (prefill) takes that family's "
-                                       f"default [{label}; warps={rope['num_warps']}] as config['rope']")
-            for config, reason in ranked]
 
 
 def _unfused_first(problem: dict, target: Target) -> list[tuple[dict, str]]:
@@ -188,8 +172,6 @@ def run(graph: Graph, ctx: PassContext, target: Target, runtime: dict, keys: lis
                 continue
             family, problem = _problem(node, phase, env, runtime)
             ranked = _candidates(family, problem, target)
-            if node.op == "rope_cache_attention" and phase == "prefill":
-                ranked = _with_rope_launch(node, problem, ranked)
             options[(node.name, key)] = ranked
             program[node.name][key] = {"kernel": wrapper_name(node.op, phase), "config": ranked[0][0],
                                        "reason": ranked[0][1]}
@@ -246,11 +228,7 @@ def _propagate_meta(node: Node, env: dict) -> None:
 def _config_label(choice: dict) -> str:
     c = choice["config"]
     consts = ",".join(f"{k}={v}" for k, v in c["constexprs"].items())
-    label = f"{choice['kernel']}[{consts}; warps={c['num_warps']}, stages={c['num_stages']}]"
-    if "rope" in c:  # a rope_cache_attention prefill's first launch
-        rope = c["rope"]
-        label += f" + rope[{','.join(f'{k}={v}' for k, v in rope['constexprs'].items())}; warps={rope['num_warps']}]"
-    return label
+    return f"{choice['kernel']}[{consts}; warps={c['num_warps']}, stages={c['num_stages']}]"
 
 
 def _key_span(keys: list[str]) -> str:
