@@ -18,8 +18,11 @@ fp8, or bf16 x fp8 for a16w8), block scales multiply each BLOCK_K step's partial
 scales multiply once in the epilogue as `_fp8_gemm_kernel` does, and QUANT_A quantizes x's groups by
 `_quant_fp8_kernel`'s rule (the same bits). Every act scheme and weight scheme of the family runs here.
 
-Configs: `gemv_configs(problem)`, offered only to measurement (`rdnac tune`, decode sizes); never in
-`config_space`, whose order the compiler follows for this family without a measurement.
+Configs: `gemv_configs(problem)`, offered only to measurement (`rdnac tune`, decode sizes), as QUANT_A
+and SELF_REDUCE are; never in `config_space`. Unmeasured, the compiler takes this family's
+`default_config` and then the space's order (the cost model ranks only gemm and gemm_gated), and the
+roofline there models dot tiles (flops padded to BLOCK_M, operand stages in LDS), not this kernel's
+register double buffer: it could not rank a GEMV against a dot tile without a model of its own.
 """
 
 from __future__ import annotations
