@@ -160,6 +160,13 @@ def linear_gated_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                      config: dict, launcher: Launcher) -> torch.Tensor:
     """m [M, I] = act(gate) * up, where [gate | up] = x [M, K] @ weight [2I, K].T + bias [2I], in x's dtype."""
     gemm._check_operands("linear_gated_act", x, weight)
+    return launch_gated(x, weight, bias, act, config=config, launcher=launcher)
+
+
+def launch_gated(x, weight, bias, act: str, *, config: dict, launcher: Launcher,
+                 norm: gemm.NormPrologue | None = None) -> torch.Tensor:
+    """m [M, I] by the config's form (fused, WIDE or UNFUSED); with `norm` the GEMM normalizes its A operand
+    (see `gemm.NormPrologue`). The caller has checked x and weight (`gemm._check_operands`)."""
     assert act in ACTIVATIONS, f"linear_gated_act requires act in {ACTIVATIONS}; got {act!r}"
     M, width, K = x.shape[0], weight.shape[0], weight.shape[1]
     assert width % 2 == 0, f"linear_gated_act: weight must be [2I, K] (gate rows, then up); got {tuple(weight.shape)}"
@@ -167,14 +174,6 @@ def linear_gated_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     assert bias is None or tuple(bias.shape) == (width,), \
         f"linear_gated_act: bias must be [{width}]; got {tuple(bias.shape)}"
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)  # [M, I]
-    return launch_gated(x, weight, bias, out, act, config=config, launcher=launcher)
-
-
-def launch_gated(x, weight, bias, out, act: str, *, config: dict, launcher: Launcher,
-                 norm: gemm.NormPrologue | None = None) -> torch.Tensor:
-    """Run the config's form (fused, WIDE or UNFUSED) writing `out` [M, I]; with `norm` the GEMM normalizes
-    its A operand (see `gemm.NormPrologue`)."""
-    M, N, K = x.shape[0], out.shape[1], weight.shape[1]
     if M == 0:
         return out
     c = config["constexprs"]

@@ -72,11 +72,11 @@ def rms_norm_linear(*inputs: torch.Tensor, eps: float, has_residual: bool, act: 
     h = torch.empty((M, K), dtype=x.dtype, device=x.device) if has_residual else None  # [M, K]
     norm = gemm.NormPrologue(norm_w, eps, unit_offset, residual, h)
     if act:
-        assert weight.shape[0] % 2 == 0, f"rms_norm_linear: a gated weight must be [2I, K]; got {tuple(weight.shape)}"
-        z = torch.empty((M, weight.shape[0] // 2), dtype=x.dtype, device=x.device)  # [M, I]
-        gemm_gated.launch_gated(x, weight, bias, z, act, config=config, launcher=launcher, norm=norm)
+        z = gemm_gated.launch_gated(x, weight, bias, act, config=config, launcher=launcher, norm=norm)  # [M, I]
     else:
-        z = torch.empty((M, weight.shape[0]), dtype=x.dtype, device=x.device)  # [M, N]
+        N = weight.shape[0]
+        assert bias is None or tuple(bias.shape) == (N,), f"rms_norm_linear: bias must be [{N}]; got {tuple(bias.shape)}"
+        z = torch.empty((M, N), dtype=x.dtype, device=x.device)  # [M, N]
         gemm._launch_gemm(x, None, weight, bias, z, M, 0.0, config=config, launcher=launcher, is_gather=False,
                           norm=norm)
     return (z, h) if has_residual else z

@@ -63,15 +63,19 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     return graph
 
 
+def _users(value: str, readers: dict[str, list[Node]]) -> list[Node]:
+    return list({n.name: n for n in readers.get(value, [])}.values())  # a node reading it twice counts once
+
+
 def _single_reader(norm: Node, readers: dict[str, list[Node]]) -> Node | None:
-    users = readers.get(norm.outputs[0], [])
+    users = _users(norm.outputs[0], readers)
     return users[0] if len(users) == 1 else None
 
 
 def _why_not(graph: Graph, norm: Node, gemm: Node | None, readers: dict[str, list[Node]], specs: dict) -> str:
     """Why `norm` cannot fuse into `gemm`, the one reader of its output ("" when it can)."""
     y = norm.outputs[0]
-    users = readers.get(y, [])
+    users = _users(y, readers)
     if gemm is None:
         return f"{y} is read by {len(users)} nodes, not one GEMM" + \
             (f" ({', '.join(f'{u.name} ({u.op})' for u in users)})" if users else "")
