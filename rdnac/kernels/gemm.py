@@ -28,6 +28,14 @@ pairs, and the epilogue stores act(gate) * up [M, I] rounded as
 without the [M, 2I] round trip or the second launch. Split-K only with
 SELF_REDUCE (the activation needs the whole K sum; the last split holds it).
 
+With constexpr NORM (`norm_gemm`, the IR op `rms_norm_linear` at decode sizes)
+x is the un-normalized hidden state and the kernel is also the RMSNorm before
+it: each program computes rstd of its rows over all of K (a row's loads are
+independent: one trip to L2 per row present), builds each A tile as
+`rms_norm._rms_norm_kernel` rounds it, and the programs of the first column
+tile store the residual sum h (each element once, whatever SPLIT_K). See
+`NormPrologue`; the gated kernel in `gemm_gated` carries the same prologue.
+
 Config space, per M bucket (`m_bucket`; buckets M <= 1, 2, 4, 8, 16, 32, 64,
 128, 256 and M > 256, labelled by their upper bound, the last one by
 `LARGE_M` = 2048, a typical prefill chunk; a bucket's configs are correct for
