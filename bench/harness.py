@@ -63,19 +63,12 @@ def decode_bytes(engine, batch: int, context: int) -> int:
     return total + batch * context * 2 * a["num_layers"] * a["num_kv_heads"] * a["head_dim"] * engine._dtype.itemsize
 
 
-def gemm_weight(node) -> str:
-    """The GEMM weight's name: input 1, or after the norm's inputs for `rms_norm_linear`."""
-    if node.op == "rms_norm_linear":
-        return node.inputs[3 if node.attrs["has_residual"] else 2]
-    return node.inputs[1]
-
-
 def matmul_flops(engine, tokens: int, context: int) -> float:
     """FLOPs of a prefill of `tokens` tokens: 2 per weight element per token for the linears and
     logits of the last token, plus causal attention (QK^T and PV)."""
     graph = engine.graph
-    linear = sum(engine.weights[gemm_weight(n)].numel() for n in graph.nodes
-                 if n.op in ("linear", "linear_fp8", "linear_gated_act", "rms_norm_linear"))
+    linear = sum(engine.weights[n.inputs[1]].numel() for n in graph.nodes
+                 if n.op in ("linear", "linear_fp8", "linear_gated_act"))
     logits = sum(engine.weights[n.inputs[2]].numel() for n in graph.nodes if n.op == "logits")
     a = graph.attrs
     attn = 4 * a["num_layers"] * a["num_heads"] * a["head_dim"] * tokens * (context + 1) / 2

@@ -32,10 +32,9 @@ def test_decode_bytes_count_what_a_step_reads(tied, tmp_path):
 def test_prefill_flops_are_two_per_weight_per_token_plus_causal_attention(tmp_path):
     make_checkpoint("llama", tmp_path / "ckpt")
     engine = rdnac.load(rdnac.compile(tmp_path / "ckpt", "cpu", tmp_path / "p.msgpack", quiet=True))
-    gemms = [n for n in engine.graph.nodes if n.op in ("linear", "linear_gated_act", "rms_norm_linear")]
-    assert {n.op for n in gemms} == {"linear", "rms_norm_linear"}  # qkv and gate_up carry their norms
-    # rms_norm_linear: x, (residual), norm weight, GEMM weight (llama: no bias)
-    linear = sum(engine.weights[n.inputs[1] if n.op == "linear" else n.inputs[-1]].numel() for n in gemms)
+    gemms = [n for n in engine.graph.nodes if n.op in ("linear", "linear_gated_act")]
+    assert {n.op for n in gemms} == {"linear", "linear_gated_act"}  # gate_up carries its activation
+    linear = sum(engine.weights[n.inputs[1]].numel() for n in gemms)
     head = next(engine.weights[n.inputs[2]].numel() for n in engine.graph.nodes if n.op == "logits")
     a = engine.graph.attrs
     t = 64

@@ -29,7 +29,6 @@ from tests.support.checkpoints import make_checkpoint, reference_greedy, referen
 INTERPRET = InterpretLauncher()
 ACTS = ["silu", "gelu", "gelu_tanh"]
 PASS = "fuse_gated_linear"
-NORM_PASS = "fuse_norm_linear"
 PROMPT = [3, 141, 59, 26, 53, 58, 97, 93, 238, 46, 26, 43, 38, 32, 79, 50, 28, 8, 84, 19]
 # (atol, rtol) vs the IR reference in fp32 from the same inputs: bf16 rounds gate, up, act(gate) and the
 # product (2**-9 each), and the activation's slope can double the gate's share
@@ -338,9 +337,8 @@ def family_plans(request, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(f"gated_{family}")
     model = make_checkpoint(family, root / "ckpt")
-    # fuse_norm_linear off in both: it would take the fused gate/up GEMM into rms_norm_linear (test_norm_linear.py)
-    on = rdnac.compile(root / "ckpt", output=root / "on.msgpack", disable_passes=(NORM_PASS,))
-    off = rdnac.compile(root / "ckpt", output=root / "off.msgpack", disable_passes=(PASS, NORM_PASS))
+    on = rdnac.compile(root / "ckpt", output=root / "on.msgpack")
+    off = rdnac.compile(root / "ckpt", output=root / "off.msgpack", disable_passes=(PASS,))
     return family, root, model, on, off
 
 
@@ -367,7 +365,7 @@ def test_sm90_plan_fuses_within_resources_and_runs_under_the_interpreter(family_
 
     family, root, model, on_path, _ = family_plans
     path = rdnac.compile(root / "ckpt", "sm90", tmp_path / "sm90.msgpack", quiet=True, max_model_len=256,
-                         max_num_seqs=2, max_num_batched_tokens=32, disable_passes=(NORM_PASS,))
+                         max_num_seqs=2, max_num_batched_tokens=32)
     plan = rdnac.load(path, interpret=True)
     assert "gated_act" not in plan.graph.op_counts()
     kernels = {k["kernel"].rpartition(".")[2] for k in plan.plan.body["kernels"]}

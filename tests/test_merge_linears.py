@@ -41,8 +41,7 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_merged_plan_matches_unmerged(family, checkpoints, tmp_path):
     ckpt = checkpoints / family
-    # fuse_norm_linear off: it would take qkv and gate_up into rms_norm_linear nodes (test_norm_linear.py)
-    merged = rdnac.load(rdnac.compile(ckpt, output=tmp_path / "m.msgpack", disable_passes=("fuse_norm_linear",)))
+    merged = rdnac.load(rdnac.compile(ckpt, output=tmp_path / "m.msgpack"))
     plain = rdnac.load(rdnac.compile(ckpt, output=tmp_path / "p.msgpack", disable_passes=OFF))
     layers = merged.graph.attrs["num_layers"]
     assert _per_layer_linears(merged.graph) == {"qkv_proj": layers, "o_proj": layers, "gate_up_proj": layers,

@@ -25,9 +25,8 @@ from rdnac.targets import get_target
 
 GRAPH_PASSES = ("merge_linears", "fuse_add_rms_norm", "fuse_qk_norm_rope_cache", "dce")
 # run after fp8_layout, which fixes each FP8 linear's format and activation scheme (a16w8 is not fused);
-# fuse_gated_linear after them: a gated_act whose FP8 quantization fused into it stays a gated_act_quant;
-# fuse_norm_linear last: the MLP's norm meets its fused gate/up GEMM
-LATE_PASSES = ("fuse_norm_quant", "fuse_act_quant", "fuse_gated_linear", "fuse_norm_linear")
+# fuse_gated_linear last: a gated_act whose FP8 quantization fused into it stays a gated_act_quant
+LATE_PASSES = ("fuse_norm_quant", "fuse_act_quant", "fuse_gated_linear")
 DISABLEABLE = GRAPH_PASSES + LATE_PASSES  # what --disable-pass accepts
 _DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE_SCHEMES = ("fp8", "fp8-block")

@@ -21,7 +21,6 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 |                 | seq_lens [B], cu_seqlens_q [B+1], positions [T], (sinks [Hq]) |                |
 | gated_act       | gate [T, I], up [T, I]  or  gate_up [T, 2I]                   | [T, I]         |
 | linear_gated_act| x [T, K], weight [2I, K] (gate rows, then up), (bias [2I])    | [T, I]         |
-| rms_norm_linear | x [T, K], (residual [T, K]), norm_w [K], weight [N or 2I, K], (bias) | [T, N or I], (x+residual) |
 | add             | a, b (same shape)                                             | a + b          |
 | linear_fp8      | x [T, K], weight fp8 [N, K], weight_scale, (input_scale), (bias [N]) | [T, N]  |
 |                 | prequantized: x_q fp8 [T, K], weight, weight_scale, x_scale [T, G], (bias) |         |
@@ -44,12 +43,6 @@ unfused graphs compute the same values bit for bit in the reference.
 `linear_gated_act` is `gated_act(linear(x, weight, bias), act)` as one op (the
 MLP's merged gate/up GEMM with its activation; `fuse_gated_linear` builds it),
 defined as that chain so it rounds exactly where the unfused ops do.
-
-`rms_norm_linear` is `rms_norm` (attrs eps, unit_offset; a residual input
-exactly when attr has_residual) followed by `linear` (attr act "") or
-`linear_gated_act` (act silu/gelu/gelu_tanh) on its normalized output, as one
-op (`fuse_norm_linear` builds it); it outputs the GEMM's result and, with a
-residual, the sum x + residual.
 """
 
 from __future__ import annotations
@@ -335,18 +328,6 @@ def linear_gated_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return gated_act(linear(x, weight, bias), act=act)
 
 
-def rms_norm_linear(x: torch.Tensor, *rest: torch.Tensor, eps: float, has_residual: bool, act: str = "",
-                    unit_offset: bool = False):
-    """linear (act "") or linear_gated_act (act) of rms_norm(x [+ residual]); rest = ((residual), norm_w,
-    weight, (bias)). With a residual also returns the sum."""
-    num_norm_inputs = 2 if has_residual else 1
-    norm_out = rms_norm(x, *rest[:num_norm_inputs], eps=eps, unit_offset=unit_offset)
-    y, residual_out = norm_out if has_residual else (norm_out, None)
-    gemm_inputs = rest[num_norm_inputs:]
-    z = linear_gated_act(y, *gemm_inputs, act=act) if act else linear(y, *gemm_inputs)
-    return z if residual_out is None else (z, residual_out)
-
-
 def rms_norm_quant(x: torch.Tensor, *rest: torch.Tensor, eps: float, unit_offset: bool = False,
                    fp8_format: str, group: int = 0):
     """(q, scale) = quantize_rows(rms_norm(x [+ residual])); with a residual also returns the sum."""
@@ -444,12 +425,6 @@ def _linear_gated_act_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSp
     return _gated_act_infer(attrs, _linear_infer(attrs, ins))
 
 
-def _rms_norm_linear_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
-    x, gemm_ins = ins[0], ins[2 if attrs["has_residual"] else 1:][1:]  # gemm_ins: weight, (bias)
-    gemm_infer = _linear_gated_act_infer if attrs.get("act") else _linear_infer
-    return gemm_infer(attrs, [x, *gemm_ins]) + ([x] if attrs["has_residual"] else [])
-
-
 def _logits_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
     return [TensorSpec("float32", (ins[1].shape[0], ins[2].shape[0]))]
 
@@ -478,7 +453,6 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("linear_fp8", ("weight_scheme", "act_scheme", "fp8_format"), (3, 4, 5), _linear_fp8_infer, linear_fp8),
     OpDef("rms_norm_quant", ("eps", "fp8_format", "group"), (2, 3), _rms_norm_quant_infer, rms_norm_quant),
     OpDef("linear_gated_act", ("act",), (2, 3), _linear_gated_act_infer, linear_gated_act),
-    OpDef("rms_norm_linear", ("eps", "has_residual"), (3, 4, 5), _rms_norm_linear_infer, rms_norm_linear),
     OpDef("gated_act_quant", ("act", "fp8_format", "group"), (1, 2), _gated_act_quant_infer, gated_act_quant),
     OpDef("logits", (), (3,), _logits_infer, logits),
     OpDef("argmax", (), (1,), _argmax_infer, argmax),

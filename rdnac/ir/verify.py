@@ -69,20 +69,6 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         if len(ins) == 3:
             expect(ins[2].shape == (ins[1].shape[0],), "bias must be [2I]")
         expect(a["act"] in ("silu", "gelu", "gelu_tanh"), "act must be silu, gelu or gelu_tanh")
-    elif node.op == "rms_norm_linear":  # x, (residual), norm_w, weight, (bias)
-        num_norm = 2 if a["has_residual"] else 1
-        expect(isinstance(a["has_residual"], bool), "has_residual must be a bool")
-        expect(len(ins) in (num_norm + 2, num_norm + 3), "inputs are x, (residual if has_residual), norm_w, weight, (bias)")
-        x, norm_w, weight = ins[0], ins[num_norm], ins[num_norm + 1]
-        expect(not a["has_residual"] or ins[1].shape == x.shape, "residual must have x's shape")
-        expect(norm_w.shape == (x.shape[-1],), "norm weight must be [hidden]")
-        expect(len(weight.shape) == 2 and weight.shape[1] == x.shape[-1], "weight must be [N, hidden]")
-        expect(a.get("act", "") in ("", "silu", "gelu", "gelu_tanh"), "act must be '', silu, gelu or gelu_tanh")
-        if a.get("act"):
-            expect(isinstance(weight.shape[0], int) and weight.shape[0] % 2 == 0,
-                   "a gated weight must be [2I, K] (gate rows, then up rows)")
-        if len(ins) == num_norm + 3:
-            expect(ins[-1].shape == (weight.shape[0],), "bias must be [out_features]")
     elif node.op in ("rms_norm", "rms_norm_quant"):
         expect(ins[-1].shape == (ins[0].shape[-1],), "weight must be [hidden]")
     elif node.op == "head_rms_norm":

@@ -28,14 +28,6 @@ pairs, and the epilogue stores act(gate) * up [M, I] rounded as
 without the [M, 2I] round trip or the second launch. Split-K only with
 SELF_REDUCE (the activation needs the whole K sum; the last split holds it).
 
-With constexpr NORM (`norm_gemm`, the IR op `rms_norm_linear` at decode sizes)
-x is the un-normalized hidden state and the kernel is also the RMSNorm before
-it: each program computes rstd of its rows over all of K (a row's loads are
-independent: one trip to L2 per row present), builds each A tile as
-`rms_norm._rms_norm_kernel` rounds it, and the programs of the first column
-tile store the residual sum h (each element once, whatever SPLIT_K). See
-`NormPrologue`; the gated kernel in `gemm_gated` carries the same prologue.
-
 Config space, per M bucket (`m_bucket`; buckets M <= 1, 2, 4, 8, 16, 32, 64,
 128, 256 and M > 256, labelled by their upper bound, the last one by
 `LARGE_M` = 2048, a typical prefill chunk; a bucket's configs are correct for
@@ -53,8 +45,6 @@ target's LDS and ranks the rest (`rdnac.compiler.cost_model`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
@@ -63,7 +53,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 # Shape ints fixed by the weights (never token counts): binaries specialize on their divisibility by 16.
-AOT_DIVISIBLE = {"_gemm_kernel": ("N", "K", "stride_xm", "stride_wn", "stride_om", "k_per_split", "stride_rm"),
+AOT_DIVISIBLE = {"_gemm_kernel": ("N", "K", "stride_xm", "stride_wn", "stride_om", "k_per_split"),
                  "_splitk_reduce_kernel": ("N",)}
 
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -73,8 +63,6 @@ DECODE_MAX_M = 16
 # beats the second launch (about 1M elements = 2 MB of bf16).
 SPLIT_K_MIN_NK = 1 << 20
 REDUCE_BLOCK = 1024
-# tl.sum is a @triton.jit function, which the interpreter path cannot call (see rms_norm.py)
-_SUM = tl.standard._sum_combine
 
 
 def m_bucket(M: int) -> int:
@@ -86,23 +74,18 @@ def m_bucket(M: int) -> int:
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_ptr, residual_ptr, norm_w_ptr, h_ptr,
-                 M, N, K, stride_xm, stride_wn, stride_om, k_per_split, softcap, stride_rm, eps,
+def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_ptr,
+                 M, N, K, stride_xm, stride_wn, stride_om, k_per_split, softcap,
                  HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr,
-                 PDL: tl.constexpr = False, GATED: tl.constexpr = "",
-                 NORM: tl.constexpr = False, NORM_RESIDUAL: tl.constexpr = False, UNIT_OFFSET: tl.constexpr = False,
-                 NORM_K: tl.constexpr = 0, NORM_BLOCK: tl.constexpr = 16):
+                 PDL: tl.constexpr = False, GATED: tl.constexpr = ""):
     # x: [*, K] (rows idx[m] if HAS_GATHER else m); w: [N, K]; out: [M, N],
     # or the fp32 workspace [SPLIT_K, M, N] when SPLIT_K > 1. SELF_REDUCE: final [M, N]
     # (contiguous) gets the sum; counter[pid] counts the tile's finished splits (0 between launches).
     # GATED (an activation name): w is a merged [N = 2I, K] gate/up weight; tile column c computes
     # weight row c // 2 + (c % 2) * I (gate row j at column 2j, up row j at 2j + 1) and the [M, I]
     # output (final when SELF_REDUCE) gets act(gate) * up.
-    # NORM (see `NormPrologue`): x is the un-normalized hidden state [M, K = NORM_K] (+ residual [M, K],
-    # rows stride_rm); the A operand is rms_norm(x (+ residual)) * norm_w, and h [M, K] (contiguous) gets
-    # x + residual, each element stored once, by the programs of the first column tile.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # tl.cdiv is a jit function: inlined
@@ -142,49 +125,11 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
     a_ptrs = x_rows[:, None] + (k_begin + offs_k)[None, :]  # [BM, BK]
     b_ptrs = w_cols[None, :] + (k_begin + offs_k)[:, None]  # [BK, BN]
-    if NORM:
-        # rstd of this tile's rows over all of K (every split needs it), the norm kernel's formula; a
-        # row's loads are independent (static chunks, no store between them): one trip to L2 per row,
-        # and rows past M are skipped, so one trip at a single token.
-        # (Copied into gemm_gated's kernel: under the interpreter a kernel cannot call a @triton.jit helper.)
-        act_dtype = x_ptr.dtype.element_ty
-        rstd = tl.full((BLOCK_M,), 0.0, tl.float32)  # [BM]
-        offs_c = tl.arange(0, NORM_BLOCK)
-        for r in range(0, tl.minimum(M - pid_m * BLOCK_M, BLOCK_M)):
-            row = (pid_m * BLOCK_M + r).to(tl.int64)
-            sum_sq = tl.full((NORM_BLOCK,), 0.0, tl.float32)
-            for c0 in tl.static_range(0, NORM_K, NORM_BLOCK):
-                c = c0 + offs_c
-                h = tl.load(x_ptr + row * stride_xm + c, mask=c < NORM_K, other=0)
-                if NORM_RESIDUAL:
-                    h = (h.to(tl.float32) + tl.load(residual_ptr + row * stride_rm + c, mask=c < NORM_K, other=0)
-                         ).to(act_dtype)
-                hf = h.to(tl.float32)
-                sum_sq += hf * hf
-            row_rstd = tl.math.rsqrt(tl.reduce(sum_sq, 0, _SUM) / NORM_K + eps)
-            rstd = tl.where(tl.arange(0, BLOCK_M) == r, row_rstd, rstd)
-        r_ptrs = residual_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + (k_begin + offs_k)[None, :]  # [BM, BK]
-        h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * NORM_K + (k_begin + offs_k)[None, :]  # [BM, BK]
-        nw_ptrs = norm_w_ptr + k_begin + offs_k  # [BK]
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # tl.zeros is a jit function
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_left = k_end - k0  # masks the K tail of the last step
         # other=0, not 0.0: the interpreter converts a float `other` to bf16 bit by bit on every load.
-        a_mask = mask_m[:, None] & (offs_k[None, :] < k_left)
-        a = tl.load(a_ptrs, mask=a_mask, other=0)
-        if NORM:  # the A tile as rms_norm rounds it: h, then h * rstd, then norm_w * that, each rounded
-            if NORM_RESIDUAL:
-                a = (a.to(tl.float32) + tl.load(r_ptrs, mask=a_mask, other=0)).to(act_dtype)
-                if pid_n == 0:
-                    tl.store(h_ptrs, a, mask=a_mask)
-                r_ptrs += BLOCK_K
-                h_ptrs += BLOCK_K
-            y = (a.to(tl.float32) * rstd[:, None]).to(act_dtype).to(tl.float32)
-            nw = tl.load(nw_ptrs, mask=offs_k < k_left, other=0).to(tl.float32)  # [BK]
-            if UNIT_OFFSET:
-                nw = (1.0 + nw).to(act_dtype).to(tl.float32)
-            a = (nw[None, :] * y).to(act_dtype)
-            nw_ptrs += BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0)
         acc = tl.dot(a, b, acc, input_precision="ieee")  # [BM, BN]; ieee: no tf32 for fp32 inputs
         a_ptrs += BLOCK_K
@@ -313,37 +258,9 @@ def _check_operands(op: str, x: torch.Tensor, weight: torch.Tensor) -> None:
     assert x.stride(1) == 1 and weight.stride(1) == 1, f"{op}: x and weight need unit stride along K"
 
 
-@dataclass(frozen=True)
-class NormPrologue:
-    """An rms_norm computed inside the GEMM (`norm_gemm`): the A operand is rms_norm(x (+ residual)) * weight,
-    rounded as `rms_norm._rms_norm_kernel` rounds, and `h` [M, K] (contiguous) receives x + residual."""
-    weight: torch.Tensor  # [K]
-    eps: float
-    unit_offset: bool
-    residual: torch.Tensor | None = None  # [M, K], x's dtype, unit stride along K
-    h: torch.Tensor | None = None  # [M, K] output, exactly when residual is given
-
-    def kernel_args(self, x: torch.Tensor) -> tuple:
-        """(residual_ptr, norm_w_ptr, h_ptr) and (stride_rm, eps), the norm's runtime args of the GEMM kernels;
-        without a norm x stands in for the pointers, never read."""
-        return ((self.residual if self.residual is not None else x, self.weight, self.h if self.h is not None else x),
-                (self.residual.stride(0) if self.residual is not None else 0, float(self.eps)))
-
-    def constexprs(self, K: int, num_warps: int) -> dict:
-        # NORM_BLOCK: the rstd pass's chunk, 8 elements a thread (one 16-byte load of bf16)
-        return {"NORM": True, "NORM_RESIDUAL": self.residual is not None, "UNIT_OFFSET": bool(self.unit_offset),
-                "NORM_K": K, "NORM_BLOCK": min(next_power_of_2(K), 256 * num_warps)}
-
-
-def _norm_args(norm: NormPrologue | None, x: torch.Tensor) -> tuple[tuple, tuple]:
-    return norm.kernel_args(x) if norm is not None else ((x, x, x), (0, 0.0))
-
-
-def _launch_gemm(x, idx, weight, bias, out, M, softcap, *, config, launcher, is_gather, gated="",
-                 norm: NormPrologue | None = None):
+def _launch_gemm(x, idx, weight, bias, out, M, softcap, *, config, launcher, is_gather, gated=""):
     """Launch the GEMM (and, with SPLIT_K > 1 and no SELF_REDUCE, its reduce) writing `out` [M, N].
-    With `gated` (an activation name) weight is a merged gate/up [N = 2I, K] and `out` is [M, I].
-    With `norm` the A operand is normalized in the kernel (see NormPrologue)."""
+    With `gated` (an activation name) weight is a merged gate/up [N = 2I, K] and `out` is [M, I]."""
     N, K = weight.shape
     c = config["constexprs"]
     block_m, block_n, block_k, split_k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"]
@@ -367,22 +284,19 @@ def _launch_gemm(x, idx, weight, bias, out, M, softcap, *, config, launcher, is_
     counters = split_k_counters(x.device, num_tiles)  # read only with SELF_REDUCE
     flags = dict(HAS_GATHER=is_gather, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                  GROUP_SIZE_M=c["GROUP_SIZE_M"], SPLIT_K=split_k, SELF_REDUCE=self_reduce,
-                 **({"GATED": gated} if gated else {}),
-                 **(norm.constexprs(K, config["num_warps"]) if norm is not None else {}))
-    assert norm is None or not is_gather, "a norm prologue reads x's rows in order: no gather"
-    norm_ptrs, norm_ints = _norm_args(norm, x)
+                 **({"GATED": gated} if gated else {}))
     if split_k == 1:
         launcher.launch(_gemm_kernel, grid,
-                        (x, idx_arg, weight, bias_arg, out, out, counters, *norm_ptrs, M, N, K, x.stride(0),
-                         weight.stride(0), out.stride(0), k_per_split, float(softcap), *norm_ints),
+                        (x, idx_arg, weight, bias_arg, out, out, counters, M, N, K, x.stride(0), weight.stride(0),
+                         out.stride(0), k_per_split, float(softcap)),
                         constexprs=dict(flags, HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap),
                         num_warps=config["num_warps"], num_stages=config["num_stages"])
         return out
     assert out.is_contiguous()
     workspace = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)  # [S, M, N]
     launcher.launch(_gemm_kernel, grid,
-                    (x, idx_arg, weight, bias_arg, workspace, out, counters, *norm_ptrs, M, N, K, x.stride(0),
-                     weight.stride(0), N, k_per_split, float(softcap), *norm_ints),
+                    (x, idx_arg, weight, bias_arg, workspace, out, counters, M, N, K, x.stride(0), weight.stride(0),
+                     N, k_per_split, float(softcap)),
                     constexprs=dict(flags, HAS_BIAS=has_bias and self_reduce, HAS_SOFTCAP=has_softcap and self_reduce),
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
     if not self_reduce:

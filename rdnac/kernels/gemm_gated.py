@@ -42,20 +42,15 @@ from rdnac.kernels.activation import ACTIVATIONS
 from rdnac.kernels.launch import Launcher, cdiv
 
 # Shape ints fixed by the weights (never token counts): binaries specialize on their divisibility by 16.
-AOT_DIVISIBLE = {"_gemm_gated_kernel": ("N", "K", "stride_xm", "stride_wn", "stride_om", "stride_rm")}
-_SUM = gemm._SUM
+AOT_DIVISIBLE = {"_gemm_gated_kernel": ("N", "K", "stride_xm", "stride_wn", "stride_om")}
 
 
 @triton.jit
-def _gemm_gated_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, residual_ptr, norm_w_ptr, h_ptr,
-                       M, N, K, stride_xm, stride_wn, stride_om, stride_rm, eps,
+def _gemm_gated_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                        ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       GROUP_SIZE_M: tl.constexpr, PDL: tl.constexpr = False,
-                       NORM: tl.constexpr = False, NORM_RESIDUAL: tl.constexpr = False, UNIT_OFFSET: tl.constexpr = False,
-                       NORM_K: tl.constexpr = 0, NORM_BLOCK: tl.constexpr = 16):
+                       GROUP_SIZE_M: tl.constexpr, PDL: tl.constexpr = False):
     # x: [M, K]; w: [2N, K] (gate rows, then up rows); bias: [2N]; out: [M, N]
-    # NORM: the A operand is rms_norm(x (+ residual)) * norm_w and h gets x + residual, as in gemm._gemm_kernel
     pid = tl.program_id(0)
     num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # tl.cdiv is a jit function: inlined
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -85,46 +80,12 @@ def _gemm_gated_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, residual_ptr, norm_w_ptr
     a_ptrs = x_rows[:, None] + offs_k[None, :]  # [BM, BK]
     bg_ptrs = gate_cols[None, :] + offs_k[:, None]  # [BK, BN]
     bu_ptrs = up_cols[None, :] + offs_k[:, None]  # [BK, BN]
-    if NORM:  # gemm._gemm_kernel's norm prologue, copied (the interpreter cannot call @triton.jit helpers)
-        act_dtype = x_ptr.dtype.element_ty
-        rstd = tl.full((BLOCK_M,), 0.0, tl.float32)  # [BM]
-        offs_c = tl.arange(0, NORM_BLOCK)
-        for r in range(0, tl.minimum(M - pid_m * BLOCK_M, BLOCK_M)):
-            row = (pid_m * BLOCK_M + r).to(tl.int64)
-            sum_sq = tl.full((NORM_BLOCK,), 0.0, tl.float32)
-            for c0 in tl.static_range(0, NORM_K, NORM_BLOCK):
-                c = c0 + offs_c
-                h = tl.load(x_ptr + row * stride_xm + c, mask=c < NORM_K, other=0)
-                if NORM_RESIDUAL:
-                    h = (h.to(tl.float32) + tl.load(residual_ptr + row * stride_rm + c, mask=c < NORM_K, other=0)
-                         ).to(act_dtype)
-                hf = h.to(tl.float32)
-                sum_sq += hf * hf
-            row_rstd = tl.math.rsqrt(tl.reduce(sum_sq, 0, _SUM) / NORM_K + eps)
-            rstd = tl.where(tl.arange(0, BLOCK_M) == r, row_rstd, rstd)
-        r_ptrs = residual_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_k[None, :]  # [BM, BK]
-        h_ptrs = h_ptr + offs_m.to(tl.int64)[:, None] * NORM_K + offs_k[None, :]  # [BM, BK]
-        nw_ptrs = norm_w_ptr + offs_k  # [BK]
     acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # tl.zeros is a jit function
     acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_left = K - k0  # masks the K tail of the last step
         # other=0, not 0.0: the interpreter converts a float `other` to bf16 bit by bit on every load.
-        a_mask = mask_m[:, None] & (offs_k[None, :] < k_left)
-        a = tl.load(a_ptrs, mask=a_mask, other=0)
-        if NORM:  # the A tile as rms_norm rounds it (see gemm._gemm_kernel)
-            if NORM_RESIDUAL:
-                a = (a.to(tl.float32) + tl.load(r_ptrs, mask=a_mask, other=0)).to(act_dtype)
-                if pid_n == 0:
-                    tl.store(h_ptrs, a, mask=a_mask)
-                r_ptrs += BLOCK_K
-                h_ptrs += BLOCK_K
-            y = (a.to(tl.float32) * rstd[:, None]).to(act_dtype).to(tl.float32)
-            nw = tl.load(nw_ptrs, mask=offs_k < k_left, other=0).to(tl.float32)  # [BK]
-            if UNIT_OFFSET:
-                nw = (1.0 + nw).to(act_dtype).to(tl.float32)
-            a = (nw[None, :] * y).to(act_dtype)
-            nw_ptrs += BLOCK_K
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0)
         b_mask = (offs_k[:, None] < k_left) & mask_n[None, :]
         bg = tl.load(bg_ptrs, mask=b_mask, other=0)
         bu = tl.load(bu_ptrs, mask=b_mask, other=0)
@@ -160,13 +121,6 @@ def linear_gated_act(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                      config: dict, launcher: Launcher) -> torch.Tensor:
     """m [M, I] = act(gate) * up, where [gate | up] = x [M, K] @ weight [2I, K].T + bias [2I], in x's dtype."""
     gemm._check_operands("linear_gated_act", x, weight)
-    return launch_gated(x, weight, bias, act, config=config, launcher=launcher)
-
-
-def launch_gated(x, weight, bias, act: str, *, config: dict, launcher: Launcher,
-                 norm: gemm.NormPrologue | None = None) -> torch.Tensor:
-    """m [M, I] by the config's form (fused, WIDE or UNFUSED); with `norm` the GEMM normalizes its A operand
-    (see `gemm.NormPrologue`). The caller has checked x and weight (`gemm._check_operands`)."""
     assert act in ACTIVATIONS, f"linear_gated_act requires act in {ACTIVATIONS}; got {act!r}"
     M, width, K = x.shape[0], weight.shape[0], weight.shape[1]
     assert width % 2 == 0, f"linear_gated_act: weight must be [2I, K] (gate rows, then up); got {tuple(weight.shape)}"
@@ -180,24 +134,20 @@ def launch_gated(x, weight, bias, act: str, *, config: dict, launcher: Launcher,
     if c.get("WIDE"):  # the merged GEMM's kernel and tile, storing act(gate) * up from its epilogue
         gemm_config = {**config, "constexprs": {k: v for k, v in c.items() if k != "WIDE"}}
         return gemm._launch_gemm(x, None, weight, bias, out, M, 0.0, config=gemm_config, launcher=launcher,
-                                 is_gather=False, gated=act, norm=norm)
+                                 is_gather=False, gated=act)
     if c.get("UNFUSED"):  # measured faster at this size: the merged GEMM, then the activation kernel
         gemm_config = {**config, "constexprs": {k: v for k, v in c.items() if k != "UNFUSED"}}
         del gemm_config["act_config"]
-        gate_up = torch.empty((M, 2 * N), dtype=x.dtype, device=x.device)  # [M, 2I]
-        gemm._launch_gemm(x, None, weight, bias, gate_up, M, 0.0, config=gemm_config, launcher=launcher,
-                          is_gather=False, norm=norm)
+        gate_up = gemm.linear(x, weight, bias, config=gemm_config, launcher=launcher)  # [M, 2I]
         return activation.gated_act(gate_up, act=act, config=config["act_config"], launcher=launcher)
     assert c.get("SPLIT_K", 1) == 1, f"linear_gated_act has no split-K; got config {config}"
     block_m, block_n = c["BLOCK_M"], c["BLOCK_N"]
     grid = (cdiv(M, block_m) * cdiv(N, block_n),)
-    norm_ptrs, norm_ints = gemm._norm_args(norm, x)
     launcher.launch(_gemm_gated_kernel, grid,
                     (x, weight, bias if bias is not None else weight,  # bias never read without HAS_BIAS
-                     out, *norm_ptrs, M, N, K, x.stride(0), weight.stride(0), out.stride(0), *norm_ints),
+                     out, M, N, K, x.stride(0), weight.stride(0), out.stride(0)),
                     constexprs=dict(ACT=act, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-                                    BLOCK_K=c["BLOCK_K"], GROUP_SIZE_M=c["GROUP_SIZE_M"],
-                                    **(norm.constexprs(K, config["num_warps"]) if norm is not None else {})),
+                                    BLOCK_K=c["BLOCK_K"], GROUP_SIZE_M=c["GROUP_SIZE_M"]),
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out
 

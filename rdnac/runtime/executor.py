@@ -35,7 +35,6 @@ WRAPPERS = {
     "attention": {"prefill": "attention.attention_prefill", "decode": "attention.attention_decode"},
     "gated_act": "activation.gated_act",
     "linear_gated_act": "gemm_gated.linear_gated_act",
-    "rms_norm_linear": "norm_gemm.rms_norm_linear",
     "add": "elementwise.add",
     "logits": "gemm.logits",
     "rms_norm_quant": "rms_norm_quant.rms_norm_quant",

@@ -20,7 +20,7 @@ from rdnac.compiler.build import check_resources, compile_calls
 from rdnac.compiler.passes import PassContext
 from rdnac.errors import RdnacError
 from rdnac.ir.graph import Graph, Node
-from rdnac.kernels import gemm, gemm_gated, norm_gemm
+from rdnac.kernels import gemm, gemm_gated
 from rdnac.kernels.launch import KernelCall, with_pdl
 from rdnac.runtime.executor import NO_KERNEL_OPS, StepMeta, bucket_for, wrapper_name
 from rdnac.targets import Target
@@ -49,10 +49,6 @@ def _problem(node: Node, phase: str, env: dict[str, torch.Tensor], runtime: dict
     if node.op == "linear_gated_act":  # N: the output width I (the weight is [2I, K])
         return "gemm_gated", {"M": ins[0].shape[0], "N": ins[1].shape[0] // 2, "K": ins[1].shape[1], "dtype": dtype,
                               "act": a["act"]}
-    if node.op == "rms_norm_linear":  # the GEMM's family and problem (configs: norm_gemm.with_norm_configs)
-        gemm_node = Node(node.name, "linear_gated_act" if a.get("act") else "linear",
-                         [node.inputs[0], *node.inputs[2 if a["has_residual"] else 1:][1:]], [], a)
-        return _problem(gemm_node, phase, env, runtime)
     if node.op == "linear_fp8":
         return "gemm_fp8", {"M": ins[0].shape[0], "N": ins[1].shape[0], "K": ins[1].shape[1],
                             "dtype": a.get("out_dtype") or dtype,
@@ -176,8 +172,6 @@ def run(graph: Graph, ctx: PassContext, target: Target, runtime: dict, keys: lis
                 continue
             family, problem = _problem(node, phase, env, runtime)
             ranked = _candidates(family, problem, target)
-            if node.op == "rms_norm_linear":
-                ranked = norm_gemm.with_norm_configs(ranked, problem)
             options[(node.name, key)] = ranked
             program[node.name][key] = {"kernel": wrapper_name(node.op, phase), "config": ranked[0][0],
                                        "reason": ranked[0][1]}
