@@ -2,11 +2,6 @@
 
     python bench/tune_kernels.py --shapes qwen3-8b llama3-8b --out rdnac/compiler/tuned/sm90.json
 
-FP8 decode only (block scales, M = 1: the dot kernels and the GEMV form; each entry logs the fastest
-of each form as dot_us and gemv_us next to the winner's us and GBps):
-
-    python bench/tune_kernels.py --shapes qwen3-8b --schemes fp8-block --m 1 --families gemm_fp8 --out fp8_m1.json
-
 The search itself is `rdnac.compiler.tune` (what `rdnac tune PLAN` runs for
 a compiled plan); this script lists problems by model shape instead. For
 every linear of the shapes (merged qkv and gate_up, o, down, logits; for bf16 also gate_up with its
@@ -28,8 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from rdnac.compiler.tune import candidates, save_results, search  # noqa: E402
-from rdnac.compiler.tuning import problem_key  # noqa: E402
+from rdnac.compiler.tune import save_results, search  # noqa: E402
 from harness import SHAPES  # noqa: E402
 
 FP8_SCHEMES = {"bf16": None,
@@ -77,9 +71,7 @@ def main() -> None:
     ap.add_argument("--families", nargs="+", default=["gemm", "gemm_fp8", "gemm_gated", "attention"],
                     help="Tune only these kernel families.")
     ap.add_argument("--target", default="sm90")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="List the jobs and their candidate counts (GEMV among them), time nothing (no GPU needed).")
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     jobs = []
     for shape in args.shapes:
@@ -89,16 +81,7 @@ def main() -> None:
                     jobs.append(job)
         if args.attention:
             jobs += [j for j in attention_problems(shape, args.decode_batches, args.prefill) if j not in jobs]
-    jobs = [j for j in jobs if j[0] in args.families]
-    if args.dry_run:
-        for family, problem in jobs:
-            configs = candidates(family, problem)
-            gemv = sum(1 for c in configs if c["constexprs"].get("GEMV"))
-            print(f"{problem_key(family, problem)} M={problem.get('M')}: {len(configs)} candidates, {gemv} GEMV")
-        return
-    if args.out is None:
-        ap.error("--out is required unless --dry-run")
-    results = search(jobs, args.target)
+    results = search([j for j in jobs if j[0] in args.families], args.target)
     save_results(args.out, results)
 
 

@@ -71,10 +71,6 @@ def candidates(family: str, problem: dict) -> list[dict]:
                         continue
                     for stages in (3, 4):
                         extra.append(_config(16, bn, bk, 1, split, 4, stages))
-        if family == "gemm_fp8":  # the dot-free decode form (gemv_fp8.py), only ever measured
-            from rdnac.kernels.gemv_fp8 import gemv_configs
-
-            extra += gemv_configs(problem)
     elif M > 256:
         for bn, bk, warps, stages in ((256, 64, 8, 3), (256, 64, 8, 4), (128, 64, 8, 4), (128, 128, 8, 3),
                                       (128, 64, 4, 4)):
@@ -223,9 +219,6 @@ def search(jobs: list[tuple[str, dict]], target: str, log=print) -> list[dict]:
             flops = 2 * problem["M"] * problem["N"] * problem["K"] * (2 if family == "gemm_gated" else 1)
             entry["GBps"] = round((weight_bytes + problem["M"] * problem["K"] * 2) / best_us / 1e3, 1)
             entry["tflops"] = round(flops / best_us / 1e6, 1)
-        if family == "gemm_fp8" and any(c["constexprs"].get("GEMV") for _, c in timed):  # each form's best
-            entry["dot_us"] = round(next((t for t, c in timed if not c["constexprs"].get("GEMV")), float("nan")), 2)
-            entry["gemv_us"] = round(next(t for t, c in timed if c["constexprs"].get("GEMV")), 2)
         if best["constexprs"].get("QUANT_A"):
             # a prequantized GEMM looks this entry up too (tuning.measured_form) and has no x to quantize:
             # it takes the fastest config that reads fp8 x (every such time carries the same quant launch)

@@ -22,9 +22,6 @@ Kernels, one job each:
                            quantizes each [BLOCK_M, group] tile with `_quant_fp8_kernel`'s rule, the
                            same bits, so the quant launch goes; every N tile redoes that work, cheap
                            only while M is small.
-  `gemv_fp8._fp8_gemv_kernel` config constexpr GEMV (decode; a measured choice only, offered by
-                           `rdnac tune`): no dot, fp8 weight tiles streamed into fp32 accumulators [BLOCK_M
-                           rows, BLOCK_N], every scheme above; see gemv_fp8.py.
   `_fp8_splitk_reduce_kernel` SPLIT_K > 1: sums the fp32 partials [SPLIT_K, M, N] in a fixed order
                            (deterministic, no atomics, no zeroed buffer), then applies the epilogue
                            scales (epilogue kernel only) and the bias once. With SELF_REDUCE (a
@@ -51,7 +48,6 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
-from rdnac.kernels import gemv_fp8
 from rdnac.kernels.fp8_quant import GRID, quantize_activations
 from rdnac.kernels.gemm import split_k_counters
 from rdnac.kernels.gemm_fp8_configs import _config, config_space, default_config  # noqa: F401 (the family API)
@@ -299,7 +295,6 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     # QUANT_A (a measured choice at decode sizes, see the module docstring): the block GEMM quantizes
     # x's groups itself, the bits _quant_fp8_kernel would write, and there is no quant launch.
     quant_a = act_scheme == "dynamic_group" and bool(c.get("QUANT_A", False))
-    is_gemv = bool(c.get("GEMV", False))  # the decode form without a dot (gemv_fp8.py), a measured choice
     if not is_prequantized:
         group = block_size[1] if act_scheme == "dynamic_group" else 0
     is_block = weight_scheme == "block" or group > 0
@@ -311,8 +306,7 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
             f"linear_fp8: activation group {group} must equal the weight's scale block K {block_size[1]}"
         a, a_scale = x, x_scale
     elif is_a16 or quant_a:
-        assert is_gemv or not quant_a or c["BLOCK_K"] == group, \
-            f"linear_fp8: QUANT_A needs BLOCK_K == the group {group}"  # the GEMV says so in its own words
+        assert not quant_a or c["BLOCK_K"] == group, f"linear_fp8: QUANT_A needs BLOCK_K == the group {group}"
         a, a_scale = x, x
     else:
         a, a_scale = quantize_activations(x, input_scale, fp8_format, group, launcher=launcher)
@@ -339,22 +333,8 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         else:  # per-channel / per-tensor weight under per-group activations
             scale_bn, scale_bk = 1, group
             stride_wsn, stride_wsk = (weight_scale.stride(0) if weight_scheme == "channel" else 0), 0
-        stride_ask = 1 if group else 0
-    else:
-        assert weight_scheme in ("channel", "tensor"), f"unknown FP8 weight scheme {weight_scheme!r}"
-        stride_ws = weight_scale.stride(0) if weight_scheme == "channel" else 0  # [N] or [N, 1]
-        scale_bn, scale_bk, stride_ask, stride_wsn, stride_wsk = 1, None, 0, stride_ws, 0  # GEMV: scales once
-    if is_gemv:  # the decode form (gemv_fp8.py) takes the block kernel's arguments
-        gemv_fp8.check_config(config, scale_bk, group, quant_a)
-        del flags["GROUP_SIZE_M"]
-        launcher.launch(gemv_fp8._fp8_gemv_kernel, grid,
-                        (a, a_scale, weight, weight_scale, bias_arg, target, out, counters, M, N, K, a.stride(0),
-                         weight.stride(0), stride_target, stride_asm, stride_ask, stride_wsn, stride_wsk, k_per_split),
-                        constexprs=dict(flags, IS_BLOCK=is_block, SCALE_BLOCK_N=scale_bn, SCALE_BLOCK_K=scale_bk or 1,
-                                        **_quant_a_constexprs(quant_a, fp8_format)), **launch)
-        has_a_scale, has_w_scale = not is_block and not is_a16, not is_block
-    elif is_block:
         assert scale_bk % block_k == 0, f"linear_fp8: BLOCK_K {block_k} must divide the scale block's K {scale_bk}"
+        stride_ask = 1 if group else 0
         launcher.launch(_fp8_block_gemm_kernel, grid,
                         (a, a_scale, weight, weight_scale, bias_arg, target, out, counters, M, N, K, a.stride(0),
                          weight.stride(0), stride_target, stride_asm, stride_ask, stride_wsn, stride_wsk, k_per_split),
@@ -362,6 +342,8 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                                         **_quant_a_constexprs(quant_a, fp8_format)), **launch)
         has_a_scale = has_w_scale = False
     else:
+        assert weight_scheme in ("channel", "tensor"), f"unknown FP8 weight scheme {weight_scheme!r}"
+        stride_ws = weight_scale.stride(0) if weight_scheme == "channel" else 0  # [N] or [N, 1]
         launcher.launch(_fp8_gemm_kernel, grid,
                         (a, a_scale, weight, weight_scale, bias_arg, target, out, counters, M, N, K, a.stride(0),
                          weight.stride(0), stride_target, stride_asm, stride_ws, k_per_split),
