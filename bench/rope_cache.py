@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from rdnac.ir.ops import rope_inv_freq  # noqa: E402
+from rdnac.ir.rope_math import rope_inv_freq  # noqa: E402
 from rdnac.kernels import kv_cache, qk_norm_rope_cache, rms_norm, rope  # noqa: E402
 from rdnac.kernels.launch import JitLauncher  # noqa: E402
 

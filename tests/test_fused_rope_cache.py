@@ -17,7 +17,7 @@ import torch
 import rdnac
 from rdnac.compiler.frontend import build_graph, read_checkpoint
 from rdnac.compiler.passes import PassContext, fuse_qk_norm_rope_cache, merge_linears
-from rdnac.ir import interpreter, ops
+from rdnac.ir import interpreter, ops, rope_math
 from rdnac.ir.verify import verify
 from rdnac.kernels import kv_cache, qk_norm_rope_cache, rms_norm, rope
 from rdnac.kernels.launch import JitLauncher
@@ -73,7 +73,7 @@ def _check(launcher, device, dtype, config, num_heads, num_kv_heads, head_dim, r
     norms = norms if qk_norm else []
     attrs = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rotary_dim=rotary_dim,
                  theta=1e6, style=style, scaling=scaling, qk_norm=qk_norm, eps=1e-6, unit_offset=unit_offset)
-    inv_freq, attention_scaling = ops.rope_inv_freq(rotary_dim, 1e6, scaling)
+    inv_freq, attention_scaling = rope_math.rope_inv_freq(rotary_dim, 1e6, scaling)
     inv_freq = inv_freq.to(device)
     caches = {name: (k_cache.clone(), v_cache.clone()) for name in ("fused", "reference", "unfused")}
     out = qk_norm_rope_cache.qk_norm_rope_cache(q, k, v, positions, slots, *caches["fused"], *norms, **attrs,
@@ -137,7 +137,7 @@ def test_kernel_unit_offset_int32_slots_and_cache_cast():
 def test_kernel_fully_padded_batch_writes_no_cache_slot():
     q, k, v, positions, slots, k_cache, v_cache, norms = _inputs("cpu", torch.bfloat16, 6, 2, 16)
     attrs = dict(num_heads=6, num_kv_heads=2, head_dim=16, rotary_dim=16, theta=1e4, qk_norm=True, eps=1e-6)
-    inv_freq, scaling = ops.rope_inv_freq(16, 1e4, None)
+    inv_freq, scaling = rope_math.rope_inv_freq(16, 1e4, None)
     padded = torch.full_like(slots, -1)
     before = k_cache.clone(), v_cache.clone()
     config = qk_norm_rope_cache.default_config({"head_dim": 16, "num_heads": 6, "num_kv_heads": 2})

@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.runtime import interpreter
 from triton.runtime.jit import JITFunction
 
-from rdnac.ir import ops
+from rdnac.ir import ops, rope_math
 from rdnac.kernels import activation, embedding, kv_cache, rms_norm, rope, sampling
 from rdnac.kernels.launch import InterpretLauncher, JitLauncher, KernelCall
 
@@ -212,7 +212,7 @@ def _check_rope(launcher, device, dtype, config, num_heads, num_kv_heads, head_d
     positions = torch.tensor([0, 1, 15, 16, 4095, 33000, 131071][:num_tokens], device=device)
     attrs = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rotary_dim=rotary_dim,
                  theta=1e6, style=style, scaling=scaling)
-    inv_freq, attention_scaling = ops.rope_inv_freq(rotary_dim, 1e6, scaling)
+    inv_freq, attention_scaling = rope_math.rope_inv_freq(rotary_dim, 1e6, scaling)
     q_out, k_out = rope.rope(q, k, positions, **attrs, inv_freq=inv_freq.to(device),
                              attention_scaling=attention_scaling, config=config, launcher=launcher)
     q_ref, k_ref = ops.rope(q, k, positions, **attrs)

@@ -4,7 +4,7 @@ Pairing styles: "neox" rotates (d, d + R/2), "gptj" rotates (2j, 2j + 1);
 dims at and past rotary_dim R (partial rotary) are copied unchanged. Every
 scaling variant (none, linear, llama3, yarn) reduces to a float32 `inv_freq
 [R/2]` and an `attention_scaling` factor, which the runtime computes once at
-load with `rdnac.ir.ops.rope_inv_freq`; the kernel forms
+load with `rdnac.ir.rope_math.rope_inv_freq`; the kernel forms
 angle = float(position) * inv_freq[j] in float32 exactly as the reference
 does, then cos/sin. Rounding mirrors the reference (and Hugging Face): cos
 and sin are rounded to the activation dtype, and so is each product before

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from rdnac.ir.graph import Graph
-from rdnac.ir.ops import rope_inv_freq
+from rdnac.ir.rope_math import rope_inv_freq
 
 # Token-count buckets: a step with T tokens uses the configs of the smallest bucket >= T.
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
