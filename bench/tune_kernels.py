@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from rdnac.compiler.tune import save_results, search  # noqa: E402
+from rdnac.compiler.tune import CONTEXT, save_results, search  # noqa: E402
 from harness import SHAPES  # noqa: E402
 
 FP8_SCHEMES = {"bf16": None,
@@ -68,6 +68,9 @@ def main() -> None:
     ap.add_argument("--decode-batches", type=int, nargs="*", default=[1, 64],
                     help="decode attention batch sizes with --attention (none: prefill only)")
     ap.add_argument("--prefill", type=int, nargs="*", default=[2048])
+    ap.add_argument("--context", type=int, default=CONTEXT,
+                    help=f"cached tokens per sequence for decode attention (default {CONTEXT}; the issue-6 "
+                         f"harness decodes at 256)")
     ap.add_argument("--families", nargs="+", default=["gemm", "gemm_fp8", "gemm_gated", "attention"],
                     help="Tune only these kernel families.")
     ap.add_argument("--target", default="sm90")
@@ -81,7 +84,7 @@ def main() -> None:
                     jobs.append(job)
         if args.attention:
             jobs += [j for j in attention_problems(shape, args.decode_batches, args.prefill) if j not in jobs]
-    results = search([j for j in jobs if j[0] in args.families], args.target)
+    results = search([j for j in jobs if j[0] in args.families], args.target, context=args.context)
     save_results(args.out, results)
 
 

@@ -164,8 +164,9 @@ def build_candidates(jobs: list[tuple[str, dict]], target: str, log=print) -> li
     return ok
 
 
-def search(jobs: list[tuple[str, dict]], target: str, log=print) -> list[dict]:
-    """Time every candidate of every job on this machine's GPU; one table entry per job (the fastest)."""
+def search(jobs: list[tuple[str, dict]], target: str, log=print, context: int = CONTEXT) -> list[dict]:
+    """Time every candidate of every job on this machine's GPU; one table entry per job (the fastest).
+    Decode attention is timed with `context` cached tokens per sequence."""
     from rdnac.runtime.aot import AotLauncher, check_target
 
     if not torch.cuda.is_available():
@@ -178,12 +179,12 @@ def search(jobs: list[tuple[str, dict]], target: str, log=print) -> list[dict]:
     results = []
     for j, (family, problem) in enumerate(jobs):
         if family == "attention":
-            ctx = CONTEXT if problem["phase"] == "decode" else problem["num_tokens"]
+            ctx = context if problem["phase"] == "decode" else problem["num_tokens"]
             weight_bytes = 2 * problem["num_seqs"] * ctx * problem["num_kv_heads"] * problem["head_dim"] * 2
         else:
             weight_bytes = problem["N"] * problem["K"] * {"gemm": 2, "gemm_gated": 4}.get(family, 1)  # gated: [2N, K]
         copies = max(1, min(16, -(-L2_DEFEAT_BYTES // weight_bytes)))
-        sets = _tensors(family, problem, "cuda", copies, CONTEXT)
+        sets = _tensors(family, problem, "cuda", copies, context)
         reps = max(copies, 8)
         timed = []
         wrapper = _wrapper(family, problem)
@@ -214,7 +215,7 @@ def search(jobs: list[tuple[str, dict]], target: str, log=print) -> list[dict]:
                 t = problem["num_tokens"]
                 entry["tflops"] = round(4 * problem["num_heads"] * problem["head_dim"] * t * (t + 1) / 2 / best_us / 1e6, 1)
             else:
-                entry["context"] = CONTEXT
+                entry["context"] = context
         else:
             flops = 2 * problem["M"] * problem["N"] * problem["K"] * (2 if family == "gemm_gated" else 1)
             entry["GBps"] = round((weight_bytes + problem["M"] * problem["K"] * 2) / best_us / 1e3, 1)
