@@ -142,68 +142,57 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
     if GATED != "":  # the [M, I] output's columns of this tile: one per (gate, up) pair
         offs_i = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)  # [BN/2]
         gated_mask = mask_m[:, None] & (offs_i < N // 2)[None, :]
+    # The tile's whole-K value `total` and where it goes: this program's accumulator without split-K; with
+    # SELF_REDUCE the last split to arrive sums the partials; otherwise the reduce kernel finishes the tile.
     if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + w_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if HAS_SOFTCAP:
-            # softcap * tanh(acc / softcap), tanh written out: no libdevice in portable Triton.
-            t = tl.exp(-2.0 * tl.abs(acc / softcap))
-            tanh_abs = (1.0 - t) / (1.0 + t)
-            acc = softcap * tl.where(acc < 0, -tanh_abs, tanh_abs)
-        if GATED != "":
-            # Round gate and up as the unfused GEMM stores gate_up, then activation._gated_act_kernel's
-            # formulas op for op (copied, here and below: under the interpreter a kernel cannot call a
-            # @triton.jit helper), so the output is the unfused pair's bit for bit.
-            act_dtype = out_ptr.dtype.element_ty
-            gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))  # [BM, BN/2] each
-            gate = gate.to(act_dtype).to(tl.float32)
-            up = up.to(act_dtype).to(tl.float32)
-            if GATED == "silu":
-                act = gate / (1.0 + tl.exp(-gate))
-            elif GATED == "gelu":
-                act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-            else:  # gelu_tanh; tanh(z) = 1 - 2 / (exp(2z) + 1) saturates correctly at both ends
-                z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-                act = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
-            act = act.to(act_dtype).to(tl.float32)
-            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_i[None, :], (act * up).to(act_dtype),
-                     mask=gated_mask)
-        else:
-            tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        total = acc
+        dst_ptr, dst_stride = out_ptr, stride_om
+        dst_tile = out_ptr + out_offs  # [BM, BN] pointers of the ungated store
+        is_last = True
     else:
         tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
+        dst_ptr = final_ptr  # [M, N] or, gated, [M, I]: contiguous
+        dst_stride = N // 2 if GATED != "" else N
+        dst_tile = final_ptr + offs_m[:, None] * N + offs_n[None, :]
         if SELF_REDUCE:
             tl.debug_barrier()  # every thread's partial is stored before the release below
             arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT_K - 1:  # the tile's last split: sum in _splitk_reduce_kernel's order
-                total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+            is_last = arrived == SPLIT_K - 1
+            total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+            if is_last:  # the tile's last split: sum in _splitk_reduce_kernel's order
                 for s in tl.static_range(SPLIT_K):
                     # .cg: read through L2, never a stale L1 line of this SM
                     total += tl.load(out_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(bias_ptr + w_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-                if HAS_SOFTCAP:
-                    t = tl.exp(-2.0 * tl.abs(total / softcap))
-                    tanh_abs = (1.0 - t) / (1.0 + t)
-                    total = softcap * tl.where(total < 0, -tanh_abs, tanh_abs)
-                if GATED != "":  # as in the SPLIT_K == 1 epilogue above; final is [M, I], contiguous
-                    act_dtype = final_ptr.dtype.element_ty
-                    gate, up = tl.split(tl.reshape(total, (BLOCK_M, BLOCK_N // 2, 2)))  # [BM, BN/2] each
-                    gate = gate.to(act_dtype).to(tl.float32)
-                    up = up.to(act_dtype).to(tl.float32)
-                    if GATED == "silu":
-                        act = gate / (1.0 + tl.exp(-gate))
-                    elif GATED == "gelu":
-                        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-                    else:  # gelu_tanh
-                        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-                        act = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
-                    act = act.to(act_dtype).to(tl.float32)
-                    tl.store(final_ptr + offs_m[:, None] * (N // 2) + offs_i[None, :], (act * up).to(act_dtype),
-                             mask=gated_mask)
-                else:
-                    tl.store(final_ptr + offs_m[:, None] * N + offs_n[None, :],
-                             total.to(final_ptr.dtype.element_ty), mask=out_mask)
+    if SPLIT_K == 1 or SELF_REDUCE:
+        if is_last:  # the epilogue, once per tile
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + w_rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if HAS_SOFTCAP:
+                # softcap * tanh(total / softcap), tanh written out: no libdevice in portable Triton.
+                t = tl.exp(-2.0 * tl.abs(total / softcap))
+                tanh_abs = (1.0 - t) / (1.0 + t)
+                total = softcap * tl.where(total < 0, -tanh_abs, tanh_abs)
+            if GATED != "":
+                # Round gate and up as the unfused GEMM stores gate_up, then activation._gated_act_kernel's
+                # formulas op for op (copied: under the interpreter a kernel cannot call a @triton.jit
+                # helper), so the output is the unfused pair's bit for bit.
+                act_dtype = dst_ptr.dtype.element_ty
+                gate, up = tl.split(tl.reshape(total, (BLOCK_M, BLOCK_N // 2, 2)))  # [BM, BN/2] each
+                gate = gate.to(act_dtype).to(tl.float32)
+                up = up.to(act_dtype).to(tl.float32)
+                if GATED == "silu":
+                    act = gate / (1.0 + tl.exp(-gate))
+                elif GATED == "gelu":
+                    act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+                else:  # gelu_tanh; tanh(z) = 1 - 2 / (exp(2z) + 1) saturates correctly at both ends
+                    z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+                    act = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+                act = act.to(act_dtype).to(tl.float32)
+                tl.store(dst_ptr + offs_m[:, None] * dst_stride + offs_i[None, :], (act * up).to(act_dtype),
+                         mask=gated_mask)
+            else:
+                tl.store(dst_tile, total.to(dst_ptr.dtype.element_ty), mask=out_mask)
+            if SPLIT_K > 1:
                 tl.store(counter_ptr + pid, 0)  # ready for the next launch
 
 
