@@ -68,9 +68,10 @@ def main() -> None:
     ap.add_argument("--decode-batches", type=int, nargs="*", default=[1, 64],
                     help="decode attention batch sizes with --attention (none: prefill only)")
     ap.add_argument("--prefill", type=int, nargs="*", default=[2048])
-    ap.add_argument("--context", type=int, default=CONTEXT,
+    ap.add_argument("--context", type=int, nargs="+", default=[CONTEXT],
                     help=f"cached tokens per sequence for decode attention (default {CONTEXT}; the issue-6 "
-                         f"harness decodes at 256)")
+                         f"harness decodes at 256). Several: each candidate is timed at each, and the entry keeps "
+                         f"the config with the smallest worst slowdown (rdnac.compiler.tune.robust_pick)")
     ap.add_argument("--families", nargs="+", default=["gemm", "gemm_fp8", "gemm_gated", "attention"],
                     help="Tune only these kernel families.")
     ap.add_argument("--target", default="sm90")
@@ -84,7 +85,7 @@ def main() -> None:
                     jobs.append(job)
         if args.attention:
             jobs += [j for j in attention_problems(shape, args.decode_batches, args.prefill) if j not in jobs]
-    results = search([j for j in jobs if j[0] in args.families], args.target, context=args.context)
+    results = search([j for j in jobs if j[0] in args.families], args.target, contexts=tuple(args.context))
     save_results(args.out, results)
 
 

@@ -196,3 +196,19 @@ def test_a_wrong_candidate_is_never_timed():
     assert "max error" in _disagrees(ref * 0.5, ref)  # e.g. one of two split-K partials lost
     assert "non-finite" in _disagrees(torch.full_like(ref, float("nan")), ref)
     assert "shape" in _disagrees(ref[:2], ref)
+
+
+def test_decode_attention_across_contexts_keeps_the_smallest_worst_slowdown():
+    """One plan config serves every context: with several timing contexts the search keeps the config whose
+    worst time against each context's fastest is smallest, not either context's winner."""
+    from rdnac.compiler.tune import robust_pick
+
+    short, wide, middle, partial = ({"constexprs": {"NUM_SPLITS": n}} for n in (4, 16, 8, 2))
+    timed = {256: [(4.9, short), (5.2, middle), (6.4, wide)],
+             1024: [(7.1, wide), (7.6, middle), (9.8, short), (7.0, partial)]}  # partial: not timed at 256
+    config, worst = robust_pick(timed)
+    assert config == middle  # 5.2 / 4.9 = 1.06 and 7.6 / 7.0 = 1.09 beat short (1.40) and wide (1.31)
+    assert worst == pytest.approx(7.6 / 7.0)
+    assert robust_pick({1024: timed[1024]}) == (partial, 1.0)  # one context: its fastest
+    with pytest.raises(RdnacError, match="no candidate was timed at every context"):
+        robust_pick({256: [(1.0, short)], 1024: [(1.0, wide)]})

@@ -164,9 +164,12 @@ def build_candidates(jobs: list[tuple[str, dict]], target: str, log=print) -> li
     return ok
 
 
-def search(jobs: list[tuple[str, dict]], target: str, log=print, context: int = CONTEXT) -> list[dict]:
+def search(jobs: list[tuple[str, dict]], target: str, log=print, contexts: tuple[int, ...] = (CONTEXT,)) -> list[dict]:
     """Time every candidate of every job on this machine's GPU; one table entry per job (the fastest).
-    Decode attention is timed with `context` cached tokens per sequence."""
+
+    Decode attention is timed at each of `contexts` cached tokens per sequence. A plan keeps one config per
+    batch bucket whatever the context, so with several contexts the entry keeps `robust_pick`'s config (the
+    smallest worst slowdown against each context's fastest) and records each context's times."""
     from rdnac.runtime.aot import AotLauncher, check_target
 
     if not torch.cuda.is_available():
@@ -178,34 +181,17 @@ def search(jobs: list[tuple[str, dict]], target: str, log=print, context: int = 
     launcher = AotLauncher([b.to_dict() for _, _, bins in ok for b in bins], "cuda")
     results = []
     for j, (family, problem) in enumerate(jobs):
-        if family == "attention":
-            ctx = context if problem["phase"] == "decode" else problem["num_tokens"]
-            weight_bytes = 2 * problem["num_seqs"] * ctx * problem["num_kv_heads"] * problem["head_dim"] * 2
+        decode_attention = family == "attention" and problem["phase"] == "decode"
+        ctxs = list(contexts) if decode_attention else [contexts[0]]
+        by_context = {ctx: _time_candidates(j, family, problem, ok, launcher, ctx, log) for ctx in ctxs}
+        weight_bytes = by_context[ctxs[0]][1]
+        if len(ctxs) == 1:
+            timed = by_context[ctxs[0]][0]
+            best_us, best = timed[0]
         else:
-            weight_bytes = problem["N"] * problem["K"] * {"gemm": 2, "gemm_gated": 4}.get(family, 1)  # gated: [2N, K]
-        copies = max(1, min(16, -(-L2_DEFEAT_BYTES // weight_bytes)))
-        sets = _tensors(family, problem, "cuda", copies, context)
-        reps = max(copies, 8)
-        timed = []
-        wrapper = _wrapper(family, problem)
-        module = importlib.import_module(f"rdnac.kernels.{family}")
-        args, kw = sets[0]
-        default = module.default_config(problem)
-        built = any(jj == j and config == default for jj, config, _ in ok)  # usually: it is in the space
-        reference = wrapper(*args, **kw, config=default, launcher=launcher if built else JitLauncher()).float()
-        for jj, config, _ in ok:
-            if jj != j:
-                continue
-            wrong = _disagrees(wrapper(*args, **kw, config=config, launcher=launcher).float(), reference)
-            if wrong:  # a fast wrong kernel must never win: say so and leave it out
-                log(f"{tuning.problem_key(family, problem)}: candidate {config} left out: {wrong}")
-                continue
-            timed.append((_time(wrapper, sets, reps, config, launcher), config))
-        if not timed:
-            raise RdnacError(f"{tuning.problem_key(family, problem)} at M={tuning.problem_m(family, problem)}: "
-                             f"no candidate agrees with the default config's output (see the log above)")
-        timed.sort(key=lambda t: t[0])
-        best_us, best = timed[0]
+            best, worst = robust_pick({ctx: t for ctx, (t, _) in by_context.items()})
+            timed = by_context[ctxs[0]][0]
+            best_us = next(us for us, c in timed if c == best)  # the kept config at the first context
         entry = {"key": tuning.problem_key(family, problem), "M": tuning.problem_m(family, problem),
                  "family": family, "problem": problem, "config": best, "us": round(best_us, 2),
                  "candidates": len(timed)}
@@ -215,7 +201,12 @@ def search(jobs: list[tuple[str, dict]], target: str, log=print, context: int = 
                 t = problem["num_tokens"]
                 entry["tflops"] = round(4 * problem["num_heads"] * problem["head_dim"] * t * (t + 1) / 2 / best_us / 1e6, 1)
             else:
-                entry["context"] = context
+                entry["context"] = ctxs[0]
+                if len(ctxs) > 1:
+                    entry["contexts"] = [{"context": ctx, "us": round(next(us for us, c in t if c == best), 2),
+                                          "fastest_us": round(t[0][0], 2), "fastest": t[0][1]}
+                                         for ctx, (t, _) in by_context.items()]
+                    entry["worst_slowdown"] = round(worst, 3)
         else:
             flops = 2 * problem["M"] * problem["N"] * problem["K"] * (2 if family == "gemm_gated" else 1)
             entry["GBps"] = round((weight_bytes + problem["M"] * problem["K"] * 2) / best_us / 1e3, 1)
@@ -229,9 +220,56 @@ def search(jobs: list[tuple[str, dict]], target: str, log=print, context: int = 
             entry["cost_model_pick_us"] = round(next(t for t, c in timed if c == pick), 2)
         log(json.dumps(entry))
         results.append(entry)
-        del sets
-        torch.cuda.empty_cache()
     return results
+
+
+def robust_pick(timed: dict[int, list[tuple[float, dict]]]) -> tuple[dict, float]:
+    """The config, among those timed at every context, whose worst slowdown against each context's fastest
+    (time / fastest time) is smallest, and that slowdown; ties go to the smaller total time."""
+    contexts = list(timed)
+    times = [{json.dumps(c, sort_keys=True): us for us, c in timed[ctx]} for ctx in contexts]
+    fastest = [min(t.values()) for t in times]
+    common = [key for key in times[0] if all(key in t for t in times[1:])]
+    if not common:
+        raise RdnacError(f"no candidate was timed at every context {contexts}")
+    key = min(common, key=lambda k: (max(t[k] / f for t, f in zip(times, fastest)), sum(t[k] for t in times)))
+    return json.loads(key), max(t[key] / f for t, f in zip(times, fastest))
+
+
+def _time_candidates(j: int, family: str, problem: dict, ok: list, launcher, context: int,
+                     log) -> tuple[list[tuple[float, dict]], int]:
+    """([(us, config)] fastest first, bytes the problem reads) for job j's built candidates, decode attention
+    at `context` cached tokens; candidates disagreeing with the default config are logged and left out."""
+    if family == "attention":
+        ctx = context if problem["phase"] == "decode" else problem["num_tokens"]
+        weight_bytes = 2 * problem["num_seqs"] * ctx * problem["num_kv_heads"] * problem["head_dim"] * 2
+    else:
+        weight_bytes = problem["N"] * problem["K"] * {"gemm": 2, "gemm_gated": 4}.get(family, 1)  # gated: [2N, K]
+    copies = max(1, min(16, -(-L2_DEFEAT_BYTES // weight_bytes)))
+    sets = _tensors(family, problem, "cuda", copies, context)
+    reps = max(copies, 8)
+    timed = []
+    wrapper = _wrapper(family, problem)
+    module = importlib.import_module(f"rdnac.kernels.{family}")
+    args, kw = sets[0]
+    default = module.default_config(problem)
+    built = any(jj == j and config == default for jj, config, _ in ok)  # usually: it is in the space
+    reference = wrapper(*args, **kw, config=default, launcher=launcher if built else JitLauncher()).float()
+    for jj, config, _ in ok:
+        if jj != j:
+            continue
+        wrong = _disagrees(wrapper(*args, **kw, config=config, launcher=launcher).float(), reference)
+        if wrong:  # a fast wrong kernel must never win: say so and leave it out
+            log(f"{tuning.problem_key(family, problem)}: candidate {config} left out: {wrong}")
+            continue
+        timed.append((_time(wrapper, sets, reps, config, launcher), config))
+    if not timed:
+        raise RdnacError(f"{tuning.problem_key(family, problem)} at M={tuning.problem_m(family, problem)}: "
+                         f"no candidate agrees with the default config's output (see the log above)")
+    timed.sort(key=lambda t: t[0])
+    del sets
+    torch.cuda.empty_cache()
+    return timed, weight_bytes
 
 
 def _disagrees(out: torch.Tensor, reference: torch.Tensor) -> str:
