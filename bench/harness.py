@@ -18,6 +18,7 @@ JSON line per measurement to OUT/results.jsonl and prints it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -199,7 +200,7 @@ def measure_rdnac(shape: str, scheme: str, work: Path, args) -> None:
         prefill_records(engine, shape, scheme, args.prefill, launch_pdl=False)
         del engine
         torch.cuda.empty_cache()
-    if args.ab_disable_pass:  # the disk holds the checkpoint and one 8B plan at a time
+    if args.ab_disable_pass or args.ab_table:  # the disk holds the checkpoint and one 8B plan at a time
         for path in work.glob(f"{shape}-{scheme}.sm90.*"):
             path.unlink()
     for name in args.ab_disable_pass:  # the same checkpoint compiled without one pass (warm kernel cache)
@@ -214,6 +215,18 @@ def measure_rdnac(shape: str, scheme: str, work: Path, args) -> None:
         torch.cuda.empty_cache()
         for path in work.glob(f"{shape}-{scheme}.sm90.no-{name}.*"):
             path.unlink()
+    for table in args.ab_table:  # the same checkpoint compiled with other measured entries winning
+        other = work / f"{shape}-{scheme}.sm90.table.msgpack"
+        with alternative_table(table, "sm90") as env:
+            compile_s, _ = timed_subprocess(rdnac_cmd("compile", str(ckpt), "--target", "sm90", "-o", str(other),
+                                                      "-q"), env)
+        emit({"shape": shape, "scheme": scheme, "table": str(table), "compile_s": round(compile_s, 1)})
+        engine = rdnac.load(other, device="cuda")
+        decode_records(engine, shape, scheme, args.batch, bw, table=str(table))
+        prefill_records(engine, shape, scheme, args.prefill, table=str(table))
+        del engine
+        torch.cuda.empty_cache()
+        other.unlink()
     if args.peers and scheme == "bf16":
         from peers import measure_transformers
 
@@ -222,6 +235,30 @@ def measure_rdnac(shape: str, scheme: str, work: Path, args) -> None:
     shutil.rmtree(ckpt)  # 8B checkpoints and plans are 8-16 GB each; the disk holds 64 GB
     for path in work.glob(f"{shape}-{scheme}.sm90.*"):
         path.unlink()
+
+
+@contextlib.contextmanager
+def alternative_table(table: Path, target: str):
+    """An environment for `rdnac compile` in which `table`'s entries win over the shipped tuning table, as a
+    user table does (`rdnac.compiler.tuning.table_paths`): XDG_CACHE_HOME points at a temporary cache whose
+    rdnac/tuned/<target>.json is `table` and whose other entries link to the real rdnac cache (warm kernels)."""
+    from rdnac.targets.probe import user_cache_dir
+
+    if not table.is_file():
+        raise SystemExit(f"--ab-table: {table} is not a file")
+    try:  # a broken table fails here, naming the file, not inside the compile
+        json.loads(table.read_text())
+    except ValueError as e:
+        raise SystemExit(f"--ab-table: {table} is not valid JSON ({e})") from e
+    real = user_cache_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "rdnac"
+        (root / "tuned").mkdir(parents=True)
+        for entry in (real.iterdir() if real.is_dir() else []):
+            if entry.name != "tuned":
+                (root / entry.name).symlink_to(entry)
+        shutil.copy(table, root / "tuned" / f"{target}.json")
+        yield dict(os.environ, PYTHONPATH=str(ROOT), XDG_CACHE_HOME=tmp)
 
 
 def main() -> None:
@@ -241,6 +278,9 @@ def main() -> None:
                     help="Also decode with the plan's PDL binaries launched without programmatic dependent launch.")
     ap.add_argument("--ab-disable-pass", nargs="+", default=[], metavar="PASS",
                     help="Also compile, decode and prefill with each of these compiler passes turned off.")
+    ap.add_argument("--ab-table", nargs="+", default=[], type=Path, metavar="TABLE",
+                    help="Also compile and measure with each TABLE (tuning entries, e.g. from tune_kernels.py "
+                         "--out) winning over the shipped sm90 table, as a user table does.")
     ap.add_argument("--cold-compile", action="store_true", help="Compile with empty rdnac and Triton caches.")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -40,3 +40,28 @@ def test_prefill_flops_are_two_per_weight_per_token_plus_causal_attention(tmp_pa
     t = 64
     attention = 4 * a["num_layers"] * a["num_heads"] * a["head_dim"] * t * (t + 1) / 2
     assert harness.matmul_flops(engine, t, t) == pytest.approx(2 * linear * t + 2 * head + attention)
+
+
+def test_ab_table_compiles_with_its_entries_winning(tmp_path, monkeypatch):
+    """`--ab-table`: the compile subprocess sees the given table as the user table (which wins over the shipped
+    one), and the rest of the real rdnac cache through links, so kernels stay warm."""
+    from rdnac.compiler import tuning
+
+    cache = tmp_path / "cache"
+    (cache / "rdnac" / "kernels").mkdir(parents=True)
+    (cache / "rdnac" / "tuned").mkdir()
+    (cache / "rdnac" / "tuned" / "sm90.json").write_text('{"entries": []}')  # the user's own: not seen
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    table = tmp_path / "attn.json"
+    table.write_text('{"entries": [], "device": "NVIDIA H200"}')
+    with harness.alternative_table(table, "sm90") as env:
+        monkeypatch.setenv("XDG_CACHE_HOME", env["XDG_CACHE_HOME"])
+        user = tuning.table_paths("sm90")[1]
+        assert user.read_text() == table.read_text()
+        assert (user.parents[1] / "kernels").resolve() == (cache / "rdnac" / "kernels").resolve()
+    assert not user.exists()  # the temporary cache is gone
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(SystemExit, match="bad.json is not valid JSON"):
+        with harness.alternative_table(bad, "sm90"):
+            pass
