@@ -165,6 +165,10 @@ def test_tune_cli_needs_a_gpu_plan_and_a_gpu(sm90_plan, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
     result = CliRunner().invoke(cli, ["tune", str(sm90_plan)])
     assert result.exit_code == 1 and "tuning requires a GPU visible to torch" in result.output
+    result = CliRunner().invoke(cli, ["tune", str(sm90_plan), "--context", "256", "--context", "1024"])
+    assert result.exit_code == 1 and "tuning requires a GPU visible to torch" in result.output
+    result = CliRunner().invoke(cli, ["tune", str(sm90_plan), "--context", "0"])
+    assert result.exit_code == 2 and "--context" in result.output
     make_checkpoint("llama", tmp_path / "ckpt")
     cpu_plan = rdnac.compile(tmp_path / "ckpt", "cpu", tmp_path / "c.msgpack", quiet=True)
     result = CliRunner().invoke(cli, ["tune", str(cpu_plan)])

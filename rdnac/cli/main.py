@@ -227,7 +227,10 @@ def serve_cmd(plan, host, port, api_key, model_name, device, max_num_seqs, max_n
 @click.argument("plan", type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False),
               help="Tuning table to write (default: ~/.cache/rdnac/tuned/TARGET.json, read by every compile).")
-def tune_cmd(plan, out):
+@click.option("--context", "contexts", type=click.IntRange(1), multiple=True,
+              help="Cached tokens per sequence decode attention is timed at (repeatable; default 1024). With "
+                   "several, the config with the smallest worst slowdown across them is kept.")
+def tune_cmd(plan, out, contexts):
     """Measure GEMM and attention configs for PLAN's shapes on this machine's GPU.
 
     Later compiles for the plan's target take the measured configs ahead of the cost model's
@@ -238,7 +241,8 @@ def tune_cmd(plan, out):
     target = read_plan(plan, header_only=True).header["target"]
     jobs = tune.problems_from_plan(plan)
     click.echo(f"rdnac: tuning {len(jobs)} problems of {plan} for {target}", err=True)
-    results = tune.search(jobs, target, log=lambda line: click.echo(line, err=True))
+    results = tune.search(jobs, target, log=lambda line: click.echo(line, err=True),
+                          contexts=tuple(contexts) or (tune.CONTEXT,))
     path = Path(out) if out else tuning.table_paths(target)[-1]
     tune.save_results(path, results)
     click.echo(f"wrote {len(results)} measured configs to {path}; recompile the plan to use them")
