@@ -204,29 +204,12 @@ def measure_rdnac(shape: str, scheme: str, work: Path, args) -> None:
         for path in work.glob(f"{shape}-{scheme}.sm90.*"):
             path.unlink()
     for name in args.ab_disable_pass:  # the same checkpoint compiled without one pass (warm kernel cache)
-        other = work / f"{shape}-{scheme}.sm90.no-{name}.msgpack"
-        compile_s, _ = timed_subprocess(rdnac_cmd("compile", str(ckpt), "--target", "sm90", "-o", str(other), "-q",
-                                                  "--disable-pass", name), dict(os.environ, PYTHONPATH=str(ROOT)))
-        emit({"shape": shape, "scheme": scheme, "disabled_pass": name, "compile_s": round(compile_s, 1)})
-        engine = rdnac.load(other, device="cuda")
-        decode_records(engine, shape, scheme, args.batch, bw, disabled_pass=name)
-        prefill_records(engine, shape, scheme, args.prefill, disabled_pass=name)
-        del engine
-        torch.cuda.empty_cache()
-        for path in work.glob(f"{shape}-{scheme}.sm90.no-{name}.*"):
-            path.unlink()
+        measure_variant(ckpt, work / f"{shape}-{scheme}.sm90.no-{name}.msgpack", ["--disable-pass", name],
+                        dict(os.environ, PYTHONPATH=str(ROOT)), {"disabled_pass": name}, shape, scheme, args, bw)
     for table in args.ab_table:  # the same checkpoint compiled with other measured entries winning
-        other = work / f"{shape}-{scheme}.sm90.table.msgpack"
         with alternative_table(table, "sm90") as env:
-            compile_s, _ = timed_subprocess(rdnac_cmd("compile", str(ckpt), "--target", "sm90", "-o", str(other),
-                                                      "-q"), env)
-        emit({"shape": shape, "scheme": scheme, "table": str(table), "compile_s": round(compile_s, 1)})
-        engine = rdnac.load(other, device="cuda")
-        decode_records(engine, shape, scheme, args.batch, bw, table=str(table))
-        prefill_records(engine, shape, scheme, args.prefill, table=str(table))
-        del engine
-        torch.cuda.empty_cache()
-        other.unlink()
+            measure_variant(ckpt, work / f"{shape}-{scheme}.sm90.table.msgpack", [], env, {"table": str(table)},
+                            shape, scheme, args, bw)
     if args.peers and scheme == "bf16":
         from peers import measure_transformers
 
@@ -234,6 +217,22 @@ def measure_rdnac(shape: str, scheme: str, work: Path, args) -> None:
             emit({"shape": shape, "scheme": scheme, **record})
     shutil.rmtree(ckpt)  # 8B checkpoints and plans are 8-16 GB each; the disk holds 64 GB
     for path in work.glob(f"{shape}-{scheme}.sm90.*"):
+        path.unlink()
+
+
+def measure_variant(ckpt: Path, plan: Path, compile_args: list[str], env: dict, label: dict, shape: str,
+                    scheme: str, args, bw: float) -> None:
+    """Compile `ckpt` again to `plan` with `compile_args` in `env`, measure its decode and prefill records
+    (each carrying `label`), then delete the plan: the disk holds the checkpoint and one 8B plan at a time."""
+    compile_s, _ = timed_subprocess(rdnac_cmd("compile", str(ckpt), "--target", "sm90", "-o", str(plan), "-q",
+                                              *compile_args), env)
+    emit({"shape": shape, "scheme": scheme, **label, "compile_s": round(compile_s, 1)})
+    engine = rdnac.load(plan, device="cuda")
+    decode_records(engine, shape, scheme, args.batch, bw, **label)
+    prefill_records(engine, shape, scheme, args.prefill, **label)
+    del engine
+    torch.cuda.empty_cache()
+    for path in plan.parent.glob(plan.name.removesuffix(".msgpack") + ".*"):
         path.unlink()
 
 
