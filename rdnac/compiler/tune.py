@@ -184,14 +184,9 @@ def search(jobs: list[tuple[str, dict]], target: str, log=print, contexts: tuple
         decode_attention = family == "attention" and problem["phase"] == "decode"
         ctxs = list(contexts) if decode_attention else [contexts[0]]
         by_context = {ctx: _time_candidates(j, family, problem, ok, launcher, ctx, log) for ctx in ctxs}
-        weight_bytes = by_context[ctxs[0]][1]
-        if len(ctxs) == 1:
-            timed = by_context[ctxs[0]][0]
-            best_us, best = timed[0]
-        else:
-            best, worst = robust_pick({ctx: t for ctx, (t, _) in by_context.items()})
-            timed = by_context[ctxs[0]][0]
-            best_us = next(us for us, c in timed if c == best)  # the kept config at the first context
+        timed, weight_bytes = by_context[ctxs[0]]
+        best, worst = robust_pick({ctx: t for ctx, (t, _) in by_context.items()})  # one context: its fastest
+        best_us = next(us for us, c in timed if c == best)  # the kept config at the first context
         entry = {"key": tuning.problem_key(family, problem), "M": tuning.problem_m(family, problem),
                  "family": family, "problem": problem, "config": best, "us": round(best_us, 2),
                  "candidates": len(timed)}
