@@ -1,4 +1,4 @@
-"""Plans you can read: `inspect --html`, `inspect --onnx`, `inspect --diff`, `verify` (CPU only).
+"""Plans you can read: `inspect --html`, `inspect --onnx`, `inspect --diff`, `verify` (and on a GPU).
 
 Plans come from a tiny Qwen3 checkpoint written by transformers: compiled for
 cpu with and without fusion, and cross-compiled for sm90 (no GPU needed).
@@ -169,6 +169,14 @@ def test_verify_honest_plans(plans):
     # bf16 kernels under the Triton interpreter against the float32 reference
     result = verify_plan(plans["sm90"], plans["ckpt"], token_ids=[1, 5, 9, 42, 7], interpret=True)
     assert result.runner == "triton-interpreter" and result.is_ok, max(r.error for r in result.rows)
+    assert result.rows[-1].value == "logits" and result.rows[-1].error < 0.05
+
+
+@pytest.mark.gpu
+def test_verify_runs_an_sm90_plan_on_the_gpu(plans):
+    """The plan's binaries on the GPU, looked up with the plan's launch flags (PDL on sm90)."""
+    result = verify_plan(plans["sm90"], plans["ckpt"], token_ids=[1, 5, 9, 42, 7])
+    assert result.runner == "cuda" and result.is_ok, max(r.error for r in result.rows)
     assert result.rows[-1].value == "logits" and result.rows[-1].error < 0.05
 
 
