@@ -1,4 +1,5 @@
-"""Shared pytest setup: `gpu`-marked tests are skipped where no GPU is visible."""
+"""Shared pytest setup: `gpu`-marked tests are skipped where no GPU is visible; `--shard K/N` keeps
+every N-th selected test from the K-th (the GPU suite outlasts one device call: run it as N calls)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,21 @@ import torch
 import triton
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None, metavar="K/N",
+                     help="run only the K-th of N interleaved slices of the selected tests (1 <= K <= N)")
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselection: the slices split what would run
 def pytest_collection_modifyitems(config, items):
+    shard = config.getoption("--shard")
+    if shard:
+        k, _, n = shard.partition("/")
+        if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+            raise pytest.UsageError(f"--shard requires K/N with 1 <= K <= N; got {shard!r}")
+        keep = [item for i, item in enumerate(items) if i % int(n) == int(k) - 1]
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = keep
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA/ROCm GPU (run on the device machine: make test-gpu)")
