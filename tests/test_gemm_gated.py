@@ -123,17 +123,22 @@ def _gemm_config(config: dict) -> dict:
     return {**config, "constexprs": {k: v for k, v in config["constexprs"].items() if k != "WIDE"}}
 
 
+def _wide_and_pair(x, w, bias, act, config, launcher):
+    """The WIDE kernel's output and the unfused pair's (the same GEMM tile, then the activation kernel)."""
+    out = gemm_gated.linear_gated_act(x, w, bias, act=act, config=config, launcher=launcher)
+    gate_up = gemm.linear(x, w, bias, config=_gemm_config(config), launcher=launcher)  # [M, 2I]
+    act_config = activation.default_config({"I": w.shape[0] // 2})
+    return out, activation.gated_act(gate_up, act=act, config=act_config, launcher=launcher)  # [M, I] each
+
+
 def _check_wide(M, I, K, dtype, has_bias, act, config, launcher, device="cpu", exact=False):
     """WIDE against the unfused pair with the same GEMM config (bit for bit where `exact`, else within two
     roundings: see below) and against the IR reference."""
     x, w, bias = _operands(M, I, K, dtype, has_bias, device)
-    out = gemm_gated.linear_gated_act(x, w, bias, act=act, config=config, launcher=launcher)
+    out, pair = _wide_and_pair(x, w, bias, act, config, launcher)
     what = f"WIDE linear_gated_act M={M} I={I} K={K} {dtype} bias={has_bias} {act} {config}"
     assert out.shape == (M, I), f"{what}: shape {tuple(out.shape)}"
     assert out.dtype == dtype, f"{what}: dtype {out.dtype}"
-    act_config = activation.default_config({"I": I})
-    gate_up = gemm.linear(x, w, bias, config=_gemm_config(config), launcher=launcher)  # [M, 2I]
-    pair = activation.gated_act(gate_up, act=act, config=act_config, launcher=launcher)  # [M, I]
     err = (out.float() - pair.float()).abs().max().item()
     if exact:
         assert torch.equal(out, pair), f"{what}: differs from the unfused pair by up to {err:.3g}"
@@ -500,22 +505,23 @@ def test_fused_kernel_gpu_is_the_unfused_pair_bit_for_bit():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/HIP GPU")
-def test_wide_kernel_gpu_is_the_unfused_pair_bit_for_bit():
+def test_wide_kernel_gpu_is_the_unfused_pair_bit_for_bit(tmp_path):
     """WIDE writes the unfused pair's bytes with the same GEMM config (each output element's K loop and
     epilogue arithmetic are the pair's): the prefill [128, 256] x 64 tile and the self-reducing split-K decode
     config for every activation, then every WIDE candidate `rdnac tune` measures (silu), at Qwen3-8B's MLP
-    and an irregular shape."""
+    and an irregular shape. The kernels are built as plans build them (recorded over meta tensors, compiled
+    ahead of time by parallel workers), not one JIT compile after another, which outlasted a device call."""
+    from rdnac.compiler.build import compile_calls
     from rdnac.compiler.tune import candidates
+    from rdnac.runtime.aot import AotLauncher, device_arch
 
-    launcher = JitLauncher()
+    cases = []  # (M, I, K, has_bias, act, config)
     chosen = {2048: [_wide(128, 256, 64, 8, num_warps=8, num_stages=3),
                      _wide(128, 128, 64, 8, num_warps=8, num_stages=3)],
               1: [_wide(16, 64, 128, 1, split_k=4, num_stages=3, self_reduce=True), _wide(16, 32, 256, 1)]}
     for I, K in ((12288, 4096), (1823, 781)):
         for M, configs in chosen.items():
-            for config in configs:
-                for act in ACTS:
-                    _check_wide(M, I, K, torch.bfloat16, M == 1, act, config, launcher, device="cuda", exact=True)
+            cases += [(M, I, K, M == 1, act, config) for config in configs for act in ACTS]
         for M in (1, 33, 2048):
             problem = {"M": gemm.m_bucket(M), "N": I, "K": K, "dtype": "bfloat16", "act": "silu"}
             seen = set()  # one config per tile, split and warps: stages change no element's K order
@@ -527,5 +533,12 @@ def test_wide_kernel_gpu_is_the_unfused_pair_bit_for_bit():
                         config["num_warps"])
                 if tile not in seen:
                     seen.add(tile)
-                    _check_wide(M, I, K, torch.bfloat16, M == 33, "silu", config, launcher, device="cuda",
-                                exact=True)
+                    cases.append((M, I, K, M == 33, "silu", config))
+    recorder = RecordingLauncher()
+    for M, I, K, has_bias, act, config in cases:
+        _wide_and_pair(*_operands(M, I, K, torch.bfloat16, has_bias, "meta"), act, config, recorder)
+    arch, _ = device_arch(0)
+    binaries = compile_calls(recorder.calls, arch, quiet=True, cache_dir=tmp_path)
+    launcher = AotLauncher([b.to_dict() for b in binaries], "cuda")
+    for M, I, K, has_bias, act, config in cases:
+        _check_wide(M, I, K, torch.bfloat16, has_bias, act, config, launcher, device="cuda", exact=True)
