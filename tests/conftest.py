@@ -20,9 +20,9 @@ def pytest_collection_modifyitems(config, items):
         k, _, n = shard.partition("/")
         if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
             raise pytest.UsageError(f"--shard requires K/N with 1 <= K <= N; got {shard!r}")
-        keep = [item for i, item in enumerate(items) if i % int(n) == int(k) - 1]
-        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
-        items[:] = keep
+        mine = [i % int(n) == int(k) - 1 for i in range(len(items))]
+        config.hook.pytest_deselected(items=[item for item, m in zip(items, mine) if not m])
+        items[:] = [item for item, m in zip(items, mine) if m]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA/ROCm GPU (run on the device machine: make test-gpu)")

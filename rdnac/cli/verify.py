@@ -163,9 +163,7 @@ def run_plan(plan: Plan, weights: dict[str, torch.Tensor], token_ids: list[int],
                 raise RequestError("running a GPU plan's binaries requires a CUDA/ROCm GPU visible to torch; none "
                                    "found; use --interpret")
             check_target(plan.header["target"], torch.device("cuda"))
-            # the binaries were recorded with the plan's launch flags (sm90 plans: PDL=True)
-            launcher = AotLauncher(plan.body["kernels"], "cuda", pdl=plan.body["runtime"].get("pdl", False))
-            device, runner = "cuda", "cuda"
+            device, launcher, runner = "cuda", AotLauncher.for_plan(plan.body, "cuda"), "cuda"
         env = {**{k: v.to(device) for k, v in weights.items()}, **step_inputs(graph, token_ids, block_size, device)}
         Executor(graph, program, launcher, device).run(env, StepMeta("prefill", len(token_ids), len(token_ids)))
         if device == "cuda":

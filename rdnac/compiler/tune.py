@@ -227,8 +227,9 @@ def robust_pick(timed: dict[int, list[tuple[float, dict]]]) -> tuple[dict, float
     common = [key for key in times[0] if all(key in t for t in times[1:])]
     if not common:
         raise RdnacError(f"no candidate was timed at every context {contexts}")
-    key = min(common, key=lambda k: (max(t[k] / f for t, f in zip(times, fastest)), sum(t[k] for t in times)))
-    return json.loads(key), max(t[key] / f for t, f in zip(times, fastest))
+    worst = {k: max(t[k] / f for t, f in zip(times, fastest)) for k in common}
+    key = min(common, key=lambda k: (worst[k], sum(t[k] for t in times)))
+    return json.loads(key), worst[key]
 
 
 def _time_candidates(j: int, family: str, problem: dict, ok: list, launcher, context: int,

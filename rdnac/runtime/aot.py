@@ -163,6 +163,12 @@ class AotLauncher:
                        [(runtime.index(a), a) for a in call.aligned],
                        [(runtime.index(a), a) for a in call.divisible])
 
+    @classmethod
+    def for_plan(cls, body: dict[str, Any], device: Any = "cuda", **kwargs: Any) -> "AotLauncher":
+        """The launcher of a plan's binaries, with the launch flags they were recorded with (its runtime's
+        `pdl`): every caller that runs a plan goes through here, so none asks for binaries it lacks."""
+        return cls(body["kernels"], device, pdl=body["runtime"].get("pdl", False), **kwargs)
+
     def launch(self, kernel, grid, args, *, constexprs, num_warps=4, num_stages=2):
         constexprs = with_pdl(kernel, constexprs, self.pdl)
         divisible = divisible_args(kernel, args)

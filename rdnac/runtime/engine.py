@@ -123,8 +123,7 @@ class Engine:
 
             check_target(target, torch.device("cuda"))
             mark = time.perf_counter()
-            launcher = AotLauncher(plan.body["kernels"], "cuda", pdl=plan.body["runtime"].get("pdl", False),
-                                   launch_pdl=launch_pdl)
+            launcher = AotLauncher.for_plan(plan.body, "cuda", launch_pdl=launch_pdl)
             timings["kernels_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
         weights = plan.load_weights(device, verify=verify_weights)  # straight onto the device
