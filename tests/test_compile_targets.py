@@ -79,3 +79,25 @@ def test_unknown_target_lists_targets(tmp_path):
     with pytest.raises(TargetError, match="gfx1201") as info:
         rdnac.compile("demo:smollm2", target="gfx9999", output=tmp_path / "x.msgpack")
     assert "gfx9999" in str(info.value) and "sm90" in str(info.value)
+
+
+def test_sm90_plans_record_early_metadata_loads(qwen3_dir, tmp_path):
+    """With PDL, sm90 plans build decode attention and q/k-norm + RoPE + cache with EARLY_META and say so
+    in the log; --disable-pass early_metadata_loads and --no-pdl build none; AMD targets have no PDL."""
+    def early(path):
+        plan = read_plan(path)
+        kernels = [k for k in plan.body["kernels"]
+                   if k["kernel"].endswith((":_decode_kernel", ":_qk_norm_rope_cache_kernel"))]
+        flags = {k["call"]["constexprs"].get("EARLY_META", False) for k in kernels}
+        launch = [d["action"] for d in plan.body["decisions"] if d["pass"] == "launch" and "early" in d["action"]]
+        return plan.body["runtime"]["early_meta"], flags, launch
+
+    assert early(rdnac.compile(qwen3_dir, target="sm90", output=tmp_path / "on.msgpack", quiet=True)) == \
+        (True, {True}, ["early metadata loads on"])
+    assert early(rdnac.compile(qwen3_dir, target="sm90", output=tmp_path / "off.msgpack", quiet=True,
+                               disable_passes=("early_metadata_loads",))) == \
+        (False, {False}, ["early metadata loads off"])
+    assert early(rdnac.compile(qwen3_dir, target="sm90", output=tmp_path / "nopdl.msgpack", quiet=True,
+                               pdl=False)) == (False, {False}, [])
+    assert early(rdnac.compile(qwen3_dir, target="gfx1201", output=tmp_path / "amd.msgpack", quiet=True)) == \
+        (False, {False}, [])

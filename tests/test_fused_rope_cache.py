@@ -120,6 +120,18 @@ def test_kernel_matches_reference_and_unfused_kernels(dtype, style, qk_norm, num
         assert diff == 0.0
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_kernel_early_metadata_is_bit_identical(qk_norm):
+    """EARLY_META (position, slot and RoPE angles before the PDL wait) gives the unfused kernels' bits."""
+    from tests.test_kernels_attention import _EarlyMeta
+
+    early = _EarlyMeta(CPU)  # its casts round to nearest, as the GPU's do
+    problem = {"head_dim": 32, "num_heads": 8, "num_kv_heads": 2, "qk_norm": qk_norm}
+    config = qk_norm_rope_cache.default_config(problem)
+    assert _check(early, "cpu", torch.bfloat16, config, 8, 2, 32, 16, "neox", qk_norm) == 0.0
+    assert set(early.kernels) == {"_qk_norm_rope_cache_kernel"}
+
+
 @pytest.mark.parametrize("scaling", ROPE_SCALINGS[1:], ids=lambda s: s["rope_type"])
 def test_kernel_rope_scalings(scaling):
     problem = {"head_dim": 32, "num_heads": 8, "num_kv_heads": 2, "qk_norm": True}

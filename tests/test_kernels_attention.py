@@ -347,3 +347,62 @@ def test_gpu_decode_self_reduce_bit_identical_in_a_replayed_graph():
             torch.cuda.synchronize()
             assert torch.equal(out, expected), f"{config}: a replay differs from the two-launch output"
         assert not split_k_counters(out.device, 1).any(), "arrival counters left non-zero"
+
+
+class _EarlyMeta:
+    """The interpreter with EARLY_META=True added to every launch of a kernel that takes it (the plan's
+    recorder adds it only with PDL, which the interpreter has no use for: this runs its loop structure)."""
+
+    def __init__(self, inner=None) -> None:
+        self.inner = inner or InterpretLauncher()
+        self.kernels = []
+
+    def launch(self, kernel, grid, args, *, constexprs, **kw):
+        if any(p.name == "EARLY_META" for p in kernel.params):
+            constexprs = {**constexprs, "EARLY_META": True}
+            self.kernels.append(kernel.fn.__name__)
+        self.inner.launch(kernel, grid, args, constexprs=constexprs, **kw)
+
+
+@pytest.mark.parametrize("config", [attn._config(4, 2, NUM_SPLITS=1, BLOCK_N=16),
+                                    attn._config(4, 2, NUM_SPLITS=4, BLOCK_N=16, SELF_REDUCE=True),
+                                    attn._config(4, 2, NUM_SPLITS=2, BLOCK_N=32)])
+@pytest.mark.parametrize("options", [dict(), dict(sliding_window=20)])
+def test_decode_early_metadata_is_bit_identical(config, options):
+    """EARLY_META reads each key tile's cache blocks one loop step ahead (the first before the PDL wait):
+    several tiles per split, windows, padding rows; the same bits as the plain loop."""
+    batch, _ = make_batch([(c, 1) for c in DECODE_CONTEXTS], 8, 2, 64, torch.float32, num_padded=1, seed=5)
+    attrs = attrs_for(8, 2, 64, **options)
+    early = _EarlyMeta()
+    ours = check("decode", batch, 1, attrs, config, early)
+    assert early.kernels and set(early.kernels) == {"_decode_kernel"}
+    assert torch.equal(ours, check("decode", batch, 1, attrs, config, InterpretLauncher()))
+
+
+@pytest.mark.parametrize("config", [attn._config(4, 2, NUM_SPLITS=1, BLOCK_N=16),
+                                    attn._config(4, 2, NUM_SPLITS=4, BLOCK_N=16),
+                                    attn._config(4, 2, NUM_SPLITS=4, BLOCK_N=16, SELF_REDUCE=True)])
+@pytest.mark.parametrize("fmt", ["e4m3fn", "e4m3fnuz"])
+def test_decode_quant_epilogue_is_the_unfused_pair(config, fmt):
+    """attention_quant_decode writes the fp8 bytes and per-head scales that attention_decode followed by
+    o_proj's quantization (group = head_dim) writes: no split, split with the reduce kernel, self-reduce."""
+    from rdnac.kernels.fp8_quant import quantize_activations
+    from tests.test_kernels_small import CPU  # casts round to nearest, as the GPU's do
+
+    batch, _ = make_batch([(c, 1) for c in DECODE_CONTEXTS], 8, 2, 64, torch.bfloat16, num_padded=1, seed=6)
+    args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "cu_seqlens_q", "positions")]
+    attrs = attrs_for(8, 2, 64)
+    out = attn.attention_decode(*args, **attrs, config=config, launcher=CPU)
+    want_q, want_scale = quantize_activations(out, None, fmt, 64, launcher=CPU)
+    got_q, got_scale = attn.attention_quant_decode(*args, **attrs, fp8_format=fmt, group=64, config=config,
+                                                   launcher=CPU)
+    assert got_q.dtype == want_q.dtype and got_scale.shape == want_scale.shape == (len(DECODE_CONTEXTS) + 1, 8)
+    assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(got_scale, want_scale)
+    early = _EarlyMeta(CPU)  # with the metadata loads moved ahead as well
+    got_q, got_scale = attn.attention_quant_decode(*args, **attrs, fp8_format=fmt, group=64, config=config,
+                                                   launcher=early)
+    assert early.kernels and torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
+    assert torch.equal(got_scale, want_scale)
+    with pytest.raises(AssertionError, match="quantizes whole heads"):
+        attn.attention_quant_decode(*args, **attrs, fp8_format=fmt, group=128, config=config, launcher=CPU)

@@ -26,8 +26,9 @@ from rdnac.targets import get_target
 GRAPH_PASSES = ("merge_linears", "fuse_add_rms_norm", "fuse_qk_norm_rope_cache", "dce")
 # run after fp8_layout, which fixes each FP8 linear's format and activation scheme (a16w8 is not fused);
 # fuse_gated_linear last: a gated_act whose FP8 quantization fused into it stays a gated_act_quant
-LATE_PASSES = ("fuse_norm_quant", "fuse_act_quant", "fuse_gated_linear")
-DISABLEABLE = GRAPH_PASSES + LATE_PASSES  # what --disable-pass accepts
+LATE_PASSES = ("fuse_norm_quant", "fuse_act_quant", "fuse_attention_quant", "fuse_gated_linear")
+# early_metadata_loads: with PDL, step inputs no kernel writes are read before the wait (_early_meta)
+DISABLEABLE = GRAPH_PASSES + LATE_PASSES + ("early_metadata_loads",)  # what --disable-pass accepts
 _DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE_SCHEMES = ("fp8", "fp8-block")
 
@@ -126,6 +127,7 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
     runtime = {"kv_block_size": opts.kv_block_size, "max_model_len": max_len,
                "device": "cuda" if tgt.is_gpu else "cpu", "max_num_seqs": opts.max_num_seqs,
                "max_num_batched_tokens": opts.max_num_batched_tokens, "pdl": _pdl(opts, tgt, ctx)}
+    runtime["early_meta"] = _early_meta(opts, runtime["pdl"], tgt, ctx)
     program, kernels, capabilities, triton_version = {}, [], None, None
     if tgt.is_gpu:
         import triton
@@ -164,6 +166,20 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
 def _jsonable(d: dict) -> dict:
     """msgpack-safe copy (tokenizer_config may hold nested objects such as AddedToken dicts)."""
     return json.loads(json.dumps(d, default=str))
+
+
+def _early_meta(opts: CompileOptions, pdl: bool, tgt, ctx) -> bool:
+    """Whether kernels read the step's host-written inputs (positions, slots, sequence lengths, block
+    tables) before the PDL wait (decode attention and q/k-norm + RoPE + cache; see their modules)."""
+    if not pdl:
+        return False
+    if "early_metadata_loads" in opts.disable_passes:
+        ctx.decide("launch", "-", "early metadata loads off", "disabled with --disable-pass early_metadata_loads")
+        return False
+    ctx.decide("launch", "-", "early metadata loads on", "with PDL a kernel's programs start while the one before "
+               "runs; the step inputs the host wrote before the step (no kernel writes them) are read, and RoPE's "
+               "angles computed, before waiting on it, so fewer dependent loads follow the wait")
+    return True
 
 
 def _pdl(opts: CompileOptions, tgt, ctx) -> bool:

@@ -26,12 +26,14 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 |                 | prequantized: x_q fp8 [T, K], weight, weight_scale, x_scale [T, G], (bias) |         |
 | rms_norm_quant  | x [T, H], (residual [T, H]), weight [H]                       | q fp8, scale, (x+residual) |
 | gated_act_quant | gate [T, I], up [T, I]  or  gate_up [T, 2I]                   | q fp8 [T, I], scale |
+| attention_quant | attention's inputs                                            | q fp8 [T, Hq*D], scale |
 | logits          | x [T, H], logits_indices [R], weight [V, H]                   | [R, V] float32 |
 | argmax          | logits [R, V]                                                 | [R] int64      |
 | split           | x [T, N] (attr sizes, summing to N)                           | len(sizes) views [T, sizes[i]] |
 
-FP8 activation quantization fused into its producer: `rms_norm_quant` and
-`gated_act_quant` compute `rms_norm` / `gated_act` exactly, then
+FP8 activation quantization fused into its producer: `rms_norm_quant`,
+`gated_act_quant` and `attention_quant` compute `rms_norm` / `gated_act` /
+`attention` exactly, then
 `rdnac.ir.fp8.quantize_rows` (attr `group`: 0 = one scale per token [T, 1],
 else one per token and `group` columns [T, ceil(H/group)]). Their consumer is
 a `linear_fp8` with act_scheme "prequantized": the same op (same weight
@@ -265,6 +267,13 @@ def gated_act_quant(*xs: torch.Tensor, act: str = "silu", fp8_format: str, group
     return quantize_rows(gated_act(*xs, act=act), fp8_format, group)
 
 
+def attention_quant(*ins: torch.Tensor, fp8_format: str, group: int = 0, **attrs):
+    """(q, scale) = quantize_rows(attention(...)): the attention output in o_proj's FP8 activations."""
+    from rdnac.ir.fp8 import quantize_rows
+
+    return quantize_rows(attention(*ins, **attrs), fp8_format, group)
+
+
 def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a + b
 
@@ -373,6 +382,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("rms_norm_quant", ("eps", "fp8_format", "group"), (2, 3), _rms_norm_quant_infer, rms_norm_quant),
     OpDef("linear_gated_act", ("act",), (2, 3), _linear_gated_act_infer, linear_gated_act),
     OpDef("gated_act_quant", ("act", "fp8_format", "group"), (1, 2), _gated_act_quant_infer, gated_act_quant),
+    OpDef("attention_quant", ("num_heads", "num_kv_heads", "head_dim", "scale", "fp8_format", "group"), (7, 8),
+          lambda attrs, ins: _quant_specs(attrs, ins[0]), attention_quant),
     OpDef("logits", (), (3,), _logits_infer, logits),
     OpDef("argmax", (), (1,), _argmax_infer, argmax),
     OpDef("split", ("sizes",), (1,), _split_infer, split),

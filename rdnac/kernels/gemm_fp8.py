@@ -7,7 +7,8 @@ fp8_quant does), so that launch is skipped and the GEMMs read them as they read 
 
 Kernels, one job each:
   `_fp8_gemm_kernel`       per-token/static x per-channel/per-tensor: fp8 x fp8 `tl.dot`, fp32
-                           accumulation, row scale x column scale once in the epilogue. With
+                           accumulation (on sm90 promoted from wgmma's narrower accumulator every
+                           BLOCK_K), row scale x column scale once in the epilogue. With
                            IS_A16 ("none", a16w8) the activation is x itself and the FP8 weight is
                            cast to x's dtype in registers: the path for targets without an FP8 dot
                            (gfx1151).
@@ -105,7 +106,11 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, 
             acc = tl.dot(a, b.to(a.dtype), acc, input_precision="ieee")  # fp8 -> bf16/fp32 is exact
         else:
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            acc = tl.dot(a, b, acc)  # [BM, BN] fp32
+            # [BM, BN] fp32. Hopper's FP8 wgmma adds products into the accumulator with ~14 mantissa bits
+            # and Triton leaves it there across the whole loop by default on sm90 (max_num_imprecise_acc
+            # 2**30): at K = 4096 outputs moved by 4 bf16 ulps. Promoting to an fp32 add every BLOCK_K
+            # (as the block-scaled kernel's per-tile dot does) keeps the error at the fp32 summation's.
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if PDL:  # the main loop is done: let the next kernel's blocks be scheduled (triggering at the top

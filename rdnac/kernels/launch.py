@@ -183,8 +183,11 @@ def divisible_args(kernel: triton.JITFunction, args: tuple[Any, ...]) -> tuple[s
 _DIVISIBLE_POSITIONS: dict[int, tuple[tuple[int, str], ...]] = {}  # id(kernel) -> declared (index, name)
 
 
-def with_pdl(kernel: triton.JITFunction, constexprs: dict[str, Any], pdl: bool) -> dict[str, Any]:
-    """`constexprs` plus PDL=True when `pdl` is on and the kernel takes a `PDL` constexpr.
+def with_pdl(kernel: triton.JITFunction, constexprs: dict[str, Any], pdl: bool,
+             early_meta: bool = False) -> dict[str, Any]:
+    """`constexprs` plus PDL=True when `pdl` is on and the kernel takes a `PDL` constexpr, and
+    EARLY_META=True when `early_meta` is also on and the kernel takes that constexpr (it then reads
+    step inputs no kernel writes before `griddepcontrol.wait`: see `attention.py`).
 
     Programmatic dependent launch (NVIDIA sm90+): a kernel built with PDL=True
     starts with `griddepcontrol.launch_dependents; griddepcontrol.wait`, so the
@@ -196,11 +199,14 @@ def with_pdl(kernel: triton.JITFunction, constexprs: dict[str, Any], pdl: bool) 
         return constexprs
     has = _HAS_PDL.get(id(kernel))
     if has is None:
-        has = _HAS_PDL[id(kernel)] = any(p.name == "PDL" and p.is_constexpr for p in kernel.params)
-    return {**constexprs, "PDL": True} if has else constexprs
+        names = {p.name for p in kernel.params if p.is_constexpr}
+        has = _HAS_PDL[id(kernel)] = ("PDL" in names, "EARLY_META" in names)
+    if not has[0]:
+        return constexprs
+    return {**constexprs, "PDL": True, **({"EARLY_META": True} if early_meta and has[1] else {})}
 
 
-_HAS_PDL: dict[int, bool] = {}  # id(kernel) -> whether it takes a PDL constexpr
+_HAS_PDL: dict[int, tuple[bool, bool]] = {}  # id(kernel) -> whether it takes PDL, EARLY_META constexprs
 
 
 @dataclass(frozen=True, eq=True)
@@ -280,12 +286,13 @@ def full_constexprs(kernel: triton.JITFunction, constexprs: dict[str, Any]) -> d
 class RecordingLauncher:
     """Record the specializations a program needs, running nothing (works over meta tensors)."""
 
-    def __init__(self, pdl: bool = False) -> None:
+    def __init__(self, pdl: bool = False, early_meta: bool = False) -> None:
         self._calls: dict[str, KernelCall] = {}
         self.pdl = pdl  # record the PDL=True specializations (see `with_pdl`)
+        self.early_meta = early_meta  # and with PDL, the EARLY_META=True ones
 
     def launch(self, kernel, grid, args, *, constexprs, num_warps=4, num_stages=2):
-        constexprs = with_pdl(kernel, constexprs, self.pdl)
+        constexprs = with_pdl(kernel, constexprs, self.pdl, self.early_meta)
         call = KernelCall.from_launch(kernel, tuple(args), constexprs, num_warps, num_stages)
         self._calls.setdefault(call.key, call)
 

@@ -17,6 +17,10 @@ the weight product and the product to the norm's output dtype; cos/sin
 lower to libdevice's precise versions) and each rotation product are rounded
 to that dtype; k' is cast to the cache dtype at the store.
 
+With PDL and EARLY_META (plan-wide, `runtime["early_meta"]`) the position,
+the slot and the RoPE angles (step inputs no kernel writes, and math on them)
+come before `griddepcontrol.wait`; only q, k and v are read after it.
+
 Config space: BLOCK_HEADS, num_warps. Problem keys: {"head_dim",
 "num_heads", "num_kv_heads", "qk_norm"}.
 """
@@ -48,10 +52,12 @@ def _qk_norm_rope_cache_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, slot_mapping_
                                stride_vc_block, stride_vc_slot, stride_vc_head, attention_scaling, eps,
                                HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_HEADS: tl.constexpr, IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr,
-                               UNIT_OFFSET: tl.constexpr, PDL: tl.constexpr = False):
+                               UNIT_OFFSET: tl.constexpr, PDL: tl.constexpr = False,
+                               EARLY_META: tl.constexpr = False):
     if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
         gdc_launch_dependents()
-        gdc_wait()
+        if not EARLY_META:  # else after the position, slot and RoPE angles (step inputs no kernel writes)
+            gdc_wait()
     in_dtype = q_ptr.dtype.element_ty
     act_dtype = q_out_ptr.dtype.element_ty  # the norm's output dtype, in which rope rounds
     token = tl.program_id(0).to(tl.int64)
@@ -77,6 +83,10 @@ def _qk_norm_rope_cache_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, slot_mapping_
     angle = position * tl.load(inv_freq_ptr + freq_index, mask=is_rotated, other=0.0)
     cos = (tl.cos(angle) * attention_scaling).to(act_dtype).to(tl.float32)
     sin = (tl.sin(angle) * attention_scaling).to(act_dtype).to(tl.float32)
+    # int64: slot * row stride overflows int32 on caches over 2**31 elements
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if PDL and EARLY_META:  # q, k and v are the previous kernel's output: read them only after it is done
+        gdc_wait()
 
     in_rows = tl.where(is_q, q_ptr + token * stride_q_row + heads * HEAD_DIM,
                        k_ptr + token * stride_k_row + kv_heads * HEAD_DIM)[:, None]  # [BLOCK_HEADS, 1]
@@ -104,8 +114,6 @@ def _qk_norm_rope_cache_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, slot_mapping_
     q_dst = q_out_ptr + token * num_heads * HEAD_DIM + heads[:, None] * HEAD_DIM + d[None, :]
     tl.store(q_dst, out, mask=mask & is_q[:, None])
 
-    # int64: slot * row stride overflows int32 on caches over 2**31 elements
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     block, offset = slot // block_size, slot % block_size
     # broadcast the slot before comparing: the interpreter rejects a mask built from a scalar bool & a block
     is_real = (tl.full([BLOCK_HEADS, 1], 0, tl.int64) + slot) >= 0  # [BLOCK_HEADS, 1]

@@ -33,6 +33,7 @@ WRAPPERS = {
     "kv_cache_write": "kv_cache.kv_cache_write",
     "qk_norm_rope_cache": "qk_norm_rope_cache.qk_norm_rope_cache",
     "attention": {"prefill": "attention.attention_prefill", "decode": "attention.attention_decode"},
+    "attention_quant": {"prefill": "attention.attention_quant_prefill", "decode": "attention.attention_quant_decode"},
     "gated_act": "activation.gated_act",
     "linear_gated_act": "gemm_gated.linear_gated_act",
     "add": "elementwise.add",
@@ -111,7 +112,7 @@ class Executor:
                 continue
             choice = self.program[node.name][key]
             kwargs = self._kwargs[node.name]
-            if choice["kernel"] == "attention.attention_prefill":
+            if choice["kernel"] in ("attention.attention_prefill", "attention.attention_quant_prefill"):
                 kwargs = {**kwargs, "max_query_len": meta.max_query_len}
             result = self._wrapper(choice["kernel"])(*(env[n] for n in node.inputs), **kwargs,
                                                      config=choice["config"], launcher=self.launcher)

@@ -64,7 +64,7 @@ def _problem(node: Node, phase: str, env: dict[str, torch.Tensor], runtime: dict
     if node.op == "logits":
         return "gemm", {"M": ins[1].shape[0], "N": ins[2].shape[0], "K": ins[2].shape[1], "dtype": dtype,
                         "has_bias": False}
-    if node.op == "attention":
+    if node.op in ("attention", "attention_quant"):  # the quant epilogue changes no config
         return "attention", {"phase": phase, "num_heads": a["num_heads"], "num_kv_heads": a["num_kv_heads"],
                              "head_dim": a["head_dim"], "block_size": runtime["kv_block_size"],
                              "max_model_len": runtime["max_model_len"], "dtype": dtype,
@@ -150,7 +150,7 @@ def _record_step(graph, program, phase, num_tokens, runtime) -> dict[str, list]:
 
     class PerNode:
         def launch(self, kernel, grid, args, *, constexprs, num_warps=4, num_stages=2):
-            constexprs = with_pdl(kernel, constexprs, runtime.get("pdl", False))
+            constexprs = with_pdl(kernel, constexprs, runtime.get("pdl", False), runtime.get("early_meta", False))
             call = KernelCall.from_launch(kernel, tuple(args), constexprs, num_warps, num_stages)
             calls.setdefault(current["node"], []).append(call)
 
