@@ -19,6 +19,8 @@ a16w8. `fuse_act_quant` shares the helpers below.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from rdnac.compiler.passes import PassContext
 from rdnac.ir.graph import Graph, Node, TensorSpec
 from rdnac.ir.ops import OPS
@@ -30,9 +32,12 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
     return fuse_into_producer(graph, ctx, NAME, "rms_norm", "rms_norm_quant", "norm")
 
 
-def fuse_into_producer(graph: Graph, ctx: PassContext, pass_name: str, op: str, fused_op: str, noun: str) -> Graph:
+def fuse_into_producer(graph: Graph, ctx: PassContext, pass_name: str, op: str, fused_op: str, noun: str,
+                       refuse: Callable[[Node, tuple[str, int]], str] | None = None,
+                       how: str = "which the linears read as they are") -> Graph:
     """Replace each `op` node whose first output only FP8 linears read, all quantizing it the same way,
-    by `fused_op` writing (fp8 values, scales, the node's other outputs); its readers take them as they are."""
+    by `fused_op` writing (fp8 values, scales, the node's other outputs); its readers take them as they are.
+    `refuse(node, (fp8_format, group))`: why the producer's kernel cannot write that quantization, or ""."""
     readers = value_readers(graph)
     specs = value_specs(graph)
     for i, node in enumerate(graph.nodes):
@@ -40,6 +45,8 @@ def fuse_into_producer(graph: Graph, ctx: PassContext, pass_name: str, op: str, 
             continue
         y = node.outputs[0]
         quant, why_not = shared_quant(graph, y, readers.get(y, []))
+        if quant is not None and refuse is not None and (why_not := refuse(node, quant)):
+            quant = None
         if quant is None:
             if why_not:
                 ctx.decide(pass_name, node.name, "kept unfused", why_not)
@@ -50,7 +57,7 @@ def fuse_into_producer(graph: Graph, ctx: PassContext, pass_name: str, op: str, 
                               {**node.attrs, "fp8_format": fmt, "group": group})
         ctx.decide(pass_name, node.name, f"fused {quant_label(fmt, group)} quantization of "
                    f"{', '.join(r.name for r in readers[y])} into the {noun}",
-                   f"the {noun} writes fp8 {q} and scales {scale}, which the linears read as they are: "
+                   f"the {noun} writes fp8 {q} and scales {scale}, {how}: "
                    "one launch fewer and no bf16 round trip; the same bits as quantizing in the linear")
     return graph
 
