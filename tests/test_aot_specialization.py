@@ -13,7 +13,7 @@ import torch
 import triton
 
 import rdnac.kernels
-from rdnac.kernels import attention
+from rdnac.kernels import attention, attention_decode
 from rdnac.kernels.launch import RecordingLauncher
 
 # stride -> why the binaries do not assume it divisible by 16
@@ -75,7 +75,10 @@ def test_attention_specializations_carry_their_strides(phase):
         attention.attention_prefill(*args, **kw, max_query_len=T, launcher=rec,
                                     config=attention._config(8, 3, BLOCK_M=128, BLOCK_N=128))
     else:
-        attention.attention_decode(*args, **kw, launcher=rec, config=attention._config(4, 2, NUM_SPLITS=4, BLOCK_N=64))
+        attention_decode.attention_decode(*args, **kw, launcher=rec,
+                                          config=attention._config(4, 2, NUM_SPLITS=4, BLOCK_N=64))
     kernel_call = rec.calls[0]
-    assert set(attention.AOT_DIVISIBLE[kernel_call.kernel.split(":")[1]]) <= set(kernel_call.divisible), kernel_call.key
+    module = attention if phase == "prefill" else attention_decode  # each declares its kernels' strides
+    assert set(module.AOT_DIVISIBLE[kernel_call.kernel.split(":")[1]]) <= set(kernel_call.divisible), kernel_call.key
+    assert kernel_call.kernel.startswith(module.__name__ + ":"), kernel_call.kernel
     assert "stride_bt" not in kernel_call.divisible

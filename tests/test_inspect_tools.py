@@ -90,7 +90,7 @@ def test_html_report(plans, which):
     if which == "cpu":
         assert "no bandwidth figure" in text and "interpreter (torch reference)" in text
         return
-    for kernel in ("gemm.linear", "attention.attention_prefill", "attention.attention_decode", "_gemm_kernel"):
+    for kernel in ("gemm.linear", "attention.attention_prefill", "attention_decode.attention_decode", "_gemm_kernel"):
         assert kernel in text, kernel
     rows = data["roofline"]["rows"]
     assert rows[0]["context"] == 1 and rows[-1]["context"] == data["memory"]["max_model_len"]

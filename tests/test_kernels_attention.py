@@ -7,6 +7,7 @@ import torch
 
 from rdnac.ir import ops
 from rdnac.kernels import attention as attn
+from rdnac.kernels import attention_decode as attn_decode
 from rdnac.kernels.gemm import split_k_counters
 from rdnac.kernels.launch import InterpretLauncher, JitLauncher
 
@@ -63,7 +64,7 @@ def check(phase, batch, max_query_len, attrs, config, launcher, *, use_sinks=Fal
         out = attn.attention_prefill(*args, sinks, **attrs, max_query_len=max_query_len, config=config,
                                      launcher=launcher)
     else:
-        out = attn.attention_decode(*args, sinks, **attrs, config=config, launcher=launcher)
+        out = attn_decode.attention_decode(*args, sinks, **attrs, config=config, launcher=launcher)
     assert out.shape == expected.shape
     assert out.dtype == expected.dtype
     assert torch.isfinite(out).all(), "non-finite output"
@@ -220,11 +221,11 @@ def test_decode_self_reduce_launches_one_kernel_and_compiles_for_every_gpu_targe
     for num_splits, block_n, num_warps, use_sinks in ((16, 64, 8, False), (32, 16, 8, True), (4, 128, 2, False)):
         rec = RecordingLauncher()
         config = _self_reducing(attn._config(num_warps, 2, NUM_SPLITS=num_splits, BLOCK_N=block_n))
-        attn.attention_decode(*args, batch["sinks"] if use_sinks else None, **attrs, config=config, launcher=rec)
+        attn_decode.attention_decode(*args, batch["sinks"] if use_sinks else None, **attrs, config=config, launcher=rec)
         assert [c.kernel.split(":")[1] for c in rec.calls] == ["_decode_kernel"]
         calls += rec.calls
     rec = RecordingLauncher()  # one split: nothing to merge, SELF_REDUCE is dropped
-    attn.attention_decode(*args, **attrs, config=_self_reducing(attn._config(4, 2, NUM_SPLITS=1, BLOCK_N=32)),
+    attn_decode.attention_decode(*args, **attrs, config=_self_reducing(attn._config(4, 2, NUM_SPLITS=1, BLOCK_N=32)),
                           launcher=rec)
     assert [c.constexprs["SELF_REDUCE"] for c in rec.calls] == [False]
     # Every target builds them (a build error raises); on sm90, where `rdnac tune` offers them, none spills.
@@ -248,7 +249,7 @@ def test_wrappers_run_on_meta_tensors_with_shape_only_grids():
     rec = _RecordingLauncher()
     args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "cu_seqlens_q", "positions")]
     attrs = attrs_for(8, 2, 64)
-    out = attn.attention_decode(*args, batch["sinks"], **attrs, config=attn._config(4, 2, NUM_SPLITS=8, BLOCK_N=32),
+    out = attn_decode.attention_decode(*args, batch["sinks"], **attrs, config=attn._config(4, 2, NUM_SPLITS=8, BLOCK_N=32),
                                 launcher=rec)
     attn.attention_prefill(*args, **attrs, max_query_len=1, config=attn._config(4, 2, BLOCK_M=16, BLOCK_N=16),
                            launcher=rec)
@@ -306,7 +307,7 @@ def test_gpu_decode_graph_replays_for_new_seq_lens():
             static[name][tuple(slice(0, n) for n in batch[name].shape)].copy_(batch[name])
 
     def run():
-        return attn.attention_decode(*[static[k] for k in names], **attrs, config=config, launcher=launcher)
+        return attn_decode.attention_decode(*[static[k] for k in names], **attrs, config=config, launcher=launcher)
 
     load(first)
     run()  # compile outside capture
@@ -335,13 +336,13 @@ def test_gpu_decode_self_reduce_bit_identical_in_a_replayed_graph():
                                                       (16, 16, 2, True), (32, 16, 8, False)):
         config = attn._config(num_warps, 2, NUM_SPLITS=num_splits, BLOCK_N=block_n)
         sinks = batch["sinks"] if use_sinks else None
-        expected = attn.attention_decode(*args, sinks, **attrs, config=config, launcher=launcher)
+        expected = attn_decode.attention_decode(*args, sinks, **attrs, config=config, launcher=launcher)
         one = _self_reducing(config)
         eager = check("decode", batch, 1, attrs, one, launcher, use_sinks=use_sinks)
         assert torch.equal(eager, expected), f"{config}: differs from the two-launch output"
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = attn.attention_decode(*args, sinks, **attrs, config=one, launcher=launcher)
+            out = attn_decode.attention_decode(*args, sinks, **attrs, config=one, launcher=launcher)
         for _ in range(20):
             graph.replay()
             torch.cuda.synchronize()
@@ -392,17 +393,17 @@ def test_decode_quant_epilogue_is_the_unfused_pair(config, fmt):
     batch, _ = make_batch([(c, 1) for c in DECODE_CONTEXTS], 8, 2, 64, torch.bfloat16, num_padded=1, seed=6)
     args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "cu_seqlens_q", "positions")]
     attrs = attrs_for(8, 2, 64)
-    out = attn.attention_decode(*args, **attrs, config=config, launcher=CPU)
+    out = attn_decode.attention_decode(*args, **attrs, config=config, launcher=CPU)
     want_q, want_scale = quantize_activations(out, None, fmt, 64, launcher=CPU)
-    got_q, got_scale = attn.attention_quant_decode(*args, **attrs, fp8_format=fmt, group=64, config=config,
+    got_q, got_scale = attn_decode.attention_quant_decode(*args, **attrs, fp8_format=fmt, group=64, config=config,
                                                    launcher=CPU)
     assert got_q.dtype == want_q.dtype and got_scale.shape == want_scale.shape == (len(DECODE_CONTEXTS) + 1, 8)
     assert torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
     assert torch.equal(got_scale, want_scale)
     early = _EarlyMeta(CPU)  # with the metadata loads moved ahead as well
-    got_q, got_scale = attn.attention_quant_decode(*args, **attrs, fp8_format=fmt, group=64, config=config,
+    got_q, got_scale = attn_decode.attention_quant_decode(*args, **attrs, fp8_format=fmt, group=64, config=config,
                                                    launcher=early)
     assert early.kernels and torch.equal(got_q.view(torch.uint8), want_q.view(torch.uint8))
     assert torch.equal(got_scale, want_scale)
     with pytest.raises(AssertionError, match="quantizes whole heads"):
-        attn.attention_quant_decode(*args, **attrs, fp8_format=fmt, group=128, config=config, launcher=CPU)
+        attn_decode.attention_quant_decode(*args, **attrs, fp8_format=fmt, group=128, config=config, launcher=CPU)

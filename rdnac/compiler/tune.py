@@ -135,10 +135,10 @@ def _tensors(family: str, problem: dict, device: str, copies: int, context: int 
 
 
 def _wrapper(family: str, problem: dict | None = None):
-    from rdnac.kernels import attention, gemm, gemm_fp8, gemm_gated
+    from rdnac.kernels import attention, attention_decode, gemm, gemm_fp8, gemm_gated
 
     if family == "attention":
-        return attention.attention_decode if problem["phase"] == "decode" else attention.attention_prefill
+        return attention_decode.attention_decode if problem["phase"] == "decode" else attention.attention_prefill
     return {"gemm": gemm.linear, "gemm_gated": gemm_gated.linear_gated_act}.get(family, gemm_fp8.linear_fp8)
 
 

@@ -1,0 +1,321 @@
+"""Decode attention over the paged KV cache: the decode variant of IR op `attention`
+and of `attention_quant` (kernel selection picks it per phase; prefill, the shared
+argument checks and both phases' configs are in `rdnac.kernels.attention`).
+
+`attention_decode`: one query per sequence (T == B, row b belongs to
+sequence b). Program (b, kv_head, split) holds the GROUP query heads of one
+kv head (padded to BLOCK_G >= 16 rows for tl.dot) and a contiguous range of
+key tiles computed in-kernel from seq_lens, so the grid (B, Hk, NUM_SPLITS)
+depends only on B and the config and a captured graph replays for any
+seq_lens. With NUM_SPLITS > 1 each split writes its partial max/sum/acc to
+a workspace and `_decode_reduce_kernel` (grid (B, Hq)) merges them, one
+split after another; an empty split writes max=-inf, sum=0 and contributes
+nothing. With SELF_REDUCE (a measured choice: `rdnac tune` offers it, the
+config space and default never do) there is no second launch: each split
+counts its arrival on its (b, kv_head) counter (`gemm.split_k_counters`,
+atomic, acquire-release at device scope) and the last to arrive merges the
+GROUP heads with the reduce kernel's operations in its order, so the output
+is bit for bit the two-launch one, then sets the counter back to 0.
+NUM_SPLITS == 1 normalizes in place and launches one kernel (SELF_REDUCE is
+ignored). With PDL and EARLY_META (plan-wide, `runtime["early_meta"]`) the
+step inputs no kernel writes (positions, seq_lens, the block table entries of
+the split's first key tile) are read before `griddepcontrol.wait`, and the loop
+reads the next tile's entries one step ahead: after the wait, q, K and V load
+at once instead of behind two dependent loads. Same arithmetic, same bits.
+
+`attention_quant_decode`: the same kernels with QUANT: whichever program finishes a
+head (the only split, the last split with SELF_REDUCE, or the reduce kernel)
+rounds it to the output dtype and writes it as o_proj's FP8 activations, one
+scale per head, with `fp8_quant`'s rule op for op: the bits of
+`attention_decode` followed by `fp8_quant.quantize_activations`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from rdnac.ir.fp8 import FORMATS, FP8_MAX
+from rdnac.kernels.attention import _CACHE_STRIDES, _LOG2E, _MAX, _SUM, _common_args
+from rdnac.kernels.fp8_quant import GRID
+from rdnac.kernels.gemm import split_k_counters
+from rdnac.kernels.launch import Launcher, next_power_of_2
+
+AOT_DIVISIBLE = {"_decode_kernel": ("stride_qt", "stride_ot", *_CACHE_STRIDES),  # see attention.py
+                 "_decode_reduce_kernel": ("stride_ot",)}
+
+
+@triton.jit
+def _decode_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, positions_ptr, sinks_ptr, out_ptr,
+        part_max_ptr, part_sum_ptr, part_acc_ptr, counter_ptr, q8_ptr, q8_scale_ptr,
+        stride_qt, stride_ot, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+        scale, softcap, sliding_window,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+        KV_BLOCK_SIZE: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+        SELF_REDUCE: tl.constexpr = False, QUANT: tl.constexpr = False, FP8_MAX: tl.constexpr = 448.0,
+        MIN_NORMAL: tl.constexpr = 0.0, SUBNORMAL_ROUNDER: tl.constexpr = 0.0, PDL: tl.constexpr = False,
+        EARLY_META: tl.constexpr = False):
+    if PDL and not EARLY_META:  # programmatic dependent launch: wait for the previous kernel (the trigger
+        gdc_wait()  # is after the loop)
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * GROUP
+
+    g = tl.arange(0, BLOCK_G)
+    g_ok = g < GROUP
+    head = kv_head * GROUP + g  # [BLOCK_G] query heads of this kv head
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    # EARLY_META: positions, seq_lens and block_tables are step inputs the host wrote before the step, which
+    # no kernel writes, so they (and the first key tile's cache blocks) are read before the wait; after it
+    # come only the loads of what the previous kernels wrote: q and the keys and values.
+    pos = tl.load(positions_ptr + seq).to(tl.int32)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    kv_end = tl.minimum(seq_len, pos + 1)
+    if HAS_WINDOW:
+        kv_lo = (tl.maximum(pos - sliding_window + 1, 0) // BLOCK_N) * BLOCK_N
+    else:
+        kv_lo = 0
+    # This split's contiguous share of the key tiles; trailing splits may get none.
+    num_tiles = (tl.maximum(kv_end - kv_lo, 0) + BLOCK_N - 1) // BLOCK_N
+    tiles_per_split = (num_tiles + NUM_SPLITS - 1) // NUM_SPLITS
+    lo = kv_lo + split * tiles_per_split * BLOCK_N
+    hi = tl.minimum(kv_end, lo + tiles_per_split * BLOCK_N)
+    table_row = block_tables_ptr + seq * stride_bt
+    if EARLY_META:  # the first tile's cache blocks; each step of the loop reads the next tile's
+        j_next = lo + tl.arange(0, BLOCK_N)
+        blk_next = tl.load(table_row + j_next // KV_BLOCK_SIZE, mask=j_next < hi, other=0)
+        if PDL:
+            gdc_wait()
+    q = tl.load(q_ptr + seq * stride_qt + head[:, None] * HEAD_DIM + d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+
+    qk_scale = scale * _LOG2E
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max, log2 units
+    l_i = tl.full([BLOCK_G], 0.0, tl.float32)
+    acc = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
+        j_ok = j < hi
+        if EARLY_META:
+            blk = blk_next.to(tl.int64)
+            j_next = j + BLOCK_N
+            blk_next = tl.load(table_row + j_next // KV_BLOCK_SIZE, mask=j_next < hi, other=0)
+        else:
+            blk = tl.load(table_row + j // KV_BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
+        in_blk = j % KV_BLOCK_SIZE
+        k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + in_blk[:, None] * stride_ks + kv_head * stride_kh
+                    + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D], coalesced
+        if HAS_SOFTCAP:
+            s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_N]
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)) * _LOG2E
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
+        allowed = j_ok
+        if HAS_WINDOW:
+            allowed = allowed & (j > pos - sliding_window)
+        s = tl.where(allowed[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + in_blk[:, None] * stride_vs + kv_head * stride_vh
+                    + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    if PDL:  # the main loop is done: let the next kernel's blocks be scheduled (triggering at the top
+        gdc_launch_dependents()  # let chains of waiting kernels crowd the SMs: 8B decode 17% slower)
+    hd_ok = g_ok[:, None] & d_ok[None, :]
+    # The whole-context output of this program's heads, where this program finishes them: always without
+    # splits; with SELF_REDUCE in the split that arrives last; otherwise _decode_reduce_kernel does.
+    if NUM_SPLITS == 1:
+        if HAS_SINKS:
+            sink = tl.load(sinks_ptr + head, mask=g_ok, other=0.0).to(tl.float32) * _LOG2E
+            m_f = tl.maximum(m_i, sink)
+            alpha = tl.exp2(m_i - m_f)
+            l_i = l_i * alpha + tl.exp2(sink - m_f)
+            acc = acc * alpha[:, None]
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        is_last = True
+    else:
+        part = (seq * num_heads + head) * NUM_SPLITS  # [BLOCK_G] first row of each head's [NUM_SPLITS] partials
+        tl.store(part_max_ptr + part + split, m_i, mask=g_ok)
+        tl.store(part_sum_ptr + part + split, l_i, mask=g_ok)
+        tl.store(part_acc_ptr + (part + split)[:, None] * HEAD_DIM + d[None, :], acc, mask=hd_ok)
+        out = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
+        is_last = False
+        if SELF_REDUCE:  # counter[seq, kv_head] counts finished splits (0 between launches)
+            tl.debug_barrier()  # every thread's partial is stored before the release below
+            counter = counter_ptr + seq * tl.num_programs(1) + kv_head
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            is_last = arrived == NUM_SPLITS - 1
+            if is_last:
+                # The last split merges _decode_reduce_kernel's way, op for op: the same bits. Loads
+                # are .cg: read through L2, never a stale L1 line of this SM.
+                m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
+                for s in tl.static_range(NUM_SPLITS):
+                    m_all = tl.maximum(m_all, tl.load(part_max_ptr + part + s, mask=g_ok, other=float("-inf"),
+                                                      cache_modifier=".cg"))
+                if HAS_SINKS:
+                    sink = tl.load(sinks_ptr + head, mask=g_ok, other=0.0).to(tl.float32) * _LOG2E
+                    m_all = tl.maximum(m_all, sink)
+                m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+                total = tl.full([BLOCK_G], 0.0, tl.float32)
+                for s in tl.static_range(NUM_SPLITS):
+                    w = tl.exp2(tl.load(part_max_ptr + part + s, mask=g_ok, other=float("-inf"),
+                                        cache_modifier=".cg") - m_safe)  # [BLOCK_G]
+                    total += tl.load(part_sum_ptr + part + s, mask=g_ok, other=0.0, cache_modifier=".cg") * w
+                    out += tl.load(part_acc_ptr + (part + s)[:, None] * HEAD_DIM + d[None, :], mask=hd_ok, other=0.0,
+                                   cache_modifier=".cg") * w[:, None]
+                if HAS_SINKS:
+                    total += tl.exp2(sink - m_safe)
+                out = out / tl.where(total > 0, total, 1.0)[:, None]
+                tl.store(counter, 0)  # ready for the next launch (graph replays reuse the counters)
+    if is_last:
+        y = out.to(out_ptr.dtype.element_ty)  # [BLOCK_G, BLOCK_D], rounded as the output is stored
+        if QUANT:  # o_proj's FP8 activations, one group per head (BLOCK_D == HEAD_DIM == the group):
+            # _quant_fp8_kernel's rule on the stored values, op for op (copied: no jit helpers under the
+            # interpreter), so the bits are the unfused pair's
+            yf = y.to(tl.float32)
+            amax = tl.reduce(tl.abs(yf), 1, _MAX)  # [BLOCK_G]
+            head_scale = tl.where(amax > 0, tl.div_rn(amax, FP8_MAX), 1.0)
+            v = tl.minimum(tl.maximum(tl.div_rn(yf, head_scale[:, None]), -FP8_MAX), FP8_MAX)
+            mag = tl.abs(v)
+            bits = mag.to(tl.int32, bitcast=True)
+            normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+            subnormal = (mag + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER
+            mag = tl.where(mag < MIN_NORMAL, subnormal, normal)
+            q8 = tl.where((v < 0) & (mag > 0), -mag, mag)  # no -0: its bits are NaN in e4m3fnuz
+            tl.store(q8_ptr + seq * num_heads * HEAD_DIM + head[:, None] * HEAD_DIM + d[None, :],
+                     q8.to(q8_ptr.dtype.element_ty), mask=hd_ok)
+            tl.store(q8_scale_ptr + seq * num_heads + head, head_scale, mask=g_ok)
+        else:
+            tl.store(out_ptr + seq * stride_ot + head[:, None] * HEAD_DIM + d[None, :], y, mask=hd_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+        part_max_ptr, part_sum_ptr, part_acc_ptr, sinks_ptr, out_ptr, q8_ptr, q8_scale_ptr, stride_ot,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, QUANT: tl.constexpr = False, FP8_MAX: tl.constexpr = 448.0,
+        MIN_NORMAL: tl.constexpr = 0.0, SUBNORMAL_ROUNDER: tl.constexpr = 0.0, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS  # first row of this head's [NUM_SPLITS] partials
+    # Splits are merged one after another, elementwise: a tl.reduce would sum in an order set by the
+    # tile's layout, and the SELF_REDUCE merge in _decode_kernel (other tile, other warps) must give these
+    # bits. Keep the two in step.
+    m_all = tl.full([], float("-inf"), tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        m_all = tl.maximum(m_all, tl.load(part_max_ptr + part + s))
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * _LOG2E
+        m_all = tl.maximum(m_all, sink)
+    m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+    total = tl.full([], 0.0, tl.float32)
+    out = tl.full([BLOCK_D], 0.0, tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        w = tl.exp2(tl.load(part_max_ptr + part + s) - m_safe)  # empty splits (max -inf) weigh 0
+        total += tl.load(part_sum_ptr + part + s) * w
+        out += tl.load(part_acc_ptr + (part + s) * HEAD_DIM + d, mask=d_ok, other=0.0) * w
+    if HAS_SINKS:
+        total += tl.exp2(sink - m_safe)
+    out = out / tl.where(total > 0, total, 1.0)  # [BLOCK_D]
+    y = out.to(out_ptr.dtype.element_ty)
+    if QUANT:  # as in _decode_kernel: one FP8 group per head, _quant_fp8_kernel's rule op for op
+        yf = y.to(tl.float32)
+        amax = tl.reduce(tl.abs(yf), 0, _MAX)
+        head_scale = tl.where(amax > 0, tl.div_rn(amax, FP8_MAX), 1.0)
+        v = tl.minimum(tl.maximum(tl.div_rn(yf, head_scale), -FP8_MAX), FP8_MAX)
+        mag = tl.abs(v)
+        bits = mag.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+        subnormal = (mag + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER
+        mag = tl.where(mag < MIN_NORMAL, subnormal, normal)
+        q8 = tl.where((v < 0) & (mag > 0), -mag, mag)
+        tl.store(q8_ptr + (seq * tl.num_programs(1) + head) * HEAD_DIM + d, q8.to(q8_ptr.dtype.element_ty), mask=d_ok)
+        tl.store(q8_scale_ptr + seq * tl.num_programs(1) + head, head_scale)
+    else:
+        tl.store(out_ptr + seq * stride_ot + head * HEAD_DIM + d, y, mask=d_ok)
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, positions: torch.Tensor,
+                     sinks: torch.Tensor | None = None, *, num_heads: int, num_kv_heads: int, head_dim: int,
+                     scale: float, sliding_window: int = 0, softcap: float = 0.0,
+                     config: dict, launcher: Launcher) -> torch.Tensor:
+    """Split-K decode: one query per sequence, so q row b is sequence b (cu_seqlens_q == arange(B + 1),
+    which is not read). Padded rows (seq_len 1, table row of block 0) give finite output as long as
+    cache block 0 holds finite values (a zero-initialized cache does)."""
+    return _decode(q, k_cache, v_cache, block_tables, seq_lens, positions, sinks, num_heads, num_kv_heads,
+                   head_dim, scale, sliding_window, softcap, config, launcher)
+
+
+def attention_quant_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, positions: torch.Tensor,
+                           sinks: torch.Tensor | None = None, *, num_heads: int, num_kv_heads: int, head_dim: int,
+                           scale: float, sliding_window: int = 0, softcap: float = 0.0, fp8_format: str,
+                           group: int, config: dict, launcher: Launcher) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_decode` whose epilogue writes o_proj's FP8 activations: (q8 [T, Hq*D] fp8, scales [T, Hq]),
+    one group per head (group == head_dim, a power of two), the bits of attention_decode followed by
+    `fp8_quant.quantize_activations`."""
+    assert group == head_dim == next_power_of_2(head_dim), \
+        f"attention_quant: the kernel quantizes whole heads; group {group} must equal head_dim {head_dim} (a power of 2)"
+    q8 = torch.empty(q.shape[0], num_heads * head_dim, dtype=FORMATS[fp8_format], device=q.device)  # [T, Hq*D]
+    q8_scale = torch.empty(q.shape[0], num_heads, dtype=torch.float32, device=q.device)  # [T, Hq]
+    _decode(q, k_cache, v_cache, block_tables, seq_lens, positions, sinks, num_heads, num_kv_heads, head_dim,
+            scale, sliding_window, softcap, config, launcher, quant=(q8, q8_scale, fp8_format))
+    return q8, q8_scale
+
+
+def _decode(q, k_cache, v_cache, block_tables, seq_lens, positions, sinks, num_heads, num_kv_heads, head_dim,
+            scale, sliding_window, softcap, config, launcher, quant=None) -> torch.Tensor:
+    """Launch decode attention (and its split reduce); with `quant` = (q8, q8_scale, fp8_format) the kernel
+    that finishes each head writes it quantized there instead of to the bf16 output."""
+    out, strides, cx = _common_args(q, k_cache, v_cache, block_tables, num_heads, num_kv_heads, head_dim)
+    num_seqs = seq_lens.shape[0]
+    assert q.shape[0] == num_seqs, f"decode needs one query per sequence; got T={q.shape[0]}, B={num_seqs}"
+    c = config["constexprs"]
+    num_splits, block_n = c["NUM_SPLITS"], c["BLOCK_N"]
+    self_reduce = bool(c.get("SELF_REDUCE", False)) and num_splits > 1  # no reduce launch (module docstring)
+    has_sinks = sinks is not None
+    sinks_arg = q if sinks is None else sinks
+    if num_splits > 1:  # float32 partials, fixed size for a given B and config (graph capture safe)
+        part_max = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        part_sum = torch.empty_like(part_max)
+        part_acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    else:
+        part_max = part_sum = part_acc = out  # never touched
+    counters = split_k_counters(q.device, num_seqs * num_kv_heads)  # read only with SELF_REDUCE
+    q8, q8_scale, fp8_format = quant if quant is not None else (out, out, None)  # never written without QUANT
+    qx = {}
+    if quant is not None:
+        min_normal, rounder = GRID[fp8_format]
+        qx = dict(QUANT=True, FP8_MAX=FP8_MAX[fp8_format], MIN_NORMAL=min_normal, SUBNORMAL_ROUNDER=rounder)
+    args = (q, k_cache, v_cache, block_tables, seq_lens, positions, sinks_arg, out, part_max, part_sum, part_acc,
+            counters, q8, q8_scale, *strides, float(scale), float(softcap), int(sliding_window))
+    launcher.launch(_decode_kernel, (num_seqs, num_kv_heads, num_splits), args,
+                    constexprs={**cx, "BLOCK_G": max(16, next_power_of_2(cx["GROUP"])),
+                                "HAS_SINKS": has_sinks, "HAS_SOFTCAP": softcap > 0, "HAS_WINDOW": sliding_window > 0,
+                                "NUM_SPLITS": num_splits, "BLOCK_N": block_n, "SELF_REDUCE": self_reduce, **qx},
+                    num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if num_splits > 1 and not self_reduce:
+        launcher.launch(_decode_reduce_kernel, (num_seqs, num_heads),
+                        (part_max, part_sum, part_acc, sinks_arg, out, q8, q8_scale, out.stride(0)),
+                        constexprs={"HEAD_DIM": head_dim, "BLOCK_D": cx["BLOCK_D"], "HAS_SINKS": has_sinks,
+                                    "NUM_SPLITS": num_splits, **qx},
+                        num_warps=2, num_stages=1)
+    return out
