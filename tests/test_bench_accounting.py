@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -65,3 +66,22 @@ def test_ab_table_compiles_with_its_entries_winning(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="bad.json is not valid JSON"):
         with harness.alternative_table(bad, "sm90"):
             pass
+
+
+def test_random_checkpoints_are_reused_only_when_written_the_same_way(tmp_path):
+    spec = dict(harness.SHAPES["tiny"])
+    ckpt, write_s = harness.random_checkpoint(tmp_path, "tiny", "fp8-block", spec)
+    assert write_s is not None and (ckpt / "config.json").is_file()
+    weights = sorted(ckpt.glob("*.safetensors"))
+    assert weights
+    written = {p: p.stat().st_mtime_ns for p in weights}
+    again, write_s = harness.random_checkpoint(tmp_path, "tiny", "fp8-block", spec)
+    assert again == ckpt and write_s is None  # same spec, seed and generator: the files stand
+    assert {p: p.stat().st_mtime_ns for p in weights} == written
+    other = dict(spec, layers=spec["layers"] + 1)
+    _, write_s = harness.random_checkpoint(tmp_path, "tiny", "fp8-block", other)  # another spec: rewritten
+    assert write_s is not None
+    assert json.loads((ckpt / "config.json").read_text())["num_hidden_layers"] == other["layers"]
+    (tmp_path / "tiny-fp8-block.stamp.json").unlink()  # a write cut short leaves no stamp: rewritten
+    _, write_s = harness.random_checkpoint(tmp_path, "tiny", "fp8-block", other)
+    assert write_s is not None
