@@ -216,3 +216,29 @@ def test_decode_attention_across_contexts_keeps_the_smallest_worst_slowdown():
     assert robust_pick({1024: timed[1024]}) == (partial, 1.0)  # one context: its fastest
     with pytest.raises(RdnacError, match="no candidate was timed at every context"):
         robust_pick({256: [(1.0, short)], 1024: [(1.0, wide)]})
+
+
+@pytest.mark.slow
+def test_every_shipped_sm90_entry_builds_within_the_targets_resources():
+    """A table entry names a config of the kernel as it was when measured. When a kernel changes (e.g. the
+    FP8 GEMM's accumulator promotion doubled its accumulator registers, 2026-12-06), an entry that no longer
+    fits would be rejected at every compile: the shipped table must hold only configs that still build."""
+    from rdnac.compiler.build import check_resources, compile_calls
+    from rdnac.compiler.tune import _tensors, _wrapper
+    from rdnac.kernels.launch import RecordingLauncher
+
+    target = get_target("sm90")
+    entries = json.loads((tuning.SHIPPED_DIR / "sm90.json").read_text())["entries"]
+    recorded = []  # (entry label, [KernelCall])
+    for e in entries:
+        (args, kw), = _tensors(e["family"], e["problem"], "meta", 1)
+        rec = RecordingLauncher(pdl=True)  # as sm90 plans are built
+        _wrapper(e["family"], e["problem"])(*args, **kw, config=e["config"], launcher=rec)
+        recorded.append((f"{e['key']} M={e['M']} {e['config']}", rec.calls))
+    binaries = compile_calls([c for _, calls in recorded for c in calls], target, quiet=True)
+    failures, pos = [], 0
+    for label, calls in recorded:
+        for b in binaries[pos:pos + len(calls)]:
+            failures += [f"{label}: {p}" for p in check_resources(b, target)]
+        pos += len(calls)
+    assert not failures, "\n".join(failures)
