@@ -8,6 +8,9 @@ another Triton version, rebuilds a kernel from here by name).
 Every wrapper launches through a `Launcher` (see `launch.py`), so the same
 wrapper code runs a kernel JIT-compiled, under the Triton interpreter, from
 a plan's precompiled binary, or records which specializations a plan needs.
-Kernels never call other `@triton.jit` functions: the interpreter path
-(`InterpretedFunction(fn.fn)`) cannot follow such calls.
+Kernels call no `@triton.jit` function of Triton's own that the interpreter
+cannot run (tl.max, tl.sum: they reduce with `tl.reduce` and the standard
+combine functions instead); rdnac's own helpers (`fp8_quant.round_to_fp8_grid`)
+they may call: `launch.with_interpreted_helpers` runs those under the
+interpreter too.
 """

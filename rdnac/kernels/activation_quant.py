@@ -30,7 +30,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
 from rdnac.kernels.activation import ACTIVATIONS, gate_and_up
-from rdnac.kernels.fp8_quant import GRID
+from rdnac.kernels.fp8_quant import GRID, round_to_fp8_grid
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 AOT_DIVISIBLE = {"_gated_act_quant_kernel": ("I", "stride_gate_row", "stride_up_row", "up_col_offset")}
@@ -98,13 +98,7 @@ def _gated_act_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, I, stride_gate_r
                 v = tl.div_rn(y, scale)
             if quant_pass + 1 == num_passes:
                 v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
-                # round |v| to the FP8 grid in fp32, ties to even, as _quant_fp8_kernel (see fp8_quant.py)
-                mag = tl.abs(v)
-                bits = mag.to(tl.int32, bitcast=True)
-                normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-                subnormal = (mag + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER
-                mag = tl.where(mag < MIN_NORMAL, subnormal, normal)
-                q = tl.where((v < 0) & (mag > 0), -mag, mag)  # no -0: its bits are NaN in e4m3fnuz
+                q = round_to_fp8_grid(v, MIN_NORMAL, SUBNORMAL_ROUNDER)  # see fp8_quant
                 tl.store(q_ptr + token * I + offs, q.to(q_ptr.dtype.element_ty), mask=in_row)
 
 

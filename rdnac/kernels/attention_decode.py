@@ -39,7 +39,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
 from rdnac.kernels.attention import _CACHE_STRIDES, _LOG2E, _MAX, _SUM, _common_args
-from rdnac.kernels.fp8_quant import GRID
+from rdnac.kernels.fp8_quant import GRID, round_to_fp8_grid
 from rdnac.kernels.gemm import split_k_counters
 from rdnac.kernels.launch import Launcher, next_power_of_2
 
@@ -182,18 +182,12 @@ def _decode_kernel(
     if is_last:
         y = out.to(out_ptr.dtype.element_ty)  # [BLOCK_G, BLOCK_D], rounded as the output is stored
         if QUANT:  # o_proj's FP8 activations, one group per head (BLOCK_D == HEAD_DIM == the group):
-            # _quant_fp8_kernel's rule on the stored values, op for op (copied: no jit helpers under the
-            # interpreter), so the bits are the unfused pair's
+            # _quant_fp8_kernel's rule on the stored values, op for op, so the bits are the unfused pair's
             yf = y.to(tl.float32)
             amax = tl.reduce(tl.abs(yf), 1, _MAX)  # [BLOCK_G]
             head_scale = tl.where(amax > 0, tl.div_rn(amax, FP8_MAX), 1.0)
             v = tl.minimum(tl.maximum(tl.div_rn(yf, head_scale[:, None]), -FP8_MAX), FP8_MAX)
-            mag = tl.abs(v)
-            bits = mag.to(tl.int32, bitcast=True)
-            normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-            subnormal = (mag + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER
-            mag = tl.where(mag < MIN_NORMAL, subnormal, normal)
-            q8 = tl.where((v < 0) & (mag > 0), -mag, mag)  # no -0: its bits are NaN in e4m3fnuz
+            q8 = round_to_fp8_grid(v, MIN_NORMAL, SUBNORMAL_ROUNDER)  # see fp8_quant
             tl.store(q8_ptr + seq * num_heads * HEAD_DIM + head[:, None] * HEAD_DIM + d[None, :],
                      q8.to(q8_ptr.dtype.element_ty), mask=hd_ok)
             tl.store(q8_scale_ptr + seq * num_heads + head, head_scale, mask=g_ok)
@@ -240,12 +234,7 @@ def _decode_reduce_kernel(
         amax = tl.reduce(tl.abs(yf), 0, _MAX)
         head_scale = tl.where(amax > 0, tl.div_rn(amax, FP8_MAX), 1.0)
         v = tl.minimum(tl.maximum(tl.div_rn(yf, head_scale), -FP8_MAX), FP8_MAX)
-        mag = tl.abs(v)
-        bits = mag.to(tl.int32, bitcast=True)
-        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-        subnormal = (mag + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER
-        mag = tl.where(mag < MIN_NORMAL, subnormal, normal)
-        q8 = tl.where((v < 0) & (mag > 0), -mag, mag)
+        q8 = round_to_fp8_grid(v, MIN_NORMAL, SUBNORMAL_ROUNDER)  # see fp8_quant
         tl.store(q8_ptr + (seq * tl.num_programs(1) + head) * HEAD_DIM + d, q8.to(q8_ptr.dtype.element_ty), mask=d_ok)
         tl.store(q8_scale_ptr + seq * tl.num_programs(1) + head, head_scale)
     else:

@@ -34,6 +34,20 @@ QUANT_STEP = 1024  # a row is read in tiles of this many elements (2048 spills S
 
 
 @triton.jit
+def round_to_fp8_grid(v, MIN_NORMAL: tl.constexpr, SUBNORMAL_ROUNDER: tl.constexpr):
+    """v (fp32, already clamped to +-FP8_MAX) rounded to the FP8 grid in fp32, ties to even: normals
+    keep 3 mantissa bits (a carry into the exponent is the right result), subnormals snap to the fixed
+    spacing (`GRID`). No -0: its bits are NaN in e4m3fnuz. Every kernel that quantizes to FP8 rounds
+    here, so all of them give `rdnac.ir.fp8.quantize_rows`'s bits."""
+    mag = tl.abs(v)
+    bits = mag.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    subnormal = (mag + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER
+    mag = tl.where(mag < MIN_NORMAL, subnormal, normal)
+    return tl.where((v < 0) & (mag > 0), -mag, mag)
+
+
+@triton.jit
 def _quant_fp8_kernel(x_ptr, in_scale_ptr, q_ptr, scale_ptr, K, stride_xm, stride_qm, stride_sm,
                       GROUP: tl.constexpr, IS_STATIC: tl.constexpr, FP8_MAX: tl.constexpr,
                       MIN_NORMAL: tl.constexpr, SUBNORMAL_ROUNDER: tl.constexpr,
@@ -74,15 +88,7 @@ def _quant_fp8_kernel(x_ptr, in_scale_ptr, q_ptr, scale_ptr, K, stride_xm, strid
             v = tl.div_rn(xk, group_scale[:, None])
         else:
             v = tl.div_rn(xk, scale)
-        v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
-        # Round |v| to the FP8 grid in fp32, ties to even: normals keep 3 mantissa bits (a carry
-        # into the exponent is the right result), subnormals snap to the fixed spacing.
-        mag = tl.abs(v)
-        bits = mag.to(tl.int32, bitcast=True)
-        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-        subnormal = (mag + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER
-        mag = tl.where(mag < MIN_NORMAL, subnormal, normal)
-        q = tl.where((v < 0) & (mag > 0), -mag, mag)  # no -0: its bits are NaN in e4m3fnuz
+        q = round_to_fp8_grid(tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX), MIN_NORMAL, SUBNORMAL_ROUNDER)
         tl.store(q_row + k0 + tile, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 

@@ -82,8 +82,30 @@ class InterpretLauncher:
 
         fn = self._interpreted.get(id(kernel))
         if fn is None:
-            fn = self._interpreted[id(kernel)] = InterpretedFunction(kernel.fn)
+            fn = self._interpreted[id(kernel)] = InterpretedFunction(with_interpreted_helpers(kernel.fn))
         fn[grid](*args, **constexprs)
+
+
+def with_interpreted_helpers(fn: Any) -> Any:
+    """`fn` (a kernel's Python function) whose calls to rdnac's own `@triton.jit` helpers run them under
+    the interpreter too: a JITFunction called from interpreted code raises "Cannot call @triton.jit'd
+    outside of the scope of a kernel". The copy sees the module's globals with each helper it reads
+    (and, recursively, theirs) replaced by its InterpretedFunction, whose call is a device-function call.
+    Triton's own jit functions stay as they are: the interpreter recognizes some by identity (the
+    reduce combine functions)."""
+    import types
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    named = set(fn.__code__.co_names)  # the globals the function reads
+    helpers = {name: value for name, value in fn.__globals__.items() if name in named
+               and isinstance(value, triton.JITFunction) and value.fn.__module__.startswith("rdnac.")}
+    if not helpers:
+        return fn
+    scope = dict(fn.__globals__)
+    for name, helper in helpers.items():
+        scope[name] = InterpretedFunction(with_interpreted_helpers(helper.fn))
+    return types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 # -- AOT: what a launch needs compiled ------------------------------------------------

@@ -35,7 +35,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
-from rdnac.kernels.fp8_quant import GRID
+from rdnac.kernels.fp8_quant import GRID, round_to_fp8_grid
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 from rdnac.kernels.rms_norm import _warps_for
 
@@ -89,12 +89,7 @@ def _rms_norm_quant_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, re
         group_scale = tl.where(group_amax > 0, tl.div_rn(group_amax, FP8_MAX), 1.0)
         tl.store(scale_ptr + token * num_groups + groups, group_scale, mask=groups < num_groups)
         v = tl.minimum(tl.maximum(tl.div_rn(y, group_scale[:, None]), -FP8_MAX), FP8_MAX)
-        mag = tl.abs(v)  # rounded to the FP8 grid as in the per-token branch
-        bits = mag.to(tl.int32, bitcast=True)
-        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-        subnormal = (mag + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER
-        mag = tl.where(mag < MIN_NORMAL, subnormal, normal)
-        q = tl.where((v < 0) & (mag > 0), -mag, mag)
+        q = round_to_fp8_grid(v, MIN_NORMAL, SUBNORMAL_ROUNDER)  # see fp8_quant
         tl.store(q_ptr + token * H + offs, q.to(q_ptr.dtype.element_ty), mask=in_row)
     else:  # program per token: the row in one tile, or looped over in passes
         # pass 1: sum of squares, and the residual sum (stored once)
@@ -160,13 +155,7 @@ def _rms_norm_quant_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, re
                     v = tl.div_rn(y, scale)
                 if quant_pass + 1 == num_passes:
                     v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
-                    # round |v| to the FP8 grid in fp32, ties to even, as _quant_fp8_kernel (see fp8_quant.py)
-                    mag = tl.abs(v)
-                    bits = mag.to(tl.int32, bitcast=True)
-                    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-                    subnormal = (mag + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER
-                    mag = tl.where(mag < MIN_NORMAL, subnormal, normal)
-                    q = tl.where((v < 0) & (mag > 0), -mag, mag)  # no -0: its bits are NaN in e4m3fnuz
+                    q = round_to_fp8_grid(v, MIN_NORMAL, SUBNORMAL_ROUNDER)  # see fp8_quant
                     tl.store(q_ptr + token * H + offs, q.to(q_ptr.dtype.element_ty), mask=in_row)
 
 
