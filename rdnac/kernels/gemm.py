@@ -74,6 +74,21 @@ def m_bucket(M: int) -> int:
 
 
 @triton.jit
+def tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SIZE_M: tl.constexpr):
+    """(pid_m, pid_n): the output tile of program `pid`. GROUP_SIZE_M 1: row-major order, neighbouring
+    programs share the x rows; else grouped order: GROUP_SIZE_M row tiles reuse each weight panel from L2.
+    Every GEMM kernel of the library orders its tiles here."""
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # tl.cdiv is a jit function of Triton's: inlined
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    if GROUP_SIZE_M == 1:
+        return pid // num_pid_n, pid % num_pid_n
+    num_pid_in_group = GROUP_SIZE_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_SIZE_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_SIZE_M)
+    return first_pid_m + (pid % num_pid_in_group) % group_size_m, (pid % num_pid_in_group) // group_size_m
+
+
+@triton.jit
 def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_ptr,
                  M, N, K, stride_xm, stride_wn, stride_om, k_per_split, softcap,
                  HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -88,19 +103,7 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
     # output (final when SELF_REDUCE) gets act(gate) * up.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # tl.cdiv is a jit function: inlined
-    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    if GROUP_SIZE_M == 1:
-        # Row-major tile order: neighbouring programs share the x rows.
-        pid_m = pid // num_pid_n
-        pid_n = pid % num_pid_n
-    else:
-        # Grouped order: GROUP_SIZE_M tiles of M reuse each weight panel from L2.
-        num_pid_in_group = GROUP_SIZE_M * num_pid_n
-        first_pid_m = (pid // num_pid_in_group) * GROUP_SIZE_M
-        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_SIZE_M)
-        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-        pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = tile_of(pid, M, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]

@@ -39,6 +39,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.kernels import activation, gemm
 from rdnac.kernels.activation import ACTIVATIONS
+from rdnac.kernels.gemm import tile_of
 from rdnac.kernels.launch import Launcher, cdiv
 
 # Shape ints fixed by the weights (never token counts): binaries specialize on their divisibility by 16.
@@ -52,19 +53,7 @@ def _gemm_gated_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stri
                        GROUP_SIZE_M: tl.constexpr, PDL: tl.constexpr = False):
     # x: [M, K]; w: [2N, K] (gate rows, then up rows); bias: [2N]; out: [M, N]
     pid = tl.program_id(0)
-    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # tl.cdiv is a jit function: inlined
-    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    if GROUP_SIZE_M == 1:
-        # Row-major tile order: neighbouring programs share the x rows.
-        pid_m = pid // num_pid_n
-        pid_n = pid % num_pid_n
-    else:
-        # Grouped order: GROUP_SIZE_M tiles of M reuse each weight panel from L2.
-        num_pid_in_group = GROUP_SIZE_M * num_pid_n
-        first_pid_m = (pid // num_pid_in_group) * GROUP_SIZE_M
-        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_SIZE_M)
-        pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-        pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = tile_of(pid, M, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
