@@ -27,6 +27,21 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 
 
 @triton.jit
+def activate(gate, ACT: tl.constexpr):
+    """ACT(gate) in fp32, the formulas of every kernel that applies a gated activation (this one, the
+    gated GEMMs' epilogues, gated_act_quant), so fused and unfused paths give the same bits. gelu_tanh
+    writes tanh(z) = 1 - 2 / (exp(2z) + 1), which saturates correctly at both ends."""
+    if ACT == "silu":
+        act = gate / (1.0 + tl.exp(-gate))
+    elif ACT == "gelu":
+        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    else:
+        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        act = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+    return act
+
+
+@triton.jit
 def _gated_act_kernel(gate_ptr, up_ptr, out_ptr, I, stride_gate_row, stride_up_row, up_col_offset,
                       ACT: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr = False):
     if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
@@ -38,13 +53,7 @@ def _gated_act_kernel(gate_ptr, up_ptr, out_ptr, I, stride_gate_row, stride_up_r
     mask = cols < I
     gate = tl.load(gate_ptr + token * stride_gate_row + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(up_ptr + token * stride_up_row + up_col_offset + cols, mask=mask, other=0.0).to(tl.float32)
-    if ACT == "silu":
-        act = gate / (1.0 + tl.exp(-gate))
-    elif ACT == "gelu":
-        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-    else:  # gelu_tanh; tanh(z) = 1 - 2 / (exp(2z) + 1) saturates correctly at both ends
-        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        act = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+    act = activate(gate, ACT)
     act = act.to(act_dtype).to(tl.float32)
     tl.store(out_ptr + token * I + cols, (act * up).to(act_dtype), mask=mask)
 

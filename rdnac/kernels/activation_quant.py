@@ -29,7 +29,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
-from rdnac.kernels.activation import ACTIVATIONS, gate_and_up
+from rdnac.kernels.activation import ACTIVATIONS, activate, gate_and_up
 from rdnac.kernels.fp8_quant import GRID, round_to_fp8_grid
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
@@ -72,14 +72,7 @@ def _gated_act_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, I, stride_gate_r
             in_row = offs < I
             gate = tl.load(gate_row + offs, mask=in_row, other=0.0).to(tl.float32)
             up = tl.load(up_row + offs, mask=in_row, other=0.0).to(tl.float32)
-            # _gated_act_kernel's formulas (activation.py)
-            if ACT == "silu":
-                act = gate / (1.0 + tl.exp(-gate))
-            elif ACT == "gelu":
-                act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-            else:  # gelu_tanh
-                z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-                act = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+            act = activate(gate, ACT)
             act = act.to(act_dtype).to(tl.float32)
             y = (act * up).to(act_dtype).to(tl.float32)  # what gated_act writes, back in fp32
             if GROUP > 0:  # whole groups: one scale per row of the [groups, GROUP] view

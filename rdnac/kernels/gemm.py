@@ -50,6 +50,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from rdnac.kernels.activation import activate
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 # Shape ints fixed by the weights (never token counts): binaries specialize on their divisibility by 16.
@@ -177,19 +178,12 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
                 total = softcap * tl.where(total < 0, -tanh_abs, tanh_abs)
             if GATED != "":
                 # Round gate and up as the unfused GEMM stores gate_up, then activation._gated_act_kernel's
-                # formulas op for op (copied: under the interpreter a kernel cannot call a @triton.jit
-                # helper), so the output is the unfused pair's bit for bit.
+                # formulas (activation.activate), so the output is the unfused pair's bit for bit.
                 act_dtype = dst_ptr.dtype.element_ty
                 gate, up = tl.split(tl.reshape(total, (BLOCK_M, BLOCK_N // 2, 2)))  # [BM, BN/2] each
                 gate = gate.to(act_dtype).to(tl.float32)
                 up = up.to(act_dtype).to(tl.float32)
-                if GATED == "silu":
-                    act = gate / (1.0 + tl.exp(-gate))
-                elif GATED == "gelu":
-                    act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-                else:  # gelu_tanh; tanh(z) = 1 - 2 / (exp(2z) + 1) saturates correctly at both ends
-                    z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-                    act = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+                act = activate(gate, GATED)
                 act = act.to(act_dtype).to(tl.float32)
                 tl.store(dst_ptr + offs_m[:, None] * dst_stride + offs_i[None, :], (act * up).to(act_dtype),
                          mask=gated_mask)

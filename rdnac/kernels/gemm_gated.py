@@ -38,7 +38,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.kernels import activation, gemm
-from rdnac.kernels.activation import ACTIVATIONS
+from rdnac.kernels.activation import ACTIVATIONS, activate
 from rdnac.kernels.gemm import tile_of
 from rdnac.kernels.launch import Launcher, cdiv
 
@@ -89,18 +89,11 @@ def _gemm_gated_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stri
     if HAS_BIAS:
         acc_g += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(bias_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    # Round as the unfused GEMM stores gate_up, then _gated_act_kernel's formulas (copied: the
-    # interpreter cannot call @triton.jit helpers).
+    # Round as the unfused GEMM stores gate_up, then _gated_act_kernel's formulas (activation.activate).
     act_dtype = out_ptr.dtype.element_ty
     gate = acc_g.to(act_dtype).to(tl.float32)
     up = acc_u.to(act_dtype).to(tl.float32)
-    if ACT == "silu":
-        act = gate / (1.0 + tl.exp(-gate))
-    elif ACT == "gelu":
-        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-    else:  # gelu_tanh; tanh(z) = 1 - 2 / (exp(2z) + 1) saturates correctly at both ends
-        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        act = 0.5 * gate * (2.0 - 2.0 / (tl.exp(2.0 * z) + 1.0))
+    act = activate(gate, ACT)
     act = act.to(act_dtype).to(tl.float32)
     out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptr + out_offs, (act * up).to(act_dtype), mask=mask_m[:, None] & mask_n[None, :])
