@@ -33,6 +33,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
+from rdnac.kernels.rope import rope_lanes
 
 # model-shape ints (never token counts) that AOT binaries specialize on divisibility by 16, as the JIT does,
 # so row loads vectorize; see rdnac.kernels.launch.divisible_args
@@ -66,23 +67,9 @@ def _qk_norm_rope_cache_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, slot_mapping_
     is_k = (heads >= num_heads) & (heads < num_heads + num_kv_heads)
     kv_heads = heads - num_heads  # negative for q heads: only ever used under is_k
     d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    HALF: tl.constexpr = ROTARY_DIM // 2
-    if IS_NEOX:
-        freq_index = d % HALF
-        partner = tl.where(d < HALF, d + HALF, d - HALF)
-        sign = tl.where(d < HALF, -1.0, 1.0)
-    else:
-        freq_index = d // 2
-        partner = d ^ 1
-        sign = tl.where(d % 2 == 0, -1.0, 1.0)
-    is_rotated = d < ROTARY_DIM
-    partner = tl.where(is_rotated, partner, d)
-
-    # cos/sin [BLOCK_D] in float32, scaled, then rounded to the activation dtype, exactly as rope.py
-    position = tl.load(positions_ptr + token).to(tl.float32)
-    angle = position * tl.load(inv_freq_ptr + freq_index, mask=is_rotated, other=0.0)
-    cos = (tl.cos(angle) * attention_scaling).to(act_dtype).to(tl.float32)
-    sin = (tl.sin(angle) * attention_scaling).to(act_dtype).to(tl.float32)
+    # cos/sin [BLOCK_D] in float32, scaled, then rounded to the activation dtype like the reference
+    partner, sign, is_rotated, cos, sin = rope_lanes(positions_ptr, inv_freq_ptr, token, attention_scaling, d,
+                                                     act_dtype, ROTARY_DIM, IS_NEOX)
     # int64: slot * row stride overflows int32 on caches over 2**31 elements
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if PDL and EARLY_META:  # q, k and v are the previous kernel's output: read them only after it is done

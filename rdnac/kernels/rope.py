@@ -31,6 +31,32 @@ AOT_DIVISIBLE = {"_rope_kernel": ("stride_q_row", "stride_k_row")}
 
 
 @triton.jit
+def rope_lanes(positions_ptr, inv_freq_ptr, token, attention_scaling, d, ACT_DTYPE: tl.constexpr,
+               ROTARY_DIM: tl.constexpr, IS_NEOX: tl.constexpr):
+    """For the lanes d [BLOCK_D] of a head of `token`: (partner lane, sign, is_rotated, cos, sin), so that
+    out[d] = x[d] * cos[d] + sign[d] * x[partner[d]] * sin[d] on the rotated lanes (each product rounded
+    to ACT_DTYPE by the caller); cos/sin are computed in float32, scaled, then rounded to ACT_DTYPE as the
+    reference does. Lanes past ROTARY_DIM are their own partner. NeoX pairs d with d +- R/2, GPT-J d ^ 1.
+    The rope kernel and the fused q/k-norm + RoPE + cache kernel both take their lanes from here."""
+    HALF: tl.constexpr = ROTARY_DIM // 2
+    if IS_NEOX:
+        freq_index = d % HALF
+        partner = tl.where(d < HALF, d + HALF, d - HALF)
+        sign = tl.where(d < HALF, -1.0, 1.0)
+    else:
+        freq_index = d // 2
+        partner = d ^ 1
+        sign = tl.where(d % 2 == 0, -1.0, 1.0)
+    is_rotated = d < ROTARY_DIM
+    partner = tl.where(is_rotated, partner, d)
+    position = tl.load(positions_ptr + token).to(tl.float32)
+    angle = position * tl.load(inv_freq_ptr + freq_index, mask=is_rotated, other=0.0)
+    cos = (tl.cos(angle) * attention_scaling).to(ACT_DTYPE).to(tl.float32)
+    sin = (tl.sin(angle) * attention_scaling).to(ACT_DTYPE).to(tl.float32)
+    return partner, sign, is_rotated, cos, sin
+
+
+@triton.jit
 def _rope_kernel(q_ptr, k_ptr, positions_ptr, inv_freq_ptr, q_out_ptr, k_out_ptr,
                  num_heads, num_kv_heads, stride_q_row, stride_k_row, attention_scaling,
                  HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -43,23 +69,9 @@ def _rope_kernel(q_ptr, k_ptr, positions_ptr, inv_freq_ptr, q_out_ptr, k_out_ptr
     heads = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)  # [BLOCK_HEADS], q heads then k heads
     is_q = heads < num_heads
     d = tl.arange(0, BLOCK_D)  # [BLOCK_D]
-    HALF: tl.constexpr = ROTARY_DIM // 2
-    if IS_NEOX:
-        freq_index = d % HALF
-        partner = tl.where(d < HALF, d + HALF, d - HALF)
-        sign = tl.where(d < HALF, -1.0, 1.0)
-    else:
-        freq_index = d // 2
-        partner = d ^ 1
-        sign = tl.where(d % 2 == 0, -1.0, 1.0)
-    is_rotated = d < ROTARY_DIM
-    partner = tl.where(is_rotated, partner, d)
-
     # cos/sin [BLOCK_D] in float32, scaled, then rounded to the activation dtype like the reference
-    position = tl.load(positions_ptr + token).to(tl.float32)
-    angle = position * tl.load(inv_freq_ptr + freq_index, mask=is_rotated, other=0.0)
-    cos = (tl.cos(angle) * attention_scaling).to(act_dtype).to(tl.float32)
-    sin = (tl.sin(angle) * attention_scaling).to(act_dtype).to(tl.float32)
+    partner, sign, is_rotated, cos, sin = rope_lanes(positions_ptr, inv_freq_ptr, token, attention_scaling, d,
+                                                     act_dtype, ROTARY_DIM, IS_NEOX)
 
     # row start of each head; the k-side offset is negative for q heads but never dereferenced
     in_rows = tl.where(is_q, q_ptr + token * stride_q_row + heads * HEAD_DIM,
