@@ -90,22 +90,33 @@ def with_interpreted_helpers(fn: Any) -> Any:
     """`fn` (a kernel's Python function) whose calls to rdnac's own `@triton.jit` helpers run them under
     the interpreter too: a JITFunction called from interpreted code raises "Cannot call @triton.jit'd
     outside of the scope of a kernel". The copy sees the module's globals with each helper it reads
-    (and, recursively, theirs) replaced by its InterpretedFunction, whose call is a device-function call.
+    (and, recursively, theirs) replaced by the interpreter's rewrite of it.
     Triton's own jit functions stay as they are: the interpreter recognizes some by identity (the
     reduce combine functions)."""
     import types
 
     from triton.runtime.interpreter import InterpretedFunction
 
+    if fn in _INTERPRETABLE:  # one copy per function: the interpreter caches its rewrite per function object
+        return _INTERPRETABLE[fn]
     named = set(fn.__code__.co_names)  # the globals the function reads
     helpers = {name: value for name, value in fn.__globals__.items() if name in named
                and isinstance(value, triton.JITFunction) and value.fn.__module__.startswith("rdnac.")}
     if not helpers:
+        _INTERPRETABLE[fn] = fn
         return fn
     scope = dict(fn.__globals__)
     for name, helper in helpers.items():
-        scope[name] = InterpretedFunction(with_interpreted_helpers(helper.fn))
-    return types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+        # the interpreter's rewrite of the helper, called directly: InterpretedFunction's own __call__
+        # re-patches triton.language on every call, and the kernel's launch has patched it for the grid.
+        # (With both caches the FP8 fusion and GEMM test files run as fast as with copied code: 110 s
+        # against 115; with neither, 131.)
+        scope[name] = InterpretedFunction(with_interpreted_helpers(helper.fn)).rewrite()
+    copy = _INTERPRETABLE[fn] = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    return copy
+
+
+_INTERPRETABLE: dict[Any, Any] = {}  # kernel or helper function -> its copy that interprets rdnac's helpers
 
 
 # -- AOT: what a launch needs compiled ------------------------------------------------
