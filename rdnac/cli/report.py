@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from rdnac.ir.graph import Graph
+from rdnac.ir.ops import ATTENTION_OPS
 from rdnac.plans import Plan, read_plan
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -86,7 +87,7 @@ def decode_roofline(graph: Graph, runtime: dict, hbm_gbps: float, contexts: list
     """Estimated decode step at batch 1: bytes read and the TPOT that HBM bandwidth allows."""
     windows = {}  # cache input -> sliding window of the attention reading it (0: full context)
     for node in graph.nodes:
-        if node.op in ("attention", "attention_quant"):
+        if node.op in ATTENTION_OPS:
             for name in node.inputs[1:3]:
                 windows[name] = node.attrs.get("sliding_window", 0) or 0
     per_cache = kv_bytes_per_token(graph)

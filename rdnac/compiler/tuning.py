@@ -98,7 +98,8 @@ def lookup(target: str, family: str, problem: dict) -> dict | None:
 # whose sm90 winners are one tile per kind on every measured shape (bf16: 128x128x64, 8 warps, 3-4
 # stages, where the cost model's pick measured ~2x slower; FP8 block 128x128x128; FP8 per-channel was
 # 128x256x128 until its kernel promoted the wgmma accumulator, which made that tile spill on sm90: those
-# entries were dropped, 2026-12-06, and wait for a re-tune). Decode winners depend on N and K (split-K, tile widths) and do not carry over.
+# entries were dropped, 2026-12-06, and wait for a re-tune). Decode winners depend on N and K (split-K,
+# tile widths) and do not carry over.
 SHAPE_FREE_MIN_M = _REGIMES[-1][0]
 
 

@@ -365,6 +365,9 @@ def _argmax_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
     return [TensorSpec("int64", (ins[0].shape[0],))]
 
 
+# ops that read the paged KV cache as `attention` does (same inputs, checks and kernel configs)
+ATTENTION_OPS = ("attention", "attention_quant")
+
 OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("embedding", (), (2,), _embedding_infer, embedding),
     OpDef("rms_norm", ("eps",), (2, 3), _rms_norm_infer, rms_norm),

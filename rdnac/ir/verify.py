@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from rdnac.errors import GraphError
 from rdnac.ir.graph import Graph, Node, TensorSpec
-from rdnac.ir.ops import OPS
+from rdnac.ir.ops import ATTENTION_OPS, OPS
 
 def _fail(graph: Graph, node: Node | None, message: str) -> None:
     where = f"node {node.name!r} ({node.op})" if node else "graph"
@@ -40,7 +40,7 @@ def verify(graph: Graph) -> None:
         in_specs = [specs[name] for name in node.inputs]
         _check_shapes(graph, node, in_specs)
         written_caches.update(node.inputs[i] for i in opdef.in_place)
-        if node.op in ("attention", "attention_quant") and not set(node.inputs[1:3]) <= written_caches:
+        if node.op in ATTENTION_OPS and not set(node.inputs[1:3]) <= written_caches:
             _fail(graph, node, f"reads caches {node.inputs[1:3]} before any kv_cache_write to them")
         out_specs = opdef.infer(node.attrs, in_specs)
         if len(out_specs) != len(node.outputs):
@@ -79,7 +79,7 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(ins[1].shape[-1] == a["num_kv_heads"] * a["head_dim"], "k must be [T, num_kv_heads*head_dim]")
         expect(0 < a["rotary_dim"] <= a["head_dim"] and a["rotary_dim"] % 2 == 0, "rotary_dim must be even, <= head_dim")
         expect(a.get("style", "neox") in ("neox", "gptj"), "style must be neox or gptj")
-    elif node.op in ("attention", "attention_quant"):
+    elif node.op in ATTENTION_OPS:
         expect(a["num_heads"] % a["num_kv_heads"] == 0, "num_heads must be a multiple of num_kv_heads")
         expect(ins[0].shape[-1] == a["num_heads"] * a["head_dim"], "q must be [T, num_heads*head_dim]")
         expect(tuple(ins[1].shape[2:]) == (a["num_kv_heads"], a["head_dim"]), "k_cache must be [NB, BS, Hk, D]")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from rdnac.ir.graph import Graph
+from rdnac.ir.ops import ATTENTION_OPS
 from rdnac.ir.rope_math import rope_inv_freq
 
 # Token-count buckets: a step with T tokens uses the configs of the smallest bucket >= T.
@@ -113,7 +114,7 @@ class Executor:
                 continue
             choice = self.program[node.name][key]
             kwargs = self._kwargs[node.name]
-            if choice["kernel"] in ("attention.attention_prefill", "attention.attention_quant_prefill"):
+            if node.op in ATTENTION_OPS and meta.phase == "prefill":  # its grid is bounded by the longest query
                 kwargs = {**kwargs, "max_query_len": meta.max_query_len}
             result = self._wrapper(choice["kernel"])(*(env[n] for n in node.inputs), **kwargs,
                                                      config=choice["config"], launcher=self.launcher)

@@ -29,7 +29,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
 
 
 def _whole_heads(node: Node, quant: tuple[str, int]) -> str:
-    if quant[1] == node.attrs["head_dim"]:
-        return ""
     head_dim = node.attrs["head_dim"]
+    if quant[1] == head_dim:
+        return ""
     return f"the attention kernel quantizes whole heads: {quant_label(*quant)} is not one head of {head_dim}"

@@ -20,6 +20,7 @@ from rdnac.compiler.build import check_resources, compile_calls
 from rdnac.compiler.passes import PassContext
 from rdnac.errors import RdnacError
 from rdnac.ir.graph import Graph, Node
+from rdnac.ir.ops import ATTENTION_OPS
 from rdnac.kernels import gemm, gemm_gated
 from rdnac.kernels.launch import KernelCall, with_pdl
 from rdnac.runtime.executor import NO_KERNEL_OPS, StepMeta, bucket_for, wrapper_name
@@ -64,7 +65,7 @@ def _problem(node: Node, phase: str, env: dict[str, torch.Tensor], runtime: dict
     if node.op == "logits":
         return "gemm", {"M": ins[1].shape[0], "N": ins[2].shape[0], "K": ins[2].shape[1], "dtype": dtype,
                         "has_bias": False}
-    if node.op in ("attention", "attention_quant"):  # the quant epilogue changes no config
+    if node.op in ATTENTION_OPS:  # the quant epilogue changes no config
         return "attention", {"phase": phase, "num_heads": a["num_heads"], "num_kv_heads": a["num_kv_heads"],
                              "head_dim": a["head_dim"], "block_size": runtime["kv_block_size"],
                              "max_model_len": runtime["max_model_len"], "dtype": dtype,
