@@ -4,9 +4,10 @@ cross-compilation of every default config for the FP8 targets.
 The kernels quantize activations bit-identically to the reference (checked directly on ties,
 subnormals and clamped values), so outputs differ only by fp32 summation order and by where the
 scales multiply (after the dot, not into each operand; on sm90 the FP8 dot's accumulator is promoted
-to fp32 every BLOCK_K, see test_sm90_fp8_dot_promotes_its_accumulator_every_block_k): fp32 x is compared at atol = rtol = 2e-5 on
-O(1) outputs (weight scales carry 1/sqrt(K)); bf16 x at atol 1e-3, rtol 1e-2 (one bf16 ulp is at most
-2**-7 relative: the two fp32 results may round to neighbouring bf16 values).
+to fp32 every BLOCK_K, see test_sm90_fp8_dot_promotes_its_accumulator_every_block_k): fp32 x is
+compared at atol = rtol = 2e-5 on O(1) outputs (weight scales carry 1/sqrt(K)); bf16 x at atol 1e-3,
+rtol 1e-2 (one bf16 ulp is at most 2**-7 relative: the two fp32 results may round to neighbouring bf16
+values).
 """
 
 from __future__ import annotations
@@ -325,11 +326,7 @@ def test_sm90_fp8_dot_promotes_its_accumulator_every_block_k(M):
     (test_linear_fp8_gpu, 2026-12-06). The per-token/channel kernel promotes to an fp32 add every BLOCK_K."""
     import re
 
-    import triton
-    from triton.compiler import ASTSource
-
-    from rdnac.kernels.binaries import COMPILE_OPTIONS, decode_constexpr, resolve_kernel, triton_attrs, triton_signature
-    from rdnac.targets import get_target
+    from rdnac.kernels.binaries import triton_compile
 
     N, K = COMPILE_SHAPE
     recorder = RecordingLauncher()
@@ -338,11 +335,7 @@ def test_sm90_fp8_dot_promotes_its_accumulator_every_block_k(M):
     config = gemm_fp8.default_config(_problem(M, N, K, torch.bfloat16, False, "token_channel", "e4m3fn"))
     gemm_fp8.linear_fp8(x, weight, weight_scale, *rest, **attrs, config=config, launcher=recorder)
     (call,) = [c for c in recorder.calls if c.kernel.endswith(":_fp8_gemm_kernel")]
-    kernel = resolve_kernel(call.kernel)
-    src = ASTSource(fn=kernel, signature=triton_signature(kernel, call), attrs=triton_attrs(kernel, call),
-                    constexprs={k: decode_constexpr(v) for k, v in call.constexprs.items()})
-    compiled = triton.compile(src, target=get_target("sm90").gpu_target(),
-                              options={"num_warps": call.num_warps, "num_stages": call.num_stages, **COMPILE_OPTIONS})
+    compiled = triton_compile(call, "sm90")
     assert "wgmma" in compiled.asm["ptx"], f"M={M}: {config} did not lower to wgmma"
     block_k = config["constexprs"]["BLOCK_K"]
     assert re.findall(r"maxNumImpreciseAcc = (\d+)", compiled.asm["ttgir"]) == [str(block_k)]

@@ -103,8 +103,9 @@ def triton_attrs(kernel: Any, call: KernelCall) -> dict[tuple[int, ...], list[li
     return {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params) if p.name in assumed}
 
 
-def compile_call(call: KernelCall, target: Target | str) -> KernelBinary:
-    """Compile one specialization for `target` with the installed Triton (no GPU needed)."""
+def triton_compile(call: KernelCall, target: Target | str) -> Any:
+    """Triton's CompiledKernel of one specialization for `target` (its `asm` holds the TTGIR, PTX or
+    AMDGCN and the binary), built with the installed Triton, no GPU needed."""
     import triton
     from triton.compiler import ASTSource
 
@@ -114,7 +115,16 @@ def compile_call(call: KernelCall, target: Target | str) -> KernelBinary:
                     constexprs={k: decode_constexpr(v) for k, v in call.constexprs.items()},
                     attrs=triton_attrs(kernel, call))
     options = {"num_warps": call.num_warps, "num_stages": call.num_stages, **COMPILE_OPTIONS}
-    compiled = triton.compile(src, target=target.gpu_target(), options=options)
+    return triton.compile(src, target=target.gpu_target(), options=options)
+
+
+def compile_call(call: KernelCall, target: Target | str) -> KernelBinary:
+    """Compile one specialization for `target` with the installed Triton (no GPU needed)."""
+    import triton
+
+    target = get_target(target)
+    kernel = resolve_kernel(call.kernel)
+    compiled = triton_compile(call, target)
     ext = "hsaco" if target.backend == "hip" else "cubin"
     binary = bytes(compiled.asm[ext])
     json_path = next(p for name, p in compiled.metadata_group.items() if name.endswith(".json"))
