@@ -38,7 +38,7 @@ import rdnac  # noqa: E402
 from rdnac.runtime.engine import StepEntry  # noqa: E402
 from rdnac.testing.fp8 import SHAPES, write_random_checkpoint  # noqa: E402
 from decode import copy_bandwidth, tpot  # noqa: E402
-from profile_step import kernel_breakdown  # noqa: E402
+from profile_step import graph_timeline, kernel_breakdown  # noqa: E402
 
 CONTEXT = 256
 RESULTS: Path | None = None
@@ -216,6 +216,8 @@ def measure_rdnac(shape: str, scheme: str, work: Path, args) -> None:
         rows, summary = kernel_breakdown(engine, CONTEXT, bw, prefill=tokens)
         emit({"shape": shape, "scheme": scheme, "prefill_profile_summary": summary, "prefill_tokens": tokens})
         (RESULTS.parent / f"profile-prefill{tokens}-{shape}-{scheme}.json").write_text(json.dumps(rows, indent=1))
+    if args.timeline:
+        timelines(engine, shape, scheme, args)
     del engine
     torch.cuda.empty_cache()
     if args.ab_pdl:  # the same plan and binaries, launched without programmatic dependent launch
@@ -244,6 +246,16 @@ def measure_rdnac(shape: str, scheme: str, work: Path, args) -> None:
         path.unlink()
 
 
+def timelines(engine, shape: str, scheme: str, args, **label) -> None:
+    """The graph-replay timeline of a decode step at each --timeline batch size (see graph_timeline)."""
+    tag = "-".join(Path(str(v)).stem for v in label.values())  # e.g. the disabled pass, the table's name
+    for batch in args.timeline:
+        rows, summary = graph_timeline(engine, CONTEXT, batch)
+        emit({"shape": shape, "scheme": scheme, "timeline_summary": summary, **label})
+        name = f"timeline-b{batch}-{shape}-{scheme}{'-' + tag if tag else ''}.json"
+        (RESULTS.parent / name).write_text(json.dumps(rows, indent=1))
+
+
 def measure_variant(ckpt: Path, plan: Path, compile_args: list[str], env: dict, label: dict, shape: str,
                     scheme: str, args, bw: float) -> None:
     """Compile `ckpt` again to `plan` with `compile_args` in `env`, measure its decode and prefill records
@@ -254,6 +266,8 @@ def measure_variant(ckpt: Path, plan: Path, compile_args: list[str], env: dict, 
     engine = rdnac.load(plan, device="cuda")
     decode_records(engine, shape, scheme, args.batch, bw, **label)
     prefill_records(engine, shape, scheme, args.prefill, **label)
+    if args.timeline:
+        timelines(engine, shape, scheme, args, **label)
     del engine
     torch.cuda.empty_cache()
     for path in plan.parent.glob(plan.name.removesuffix(".msgpack") + ".*"):
@@ -297,6 +311,10 @@ def main() -> None:
     ap.add_argument("--peer-compile-batch", type=int, nargs="+", default=[1, 16, 64],
                     help="Batch sizes for transformers + torch.compile (each one recompiles).")
     ap.add_argument("--profile", action="store_true", help="Per-node kernel breakdown of a batch-1 decode step.")
+    ap.add_argument("--timeline", type=int, nargs="+", default=[], metavar="BATCH",
+                    help="Per-kernel timeline of a captured decode graph's replay at these batch sizes, for the "
+                         "plan and each A/B variant: duration, early start under PDL and how far each kernel "
+                         "moves the step's end.")
     ap.add_argument("--ab-pdl", action="store_true",
                     help="Also decode with the plan's PDL binaries launched without programmatic dependent launch.")
     ap.add_argument("--ab-disable-pass", nargs="+", default=[], metavar="PASS",

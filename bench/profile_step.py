@@ -11,6 +11,8 @@ kernels (launch gaps inside the graph, host work).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -43,12 +45,11 @@ def _node_bytes(engine, node, context: int) -> int:
     return 0
 
 
-def kernel_breakdown(engine, context: int, copy_gbps: float, prefill: int = 0,
-                     batch: int = 1) -> tuple[list[dict], dict]:
-    """Per-node kernel times of a decode step of `batch` sequences at `context`, or of a `prefill`-token prefill."""
-    entries = _entries(engine, context, prefill, batch)
+def _launch_sequence(engine, entries) -> list[tuple]:
+    """(node, kernel name) of each launch of one eager step over `entries`, in launch order (the order a
+    captured graph of the same step holds them in)."""
     executor, launcher = engine._executor, engine._executor.launcher
-    sequence: list[tuple[str, str]] = []
+    sequence: list[tuple] = []
     current = {"node": None}
     original_run, original_launch = executor.run, launcher.launch
 
@@ -59,35 +60,62 @@ def kernel_breakdown(engine, context: int, copy_gbps: float, prefill: int = 0,
         sequence.append((current["node"], kernel_name(kernel).split(":")[1]))
         return original_launch(kernel, grid, args, **kw)
 
-    eager = engine.enforce_eager
-    engine.enforce_eager, graphs = True, engine._graphs
-    engine._graphs = None
-    try:
-        executor.run, launcher.launch = run, launch
-        engine.execute(entries)
-        torch.cuda.synchronize()
-        executor.run, launcher.launch = original_run, original_launch
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with _eager(engine):
+        try:
+            executor.run, launcher.launch = run, launch
             engine.execute(entries)
             torch.cuda.synchronize()
+        finally:
+            executor.run, launcher.launch = original_run, original_launch
+    return sequence
+
+
+@contextlib.contextmanager
+def _eager(engine):
+    eager, graphs = engine.enforce_eager, engine._graphs
+    engine.enforce_eager, engine._graphs = True, None
+    try:
+        yield
     finally:
-        executor.run, launcher.launch = original_run, original_launch
         engine.enforce_eager, engine._graphs = eager, graphs
+
+
+def _profiled_kernels(step) -> list:
+    """CUDA kernel events of `step()` under torch.profiler, by start time (torch's own copies left out)."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
     events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                     key=lambda e: e.time_range.start)
-    kernels = [e for e in events if not e.name.startswith(("Memcpy", "Memset", "void at::", "at::"))]
-    rows: dict[str, dict] = {}
-    i = 0
+    return [e for e in events if not e.name.startswith(("Memcpy", "Memset", "void at::", "at::"))]
+
+
+def _match(sequence: list[tuple], kernels: list) -> list[tuple]:
+    """(node, kernel name, event) for each launch of `sequence`, found in order among `kernels`."""
+    matched, i = [], 0
     for node, name in sequence:
         while i < len(kernels) and not kernels[i].name.startswith(name):
             i += 1  # a torch kernel (input staging) between ours
         if i == len(kernels):
             raise RuntimeError(f"profile: kernel {name} of node {node.name} not found in the trace")
+        matched.append((node, name, kernels[i]))
+        i += 1
+    return matched
+
+
+def kernel_breakdown(engine, context: int, copy_gbps: float, prefill: int = 0,
+                     batch: int = 1) -> tuple[list[dict], dict]:
+    """Per-node kernel times of a decode step of `batch` sequences at `context`, or of a `prefill`-token prefill."""
+    entries = _entries(engine, context, prefill, batch)
+    sequence = _launch_sequence(engine, entries)
+    with _eager(engine):
+        kernels = _profiled_kernels(lambda: engine.execute(entries))
+    rows: dict[str, dict] = {}
+    for node, name, event in _match(sequence, kernels):
         row = rows.setdefault(node.name, {"node": node.name, "op": node.op, "kernels": [], "us": 0.0,
                                           "bytes": _node_bytes(engine, node, context)})
         row["kernels"].append(name)
-        row["us"] += kernels[i].device_time
-        i += 1
+        row["us"] += event.device_time
     for row in rows.values():
         if row["bytes"]:
             row["GBps"] = round(row["bytes"] / row["us"] / 1e3, 1)
@@ -108,3 +136,38 @@ def kernel_breakdown(engine, context: int, copy_gbps: float, prefill: int = 0,
         engine._cache.allocator.free(entry.block_table)
     summary = {"kernel_us_total": round(total_us, 1), "launches": len(sequence), "by_op": by_op}
     return list(rows.values()), summary
+
+
+def graph_timeline(engine, context: int, batch: int = 1, replays: int = 3) -> tuple[list[dict], dict]:
+    """Each kernel of a captured decode graph's replay (`batch` sequences at `context`), as it ran with
+    PDL: its duration, how far it started before the previous kernel ended ("early_us", > 0 when it was
+    launched early and waited), and how far it moved the step's end ("advance_us" = its end minus the
+    previous kernel's end). The advances sum to the replay's span from the first kernel's end, so they
+    say where the step's time goes when kernels overlap, which the eager breakdown cannot."""
+    if engine._graphs is None or engine._graphs.bucket_for(batch) is None:
+        raise RuntimeError(f"graph_timeline: the engine has no captured decode graph for batch {batch}")
+    entries = _entries(engine, context, 0, batch)
+    sequence = _launch_sequence(engine, entries)
+    for _ in range(replays):  # warm: the replay under the profiler is a steady-state one
+        engine.execute(entries)
+    torch.cuda.synchronize()
+    kernels = _profiled_kernels(lambda: engine.execute(entries))
+    matched = _match(sequence, kernels)
+    rows, by_op = [], {}
+    prev_end = matched[0][2].time_range.start
+    for node, name, event in matched:
+        start, end = event.time_range.start, event.time_range.end
+        row = {"node": node.name, "op": node.op, "kernel": name, "dur_us": round(end - start, 2),
+               "early_us": round(prev_end - start, 2), "advance_us": round(end - prev_end, 2)}
+        rows.append(row)
+        agg = by_op.setdefault(node.op, {"advance_us": 0.0, "dur_us": 0.0, "launches": 0})
+        agg["advance_us"] += end - prev_end
+        agg["dur_us"] += end - start
+        agg["launches"] += 1
+        prev_end = max(prev_end, end)
+    for agg in by_op.values():
+        agg["advance_us"], agg["dur_us"] = round(agg["advance_us"], 1), round(agg["dur_us"], 1)
+    for entry in entries:
+        engine._cache.allocator.free(entry.block_table)
+    span = matched[-1][2].time_range.end - matched[0][2].time_range.start
+    return rows, {"batch": batch, "span_us": round(span, 1), "launches": len(matched), "by_op": by_op}
