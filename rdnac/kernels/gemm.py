@@ -90,6 +90,29 @@ def tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SIZE_
 
 
 @triton.jit
+def splitk_partials(ws_ptr, counter_ptr, pid, pid_k, acc, offs, mask, MN,
+                    SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr):
+    """Store split pid_k's fp32 partial `acc` of tile `pid` at ws_ptr + pid_k * MN + offs (the
+    [SPLIT_K, M, N] workspace). Without SELF_REDUCE the reduce kernel finishes the tile: (False, zeros).
+    With SELF_REDUCE the split counts its arrival on counter[pid] (0 between launches) and the last to
+    arrive gets (True, the partials summed in the reduce kernels' fixed order), so the tile's output is
+    the two-launch one bit for bit; it sets the counter back to 0 for the next launch (graph replays
+    reuse the counters). Every split-K GEMM kernel of the library ends here."""
+    tl.store(ws_ptr + pid_k * MN + offs, acc, mask=mask)
+    is_last = False
+    total = tl.full(acc.shape, 0.0, tl.float32)
+    if SELF_REDUCE:
+        tl.debug_barrier()  # every thread's partial is stored before the release below
+        arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
+        is_last = arrived == SPLIT_K - 1
+        if is_last:
+            for s in tl.static_range(SPLIT_K):  # .cg: read through L2, never a stale L1 line of this SM
+                total += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(counter_ptr + pid, 0)
+    return is_last, total
+
+
+@triton.jit
 def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_ptr,
                  M, N, K, stride_xm, stride_wn, stride_om, k_per_split, softcap,
                  HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -154,19 +177,11 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
         dst_tile = out_ptr + out_offs  # [BM, BN] pointers of the ungated store
         is_last = True
     else:
-        tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
+        is_last, total = splitk_partials(out_ptr, counter_ptr, pid, pid_k, acc, out_offs, out_mask, M * N,
+                                         SPLIT_K, SELF_REDUCE)
         dst_ptr = final_ptr  # [M, N] or, gated, [M, I]: contiguous
         dst_stride = N // 2 if GATED != "" else N
         dst_tile = final_ptr + offs_m[:, None] * N + offs_n[None, :]
-        if SELF_REDUCE:
-            tl.debug_barrier()  # every thread's partial is stored before the release below
-            arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
-            is_last = arrived == SPLIT_K - 1
-            total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-            if is_last:  # the tile's last split: sum in _splitk_reduce_kernel's order
-                for s in tl.static_range(SPLIT_K):
-                    # .cg: read through L2, never a stale L1 line of this SM
-                    total += tl.load(out_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
     if SPLIT_K == 1 or SELF_REDUCE:
         if is_last:  # the epilogue, once per tile
             if HAS_BIAS:
@@ -189,8 +204,6 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
                          mask=gated_mask)
             else:
                 tl.store(dst_tile, total.to(dst_ptr.dtype.element_ty), mask=out_mask)
-            if SPLIT_K > 1:
-                tl.store(counter_ptr + pid, 0)  # ready for the next launch
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}

@@ -50,7 +50,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
 from rdnac.kernels.fp8_quant import GRID, quantize_activations, round_to_fp8_grid
-from rdnac.kernels.gemm import split_k_counters, tile_of
+from rdnac.kernels.gemm import split_k_counters, splitk_partials, tile_of
 from rdnac.kernels.gemm_fp8_configs import _config, config_space, default_config  # noqa: F401 (the family API)
 from rdnac.kernels.launch import Launcher, cdiv
 
@@ -115,22 +115,16 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, 
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:  # scales and bias are applied once, by the reduce kernel or the last split (SELF_REDUCE)
-        tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
-        if SELF_REDUCE:  # as gemm._gemm_kernel; the epilogue in _fp8_splitk_reduce_kernel's order
-            tl.debug_barrier()
-            arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT_K - 1:
-                total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-                for s in tl.static_range(SPLIT_K):
-                    total += tl.load(out_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
-                if not IS_A16:
-                    total *= tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=1.0).to(tl.float32)[:, None]
-                total *= tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n, other=1.0).to(tl.float32)[None, :]
-                if HAS_BIAS:
-                    total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-                tl.store(final_ptr + offs_m[:, None] * N + offs_n[None, :],
-                         total.to(final_ptr.dtype.element_ty), mask=out_mask)
-                tl.store(counter_ptr + pid, 0)
+        is_last, total = splitk_partials(out_ptr, counter_ptr, pid, pid_k, acc, out_offs, out_mask, M * N,
+                                         SPLIT_K, SELF_REDUCE)
+        if is_last:  # the epilogue in _fp8_splitk_reduce_kernel's order
+            if not IS_A16:
+                total *= tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=1.0).to(tl.float32)[:, None]
+            total *= tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n, other=1.0).to(tl.float32)[None, :]
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(final_ptr + offs_m[:, None] * N + offs_n[None, :],
+                     total.to(final_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -196,19 +190,13 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
-        if SELF_REDUCE:  # as gemm._gemm_kernel; partials are already scaled, the bias is added once
-            tl.debug_barrier()
-            arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT_K - 1:
-                total = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-                for s in tl.static_range(SPLIT_K):
-                    total += tl.load(out_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-                tl.store(final_ptr + offs_m[:, None] * N + offs_n[None, :],
-                         total.to(final_ptr.dtype.element_ty), mask=out_mask)
-                tl.store(counter_ptr + pid, 0)
+        is_last, total = splitk_partials(out_ptr, counter_ptr, pid, pid_k, acc, out_offs, out_mask, M * N,
+                                         SPLIT_K, SELF_REDUCE)
+        if is_last:  # partials are already scaled, the bias is added once
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(final_ptr + offs_m[:, None] * N + offs_n[None, :],
+                     total.to(final_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
