@@ -59,6 +59,33 @@ AOT_DIVISIBLE = {"_prefill_kernel": ("stride_qt", "stride_ot", *_CACHE_STRIDES)}
 
 
 @triton.jit
+def scores_log2(q, k, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """q [rows, D] @ k [keys, D]^T in log2 units (softmax runs in base 2: one multiply per score),
+    softcapped first where the model has it: softcap * tanh(s / softcap), tanh via exp (portable)."""
+    if HAS_SOFTCAP:
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)) * _LOG2E
+    else:
+        s = tl.dot(q, tl.trans(k)) * (scale * _LOG2E)
+    return s
+
+
+@triton.jit
+def softmax_step(s, m_i, l_i, MASKED: tl.constexpr):
+    """One online-softmax step over a tile of scores s [rows, keys] (log2 units, -inf where masked):
+    (the new running max, the rescale of what came before, the tile's weights p, the new running sum).
+    MASKED: a row may have seen no key yet (its max still -inf), so -inf - -inf is kept out."""
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new  # every row sees these keys: finite
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.reduce(p, 1, _SUM)
+
+
+@triton.jit
 def _prefill_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr, positions_ptr,
         sinks_ptr, out_ptr,
@@ -103,12 +130,11 @@ def _prefill_kernel(
         seen_by_all = tl.minimum(seq_len, tl.reduce(tl.where(row_ok, pos, kv_end), 0, _MIN) + 1)
         kv_full = tl.maximum((seen_by_all // BLOCK_N) * BLOCK_N, 0)
 
-    qk_scale = scale * _LOG2E  # one multiply per score: softmax runs in base 2
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     # Interior tiles: every key visible to every row, no masks (the Triton interpreter and the GPU
-    # both skip the masked softmax work). Kernels cannot call helpers, so the loop body appears twice.
+    # both skip the masked softmax work).
     for start in range(kv_lo, kv_full, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
         blk = tl.load(block_tables_ptr + seq * stride_bt + j // KV_BLOCK_SIZE).to(tl.int64)
@@ -119,15 +145,8 @@ def _prefill_kernel(
             k = tl.load(k_ptrs)  # [BLOCK_N, BLOCK_D]
         else:
             k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
-        if HAS_SOFTCAP:  # softcap * tanh(s / softcap); tanh via exp, portable to every target
-            s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_M, BLOCK_N]
-            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)) * _LOG2E
-        else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))  # finite: every row sees these keys
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+        s = scores_log2(q, k, scale, softcap, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
+        m_new, alpha, p, l_i = softmax_step(s, m_i, l_i, False)
         if BLOCK_D == HEAD_DIM:
             v = tl.load(v_ptrs)  # [BLOCK_N, BLOCK_D]
         else:
@@ -143,20 +162,11 @@ def _prefill_kernel(
         # K rows as stored ([BLOCK_N, BLOCK_D], head dim contiguous: coalesced), transposed for the dot
         k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + in_blk[:, None] * stride_ks + kv_head * stride_kh
                     + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if HAS_SOFTCAP:
-            s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_M, BLOCK_N]
-            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)) * _LOG2E
-        else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = scores_log2(q, k, scale, softcap, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
         allowed = j_ok[None, :] & (j[None, :] <= pos[:, None])
         if HAS_WINDOW:
             allowed = allowed & (j[None, :] > pos[:, None] - sliding_window)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: avoid -inf - -inf
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+        m_new, alpha, p, l_i = softmax_step(tl.where(allowed, s, float("-inf")), m_i, l_i, True)
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + in_blk[:, None] * stride_vs + kv_head * stride_vh
                     + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)

@@ -38,7 +38,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
-from rdnac.kernels.attention import _CACHE_STRIDES, _LOG2E, _MAX, _SUM, _common_args
+from rdnac.kernels.attention import _CACHE_STRIDES, _LOG2E, _MAX, _common_args, scores_log2, softmax_step
 from rdnac.kernels.fp8_quant import GRID, round_to_fp8_grid
 from rdnac.kernels.gemm import split_k_counters
 from rdnac.kernels.launch import Launcher, next_power_of_2
@@ -96,7 +96,6 @@ def _decode_kernel(
     q = tl.load(q_ptr + seq * stride_qt + head[:, None] * HEAD_DIM + d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
 
-    qk_scale = scale * _LOG2E
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.full([BLOCK_G], 0.0, tl.float32)
     acc = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
@@ -112,20 +111,11 @@ def _decode_kernel(
         in_blk = j % KV_BLOCK_SIZE
         k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + in_blk[:, None] * stride_ks + kv_head * stride_kh
                     + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D], coalesced
-        if HAS_SOFTCAP:
-            s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_N]
-            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)) * _LOG2E
-        else:
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
+        s = scores_log2(q, k, scale, softcap, HAS_SOFTCAP)  # [BLOCK_G, BLOCK_N]
         allowed = j_ok
         if HAS_WINDOW:
             allowed = allowed & (j > pos - sliding_window)
-        s = tl.where(allowed[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
+        m_new, alpha, p, l_i = softmax_step(tl.where(allowed[None, :], s, float("-inf")), m_i, l_i, True)
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + in_blk[:, None] * stride_vs + kv_head * stride_vh
                     + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
