@@ -30,7 +30,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
 from rdnac.kernels.activation import ACTIVATIONS, activate, gate_and_up
-from rdnac.kernels.fp8_quant import GRID, round_to_fp8_grid
+from rdnac.kernels.fp8_quant import GRID, fp8_scale, round_to_fp8_grid
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 AOT_DIVISIBLE = {"_gated_act_quant_kernel": ("I", "stride_gate_row", "stride_up_row", "up_col_offset")}
@@ -65,7 +65,7 @@ def _gated_act_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, I, stride_gate_r
     for quant_pass in tl.static_range(num_passes):
         if quant_pass == 1:
             row_amax = tl.reduce(amax, 0, _MAX)
-            scale = tl.where(row_amax > 0, tl.div_rn(row_amax, FP8_MAX), 1.0)  # a zero row: 1, not 0/0
+            scale = fp8_scale(row_amax, FP8_MAX)  # a zero row: 1, not 0/0
             tl.store(scale_ptr + token, scale)
         for start in range(first, last, BLOCK_I):
             offs = start + cols
@@ -80,7 +80,7 @@ def _gated_act_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, I, stride_gate_r
                 offs = tl.reshape(offs, [groups_per_tile, GROUP])
                 in_row = offs < I
                 group_amax = tl.reduce(tl.abs(y), 1, _MAX)  # [groups_per_tile]
-                group_scale = tl.where(group_amax > 0, tl.div_rn(group_amax, FP8_MAX), 1.0)
+                group_scale = fp8_scale(group_amax, FP8_MAX)
                 groups = start // GROUP + tl.arange(0, groups_per_tile)
                 num_groups = (I + GROUP - 1) // GROUP
                 tl.store(scale_ptr + token * num_groups + groups, group_scale, mask=groups < num_groups)
@@ -90,8 +90,7 @@ def _gated_act_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, I, stride_gate_r
             else:
                 v = tl.div_rn(y, scale)
             if quant_pass + 1 == num_passes:
-                v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
-                q = round_to_fp8_grid(v, MIN_NORMAL, SUBNORMAL_ROUNDER)  # see fp8_quant
+                q = round_to_fp8_grid(v, FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER)  # see fp8_quant
                 tl.store(q_ptr + token * I + offs, q.to(q_ptr.dtype.element_ty), mask=in_row)
 
 

@@ -39,7 +39,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
 from rdnac.kernels.attention import _CACHE_STRIDES, _LOG2E, _MAX, _common_args, scores_log2, softmax_step
-from rdnac.kernels.fp8_quant import GRID, round_to_fp8_grid
+from rdnac.kernels.fp8_quant import GRID, fp8_scale, round_to_fp8_grid
 from rdnac.kernels.gemm import split_k_counters
 from rdnac.kernels.launch import Launcher, next_power_of_2
 
@@ -175,9 +175,9 @@ def _decode_kernel(
             # _quant_fp8_kernel's rule on the stored values, op for op, so the bits are the unfused pair's
             yf = y.to(tl.float32)
             amax = tl.reduce(tl.abs(yf), 1, _MAX)  # [BLOCK_G]
-            head_scale = tl.where(amax > 0, tl.div_rn(amax, FP8_MAX), 1.0)
-            v = tl.minimum(tl.maximum(tl.div_rn(yf, head_scale[:, None]), -FP8_MAX), FP8_MAX)
-            q8 = round_to_fp8_grid(v, MIN_NORMAL, SUBNORMAL_ROUNDER)  # see fp8_quant
+            head_scale = fp8_scale(amax, FP8_MAX)
+            v = tl.div_rn(yf, head_scale[:, None])
+            q8 = round_to_fp8_grid(v, FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER)  # see fp8_quant
             tl.store(q8_ptr + seq * num_heads * HEAD_DIM + head[:, None] * HEAD_DIM + d[None, :],
                      q8.to(q8_ptr.dtype.element_ty), mask=hd_ok)
             tl.store(q8_scale_ptr + seq * num_heads + head, head_scale, mask=g_ok)
@@ -222,9 +222,9 @@ def _decode_reduce_kernel(
     if QUANT:  # as in _decode_kernel: one FP8 group per head, _quant_fp8_kernel's rule op for op
         yf = y.to(tl.float32)
         amax = tl.reduce(tl.abs(yf), 0, _MAX)
-        head_scale = tl.where(amax > 0, tl.div_rn(amax, FP8_MAX), 1.0)
-        v = tl.minimum(tl.maximum(tl.div_rn(yf, head_scale), -FP8_MAX), FP8_MAX)
-        q8 = round_to_fp8_grid(v, MIN_NORMAL, SUBNORMAL_ROUNDER)  # see fp8_quant
+        head_scale = fp8_scale(amax, FP8_MAX)
+        v = tl.div_rn(yf, head_scale)
+        q8 = round_to_fp8_grid(v, FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER)  # see fp8_quant
         tl.store(q8_ptr + (seq * tl.num_programs(1) + head) * HEAD_DIM + d, q8.to(q8_ptr.dtype.element_ty), mask=d_ok)
         tl.store(q8_scale_ptr + seq * tl.num_programs(1) + head, head_scale)
     else:

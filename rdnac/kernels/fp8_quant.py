@@ -34,11 +34,19 @@ QUANT_STEP = 1024  # a row is read in tiles of this many elements (2048 spills S
 
 
 @triton.jit
-def round_to_fp8_grid(v, MIN_NORMAL: tl.constexpr, SUBNORMAL_ROUNDER: tl.constexpr):
-    """v (fp32, already clamped to +-FP8_MAX) rounded to the FP8 grid in fp32, ties to even: normals
-    keep 3 mantissa bits (a carry into the exponent is the right result), subnormals snap to the fixed
-    spacing (`GRID`). No -0: its bits are NaN in e4m3fnuz. Every kernel that quantizes to FP8 rounds
-    here, so all of them give `rdnac.ir.fp8.quantize_rows`'s bits."""
+def fp8_scale(amax, FP8_MAX: tl.constexpr):
+    """The scale of a row or group whose largest magnitude is `amax`: amax / FP8_MAX, correctly rounded
+    (NVIDIA's default fp32 `/` is approximate); a zero row or group gets 1, not 0/0."""
+    return tl.where(amax > 0, tl.div_rn(amax, FP8_MAX), 1.0)
+
+
+@triton.jit
+def round_to_fp8_grid(v, FP8_MAX: tl.constexpr, MIN_NORMAL: tl.constexpr, SUBNORMAL_ROUNDER: tl.constexpr):
+    """v (fp32, x / scale) clamped to +-FP8_MAX and rounded to the FP8 grid in fp32, ties to even:
+    normals keep 3 mantissa bits (a carry into the exponent is the right result), subnormals snap to the
+    fixed spacing (`GRID`). No -0: its bits are NaN in e4m3fnuz. Every kernel that quantizes to FP8 ends
+    here (and takes its scales from `fp8_scale`), so all of them give `rdnac.ir.fp8.quantize_rows`'s bits."""
+    v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
     mag = tl.abs(v)
     bits = mag.to(tl.int32, bitcast=True)
     normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
@@ -75,20 +83,20 @@ def _quant_fp8_kernel(x_ptr, in_scale_ptr, q_ptr, scale_ptr, K, stride_xm, strid
             xk = tl.load(x_row + k0 + tile, mask=in_chunk & (k0 + tile < K), other=0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(xk))
         amax_row = tl.reduce(tl.reduce(amax, 1, _MAX), 0, _MAX)
-        scale = tl.where(amax_row > 0, tl.div_rn(amax_row, FP8_MAX), 1.0)  # a zero row: 1, not 0/0
+        scale = fp8_scale(amax_row, FP8_MAX)  # a zero row: 1, not 0/0
         tl.store(scale_ptr + row * stride_sm, scale)
     for k0 in range(0, K, step):
         mask = in_chunk & (k0 + tile < K)
         xk = tl.load(x_row + k0 + tile, mask=mask, other=0).to(tl.float32)  # [GS, B]
         if GROUP > 0 and not IS_STATIC:  # whole groups in this tile: one pass
             amax_group = tl.reduce(tl.abs(xk), 1, _MAX)  # [GS]
-            group_scale = tl.where(amax_group > 0, tl.div_rn(amax_group, FP8_MAX), 1.0)
+            group_scale = fp8_scale(amax_group, FP8_MAX)
             groups = k0 // GROUP + offs_g
             tl.store(scale_ptr + row * stride_sm + groups, group_scale, mask=groups * GROUP < K)
             v = tl.div_rn(xk, group_scale[:, None])
         else:
             v = tl.div_rn(xk, scale)
-        q = round_to_fp8_grid(tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX), MIN_NORMAL, SUBNORMAL_ROUNDER)
+        q = round_to_fp8_grid(v, FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER)
         tl.store(q_row + k0 + tile, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 

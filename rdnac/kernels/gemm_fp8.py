@@ -49,7 +49,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
-from rdnac.kernels.fp8_quant import GRID, quantize_activations, round_to_fp8_grid
+from rdnac.kernels.fp8_quant import GRID, fp8_scale, quantize_activations, round_to_fp8_grid
 from rdnac.kernels.gemm import split_k_counters, splitk_partials, tile_of
 from rdnac.kernels.gemm_fp8_configs import _config, config_space, default_config  # noqa: F401 (the family API)
 from rdnac.kernels.launch import Launcher, cdiv
@@ -171,9 +171,9 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
         elif QUANT_A:  # x's [BM, BLOCK_K == group] tile quantized here, by _quant_fp8_kernel's rule
             xa = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0).to(tl.float32)
             amax = tl.reduce(tl.abs(xa), 1, _MAX)  # [BM]
-            a_scale = tl.where(amax > 0, tl.div_rn(amax, FP8_MAX), 1.0)  # a zero group: 1, not 0/0
-            v = tl.minimum(tl.maximum(tl.div_rn(xa, a_scale[:, None]), -FP8_MAX), FP8_MAX)
-            a = round_to_fp8_grid(v, MIN_NORMAL, SUBNORMAL_ROUNDER).to(w_ptr.dtype.element_ty)  # see fp8_quant
+            a_scale = fp8_scale(amax, FP8_MAX)  # a zero group: 1, not 0/0
+            v = tl.div_rn(xa, a_scale[:, None])
+            a = round_to_fp8_grid(v, FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER).to(w_ptr.dtype.element_ty)  # see fp8_quant
             acc += tl.dot(a, b) * a_scale[:, None] * w_scale[None, :]
         else:
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)

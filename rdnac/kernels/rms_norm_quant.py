@@ -35,7 +35,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
-from rdnac.kernels.fp8_quant import GRID, round_to_fp8_grid
+from rdnac.kernels.fp8_quant import GRID, fp8_scale, round_to_fp8_grid
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 from rdnac.kernels.rms_norm import _warps_for
 
@@ -86,10 +86,10 @@ def _rms_norm_quant_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, re
             w = (1.0 + w).to(act_dtype).to(tl.float32)
         y = (w * y).to(Y_DTYPE).to(tl.float32)
         group_amax = tl.reduce(tl.abs(y), 1, _MAX)  # [CHUNK // GROUP]
-        group_scale = tl.where(group_amax > 0, tl.div_rn(group_amax, FP8_MAX), 1.0)
+        group_scale = fp8_scale(group_amax, FP8_MAX)
         tl.store(scale_ptr + token * num_groups + groups, group_scale, mask=groups < num_groups)
-        v = tl.minimum(tl.maximum(tl.div_rn(y, group_scale[:, None]), -FP8_MAX), FP8_MAX)
-        q = round_to_fp8_grid(v, MIN_NORMAL, SUBNORMAL_ROUNDER)  # see fp8_quant
+        v = tl.div_rn(y, group_scale[:, None])
+        q = round_to_fp8_grid(v, FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER)  # see fp8_quant
         tl.store(q_ptr + token * H + offs, q.to(q_ptr.dtype.element_ty), mask=in_row)
     else:  # program per token: the row in one tile, or looped over in passes
         # pass 1: sum of squares, and the residual sum (stored once)
@@ -119,7 +119,7 @@ def _rms_norm_quant_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, re
         for quant_pass in tl.static_range(num_passes):
             if quant_pass == 1:
                 row_amax = tl.reduce(tl.reduce(amax, 1, _MAX), 0, _MAX)
-                scale = tl.where(row_amax > 0, tl.div_rn(row_amax, FP8_MAX), 1.0)  # a zero row: 1, not 0/0
+                scale = fp8_scale(row_amax, FP8_MAX)  # a zero row: 1, not 0/0
                 tl.store(scale_ptr + token, scale)
             for start in range(0, H, BLOCK_H):
                 offs = start + cols  # [1, BLOCK_H]
@@ -141,7 +141,7 @@ def _rms_norm_quant_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, re
                     offs = tl.reshape(offs, [groups_per_tile, GROUP])
                     in_row = offs < H
                     group_amax = tl.reduce(tl.abs(y), 1, _MAX)  # [groups_per_tile]
-                    group_scale = tl.where(group_amax > 0, tl.div_rn(group_amax, FP8_MAX), 1.0)
+                    group_scale = fp8_scale(group_amax, FP8_MAX)
                     groups = start // GROUP + tl.arange(0, groups_per_tile)
                     tl.store(scale_ptr + token * num_groups + groups, group_scale, mask=groups < num_groups)
                     v = tl.div_rn(y, group_scale[:, None])
@@ -150,12 +150,11 @@ def _rms_norm_quant_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, re
                 else:
                     if num_passes == 1:  # the one tile holds the row
                         row_amax = tl.reduce(tl.reduce(tl.abs(y), 1, _MAX), 0, _MAX)
-                        scale = tl.where(row_amax > 0, tl.div_rn(row_amax, FP8_MAX), 1.0)
+                        scale = fp8_scale(row_amax, FP8_MAX)
                         tl.store(scale_ptr + token, scale)
                     v = tl.div_rn(y, scale)
                 if quant_pass + 1 == num_passes:
-                    v = tl.minimum(tl.maximum(v, -FP8_MAX), FP8_MAX)
-                    q = round_to_fp8_grid(v, MIN_NORMAL, SUBNORMAL_ROUNDER)  # see fp8_quant
+                    q = round_to_fp8_grid(v, FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER)  # see fp8_quant
                     tl.store(q_ptr + token * H + offs, q.to(q_ptr.dtype.element_ty), mask=in_row)
 
 
