@@ -33,6 +33,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
+from rdnac.kernels.rope import config_space as rope_config_space
 from rdnac.kernels.rope import rope_lanes
 
 # model-shape ints (never token counts) that AOT binaries specialize on divisibility by 16, as the JIT does,
@@ -160,13 +161,8 @@ def qk_norm_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     return q_out
 
 
-def config_space(problem: dict) -> list[dict]:
-    """Candidates for {"head_dim", "num_heads", "num_kv_heads"}; any BLOCK_HEADS is correct (masked)."""
-    block_d = next_power_of_2(problem["head_dim"])
-    all_heads = next_power_of_2(problem["num_heads"] + problem["num_kv_heads"])
-    heads = sorted({h for h in (1, 2, 4, 8, 16, 32, 64) if h <= all_heads} | {all_heads})
-    return [{"constexprs": {"BLOCK_HEADS": h}, "num_warps": w, "num_stages": 1}
-            for h in heads for w in (1, 2, 4, 8) if w == 1 or 32 * w * 4 <= h * block_d]
+# The same tiles as rope's (heads of one token, any BLOCK_HEADS is correct: masked); only the default differs.
+config_space = rope_config_space
 
 
 def default_config(problem: dict) -> dict:
