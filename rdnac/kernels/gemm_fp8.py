@@ -60,6 +60,10 @@ AOT_DIVISIBLE = {"_fp8_gemm_kernel": ("N", "K", "stride_am", "stride_wn", "strid
                  "_fp8_splitk_reduce_kernel": ("N",)}
 
 REDUCE_BLOCK = 1024
+# Tiles up to this many rows load each K step's block scales one step ahead (SCALES_AHEAD). A decode
+# step waits on those L2 round trips; a prefill tile's dot hides them, and its two extra loop-carried
+# scale vectors spill the 128x128x64 tile on gfx1201. A config's "SCALES_AHEAD" overrides (A/B runs).
+SCALES_AHEAD_MAX_M = 64
 _MAX = tl.standard._elementwise_max  # tl.max is a jit function: the interpreter path cannot call it
 
 
@@ -137,7 +141,7 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
                            GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr,
                            QUANT_A: tl.constexpr = False, FP8_MAX: tl.constexpr = 0.0,
                            MIN_NORMAL: tl.constexpr = 0.0, SUBNORMAL_ROUNDER: tl.constexpr = 0.0,
-                           PDL: tl.constexpr = False):
+                           PDL: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = True):
     if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
         gdc_wait()
     # a: [M, K] fp8 (x if IS_A16 or QUANT_A), a_scale[m * stride_asm + kb * stride_ask]; w: [N, K] fp8,
@@ -158,12 +162,32 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
     b_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + (k_begin + offs_k)[:, None]  # [BK, BN]
     a_scale_rows = a_scale_ptr + offs_m * stride_asm  # [BM]
     w_scale_cols = w_scale_ptr + (offs_n // SCALE_BLOCK_N) * stride_wsn  # [BN]
+    # SCALES_AHEAD: each step's scales are loaded one step ahead. Triton's pipeliner stages only the
+    # operand tiles of the dot; a scale load in the step it is used in stalls every step for an L2 round
+    # trip (the sm90 TTGIR shows them as plain tt.loads in the loop). Same values, same bits.
+    if SCALES_AHEAD:
+        kb_first = tl.minimum(k_begin, k_end - 1) // SCALE_BLOCK_K  # in bounds for an empty split too
+        w_scale_next = tl.load(w_scale_cols + kb_first * stride_wsk, mask=mask_n, other=0.0)  # [BN]
+        if not (IS_A16 or QUANT_A):
+            a_scale_next = tl.load(a_scale_rows + kb_first * stride_ask, mask=mask_m, other=0.0)  # [BM]
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_left = k_end - k0
         kb = k0 // SCALE_BLOCK_K
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        w_scale = tl.load(w_scale_cols + kb * stride_wsk, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
+        if SCALES_AHEAD:
+            w_scale = w_scale_next.to(tl.float32)
+            if not (IS_A16 or QUANT_A):
+                a_scale = a_scale_next.to(tl.float32)
+            # the next step's block (the last step reloads its own: no read past the scales)
+            kb_next = tl.minimum(k0 + BLOCK_K, k_end - 1) // SCALE_BLOCK_K
+            w_scale_next = tl.load(w_scale_cols + kb_next * stride_wsk, mask=mask_n, other=0.0)
+            if not (IS_A16 or QUANT_A):
+                a_scale_next = tl.load(a_scale_rows + kb_next * stride_ask, mask=mask_m, other=0.0)
+        else:
+            w_scale = tl.load(w_scale_cols + kb * stride_wsk, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
+            if not (IS_A16 or QUANT_A):
+                a_scale = tl.load(a_scale_rows + kb * stride_ask, mask=mask_m, other=0.0).to(tl.float32)  # [BM]
         if IS_A16:
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0)
             partial = tl.dot(a, b.to(a.dtype), input_precision="ieee")  # [BM, BN] fp32
@@ -177,7 +201,6 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
             acc += tl.dot(a, b) * a_scale[:, None] * w_scale[None, :]
         else:
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            a_scale = tl.load(a_scale_rows + kb * stride_ask, mask=mask_m, other=0.0).to(tl.float32)  # [BM]
             acc += tl.dot(a, b) * a_scale[:, None] * w_scale[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
@@ -307,6 +330,7 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                         (a, a_scale, weight, weight_scale, bias_arg, target, out, counters, M, N, K, a.stride(0),
                          weight.stride(0), stride_target, stride_asm, stride_ask, stride_wsn, stride_wsk, k_per_split),
                         constexprs=dict(flags, SCALE_BLOCK_N=scale_bn, SCALE_BLOCK_K=scale_bk,
+                                        SCALES_AHEAD=bool(c.get("SCALES_AHEAD", block_m <= SCALES_AHEAD_MAX_M)),
                                         **_quant_a_constexprs(quant_a, fp8_format)), **launch)
         has_a_scale = has_w_scale = False
     else:
