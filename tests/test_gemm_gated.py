@@ -22,8 +22,9 @@ from rdnac.ir import interpreter, ops
 from rdnac.ir.graph import Graph, Node, TensorSpec, WeightSpec
 from rdnac.ir.verify import verify
 from rdnac.kernels import activation, gemm, gemm_gated
-from rdnac.kernels.launch import InterpretLauncher, JitLauncher, RecordingLauncher
+from rdnac.kernels.launch import InterpretLauncher, RecordingLauncher
 from rdnac.targets import get_target
+from tests.support.aot import aot_launcher
 from tests.support.checkpoints import make_checkpoint, reference_greedy, reference_logits
 
 INTERPRET = InterpretLauncher()
@@ -491,16 +492,23 @@ def test_a_measured_wide_config_is_selected_and_carried_to_other_shapes(tmp_path
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/HIP GPU")
-def test_fused_kernel_gpu_is_the_unfused_pair_bit_for_bit():
+def test_fused_kernel_gpu_is_the_unfused_pair_bit_for_bit(tmp_path):
     """Every config of the space at decode, middle and prefill sizes, Qwen3-8B's MLP and an irregular one:
-    the unfused pair's bytes (same tile, same K order, same epilogue arithmetic)."""
-    launcher = JitLauncher()
-    for I, K in ((12288, 4096), (1823, 781)):
-        for M in (1, 33, 300):
-            problem = {"M": gemm.m_bucket(M), "N": I, "K": K, "dtype": "bfloat16", "act": "silu"}
-            for config in gemm_gated.config_space(problem):
-                for act in ACTS:
-                    _check(M, I, K, torch.bfloat16, M == 33, act, config, launcher, device="cuda")
+    the unfused pair's bytes (same tile, same K order, same epilogue arithmetic). Built ahead of time by
+    parallel workers (`tests.support.aot`), for what `_check` launches: the fused kernel and the pair."""
+    cases = [(M, I, K, torch.bfloat16, M == 33, act, config)
+             for I, K in ((12288, 4096), (1823, 781)) for M in (1, 33, 300)
+             for config in gemm_gated.config_space({"M": gemm.m_bucket(M), "N": I, "K": K, "dtype": "bfloat16",
+                                                    "act": "silu"})
+             for act in ACTS]
+    recorder = RecordingLauncher()
+    for M, I, K, dtype, has_bias, act, config in cases:
+        x, w, bias = _operands(M, I, K, dtype, has_bias, "meta")
+        gemm_gated.linear_gated_act(x, w, bias, act=act, config=config, launcher=recorder)
+        _unfused(x, w, bias, act, config, recorder)
+    launcher = aot_launcher(recorder.calls, tmp_path)
+    for case in cases:
+        _check(*case, launcher, device="cuda")
 
 
 @pytest.mark.gpu
@@ -511,9 +519,7 @@ def test_wide_kernel_gpu_is_the_unfused_pair_bit_for_bit(tmp_path):
     config for every activation, then every WIDE candidate `rdnac tune` measures (silu), at Qwen3-8B's MLP
     and an irregular shape. The kernels are built as plans build them (recorded over meta tensors, compiled
     ahead of time by parallel workers), not one JIT compile after another, which outlasted a device call."""
-    from rdnac.compiler.build import compile_calls
     from rdnac.compiler.tune import candidates
-    from rdnac.runtime.aot import AotLauncher, device_arch
 
     cases = []  # (M, I, K, has_bias, act, config)
     chosen = {2048: [_wide(128, 256, 64, 8, num_warps=8, num_stages=3),
@@ -537,8 +543,6 @@ def test_wide_kernel_gpu_is_the_unfused_pair_bit_for_bit(tmp_path):
     recorder = RecordingLauncher()
     for M, I, K, has_bias, act, config in cases:
         _wide_and_pair(*_operands(M, I, K, torch.bfloat16, has_bias, "meta"), act, config, recorder)
-    arch, _ = device_arch(0)
-    binaries = compile_calls(recorder.calls, arch, quiet=True, cache_dir=tmp_path)
-    launcher = AotLauncher([b.to_dict() for b in binaries], "cuda")
+    launcher = aot_launcher(recorder.calls, tmp_path)
     for M, I, K, has_bias, act, config in cases:
         _check_wide(M, I, K, torch.bfloat16, has_bias, act, config, launcher, device="cuda", exact=True)
