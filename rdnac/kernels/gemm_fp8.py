@@ -18,6 +18,8 @@ Kernels, one job each:
                            scale block's K (block_size[1], 128 in every FP8 checkpoint seen); the
                            column scale is gathered per column, so any BLOCK_N is correct, and the
                            config space offers only BLOCK_N dividing block_size[0] (one scale per tile).
+                           Decode tiles (BLOCK_M <= SCALES_AHEAD_MAX_M) load each step's scales one step
+                           ahead (SCALES_AHEAD): Triton pipelines only the dot's operand tiles.
                            With QUANT_A (act_scheme "dynamic_group", BLOCK_K == the group; a measured
                            choice only, offered by `rdnac tune` at decode sizes) it reads x itself and
                            quantizes each [BLOCK_M, group] tile with `_quant_fp8_kernel`'s rule, the
