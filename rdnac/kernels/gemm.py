@@ -90,6 +90,16 @@ def tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SIZE_
 
 
 @triton.jit
+def sum_splits(ws_ptr, offs, mask, MN, SPLIT_K: tl.constexpr, CACHE: tl.constexpr = ""):
+    """The fp32 sum of the SPLIT_K partials at ws_ptr + s * MN + offs, added in split order (fixed, so
+    bitwise reproducible, and the same bits in the reduce kernels and the last split of SELF_REDUCE)."""
+    total = tl.full(offs.shape, 0.0, tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        total += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0, cache_modifier=CACHE)
+    return total
+
+
+@triton.jit
 def splitk_partials(ws_ptr, counter_ptr, pid, pid_k, acc, offs, mask, MN,
                     SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr):
     """Store split pid_k's fp32 partial `acc` of tile `pid` at ws_ptr + pid_k * MN + offs (the
@@ -105,9 +115,8 @@ def splitk_partials(ws_ptr, counter_ptr, pid, pid_k, acc, offs, mask, MN,
         tl.debug_barrier()  # every thread's partial is stored before the release below
         arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
         is_last = arrived == SPLIT_K - 1
-        if is_last:
-            for s in tl.static_range(SPLIT_K):  # .cg: read through L2, never a stale L1 line of this SM
-                total += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0, cache_modifier=".cg")
+        if is_last:  # .cg: read through L2, never a stale L1 line of this SM
+            total = sum_splits(ws_ptr, offs, mask, MN, SPLIT_K, ".cg")
             tl.store(counter_ptr + pid, 0)
     return is_last, total
 
@@ -235,9 +244,7 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, softcap,
     # ws: [SPLIT_K, M, N] fp32 partials -> out: [M, N] (contiguous)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat [M*N] index
     mask = offs < M * N
-    acc = tl.full((BLOCK,), 0.0, tl.float32)
-    for s in tl.static_range(SPLIT_K):  # fixed order: bitwise reproducible
-        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
+    acc = sum_splits(ws_ptr, offs, mask, M * N, SPLIT_K)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:

@@ -52,7 +52,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
 from rdnac.kernels.fp8_quant import GRID, fp8_scale, quantize_activations, round_to_fp8_grid
-from rdnac.kernels.gemm import split_k_counters, splitk_partials, tile_of
+from rdnac.kernels.gemm import split_k_counters, splitk_partials, sum_splits, tile_of
 from rdnac.kernels.gemm_fp8_configs import _config, config_space, default_config  # noqa: F401 (the family API)
 from rdnac.kernels.launch import Launcher, cdiv
 
@@ -234,9 +234,7 @@ def _fp8_splitk_reduce_kernel(ws_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_pt
     # ws: [SPLIT_K, M, N] fp32 partials -> out: [M, N] (contiguous)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat [M*N] index
     mask = offs < M * N
-    acc = tl.full((BLOCK,), 0.0, tl.float32)
-    for s in tl.static_range(SPLIT_K):  # fixed order: bitwise reproducible
-        acc += tl.load(ws_ptr + s * M * N + offs, mask=mask, other=0.0)
+    acc = sum_splits(ws_ptr, offs, mask, M * N, SPLIT_K)
     if HAS_A_SCALE:
         acc *= tl.load(a_scale_ptr + (offs // N) * stride_as, mask=mask, other=1.0).to(tl.float32)
     if HAS_W_SCALE:
