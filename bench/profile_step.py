@@ -142,8 +142,8 @@ def graph_timeline(engine, context: int, batch: int = 1, replays: int = 3) -> tu
     """Each kernel of a captured decode graph's replay (`batch` sequences at `context`), as it ran with
     PDL: its duration, how far it started before the previous kernel ended ("early_us", > 0 when it was
     launched early and waited), and how far it moved the step's end ("advance_us" = its end minus the
-    previous kernel's end). The advances sum to the replay's span from the first kernel's end, so they
-    say where the step's time goes when kernels overlap, which the eager breakdown cannot."""
+    previous kernel's end). The advances sum to the replay's span (the first kernel's start to the last
+    end), so they say where the step's time goes when kernels overlap, which the eager breakdown cannot."""
     if engine._graphs is None or engine._graphs.bucket_for(batch) is None:
         raise RuntimeError(f"graph_timeline: the engine has no captured decode graph for batch {batch}")
     entries = _entries(engine, context, 0, batch)
@@ -152,22 +152,30 @@ def graph_timeline(engine, context: int, batch: int = 1, replays: int = 3) -> tu
         engine.execute(entries)
     torch.cuda.synchronize()
     kernels = _profiled_kernels(lambda: engine.execute(entries))
-    matched = _match(sequence, kernels)
+    timed = [(node, name, event.time_range.start, event.time_range.end)
+             for node, name, event in _match(sequence, kernels)]
+    rows, by_op = timeline_rows(timed)
+    for entry in entries:
+        engine._cache.allocator.free(entry.block_table)
+    span = max(end for *_, end in timed) - timed[0][2]
+    return rows, {"batch": batch, "span_us": round(span, 1), "launches": len(rows), "by_op": by_op}
+
+
+def timeline_rows(kernels: list[tuple]) -> tuple[list[dict], dict]:
+    """Per kernel (node, kernel name, start us, end us), in launch order: its row (duration, early start,
+    advance) and the per-op sums. A kernel's advance is how far its end passes the latest end before it
+    (0 if it does not), so the advances sum to the last end minus the first start, however kernels overlap."""
     rows, by_op = [], {}
-    prev_end = matched[0][2].time_range.start
-    for node, name, event in matched:
-        start, end = event.time_range.start, event.time_range.end
-        row = {"node": node.name, "op": node.op, "kernel": name, "dur_us": round(end - start, 2),
-               "early_us": round(prev_end - start, 2), "advance_us": round(end - prev_end, 2)}
-        rows.append(row)
+    prev_end = kernels[0][2]
+    for node, name, start, end in kernels:
+        advance = max(end - prev_end, 0.0)  # a kernel ending inside an earlier one adds nothing
+        rows.append({"node": node.name, "op": node.op, "kernel": name, "dur_us": round(end - start, 2),
+                     "early_us": round(prev_end - start, 2), "advance_us": round(advance, 2)})
         agg = by_op.setdefault(node.op, {"advance_us": 0.0, "dur_us": 0.0, "launches": 0})
-        agg["advance_us"] += end - prev_end
+        agg["advance_us"] += advance
         agg["dur_us"] += end - start
         agg["launches"] += 1
         prev_end = max(prev_end, end)
     for agg in by_op.values():
         agg["advance_us"], agg["dur_us"] = round(agg["advance_us"], 1), round(agg["dur_us"], 1)
-    for entry in entries:
-        engine._cache.allocator.free(entry.block_table)
-    span = matched[-1][2].time_range.end - matched[0][2].time_range.start
-    return rows, {"batch": batch, "span_us": round(span, 1), "launches": len(matched), "by_op": by_op}
+    return rows, by_op

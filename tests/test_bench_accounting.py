@@ -85,3 +85,21 @@ def test_random_checkpoints_are_reused_only_when_written_the_same_way(tmp_path):
     (tmp_path / "tiny-fp8-block.stamp.json").unlink()  # a write cut short leaves no stamp: rewritten
     _, write_s = harness.random_checkpoint(tmp_path, "tiny", "fp8-block", other)
     assert write_s is not None
+
+
+def test_timeline_advances_sum_to_the_span_however_kernels_overlap():
+    """bench/profile_step.timeline_rows: a kernel started early under PDL (before the previous one ended)
+    shows it in early_us, and each kernel's advance is what it added to the step's end."""
+    import profile_step
+    from rdnac.ir.graph import Node
+
+    a, b, c = (Node(name, op, [], [name]) for name, op in (("n", "rms_norm"), ("q", "linear"), ("o", "linear")))
+    # n runs 0-2; q starts early at 1, waits, ends at 12; o starts early at 11 and ends (11.5) inside q
+    kernels = [(a, "_norm", 0.0, 2.0), (b, "_gemm", 1.0, 12.0), (c, "_gemm", 11.0, 11.5)]
+    rows, by_op = profile_step.timeline_rows(kernels)
+    assert [r["early_us"] for r in rows] == [0.0, 1.0, 1.0]
+    assert [r["advance_us"] for r in rows] == [2.0, 10.0, 0.0]  # o added nothing to the step's end
+    assert [r["dur_us"] for r in rows] == [2.0, 11.0, 0.5]
+    assert sum(r["advance_us"] for r in rows) == pytest.approx(12.0)  # the span: 0 to the last end
+    assert by_op == {"rms_norm": {"advance_us": 2.0, "dur_us": 2.0, "launches": 1},
+                     "linear": {"advance_us": 10.0, "dur_us": 11.5, "launches": 2}}
