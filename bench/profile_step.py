@@ -141,8 +141,8 @@ def kernel_breakdown(engine, context: int, copy_gbps: float, prefill: int = 0,
 def graph_timeline(engine, context: int, batch: int = 1, replays: int = 3) -> tuple[list[dict], dict]:
     """Each kernel of a captured decode graph's replay (`batch` sequences at `context`), as it ran with
     PDL: its duration, how far it started before the previous kernel ended ("early_us", > 0 when it was
-    launched early and waited), and how far it moved the step's end ("advance_us" = its end minus the
-    previous kernel's end). The advances sum to the replay's span (the first kernel's start to the last
+    launched early and waited), and how far it moved the step's end ("advance_us": how far its end
+    passes the latest end before it, see `timeline_rows`). The advances sum to the replay's span (the first kernel's start to the last
     end), so they say where the step's time goes when kernels overlap, which the eager breakdown cannot."""
     if engine._graphs is None or engine._graphs.bucket_for(batch) is None:
         raise RuntimeError(f"graph_timeline: the engine has no captured decode graph for batch {batch}")

@@ -146,11 +146,9 @@ def test_pdl_chain_is_bit_identical_to_plain_launches_in_a_replayed_graph(tmp_pa
     """Programmatic dependent launch lets each kernel start before its predecessor ends; its
     griddepcontrol.wait must still order every read after the previous kernel's writes. A chain of
     dependent kernels launched with PDL gives the same bits as the same chain without it."""
-    from rdnac.compiler.build import compile_calls
     from rdnac.kernels.launch import RecordingLauncher
-    from rdnac.runtime.aot import AotLauncher, device_arch
+    from tests.support.aot import aot_launcher
 
-    arch, _ = device_arch(0)
     H = 2048
     g = torch.Generator(device="cuda").manual_seed(3)
     norm_w = torch.rand(H, device="cuda", generator=g).bfloat16() + 0.5
@@ -161,8 +159,7 @@ def test_pdl_chain_is_bit_identical_to_plain_launches_in_a_replayed_graph(tmp_pa
         _chain(torch.empty(4, H, dtype=torch.bfloat16, device="meta"), norm_w.to("meta"),
                [w.to("meta") for w in weights], launcher=rec)
         assert all(c.constexprs.get("PDL") is pdl for c in rec.calls)
-        bins = [b.to_dict() for b in compile_calls(rec.calls, arch, quiet=True, cache_dir=tmp_path / str(pdl))]
-        launchers[pdl] = AotLauncher(bins, "cuda", pdl=pdl)
+        launchers[pdl] = aot_launcher(rec.calls, tmp_path / str(pdl), pdl=pdl)
     x = torch.randn(4, H, device="cuda", generator=g).bfloat16()  # [M, H]
     outs, graphs = {}, {}
     for pdl, launcher in launchers.items():

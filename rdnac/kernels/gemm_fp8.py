@@ -134,6 +134,20 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, 
 
 
 @triton.jit
+def _block_scales(w_scale_cols, a_scale_rows, k, stride_wsk, stride_ask, mask_n, mask_m,
+                  SCALE_BLOCK_K: tl.constexpr, HAS_A_SCALES: tl.constexpr):
+    """The fp32 scales of the K block holding column k: the weight's [BN] and, HAS_A_SCALES, x's [BM]
+    (else ones: a16 and QUANT_A tiles carry none)."""
+    kb = k // SCALE_BLOCK_K
+    w_scale = tl.load(w_scale_cols + kb * stride_wsk, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_A_SCALES:
+        a_scale = tl.load(a_scale_rows + kb * stride_ask, mask=mask_m, other=0.0).to(tl.float32)
+    else:
+        a_scale = tl.full(mask_m.shape, 1.0, tl.float32)
+    return w_scale, a_scale
+
+
+@triton.jit
 def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, final_ptr, counter_ptr,
                            M, N, K, stride_am, stride_wn, stride_om, stride_asm, stride_ask,
                            stride_wsn, stride_wsk, k_per_split,
@@ -164,32 +178,26 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
     b_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + (k_begin + offs_k)[:, None]  # [BK, BN]
     a_scale_rows = a_scale_ptr + offs_m * stride_asm  # [BM]
     w_scale_cols = w_scale_ptr + (offs_n // SCALE_BLOCK_N) * stride_wsn  # [BN]
+    HAS_A_SCALES: tl.constexpr = not (IS_A16 or QUANT_A)  # else x carries no scales to load
     # SCALES_AHEAD: each step's scales are loaded one step ahead. Triton's pipeliner stages only the
     # operand tiles of the dot; a scale load in the step it is used in stalls every step for an L2 round
     # trip (the sm90 TTGIR shows them as plain tt.loads in the loop). Same values, same bits.
-    if SCALES_AHEAD:
-        kb_first = tl.minimum(k_begin, k_end - 1) // SCALE_BLOCK_K  # in bounds for an empty split too
-        w_scale_next = tl.load(w_scale_cols + kb_first * stride_wsk, mask=mask_n, other=0.0)  # [BN]
-        if not (IS_A16 or QUANT_A):
-            a_scale_next = tl.load(a_scale_rows + kb_first * stride_ask, mask=mask_m, other=0.0)  # [BM]
+    if SCALES_AHEAD:  # the first step's block, in bounds for an empty split too
+        w_scale_next, a_scale_next = _block_scales(w_scale_cols, a_scale_rows, tl.minimum(k_begin, k_end - 1),
+                                                   stride_wsk, stride_ask, mask_n, mask_m, SCALE_BLOCK_K,
+                                                   HAS_A_SCALES)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_left = k_end - k0
-        kb = k0 // SCALE_BLOCK_K
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        if SCALES_AHEAD:
-            w_scale = w_scale_next.to(tl.float32)
-            if not (IS_A16 or QUANT_A):
-                a_scale = a_scale_next.to(tl.float32)
-            # the next step's block (the last step reloads its own: no read past the scales)
-            kb_next = tl.minimum(k0 + BLOCK_K, k_end - 1) // SCALE_BLOCK_K
-            w_scale_next = tl.load(w_scale_cols + kb_next * stride_wsk, mask=mask_n, other=0.0)
-            if not (IS_A16 or QUANT_A):
-                a_scale_next = tl.load(a_scale_rows + kb_next * stride_ask, mask=mask_m, other=0.0)
+        if SCALES_AHEAD:  # the next step's block (the last step reloads its own: no read past the scales)
+            w_scale, a_scale = w_scale_next, a_scale_next
+            w_scale_next, a_scale_next = _block_scales(w_scale_cols, a_scale_rows, tl.minimum(k0 + BLOCK_K, k_end - 1),
+                                                       stride_wsk, stride_ask, mask_n, mask_m, SCALE_BLOCK_K,
+                                                       HAS_A_SCALES)
         else:
-            w_scale = tl.load(w_scale_cols + kb * stride_wsk, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
-            if not (IS_A16 or QUANT_A):
-                a_scale = tl.load(a_scale_rows + kb * stride_ask, mask=mask_m, other=0.0).to(tl.float32)  # [BM]
+            w_scale, a_scale = _block_scales(w_scale_cols, a_scale_rows, k0, stride_wsk, stride_ask, mask_n, mask_m,
+                                             SCALE_BLOCK_K, HAS_A_SCALES)
         if IS_A16:
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0)
             partial = tl.dot(a, b.to(a.dtype), input_precision="ieee")  # [BM, BN] fp32
