@@ -241,7 +241,8 @@ def measure_rdnac(shape: str, scheme: str, work: Path, args) -> None:
 
         for record in measure_transformers(ckpt, args.batch, args.peer_compile_batch, args.prefill, CONTEXT, bw):
             emit({"shape": shape, "scheme": scheme, **record})
-    shutil.rmtree(ckpt)  # 8B checkpoints and plans are 8-16 GB each; the disk holds 64 GB
+    if not args.checkpoints:  # 8B checkpoints and plans are 8-16 GB each; the disk holds 64 GB
+        shutil.rmtree(ckpt)
     for path in work.glob(f"{shape}-{scheme}.sm90.*"):
         path.unlink()
 

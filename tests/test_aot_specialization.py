@@ -57,6 +57,21 @@ def test_declared_names_are_parameters():
         assert not extra, f"{module.__name__}.{name} declares unknown args {sorted(extra)}"
 
 
+def test_jit_helpers_take_no_string_defaults():
+    """A jit helper called without a string constexpr it defaults builds under Triton 3.9 but not 3.6
+    (the GPU machine's): the default reaches `tl.load(cache_modifier=...)` as a plain str. The split-K
+    reduce kernels failed so on the H100 in session 14 ("'str' object has no attribute 'type'"). Kernels
+    (`*_kernel`) are safe: a KernelCall passes every constexpr."""
+    import inspect
+
+    found = [f"{module.__name__}.{name}({p.name}={p.default!r})"
+             for module, name, fn in _library_kernels() if not name.endswith("_kernel")
+             for p in inspect.signature(fn.fn).parameters.values() if isinstance(p.default, str)]
+    helpers = [name for _, name, _ in _library_kernels() if not name.endswith("_kernel")]
+    assert "sum_splits" in helpers and "splitk_partials" in helpers  # the scan sees the helpers
+    assert not found, "pass these explicitly instead of defaulting: " + ", ".join(found)
+
+
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
 def test_attention_specializations_carry_their_strides(phase):
     """Qwen3-8B widths (32/8 heads x 128, q a slice of the merged qkv): the recorded call assumes

@@ -90,9 +90,11 @@ def tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SIZE_
 
 
 @triton.jit
-def sum_splits(ws_ptr, offs, mask, MN, SPLIT_K: tl.constexpr, CACHE: tl.constexpr = ""):
+def sum_splits(ws_ptr, offs, mask, MN, SPLIT_K: tl.constexpr, CACHE: tl.constexpr):
     """The fp32 sum of the SPLIT_K partials at ws_ptr + s * MN + offs, added in split order (fixed, so
-    bitwise reproducible, and the same bits in the reduce kernels and the last split of SELF_REDUCE)."""
+    bitwise reproducible, and the same bits in the reduce kernels and the last split of SELF_REDUCE).
+    CACHE is the loads' cache modifier, always passed: Triton 3.6 does not make a jit function's string
+    default a constexpr, and the load then fails to build."""
     total = tl.full(offs.shape, 0.0, tl.float32)
     for s in tl.static_range(SPLIT_K):
         total += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0, cache_modifier=CACHE)
@@ -244,7 +246,7 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, softcap,
     # ws: [SPLIT_K, M, N] fp32 partials -> out: [M, N] (contiguous)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat [M*N] index
     mask = offs < M * N
-    acc = sum_splits(ws_ptr, offs, mask, M * N, SPLIT_K)
+    acc = sum_splits(ws_ptr, offs, mask, M * N, SPLIT_K, "")
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:

@@ -18,8 +18,6 @@ Kernels, one job each:
                            scale block's K (block_size[1], 128 in every FP8 checkpoint seen); the
                            column scale is gathered per column, so any BLOCK_N is correct, and the
                            config space offers only BLOCK_N dividing block_size[0] (one scale per tile).
-                           Decode tiles (BLOCK_M <= SCALES_AHEAD_MAX_M) load each step's scales one step
-                           ahead (SCALES_AHEAD): Triton pipelines only the dot's operand tiles.
                            With QUANT_A (act_scheme "dynamic_group", BLOCK_K == the group; a measured
                            choice only, offered by `rdnac tune` at decode sizes) it reads x itself and
                            quantizes each [BLOCK_M, group] tile with `_quant_fp8_kernel`'s rule, the
@@ -62,10 +60,6 @@ AOT_DIVISIBLE = {"_fp8_gemm_kernel": ("N", "K", "stride_am", "stride_wn", "strid
                  "_fp8_splitk_reduce_kernel": ("N",)}
 
 REDUCE_BLOCK = 1024
-# Tiles up to this many rows load each K step's block scales one step ahead (SCALES_AHEAD). A decode
-# step waits on those L2 round trips; a prefill tile's dot hides them, and its two extra loop-carried
-# scale vectors spill the 128x128x64 tile on gfx1201. A config's "SCALES_AHEAD" overrides (A/B runs).
-SCALES_AHEAD_MAX_M = 64
 _MAX = tl.standard._elementwise_max  # tl.max is a jit function: the interpreter path cannot call it
 
 
@@ -157,7 +151,7 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
                            GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr,
                            QUANT_A: tl.constexpr = False, FP8_MAX: tl.constexpr = 0.0,
                            MIN_NORMAL: tl.constexpr = 0.0, SUBNORMAL_ROUNDER: tl.constexpr = 0.0,
-                           PDL: tl.constexpr = False, SCALES_AHEAD: tl.constexpr = True):
+                           PDL: tl.constexpr = False):
     if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
         gdc_wait()
     # a: [M, K] fp8 (x if IS_A16 or QUANT_A), a_scale[m * stride_asm + kb * stride_ask]; w: [N, K] fp8,
@@ -179,25 +173,14 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
     a_scale_rows = a_scale_ptr + offs_m * stride_asm  # [BM]
     w_scale_cols = w_scale_ptr + (offs_n // SCALE_BLOCK_N) * stride_wsn  # [BN]
     HAS_A_SCALES: tl.constexpr = not (IS_A16 or QUANT_A)  # else x carries no scales to load
-    # SCALES_AHEAD: each step's scales are loaded one step ahead. Triton's pipeliner stages only the
-    # operand tiles of the dot; a scale load in the step it is used in stalls every step for an L2 round
-    # trip (the sm90 TTGIR shows them as plain tt.loads in the loop). Same values, same bits.
-    if SCALES_AHEAD:  # the first step's block, in bounds for an empty split too
-        w_scale_next, a_scale_next = _block_scales(w_scale_cols, a_scale_rows, tl.minimum(k_begin, k_end - 1),
-                                                   stride_wsk, stride_ask, mask_n, mask_m, SCALE_BLOCK_K,
-                                                   HAS_A_SCALES)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_left = k_end - k0
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        if SCALES_AHEAD:  # the next step's block (the last step reloads its own: no read past the scales)
-            w_scale, a_scale = w_scale_next, a_scale_next
-            w_scale_next, a_scale_next = _block_scales(w_scale_cols, a_scale_rows, tl.minimum(k0 + BLOCK_K, k_end - 1),
-                                                       stride_wsk, stride_ask, mask_n, mask_m, SCALE_BLOCK_K,
-                                                       HAS_A_SCALES)
-        else:
-            w_scale, a_scale = _block_scales(w_scale_cols, a_scale_rows, k0, stride_wsk, stride_ask, mask_n, mask_m,
-                                             SCALE_BLOCK_K, HAS_A_SCALES)
+        # The scales load in the step that uses them. Loading them one step ahead (session 13, sm90) gave
+        # the same bits and no gain: b1 decode linears +1% in sum, b16 equal (BENCHMARKS.md, session 14).
+        w_scale, a_scale = _block_scales(w_scale_cols, a_scale_rows, k0, stride_wsk, stride_ask, mask_n, mask_m,
+                                         SCALE_BLOCK_K, HAS_A_SCALES)
         if IS_A16:
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0)
             partial = tl.dot(a, b.to(a.dtype), input_precision="ieee")  # [BM, BN] fp32
@@ -242,7 +225,7 @@ def _fp8_splitk_reduce_kernel(ws_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, out_pt
     # ws: [SPLIT_K, M, N] fp32 partials -> out: [M, N] (contiguous)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # flat [M*N] index
     mask = offs < M * N
-    acc = sum_splits(ws_ptr, offs, mask, M * N, SPLIT_K)
+    acc = sum_splits(ws_ptr, offs, mask, M * N, SPLIT_K, "")
     if HAS_A_SCALE:
         acc *= tl.load(a_scale_ptr + (offs // N) * stride_as, mask=mask, other=1.0).to(tl.float32)
     if HAS_W_SCALE:
@@ -338,7 +321,6 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                         (a, a_scale, weight, weight_scale, bias_arg, target, out, counters, M, N, K, a.stride(0),
                          weight.stride(0), stride_target, stride_asm, stride_ask, stride_wsn, stride_wsk, k_per_split),
                         constexprs=dict(flags, SCALE_BLOCK_N=scale_bn, SCALE_BLOCK_K=scale_bk,
-                                        SCALES_AHEAD=bool(c.get("SCALES_AHEAD", block_m <= SCALES_AHEAD_MAX_M)),
                                         **_quant_a_constexprs(quant_a, fp8_format)), **launch)
         has_a_scale = has_w_scale = False
     else:
