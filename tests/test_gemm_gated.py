@@ -10,6 +10,7 @@ compiled for sm90 with the fused kernels within the target's resources.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -46,6 +47,17 @@ CONFIGS = [_cfg(16, 32, 64, 1), _cfg(16, 16, 128, 1), _cfg(64, 32, 32, 8, 8), _c
 
 
 def _operands(M, I, K, dtype, has_bias, device="cpu", seed=0):
+    """x [M, K], w [2I, K] (gate rows, then up rows) and bias [2I]; kernels only read them. On "meta" (a
+    recording) shapes only; real ones are generated once per shape: the GPU sweeps check a dozen configs
+    per shape, and drawing Qwen3-8B's 100M-element MLP weight on the CPU per case outlasted a device call."""
+    if device == "meta":
+        return (torch.empty(M, K, dtype=dtype, device="meta"), torch.empty(2 * I, K, dtype=dtype, device="meta"),
+                torch.empty(2 * I, dtype=dtype, device="meta") if has_bias else None)
+    return _random_operands(M, I, K, dtype, has_bias, device, seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _random_operands(M, I, K, dtype, has_bias, device, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g)  # [M, K]
     w = torch.randn(2 * I, K, generator=g) / math.sqrt(K)  # [2I, K]: gate rows, then up rows
