@@ -128,20 +128,6 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, 
 
 
 @triton.jit
-def _block_scales(w_scale_cols, a_scale_rows, k, stride_wsk, stride_ask, mask_n, mask_m,
-                  SCALE_BLOCK_K: tl.constexpr, HAS_A_SCALES: tl.constexpr):
-    """The fp32 scales of the K block holding column k: the weight's [BN] and, HAS_A_SCALES, x's [BM]
-    (else ones: a16 and QUANT_A tiles carry none)."""
-    kb = k // SCALE_BLOCK_K
-    w_scale = tl.load(w_scale_cols + kb * stride_wsk, mask=mask_n, other=0.0).to(tl.float32)
-    if HAS_A_SCALES:
-        a_scale = tl.load(a_scale_rows + kb * stride_ask, mask=mask_m, other=0.0).to(tl.float32)
-    else:
-        a_scale = tl.full(mask_m.shape, 1.0, tl.float32)
-    return w_scale, a_scale
-
-
-@triton.jit
 def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, final_ptr, counter_ptr,
                            M, N, K, stride_am, stride_wn, stride_om, stride_asm, stride_ask,
                            stride_wsn, stride_wsk, k_per_split,
@@ -172,15 +158,12 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
     b_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + (k_begin + offs_k)[:, None]  # [BK, BN]
     a_scale_rows = a_scale_ptr + offs_m * stride_asm  # [BM]
     w_scale_cols = w_scale_ptr + (offs_n // SCALE_BLOCK_N) * stride_wsn  # [BN]
-    HAS_A_SCALES: tl.constexpr = not (IS_A16 or QUANT_A)  # else x carries no scales to load
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_left = k_end - k0
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)
-        # The scales load in the step that uses them. Loading them one step ahead (session 13, sm90) gave
-        # the same bits and no gain: b1 decode linears +1% in sum, b16 equal (BENCHMARKS.md, session 14).
-        w_scale, a_scale = _block_scales(w_scale_cols, a_scale_rows, k0, stride_wsk, stride_ask, mask_n, mask_m,
-                                         SCALE_BLOCK_K, HAS_A_SCALES)
+        kb = k0 // SCALE_BLOCK_K  # the step's scales load in the step: a step ahead measured no faster
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)  # (BENCHMARKS.md, s14)
+        w_scale = tl.load(w_scale_cols + kb * stride_wsk, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
         if IS_A16:
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0)
             partial = tl.dot(a, b.to(a.dtype), input_precision="ieee")  # [BM, BN] fp32
@@ -194,6 +177,7 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
             acc += tl.dot(a, b) * a_scale[:, None] * w_scale[None, :]
         else:
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            a_scale = tl.load(a_scale_rows + kb * stride_ask, mask=mask_m, other=0.0).to(tl.float32)  # [BM]
             acc += tl.dot(a, b) * a_scale[:, None] * w_scale[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
