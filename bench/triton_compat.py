@@ -24,7 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import rdnac_cmd  # noqa: E402
 from rdnac.testing.fp8 import SHAPES, write_random_checkpoint  # noqa: E402
 
 
@@ -46,9 +48,8 @@ def main() -> None:
                 write_random_checkpoint(ckpt, scheme=None if scheme == "bf16" else scheme, seed=0,
                                         **{**SHAPES[shape], "layers": 1})
                 t0 = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-c", "from rdnac.cli.main import main; main()", "compile",
-                                       str(ckpt), "--target", args.target, "-o", f"{ckpt}.msgpack", "-q"],
-                                      capture_output=True, text=True)
+                proc = subprocess.run(rdnac_cmd("compile", str(ckpt), "--target", args.target, "-o", f"{ckpt}.msgpack",
+                                                "-q"), capture_output=True, text=True)
                 ok = proc.returncode == 0
                 print(f"{shape} {scheme}: {'built' if ok else 'FAILED'} in {time.perf_counter() - t0:.1f} s", flush=True)
                 if not ok:
