@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from rdnac.ir.state import StateSpec
+
 Dim = int | str
 
 
@@ -75,6 +77,7 @@ class Graph:
     nodes: list[Node]
     outputs: list[str]
     attrs: dict[str, Any] = field(default_factory=dict)  # model-level facts: num_layers, vocab_size...
+    state: list[StateSpec] = field(default_factory=list)  # what the runtime allocates (ir/state.py)
 
     def node(self, name: str) -> Node:
         for n in self.nodes:
@@ -95,6 +98,7 @@ class Graph:
             "nodes": [n.to_dict() for n in self.nodes],
             "outputs": list(self.outputs),
             "attrs": dict(self.attrs),
+            "state": [s.to_dict() for s in self.state],
         }
 
     @staticmethod
@@ -105,6 +109,7 @@ class Graph:
             nodes=[Node.from_dict(n) for n in d["nodes"]],
             outputs=list(d["outputs"]),
             attrs=dict(d["attrs"]),
+            state=[StateSpec.from_dict(s) for s in d.get("state", [])],
         )
 
     def dump(self) -> str:

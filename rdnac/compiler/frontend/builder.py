@@ -23,6 +23,7 @@ from rdnac.compiler.frontend.checkpoint import Checkpoint
 from rdnac.compiler.frontend.quant import LinearScheme, parse_quant_config
 from rdnac.errors import CheckpointError
 from rdnac.ir.graph import Graph, Node, TensorSpec, WeightSpec
+from rdnac.ir.state import StateSpec
 
 _FLOAT_DTYPES = {"float32", "float16", "bfloat16", "float64"}
 _FP8_DTYPES = {"float8_e4m3fn", "uint8"}  # uint8: FP8 bits some checkpoints store untyped
@@ -36,6 +37,7 @@ class GraphBuilder:
         self.weight_specs: dict[str, WeightSpec] = {}
         self.weights: dict[str, torch.Tensor] = {}
         self.nodes: list[Node] = []
+        self.state: list[StateSpec] = []
         self.decisions: list[dict] = []
         self._consumed: set[str] = set()  # canonical names
         self._ignored: dict[str, str] = {}
@@ -70,6 +72,12 @@ class GraphBuilder:
     def input(self, name: str, dtype: str, shape: tuple) -> str:
         self.inputs[name] = TensorSpec(dtype, tuple(shape))
         return name
+
+    def state_input(self, name: str, kind: str, layer: int, dtype: str, shape: tuple[int, ...]) -> str:
+        """Declare one state tensor (ir/state.py) and the graph input it feeds."""
+        spec = StateSpec(name, kind, layer, dtype, tuple(shape))
+        self.state.append(spec)
+        return self.input(name, dtype, spec.graph_shape())
 
     def _spec(self, name: str, shape: tuple[int, ...]) -> str:
         """Checkpoint dtype of canonical tensor `name` after checking it exists with `shape`."""
@@ -264,6 +272,6 @@ class GraphBuilder:
         for name, reason in sorted(self._ignored.items()):
             self.decisions.append({"pass": "frontend", "node": self._actual[name], "action": "ignored tensor",
                                    "reason": reason})
-        graph = Graph(self.inputs, self.weight_specs, self.nodes, outputs, attrs)
+        graph = Graph(self.inputs, self.weight_specs, self.nodes, outputs, attrs, list(self.state))
         return graph, self.weights
 

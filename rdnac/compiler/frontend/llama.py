@@ -138,7 +138,6 @@ def build(checkpoint: Checkpoint, dtype: str):
     b.ignore(r".*rotary_emb\.inv_freq", "RoPE frequencies are recomputed from config.json")
     if tied:
         b.ignore(r"lm_head\.weight", "tie_word_embeddings: the logits reuse model.embed_tokens.weight")
-    cache_shape = ("NB", "BS", num_kv_heads, head_dim)
     token_ids = b.input("token_ids", "int64", ("T",))
     positions = b.input("positions", "int64", ("T",))
     slots = b.input("slot_mapping", "int64", ("T",))
@@ -162,8 +161,8 @@ def build(checkpoint: Checkpoint, dtype: str):
         q, k = b.node("rope", [q, k, positions], f"{n}.rope", 2, num_heads=num_heads, num_kv_heads=num_kv_heads,
                       head_dim=head_dim, rotary_dim=rope["rotary_dim"], theta=rope["theta"], style="neox",
                       scaling=rope["scaling"])
-        k_cache = b.input(f"k_cache.{i}", dtype, cache_shape)
-        v_cache = b.input(f"v_cache.{i}", dtype, cache_shape)
+        k_cache = b.state_input(f"k_cache.{i}", "paged_kv", i, dtype, (num_kv_heads, head_dim))
+        v_cache = b.state_input(f"v_cache.{i}", "paged_kv", i, dtype, (num_kv_heads, head_dim))
         b.node("kv_cache_write", [k, v, slots, k_cache, v_cache], f"{n}.kv_write", 0,
                num_kv_heads=num_kv_heads, head_dim=head_dim)
         a = b.node("attention", [q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens, positions], f"{n}.attn",
