@@ -28,6 +28,9 @@ def build_model(spec: ModelSpec | Wrapper, checkpoint: Checkpoint, dtype: str):
     tied = c.get("tie_word_embeddings", False)
     for pattern, reason in spec.ignore:
         b.ignore(pattern, reason)
+    for key, reason in spec.inert_config:
+        if c.get(key) is not None:
+            b.decide("model", f"{key} {c[key]!r} not applied", reason)
     if tied:
         b.ignore(r"lm_head\.weight", "tie_word_embeddings: the logits reuse model.embed_tokens.weight")
     m.step = step_inputs(b)

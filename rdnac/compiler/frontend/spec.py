@@ -51,6 +51,7 @@ class ModelSpec:
     final_softcap_key: str | None = None  # config key of a tanh soft-cap on the logits
     max_positions: Callable[[GraphBuilder, dict], int] | None = None  # default: max_position_embeddings
     ignore: tuple[tuple[str, str], ...] = ()  # (tensor regex, reason) of checkpoint tensors not used on purpose
+    inert_config: tuple[tuple[str, str], ...] = ()  # (config key, why it changes nothing), logged when set
     layer_of: Callable[[dict, int], tuple[Block, ...]] | None = None  # when layers differ (MoE every k-th...)
 
     def blocks(self, config: dict, index: int) -> tuple[Block, ...]:
