@@ -33,12 +33,18 @@ CASES = {
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def compiled(request, tmp_path_factory):
+def checkpoint(request, tmp_path_factory):
     family, overrides, shard = CASES[request.param]
     directory = tmp_path_factory.mktemp(request.param)
     model = make_checkpoint(family, directory / "ckpt", shard_size=shard, **overrides)
     if shard:
         assert (directory / "ckpt" / "model.safetensors.index.json").exists()
+    return request.param, directory, model
+
+
+@pytest.fixture(scope="module")
+def compiled(checkpoint):
+    _, directory, model = checkpoint
     plan = rdnac.compile(directory / "ckpt", target="cpu", output=directory / "model.msgpack")
     return model, rdnac.load(plan)
 
@@ -65,3 +71,39 @@ def test_batched_generation_matches_single(compiled):
     batched = [c.token_ids for c in engine.generate(prompts, max_tokens=10)]
     for prompt, out in zip(prompts, batched):
         assert out == reference_greedy(model, prompt, 10)
+
+
+def test_frontend_graph_is_the_llama_block(checkpoint):
+    """The ModelSpec builder gives each family the graph the Llama builder gave (a before/after
+    `rdnac inspect --diff` of every case's plan showed no change): per layer the same ops in the same order
+    under the same names, biases where the family has them, one RoPE and scale for every layer, a paged K
+    and V cache per layer, and no Gemma attribute."""
+    from rdnac.compiler.frontend import build_graph, read_checkpoint
+
+    case, directory, model = checkpoint
+    c = model.config
+    graph, _, _ = build_graph(read_checkpoint(directory / "ckpt"), "float32")
+    num_layers, head_dim = c.num_hidden_layers, c.head_dim
+    has_qk_norm, is_qwen2 = case.startswith("qwen3"), case.startswith("qwen2")
+    layer = ["input_norm", "q_proj", "k_proj", "v_proj", *(["q_norm", "k_norm"] if has_qk_norm else []), "rope",
+             "kv_write", "attn", "o_proj", "attn_residual", "post_norm", "gate_proj", "up_proj", "act", "down_proj",
+             "mlp_residual"]
+    expected = ["embed", *(f"layers.{i}.{leaf}" for i in range(num_layers) for leaf in layer), "final_norm", "logits"]
+    assert [n.name for n in graph.nodes] == expected
+    nodes = {n.name: n for n in graph.nodes}
+    for i in range(num_layers):
+        biased = {leaf: len(nodes[f"layers.{i}.{leaf}"].inputs) == 3
+                  for leaf in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        assert biased == {"q_proj": is_qwen2, "k_proj": is_qwen2, "v_proj": is_qwen2, "o_proj": False}
+        attn = nodes[f"layers.{i}.attn"].attrs
+        assert (attn["scale"], attn["softcap"]) == (head_dim ** -0.5, 0.0)
+        assert attn["sliding_window"] == (c.sliding_window or 0 if case.startswith("mistral") else 0)
+        assert nodes[f"layers.{i}.rope"].attrs == nodes["layers.0.rope"].attrs
+        assert nodes[f"layers.{i}.act"].attrs == {"act": "silu"}
+    assert all("unit_offset" not in n.attrs for n in graph.nodes if "norm" in n.op)
+    assert nodes["embed"].attrs == {} and nodes["logits"].attrs == {}
+    tied = nodes["logits"].inputs[2] == "model.embed_tokens.weight"
+    assert tied == c.tie_word_embeddings == ("lm_head.weight" not in graph.weights)
+    assert [(s.name, s.kind, s.layer, s.shape) for s in graph.state] == \
+        [(f"{kv}_cache.{i}", "paged_kv", i, (c.num_key_value_heads, head_dim))
+         for i in range(num_layers) for kv in "kv"]

@@ -95,7 +95,8 @@ def rope_config(config: dict, head_dim: int, path) -> dict:
     if kind == "default":
         return {"theta": float(theta), "rotary_dim": rotary_dim, "scaling": None}
     if kind not in ("linear", "llama3", "yarn"):
-        raise UnsupportedModelError(f"{path}: rope_type {kind!r} is not supported; supported: default, linear, llama3, yarn")
+        raise UnsupportedModelError(f"{path}: rope_type {kind!r} is not supported; "
+                                    "supported: default, linear, llama3, yarn")
     # llama_4_scaling_beta is Ministral3's query scaling, handled by the builder; not a RoPE parameter
     not_rope = ("rope_theta", "type", "partial_rotary_factor", "llama_4_scaling_beta", "max_position_embeddings")
     out = {k: v for k, v in params.items() if k not in not_rope}
