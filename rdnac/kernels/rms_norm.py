@@ -61,11 +61,13 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
             x = summed
         xf = x.to(tl.float32)
         rstd = tl.math.rsqrt(tl.reduce(xf * xf, 1, _SUM) / H + eps)  # [BLOCK_HEADS]
-        w = tl.load(weight_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)  # [BLOCK_H]
         if UNIT_OFFSET:  # Gemma: the product in float32, rounded once
+            w = tl.load(weight_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)  # [BLOCK_H]
             y = (xf * rstd[:, None]) * (1.0 + w[None, :])
         else:
-            y = w[None, :] * (xf * rstd[:, None]).to(act_dtype).to(tl.float32)
+            y = (xf * rstd[:, None]).to(act_dtype).to(tl.float32)
+            w = tl.load(weight_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)  # [BLOCK_H]
+            y = w[None, :] * y
         tl.store(out_ptr + out_offsets + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         # pass 1: sum of squares (and the residual sum, stored once)
@@ -88,11 +90,13 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
             x = tl.load(x_rows + c[None, :], mask=mask, other=0.0)
             if HAS_RESIDUAL:
                 x = (x.to(tl.float32) + tl.load(residual_rows + c[None, :], mask=mask, other=0.0)).to(act_dtype)
-            w = tl.load(weight_ptr + c, mask=c < H, other=0.0).to(tl.float32)
             if UNIT_OFFSET:
+                w = tl.load(weight_ptr + c, mask=c < H, other=0.0).to(tl.float32)
                 y = (x.to(tl.float32) * rstd[:, None]) * (1.0 + w[None, :])
             else:
-                y = w[None, :] * (x.to(tl.float32) * rstd[:, None]).to(act_dtype).to(tl.float32)
+                y = (x.to(tl.float32) * rstd[:, None]).to(act_dtype).to(tl.float32)
+                w = tl.load(weight_ptr + c, mask=c < H, other=0.0).to(tl.float32)
+                y = w[None, :] * y
             tl.store(out_ptr + out_offsets + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
