@@ -2,7 +2,7 @@
 
 Readers (`hf.py` for Hugging Face directories, `gguf_reader.py` for GGUF
 files) turn a checkpoint into a `Checkpoint` whose config and tensor names
-follow Hugging Face conventions, so one family builder (`llama.py`...) serves
+follow Hugging Face conventions, so one ModelSpec (`llama.py`, `gemma3.py`...) serves
 both formats.
 """
 
