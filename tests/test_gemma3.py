@@ -8,7 +8,13 @@ tied embeddings; as Gemma3ForCausalLM (with a Gemma chat template) and as the
 text model of Gemma3ForConditionalGeneration (untied). Each Gemma feature is
 shown to matter: turning it off in the config moves the logits far beyond the
 tolerance. `attn_logit_softcapping` is set and, as in transformers' Gemma3
-attention, not applied.
+attention, not applied; Gemma 2 (the same blocks, attention soft-capped)
+covers the soft-capped attention kernels.
+
+GPU targets: the tiny checkpoints cross-compile for gfx1201, gfx1151, gfx942,
+gfx950 and sm90 within LDS and without spills, with the kernels that carry
+the Gemma features selected; an sm90 plan's kernels run under the Triton
+interpreter against the reference interpreter.
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ Layers alternate local (sliding window, RoPE base `rope_local_base_freq`)
 and global (no window, `rope_theta` and the RoPE scaling) per `layer_types`,
 or older configs' `sliding_window_pattern` (every n-th layer global).
 Attention scores are scaled by query_pre_attn_scalar**-0.5 and not
-soft-capped: `attn_logit_softcapping` is read by transformers' config but
-never applied by its Gemma3Attention (the decision log says so when set); embeddings are multiplied by
-sqrt(hidden) cast to the weights' dtype; the logits are optionally
-soft-capped (`final_logit_softcapping`). The MLP is GELU-tanh gated.
+soft-capped: transformers' Gemma3Attention never applies
+`attn_logit_softcapping` (the decision log says so when it is set).
+Embeddings are multiplied by sqrt(hidden) cast to the weights' dtype; the
+logits are optionally soft-capped (`final_logit_softcapping`). The MLP is
+GELU-tanh gated.
 
 Gemma3ForConditionalGeneration is compiled text-only: the SigLIP vision
 tower and the multimodal projector are ignored with that reason (rdnac
@@ -52,12 +53,13 @@ def _rope(c: dict, kind: str, head_dim: int, path) -> dict:
     """RoPE of one layer kind: v5 `rope_parameters` per kind, or v4 `rope_theta` + `rope_scaling` (global)
     and `rope_local_base_freq` (local, never scaled)."""
     params = c.get("rope_parameters") or {}
-    if any(k in params for k in LAYER_KINDS):
-        return rope_config({"rope_parameters": params.get(kind) or {},
+    base = c["rope_local_base_freq"] if kind == "sliding_attention" else c["rope_theta"]
+    if any(k in params for k in LAYER_KINDS):  # a kind without rope_theta takes transformers' default base
+        return rope_config({"rope_parameters": params.get(kind) or {}, "rope_theta": base,
                             "max_position_embeddings": c["max_position_embeddings"]}, head_dim, path)
     if kind == "sliding_attention":
-        return rope_config({"rope_theta": c["rope_local_base_freq"]}, head_dim, path)
-    return rope_config({"rope_theta": c["rope_theta"], "rope_scaling": c.get("rope_scaling") or params,
+        return rope_config({"rope_theta": base}, head_dim, path)
+    return rope_config({"rope_theta": base, "rope_scaling": c.get("rope_scaling") or params,
                         "max_position_embeddings": c["max_position_embeddings"]}, head_dim, path)
 
 
