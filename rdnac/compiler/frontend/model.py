@@ -23,7 +23,7 @@ def build_model(spec: ModelSpec | Wrapper, checkpoint: Checkpoint, dtype: str):
     if isinstance(spec, Wrapper):
         spec = spec.text_spec(b, checkpoint.config, path)
     c = {**spec.defaults, **checkpoint.config}
-    m = _model(spec, b, c, dtype, path)
+    m = _model(spec, b, c, dtype, path, step_inputs(b))
     max_positions = spec.max_positions(b, c) if spec.max_positions else c.get("max_position_embeddings", 4096)
     tied = c.get("tie_word_embeddings", False)
     for pattern, reason in spec.ignore:
@@ -33,7 +33,6 @@ def build_model(spec: ModelSpec | Wrapper, checkpoint: Checkpoint, dtype: str):
             b.decide("model", f"{key} {c[key]!r} not applied", reason)
     if tied:
         b.ignore(r"lm_head\.weight", "tie_word_embeddings: the logits reuse model.embed_tokens.weight")
-    m.step = step_inputs(b)
 
     h = embedding(m, embedding_scale(spec, m.hidden, dtype))
     num_layers = len(m.attention)
@@ -55,7 +54,7 @@ def build_model(spec: ModelSpec | Wrapper, checkpoint: Checkpoint, dtype: str):
     return (*b.finish(["logits"], attrs), b.decisions)
 
 
-def _model(spec: ModelSpec, b: GraphBuilder, c: dict, dtype: str, path) -> Model:
+def _model(spec: ModelSpec, b: GraphBuilder, c: dict, dtype: str, path, step: dict[str, str]) -> Model:
     hidden, num_layers = c["hidden_size"], c["num_hidden_layers"]
     num_heads = c["num_attention_heads"]
     num_kv_heads = c.get("num_key_value_heads") or num_heads
@@ -71,4 +70,4 @@ def _model(spec: ModelSpec, b: GraphBuilder, c: dict, dtype: str, path) -> Model
     attention = spec.attention_layers(c, head_dim, path)
     assert len(attention) == num_layers, (len(attention), num_layers)
     return Model(b, c, dtype, hidden, num_heads, num_kv_heads, head_dim, c["intermediate_size"], c["vocab_size"],
-                 c.get("rms_norm_eps", 1e-6), act, spec.unit_offset_norms, attention, step={})
+                 c.get("rms_norm_eps", 1e-6), act, spec.unit_offset_norms, attention, step)
