@@ -279,6 +279,33 @@ def test_unit_offset_norm_and_embedding_round_like_transformers_in_bf16():
                            embed(ids))
 
 
+def test_fusion_passes_keep_gemma_attributes(text_model, tmp_path):
+    """With FP8 (compile-time --quantize fp8, --fp8-lm-head) every fusion applies to the Gemma graph: the fused
+    norms keep unit_offset, the fused activation gelu_tanh, the softcapped lm_head stays unquantized (logged),
+    and the fused plan computes the unfused plan's logits bit for bit."""
+    from collections import Counter
+
+    root, _, _ = text_model
+    fusions = ("fuse_add_rms_norm", "fuse_qk_norm_rope_cache", "fuse_norm_quant", "fuse_act_quant",
+               "fuse_attention_quant", "fuse_gated_linear")
+    opts = dict(quiet=True, quantize="fp8", fp8_lm_head=True)
+    fused = rdnac.load(rdnac.compile(root / "ckpt", "cpu", tmp_path / "fused.msgpack", **opts))
+    unfused = rdnac.load(rdnac.compile(root / "ckpt", "cpu", tmp_path / "unfused.msgpack", disable_passes=fusions,
+                                       **opts))
+    nodes = fused.plan.body["graph"]["nodes"]
+    ops = Counter(n["op"] for n in nodes)
+    assert ops["rms_norm_quant"] == 2 * 4 and ops["qk_norm_rope_cache"] == 4 and ops["gated_act_quant"] == 4
+    norms = [n for n in nodes if n["op"] in ("rms_norm", "rms_norm_quant", "qk_norm_rope_cache")]
+    assert len(norms) == 4 * 4 + 1 + 4 and all(n["attrs"]["unit_offset"] is True for n in norms)
+    assert sum(len(n["inputs"]) == 3 for n in norms if n["op"] in ("rms_norm", "rms_norm_quant")) == 2 * 4
+    assert {n["attrs"]["act"] for n in nodes if n["op"] == "gated_act_quant"} == {"gelu_tanh"}
+    assert [(n["attrs"]["sliding_window"], n["attrs"]["scale"]) for n in nodes if n["op"] == "attention"] == \
+        [(6, 20 ** -0.5), (0, 20 ** -0.5)] * 2
+    assert next(n for n in nodes if n["op"] == "logits")["attrs"] == {"softcap": 3.0}
+    assert any(d["action"] == "kept the lm_head in the compute dtype" for d in fused.plan.body["decisions"])
+    assert torch.equal(fused.logits(PROMPT), unfused.logits(PROMPT))
+
+
 def test_unknown_layer_type_is_named(text_model, tmp_path):
     root, _, _ = text_model
     shutil.copytree(root / "ckpt", tmp_path / "bad")
