@@ -38,7 +38,7 @@ class Model:
     eps: float
     act: str  # gated_act's act
     unit_offset: bool  # every norm scales by 1 + w
-    attention: list[AttentionLayer]  # per layer
+    attention: list[AttentionLayer | None]  # per layer (None: the layer has no attention)
     step: dict[str, str]  # step input names: positions, slot_mapping, block_tables, seq_lens, ...
 
 

@@ -41,7 +41,7 @@ def build_model(spec: ModelSpec | Wrapper, checkpoint: Checkpoint, dtype: str):
             h = block.emit(m, h, i)
     softcap = float(c.get(spec.final_softcap_key) or 0.0) if spec.final_softcap_key else 0.0
     head(m, h, tied, softcap)
-    windows = [layer.sliding_window for layer in m.attention]
+    windows = [layer.sliding_window for layer in m.attention if layer is not None]
     if any(windows):
         b.decide("attention", "sliding window", f"per-layer windows {sorted(set(windows))} from config.json")
     if softcap:

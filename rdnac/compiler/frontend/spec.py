@@ -43,7 +43,8 @@ class ModelSpec:
 
     architecture: str
     layer: tuple[Block, ...]  # the blocks of every layer, in order (a mixer, then a feed-forward)
-    attention_layers: Callable[[dict, int, Path], list[AttentionLayer]]  # (config, head_dim, where) -> per layer
+    # (config, head_dim, where) -> each layer's attention variant (None for a layer without attention)
+    attention_layers: Callable[[dict, int, Path], list[AttentionLayer | None]]
     defaults: dict = field(default_factory=dict)  # config keys transformers omits when they equal its defaults
     activation_key: str = "hidden_act"
     unit_offset_norms: bool = False  # every RMSNorm scales by 1 + w (Gemma)
