@@ -56,7 +56,10 @@ QUANTS = {
 
 
 def make_gemma3(*, tied: bool, seed: int = 0, **overrides):
-    """A tiny random Gemma3ForCausalLM (fp32), norms perturbed so the 1 + w convention is exercised."""
+    """A tiny random Gemma3ForCausalLM (fp32), norms perturbed so the 1 + w convention is exercised.
+    Random Gemma models repeat the embedding they were fed (it enters the residual stream scaled by
+    sqrt(hidden)); a smaller embedding, larger layers and a larger final norm give varied greedy
+    continuations with clear top-1 margins (seed 0: 20 distinct tokens in 24, margins >= 0.016)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     config = Gemma3TextConfig(vocab_size=len(TOKENS), tie_word_embeddings=tied, **{**SIZES, **overrides})
@@ -67,7 +70,8 @@ def make_gemma3(*, tied: bool, seed: int = 0, **overrides):
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.2)
             else:
-                p.mul_(3.0)  # peakier logits: greedy picks are far from ties
+                p.mul_(0.5 if "embed" in name else 2.0)
+        model.model.norm.weight.add_(2.0)
     return model
 
 
@@ -248,7 +252,9 @@ def test_logits_match_transformers(compiled):
 def test_greedy_continuation_matches_transformers(compiled):
     model, engine = compiled
     ours = engine.generate([PROMPT], max_tokens=24)[0].token_ids
-    assert ours == reference_greedy(model, PROMPT, 24)
+    ref = reference_greedy(model, PROMPT, 24)
+    assert len(set(ref)) >= 8, f"the reference repeats itself ({ref}); the test would prove little"
+    assert ours == ref
 
 
 # ---- llama.cpp's conventions where the file is silent ------------------------------------------------

@@ -273,6 +273,9 @@ def _gemma3_fields(config: dict, key, path: Path, notes: list[str]) -> None:
     if config.get("rope_scaling"):
         notes.append(f"{path.name}: RoPE scaling {config['rope_scaling']} applies to the global layers only "
                      "(the sliding-window layers keep scale 1, as in llama.cpp)")
+    notes.append(f"{path.name}: the file states no query_pre_attn_scalar, local RoPE base or (usually) window "
+                 "pattern; they are llama.cpp's gemma3 assumptions (1/sqrt(head_dim) scores, or hidden/heads for "
+                 f"the 62-layer 27B; base {_GEMMA3_SWA_ROPE_BASE:g}; every {_GEMMA3_SWA_PATTERN}th layer global)")
     softcap = key("final_logit_softcapping", None)
     config.update(
         hidden_activation="gelu_pytorch_tanh",  # ggml_gelu is the tanh approximation

@@ -114,7 +114,7 @@ def build_tokenizer(meta: dict, path: Path) -> tuple[str | None, dict, list[str]
         notes.append(f"{path.name}: special token(s) {missing} are not in the vocabulary and are not added "
                      "(transformers would append them as new ids past the embedding matrix)")
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials if t in vocab])
-    # after the specials: a user-defined token stays a plain one even when the class names it (Gemma's <mask>)
+    # last, as transformers adds them: a user-defined token stays plain even where the class names it special
     user = [t for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab]
     if user:
         tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
