@@ -84,17 +84,21 @@ def embedding(token_ids: torch.Tensor, weight: torch.Tensor, *, scale: float = 1
 def rms_norm(x: torch.Tensor, *rest: torch.Tensor, eps: float, unit_offset: bool = False):
     """y = norm(x [+ residual]) * w; with a residual also returns the sum.
 
-    Computed in float32 and cast back before the weight product, as the
-    Hugging Face Llama family does."""
+    The statistic is float32. Plain: the normalized value is cast back before
+    the weight product, as the Hugging Face Llama family does. unit_offset
+    (Gemma): y = (norm(x) * (1 + w)) in float32, cast once to x's dtype, as
+    transformers' Gemma3RMSNorm does."""
     weight = rest[-1]
     residual_out = None
     if len(rest) == 2:
         x = x + rest[0]
         residual_out = x
     xf = x.float()
-    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    w = (1.0 + weight.float()).to(x.dtype) if unit_offset else weight
-    y = w * y
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        y = (normed * (1.0 + weight.float())).to(x.dtype)
+    else:
+        y = weight * normed.to(x.dtype)
     return y if residual_out is None else (y, residual_out)
 
 

@@ -90,11 +90,12 @@ def _qk_norm_rope_cache_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, slot_mapping_
         w_partner = tl.where(is_q[:, None],
                              tl.load(q_norm_ptr + partner, mask=d_mask, other=0.0).to(tl.float32)[None, :],
                              tl.load(k_norm_ptr + partner, mask=d_mask, other=0.0).to(tl.float32)[None, :])
-        if UNIT_OFFSET:
-            w = (1.0 + w).to(in_dtype).to(tl.float32)
-            w_partner = (1.0 + w_partner).to(in_dtype).to(tl.float32)
-        x = (w * (x * rstd).to(in_dtype).to(tl.float32)).to(act_dtype).to(tl.float32)
-        x_partner = (w_partner * (x_partner * rstd).to(in_dtype).to(tl.float32)).to(act_dtype).to(tl.float32)
+        if UNIT_OFFSET:  # Gemma: the product in float32, rounded once
+            x = ((x * rstd) * (1.0 + w)).to(act_dtype).to(tl.float32)
+            x_partner = ((x_partner * rstd) * (1.0 + w_partner)).to(act_dtype).to(tl.float32)
+        else:
+            x = (w * (x * rstd).to(in_dtype).to(tl.float32)).to(act_dtype).to(tl.float32)
+            x_partner = (w_partner * (x_partner * rstd).to(in_dtype).to(tl.float32)).to(act_dtype).to(tl.float32)
     a = (x * cos[None, :]).to(act_dtype).to(tl.float32)
     b = (x_partner * sin[None, :]).to(act_dtype).to(tl.float32)
     out = tl.where(is_rotated[None, :], a + sign[None, :] * b, x).to(act_dtype)  # [BLOCK_HEADS, BLOCK_D]

@@ -6,7 +6,7 @@ belonging to one token (rms_norm is the case num_heads = 1, H = hidden).
 Rounding follows the reference exactly: the residual sum is rounded to the
 activation dtype (it is also an output), the statistic is float32, the
 normalized value is rounded to the activation dtype before the weight
-product, and `1 + w` is rounded to the activation dtype.
+product; with `1 + w` (Gemma) the product is float32, rounded once.
 
 Config space: BLOCK_H (a power of two; covering H gives one pass over the
 row, a smaller tile loops twice over H: sum of squares, then normalize),
@@ -61,11 +61,12 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
             x = summed
         xf = x.to(tl.float32)
         rstd = tl.math.rsqrt(tl.reduce(xf * xf, 1, _SUM) / H + eps)  # [BLOCK_HEADS]
-        y = (xf * rstd[:, None]).to(act_dtype).to(tl.float32)
         w = tl.load(weight_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)  # [BLOCK_H]
-        if UNIT_OFFSET:
-            w = (1.0 + w).to(act_dtype).to(tl.float32)
-        tl.store(out_ptr + out_offsets + cols[None, :], (w[None, :] * y).to(out_ptr.dtype.element_ty), mask=mask)
+        if UNIT_OFFSET:  # Gemma: the product in float32, rounded once
+            y = (xf * rstd[:, None]) * (1.0 + w[None, :])
+        else:
+            y = w[None, :] * (xf * rstd[:, None]).to(act_dtype).to(tl.float32)
+        tl.store(out_ptr + out_offsets + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         # pass 1: sum of squares (and the residual sum, stored once)
         sum_sq = tl.full([BLOCK_HEADS, BLOCK_H], 0.0, tl.float32)
@@ -87,11 +88,12 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
             x = tl.load(x_rows + c[None, :], mask=mask, other=0.0)
             if HAS_RESIDUAL:
                 x = (x.to(tl.float32) + tl.load(residual_rows + c[None, :], mask=mask, other=0.0)).to(act_dtype)
-            y = (x.to(tl.float32) * rstd[:, None]).to(act_dtype).to(tl.float32)
             w = tl.load(weight_ptr + c, mask=c < H, other=0.0).to(tl.float32)
             if UNIT_OFFSET:
-                w = (1.0 + w).to(act_dtype).to(tl.float32)
-            tl.store(out_ptr + out_offsets + c[None, :], (w[None, :] * y).to(out_ptr.dtype.element_ty), mask=mask)
+                y = (x.to(tl.float32) * rstd[:, None]) * (1.0 + w[None, :])
+            else:
+                y = w[None, :] * (x.to(tl.float32) * rstd[:, None]).to(act_dtype).to(tl.float32)
+            tl.store(out_ptr + out_offsets + c[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(x, residual, weight, num_heads: int, head_dim: int, eps: float, unit_offset: bool,

@@ -80,11 +80,11 @@ def _rms_norm_quant_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, re
         if HAS_RESIDUAL:
             xn = (xn.to(tl.float32) + tl.load(residual_row + offs, mask=in_row, other=0.0)).to(act_dtype)
             tl.store(residual_out_ptr + token * H + offs, xn, mask=in_row)
-        y = (xn.to(tl.float32) * rstd[:, None]).to(act_dtype).to(tl.float32)
         w = tl.load(weight_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
-        if UNIT_OFFSET:
-            w = (1.0 + w).to(act_dtype).to(tl.float32)
-        y = (w * y).to(Y_DTYPE).to(tl.float32)
+        if UNIT_OFFSET:  # Gemma: the product in float32, rounded once
+            y = ((xn.to(tl.float32) * rstd[:, None]) * (1.0 + w)).to(Y_DTYPE).to(tl.float32)
+        else:
+            y = (w * (xn.to(tl.float32) * rstd[:, None]).to(act_dtype).to(tl.float32)).to(Y_DTYPE).to(tl.float32)
         group_amax = tl.reduce(tl.abs(y), 1, _MAX)  # [CHUNK // GROUP]
         group_scale = fp8_scale(group_amax, FP8_MAX)
         tl.store(scale_ptr + token * num_groups + groups, group_scale, mask=groups < num_groups)
@@ -131,11 +131,12 @@ def _rms_norm_quant_kernel(x_ptr, residual_ptr, weight_ptr, q_ptr, scale_ptr, re
                           + tl.load(residual_row + offs, mask=in_row, other=0.0)).to(act_dtype).to(tl.float32)
                 else:
                     xn = tl.load(x_row + offs, mask=in_row, other=0.0).to(tl.float32)
-                y = (xn * rstd[:, None]).to(act_dtype).to(tl.float32)
                 w = tl.load(weight_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
                 if UNIT_OFFSET:
-                    w = (1.0 + w).to(act_dtype).to(tl.float32)
-                y = (w * y).to(Y_DTYPE).to(tl.float32)  # [1, BLOCK_H]: what rms_norm writes, back in fp32
+                    y = (xn * rstd[:, None]) * (1.0 + w)
+                else:
+                    y = w * (xn * rstd[:, None]).to(act_dtype).to(tl.float32)
+                y = y.to(Y_DTYPE).to(tl.float32)  # [1, BLOCK_H]: what rms_norm writes, back in fp32
                 if GROUP > 0:  # whole groups per tile: one scale per row of the [groups, GROUP] view
                     y = tl.reshape(y, [groups_per_tile, GROUP])
                     offs = tl.reshape(offs, [groups_per_tile, GROUP])

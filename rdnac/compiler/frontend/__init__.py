@@ -1,7 +1,8 @@
 """Checkpoint frontends: read a checkpoint, build the IR graph of its family.
 
 `read_checkpoint` picks the reader (HF directory or GGUF file); `build_graph`
-picks the family builder from `config["architectures"]`.
+picks the architecture's `ModelSpec` (spec.py; declared in llama.py,
+gemma3.py) from `config["architectures"]` and builds it (model.py).
 """
 
 from __future__ import annotations
@@ -33,16 +34,20 @@ def read_checkpoint(model: str | Path) -> Checkpoint:
 
 
 def families() -> dict:
-    from rdnac.compiler.frontend import llama
+    """Architecture name -> its ModelSpec (or Wrapper, for a multimodal checkpoint compiled text-only)."""
+    from rdnac.compiler.frontend import gemma3, llama
 
-    return dict(llama.ARCHITECTURES)
+    return {**llama.ARCHITECTURES, **gemma3.ARCHITECTURES}
 
 
 def build_graph(checkpoint: Checkpoint, dtype: str):
+    """(graph, weights, decisions) of the checkpoint's first supported architecture."""
+    from rdnac.compiler.frontend.model import build_model
+
     archs = checkpoint.config.get("architectures") or []
     known = families()
     for arch in archs:
         if arch in known:
-            return known[arch](checkpoint, dtype)
+            return build_model(known[arch], checkpoint, dtype)
     raise UnsupportedModelError(
         f"{checkpoint.path}: architecture {archs or 'missing'} is not supported; supported: {', '.join(sorted(known))}")

@@ -1,0 +1,157 @@
+"""Reusable block builders that `ModelSpec`s compose: embeddings, norms, attention, dense MLP, head.
+
+A layer is a sequence of blocks (spec.py `ModelSpec.layer`): today a
+`Residual(Attention())` mixer and a `Residual(GatedMLP())` feed-forward.
+A block emits IR nodes through the `GraphBuilder` and returns the new
+hidden state; a body (Attention, GatedMLP) maps a normalized hidden state
+to its output, and `Residual` wraps it in its norms and the residual add.
+MoE, linear-attention or MLA bodies slot in as new bodies that declare
+their own state with `GraphBuilder.state_input`.
+
+Checkpoint names are canonical text-model names (`model.layers.N.<module>`);
+node names are `layers.N.<leaf>`. The residual adds are emitted unfused;
+the fuse_add_rms_norm pass merges them into the following norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from rdnac.compiler.frontend.builder import GraphBuilder
+from rdnac.compiler.frontend.spec import AttentionLayer, flag
+
+
+@dataclass
+class Model:
+    """What blocks read: the builder, the model's dims and style, per-layer attention, the step inputs."""
+
+    b: GraphBuilder
+    config: dict  # config.json with the spec's defaults
+    dtype: str
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    eps: float
+    act: str  # gated_act's act
+    unit_offset: bool  # every norm scales by 1 + w
+    attention: list[AttentionLayer]  # per layer
+    step: dict[str, str]  # step input names: positions, slot_mapping, block_tables, seq_lens, ...
+
+
+class Block(Protocol):
+    def emit(self, m: Model, h: str, layer: int) -> str:
+        """Emit this block of layer `layer` reading hidden state `h`; returns the new hidden state."""
+
+
+class Body(Protocol):
+    def emit(self, m: Model, x: str, layer: int) -> str:
+        """Emit the body reading normalized `x`; returns its output (hidden size)."""
+
+
+def step_inputs(b: GraphBuilder) -> dict[str, str]:
+    """The per-step graph inputs every model reads (a flat ragged batch, see ir/ops.py)."""
+    return {"token_ids": b.input("token_ids", "int64", ("T",)),
+            "positions": b.input("positions", "int64", ("T",)),
+            "slot_mapping": b.input("slot_mapping", "int64", ("T",)),
+            "block_tables": b.input("block_tables", "int32", ("B", "MB")),
+            "seq_lens": b.input("seq_lens", "int32", ("B",)),
+            "cu_seqlens_q": b.input("cu_seqlens_q", "int32", ("B1",)),
+            "logits_indices": b.input("logits_indices", "int64", ("R",))}
+
+
+def norm(m: Model, x: str, module: str, name: str) -> str:
+    """rms_norm over the hidden size with checkpoint module `module`'s weight."""
+    weight = m.b.weight(f"{module}.weight", (m.hidden,))
+    style = {"unit_offset": True} if m.unit_offset else {}
+    return m.b.node("rms_norm", [x, weight], name, eps=m.eps, **style)[0]
+
+
+def embedding(m: Model, scale: float) -> str:
+    weight = m.b.weight("model.embed_tokens.weight", (m.vocab, m.hidden))
+    attrs = {"scale": scale} if scale != 1.0 else {}
+    return m.b.node("embedding", [m.step["token_ids"], weight], "embed", **attrs)[0]
+
+
+def head(m: Model, h: str, tied: bool, softcap: float) -> str:
+    """Final norm and the logits of the rows `logits_indices` picks (tied: the embedding matrix)."""
+    x = norm(m, h, "model.norm", "final_norm")
+    weight = "model.embed_tokens.weight" if tied else m.b.weight("lm_head.weight", (m.vocab, m.hidden))
+    attrs = {"softcap": softcap} if softcap else {}
+    return m.b.node("logits", [x, m.step["logits_indices"], weight], "logits", **attrs)[0]
+
+
+@dataclass(frozen=True)
+class Residual:
+    """h + [post_norm](body(norm(h))). Norms are (checkpoint module leaf, node leaf)."""
+
+    body: Body
+    norm: tuple[str, str]
+    residual: str  # node leaf of the add
+    post_norm: tuple[str, str] | None = None  # Gemma's norm of the body's output, before the add
+
+    def emit(self, m: Model, h: str, layer: int) -> str:
+        p, n = f"model.layers.{layer}", f"layers.{layer}"
+        x = norm(m, h, f"{p}.{self.norm[0]}", f"{n}.{self.norm[1]}")
+        y = self.body.emit(m, x, layer)
+        if self.post_norm:
+            y = norm(m, y, f"{p}.{self.post_norm[0]}", f"{n}.{self.post_norm[1]}")
+        return m.b.node("add", [h, y], f"{n}.{self.residual}")[0]
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Paged self-attention with RoPE: q/k/v linears -> [q/k norm] -> rope -> K/V cache write -> attention
+    -> o linear. Declares its layer's K and V caches (paged_kv state); the layer's variant (window, RoPE
+    base and scaling, scale, soft-cap) comes from `Model.attention`."""
+
+    qkv_bias: bool | str = "attention_bias"
+    o_bias: bool | str = "attention_bias"
+    qk_norm: bool = False
+
+    def emit(self, m: Model, x: str, layer: int) -> str:
+        b, c, variant = m.b, m.config, m.attention[layer]
+        p, n = f"model.layers.{layer}.self_attn", f"layers.{layer}"
+        num_heads, num_kv_heads, head_dim = m.num_heads, m.num_kv_heads, m.head_dim
+        qkv_bias = flag(c, self.qkv_bias)
+        q = b.linear(x, f"{p}.q_proj", num_heads * head_dim, m.hidden, qkv_bias, f"{n}.q_proj")
+        k = b.linear(x, f"{p}.k_proj", num_kv_heads * head_dim, m.hidden, qkv_bias, f"{n}.k_proj")
+        v = b.linear(x, f"{p}.v_proj", num_kv_heads * head_dim, m.hidden, qkv_bias, f"{n}.v_proj")
+        if self.qk_norm:
+            style = {"unit_offset": True} if m.unit_offset else {}
+            q = b.node("head_rms_norm", [q, b.weight(f"{p}.q_norm.weight", (head_dim,))], f"{n}.q_norm",
+                       num_heads=num_heads, head_dim=head_dim, eps=m.eps, **style)[0]
+            k = b.node("head_rms_norm", [k, b.weight(f"{p}.k_norm.weight", (head_dim,))], f"{n}.k_norm",
+                       num_heads=num_kv_heads, head_dim=head_dim, eps=m.eps, **style)[0]
+        rope = variant.rope
+        q, k = b.node("rope", [q, k, m.step["positions"]], f"{n}.rope", 2, num_heads=num_heads,
+                      num_kv_heads=num_kv_heads, head_dim=head_dim, rotary_dim=rope["rotary_dim"],
+                      theta=rope["theta"], style="neox", scaling=rope["scaling"])
+        k_cache = b.state_input(f"k_cache.{layer}", "paged_kv", layer, m.dtype, (num_kv_heads, head_dim))
+        v_cache = b.state_input(f"v_cache.{layer}", "paged_kv", layer, m.dtype, (num_kv_heads, head_dim))
+        b.node("kv_cache_write", [k, v, m.step["slot_mapping"], k_cache, v_cache], f"{n}.kv_write", 0,
+               num_kv_heads=num_kv_heads, head_dim=head_dim)
+        s = m.step
+        a = b.node("attention", [q, k_cache, v_cache, s["block_tables"], s["seq_lens"], s["cu_seqlens_q"],
+                                 s["positions"]], f"{n}.attn",
+                   num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=variant.scale,
+                   sliding_window=variant.sliding_window, softcap=variant.softcap)[0]
+        return b.linear(a, f"{p}.o_proj", m.hidden, num_heads * head_dim, flag(c, self.o_bias), f"{n}.o_proj")
+
+
+@dataclass(frozen=True)
+class GatedMLP:
+    """down(act(gate(x)) * up(x)), the dense feed-forward of Llama-like and Gemma models."""
+
+    bias: bool | str = "mlp_bias"
+
+    def emit(self, m: Model, x: str, layer: int) -> str:
+        b, bias = m.b, flag(m.config, self.bias)
+        p, n = f"model.layers.{layer}.mlp", f"layers.{layer}"
+        g = b.linear(x, f"{p}.gate_proj", m.intermediate, m.hidden, bias, f"{n}.gate_proj")
+        u = b.linear(x, f"{p}.up_proj", m.intermediate, m.hidden, bias, f"{n}.up_proj")
+        a = b.node("gated_act", [g, u], f"{n}.act", act=m.act)[0]
+        return b.linear(a, f"{p}.down_proj", m.hidden, m.intermediate, bias, f"{n}.down_proj")

@@ -1,0 +1,260 @@
+"""Gemma 3 from HF safetensors against transformers (fp32 on CPU, eager attention).
+
+Tiny random checkpoints at odd sizes (hidden 72, 3 query heads on 1 KV head of
+24, intermediate 136, vocab 320) with local and global layers, a sliding window
+shorter than the prompt, different local and global RoPE bases (the global one
+linearly scaled), query_pre_attn_scalar != head_dim, a final logit soft-cap,
+tied embeddings; as Gemma3ForCausalLM (with a Gemma chat template) and as the
+text model of Gemma3ForConditionalGeneration (untied). Each Gemma feature is
+shown to matter: turning it off in the config moves the logits far beyond the
+tolerance. `attn_logit_softcapping` is set and, as in transformers' Gemma3
+attention, not applied.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import rdnac
+from rdnac.compiler.frontend import build_graph, read_checkpoint
+from rdnac.errors import UnsupportedModelError
+from tests.support.checkpoints import reference_greedy, reference_logits, write_byte_tokenizer
+
+PROMPT = [3, 141, 59, 26, 53, 58, 97, 93, 238, 46, 26, 43, 38, 32, 79, 50, 28, 8, 84, 19]
+TOL = 1e-4
+TEXT = dict(hidden_size=72, intermediate_size=136, num_hidden_layers=4, num_attention_heads=3, num_key_value_heads=1,
+            head_dim=24, vocab_size=320, max_position_embeddings=256, rms_norm_eps=1e-6, query_pre_attn_scalar=20,
+            sliding_window=6, layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10_000.0}},
+            attn_logit_softcapping=2.0, final_logit_softcapping=3.0, initializer_range=0.05, pad_token_id=0,
+            bos_token_id=2, eos_token_id=1)
+# Gemma's turn markup, as google/gemma-3 ships it in tokenizer_config.json (system turn folded into the first)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
+    "else message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+
+
+def _perturb_norms(model) -> None:
+    """Gemma initializes norm weights at 0 (scale 1 + w); move them so the norms are exercised, and give the
+    layers' outputs (their post norms) a gain of about 4 so the layers, not the sqrt(hidden)-scaled tied
+    embedding, decide the next token (else a tiny random model repeats its last token)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3 + (3.0 if ".post_" in name else 0.0))
+
+
+def make_gemma3(directory, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gemma3_text", **{**TEXT, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    _perturb_norms(model)
+    model.save_pretrained(directory)
+    return model
+
+
+def make_gemma3_vlm(directory):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=dict(TEXT), vision_config=vision, mm_tokens_per_image=4,
+                          tie_word_embeddings=False, image_token_index=300, boi_token_index=301,
+                          eoi_token_index=302)
+    torch.manual_seed(1)
+    model = Gemma3ForConditionalGeneration._from_config(config, dtype=torch.float32,
+                                                        attn_implementation="eager").eval()
+    _perturb_norms(model)
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gemma3")
+    model = make_gemma3(root / "ckpt")
+    write_byte_tokenizer(root / "ckpt", TEXT["vocab_size"])
+    tok_config = json.loads((root / "ckpt" / "tokenizer_config.json").read_text())
+    tok_config.update(chat_template=GEMMA_TEMPLATE, bos_token="<|endoftext|>")
+    (root / "ckpt" / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    plan = rdnac.compile(root / "ckpt", target="cpu", output=root / "gemma3.msgpack", quiet=True)
+    return root, model, rdnac.load(plan)
+
+
+@pytest.fixture(scope="module")
+def vlm_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gemma3-vlm")
+    model = make_gemma3_vlm(root / "ckpt")
+    write_byte_tokenizer(root / "ckpt", TEXT["vocab_size"])
+    plan = rdnac.compile(root / "ckpt", target="cpu", output=root / "gemma3.msgpack", quiet=True)
+    return root, model, rdnac.load(plan)
+
+
+def _check_logits(engine, model, prompt=PROMPT) -> None:
+    ours = engine.logits(prompt)
+    ref = reference_logits(model, prompt)
+    assert ours.shape == ref.shape == (len(prompt), TEXT["vocab_size"])
+    assert ours.dtype == torch.float32
+    err = (ours - ref).abs().max().item()
+    assert err <= TOL, f"max abs logit error {err:.3g}"
+
+
+def test_text_model_logits_match_transformers(text_model):
+    _, model, engine = text_model
+    assert model.config.tie_word_embeddings and model.config.sliding_window < len(PROMPT)
+    assert set(model.config.layer_types) == {"sliding_attention", "full_attention"}
+    _check_logits(engine, model)
+
+
+def test_text_model_greedy_continuation_matches_transformers(text_model):
+    _, model, engine = text_model
+    ours = engine.generate([PROMPT], max_tokens=24)[0].token_ids
+    ref = reference_greedy(model, PROMPT, 24)
+    assert ours == ref
+    assert len(set(ref)) > 3, "the continuation moves through the vocabulary"
+
+
+def test_batched_generation_matches_single(text_model):
+    _, model, engine = text_model
+    prompts = [PROMPT[:5], PROMPT, PROMPT[3:12]]
+    batched = [c.token_ids for c in engine.generate(prompts, max_tokens=10)]
+    for prompt, out in zip(prompts, batched):
+        assert out == reference_greedy(model, prompt, 10)
+
+
+def test_conditional_generation_text_model_matches_transformers(vlm_model):
+    root, model, engine = vlm_model
+    _check_logits(engine, model)
+    assert engine.generate([PROMPT], max_tokens=24)[0].token_ids == reference_greedy(model, PROMPT, 24)
+    decisions = engine.plan.body["decisions"]
+    ignored = {d["node"].split(".")[0 if d["node"].startswith("model.") is False else 1]
+               for d in decisions if d["action"] == "ignored tensor"}
+    assert {"vision_tower", "multi_modal_projector"} <= ignored
+    assert any("text model only, as Gemma3ForCausalLM" in d["action"] for d in decisions)
+    # transformers' wrapper returns lm_head's logits uncapped (its Gemma3ForCausalLM caps them); so does the plan
+    assert model.config.text_config.final_logit_softcapping == 3.0
+    assert "softcap" not in next(n for n in engine.plan.body["graph"]["nodes"] if n["op"] == "logits")["attrs"]
+    assert any(d["action"] == "final_logit_softcapping 3.0 not applied" for d in decisions)
+
+
+def test_compiles_without_a_tokenizer(text_model, tmp_path):
+    """The same graph and weights; the plan carries no tokenizer (token ids in, token ids out)."""
+    from rdnac.plans import read_plan
+
+    root, _, engine = text_model
+    shutil.copytree(root / "ckpt", tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*"))
+    plan = read_plan(rdnac.compile(tmp_path / "bare", target="cpu", output=tmp_path / "bare.msgpack", quiet=True))
+    assert plan.body["tokenizer"]["json"] is None and plan.body["chat_template"] is None
+    assert plan.body["graph"] == engine.plan.body["graph"]
+    assert plan.header["weights"]["sha256"] == engine.plan.header["weights"]["sha256"]
+
+
+def test_attention_softcap_is_not_applied_and_says_so(text_model):
+    _, model, engine = text_model
+    assert model.config.attn_logit_softcapping == 2.0  # set, and transformers' logits (matched above) ignore it
+    assert {n["attrs"]["softcap"] for n in engine.plan.body["graph"]["nodes"] if n["op"] == "attention"} == {0.0}
+    assert any(d["action"] == "attn_logit_softcapping 2.0 not applied" for d in engine.plan.body["decisions"])
+
+
+def test_chat_template_is_gemmas(text_model):
+    from transformers import PreTrainedTokenizerFast
+
+    root, _, engine = text_model
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                {"role": "user", "content": "Bye"}]
+    ref = PreTrainedTokenizerFast.from_pretrained(root / "ckpt").apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert "<start_of_turn>model\n" in ref
+    assert engine.tokenizer.apply_chat_template(messages) == ref
+
+
+def _variant(root, name: str, **changes) -> object:
+    """The checkpoint with its config.json changed (weights shared), compiled for cpu and loaded."""
+    src, dst = root / "ckpt", root / name
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (dst / f.name).symlink_to(f)
+    config = json.loads((src / "config.json").read_text())
+    config.update(changes)
+    (dst / "config.json").write_text(json.dumps(config))
+    return rdnac.load(rdnac.compile(dst, target="cpu", output=root / f"{name}.msgpack", quiet=True))
+
+
+@pytest.mark.parametrize("feature,changes", [
+    ("sliding window", dict(layer_types=["full_attention"] * 4)),
+    ("local rope base", dict(rope_parameters={**TEXT["rope_parameters"],
+                                              "sliding_attention": TEXT["rope_parameters"]["full_attention"]})),
+    ("query_pre_attn_scalar", dict(query_pre_attn_scalar=24)),
+    ("final soft-cap", dict(final_logit_softcapping=None)),
+])
+def test_each_feature_moves_the_logits(text_model, feature, changes):
+    """Without the feature, rdnac's logits leave transformers' by far more than the tolerance: the
+    comparison above really exercises it."""
+    root, model, _ = text_model
+    engine = _variant(root, feature.replace(" ", "_"), **changes)
+    err = (engine.logits(PROMPT) - reference_logits(model, PROMPT)).abs().max().item()
+    assert err > 100 * TOL, f"turning off {feature} moved the logits by only {err:.3g}"
+
+
+def test_v4_config_form_gives_the_same_graph(text_model, tmp_path):
+    """rope_theta / rope_local_base_freq / rope_scaling / sliding_window_pattern (configs on the Hub)
+    read as the layer_types / rope_parameters form does."""
+    root, _, _ = text_model
+    shutil.copytree(root / "ckpt", tmp_path / "v4")
+    config = json.loads((tmp_path / "v4" / "config.json").read_text())
+    for key in ("layer_types", "rope_parameters"):
+        del config[key]
+    config.update(rope_theta=10_000.0, rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 2.0},
+                  sliding_window_pattern=2)
+    (tmp_path / "v4" / "config.json").write_text(json.dumps(config))
+    v5, _, _ = build_graph(read_checkpoint(root / "ckpt"), "float32")
+    v4, _, _ = build_graph(read_checkpoint(tmp_path / "v4"), "float32")
+    assert [n.to_dict() for n in v4.nodes] == [n.to_dict() for n in v5.nodes]
+
+
+def test_graph_carries_gemma_attributes(text_model):
+    root, _, _ = text_model
+    graph, _, _ = build_graph(read_checkpoint(root / "ckpt"), "float32")
+    by_op: dict[str, list] = {}
+    for node in graph.nodes:
+        by_op.setdefault(node.op, []).append(node)
+    assert len(by_op["rms_norm"]) == 4 * 4 + 1 and all(n.attrs["unit_offset"] for n in by_op["rms_norm"])
+    assert len(by_op["head_rms_norm"]) == 2 * 4 and all(n.attrs["unit_offset"] for n in by_op["head_rms_norm"])
+    assert [n.attrs["sliding_window"] for n in by_op["attention"]] == [6, 0, 6, 0]
+    assert [n.attrs["theta"] for n in by_op["rope"]] == [100.0, 10_000.0, 100.0, 10_000.0]
+    assert [n.attrs["scaling"] for n in by_op["rope"]][1] == {"rope_type": "linear", "factor": 2.0}
+    assert {(n.attrs["scale"], n.attrs["softcap"]) for n in by_op["attention"]} == {(20 ** -0.5, 0.0)}
+    assert {n.attrs["act"] for n in by_op["gated_act"]} == {"gelu_tanh"}
+    assert by_op["embedding"][0].attrs["scale"] == float(torch.tensor(72 ** 0.5))
+    assert by_op["logits"][0].attrs["softcap"] == 3.0 and by_op["logits"][0].inputs[2] == "model.embed_tokens.weight"
+    assert "lm_head.weight" not in graph.weights
+
+
+def test_bf16_embedding_scale_is_rounded_like_transformers(text_model):
+    root, _, _ = text_model
+    graph, _, _ = build_graph(read_checkpoint(root / "ckpt"), "bfloat16")
+    embed = next(n for n in graph.nodes if n.op == "embedding")
+    assert embed.attrs["scale"] == float(torch.tensor(72 ** 0.5).to(torch.bfloat16)) != 72 ** 0.5
+
+
+def test_unknown_layer_type_is_named(text_model, tmp_path):
+    root, _, _ = text_model
+    shutil.copytree(root / "ckpt", tmp_path / "bad")
+    config = json.loads((tmp_path / "bad" / "config.json").read_text())
+    config["layer_types"][2] = "chunked_attention"
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError) as info:
+        rdnac.compile(tmp_path / "bad", target="cpu", output=tmp_path / "bad.msgpack", quiet=True)
+    message = str(info.value)
+    assert "layer_types[2]" in message and "'chunked_attention'" in message
+    assert str(tmp_path / "bad" / "config.json") in message and "sliding_attention" in message
