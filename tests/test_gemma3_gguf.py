@@ -257,6 +257,18 @@ def test_greedy_continuation_matches_transformers(compiled):
     assert ours == ref
 
 
+def test_plan_carries_tokenizer_template_and_stop_tokens(case, compiled):
+    _, _, _, _, tokenizer = case
+    _, engine = compiled
+    messages = [{"role": "user", "content": "Is 2+2?"}, {"role": "assistant", "content": "the wor"},
+                {"role": "user", "content": "  hell he "}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert engine.tokenizer.apply_chat_template(messages) == text
+    assert engine.encode_prompt(messages, chat=True) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert engine.encode_prompt("the wor", chat=False) == tokenizer("the wor")["input_ids"]
+    assert engine.tokenizer.eos_token_ids == {1, 7}  # <eos> and <end_of_turn>
+
+
 # ---- llama.cpp's conventions where the file is silent ------------------------------------------------
 
 def _config_of(tmp_path, drop=(), extra=None, **overrides):

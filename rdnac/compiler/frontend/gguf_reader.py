@@ -84,7 +84,7 @@ def read_gguf(path: Path) -> Checkpoint:
     if arch not in ARCHITECTURES:
         raise UnsupportedModelError(
             f"{path}: GGUF general.architecture requires one of {sorted(ARCHITECTURES)}; got {arch!r}; "
-            "use a GGUF of a Llama, Mistral, Qwen2 or Qwen3 model")
+            "use a GGUF of a Llama, Mistral, Qwen2, Qwen3 or Gemma 3 model")
     if meta.get("split.count", 1) > 1:
         raise UnsupportedModelError(
             f"{path}: requires a single-file GGUF; got part {meta.get('split.no', 0) + 1} of {meta['split.count']}; "
