@@ -247,6 +247,32 @@ def test_bf16_embedding_scale_is_rounded_like_transformers(text_model):
     assert embed.attrs["scale"] == float(torch.tensor(72 ** 0.5).to(torch.bfloat16)) != 72 ** 0.5
 
 
+def test_unit_offset_norm_and_embedding_round_like_transformers_in_bf16():
+    """The IR's Gemma norm and embedding scale give transformers' bfloat16 bits (Gemma3RMSNorm: the weight
+    product in float32, cast once; Gemma3TextScaledWordEmbedding: sqrt(hidden) cast to bfloat16 first)."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm, Gemma3TextScaledWordEmbedding
+
+    from rdnac.compiler.frontend.gemma3 import GEMMA3
+    from rdnac.compiler.frontend.spec import embedding_scale
+    from rdnac.ir import ops
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(9, 72, generator=g) * 3).to(torch.bfloat16)
+    norm = Gemma3RMSNorm(72, eps=1e-6).to(torch.bfloat16)
+    norm.weight.data = (torch.randn(72, generator=g) * 0.5).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(ops.rms_norm(x, norm.weight.data, eps=1e-6, unit_offset=True), norm(x))
+        heads = Gemma3RMSNorm(24, eps=1e-6).to(torch.bfloat16)
+        heads.weight.data = (torch.randn(24, generator=g) * 0.5).to(torch.bfloat16)
+        ours = ops.head_rms_norm(x, heads.weight.data, num_heads=3, head_dim=24, eps=1e-6, unit_offset=True)
+        assert torch.equal(ours, heads(x.reshape(9, 3, 24)).reshape(9, 72))
+        embed = Gemma3TextScaledWordEmbedding(320, 72, 0, embed_scale=72 ** 0.5)
+        embed.weight.data = embed.weight.data.to(torch.bfloat16)  # the float32 scale buffer is cast in forward
+        ids = torch.tensor([0, 5, 319, 42])
+        assert torch.equal(ops.embedding(ids, embed.weight.data, scale=embedding_scale(GEMMA3, 72, "bfloat16")),
+                           embed(ids))
+
+
 def test_unknown_layer_type_is_named(text_model, tmp_path):
     root, _, _ = text_model
     shutil.copytree(root / "ckpt", tmp_path / "bad")
@@ -258,3 +284,115 @@ def test_unknown_layer_type_is_named(text_model, tmp_path):
     message = str(info.value)
     assert "layer_types[2]" in message and "'chunked_attention'" in message
     assert str(tmp_path / "bad" / "config.json") in message and "sliding_attention" in message
+
+
+# ---------------------------------------------------------------- Gemma 2: the same blocks, attention soft-capped
+
+
+@pytest.fixture(scope="module")
+def gemma2_model(tmp_path_factory):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("gemma2")
+    text = {k: v for k, v in TEXT.items() if k not in ("layer_types", "rope_parameters", "attn_logit_softcapping")}
+    # without q/k norm the tiny model's scores are small: a low cap makes the soft-cap matter
+    config = AutoConfig.for_model("gemma2", **text, attn_logit_softcapping=0.5,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+    torch.manual_seed(2)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    _perturb_norms(model)
+    model.save_pretrained(root / "ckpt")
+    write_byte_tokenizer(root / "ckpt", TEXT["vocab_size"])
+    plan = rdnac.compile(root / "ckpt", target="cpu", output=root / "gemma2.msgpack", quiet=True)
+    return root, model, rdnac.load(plan)
+
+
+def test_gemma2_matches_transformers(gemma2_model):
+    _, model, engine = gemma2_model
+    assert model.config.layer_types[:2] == ["sliding_attention", "full_attention"]
+    _check_logits(engine, model)
+    assert engine.generate([PROMPT], max_tokens=24)[0].token_ids == reference_greedy(model, PROMPT, 24)
+    attention = [n for n in engine.plan.body["graph"]["nodes"] if n["op"] == "attention"]
+    assert [(n["attrs"]["sliding_window"], n["attrs"]["softcap"]) for n in attention] == [(6, 0.5), (0, 0.5)] * 2
+
+
+@pytest.mark.parametrize("feature,changes", [("attention soft-cap", dict(attn_logit_softcapping=None)),
+                                             ("final soft-cap", dict(final_logit_softcapping=None))])
+def test_gemma2_softcaps_move_the_logits(gemma2_model, feature, changes):
+    root, model, _ = gemma2_model
+    engine = _variant(root, feature.replace(" ", "_"), **changes)
+    err = (engine.logits(PROMPT) - reference_logits(model, PROMPT)).abs().max().item()
+    assert err > 100 * TOL, f"turning off {feature} moved the logits by only {err:.3g}"
+
+
+# ---------------------------------------------------------------- GPU targets: cross-compiled, kernels carry the features
+
+TARGETS = ("gfx1201", "gfx1151", "gfx942", "gfx950", "sm90")
+
+
+def _built(plan) -> set[tuple[str, tuple]]:
+    """(kernel function, its Gemma-relevant constexprs) of every binary in the plan."""
+    keys = ("UNIT_OFFSET", "HAS_RESIDUAL", "QK_NORM", "ACT", "HAS_SOFTCAP", "HAS_WINDOW")
+    return {(k["kernel"].split(":")[1], tuple((c, k["call"]["constexprs"][c]) for c in keys
+                                              if c in k["call"]["constexprs"])) for k in plan.body["kernels"]}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_gemma3_kernels_cross_compile(target, text_model, tmp_path):
+    """Every kernel fits the target's LDS without spills (test_compile_targets' checks), and the kernels that
+    carry Gemma's features are the ones selected and built."""
+    from rdnac.plans import read_plan
+    from tests.test_compile_targets import _check_plan
+
+    root, _, _ = text_model
+    path = rdnac.compile(root / "ckpt", target=target, output=tmp_path / f"g.{target}.msgpack", quiet=True)
+    _check_plan(path, target)
+    plan = read_plan(path)
+    built = _built(plan)
+    expected = {("_rms_norm_kernel", (("UNIT_OFFSET", True), ("HAS_RESIDUAL", True))),  # add + norm fused
+                ("_rms_norm_kernel", (("UNIT_OFFSET", True), ("HAS_RESIDUAL", False))),  # the post norms
+                ("_qk_norm_rope_cache_kernel", (("UNIT_OFFSET", True), ("QK_NORM", True))),
+                ("_gemm_kernel", (("HAS_SOFTCAP", True),)),  # logits
+                ("_prefill_kernel", (("HAS_SOFTCAP", False), ("HAS_WINDOW", True))),
+                ("_prefill_kernel", (("HAS_SOFTCAP", False), ("HAS_WINDOW", False))),
+                ("_decode_kernel", (("HAS_SOFTCAP", False), ("HAS_WINDOW", True))),
+                ("_decode_kernel", (("HAS_SOFTCAP", False), ("HAS_WINDOW", False)))}
+    assert expected <= built, sorted(expected - built)
+    assert {k for k in built if k[0] in ("_gemm_gated_kernel", "_gated_act_kernel")} <= \
+        {("_gemm_gated_kernel", (("ACT", "gelu_tanh"),)), ("_gated_act_kernel", (("ACT", "gelu_tanh"),))}
+    assert ("_gemm_gated_kernel", (("ACT", "gelu_tanh"),)) in built  # decode: the MLP's fused gated GEMM
+    nodes = {n["name"]: n for n in plan.body["graph"]["nodes"]}
+    assert nodes["embed"]["attrs"]["scale"] == float(torch.tensor(72 ** 0.5).to(torch.bfloat16))
+    assert [nodes[f"layers.{i}.qk_norm_rope_cache"]["attrs"]["theta"] for i in range(4)] == [100.0, 1e4, 100.0, 1e4]
+    assert nodes["logits"]["attrs"]["softcap"] == 3.0
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_gemma2_softcapped_attention_cross_compiles(target, gemma2_model, tmp_path):
+    from rdnac.plans import read_plan
+    from tests.test_compile_targets import _check_plan
+
+    root, _, _ = gemma2_model
+    path = rdnac.compile(root / "ckpt", target=target, output=tmp_path / f"g2.{target}.msgpack", quiet=True)
+    _check_plan(path, target)
+    built = _built(read_plan(path))
+    assert {(kernel, (("HAS_SOFTCAP", True), ("HAS_WINDOW", window))) for kernel in ("_prefill_kernel", "_decode_kernel")
+            for window in (True, False)} <= built
+
+
+def test_gemma3_sm90_plan_kernels_match_the_reference_under_the_interpreter(text_model, tmp_path):
+    """The sm90 plan's own kernels under the Triton interpreter against the reference interpreter on the same
+    graph; float32, where the kernels round like the reference, so the match is tight."""
+    from rdnac.runtime.engine import Engine
+
+    root, _, _ = text_model
+    plan = rdnac.compile(root / "ckpt", "sm90", tmp_path / "g.msgpack", quiet=True, dtype="float32", max_model_len=64,
+                         max_num_seqs=2, max_num_batched_tokens=32)
+    engine = rdnac.load(plan, interpret=True)
+    reference = Engine(engine.plan, engine.weights, "cpu")
+    ours, ref = engine.logits(PROMPT).float(), reference.logits(PROMPT).float()
+    err = (ours - ref).abs().max().item()
+    assert err <= TOL, f"max abs logit error {err:.3g}"
+    prompts = [PROMPT, PROMPT[:7]]  # decode steps of a batch of two, through the decode bucket's kernels
+    assert [c.token_ids for c in engine.generate(prompts, max_tokens=4)] == \
+        [c.token_ids for c in reference.generate(prompts, max_tokens=4)]

@@ -61,10 +61,14 @@ def _rope(c: dict, kind: str, head_dim: int, path) -> dict:
                         "max_position_embeddings": c["max_position_embeddings"]}, head_dim, path)
 
 
-def attention_layers(c: dict, head_dim: int, path) -> list[AttentionLayer]:
+def check_causal(c: dict, path) -> None:
     if c.get("use_bidirectional_attention"):
         raise UnsupportedModelError(f"{config_file(path)}: use_bidirectional_attention requires causal attention "
                                     "(an embedding model); got true; rdnac compiles causal language models only")
+
+
+def attention_layers(c: dict, head_dim: int, path) -> list[AttentionLayer]:
+    check_causal(c, path)
     ropes = {kind: _rope(c, kind, head_dim, path) for kind in LAYER_KINDS}
     scale = float(c["query_pre_attn_scalar"]) ** -0.5
     window = c["sliding_window"] or 0
@@ -72,14 +76,18 @@ def attention_layers(c: dict, head_dim: int, path) -> list[AttentionLayer]:
             for kind in _layer_kinds(c, path)]
 
 
+def layer(attention: Attention) -> tuple:
+    """Gemma's layer (2 and 3): a norm before and after each body, then the residual add."""
+    return (Residual(attention, ("input_layernorm", "input_norm"), "attn_residual",
+                     post_norm=("post_attention_layernorm", "post_attn_norm")),
+            Residual(GatedMLP(bias=False), ("pre_feedforward_layernorm", "pre_ffn_norm"), "mlp_residual",
+                     post_norm=("post_feedforward_layernorm", "post_ffn_norm")))
+
+
 GEMMA3 = ModelSpec(
-    "Gemma3ForCausalLM",
-    (Residual(Attention(qk_norm=True), ("input_layernorm", "input_norm"), "attn_residual",
-              post_norm=("post_attention_layernorm", "post_attn_norm")),
-     Residual(GatedMLP(bias=False), ("pre_feedforward_layernorm", "pre_ffn_norm"), "mlp_residual",
-              post_norm=("post_feedforward_layernorm", "post_ffn_norm"))),
-    attention_layers, defaults=DEFAULTS, activation_key="hidden_activation", unit_offset_norms=True,
-    embedding_scale="sqrt_hidden", final_softcap_key="final_logit_softcapping",
+    "Gemma3ForCausalLM", layer(Attention(qk_norm=True)), attention_layers, defaults=DEFAULTS,
+    activation_key="hidden_activation", unit_offset_norms=True, embedding_scale="sqrt_hidden",
+    final_softcap_key="final_logit_softcapping",
     ignore=((r".*rotary_emb\..*inv_freq", "RoPE frequencies are recomputed from config.json"),),
     inert_config=(("attn_logit_softcapping", "Gemma 3 attention has no soft-cap (q/k norm replaced Gemma 2's); "
                    "transformers' Gemma3Attention keeps the key but never applies it"),))
