@@ -8,7 +8,10 @@ same file (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`): same model,
 pre-tokenizer, decoder, added tokens and BOS/EOS post-processing, so every text
 encodes and decodes identically. Two kinds are supported: "gpt2" (byte-level
 BPE with merges) and "llama" (SentencePiece-style BPE with byte fallback,
-merges recovered from the scores when the file has none).
+merges recovered from the scores when the file has none). A "llama" vocabulary
+of a Gemma architecture is Gemma's tokenizer: spaces become "▁" in a normalizer
+rather than a Metaspace pre-tokenizer, and its merges follow the vocabulary
+order, not the scores.
 
 One deliberate difference: transformers also registers the default special
 tokens of the class it builds with (`<|endoftext|>`; `<unk>`, `<s>`, `</s>`)
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from rdnac.errors import CheckpointError, UnsupportedModelError
 
@@ -51,7 +54,9 @@ _SPLITS = {
 _GPT2_PRE = (None, "default", "gpt-2", "gpt2")
 
 # Special tokens the transformers classes register by default (GPT2Tokenizer; LlamaTokenizer).
-_CLASS_DEFAULTS = {"gpt2": ["<|endoftext|>"], "llama": ["<unk>", "<s>", "</s>"]}
+_CLASS_DEFAULTS = {"gpt2": ["<|endoftext|>"], "llama": ["<unk>", "<s>", "</s>"],
+                   "gemma": ["<unk>", "<bos>", "<eos>", "<pad>", "<mask>"]}  # GemmaTokenizer's
+_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 _SPECIAL_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
                 "unk_token": "unknown_token_id", "pad_token": "padding_token_id"}
 
@@ -90,13 +95,14 @@ def build_tokenizer(meta: dict, path: Path) -> tuple[str | None, dict, list[str]
         if skipped:
             notes.append(f"{path.name}: {len(skipped)} control token(s) outside the byte alphabet are not special "
                          f"(as in transformers), e.g. {skipped[0]!r}")
+    elif meta.get("general.architecture") in _GEMMA_ARCHS:
+        kind = "gemma"
+        tok, vocab = _gemma(meta, tokens, path)
+        control = [t for t, ty in zip(tokens, types) if ty == _CONTROL]
     else:
         tok, vocab = _sentencepiece(meta, tokens, path, notes)
         control = [t for t, ty in zip(tokens, types) if ty == _CONTROL]
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-    user = [t for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab]
-    if user:
-        tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
 
     config: dict = {}
     for key, id_key in _SPECIAL_IDS.items():
@@ -108,8 +114,12 @@ def build_tokenizer(meta: dict, path: Path) -> tuple[str | None, dict, list[str]
         notes.append(f"{path.name}: special token(s) {missing} are not in the vocabulary and are not added "
                      "(transformers would append them as new ids past the embedding matrix)")
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials if t in vocab])
+    # last, as transformers adds them: a user-defined token stays plain even where the class names it special
+    user = [t for t, ty in zip(tokens, types) if ty == _USER_DEFINED and t in vocab]
+    if user:
+        tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
 
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", kind == "llama")  # llama.cpp's SentencePiece default
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", kind != "gpt2")  # llama.cpp's SentencePiece default
     add_eos = meta.get("tokenizer.ggml.add_eos_token", False)
     # transformers drops the flag when the token is unset; here also when it is not in the vocabulary
     config["add_bos_token"] = bool(add_bos) and config["bos_token"] in vocab
@@ -164,6 +174,24 @@ def _sentencepiece(meta: dict, tokens: list[str], path: Path, notes: list[str]) 
     if meta.get("tokenizer.ggml.add_space_prefix") is False:
         notes.append(f"{path.name}: tokenizer.ggml.add_space_prefix is false, but the first word still gets a "
                      "'▁' prefix, as in transformers (llama.cpp would not add it)")
+    return tok, vocab
+
+
+def _gemma(meta: dict, tokens: list[str], path: Path) -> tuple[Tokenizer, dict]:
+    # A token of spaces only is stored as spaces ("  "); the normalizer turns text spaces into "▁"
+    tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is not None:
+        pairs = _split_merges(merges, path)
+    else:  # Gemma's scores do not follow its merge order; the vocabulary order does
+        pairs = merges_from_scores(vocab, {t: -float(i) for i, t in enumerate(tokens)})
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=True, byte_fallback=True, dropout=None,
+                               unk_token=tokens[unk] if unk is not None and 0 <= unk < len(tokens) else "<unk>"))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous", invert=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     return tok, vocab
 
 
