@@ -13,7 +13,7 @@ import pytest
 
 import rdnac
 from rdnac.compiler.build import check_resources
-from rdnac.kernels.binaries import KernelBinary
+from rdnac.plans.binaries import KernelBinary
 from rdnac.plans import read_plan
 from tests.support.checkpoints import make_checkpoint
 
