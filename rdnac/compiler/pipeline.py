@@ -21,7 +21,7 @@ import rdnac
 from rdnac.compiler.frontend import build_graph, read_checkpoint
 from rdnac.compiler.passes import (CompileState, Pass, dce, fp8_layout, fuse_act_quant, fuse_add_rms_norm,
                                    fuse_attention_quant, fuse_gated_linear, fuse_norm_quant, fuse_qk_norm_rope_cache,
-                                   merge_linears, quantize, select_kernels)
+                                   merge_linears, quantize, quantize_lm_head, select_kernels)
 from rdnac.errors import RdnacError
 from rdnac.ir.verify import verify
 from rdnac.plans import write_plan
@@ -101,10 +101,11 @@ def _plan_runtime(state: CompileState) -> None:
 
 
 # The passes of a compile, in order. Those named in DISABLEABLE can be skipped with --disable-pass
-# (the skip is logged); quantize and quantize_lm_head run only when asked; select_kernels only for GPUs.
+# (the skip is logged); quantize and quantize_lm_head do something only when asked, select_kernels only
+# for GPU targets.
 PASSES: tuple[tuple[str, Pass], ...] = (
     ("quantize", quantize.run),  # --quantize: compile-time FP8 of a float checkpoint's linears
-    ("quantize_lm_head", quantize.quantize_lm_head),  # --fp8-lm-head
+    ("quantize_lm_head", quantize_lm_head.run),  # --fp8-lm-head
     ("merge_linears", merge_linears.run),
     ("fuse_add_rms_norm", fuse_add_rms_norm.run),
     ("fuse_qk_norm_rope_cache", fuse_qk_norm_rope_cache.run),
