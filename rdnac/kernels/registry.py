@@ -37,6 +37,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
+from functools import cache
 from types import ModuleType
 from typing import Any, Callable
 
@@ -152,19 +153,16 @@ def wrapper(name: str) -> Callable:
 
 # ---------------------------------------------------------------- discovery
 
-_CACHE: list = []
-
-
+@cache
 def _module_names() -> tuple[str, ...]:
     import rdnac.kernels
 
     return tuple(sorted(m.name for m in pkgutil.iter_modules(rdnac.kernels.__path__)))
 
 
+@cache
 def _registry() -> tuple[dict[str, KernelFamily], dict[str, KernelFamily], dict[str, Callable]]:
     """(families by name, family by op, wrapper by name), built once."""
-    if _CACHE:
-        return _CACHE[0]
     by_name: dict[str, KernelFamily] = {}
     by_op: dict[str, KernelFamily] = {}
     wrappers: dict[str, Callable] = {}
@@ -183,5 +181,4 @@ def _registry() -> tuple[dict[str, KernelFamily], dict[str, KernelFamily], dict[
                 name = wrapper_name(fn)
                 assert wrappers.get(name, fn) is fn, f"two wrappers named {name}"
                 wrappers[name] = fn
-    _CACHE.append((by_name, by_op, wrappers))
-    return _CACHE[0]
+    return by_name, by_op, wrappers
