@@ -92,3 +92,13 @@ def test_runtime_reaches_the_registry_without_the_compiler():
             "assert not bad, bad\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_executor_refuses_a_gpu_graph_op_without_kernel():
+    from rdnac.ir.graph import Graph, Node, TensorSpec
+    from rdnac.runtime.executor import Executor
+
+    graph = Graph(inputs={"logits": TensorSpec("float32", ("R", 8))}, weights={},
+                  nodes=[Node("pick", "argmax", ["logits"], ["token"])], outputs=["token"])
+    with pytest.raises(PlanError, match="node 'pick'.*op 'argmax'"):
+        Executor(graph, {"pick": {}}, launcher=None, device="cpu")
