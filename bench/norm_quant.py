@@ -24,7 +24,7 @@ from rdnac.compiler.build import check_resources, compile_calls  # noqa: E402
 from rdnac.compiler.tune import _time  # noqa: E402
 from rdnac.kernels import rms_norm, rms_norm_quant  # noqa: E402
 from rdnac.kernels.fp8_quant import quantize_activations  # noqa: E402
-from rdnac.kernels.launch import RecordingLauncher  # noqa: E402
+from rdnac.compiler.record import RecordingLauncher  # noqa: E402
 from rdnac.runtime.aot import AotLauncher  # noqa: E402
 
 

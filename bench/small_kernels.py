@@ -28,7 +28,7 @@ from rdnac.compiler.build import check_resources, compile_calls  # noqa: E402
 from rdnac.compiler.tune import _time  # noqa: E402
 from rdnac.kernels import (activation, activation_quant, qk_norm_rope_cache, rms_norm,  # noqa: E402
                            rms_norm_quant)
-from rdnac.kernels.launch import RecordingLauncher  # noqa: E402
+from rdnac.compiler.record import RecordingLauncher  # noqa: E402
 from rdnac.runtime.aot import AotLauncher  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER = 4096, 32, 8, 128, 12288

@@ -16,7 +16,7 @@ import triton
 
 from rdnac.errors import PlanError, TargetError
 from rdnac.kernels import testing_kernels as tk
-from rdnac.kernels.launch import RecordingLauncher
+from rdnac.compiler.record import RecordingLauncher
 
 ADD_BLOCK = 256
 MM = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}

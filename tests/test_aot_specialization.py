@@ -14,7 +14,7 @@ import triton
 
 import rdnac.kernels
 from rdnac.kernels import attention, attention_decode
-from rdnac.kernels.launch import RecordingLauncher
+from rdnac.compiler.record import RecordingLauncher
 
 # stride -> why the binaries do not assume it divisible by 16
 NOT_DECLARED = {

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from rdnac.compiler.build import BuildError, check_resources, compile_calls
+from rdnac.compiler.record import RecordingLauncher
 from rdnac.kernels import testing_kernels as tk
-from rdnac.kernels.binaries import KernelBinary, sha256_hex
-from rdnac.kernels.launch import KernelCall, RecordingLauncher
+from rdnac.plans.binaries import KernelBinary, KernelCall, sha256_hex
 
 BUILD_TARGETS = ["gfx1201", "gfx1151", "gfx942", "gfx950", "sm90"]
 MATRIX_PREFIX = {"gfx1201": "v_wmma_", "gfx1151": "v_wmma_", "gfx942": "v_mfma_", "gfx950": "v_mfma_", "sm90": "wgmma."}

@@ -13,7 +13,8 @@ import pytest
 
 import rdnac
 from rdnac.compiler.build import check_resources
-from rdnac.kernels.binaries import KernelBinary
+from rdnac.kernels import registry
+from rdnac.plans.binaries import KernelBinary
 from rdnac.plans import read_plan
 from tests.support.checkpoints import make_checkpoint
 
@@ -45,6 +46,8 @@ def _check_plan(path, target):
     assert set(plan.body["program"]) == nodes  # every other node has a kernel for every step key
     keys = {k for choices in plan.body["program"].values() for k in choices}
     assert {"decode:1", "decode:64", "prefill:2048"} <= keys
+    names = {c["kernel"] for choices in plan.body["program"].values() for c in choices.values()}
+    assert all(callable(registry.wrapper(name)) for name in names)  # resolved as the runtime does, by the registry
     return binaries
 
 

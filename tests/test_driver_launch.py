@@ -146,7 +146,7 @@ def test_pdl_chain_is_bit_identical_to_plain_launches_in_a_replayed_graph(tmp_pa
     """Programmatic dependent launch lets each kernel start before its predecessor ends; its
     griddepcontrol.wait must still order every read after the previous kernel's writes. A chain of
     dependent kernels launched with PDL gives the same bits as the same chain without it."""
-    from rdnac.kernels.launch import RecordingLauncher
+    from rdnac.compiler.record import RecordingLauncher
     from tests.support.aot import aot_launcher
 
     H = 2048

@@ -17,13 +17,14 @@ import pytest
 import torch
 
 import rdnac
-from rdnac.compiler.passes import PassContext, fuse_act_quant, fuse_norm_quant
+from rdnac.compiler.passes import CompileState, fuse_act_quant, fuse_norm_quant
+from rdnac.compiler.record import RecordingLauncher
 from rdnac.ir import interpreter, ops
 from rdnac.ir.fp8 import FORMATS, FP8_MAX, quantize_rows
 from rdnac.ir.graph import Graph, Node, TensorSpec, WeightSpec
 from rdnac.ir.verify import verify
 from rdnac.kernels import activation, activation_quant, fp8_quant, gemm_fp8, rms_norm, rms_norm_quant
-from rdnac.kernels.launch import InterpretLauncher, JitLauncher, RecordingLauncher
+from rdnac.kernels.launch import InterpretLauncher, JitLauncher
 from rdnac.runtime.engine import Engine
 from rdnac.testing.fp8 import write_random_checkpoint
 from tests.test_kernels_gemm_fp8 import _operands
@@ -285,9 +286,9 @@ def _graph(producer: str, schemes: list[str], extra_reader: bool = False):
 def _run_pass(producer: str, schemes: list[str], extra_reader: bool = False):
     graph, weights, values = _graph(producer, schemes, extra_reader)
     before = interpreter.run(graph, weights, values)
-    ctx = PassContext(target="cpu")
+    ctx = CompileState(graph, weights, "cpu")
     module = fuse_norm_quant if producer == "rms_norm" else fuse_act_quant
-    graph = module.run(graph, ctx)
+    module.run(ctx)
     verify(graph)
     after = interpreter.run(graph, weights, values)
     for name, value in before.items():  # fused or not, the reference computes the same bits
@@ -328,8 +329,9 @@ def test_pass_keeps_and_says_why(producer, schemes, extra_reader, why):
 def test_pass_is_silent_without_fp8_readers():
     graph, weights, _ = _graph("rms_norm", [])
     graph.outputs = ["y", "h"]
-    ctx = PassContext(target="cpu")
-    assert fuse_norm_quant.run(graph, ctx).nodes[0].op == "rms_norm" and ctx.decisions == []
+    ctx = CompileState(graph, weights, "cpu")
+    fuse_norm_quant.run(ctx)
+    assert ctx.graph.nodes[0].op == "rms_norm" and ctx.decisions == []
 
 
 # ---------------------------------------------------------------- whole models

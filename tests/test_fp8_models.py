@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 
 import rdnac
 from rdnac.compiler.frontend import build_graph, read_checkpoint
-from rdnac.compiler.passes import PassContext, fp8_layout
+from rdnac.compiler.passes import CompileState, fp8_layout
 
 # These tests follow each checkpoint linear to its FP8 scheme node by node, so they compile without
 # merge_linears; tests/test_merge_linears.py covers merged FP8 linears.
@@ -34,7 +34,6 @@ from rdnac.ir import interpreter
 from rdnac.ir.fp8 import FP8_MAX, dequantize_weight
 from rdnac.ir.verify import verify
 from rdnac.plans import read_plan
-from rdnac.targets import get_target
 from rdnac.targets.probe import Capabilities, DotProbe
 from rdnac.testing.fp8 import write_fp8_checkpoint, write_random_checkpoint
 from tests.support.checkpoints import make_checkpoint, write_byte_tokenizer
@@ -164,8 +163,7 @@ def test_cpu_plan_matches_dequantized_transformers(fp8_cases, name):
 def test_weights_exact_with_float_activations(fp8_cases, name):
     directory, ref, _ = fp8_cases(name)
     graph, weights, _ = build_graph(read_checkpoint(directory), "float32")
-    ctx = PassContext("gfx1151")
-    graph = fp8_layout.run(graph, weights, ctx, get_target("gfx1151"), fake_capabilities("gfx1151", False))
+    fp8_layout.run(CompileState(graph, weights, "gfx1151", capabilities=fake_capabilities("gfx1151", False)))
     verify(graph)
     assert {n.attrs["act_scheme"] for n in graph.nodes if n.op == "linear_fp8"} == {"none"}
     err = (run_graph(graph, weights, PROMPT) - ref).abs().max().item()
@@ -268,8 +266,8 @@ def test_gfx942_layout_is_e4m3fnuz_with_identical_values(fp8_cases, name):
     directory, ref, _ = fp8_cases(name)
     graph, weights, _ = build_graph(read_checkpoint(directory), "float32")
     before = {k: v.clone() for k, v in weights.items()}
-    ctx = PassContext("gfx942")
-    graph = fp8_layout.run(graph, weights, ctx, get_target("gfx942"), fake_capabilities("gfx942", True))
+    ctx = CompileState(graph, weights, "gfx942", capabilities=fake_capabilities("gfx942", True))
+    fp8_layout.run(ctx)
     verify(graph)
     for node in (n for n in graph.nodes if n.op == "linear_fp8"):
         a = node.attrs
@@ -296,8 +294,8 @@ def test_gfx942_layout_is_e4m3fnuz_with_identical_values(fp8_cases, name):
 def test_gfx1151_layout_is_a16w8_and_drops_static_scales(fp8_cases):
     directory, _, _ = fp8_cases("llama-fp8-tensor-static")
     graph, weights, _ = build_graph(read_checkpoint(directory), "float32")
-    ctx = PassContext("gfx1151")
-    graph = fp8_layout.run(graph, weights, ctx, get_target("gfx1151"), fake_capabilities("gfx1151", False))
+    ctx = CompileState(graph, weights, "gfx1151", capabilities=fake_capabilities("gfx1151", False))
+    fp8_layout.run(ctx)
     verify(graph)
     assert not [w for w in graph.weights if w.endswith("input_scale")]
     assert not [w for w in weights if w.endswith("input_scale")]
@@ -349,8 +347,7 @@ def test_mistral3_compiles_text_only_and_matches_its_text_model(mistral3):
     print(f"\nmistral3 (ministral3 text): max |logit error| {rel:.3f} x std, top-1 agreement {agreement:.1%}")
     assert rel <= LOGIT_TOL and agreement >= AGREEMENT, (rel, agreement)
     graph, weights, _ = build_graph(read_checkpoint(root / "fp8"), "float32")
-    graph = fp8_layout.run(graph, weights, PassContext("gfx1151"), get_target("gfx1151"),
-                           fake_capabilities("gfx1151", False))
+    fp8_layout.run(CompileState(graph, weights, "gfx1151", capabilities=fake_capabilities("gfx1151", False)))
     err = (run_graph(graph, weights, PROMPT) - ref).abs().max().item()
     assert err <= EXACT_TOL, f"a16w8 logits differ from the dequantized Mistral3 text model by {err:.3g}"
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import rdnac
 from rdnac.compiler.build import check_resources
-from rdnac.kernels.binaries import KernelBinary
+from rdnac.plans.binaries import KernelBinary
 from rdnac.plans import read_plan
 from rdnac.testing.fp8 import write_random_checkpoint
 

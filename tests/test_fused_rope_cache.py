@@ -16,7 +16,7 @@ import torch
 
 import rdnac
 from rdnac.compiler.frontend import build_graph, read_checkpoint
-from rdnac.compiler.passes import PassContext, fuse_qk_norm_rope_cache, merge_linears
+from rdnac.compiler.passes import CompileState, fuse_qk_norm_rope_cache, merge_linears
 from rdnac.ir import interpreter, ops, rope_math
 from rdnac.ir.verify import verify
 from rdnac.kernels import kv_cache, qk_norm_rope_cache, rms_norm, rope
@@ -208,11 +208,12 @@ def _run_both(original, fused, weights) -> None:
 @pytest.mark.parametrize("merged", [True, False], ids=["merged_qkv", "separate_qkv"])
 def test_pass_fuses_and_matches_interpreter(family, merged, checkpoints):
     graph, weights, _ = build_graph(read_checkpoint(checkpoints / family), "float32")
-    ctx = PassContext(target="cpu")
+    state = CompileState(graph, weights, "cpu")
     if merged:
-        graph = merge_linears.run(graph, ctx, weights)
-    original = copy.deepcopy(graph)
-    fused = fuse_qk_norm_rope_cache.run(graph, ctx)
+        merge_linears.run(state)
+    original = copy.deepcopy(state.graph)
+    fuse_qk_norm_rope_cache.run(state)
+    fused = state.graph
     verify(fused)
     layers = fused.attrs["num_layers"]
     counts = fused.op_counts()
@@ -224,7 +225,7 @@ def test_pass_fuses_and_matches_interpreter(family, merged, checkpoints):
         assert node.outputs == [f"layers.{i}.rope.0"] and node.attrs["qk_norm"] is qk_norm
         assert len(node.inputs) == (9 if qk_norm else 7)
         assert fused.node(f"layers.{i}.attn").inputs[0] == f"layers.{i}.rope.0"
-    decisions = [d for d in ctx.decisions if d["pass"] == PASS]
+    decisions = [d for d in state.decisions if d["pass"] == PASS]
     assert len(decisions) == layers and all(d["action"].startswith("fused") for d in decisions)
     assert all(("q_norm" in d["action"]) == qk_norm for d in decisions)
     _run_both(original, fused, weights)
@@ -235,10 +236,11 @@ def test_pass_logs_why_it_cannot_fuse(checkpoints):
     graph.outputs.append("layers.0.rope.1")  # layer 0's k' is needed outside: rope and write stay
     graph.outputs.append("layers.1.q_norm")  # layer 1's q norm is needed outside: the norms stay
     original = copy.deepcopy(graph)
-    ctx = PassContext(target="cpu")
-    fused = fuse_qk_norm_rope_cache.run(graph, ctx)
+    state = CompileState(graph, weights, "cpu")
+    fuse_qk_norm_rope_cache.run(state)
+    fused = state.graph
     verify(fused)
-    decisions = {d["node"]: d for d in ctx.decisions if d["pass"] == PASS}
+    decisions = {d["node"]: d for d in state.decisions if d["pass"] == PASS}
     assert decisions["layers.0.rope"]["action"] == "kept separate"
     assert "graph output" in decisions["layers.0.rope"]["reason"]
     partial = decisions["layers.1.rope_cache"]

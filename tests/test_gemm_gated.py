@@ -18,12 +18,13 @@ import torch
 
 import rdnac
 from rdnac.compiler import cost_model, tuning
-from rdnac.compiler.passes import PassContext, fuse_gated_linear
+from rdnac.compiler.passes import CompileState, fuse_gated_linear
+from rdnac.compiler.record import RecordingLauncher
 from rdnac.ir import interpreter, ops
 from rdnac.ir.graph import Graph, Node, TensorSpec, WeightSpec
 from rdnac.ir.verify import verify
 from rdnac.kernels import activation, gemm, gemm_gated
-from rdnac.kernels.launch import InterpretLauncher, RecordingLauncher
+from rdnac.kernels.launch import InterpretLauncher
 from rdnac.targets import get_target
 from tests.support.aot import aot_launcher
 from tests.support.checkpoints import make_checkpoint, reference_greedy, reference_logits
@@ -323,8 +324,9 @@ def test_pass_fuses_and_matches_the_reference(bias):
     graph, weights = _graph(bias=bias)
     x = {"x": torch.randn(7, 24, generator=torch.Generator().manual_seed(1))}
     before = interpreter.run(graph, weights, x)["m"]
-    ctx = PassContext(target="cpu")
-    fused = fuse_gated_linear.run(graph, ctx)
+    ctx = CompileState(graph, weights, "cpu")
+    fuse_gated_linear.run(ctx)
+    fused = ctx.graph
     verify(fused)
     assert [(n.name, n.op, n.inputs, n.outputs) for n in fused.nodes] == \
         [("gate_up", "linear_gated_act", ["x", "w", "b"] if bias else ["x", "w"], ["m"])]
@@ -339,10 +341,11 @@ def test_pass_fuses_and_matches_the_reference(bias):
                                          ("fp8", "gu comes from gate_up (linear_fp8), not a plain linear"),
                                          ("unmerged", "merge_linears did not merge them")])
 def test_pass_keeps_and_says_why(variant, why):
-    graph, _ = _graph(merged=variant != "unmerged", extra_reader=variant == "extra_reader", fp8=variant == "fp8")
+    graph, weights = _graph(merged=variant != "unmerged", extra_reader=variant == "extra_reader", fp8=variant == "fp8")
     ops_before = [n.op for n in graph.nodes]
-    ctx = PassContext(target="cpu")
-    assert [n.op for n in fuse_gated_linear.run(graph, ctx).nodes] == ops_before
+    ctx = CompileState(graph, weights, "cpu")
+    fuse_gated_linear.run(ctx)
+    assert [n.op for n in ctx.graph.nodes] == ops_before
     assert len(ctx.decisions) == 1 and ctx.decisions[0]["action"] == "kept unfused"
     assert why in ctx.decisions[0]["reason"], ctx.decisions[0]["reason"]
 

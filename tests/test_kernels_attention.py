@@ -211,7 +211,7 @@ def test_decode_self_reduce_is_bit_identical_to_the_reduce_kernel(num_heads, num
 
 def test_decode_self_reduce_launches_one_kernel_and_compiles_for_every_gpu_target():
     from rdnac.compiler.build import check_resources, compile_calls
-    from rdnac.kernels.launch import RecordingLauncher
+    from rdnac.compiler.record import RecordingLauncher
 
     # Qwen3-8B widths at batch 1 (32/8 heads x 128), as `rdnac tune` records them
     batch, _ = make_batch([(1000, 1)], 32, 8, 128, torch.bfloat16, device="meta")

@@ -215,7 +215,7 @@ def test_self_reduce_logits_softcap():
 
 def test_self_reduce_launches_one_kernel_and_compiles_for_every_gpu_target():
     from rdnac.compiler.build import check_resources, compile_calls
-    from rdnac.kernels.launch import RecordingLauncher
+    from rdnac.compiler.record import RecordingLauncher
 
     meta = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16, device="meta")  # noqa: E731
     calls = []

@@ -18,11 +18,12 @@ import pytest
 import torch
 
 from rdnac.compiler.build import check_resources, compile_calls
+from rdnac.compiler.record import RecordingLauncher
 from rdnac.ir import ops
 from rdnac.ir.fp8 import FORMATS, FP8_MAX, quantize_rows
 from rdnac.kernels import fp8_quant, gemm_fp8
 from rdnac.kernels.gemm import DECODE_MAX_M
-from rdnac.kernels.launch import InterpretLauncher, JitLauncher, RecordingLauncher
+from rdnac.kernels.launch import InterpretLauncher, JitLauncher
 from tests.support.aot import aot_launcher
 
 SHAPES = [(384, 256), (256, 384), (1536, 512)]  # (N, K), multiples of the 128 x 128 scale block
@@ -240,7 +241,7 @@ def test_self_reduce_split_k_is_bit_identical(variant):
 
 def test_self_reduce_split_k_builds_for_sm90_and_gfx942():
     from rdnac.compiler.build import check_resources, compile_calls
-    from rdnac.kernels.launch import RecordingLauncher
+    from rdnac.compiler.record import RecordingLauncher
 
     calls = []
     for variant, fmt in (("block", "e4m3fn"), ("token_channel", "e4m3fnuz")):
@@ -327,7 +328,7 @@ def test_sm90_fp8_dot_promotes_its_accumulator_every_block_k(M):
     (test_linear_fp8_gpu, 2026-12-06). The per-token/channel kernel promotes to an fp32 add every BLOCK_K."""
     import re
 
-    from rdnac.kernels.binaries import triton_compile
+    from rdnac.targets.compile import triton_compile
 
     N, K = COMPILE_SHAPE
     recorder = RecordingLauncher()

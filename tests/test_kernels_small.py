@@ -19,7 +19,9 @@ from triton.runtime.jit import JITFunction
 
 from rdnac.ir import ops, rope_math
 from rdnac.kernels import activation, embedding, kv_cache, rms_norm, rope, sampling
-from rdnac.kernels.launch import InterpretLauncher, JitLauncher, KernelCall
+from rdnac.compiler.record import record_call
+from rdnac.kernels.launch import InterpretLauncher, JitLauncher
+from rdnac.plans.binaries import KernelCall
 
 has_cuda = torch.cuda.is_available()
 
@@ -440,8 +442,8 @@ class _RecordingLauncher:
 
     def launch(self, kernel, grid, args, *, constexprs, num_warps=4, num_stages=2):
         assert all(isinstance(g, int) for g in grid), f"{kernel.fn.__name__}: grid {grid} is not host ints"
-        # from_launch checks the argument count, types and constexpr names against the kernel
-        self.calls.append(KernelCall.from_launch(kernel, args, constexprs, num_warps, num_stages))
+        # record_call checks the argument count, types and constexpr names against the kernel
+        self.calls.append(record_call(kernel, args, constexprs, num_warps, num_stages))
 
 
 def test_wrappers_run_on_meta_tensors():

@@ -11,7 +11,7 @@ import torch
 
 import rdnac
 from rdnac.compiler.frontend import build_graph, read_checkpoint
-from rdnac.compiler.passes import PassContext, merge_linears
+from rdnac.compiler.passes import CompileState, merge_linears
 from rdnac.ir import interpreter
 from rdnac.ir.verify import verify
 from rdnac.testing.fp8 import write_fp8_checkpoint
@@ -70,8 +70,9 @@ def test_pass_output_verifies_and_matches_interpreter(checkpoints):
     import copy
 
     original = copy.deepcopy(graph)
-    ctx = PassContext(target="cpu")
-    merged = merge_linears.run(graph, ctx, weights)
+    state = CompileState(graph, weights, "cpu")
+    merge_linears.run(state)
+    merged = state.graph
     verify(merged)
     assert set(weights) == set(merged.weights)
     inputs = _inputs(merged, len(IDS))

@@ -225,7 +225,7 @@ def test_every_shipped_sm90_entry_builds_within_the_targets_resources():
     fits would be rejected at every compile: the shipped table must hold only configs that still build."""
     from rdnac.compiler.build import check_resources, compile_calls
     from rdnac.compiler.tune import _tensors, _wrapper
-    from rdnac.kernels.launch import RecordingLauncher
+    from rdnac.compiler.record import RecordingLauncher
 
     target = get_target("sm90")
     entries = json.loads((tuning.SHIPPED_DIR / "sm90.json").read_text())["entries"]

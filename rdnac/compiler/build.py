@@ -1,9 +1,10 @@
 """Build: AOT-compile the kernel specializations a plan needs, in parallel, cached.
 
 Sits after kernel selection and before the plan is written. Input is the
-list of `KernelCall`s that `RecordingLauncher` collected from the program's
-wrappers; output is one `KernelBinary` per call, compiled by the installed
-Triton for the target, on any machine (no GPU needed). Binaries are cached in
+list of `KernelCall`s that `RecordingLauncher` (rdnac.compiler.record)
+collected from the program's wrappers; output is one `KernelBinary` per call
+(rdnac.plans.binaries), compiled by the installed Triton for the target
+(`rdnac.targets.compile`), on any machine (no GPU needed). Binaries are cached in
 a content-addressed store, `<cache>/kernels/<key>` (msgpack), keyed by the
 kernel's source hash, the specialization (with its alignment/divisibility
 assumptions), the target and the Triton version. `check_resources` is how
@@ -26,9 +27,10 @@ from typing import Any, Iterable
 import msgpack
 
 from rdnac.errors import RdnacError
-from rdnac.kernels.launch import KernelCall, resolve_kernel
-from rdnac.kernels.binaries import BINARY_FORMAT_VERSION, COMPILE_OPTIONS, KernelBinary, compile_call, sha256_hex
+from rdnac.kernels.launch import resolve_kernel
+from rdnac.plans.binaries import BINARY_FORMAT_VERSION, KernelBinary, KernelCall, sha256_hex
 from rdnac.targets import Target, get_target
+from rdnac.targets.compile import COMPILE_OPTIONS, compile_call
 from rdnac.targets.probe import user_cache_dir
 
 

@@ -1,9 +1,10 @@
 """A small, explainable cost model that ranks kernel configs without a GPU.
 
-The kernel-selection pass asks `rank(family, problem, candidates, target)`
-for each op and M bucket, keeps the first config that also passes the
-target's resource probe, and records the winner's `reason` in the decision
-log. The model is a roofline with the few effects that decide GEMM configs
+The kernel-selection pass asks `rank(estimator, problem, candidates, target)`
+for each op and M bucket whose kernel family's registry record names an
+estimator (`KernelFamily.cost_model`, a key of `ESTIMATORS`), keeps the
+first config that also passes the target's resource probe, and records the
+winner's `reason` in the decision log. The model is a roofline with the few effects that decide GEMM configs
 on real GPUs; it is meant to order candidates sanely, not to predict
 microseconds:
 
@@ -209,6 +210,7 @@ def _estimate_gemm_gated(problem: dict, config: dict, target) -> Estimate:
     return _estimate_gemm(merged, wide, target, out_bytes_per_elt=half)
 
 
+# Estimators by name; a kernel family's registry record names the one that ranks its configs.
 ESTIMATORS: dict[str, Callable[[dict, dict, Any], Estimate]] = {
     "gemm": _estimate_gemm,
     "linear": _estimate_gemm,

@@ -1,8 +1,10 @@
 """`rdnac.compile`: checkpoint -> frontend -> passes -> (kernels) -> plan file.
 
-Targets other than cpu add kernel selection and the AOT build (see
-`rdnac.targets` and `build.py`); the cpu target's plan is run by the
-reference interpreter.
+The target is resolved (and, for a GPU, its capabilities probed) once, into
+one `CompileState`; `PASSES` then run in order over it, each
+`run(state) -> None`, the graph verified after each. Targets other than cpu
+end with kernel selection and the AOT build (`select_kernels`, `build.py`);
+the cpu target's plan is run by the reference interpreter.
 """
 
 from __future__ import annotations
@@ -17,15 +19,17 @@ import torch
 
 import rdnac
 from rdnac.compiler.frontend import build_graph, read_checkpoint
-from rdnac.compiler.passes import WEIGHT_PASSES, PassContext, fp8_layout, quantize, registry
+from rdnac.compiler.passes import (CompileState, Pass, dce, fp8_layout, fuse_act_quant, fuse_add_rms_norm,
+                                   fuse_attention_quant, fuse_gated_linear, fuse_norm_quant, fuse_qk_norm_rope_cache,
+                                   merge_linears, quantize, quantize_lm_head, select_kernels)
 from rdnac.errors import RdnacError
 from rdnac.ir.verify import verify
 from rdnac.plans import write_plan
 from rdnac.targets import get_target
 
+# The graph passes --disable-pass can skip (see PASSES for the order): those before fp8_layout, and those
+# after it. `rdnac verify` compiles its reference with all of them but dce disabled.
 GRAPH_PASSES = ("merge_linears", "fuse_add_rms_norm", "fuse_qk_norm_rope_cache", "dce")
-# run after fp8_layout, which fixes each FP8 linear's format and activation scheme (a16w8 is not fused);
-# fuse_gated_linear last: a gated_act whose FP8 quantization fused into it stays a gated_act_quant
 LATE_PASSES = ("fuse_norm_quant", "fuse_act_quant", "fuse_attention_quant", "fuse_gated_linear")
 # early_metadata_loads: with PDL, step inputs no kernel writes are read before the wait (_early_meta)
 DISABLEABLE = GRAPH_PASSES + LATE_PASSES + ("early_metadata_loads",)  # what --disable-pass accepts
@@ -80,6 +84,44 @@ def default_output(model: str | Path, target: str) -> Path:
     return Path(f"{stem}.{target}.msgpack")
 
 
+def _drop_unused_weights(state: CompileState) -> None:
+    """The weights the graph no longer names (merged, removed) leave the weights dict too."""
+    for name in [k for k in state.weights if k not in state.graph.weights]:
+        del state.weights[name]
+
+
+def _plan_runtime(state: CompileState) -> None:
+    """The plan's runtime defaults, and the launch flags (PDL, early metadata loads) with their decisions."""
+    opts, graph = state.options, state.graph
+    max_len = min(opts.max_model_len or graph.attrs["max_position_embeddings"], graph.attrs["max_position_embeddings"])
+    state.runtime = {"kv_block_size": opts.kv_block_size, "max_model_len": max_len,
+                     "device": "cuda" if state.target.is_gpu else "cpu", "max_num_seqs": opts.max_num_seqs,
+                     "max_num_batched_tokens": opts.max_num_batched_tokens, "pdl": _pdl(state)}
+    state.runtime["early_meta"] = _early_meta(state)
+
+
+# The passes of a compile, in order. Those named in DISABLEABLE can be skipped with --disable-pass
+# (the skip is logged); quantize and quantize_lm_head do something only when asked, select_kernels only
+# for GPU targets.
+PASSES: tuple[tuple[str, Pass], ...] = (
+    ("quantize", quantize.run),  # --quantize: compile-time FP8 of a float checkpoint's linears
+    ("quantize_lm_head", quantize_lm_head.run),  # --fp8-lm-head
+    ("merge_linears", merge_linears.run),
+    ("fuse_add_rms_norm", fuse_add_rms_norm.run),
+    ("fuse_qk_norm_rope_cache", fuse_qk_norm_rope_cache.run),
+    ("dce", dce.run),
+    ("drop_unused_weights", _drop_unused_weights),
+    ("fp8_layout", fp8_layout.run),  # fixes each FP8 linear's format and activation scheme (a16w8 is not fused)
+    ("fuse_norm_quant", fuse_norm_quant.run),
+    ("fuse_act_quant", fuse_act_quant.run),
+    ("fuse_attention_quant", fuse_attention_quant.run),
+    # last: a gated_act whose FP8 quantization fused into it stays a gated_act_quant
+    ("fuse_gated_linear", fuse_gated_linear.run),
+    ("runtime", _plan_runtime),
+    ("select_kernels", select_kernels.run),
+)
+
+
 def compile_model(model: str | Path, target: str = "cpu", output: str | Path | None = None, **options) -> Path:
     opts = CompileOptions(target=target, **options)
     tgt = get_target(target)
@@ -87,79 +129,47 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
     dtype = opts.dtype or ("bfloat16" if tgt.is_gpu else "float32")
     graph, weights, decisions = build_graph(checkpoint, dtype)
     verify(graph)
-    ctx = PassContext(target=target, options={"disable_passes": opts.disable_passes})
-    ctx.decisions.extend({"pass": "reader", "node": "-", "action": note, "reason": ""} for note in checkpoint.notes)
-    ctx.decisions.extend(decisions)
-    if opts.quantize:
-        graph = quantize.run(graph, weights, ctx, opts.quantize)
-        if opts.verify_each_pass:
-            verify(graph)
-    if opts.fp8_lm_head:
-        graph = quantize.quantize_lm_head(graph, weights, ctx)
-        if opts.verify_each_pass:
-            verify(graph)
-    passes = registry()
-    for name in GRAPH_PASSES:
-        if name in opts.disable_passes:
-            ctx.decide(name, "-", "skipped", "disabled with --disable-pass")
-            continue
-        # passes that rewrite weights (merge_linears concatenates them) get the weights dict, like quantize
-        graph = passes[name](graph, ctx, weights) if name in WEIGHT_PASSES else passes[name](graph, ctx)
-        if opts.verify_each_pass:
-            verify(graph)
-    weights = {k: v for k, v in weights.items() if k in graph.weights}
     caps = None
     if tgt.is_gpu:
         from rdnac.targets.probe import probe
 
         caps = probe(tgt)
-    graph = fp8_layout.run(graph, weights, ctx, tgt, caps)
-    if opts.verify_each_pass:
-        verify(graph)
-    for name in LATE_PASSES:
+    state = CompileState(graph, weights, tgt, opts, capabilities=caps)
+    state.decisions.extend({"pass": "reader", "node": "-", "action": note, "reason": ""} for note in checkpoint.notes)
+    state.decisions.extend(decisions)
+    for name, run_pass in PASSES:
         if name in opts.disable_passes:
-            ctx.decide(name, "-", "skipped", "disabled with --disable-pass")
+            state.decide(name, "-", "skipped", "disabled with --disable-pass")
             continue
-        graph = passes[name](graph, ctx)
+        run_pass(state)
         if opts.verify_each_pass:
-            verify(graph)
-    max_len = min(opts.max_model_len or graph.attrs["max_position_embeddings"], graph.attrs["max_position_embeddings"])
-    runtime = {"kv_block_size": opts.kv_block_size, "max_model_len": max_len,
-               "device": "cuda" if tgt.is_gpu else "cpu", "max_num_seqs": opts.max_num_seqs,
-               "max_num_batched_tokens": opts.max_num_batched_tokens, "pdl": _pdl(opts, tgt, ctx)}
-    runtime["early_meta"] = _early_meta(opts, runtime["pdl"], tgt, ctx)
-    program, kernels, capabilities, triton_version = {}, [], None, None
+            verify(state.graph)
+    triton_version = None
     if tgt.is_gpu:
         import triton
 
-        from rdnac.compiler.passes import select_kernels
-
-        capabilities = caps.to_dict()
-        keys = select_kernels.step_keys(opts.max_num_seqs, opts.max_num_batched_tokens)
-        ctx.options["quiet"] = opts.quiet
-        program, binaries = select_kernels.run(graph, ctx, tgt, runtime, keys)
-        kernels = [b.to_dict() for b in binaries]
         triton_version = triton.__version__
     header = {
         "rdnac_version": rdnac.__version__, "torch_version": torch.__version__, "triton_version": triton_version,
-        "target": target, "target_info": tgt.to_dict(), "capabilities": capabilities, "model": _model_identity(checkpoint),
+        "target": target, "target_info": tgt.to_dict(), "capabilities": caps.to_dict() if caps else None,
+        "model": _model_identity(checkpoint),
         "compile_options": {"dtype": dtype, "max_model_len": opts.max_model_len,
                             "disable_passes": list(opts.disable_passes), "quantize": opts.quantize,
                             "fp8_lm_head": opts.fp8_lm_head, "pdl": opts.pdl},
         "created_unix": int(time.time()),
     }
     body = {
-        "graph": graph.to_dict(),
-        "decisions": ctx.decisions,
-        "kernels": kernels,
-        "program": program,
-        "runtime": runtime,
+        "graph": state.graph.to_dict(),
+        "decisions": state.decisions,
+        "kernels": [b.to_dict() for b in state.binaries],
+        "program": state.program,
+        "runtime": state.runtime,
         "tokenizer": {"json": checkpoint.tokenizer_json, "config": _jsonable(checkpoint.tokenizer_config)},
         "chat_template": checkpoint.chat_template,
         "generation_config": _jsonable(checkpoint.generation_config),
     }
     out = Path(output) if output else default_output(model, target)
-    write_plan(out, header, body, weights)
+    write_plan(out, header, body, state.weights)
     return out
 
 
@@ -168,22 +178,23 @@ def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def _early_meta(opts: CompileOptions, pdl: bool, tgt, ctx) -> bool:
+def _early_meta(state: CompileState) -> bool:
     """Whether kernels read the step's host-written inputs (positions, slots, sequence lengths, block
     tables) before the PDL wait (decode attention and q/k-norm + RoPE + cache; see their modules)."""
-    if not pdl:
+    if not state.runtime["pdl"]:
         return False
-    if "early_metadata_loads" in opts.disable_passes:
-        ctx.decide("launch", "-", "early metadata loads off", "disabled with --disable-pass early_metadata_loads")
+    if "early_metadata_loads" in state.options.disable_passes:
+        state.decide("launch", "-", "early metadata loads off", "disabled with --disable-pass early_metadata_loads")
         return False
-    ctx.decide("launch", "-", "early metadata loads on", "with PDL a kernel's programs start while the one before "
-               "runs; the step inputs the host wrote before the step (no kernel writes them) are read, and RoPE's "
-               "angles computed, before waiting on it, so fewer dependent loads follow the wait")
+    state.decide("launch", "-", "early metadata loads on", "with PDL a kernel's programs start while the one before "
+                 "runs; the step inputs the host wrote before the step (no kernel writes them) are read, and RoPE's "
+                 "angles computed, before waiting on it, so fewer dependent loads follow the wait")
     return True
 
 
-def _pdl(opts: CompileOptions, tgt, ctx) -> bool:
+def _pdl(state: CompileState) -> bool:
     """Whether the plan's kernels use programmatic dependent launch (`rdnac.kernels.launch.with_pdl`)."""
+    opts, tgt = state.options, state.target
     if opts.pdl and not tgt.has_pdl:
         raise RdnacError(f"--pdl requires a target with programmatic dependent launch (NVIDIA sm90 or newer); "
                          f"{tgt.name} has none")
@@ -192,5 +203,5 @@ def _pdl(opts: CompileOptions, tgt, ctx) -> bool:
         why = ("--no-pdl" if opts.pdl is False else "the target has it: each kernel lets the next one's blocks "
                "start and waits on the GPU for its predecessor (no launch gap)") if tgt.has_pdl else \
             "the target has no programmatic dependent launch"
-        ctx.decide("launch", "-", "programmatic dependent launch " + ("on" if on else "off"), why)
+        state.decide("launch", "-", "programmatic dependent launch " + ("on" if on else "off"), why)
     return on

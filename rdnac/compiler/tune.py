@@ -14,7 +14,6 @@ cache. `rdnac.compiler.tuning` stores and looks up the winners;
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
 
@@ -24,8 +23,10 @@ import triton
 from rdnac.compiler import cost_model, tuning
 from rdnac.compiler.build import check_resources, compile_calls
 from rdnac.errors import RdnacError
+from rdnac.compiler.record import RecordingLauncher
+from rdnac.kernels import registry
 from rdnac.kernels.gemm import _config
-from rdnac.kernels.launch import JitLauncher, RecordingLauncher
+from rdnac.kernels.launch import JitLauncher
 from rdnac.targets import get_target
 
 L2_DEFEAT_BYTES = 256 << 20
@@ -37,8 +38,7 @@ def _acfg(warps, stages, **constexprs):
 
 
 def candidates(family: str, problem: dict) -> list[dict]:
-    module = importlib.import_module(f"rdnac.kernels.{family}")
-    space = list(module.config_space(problem))
+    space = list(registry.family(family).config_space(problem))
     if family == "attention":
         if problem["phase"] == "decode":
             extra = [_acfg(w, st, NUM_SPLITS=s, BLOCK_N=n) for s in (1, 2, 4, 8, 16, 32) for n in (16, 32, 64, 128)
@@ -134,12 +134,14 @@ def _tensors(family: str, problem: dict, device: str, copies: int, context: int 
     return sets
 
 
-def _wrapper(family: str, problem: dict | None = None):
-    from rdnac.kernels import attention, attention_decode, gemm, gemm_fp8, gemm_gated
+# The op whose wrapper times a tuned family's problems (gemm also serves logits; attention its quant form).
+_TIMED_OP = {"gemm": "linear", "gemm_gated": "linear_gated_act", "gemm_fp8": "linear_fp8", "attention": "attention"}
 
-    if family == "attention":
-        return attention_decode.attention_decode if problem["phase"] == "decode" else attention.attention_prefill
-    return {"gemm": gemm.linear, "gemm_gated": gemm_gated.linear_gated_act}.get(family, gemm_fp8.linear_fp8)
+
+def _wrapper(family: str, problem: dict):
+    fam, entry = registry.for_op(_TIMED_OP[family])
+    assert fam.name == family, (family, fam.name)
+    return entry.for_phase(problem.get("phase", "prefill"))
 
 
 def build_candidates(jobs: list[tuple[str, dict]], target: str, log=print) -> list[tuple[int, dict, list]]:
@@ -210,8 +212,9 @@ def search(jobs: list[tuple[str, dict]], target: str, log=print, contexts: tuple
             # a prequantized GEMM looks this entry up too (tuning.measured_form) and has no x to quantize:
             # it takes the fastest config that reads fp8 x (every such time carries the same quant launch)
             entry["prequantized_config"] = next(c for _, c in timed if not c["constexprs"].get("QUANT_A"))
-        if family in ("gemm", "gemm_gated"):
-            pick = cost_model.rank(family, problem, [c for _, c in timed], tgt)[0][0]
+        estimator = registry.family(family).cost_model
+        if estimator is not None:  # how far the model's own pick is from the fastest
+            pick = cost_model.rank(estimator, problem, [c for _, c in timed], tgt)[0][0]
             entry["cost_model_pick_us"] = round(next(t for t, c in timed if c == pick), 2)
         log(json.dumps(entry))
         results.append(entry)
@@ -246,9 +249,8 @@ def _time_candidates(j: int, family: str, problem: dict, ok: list, launcher, con
     reps = max(copies, 8)
     timed = []
     wrapper = _wrapper(family, problem)
-    module = importlib.import_module(f"rdnac.kernels.{family}")
     args, kw = sets[0]
-    default = module.default_config(problem)
+    default = registry.family(family).default_config(problem)
     built = any(jj == j and config == default for jj, config, _ in ok)  # usually: it is in the space
     reference = wrapper(*args, **kw, config=default, launcher=launcher if built else JitLauncher()).float()
     for jj, config, _ in ok:
@@ -323,10 +325,9 @@ def _normalized(problem: dict) -> dict:
 def problems_from_plan(plan_path) -> list[tuple[str, dict]]:
     """The tunable problems (GEMM, FP8 GEMM, gated GEMM, attention) a compiled GPU plan selects configs for, one per
     tile regime: decode at 1 and the plan's batch, middle sizes at 64, prefill at its largest step."""
-    from rdnac.compiler.passes.select_kernels import _problem, _propagate_meta, meta_env
+    from rdnac.compiler.passes.select_kernels import _propagate_meta, meta_env, node_problem
     from rdnac.ir.graph import Graph
     from rdnac.plans import read_plan
-    from rdnac.runtime.executor import NO_KERNEL_OPS
 
     plan = read_plan(plan_path)
     if not plan.body.get("kernels"):
@@ -340,10 +341,10 @@ def problems_from_plan(plan_path) -> list[tuple[str, dict]]:
     for phase, tokens in keys:
         env, _ = meta_env(graph, phase, tokens, runtime)
         for node in graph.nodes:
-            if node.op not in NO_KERNEL_OPS:
-                family, problem = _problem(node, phase, env, runtime)
+            if node.op not in registry.VIEW_OPS:
+                family, problem = node_problem(node, phase, env, runtime)
                 job = (family, _normalized(problem))
-                if family in tuning.TUNED_FAMILIES and job not in jobs:
+                if family in tuning.tuned_families() and job not in jobs:
                     jobs.append(job)
             _propagate_meta(node, env)
     return jobs

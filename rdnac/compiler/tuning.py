@@ -7,9 +7,11 @@ GPU and times every candidate built through the same AOT path plans use.
 The winners go to `rdnac/compiler/tuned/<target>.json` (shipped) or the
 user's `~/.cache/rdnac/tuned/<target>.json` (which wins on conflicts).
 
-Entries are keyed by family and problem (the GEMM's M bucket, N, K, dtype and
-FP8 scheme; attention's phase, heads, head size and KV block size, with the
-sequences of a decode step or the tokens of a prefill step as its "M"). A lookup for an M bucket that was not measured takes the
+Entries are keyed by family and problem: the fields its kernel-registry
+record names (`KernelFamily.tuning_key`: the GEMM's N, K, dtype and FP8
+scheme; attention's phase, heads, head size and KV block size) and its size
+(`KernelFamily.size`: GEMM rows; the sequences of a decode step or the tokens
+of a prefill step for attention) as "M". A lookup for an M bucket that was not measured takes the
 nearest measured bucket of the same tile regime (decode M <= 16, M <= 64,
 M <= 256, prefill), because configs only change between regimes.
 """
@@ -22,14 +24,10 @@ from functools import lru_cache
 from pathlib import Path
 
 from rdnac.errors import RdnacError
+from rdnac.kernels import registry
 from rdnac.targets.probe import user_cache_dir
 
 SHIPPED_DIR = Path(__file__).resolve().parent / "tuned"
-TUNED_FAMILIES = ("gemm", "gemm_fp8", "gemm_gated", "attention")
-_KEY_FIELDS = {"gemm": ("N", "K", "dtype"),
-               "gemm_gated": ("N", "K", "dtype", "act"),  # N: the output width I (weight [2N, K])
-               "gemm_fp8": ("N", "K", "dtype", "weight_scheme", "act_scheme", "fp8_format", "block_size"),
-               "attention": ("phase", "num_heads", "num_kv_heads", "head_dim", "block_size", "dtype")}
 _REGIMES = ((1, 16), (17, 64), (65, 256), (257, 1 << 30))
 
 
@@ -41,16 +39,19 @@ def measured_form(problem: dict) -> dict:
     return dict(problem, act_scheme="dynamic_group" if problem.get("group") else "dynamic_token")
 
 
+def tuned_families() -> tuple[str, ...]:
+    """The kernel families `rdnac tune` measures: those whose registry record has a tuning key."""
+    return tuple(name for name, fam in registry.families().items() if fam.tuning_key)
+
+
 def problem_key(family: str, problem: dict) -> str:
     problem = measured_form(problem)
-    return family + "|" + "|".join(f"{f}={problem.get(f)}" for f in _KEY_FIELDS[family])
+    return family + "|" + "|".join(f"{f}={problem.get(f)}" for f in registry.family(family).tuning_key)
 
 
 def problem_m(family: str, problem: dict) -> int:
-    """The size a config depends on: GEMM rows; attention's sequences (decode) or tokens (prefill)."""
-    if family == "attention":
-        return problem["num_seqs"] if problem["phase"] == "decode" else problem["num_tokens"]
-    return problem["M"]
+    """The size a config depends on (the record's `size`): GEMM rows; attention's sequences or tokens."""
+    return registry.family(family).size(problem)
 
 
 def _regime(m: int) -> tuple[int, int]:
@@ -81,7 +82,7 @@ def load(target: str) -> dict[str, dict]:
 
 def lookup(target: str, family: str, problem: dict) -> dict | None:
     """The measured entry for this problem, or the nearest measured M bucket of the same regime."""
-    if family not in TUNED_FAMILIES:
+    if family not in tuned_families():
         return None
     by_m = load(target).get(problem_key(family, problem))
     if not by_m:
@@ -110,7 +111,7 @@ def nearest_shape(target: str, family: str, problem: dict) -> dict | None:
     if not family.startswith("gemm") or problem_m(family, problem) < SHAPE_FREE_MIN_M:
         return None
     form = measured_form(problem)
-    same_kind = [f for f in _KEY_FIELDS[family] if f not in ("N", "K")]
+    same_kind = [f for f in registry.family(family).tuning_key if f not in ("N", "K")]
     best, best_distance = None, math.inf
     for by_m in load(target).values():
         for m, entry in by_m.items():

@@ -2,6 +2,8 @@
 
 The reference functions are the living definition of each op: the
 interpreter runs them, and every Triton kernel is tested against them.
+An op's GPU kernels are registered where they are written: in its kernel
+file's `FAMILY` record (`rdnac.kernels.registry`, which says how to add an op).
 
 Tensors are flat per token: q is [T, H*D], not [T, H, D]. Ops that need
 heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols

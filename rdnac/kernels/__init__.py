@@ -1,5 +1,11 @@
 """rdnac's Triton kernel library: one kernel family per file.
 
+Each family file holds its Triton kernels, their run-time wrappers, its
+config space and one `FAMILY` record (`registry.py`) naming the IR ops it
+implements: the one place where an op meets its kernels, read by the
+executor, kernel selection, tuning and the cost model. `registry.py` says
+how to add an op.
+
 It lives outside `rdnac.compiler` because both sides need it: the compiler
 AOT-builds these kernels into plans, and the runtime launches the plan's
 binaries through the same Python wrappers (and, when a plan was built by

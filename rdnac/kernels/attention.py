@@ -260,3 +260,6 @@ def default_config(problem: dict) -> dict:
     if next_power_of_2(problem["head_dim"]) <= 64:
         return _config(4, 2, BLOCK_M=64, BLOCK_N=64)
     return _config(4, 2, BLOCK_M=64, BLOCK_N=32)
+
+
+# The attention family's registry record (FAMILY) is in attention_decode.py, which imports this module.

@@ -298,3 +298,29 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, positions, sinks, num_h
                                     "NUM_SPLITS": num_splits, **qx},
                         num_warps=2, num_stages=1)
     return out
+
+
+# Below the kernels: an import above them would move their line numbers, which Triton's source hash
+# and the binaries' line info include.
+from rdnac.kernels import attention  # noqa: E402
+from rdnac.kernels.registry import KernelFamily, OpKernel, dtype_name  # noqa: E402
+
+
+def _problem(a: dict, ins: list, phase: str, runtime: dict) -> dict:  # the quant epilogue changes no config
+    return {"phase": phase, "num_heads": a["num_heads"], "num_kv_heads": a["num_kv_heads"],
+            "head_dim": a["head_dim"], "block_size": runtime["kv_block_size"],
+            "max_model_len": runtime["max_model_len"], "dtype": dtype_name(ins[0]),
+            "num_seqs": ins[4].shape[0], "num_tokens": ins[0].shape[0]}
+
+
+# The attention family's record: its prefill kernels and config space are in attention.py, which this
+# module imports (a record there could not name the decode wrappers without a cycle).
+FAMILY = KernelFamily(
+    "attention", config_space=attention.config_space, default_config=attention.default_config,
+    tuning_key=("phase", "num_heads", "num_kv_heads", "head_dim", "block_size", "dtype"),
+    # a config depends on the sequences of a decode step, the tokens of a prefill step
+    size=lambda p: p["num_seqs"] if p["phase"] == "decode" else p["num_tokens"],
+    ops={"attention": OpKernel(attention.attention_prefill, _problem, decode=attention_decode,
+                               takes_max_query_len=True),
+         "attention_quant": OpKernel(attention.attention_quant_prefill, _problem, decode=attention_quant_decode,
+                                     takes_max_query_len=True)})

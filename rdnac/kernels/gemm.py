@@ -415,3 +415,23 @@ def default_config(problem: dict) -> dict:
     if M <= 256:
         return _config(64, 64, _clamp_block_k(64, K), 8, 1, 4, 2)
     return _config(128, 128, _clamp_block_k(32, K), 8, 1, 8, 2)  # 32 KiB of LDS: fits every target
+
+
+# Below the kernels: an import above them would move their line numbers, which Triton's source hash
+# and the binaries' line info include.
+from rdnac.kernels.registry import KernelFamily, OpKernel, dtype_name  # noqa: E402
+
+
+def _linear_problem(a: dict, ins: list, phase: str, runtime: dict) -> dict:
+    return {"M": ins[0].shape[0], "N": ins[1].shape[0], "K": ins[1].shape[1], "dtype": dtype_name(ins[0]),
+            "has_bias": len(ins) == 3}
+
+
+def _logits_problem(a: dict, ins: list, phase: str, runtime: dict) -> dict:  # M: the gathered rows
+    return {"M": ins[1].shape[0], "N": ins[2].shape[0], "K": ins[2].shape[1], "dtype": dtype_name(ins[0]),
+            "has_bias": False}
+
+
+FAMILY = KernelFamily("gemm", config_space=config_space, default_config=default_config, cost_model="gemm",
+                      tuning_key=("N", "K", "dtype"),
+                      ops={"linear": OpKernel(linear, _linear_problem), "logits": OpKernel(logits, _logits_problem)})

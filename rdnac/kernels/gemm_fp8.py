@@ -325,3 +325,21 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                                         SPLIT_K=split_k, BLOCK=REDUCE_BLOCK),
                         num_warps=4, num_stages=1)
     return out
+
+
+# Below the kernels: an import above them would move their line numbers, which Triton's source hash
+# and the binaries' line info include.
+from rdnac.kernels.registry import KernelFamily, OpKernel, dtype_name  # noqa: E402
+
+
+def _problem(a: dict, ins: list, phase: str, runtime: dict) -> dict:
+    return {"M": ins[0].shape[0], "N": ins[1].shape[0], "K": ins[1].shape[1],
+            "dtype": a.get("out_dtype") or dtype_name(ins[0]),
+            "has_bias": a.get("has_bias", False), "weight_scheme": a["weight_scheme"],
+            "act_scheme": a["act_scheme"], "fp8_format": a["fp8_format"],
+            "block_size": a.get("block_size"), "group": a.get("group", 0)}
+
+
+FAMILY = KernelFamily("gemm_fp8", config_space=config_space, default_config=default_config,
+                      tuning_key=("N", "K", "dtype", "weight_scheme", "act_scheme", "fp8_format", "block_size"),
+                      ops={"linear_fp8": OpKernel(linear_fp8, _problem)})

@@ -96,3 +96,14 @@ def default_config(problem: dict) -> dict:
     elements = all_heads * next_power_of_2(problem["head_dim"])
     warps = 4 if elements >= 2048 else 2 if elements >= 512 else 1
     return {"constexprs": {"BLOCK_HEADS": all_heads}, "num_warps": warps, "num_stages": 1}
+
+
+# Below the kernels: an import above them would move their line numbers, which Triton's source hash
+# and the binaries' line info include.
+from rdnac.kernels.registry import KernelFamily, OpKernel  # noqa: E402
+
+
+FAMILY = KernelFamily(
+    "kv_cache", config_space=config_space, default_config=default_config,
+    ops={"kv_cache_write": OpKernel(kv_cache_write, lambda a, ins, phase, runtime: {
+        "num_kv_heads": a["num_kv_heads"], "head_dim": a["head_dim"]})})

@@ -1,5 +1,12 @@
 """Launchers: how a kernel wrapper's launch reaches a GPU, the interpreter or a recorder.
 
+The JIT and interpreter launchers live here; the plan's `AotLauncher` in
+`rdnac.runtime.aot`; the compiler's `RecordingLauncher` in
+`rdnac.compiler.record`. The helpers below (kernel names, argument types,
+constexpr encoding, divisibility, PDL) are what the recorder and the AOT
+launcher share, so a recorded launch and a run-time launch agree on the
+specialization key (`rdnac.plans.binaries.spec_key`).
+
 A wrapper never calls `kernel[grid](...)` itself; it calls
 `launcher.launch(kernel, grid, args, constexprs=..., num_warps=..., num_stages=...)`
 with every runtime argument positional (tensors and ints, in the kernel's
@@ -119,7 +126,7 @@ def with_interpreted_helpers(fn: Any) -> Any:
 _INTERPRETABLE: dict[Any, Any] = {}  # kernel or helper function -> its copy that interprets rdnac's helpers
 
 
-# -- AOT: what a launch needs compiled ------------------------------------------------
+# -- AOT: what identifies a launch's specialization -------------------------------------
 
 # torch dtype name -> Triton's pointee type name (as in a `signature` "*bf16").
 _TRITON_DTYPES = {
@@ -138,11 +145,13 @@ def kernel_name(kernel: triton.JITFunction) -> str:
 
 
 def resolve_kernel(name: str) -> triton.JITFunction:
-    """The @triton.jit function called "module:function" (imported, never read from a plan)."""
-    import importlib
+    """The @triton.jit function called "module:function" in rdnac's kernel library. A plan names its
+    kernels this way; only modules of the `rdnac.kernels` package resolve (`registry.kernel_module`),
+    so a plan cannot make the loader import anything else."""
+    from rdnac.kernels.registry import kernel_module
 
     module_name, _, fn_name = name.partition(":")
-    kernel = getattr(importlib.import_module(module_name), fn_name, None)
+    kernel = getattr(kernel_module(module_name), fn_name, None)
     assert isinstance(kernel, triton.JITFunction), f"{name} is not a @triton.jit kernel"
     return kernel
 
@@ -179,20 +188,6 @@ def decode_constexpr(value: Any) -> Any:
     if isinstance(value, str) and value.startswith(_DTYPE_PREFIX):
         return tl.dtype(value[len(_DTYPE_PREFIX):])
     return value
-
-
-def spec_key(kernel: str, types: Any, constexprs: dict[str, Any], num_warps: int, num_stages: int,
-             divisible: tuple[str, ...] = ()) -> str:
-    """The lookup key of one specialization: kernel, argument types, constexprs, warps, stages, and
-    which of the kernel's declared shape ints are divisible by 16 (see `divisible_args`).
-
-    Pointer alignment is not part of it: it is checked against the actual
-    arguments when the binary found by this key launches."""
-    import json
-
-    cx = ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(constexprs.items()))
-    div = f"|div16={','.join(divisible)}" if divisible else ""
-    return f"{kernel}({','.join(types)}){{{cx}}}w{num_warps}s{num_stages}{div}"
 
 
 def divisible_args(kernel: triton.JITFunction, args: tuple[Any, ...]) -> tuple[str, ...]:
@@ -242,61 +237,6 @@ def with_pdl(kernel: triton.JITFunction, constexprs: dict[str, Any], pdl: bool,
 _HAS_PDL: dict[int, tuple[bool, bool]] = {}  # id(kernel) -> whether it takes PDL, EARLY_META constexprs
 
 
-@dataclass(frozen=True, eq=True)
-class KernelCall:
-    """One kernel specialization a plan needs compiled (msgpack-safe via to_dict)."""
-
-    kernel: str  # "module:function" in rdnac's kernel library
-    signature: dict[str, str]  # runtime arg -> Triton type ("*bf16", "i32", "fp32"), in parameter order
-    constexprs: dict[str, Any]  # every constexpr of the kernel (defaults filled), encoded values
-    num_warps: int = 4
-    num_stages: int = 2
-    aligned: tuple[str, ...] | None = None  # pointer args assumed 16-byte aligned; None: all of them
-    divisible: tuple[str, ...] = ()  # int args assumed divisible by 16; none by default (token counts vary)
-
-    def __post_init__(self) -> None:
-        pointers = tuple(a for a, ty in self.signature.items() if ty.startswith("*"))
-        if self.aligned is None:
-            object.__setattr__(self, "aligned", pointers)
-        object.__setattr__(self, "aligned", tuple(self.aligned))
-        object.__setattr__(self, "divisible", tuple(self.divisible))
-        assert set(self.aligned) <= set(pointers), f"{self.kernel}: aligned {self.aligned} names non-pointer args"
-        ints = {a for a, ty in self.signature.items() if ty[0] in "iu"}
-        assert set(self.divisible) <= ints, f"{self.kernel}: divisible {self.divisible} names non-integer args"
-
-    def __hash__(self) -> int:
-        return hash((self.key, self.aligned, self.divisible))
-
-    @property
-    def key(self) -> str:
-        return spec_key(self.kernel, self.signature.values(), self.constexprs, self.num_warps, self.num_stages,
-                        self.divisible)
-
-    @classmethod
-    def from_launch(cls, kernel: triton.JITFunction, args: tuple[Any, ...], constexprs: dict[str, Any],
-                    num_warps: int = 4, num_stages: int = 2) -> KernelCall:
-        runtime = [p for p in kernel.params if not p.is_constexpr]
-        assert len(args) == len(runtime), (f"{kernel_name(kernel)} takes {len(runtime)} runtime args "
-                                           f"({', '.join(p.name for p in runtime)}); got {len(args)}")
-        signature = {}
-        for param, arg in zip(runtime, args):
-            annotated = param.annotation_type
-            is_tensor = hasattr(arg, "data_ptr")
-            signature[param.name] = annotated if annotated and not is_tensor else triton_type(arg)
-        return cls(kernel_name(kernel), signature, full_constexprs(kernel, constexprs), num_warps, num_stages,
-                   divisible=divisible_args(kernel, args))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kernel": self.kernel, "signature": dict(self.signature), "constexprs": dict(self.constexprs),
-                "num_warps": self.num_warps, "num_stages": self.num_stages,
-                "aligned": list(self.aligned), "divisible": list(self.divisible)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> KernelCall:
-        return cls(d["kernel"], dict(d["signature"]), dict(d["constexprs"]), d["num_warps"], d["num_stages"],
-                   tuple(d["aligned"]), tuple(d["divisible"]))
-
-
 def full_constexprs(kernel: triton.JITFunction, constexprs: dict[str, Any]) -> dict[str, Any]:
     """Every constexpr of `kernel`, defaults filled in, values encoded (so keys match across launches)."""
     import inspect
@@ -316,20 +256,3 @@ def full_constexprs(kernel: triton.JITFunction, constexprs: dict[str, Any]) -> d
     return out
 
 
-class RecordingLauncher:
-    """Record the specializations a program needs, running nothing (works over meta tensors)."""
-
-    def __init__(self, pdl: bool = False, early_meta: bool = False) -> None:
-        self._calls: dict[str, KernelCall] = {}
-        self.pdl = pdl  # record the PDL=True specializations (see `with_pdl`)
-        self.early_meta = early_meta  # and with PDL, the EARLY_META=True ones
-
-    def launch(self, kernel, grid, args, *, constexprs, num_warps=4, num_stages=2):
-        constexprs = with_pdl(kernel, constexprs, self.pdl, self.early_meta)
-        call = KernelCall.from_launch(kernel, tuple(args), constexprs, num_warps, num_stages)
-        self._calls.setdefault(call.key, call)
-
-    @property
-    def calls(self) -> list[KernelCall]:
-        """The distinct specializations, in first-launch order."""
-        return list(self._calls.values())

@@ -34,7 +34,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 from rdnac.kernels.rope import config_space as rope_config_space
-from rdnac.kernels.rope import rope_lanes
+from rdnac.kernels.rope import rope_lanes, rope_tables
 
 # model-shape ints (never token counts) that AOT binaries specialize on divisibility by 16, as the JIT does,
 # so row loads vectorize; see rdnac.kernels.launch.divisible_args
@@ -178,3 +178,17 @@ def default_config(problem: dict) -> dict:
     elements = heads * block_d
     warps = (4 if m <= 64 else 2) if elements >= 512 else 1
     return {"constexprs": {"BLOCK_HEADS": heads}, "num_warps": warps, "num_stages": 1}
+
+
+# Below the kernels: an import above them would move their line numbers, which Triton's source hash
+# and the binaries' line info include.
+from rdnac.kernels.registry import KernelFamily, OpKernel  # noqa: E402
+
+
+def _problem(a: dict, ins: list, phase: str, runtime: dict) -> dict:
+    return {"head_dim": a["head_dim"], "num_heads": a["num_heads"], "num_kv_heads": a["num_kv_heads"],
+            "qk_norm": a["qk_norm"], "M": ins[0].shape[0]}
+
+
+FAMILY = KernelFamily("qk_norm_rope_cache", config_space=config_space, default_config=default_config,
+                      ops={"qk_norm_rope_cache": OpKernel(qk_norm_rope_cache, _problem, node_kwargs=rope_tables)})

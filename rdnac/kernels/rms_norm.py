@@ -169,3 +169,15 @@ def default_config(problem: dict) -> dict:
     elements = block_h * block_heads
     warps = 8 if elements >= 8192 else 4 if elements >= 2048 else 2 if elements >= 512 else 1
     return {"constexprs": {"BLOCK_H": block_h, "BLOCK_HEADS": block_heads}, "num_warps": warps, "num_stages": 1}
+
+
+# Below the kernels: an import above them would move their line numbers, which Triton's source hash
+# and the binaries' line info include.
+from rdnac.kernels.registry import KernelFamily, OpKernel  # noqa: E402
+
+
+FAMILY = KernelFamily(
+    "rms_norm", config_space=config_space, default_config=default_config,
+    ops={"rms_norm": OpKernel(rms_norm, lambda a, ins, phase, runtime: {"H": ins[0].shape[1], "num_heads": 1}),
+         "head_rms_norm": OpKernel(head_rms_norm, lambda a, ins, phase, runtime: {"H": a["head_dim"],
+                                                                                  "num_heads": a["num_heads"]})})

@@ -241,3 +241,14 @@ def default_config(problem: dict) -> dict:
     one_tile = block_h >= problem["H"]  # the looping path at 4096 x 8 warps spills on gfx1201
     warps = 8 if block_h >= 4096 and one_tile else 4 if block_h >= 1024 else 2 if block_h >= 512 else 1
     return {"constexprs": {"BLOCK_H": block_h}, "num_warps": warps, "num_stages": 1}
+
+
+# Below the kernels: an import above them would move their line numbers, which Triton's source hash
+# and the binaries' line info include.
+from rdnac.kernels.registry import KernelFamily, OpKernel, dtype_name  # noqa: E402
+
+
+FAMILY = KernelFamily(
+    "rms_norm_quant", config_space=config_space, default_config=default_config,
+    ops={"rms_norm_quant": OpKernel(rms_norm_quant, lambda a, ins, phase, runtime: {
+        "H": ins[0].shape[1], "group": a["group"], "dtype": dtype_name(ins[0]), "M": ins[0].shape[0]})})

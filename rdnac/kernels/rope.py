@@ -132,3 +132,23 @@ def default_config(problem: dict) -> dict:
     elements = heads * block_d
     warps = 4 if elements >= 2048 else 2 if elements >= 512 else 1
     return {"constexprs": {"BLOCK_HEADS": heads}, "num_warps": warps, "num_stages": 1}
+
+
+# Below the kernels: an import above them would move their line numbers, which Triton's source hash
+# and the binaries' line info include.
+from rdnac.ir.rope_math import rope_inv_freq  # noqa: E402
+from rdnac.kernels.registry import KernelFamily, OpKernel  # noqa: E402
+
+
+def rope_tables(attrs: dict, device) -> dict:
+    """The wrapper's RoPE tables, computed once per node when a plan is loaded (from the node's attrs)."""
+    inv_freq, scaling = rope_inv_freq(attrs["rotary_dim"], attrs["theta"], attrs.get("scaling"))
+    return {"inv_freq": inv_freq.to(device), "attention_scaling": scaling}
+
+
+def heads_problem(a: dict, ins: list, phase: str, runtime: dict) -> dict:
+    return {"head_dim": a["head_dim"], "num_heads": a["num_heads"], "num_kv_heads": a["num_kv_heads"]}
+
+
+FAMILY = KernelFamily("rope", config_space=config_space, default_config=default_config,
+                      ops={"rope": OpKernel(rope, heads_problem, node_kwargs=rope_tables)})

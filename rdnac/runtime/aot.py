@@ -5,7 +5,7 @@ num_warps, num_stages)` as the other launchers, so the kernel wrappers run
 unchanged over a plan's binaries. At construction it checks the plan's target
 against the running GPU, each binary's sha256, and the Triton version that
 built it; at each launch it finds the binary by the same specialization key
-`RecordingLauncher` produced and checks the alignment/divisibility the binary
+the compiler's recorder produced and checks the alignment/divisibility the binary
 assumes against the actual arguments. A launch with no binary is an error,
 never a JIT. Imports nothing from `rdnac.compiler`.
 
@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rdnac.errors import PlanError, TargetError
-from rdnac.kernels.launch import (divisible_args, full_constexprs, kernel_name, resolve_kernel, spec_key, triton_type,
-                                  with_pdl)
-from rdnac.kernels.binaries import KernelBinary, sha256_hex
+from rdnac.kernels.launch import divisible_args, full_constexprs, kernel_name, resolve_kernel, triton_type, with_pdl
+from rdnac.plans.binaries import KernelBinary, sha256_hex, spec_key
 from rdnac.runtime.driver import Kernel, driver_api
 from rdnac.targets import get_target
 
@@ -64,7 +63,7 @@ def check_target(target_name: str, device: Any) -> None:
 def rebuild(binary: dict[str, Any]) -> dict[str, Any]:
     """Recompile one kernel with the installed Triton, from rdnac's installed kernel library (by
     "module:function", never from code in the plan), with the same specialization and target."""
-    from rdnac.kernels.binaries import compile_call  # the one path where the runtime compiles, on request
+    from rdnac.targets.compile import compile_call  # the one path where the runtime compiles, on request
 
     old = KernelBinary.from_dict(binary)
     return compile_call(old.call, old.target).to_dict()

@@ -1,52 +1,27 @@
 """Run a GPU plan's program: each graph node through its chosen kernel wrapper.
 
-The plan's program maps every node to a kernel wrapper (`module.function` in
-`rdnac.kernels`) and a config per step key (`phase:bucket`, see
-`step_key`). The same executor runs over real GPU tensors with the plan's
-precompiled binaries (AotLauncher), over CPU tensors under the Triton
-interpreter (`--interpret`), and over meta tensors with a RecordingLauncher
-when the compiler collects the specializations a plan needs.
+The plan's program maps every node to a kernel wrapper, by name
+("gemm.linear", resolved only through `rdnac.kernels.registry`), and a config
+per step key (`phase:bucket`, see `step_key`). The same executor runs over
+real GPU tensors with the plan's precompiled binaries (AotLauncher), over CPU
+tensors under the Triton interpreter (`--interpret`), and over meta tensors
+with a recording launcher when the compiler collects the specializations a
+plan needs.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import torch
 
+from rdnac.errors import PlanError
 from rdnac.ir.graph import Graph
-from rdnac.ir.ops import ATTENTION_OPS
-from rdnac.ir.rope_math import rope_inv_freq
+from rdnac.kernels import registry
 
 # Token-count buckets: a step with T tokens uses the configs of the smallest bucket >= T.
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
-PHASES = ("prefill", "decode")
-
-# IR op -> wrapper in rdnac.kernels, per phase where they differ.
-WRAPPERS = {
-    "embedding": "embedding.embedding",
-    "rms_norm": "rms_norm.rms_norm",
-    "head_rms_norm": "rms_norm.head_rms_norm",
-    "linear": "gemm.linear",
-    "linear_fp8": "gemm_fp8.linear_fp8",
-    "rope": "rope.rope",
-    "kv_cache_write": "kv_cache.kv_cache_write",
-    "qk_norm_rope_cache": "qk_norm_rope_cache.qk_norm_rope_cache",
-    "attention": {"prefill": "attention.attention_prefill", "decode": "attention_decode.attention_decode"},
-    "attention_quant": {"prefill": "attention.attention_quant_prefill",
-                        "decode": "attention_decode.attention_quant_decode"},
-    "gated_act": "activation.gated_act",
-    "linear_gated_act": "gemm_gated.linear_gated_act",
-    "add": "elementwise.add",
-    "logits": "gemm.logits",
-    "rms_norm_quant": "rms_norm_quant.rms_norm_quant",
-    "gated_act_quant": "activation_quant.gated_act_quant",
-}
-# IR ops that need no kernel: the executor computes them itself and the program has no entry for them.
-# `split` returns column views of its input; every wrapper that reads a split output (rope, kv_cache_write,
-# head_rms_norm, attention's q, gated_act) takes rows with a stride, so no copy is made.
-NO_KERNEL_OPS = ("split",)
+PHASES = registry.PHASES
 
 
 def bucket_for(num_tokens: int) -> int:
@@ -58,16 +33,6 @@ def bucket_for(num_tokens: int) -> int:
 
 def step_key(phase: str, num_tokens: int) -> str:
     return f"{phase}:{bucket_for(num_tokens)}"
-
-
-def wrapper_name(op: str, phase: str) -> str:
-    w = WRAPPERS[op]
-    return w[phase] if isinstance(w, dict) else w
-
-
-def resolve_wrapper(name: str):
-    module, fn = name.split(".")
-    return getattr(importlib.import_module(f"rdnac.kernels.{module}"), fn)
 
 
 @dataclass
@@ -84,19 +49,26 @@ class Executor:
         self.program = program  # node name -> {step key -> {"kernel": wrapper name, "config": {...}}}
         self.launcher = launcher
         self._wrappers: dict[str, object] = {}
-        # Each node's wrapper keywords, built once: its attrs plus what the runtime adds (RoPE tables).
+        # Each node's wrapper keywords, built once: its attrs plus what its op's record adds (RoPE tables).
         self._kwargs: dict[str, dict] = {}
+        self._takes_max_query_len: set[str] = set()  # nodes whose prefill grid is bounded by the longest query
         for node in graph.nodes:
             self._kwargs[node.name] = dict(node.attrs)
-            if node.op in ("rope", "qk_norm_rope_cache"):
-                inv_freq, scaling = rope_inv_freq(node.attrs["rotary_dim"], node.attrs["theta"],
-                                                  node.attrs.get("scaling"))
-                self._kwargs[node.name].update(inv_freq=inv_freq.to(device), attention_scaling=scaling)
+            if node.op in registry.VIEW_OPS:
+                continue
+            if not registry.has_kernel(node.op):
+                raise PlanError(f"node {node.name!r}: a GPU plan requires a kernel for every op; rdnac's kernel "
+                                f"library has none for op {node.op!r}; do run this plan on the cpu target")
+            entry = registry.for_op(node.op)[1]
+            if entry.node_kwargs is not None:
+                self._kwargs[node.name].update(entry.node_kwargs(node.attrs, device))
+            if entry.takes_max_query_len:
+                self._takes_max_query_len.add(node.name)
 
     def _wrapper(self, name: str):
         fn = self._wrappers.get(name)
         if fn is None:
-            fn = self._wrappers[name] = resolve_wrapper(name)
+            fn = self._wrappers[name] = registry.wrapper(name)
         return fn
 
     def run(self, env: dict[str, torch.Tensor], meta: StepMeta, on_node=None) -> dict[str, torch.Tensor]:
@@ -108,13 +80,13 @@ class Executor:
         for node in self.graph.nodes:
             if on_node is not None:
                 on_node(node)
-            if node.op == "split":
+            if node.op == "split":  # registry.VIEW_OPS: column views, no copy
                 for name, value in zip(node.outputs, torch.split(env[node.inputs[0]], node.attrs["sizes"], dim=1)):
                     env[name] = value
                 continue
             choice = self.program[node.name][key]
             kwargs = self._kwargs[node.name]
-            if node.op in ATTENTION_OPS and meta.phase == "prefill":  # its grid is bounded by the longest query
+            if meta.phase == "prefill" and node.name in self._takes_max_query_len:
                 kwargs = {**kwargs, "max_query_len": meta.max_query_len}
             result = self._wrapper(choice["kernel"])(*(env[n] for n in node.inputs), **kwargs,
                                                      config=choice["config"], launcher=self.launcher)

@@ -141,7 +141,7 @@ def _probe_dot(target: Target, dtype: str) -> DotProbe:
     from triton.compiler import ASTSource
 
     from rdnac.kernels.testing_kernels import matmul_kernel
-    from rdnac.kernels.binaries import COMPILE_OPTIONS, matrix_instructions
+    from rdnac.targets.compile import COMPILE_OPTIONS, matrix_instructions
 
     block_m, block_n, block_k = _PROBE_TILE[target.backend]
     signature = {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",

@@ -1,34 +1,48 @@
-"""Graph passes, one per file. Each is `run(graph, ctx) -> Graph` and logs its decisions in `ctx`."""
+"""Compile passes, one per file, all of one signature: `run(state: CompileState) -> None`.
+
+A pass reads and rewrites the one `CompileState` of a compile (graph,
+weights, the target resolved once, its probed capabilities, the compile
+options) and logs each decision with `state.decide`. `rdnac.compiler.pipeline`
+runs them in order (`PASSES` there); tests run one on a state of their own.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
 
 from rdnac.ir.graph import Graph
+from rdnac.targets import Target, get_target
+
+if TYPE_CHECKING:
+    from rdnac.compiler.pipeline import CompileOptions
 
 
 @dataclass
-class PassContext:
-    target: str
-    options: dict = field(default_factory=dict)
-    decisions: list[dict] = field(default_factory=list)
+class CompileState:
+    """What a compile carries from pass to pass, and what the plan is written from."""
+
+    graph: Graph
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> tensor, rewritten by weight passes
+    target: Target | str = "cpu"  # a name is resolved once, here
+    options: CompileOptions | None = None  # None: the defaults for `target`
+    capabilities: Any = None  # rdnac.targets.probe.Capabilities, probed once for a GPU target
+    decisions: list[dict] = field(default_factory=list)  # the plan's decision log
+    runtime: dict = field(default_factory=dict)  # the plan's runtime defaults (KV block size, PDL, ...)
+    program: dict = field(default_factory=dict)  # node -> step key -> {"kernel", "config"}: select_kernels
+    binaries: list = field(default_factory=list)  # KernelBinary per specialization: select_kernels
+
+    def __post_init__(self) -> None:
+        self.target = get_target(self.target)
+        if self.options is None:
+            from rdnac.compiler.pipeline import CompileOptions
+
+            self.options = CompileOptions(target=self.target.name)
 
     def decide(self, pass_name: str, node: str, action: str, reason: str) -> None:
         self.decisions.append({"pass": pass_name, "node": node, "action": action, "reason": reason})
 
 
-# passes in the registry that rewrite weights: called as run(graph, ctx, weights)
-WEIGHT_PASSES = ("merge_linears",)
-
-
-def registry() -> dict[str, Callable[..., Graph]]:
-    """Graph passes by name: run(graph, ctx), or run(graph, ctx, weights) for those in WEIGHT_PASSES."""
-    from rdnac.compiler.passes import (dce, fuse_act_quant, fuse_add_rms_norm, fuse_attention_quant, fuse_gated_linear,
-                                       fuse_norm_quant, fuse_qk_norm_rope_cache, merge_linears)
-
-    return {"merge_linears": merge_linears.run, "fuse_add_rms_norm": fuse_add_rms_norm.run,
-            "fuse_qk_norm_rope_cache": fuse_qk_norm_rope_cache.run, "dce": dce.run,
-            "fuse_norm_quant": fuse_norm_quant.run, "fuse_act_quant": fuse_act_quant.run,
-            "fuse_attention_quant": fuse_attention_quant.run,
-            "fuse_gated_linear": fuse_gated_linear.run}
+Pass = Callable[[CompileState], None]

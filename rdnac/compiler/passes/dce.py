@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from rdnac.compiler.passes import PassContext
-from rdnac.ir.graph import Graph
+from rdnac.compiler.passes import CompileState
 from rdnac.ir.ops import OPS
 
 NAME = "dce"
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
+def run(state: CompileState) -> None:
+    graph = state.graph
     live = set(graph.outputs)
     kept = []
     for node in reversed(graph.nodes):
@@ -17,9 +17,8 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             kept.append(node)
             live.update(node.inputs)
         else:
-            ctx.decide(NAME, node.name, "removed", "no output is used")
+            state.decide(NAME, node.name, "removed", "no output is used")
     graph.nodes = kept[::-1]
     for name in [w for w in graph.weights if w not in live]:
         del graph.weights[name]
-        ctx.decide(NAME, name, "removed weight", "no node reads it")
-    return graph
+        state.decide(NAME, name, "removed weight", "no node reads it")

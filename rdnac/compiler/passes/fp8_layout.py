@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from rdnac.compiler.passes import PassContext
+from rdnac.compiler.passes import CompileState
 from rdnac.ir.fp8 import e4m3fn_to_e4m3fnuz
 from rdnac.ir.graph import Graph, WeightSpec
 from rdnac.targets import Target
@@ -28,17 +28,17 @@ from rdnac.targets import Target
 NAME = "fp8_layout"
 
 
-def run(graph: Graph, weights: dict[str, torch.Tensor], ctx: PassContext, target: Target,
-        capabilities=None) -> Graph:
-    """`capabilities` is `rdnac.targets.probe.Capabilities` for GPU targets (None on cpu)."""
+def run(state: CompileState) -> None:
+    """Reads the target's probed capabilities (`state.capabilities`, None on cpu)."""
+    graph, weights, target, capabilities = state.graph, state.weights, state.target, state.capabilities
     nodes = [n for n in graph.nodes if n.op == "linear_fp8"]
     if not nodes:
-        return graph
+        return
     if not target.is_gpu:
         for node in nodes:
-            ctx.decide(NAME, node.inputs[1], f"kept {node.attrs['fp8_format']}, activations "
-                       f"{node.attrs['act_scheme']}", "cpu: the reference interpreter computes in float32")
-        return graph
+            state.decide(NAME, node.inputs[1], f"kept {node.attrs['fp8_format']}, activations "
+                         f"{node.attrs['act_scheme']}", "cpu: the reference interpreter computes in float32")
+        return
     assert capabilities is not None, f"fp8_layout on {target.name} requires the probed capabilities"
     fmt = target.fp8_format or "e4m3fn"  # no FP8 hardware: the kernel upcasts e4m3fn weights
     probe = capabilities.fp8_dot(fmt)
@@ -47,23 +47,22 @@ def run(graph: Graph, weights: dict[str, torch.Tensor], ctx: PassContext, target
     for node in nodes:
         wname = node.inputs[1]
         if node.attrs["fp8_format"] != fmt:
-            _to_fnuz(graph, weights, ctx, node, fmt, converted)
+            _to_fnuz(graph, weights, state, node, fmt, converted)
         elif wname not in converted:
             converted.add(wname)
-            ctx.decide(NAME, wname, f"kept {fmt} bits", f"{target.name} computes FP8 as {fmt}" if target.fp8_format
-                       else f"{target.name} has no FP8 hardware; the kernel upcasts {fmt} weights")
+            state.decide(NAME, wname, f"kept {fmt} bits", f"{target.name} computes FP8 as {fmt}" if target.fp8_format
+                         else f"{target.name} has no FP8 hardware; the kernel upcasts {fmt} weights")
         if node.attrs["act_scheme"] == "none":
             continue
         if is_native:
-            ctx.decide(NAME, node.name, f"w8a8 in {fmt}, activations {node.attrs['act_scheme']}",
-                       f"probe: tl.dot({fmt}) on {target.name} emits {', '.join(probe.matrix_instructions)}")
+            state.decide(NAME, node.name, f"w8a8 in {fmt}, activations {node.attrs['act_scheme']}",
+                         f"probe: tl.dot({fmt}) on {target.name} emits {', '.join(probe.matrix_instructions)}")
         else:
-            _to_a16w8(graph, ctx, node, target, fmt, probe)
-    _drop_unread(graph, weights, ctx)
-    return graph
+            _to_a16w8(graph, state, node, target, fmt, probe)
+    _drop_unread(graph, weights, state)
 
 
-def _to_fnuz(graph: Graph, weights: dict[str, torch.Tensor], ctx: PassContext, node, fmt: str,
+def _to_fnuz(graph: Graph, weights: dict[str, torch.Tensor], state: CompileState, node, fmt: str,
              converted: set[str]) -> None:
     assert node.attrs["fp8_format"] == "e4m3fn" and fmt == "e4m3fnuz", (node.name, node.attrs["fp8_format"], fmt)
     scales = [node.inputs[2]] + ([node.inputs[3]] if node.attrs["act_scheme"] == "static" else [])
@@ -77,15 +76,15 @@ def _to_fnuz(graph: Graph, weights: dict[str, torch.Tensor], ctx: PassContext, n
             num_neg_zero = int((weights[name].view(torch.uint8) == 0x80).sum())
             weights[name] = bits
             graph.weights[name] = WeightSpec("float8_e4m3fnuz", spec.shape, spec.scheme, spec.source)
-            ctx.decide(NAME, name, "e4m3fn -> e4m3fnuz bits", f"{fmt} halves the value of each bit pattern; "
-                       f"bits kept, x{factor:g} folded into the scale; {num_neg_zero} -0 (0x80, NaN in fnuz) -> +0")
+            state.decide(NAME, name, "e4m3fn -> e4m3fnuz bits", f"{fmt} halves the value of each bit pattern; "
+                         f"bits kept, x{factor:g} folded into the scale; {num_neg_zero} -0 (0x80, NaN in fnuz) -> +0")
         else:
             weights[name] = weights[name] * 2.0  # exact in float32
-            ctx.decide(NAME, name, "scale x2", "folds the e4m3fn -> e4m3fnuz factor (same grid, half the value)")
+            state.decide(NAME, name, "scale x2", "folds the e4m3fn -> e4m3fnuz factor (same grid, half the value)")
     node.attrs["fp8_format"] = fmt
 
 
-def _to_a16w8(graph: Graph, ctx: PassContext, node, target: Target, fmt: str, probe) -> None:
+def _to_a16w8(graph: Graph, state: CompileState, node, target: Target, fmt: str, probe) -> None:
     was = node.attrs["act_scheme"]
     if was == "static":
         del node.inputs[3]  # (x, weight, weight_scale, input_scale, bias?) -> no input_scale
@@ -94,13 +93,13 @@ def _to_a16w8(graph: Graph, ctx: PassContext, node, target: Target, fmt: str, pr
            if target.fp8_format is None else
            f"probe: tl.dot({fmt}) on {target.name} is not native "
            f"({', '.join(probe.matrix_instructions) or probe.reason})")
-    ctx.decide(NAME, node.name, f"a16w8: activations {was} -> none", f"{why}; the kernel upcasts the FP8 weight "
-               "and multiplies in the compute dtype")
+    state.decide(NAME, node.name, f"a16w8: activations {was} -> none", f"{why}; the kernel upcasts the FP8 weight "
+                 "and multiplies in the compute dtype")
 
 
-def _drop_unread(graph: Graph, weights: dict[str, torch.Tensor], ctx: PassContext) -> None:
+def _drop_unread(graph: Graph, weights: dict[str, torch.Tensor], state: CompileState) -> None:
     read = {name for n in graph.nodes for name in n.inputs}
     for name in [w for w in graph.weights if w not in read]:
         del graph.weights[name]
         weights.pop(name, None)
-        ctx.decide(NAME, name, "removed weight", "a16w8 does not read the static input scale")
+        state.decide(NAME, name, "removed weight", "a16w8 does not read the static input scale")

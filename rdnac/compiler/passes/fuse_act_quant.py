@@ -13,12 +13,11 @@ a dynamically quantizing `linear_fp8` with one format and group.
 
 from __future__ import annotations
 
-from rdnac.compiler.passes import PassContext
+from rdnac.compiler.passes import CompileState
 from rdnac.compiler.passes.fuse_norm_quant import fuse_into_producer
-from rdnac.ir.graph import Graph
 
 NAME = "fuse_act_quant"
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
-    return fuse_into_producer(graph, ctx, NAME, "gated_act", "gated_act_quant", "activation")
+def run(state: CompileState) -> None:
+    fuse_into_producer(state, NAME, "gated_act", "gated_act_quant", "activation")

@@ -8,13 +8,14 @@ add's old output name, so later users of the sum are unchanged.
 
 from __future__ import annotations
 
-from rdnac.compiler.passes import PassContext
-from rdnac.ir.graph import Graph, Node
+from rdnac.compiler.passes import CompileState
+from rdnac.ir.graph import Node
 
 NAME = "fuse_add_rms_norm"
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
+def run(state: CompileState) -> None:
+    graph = state.graph
     producer = {out: i for i, n in enumerate(graph.nodes) for out in n.outputs}
     users: dict[str, list[int]] = {}
     for i, n in enumerate(graph.nodes):
@@ -35,7 +36,6 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         a, b = add.inputs
         replaced[i] = Node(norm.name, "rms_norm", [b, a, norm.inputs[1]], [norm.outputs[0], total], dict(norm.attrs))
         removed.add(src)
-        ctx.decide(NAME, norm.name, f"fused {add.name} into the norm", "one pass over the hidden state "
-                   "instead of two (add writes, norm reads)")
+        state.decide(NAME, norm.name, f"fused {add.name} into the norm", "one pass over the hidden state "
+                     "instead of two (add writes, norm reads)")
     graph.nodes = [replaced.get(i, n) for i, n in enumerate(graph.nodes) if i not in removed]
-    return graph

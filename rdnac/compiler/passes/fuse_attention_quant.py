@@ -16,15 +16,15 @@ The reader conditions and rewrite are `fuse_norm_quant`'s.
 
 from __future__ import annotations
 
-from rdnac.compiler.passes import PassContext
+from rdnac.compiler.passes import CompileState
 from rdnac.compiler.passes.fuse_norm_quant import fuse_into_producer, quant_label
-from rdnac.ir.graph import Graph, Node
+from rdnac.ir.graph import Node
 
 NAME = "fuse_attention_quant"
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
-    return fuse_into_producer(graph, ctx, NAME, "attention", "attention_quant", "attention", refuse=_whole_heads,
+def run(state: CompileState) -> None:
+    fuse_into_producer(state, NAME, "attention", "attention_quant", "attention", refuse=_whole_heads,
                               how="per-head scales from its output registers at decode")
 
 

@@ -19,14 +19,15 @@ name and the gated_act's output, so later readers are unchanged.
 
 from __future__ import annotations
 
-from rdnac.compiler.passes import PassContext
+from rdnac.compiler.passes import CompileState
 from rdnac.compiler.passes.fuse_norm_quant import value_readers
 from rdnac.ir.graph import Graph, Node
 
 NAME = "fuse_gated_linear"
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
+def run(state: CompileState) -> None:
+    graph = state.graph
     producers = {o: n for n in graph.nodes for o in n.outputs}
     readers = value_readers(graph)
     replace: dict[str, Node] = {}  # gated_act name -> fused node (emitted where the gated_act was)
@@ -35,26 +36,25 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         if act.op != "gated_act":
             continue
         if len(act.inputs) != 1:
-            ctx.decide(NAME, act.name, "kept unfused", "it reads gate and up as two values, not one merged "
-                       "gate_up GEMM's output (merge_linears did not merge them)")
+            state.decide(NAME, act.name, "kept unfused", "it reads gate and up as two values, not one merged "
+                         "gate_up GEMM's output (merge_linears did not merge them)")
             continue
         gate_up = act.inputs[0]
         linear = producers.get(gate_up)
         why_not = _why_not(graph, act, linear, readers)
         if why_not:
-            ctx.decide(NAME, act.name, "kept unfused", why_not)
+            state.decide(NAME, act.name, "kept unfused", why_not)
             continue
         fused = Node(linear.name, "linear_gated_act", list(linear.inputs), list(act.outputs), {"act": act.attrs["act"]})
         replace[act.name] = fused
         removed.add(linear.name)
         width = graph.weights[linear.inputs[1]].shape
-        ctx.decide(NAME, fused.name, f"fused gated_act {act.name} ({act.attrs['act']}) into the GEMM "
-                   f"[{width[0]}, {width[1]}]{' with bias' if len(linear.inputs) == 3 else ''}",
-                   f"the GEMM writes {act.outputs[0]} [T, {width[0] // 2}] from its gate and up sums: "
-                   f"no [T, {width[0]}] {gate_up} round trip and one launch fewer; the same bits as the unfused pair")
+        state.decide(NAME, fused.name, f"fused gated_act {act.name} ({act.attrs['act']}) into the GEMM "
+                     f"[{width[0]}, {width[1]}]{' with bias' if len(linear.inputs) == 3 else ''}",
+                     f"the GEMM writes {act.outputs[0]} [T, {width[0] // 2}] from its gate and up sums: "
+                     f"no [T, {width[0]}] {gate_up} round trip and one launch fewer; the same bits as the unfused pair")
     # The fused node sits where the gated_act was: after every node the linear's inputs need.
     graph.nodes = [replace.get(n.name, n) for n in graph.nodes if n.name not in removed]
-    return graph
 
 
 def _why_not(graph: Graph, act: Node, linear: Node | None, readers: dict[str, list[Node]]) -> str:

@@ -21,23 +21,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rdnac.compiler.passes import PassContext
+from rdnac.compiler.passes import CompileState
 from rdnac.ir.graph import Graph, Node, TensorSpec
 from rdnac.ir.ops import OPS
 
 NAME = "fuse_norm_quant"
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
-    return fuse_into_producer(graph, ctx, NAME, "rms_norm", "rms_norm_quant", "norm")
+def run(state: CompileState) -> None:
+    fuse_into_producer(state, NAME, "rms_norm", "rms_norm_quant", "norm")
 
 
-def fuse_into_producer(graph: Graph, ctx: PassContext, pass_name: str, op: str, fused_op: str, noun: str,
+def fuse_into_producer(state: CompileState, pass_name: str, op: str, fused_op: str, noun: str,
                        refuse: Callable[[Node, tuple[str, int]], str] | None = None,
-                       how: str = "which the linears read as they are") -> Graph:
+                       how: str = "which the linears read as they are") -> None:
     """Replace each `op` node whose first output only FP8 linears read, all quantizing it the same way,
     by `fused_op` writing (fp8 values, scales, the node's other outputs); its readers take them as they are.
     `refuse(node, (fp8_format, group))`: why the producer's kernel cannot write that quantization, or ""."""
+    graph = state.graph
     readers = value_readers(graph)
     specs = value_specs(graph)
     for i, node in enumerate(graph.nodes):
@@ -49,17 +50,16 @@ def fuse_into_producer(graph: Graph, ctx: PassContext, pass_name: str, op: str, 
             quant = None
         if quant is None:
             if why_not:
-                ctx.decide(pass_name, node.name, "kept unfused", why_not)
+                state.decide(pass_name, node.name, "kept unfused", why_not)
             continue
         fmt, group = quant
         q, scale = prequantize_readers(graph, y, readers[y], fmt, group, specs[y].dtype)
         graph.nodes[i] = Node(node.name, fused_op, list(node.inputs), [q, scale, *node.outputs[1:]],
                               {**node.attrs, "fp8_format": fmt, "group": group})
-        ctx.decide(pass_name, node.name, f"fused {quant_label(fmt, group)} quantization of "
-                   f"{', '.join(r.name for r in readers[y])} into the {noun}",
-                   f"the {noun} writes fp8 {q} and scales {scale}, {how}: "
-                   "one launch fewer and no bf16 round trip; the same bits as quantizing in the linear")
-    return graph
+        state.decide(pass_name, node.name, f"fused {quant_label(fmt, group)} quantization of "
+                     f"{', '.join(r.name for r in readers[y])} into the {noun}",
+                     f"the {noun} writes fp8 {q} and scales {scale}, {how}: "
+                     "one launch fewer and no bf16 round trip; the same bits as quantizing in the linear")
 
 
 # ---------------------------------------------------------------- shared with fuse_act_quant

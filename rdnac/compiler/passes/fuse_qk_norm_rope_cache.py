@@ -21,14 +21,15 @@ rope node gets a decision: fused, or kept separate and why.
 
 from __future__ import annotations
 
-from rdnac.compiler.passes import PassContext
+from rdnac.compiler.passes import CompileState
 from rdnac.ir.graph import Graph, Node
 
 NAME = "fuse_qk_norm_rope_cache"
 OP = "qk_norm_rope_cache"
 
 
-def run(graph: Graph, ctx: PassContext) -> Graph:
+def run(state: CompileState) -> None:
+    graph = state.graph
     nodes = graph.nodes
     producer = {out: i for i, n in enumerate(nodes) for out in n.outputs}
     users: dict[str, list[int]] = {}
@@ -43,7 +44,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
             continue
         write_index, why_not = _cache_write(graph, rope, users)
         if why_not:
-            ctx.decide(NAME, rope.name, "kept separate", why_not)
+            state.decide(NAME, rope.name, "kept separate", why_not)
             continue
         write = nodes[write_index]
         norms, norm_note = _norms(graph, rope, i, producer, users)
@@ -51,7 +52,7 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         leaf = OP if norms else "rope_cache"  # layers.0.qk_norm_rope_cache (Qwen3), layers.0.rope_cache (Llama)
         name = f"{parent}.{leaf}" if parent else leaf
         if name in names:
-            ctx.decide(NAME, rope.name, "kept separate", f"the fused node's name {name!r} is taken")
+            state.decide(NAME, rope.name, "kept separate", f"the fused node's name {name!r} is taken")
             continue
         names.add(name)
         q, k = rope.inputs[:2]
@@ -66,11 +67,10 @@ def run(graph: Graph, ctx: PassContext) -> Graph:
         replaced[write_index] = Node(name, OP, inputs, [rope.outputs[0]], attrs)
         removed.add(i)
         parts = [nodes[j].name for j in norms] + [rope.name, write.name]
-        ctx.decide(NAME, name, f"fused {', '.join(parts)} into one {OP}" + (f" ({norm_note})" if norm_note else ""),
-                   f"one launch instead of {len(parts)}: q and k are read once, k' goes straight to the cache "
-                   f"slot and is never written to memory in between")
+        state.decide(NAME, name, f"fused {', '.join(parts)} into one {OP}" + (f" ({norm_note})" if norm_note else ""),
+                     f"one launch instead of {len(parts)}: q and k are read once, k' goes straight to the cache "
+                     f"slot and is never written to memory in between")
     graph.nodes = [replaced.get(i, n) for i, n in enumerate(nodes) if i not in removed]
-    return graph
 
 
 def _cache_write(graph: Graph, rope: Node, users: dict[str, list[int]]) -> tuple[int, str]:

@@ -22,22 +22,22 @@ block scales concatenate along N when every part's N is a multiple of the
 block's bn (else the rows of a block would mix two parts: skipped). A static
 input scale must be the same value in every part (else skipped).
 
-This pass rewrites weights, so the pipeline calls it with them
-(`run(graph, ctx, weights)`).
+This pass rewrites weights: `state.weights` and the graph's weight specs.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rdnac.compiler.passes import PassContext
+from rdnac.compiler.passes import CompileState
 from rdnac.ir.graph import Graph, Node, WeightSpec
 
 NAME = "merge_linears"
 _OPS = ("linear", "linear_fp8")
 
 
-def run(graph: Graph, ctx: PassContext, weights: dict[str, torch.Tensor]) -> Graph:
+def run(state: CompileState) -> None:
+    graph, weights = state.graph, state.weights
     producer_index = {n.name: i for i, n in enumerate(graph.nodes)}
     readers: dict[str, list[Node]] = {}
     for node in graph.nodes:
@@ -55,14 +55,14 @@ def run(graph: Graph, ctx: PassContext, weights: dict[str, torch.Tensor]) -> Gra
         act = _gated_act_user(parts, readers)
         why_not = _why_not(graph, weights, parts, readers)
         if why_not:
-            ctx.decide(NAME, ", ".join(p.name for p in parts), "kept separate", why_not)
+            state.decide(NAME, ", ".join(p.name for p in parts), "kept separate", why_not)
             continue
         stem = _merged_stem([p.inputs[1].removesuffix(".weight") for p in parts])
         node_stem = _merged_stem([p.name for p in parts])
         if stem is None or node_stem is None or node_stem in producer_index or \
                 any(f"{stem}.{s}" in graph.weights for s in ("weight", "weight_scale", "input_scale", "bias")):
-            ctx.decide(NAME, ", ".join(p.name for p in parts), "kept separate",
-                       "no unused merged name (the parts do not share a parent module)")
+            state.decide(NAME, ", ".join(p.name for p in parts), "kept separate",
+                         "no unused merged name (the parts do not share a parent module)")
             continue
         sizes = [int(weights[p.inputs[1]].shape[0]) for p in parts]
         merged, detail = _merge(graph, weights, parts, stem, node_stem, sizes)
@@ -76,11 +76,10 @@ def run(graph: Graph, ctx: PassContext, weights: dict[str, torch.Tensor]) -> Gra
             how = f"split {list(sizes)} gives {', '.join(p.outputs[0] for p in parts)} as column views"
         replace[parts[0].name] = emitted
         removed.update(p.name for p in parts[1:])
-        ctx.decide(NAME, merged.name, f"merged {', '.join(p.name for p in parts)} into one {merged.op} "
-                   f"[{sum(sizes)}, {graph.weights[merged.inputs[1]].shape[1]}]{detail}",
-                   f"one GEMM reads {parts[0].inputs[0]} once instead of {len(parts)} times; {how}")
+        state.decide(NAME, merged.name, f"merged {', '.join(p.name for p in parts)} into one {merged.op} "
+                     f"[{sum(sizes)}, {graph.weights[merged.inputs[1]].shape[1]}]{detail}",
+                     f"one GEMM reads {parts[0].inputs[0]} once instead of {len(parts)} times; {how}")
     graph.nodes = [m for n in graph.nodes if n.name not in removed for m in replace.get(n.name, [n])]
-    return graph
 
 
 def _gated_act_user(parts: list[Node], readers: dict[str, list[Node]]) -> Node | None:

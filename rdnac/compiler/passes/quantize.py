@@ -7,18 +7,18 @@ token at run time. `fp8-block`: one scale per 128x128 block, activations per
 (token, 128 columns), the DeepSeek-V3 layout. Only `linear` nodes change:
 the logits projection and the embedding keep the compute dtype (their error
 would reach every token), as do linears that share a weight. Each weight's
-quantization and its relative error are recorded. Runs before the fusion
-passes, on the weights dict (this pass rewrites weights, so it is called
-with them rather than through the graph-only registry).
+quantization and its relative error are recorded. Runs first, before the
+fusion passes, and rewrites `state.weights`. `--fp8-lm-head` is the next
+pass, `quantize_lm_head`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rdnac.compiler.passes import PassContext
+from rdnac.compiler.passes import CompileState
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
-from rdnac.ir.graph import Graph, WeightSpec
+from rdnac.ir.graph import WeightSpec
 
 NAME = "quantize"
 BLOCK = (128, 128)
@@ -58,24 +58,28 @@ def quantize_weight(w: torch.Tensor, weight_scheme: str, block_size: tuple[int, 
     return bits, scale.float()
 
 
-def run(graph: Graph, weights: dict[str, torch.Tensor], ctx: PassContext, scheme: str) -> Graph:
+def run(state: CompileState) -> None:
     from rdnac.ir.fp8 import dequantize_weight
 
+    scheme = state.options.quantize
+    if scheme is None:
+        return
+    graph, weights = state.graph, state.weights
     weight_scheme, act_scheme, block_size = SCHEMES[scheme]
     tag = f"fp8-block{block_size[0]}x{block_size[1]}" if block_size else f"fp8-{weight_scheme}"
     readers: dict[str, list[str]] = {}
     for node in graph.nodes:
         for name in node.inputs:
             readers.setdefault(name, []).append(node.name)
-    ctx.decide(NAME, "-", f"--quantize {scheme}: linears to {tag}, activations {act_scheme}",
-               "logits and embedding weights keep the compute dtype")
+    state.decide(NAME, "-", f"--quantize {scheme}: linears to {tag}, activations {act_scheme}",
+                 "logits and embedding weights keep the compute dtype")
     for node in graph.nodes:
         if node.op != "linear":
             continue
         x, wname, *bias = node.inputs
         if len(readers[wname]) > 1:
-            ctx.decide(NAME, node.name, f"kept {wname} in {graph.weights[wname].dtype}",
-                       f"the weight is shared with {', '.join(r for r in readers[wname] if r != node.name)}")
+            state.decide(NAME, node.name, f"kept {wname} in {graph.weights[wname].dtype}",
+                         f"the weight is shared with {', '.join(r for r in readers[wname] if r != node.name)}")
             continue
         w = weights[wname]  # [N, K]
         bits, scale = quantize_weight(w, weight_scheme, block_size)
@@ -91,50 +95,6 @@ def run(graph: Graph, weights: dict[str, torch.Tensor], ctx: PassContext, scheme
         node.inputs = [x, wname, sname, *bias]
         node.attrs = {"weight_scheme": weight_scheme, "act_scheme": act_scheme, "fp8_format": "e4m3fn",
                       "block_size": list(block_size) if block_size else None, "has_bias": bool(bias)}
-        ctx.decide(NAME, node.name, f"quantized {wname} to {tag}, activations {act_scheme}",
-                   f"scale = amax/448 per {'block' if block_size else 'output channel'}; "
-                   f"weight relative error {rel_err:.2%}")
-    return graph
-
-
-def quantize_lm_head(graph: Graph, weights: dict[str, torch.Tensor], ctx: PassContext) -> Graph:
-    """`--fp8-lm-head`: the logits projection as an FP8 GEMM (per-channel weight, per-token activations).
-
-        logits(x, idx, W)   ==>   g = embedding(idx, x); logits = linear_fp8(g, bits(W), scale(W), float32 out)
-
-    The rows are gathered first (the embedding kernel is a row gather), so only the R rows that need
-    logits are quantized and multiplied. A weight tied to the embedding gets an FP8 copy (the
-    embedding keeps reading the original). Softcapped logits are kept (the FP8 GEMM has no softcap)."""
-    from rdnac.ir.fp8 import dequantize_weight
-    from rdnac.ir.graph import Node
-
-    for i, node in enumerate(graph.nodes):
-        if node.op != "logits":
-            continue
-        if node.attrs.get("softcap", 0.0):
-            ctx.decide(NAME, node.name, "kept the lm_head in the compute dtype", "--fp8-lm-head: the logits are "
-                       "softcapped, which the FP8 GEMM does not apply")
-            continue
-        x, idx, wname = node.inputs
-        tied = any(wname in n.inputs for n in graph.nodes if n is not node)
-        w = weights[wname]
-        bits, scale = quantize_weight(w, "channel")
-        qname = f"{wname}.fp8" if tied else wname
-        sname = wname.removesuffix(".weight") + ".weight_scale"
-        rel_err = ((dequantize_weight(bits, scale, "channel") - w.float()).norm() / w.float().norm()).item()
-        source = graph.weights[wname].source or wname
-        weights[qname], weights[sname] = bits, scale
-        graph.weights[qname] = WeightSpec("float8_e4m3fn", tuple(bits.shape), "fp8-channel", source=source)
-        graph.weights[sname] = WeightSpec("float32", tuple(scale.shape), "fp8-scale", source=f"quantize({source})")
-        rows = f"{node.name}.rows"
-        gather = Node(rows, "embedding", [idx, x], [rows], {})
-        graph.nodes[i] = Node(node.name, "linear_fp8", [rows, qname, sname], list(node.outputs),
-                              {"weight_scheme": "channel", "act_scheme": "dynamic_token", "fp8_format": "e4m3fn",
-                               "block_size": None, "has_bias": False, "out_dtype": "float32"})
-        graph.nodes.insert(i, gather)
-        ctx.decide(NAME, node.name, f"lm_head {wname} to fp8-channel (float32 logits), rows gathered first",
-                   f"--fp8-lm-head: halves the largest single weight read per decode step; weight relative "
-                   f"error {rel_err:.2%}" + (f"; tied to the embedding, so an FP8 copy {qname} is added "
-                                             f"({bits.numel() / 1e6:.0f} MB)" if tied else ""))
-        break
-    return graph
+        state.decide(NAME, node.name, f"quantized {wname} to {tag}, activations {act_scheme}",
+                     f"scale = amax/448 per {'block' if block_size else 'output channel'}; "
+                     f"weight relative error {rel_err:.2%}")

@@ -1,30 +1,29 @@
-"""Kernel binaries: the record a plan carries for each compiled kernel, and how one is made.
+"""Compile one kernel specialization for a target, and read what the binary costs there.
 
-A `KernelBinary` is one specialization (`KernelCall`) compiled by Triton for
-one target: the hsaco/cubin bytes, the metadata Triton's `CompiledKernel`
-needs to launch it, and the resources it costs (shared memory, registers,
-spills, matrix instructions). It lives here, outside `rdnac.compiler`, because
-both sides need it: `rdnac.compiler.build` produces them (cached, in
-parallel) and `rdnac.runtime.aot` loads them, or, when the plan was built by
-another Triton version, rebuilds one kernel from rdnac's installed library by
-name with `compile_call`.
+`compile_call` turns a `KernelCall` (rdnac.plans.binaries) into a
+`KernelBinary` with the installed Triton, on any machine (no GPU needed), and
+reads its resources from Triton's outputs: shared memory, registers, spills
+(the amdgcn text on AMD; ptxas -v and cuobjdump on NVIDIA) and the matrix
+instructions it uses. The compiler's build (`rdnac.compiler.build`: parallel,
+cached) calls it for every specialization a plan needs; the capability probe
+uses the same options and instruction scan; and the runtime calls it for the
+one case where it compiles, on request: rebuilding a plan's kernel that another
+Triton built, from rdnac's installed kernel library by name.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rdnac.kernels.launch import KernelCall, decode_constexpr, resolve_kernel
+from rdnac.kernels.launch import decode_constexpr, resolve_kernel
+from rdnac.plans.binaries import KernelBinary, KernelCall, Resources, sha256_hex
 from rdnac.targets import Target, get_target
 
-BINARY_FORMAT_VERSION = 2  # 2: NVIDIA spills from ptxas -v
 # Pinned, not left to Triton's default: Triton 3.10 turns FP fusion off by default.
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
@@ -32,64 +31,6 @@ _AMD_MATRIX = re.compile(r"\bv_(?:wmma|swmmac|mfma)_\w+")
 _NV_MATRIX = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync|tcgen05\.mma)[\w.]*")
 _AMD_COUNTS = re.compile(r"\.(vgpr_count|sgpr_count|vgpr_spill_count|sgpr_spill_count|agpr_count):\s+(\d+)")
 _NV_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What one binary costs on its target, read from Triton's outputs at compile time."""
-
-    shared_bytes: int  # dynamic LDS/shared memory per block (Triton's metadata.shared)
-    num_regs: int | None  # VGPRs per lane (AMD) / registers per thread (NVIDIA)
-    num_sgprs: int | None  # AMD scalar registers; None on NVIDIA
-    num_spills: int  # AMD: VGPR + SGPR spill count; NVIDIA: ptxas's spill-store bytes / 4
-    matrix_instructions: tuple[str, ...] = ()  # distinct v_wmma_*/v_mfma_* (AMD), wgmma/mma (NVIDIA)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"shared_bytes": self.shared_bytes, "num_regs": self.num_regs, "num_sgprs": self.num_sgprs,
-                "num_spills": self.num_spills, "matrix_instructions": list(self.matrix_instructions)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Resources:
-        return cls(d["shared_bytes"], d["num_regs"], d["num_sgprs"], d["num_spills"],
-                   tuple(d["matrix_instructions"]))
-
-
-@dataclass(frozen=True)
-class KernelBinary:
-    """One compiled specialization; `to_dict()` holds only msgpack-safe values."""
-
-    kernel: str  # "module:function" in rdnac's kernel library
-    key: str  # the specialization key (`KernelCall.key`) a launch looks it up by
-    call: KernelCall  # the specialization, with its alignment/divisibility assumptions
-    target: str  # rdnac target name ("gfx1201", "sm90")
-    triton_version: str  # Triton that built it; another installed version means rebuild
-    source_hash: str  # Triton's hash of the kernel source (and the jit functions it uses)
-    binary: bytes = field(repr=False)  # hsaco (AMD) or cubin (NVIDIA)
-    binary_ext: str  # "hsaco" | "cubin": the key Triton's CompiledKernel reads the binary under
-    metadata: dict[str, Any] = field(repr=False)  # Triton's metadata JSON (name, shared, num_warps, target, ...)
-    resources: Resources
-    sha256: str  # of `binary`, checked at load
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format_version": BINARY_FORMAT_VERSION, "kernel": self.kernel, "key": self.key,
-                "call": self.call.to_dict(), "target": self.target, "triton_version": self.triton_version,
-                "source_hash": self.source_hash, "binary": bytes(self.binary), "binary_ext": self.binary_ext,
-                "metadata": self.metadata, "resources": self.resources.to_dict(), "sha256": self.sha256}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> KernelBinary:
-        from rdnac.errors import PlanError
-
-        if d.get("format_version") != BINARY_FORMAT_VERSION:
-            raise PlanError(f"kernel binary {d.get('kernel', '?')} requires binary format version "
-                            f"{BINARY_FORMAT_VERSION}; got {d.get('format_version')!r}; do recompile the plan")
-        return cls(d["kernel"], d["key"], KernelCall.from_dict(d["call"]), d["target"], d["triton_version"],
-                   d["source_hash"], bytes(d["binary"]), d["binary_ext"], dict(d["metadata"]),
-                   Resources.from_dict(d["resources"]), d["sha256"])
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def triton_signature(kernel: Any, call: KernelCall) -> dict[str, str]:
