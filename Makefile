@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PLAN   := plans/smollm2.cpu.msgpack
+# The GPU machine's Triton, whose version is set in one place (rdnac/testing/gpu_machine.py)
+GPU_TRITON     := $(shell $(PYTHON) rdnac/testing/gpu_machine.py TRITON)
+GPU_TRITON_DIR := $(shell $(PYTHON) rdnac/testing/gpu_machine.py ENV_DIR)
 
-.PHONY: install demo test test-gpu clean
+.PHONY: install gpu-triton demo test test-gpu clean
 
 # torch is pinned first: an unpinned torch would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -16,12 +19,21 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Triton alone (no torch: the main venv's serves), for tests/test_triton_gpu_machine.py to put first on the
+# path of a subprocess and build plans under. Triton cross-compiles on CPU: no GPU needed.
+$(GPU_TRITON_DIR)/.installed: | $(VENV)/.installed
+	rm -rf $(GPU_TRITON_DIR)
+	$(PY) -m pip install -q --no-deps --target $(GPU_TRITON_DIR) triton==$(GPU_TRITON)
+	touch $@
+
+gpu-triton: $(GPU_TRITON_DIR)/.installed
+
 demo: install
 	@mkdir -p plans
 	$(VENV)/bin/rdnac compile demo:smollm2 --target cpu -o $(PLAN)
 	$(VENV)/bin/rdnac run $(PLAN) --chat "What is the capital of France?" --max-tokens 32
 
-test: install
+test: install gpu-triton
 	$(VENV)/bin/pytest -q -ra
 
 test-gpu: install

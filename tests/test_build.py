@@ -7,6 +7,7 @@ import time
 import msgpack
 import pytest
 import torch
+import triton
 
 from rdnac.compiler.build import BuildError, check_resources, compile_calls
 from rdnac.compiler.record import RecordingLauncher
@@ -110,8 +111,11 @@ def test_build_error_names_the_kernel(cache):
     rec = RecordingLauncher()
     rec.launch(tk.matmul_kernel, (1, 1), (a, a, a, 64, 64, 64, 64, 64, 64),
                constexprs={"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64})
-    with pytest.raises(BuildError, match=r"matmul_kernel\(\*fp8e4b8.*fp8e4b8 not supported"):
+    with pytest.raises(BuildError, match=r"matmul_kernel\(\*fp8e4b8.*fp8e4b8 not supported") as excinfo:
         compile_calls(rec.calls, "sm90", quiet=True, cache_dir=cache)
+    assert excinfo.value.kernels == ["rdnac.kernels.testing_kernels:matmul_kernel"]
+    assert f"for sm90 under Triton {triton.__version__} " in str(excinfo.value)
+    assert "CompilationError at `" in str(excinfo.value)  # the kernel source line Triton stopped on
 
 
 def test_cpu_target_has_no_binaries(cache):

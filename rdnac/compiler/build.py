@@ -35,7 +35,11 @@ from rdnac.targets.probe import user_cache_dir
 
 
 class BuildError(RdnacError):
-    """A kernel specialization did not compile for the target."""
+    """A kernel specialization did not compile for the target; `kernels` names the kernels that did not."""
+
+    def __init__(self, message: str, kernels: Iterable[str] = ()):
+        super().__init__(message)
+        self.kernels = sorted(set(kernels))
 
 
 def cache_key(call: KernelCall, target: Target) -> str:
@@ -105,6 +109,7 @@ def _compile_all(todo: dict[str, KernelCall], target: Target, *, quiet: bool,
     workers = max(1, min(len(todo), max_workers or os.cpu_count() or 1))
     results: dict[str, KernelBinary] = {}
     failures: list[str] = []
+    failed: list[str] = []
     progress = Progress(TextColumn("compiling kernels for {task.fields[target]}"), BarColumn(),
                         MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
                         console=Console(stderr=True), disable=quiet)
@@ -117,13 +122,19 @@ def _compile_all(todo: dict[str, KernelCall], target: Target, *, quiet: bool,
         for key, out in done:
             if "error" in out:
                 failures.append(f"{todo[key].key}: {out['error']}")
+                failed.append(key)
             else:
                 results[key] = KernelBinary.from_dict(out)
             progress.update(task, advance=1, description=todo[key].kernel.rpartition(":")[2])
     if failures:
-        raise BuildError(f"building for {target.name} requires every kernel specialization to compile; "
-                         f"{len(failures)} did not:\n  " + "\n  ".join(failures) +
-                         "\ndo choose another config for these kernels, or report the Triton error")
+        import triton
+
+        # The Triton version is in the message: a kernel can build under one version and not another
+        # (the GPU machine's Triton is older than CI's; tests/test_triton_gpu_machine.py builds under both).
+        raise BuildError(f"building for {target.name} under Triton {triton.__version__} requires every kernel "
+                         f"specialization to compile; {len(failures)} did not:\n  " + "\n  ".join(failures) +
+                         "\ndo choose another config for these kernels, or report the Triton error",
+                         kernels=[todo[key].kernel for key in failed])
     return results
 
 
@@ -183,7 +194,15 @@ def _compile_one(call: dict[str, Any], target: str) -> dict[str, Any]:
     except Exception as e:  # noqa: BLE001 -- reported by the parent as a BuildError naming the kernel
         text = str(getattr(e, "error_message", None) or e.__cause__ or e)
         lines = [line.strip() for line in text.splitlines() if line.strip()]
-        return {"error": f"{type(e).__name__}: {lines[0] if lines else ''}"}
+        return {"error": f"{type(e).__name__}{_failing_line(e)}: {lines[0] if lines else ''}"}
+
+
+def _failing_line(e: Exception) -> str:
+    """" at `<source line>`" for a Triton CompilationError: the kernel line its code generator stopped on
+    (the error's own text, e.g. "'str' object has no attribute 'type'", rarely says where); else ""."""
+    src, lineno = getattr(e, "src", None), getattr(getattr(e, "node", None), "lineno", None)
+    lines = src.splitlines() if isinstance(src, str) else []
+    return f" at `{lines[lineno - 1].strip()}`" if isinstance(lineno, int) and 0 < lineno <= len(lines) else ""
 
 
 def _worker_main(target: str) -> None:

@@ -171,7 +171,8 @@ SHAPES = {
     "tiny": dict(arch="Qwen3ForCausalLM", hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64,
                  intermediate=384, vocab=512),
 }
-_MODEL_TYPES = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+_MODEL_TYPES = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama",
+                "MistralForCausalLM": "mistral"}
 _ST_DTYPES = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float8_e4m3fn: "F8_E4M3"}
 
 
@@ -213,8 +214,8 @@ class _StreamingSafetensors:
         self._file.close()
 
 
-def _layer_specs(i: int, c: dict, scheme: str | None, is_qwen3: bool):
-    """(name, dtype, shape, kind) of decoder layer i; kind is "norm", "linear" or "scale"."""
+def _layer_specs(i: int, c: dict, scheme: str | None, arch: str):
+    """(name, dtype, shape, kind) of decoder layer i; kind is "norm", "bias", "linear" or "scale"."""
     h, d, inter = c["hidden"], c["head_dim"], c["intermediate"]
     p = f"model.layers.{i}"
     linears = [(f"{p}.self_attn.q_proj", c["heads"] * d, h), (f"{p}.self_attn.k_proj", c["kv_heads"] * d, h),
@@ -222,7 +223,7 @@ def _layer_specs(i: int, c: dict, scheme: str | None, is_qwen3: bool):
                (f"{p}.mlp.gate_proj", inter, h), (f"{p}.mlp.up_proj", inter, h), (f"{p}.mlp.down_proj", h, inter)]
     specs = [(f"{p}.input_layernorm.weight", torch.bfloat16, (h,), "norm"),
              (f"{p}.post_attention_layernorm.weight", torch.bfloat16, (h,), "norm")]
-    if is_qwen3:
+    if arch == "Qwen3ForCausalLM":
         specs += [(f"{p}.self_attn.q_norm.weight", torch.bfloat16, (d,), "norm"),
                   (f"{p}.self_attn.k_norm.weight", torch.bfloat16, (d,), "norm")]
     for module, n, k in linears:
@@ -233,6 +234,8 @@ def _layer_specs(i: int, c: dict, scheme: str | None, is_qwen3: bool):
             grid = (-(-n // BLOCK[0]), -(-k // BLOCK[1]))
             specs.append((f"{module}.weight_scale_inv", torch.float32, grid, "scale") if scheme == "fp8-block"
                          else (f"{module}.weight_scale", torch.float32, (), "scale"))
+    if arch == "Qwen2ForCausalLM":  # q/k/v biases, left in bf16 by FP8 checkpoints (only weights are quantized)
+        specs += [(f"{module}.bias", torch.bfloat16, (n,), "bias") for module, n, _ in linears[:3]]
     return specs
 
 
@@ -261,7 +264,6 @@ def write_random_checkpoint(out_dir: str | Path, arch: str = "Qwen3ForCausalLM",
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     c = dict(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, intermediate=intermediate)
-    is_qwen3 = arch == "Qwen3ForCausalLM"
     config = {"architectures": [arch], "model_type": _MODEL_TYPES[arch], "hidden_size": hidden,
               "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
               "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": vocab, "hidden_act": "silu",
@@ -270,7 +272,7 @@ def write_random_checkpoint(out_dir: str | Path, arch: str = "Qwen3ForCausalLM",
     if scheme:
         config["quantization_config"] = quantization_config(scheme, ["lm_head"])
     shards = [[("model.embed_tokens.weight", torch.bfloat16, (vocab, hidden), "embedding")]]
-    shards += [_layer_specs(i, c, scheme, is_qwen3) for i in range(layers)]
+    shards += [_layer_specs(i, c, scheme, arch) for i in range(layers)]
     shards.append([("model.norm.weight", torch.bfloat16, (hidden,), "norm"),
                    ("lm_head.weight", torch.bfloat16, (vocab, hidden), "embedding")])
     weight_map = {}
@@ -282,6 +284,8 @@ def write_random_checkpoint(out_dir: str | Path, arch: str = "Qwen3ForCausalLM",
             weight_map[name] = filename
             if kind == "norm":
                 t = 1.0 + 0.1 * torch.randn(shape, generator=_generator(seed, name))
+            elif kind == "bias":
+                t = 0.1 * torch.randn(shape, generator=_generator(seed, name))
             elif kind == "embedding" and decisive and name == "lm_head.weight":
                 for start in range(0, shape[0], 16384):  # row j = embedding row (a*j + b) mod V
                     rows = torch.arange(start, min(start + 16384, shape[0]))

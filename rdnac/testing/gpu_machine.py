@@ -1,0 +1,19 @@
+"""The GPU machine's software versions, in one place: a change of its Triton is a one-line change here.
+
+The GPU machine (GPU.md) runs Triton 3.6 and torch 2.11; CI and the development machines run newer ones.
+A kernel can build under one Triton and not the other, so `make test` also builds plans under this Triton:
+the Makefile installs it alone into ENV_DIR (`python3 rdnac/testing/gpu_machine.py ENV_DIR` prints the
+name; this file imports nothing, so any python3 runs it), and tests/test_triton_gpu_machine.py puts that
+directory first on the path of a subprocess of the main environment's python and compiles there.
+"""
+
+TRITON = "3.6.0"
+TORCH = "2.11"  # torch is not swapped in the build check: kernel builds depend on Triton only
+
+# Beside .venv in the repository root, named by the version so a new TRITON gets a new directory.
+ENV_DIR = f".gpu-triton-{TRITON}"
+
+if __name__ == "__main__":
+    import sys
+
+    print(globals()[sys.argv[1]])
