@@ -40,6 +40,29 @@ def random_checkpoint(arch: str) -> Callable[..., Path]:
     return partial(write_random_checkpoint, arch=arch, **WIDTH)
 
 
+# Gemma at Gemma 3's head_dim 256 (the attention kernels' largest tile), two layers (one sliding, one global):
+# the 1 + w norms (plain, fused add, fused quant, fused q/k norm + RoPE + cache), the GELU-tanh gated GEMM,
+# the logits soft-cap and, in Gemma 2, soft-capped prefill and decode attention.
+GEMMA_WIDTH = dict(hidden_size=2048, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+                   head_dim=256, intermediate_size=4096, vocab_size=4096, sliding_window=64,
+                   layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0)
+
+
+def hf_random_checkpoint(model_type: str, **config) -> Callable[..., Path]:
+    """A writer of a random checkpoint from transformers' own modeling code, for families the FP8 generator
+    does not write; bf16 only (scheme None)."""
+    def write(out: Path, scheme: str | None = None) -> Path:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        assert scheme is None, f"{model_type}: the transformers writer makes bf16 checkpoints only; got {scheme}"
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=torch.bfloat16)
+        model.save_pretrained(out)
+        return out
+    return write
+
+
 @dataclass(frozen=True)
 class Case:
     family: str
@@ -52,7 +75,8 @@ class Case:
 
 
 # Every family rdnac supports, with each family's own kernels: Llama/Mistral (plain attention), Qwen2 (q/k/v
-# bias: the GEMMs' bias epilogues), Qwen3 (q/k norm: the fused norm-rope-cache kernel).
+# bias: the GEMMs' bias epilogues), Qwen3 (q/k norm: the fused norm-rope-cache kernel), Gemma 3 and Gemma 2
+# (see GEMMA_WIDTH).
 CASES = [
     Case("llama", "bf16", random_checkpoint("LlamaForCausalLM")),
     Case("llama", "fp8-block", random_checkpoint("LlamaForCausalLM")),
@@ -62,6 +86,9 @@ CASES = [
     Case("qwen3", "bf16", random_checkpoint("Qwen3ForCausalLM")),
     Case("qwen3", "fp8-block", random_checkpoint("Qwen3ForCausalLM")),
     Case("qwen3", "fp8-tensor", random_checkpoint("Qwen3ForCausalLM")),
+    Case("gemma3", "bf16", hf_random_checkpoint("gemma3_text", **GEMMA_WIDTH)),
+    Case("gemma2", "bf16", hf_random_checkpoint("gemma2", attn_logit_softcapping=50.0,
+                                                **{k: v for k, v in GEMMA_WIDTH.items() if k != "layer_types"})),
 ]
 
 
