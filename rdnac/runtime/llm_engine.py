@@ -92,7 +92,7 @@ class LLMEngine:
             num_blocks = self._default_num_blocks(gpu_memory_utilization, num_slots)
         if not _is_int(num_blocks) or num_blocks < 1:
             raise RequestError(f"num_blocks requires a positive integer; got {num_blocks!r}")
-        runner.allocate_state(num_blocks, num_slots)
+        runner.allocate_state(num_blocks, num_slots, self.max_num_seqs)
         self.block_manager = BlockManager(num_blocks, self.block_size, enable_prefix_caching, num_slots)
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
         self._requests: dict[str, _Request] = {}
@@ -112,9 +112,10 @@ class LLMEngine:
         if per_block == 0:  # no paged state at all: blocks only number positions
             return blocks_for(self.max_model_len, self.block_size) * self.max_num_seqs
         full = blocks_for(self.max_model_len, self.block_size)
-        if self.runner.device == "cuda":
+        if self.runner.device == "cuda":  # what the budget holds, up to every sequence at full length
             free_bytes, _ = torch.cuda.mem_get_info()
-            num_blocks = (int(free_bytes * gpu_memory_utilization) - slots_bytes) // per_block
+            num_blocks = min(self.max_num_seqs * full,
+                             (int(free_bytes * gpu_memory_utilization) - slots_bytes) // per_block)
         else:
             num_blocks = max(full, min(self.max_num_seqs * full, (_CPU_STATE_LIMIT_BYTES - slots_bytes) // per_block))
         if num_blocks < 1:

@@ -144,27 +144,28 @@ class ModelRunner:
         """Per-sequence state bytes (0 for a plan that keeps none)."""
         return bytes_per_sequence(self.graph.state)
 
-    def allocate_state(self, num_blocks: int, num_slots: int) -> StateCache:
+    def allocate_state(self, num_blocks: int, num_slots: int, max_num_seqs: int | None = None) -> StateCache:
         """Allocate (or replace) the declared state: `num_blocks` pages, `num_slots` per-sequence slots.
-        Graphs bake in the state's addresses, so this captures them again."""
+        Graphs bake in the state's addresses, so this captures them again (up to `max_num_seqs` rows)."""
         self.graphs = None
         self.cache = None
         self.cache = StateCache(self.graph.state, num_blocks, self.block_size, num_slots, self.device)
         if self.use_graphs:
-            self.capture_graphs()
+            self.capture_graphs(max_num_seqs or self.max_num_seqs)
         return self.cache
 
     @property
     def use_graphs(self) -> bool:
         return self._executor is not None and self.device == "cuda" and not self.enforce_eager
 
-    def capture_graphs(self) -> float:
-        """Capture decode steps (model and sampler) for every batch bucket up to max_num_seqs; returns the
-        capture seconds."""
+    def capture_graphs(self, max_num_seqs: int | None = None) -> float:
+        """Capture decode steps (model and sampler) for every batch bucket up to max_num_seqs (the plan's
+        by default); returns the capture seconds."""
         from rdnac.runtime.executor import BUCKETS
         from rdnac.runtime.graphs import DecodeGraphs
 
-        buckets = [b for b in BUCKETS if b <= self.max_num_seqs] or [1]
+        limit = min(max_num_seqs or self.max_num_seqs, self.max_num_seqs)
+        buckets = [b for b in BUCKETS if b < 2 * limit and b <= self.max_num_seqs] or [1]
         max_blocks = -(-self.max_model_len // self.block_size)
         with torch.inference_mode():
             self.graphs = DecodeGraphs(self._executor, self.weights, self.cache.inputs(), buckets, max_blocks,
