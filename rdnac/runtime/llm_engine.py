@@ -49,6 +49,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "stop" (EOS, stop token or stop string), "length" or "abort"
     num_prompt_tokens: int
+    prompt_token_ids: list[int] | None = None  # on the final output only
 
 
 @dataclass(eq=False)
@@ -182,7 +183,8 @@ class LLMEngine:
             req.is_finished = True
             self._pending.append(RequestOutput(request_id, [], "", list(req.seq.output_ids), req.released_text,
                                                [] if req.params.logprobs else None, True, "abort",
-                                               req.seq.num_prompt_tokens))
+                                               req.seq.num_prompt_tokens,
+                                               req.seq.token_ids[:req.seq.num_prompt_tokens]))
 
     def has_unfinished(self) -> bool:
         with self._lock:
@@ -243,7 +245,8 @@ class LLMEngine:
             del self._requests[seq.seq_id]
         return RequestOutput(seq.seq_id, [token], req.text[num_released:req.num_released], list(seq.output_ids),
                              req.released_text, [logprob] if params.logprobs else None, finish_reason is not None,
-                             finish_reason, seq.num_prompt_tokens)
+                             finish_reason, seq.num_prompt_tokens,
+                             seq.token_ids[:seq.num_prompt_tokens] if finish_reason is not None else None)
 
     def _update_text(self, req: _Request, delta: str, is_final: bool) -> bool:
         """Add decoded text, cut it at the first stop string, release what can no longer start one.
@@ -328,7 +331,7 @@ class LLMEngine:
                     final[out.request_id] = out
         return [RequestOutput(o.request_id, list(o.token_ids), o.text, o.token_ids, o.text,
                               logprobs[o.request_id] if o.logprobs is not None else None, True, o.finish_reason,
-                              o.num_prompt_tokens) for o in (final[i] for i in ids)]
+                              o.num_prompt_tokens, o.prompt_token_ids) for o in (final[i] for i in ids)]
 
 
 def _limit(name: str, value: int | None, plan_limit: int) -> int:
