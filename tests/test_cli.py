@@ -29,6 +29,10 @@ def test_compile_run_inspect_round_trip(tmp_path):
     assert summary["graph"]["ops"]["rms_norm"] == 5  # 2 per layer + final, adds fused in
     assert "add" not in summary["graph"]["ops"]
     assert summary["weights"]["bytes"] > 0
+    state = summary["state"]  # the K and V of each of the 2 layers, as declared, and its budget
+    assert [(e["name"], e["kind"]) for e in state["entries"]] == \
+        [(f"{kv}_cache.{i}", "paged_kv") for i in range(2) for kv in "kv"]
+    assert state["bytes_per_token"] == sum(e["bytes"] for e in state["entries"]) > 0
 
     result = runner.invoke(cli, ["inspect", str(plan), "--decisions"])
     assert result.exit_code == 0 and "fuse_add_rms_norm" in result.output

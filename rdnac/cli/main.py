@@ -140,9 +140,11 @@ def _interactive_chat(llm, params) -> None:
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="Write the graph as ONNX (for Netron).")
 @click.option("--diff", nargs=2, type=click.Path(dir_okay=False), help="Compare two plans: --diff A B.")
-def inspect_cmd(plan, as_json, decisions, html_path, onnx_path, diff):
+@click.option("--memory", help="Device memory to size the model state for (e.g. 16GiB, 80GB; default 16GiB): "
+                               "how many tokens of state fit beside the weights.")
+def inspect_cmd(plan, as_json, decisions, html_path, onnx_path, diff, memory):
     """Show what PLAN holds: header, model, graph by op, weights, decisions."""
-    from rdnac.cli.inspect import render_text, summarize
+    from rdnac.cli.inspect import DEFAULT_MEMORY, parse_memory, render_text, summarize
 
     if diff:
         if plan or html_path or onnx_path:
@@ -165,7 +167,7 @@ def inspect_cmd(plan, as_json, decisions, html_path, onnx_path, diff):
             if path:
                 click.echo(f"wrote {write(plan, path)}", err=True)
         return
-    summary = summarize(plan)
+    summary = summarize(plan, parse_memory(memory) if memory else DEFAULT_MEMORY)
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
     else:

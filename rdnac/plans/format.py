@@ -2,7 +2,7 @@
 
 The msgpack file is one map:
 
-    {"format": "rdnac-plan", "format_version": 1, "header": {...},
+    {"format": "rdnac-plan", "format_version": 2, "header": {...},
      "body_sha256": <hex>, "body": <bytes: msgpack map>}
 
 The header is readable without decoding the body (rdnac version, Triton
@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from rdnac.errors import PlanError
 
 FORMAT = "rdnac-plan"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the graph declares the model's state (Graph.state, ir/state.py); 1 assumed K/V caches
 # safetensors dtype names -> the graph's dtype names
 _ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
               "I32": "int32", "I8": "int8", "U8": "uint8", "F8_E4M3": "float8_e4m3fn",
