@@ -4,16 +4,19 @@ Order, as Hugging Face applies its processors: repetition penalty (over
 prompt + generated ids) -> temperature -> top-k -> top-p -> min-p -> draw.
 Temperature 0 is greedy: exactly argmax of the (penalized) logits.
 
-The draw is counter-based Gumbel-max: token = argmax_i x_i / T + g_i with
-g_i = -log(-log(u_i)), u_i the first word of Philox-4x32-10 keyed by the
-request's 64-bit seed at counter (i, step, 0, 0), `step` being the index of
-the token drawn (0 for the first). That is `tl.rand(seed, (step << 32) | i)`,
-the rule `kernels/sampling.py` documents. A row's token depends only on its
-logits, its seed and its step: not on the rest of the batch, the entry point,
-a preemption, or whether a graph replayed it. There is no generator state:
-seeds and steps are tensors, so the decode graphs capture `draw` and replay
-it with the next step's. An unseeded request is given a random seed when it
-is added.
+The draw is counter-based inverse-CDF sampling: one uniform u per token,
+the first word of Philox-4x32-10 keyed by the request's 64-bit seed at
+counter (0, step, 0, 0), `step` being the index of the token drawn (0 for the
+first) -- Triton's `tl.rand(seed, step << 32)` -- picks the first token whose
+cumulative probability (float64, in vocabulary order) exceeds u times the
+total. A row's token depends only on its logits, its seed and its step: not
+on the rest of the batch, the entry point, a preemption, or whether a graph
+replayed it. There is no generator state: seeds and steps are tensors, so the
+decode graphs capture `draw` and replay it with the next step's. One uniform
+per token keeps the draw to a handful of row-wise passes over the logits
+(a Gumbel-max draw would need a Philox word per vocabulary entry: ~130 torch
+ops over [B, V]). An unseeded request is given a random seed when it is
+added.
 
 `draw` (greedy and temperature only) is pure tensor work with no host sync,
 captured inside the decode graphs; `sample` does everything (it calls `draw`
@@ -42,7 +45,8 @@ def seed_to_int64(seed: int) -> int:
 
 
 def philox_uniform(seeds: torch.Tensor, steps: torch.Tensor, num_cols: int) -> torch.Tensor:
-    """u[r, i] in [0, 1) for seeds [R] int64, steps [R] int64: Triton's tl.rand(seeds[r], (steps[r] << 32) | i)."""
+    """u[r, i] in [0, 1) for seeds [R] int64, steps [R] int64: Triton's tl.rand(seeds[r], (steps[r] << 32) | i)
+    (`draw` takes i = 0 only)."""
     # int64 lanes hold uint32 values; a product of two wraps modulo 2**64, so its bits are the unsigned product's
     c0 = torch.arange(num_cols, dtype=torch.int64, device=seeds.device)[None, :]  # [1, V]: the token index
     c1 = (steps & _MASK32)[:, None]  # [R, 1]
@@ -58,12 +62,15 @@ def philox_uniform(seeds: torch.Tensor, steps: torch.Tensor, num_cols: int) -> t
 
 
 def draw(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """Tokens [R] int64: argmax where temperature <= 0, else the Gumbel-max draw of softmax(logits / T)."""
+    """Tokens [R] int64: argmax where temperature <= 0, else a draw from softmax(logits / T) by the rows'
+    counter-based uniforms. Pure tensor work, no host sync: capturable in a CUDA graph."""
     # logits: [R, V] float32; temperature [R] float32; seeds, steps [R] int64
     is_sampled = temperature > 0
     scale = torch.where(is_sampled, temperature, torch.ones_like(temperature))[:, None]
-    gumbel = -torch.log(-torch.log(philox_uniform(seeds, steps, logits.shape[-1])))
-    return torch.where(is_sampled, (logits / scale + gumbel).argmax(dim=-1), logits.argmax(dim=-1))
+    cdf = (logits / scale).softmax(dim=-1).double().cumsum(dim=-1)  # [R, V]; float64: u * total < total
+    target = philox_uniform(seeds, steps, 1).double() * cdf[:, -1:]  # [R, 1]
+    sampled = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=logits.shape[-1] - 1)
+    return torch.where(is_sampled, sampled, logits.argmax(dim=-1))
 
 
 @dataclass
@@ -140,10 +147,9 @@ def truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (token ids [B] int64, their logprobs [B] float32 if the batch asks), on the logits' device."""
     # logits: [B, V] float32
-    device = logits.device
-    temperature, seeds, steps = batch.draw_inputs(device)
     if batch.is_greedy and batch.is_plain:
         return logits.argmax(dim=-1), None
+    temperature, seeds, steps = batch.draw_inputs(logits.device)
     logits = apply_repetition_penalty(logits.float(), batch.token_ids, batch.repetition_penalties)
     if batch.is_plain:
         tokens = draw(logits, temperature, seeds, steps)
