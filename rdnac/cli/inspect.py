@@ -11,7 +11,6 @@ from rich.table import Table
 from rdnac.errors import RdnacError
 from rdnac.ir.state import bytes_per_sequence, bytes_per_token
 from rdnac.plans import read_plan
-from rdnac.runtime.model_runner import load_graph
 
 DEFAULT_MEMORY = 16 << 30  # what `inspect` sizes the state for unless given --memory
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
@@ -47,7 +46,7 @@ def state_summary(graph, runtime: dict, weight_bytes: int, memory: int) -> dict:
 
 def summarize(plan_path, memory: int = DEFAULT_MEMORY) -> dict:
     plan = read_plan(plan_path)
-    graph = load_graph(plan)
+    graph = plan.graph()
     weight_bytes = 0
     for w in graph.weights.values():
         n = 1

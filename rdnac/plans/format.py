@@ -53,6 +53,19 @@ class Plan:
     header: dict
     body: dict
 
+    def graph(self):
+        """The plan's `Graph`; a declared state this rdnac does not know is refused here, naming it."""
+        from rdnac.ir.graph import Graph
+        from rdnac.ir.state import UnknownStateError
+
+        if "state" not in self.body["graph"]:  # format 1 read by hand: the version check refuses it first
+            raise PlanError(f"{self.path}: requires a plan that declares its model state; this one declares "
+                            f"none (compiled by an older rdnac); recompile the model with this rdnac")
+        try:
+            return Graph.from_dict(self.body["graph"])
+        except UnknownStateError as e:
+            raise PlanError(f"{self.path}: {e}") from None
+
     @property
     def weights_path(self) -> Path:
         return self.path.with_name(self.header["weights"]["file"])

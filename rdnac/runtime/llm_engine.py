@@ -35,7 +35,7 @@ Prompt = str | list[int] | list[dict]
 _UNLIMITED = 1 << 30  # ModelRunner's value for a plan that sets no limit
 _DEFAULT_MAX_NUM_SEQS = 256
 _CPU_STATE_LIMIT_BYTES = 256 << 20  # cpu default pool: room for the plan's batch, within this (one full sequence at least)
-_GREEDY_ROW = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
+_NO_TOKEN = SamplingParams()  # the sampling row of a prompt chunk before the last: greedy, its token unused
 
 
 @dataclass
@@ -203,18 +203,8 @@ class LLMEngine:
                 return outputs
             self._num_steps += 1
             entries = [StepEntry(c.seq.token_ids, c.seq.block_table, c.start, c.end, c.seq.state_slot) for c in chunks]
-            # one sampling row per entry; a prompt chunk before the last gives no token (a greedy placeholder row)
-            reqs = [self._requests[c.seq.seq_id] if c.is_last else None for c in chunks]
-            rows = [(r.params, r.seq, r.seed) if r is not None else (None, c.seq, 0) for r, c in zip(reqs, chunks)]
-            knobs = [{k: getattr(p, k) for k in _GREEDY_ROW} if p is not None else _GREEDY_ROW for p, _, _ in rows]
-            batch = SamplingBatch(
-                temperatures=[k["temperature"] for k in knobs], top_ks=[k["top_k"] for k in knobs],
-                top_ps=[k["top_p"] for k in knobs], min_ps=[k["min_p"] for k in knobs],
-                repetition_penalties=[k["repetition_penalty"] for k in knobs],
-                token_ids=[seq.token_ids if p is not None else [] for p, seq, _ in rows],
-                seeds=[seed for _, _, seed in rows], steps=[seq.num_output_tokens for _, seq, _ in rows],
-                needs_logprobs=any(r is not None and r.params.logprobs for r in reqs))
-            result = self.runner.execute(entries, batch)
+            reqs = [self._requests[c.seq.seq_id] if c.is_last else None for c in chunks]  # None: gives no token
+            result = self.runner.execute(entries, _sampling_batch(reqs))
             self.scheduler.update(chunks)
             if not any(r is not None for r in reqs):
                 return outputs
@@ -332,6 +322,19 @@ class LLMEngine:
         return [RequestOutput(o.request_id, list(o.token_ids), o.text, o.token_ids, o.text,
                               logprobs[o.request_id] if o.logprobs is not None else None, True, o.finish_reason,
                               o.num_prompt_tokens, o.prompt_token_ids) for o in (final[i] for i in ids)]
+
+
+def _sampling_batch(reqs: list[_Request | None]) -> SamplingBatch:
+    """One sampling row per step entry, in order (None: an entry that gives no token)."""
+    params = [r.params if r is not None else _NO_TOKEN for r in reqs]
+    return SamplingBatch(
+        temperatures=[p.temperature for p in params], top_ks=[p.top_k for p in params],
+        top_ps=[p.top_p for p in params], min_ps=[p.min_p for p in params],
+        repetition_penalties=[p.repetition_penalty for p in params],
+        token_ids=[r.seq.token_ids if r is not None else [] for r in reqs],
+        seeds=[r.seed if r is not None else 0 for r in reqs],
+        steps=[r.seq.num_output_tokens if r is not None else 0 for r in reqs],
+        needs_logprobs=any(p.logprobs for p in params))
 
 
 def _limit(name: str, value: int | None, plan_limit: int) -> int:

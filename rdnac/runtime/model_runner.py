@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from rdnac.errors import PlanError, RequestError
+from rdnac.errors import RequestError
 from rdnac.ir import interpreter
-from rdnac.ir.graph import Graph
-from rdnac.ir.state import UnknownStateError, bytes_per_sequence
+from rdnac.ir.state import bytes_per_sequence
 from rdnac.kernels.launch import InterpretLauncher
 from rdnac.plans import read_plan
 from rdnac.runtime.executor import Executor, StepMeta
@@ -57,23 +56,12 @@ class StepOutput:
     logprobs: torch.Tensor | None = None  # [entries] float32, when the SamplingBatch asked for them
 
 
-def load_graph(plan) -> Graph:
-    """The plan's graph; a declared state this runtime does not know is refused here, at load."""
-    if "state" not in plan.body["graph"]:
-        raise PlanError(f"{plan.path}: requires a plan that declares its model state; this one declares none "
-                        f"(compiled by an older rdnac); recompile the model with this rdnac")
-    try:
-        return Graph.from_dict(plan.body["graph"])
-    except UnknownStateError as e:
-        raise PlanError(f"{plan.path}: {e}") from None
-
-
 class ModelRunner:
     def __init__(self, plan, weights: dict[str, torch.Tensor], device: str, launcher=None,
                  enforce_eager: bool = False):
         self.plan = plan
         self.device = device
-        self.graph = load_graph(plan)
+        self.graph = plan.graph()
         self.weights = weights
         rt = plan.body["runtime"]
         self.block_size = rt["kv_block_size"]
@@ -96,7 +84,7 @@ class ModelRunner:
         plan built with programmatic dependent launch without it (same binaries; for measuring it)."""
         started = time.perf_counter()
         plan = read_plan(plan_path)
-        load_graph(plan)  # refuse an unknown state before loading any weights
+        plan.graph()  # refuse an unknown state before loading any weights
         timings = {"plan_s": time.perf_counter() - started}
         if device not in ("cpu", "cuda"):
             raise RequestError(f"device requires cpu or cuda; got {device!r}")
