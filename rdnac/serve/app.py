@@ -26,11 +26,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rdnac.errors import RdnacError
+from rdnac.runtime.sampling_params import GENERATION_KEYS, generation_defaults
 from rdnac.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs,
                                   completion_logprobs, envelope, finish_reason, parse_request, sampling_params, usage)
 from rdnac.serve.worker import ClientDisconnected, EngineFailed, EngineWorker, RequestGroup
-
-_SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class _Choice:
@@ -56,7 +55,11 @@ class _Server:
         self.model_name = model_name
         self.created = int(time.time())
         gen = llm.plan.body.get("generation_config") or {}
-        self.defaults = {k: gen[k] for k in _SAMPLING_DEFAULT_KEYS if gen.get(k) is not None}
+        # the plan's defaults, as `rdnac run` and the Python API read them (do_sample false: greedy); what the
+        # config leaves unset takes OpenAI's defaults (temperature 1), not greedy
+        self.defaults = {k: gen[k] for k in GENERATION_KEYS if gen.get(k) is not None}
+        if gen.get("do_sample") is False or "temperature" in gen:
+            self.defaults = generation_defaults(gen)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
