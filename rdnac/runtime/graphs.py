@@ -85,8 +85,7 @@ class DecodeGraphs:
 
     def _padding(self, bucket: int, device: str) -> dict[str, torch.Tensor]:
         """Static input buffers of a bucket, filled with the padding row (greedy, for the sampler)."""
-        slots = {"state_slots": torch.zeros(bucket, dtype=torch.int64, device=device)} if self.has_state_slots else {}
-        return {**slots,
+        static = {
             "token_ids": torch.zeros(bucket, dtype=torch.int64, device=device),
             "positions": torch.zeros(bucket, dtype=torch.int64, device=device),
             "slot_mapping": torch.full((bucket,), -1, dtype=torch.int64, device=device),
@@ -98,6 +97,9 @@ class DecodeGraphs:
             "seeds": torch.zeros(bucket, dtype=torch.int64, device=device),
             "steps": torch.zeros(bucket, dtype=torch.int64, device=device),
         }
+        if self.has_state_slots:
+            static["state_slots"] = torch.zeros(bucket, dtype=torch.int64, device=device)
+        return static
 
     def _pinned(self, bucket: int) -> tuple[dict[str, torch.Tensor], dict]:
         """Pinned host buffers for a bucket's per-step inputs (the block table flat, [bucket * max_blocks])."""
