@@ -25,7 +25,7 @@ from rdnac.runtime.block_manager import BlockManager, blocks_for
 from rdnac.runtime.detokenizer import Detokenizer
 from rdnac.runtime.model_runner import ModelRunner, StepEntry
 from rdnac.runtime.sampling import SamplingBatch
-from rdnac.runtime.sampling_params import SamplingParams, _is_int, _is_number
+from rdnac.runtime.sampling_params import SamplingParams, is_int, is_number
 from rdnac.runtime.scheduler import Scheduler
 from rdnac.runtime.sequence import Sequence
 from rdnac.runtime.tokenizer import Tokenizer
@@ -91,7 +91,7 @@ class LLMEngine:
                                "per-sequence state, which a cached prefix cannot restore; turn prefix caching off")
         if num_blocks is None:
             num_blocks = self._default_num_blocks(gpu_memory_utilization, num_slots)
-        if not _is_int(num_blocks) or num_blocks < 1:
+        if not is_int(num_blocks) or num_blocks < 1:
             raise RequestError(f"num_blocks requires a positive integer; got {num_blocks!r}")
         runner.allocate_state(num_blocks, num_slots, self.max_num_seqs)
         self.block_manager = BlockManager(num_blocks, self.block_size, enable_prefix_caching, num_slots)
@@ -106,7 +106,7 @@ class LLMEngine:
 
     def _default_num_blocks(self, gpu_memory_utilization: float, num_slots: int) -> int:
         """As many pages as the memory budget holds once the per-sequence slots are paid for."""
-        if not _is_number(gpu_memory_utilization) or not 0 < gpu_memory_utilization <= 1:
+        if not is_number(gpu_memory_utilization) or not 0 < gpu_memory_utilization <= 1:
             raise RequestError(f"gpu_memory_utilization requires a number in (0, 1]; got {gpu_memory_utilization!r}")
         per_block = self.runner.bytes_per_block
         slots_bytes = num_slots * self.runner.bytes_per_sequence
@@ -134,7 +134,7 @@ class LLMEngine:
             if chat:
                 return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
             return self.tokenizer.encode(prompt)
-        if isinstance(prompt, list) and all(_is_int(t) for t in prompt):
+        if isinstance(prompt, list) and all(is_int(t) for t in prompt):
             vocab = self.runner.vocab_size
             bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
@@ -340,7 +340,7 @@ def _sampling_batch(reqs: list[_Request | None]) -> SamplingBatch:
 def _limit(name: str, value: int | None, plan_limit: int) -> int:
     if value is None:
         return plan_limit
-    if not _is_int(value) or not 1 <= value <= plan_limit:
+    if not is_int(value) or not 1 <= value <= plan_limit:
         raise RequestError(f"{name} requires an integer in 1..{plan_limit} (the plan's limit); got {value!r}; "
                            f"recompile with a larger --{name.replace('_', '-')} to go higher")
     return value

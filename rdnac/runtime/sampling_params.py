@@ -15,11 +15,11 @@ from rdnac.errors import RequestError
 GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
-def _is_int(x) -> bool:
+def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_number(x) -> bool:
+def is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # x == x: not NaN
 
 
@@ -41,18 +41,18 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
-            ("temperature", _is_number(self.temperature) and self.temperature >= 0, "a number >= 0"),
-            ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0: off)"),
-            ("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
-            ("min_p", _is_number(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
-            ("repetition_penalty", _is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+            ("max_tokens", is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", is_number(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            ("top_k", is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0: off)"),
+            ("top_p", is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("min_p", is_number(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
+            ("repetition_penalty", is_number(self.repetition_penalty) and self.repetition_penalty > 0,
              "a number > 0 (1: off)"),
-            ("seed", self.seed is None or _is_int(self.seed), "an integer or None"),
+            ("seed", self.seed is None or is_int(self.seed), "an integer or None"),
             ("stop", isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
              "a list of non-empty strings"),
             ("stop_token_ids", isinstance(self.stop_token_ids, list)
-             and all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "a list of token ids >= 0"),
+             and all(is_int(t) and t >= 0 for t in self.stop_token_ids), "a list of token ids >= 0"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "a bool"),
             ("logprobs", isinstance(self.logprobs, bool), "a bool"),
         ]
