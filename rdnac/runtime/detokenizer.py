@@ -1,4 +1,5 @@
-"""Incremental detokenization: the text each new token adds, for every entry point (one implementation)."""
+"""Output text, for every entry point (one implementation): incremental detokenization (the text each new
+token adds) and stop strings (where the text ends, and what may be released while one could still form)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,20 @@ class Detokenizer:
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             return text[len(prefix):]
         return ""
+
+
+def release_text(text: str, num_released: int, delta: str, stops: list[str], is_final: bool) -> tuple[str, int, bool]:
+    """Add decoded text `delta`, cut it at the first stop string, release what can no longer start one.
+    Returns (text, number of its characters released, whether a stop string was found)."""
+    longest = max((len(s) for s in stops), default=0)
+    search_from = max(num_released, len(text) - longest + 1)
+    text += delta
+    hits = [i for i in (text.find(s, search_from) for s in stops) if i >= 0]
+    if hits:
+        text = text[:min(hits)]
+        is_final = True
+    held = 0
+    if not is_final:  # hold back the longest tail that could still grow into a stop string
+        held = next((k for k in range(min(longest - 1, len(text) - num_released), 0, -1)
+                     if any(s.startswith(text[-k:]) for s in stops)), 0)
+    return text, len(text) - held, bool(hits)

@@ -22,19 +22,19 @@ import torch
 
 from rdnac.errors import RequestError
 from rdnac.runtime.block_manager import BlockManager, blocks_for
-from rdnac.runtime.detokenizer import Detokenizer
+from rdnac.runtime.detokenizer import Detokenizer, release_text
 from rdnac.runtime.model_runner import ModelRunner, StepEntry
 from rdnac.runtime.sampling import SamplingBatch
 from rdnac.runtime.sampling_params import SamplingParams, is_int, is_number
 from rdnac.runtime.scheduler import Scheduler
 from rdnac.runtime.sequence import Sequence
+from rdnac.runtime.state_cache import default_num_blocks
 from rdnac.runtime.tokenizer import Tokenizer
 
 Prompt = str | list[int] | list[dict]
 
 _UNLIMITED = 1 << 30  # ModelRunner's value for a plan that sets no limit
 _DEFAULT_MAX_NUM_SEQS = 256
-_CPU_STATE_LIMIT_BYTES = 256 << 20  # cpu default pool: room for the plan's batch, within this (one full sequence at least)
 _NO_TOKEN = SamplingParams()  # the sampling row of a prompt chunk before the last: greedy, its token unused
 
 
@@ -89,8 +89,12 @@ class LLMEngine:
         if num_slots and enable_prefix_caching:
             raise RequestError("enable_prefix_caching requires a plan whose state is all paged; this plan keeps "
                                "per-sequence state, which a cached prefix cannot restore; turn prefix caching off")
-        if num_blocks is None:
-            num_blocks = self._default_num_blocks(gpu_memory_utilization, num_slots)
+        if not is_number(gpu_memory_utilization) or not 0 < gpu_memory_utilization <= 1:
+            raise RequestError(f"gpu_memory_utilization requires a number in (0, 1]; got {gpu_memory_utilization!r}")
+        if num_blocks is None:  # what the memory budget holds, up to every sequence at full length
+            num_blocks = default_num_blocks(runner.graph.state, self.block_size, num_slots,
+                                            blocks_for(self.max_model_len, self.block_size), self.max_num_seqs,
+                                            runner.device, gpu_memory_utilization)
         if not is_int(num_blocks) or num_blocks < 1:
             raise RequestError(f"num_blocks requires a positive integer; got {num_blocks!r}")
         runner.allocate_state(num_blocks, num_slots, self.max_num_seqs)
@@ -103,27 +107,6 @@ class LLMEngine:
         self._num_prompt_tokens = 0
         self._num_steps = 0
         self._num_generate_calls = 0
-
-    def _default_num_blocks(self, gpu_memory_utilization: float, num_slots: int) -> int:
-        """As many pages as the memory budget holds once the per-sequence slots are paid for."""
-        if not is_number(gpu_memory_utilization) or not 0 < gpu_memory_utilization <= 1:
-            raise RequestError(f"gpu_memory_utilization requires a number in (0, 1]; got {gpu_memory_utilization!r}")
-        per_block = self.runner.bytes_per_block
-        slots_bytes = num_slots * self.runner.bytes_per_sequence
-        if per_block == 0:  # no paged state at all: blocks only number positions
-            return blocks_for(self.max_model_len, self.block_size) * self.max_num_seqs
-        full = blocks_for(self.max_model_len, self.block_size)
-        if self.runner.device == "cuda":  # what the budget holds, up to every sequence at full length
-            free_bytes, _ = torch.cuda.mem_get_info()
-            num_blocks = min(self.max_num_seqs * full,
-                             (int(free_bytes * gpu_memory_utilization) - slots_bytes) // per_block)
-        else:
-            num_blocks = max(full, min(self.max_num_seqs * full, (_CPU_STATE_LIMIT_BYTES - slots_bytes) // per_block))
-        if num_blocks < 1:
-            raise RequestError(f"the model state requires at least one block of {per_block} bytes (after "
-                               f"{num_slots} sequence slots of {self.runner.bytes_per_sequence} bytes); got room "
-                               f"for none; free device memory or raise gpu_memory_utilization")
-        return num_blocks
 
     # ------------------------------------------------------------ prompts
 
@@ -227,7 +210,9 @@ class LLMEngine:
                 finish_reason = "length"
                 delta += req.detokenizer.flush()
         num_released = req.num_released
-        if self._update_text(req, delta, is_final=finish_reason is not None):
+        req.text, req.num_released, is_stopped = release_text(req.text, req.num_released, delta, params.stop,
+                                                              is_final=finish_reason is not None)
+        if is_stopped:
             finish_reason = "stop"
         if finish_reason is not None:
             self.scheduler.finish(seq)
@@ -237,24 +222,6 @@ class LLMEngine:
                              req.released_text, [logprob] if params.logprobs else None, finish_reason is not None,
                              finish_reason, seq.num_prompt_tokens,
                              seq.token_ids[:seq.num_prompt_tokens] if finish_reason is not None else None)
-
-    def _update_text(self, req: _Request, delta: str, is_final: bool) -> bool:
-        """Add decoded text, cut it at the first stop string, release what can no longer start one.
-        Returns True if a stop string was found."""
-        stops = req.params.stop
-        longest = max((len(s) for s in stops), default=0)
-        search_from = max(req.num_released, len(req.text) - longest + 1)
-        req.text += delta
-        hits = [i for i in (req.text.find(s, search_from) for s in stops) if i >= 0]
-        if hits:
-            req.text = req.text[:min(hits)]
-            is_final = True
-        held = 0
-        if not is_final:  # hold back the longest tail that could still grow into a stop string
-            held = next((k for k in range(min(longest - 1, len(req.text) - req.num_released), 0, -1)
-                         if any(s.startswith(req.text[-k:]) for s in stops)), 0)
-        req.num_released = len(req.text) - held
-        return bool(hits)
 
     # ------------------------------------------------------------ state
 
