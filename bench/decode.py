@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rdnac  # noqa: E402
-from rdnac.runtime.engine import StepEntry  # noqa: E402
+from rdnac.runtime.model_runner import StepEntry  # noqa: E402
 from tests.support.checkpoints import make_checkpoint  # noqa: E402
 from tests.test_gpu_models import SHAPES  # noqa: E402
 
@@ -41,22 +41,21 @@ def copy_bandwidth() -> float:
 
 def tpot(engine, batch: int, context: int, steps: int = 50) -> float:
     """Seconds per decode step for `batch` sequences at `context` tokens (KV already allocated)."""
-    engine._ensure_cache(batch * (-(-(context + 1) // engine.block_size)) + 1)
-    per_seq = -(-(context + 1) // engine.block_size)
+    per_seq = -(-(context + 1) // engine.runner.block_size)
     entries = []
     for b in range(batch):
-        blocks = engine._cache.allocator.allocate(per_seq)
+        blocks = engine.engine.block_manager.take_blocks(per_seq)
         entries.append(StepEntry([1] * (context + 1), blocks, context, context + 1))
     for _ in range(5):
-        engine.execute(entries)
+        engine.runner.execute(entries)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        engine.execute(entries)
+        engine.runner.execute(entries)
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     for e in entries:
-        engine._cache.allocator.free(e.block_table)
+        engine.engine.block_manager.free(e.block_table)
     return seconds
 
 

@@ -20,7 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rdnac  # noqa: E402
-from rdnac.runtime.engine import Engine  # noqa: E402
+from rdnac import SamplingParams  # noqa: E402
+from rdnac.runtime.llm import LLM  # noqa: E402
+from rdnac.runtime.model_runner import ModelRunner  # noqa: E402
 from rdnac.testing.fp8 import write_random_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,10 +47,10 @@ def main() -> None:
                              max_model_len=4096)
         compile_s = time.perf_counter() - started
         engine = rdnac.load(plan, device="cuda")
-        ours = [c.token_ids for c in engine.generate(prompts, max_tokens=32)]
+        ours = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=32))]
         # The reference interpreter on the same plan graph and weights, on the GPU (no kernels).
-        reference = Engine(engine.plan, engine.weights, "cuda")
-        ref = [c.token_ids for c in reference.generate(prompts, max_tokens=32)]
+        reference = LLM(ModelRunner(engine.plan, engine.weights, "cuda"))
+        ref = [c.token_ids for c in reference.generate(prompts, SamplingParams(max_tokens=32))]
         same = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(ours, ref)]
         ids = prompts[0] + ours[0]
         lo, lr = engine.logits(ids).float(), reference.logits(ids).float()

@@ -17,7 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rdnac  # noqa: E402
-from rdnac.runtime.engine import Engine  # noqa: E402
+from rdnac.runtime.llm import LLM  # noqa: E402
+from rdnac.runtime.model_runner import ModelRunner  # noqa: E402
 from rdnac.testing.fp8 import write_random_checkpoint  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def main() -> None:
                              max_model_len=4096)
         engine = rdnac.load(plan, device="cuda")
         ours = engine.logits(prompt).float()
-        reference = Engine(engine.plan, engine.weights, "cuda").logits(prompt).float()
+        reference = LLM(ModelRunner(engine.plan, engine.weights, "cuda")).logits(prompt).float()
         cos = torch.nn.functional.cosine_similarity(ours, reference, dim=-1)
         top1 = (ours.argmax(-1) == reference.argmax(-1)).float().mean().item()
         top2 = reference.topk(2, dim=-1).values

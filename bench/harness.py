@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import rdnac  # noqa: E402
-from rdnac.runtime.engine import StepEntry  # noqa: E402
+from rdnac.ir.state import bytes_per_token  # noqa: E402
+from rdnac.runtime.model_runner import StepEntry  # noqa: E402
 from rdnac.testing.fp8 import SHAPES, write_random_checkpoint  # noqa: E402
 from decode import copy_bandwidth, tpot  # noqa: E402
 from profile_step import graph_timeline, kernel_breakdown  # noqa: E402
@@ -60,8 +61,7 @@ def decode_bytes(engine, batch: int, context: int) -> int:
     embed = {n.inputs[1] for n in graph.nodes if n.op == "embedding"} - logits_weights
     total = sum(t.numel() * t.element_size() for k, t in engine.weights.items() if k not in embed)
     total += sum(batch * engine.weights[k].shape[1] * engine.weights[k].element_size() for k in embed)
-    a = graph.attrs
-    return total + batch * context * 2 * a["num_layers"] * a["num_kv_heads"] * a["head_dim"] * engine._dtype.itemsize
+    return total + batch * context * bytes_per_token(graph.state)  # the declared state a step reads
 
 
 def matmul_flops(engine, tokens: int, context: int) -> float:
@@ -79,18 +79,17 @@ def matmul_flops(engine, tokens: int, context: int) -> float:
 def prefill_seconds(engine, tokens: int, repeats: int = 5) -> tuple[float, float]:
     """Median seconds of a prefill step, and of its host part (until execute returns, every kernel
     enqueued): a host part close to the whole says the step is bound by launches, not kernels."""
-    engine._ensure_cache(-(-tokens // engine.block_size) + 1)
-    blocks = engine._cache.allocator.allocate(-(-tokens // engine.block_size))
+    blocks = engine.engine.block_manager.take_blocks(-(-tokens // engine.runner.block_size))
     ids = [(7 * i) % 50000 + 300 for i in range(tokens)]
     times, host = [], []
     for _ in range(repeats + 1):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        engine.execute([StepEntry(ids, blocks, 0, tokens)])
+        engine.runner.execute([StepEntry(ids, blocks, 0, tokens)])
         host.append(time.perf_counter() - start)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    engine._cache.allocator.free(blocks)
+    engine.engine.block_manager.free(blocks)
     median = lambda xs: sorted(xs[1:])[len(xs[1:]) // 2]  # noqa: E731  (the first is a warm-up)
     return median(times), median(host)
 

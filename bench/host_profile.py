@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import rdnac  # noqa: E402
-from rdnac.runtime.engine import StepEntry  # noqa: E402
+from rdnac.runtime.model_runner import StepEntry  # noqa: E402
 from rdnac.testing.fp8 import SHAPES, write_random_checkpoint  # noqa: E402
 
 
@@ -42,12 +42,11 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", "from rdnac.cli.main import main; main()", "compile", str(work / "ckpt"),
                     "--target", "sm90", "-o", str(plan), "-q"], check=True)
     engine = rdnac.load(plan, device="cuda")
-    engine._ensure_cache(-(-args.tokens // engine.block_size) + 1)
-    blocks = engine._cache.allocator.allocate(-(-args.tokens // engine.block_size))
+    blocks = engine.engine.block_manager.take_blocks(-(-args.tokens // engine.runner.block_size))
     ids = [(7 * i) % 30000 + 300 for i in range(args.tokens)]
     entry = StepEntry(ids, blocks, 0, args.tokens)
     launches = 0
-    api = engine._executor.launcher._api  # count driver launches of one step
+    api = engine.runner._executor.launcher._api  # count driver launches of one step
     original = api.launch
 
     def counting(*a, **k):
@@ -57,7 +56,7 @@ def main() -> None:
 
     api.launch = counting
     for _ in range(3):
-        engine.execute([entry])
+        engine.runner.execute([entry])
     torch.cuda.synchronize()
     launches = 0
     host = []
@@ -66,7 +65,7 @@ def main() -> None:
         torch.cuda.synchronize()
         start = time.perf_counter()
         profiler.enable()
-        engine.execute([entry])
+        engine.runner.execute([entry])
         profiler.disable()
         host.append(time.perf_counter() - start)
         torch.cuda.synchronize()

@@ -44,7 +44,7 @@ def _pass_through(op: str):
 
 def with_skipped(engine, ops: tuple[str, ...]) -> None:
     """Re-capture the engine's decode graphs with the launches of `ops` left out."""
-    ex = engine._executor
+    ex = engine.runner._executor
     skip = {node.name for node in engine.graph.nodes if node.op in ops}
     real = ex.program
     fake_names = {}
@@ -58,7 +58,7 @@ def with_skipped(engine, ops: tuple[str, ...]) -> None:
             program[name] = steps
     ex.program = program
     ex._wrappers.update(fake_names)
-    engine.capture_graphs()
+    engine.runner.capture_graphs()
 
 
 def main() -> None:
@@ -81,7 +81,6 @@ def main() -> None:
     variants = [()] + [(op,) for op in args.skip] + ([tuple(args.skip)] if len(args.skip) > 1 else [])
     for ops in variants:
         engine = rdnac.load(plan, device="cuda")
-        engine._ensure_cache(max(args.batch) * (-(-(CONTEXT + 1) // engine.block_size)) + 1)
         if ops:
             with_skipped(engine, ops)
         for batch in args.batch:

@@ -17,18 +17,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from rdnac.kernels.launch import kernel_name
-from rdnac.runtime.engine import StepEntry
+from rdnac.runtime.model_runner import StepEntry
 
 
 def _entries(engine, context: int, prefill: int, batch: int = 1) -> list[StepEntry]:
     """`batch` sequences at a decode step at `context` cached tokens, or one prefill of `prefill` tokens."""
     total = prefill or context + 1
-    per_seq = -(-total // engine.block_size)
-    engine._ensure_cache(batch * per_seq + 1)
+    per_seq = -(-total // engine.runner.block_size)
     ids = [(7 * i) % 50000 + 300 for i in range(total)]
     if prefill:
-        return [StepEntry(ids, engine._cache.allocator.allocate(per_seq), 0, prefill)]
-    return [StepEntry(ids, engine._cache.allocator.allocate(per_seq), context, context + 1) for _ in range(batch)]
+        return [StepEntry(ids, engine.engine.block_manager.take_blocks(per_seq), 0, prefill)]
+    return [StepEntry(ids, engine.engine.block_manager.take_blocks(per_seq), context, context + 1) for _ in range(batch)]
 
 
 def _node_bytes(engine, node, context: int) -> int:
@@ -39,7 +38,7 @@ def _node_bytes(engine, node, context: int) -> int:
         return w[node.inputs[2]].numel() * w[node.inputs[2]].element_size()
     if node.op == "attention":
         a = node.attrs
-        return 2 * context * a["num_kv_heads"] * a["head_dim"] * engine._dtype.itemsize
+        return 2 * context * a["num_kv_heads"] * a["head_dim"] * getattr(torch, a["dtype"]).itemsize
     if node.op == "qk_norm_rope_cache":
         return 0
     return 0
@@ -48,7 +47,7 @@ def _node_bytes(engine, node, context: int) -> int:
 def _launch_sequence(engine, entries) -> list[tuple]:
     """(node, kernel name) of each launch of one eager step over `entries`, in launch order (the order a
     captured graph of the same step holds them in)."""
-    executor, launcher = engine._executor, engine._executor.launcher
+    executor, launcher = engine.runner._executor, engine.runner._executor.launcher
     sequence: list[tuple] = []
     current = {"node": None}
     original_run, original_launch = executor.run, launcher.launch
@@ -63,7 +62,7 @@ def _launch_sequence(engine, entries) -> list[tuple]:
     with _eager(engine):
         try:
             executor.run, launcher.launch = run, launch
-            engine.execute(entries)
+            engine.runner.execute(entries)
             torch.cuda.synchronize()
         finally:
             executor.run, launcher.launch = original_run, original_launch
@@ -72,12 +71,12 @@ def _launch_sequence(engine, entries) -> list[tuple]:
 
 @contextlib.contextmanager
 def _eager(engine):
-    eager, graphs = engine.enforce_eager, engine._graphs
-    engine.enforce_eager, engine._graphs = True, None
+    eager, graphs = engine.runner.enforce_eager, engine.runner.graphs
+    engine.runner.enforce_eager, engine.runner.graphs = True, None
     try:
         yield
     finally:
-        engine.enforce_eager, engine._graphs = eager, graphs
+        engine.runner.enforce_eager, engine.runner.graphs = eager, graphs
 
 
 def _profiled_kernels(step) -> list:
@@ -109,7 +108,7 @@ def kernel_breakdown(engine, context: int, copy_gbps: float, prefill: int = 0,
     entries = _entries(engine, context, prefill, batch)
     sequence = _launch_sequence(engine, entries)
     with _eager(engine):
-        kernels = _profiled_kernels(lambda: engine.execute(entries))
+        kernels = _profiled_kernels(lambda: engine.runner.execute(entries))
     rows: dict[str, dict] = {}
     for node, name, event in _match(sequence, kernels):
         row = rows.setdefault(node.name, {"node": node.name, "op": node.op, "kernels": [], "us": 0.0,
@@ -133,7 +132,7 @@ def kernel_breakdown(engine, context: int, copy_gbps: float, prefill: int = 0,
         if agg["bytes"]:
             agg["pct_of_copy"] = round(100 * agg["bytes"] / agg["us"] / 1e3 / copy_gbps, 1)
     for entry in entries:
-        engine._cache.allocator.free(entry.block_table)
+        engine.engine.block_manager.free(entry.block_table)
     summary = {"kernel_us_total": round(total_us, 1), "launches": len(sequence), "by_op": by_op}
     return list(rows.values()), summary
 
@@ -144,19 +143,19 @@ def graph_timeline(engine, context: int, batch: int = 1, replays: int = 3) -> tu
     launched early and waited), and how far it moved the step's end ("advance_us": how far its end
     passes the latest end before it, see `timeline_rows`). The advances sum to the replay's span (the first kernel's start to the last
     end), so they say where the step's time goes when kernels overlap, which the eager breakdown cannot."""
-    if engine._graphs is None or engine._graphs.bucket_for(batch) is None:
+    if engine.runner.graphs is None or engine.runner.graphs.bucket_for(batch) is None:
         raise RuntimeError(f"graph_timeline: the engine has no captured decode graph for batch {batch}")
     entries = _entries(engine, context, 0, batch)
     sequence = _launch_sequence(engine, entries)
     for _ in range(replays):  # warm: the replay under the profiler is a steady-state one
-        engine.execute(entries)
+        engine.runner.execute(entries)
     torch.cuda.synchronize()
-    kernels = _profiled_kernels(lambda: engine.execute(entries))
+    kernels = _profiled_kernels(lambda: engine.runner.execute(entries))
     timed = [(node, name, event.time_range.start, event.time_range.end)
              for node, name, event in _match(sequence, kernels)]
     rows, by_op = timeline_rows(timed)
     for entry in entries:
-        engine._cache.allocator.free(entry.block_table)
+        engine.engine.block_manager.free(entry.block_table)
     span = max(end for *_, end in timed) - timed[0][2]
     return rows, {"batch": batch, "span_us": round(span, 1), "launches": len(rows), "by_op": by_op}
 

@@ -1,15 +1,18 @@
 """rdnac: an ahead-of-time compiler for LLMs on AMD GPUs.
 
-    plan = rdnac.compile("demo:smollm2", target="cpu")   # checkpoint -> plan file
-    engine = rdnac.load(plan)                             # plan -> runtime engine
-    engine.generate(["What is the capital of France?"], chat=True)
+    plan = rdnac.compile("demo:smollm2", target="cpu")    # checkpoint -> plan file
+    llm = rdnac.load(plan)                                 # plan -> the runtime's generation loop
+    llm.chat([{"role": "user", "content": "What is the capital of France?"}], SamplingParams(max_tokens=16))
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from rdnac.runtime.sampling_params import SamplingParams
+
 __version__ = "0.1.0"
+__all__ = ["SamplingParams", "compile", "load"]
 
 
 def compile(model: str | Path, target: str = "cpu", output: str | Path | None = None, **options) -> Path:
@@ -20,7 +23,10 @@ def compile(model: str | Path, target: str = "cpu", output: str | Path | None = 
 
 
 def load(plan: str | Path, device: str = "cpu", **options):
-    """Load a plan for running; returns an `Engine`."""
-    from rdnac.runtime.engine import Engine
+    """Load a plan for running; returns an `LLM` (rdnac.runtime.llm): generate, chat, stream, logits.
+    Options: verify_weights, interpret, enforce_eager, launch_pdl, and the LLMEngine's (max_num_seqs,
+    max_num_batched_tokens, num_blocks, gpu_memory_utilization, enable_prefix_caching)."""
+    from rdnac.runtime.llm import LLM
 
-    return Engine.load(plan, device=device, **options)
+    return LLM.load(plan, device=device, **options)
+

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rdnac
-from rdnac.runtime.engine import StepEntry
+from rdnac.runtime.model_runner import StepEntry
 from rdnac.testing.fp8 import write_random_checkpoint
 
 PASS = "fuse_attention_quant"
@@ -36,14 +36,13 @@ def _compile(checkpoints, head_dim, target, disabled=()):
 
 def _steps(engine) -> list[torch.Tensor]:
     """Logits of a 2-sequence prefill step, then two batch-2 decode steps and one batch-1 step."""
-    engine._ensure_cache(16)
-    seqs = [(list(p), engine._cache.allocator.allocate(2)) for p in PROMPTS]
-    out = [engine.execute([StepEntry(ids, blocks, 0, len(ids)) for ids, blocks in seqs])]
+    seqs = [(list(p), engine.engine.block_manager.take_blocks(2)) for p in PROMPTS]
+    out = [engine.runner.execute([StepEntry(ids, blocks, 0, len(ids)) for ids, blocks in seqs]).logits]
     for step in range(3):
         live = seqs if step < 2 else seqs[:1]
         for (ids, _), row in zip(live, out[-1]):
             ids.append(int(row.argmax()))
-        out.append(engine.execute([StepEntry(ids, blocks, len(ids) - 1, len(ids)) for ids, blocks in live]))
+        out.append(engine.runner.execute([StepEntry(ids, blocks, len(ids) - 1, len(ids)) for ids, blocks in live]).logits)
     return out
 
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import rdnac
 from tests.support.checkpoints import make_checkpoint
@@ -24,7 +25,7 @@ def test_decode_bytes_count_what_a_step_reads(tied, tmp_path):
     every = sum(t.numel() * t.element_size() for t in w.values())
     row = w[embed].shape[1] * w[embed].element_size()
     a = engine.graph.attrs
-    kv_per_token = 2 * a["num_layers"] * a["num_kv_heads"] * a["head_dim"] * engine._dtype.itemsize
+    kv_per_token = 2 * a["num_layers"] * a["num_kv_heads"] * a["head_dim"] * getattr(torch, a["dtype"]).itemsize
     got = harness.decode_bytes(engine, batch=4, context=100)
     table = 0 if tied else w[embed].numel() * w[embed].element_size()  # tied: the logits read the table
     assert got == every - table + (0 if tied else 4 * row) + 4 * 100 * kv_per_token

@@ -7,6 +7,7 @@ import json
 from click.testing import CliRunner
 
 import rdnac
+from rdnac import SamplingParams
 from rdnac.cli.main import cli
 from tests.support.checkpoints import make_checkpoint
 
@@ -28,12 +29,16 @@ def test_compile_run_inspect_round_trip(tmp_path):
     assert summary["graph"]["ops"]["rms_norm"] == 5  # 2 per layer + final, adds fused in
     assert "add" not in summary["graph"]["ops"]
     assert summary["weights"]["bytes"] > 0
+    state = summary["state"]  # the K and V of each of the 2 layers, as declared, and its budget
+    assert [(e["name"], e["kind"]) for e in state["entries"]] == \
+        [(f"{kv}_cache.{i}", "paged_kv") for i in range(2) for kv in "kv"]
+    assert state["bytes_per_token"] == sum(e["bytes"] for e in state["entries"]) > 0
 
     result = runner.invoke(cli, ["inspect", str(plan), "--decisions"])
     assert result.exit_code == 0 and "fuse_add_rms_norm" in result.output
 
     engine = rdnac.load(plan)
-    expected = engine.generate("Hello there", max_tokens=8, chat=True)[0].text
+    expected = engine.generate("Hello there", SamplingParams(max_tokens=8), chat=True)[0].text
     result = runner.invoke(cli, ["run", str(plan), "--chat", "Hello there", "--max-tokens", "8"])
     assert result.exit_code == 0, result.output
     assert result.stdout.rstrip("\n") == expected
@@ -42,9 +47,9 @@ def test_compile_run_inspect_round_trip(tmp_path):
 def test_seeded_sampling_is_reproducible(tmp_path):
     make_checkpoint("llama", tmp_path / "ckpt")
     engine = rdnac.load(rdnac.compile(tmp_path / "ckpt", output=tmp_path / "l.msgpack"))
-    a = engine.generate(["abc"], max_tokens=12, temperature=1.0, seed=7)[0].token_ids
-    b = engine.generate(["abc"], max_tokens=12, temperature=1.0, seed=7)[0].token_ids
-    c = engine.generate(["abc"], max_tokens=12, temperature=1.0, seed=8)[0].token_ids
+    a = engine.generate(["abc"], SamplingParams(max_tokens=12, temperature=1.0, seed=7))[0].token_ids
+    b = engine.generate(["abc"], SamplingParams(max_tokens=12, temperature=1.0, seed=7))[0].token_ids
+    c = engine.generate(["abc"], SamplingParams(max_tokens=12, temperature=1.0, seed=8))[0].token_ids
     assert a == b and a != c
 
 
@@ -63,9 +68,9 @@ def test_interactive_multi_turn_chat(tmp_path):
     make_checkpoint("llama", tmp_path / "ckpt")
     plan = rdnac.compile(tmp_path / "ckpt", output=tmp_path / "l.msgpack")
     engine = rdnac.load(plan)
-    first = engine.generate([[{"role": "user", "content": "hi"}]], max_tokens=4)[0].text
+    first = engine.generate([[{"role": "user", "content": "hi"}]], SamplingParams(max_tokens=4))[0].text
     second = engine.generate([[{"role": "user", "content": "hi"}, {"role": "assistant", "content": first},
-                               {"role": "user", "content": "more"}]], max_tokens=4)[0].text
+                               {"role": "user", "content": "more"}]], SamplingParams(max_tokens=4))[0].text
     result = CliRunner().invoke(cli, ["run", str(plan), "--chat", "--max-tokens", "4"], input="hi\nmore\n\n")
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines()[:2] == [first, second]

@@ -114,6 +114,44 @@ def test_plan_format_version_mismatch(plan, tmp_path):
     assert "format version 99" in line and "recompile" in line
 
 
+def _rewritten_plan(plan, tmp_path, edit_doc=None, edit_body=None):
+    """A copy of `plan` (weights alongside) with its document or body edited; the body hash is kept valid."""
+    import hashlib
+
+    doc = msgpack.unpackb(plan.read_bytes(), raw=False)
+    if edit_body is not None:
+        body = msgpack.unpackb(doc["body"], raw=False, strict_map_key=False)
+        edit_body(body)
+        doc["body"] = msgpack.packb(body, use_bin_type=True)
+        doc["body_sha256"] = hashlib.sha256(doc["body"]).hexdigest()
+    if edit_doc is not None:
+        edit_doc(doc)
+    out = tmp_path / plan.name
+    out.write_bytes(msgpack.packb(doc, use_bin_type=True))
+    shutil.copy(plan.with_name(doc["header"]["weights"]["file"]), tmp_path)
+    return out
+
+
+def test_plan_from_before_declared_state_is_refused(plan, tmp_path):
+    """A version-1 plan (K/V caches as bare graph inputs, no declared state) asks to be recompiled."""
+    def old(body):
+        del body["graph"]["state"]
+
+    bad = _rewritten_plan(plan, tmp_path, edit_doc=lambda doc: doc.update(format_version=1), edit_body=old)
+    line = _one_line_error(["run", str(bad), "--prompt", "hi"])
+    assert "format version 1" in line and "recompile" in line
+
+
+def test_unknown_state_kind_is_refused_at_load_naming_it(plan, tmp_path):
+    def unknown(body):
+        body["graph"]["state"][3]["kind"] = "paged_hologram"
+
+    bad = _rewritten_plan(plan, tmp_path, edit_body=unknown)
+    for args in (["run", str(bad), "--prompt", "hi"], ["inspect", str(bad)]):
+        line = _one_line_error(args)
+        assert "'paged_hologram'" in line and "recompile" in line and str(bad) in line, line
+
+
 def test_weights_file_mismatch(plan, tmp_path):
     work = tmp_path / "copy"
     work.mkdir()

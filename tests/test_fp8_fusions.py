@@ -25,7 +25,8 @@ from rdnac.ir.graph import Graph, Node, TensorSpec, WeightSpec
 from rdnac.ir.verify import verify
 from rdnac.kernels import activation, activation_quant, fp8_quant, gemm_fp8, rms_norm, rms_norm_quant
 from rdnac.kernels.launch import InterpretLauncher, JitLauncher
-from rdnac.runtime.engine import Engine
+from rdnac.runtime.llm import LLM
+from rdnac.runtime.model_runner import ModelRunner
 from rdnac.testing.fp8 import write_random_checkpoint
 from tests.test_kernels_gemm_fp8 import _operands
 
@@ -405,7 +406,7 @@ def test_gpu_plan_fusion_on_vs_off_under_interpreter(checkpoints, target, scheme
     on = rdnac.load(_plan(checkpoints, scheme, target), interpret=True)
     off = rdnac.load(_plan(checkpoints, scheme, target, PASSES), interpret=True)
     ours, theirs = on.logits(PROMPT).float(), off.logits(PROMPT).float()
-    reference = Engine(on.plan, on.weights, "cpu").logits(PROMPT).float()
+    reference = LLM(ModelRunner(on.plan, on.weights, "cpu")).logits(PROMPT).float()
     assert ours.shape == theirs.shape == (len(PROMPT), 1000) and ours.dtype == torch.float32
     diff = (ours - theirs).abs().max().item()
     print(f"\n{target} {scheme}: fused vs unfused max abs logit diff {diff:.3g}; "

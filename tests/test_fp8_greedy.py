@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import rdnac
-from rdnac.runtime.engine import Engine
+from rdnac import SamplingParams
+from rdnac.runtime.llm import LLM
+from rdnac.runtime.model_runner import ModelRunner
 from rdnac.testing.fp8 import write_random_checkpoint
 
 PROMPTS = [[(37 * i) % 990 + 5 for i in range(12)], [900, 12, 13, 14, 15, 16]]
@@ -24,9 +26,9 @@ def test_fp8_plan_greedy_tokens_match_the_reference(scheme, tmp_path):
     write_random_checkpoint(tmp_path / "ckpt", scheme=scheme, decisive=True, **SHAPE)
     plan = rdnac.compile(tmp_path / "ckpt", "sm90", tmp_path / "p.msgpack", quiet=True, max_model_len=256)
     engine = rdnac.load(plan, interpret=True)
-    reference = Engine(engine.plan, engine.weights, "cpu")
-    ours = [c.token_ids for c in engine.generate(PROMPTS, max_tokens=10)]
-    ref = [c.token_ids for c in reference.generate(PROMPTS, max_tokens=10)]
+    reference = LLM(ModelRunner(engine.plan, engine.weights, "cpu"))
+    ours = [c.token_ids for c in engine.generate(PROMPTS, SamplingParams(max_tokens=10))]
+    ref = [c.token_ids for c in reference.generate(PROMPTS, SamplingParams(max_tokens=10))]
     assert ours == ref
     assert len({t for seq in ref for t in seq}) >= 15, "the continuation moves through the vocabulary"
     logits = reference.logits(PROMPTS[0]).float()

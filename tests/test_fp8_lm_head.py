@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import rdnac
-from rdnac.runtime.engine import Engine
+from rdnac.runtime.llm import LLM
+from rdnac.runtime.model_runner import ModelRunner
 from tests.support.checkpoints import make_checkpoint
 
 PROMPT = [(37 * i) % 250 + 3 for i in range(24)]
@@ -41,7 +42,7 @@ def test_sm90_plan_fp8_lm_head_kernels_match_reference(tmp_path):
     plan = rdnac.compile(path, "sm90", tmp_path / "p.msgpack", quiet=True, fp8_lm_head=True, max_model_len=256)
     engine = rdnac.load(plan, interpret=True)
     ours = engine.logits(PROMPT).float()
-    reference = Engine(engine.plan, engine.weights, "cpu").logits(PROMPT).float()
+    reference = LLM(ModelRunner(engine.plan, engine.weights, "cpu")).logits(PROMPT).float()
     cosine = torch.nn.functional.cosine_similarity(ours, reference, dim=-1).min().item()
     print(f"\nsm90 kernels vs reference: min cosine {cosine:.5f}")
     assert ours.dtype == torch.float32 and cosine > 0.99
@@ -57,7 +58,7 @@ def test_fp8_lm_head_per_target_layout(target, fmt, act, tmp_path):
     assert (head.attrs["fp8_format"], head.attrs["act_scheme"]) == (fmt, act)
     assert engine.graph.weights[head.inputs[1]].dtype == f"float8_{fmt}"
     ours = engine.logits(PROMPT).float()
-    reference = Engine(engine.plan, engine.weights, "cpu").logits(PROMPT).float()
+    reference = LLM(ModelRunner(engine.plan, engine.weights, "cpu")).logits(PROMPT).float()
     cosine = torch.nn.functional.cosine_similarity(ours, reference, dim=-1).min().item()
     print(f"\n{target} kernels vs reference: min cosine {cosine:.5f}")
     assert ours.dtype == torch.float32 and cosine > 0.99

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import rdnac
+from rdnac import SamplingParams
 from rdnac.compiler.frontend import build_graph, read_checkpoint
 from rdnac.compiler.passes import CompileState, fp8_layout
 
@@ -423,8 +424,8 @@ def test_quantize_fp8_smollm2_greedy_chat(tmp_path):
     prompts = ["What is the capital of France?", "Write a haiku about the sea.", "How many legs does a spider have?"]
     base = rdnac.load(rdnac.compile("demo:smollm2", target="cpu", output=tmp_path / "bf.msgpack"))
     fp8 = rdnac.load(rdnac.compile("demo:smollm2", target="cpu", output=tmp_path / "fp8.msgpack", quantize="fp8"))
-    expected = base.generate(prompts, max_tokens=16, chat=True)
-    ours = fp8.generate(prompts, max_tokens=16, chat=True)
+    expected = base.generate(prompts, SamplingParams(max_tokens=16), chat=True)
+    ours = fp8.generate(prompts, SamplingParams(max_tokens=16), chat=True)
     num_same = sum(a.token_ids == b.token_ids for a, b in zip(expected, ours))
     # Teacher-forced on the unquantized continuation: where does FP8 pick another token, and how close was it?
     agree, total, flips = 0, 0, []

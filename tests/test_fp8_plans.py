@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import rdnac
-from rdnac.runtime.engine import Engine
+from rdnac.runtime.llm import LLM
+from rdnac.runtime.model_runner import ModelRunner
 from rdnac.testing.fp8 import write_random_checkpoint
 
 PROMPT = [(37 * i) % 990 + 5 for i in range(20)]
@@ -25,7 +26,7 @@ def test_sm90_plan_kernels_track_the_reference(scheme, min_cosine, tmp_path):
     plan = rdnac.compile(tmp_path / "ckpt", "sm90", tmp_path / "p.msgpack", quiet=True, max_model_len=512)
     engine = rdnac.load(plan, interpret=True)
     ours = engine.logits(PROMPT).float()
-    reference = Engine(engine.plan, engine.weights, "cpu").logits(PROMPT).float()
+    reference = LLM(ModelRunner(engine.plan, engine.weights, "cpu")).logits(PROMPT).float()
     assert ours.shape == reference.shape == (len(PROMPT), 1000)
     cosine = torch.nn.functional.cosine_similarity(ours, reference, dim=-1).min().item()
     print(f"\n{scheme or 'bf16'}: min cosine {cosine:.5f}, max abs err {(ours - reference).abs().max():.4f}")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import rdnac
+from rdnac import SamplingParams
 from rdnac.compiler.frontend import build_graph, read_checkpoint
 from rdnac.compiler.passes import CompileState, fuse_qk_norm_rope_cache, merge_linears
 from rdnac.ir import interpreter, ops, rope_math
@@ -290,8 +291,8 @@ def test_sm90_plan_fused_vs_unfused_under_interpreter(checkpoints, tmp_path):
     assert diff <= 1e-2 * ref.abs().max().item()
     # decode steps too (one token per step, through the decode bucket's configs)
     prompts = [IDS, IDS[:4]]
-    assert [c.token_ids for c in on.generate(prompts, max_tokens=3)] == \
-        [c.token_ids for c in off.generate(prompts, max_tokens=3)]
+    assert [c.token_ids for c in on.generate(prompts, SamplingParams(max_tokens=3))] == \
+        [c.token_ids for c in off.generate(prompts, SamplingParams(max_tokens=3))]
 
     model = onnx.load(str(export_onnx(tmp_path / "on.msgpack", tmp_path / "on.onnx")))
     onnx.checker.check_model(model, full_check=True)

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import rdnac
+from rdnac import SamplingParams
 from rdnac.compiler import cost_model, tuning
 from rdnac.compiler.passes import CompileState, fuse_gated_linear
 from rdnac.compiler.record import RecordingLauncher
@@ -375,7 +376,7 @@ def test_cpu_plans_match_transformers_and_the_unfused_plan(family_plans):
     err = (ours - ref).abs().max().item()
     assert err <= 1e-4, f"{family}: max abs logit error {err:.3g}"
     assert torch.equal(ours, off.logits(PROMPT)), family
-    assert on.generate([PROMPT], max_tokens=12)[0].token_ids == reference_greedy(model, PROMPT, 12)
+    assert on.generate([PROMPT], SamplingParams(max_tokens=12))[0].token_ids == reference_greedy(model, PROMPT, 12)
     skipped = [d for d in off.plan.body["decisions"] if d["pass"] == PASS]
     assert [(d["action"], d["reason"]) for d in skipped] == [("skipped", "disabled with --disable-pass")]
 

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import rdnac
+from rdnac import SamplingParams
 from rdnac.compiler.frontend import build_graph, read_checkpoint
 from rdnac.errors import UnsupportedModelError
 from tests.support.checkpoints import reference_greedy, reference_logits, write_byte_tokenizer
@@ -123,7 +124,7 @@ def test_text_model_logits_match_transformers(text_model):
 
 def test_text_model_greedy_continuation_matches_transformers(text_model):
     _, model, engine = text_model
-    ours = engine.generate([PROMPT], max_tokens=24)[0].token_ids
+    ours = engine.generate([PROMPT], SamplingParams(max_tokens=24))[0].token_ids
     ref = reference_greedy(model, PROMPT, 24)
     assert ours == ref
     assert len(set(ref)) > 3, "the continuation moves through the vocabulary"
@@ -132,7 +133,7 @@ def test_text_model_greedy_continuation_matches_transformers(text_model):
 def test_batched_generation_matches_single(text_model):
     _, model, engine = text_model
     prompts = [PROMPT[:5], PROMPT, PROMPT[3:12]]
-    batched = [c.token_ids for c in engine.generate(prompts, max_tokens=10)]
+    batched = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=10))]
     for prompt, out in zip(prompts, batched):
         assert out == reference_greedy(model, prompt, 10)
 
@@ -140,7 +141,7 @@ def test_batched_generation_matches_single(text_model):
 def test_conditional_generation_text_model_matches_transformers(vlm_model):
     root, model, engine = vlm_model
     _check_logits(engine, model)
-    assert engine.generate([PROMPT], max_tokens=24)[0].token_ids == reference_greedy(model, PROMPT, 24)
+    assert engine.generate([PROMPT], SamplingParams(max_tokens=24))[0].token_ids == reference_greedy(model, PROMPT, 24)
     decisions = engine.plan.body["decisions"]
     ignored = {d["node"].split(".")[0 if d["node"].startswith("model.") is False else 1]
                for d in decisions if d["action"] == "ignored tensor"}
@@ -344,7 +345,7 @@ def test_gemma2_matches_transformers(gemma2_model):
     _, model, engine = gemma2_model
     assert model.config.layer_types[:2] == ["sliding_attention", "full_attention"]
     _check_logits(engine, model)
-    assert engine.generate([PROMPT], max_tokens=24)[0].token_ids == reference_greedy(model, PROMPT, 24)
+    assert engine.generate([PROMPT], SamplingParams(max_tokens=24))[0].token_ids == reference_greedy(model, PROMPT, 24)
     attention = [n for n in engine.plan.body["graph"]["nodes"] if n["op"] == "attention"]
     assert [(n["attrs"]["sliding_window"], n["attrs"]["softcap"]) for n in attention] == [(6, 0.5), (0, 0.5)] * 2
 
@@ -417,16 +418,17 @@ def test_gemma2_softcapped_attention_cross_compiles(target, gemma2_model, tmp_pa
 def test_gemma3_sm90_plan_kernels_match_the_reference_under_the_interpreter(text_model, tmp_path):
     """The sm90 plan's own kernels under the Triton interpreter against the reference interpreter on the same
     graph; float32, where the kernels round like the reference, so the match is tight."""
-    from rdnac.runtime.engine import Engine
+    from rdnac.runtime.llm import LLM
+    from rdnac.runtime.model_runner import ModelRunner
 
     root, _, _ = text_model
     plan = rdnac.compile(root / "ckpt", "sm90", tmp_path / "g.msgpack", quiet=True, dtype="float32", max_model_len=64,
                          max_num_seqs=2, max_num_batched_tokens=32)
     engine = rdnac.load(plan, interpret=True)
-    reference = Engine(engine.plan, engine.weights, "cpu")
+    reference = LLM(ModelRunner(engine.plan, engine.weights, "cpu"))
     ours, ref = engine.logits(PROMPT).float(), reference.logits(PROMPT).float()
     err = (ours - ref).abs().max().item()
     assert err <= TOL, f"max abs logit error {err:.3g}"
     prompts = [PROMPT, PROMPT[:7]]  # decode steps of a batch of two, through the decode bucket's kernels
-    assert [c.token_ids for c in engine.generate(prompts, max_tokens=4)] == \
-        [c.token_ids for c in reference.generate(prompts, max_tokens=4)]
+    assert [c.token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=4))] == \
+        [c.token_ids for c in reference.generate(prompts, SamplingParams(max_tokens=4))]

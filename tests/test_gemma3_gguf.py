@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType as Q
 from tokenizers import Tokenizer
 
 import rdnac
+from rdnac import SamplingParams
 from rdnac.compiler.frontend.gguf_reader import read_gguf
 from rdnac.errors import CheckpointError, UnsupportedModelError
 from tests.support.checkpoints import reference_greedy, reference_logits
@@ -251,7 +252,7 @@ def test_logits_match_transformers(compiled):
 
 def test_greedy_continuation_matches_transformers(compiled):
     model, engine = compiled
-    ours = engine.generate([PROMPT], max_tokens=24)[0].token_ids
+    ours = engine.generate([PROMPT], SamplingParams(max_tokens=24))[0].token_ids
     ref = reference_greedy(model, PROMPT, 24)
     assert len(set(ref)) >= 8, f"the reference repeats itself ({ref}); the test would prove little"
     assert ours == ref

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import rdnac
+from rdnac import SamplingParams
 from tests.support.checkpoints import make_checkpoint
 
 pytestmark = pytest.mark.gpu
@@ -66,7 +67,7 @@ def test_prefill_logits_within_bf16_tolerance(case, no_compiler):
 def test_greedy_logprob_closeness(case, no_compiler):
     name, model, plan = case
     engine = rdnac.load(plan, device="cuda")
-    outputs = engine.generate(PROMPTS, max_tokens=64)
+    outputs = engine.generate(PROMPTS, SamplingParams(max_tokens=64))
     for prompt, out in zip(PROMPTS, outputs):
         ours = out.token_ids
         assert len(ours) == 64
@@ -113,18 +114,18 @@ def test_graphs_match_eager_and_single_sequence(case, no_compiler):
     graphs = rdnac.load(plan, device="cuda")
     eager = rdnac.load(plan, device="cuda", enforce_eager=True)
     prompts = [[(7 * i + j) % 5000 + 10 for j in range(3 + i % 11)] for i in range(64)]
-    alone = {i: eager.generate([prompts[i]], max_tokens=12)[0].token_ids for i in (0, 1, 2, 16, 63)}
+    alone = {i: eager.generate([prompts[i]], SamplingParams(max_tokens=12))[0].token_ids for i in (0, 1, 2, 16, 63)}
     for concurrency in (1, 3, 17, 64):  # buckets 1, 4, 32, 64: padded rows in two of them
-        replayed = [c.token_ids for c in graphs.generate(prompts[:concurrency], max_tokens=12)]
-        assert graphs._graphs is not None
+        replayed = [c.token_ids for c in graphs.generate(prompts[:concurrency], SamplingParams(max_tokens=12))]
+        assert graphs.runner.graphs is not None
         for out in replayed:
             assert len(out) == 12
-        reference = [c.token_ids for c in eager.generate(prompts[:concurrency], max_tokens=12)]
+        reference = [c.token_ids for c in eager.generate(prompts[:concurrency], SamplingParams(max_tokens=12))]
         assert replayed == reference, f"{name}: graph replay differs from eager at concurrency {concurrency}"
         divergences = {i: _closeness(eager, prompts[i], replayed[i], tokens)
                        for i, tokens in alone.items() if i < concurrency}
         print(f"\n{name} x{concurrency}: divergence from single-sequence runs {divergences}")
-    print(f"\n{name}: graph capture {graphs._graphs.capture_seconds:.2f} s for buckets {graphs._graphs.buckets}")
+    print(f"\n{name}: graph capture {graphs.runner.graphs.capture_seconds:.2f} s for buckets {graphs.runner.graphs.buckets}")
 
 
 @torch.no_grad()
@@ -132,7 +133,7 @@ def test_graph_steps_queued_without_a_sync_keep_their_inputs(case, no_compiler):
     """Decode steps issued back to back with no host sync (the host runs ahead of the GPU, as a
     benchmark loop does): each replay reads its own inputs out of the pinned staging buffers, not a
     later step's, and a shorter block table than the last step's reads only its own columns."""
-    from rdnac.runtime.engine import StepEntry
+    from rdnac.runtime.model_runner import StepEntry
 
     name, _, plan = case
     graphs, synced = rdnac.load(plan, device="cuda"), rdnac.load(plan, device="cuda")
@@ -140,30 +141,72 @@ def test_graph_steps_queued_without_a_sync_keep_their_inputs(case, no_compiler):
     for i, (batch, context) in enumerate([(3, 40), (3, 7), (4, 90), (2, 15), (4, 33)] * 3):
         ids = [(11 * i + 5 * j) % 4000 + 20 for j in range(context + 1)]
         steps.append([StepEntry(ids, [b + 1 for b in range(context // 16 + 1)], context, context + 1)] * batch)
-    for engine in (graphs, synced):
-        engine._ensure_cache(8)
-    queued = [graphs.execute(entries).clone() for entries in steps]  # no sync in between
+    queued = [graphs.runner.execute(entries).logits.clone() for entries in steps]  # no sync in between
     torch.cuda.synchronize()
     for n, entries in enumerate(steps):  # the same graphs, one step at a time: the same bits
-        reference = synced.execute(entries)
+        reference = synced.runner.execute(entries).logits
         torch.cuda.synchronize()
-        assert synced._graphs is not None
+        assert synced.runner.graphs is not None
         assert torch.equal(queued[n], reference), f"{name}: step {n} replayed with another step's inputs"
 
 
 @torch.no_grad()
 def test_decode_step_never_syncs(case):
-    from rdnac.runtime.engine import StepEntry
+    from rdnac.runtime.model_runner import StepEntry
 
     _, _, plan = case
     engine = rdnac.load(plan, device="cuda")
-    engine.generate([[1, 2, 3]], max_tokens=2)  # allocates the cache and captures
-    blocks = engine._cache.allocator.allocate(2)
+    engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # allocates the cache and captures
+    blocks = engine.engine.block_manager.take_blocks(2)
     entries = [StepEntry(list(range(5, 25)), blocks, 19, 20), StepEntry([9] * 7, blocks, 6, 7)]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        logits = engine.execute(entries)
+        logits = engine.runner.execute(entries).logits
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert logits.shape[0] == 2 and torch.isfinite(logits).all()
+
+
+@torch.no_grad()
+def test_seed_gives_the_same_tokens_everywhere_with_graphs(tmp_path, no_compiler):
+    """Issue 22's acceptance on the GPU: a seeded request (temperature 0.8) gives identical tokens through the
+    Python API, `rdnac run` and `rdnac serve`, alone and in a batch of 17 others, sampled inside the captured
+    decode graphs; and the same tokens eagerly. A float32 plan, so that batch buckets' GEMM configs (which
+    round bf16 differently) cannot flip a draw (its largest prefill step is kept small: float32 configs for
+    512-token tiles spill on sm90)."""
+    from tests.support.same_tokens import api_outputs, check_same_tokens
+
+    make_checkpoint("llama", tmp_path / "ckpt", perturb_std=1.0)
+    plan = rdnac.compile(tmp_path / "ckpt", target="sm90", output=tmp_path / "plan.msgpack", quiet=True,
+                         dtype="float32", max_num_seqs=32, max_num_batched_tokens=32)
+    graphs = rdnac.load(plan, device="cuda")
+    tokens = check_same_tokens(graphs, plan, "--device", "cuda", serve_args=("--device", "cuda"), logprob_atol=1e-4)
+    assert graphs.runner.graphs is not None and graphs.runner.use_graphs
+    del graphs
+    eager = rdnac.load(plan, device="cuda", enforce_eager=True)
+    assert api_outputs(eager, with_others=False).token_ids == tokens
+    assert api_outputs(eager, with_others=True).token_ids == tokens
+
+
+@torch.no_grad()
+def test_sampled_decode_step_never_syncs(case):
+    """The captured sampler: a decode step that samples (seeded and not) replays without a host sync."""
+    from rdnac.runtime.model_runner import StepEntry
+    from rdnac.runtime.sampling import SamplingBatch
+
+    _, _, plan = case
+    engine = rdnac.load(plan, device="cuda")
+    blocks = engine.engine.block_manager.take_blocks(2)
+    entries = [StepEntry(list(range(5, 25)), blocks, 19, 20), StepEntry([9] * 7, blocks, 6, 7)]
+    batch = SamplingBatch([0.8, 0.0], [0, 0], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0], [[], []], [1234, 99], [3, 0])
+    engine.runner.execute(entries, batch)  # warm
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = engine.runner.execute(entries, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.tokens.shape == (2,) and out.tokens[1] == out.logits[1].argmax()
+    again = engine.runner.execute(entries, batch)
+    assert torch.equal(again.tokens, out.tokens)  # counter-based: the same seed and step draw the same token

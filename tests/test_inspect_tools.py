@@ -99,6 +99,24 @@ def test_html_report(plans, which):
         assert f"{row['tokens_per_s']:.0f}" in text and f"{row['tpot_ms']:.4g}" in text
 
 
+@pytest.mark.parametrize("which", ["cpu", "cpu_unfused", "sm90"])
+def test_inspect_json_lists_the_declared_state(plans, which):
+    result = _invoke("inspect", plans[which], "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    state, a = summary["state"], summary["model"]
+    graph = Graph.from_dict(read_plan(plans[which]).body["graph"])
+    assert [e["name"] for e in state["entries"]] == [s.name for s in graph.state]
+    assert len(state["entries"]) == 2 * a["num_layers"]
+    for e in state["entries"]:
+        assert e["kind"] == "paged_kv" and e["per"] == "token" and e["shape"] == [a["num_kv_heads"], a["head_dim"]]
+        assert e["dtype"] == a["dtype"] and e["name"] in graph.inputs
+    per_token = 2 * a["num_layers"] * a["num_kv_heads"] * a["head_dim"] * getattr(torch, a["dtype"]).itemsize
+    assert state["bytes_per_token"] == per_token and state["bytes_per_sequence"] == 0
+    assert state["memory_bytes"] == 16 << 30 and state["sequence_slots"] == 0
+    assert state["max_concurrent_tokens"] == ((16 << 30) - summary["weights"]["bytes"]) // per_token
+
+
 def test_onnx_export(plans):
     import onnx
 

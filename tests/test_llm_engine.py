@@ -1,9 +1,12 @@
-"""LLMEngine on a tiny real model (cpu plan, fp32) against `Engine.generate` of each prompt alone,
-and the sampler against Hugging Face's logits processors."""
+"""LLMEngine on a tiny real model (cpu plan, fp32) against `LLM.generate` of each prompt alone,
+and the sampler against Hugging Face's logits processors and Triton's Philox."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,8 @@ import torch
 import rdnac
 from rdnac.errors import RequestError
 from rdnac.runtime.llm_engine import LLMEngine, RequestOutput, SamplingParams
-from rdnac.runtime.sampling import SamplingBatch, apply_repetition_penalty, sample, truncate
+from rdnac.runtime.sampling import (SamplingBatch, apply_repetition_penalty, draw, philox_uniform, sample,
+                                    seed_to_int64, truncate)
 from tests.support.checkpoints import make_checkpoint
 
 
@@ -24,7 +28,7 @@ def plan(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(plan):
-    """The engine LLMEngines are built on (each new LLMEngine takes over its KV cache)."""
+    """The LLM whose runner the LLMEngines are built on (each new LLMEngine takes over its state)."""
     return rdnac.load(plan)
 
 
@@ -43,10 +47,10 @@ def workload():
 
 @pytest.fixture(scope="module")
 def sequential(plan, workload):
-    """The reference: `Engine.generate` of each prompt alone (greedy)."""
+    """The reference: `LLM.generate` of each prompt alone (greedy)."""
     reference = rdnac.load(plan)
     prompts, max_tokens = workload
-    return [reference.generate([p], max_tokens=m)[0] for p, m in zip(prompts, max_tokens)]
+    return [reference.generate([p], SamplingParams(max_tokens=m))[0] for p, m in zip(prompts, max_tokens)]
 
 
 def run_streaming(llm: LLMEngine, prompts, params, ids=None) -> dict[str, RequestOutput]:
@@ -92,7 +96,7 @@ def expected_text(engine, out: RequestOutput) -> str:
 ], ids=["default", "small-pool", "prefix-caching"])
 def test_concurrent_greedy_matches_sequential(engine, workload, sequential, config):
     prompts, max_tokens = workload
-    llm = LLMEngine(engine, **config)
+    llm = LLMEngine(engine.runner, **config)
     start = llm.num_free_blocks
     final = run_streaming(llm, prompts, [SamplingParams(max_tokens=m) for m in max_tokens])
     for i, ref in enumerate(sequential):
@@ -112,7 +116,7 @@ def test_concurrent_greedy_matches_sequential(engine, workload, sequential, conf
 
 def test_generate_convenience(engine, workload, sequential):
     prompts, max_tokens = workload
-    llm = LLMEngine(engine)
+    llm = LLMEngine(engine.runner)
     outs = llm.generate(prompts[:4], [SamplingParams(max_tokens=m, logprobs=True) for m in max_tokens[:4]])
     for out, ref in zip(outs, sequential):
         assert out.token_ids == out.new_token_ids == ref.token_ids and out.finished
@@ -124,7 +128,7 @@ def test_seeded_sampling_reproducible_across_batches(engine, workload):
     seeded = SamplingParams(max_tokens=12, temperature=0.9, top_k=40, top_p=0.95, seed=1234, ignore_eos=True)
 
     def tokens_of(config, others):
-        llm = LLMEngine(engine, **config)
+        llm = LLMEngine(engine.runner, **config)
         final = run_streaming(llm, [prompts[3]] + prompts[4:4 + len(others)], [seeded] + others)
         assert llm.num_free_blocks == llm.num_total_blocks
         return final["r0"].token_ids, llm.stats()["preemptions"]
@@ -141,7 +145,7 @@ def test_seeded_sampling_reproducible_across_batches(engine, workload):
 
 def test_stop_conditions(engine, workload):
     prompt = workload[0][5]
-    llm = LLMEngine(engine)
+    llm = LLMEngine(engine.runner)
     base = run_streaming(llm, [prompt], SamplingParams(max_tokens=16, ignore_eos=True))["r0"]
     assert base.finish_reason == "length" and len(base.token_ids) == 16
     tokens, text = base.token_ids, base.text
@@ -159,8 +163,8 @@ def test_stop_conditions(engine, workload):
     assert out.finish_reason == "stop" and out.text == text[:text.find(stop)] and stop not in out.text
     assert out.token_ids == tokens[:len(out.token_ids)]
 
-    eos_ids = engine.tokenizer.eos_token_ids
-    engine.tokenizer.eos_token_ids = {tokens[4]}
+    eos_ids = llm.tokenizer.eos_token_ids
+    llm.tokenizer.eos_token_ids = {tokens[4]}
     try:
         k = tokens.index(tokens[4])
         out = run_streaming(llm, [prompt], SamplingParams(max_tokens=16))["r0"]
@@ -168,7 +172,7 @@ def test_stop_conditions(engine, workload):
         out = run_streaming(llm, [prompt], SamplingParams(max_tokens=16, ignore_eos=True))["r0"]
         assert out.token_ids == tokens and out.finish_reason == "length"
     finally:
-        engine.tokenizer.eos_token_ids = eos_ids
+        llm.tokenizer.eos_token_ids = eos_ids
 
     long_prompt = (prompt * 300)[:llm.max_model_len - 3]
     out = run_streaming(llm, [long_prompt], SamplingParams(max_tokens=10, ignore_eos=True))["r0"]
@@ -178,7 +182,7 @@ def test_stop_conditions(engine, workload):
 
 def test_abort(engine, workload):
     prompts, _ = workload
-    llm = LLMEngine(engine, max_num_seqs=2)
+    llm = LLMEngine(engine.runner, max_num_seqs=2)
     start = llm.num_free_blocks
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     for i in range(4):
@@ -213,7 +217,7 @@ def test_request_validation(engine):
         with pytest.raises(RequestError, match="requires"):
             SamplingParams(**bad)
     assert SamplingParams(stop="x").stop == ["x"]
-    llm = LLMEngine(engine, num_blocks=3)
+    llm = LLMEngine(engine.runner, num_blocks=3)
     with pytest.raises(RequestError, match="max model length"):
         llm.add_request("a", [5] * llm.max_model_len, SamplingParams())
     with pytest.raises(RequestError, match="KV blocks"):
@@ -225,7 +229,7 @@ def test_request_validation(engine):
     with pytest.raises(RequestError, match="SamplingParams"):
         llm.add_request("b", "hi", {"max_tokens": 3})
     with pytest.raises(RequestError, match="max_num_seqs"):
-        LLMEngine(engine, max_num_seqs=engine.max_num_seqs + 1)
+        LLMEngine(engine.runner, max_num_seqs=engine.runner.max_num_seqs + 1)
 
 
 # ------------------------------------------------------------ the sampler
@@ -264,7 +268,7 @@ def test_sampler_greedy_logprobs_and_distribution():
     torch.manual_seed(0)
     logits = torch.randn(4, 300)
     batch = SamplingBatch([0.0, 1.0, 1.0, 0.5], [0, 1, 0, 0], [1.0, 1.0, 1e-6, 1.0], [0.0, 0.0, 0.0, 1.0],
-                          [1.0] * 4, [[]] * 4, [None] * 4)
+                          [1.0] * 4, [[]] * 4, [11, 12, 13, 14], [0] * 4, needs_logprobs=True)
     tokens, logprobs = sample(logits, batch)
     assert tokens.shape == (4,) and tokens.dtype == torch.int64 and logprobs.dtype == torch.float32
     assert torch.equal(tokens, logits.argmax(-1))  # greedy, top-k 1, top-p ~0 and min-p 1 all pick the argmax
@@ -272,21 +276,64 @@ def test_sampler_greedy_logprobs_and_distribution():
 
     small = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).repeat(20_000, 1)  # [N, 5]
     n = small.shape[0]
-    tokens, _ = sample(small, SamplingBatch([1.0] * n, [0] * n, [1.0] * n, [0.0] * n, [1.0] * n, [[]] * n, [None] * n))
-    freq = torch.bincount(tokens, minlength=5).float() / n
-    err = (freq - small[0].softmax(-1)).abs().max()
-    assert err < 0.015, f"empirical vs softmax: max error {err}"
+    # one seed per row, and one row drawing 20000 steps: both must follow the softmax
+    for seeds, steps in ((list(range(n)), [0] * n), ([7] * n, list(range(n)))):
+        tokens, _ = sample(small, SamplingBatch([1.0] * n, [0] * n, [1.0] * n, [0.0] * n, [1.0] * n, [[]] * n,
+                                                seeds, steps))
+        freq = torch.bincount(tokens, minlength=5).float() / n
+        err = (freq - small[0].softmax(-1)).abs().max()
+        assert err < 0.015, f"empirical vs softmax: max error {err}"
 
 
 def test_sampler_seeded_rows_ignore_batch_composition():
     torch.manual_seed(0)
     logits = torch.randn(6, 300)
 
-    def batch(rows, seeds):
+    def batch(rows, seeds, top_p=0.9):
         n = len(rows)
-        gens = [torch.Generator().manual_seed(s) if s is not None else None for s in seeds]
-        return sample(logits[rows], SamplingBatch([1.0] * n, [0] * n, [0.9] * n, [0.0] * n, [1.0] * n, [[]] * n, gens))
+        return sample(logits[rows], SamplingBatch([1.0] * n, [0] * n, [top_p] * n, [0.0] * n, [1.0] * n, [[]] * n,
+                                                  seeds, [3] * n))[0]
 
     alone = [batch([2], [7])[0].item() for _ in range(5)]
-    mixed = [batch([0, 1, 2, 3], [None, 3, 7, None])[0][2].item() for _ in range(5)]
-    assert alone == mixed
+    mixed = [batch([0, 1, 2, 3], [123, 3, 7, 99])[2].item() for _ in range(5)]
+    assert alone == mixed and len(set(alone)) == 1
+    # a row that needs no truncation gets the same token from `draw` (the captured path) and from `sample`
+    # whether or not another row of its batch asks for top-p / a penalty / logprobs
+    plain = batch([0, 2], [5, 7], top_p=1.0)
+    extra = SamplingBatch([1.0, 1.0], [0, 0], [1.0, 0.5], [0.0, 0.0], [1.0, 1.3], [[], [4, 5]], [5, 7], [3, 3],
+                          needs_logprobs=True)
+    drawn = draw(logits[[0, 2]], torch.ones(2), torch.tensor([5, 7]), torch.tensor([3, 3]))
+    assert plain[0] == sample(logits[[0, 2]], extra)[0][0] == drawn[0]
+
+
+_TRITON_RAND = """
+import sys
+import torch, triton, triton.language as tl
+
+@triton.jit
+def rand_kernel(seeds_ptr, steps_ptr, out_ptr, V, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    u = tl.rand(tl.load(seeds_ptr + row), (tl.load(steps_ptr + row) << 32) | cols.to(tl.int64))
+    tl.store(out_ptr + row * V + cols, u, mask=cols < V)
+
+seeds, steps = torch.load(sys.argv[1])
+out = torch.empty(len(seeds), 300)
+rand_kernel[(len(seeds),)](seeds, steps, out, 300, BLOCK=512)
+torch.save(out, sys.argv[2])
+"""
+
+
+def test_sampler_draws_triton_philox_uniforms(tmp_path):
+    """The counter-based rule is Triton's tl.rand(seed, (step << 32) | token), bit for bit (Triton interpreter,
+    in a subprocess: tl.rand is interpreted only when TRITON_INTERPRET is set before triton is imported)."""
+    seeds = torch.tensor([seed_to_int64(s) for s in (0, 1, 1234, 2**63 + 5, -7, 2**40 + 3)], dtype=torch.int64)
+    steps = torch.tensor([0, 1, 5, 100, 2**31 + 3, 7], dtype=torch.int64)
+    ours = philox_uniform(seeds, steps, 300)  # [6, 300]
+    assert ours.shape == (6, 300) and ours.dtype == torch.float32
+    assert 0 <= ours.min() and ours.max() < 1
+    torch.save((seeds, steps), tmp_path / "in.pt")
+    subprocess.run([sys.executable, "-c", _TRITON_RAND, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                   env={**os.environ, "TRITON_INTERPRET": "1"}, check=True)
+    theirs = torch.load(tmp_path / "out.pt")
+    assert torch.equal(ours, theirs), f"max difference {(ours - theirs).abs().max()}"

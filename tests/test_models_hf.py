@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import rdnac
+from rdnac import SamplingParams
 from tests.support.checkpoints import make_checkpoint, reference_greedy, reference_logits
 
 PROMPT = [3, 141, 59, 26, 53, 58, 97, 93, 238, 46, 26, 43, 38, 32, 79, 50, 28, 8, 84, 19]
@@ -61,14 +62,14 @@ def test_logits_match_transformers(compiled):
 
 def test_greedy_continuation_matches_transformers(compiled):
     model, engine = compiled
-    ours = engine.generate([PROMPT], max_tokens=24)[0].token_ids
+    ours = engine.generate([PROMPT], SamplingParams(max_tokens=24))[0].token_ids
     assert ours == reference_greedy(model, PROMPT, 24)
 
 
 def test_batched_generation_matches_single(compiled):
     model, engine = compiled
     prompts = [PROMPT[:5], PROMPT, PROMPT[3:12]]
-    batched = [c.token_ids for c in engine.generate(prompts, max_tokens=10)]
+    batched = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=10))]
     for prompt, out in zip(prompts, batched):
         assert out == reference_greedy(model, prompt, 10)
 

@@ -1,6 +1,6 @@
 """`rdnac serve` end to end: a real uvicorn server on a loopback port, driven by the official openai client.
 
-The reference is a second Engine on the same plan running `Engine.generate`
+The reference is a second LLM on the same plan running `LLM.generate`
 one prompt at a time: greedy text served over HTTP, alone or under 32
 concurrent requests, must equal it exactly.
 """
@@ -25,6 +25,7 @@ import openai  # noqa: E402
 import httpx  # noqa: E402
 
 import rdnac  # noqa: E402
+from rdnac import SamplingParams  # noqa: E402
 from tests.support.checkpoints import make_checkpoint  # noqa: E402
 
 MODEL = "tiny-llama"
@@ -59,18 +60,17 @@ class Served:
 def served(tmp_path_factory):
     import uvicorn
 
-    from rdnac.runtime.llm_engine import LLMEngine
     from rdnac.serve.app import create_app
     from rdnac.serve.worker import EngineWorker
 
     tmp = tmp_path_factory.mktemp("serve")
     make_checkpoint("llama", tmp / "ckpt")
     plan = rdnac.compile(tmp / "ckpt", target="cpu", output=tmp / "tiny.msgpack", quiet=True)
-    engine = rdnac.load(plan)
-    llm = LLMEngine(engine)
+    served_llm = rdnac.load(plan)
+    llm = served_llm.engine
     worker = EngineWorker(llm)
     worker.start()
-    app = create_app(worker, engine, model_name=MODEL)
+    app = create_app(worker, served_llm, model_name=MODEL)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
@@ -112,7 +112,7 @@ def test_health_and_models(served):
 
 
 def test_completion_matches_engine(served):
-    expected = served.reference.generate("Hello there", max_tokens=8)[0]
+    expected = served.reference.generate("Hello there", SamplingParams(max_tokens=8))[0]
     result = served.client.completions.create(model=MODEL, prompt="Hello there", max_tokens=8, temperature=0,
                                               logprobs=1)
     (choice,) = result.choices
@@ -127,12 +127,12 @@ def test_completion_matches_engine(served):
     ids = served.reference.tokenizer.encode("abc")
     batch = served.client.completions.create(model=MODEL, prompt=[ids, "Hello there"], max_tokens=8, temperature=0)
     assert [c.index for c in batch.choices] == [0, 1]
-    assert batch.choices[0].text == served.reference.generate([ids], max_tokens=8)[0].text
+    assert batch.choices[0].text == served.reference.generate([ids], SamplingParams(max_tokens=8))[0].text
     assert batch.choices[1].text == expected.text
 
 
 def test_chat_matches_engine(served):
-    expected = served.reference.generate("Hi!", max_tokens=10, chat=True)[0]
+    expected = served.reference.generate("Hi!", SamplingParams(max_tokens=10), chat=True)[0]
     messages = [{"role": "user", "content": "Hi!"}]
     result = served.client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=10,
                                                    temperature=0)
@@ -146,14 +146,14 @@ def test_chat_matches_engine(served):
 
 
 def test_streaming(served):
-    expected = served.reference.generate("Stream me", max_tokens=12)[0]
+    expected = served.reference.generate("Stream me", SamplingParams(max_tokens=12))[0]
     chunks = list(served.client.completions.create(model=MODEL, prompt="Stream me", max_tokens=12, temperature=0,
                                                    stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(expected.token_ids)
 
-    expected = served.reference.generate("Stream chat", max_tokens=12, chat=True)[0]
+    expected = served.reference.generate("Stream chat", SamplingParams(max_tokens=12), chat=True)[0]
     chunks = list(served.client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Stream chat"}], max_tokens=12, temperature=0, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -170,7 +170,7 @@ def test_streaming(served):
 
 def test_concurrent_requests_match_sequential(served):
     prompts = [f"Request number {i}: " + "ab" * (i % 7) for i in range(32)]
-    expected = [served.reference.generate(p, max_tokens=8)[0].text for p in prompts]
+    expected = [served.reference.generate(p, SamplingParams(max_tokens=8))[0].text for p in prompts]
 
     def ask(prompt: str) -> str:
         return served.client.completions.create(model=MODEL, prompt=prompt, max_tokens=8,
@@ -293,7 +293,7 @@ def test_cli_serve_with_api_key(served):
 
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["cli-model"]
-        expected = served.reference.generate("key", max_tokens=4)[0].text
+        expected = served.reference.generate("key", SamplingParams(max_tokens=4))[0].text
         assert client.completions.create(model="cli-model", prompt="key", max_tokens=4,
                                          temperature=0).choices[0].text == expected
     finally:

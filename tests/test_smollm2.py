@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import rdnac
+from rdnac import SamplingParams
 from rdnac.compiler.frontend.demo_models import smollm2_gguf_path
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "How many legs does a spider have?"]
@@ -59,7 +60,7 @@ def test_chat_prompt_tokens_match_transformers(plan, reference):
 def test_greedy_chat_continuations_match_transformers(plan, reference):
     tokenizer, model = reference
     engine = rdnac.load(plan)
-    ours = engine.generate(PROMPTS, max_tokens=32, chat=True)
+    ours = engine.generate(PROMPTS, SamplingParams(max_tokens=32), chat=True)
     for prompt, completion in zip(PROMPTS, ours):
         ids = engine.encode_prompt(prompt, chat=True)
         ref = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,

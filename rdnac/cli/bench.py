@@ -29,9 +29,9 @@ def _percentiles(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(ordered), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
 
 
-def run_level(llm, concurrency: int, num_prompts: int, input_len: int, output_len: int, vocab: int,
+def run_level(engine, concurrency: int, num_prompts: int, input_len: int, output_len: int, vocab: int,
               seed: int, progress=None, task=None) -> dict:
-    from rdnac.runtime.llm_engine import SamplingParams
+    from rdnac import SamplingParams
 
     rng = random.Random(seed + concurrency)
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
@@ -44,10 +44,10 @@ def run_level(llm, concurrency: int, num_prompts: int, input_len: int, output_le
         while next_id < num_prompts and len(submitted) - len(done) < concurrency:
             rid = f"b{concurrency}-{next_id}"
             prompt = [rng.randrange(10, vocab) for _ in range(input_len)]
-            llm.add_request(rid, prompt, params)
+            engine.add_request(rid, prompt, params)
             submitted[rid] = time.perf_counter()
             next_id += 1
-        for out in llm.step():
+        for out in engine.step():
             now = time.perf_counter()
             if out.new_token_ids and out.request_id not in first:
                 first[out.request_id] = now
@@ -68,21 +68,21 @@ def run_level(llm, concurrency: int, num_prompts: int, input_len: int, output_le
 
 def bench(plan: str, *, device: str, concurrency: list[int], input_len: int, output_len: int,
           num_prompts: int | None, seed: int, enforce_eager: bool, quiet: bool) -> list[dict]:
-    import rdnac
-    from rdnac.runtime.llm_engine import LLMEngine
+    from rdnac.runtime.llm import LLM
+    from rdnac.runtime.model_runner import ModelRunner
 
-    engine = rdnac.load(plan, device=device, enforce_eager=enforce_eager)
-    llm = LLMEngine(engine, max_num_seqs=min(max(concurrency), engine.max_num_seqs))
-    vocab = engine.graph.attrs["vocab_size"]
+    runner = ModelRunner.load(plan, device=device, enforce_eager=enforce_eager)
+    llm = LLM(runner, max_num_seqs=min(max(concurrency), runner.max_num_seqs))
+    vocab = llm.graph.attrs["vocab_size"]
     results = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=quiet) as progress:
         for c in concurrency:
             n = num_prompts or max(2 * c, 8)
             task = progress.add_task(f"concurrency {c}", total=n)
-            results.append(run_level(llm, c, n, input_len, output_len, vocab, seed, progress, task))
+            results.append(run_level(llm.engine, c, n, input_len, output_len, vocab, seed, progress, task))
     for r in results:
-        r.update(device=device, graphs=engine.use_graphs, plan=str(plan), target=engine.plan.header["target"])
+        r.update(device=device, graphs=llm.runner.use_graphs, plan=str(plan), target=llm.plan.header["target"])
     return results
 
 

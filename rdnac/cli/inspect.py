@@ -2,20 +2,51 @@
 
 from __future__ import annotations
 
+import re
+
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from rdnac.ir.graph import Graph
+from rdnac.errors import RdnacError
+from rdnac.ir.state import bytes_per_sequence, bytes_per_token
 from rdnac.plans import read_plan
+
+DEFAULT_MEMORY = 16 << 30  # what `inspect` sizes the state for unless given --memory
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
 
 _ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1,
                   "float8_e4m3fn": 1, "float8_e4m3fnuz": 1}
 
 
-def summarize(plan_path) -> dict:
+def parse_memory(text: str) -> int:
+    """Bytes of "16GiB", "80GB", "512MiB" or a plain byte count."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise RdnacError(f"--memory requires a size such as 16GiB, 80GB or 512MiB; got {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def state_summary(graph, runtime: dict, weight_bytes: int, memory: int) -> dict:
+    """The state the plan declares, per layer, and what `memory` bytes of device memory hold of it once the
+    weights are in: tokens of paged state, with one slot of per-sequence state for each of max_num_seqs."""
+    per_token, per_sequence = bytes_per_token(graph.state), bytes_per_sequence(graph.state)
+    num_slots = (runtime.get("max_num_seqs") or 1) if per_sequence else 0
+    budget = max(0, memory - weight_bytes - num_slots * per_sequence)
+    return {
+        "entries": [{**spec.to_dict(), "per": spec.per, "bytes": spec.nbytes} for spec in graph.state],
+        "bytes_per_token": per_token,
+        "bytes_per_sequence": per_sequence,
+        "memory_bytes": memory,
+        "sequence_slots": num_slots,
+        "max_concurrent_tokens": budget // per_token if per_token else None,
+    }
+
+
+def summarize(plan_path, memory: int = DEFAULT_MEMORY) -> dict:
     plan = read_plan(plan_path)
-    graph = Graph.from_dict(plan.body["graph"])
+    graph = plan.graph()
     weight_bytes = 0
     for w in graph.weights.values():
         n = 1
@@ -33,6 +64,7 @@ def summarize(plan_path) -> dict:
         "kernels": [_kernel_summary(k) for k in plan.body.get("kernels", [])],
         "program": _program_summary(plan.body.get("program") or {}),
         "runtime": plan.body["runtime"],
+        "state": state_summary(graph, plan.body["runtime"], weight_bytes, memory),
         "has_chat_template": bool(plan.body.get("chat_template")),
         "decisions": plan.body["decisions"],
     }
@@ -76,6 +108,7 @@ def render_text(s: dict, show_decisions: bool = False) -> None:
     console.print(f"weights: {s['weights']['count']} tensors, {s['weights']['bytes'] / 2**20:.1f} MiB "
                   f"({s['weights']['file']})   max model len {s['runtime']['max_model_len']}, "
                   f"KV block {s['runtime']['kv_block_size']}")
+    _render_state(console, s["state"], s["weights"]["bytes"])
     table = Table(title=f"graph: {s['graph']['num_nodes']} nodes")
     table.add_column("op")
     table.add_column("count", justify="right")
@@ -105,3 +138,38 @@ def render_text(s: dict, show_decisions: bool = False) -> None:
         for d in s["decisions"]:
             line = f"  [{d['pass']}] {d['node']}: {d['action']}" + (f" — {d['reason']}" if d["reason"] else "")
             console.print(escape(line), soft_wrap=True)
+
+
+def _render_state(console: Console, st: dict, weight_bytes: int) -> None:
+    """One row per kind/dtype/shape with the layers that have it; then the budget line."""
+    groups: dict[tuple, list[int]] = {}
+    for e in st["entries"]:
+        groups.setdefault((e["kind"], e["dtype"], tuple(e["shape"]), e["per"], e["bytes"]), []).append(e["layer"])
+    table = Table(title=f"state: {len(st['entries'])} tensors")
+    for col in ("kind", "dtype", "shape", "bytes per", "tensors", "layers"):
+        table.add_column(col)
+    for (kind, dtype, shape, per, nbytes), layers in groups.items():
+        table.add_row(kind, dtype, f"[{', '.join(map(str, shape))}]", f"{nbytes} / {per}", str(len(layers)),
+                      _ranges(layers))
+    console.print(table)
+    gib = st["memory_bytes"] / 2**30
+    line = f"state: {st['bytes_per_token']} bytes per token, {st['bytes_per_sequence']} per sequence; in {gib:g} GiB"
+    line += f" with {weight_bytes / 2**30:.2f} GiB of weights"
+    if st["sequence_slots"]:
+        line += f" and {st['sequence_slots']} sequence slots"
+    if st["max_concurrent_tokens"] is not None:
+        line += f": {st['max_concurrent_tokens']} tokens at once (--memory to size for another device)"
+    console.print(line)
+
+
+def _ranges(values: list[int]) -> str:
+    """"0-3, 5" for [0, 1, 2, 3, 5]; a layer listed twice (its K and its V) appears once."""
+    values = sorted(set(values))
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(out)

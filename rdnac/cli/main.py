@@ -63,59 +63,59 @@ def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max
               help="A user message, rendered with the plan's chat template; `--chat` alone starts an "
                    "interactive multi-turn chat.")
 @click.option("--max-tokens", default=64, show_default=True, type=int)
-@click.option("--temperature", default=0.0, show_default=True, type=float)
-@click.option("--seed", type=int, help="Sampling seed (with --temperature > 0).")
+@click.option("--temperature", type=float, help="0 is greedy (default: the plan's generation_config, else greedy).")
+@click.option("--top-p", type=float, help="Default: the plan's generation_config, else off.")
+@click.option("--top-k", type=int, help="Default: the plan's generation_config, else off.")
+@click.option("--min-p", type=float, help="Default: the plan's generation_config, else off.")
+@click.option("--seed", type=int, help="Sampling seed (default: random).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Default: cuda for GPU-target plans, cpu for cpu plans.")
 @click.option("--interpret", is_flag=True, help="Run a GPU plan's own kernels under the Triton interpreter (CPU).")
 @click.option("--enforce-eager", is_flag=True, help="No CUDA graphs (debugging).")
 @click.option("--verify-weights", is_flag=True, help="Check the weights file's sha256 against the plan (reads it all).")
-def run_cmd(plan, prompt, chat_text, max_tokens, temperature, seed, device, interpret, enforce_eager, verify_weights):
+def run_cmd(plan, prompt, chat_text, max_tokens, temperature, top_p, top_k, min_p, seed, device, interpret,
+            enforce_eager, verify_weights):
     """Generate from PLAN, streaming text to stdout."""
     import rdnac
 
     if (prompt is None) == (chat_text is None):
         raise click.UsageError("requires exactly one of --prompt or --chat")
     if device is None:
-        from rdnac.plans import read_plan
-
-        device = "cpu" if interpret or read_plan(plan, header_only=True).header["target"] == "cpu" else "cuda"
-    engine = rdnac.load(plan, device=device, interpret=interpret, enforce_eager=enforce_eager,
-                        verify_weights=verify_weights)
-    t = engine.load_timings
-    if engine.device == "cuda":  # start-up on a GPU is worth a line; the cpu interpreter's is not
+        device = "cpu" if interpret else _default_device(plan)
+    llm = rdnac.load(plan, device=device, interpret=interpret, enforce_eager=enforce_eager,
+                     verify_weights=verify_weights, max_num_seqs=1)
+    t = llm.load_timings
+    if llm.device == "cuda":  # start-up on a GPU is worth a line; the cpu interpreter's is not
         click.echo(f"rdnac: loaded {plan} in {sum(v for k, v in t.items() if k.endswith('_s')):.2f} s (plan "
                    f"{t['plan_s']:.2f} s, kernels {t.get('kernels_s', 0):.2f} s, {t['weights_gb']:.2f} GB of weights "
                    f"{t['weights_s']:.2f} s)", err=True)
-    options = dict(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    params = llm.default_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                min_p=min_p, seed=seed)
     if chat_text == "":
-        _interactive_chat(engine, options)
+        _interactive_chat(llm, params)
         return
-    _stream(engine, prompt if prompt is not None else chat_text, chat=chat_text is not None, **options)
+    _stream(llm, prompt if prompt is not None else chat_text, params, chat=chat_text is not None)
 
 
-def _stream(engine, prompt, chat: bool, **options) -> str:
-    """Generate one completion, writing text to stdout as it decodes; returns the text."""
-    ids: list[int] = []
-    printed = ""
+def _default_device(plan) -> str:
+    from rdnac.plans import read_plan
 
-    def on_token(_index: int, token: int) -> None:
-        nonlocal printed
-        ids.append(token)
-        text = engine.tokenizer.decode(ids)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
-            printed = text
+    return "cpu" if read_plan(plan, header_only=True).header["target"] == "cpu" else "cuda"
 
-    engine.generate([prompt], chat=chat, on_token=on_token, **options)
-    text = engine.tokenizer.decode(ids)
-    sys.stdout.write(text[len(printed):] + "\n")
+
+def _stream(llm, prompt, params, chat: bool) -> str:
+    """Generate one completion through the LLM's engine, writing text to stdout as it decodes; returns the text."""
+    text = ""
+    for out in llm.stream(prompt, params, chat=chat):
+        sys.stdout.write(out.new_text)
+        sys.stdout.flush()
+        text = out.text
+    sys.stdout.write("\n")
     sys.stdout.flush()
     return text
 
 
-def _interactive_chat(engine, options: dict) -> None:
+def _interactive_chat(llm, params) -> None:
     """Multi-turn chat: the whole conversation is re-rendered through the chat template each turn."""
     messages: list[dict] = []
     click.echo("chat with the model; an empty line or Ctrl-D ends it, /reset starts over", err=True)
@@ -129,7 +129,7 @@ def _interactive_chat(engine, options: dict) -> None:
             messages = []
             continue
         messages.append({"role": "user", "content": line})
-        reply = _stream(engine, list(messages), chat=True, **options)
+        reply = _stream(llm, list(messages), params, chat=True)
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -140,9 +140,11 @@ def _interactive_chat(engine, options: dict) -> None:
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="Write the graph as ONNX (for Netron).")
 @click.option("--diff", nargs=2, type=click.Path(dir_okay=False), help="Compare two plans: --diff A B.")
-def inspect_cmd(plan, as_json, decisions, html_path, onnx_path, diff):
+@click.option("--memory", help="Device memory to size the model state for (e.g. 16GiB, 80GB; default 16GiB): "
+                               "how many tokens of state fit beside the weights.")
+def inspect_cmd(plan, as_json, decisions, html_path, onnx_path, diff, memory):
     """Show what PLAN holds: header, model, graph by op, weights, decisions."""
-    from rdnac.cli.inspect import render_text, summarize
+    from rdnac.cli.inspect import DEFAULT_MEMORY, parse_memory, render_text, summarize
 
     if diff:
         if plan or html_path or onnx_path:
@@ -165,7 +167,7 @@ def inspect_cmd(plan, as_json, decisions, html_path, onnx_path, diff):
             if path:
                 click.echo(f"wrote {write(plan, path)}", err=True)
         return
-    summary = summarize(plan)
+    summary = summarize(plan, parse_memory(memory) if memory else DEFAULT_MEMORY)
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
     else:
@@ -269,10 +271,9 @@ def targets_cmd():
 def bench_cmd(plan, concurrency, input_len, output_len, num_prompts, device, seed, enforce_eager, as_json):
     """Measure TTFT, TPOT and throughput of PLAN over concurrency levels."""
     from rdnac.cli.bench import bench, render
-    from rdnac.plans import read_plan
 
     if device is None:
-        device = "cpu" if read_plan(plan, header_only=True).header["target"] == "cpu" else "cuda"
+        device = _default_device(plan)
     levels = list(concurrency) or [1, 2, 4, 8, 16, 32, 64]
     if min(levels) < 1 or input_len < 1 or output_len < 1:
         raise click.UsageError("--concurrency, --input-len and --output-len require positive integers")

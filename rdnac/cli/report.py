@@ -50,12 +50,8 @@ def config_text(config: dict) -> str:
 
 
 def kv_bytes_per_token(graph: Graph) -> dict[str, int]:
-    """Bytes one token adds to each KV cache input ([NB, BS, Hk, D] per layer)."""
-    out = {}
-    for name, spec in graph.inputs.items():
-        if len(spec.shape) == 4 and spec.shape[:2] == ("NB", "BS"):
-            out[name] = numel(spec.shape[2:]) * dtype_bytes(spec.dtype)
-    return out
+    """Bytes one token adds to each paged state tensor the plan declares (its K and V caches)."""
+    return {s.name: s.nbytes for s in graph.state if s.is_paged}
 
 
 def decode_weight_bytes(graph: Graph) -> int:

@@ -103,11 +103,10 @@ def compare_values(graph: Graph, values: dict[str, torch.Tensor], reference: dic
 
 
 def step_inputs(graph: Graph, token_ids: list[int], block_size: int, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Inputs of one prefill step of one sequence holding `token_ids`, with fresh zeroed KV caches
-    of just enough blocks; logits for every position."""
+    """Inputs of one prefill step of one sequence holding `token_ids`, with its declared state freshly
+    zeroed (paged state: just enough blocks; per-sequence state: one slot); logits for every position."""
     num_tokens = len(token_ids)
     num_blocks = -(-num_tokens // block_size)
-    sizes = {"NB": num_blocks, "BS": block_size}
     known = {
         "token_ids": torch.tensor(token_ids, dtype=torch.int64),
         "positions": torch.arange(num_tokens, dtype=torch.int64),
@@ -116,14 +115,17 @@ def step_inputs(graph: Graph, token_ids: list[int], block_size: int, device: str
         "seq_lens": torch.tensor([num_tokens], dtype=torch.int32),
         "cu_seqlens_q": torch.tensor([0, num_tokens], dtype=torch.int32),
         "logits_indices": torch.arange(num_tokens, dtype=torch.int64),
+        "state_slots": torch.zeros(1, dtype=torch.int64),
     }
+    state = {s.name: s for s in graph.state}
     out = {}
     for name, spec in graph.inputs.items():
         if name in known:
             out[name] = known[name].to(device=device, dtype=getattr(torch, spec.dtype))
-        elif len(spec.shape) == 4 and spec.shape[:2] == ("NB", "BS"):  # a KV cache
-            shape = [sizes.get(d, d) for d in spec.shape]
-            out[name] = torch.zeros(shape, dtype=getattr(torch, spec.dtype), device=device)
+        elif name in state:
+            declared = state[name]
+            shape = (num_blocks, block_size, *declared.shape) if declared.is_paged else (1, *declared.shape)
+            out[name] = torch.zeros(shape, dtype=getattr(torch, declared.dtype), device=device)
         else:
             raise RdnacError(f"graph input {name!r} ({spec.dtype} {list(spec.shape)}) is not one verify knows how "
                              "to fill; requires the inputs documented in rdnac/ir/graph.py")

@@ -2,7 +2,7 @@
 
 The msgpack file is one map:
 
-    {"format": "rdnac-plan", "format_version": 1, "header": {...},
+    {"format": "rdnac-plan", "format_version": 2, "header": {...},
      "body_sha256": <hex>, "body": <bytes: msgpack map>}
 
 The header is readable without decoding the body (rdnac version, Triton
@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from rdnac.errors import PlanError
 
 FORMAT = "rdnac-plan"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the graph declares the model's state (Graph.state, ir/state.py); 1 assumed K/V caches
 # safetensors dtype names -> the graph's dtype names
 _ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
               "I32": "int32", "I8": "int8", "U8": "uint8", "F8_E4M3": "float8_e4m3fn",
@@ -52,6 +52,19 @@ class Plan:
     path: Path
     header: dict
     body: dict
+
+    def graph(self):
+        """The plan's `Graph`; a declared state this rdnac does not know is refused here, naming it."""
+        from rdnac.ir.graph import Graph
+        from rdnac.ir.state import UnknownStateError
+
+        if "state" not in self.body["graph"]:  # format 1 read by hand: the version check refuses it first
+            raise PlanError(f"{self.path}: requires a plan that declares its model state; this one declares "
+                            f"none (compiled by an older rdnac); recompile the model with this rdnac")
+        try:
+            return Graph.from_dict(self.body["graph"])
+        except UnknownStateError as e:
+            raise PlanError(f"{self.path}: {e}") from None
 
     @property
     def weights_path(self) -> Path:

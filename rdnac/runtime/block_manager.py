@@ -1,4 +1,4 @@
-"""Ref-counted KV-cache blocks for the serving scheduler.
+"""Ref-counted state pages and per-sequence state slots for the serving scheduler.
 
 A sequence owns a block table: block i holds its tokens [i*BS, (i+1)*BS).
 Blocks are ref-counted so that, with prefix caching on, a full block whose
@@ -8,6 +8,10 @@ hash, this block's token ids), so equal keys mean equal whole prefixes.
 Freed blocks keep their key until the block is reused (least recently freed
 first), so a later request, or a preempted one coming back, can hit them.
 With prefix caching off nothing is hashed and nothing is shared.
+
+A plan with per-sequence state (ir/state.py: recurrent, conv) also has a
+fixed number of state slots: a sequence holds one while it runs, so no more
+sequences run at once than there are slots.
 """
 
 from __future__ import annotations
@@ -26,8 +30,11 @@ def chain_hash(prev: bytes, token_ids: list[int]) -> bytes:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False):
-        assert num_blocks > 0 and block_size > 0
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False, num_slots: int = 0):
+        """`num_slots`: per-sequence state slots (0: the plan keeps no per-sequence state, nothing to budget)."""
+        assert num_blocks > 0 and block_size > 0 and num_slots >= 0
+        self.num_slots = num_slots
+        self._free_slots = list(range(num_slots - 1, -1, -1))
         self.num_total_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -90,6 +97,8 @@ class BlockManager:
         return block
 
     def can_allocate(self, token_ids: list[int]) -> bool:
+        if self.num_slots and not self._free_slots:
+            return False
         hits = self._cached_prefix(token_ids)
         num_new = blocks_for(len(token_ids), self.block_size) - len(hits)
         return num_new + sum(self.ref_counts[b] == 0 for b in hits) <= len(self._free)
@@ -107,6 +116,31 @@ class BlockManager:
         num_cached = len(hits) * self.block_size
         self.num_cache_hit_tokens += num_cached
         return table, num_cached
+
+    def take_slot(self) -> int:
+        """A per-sequence state slot (-1 if the plan has no per-sequence state)."""
+        if not self.num_slots:
+            return -1
+        assert self._free_slots, "take_slot() called without can_allocate()"
+        return self._free_slots.pop()
+
+    def free_slot(self, slot: int) -> None:
+        if slot >= 0:
+            assert slot not in self._free_slots, f"state slot {slot} freed twice"
+            self._free_slots.append(slot)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def take_blocks(self, num_blocks: int) -> list[int]:
+        """Fresh blocks outside the prefix cache (for a one-off forward pass); free them with `free`."""
+        if num_blocks > len(self._free):
+            from rdnac.errors import RequestError
+
+            raise RequestError(f"a forward pass requires {num_blocks} free KV blocks; got {len(self._free)} free of "
+                               f"{self.num_total_blocks}; let running requests finish or raise num_blocks")
+        return [self._take_free() for _ in range(num_blocks)]
 
     def can_append(self, block_table: list[int], num_tokens: int) -> bool:
         return blocks_for(num_tokens, self.block_size) - len(block_table) <= len(self._free)

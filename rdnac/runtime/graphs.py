@@ -1,5 +1,13 @@
 """Decode steps captured as CUDA/HIP graphs, one per batch bucket, sharing one memory pool.
 
+Per bucket, two graphs: the model step, which also takes the greedy tokens
+(argmax), and the sampler's `draw` over that step's logits with the rows'
+temperatures, seeds and steps (sampling.py), replayed after it when some row
+samples. So a plain decode step (greedy and temperature sampling, seeded or
+not) samples inside the graphs; a batch with top-k/top-p/min-p, a repetition
+penalty or logprobs is sampled by `sampling.sample` from the step's logits,
+which gives the same tokens for the rows that need none of those.
+
 A decode step of B sequences replays the graph of the smallest bucket >= B.
 Rows past B are padding: token 0 at position 0, seq_len 1, slot -1 (the KV
 write skips it) and a block table of block 0, so attention reads one finite
@@ -17,18 +25,24 @@ import time
 import torch
 
 from rdnac.runtime.executor import Executor, StepMeta
+from rdnac.runtime.sampling import SamplingBatch, draw, seed_to_int64
 
-_INPUTS = ("token_ids", "positions", "slot_mapping", "block_tables", "seq_lens", "cu_seqlens_q", "logits_indices")
+# per-step inputs written from the host before a replay (the block table is handled apart: its width varies)
+_STEP_INPUTS = ("token_ids", "positions", "slot_mapping", "seq_lens", "temperature", "seeds", "steps")
 
 
 class DecodeGraphs:
     def __init__(self, executor: Executor, weights: dict[str, torch.Tensor], cache_inputs: dict[str, torch.Tensor],
-                 buckets: list[int], max_blocks_per_seq: int, device: str):
+                 buckets: list[int], max_blocks_per_seq: int, device: str, has_state_slots: bool = False):
         self.buckets = sorted(buckets)
         self.max_blocks = max_blocks_per_seq
+        self.has_state_slots = has_state_slots
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._samplers: dict[int, torch.cuda.CUDAGraph] = {}
         self._static: dict[int, dict[str, torch.Tensor]] = {}
         self._logits: dict[int, torch.Tensor] = {}
+        self._greedy: dict[int, torch.Tensor] = {}
+        self._sampled: dict[int, torch.Tensor] = {}
         # per bucket: pinned host buffers the inputs are written into (and numpy views of them), and an
         # event after the step's copies out of them, so a host running steps ahead never overwrites a
         # buffer before its copy ran
@@ -38,26 +52,40 @@ class DecodeGraphs:
         started = time.perf_counter()
         for bucket in reversed(self.buckets):  # largest first: the pool then fits the smaller ones
             static = self._padding(bucket, device)
-            env = {**weights, **cache_inputs, **static}
+            model_inputs = {k: v for k, v in static.items() if k not in ("temperature", "seeds", "steps")}
+            env = {**weights, **cache_inputs, **model_inputs}
             meta = StepMeta("decode", bucket, 1)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: loads modules, builds launchers, settles allocations
-                    executor.run(dict(env), meta)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+
+            def model_step():
                 logits = executor.run(dict(env), meta)["logits"]
-            self._graphs[bucket], self._static[bucket], self._logits[bucket] = graph, static, logits
+                return logits, logits.argmax(dim=-1)
+
+            self._graphs[bucket], (self._logits[bucket], self._greedy[bucket]) = self._capture(model_step, pool)
+            self._samplers[bucket], self._sampled[bucket] = self._capture(
+                lambda: draw(self._logits[bucket], static["temperature"], static["seeds"], static["steps"]), pool)
+            self._static[bucket] = static
             self._staging[bucket] = self._pinned(bucket)
             self._copied[bucket] = torch.cuda.Event()
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - started
 
+    @staticmethod
+    def _capture(step, pool):
+        """(graph, outputs) of `step` captured after two warm-up runs on a side stream."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: loads modules, builds launchers, settles allocations
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = step()
+        return graph, outputs
+
     def _padding(self, bucket: int, device: str) -> dict[str, torch.Tensor]:
-        """Static input buffers of a bucket, filled with the padding row."""
-        return {
+        """Static input buffers of a bucket, filled with the padding row (greedy, for the sampler)."""
+        static = {
             "token_ids": torch.zeros(bucket, dtype=torch.int64, device=device),
             "positions": torch.zeros(bucket, dtype=torch.int64, device=device),
             "slot_mapping": torch.full((bucket,), -1, dtype=torch.int64, device=device),
@@ -65,21 +93,29 @@ class DecodeGraphs:
             "seq_lens": torch.ones(bucket, dtype=torch.int32, device=device),
             "cu_seqlens_q": torch.arange(bucket + 1, dtype=torch.int32, device=device),
             "logits_indices": torch.arange(bucket, dtype=torch.int64, device=device),
+            "temperature": torch.zeros(bucket, dtype=torch.float32, device=device),
+            "seeds": torch.zeros(bucket, dtype=torch.int64, device=device),
+            "steps": torch.zeros(bucket, dtype=torch.int64, device=device),
         }
+        if self.has_state_slots:
+            static["state_slots"] = torch.zeros(bucket, dtype=torch.int64, device=device)
+        return static
 
     def _pinned(self, bucket: int) -> tuple[dict[str, torch.Tensor], dict]:
         """Pinned host buffers for a bucket's per-step inputs (the block table flat, [bucket * max_blocks])."""
         static = self._static[bucket]
         staging = {name: torch.empty(static[name].numel(), dtype=static[name].dtype).pin_memory()
-                   for name in ("token_ids", "positions", "slot_mapping", "seq_lens", "block_tables")}
+                   for name in (*_STEP_INPUTS, "block_tables", *(("state_slots",) if self.has_state_slots else ()))}
         return staging, {name: t.numpy() for name, t in staging.items()}
 
     def bucket_for(self, num_seqs: int) -> int | None:
         return next((b for b in self.buckets if b >= num_seqs), None)
 
     @torch.inference_mode()
-    def run(self, host: dict[str, list], num_seqs: int) -> torch.Tensor:
-        """Replay the bucket's graph for `num_seqs` real rows given host-side input lists; logits [B, V]."""
+    def run(self, host: dict[str, list], num_seqs: int,
+            sampling: SamplingBatch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the bucket's graphs for `num_seqs` real rows given host-side input lists; returns logits [B, V]
+        and tokens [B]: greedy, or drawn by `sampling` (a plain batch: see SamplingBatch.is_plain)."""
         bucket = self.bucket_for(num_seqs)
         static = self._static[bucket]
         pad = bucket - num_seqs
@@ -89,6 +125,12 @@ class DecodeGraphs:
             "slot_mapping": host["slot_mapping"] + [-1] * pad,
             "seq_lens": host["seq_lens"] + [1] * pad,
         }
+        if self.has_state_slots:  # padding rows share slot 0's state, read-only: their outputs are dropped
+            rows["state_slots"] = host["state_slots"] + [0] * pad
+        is_sampled = sampling is not None and not sampling.is_greedy
+        if is_sampled:
+            rows.update(temperature=sampling.temperatures + [0.0] * pad,
+                        seeds=[seed_to_int64(s) for s in sampling.seeds] + [0] * pad, steps=sampling.steps + [0] * pad)
         staging, numpy = self._staging[bucket]
         self._copied[bucket].synchronize()  # the last step's copies out of these pinned buffers have run
         for name, values in rows.items():
@@ -105,4 +147,7 @@ class DecodeGraphs:
                                                 non_blocking=True)
         self._copied[bucket].record()
         self._graphs[bucket].replay()
-        return self._logits[bucket][:num_seqs]
+        if not is_sampled:
+            return self._logits[bucket][:num_seqs], self._greedy[bucket][:num_seqs]
+        self._samplers[bucket].replay()
+        return self._logits[bucket][:num_seqs], self._sampled[bucket][:num_seqs]

@@ -1,18 +1,29 @@
-"""Token sampling on the device, one row of logits per sequence.
+"""Token sampling on the device: the one sampler of every entry point, on cpu and GPU, eager or captured.
 
 Order, as Hugging Face applies its processors: repetition penalty (over
-prompt + generated ids) -> temperature -> top-k -> top-p -> min-p -> sample.
-Temperature 0 is greedy (argmax of the penalized logits).
+prompt + generated ids) -> temperature -> top-k -> top-p -> min-p -> draw.
+Temperature 0 is greedy: exactly argmax of the (penalized) logits.
 
-The returned logprob is log_softmax of the penalized logits, before
-temperature and truncation: it scores the token under the model (with the
-penalty the request asked for), so it does not change with the sampling
-knobs and is finite for every token, greedy or sampled.
+The draw is counter-based inverse-CDF sampling: one uniform u per token,
+the first word of Philox-4x32-10 keyed by the request's 64-bit seed at
+counter (0, step, 0, 0), `step` being the index of the token drawn (0 for the
+first) -- Triton's `tl.rand(seed, step << 32)` -- picks the first token whose
+cumulative probability (float64, in vocabulary order) exceeds u times the
+total. A row's token depends only on its logits, its seed and its step: not
+on the rest of the batch, the entry point, a preemption, or whether a graph
+replayed it. There is no generator state: seeds and steps are tensors, so the
+decode graphs capture `draw` and replay it with the next step's. One uniform
+per token keeps the draw to a handful of row-wise passes over the logits
+(a Gumbel-max draw would need a Philox word per vocabulary entry: ~130 torch
+ops over [B, V]). An unseeded request is given a random seed when it is
+added.
 
-Sampling uses the exponential race: argmax(p / q) with q ~ Exp(1) draws from
-p. Each seeded request draws its noise from its own torch.Generator on the
-device, one [V] row per sampled token, so its tokens depend only on its seed
-and its logits, not on which other requests share the batch.
+`draw` (greedy and temperature only) is pure tensor work with no host sync,
+captured inside the decode graphs; `sample` does everything (it calls `draw`
+last, so a row that needs none of its extras gets the same token either way).
+The logprob returned is log_softmax of the penalized logits, before
+temperature and truncation: it scores the token under the model, whatever
+the sampling knobs.
 """
 
 from __future__ import annotations
@@ -20,6 +31,46 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_UNIFORM_SCALE = 4.6566127342e-10  # Triton's uint_to_uniform_float: the largest scale keeping u < 1
+
+
+def seed_to_int64(seed: int) -> int:
+    """Any Python int as the signed 64-bit value with the same low 64 bits (the Philox key)."""
+    seed &= (1 << 64) - 1
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def philox_uniform(seeds: torch.Tensor, steps: torch.Tensor, num_cols: int) -> torch.Tensor:
+    """u[r, i] in [0, 1) for seeds [R] int64, steps [R] int64: Triton's tl.rand(seeds[r], (steps[r] << 32) | i)
+    (`draw` takes i = 0 only)."""
+    # int64 lanes hold uint32 values; a product of two wraps modulo 2**64, so its bits are the unsigned product's
+    c0 = torch.arange(num_cols, dtype=torch.int64, device=seeds.device)[None, :]  # [1, V]: the token index
+    c1 = (steps & _MASK32)[:, None]  # [R, 1]
+    c2 = c3 = torch.zeros_like(c1)
+    k0, k1 = (seeds & _MASK32)[:, None], ((seeds >> 32) & _MASK32)[:, None]
+    for _ in range(10):
+        p0, p1 = c2 * _ROUND_B, c0 * _ROUND_A
+        c0, c1, c2, c3 = ((p0 >> 32) & _MASK32) ^ c1 ^ k0, p0 & _MASK32, ((p1 >> 32) & _MASK32) ^ c3 ^ k1, p1 & _MASK32
+        k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
+    x = torch.where(c0 >= 1 << 31, c0 - (1 << 32), c0)  # the word as int32
+    x = torch.where(x < 0, -x - 1, x).to(torch.float32)
+    return x * _UNIFORM_SCALE  # [R, V]; the scalar is applied as float32 (no tensor made: capturable)
+
+
+def draw(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Tokens [R] int64: argmax where temperature <= 0, else a draw from softmax(logits / T) by the rows'
+    counter-based uniforms. Pure tensor work, no host sync: capturable in a CUDA graph."""
+    # logits: [R, V] float32; temperature [R] float32; seeds, steps [R] int64
+    is_sampled = temperature > 0
+    scale = torch.where(is_sampled, temperature, torch.ones_like(temperature))[:, None]
+    cdf = (logits / scale).softmax(dim=-1).double().cumsum(dim=-1)  # [R, V]; float64: u * total < total
+    target = philox_uniform(seeds, steps, 1).double() * cdf[:, -1:]  # [R, 1]
+    sampled = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=logits.shape[-1] - 1)
+    return torch.where(is_sampled, sampled, logits.argmax(dim=-1))
 
 
 @dataclass
@@ -31,7 +82,26 @@ class SamplingBatch:
     min_ps: list[float]  # 0.0: off
     repetition_penalties: list[float]  # 1.0: off
     token_ids: list[list[int]]  # prompt + generated ids, for the repetition penalty
-    generators: list[torch.Generator | None]  # None: the device's default generator
+    seeds: list[int]
+    steps: list[int]  # index of the token each row draws
+    needs_logprobs: bool = False
+
+    @property
+    def is_plain(self) -> bool:
+        """Only greedy and temperature: `draw` alone gives its tokens (what the decode graphs capture)."""
+        return not self.needs_logprobs and all(
+            k == 0 and p == 1.0 and m == 0.0 and r == 1.0
+            for k, p, m, r in zip(self.top_ks, self.top_ps, self.min_ps, self.repetition_penalties))
+
+    @property
+    def is_greedy(self) -> bool:
+        return all(t <= 0 for t in self.temperatures)
+
+    def draw_inputs(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(temperature [B] float32, seeds [B] int64, steps [B] int64) on `device`."""
+        return (torch.tensor(self.temperatures, dtype=torch.float32, device=device),
+                torch.tensor([seed_to_int64(s) for s in self.seeds], dtype=torch.int64, device=device),
+                torch.tensor(self.steps, dtype=torch.int64, device=device))
 
 
 def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[list[int]], penalties: list[float]) -> torch.Tensor:
@@ -51,7 +121,8 @@ def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[list[int]], p
 
 
 def truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:
-    """Mask (to -inf) what top-k, then top-p, then min-p exclude, by the rules of HF's logits warpers."""
+    """Mask (to -inf) what top-k, then top-p, then min-p exclude, by the rules of HF's logits warpers.
+    A row whose knobs are off is returned bit for bit."""
     # logits: [B, V], temperature applied; one knob value per row (0 / 1.0 / 0.0: off)
     device, vocab = logits.device, logits.shape[-1]
     if any(k > 0 for k in top_k):
@@ -63,7 +134,8 @@ def truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: 
         ascending, order = logits.sort(dim=-1)
         cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
         remove = cumulative <= torch.tensor([1 - p for p in top_p], dtype=logits.dtype, device=device)[:, None]
-        remove[:, -1] = False  # keep at least the most likely token
+        remove &= torch.tensor([p < 1.0 for p in top_p], device=device)[:, None]  # off rows: an underflowed
+        remove[:, -1] = False  # probability of 0 must not be cut; keep at least the most likely token
         logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
     if any(p > 0 for p in min_p):
         probs = logits.softmax(dim=-1)
@@ -72,30 +144,21 @@ def truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: 
     return logits
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (token ids [B] int64, their logprobs [B] float32), both on the logits' device."""
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Returns (token ids [B] int64, their logprobs [B] float32 if the batch asks), on the logits' device."""
     # logits: [B, V] float32
-    device = logits.device
+    if batch.is_greedy and batch.is_plain:
+        return logits.argmax(dim=-1), None
+    temperature, seeds, steps = batch.draw_inputs(logits.device)
     logits = apply_repetition_penalty(logits.float(), batch.token_ids, batch.repetition_penalties)
-    logprobs = logits.log_softmax(dim=-1)
-    tokens = logits.argmax(dim=-1)
-    sampled_rows = [i for i, t in enumerate(batch.temperatures) if t > 0]
-    if sampled_rows:
-        rows = torch.tensor(sampled_rows, dtype=torch.int64, device=device)
-
-        def pick(values: list) -> list:
-            return [values[i] for i in sampled_rows]
-
-        temperature = torch.tensor(pick(batch.temperatures), dtype=torch.float32, device=device)
-        scaled = truncate(logits[rows] / temperature[:, None], pick(batch.top_ks), pick(batch.top_ps),
-                          pick(batch.min_ps))
-        probs = scaled.softmax(dim=-1)  # [S, V]
-        noise = torch.empty_like(probs)
-        unseeded = [j for j, i in enumerate(sampled_rows) if batch.generators[i] is None]
-        if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=device).exponential_()
-        for j, i in enumerate(sampled_rows):
-            if batch.generators[i] is not None:
-                noise[j].exponential_(generator=batch.generators[i])
-        tokens[rows] = (probs / noise).argmax(dim=-1)
-    return tokens, logprobs.gather(1, tokens[:, None])[:, 0]
+    if batch.is_plain:
+        tokens = draw(logits, temperature, seeds, steps)
+    else:
+        # temperature first, as `draw` would apply it (the same division: the same bits), then draw at T = 1
+        scale = torch.where(temperature > 0, temperature, torch.ones_like(temperature))[:, None]
+        scaled = truncate(logits / scale, batch.top_ks, batch.top_ps, batch.min_ps)
+        sampled = draw(scaled, (temperature > 0).float(), seeds, steps)
+        tokens = torch.where(temperature > 0, sampled, logits.argmax(dim=-1))
+    if not batch.needs_logprobs:
+        return tokens, None
+    return tokens, logits.log_softmax(dim=-1).gather(1, tokens[:, None])[:, 0]

@@ -1,14 +1,15 @@
 """Continuous batching with chunked prefill over a fixed pool of KV blocks.
 
 Each step the scheduler picks token ranges for the model runner
-(`Engine.execute`): first one token for every running sequence that is
+(`ModelRunner.execute`): first one token for every running sequence that is
 decoding, then prefill chunks (of sequences part-way through their prompt,
 then of waiting ones, oldest first) within the token budget. A step is thus
 all-decode (one token per entry, at most max_num_seqs entries) or holds at
 most max_num_batched_tokens tokens, the two shapes a plan supports.
 
-A waiting sequence is admitted only when blocks for all its tokens fit, so a
-full pool queues requests instead of failing. When a decoding sequence needs
+A waiting sequence is admitted only when blocks for all its tokens (and, for
+a plan with per-sequence state, a state slot) fit, so a full pool queues
+requests instead of failing. When a decoding sequence needs
 a block and none is free, the newest running sequence is preempted by
 recompute: its blocks are freed and it goes back to the front of the queue
 with prompt + generated tokens, to be prefilled again later. Its generated
@@ -18,38 +19,12 @@ tokens stay in `token_ids`, so nothing already streamed is lost or repeated.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 
 from rdnac.runtime.block_manager import BlockManager
+from rdnac.runtime.sequence import Sequence, SequenceStatus
 
-
-class SequenceStatus(Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-@dataclass(eq=False)
-class Sequence:
-    seq_id: str
-    token_ids: list[int]  # prompt, then generated tokens
-    num_prompt_tokens: int = -1
-    num_computed_tokens: int = 0  # tokens whose KV is in the cache
-    block_table: list[int] = field(default_factory=list)
-    status: SequenceStatus = SequenceStatus.WAITING
-
-    def __post_init__(self):
-        if self.num_prompt_tokens < 0:
-            self.num_prompt_tokens = len(self.token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+__all__ = ["ScheduledChunk", "Scheduler", "Sequence", "SequenceStatus"]
 
 
 @dataclass
@@ -125,6 +100,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             seq.block_table, seq.num_computed_tokens = self.block_manager.allocate(seq.token_ids)
+            seq.state_slot = self.block_manager.take_slot()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             take = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -135,6 +111,8 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.block_manager.free(seq.block_table)
+        self.block_manager.free_slot(seq.state_slot)
+        seq.state_slot = -1
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -154,4 +132,6 @@ class Scheduler:
         elif seq.status == SequenceStatus.WAITING:
             self.waiting.remove(seq)
         self.block_manager.free(seq.block_table)
+        self.block_manager.free_slot(seq.state_slot)
+        seq.state_slot = -1
         seq.status = SequenceStatus.FINISHED

@@ -26,11 +26,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rdnac.errors import RdnacError
+from rdnac.runtime.sampling_params import GENERATION_KEYS, generation_defaults
 from rdnac.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs,
                                   completion_logprobs, envelope, finish_reason, parse_request, sampling_params, usage)
 from rdnac.serve.worker import ClientDisconnected, EngineFailed, EngineWorker, RequestGroup
-
-_SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class _Choice:
@@ -49,14 +48,18 @@ class _Choice:
 
 
 class _Server:
-    def __init__(self, worker: EngineWorker, engine, model_name: str):
+    def __init__(self, worker: EngineWorker, llm, model_name: str):
         self.worker = worker
-        self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.max_model_len
+        self.tokenizer = llm.tokenizer
+        self.max_model_len = llm.max_model_len
         self.model_name = model_name
         self.created = int(time.time())
-        gen = engine.plan.body.get("generation_config") or {}
-        self.defaults = {k: gen[k] for k in _SAMPLING_DEFAULT_KEYS if gen.get(k) is not None}
+        gen = llm.plan.body.get("generation_config") or {}
+        # the plan's defaults, as `rdnac run` and the Python API read them (do_sample false: greedy); what the
+        # config leaves unset takes OpenAI's defaults (temperature 1), not greedy
+        self.defaults = {k: gen[k] for k in GENERATION_KEYS if gen.get(k) is not None}
+        if gen.get("do_sample") is False or "temperature" in gen:
+            self.defaults = generation_defaults(gen)
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -152,9 +155,9 @@ async def _read_json(request: Request):
         raise APIError(400, f"the request body requires valid JSON; {e}") from None
 
 
-def create_app(worker: EngineWorker, engine, model_name: str | None = None, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app over a started EngineWorker; `engine` supplies the tokenizer, limits and plan."""
-    server = _Server(worker, engine, model_name or engine.plan.header["model"]["name"])
+def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app over a started EngineWorker (of `llm.engine`); `llm` supplies the tokenizer, limits and plan."""
+    server = _Server(worker, llm, model_name or llm.plan.header["model"]["name"])
     app = FastAPI(title="rdnac", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
@@ -271,16 +274,15 @@ def run_server(plan: str, *, host: str = "127.0.0.1", port: int = 8000, api_key:
     import uvicorn
 
     import rdnac
-    from rdnac.runtime.llm_engine import LLMEngine
 
     if device is None:
         from rdnac.plans import read_plan
 
         device = "cpu" if read_plan(plan, header_only=True).header["target"] == "cpu" else "cuda"
-    engine = rdnac.load(plan, device=device)
-    worker = EngineWorker(LLMEngine(engine, **{k: v for k, v in llm_options.items() if v is not None}))
+    llm = rdnac.load(plan, device=device, **{k: v for k, v in llm_options.items() if v is not None})
+    worker = EngineWorker(llm.engine)
     worker.start()
-    app = create_app(worker, engine, model_name, api_key)
+    app = create_app(worker, llm, model_name, api_key)
     name = app.state.server.model_name
     print(f"rdnac: serving {name} from {plan} on http://{host}:{port} (device {device})", file=sys.stderr)
     try:

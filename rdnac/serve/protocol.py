@@ -12,7 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from rdnac.runtime.llm_engine import RequestOutput, SamplingParams
+from rdnac.runtime.llm_engine import RequestOutput
+from rdnac.runtime.sampling_params import SamplingParams
 
 
 class APIError(Exception):

@@ -1,0 +1,85 @@
+"""SamplingParams: what one request asks of the sampler and the stop conditions (vLLM's names).
+
+Defaults that a request leaves unset come from the plan's generation_config
+(`from_generation_config`), the same way for `rdnac run`, the Python API and
+`rdnac serve`; greedy where the config asks for no sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rdnac.errors import RequestError
+
+# generation_config keys that set sampling defaults (HF names, which are also ours)
+GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # x == x: not NaN
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # None: a random seed, drawn when the request is added
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            ("max_tokens", is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", is_number(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            ("top_k", is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0: off)"),
+            ("top_p", is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            ("min_p", is_number(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
+            ("repetition_penalty", is_number(self.repetition_penalty) and self.repetition_penalty > 0,
+             "a number > 0 (1: off)"),
+            ("seed", self.seed is None or is_int(self.seed), "an integer or None"),
+            ("stop", isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+             "a list of non-empty strings"),
+            ("stop_token_ids", isinstance(self.stop_token_ids, list)
+             and all(is_int(t) and t >= 0 for t in self.stop_token_ids), "a list of token ids >= 0"),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "a bool"),
+            ("logprobs", isinstance(self.logprobs, bool), "a bool"),
+        ]
+        for name, ok, requirement in checks:
+            if not ok:
+                raise RequestError(f"{name} requires {requirement}; got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_generation_config(cls, generation_config: dict | None, **overrides) -> SamplingParams:
+        """Params whose unset fields (None or absent in `overrides`) take the plan's generation_config."""
+        values = generation_defaults(generation_config or {})
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def generation_defaults(generation_config: dict) -> dict:
+    """The sampling defaults a generation_config sets, by HF's rules: `do_sample: false` is greedy whatever
+    else it says; without do_sample or temperature the default stays greedy."""
+    gen = generation_config
+    if gen.get("do_sample") is False:
+        return {"temperature": 0.0}
+    out = {k: gen[k] for k in GENERATION_KEYS if gen.get(k) is not None}
+    if "temperature" not in out:
+        out["temperature"] = 1.0 if gen.get("do_sample") is True else 0.0
+    if out["temperature"] == 0:  # greedy: the truncation knobs would only be checked, never used
+        out = {"temperature": 0.0, **({"repetition_penalty": out["repetition_penalty"]}
+                                      if "repetition_penalty" in out else {})}
+    if "top_k" in out:
+        out["top_k"] = max(0, int(out["top_k"]))  # HF's "off" can be written as a negative
+    return out
