@@ -28,7 +28,7 @@ import torch
 import rdnac
 from rdnac import SamplingParams
 from rdnac.compiler.frontend import build_graph, read_checkpoint
-from rdnac.errors import UnsupportedModelError
+from rdnac.errors import RequestError, UnsupportedModelError
 from tests.support.checkpoints import reference_greedy, reference_logits, write_byte_tokenizer
 
 PROMPT = [3, 141, 59, 26, 53, 58, 97, 93, 238, 46, 26, 43, 38, 32, 79, 50, 28, 8, 84, 19]
@@ -163,6 +163,12 @@ def test_compiles_without_a_tokenizer(text_model, tmp_path):
     assert plan.body["tokenizer"]["json"] is None and plan.body["chat_template"] is None
     assert plan.body["graph"] == engine.plan.body["graph"]
     assert plan.header["weights"]["sha256"] == engine.plan.header["weights"]["sha256"]
+    bare = rdnac.load(plan.path)  # token ids in, token ids out; text is refused with one clear line
+    ids = list(PROMPT)
+    out = bare.generate([ids], SamplingParams(max_tokens=6))[0]
+    assert out.token_ids == engine.generate([ids], SamplingParams(max_tokens=6))[0].token_ids and out.text == ""
+    with pytest.raises(RequestError, match="requires a tokenizer"):
+        bare.generate(["hello"], SamplingParams(max_tokens=2))
 
 
 def test_attention_softcap_is_not_applied_and_says_so(text_model):
