@@ -92,9 +92,13 @@ class LLMEngine:
         if not is_number(gpu_memory_utilization) or not 0 < gpu_memory_utilization <= 1:
             raise RequestError(f"gpu_memory_utilization requires a number in (0, 1]; got {gpu_memory_utilization!r}")
         if num_blocks is None:  # what the memory budget holds, up to every sequence at full length
+            step_bytes = 0
+            if runner.device == "cuda":  # the largest step's activations come out of the budget first
+                runner.cache = runner.graphs = None
+                step_bytes = runner.profile_step_bytes(self.max_num_batched_tokens)
             num_blocks = default_num_blocks(runner.graph.state, self.block_size, num_slots,
                                             blocks_for(self.max_model_len, self.block_size), self.max_num_seqs,
-                                            runner.device, gpu_memory_utilization)
+                                            runner.device, gpu_memory_utilization, step_bytes)
         if not is_int(num_blocks) or num_blocks < 1:
             raise RequestError(f"num_blocks requires a positive integer; got {num_blocks!r}")
         runner.allocate_state(num_blocks, num_slots, self.max_num_seqs)

@@ -142,6 +142,26 @@ class ModelRunner:
             self.capture_graphs(max_num_seqs or self.max_num_seqs)
         return self.cache
 
+    def profile_step_bytes(self, num_tokens: int) -> int:
+        """Peak device bytes one prefill step of `num_tokens` allocates beyond the weights and the state
+        (activations, its logits row, kernel workspaces), measured by running one such step on a
+        throwaway state just big enough for it, as vLLM profiles before sizing its KV cache: the executor
+        keeps a step's intermediates alive until the step ends, so this grows with the layer count."""
+        assert self.device == "cuda" and self.cache is None and self.graphs is None
+        num_blocks = -(-num_tokens // self.block_size)
+        self.cache = StateCache(self.graph.state, num_blocks, self.block_size, 1 if self.bytes_per_sequence else 0,
+                                self.device)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            self.execute([StepEntry([0] * num_tokens, list(range(num_blocks)), 0, num_tokens, state_slot=0)])
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        finally:
+            self.cache = None
+            torch.cuda.empty_cache()
+
     @property
     def use_graphs(self) -> bool:
         return self._executor is not None and self.device == "cuda" and not self.enforce_eager

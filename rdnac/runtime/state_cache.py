@@ -45,9 +45,10 @@ def has_sequence_state(specs: list[StateSpec]) -> bool:
 
 
 def default_num_blocks(specs: list[StateSpec], block_size: int, num_slots: int, blocks_per_sequence: int,
-                       max_num_seqs: int, device: str, gpu_memory_utilization: float) -> int:
+                       max_num_seqs: int, device: str, gpu_memory_utilization: float, step_bytes: int = 0) -> int:
     """Pages of paged state for a pool, never more than max_num_seqs full-length sequences use: on cuda what
-    `gpu_memory_utilization` of the free memory holds once the per-sequence slots are paid for; on cpu what
+    `gpu_memory_utilization` of the free memory holds once the per-sequence slots and the largest step's
+    activations (`step_bytes`, measured by ModelRunner.profile_step_bytes) are paid for; on cpu what
     256 MiB holds, but at least one full-length sequence."""
     per_block = bytes_per_block(specs, block_size)
     slots_bytes = num_slots * bytes_per_sequence(specs)
@@ -56,11 +57,12 @@ def default_num_blocks(specs: list[StateSpec], block_size: int, num_slots: int, 
         return useful
     if device == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info()
-        num_blocks = min(useful, (int(free_bytes * gpu_memory_utilization) - slots_bytes) // per_block)
+        num_blocks = min(useful, (int(free_bytes * gpu_memory_utilization) - slots_bytes - step_bytes) // per_block)
     else:
         num_blocks = max(blocks_per_sequence, min(useful, (_CPU_LIMIT_BYTES - slots_bytes) // per_block))
     if num_blocks < 1:
         raise RequestError(f"the model state requires at least one block of {per_block} bytes (after {num_slots} "
-                           f"sequence slots of {bytes_per_sequence(specs)} bytes); got room for none; free device "
-                           f"memory or lower max_num_seqs")
+                           f"sequence slots of {bytes_per_sequence(specs)} bytes and {step_bytes} bytes of step "
+                           f"activations); got room for none; free device memory, lower max_num_seqs or "
+                           f"max_num_batched_tokens")
     return num_blocks
