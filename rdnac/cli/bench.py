@@ -113,9 +113,10 @@ def bench_cmd(plan, concurrency, input_len, output_len, num_prompts, device, see
               ab_pdl, ab_disable_pass, ab_table, cold_compile, checkpoints):
     """Measure PLAN's serving latency and throughput; with --decode/--prefill its step timings on the GPU;
     with --shape (no PLAN) run the harness over a random checkpoint of that shape (see README.md)."""
-    harness_only = {"--scheme": schemes, "--layers": layers, "--peers": peers, "--peer-compile-batch": peer_compile_batch,
-                    "--ab-pdl": ab_pdl, "--ab-disable-pass": ab_disable_pass, "--ab-table": ab_table,
-                    "--cold-compile": cold_compile, "--checkpoints": checkpoints}
+    harness_only = {"--scheme": schemes, "--layers": layers, "--peers": peers,
+                    "--peer-compile-batch": peer_compile_batch, "--ab-pdl": ab_pdl,
+                    "--ab-disable-pass": ab_disable_pass, "--ab-table": ab_table, "--cold-compile": cold_compile,
+                    "--checkpoints": checkpoints}
     if shapes:
         if plan:
             raise click.UsageError("requires PLAN or --shape, not both: --shape compiles its own plan")
