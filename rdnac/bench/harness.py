@@ -100,8 +100,8 @@ def environment() -> dict:
 def measure_plan(llm, cfg: BenchConfig, emit: Recorder, copy_gbps: float, *, name: str, label: dict,
                  profile: bool = False) -> None:
     """Decode at each batch size, prefill at each size, and the optional kernel breakdown and timelines of
-    a loaded plan. `label`'s shape, scheme or plan open each record, its other keys (the A/B variant) close it;
-`name` names the profile and timeline files written beside results.jsonl."""
+    a loaded plan. `label`'s shape, scheme or plan open each record, its other keys (the A/B variant) close
+    it; `name` names the profile and timeline files written beside results.jsonl."""
     head = {k: v for k, v in label.items() if k in ("shape", "scheme", "plan")}
     extra = {k: v for k, v in label.items() if k not in head}
     for batch in cfg.batch:
@@ -162,6 +162,8 @@ def rdnac_cmd(*args: str) -> list[str]:
 
 def run_harness(cfg: BenchConfig) -> None:
     """Every (shape, scheme) of `cfg`, in one process; results under cfg.out."""
+    for table in cfg.ab_table:  # a broken table fails now, not after an hour of measuring
+        check_table(table)
     emit = Recorder(cfg.out)
     emit(environment())
     work = Path(tempfile.mkdtemp(dir=os.environ.get("RDNAC_BENCH_TMP")))
@@ -243,15 +245,9 @@ def alternative_table(table: Path, target: str):
     """An environment for `rdnac compile` in which `table`'s entries win over the shipped tuning table, as a
     user table does (`rdnac.compiler.tuning.table_paths`): XDG_CACHE_HOME points at a temporary cache whose
     rdnac/tuned/<target>.json is `table` and whose other entries link to the real rdnac cache (warm kernels)."""
-    from rdnac.errors import RdnacError
     from rdnac.targets.probe import user_cache_dir
 
-    if not table.is_file():
-        raise RdnacError(f"--ab-table requires a tuning table file; got {table}, which is not a file")
-    try:  # a broken table fails here, naming the file, not inside the compile
-        json.loads(table.read_text())
-    except ValueError as e:
-        raise RdnacError(f"--ab-table requires a JSON tuning table; {table} is not valid JSON ({e})") from e
+    check_table(table)
     real = user_cache_dir()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "rdnac"
@@ -261,3 +257,15 @@ def alternative_table(table: Path, target: str):
                 (root / entry.name).symlink_to(entry)
         shutil.copy(table, root / "tuned" / f"{target}.json")
         yield dict(os.environ, PYTHONPATH=str(ROOT), XDG_CACHE_HOME=tmp)
+
+
+def check_table(table: Path) -> None:
+    """A broken --ab-table fails here, naming the file, not inside the compile."""
+    from rdnac.errors import RdnacError
+
+    if not table.is_file():
+        raise RdnacError(f"--ab-table requires a tuning table file; got {table}, which is not a file")
+    try:
+        json.loads(table.read_text())
+    except ValueError as e:
+        raise RdnacError(f"--ab-table requires a JSON tuning table; {table} is not valid JSON ({e})") from e
