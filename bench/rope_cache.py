@@ -103,7 +103,7 @@ def kernel_times(shape: str, num_tokens: int) -> dict:
 
 def decode_tpot(shape: str, batches: list[int], context: int, layers: int | None) -> None:
     import rdnac
-    from decode import tpot
+    from rdnac.bench.decode import tpot
     from tests.support.checkpoints import make_checkpoint
     from tests.test_gpu_models import SHAPES as MODEL_SHAPES
 

@@ -1,19 +1,32 @@
-"""The byte and FLOP accounting behind BENCHMARKS.md's bandwidth and TFLOP/s figures (bench/harness.py)."""
+"""The byte and FLOP accounting behind BENCHMARKS.md's bandwidth and TFLOP/s figures (rdnac.bench)."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import rdnac
+from rdnac.bench import harness, profile
+from rdnac.bench.decode import decode_bytes
+from rdnac.bench.prefill import prefill_flops
+from rdnac.errors import RdnacError
+from rdnac.ir.state import bytes_per_token
+from rdnac.testing.fp8 import SHAPES
 from tests.support.checkpoints import make_checkpoint
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import harness  # noqa: E402
+# make_checkpoint's llama: hidden 72, intermediate 136, 2 layers, 6 heads, 2 KV heads, head_dim 16, vocab 300
+LINEAR_PARAMS = 2 * ((6 + 2 * 2) * 16 * 72 + 72 * 6 * 16 + 2 * 136 * 72 + 72 * 136)  # qkv, o, gate_up, down
+HEAD_PARAMS = 300 * 72
+NORM_PARAMS = 2 * 2 * 72 + 72  # two per layer and the final one
+
+
+@pytest.fixture(scope="module")
+def llama_plan(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("llama")
+    make_checkpoint("llama", tmp / "ckpt")
+    return rdnac.compile(tmp / "ckpt", "cpu", tmp / "p.msgpack", quiet=True)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -26,7 +39,7 @@ def test_decode_bytes_count_what_a_step_reads(tied, tmp_path):
     row = w[embed].shape[1] * w[embed].element_size()
     a = engine.graph.attrs
     kv_per_token = 2 * a["num_layers"] * a["num_kv_heads"] * a["head_dim"] * getattr(torch, a["dtype"]).itemsize
-    got = harness.decode_bytes(engine, batch=4, context=100)
+    got = decode_bytes(engine, batch=4, context=100)
     table = 0 if tied else w[embed].numel() * w[embed].element_size()  # tied: the logits read the table
     assert got == every - table + (0 if tied else 4 * row) + 4 * 100 * kv_per_token
 
@@ -41,7 +54,7 @@ def test_prefill_flops_are_two_per_weight_per_token_plus_causal_attention(tmp_pa
     a = engine.graph.attrs
     t = 64
     attention = 4 * a["num_layers"] * a["num_heads"] * a["head_dim"] * t * (t + 1) / 2
-    assert harness.matmul_flops(engine, t, t) == pytest.approx(2 * linear * t + 2 * head + attention)
+    assert prefill_flops(engine, t, t) == pytest.approx(2 * linear * t + 2 * head + attention)
 
 
 def test_ab_table_compiles_with_its_entries_winning(tmp_path, monkeypatch):
@@ -64,13 +77,13 @@ def test_ab_table_compiles_with_its_entries_winning(tmp_path, monkeypatch):
     assert not user.exists()  # the temporary cache is gone
     bad = tmp_path / "bad.json"
     bad.write_text("{")
-    with pytest.raises(SystemExit, match="bad.json is not valid JSON"):
+    with pytest.raises(RdnacError, match="bad.json is not valid JSON"):
         with harness.alternative_table(bad, "sm90"):
             pass
 
 
 def test_random_checkpoints_are_reused_only_when_written_the_same_way(tmp_path):
-    spec = dict(harness.SHAPES["tiny"])
+    spec = dict(SHAPES["tiny"])
     ckpt, write_s = harness.random_checkpoint(tmp_path, "tiny", "fp8-block", spec)
     assert write_s is not None and (ckpt / "config.json").is_file()
     weights = sorted(ckpt.glob("*.safetensors"))
@@ -89,18 +102,36 @@ def test_random_checkpoints_are_reused_only_when_written_the_same_way(tmp_path):
 
 
 def test_timeline_advances_sum_to_the_span_however_kernels_overlap():
-    """bench/profile_step.timeline_rows: a kernel started early under PDL (before the previous one ended)
+    """rdnac.bench.profile.timeline_rows: a kernel started early under PDL (before the previous one ended)
     shows it in early_us, and each kernel's advance is what it added to the step's end."""
-    import profile_step
     from rdnac.ir.graph import Node
 
     a, b, c = (Node(name, op, [], [name]) for name, op in (("n", "rms_norm"), ("q", "linear"), ("o", "linear")))
     # n runs 0-2; q starts early at 1, waits, ends at 12; o starts early at 11 and ends (11.5) inside q
     kernels = [(a, "_norm", 0.0, 2.0), (b, "_gemm", 1.0, 12.0), (c, "_gemm", 11.0, 11.5)]
-    rows, by_op = profile_step.timeline_rows(kernels)
+    rows, by_op = profile.timeline_rows(kernels)
     assert [r["early_us"] for r in rows] == [0.0, 1.0, 1.0]
     assert [r["advance_us"] for r in rows] == [2.0, 10.0, 0.0]  # o added nothing to the step's end
     assert [r["dur_us"] for r in rows] == [2.0, 11.0, 0.5]
     assert sum(r["advance_us"] for r in rows) == pytest.approx(12.0)  # the span: 0 to the last end
     assert by_op == {"rms_norm": {"advance_us": 2.0, "dur_us": 2.0, "launches": 1},
                      "linear": {"advance_us": 10.0, "dur_us": 11.5, "launches": 2}}
+
+
+def test_decode_bytes_by_hand(llama_plan):
+    """An untied fp32 llama at batch 4, context 100: the weights but the embedding table, 4 embedding rows,
+    and the declared state (K and V of 2 layers x 2 KV heads x 16 dims, fp32) of 400 tokens."""
+    llm = rdnac.load(llama_plan)
+    assert llm.graph.attrs["dtype"] == "float32"
+    assert bytes_per_token(llm.graph.state) == 2 * 2 * 2 * 16 * 4 == 512
+    weights = 4 * (LINEAR_PARAMS + HEAD_PARAMS + NORM_PARAMS) + 4 * 72 * 4
+    assert decode_bytes(llm, batch=4, context=100) == weights + 4 * 100 * 512 == 676_256
+
+
+def test_prefill_flops_by_hand(llama_plan):
+    """64 tokens: 2 FLOPs per linear weight per token, the logits of the last token, and causal QK^T + PV
+    (4 x layers x heads x head_dim x the 64 x 65 / 2 scores)."""
+    llm = rdnac.load(llama_plan)
+    assert LINEAR_PARAMS == 95_616
+    attention = 4 * 2 * 6 * 16 * 64 * 65 // 2
+    assert prefill_flops(llm, 64, 64) == 2 * LINEAR_PARAMS * 64 + 2 * HEAD_PARAMS + attention == 13_879_488

@@ -1,7 +1,7 @@
 """FP8 sm90 plans generate the reference interpreter's greedy tokens on decisive random weights.
 
-This is the CPU form of issue 4's GPU acceptance (`bench/fp8_e2e.py` runs it on the GPU at
-Qwen3-8B widths): the plan's own kernels, under the Triton interpreter, against the reference
+This is the CPU form of issue 4's GPU acceptance (`bench/fp8_e2e.py`, in git history at 1345601, ran it on
+the GPU at Qwen3-8B widths; BENCHMARKS.md has the figures): the plan's own kernels, under the Triton interpreter, against the reference
 interpreter on the same plan graph and weights. Flat random weights cannot give a stable token
 comparison (see `write_random_checkpoint(decisive=...)` and BENCHMARKS.md); decisive ones can.
 """

@@ -1,99 +1,176 @@
-"""`rdnac bench PLAN`: serving latency and throughput over concurrency levels.
+"""`rdnac bench`: serving over concurrency levels, GPU step timings of a plan, or the harness over a shape.
 
-For each concurrency level C, keeps C requests in flight (closed loop) over
-the LLMEngine until `num_prompts` have finished, with random token prompts
-of `input_len` tokens and exactly `output_len` generated tokens each
-(ignore_eos). Reports TTFT, TPOT (time per output token after the first),
-end-to-end latency percentiles, output and total tokens/s.
+    rdnac bench PLAN [-c 1 -c 64]                       serving: TTFT, TPOT, throughput (any device)
+    rdnac bench PLAN --decode --batch 1,64 --prefill 2048  decode TPOT + bandwidth, prefill TFLOP/s (GPU)
+    rdnac bench --shape qwen3-8b --scheme fp8-block     harness: random checkpoint, compile, cold start,
+                                                        decode + prefill, A/B variants, peers (GPU)
+
+The measuring code is `rdnac.bench`; this module maps options onto it and
+refuses, in one line, what the machine cannot run.
 """
 
 from __future__ import annotations
 
-import random
-import statistics
-import time
+import json
+from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+import click
 
+from rdnac.errors import TargetError
 
-def _percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0}
-    ordered = sorted(values)
-
-    def pick(q: float) -> float:
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-    return {"mean": statistics.fmean(ordered), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
+SERVING_LEVELS = [1, 2, 4, 8, 16, 32, 64]
 
 
-def run_level(engine, concurrency: int, num_prompts: int, input_len: int, output_len: int, vocab: int,
-              seed: int, progress=None, task=None) -> dict:
-    from rdnac import SamplingParams
+class _IntList(click.ParamType):
+    """Comma-separated positive integers (`1,4,16`); with multiple=True the option may repeat too."""
 
-    rng = random.Random(seed + concurrency)
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
-    submitted: dict[str, float] = {}
-    first: dict[str, float] = {}
-    done: dict[str, tuple[float, int]] = {}
-    next_id = 0
-    started = time.perf_counter()
-    while len(done) < num_prompts:
-        while next_id < num_prompts and len(submitted) - len(done) < concurrency:
-            rid = f"b{concurrency}-{next_id}"
-            prompt = [rng.randrange(10, vocab) for _ in range(input_len)]
-            engine.add_request(rid, prompt, params)
-            submitted[rid] = time.perf_counter()
-            next_id += 1
-        for out in engine.step():
-            now = time.perf_counter()
-            if out.new_token_ids and out.request_id not in first:
-                first[out.request_id] = now
-            if out.finished:
-                done[out.request_id] = (now, len(out.token_ids))
-                if progress is not None:
-                    progress.advance(task)
-    wall = time.perf_counter() - started
-    ttft = [first[r] - submitted[r] for r in done]
-    tpot = [(done[r][0] - first[r]) / (done[r][1] - 1) for r in done if done[r][1] > 1]
-    latency = [done[r][0] - submitted[r] for r in done]
-    out_tokens = sum(n for _, n in done.values())
-    return {"concurrency": concurrency, "num_prompts": num_prompts, "input_len": input_len,
-            "output_len": output_len, "wall_s": wall, "output_tokens_per_s": out_tokens / wall,
-            "total_tokens_per_s": (out_tokens + input_len * len(done)) / wall,
-            "ttft_s": _percentiles(ttft), "tpot_s": _percentiles(tpot), "latency_s": _percentiles(latency)}
+    name = "N[,N...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            numbers = tuple(int(v) for v in str(value).replace(",", " ").split())
+        except ValueError:
+            self.fail(f"requires comma-separated integers; got {value!r}", param, ctx)
+        if not numbers or min(numbers) < 1:
+            self.fail(f"requires positive integers; got {value!r}", param, ctx)
+        return numbers
 
 
-def bench(plan: str, *, device: str, concurrency: list[int], input_len: int, output_len: int,
-          num_prompts: int | None, seed: int, enforce_eager: bool, quiet: bool) -> list[dict]:
-    from rdnac.runtime.llm import LLM
-    from rdnac.runtime.model_runner import ModelRunner
+class _ShapeName(click.ParamType):
+    """A shape of `rdnac.testing.fp8.SHAPES`, looked up only when given (the CLI starts without torch)."""
 
-    runner = ModelRunner.load(plan, device=device, enforce_eager=enforce_eager)
-    llm = LLM(runner, max_num_seqs=min(max(concurrency), runner.max_num_seqs))
-    vocab = llm.graph.attrs["vocab_size"]
-    results = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=quiet) as progress:
-        for c in concurrency:
-            n = num_prompts or max(2 * c, 8)
-            task = progress.add_task(f"concurrency {c}", total=n)
-            results.append(run_level(llm.engine, c, n, input_len, output_len, vocab, seed, progress, task))
-    for r in results:
-        r.update(device=device, graphs=llm.runner.use_graphs, plan=str(plan), target=llm.plan.header["target"])
-    return results
+    name = "SHAPE"
+
+    def convert(self, value, param, ctx):
+        from rdnac.testing.fp8 import SHAPES
+
+        if value not in SHAPES:
+            self.fail(f"requires one of {', '.join(sorted(SHAPES))}; got {value!r}", param, ctx)
+        return value
 
 
-def render(results: list[dict]) -> None:
-    table = Table(title="rdnac bench")
-    for col in ("conc.", "prompts", "in/out", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms",
-                "out tok/s", "total tok/s"):
-        table.add_column(col, justify="right")
-    for r in results:
-        table.add_row(str(r["concurrency"]), str(r["num_prompts"]), f"{r['input_len']}/{r['output_len']}",
-                      f"{r['ttft_s']['p50'] * 1e3:.1f}", f"{r['ttft_s']['p99'] * 1e3:.1f}",
-                      f"{r['tpot_s']['p50'] * 1e3:.2f}", f"{r['tpot_s']['p99'] * 1e3:.2f}",
-                      f"{r['output_tokens_per_s']:.1f}", f"{r['total_tokens_per_s']:.1f}")
-    Console().print(table)
+def _flat(groups) -> tuple[int, ...]:
+    return tuple(n for group in groups for n in group)
+
+
+def require_gpu(what: str) -> None:
+    """Step timings synchronize a CUDA/HIP device; on a machine without one they refuse, in one line."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise TargetError(f"rdnac bench {what} requires a CUDA/HIP GPU; got none visible to torch "
+                          f"(torch.cuda.is_available() is False); run it on the GPU machine, or measure serving "
+                          f"with `rdnac bench PLAN` alone")
+
+
+@click.command("bench")
+@click.argument("plan", type=click.Path(dir_okay=False), required=False)
+@click.option("--concurrency", "-c", multiple=True, type=int,
+              help="Serving: levels (repeatable; default 1 2 4 8 16 32 64).")
+@click.option("--input-len", default=128, show_default=True, help="Serving: prompt tokens per request.")
+@click.option("--output-len", default=128, show_default=True, help="Serving: generated tokens per request.")
+@click.option("--num-prompts", type=int, help="Serving: requests per level (default max(2 x concurrency, 8)).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Serving: default from the plan.")
+@click.option("--seed", default=0, show_default=True, help="Serving: prompt seed.")
+@click.option("--enforce-eager", is_flag=True, help="No CUDA graphs (serving and --decode/--prefill).")
+@click.option("--json", "as_json", is_flag=True, help="Serving: print the results as JSON.")
+@click.option("--decode", is_flag=True, help="Time PLAN's decode steps at each --batch (GPU).")
+@click.option("--batch", multiple=True, type=_IntList(),
+              help="Decode batch sizes, e.g. 1,4,16,64 (default; repeatable).")
+@click.option("--context", default=256, show_default=True, type=click.IntRange(1),
+              help="Cached tokens per sequence a decode step is timed at.")
+@click.option("--prefill", multiple=True, type=_IntList(),
+              help="Prefill sizes in tokens, e.g. 512,2048 (with PLAN: time these; harness default 512,2048).")
+@click.option("--profile", is_flag=True, help="Per-node kernel breakdown of a batch-1 decode and the largest prefill.")
+@click.option("--timeline", multiple=True, type=_IntList(), metavar="BATCH",
+              help="Per-kernel timeline of a captured decode graph's replay at these batch sizes: duration, early "
+                   "start under PDL and how far each kernel moves the step's end.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"),
+              show_default=True, help="Timings: directory for results.jsonl and the profile/timeline files.")
+@click.option("--shape", "shapes", multiple=True, type=_ShapeName(),
+              help="Harness: random checkpoint shape (qwen3-8b, llama3-8b, ministral3-8b, smollm2, tiny; repeatable).")
+@click.option("--scheme", "schemes", multiple=True, type=click.Choice(["bf16", "fp8-block", "fp8-tensor"]),
+              help="Harness: weight scheme (repeatable; default bf16).")
+@click.option("--layers", type=click.IntRange(1), help="Harness: override the layer count (quick runs).")
+@click.option("--peers", is_flag=True, help="Harness: also transformers eager and static cache + torch.compile.")
+@click.option("--peer-compile-batch", multiple=True, type=_IntList(),
+              help="Harness: batch sizes for transformers + torch.compile (default 1,16,64; each recompiles).")
+@click.option("--ab-pdl", is_flag=True,
+              help="Harness: also decode with the plan's PDL binaries launched without programmatic dependent launch.")
+@click.option("--ab-disable-pass", multiple=True, metavar="PASS",
+              help="Harness: also compile, decode and prefill with this compiler pass turned off (repeatable).")
+@click.option("--ab-table", multiple=True, type=click.Path(dir_okay=False, path_type=Path), metavar="TABLE",
+              help="Harness: also compile and measure with TABLE's tuning entries winning over the shipped sm90 "
+                   "table, as a user table does (repeatable).")
+@click.option("--cold-compile", is_flag=True, help="Harness: compile with empty rdnac and Triton caches.")
+@click.option("--checkpoints", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Harness: keep the random checkpoints in DIR and reuse those written from the same spec, seed "
+                   "and generator (a later call on the same warm machine skips the 60-90 s write).")
+def bench_cmd(plan, concurrency, input_len, output_len, num_prompts, device, seed, enforce_eager, as_json, decode,
+              batch, context, prefill, profile, timeline, out, shapes, schemes, layers, peers, peer_compile_batch,
+              ab_pdl, ab_disable_pass, ab_table, cold_compile, checkpoints):
+    """Measure PLAN's serving latency and throughput; with --decode/--prefill its step timings on the GPU;
+    with --shape (no PLAN) run the harness over a random checkpoint of that shape (see README.md)."""
+    harness_only = {"--scheme": schemes, "--layers": layers, "--peers": peers,
+                    "--peer-compile-batch": peer_compile_batch, "--ab-pdl": ab_pdl,
+                    "--ab-disable-pass": ab_disable_pass, "--ab-table": ab_table, "--cold-compile": cold_compile,
+                    "--checkpoints": checkpoints}
+    if shapes:
+        if plan:
+            raise click.UsageError("requires PLAN or --shape, not both: --shape compiles its own plan")
+        require_gpu("--shape")
+        from rdnac.bench.harness import BenchConfig, run_harness
+
+        run_harness(BenchConfig(out=out, shapes=shapes, schemes=schemes or ("bf16",), layers=layers,
+                                batch=_flat(batch) or BenchConfig.batch, context=context,
+                                prefill=_flat(prefill) or BenchConfig.prefill, peers=peers,
+                                peer_compile_batch=_flat(peer_compile_batch) or BenchConfig.peer_compile_batch,
+                                profile=profile, timeline=_flat(timeline), ab_pdl=ab_pdl,
+                                ab_disable_pass=ab_disable_pass, ab_table=ab_table, cold_compile=cold_compile,
+                                checkpoints=checkpoints))
+        return
+    if plan is None:
+        raise click.UsageError("requires PLAN (serving, or --decode/--prefill timings) or --shape (the harness)")
+    given = [name for name, value in harness_only.items() if value]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} require --shape (the harness); got PLAN")
+    if decode or prefill or profile or timeline:
+        require_gpu("--decode/--prefill/--profile/--timeline")
+        _time_plan(plan, enforce_eager, out, decode, _flat(batch) or (1, 4, 16, 64), context, _flat(prefill),
+                   profile, _flat(timeline))
+        return
+    _serve(plan, concurrency, input_len, output_len, num_prompts, device, seed, enforce_eager, as_json)
+
+
+def _time_plan(plan, enforce_eager, out, decode, batch, context, prefill, profile, timeline) -> None:
+    import rdnac
+    from rdnac.bench.decode import copy_bandwidth
+    from rdnac.bench.harness import BenchConfig, Recorder, environment, measure_plan
+
+    cfg = BenchConfig(out=out, batch=batch if decode else (), context=context, prefill=prefill, profile=profile,
+                      timeline=timeline)
+    emit = Recorder(out)
+    emit(environment())
+    llm = rdnac.load(plan, device="cuda", enforce_eager=enforce_eager)
+    measure_plan(llm, cfg, emit, copy_bandwidth(), name=Path(plan).name.removesuffix(".msgpack"),
+                 label={"plan": str(plan)}, profile=profile)
+
+
+def _serve(plan, concurrency, input_len, output_len, num_prompts, device, seed, enforce_eager, as_json) -> None:
+    from rdnac.bench.serving import bench, render
+
+    if device is None:
+        from rdnac.cli.main import _default_device
+
+        device = _default_device(plan)
+    levels = list(concurrency) or SERVING_LEVELS
+    if min(levels) < 1 or input_len < 1 or output_len < 1:
+        raise click.UsageError("--concurrency, --input-len and --output-len require positive integers")
+    results = bench(plan, device=device, concurrency=levels, input_len=input_len, output_len=output_len,
+                    num_prompts=num_prompts, seed=seed, enforce_eager=enforce_eager, quiet=as_json)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        render(results)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from rdnac.cli.bench import bench_cmd
 from rdnac.errors import RdnacError
 
 
@@ -258,31 +259,7 @@ def targets_cmd():
     render_targets()
 
 
-@cli.command("bench")
-@click.argument("plan", type=click.Path(dir_okay=False))
-@click.option("--concurrency", "-c", multiple=True, type=int, help="Levels (repeatable; default 1 2 4 8 16 32 64).")
-@click.option("--input-len", default=128, show_default=True)
-@click.option("--output-len", default=128, show_default=True)
-@click.option("--num-prompts", type=int, help="Requests per level (default max(2 x concurrency, 8)).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--enforce-eager", is_flag=True, help="No CUDA graphs.")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench_cmd(plan, concurrency, input_len, output_len, num_prompts, device, seed, enforce_eager, as_json):
-    """Measure TTFT, TPOT and throughput of PLAN over concurrency levels."""
-    from rdnac.cli.bench import bench, render
-
-    if device is None:
-        device = _default_device(plan)
-    levels = list(concurrency) or [1, 2, 4, 8, 16, 32, 64]
-    if min(levels) < 1 or input_len < 1 or output_len < 1:
-        raise click.UsageError("--concurrency, --input-len and --output-len require positive integers")
-    results = bench(plan, device=device, concurrency=levels, input_len=input_len, output_len=output_len,
-                    num_prompts=num_prompts, seed=seed, enforce_eager=enforce_eager, quiet=as_json)
-    if as_json:
-        click.echo(json.dumps(results, indent=2))
-    else:
-        render(results)
+cli.add_command(bench_cmd)  # its options and modes live with it, in rdnac/cli/bench.py
 
 
 def main():

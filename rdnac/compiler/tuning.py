@@ -2,7 +2,7 @@
 
 The cost model ranks configs without a GPU; a tuning table replaces its guess
 with a measurement where one exists. The search (`rdnac.compiler.tune`,
-`rdnac tune PLAN`, `bench/tune_kernels.py`) runs on a machine with the target
+`rdnac tune PLAN`, `python -m rdnac.bench.tune_shapes`) runs on a machine with the target
 GPU and times every candidate built through the same AOT path plans use.
 The winners go to `rdnac/compiler/tuned/<target>.json` (shipped) or the
 user's `~/.cache/rdnac/tuned/<target>.json` (which wins on conflicts).

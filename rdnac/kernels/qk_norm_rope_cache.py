@@ -169,7 +169,7 @@ config_space = rope_config_space
 def default_config(problem: dict) -> dict:
     # Tiles of 512 elements of heads at decode sizes (M <= 16 tokens), 1024 above: per-element RoPE work
     # (precise cos/sin) makes a program's latency grow with its tile. H100, Qwen3-8B widths (32 + 8 heads
-    # of 128; bench/small_kernels.py): 1 token 2.4 us (was 2.9 with 2048-element tiles), 16 tokens 2.7
+    # of 128; bench/small_kernels.py at 1345601): 1 token 2.4 us (was 2.9 with 2048-element tiles), 16 tokens 2.7
     # (2.9), 2048 tokens 24.5 (28.2) with 2 warps per 1024 elements.
     block_d = next_power_of_2(problem["head_dim"])
     all_heads = next_power_of_2(problem["num_heads"] + problem["num_kv_heads"])

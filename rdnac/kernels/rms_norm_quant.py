@@ -212,14 +212,14 @@ def config_space(problem: dict) -> list[dict]:
     return space
 
 
-# Measured on an H100 (bench/norm_quant.py, H 4096, 2048 tokens): with group scales, whole-row tiles
+# Measured on an H100 (bench/norm_quant.py at 1345601, H 4096, 2048 tokens): with group scales, whole-row tiles
 # slow down with the number of groups they hold (BLOCK_H 1024: 37 us, 2048: 102 us, 4096: 174 us; the
 # unfused norm + quant pair takes 39 us), so group tiles stop at 1024 columns and loop over the row.
 GROUP_TILE_MAX = 1024
 
 
 # With group scales, rows of up to 8192 split over programs of CHUNK columns, narrower at decode sizes
-# (M <= 64 tokens). H100, H 4096 (bench/small_kernels.py): 1 token 2.56 us with CHUNK 512 and 8 warps,
+# (M <= 64 tokens). H100, H 4096 (bench/small_kernels.py at 1345601): 1 token 2.56 us with CHUNK 512 and 8 warps,
 # against 5.35 for the best program-per-token config (rms_norm alone: 2.0); 2048 tokens 34.4 us with
 # CHUNK 2048 against 37.2.
 DECODE_TOKENS = 64

@@ -1,4 +1,4 @@
-"""transformers peers for bench/harness.py: eager (dynamic cache) and static cache + torch.compile.
+"""transformers peers for the harness (`rdnac bench --peers`): eager (dynamic cache) and static cache + torch.compile.
 
 Both run `generate` on the same checkpoint: TPOT is (time for 1 + n new tokens - time for 1 new token) / n
 with prompts of `context - n // 2` tokens, so the mean context matches the rdnac measurement; prefill is a

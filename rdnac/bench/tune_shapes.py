@@ -1,6 +1,6 @@
-"""Search GEMM and attention configs on this GPU and store the winners in the tuning table (GPU machine).
+"""Build the shipped tuning tables from model shapes: GEMM and attention configs searched on this GPU.
 
-    python bench/tune_kernels.py --shapes qwen3-8b llama3-8b --out rdnac/compiler/tuned/sm90.json
+    python -m rdnac.bench.tune_shapes --shapes qwen3-8b llama3-8b --out rdnac/compiler/tuned/sm90.json
 
 The search itself is `rdnac.compiler.tune` (what `rdnac tune PLAN` runs for
 a compiled plan); this script lists problems by model shape instead. For
@@ -16,15 +16,10 @@ time of the cost model's own pick for comparison.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-
-from rdnac.compiler.tune import CONTEXT, save_results, search  # noqa: E402
-from harness import SHAPES  # noqa: E402
+from rdnac.compiler.tune import CONTEXT, save_results, search
+from rdnac.testing.fp8 import SHAPES
 
 FP8_SCHEMES = {"bf16": None,
                "fp8-block": dict(weight_scheme="block", act_scheme="dynamic_group", block_size=[128, 128]),
@@ -60,7 +55,7 @@ def attention_problems(shape: str, batches: list[int], prefill: list[int]) -> li
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m rdnac.bench.tune_shapes", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="+", default=["qwen3-8b", "llama3-8b", "smollm2"], choices=sorted(SHAPES))
     ap.add_argument("--schemes", nargs="+", default=["bf16"], choices=sorted(FP8_SCHEMES))
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 64, 2048])

@@ -1,4 +1,4 @@
-"""Per-node kernel breakdown of one batch-1 decode or prefill step (torch.profiler), for bench/harness.py.
+"""Where a step's time goes (GPU): per-node kernel breakdown and graph-replay timeline (torch.profiler).
 
 The step runs eagerly once with the launcher wrapped, which records the
 (node, kernel) sequence of its launches; a second eager step runs under
