@@ -135,3 +135,14 @@ def test_prefill_flops_by_hand(llama_plan):
     assert LINEAR_PARAMS == 95_616
     attention = 4 * 2 * 6 * 16 * 64 * 65 // 2
     assert prefill_flops(llm, 64, 64) == 2 * LINEAR_PARAMS * 64 + 2 * HEAD_PARAMS + attention == 13_879_488
+
+
+def test_kernel_breakdown_node_bytes_by_hand(llama_plan):
+    """The per-node bytes of the GPU kernel breakdown: a linear reads its weights; an attention node reads its
+    layer's declared K and V state (2 KV heads x 16 dims, fp32) for `context` tokens."""
+    llm = rdnac.load(llama_plan)
+    attention = next(n for n in llm.graph.nodes if n.op == "attention")
+    assert profile._node_bytes(llm, attention, 100) == 100 * 2 * 2 * 16 * 4 == 25_600
+    linear = next(n for n in llm.graph.nodes if n.op == "linear")
+    assert profile._node_bytes(llm, linear, 100) == sum(
+        llm.weights[w].numel() * 4 for w in linear.inputs if w in llm.weights)

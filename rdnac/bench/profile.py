@@ -16,6 +16,7 @@ import contextlib
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from rdnac.ir.ops import ATTENTION_OPS
 from rdnac.kernels.launch import kernel_name
 from rdnac.runtime.model_runner import StepEntry
 
@@ -36,9 +37,8 @@ def _node_bytes(engine, node, context: int) -> int:
         return sum(w[n].numel() * w[n].element_size() for n in node.inputs if n in w)
     if node.op == "logits":
         return w[node.inputs[2]].numel() * w[node.inputs[2]].element_size()
-    if node.op == "attention":
-        a = node.attrs
-        return 2 * context * a["num_kv_heads"] * a["head_dim"] * getattr(torch, a["dtype"]).itemsize
+    if node.op in ATTENTION_OPS:  # the declared state its cache inputs hold, `context` tokens of it
+        return context * sum(s.nbytes for s in engine.graph.state if s.is_paged and s.name in node.inputs)
     if node.op == "qk_norm_rope_cache":
         return 0
     return 0
