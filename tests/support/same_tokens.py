@@ -115,8 +115,9 @@ class Server:
             self.proc.wait()
 
 
-def check_same_tokens(llm, plan: Path, *run_args: str, serve_args: tuple[str, ...] = (), logprob_atol: float = 1e-5):
-    """The whole acceptance check; returns the target's token ids."""
+def check_same_tokens(llm, plan: Path, *run_args: str, serve_args: tuple[str, ...] = (), logprob_atol: float = 1e-5,
+                      serve: bool = True):
+    """The whole acceptance check (the server leg only with `serve`); returns the target's token ids."""
     alone = api_outputs(llm, with_others=False)
     assert len(alone.token_ids) >= 1 and alone.finished
     # the plain sampling path (no logprobs: the path the decode graphs capture) gives the same tokens
@@ -133,6 +134,14 @@ def check_same_tokens(llm, plan: Path, *run_args: str, serve_args: tuple[str, ..
     chat = llm.generate([PROMPT], SamplingParams(**TARGET), chat=True)[0]
     assert cli_text(plan, *run_args, chat=True) == chat.text, "rdnac run --chat differs from the Python API"
 
+    if serve:
+        check_served_tokens(llm, alone, plan, *serve_args, logprob_atol=logprob_atol)
+    return alone.token_ids
+
+
+def check_served_tokens(llm, alone, plan: Path, *serve_args: str, logprob_atol: float = 1e-5) -> None:
+    """`rdnac serve` (a real server on loopback) gives `alone`'s text, token strings and logprobs, alone and
+    inside a batch of 17 others."""
     token_strings = [llm.tokenizer.decode([t], skip_special_tokens=False) for t in alone.token_ids]
     server = Server(plan, *serve_args)
     try:
@@ -145,5 +154,4 @@ def check_same_tokens(llm, plan: Path, *run_args: str, serve_args: tuple[str, ..
         assert choice["logprobs"]["tokens"] == token_strings
         for ours, theirs in zip(alone.logprobs, choice["logprobs"]["token_logprobs"]):
             assert abs(ours - theirs) <= logprob_atol, (ours, theirs)
-    return alone.token_ids
 
