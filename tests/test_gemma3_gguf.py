@@ -25,7 +25,7 @@ import rdnac
 from rdnac import SamplingParams
 from rdnac.compiler.frontend.gguf_reader import read_gguf
 from rdnac.errors import CheckpointError, UnsupportedModelError
-from tests.support.checkpoints import reference_greedy, reference_logits
+from tests.support.checkpoints import check_logits_match, reference_greedy
 from tests.support.kquants import quantize as quantize_k
 from tests.test_gguf_reader import TEXTS, _assert_tokenizer_matches
 
@@ -242,12 +242,7 @@ def compiled(case, tmp_path_factory):
 
 def test_logits_match_transformers(compiled):
     model, engine = compiled
-    ours = engine.logits(PROMPT)
-    ref = reference_logits(model, PROMPT)
-    assert ours.shape == ref.shape == (len(PROMPT), model.config.vocab_size)
-    assert ours.dtype == torch.float32
-    err = (ours - ref).abs().max().item()
-    assert err <= 1e-4, f"max abs logit error {err:.3g}"
+    check_logits_match(engine, model, PROMPT, atol=1e-4)
 
 
 def test_greedy_continuation_matches_transformers(compiled):

@@ -7,7 +7,7 @@ import torch
 
 import rdnac
 from rdnac import SamplingParams
-from tests.support.checkpoints import make_checkpoint, reference_greedy, reference_logits
+from tests.support.checkpoints import check_logits_match, make_checkpoint, reference_greedy
 
 PROMPT = [3, 141, 59, 26, 53, 58, 97, 93, 238, 46, 26, 43, 38, 32, 79, 50, 28, 8, 84, 19]
 
@@ -52,12 +52,7 @@ def compiled(checkpoint):
 
 def test_logits_match_transformers(compiled):
     model, engine = compiled
-    ours = engine.logits(PROMPT)
-    ref = reference_logits(model, PROMPT)
-    assert ours.shape == ref.shape == (len(PROMPT), model.config.vocab_size)
-    assert ours.dtype == torch.float32
-    err = (ours - ref).abs().max().item()
-    assert err <= 1e-4, f"max abs logit error {err:.3g}"
+    check_logits_match(engine, model, PROMPT, atol=1e-4)
 
 
 def test_greedy_continuation_matches_transformers(compiled):

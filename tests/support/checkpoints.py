@@ -68,6 +68,16 @@ def reference_logits(model, token_ids: list[int]) -> torch.Tensor:
     return model(torch.tensor([token_ids])).logits[0].float()
 
 
+def check_logits_match(llm, model, token_ids: list[int], atol: float = 1e-4) -> None:
+    """The plan's float32 logits at every position against transformers' (shape, dtype, max abs error)."""
+    ours = llm.logits(token_ids)
+    ref = reference_logits(model, token_ids)
+    assert ours.shape == ref.shape == (len(token_ids), model.config.get_text_config().vocab_size)
+    assert ours.dtype == torch.float32
+    err = (ours - ref).abs().max().item()
+    assert err <= atol, f"max abs logit error {err:.3g}"
+
+
 @torch.no_grad()
 def reference_greedy(model, token_ids: list[int], num_tokens: int) -> list[int]:
     out = model.generate(torch.tensor([token_ids]), max_new_tokens=num_tokens, do_sample=False,
