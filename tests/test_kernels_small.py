@@ -1,7 +1,7 @@
 """The small kernel families against their IR references (rdnac.ir.ops).
 
 embedding, rms_norm / head_rms_norm, rope, kv_cache_write, gated_act,
-argmax and sample. CPU tests run the kernels under the Triton interpreter
+argmax. CPU tests run the kernels under the Triton interpreter
 in float32 and bfloat16; the `gpu` tests run the same checks JIT-compiled on
 CUDA in bfloat16. Each `_check_*` asserts shape, then dtype, then closeness.
 """
@@ -15,7 +15,6 @@ import pytest
 import torch
 import triton.language as tl
 from triton.runtime import interpreter
-from triton.runtime.jit import JITFunction
 
 from rdnac.ir import ops, rope_math
 from rdnac.kernels import activation, embedding, kv_cache, rms_norm, rope, sampling
@@ -27,16 +26,11 @@ has_cuda = torch.cuda.is_available()
 
 
 # ------------------------------------------------------------ interpreter shims
-# Two Triton 3.9 interpreter gaps, worked around here until
-# rdnac.kernels.launch.InterpretLauncher handles them (`rdnac run --interpret`
-# needs them too); both are harmless once it does.
-#  1. float32 -> bfloat16 casts truncate where GPUs round to nearest even, so
-#     bf16 results came out 1 ulp off the reference.
-#  2. (sample only) tl.rand and tl.topk are @jit functions of triton.language,
-#     which InterpretedFunction(fn.fn) cannot call without TRITON_INTERPRET=1
-#     ("Cannot call @triton.jit'd outside of the scope of a kernel"); and
-#     their xor_sum takes the per-element Python reduce (~50x slower).
-# The IR-op kernels avoid (2) by using tl.reduce, so they run under CPU below.
+# A Triton 3.9 interpreter gap, worked around here until
+# rdnac.kernels.launch.InterpretLauncher handles it (`rdnac run --interpret`
+# needs it too); harmless once it does: float32 -> bfloat16 casts truncate
+# where GPUs round to nearest even, so bf16 results came out 1 ulp off the
+# reference.
 
 
 def _rne_cast_impl(cast_impl):
@@ -51,15 +45,6 @@ def _rne_cast_impl(cast_impl):
     return rne_cast_impl
 
 
-def _fast_xor_apply_impl(apply_impl):
-    def fast_xor_apply_impl(self, input):
-        if self.combine_fn is tl.standard._xor_combine:
-            data = np.bitwise_xor.reduce(input[0].handle.data, axis=self.axis, keepdims=self.keep_dims)
-            return self.to_tensor(data, input[0].dtype)
-        return apply_impl(self, input)
-    return fast_xor_apply_impl
-
-
 @contextlib.contextmanager
 def _patched(obj, name: str, make):
     """Replace obj.name by make(original) for the duration of one launch, so no other test sees it."""
@@ -72,24 +57,12 @@ def _patched(obj, name: str, make):
 
 
 class _Launcher(InterpretLauncher):
-    def __init__(self, *, call_triton_jit: bool = False) -> None:
-        super().__init__()
-        self.call_triton_jit = call_triton_jit
-
     def launch(self, kernel, grid, args, *, constexprs, num_warps=4, num_stages=2):
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(_patched(interpreter.InterpreterBuilder, "cast_impl", _rne_cast_impl))
-            if self.call_triton_jit:
-                stack.enter_context(_patched(interpreter.ReduceOps, "apply_impl", _fast_xor_apply_impl))
-                stack.enter_context(_patched(JITFunction, "__call__", lambda _: lambda fn, *a, **k:
-                                             interpreter.InterpretedFunction(fn.fn).rewrite()(*a, **k)))
-                # triton.language's jit functions reach the builtins through `tl.core`
-                stack.callback(interpreter._patch_lang(tl.standard.sort_impl.fn).restore)
+        with _patched(interpreter.InterpreterBuilder, "cast_impl", _rne_cast_impl):
             super().launch(kernel, grid, args, constexprs=constexprs, num_warps=num_warps, num_stages=num_stages)
 
 
 CPU = _Launcher()
-CPU_SAMPLE = _Launcher(call_triton_jit=True)
 
 
 def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, atol: float, rtol: float) -> None:
@@ -343,94 +316,6 @@ def test_argmax():
     _check_argmax(CPU, "cpu", sampling.default_config({"V": 100, "R": 1}), 100)
 
 
-# ------------------------------------------------------------ sample
-
-
-def _philox_uniform(seed: int, step: int, index: np.ndarray) -> np.ndarray:
-    """tl.rand(seed, (step << 32) | index) in numpy: Philox-4x32-10, then Triton's uint -> [0, 1) map."""
-    mask = np.uint64(0xFFFFFFFF)
-    c0 = index.astype(np.uint64)
-    c1 = np.full_like(c0, step & 0xFFFFFFFF)
-    c2, c3 = np.zeros_like(c0), np.zeros_like(c0)
-    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
-    round_a, round_b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
-    for _ in range(10):
-        prev_c0, prev_c2 = c0, c2
-        c0 = ((round_b * prev_c2) >> np.uint64(32)) ^ c1 ^ k0
-        c2 = ((round_a * prev_c0) >> np.uint64(32)) ^ c3 ^ k1
-        c1, c3 = (round_b * prev_c2) & mask, (round_a * prev_c0) & mask
-        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
-    x = c0.astype(np.uint32).view(np.int32)
-    x = np.where(x < 0, ~x, x)
-    return x.astype(np.float32) * np.float32(4.6566127342e-10)
-
-
-def _sample_reference(logits, temperature, top_k, seeds, offsets, topk_max) -> torch.Tensor:
-    """The semantics documented in rdnac.kernels.sampling, in numpy."""
-    out = []
-    for row, t, k, seed, step in zip(logits.cpu().numpy(), temperature.tolist(), top_k.tolist(),
-                                     seeds.tolist(), offsets.tolist()):
-        vocab = row.shape[0]
-        if t <= 0:
-            out.append(int(np.argmax(row)))
-            continue
-        order = np.lexsort((np.arange(vocab), -row))  # logit desc, index asc
-        candidates = order[:min(k, topk_max)] if 0 < k < vocab else np.arange(vocab)
-        u = _philox_uniform(seed, step, candidates)
-        score = row[candidates] / np.float32(t) - np.log(-np.log(u))
-        best = score.max()
-        out.append(int(candidates[score == best].min()))
-    return torch.tensor(out, dtype=torch.int64)
-
-
-def _sample_inputs(device, vocab):
-    rows = 12
-    logits = (torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * 2).to(device)
-    logits[5, :40] = 20.0  # 40 tied maxima, top_k 7: the 7 lowest indices, drawn uniformly
-    temperature = torch.tensor([0.0, 1.0, 0.7, 1.0, 1.3, 1.0, 0.5, 1.0, 1.0, 2.0, 1.0, 1.0], device=device)
-    top_k = torch.tensor([0, 1, 5, 16, 0, 7, 3, vocab, -1, 50, 64, 200], dtype=torch.int32, device=device)
-    seeds = torch.tensor([1, 2, 3, 2**40 + 5, 5, 6, 7, 8, 9, 10, 11, 12], dtype=torch.int64, device=device)
-    offsets = torch.arange(rows, dtype=torch.int64, device=device) * 3 + 100
-    return logits, temperature, top_k, seeds, offsets
-
-
-def _check_sample(launcher, device, config, vocab):
-    inputs = _sample_inputs(device, vocab)
-    out = sampling.sample(*inputs, config=config, launcher=launcher)
-    ref = _sample_reference(*inputs, topk_max=sampling.max_top_k(config))
-    assert out.shape == ref.shape and out.dtype == torch.int64
-    assert torch.equal(out.cpu(), ref), f"sample {config['constexprs']}: {out.tolist()} != reference {ref.tolist()}"
-    assert torch.equal(sampling.sample(*inputs, config=config, launcher=launcher), out), "not reproducible"
-    return out
-
-
-def test_sample_matches_documented_semantics():
-    small = {"constexprs": {"BLOCK_V": 1024, "TOPK_MAX": 16}, "num_warps": 4, "num_stages": 1}
-    default = sampling.sample_default_config({"V": 3000, "max_top_k": 64})
-    assert default in sampling.sample_config_space({"V": 3000, "max_top_k": 64})
-    # the same tokens whatever the chunking: noise is keyed by token, not by program
-    # (rows with top_k above a config's TOPK_MAX differ by design, so compare the others)
-    by_small = _check_sample(CPU_SAMPLE, "cpu", small, 3000)
-    by_default = _check_sample(CPU_SAMPLE, "cpu", default, 3000)
-    top_k = _sample_inputs("cpu", 3000)[2]
-    same = (top_k <= 16) | (top_k >= 3000)
-    assert torch.equal(by_small[same], by_default[same])
-
-
-def test_sample_distribution():
-    """The documented Gumbel-max procedure draws from softmax(top-k logits / T) (numpy, many seeds)."""
-    logits = np.array([2.0, 1.0, 1.0, 0.5, -1.0, 3.0, 0.0, -3.0], dtype=np.float32)
-    temperature, k, draws = 0.7, 5, 40000
-    kept = np.lexsort((np.arange(8), -logits))[:k]
-    probs = np.zeros(8)
-    probs[kept] = np.exp(logits[kept] / temperature) / np.exp(logits[kept] / temperature).sum()
-    counts = np.zeros(8)
-    for seed in range(draws):
-        u = _philox_uniform(seed, 3, kept)
-        counts[kept[np.argmax(logits[kept] / np.float32(temperature) - np.log(-np.log(u)))]] += 1
-    assert np.abs(counts / draws - probs).max() < 0.01, f"frequencies {counts / draws} vs {probs}"
-
-
 # ------------------------------------------------------------ meta tensors
 
 
@@ -472,13 +357,10 @@ def test_wrappers_run_on_meta_tensors():
                          config=activation.default_config({"I": 1536}), launcher=rec)
     logits = torch.empty(2, 151936, device=meta)
     sampling.argmax(logits, config=sampling.default_config({"V": 151936, "R": 2}), launcher=rec)
-    sampling.sample(logits, torch.empty(2, device=meta), torch.empty(2, dtype=torch.int32, device=meta),
-                    torch.empty(2, dtype=torch.int64, device=meta), torch.empty(2, dtype=torch.int64, device=meta),
-                    config=sampling.sample_default_config({"V": 151936}), launcher=rec)
     names = [call.kernel.split(":")[1] for call in rec.calls]
     assert names == ["_embedding_kernel", "_rms_norm_kernel", "_rms_norm_kernel", "_rope_kernel",
                      "_kv_cache_write_kernel", "_gated_act_kernel", "_argmax_partial_kernel",
-                     "_argmax_merge_kernel", "_sample_chunk_kernel", "_sample_select_kernel"], names
+                     "_argmax_merge_kernel"], names
 
 
 # ------------------------------------------------------------ on the GPU
@@ -529,17 +411,10 @@ def _gpu_argmax(jit, dev, dtype):
             _check_argmax(jit, dev, config, vocab)
 
 
-def _gpu_sample(jit, dev, dtype):
-    for vocab in (49152, 151936):
-        problem = {"V": vocab, "max_top_k": 64}
-        for config in _pick(sampling.sample_config_space(problem), sampling.sample_default_config(problem), 2):
-            _check_sample(jit, dev, config, vocab)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_cuda, reason="needs a CUDA/HIP GPU")
 @pytest.mark.parametrize("family", [_gpu_embedding, _gpu_rms_norm, _gpu_rope, _gpu_kv_cache_write, _gpu_gated_act,
-                                    _gpu_argmax, _gpu_sample], ids=lambda f: f.__name__[5:])
+                                    _gpu_argmax], ids=lambda f: f.__name__[5:])
 def test_small_kernels_gpu(family):
     torch.manual_seed(0)
     family(JitLauncher(), "cuda", torch.bfloat16)
