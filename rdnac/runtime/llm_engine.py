@@ -94,7 +94,6 @@ class LLMEngine:
         if num_blocks is None:  # what the memory budget holds, up to every sequence at full length
             step_bytes = 0
             if runner.device == "cuda":  # the largest step's activations come out of the budget first
-                runner.cache = runner.graphs = None
                 step_bytes = runner.profile_step_bytes(self.max_num_batched_tokens)
             num_blocks = default_num_blocks(runner.graph.state, self.block_size, num_slots,
                                             blocks_for(self.max_model_len, self.block_size), self.max_num_seqs,

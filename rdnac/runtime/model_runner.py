@@ -58,10 +58,10 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, plan, weights: dict[str, torch.Tensor], device: str, launcher=None,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, graph=None):
         self.plan = plan
         self.device = device
-        self.graph = plan.graph()
+        self.graph = graph if graph is not None else plan.graph()
         self.weights = weights
         rt = plan.body["runtime"]
         self.block_size = rt["kv_block_size"]
@@ -84,7 +84,7 @@ class ModelRunner:
         plan built with programmatic dependent launch without it (same binaries; for measuring it)."""
         started = time.perf_counter()
         plan = read_plan(plan_path)
-        plan.graph()  # refuse an unknown state before loading any weights
+        graph = plan.graph()  # refuses an unknown state before any weights load
         timings = {"plan_s": time.perf_counter() - started}
         if device not in ("cpu", "cuda"):
             raise RequestError(f"device requires cpu or cuda; got {device!r}")
@@ -116,7 +116,7 @@ class ModelRunner:
             torch.cuda.synchronize()
         timings["weights_s"] = time.perf_counter() - mark
         timings["weights_gb"] = sum(t.numel() * t.element_size() for t in weights.values()) / 1e9
-        runner = cls(plan, weights, device, launcher, enforce_eager=enforce_eager)
+        runner = cls(plan, weights, device, launcher, enforce_eager=enforce_eager, graph=graph)
         runner.load_timings = timings
         return runner
 
@@ -147,7 +147,8 @@ class ModelRunner:
         (activations, its logits row, kernel workspaces), measured by running one such step on a
         throwaway state just big enough for it, as vLLM profiles before sizing its KV cache: the executor
         keeps a step's intermediates alive until the step ends, so this grows with the layer count."""
-        assert self.device == "cuda" and self.cache is None and self.graphs is None
+        assert self.device == "cuda"
+        self.graphs = self.cache = None  # any earlier state is dropped: allocate_state replaces it next
         num_blocks = -(-num_tokens // self.block_size)
         self.cache = StateCache(self.graph.state, num_blocks, self.block_size, 1 if self.bytes_per_sequence else 0,
                                 self.device)

@@ -40,10 +40,6 @@ def bytes_per_block(specs: list[StateSpec], block_size: int) -> int:
     return block_size * bytes_per_token(specs)
 
 
-def has_sequence_state(specs: list[StateSpec]) -> bool:
-    return bytes_per_sequence(specs) > 0
-
-
 def default_num_blocks(specs: list[StateSpec], block_size: int, num_slots: int, blocks_per_sequence: int,
                        max_num_seqs: int, device: str, gpu_memory_utilization: float, step_bytes: int = 0) -> int:
     """Pages of paged state for a pool, never more than max_num_seqs full-length sequences use: on cuda what

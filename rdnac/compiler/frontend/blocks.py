@@ -41,6 +41,11 @@ class Model:
     attention: list[AttentionLayer | None]  # per layer (None: the layer has no attention)
     step: dict[str, str]  # step input names: positions, slot_mapping, block_tables, seq_lens, ...
 
+    @property
+    def norm_style(self) -> dict:
+        """The attributes every (head_)rms_norm of the model takes: Gemma's 1 + w scale, or none."""
+        return {"unit_offset": True} if self.unit_offset else {}
+
 
 class Block(Protocol):
     def emit(self, m: Model, h: str, layer: int) -> str:
@@ -66,8 +71,7 @@ def step_inputs(b: GraphBuilder) -> dict[str, str]:
 def norm(m: Model, x: str, module: str, name: str) -> str:
     """rms_norm over the hidden size with checkpoint module `module`'s weight."""
     weight = m.b.weight(f"{module}.weight", (m.hidden,))
-    style = {"unit_offset": True} if m.unit_offset else {}
-    return m.b.node("rms_norm", [x, weight], name, eps=m.eps, **style)[0]
+    return m.b.node("rms_norm", [x, weight], name, eps=m.eps, **m.norm_style)[0]
 
 
 def embedding(m: Model, scale: float) -> str:
@@ -121,7 +125,7 @@ class Attention:
         k = b.linear(x, f"{p}.k_proj", num_kv_heads * head_dim, m.hidden, qkv_bias, f"{n}.k_proj")
         v = b.linear(x, f"{p}.v_proj", num_kv_heads * head_dim, m.hidden, qkv_bias, f"{n}.v_proj")
         if self.qk_norm:
-            style = {"unit_offset": True} if m.unit_offset else {}
+            style = m.norm_style
             q = b.node("head_rms_norm", [q, b.weight(f"{p}.q_norm.weight", (head_dim,))], f"{n}.q_norm",
                        num_heads=num_heads, head_dim=head_dim, eps=m.eps, **style)[0]
             k = b.node("head_rms_norm", [k, b.weight(f"{p}.k_norm.weight", (head_dim,))], f"{n}.k_norm",
