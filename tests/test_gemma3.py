@@ -149,22 +149,25 @@ def test_conditional_generation_text_model_matches_transformers(vlm_model):
     assert any(d["action"] == "final_logit_softcapping 3.0 not applied" for d in decisions)
 
 
-def test_compiles_without_a_tokenizer(text_model, tmp_path):
-    """The same graph and weights; the plan carries no tokenizer (token ids in, token ids out)."""
+def _check_runs_without_a_tokenizer(root, model, engine, tmp_path) -> None:
+    """The same checkpoint without its tokenizer files: the same graph and weights; the plan carries no
+    tokenizer and runs on token ids (transformers' greedy tokens); text is refused with one clear line."""
     from rdnac.plans import read_plan
 
-    root, _, engine = text_model
     shutil.copytree(root / "ckpt", tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer*"))
     plan = read_plan(rdnac.compile(tmp_path / "bare", target="cpu", output=tmp_path / "bare.msgpack", quiet=True))
     assert plan.body["tokenizer"]["json"] is None and plan.body["chat_template"] is None
     assert plan.body["graph"] == engine.plan.body["graph"]
     assert plan.header["weights"]["sha256"] == engine.plan.header["weights"]["sha256"]
-    bare = rdnac.load(plan.path)  # token ids in, token ids out; text is refused with one clear line
-    ids = list(PROMPT)
-    out = bare.generate([ids], SamplingParams(max_tokens=6))[0]
-    assert out.token_ids == engine.generate([ids], SamplingParams(max_tokens=6))[0].token_ids and out.text == ""
+    bare = rdnac.load(plan.path)  # token ids in, token ids out
+    out = bare.generate([list(PROMPT)], SamplingParams(max_tokens=6))[0]
+    assert out.token_ids == reference_greedy(model, PROMPT, 6) and out.text == ""
     with pytest.raises(RequestError, match="requires a tokenizer"):
         bare.generate(["hello"], SamplingParams(max_tokens=2))
+
+
+def test_compiles_and_runs_without_a_tokenizer(text_model, tmp_path):
+    _check_runs_without_a_tokenizer(*text_model, tmp_path)
 
 
 def test_attention_softcap_is_not_applied_and_says_so(text_model):
@@ -350,6 +353,10 @@ def test_gemma2_matches_transformers(gemma2_model):
     assert engine.generate([PROMPT], SamplingParams(max_tokens=24))[0].token_ids == reference_greedy(model, PROMPT, 24)
     attention = [n for n in engine.plan.body["graph"]["nodes"] if n["op"] == "attention"]
     assert [(n["attrs"]["sliding_window"], n["attrs"]["softcap"]) for n in attention] == [(6, 0.5), (0, 0.5)] * 2
+
+
+def test_gemma2_compiles_and_runs_without_a_tokenizer(gemma2_model, tmp_path):
+    _check_runs_without_a_tokenizer(*gemma2_model, tmp_path)
 
 
 @pytest.mark.parametrize("feature,changes", [("attention soft-cap", dict(attn_logit_softcapping=None)),
