@@ -32,6 +32,7 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 | logits          | x [T, H], logits_indices [R], weight [V, H]                   | [R, V] float32 |
 | argmax          | logits [R, V]                                                 | [R] int64      |
 | split           | x [T, N] (attr sizes, summing to N)                           | len(sizes) views [T, sizes[i]] |
+| moe_route, moe_experts, moe_experts_mxfp4: see `rdnac.ir.moe`                                   |
 
 FP8 activation quantization fused into its producer: `rms_norm_quant`,
 `gated_act_quant` and `attention_quant` compute `rms_norm` / `gated_act` /
@@ -57,6 +58,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from rdnac.ir import moe
 from rdnac.ir.graph import TensorSpec
 from rdnac.ir.rope_math import rope_cos_sin, rotate
 
@@ -396,4 +398,7 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("logits", (), (3,), _logits_infer, logits),
     OpDef("argmax", (), (1,), _argmax_infer, argmax),
     OpDef("split", ("sizes",), (1,), _split_infer, split),
+    OpDef("moe_route", ("top_k", "scoring"), (1,), moe.moe_route_infer, moe.moe_route),
+    OpDef("moe_experts", ("act",), (5, 7), moe.moe_experts_infer, moe.moe_experts),
+    OpDef("moe_experts_mxfp4", ("act",), (7, 9), moe.moe_experts_infer, moe.moe_experts_mxfp4),
 ]}

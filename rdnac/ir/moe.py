@@ -1,0 +1,116 @@
+"""Mixture-of-experts ops: routing and the routed expert MLP (references and shape rules).
+
+| op                | inputs                                                          | outputs            |
+|-------------------|-----------------------------------------------------------------|--------------------|
+| moe_route         | router_logits [T, E]                                            | weights [T, k] f32, ids [T, k] int32 |
+| moe_experts       | x [T, H], weights [T, k], ids [T, k], w13 [E, 2I, H], w2 [E, H, I], | [T, H]         |
+|                   | (b13 [E, 2I], b2 [E, H])                                        |                    |
+| moe_experts_mxfp4 | x, weights, ids, w13_blocks u8 [E, 2I, H/2], w13_scales u8 [E, 2I, H/32], | [T, H]   |
+|                   | w2_blocks u8 [E, H, I/2], w2_scales u8 [E, H, I/32], (b13, b2)  |                    |
+
+The router itself is a `linear` node (with its bias where the model has
+one); `moe_route` turns its logits into each token's k experts and their
+weights. `scoring`:
+
+- "softmax_topk": softmax over all E experts in float32, then the k largest
+  (Qwen3-MoE, Mixtral); `renormalize` divides them by their sum
+  (`norm_topk_prob`).
+- "topk_softmax": the k largest logits, then a softmax over those k
+  (GPT-OSS); already normalized.
+
+Ties pick the lower expert id (torch.topk on cpu); ids are int32.
+
+`moe_experts` is, per token t, sum over j of weights[t, j] * expert
+ids[t, j] applied to x[t], where expert e is down(act(gate, up)) with
+gate/up = rows [0, I) / [I, 2I) of x @ w13[e]^T (+ b13[e]) and down =
+w2[e] (+ b2[e]): weights are [N, K] like `linear`'s. A checkpoint whose
+gate and up columns interleave (GPT-OSS) is de-interleaved by the frontend,
+once, so every kernel sees one layout. `act`:
+
+- "silu", "gelu", "gelu_tanh": act(gate) * up.
+- "swiglu_oai" (GPT-OSS, attrs `alpha`, `limit`): gate clamped to <= limit,
+  up to [-limit, limit], then gate * sigmoid(alpha * gate) * (up + 1).
+
+Experts compute in float32 and the sum is cast to x's dtype once. The
+`_mxfp4` form is the same op with both expert weights in MXFP4
+(`rdnac.ir.mxfp4`): dequantized exactly, then as above.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rdnac.ir import mxfp4
+from rdnac.ir.graph import TensorSpec
+
+SCORINGS = ("softmax_topk", "topk_softmax")
+ACTS = ("silu", "gelu", "gelu_tanh", "swiglu_oai")
+
+
+def moe_route(router_logits: torch.Tensor, *, top_k: int, scoring: str, renormalize: bool = False):
+    """(weights [T, k] float32, ids [T, k] int32) of each token's k experts."""
+    logits = router_logits.float()
+    if scoring == "softmax_topk":
+        weights, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
+        if renormalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+    elif scoring == "topk_softmax":
+        values, ids = torch.topk(logits, top_k, dim=-1)
+        weights = torch.softmax(values, dim=-1)
+    else:
+        raise ValueError(f"unknown moe scoring {scoring!r}")
+    return weights, ids.to(torch.int32)
+
+
+def expert_act(gate: torch.Tensor, up: torch.Tensor, act: str, alpha: float = 1.702,
+               limit: float = 7.0) -> torch.Tensor:
+    """The gated activation of one expert's gate and up projections (float32 in, float32 out)."""
+    if act == "swiglu_oai":
+        gate = gate.clamp(max=limit)
+        up = up.clamp(-limit, limit)
+        return gate * torch.sigmoid(alpha * gate) * (up + 1)
+    if act == "silu":
+        return F.silu(gate) * up
+    if act == "gelu":
+        return F.gelu(gate) * up
+    if act == "gelu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
+    raise ValueError(f"unknown expert act {act!r}")
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                b13: torch.Tensor | None = None, b2: torch.Tensor | None = None, *, act: str,
+                alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    num_experts, two_i, _ = w13.shape
+    inter = two_i // 2
+    xf = x.float()
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        assert 0 <= e < num_experts, f"expert id {e} out of range [0, {num_experts})"
+        tok, slot = torch.nonzero(ids == e, as_tuple=True)
+        h = xf[tok] @ w13[e].float().T
+        if b13 is not None:
+            h = h + b13[e].float()
+        a = expert_act(h[:, :inter], h[:, inter:], act, alpha, limit)
+        y = a @ w2[e].float().T
+        if b2 is not None:
+            y = y + b2[e].float()
+        out.index_add_(0, tok, y * weights[tok, slot].float()[:, None])
+    return out.to(x.dtype)
+
+
+def moe_experts_mxfp4(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13_blocks: torch.Tensor,
+                      w13_scales: torch.Tensor, w2_blocks: torch.Tensor, w2_scales: torch.Tensor,
+                      b13: torch.Tensor | None = None, b2: torch.Tensor | None = None, **attrs) -> torch.Tensor:
+    return moe_experts(x, weights, ids, mxfp4.dequantize(w13_blocks, w13_scales),
+                       mxfp4.dequantize(w2_blocks, w2_scales), b13, b2, **attrs)
+
+
+def moe_route_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
+    rows = ins[0].shape[0]
+    return [TensorSpec("float32", (rows, attrs["top_k"])), TensorSpec("int32", (rows, attrs["top_k"]))]
+
+
+def moe_experts_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
+    return [ins[0]]
