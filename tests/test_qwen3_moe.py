@@ -380,3 +380,45 @@ def test_bad_input_is_one_line_naming_it(case, what, config, convert, error, mes
         rdnac.compile(src, target="cpu", output=out, quiet=True)
     assert "\n" not in str(info.value)
     assert not out.exists() and not out.with_suffix(".weights.safetensors").exists()
+
+
+def test_inspect_shows_experts_and_counts_active_experts_per_token(case):
+    """`rdnac inspect`: each MoE node's experts, top-k and scoring; the weight bytes read per token at
+    batch 1 count top-k of E experts (and one embedding row when the logits have their own matrix)."""
+    from click.testing import CliRunner
+
+    from rdnac.cli.inspect import summarize
+    from rdnac.cli.main import cli
+
+    name, _, model, engine = case
+    c = model.config
+    s = summarize(engine.plan.path)
+    assert [m["node"] for m in s["moe"]] == [f"layers.{i}.experts" for i in SPARSE_LAYERS[name]]
+    e, k, inter, hidden = c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size, c.hidden_size
+    expert_bytes = 4 * e * 3 * inter * hidden  # float32 w13 [E, 2I, H] and w2 [E, H, I]
+    for m in s["moe"]:
+        assert (m["num_experts"], m["top_k"], m["scoring"], m["renormalize"], m["act"]) == \
+            (e, k, "softmax_topk", c.norm_topk_prob, "silu")
+        assert (m["expert_bytes"], m["active_expert_bytes"]) == (expert_bytes, expert_bytes * k // e)
+    embed_rows = 0 if c.tie_word_embeddings else c.vocab_size - 1
+    inactive = len(s["moe"]) * expert_bytes * (e - k) // e
+    assert s["weights"]["bytes_per_token"] == s["weights"]["bytes"] - inactive - 4 * embed_rows * hidden
+    text = CliRunner().invoke(cli, ["inspect", str(engine.plan.path)])
+    assert text.exit_code == 0, text.output
+    assert "mixture of experts" in text.output and "(active experts only)" in text.output
+
+
+def test_fp8_quantize_keeps_the_router_in_float(windowed, tmp_path):
+    """--quantize fp8 turns the attention and dense linears into FP8 but not the routers: their logits pick
+    experts discretely."""
+    from rdnac.plans import read_plan
+
+    _, root, _, _ = windowed
+    plan = read_plan(rdnac.compile(root / "ckpt", target="cpu", output=tmp_path / "fp8.msgpack", quiet=True,
+                                   quantize="fp8"))
+    nodes = {n["name"]: n for n in plan.body["graph"]["nodes"]}
+    assert {nodes[f"layers.{i}.router"]["op"] for i in SPARSE_LAYERS[WINDOWED]} == {"linear"}
+    assert nodes["layers.1.down_proj"]["op"] == "linear_fp8"
+    assert sum(d["reason"].startswith("an MoE router") for d in plan.body["decisions"]) == 2
+    llm = rdnac.load(plan.path)
+    assert len(llm.generate([PROMPT], SamplingParams(max_tokens=4))[0].token_ids) == 4
