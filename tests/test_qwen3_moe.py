@@ -406,6 +406,9 @@ def test_inspect_shows_experts_and_counts_active_experts_per_token(case):
     text = CliRunner().invoke(cli, ["inspect", str(engine.plan.path)])
     assert text.exit_code == 0, text.output
     assert "mixture of experts" in text.output and "(active experts only)" in text.output
+    html = engine.plan.path.with_suffix(".html")
+    report = CliRunner().invoke(cli, ["inspect", str(engine.plan.path), "--html", str(html)])
+    assert report.exit_code == 0 and "moe_experts" in html.read_text(), report.output
 
 
 def test_fp8_quantize_keeps_the_router_in_float(windowed, tmp_path):
@@ -422,3 +425,51 @@ def test_fp8_quantize_keeps_the_router_in_float(windowed, tmp_path):
     assert sum(d["reason"].startswith("an MoE router") for d in plan.body["decisions"]) == 2
     llm = rdnac.load(plan.path)
     assert len(llm.generate([PROMPT], SamplingParams(max_tokens=4))[0].token_ids) == 4
+
+
+def test_served_chat_under_concurrency_matches_alone(windowed):
+    """`rdnac serve` on the MoE plan (uvicorn on a loopback port, the openai client): 17 concurrent greedy
+    chat requests give the text `LLM.generate` gives each alone."""
+    import socket
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    import uvicorn
+
+    from rdnac.serve.app import create_app
+    from rdnac.serve.worker import EngineWorker
+
+    _, _, _, engine = windowed
+    served = rdnac.load(engine.plan.path)
+    worker = EngineWorker(served.engine)
+    worker.start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(worker, served, model_name="moe"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start in 30 s"
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        questions = [f"question {i}: {'why ' * (i % 4)}?" for i in range(17)]
+        expected = [engine.generate(q, SamplingParams(max_tokens=5), chat=True)[0].text for q in questions]
+        assert any(expected)
+
+        def ask(q):
+            result = client.chat.completions.create(model="moe", messages=[{"role": "user", "content": q}],
+                                                    max_completion_tokens=5, temperature=0)
+            return result.choices[0].message.content
+
+        with ThreadPoolExecutor(17) as pool:
+            assert list(pool.map(ask, questions)) == expected
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        worker.shutdown()
