@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rdnac.errors import RdnacError
+from rdnac.ir.moe import routed_experts
 from rdnac.ir.state import bytes_per_sequence, bytes_per_token
 from rdnac.plans import read_plan
 
@@ -51,25 +52,17 @@ def _nbytes(spec) -> int:
     return n * _ELEMENT_BYTES.get(spec.dtype, 4)
 
 
-_EXPERT_OPS = ("moe_experts", "moe_experts_mxfp4")
-
-
 def moe_summary(graph) -> list[dict]:
     """Per MoE experts node: its experts, top-k, scoring and activation, and the bytes of its expert
     weights (all experts, and the top-k a token reads)."""
-    producers = {out: n for n in graph.nodes for out in n.outputs}
     out = []
-    for node in graph.nodes:
-        if node.op not in _EXPERT_OPS:
-            continue
-        route = producers[node.inputs[2]].attrs  # the moe_route whose ids it reads
-        weights = [graph.weights[name] for name in node.inputs[3:] if name in graph.weights]
-        num_experts = weights[0].shape[0]
-        expert_bytes = sum(_nbytes(w) for w in weights)
-        out.append({"node": node.name, "op": node.op, "num_experts": num_experts, "top_k": route["top_k"],
+    for r in routed_experts(graph):
+        node, route, num_experts = r["node"], r["route"], r["num_experts"]
+        expert_bytes = sum(_nbytes(graph.weights[name]) for name in r["weights"])
+        out.append({"node": node.name, "op": node.op, "num_experts": num_experts, "top_k": r["top_k"],
                     "scoring": route["scoring"], "renormalize": bool(route.get("renormalize")),
                     "act": node.attrs["act"], "expert_bytes": expert_bytes,
-                    "active_expert_bytes": expert_bytes * route["top_k"] // num_experts})
+                    "active_expert_bytes": expert_bytes * r["top_k"] // num_experts})
     return out
 
 
