@@ -157,8 +157,7 @@ def test_graph_mixes_moe_and_dense_layers(case):
         if i in sparse:
             route = nodes[f"layers.{i}.route"]
             assert route["op"] == "moe_route" and route["inputs"] == [f"layers.{i}.router"]
-            assert route["attrs"] == {"top_k": k, "scoring": "softmax_topk",
-                                      **({"renormalize": True} if c.norm_topk_prob else {})}
+            assert route["attrs"] == {"top_k": k, "scoring": "softmax_topk", "renormalize": c.norm_topk_prob}
             experts = nodes[f"layers.{i}.experts"]
             assert experts["op"] == "moe_experts" and experts["attrs"] == {"act": "silu"}
             assert experts["inputs"][1:3] == [f"layers.{i}.route.0", f"layers.{i}.route.1"]

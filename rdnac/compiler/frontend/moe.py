@@ -71,14 +71,14 @@ class MoE:
         num_experts, top_k, inter = self.dims(m)
         logits = b.linear(x, f"{p}.{self.router}", num_experts, m.hidden, flag(m.config, self.router_bias),
                           f"{n}.router")
-        renormalize = self.scoring == "softmax_topk" and flag(m.config, self.renormalize)
-        route = {"top_k": top_k, "scoring": self.scoring, **({"renormalize": True} if renormalize else {})}
+        route = {"top_k": top_k, "scoring": self.scoring}
+        keys = [next(k for k in self.num_experts_keys if k in m.config), self.top_k_key]
+        if self.scoring == "softmax_topk":  # topk_softmax's k weights are a softmax already
+            route["renormalize"] = flag(m.config, self.renormalize)
+            keys += [self.renormalize] if isinstance(self.renormalize, str) else []
         weights, ids = b.node("moe_route", [logits], f"{n}.route", 2, **route)
         b.decide(f"{n}.route", f"{self.scoring} top-{top_k} of {num_experts} experts"
-                 + (", renormalized" if renormalize else ""),
-                 f"{' / '.join(k for k in self.num_experts_keys if k in m.config)}, {self.top_k_key}"
-                 + (f", {self.renormalize}" if isinstance(self.renormalize, str) and self.scoring == "softmax_topk"
-                    else "") + " from config.json")
+                 + (", renormalized" if route.get("renormalize") else ""), f"{', '.join(keys)} from config.json")
         op, ins = self.expert_inputs(m, layer, num_experts, inter)
         act = self.act or m.act
         attrs = {"act": act}
