@@ -472,3 +472,23 @@ def test_served_chat_under_concurrency_matches_alone(windowed):
         server.should_exit = True
         thread.join(10)
         worker.shutdown()
+
+
+def test_max_window_layers_is_not_read(windowed, tmp_path):
+    """transformers 5's Qwen3-MoE windows every layer when use_sliding_window is set (Qwen2's
+    max_window_layers is not read): the same graph, and the decision log says so."""
+    from transformers import AutoModelForCausalLM
+
+    _, root, model, _ = windowed
+    shutil.copytree(root / "ckpt", tmp_path / "mwl")
+    config = json.loads((tmp_path / "mwl" / "config.json").read_text())
+    config["max_window_layers"] = 1
+    (tmp_path / "mwl" / "config.json").write_text(json.dumps(config))
+    ref, _, _ = build_graph(read_checkpoint(root / "ckpt"), "float32")
+    graph, _, decisions = build_graph(read_checkpoint(tmp_path / "mwl"), "float32")
+    assert [n.to_dict() for n in graph.nodes] == [n.to_dict() for n in ref.nodes]
+    assert {n.attrs["sliding_window"] for n in graph.nodes if n.op == "attention"} == {7}
+    assert any(d["action"] == "max_window_layers 1 not applied" for d in decisions)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mwl", dtype=torch.float32, attn_implementation="eager",
+                                                    experts_implementation="eager").eval()
+    assert torch.equal(reference_logits(reloaded, PROMPT), reference_logits(model, PROMPT))
