@@ -8,8 +8,11 @@ renormalized with dense layers from `decoder_sparse_step`, tied, sharded,
 no tokenizer. transformers' default grouped-GEMM experts fail on such sizes,
 so its experts (and attention) run eager. The same checkpoints rewritten in
 the stacked and the GPT-OSS (transposed, interleaved) expert layouts give
-bit-identical plan weights; bad checkpoints and configs fail with one line
-naming the field or tensor, and write nothing.
+bit-identical plan weights, biases included; the checkpoint the GPU benchmarks
+generate (rdnac.testing.moe) matches too. Bad checkpoints and configs fail
+with one line naming the field or tensor, and write nothing. The plans run
+under the cpu LLMEngine at concurrency 1, 3 and 17 and behind `rdnac serve`
+with the tokens of each request alone; `inspect` counts active experts only.
 """
 
 from __future__ import annotations
@@ -535,3 +538,20 @@ def test_expert_biases_are_stacked_in_the_ir_order(windowed, layout):
         assert torch.equal(weights[f"{p}.w13"], ref_w[f"{p}.w13"]) and torch.equal(weights[f"{p}.w2"], ref_w[f"{p}.w2"])
         assert torch.equal(weights[f"{p}.b13"], torch.cat([gate_b, up_b], 1))
         assert torch.equal(weights[f"{p}.b2"], down_b)
+
+
+def test_hub_layout_checkpoint_matches_transformers(tmp_path):
+    """The checkpoint the GPU benchmarks generate (rdnac.testing.moe, Qwen/Qwen3-30B-A3B's layout and
+    config keys: num_experts, rope_theta, bf16 shards; 16 experts top-4): the plan against transformers
+    loading the same files."""
+    from transformers import AutoModelForCausalLM
+
+    from rdnac.testing.moe import write_random_moe_checkpoint
+
+    ckpt = write_random_moe_checkpoint(tmp_path / "hub", "qwen3-moe-tiny")
+    assert "num_experts" in json.loads((ckpt / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager",
+                                                 experts_implementation="eager").eval()
+    engine = rdnac.load(rdnac.compile(ckpt, target="cpu", output=tmp_path / "hub.msgpack", quiet=True))
+    check_logits_match(engine, model, PROMPT, atol=TOL)
+    assert engine.generate([PROMPT], SamplingParams(max_tokens=12))[0].token_ids == reference_greedy(model, PROMPT, 12)
