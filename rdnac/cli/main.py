@@ -73,7 +73,8 @@ def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max
               help="Default: cuda for GPU-target plans, cpu for cpu plans.")
 @click.option("--interpret", is_flag=True, help="Run a GPU plan's own kernels under the Triton interpreter (CPU).")
 @click.option("--enforce-eager", is_flag=True, help="No CUDA graphs (debugging).")
-@click.option("--verify-weights", is_flag=True, help="Check the weights file's sha256 against the plan (reads it all).")
+@click.option("--verify-weights/--no-verify-weights", default=True, show_default=True,
+              help="Check each weight tensor against the checksum the plan records, as it loads.")
 def run_cmd(plan, prompt, chat_text, max_tokens, temperature, top_p, top_k, min_p, seed, device, interpret,
             enforce_eager, verify_weights):
     """Generate from PLAN, streaming text to stdout."""
@@ -216,14 +217,17 @@ def verify_cmd(plan, model, prompt, token_ids, atol, interpret):
 @click.option("--gpu-memory-utilization", default=0.9, show_default=True, type=float,
               help="Fraction of GPU memory the KV cache may fill up to.")
 @click.option("--enable-prefix-caching", is_flag=True, help="Reuse KV blocks of shared prompt prefixes.")
+@click.option("--verify-weights/--no-verify-weights", default=True, show_default=True,
+              help="Check each weight tensor against the checksum the plan records, as it loads.")
 def serve_cmd(plan, host, port, api_key, model_name, device, max_num_seqs, max_num_batched_tokens,
-              gpu_memory_utilization, enable_prefix_caching):
+              gpu_memory_utilization, enable_prefix_caching, verify_weights):
     """Serve PLAN over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     from rdnac.serve import serve
 
     serve(plan, host=host, port=port, api_key=api_key, model_name=model_name, device=device,
           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-          gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching)
+          gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
+          verify_weights=verify_weights)
 
 
 @cli.command("tune")
