@@ -138,13 +138,15 @@ def _interactive_chat(llm, params) -> None:
 @cli.command("inspect")
 @click.argument("plan", type=click.Path(dir_okay=False), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (layout in docs/inspect.md).")
-@click.option("--decisions/--no-decisions", default=False, help="Also list the decision log.")
+@click.option("--decisions/--no-decisions", default=False, help="Also list the decision log (layers alike once).")
+@click.option("--layers", "per_layer", is_flag=True, help="List every layer's rows (default: layers alike once).")
+@click.option("--full", is_flag=True, help="Everything: every layer, the decision log, every kernel binary.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="Write the graph as ONNX (for Netron).")
 @click.option("--diff", nargs=2, type=click.Path(dir_okay=False), help="Compare two plans: --diff A B.")
 @click.option("--memory", help="Device memory to size the model state for (e.g. 16GiB, 80GB; default 16GiB): "
                                "how many tokens of state fit beside the weights.")
-def inspect_cmd(plan, as_json, decisions, html_path, onnx_path, diff, memory):
+def inspect_cmd(plan, as_json, decisions, per_layer, full, html_path, onnx_path, diff, memory):
     """Show what PLAN holds: header, model, graph by op, weights, decisions."""
     from rdnac.cli.inspect import DEFAULT_MEMORY, parse_memory, render_text, summarize
 
@@ -157,7 +159,7 @@ def inspect_cmd(plan, as_json, decisions, html_path, onnx_path, diff, memory):
         if as_json:
             click.echo(json.dumps(result, indent=2, sort_keys=True))
         else:
-            render_diff(result)
+            render_diff(result, per_layer=per_layer or full)
         return
     if plan is None:
         raise click.UsageError("requires PLAN (or --diff A B)")
@@ -173,7 +175,7 @@ def inspect_cmd(plan, as_json, decisions, html_path, onnx_path, diff, memory):
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
     else:
-        render_text(summary, show_decisions=decisions)
+        render_text(summary, show_decisions=decisions, per_layer=per_layer, full=full)
 
 
 @cli.command("verify")
