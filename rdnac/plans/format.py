@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,15 +124,8 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 def _save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
     save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata={"format": FORMAT})
-    os.chmod(path, 0o666 & ~_umask())  # safetensors creates it 0600; the plan beside it gets the umask's mode
     with path.open("rb") as f:
         os.fsync(f.fileno())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _publish(tmp_weights: Path, weights: Path, tmp_plan: Path, plan: Path) -> None:
@@ -159,6 +154,12 @@ def _publish(tmp_weights: Path, weights: Path, tmp_plan: Path, plan: Path) -> No
             backup.unlink(missing_ok=True)
 
 
+def _io_reason(message: str) -> str:
+    """"No space left on device" out of safetensors' "Error while serializing: I/O error: ... (os error 28)"."""
+    m = re.search(r"I/O error: (.*?) \(os error \d+\)", message)
+    return m.group(1) if m else message.splitlines()[0]
+
+
 def write_plan(path: Path, header: dict, body: dict, weights: dict[str, torch.Tensor]) -> Path:
     """Write the plan and its weights to temporary names beside `path`, then publish both (`_publish`).
     On any failure (a full disk, an unwritable directory) the temporaries are removed, an existing plan
@@ -173,9 +174,10 @@ def write_plan(path: Path, header: dict, body: dict, weights: dict[str, torch.Te
         doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "header": header,
                "body_sha256": hashlib.sha256(body_bytes).hexdigest(), "body": body_bytes}
         _write_synced(tmp_p, msgpack.packb(doc, use_bin_type=True))
+        os.chmod(tmp_w, stat.S_IMODE(tmp_p.stat().st_mode))  # safetensors makes it 0600; the plan has the umask's
         _publish(tmp_w, wpath, tmp_p, path)
     except (OSError, SafetensorError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else _io_reason(str(e))
         raise PlanError(f"{path}: writing the plan requires a writable directory with room for it and its "
                         f"weights; got {reason}; nothing was written (an existing plan is unchanged); free "
                         "space or choose another -o") from None
