@@ -86,7 +86,7 @@ class Plan:
         if verify and checksums is None and sha256_file(path) != info["sha256"]:
             raise PlanError(f"{path}: weights sha256 does not match the plan's record; the file is corrupt or "
                             "from another compile; recompile or copy the matching file")
-        if checksums is not None and info.get("checksum") != CHECKSUM:
+        if checksums is not None and (info.get("checksum") != CHECKSUM or not isinstance(checksums, dict)):
             raise PlanError(f"{self.path}: requires weight checksums of kind {CHECKSUM}; got "
                             f"{info.get('checksum')!r}; recompile the plan with this rdnac")
         specs = self.body["graph"]["weights"]
@@ -98,16 +98,26 @@ class Plan:
                             f"unexpected {extra[:3]}; recompile or copy the matching file")
         for name, want in specs.items():
             entry = entries[name]
-            shape, dtype = list(entry.get("shape", [])), ST_DTYPES.get(entry.get("dtype"))
+            if not _is_entry(entry):
+                raise PlanError(f"{path}: tensor {name!r} requires a safetensors entry (dtype, shape of ints, two "
+                                f"data offsets); got {str(entry)[:80]}; recompile or copy the matching file")
+            shape, dtype = list(entry["shape"]), ST_DTYPES.get(entry["dtype"])
             if shape != list(want["shape"]) or dtype is None or str(dtype).removeprefix("torch.") != want["dtype"]:
                 got = str(dtype).removeprefix("torch.") if dtype is not None else entry.get("dtype")
                 raise PlanError(f"{path}: tensor {name!r} is {got} {shape}; the plan's graph requires "
                                 f"{want['dtype']} {list(want['shape'])}; recompile or copy the matching file")
-            begin, end = entry.get("data_offsets", (0, -1))
+            begin, end = entry["data_offsets"]
             if end - begin != math.prod(shape) * dtype.itemsize or header[0] + end > size:
                 raise PlanError(f"{path}: tensor {name!r} has data offsets {[begin, end]} that do not fit "
                                 f"{want['dtype']} {shape} in the file; recompile or copy the matching file")
         return read_weights(path, header, list(specs), device, checksums, self.path)
+
+
+def _is_entry(entry) -> bool:
+    ints = lambda xs, n=None: isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs) \
+        and (n is None or len(xs) == n)  # noqa: E731
+    return isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and ints(entry.get("shape")) \
+        and ints(entry.get("data_offsets"), 2)
 
 
 def _temp_beside(path: Path) -> Path:
