@@ -187,7 +187,10 @@ def check_finite(weights: dict[str, torch.Tensor], source) -> None:
         num_bad, first = 0, None
         for start in range(0, flat.numel(), _FINITE_CHUNK):
             part = flat[start:start + _FINITE_CHUNK]
-            bad = ~torch.isfinite(part.float() if part.element_size() == 1 else part)  # no isfinite for float8
+            part = part.float() if part.element_size() == 1 else part  # float8 has no sum or isfinite
+            if torch.isfinite(part.sum(dtype=torch.float32)):  # any NaN/inf makes the sum NaN/inf; 10x faster
+                continue  # than isfinite here (an overflowing sum only sends the chunk to the exact check)
+            bad = ~torch.isfinite(part)
             n = int(bad.sum())
             if n and first is None:
                 first = start + int(bad.nonzero()[0, 0])
