@@ -169,7 +169,7 @@ def _render_kernels(console: Console, kernels: list[dict], h: dict, full: bool) 
     by_kernel: dict[str, list[dict]] = {}
     for k in kernels:
         by_kernel.setdefault(_short(k["kernel"]), []).append(k)
-    lines = [title + "; --full lists each"]
+    lines = wrap(title + "; --full lists each", console.width, "", "  ")
     for name, ks in by_kernel.items():
         spills = sum(k["spills"] for k in ks)
         instructions = sorted({i for k in ks for i in k["matrix_instructions"]})
