@@ -76,7 +76,7 @@ class ModelRunner:
         self._executor = Executor(self.graph, plan.body["program"], launcher, device) if launcher else None
 
     @classmethod
-    def load(cls, plan_path: str | Path, device: str = "cpu", verify_weights: bool = False,
+    def load(cls, plan_path: str | Path, device: str = "cpu", verify_weights: bool = True,
              interpret: bool = False, enforce_eager: bool = False, launch_pdl: bool = True) -> ModelRunner:
         """Load a plan. A cpu-target plan runs under the reference interpreter (on cpu or cuda);
         a GPU-target plan runs its precompiled kernels on `cuda`, or with `interpret=True` its own
