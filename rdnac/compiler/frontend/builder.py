@@ -113,6 +113,26 @@ class GraphBuilder:
             self.weight_specs[name] = WeightSpec(self.dtype, tuple(shape), "none", source=self._actual[name])
         return name
 
+    def has_module(self, prefix: str) -> bool:
+        """Whether any checkpoint tensor's canonical name starts with `prefix` ("model.layers.3.linear_attn.")."""
+        return any(name.startswith(prefix) for name in self._actual)
+
+    def transformed_weight(self, name: str, shape: tuple[int, ...], transform, new_shape: tuple[int, ...],
+                           why: str) -> str:
+        """Checkpoint tensor `name` of `shape`, in the compute dtype, through `transform` (a row reorder, a
+        reshape) into a graph weight of `new_shape`; logged with `why`. Float weights only."""
+        module = name.removesuffix(".weight").removesuffix(".bias")
+        if self._scheme(module) is not None:
+            raise CheckpointError(f"{self.checkpoint.path}: tensor {self._actual[name]!r} requires a float weight "
+                                  f"(rdnac reorders it: {why}); got quantization_config covering {module!r}; "
+                                  "list the module in the quantization config's ignore list or use a float checkpoint")
+        self.weight(name, shape)
+        self.weights[name] = transform(self.weights[name]).contiguous()
+        assert tuple(self.weights[name].shape) == tuple(new_shape), (name, self.weights[name].shape, new_shape)
+        self.weight_specs[name] = WeightSpec(self.dtype, tuple(new_shape), "none", source=self._actual[name])
+        self.decide(name, f"read as {list(new_shape)}", why)
+        return name
+
     def ignore(self, pattern: str, reason: str) -> None:
         """Mark checkpoint tensors matching regex `pattern` as deliberately unused."""
         for name in self._actual:
