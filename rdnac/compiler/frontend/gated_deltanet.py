@@ -77,6 +77,9 @@ class GatedDeltaNet:
         beta_logit = b.linear(x, f"{p}.in_proj_b", d.num_v_heads, m.hidden, False, f"{n}.in_proj_b")
         a = b.linear(x, f"{p}.in_proj_a", d.num_v_heads, m.hidden, False, f"{n}.in_proj_a")
 
+        if "state_slots" not in b.inputs:
+            b.decide("state", "prefix caching off", "linear attention keeps per-sequence state, which a cached "
+                     "prefix of KV blocks cannot restore; the runtime refuses enable_prefix_caching for this plan")
         slots = b.input("state_slots", "int64", ("B",))
         s = m.step
         conv_state = b.state_input(f"conv_state.{layer}", "conv", layer, m.dtype, (d.conv_dim, d.conv_kernel - 1))

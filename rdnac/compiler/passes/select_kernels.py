@@ -92,7 +92,7 @@ def meta_env(graph: Graph, phase: str, num_tokens: int, runtime: dict) -> tuple[
     num_seqs = num_tokens if phase == "decode" else 1
     max_blocks = -(-runtime["max_model_len"] // runtime["kv_block_size"])
     sizes = {"T": num_tokens, "B": num_seqs, "B1": num_seqs + 1, "R": num_seqs, "MB": max_blocks,
-             "NB": max_blocks, "BS": runtime["kv_block_size"]}
+             "NB": max_blocks, "BS": runtime["kv_block_size"], "NS": num_seqs}  # NS: per-sequence state slots
     env = {}
     for name, spec in graph.weights.items():
         env[name] = torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device="meta")
