@@ -157,14 +157,18 @@ def gated_query(m: Model, x: str, module: str, has_bias: bool, name: str) -> tup
     its rows are reordered once (all queries, then all gates) so one linear and a column split give both."""
     b, num_heads, head_dim = m.b, m.num_heads, m.head_dim
     rows = 2 * num_heads * head_dim
-    why = "q_proj rows per head [query, gate] reordered to [all queries, all gates]: one GEMM, then a split"
-    ins = [x, b.transformed_weight(f"{module}.weight", (rows, m.hidden),
-                                   lambda w: w.view(num_heads, 2, head_dim, -1).transpose(0, 1).reshape(rows, -1),
-                                   (rows, m.hidden), why)]
+
+    def queries_then_gates(t: list):  # [H, 2, D, *] -> [2, H, D, *]
+        return t[0].view(num_heads, 2, head_dim, -1).transpose(0, 1).reshape(rows, -1).squeeze(-1)
+
+    ins = [x, b.derived_weight(f"{module}.weight", [(f"{module}.weight", (rows, m.hidden))], queries_then_gates,
+                               (rows, m.hidden), "rows per head [query, gate] as [all queries, all gates]")]
     if has_bias:
-        ins.append(b.transformed_weight(f"{module}.bias", (rows,),
-                                        lambda w: w.view(num_heads, 2, head_dim).transpose(0, 1).reshape(rows),
-                                        (rows,), why))
+        ins.append(b.derived_weight(f"{module}.bias", [(f"{module}.bias", (rows,))],
+                                    lambda t: queries_then_gates([t[0][:, None]]), (rows,),
+                                    "rows per head [query, gate] as [all queries, all gates]"))
+    b.decide(name, "q_proj rows reordered: all queries, then all gates",
+             "its rows hold per head D query rows then D gate rows; one GEMM and a column split give both")
     y = b.node("linear", ins, name)[0]
     q, gate = b.node("split", [y], f"{name}.split", 2, sizes=[num_heads * head_dim] * 2)
     return q, gate

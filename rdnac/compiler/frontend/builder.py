@@ -16,6 +16,7 @@ checkpoint tensor it came from.
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import torch
 
@@ -117,20 +118,24 @@ class GraphBuilder:
         """Whether any checkpoint tensor's canonical name starts with `prefix` ("model.layers.3.linear_attn.")."""
         return any(name.startswith(prefix) for name in self._actual)
 
-    def transformed_weight(self, name: str, shape: tuple[int, ...], transform, new_shape: tuple[int, ...],
-                           why: str) -> str:
-        """Checkpoint tensor `name` of `shape`, in the compute dtype, through `transform` (a row reorder, a
-        reshape) into a graph weight of `new_shape`; logged with `why`. Float weights only."""
-        module = name.removesuffix(".weight").removesuffix(".bias")
-        if self._scheme(module) is not None:
-            raise CheckpointError(f"{self.checkpoint.path}: tensor {self._actual[name]!r} requires a float weight "
-                                  f"(rdnac reorders it: {why}); got quantization_config covering {module!r}; "
-                                  "list the module in the quantization config's ignore list or use a float checkpoint")
-        self.weight(name, shape)
-        self.weights[name] = transform(self.weights[name]).contiguous()
-        assert tuple(self.weights[name].shape) == tuple(new_shape), (name, self.weights[name].shape, new_shape)
-        self.weight_specs[name] = WeightSpec(self.dtype, tuple(new_shape), "none", source=self._actual[name])
-        self.decide(name, f"read as {list(new_shape)}", why)
+    def derived_weight(self, name: str, sources: list[tuple[str, tuple[int, ...]]],
+                       make: Callable[[list[torch.Tensor]], torch.Tensor], shape: tuple[int, ...], how: str) -> str:
+        """A graph weight computed once from checkpoint tensors (`sources`: canonical name and required
+        shape each): `make` gets them in order and returns the weight of `shape`, stored in the compute
+        dtype. `how` names the transform in the weight's recorded source (e.g. "stack")."""
+        for src, src_shape in sources:
+            src_dtype = self._spec(src, src_shape)
+            if src_dtype not in _FLOAT_DTYPES:
+                raise CheckpointError(f"{self.checkpoint.path}: tensor {self._actual[src]!r} requires a float dtype "
+                                      f"to build {name}; got {src_dtype}")
+        if name not in self.weights:
+            w = make([self._load(src) for src, _ in sources])
+            assert tuple(w.shape) == tuple(shape), (name, tuple(w.shape), shape)
+            self.weights[name] = w.to(getattr(torch, self.dtype)).contiguous()
+            shown = [self._actual[src] for src, _ in sources]
+            if len(shown) > 4:
+                shown = shown[:2] + [f"... {len(shown) - 3} more"] + shown[-1:]
+            self.weight_specs[name] = WeightSpec(self.dtype, tuple(shape), "none", source=f"{how}({', '.join(shown)})")
         return name
 
     def ignore(self, pattern: str, reason: str) -> None:

@@ -83,9 +83,9 @@ class GatedDeltaNet:
         slots = b.input("state_slots", "int64", ("B",))
         s = m.step
         conv_state = b.state_input(f"conv_state.{layer}", "conv", layer, m.dtype, (d.conv_dim, d.conv_kernel - 1))
-        conv_weight = b.transformed_weight(f"{p}.conv1d.weight", (d.conv_dim, 1, d.conv_kernel),
-                                           lambda w: w.reshape(d.conv_dim, d.conv_kernel),
-                                           (d.conv_dim, d.conv_kernel), "depthwise conv1d weight [C, 1, K] as [C, K]")
+        conv_weight = b.derived_weight(f"{p}.conv1d.weight", [(f"{p}.conv1d.weight", (d.conv_dim, 1, d.conv_kernel))],
+                                       lambda t: t[0].reshape(d.conv_dim, d.conv_kernel), (d.conv_dim, d.conv_kernel),
+                                       "reshape [C, 1, K] to [C, K]")
         qkv = b.node("causal_conv1d", [qkv, conv_weight, conv_state, slots, s["seq_lens"], s["cu_seqlens_q"]],
                      f"{n}.conv1d", kernel_size=d.conv_kernel, activation=act)[0]
         q, k, v = b.node("split", [qkv], f"{n}.qkv_split", 3, sizes=[d.key_dim, d.key_dim, d.value_dim])
