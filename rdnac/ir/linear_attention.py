@@ -7,7 +7,7 @@
 | gated_delta_rule | q, k [T, Hk*Dk], v [T, Hv*Dv], a, b [T, Hv], A_log, dt_bias [Hv], | [T, Hv*Dv]    |
 |                  | state [NS, Hv, Dk, Dv], state_slots [B], seq_lens [B], cu_seqlens_q [B+1] | (state) |
 | gated_rms_norm   | x [T, H*D], gate [T, H*D], weight [D]                           | [T, H*D]        |
-| sigmoid_gate     | x [T, N], gate [T, N]                                           | x * sigmoid(gate) |
+| sigmoid_gate     | x [T, N], gate [T, N] or [T, 1]                                 | x * sigmoid(gate) |
 
 Per-sequence state lives in slots (ir/state.py kinds "conv" and "recurrent"):
 sequence b of the flat batch (tokens cu_seqlens_q[b] .. cu_seqlens_q[b+1])
@@ -40,8 +40,8 @@ agree to float32 rounding (tests check it).
 norm(x) (statistic in float32, cast back to x's dtype before the weight, as
 the plain rms_norm does), then y * act(gate) in float32, cast to x's dtype.
 
-`sigmoid_gate`: the output gate of gated full attention, x * sigmoid(gate) in
-x's dtype.
+`sigmoid_gate`: the output gate of gated full attention ([T, N]) and of a
+shared expert ([T, 1], one per token), x * sigmoid(gate) in x's dtype.
 """
 
 from __future__ import annotations
@@ -216,4 +216,5 @@ def check(op: str, a: dict, ins: list[TensorSpec], expect) -> None:
         expect(ins[2].shape == (a["head_dim"],), "weight must be [head_dim]")
         expect(a.get("act", "silu") in ("silu", "none"), "act must be silu or none")
     elif op == "sigmoid_gate":
-        expect(ins[0].shape == ins[1].shape, "x and gate must have the same shape")
+        expect(ins[0].shape == ins[1].shape or (ins[1].shape[0] == ins[0].shape[0] and ins[1].shape[-1] == 1),
+               "gate must be x's shape [T, N] or one per token [T, 1]")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from rdnac.compiler.frontend.blocks import Model
 from rdnac.compiler.frontend.spec import config_file
 from rdnac.errors import UnsupportedModelError
@@ -63,6 +65,8 @@ class GatedDeltaNet:
     """Linear attention with the gated delta rule; declares its layer's conv and recurrent state."""
 
     chunk_size: int = 64  # transformers' chunked fallback's block: chunks are counted the same way
+    # Qwen3-Next: in_proj_qkvz and in_proj_ba, rows grouped per key head; else in_proj_qkv/_z/_b/_a (Qwen3.5)
+    fused_projections: bool = False
 
     def emit(self, m: Model, x: str, layer: int) -> str:
         b, c = m.b, m.config
@@ -72,10 +76,15 @@ class GatedDeltaNet:
         if act is None:
             raise UnsupportedModelError(f"{config_file(b.checkpoint.path)}: hidden_act (the GDN conv's activation) "
                                         f"requires silu; got {c.get('hidden_act')!r}")
-        qkv = b.linear(x, f"{p}.in_proj_qkv", d.conv_dim, m.hidden, False, f"{n}.in_proj_qkv")
-        z = b.linear(x, f"{p}.in_proj_z", d.value_dim, m.hidden, False, f"{n}.in_proj_z")
-        beta_logit = b.linear(x, f"{p}.in_proj_b", d.num_v_heads, m.hidden, False, f"{n}.in_proj_b")
-        a = b.linear(x, f"{p}.in_proj_a", d.num_v_heads, m.hidden, False, f"{n}.in_proj_a")
+        if self.fused_projections:
+            qkv, z, beta_logit, a = (b.node("linear", [x, w], f"{n}.{leaf}")[0]
+                                     for leaf, w in zip(("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"),
+                                                        split_fused_projections(m, p, d)))
+        else:
+            qkv = b.linear(x, f"{p}.in_proj_qkv", d.conv_dim, m.hidden, False, f"{n}.in_proj_qkv")
+            z = b.linear(x, f"{p}.in_proj_z", d.value_dim, m.hidden, False, f"{n}.in_proj_z")
+            beta_logit = b.linear(x, f"{p}.in_proj_b", d.num_v_heads, m.hidden, False, f"{n}.in_proj_b")
+            a = b.linear(x, f"{p}.in_proj_a", d.num_v_heads, m.hidden, False, f"{n}.in_proj_a")
 
         if "state_slots" not in b.inputs:
             b.decide("state", "prefix caching off", "linear attention keeps per-sequence state, which a cached "
@@ -104,3 +113,30 @@ class GatedDeltaNet:
                    head_dim=d.v_head_dim, eps=m.eps, act="silu")[0]
         return b.linear(o, f"{p}.out_proj", m.hidden, d.value_dim, False, f"{n}.out_proj")
 
+
+
+def split_fused_projections(m: Model, p: str, d: GdnDims) -> list[str]:
+    """Qwen3-Next's in_proj_qkvz [2Kd + 2Vd, H] holds per key head h its rows [q_h (Dk), k_h (Dk), v (r*Dv),
+    z (r*Dv)] for the r = Hv/Hk value heads h serves, and in_proj_ba [2Hv, H] per key head [b (r), a (r)].
+    Regrouped once into Qwen3.5's four weights (in_proj_qkv: all q, all k, all v; in_proj_z, in_proj_b,
+    in_proj_a), value heads in the order h*r + j both models use, so the rest of the body is shared."""
+    b, hidden, hk, r = m.b, m.hidden, d.num_k_heads, d.num_v_heads // d.num_k_heads
+    qkvz = (f"{p}.in_proj_qkvz.weight", (2 * d.key_dim + 2 * d.value_dim, hidden))
+    ba = (f"{p}.in_proj_ba.weight", (2 * d.num_v_heads, hidden))
+    widths = [d.k_head_dim, d.k_head_dim, r * d.v_head_dim, r * d.v_head_dim]
+
+    def parts(t, sizes: list[int]):  # [Hk * sum(sizes), H] -> per part [Hk * size, H], key-head major
+        return [x.reshape(-1, hidden) for x in t.view(hk, sum(sizes), hidden).split(sizes, dim=1)]
+
+    how = "regroup per-key-head rows"
+    out = [b.derived_weight(f"{p}.in_proj_qkv.weight", [qkvz], lambda t: torch.cat(parts(t[0], widths)[:3]),
+                            (d.conv_dim, hidden), how),
+           b.derived_weight(f"{p}.in_proj_z.weight", [qkvz], lambda t: parts(t[0], widths)[3],
+                            (d.value_dim, hidden), how),
+           b.derived_weight(f"{p}.in_proj_b.weight", [ba], lambda t: parts(t[0], [r, r])[0],
+                            (d.num_v_heads, hidden), how),
+           b.derived_weight(f"{p}.in_proj_a.weight", [ba], lambda t: parts(t[0], [r, r])[1],
+                            (d.num_v_heads, hidden), how)]
+    b.decide(f"{p}.in_proj_qkvz", "split into in_proj_qkv and in_proj_z; in_proj_ba into in_proj_b and in_proj_a",
+             "rows grouped per key head in the checkpoint, regrouped once so the conv reads q, k, v contiguous")
+    return out

@@ -1,4 +1,5 @@
-"""Qwen3.5 (dense) spec: Qwen3_5ForCausalLM and the text model of Qwen3_5ForConditionalGeneration.
+"""Qwen3.5 specs: Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM and the text models of their
+Qwen3_5(Moe)ForConditionalGeneration wrappers; the hybrid layer Qwen3-Next shares (qwen3_next.py).
 
 Layers are hybrid per `layer_types` (absent: every `full_attention_interval`-th
 layer is full attention, the others linear):
@@ -10,7 +11,9 @@ layer is full attention, the others linear):
   multiplied by sigmoid(gate) before o_proj. RoPE covers the first
   `partial_rotary_factor` of each head (neox style), the rest passes through.
 
-then Residual(GatedMLP) in every layer. Every RMSNorm but the GDN output's
+then the feed-forward: Residual(GatedMLP) (dense), or routed experts plus a
+gated shared expert (MoE: shared_expert.py, every layer, top-k always
+renormalized as transformers' Qwen3_5MoeTopKRouter does). Every RMSNorm but the GDN output's
 gated norm scales by 1 + w in float32 (Qwen3_5RMSNorm); the gated norm scales
 by w. Text-only positions make transformers' multimodal RoPE sections one
 plain RoPE. Multi-token-prediction weights (`mtp.*`) are ignored with a
@@ -23,9 +26,12 @@ refused naming the layer, before any weight is read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from rdnac.compiler.frontend.blocks import Attention, GatedMLP, Model, Residual
 from rdnac.compiler.frontend.gated_deltanet import GatedDeltaNet, gdn_dims
+from rdnac.compiler.frontend.moe import MoE
+from rdnac.compiler.frontend.shared_expert import SharedExpertMoE
 from rdnac.compiler.frontend.spec import AttentionLayer, ModelSpec, Wrapper, config_file, layer_types, rope_config, \
     vision_towers
 from rdnac.errors import CheckpointError
@@ -75,27 +81,41 @@ class Mixer:
         return self.body.emit(m, x, layer)
 
 
-_MLP = Residual(GatedMLP(bias=False), ("post_attention_layernorm", "post_norm"), "mlp_residual")
-_LAYERS = {
-    "linear_attention": (Residual(Mixer("linear_attention", GatedDeltaNet()), ("input_layernorm", "input_norm"),
-                                  "attn_residual"), _MLP),
-    "full_attention": (Residual(Mixer("full_attention", Attention(qkv_bias="attention_bias", qk_norm=True,
-                                                                  output_gate=True)),
-                                ("input_layernorm", "input_norm"), "attn_residual"), _MLP),
-}
+GATED_ATTENTION = Attention(qkv_bias="attention_bias", qk_norm=True, output_gate=True)
+DENSE_MLP = Residual(GatedMLP(bias=False), ("post_attention_layernorm", "post_norm"), "mlp_residual")
 
 
-def layer_of(c: dict, index: int) -> tuple:
-    return _LAYERS[layer_kinds(c, None)[index]]
+def hybrid_layer_of(gdn: GatedDeltaNet, feed_forward: Callable[[dict, int], Residual]):
+    """`ModelSpec.layer_of` of a hybrid model: the mixer `layer_types` names, then `feed_forward(config, i)`."""
+    mixers = {kind: Residual(Mixer(kind, body), ("input_layernorm", "input_norm"), "attn_residual")
+              for kind, body in (("linear_attention", gdn), ("full_attention", GATED_ATTENTION))}
+
+    def layer_of(c: dict, index: int) -> tuple:
+        return mixers[layer_kinds(c, None)[index]], feed_forward(c, index)
+
+    return layer_of
 
 
-QWEN3_5 = ModelSpec(
-    "Qwen3_5ForCausalLM", _LAYERS["full_attention"], attention_layers, defaults=DEFAULTS, unit_offset_norms=True,
-    layer_of=layer_of,
-    ignore=((r"mtp\..*", "multi-token-prediction weights: speculative decoding is not supported yet"),
-            (r".*rotary_emb\..*inv_freq", "RoPE frequencies are recomputed from config.json")))
+IGNORE = ((r"mtp\..*", "multi-token-prediction weights: speculative decoding is not supported yet"),
+          (r".*rotary_emb\..*inv_freq", "RoPE frequencies are recomputed from config.json"))
+INERT = (("output_router_logits", "router logits feed only the training-time auxiliary loss"),
+         ("router_aux_loss_coef", "the auxiliary load-balancing loss is training-only"))
 
-QWEN3_5_VLM = Wrapper("Qwen3_5ForConditionalGeneration", {"qwen3_5_text": QWEN3_5},
-                      vision_towers({"visual": "vision tower"}))
+QWEN3_5 = ModelSpec("Qwen3_5ForCausalLM", (), attention_layers, defaults=DEFAULTS, unit_offset_norms=True,
+                    layer_of=hybrid_layer_of(GatedDeltaNet(), lambda c, i: DENSE_MLP), ignore=IGNORE)
 
-ARCHITECTURES = {s.architecture: s for s in (QWEN3_5, QWEN3_5_VLM)}
+# Qwen3.5-MoE: every layer's feed-forward is routed experts (always renormalized) plus a gated shared expert
+MOE_DEFAULTS = {**DEFAULTS, "hidden_size": 2048, "num_hidden_layers": 40, "num_key_value_heads": 2,
+                "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "num_experts_per_tok": 8,
+                "num_experts": 256}
+SHARED_MOE = Residual(SharedExpertMoE(MoE(renormalize=True)), ("post_attention_layernorm", "post_norm"),
+                      "moe_residual")
+QWEN3_5_MOE = ModelSpec("Qwen3_5MoeForCausalLM", (), attention_layers, defaults=MOE_DEFAULTS,
+                        unit_offset_norms=True, layer_of=hybrid_layer_of(GatedDeltaNet(), lambda c, i: SHARED_MOE),
+                        ignore=IGNORE, inert_config=INERT)
+
+TOWERS = vision_towers({"visual": "vision tower"})
+QWEN3_5_VLM = Wrapper("Qwen3_5ForConditionalGeneration", {"qwen3_5_text": QWEN3_5}, TOWERS)
+QWEN3_5_MOE_VLM = Wrapper("Qwen3_5MoeForConditionalGeneration", {"qwen3_5_moe_text": QWEN3_5_MOE}, TOWERS)
+
+ARCHITECTURES = {s.architecture: s for s in (QWEN3_5, QWEN3_5_VLM, QWEN3_5_MOE, QWEN3_5_MOE_VLM)}
