@@ -118,12 +118,16 @@ def _run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) ->
     return tokens
 
 
-def test_seventeen_concurrent_requests_match_each_alone(llm, alone):
-    # 8 running at once (queued behind their state slots), prefill chunks beside decodes
-    engine = LLMEngine(llm.runner, max_num_seqs=8, max_num_batched_tokens=64)
+@pytest.mark.parametrize("config", [
+    {"max_num_seqs": 8, "max_num_batched_tokens": 64},  # queued behind their state slots, chunks beside decodes
+    {"max_num_seqs": 8, "max_num_batched_tokens": 64, "num_blocks": 9},  # and preempted: recomputed from zeros
+], ids=["slots", "preemption"])
+def test_seventeen_concurrent_requests_match_each_alone(llm, alone, config):
+    engine = LLMEngine(llm.runner, **config)
     tokens = _run(engine, _prompts(17), SamplingParams(max_tokens=6, ignore_eos=True))
     assert [tokens[f"r{i}"] for i in range(17)] == alone
     assert engine.block_manager.num_free_slots == 8
+    assert (engine.stats()["preemptions"] > 0) == ("num_blocks" in config)
 
 
 def test_over_subscribed_state_slots_queue(llm, alone):
