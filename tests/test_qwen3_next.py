@@ -73,3 +73,27 @@ def test_chunked_prefill_and_concurrency(compiled):
     alone = [LLMEngine(llm.runner).generate([p], greedy)[0].token_ids for p in prompts]
     together = LLMEngine(llm.runner, max_num_seqs=3, max_num_batched_tokens=48).generate(prompts, greedy)
     assert [o.token_ids for o in together] == alone
+
+
+def test_qwen3_5_moe_vision_language_wrapper(tmp_path):
+    """Qwen3_5MoeForConditionalGeneration compiles its text model; the vision tower is ignored with its reason."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    from tests.support.checkpoints import write_byte_tokenizer
+
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=44, patch_size=4,
+                  num_position_embeddings=16)
+    config = Qwen3_5MoeConfig(text_config=COMMON, vision_config=vision, image_token_id=290, video_token_id=291,
+                              vision_start_token_id=292, vision_end_token_id=293)
+    torch.manual_seed(4)
+    model = Qwen3_5MoeForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "vlm")
+    write_byte_tokenizer(tmp_path / "vlm", 300)
+    llm = rdnac.load(rdnac.compile(tmp_path / "vlm", target="cpu", output=tmp_path / "vlm.msgpack", quiet=True))
+    check_logits_match(llm.engine, model, PROMPT[:70], atol=1e-4)
+    ignored = {d["node"]: d["reason"] for d in llm.plan.body["decisions"] if d["action"] == "ignored tensor"}
+    assert "vision tower" in ignored["model.visual.patch_embed.proj.weight"]
