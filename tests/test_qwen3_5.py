@@ -190,6 +190,9 @@ def test_vision_language_wrapper_compiles_its_text_model(tmp_path):
     tensors["mtp.fc.weight"] = torch.randn(44, 88)
     tensors["mtp.layers.0.mlp.up_proj.weight"] = torch.randn(68, 44)
     save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((ckpt / "config.json").read_text())
+    config["text_config"]["mtp_num_hidden_layers"] = 1
+    (ckpt / "config.json").write_text(json.dumps(config))
 
     plan = rdnac.compile(ckpt, target="cpu", output=tmp_path / "vlm.msgpack", quiet=True)
     llm = rdnac.load(plan)
@@ -197,6 +200,7 @@ def test_vision_language_wrapper_compiles_its_text_model(tmp_path):
     ignored = {d["node"]: d["reason"] for d in llm.plan.body["decisions"] if d["action"] == "ignored tensor"}
     assert "multi-token-prediction" in ignored["mtp.fc.weight"]
     assert "vision tower" in ignored["model.visual.patch_embed.proj.weight"]
+    assert any(d["action"] == "mtp_num_hidden_layers 1 not applied" for d in llm.plan.body["decisions"])
 
 
 def _edited_checkpoint(checkpoint, tmp_path, **changes):

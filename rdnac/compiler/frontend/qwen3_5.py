@@ -98,11 +98,14 @@ def hybrid_layer_of(gdn: GatedDeltaNet, feed_forward: Callable[[dict, int], Resi
 
 IGNORE = ((r"mtp\..*", "multi-token-prediction weights: speculative decoding is not supported yet"),
           (r".*rotary_emb\..*inv_freq", "RoPE frequencies are recomputed from config.json"))
-INERT = (("output_router_logits", "router logits feed only the training-time auxiliary loss"),
+MTP = ("mtp_num_hidden_layers", "the multi-token-prediction layers (mtp.*) are ignored: speculative decoding "
+       "is not supported yet")
+INERT = (MTP, ("output_router_logits", "router logits feed only the training-time auxiliary loss"),
          ("router_aux_loss_coef", "the auxiliary load-balancing loss is training-only"))
 
 QWEN3_5 = ModelSpec("Qwen3_5ForCausalLM", (), attention_layers, defaults=DEFAULTS, unit_offset_norms=True,
-                    layer_of=hybrid_layer_of(GatedDeltaNet(), lambda c, i: DENSE_MLP), ignore=IGNORE)
+                    layer_of=hybrid_layer_of(GatedDeltaNet(), lambda c, i: DENSE_MLP), ignore=IGNORE,
+                    inert_config=(MTP,))
 
 # Qwen3.5-MoE: every layer's feed-forward is routed experts (always renormalized) plus a gated shared expert
 MOE_DEFAULTS = {**DEFAULTS, "hidden_size": 2048, "num_hidden_layers": 40, "num_key_value_heads": 2,
