@@ -25,8 +25,9 @@ CONFIG = dict(hidden_size=44, intermediate_size=68, num_hidden_layers=3, num_att
               head_dim=16, vocab_size=300, max_position_embeddings=512, linear_num_key_heads=2,
               linear_num_value_heads=4, linear_key_head_dim=12, linear_value_head_dim=10,
               layer_types=["linear_attention", "full_attention", "linear_attention"])
-# longer than one GDN chunk (64 in transformers' fallback and in the plan)
-PROMPT = torch.randint(0, 256, (130,), generator=torch.Generator().manual_seed(1)).tolist()
+# longer than one GDN chunk (64 in transformers' fallback and in the plan); no token 0: reference_greedy's
+# generate takes 0 as the pad id and would mask it out
+PROMPT = torch.randint(1, 256, (130,), generator=torch.Generator().manual_seed(1)).tolist()
 GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
 
 
