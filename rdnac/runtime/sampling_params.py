@@ -14,6 +14,10 @@ from rdnac.errors import RequestError
 # generation_config keys that set sampling defaults (HF names, which are also ours)
 GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
+# The sampler keys its Philox draws with a seed's 64 bits (sampling.seed_to_int64): any signed or unsigned
+# 64-bit integer is a seed; a wider one would silently alias another, so it is refused.
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+
 
 def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
@@ -48,7 +52,8 @@ class SamplingParams:
             ("min_p", is_number(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
             ("repetition_penalty", is_number(self.repetition_penalty) and self.repetition_penalty > 0,
              "a number > 0 (1: off)"),
-            ("seed", self.seed is None or is_int(self.seed), "an integer or None"),
+            ("seed", self.seed is None or is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX,
+             "None or an integer in [-2**63, 2**64 - 1] (64 bits)"),
             ("stop", isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
              "a list of non-empty strings"),
             ("stop_token_ids", isinstance(self.stop_token_ids, list)
