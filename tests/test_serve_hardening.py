@@ -59,25 +59,31 @@ def serving(llm, **app_options):
 
 @contextmanager
 def serve_process(plan: Path, *args: str, env: dict | None = None):
-    """`rdnac serve PLAN ARGS` as a subprocess on a free port; yields (process, url) once /health answers."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "rdnac.cli.main", "serve", str(plan), "--port", str(port), *args],
-                            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    """`rdnac serve PLAN ARGS` as a subprocess on a free port; yields (process, url) once /health answers.
+    Its output goes to a file (a pipe nobody reads would fill with access logs and block the server)."""
+    import tempfile
 
-    def up() -> bool:
-        assert proc.poll() is None, proc.stdout.read()
+    port = _free_port()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "rdnac.cli.main", "serve", str(plan), "--port", str(port),
+                                 *args], env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"`rdnac serve` exited with {proc.returncode}: {log.read()[-4000:]}")
+            try:
+                return httpx.get(f"{url}/health").status_code == 200
+            except httpx.TransportError:
+                return False
         try:
-            return httpx.get(f"{url}/health").status_code == 200
-        except httpx.TransportError:
-            return False
-    try:
-        _wait_until(up, 90, "`rdnac serve` to start")
-        yield proc, url
-    finally:
-        proc.terminate()
-        proc.wait(15)
+            _wait_until(up, 90, "`rdnac serve` to start")
+            yield proc, url
+        finally:
+            proc.terminate()
+            proc.wait(15)
 
 
 @pytest.fixture(scope="module")
