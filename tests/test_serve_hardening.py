@@ -148,7 +148,7 @@ def test_seeds_outside_openai_range_get_400(url, reference):
 
 
 def test_sampling_params_refuse_seeds_wider_than_64_bits():
-    for seed in (1 << 64, -(1 << 63) - 1, 1 << 100):
+    for seed in (1 << 64, -(1 << 63) - 1, 1 << 100, 10 ** 5000):
         with pytest.raises(RequestError, match=r"seed requires None or an integer in \[-2\*\*63, 2\*\*64 - 1\]"):
             SamplingParams(seed=seed)
     for seed in (-(1 << 63), -1, 0, (1 << 64) - 1):
@@ -342,6 +342,10 @@ def test_fields_that_change_results_are_refused_by_name(url):
         error = _error(response)
         assert error["param"] == field and field in error["message"], error
         _one_line(error["message"])
+    # bodies Python's json refuses past the syntax: an integer of 5000 digits, nesting deeper than the stack
+    for raw in (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+        response = httpx.post(f"{url}/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert response.status_code == 400 and "valid JSON" in _error(response)["message"], response.text[:300]
     # fields that change nothing are accepted
     for field, value in (("user", "u-1"), ("metadata", {"k": "v"}), ("store", False)):
         assert _post(url, "/v1/completions", {**completion, field: value}).status_code == 200

@@ -61,6 +61,8 @@ _INVALID = [
     ("/v1/completions", json.dumps({"prompt": "x", "logprobs": 5}).encode(), 400),
     ("/v1/completions", json.dumps({"prompt": [7] * 400, "max_tokens": 1}).encode(), 400),
     ("/v1/completions", b"[1, 2, 3]", 400),
+    ("/v1/completions", b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", 400),
+    ("/v1/completions", json.dumps({"prompt": "x", "n": 4, "frobnicate": True}).encode(), 400),
 ]
 _LONG = {"prompt": "never ending", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
 

@@ -63,7 +63,7 @@ class SamplingParams:
         ]
         for name, ok, requirement in checks:
             if not ok:
-                raise RequestError(f"{name} requires {requirement}; got {getattr(self, name)!r}")
+                raise RequestError(f"{name} requires {requirement}; got {_shown(getattr(self, name))}")
 
     @classmethod
     def from_generation_config(cls, generation_config: dict | None, **overrides) -> SamplingParams:
@@ -71,6 +71,12 @@ class SamplingParams:
         values = generation_defaults(generation_config or {})
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def _shown(value) -> str:
+    if is_int(value) and value.bit_length() > 128:  # repr of a huge int is long, or raises past 4300 digits
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
 
 
 def generation_defaults(generation_config: dict) -> dict:

@@ -198,8 +198,8 @@ def _too_large(size: int, limit: int) -> APIError:
 def _parse(cls, raw: bytes):
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body requires valid JSON; {e}") from None
+    except (ValueError, RecursionError) as e:  # also an integer of > 4300 digits, or nesting past the stack
+        raise APIError(400, f"the request body requires valid JSON; {type(e).__name__}: {e}") from None
     return parse_request(cls, body)
 
 
