@@ -206,7 +206,7 @@ def verify_cmd(plan, model, prompt, token_ids, atol, interpret):
 @cli.command("serve")
 @click.argument("plan", type=click.Path(dir_okay=False, exists=True))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
-@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--api-key", envvar="RDNAC_API_KEY", show_envvar=True,
               help="Require `Authorization: Bearer KEY` on /v1 routes (the environment or --api-key-file keep it "
                    "out of the process list).")

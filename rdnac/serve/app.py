@@ -203,13 +203,17 @@ def _parse(cls, raw: bytes):
     return parse_request(cls, body)
 
 
+def _check_auth_metrics(auth_metrics: bool, api_key: str | None) -> None:
+    if auth_metrics and api_key is None:
+        raise RdnacError("--auth-metrics requires an API key; got none; pass --api-key-file, RDNAC_API_KEY or "
+                         "--api-key")
+
+
 def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key: str | None = None, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth_metrics: bool = False) -> FastAPI:
     """The FastAPI app over a started EngineWorker (of `llm.engine`); `llm` supplies the tokenizer, limits and
     plan. With `auth_metrics`, GET /metrics requires the API key too."""
-    if auth_metrics and api_key is None:
-        raise RdnacError("--auth-metrics requires an API key; got none; pass --api-key-file, RDNAC_API_KEY or "
-                         "--api-key")
+    _check_auth_metrics(auth_metrics, api_key)
     server = _Server(worker, llm, model_name or llm.plan.header["model"]["name"], max_body_bytes)
     app = FastAPI(title="rdnac", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -328,9 +332,7 @@ def run_server(plan: str, *, host: str = "127.0.0.1", port: int = 8000, api_key:
 
     import rdnac
 
-    if auth_metrics and api_key is None:  # checked again by create_app; here before the model loads
-        raise RdnacError("--auth-metrics requires an API key; got none; pass --api-key-file, RDNAC_API_KEY or "
-                         "--api-key")
+    _check_auth_metrics(auth_metrics, api_key)  # before the model loads
     sock = bind(host, port)  # before loading the model: a taken port fails at once, never after "serving on"
     try:
         if device is None:
