@@ -302,26 +302,66 @@ def test_prompt_length_checked_before_the_engine_sees_it(monkeypatch, url, llm):
 
 # ---------------------------------------------------------------- 3. logprobs and unknown fields
 
-def test_logprobs_served_or_refused(url, reference):
+def _reference_top(reference, prompt_ids: list[int], token_ids: list[int], k: int) -> list[list[tuple[int, float]]]:
+    """Per generated token: the k most likely (id, logprob) from the plan's logits of the sequence so far."""
+    logprobs = reference.logits(prompt_ids + token_ids[:-1])[len(prompt_ids) - 1:].log_softmax(-1)  # [N, V]
+    values, ids = logprobs.topk(k, dim=-1)
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+
+
+def _check_top(served: list[list[tuple[str, float]]], expected: list[list[tuple[int, float]]], reference) -> None:
+    assert len(served) == len(expected)
+    for ours, theirs in zip(served, expected):
+        assert [t for t, _ in ours] == [reference.tokenizer.decode([i], skip_special_tokens=False) for i, _ in theirs]
+        assert [lp for _, lp in ours] == pytest.approx([lp for _, lp in theirs], abs=1e-4)
+
+
+def test_logprobs_and_top_logprobs_served(url, reference):
+    prompt_ids = reference.encode_prompt("Hello there")
     expected = reference.generate("Hello there", SamplingParams(max_tokens=6, logprobs=True))[0]
+    top = _reference_top(reference, prompt_ids, expected.token_ids, 3)
+    assert [alts[0][0] for alts in top] == expected.token_ids  # greedy: the chosen token leads
+    for stream in (False, True):
+        body = {"prompt": "Hello there", "max_tokens": 6, "temperature": 0, "logprobs": 3, "stream": stream}
+        if stream:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+                events = [json.loads(line[6:]) for line in response.iter_lines() if line and line != "data: [DONE]"]
+            parts = [e["choices"][0]["logprobs"] for e in events if e["choices"][0]["logprobs"]]
+            logprobs = {k: sum((p[k] for p in parts), []) for k in ("tokens", "token_logprobs", "top_logprobs")}
+        else:
+            logprobs = _post(url, "/v1/completions", body).json()["choices"][0]["logprobs"]
+        assert len(logprobs["tokens"]) == len(expected.token_ids)
+        assert logprobs["token_logprobs"] == pytest.approx(expected.logprobs, abs=1e-5)
+        # OpenAI's legacy shape is {token string: logprob}: byte tokens that decode alike merge, the last wins
+        decode = lambda i: reference.tokenizer.decode([i], skip_special_tokens=False)  # noqa: E731
+        expected_top = [dict((decode(i), lp) for i, lp in alts) for alts in top]
+        assert len(logprobs["top_logprobs"]) == len(expected_top)
+        for ours, theirs in zip(logprobs["top_logprobs"], expected_top):
+            assert list(ours) == list(theirs) and list(ours.values()) == pytest.approx(list(theirs.values()), abs=1e-4)
     body = _post(url, "/v1/completions", {"prompt": "Hello there", "max_tokens": 6, "temperature": 0,
                                           "logprobs": 0}).json()
-    logprobs = body["choices"][0]["logprobs"]
-    assert len(logprobs["tokens"]) == len(logprobs["text_offset"]) == len(expected.token_ids)
-    assert logprobs["token_logprobs"] == pytest.approx(expected.logprobs, abs=1e-5)
-    assert logprobs["top_logprobs"] is None  # none asked for (logprobs=0)
+    assert body["choices"][0]["logprobs"]["top_logprobs"] is None  # none asked for
 
+    chat_ids = reference.encode_prompt([{"role": "user", "content": "Hi"}])
     expected = reference.generate("Hi", SamplingParams(max_tokens=6, logprobs=True), chat=True)[0]
     body = _post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
-                                               "temperature": 0, "logprobs": True}).json()
+                                               "temperature": 0, "logprobs": True, "top_logprobs": 2}).json()
     content = body["choices"][0]["logprobs"]["content"]
     assert [c["logprob"] for c in content] == pytest.approx(expected.logprobs, abs=1e-5)
-    assert all(c["top_logprobs"] == [] and bytes(c["bytes"]).decode() == c["token"] for c in content)
+    _check_top([[(a["token"], a["logprob"]) for a in c["top_logprobs"]] for c in content],
+               _reference_top(reference, chat_ids, expected.token_ids, 2), reference)
+    assert all(bytes(a["bytes"]).decode() == a["token"] for c in content for a in c["top_logprobs"])
+    body = _post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
+                                               "temperature": 0, "logprobs": True}).json()
+    assert [c["top_logprobs"] for c in body["choices"][0]["logprobs"]["content"]] == [[]] * len(content)
 
-    # top alternatives are not produced by the sampler: refused, never answered with null
-    refused = [("/v1/completions", {"prompt": "x", "logprobs": 3}, "logprobs"),
-               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True,
-                                         "top_logprobs": 2}, "top_logprobs")]
+    with pytest.raises(RequestError, match="top_logprobs requires an integer in 0..20, with logprobs=True"):
+        SamplingParams(top_logprobs=2)
+
+    # what cannot be answered is refused, never answered with null
+    refused = [("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+                "top_logprobs")]
     for path, body, param in refused:
         response = _post(url, path, body)
         assert response.status_code == 400 and _error(response)["param"] == param, response.text

@@ -25,7 +25,7 @@ from rdnac.errors import RequestError
 from rdnac.runtime.block_manager import BlockManager, blocks_for
 from rdnac.runtime.detokenizer import Detokenizer, release_text
 from rdnac.runtime.model_runner import ModelRunner, StepEntry
-from rdnac.runtime.sampling import SamplingBatch
+from rdnac.runtime.sampling import SamplingBatch, top_logprobs
 from rdnac.runtime.sampling_params import SamplingParams, is_int, is_number
 from rdnac.runtime.scheduler import Scheduler
 from rdnac.runtime.sequence import Sequence
@@ -54,6 +54,8 @@ class RequestOutput:
     num_prompt_tokens: int
     prompt_token_ids: list[int] | None = None  # on the final output only
     error: Exception | None = None  # what failed the request (finish_reason "error")
+    # per new token, its params.top_logprobs most likely (token id, logprob), if asked for
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(eq=False)
@@ -174,7 +176,8 @@ class LLMEngine:
             self._pending.append(RequestOutput(request_id, [], "", list(req.seq.output_ids), req.released_text,
                                                [] if req.params.logprobs else None, True, "abort",
                                                req.seq.num_prompt_tokens,
-                                               req.seq.token_ids[:req.seq.num_prompt_tokens]))
+                                               req.seq.token_ids[:req.seq.num_prompt_tokens],
+                                               top_logprobs=[] if req.params.top_logprobs else None))
 
     def has_unfinished(self) -> bool:
         with self._lock:
@@ -204,17 +207,23 @@ class LLMEngine:
     def _run(self, chunks: list) -> list[RequestOutput]:
         entries = [StepEntry(c.seq.token_ids, c.seq.block_table, c.start, c.end, c.seq.state_slot) for c in chunks]
         reqs = [self._requests[c.seq.seq_id] if c.is_last else None for c in chunks]  # None: gives no token
-        result = self.runner.execute(entries, _sampling_batch(reqs))
+        batch = _sampling_batch(reqs)
+        result = self.runner.execute(entries, batch)
         is_sampled = any(r is not None for r in reqs)
         tokens = result.tokens.tolist() if is_sampled else []  # one device->host copy per step
         logprobs = result.logprobs.tolist() if result.logprobs is not None else [None] * len(reqs)
+        num_top = max((r.params.top_logprobs for r in reqs if r is not None), default=0)
+        tops = [None] * len(reqs)
+        if num_top:
+            values, ids = top_logprobs(result.logits, batch, num_top)
+            tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
         self.scheduler.update(chunks)  # nothing above changed the engine's state: a failed step can be rerun
         outputs = []
-        for r, t, lp in zip(reqs, tokens, logprobs):
+        for r, t, lp, top in zip(reqs, tokens, logprobs, tops):
             if r is None:
                 continue
             try:
-                outputs.append(self._append_token(r, t, lp))
+                outputs.append(self._append_token(r, t, lp, top))
             except Exception as e:  # noqa: BLE001 -- e.g. detokenizing: this request's alone
                 log.exception("rdnac: request %r failed", r.seq.seq_id)
                 outputs.append(self._fail(r, e))
@@ -243,9 +252,11 @@ class LLMEngine:
             req.is_finished = True
         return RequestOutput(seq.seq_id, [], "", list(seq.output_ids), req.released_text,
                              [] if req.params.logprobs else None, True, "error", seq.num_prompt_tokens,
-                             seq.token_ids[:seq.num_prompt_tokens], error=error)
+                             seq.token_ids[:seq.num_prompt_tokens], error=error,
+                             top_logprobs=[] if req.params.top_logprobs else None)
 
-    def _append_token(self, req: _Request, token: int, logprob: float | None) -> RequestOutput:
+    def _append_token(self, req: _Request, token: int, logprob: float | None,
+                      top: list[tuple[int, float]] | None) -> RequestOutput:
         seq, params = req.seq, req.params
         seq.token_ids.append(token)
         self._num_generated_tokens += 1
@@ -270,7 +281,8 @@ class LLMEngine:
         return RequestOutput(seq.seq_id, [token], req.text[num_released:req.num_released], list(seq.output_ids),
                              req.released_text, [logprob] if params.logprobs else None, finish_reason is not None,
                              finish_reason, seq.num_prompt_tokens,
-                             seq.token_ids[:seq.num_prompt_tokens] if finish_reason is not None else None)
+                             seq.token_ids[:seq.num_prompt_tokens] if finish_reason is not None else None,
+                             top_logprobs=[top[:params.top_logprobs]] if params.top_logprobs else None)
 
     # ------------------------------------------------------------ state
 
@@ -330,9 +342,11 @@ class LLMEngine:
             raise
         final: dict[str, RequestOutput] = {}
         logprobs: dict[str, list[float]] = {i: [] for i in ids}
+        tops: dict[str, list] = {i: [] for i in ids}
         while self.has_unfinished():
             for out in self.step():
                 logprobs[out.request_id] += out.logprobs or []
+                tops[out.request_id] += out.top_logprobs or []
                 if out.finished:
                     final[out.request_id] = out
         failed = [o.error for o in final.values() if o.error is not None]
@@ -340,7 +354,9 @@ class LLMEngine:
             raise failed[0]
         return [RequestOutput(o.request_id, list(o.token_ids), o.text, o.token_ids, o.text,
                               logprobs[o.request_id] if o.logprobs is not None else None, True, o.finish_reason,
-                              o.num_prompt_tokens, o.prompt_token_ids) for o in (final[i] for i in ids)]
+                              o.num_prompt_tokens, o.prompt_token_ids,
+                              top_logprobs=tops[o.request_id] if o.top_logprobs is not None else None)
+                for o in (final[i] for i in ids)]
 
 
 def _sampling_batch(reqs: list[_Request | None]) -> SamplingBatch:

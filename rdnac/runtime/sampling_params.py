@@ -17,6 +17,7 @@ GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty
 # The sampler keys its Philox draws with a seed's 64 bits (sampling.seed_to_int64): any signed or unsigned
 # 64-bit integer is a seed; a wider one would silently alias another, so it is refused.
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 def is_int(x) -> bool:
@@ -40,6 +41,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: also the most likely tokens at each step, up to MAX_TOP_LOGPROBS
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -60,6 +62,8 @@ class SamplingParams:
              and all(is_int(t) and t >= 0 for t in self.stop_token_ids), "a list of token ids >= 0"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "a bool"),
             ("logprobs", isinstance(self.logprobs, bool), "a bool"),
+            ("top_logprobs", is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS
+             and (self.logprobs or not self.top_logprobs), f"an integer in 0..{MAX_TOP_LOGPROBS}, with logprobs=True"),
         ]
         for name, ok, requirement in checks:
             if not ok:

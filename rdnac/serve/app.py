@@ -40,15 +40,17 @@ class _Choice:
     """What one prompt's engine request has produced so far."""
 
     def __init__(self):
-        self.text, self.token_ids, self.logprobs, self.finish_reason = "", [], [], None
+        self.text, self.token_ids, self.logprobs, self.top, self.finish_reason = "", [], [], [], None
 
-    def add(self, out) -> list[float]:
-        """Record one RequestOutput; returns the logprobs of its new tokens."""
+    def add(self, out) -> tuple[list[float], list]:
+        """Record one RequestOutput; returns the logprobs and top alternatives of its new tokens."""
         self.text, self.token_ids = out.text, list(out.token_ids)
         new_logprobs = list(out.logprobs[-len(out.new_token_ids):]) if out.logprobs and out.new_token_ids else []
+        new_top = list(out.top_logprobs or [])
         self.logprobs += new_logprobs
+        self.top += new_top
         self.finish_reason = finish_reason(out)
-        return new_logprobs
+        return new_logprobs, new_top
 
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # a full 128k-token context as JSON token ids fits in under 1 MB
@@ -71,9 +73,9 @@ class _Server:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
                            param="model", code="model_not_found")
 
-    def params(self, req, max_tokens: int, logprobs: bool):
+    def params(self, req, max_tokens: int, logprobs: bool, top_logprobs: int = 0):
         try:
-            return sampling_params(req, self.generation_config, max_tokens, logprobs)
+            return sampling_params(req, self.generation_config, max_tokens, logprobs, top_logprobs)
         except RdnacError as e:
             raise APIError(400, str(e)) from None
 
@@ -132,6 +134,9 @@ class _Server:
     def token_strings(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
 
+    def top_strings(self, top: list[list[tuple[int, float]]]) -> list[list[tuple[str, float]]]:
+        return [[(self.tokenizer.decode([t], skip_special_tokens=False), lp) for t, lp in alts] for alts in top]
+
     async def collect(self, request: Request, group: RequestGroup, num_choices: int) -> list[_Choice]:
         """Run a non-streaming request to the end; aborts it if the client disconnects first."""
         choices = [_Choice() for _ in range(num_choices)]
@@ -161,7 +166,7 @@ class _Server:
                 for choice in first:
                     yield _sse(envelope_of([choice], **extra))
                 async for index, out in group.outputs():
-                    data = chunk(index, out, choices[index].add(out))
+                    data = chunk(index, out, *choices[index].add(out))
                     if data is not None:
                         yield _sse(envelope_of([data], **extra))
                 if include_usage:
@@ -257,29 +262,32 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
         req = await server.read(request, CompletionRequest)
         server.check_model(req.model)
         prompts = req.prompts()
-        params = server.params(req, req.max_tokens or 16, logprobs=req.logprobs is not None)
+        params = server.params(req, req.max_tokens or 16, logprobs=req.logprobs is not None,
+                               top_logprobs=req.logprobs or 0)
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         group = await server.start(request_id, prompts, params, chat=False)
 
         def wrap(choices, **extra):
             return envelope(request_id, "text_completion", server.model_name, created, choices, **extra)
 
-        def logprobs_of(token_ids, logprobs, offset=0):
-            return completion_logprobs(server.token_strings(token_ids), logprobs, offset) \
-                if req.logprobs is not None else None
+        def logprobs_of(token_ids, logprobs, top, offset=0):
+            if req.logprobs is None:
+                return None
+            return completion_logprobs(server.token_strings(token_ids), logprobs,
+                                       server.top_strings(top) if req.logprobs else None, offset)
 
         if req.stream:
-            def chunk(index, out, new_logprobs):
+            def chunk(index, out, new_logprobs, new_top):
                 if not (out.new_text or out.finished or (new_logprobs and req.logprobs is not None)):
                     return None
                 offset = len(out.text) - len(out.new_text)
                 return {"index": index, "text": out.new_text, "finish_reason": finish_reason(out),
-                        "logprobs": logprobs_of(out.new_token_ids, new_logprobs, offset)}
+                        "logprobs": logprobs_of(out.new_token_ids, new_logprobs, new_top, offset)}
             return server.stream(group, [], chunk, wrap, req.include_usage)
 
         choices = await server.collect(request, group, len(prompts))
         body = wrap([{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                      "logprobs": logprobs_of(c.token_ids, c.logprobs)} for i, c in enumerate(choices)],
+                      "logprobs": logprobs_of(c.token_ids, c.logprobs, c.top)} for i, c in enumerate(choices)],
                     usage=usage(sum(group.num_prompt_tokens), sum(len(c.token_ids) for c in choices)))
         return JSONResponse(body)
 
@@ -290,7 +298,7 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
         messages = req.template_messages()
         # OpenAI's chat default is "until the context is full"; the engine caps it at the model length.
         max_tokens = req.max_completion_tokens or req.max_tokens or server.max_model_len
-        params = server.params(req, max_tokens, logprobs=req.logprobs)
+        params = server.params(req, max_tokens, logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         group = await server.start(request_id, [messages], params, chat=True)
 
@@ -298,24 +306,25 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
             return envelope(request_id, "chat.completion.chunk" if req.stream else "chat.completion",
                             server.model_name, created, choices, **extra)
 
-        def logprobs_of(token_ids, logprobs):
-            return chat_logprobs(server.token_strings(token_ids), logprobs) if req.logprobs else None
+        def logprobs_of(token_ids, logprobs, top):
+            return chat_logprobs(server.token_strings(token_ids), logprobs, server.top_strings(top)) \
+                if req.logprobs else None
 
         if req.stream:
             first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}
 
-            def chunk(index, out, new_logprobs):
+            def chunk(index, out, new_logprobs, new_top):
                 if not (out.new_text or out.finished or (new_logprobs and req.logprobs)):
                     return None
                 return {"index": index, "delta": {"content": out.new_text} if out.new_text else {},
-                        "logprobs": logprobs_of(out.new_token_ids, new_logprobs),
+                        "logprobs": logprobs_of(out.new_token_ids, new_logprobs, new_top),
                         "finish_reason": finish_reason(out)}
             return server.stream(group, [first], chunk, wrap, req.include_usage)
 
         (choice,) = await server.collect(request, group, 1)
         body = wrap([{"index": 0, "message": {"role": "assistant", "content": choice.text},
-                      "logprobs": logprobs_of(choice.token_ids, choice.logprobs),
+                      "logprobs": logprobs_of(choice.token_ids, choice.logprobs, choice.top),
                       "finish_reason": choice.finish_reason}],
                     usage=usage(group.num_prompt_tokens[0], len(choice.token_ids)))
         return JSONResponse(body)

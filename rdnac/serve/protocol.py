@@ -2,8 +2,8 @@
 
 Requests are validated with pydantic and mapped onto the runtime's
 SamplingParams; whatever rdnac cannot honour (n > 1, echo, penalties, tools,
-top logprobs, any field it does not know) is refused with a 400 naming the
-field, never silently ignored. Only fields that change nothing about the
+any field it does not know) is refused with a 400 naming the field, never
+silently ignored. Only fields that change nothing about the
 answer (user, metadata, ...: `IGNORED_FIELDS`) are accepted and ignored.
 """
 
@@ -100,9 +100,6 @@ class CompletionRequest(_SamplingRequest):
             raise APIError(400, f"best_of requires 1; got {self.best_of}", param="best_of")
         if self.suffix:
             raise APIError(400, "suffix is not supported", param="suffix")
-        if self.logprobs:
-            raise APIError(400, f"logprobs requires 0 or null (only the chosen token's logprob is served, not "
-                                f"the top alternatives); got {self.logprobs}", param="logprobs")
 
     def prompts(self) -> list[str | list[int]]:
         """One engine prompt per choice: a string, or a list of token ids."""
@@ -153,9 +150,9 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.top_logprobs:
-            raise APIError(400, f"top_logprobs requires 0 (only the chosen token's logprob is returned); got "
-                                f"{self.top_logprobs}", param="top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, f"top_logprobs requires logprobs=true; got top_logprobs={self.top_logprobs} without "
+                                f"it", param="top_logprobs")
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools")
         if self.response_format is not None and self.response_format.get("type") != "text":
@@ -198,7 +195,7 @@ def _short(value: Any) -> str:
 
 
 def sampling_params(req: _SamplingRequest, generation_config: dict, max_tokens: int,
-                    logprobs: bool) -> SamplingParams:
+                    logprobs: bool, top_logprobs: int = 0) -> SamplingParams:
     """Map a request onto SamplingParams; unset fields take the plan's generation_config as `rdnac run` does
     (`SamplingParams.from_generation_config`: greedy where the config asks for no sampling or says nothing)."""
     top_k = None if req.top_k is None else max(0, req.top_k)
@@ -206,7 +203,8 @@ def sampling_params(req: _SamplingRequest, generation_config: dict, max_tokens: 
     return SamplingParams.from_generation_config(
         generation_config, max_tokens=max_tokens, temperature=req.temperature, top_k=top_k, top_p=req.top_p,
         min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=req.seed, stop=stop,
-        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs)
+        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
+        top_logprobs=top_logprobs)
 
 
 # ---------------------------------------------------------------- responses
@@ -220,18 +218,23 @@ def envelope(request_id: str, obj: str, model: str, created: int, choices: list[
     return {"id": request_id, "object": obj, "created": created, "model": model, "choices": choices, **extra}
 
 
-def completion_logprobs(tokens: list[str], logprobs: list[float], text_offset: int = 0) -> dict:
-    """The legacy completions logprobs object (chosen tokens only: top_logprobs is null)."""
+def completion_logprobs(tokens: list[str], logprobs: list[float], top: list[list[tuple[str, float]]] | None,
+                        text_offset: int = 0) -> dict:
+    """The legacy completions logprobs object; top_logprobs: per token, {token: logprob} of the most likely
+    (null when logprobs=0)."""
     offsets = []
     for token in tokens:
         offsets.append(text_offset)
         text_offset += len(token)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+    top_logprobs = [dict(alternatives) for alternatives in top] if top is not None else None
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
-def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict:
-    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-                        for t, lp in zip(tokens, logprobs)]}
+def chat_logprobs(tokens: list[str], logprobs: list[float], top: list[list[tuple[str, float]]] | None) -> dict:
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(*alt) for alt in alts]}
+                        for t, lp, alts in zip(tokens, logprobs, top or [[]] * len(tokens))]}
 
 
 def finish_reason(out: RequestOutput) -> str | None:

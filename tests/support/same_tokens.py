@@ -93,7 +93,7 @@ class Server:
         raise AssertionError("rdnac serve did not come up in 120 s")
 
     def complete(self, prompt: str, params: dict) -> dict:
-        body = {"prompt": prompt, "logprobs": 0, **params}
+        body = {"prompt": prompt, "logprobs": 1, **params}
         response = httpx.post(f"{self.url}/v1/completions", json=body, timeout=120)
         assert response.status_code == 200, response.text
         return response.json()["choices"][0]
