@@ -383,7 +383,9 @@ def test_fields_that_change_results_are_refused_by_name(url):
         assert error["param"] == field and field in error["message"], error
         _one_line(error["message"])
     # bodies Python's json refuses past the syntax: an integer of 5000 digits, nesting deeper than the stack
-    for raw in (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+    huge_int = b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}"
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for raw in (huge_int, deep):
         response = httpx.post(f"{url}/v1/completions", content=raw, headers={"content-type": "application/json"})
         assert response.status_code == 400 and "valid JSON" in _error(response)["message"], response.text[:300]
     # fields that change nothing are accepted

@@ -126,7 +126,8 @@ class Soak:
     def valid_request(self, client: httpx.Client, i: int) -> None:
         path, body = self.valid[i]
         got = _ask(client, path, body)
-        self.note("valid", None if got == self.expected[i] else f"{path} {body}: got {got}, serially {self.expected[i]}")
+        failure = None if got == self.expected[i] else f"{path} {body}: got {got}, serially {self.expected[i]}"
+        self.note("valid", failure)
 
     def invalid_request(self, client: httpx.Client, rng: random.Random) -> None:
         path, raw, status = rng.choice(_INVALID)
@@ -210,6 +211,7 @@ def test_serving_soak(tmp_path):
                     "every KV block to be free")
         assert metrics['rdnac_requests_finished_total{finish_reason="error"}'] == 0
         rss_after = _rss_bytes(proc.pid)
-        assert rss_after < 1.10 * rss_before, f"RSS grew from {rss_before / 2**20:.0f} MiB to {rss_after / 2**20:.0f} MiB"
+        assert rss_after < 1.10 * rss_before, \
+            f"RSS grew from {rss_before / 2**20:.0f} MiB to {rss_after / 2**20:.0f} MiB"
         print(f"soak: {NUM_CLIENTS} clients, {SECONDS:.0f} s: {soak.counts}; RSS {rss_before / 2**20:.0f} -> "
               f"{rss_after / 2**20:.0f} MiB")
