@@ -28,7 +28,7 @@ def test_seed_gives_the_same_tokens_everywhere(tmp_path):
 
 def test_generation_config_sets_the_defaults_everywhere(tmp_path):
     """Params a request leaves unset come from the plan's generation_config, by HF's rules, the same way for
-    the Python API and `rdnac run` (the server reads it too, falling back to OpenAI's defaults)."""
+    the Python API and `rdnac run` (the server too: tests/test_serve_hardening.py)."""
     assert generation_defaults({}) == {"temperature": 0.0}  # nothing asked: greedy
     assert generation_defaults({"do_sample": False, "temperature": 0.7, "top_k": 5}) == {"temperature": 0.0}
     assert generation_defaults({"do_sample": True}) == {"temperature": 1.0}

@@ -209,8 +209,15 @@ def verify_cmd(plan, model, prompt, token_ids, atol, interpret):
 @cli.command("serve")
 @click.argument("plan", type=click.Path(dir_okay=False, exists=True))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
-@click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--api-key", help="Require `Authorization: Bearer KEY` on /v1 routes.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--api-key", envvar="RDNAC_API_KEY", show_envvar=True,
+              help="Require `Authorization: Bearer KEY` on /v1 routes (the environment or --api-key-file keep it "
+                   "out of the process list).")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, exists=True),
+              help="Read the API key from this file (its first line).")
+@click.option("--auth-metrics", is_flag=True, help="Require the API key on GET /metrics too.")
+@click.option("--max-body-bytes", type=click.IntRange(1), default=4 << 20, show_default=True,
+              help="Largest request body; a larger one gets 413 before it is read.")
 @click.option("--model-name", help="Model id clients send (default: the plan's model name).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Default: cuda for GPU-target plans, cpu for cpu plans.")
@@ -221,12 +228,13 @@ def verify_cmd(plan, model, prompt, token_ids, atol, interpret):
 @click.option("--enable-prefix-caching", is_flag=True, help="Reuse KV blocks of shared prompt prefixes.")
 @click.option("--verify-weights/--no-verify-weights", default=True, show_default=True,
               help="Check each weight tensor against the checksum the plan records, as it loads.")
-def serve_cmd(plan, host, port, api_key, model_name, device, max_num_seqs, max_num_batched_tokens,
-              gpu_memory_utilization, enable_prefix_caching, verify_weights):
+def serve_cmd(plan, host, port, api_key, api_key_file, auth_metrics, max_body_bytes, model_name, device,
+              max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, enable_prefix_caching, verify_weights):
     """Serve PLAN over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
-    from rdnac.serve import serve
+    from rdnac.serve import read_api_key, serve
 
-    serve(plan, host=host, port=port, api_key=api_key, model_name=model_name, device=device,
+    serve(plan, host=host, port=port, api_key=read_api_key(api_key, api_key_file), auth_metrics=auth_metrics,
+          max_body_bytes=max_body_bytes, model_name=model_name, device=device,
           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
           gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
           verify_weights=verify_weights)

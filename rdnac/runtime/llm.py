@@ -80,6 +80,8 @@ class LLM:
         try:
             while self.engine.has_unfinished():
                 for out in self.engine.step():
+                    if out.error is not None:
+                        raise out.error
                     yield out
         finally:
             self.engine.abort_request(request_id)  # a consumer that stops early frees the request

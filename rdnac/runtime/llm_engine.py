@@ -14,6 +14,7 @@ may run `step()` while others add or abort requests.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ from rdnac.errors import RequestError
 from rdnac.runtime.block_manager import BlockManager, blocks_for
 from rdnac.runtime.detokenizer import Detokenizer, release_text
 from rdnac.runtime.model_runner import ModelRunner, StepEntry
-from rdnac.runtime.sampling import SamplingBatch
+from rdnac.runtime.sampling import SamplingBatch, top_logprobs
 from rdnac.runtime.sampling_params import SamplingParams, is_int, is_number
 from rdnac.runtime.scheduler import Scheduler
 from rdnac.runtime.sequence import Sequence
@@ -32,6 +33,8 @@ from rdnac.runtime.state_cache import default_num_blocks
 from rdnac.runtime.tokenizer import Tokenizer
 
 Prompt = str | list[int] | list[dict]
+
+log = logging.getLogger("rdnac.engine")
 
 _UNLIMITED = 1 << 30  # ModelRunner's value for a plan that sets no limit
 _DEFAULT_MAX_NUM_SEQS = 256
@@ -47,9 +50,12 @@ class RequestOutput:
     text: str  # all text released so far
     logprobs: list[float] | None  # of new_token_ids, if asked for
     finished: bool
-    finish_reason: str | None  # "stop" (EOS, stop token or stop string), "length" or "abort"
+    finish_reason: str | None  # "stop" (EOS, stop token or stop string), "length", "abort" or "error"
     num_prompt_tokens: int
     prompt_token_ids: list[int] | None = None  # on the final output only
+    error: Exception | None = None  # what failed the request (finish_reason "error")
+    # per new token, its params.top_logprobs most likely (token id, logprob), if asked for
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(eq=False)
@@ -170,7 +176,8 @@ class LLMEngine:
             self._pending.append(RequestOutput(request_id, [], "", list(req.seq.output_ids), req.released_text,
                                                [] if req.params.logprobs else None, True, "abort",
                                                req.seq.num_prompt_tokens,
-                                               req.seq.token_ids[:req.seq.num_prompt_tokens]))
+                                               req.seq.token_ids[:req.seq.num_prompt_tokens],
+                                               top_logprobs=[] if req.params.top_logprobs else None))
 
     def has_unfinished(self) -> bool:
         with self._lock:
@@ -179,7 +186,10 @@ class LLMEngine:
     # ------------------------------------------------------------ stepping
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; returns an output for every request that got a token or finished."""
+        """Run one batch; returns an output for every request that got a token or finished.
+
+        An exception while running a request fails that request only (finish_reason "error", the exception
+        in `error`, its blocks freed); the engine keeps serving the others."""
         with self._lock:
             outputs, self._pending = self._pending, []
             for out in outputs:
@@ -188,18 +198,65 @@ class LLMEngine:
             if not chunks:
                 return outputs
             self._num_steps += 1
-            entries = [StepEntry(c.seq.token_ids, c.seq.block_table, c.start, c.end, c.seq.state_slot) for c in chunks]
-            reqs = [self._requests[c.seq.seq_id] if c.is_last else None for c in chunks]  # None: gives no token
-            result = self.runner.execute(entries, _sampling_batch(reqs))
-            self.scheduler.update(chunks)
-            if not any(r is not None for r in reqs):
-                return outputs
-            tokens = result.tokens.tolist()  # one device->host copy per step
-            logprobs = result.logprobs.tolist() if result.logprobs is not None else [None] * len(reqs)
-            outputs += [self._append_token(r, t, lp) for r, t, lp in zip(reqs, tokens, logprobs) if r is not None]
-            return outputs
+            try:
+                return outputs + self._run(chunks)
+            except Exception as e:  # noqa: BLE001 -- the model step failed before any request took its token
+                log.exception("rdnac: a step of %d sequences failed", len(chunks))
+                return outputs + self._isolate(chunks, e)
 
-    def _append_token(self, req: _Request, token: int, logprob: float | None) -> RequestOutput:
+    def _run(self, chunks: list) -> list[RequestOutput]:
+        entries = [StepEntry(c.seq.token_ids, c.seq.block_table, c.start, c.end, c.seq.state_slot) for c in chunks]
+        reqs = [self._requests[c.seq.seq_id] if c.is_last else None for c in chunks]  # None: gives no token
+        batch = _sampling_batch(reqs)
+        result = self.runner.execute(entries, batch)
+        is_sampled = any(r is not None for r in reqs)
+        tokens = result.tokens.tolist() if is_sampled else []  # one device->host copy per step
+        logprobs = result.logprobs.tolist() if result.logprobs is not None else [None] * len(reqs)
+        num_top = max((r.params.top_logprobs for r in reqs if r is not None), default=0)
+        tops = [None] * len(reqs)
+        if num_top:
+            values, ids = top_logprobs(result.logits, batch, num_top)
+            tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        self.scheduler.update(chunks)  # nothing above changed the engine's state: a failed step can be rerun
+        outputs = []
+        for r, t, lp, top in zip(reqs, tokens, logprobs, tops):
+            if r is None:
+                continue
+            try:
+                outputs.append(self._append_token(r, t, lp, top))
+            except Exception as e:  # noqa: BLE001 -- e.g. detokenizing: this request's alone
+                log.exception("rdnac: request %r failed", r.seq.seq_id)
+                outputs.append(self._fail(r, e))
+        return outputs
+
+    def _isolate(self, chunks: list, error: Exception) -> list[RequestOutput]:
+        """After a failed step: rerun its chunks one at a time, failing only those that fail alone. A rerun
+        rewrites the same KV slots with the same values; per-sequence (recurrent) state may have been advanced
+        by the failed step, so such a plan fails the whole step instead."""
+        if len(chunks) == 1 or self.runner.bytes_per_sequence:
+            return [self._fail(self._requests[c.seq.seq_id], error) for c in chunks]
+        outputs = []
+        for c in chunks:
+            try:
+                outputs += self._run([c])
+            except Exception as e:  # noqa: BLE001
+                log.exception("rdnac: request %r failed", c.seq.seq_id)
+                outputs.append(self._fail(self._requests[c.seq.seq_id], e))
+        return outputs
+
+    def _fail(self, req: _Request, error: Exception) -> RequestOutput:
+        seq = req.seq
+        self._requests.pop(seq.seq_id, None)
+        if not req.is_finished:
+            self.scheduler.finish(seq)
+            req.is_finished = True
+        return RequestOutput(seq.seq_id, [], "", list(seq.output_ids), req.released_text,
+                             [] if req.params.logprobs else None, True, "error", seq.num_prompt_tokens,
+                             seq.token_ids[:seq.num_prompt_tokens], error=error,
+                             top_logprobs=[] if req.params.top_logprobs else None)
+
+    def _append_token(self, req: _Request, token: int, logprob: float | None,
+                      top: list[tuple[int, float]] | None) -> RequestOutput:
         seq, params = req.seq, req.params
         seq.token_ids.append(token)
         self._num_generated_tokens += 1
@@ -224,7 +281,8 @@ class LLMEngine:
         return RequestOutput(seq.seq_id, [token], req.text[num_released:req.num_released], list(seq.output_ids),
                              req.released_text, [logprob] if params.logprobs else None, finish_reason is not None,
                              finish_reason, seq.num_prompt_tokens,
-                             seq.token_ids[:seq.num_prompt_tokens] if finish_reason is not None else None)
+                             seq.token_ids[:seq.num_prompt_tokens] if finish_reason is not None else None,
+                             top_logprobs=[top[:params.top_logprobs]] if params.top_logprobs else None)
 
     # ------------------------------------------------------------ state
 
@@ -290,14 +348,21 @@ class LLMEngine:
             raise
         final: dict[str, RequestOutput] = {}
         logprobs: dict[str, list[float]] = {i: [] for i in ids}
+        tops: dict[str, list] = {i: [] for i in ids}
         while self.has_unfinished():
             for out in self.step():
                 logprobs[out.request_id] += out.logprobs or []
+                tops[out.request_id] += out.top_logprobs or []
                 if out.finished:
                     final[out.request_id] = out
+        failed = [o.error for o in final.values() if o.error is not None]
+        if failed:
+            raise failed[0]
         return [RequestOutput(o.request_id, list(o.token_ids), o.text, o.token_ids, o.text,
                               logprobs[o.request_id] if o.logprobs is not None else None, True, o.finish_reason,
-                              o.num_prompt_tokens, o.prompt_token_ids) for o in (final[i] for i in ids)]
+                              o.num_prompt_tokens, o.prompt_token_ids,
+                              top_logprobs=tops[o.request_id] if o.top_logprobs is not None else None)
+                for o in (final[i] for i in ids)]
 
 
 def _sampling_batch(reqs: list[_Request | None]) -> SamplingBatch:

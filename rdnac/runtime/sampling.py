@@ -144,6 +144,14 @@ def truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: 
     return logits
 
 
+def top_logprobs(logits: torch.Tensor, batch: SamplingBatch, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logprobs [B, k] float32, token ids [B, k] int64) of each row's k most likely tokens, scored as `sample`
+    scores the chosen token: log_softmax of the penalized logits."""
+    # logits: [B, V] float32
+    logits = apply_repetition_penalty(logits.float(), batch.token_ids, batch.repetition_penalties)
+    return logits.log_softmax(dim=-1).topk(k, dim=-1)
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns (token ids [B] int64, their logprobs [B] float32 if the batch asks), on the logits' device."""
     # logits: [B, V] float32

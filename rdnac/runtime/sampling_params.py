@@ -14,6 +14,11 @@ from rdnac.errors import RequestError
 # generation_config keys that set sampling defaults (HF names, which are also ours)
 GENERATION_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
+# The sampler keys its Philox draws with a seed's 64 bits (sampling.seed_to_int64): any signed or unsigned
+# 64-bit integer is a seed; a wider one would silently alias another, so it is refused.
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
 
 def is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
@@ -36,6 +41,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: bool = False
+    top_logprobs: int = 0  # with logprobs: also the most likely tokens at each step, up to MAX_TOP_LOGPROBS
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -48,17 +54,20 @@ class SamplingParams:
             ("min_p", is_number(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
             ("repetition_penalty", is_number(self.repetition_penalty) and self.repetition_penalty > 0,
              "a number > 0 (1: off)"),
-            ("seed", self.seed is None or is_int(self.seed), "an integer or None"),
+            ("seed", self.seed is None or is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX,
+             "None or an integer in [-2**63, 2**64 - 1] (64 bits)"),
             ("stop", isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
              "a list of non-empty strings"),
             ("stop_token_ids", isinstance(self.stop_token_ids, list)
              and all(is_int(t) and t >= 0 for t in self.stop_token_ids), "a list of token ids >= 0"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "a bool"),
             ("logprobs", isinstance(self.logprobs, bool), "a bool"),
+            ("top_logprobs", is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS
+             and (self.logprobs or not self.top_logprobs), f"an integer in 0..{MAX_TOP_LOGPROBS}, with logprobs=True"),
         ]
         for name, ok, requirement in checks:
             if not ok:
-                raise RequestError(f"{name} requires {requirement}; got {getattr(self, name)!r}")
+                raise RequestError(f"{name} requires {requirement}; got {_shown(getattr(self, name))}")
 
     @classmethod
     def from_generation_config(cls, generation_config: dict | None, **overrides) -> SamplingParams:
@@ -66,6 +75,12 @@ class SamplingParams:
         values = generation_defaults(generation_config or {})
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def _shown(value) -> str:
+    if is_int(value) and value.bit_length() > 128:  # repr of a huge int is long, or raises past 4300 digits
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
 
 
 def generation_defaults(generation_config: dict) -> dict:

@@ -27,6 +27,25 @@ def require_server_deps() -> None:
                          f"environment; install them with: pip install 'rdnac[serve]'")
 
 
+def read_api_key(api_key: str | None, api_key_file: str | None) -> str | None:
+    """The key from --api-key (or RDNAC_API_KEY) or from the first line of --api-key-file; one at most."""
+    if api_key is not None and api_key_file is not None:
+        raise RdnacError(f"rdnac serve requires one API key; got --api-key (or RDNAC_API_KEY) and --api-key-file "
+                         f"{api_key_file}; keep one")
+    if api_key_file is not None:
+        try:
+            lines = open(api_key_file, encoding="utf-8").read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise RdnacError(f"--api-key-file requires a readable UTF-8 file; got {api_key_file}: {e}") from None
+        api_key = lines[0].strip() if lines else ""
+        if not api_key:
+            raise RdnacError(f"--api-key-file requires the key on its first line; got an empty first line in "
+                             f"{api_key_file}")
+    if api_key is not None and not api_key.strip():
+        raise RdnacError("--api-key requires a non-empty key; got an empty one (is RDNAC_API_KEY set but empty?)")
+    return api_key
+
+
 def serve(plan: str, **options) -> None:
     """Serve PLAN over HTTP until interrupted; options as in `rdnac serve --help`."""
     require_server_deps()

@@ -1,21 +1,26 @@
 """The OpenAI-compatible HTTP API of `rdnac serve` (FastAPI), and the uvicorn server that runs it.
 
     GET  /health               200, or 503 once the engine thread has died
-    GET  /metrics              Prometheus text
+    GET  /metrics              Prometheus text (behind the API key with --auth-metrics)
     GET  /v1/models            the one model served
     POST /v1/completions       prompt: string, token ids, or a list of either
     POST /v1/chat/completions  messages, rendered with the plan's chat template
 
-Handlers never touch the LLMEngine: they submit to the engine thread
-(`worker.EngineWorker`) and await its events. A client that goes away
-mid-request has its engine requests aborted, which frees their KV blocks.
+Handlers never touch the LLMEngine: they read the body (at most
+--max-body-bytes, else 413 before the rest is read), parse and tokenize it in
+a worker thread, check the prompt against the context, and only then submit
+token ids to the engine thread (`worker.EngineWorker`) and await its events.
+A client that goes away mid-request has its engine requests aborted, which
+frees their KV blocks; a request that fails in the engine fails alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import json
+import socket
 import sys
 import time
 import uuid
@@ -26,7 +31,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rdnac.errors import RdnacError
-from rdnac.runtime.sampling_params import GENERATION_KEYS, generation_defaults
 from rdnac.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs,
                                   completion_logprobs, envelope, finish_reason, parse_request, sampling_params, usage)
 from rdnac.serve.worker import ClientDisconnected, EngineFailed, EngineWorker, RequestGroup
@@ -36,51 +40,92 @@ class _Choice:
     """What one prompt's engine request has produced so far."""
 
     def __init__(self):
-        self.text, self.token_ids, self.logprobs, self.finish_reason = "", [], [], None
+        self.text, self.token_ids, self.logprobs, self.top, self.finish_reason = "", [], [], [], None
 
-    def add(self, out) -> list[float]:
-        """Record one RequestOutput; returns the logprobs of its new tokens."""
+    def add(self, out) -> tuple[list[float], list]:
+        """Record one RequestOutput; returns the logprobs and top alternatives of its new tokens."""
         self.text, self.token_ids = out.text, list(out.token_ids)
         new_logprobs = list(out.logprobs[-len(out.new_token_ids):]) if out.logprobs and out.new_token_ids else []
+        new_top = list(out.top_logprobs or [])
         self.logprobs += new_logprobs
+        self.top += new_top
         self.finish_reason = finish_reason(out)
-        return new_logprobs
+        return new_logprobs, new_top
+
+
+DEFAULT_MAX_BODY_BYTES = 4 << 20  # a full 128k-token context as JSON token ids fits in under 1 MB
 
 
 class _Server:
-    def __init__(self, worker: EngineWorker, llm, model_name: str):
+    def __init__(self, worker: EngineWorker, llm, model_name: str, max_body_bytes: int):
         self.worker = worker
+        self.llm = llm
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.max_model_len
         self.model_name = model_name
+        self.max_body_bytes = max_body_bytes
         self.created = int(time.time())
-        gen = llm.plan.body.get("generation_config") or {}
-        # the plan's defaults, as `rdnac run` and the Python API read them (do_sample false: greedy); what the
-        # config leaves unset takes OpenAI's defaults (temperature 1), not greedy
-        self.defaults = {k: gen[k] for k in GENERATION_KEYS if gen.get(k) is not None}
-        if gen.get("do_sample") is False or "temperature" in gen:
-            self.defaults = generation_defaults(gen)
+        # unset sampling fields take the plan's generation_config exactly as `rdnac run` does
+        self.generation_config = llm.plan.body.get("generation_config") or {}
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
                            param="model", code="model_not_found")
 
-    def params(self, req, max_tokens: int, logprobs: bool):
+    def params(self, req, max_tokens: int, logprobs: bool, top_logprobs: int = 0):
         try:
-            return sampling_params(req, self.defaults, max_tokens, logprobs)
+            return sampling_params(req, self.generation_config, max_tokens, logprobs, top_logprobs)
         except RdnacError as e:
             raise APIError(400, str(e)) from None
 
+    async def read(self, request: Request, cls):
+        """The body, parsed and validated off the event loop; 413 as soon as it outgrows --max-body-bytes."""
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise _too_large(size, limit)
+            parts.append(part)
+        return await asyncio.to_thread(_parse, cls, b"".join(parts))
+
+    async def encode(self, prompts: list, chat: bool) -> list[list[int]]:
+        """Token ids of each prompt, tokenized in a worker thread (never on the engine thread), each checked
+        against the context before any engine work."""
+        param = "messages" if chat else "prompt"
+        encoded = []
+        for prompt in prompts:
+            is_ids = isinstance(prompt, list) and not (prompt and isinstance(prompt[0], dict))
+            if is_ids:
+                self.check_length(len(prompt), param)
+            try:
+                ids = await asyncio.to_thread(self.llm.encode_prompt, prompt, chat)
+            except RdnacError as e:  # bad token ids, bad template: the client's to fix
+                raise APIError(400, str(e), param=param) from None
+            self.check_length(len(ids), param)
+            encoded.append(ids)
+        return encoded
+
+    def check_length(self, num_tokens: int, param: str) -> None:
+        if num_tokens >= self.max_model_len:
+            raise APIError(400, f"prompt of {num_tokens} tokens requires fewer than the plan's max model length "
+                                f"{self.max_model_len}; shorten the prompt", param=param,
+                           code="context_length_exceeded")
+
     async def start(self, request_id: str, prompts: list, params, chat: bool) -> RequestGroup:
+        token_ids = await self.encode(prompts, chat)
         group = RequestGroup(self.worker, request_id, len(prompts))
-        group.submit(prompts, params, chat)
+        group.submit(token_ids, params, chat=False)
         try:
             await group.admitted()
-        except RdnacError as e:  # prompt too long, bad token ids, bad template: the client's to fix
+        except RdnacError as e:  # e.g. more KV blocks than the pool holds: the client's to fix
             raise APIError(400, str(e), param="messages" if chat else "prompt") from None
-        except EngineFailed as e:
-            raise APIError(503, str(e), type="server_error") from None
+        except EngineFailed as e:  # 503 once the engine thread is gone; else this request alone failed
+            raise APIError(500 if self.worker.is_alive else 503, str(e), type="server_error") from None
         except asyncio.CancelledError:
             group.abort()
             raise
@@ -88,6 +133,9 @@ class _Server:
 
     def token_strings(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+
+    def top_strings(self, top: list[list[tuple[int, float]]]) -> list[list[tuple[str, float]]]:
+        return [[(self.tokenizer.decode([t], skip_special_tokens=False), lp) for t, lp in alts] for alts in top]
 
     async def collect(self, request: Request, group: RequestGroup, num_choices: int) -> list[_Choice]:
         """Run a non-streaming request to the end; aborts it if the client disconnects first."""
@@ -118,7 +166,7 @@ class _Server:
                 for choice in first:
                     yield _sse(envelope_of([choice], **extra))
                 async for index, out in group.outputs():
-                    data = chunk(index, out, choices[index].add(out))
+                    data = chunk(index, out, *choices[index].add(out))
                     if data is not None:
                         yield _sse(envelope_of([data], **extra))
                 if include_usage:
@@ -147,17 +195,31 @@ async def _watch_disconnect(request: Request, group: RequestGroup) -> None:
             return
 
 
-async def _read_json(request: Request):
-    raw = await request.body()
+def _too_large(size: int, limit: int) -> APIError:
+    return APIError(413, f"the request body requires at most {limit} bytes (rdnac serve --max-body-bytes); "
+                         f"got {size}{'' if size <= limit else ' or more'}", code="request_too_large")
+
+
+def _parse(cls, raw: bytes):
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body requires valid JSON; {e}") from None
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # also an integer of > 4300 digits, or nesting past the stack
+        raise APIError(400, f"the request body requires valid JSON; {type(e).__name__}: {e}") from None
+    return parse_request(cls, body)
 
 
-def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app over a started EngineWorker (of `llm.engine`); `llm` supplies the tokenizer, limits and plan."""
-    server = _Server(worker, llm, model_name or llm.plan.header["model"]["name"])
+def _check_auth_metrics(auth_metrics: bool, api_key: str | None) -> None:
+    if auth_metrics and api_key is None:
+        raise RdnacError("--auth-metrics requires an API key; got none; pass --api-key-file, RDNAC_API_KEY or "
+                         "--api-key")
+
+
+def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key: str | None = None, *,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth_metrics: bool = False) -> FastAPI:
+    """The FastAPI app over a started EngineWorker (of `llm.engine`); `llm` supplies the tokenizer, limits and
+    plan. With `auth_metrics`, GET /metrics requires the API key too."""
+    _check_auth_metrics(auth_metrics, api_key)
+    server = _Server(worker, llm, model_name or llm.plan.header["model"]["name"], max_body_bytes)
     app = FastAPI(title="rdnac", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
@@ -175,7 +237,7 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
             return
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(401, "requires the header `Authorization: Bearer <key>` with the server's --api-key",
+            raise APIError(401, "requires the header `Authorization: Bearer <key>` with the server's API key",
                            code="invalid_api_key")
 
     @app.get("/health")
@@ -184,7 +246,7 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
             return JSONResponse({"status": "error", "error": worker.error or "engine thread stopped"}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(check_api_key)] if auth_metrics else [])
     async def metrics():
         return PlainTextResponse(worker.metrics.render(server.model_name), media_type="text/plain; version=0.0.4")
 
@@ -197,43 +259,46 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
 
     @v1.post("/completions")
     async def completions(request: Request):
-        req = parse_request(CompletionRequest, await _read_json(request))
+        req = await server.read(request, CompletionRequest)
         server.check_model(req.model)
         prompts = req.prompts()
-        params = server.params(req, req.max_tokens or 16, logprobs=req.logprobs is not None)
+        params = server.params(req, req.max_tokens or 16, logprobs=req.logprobs is not None,
+                               top_logprobs=req.logprobs or 0)
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         group = await server.start(request_id, prompts, params, chat=False)
 
         def wrap(choices, **extra):
             return envelope(request_id, "text_completion", server.model_name, created, choices, **extra)
 
-        def logprobs_of(token_ids, logprobs, offset=0):
-            return completion_logprobs(server.token_strings(token_ids), logprobs, offset) \
-                if req.logprobs is not None else None
+        def logprobs_of(token_ids, logprobs, top, offset=0):
+            if req.logprobs is None:
+                return None
+            return completion_logprobs(server.token_strings(token_ids), logprobs,
+                                       server.top_strings(top) if req.logprobs else None, offset)
 
         if req.stream:
-            def chunk(index, out, new_logprobs):
+            def chunk(index, out, new_logprobs, new_top):
                 if not (out.new_text or out.finished or (new_logprobs and req.logprobs is not None)):
                     return None
                 offset = len(out.text) - len(out.new_text)
                 return {"index": index, "text": out.new_text, "finish_reason": finish_reason(out),
-                        "logprobs": logprobs_of(out.new_token_ids, new_logprobs, offset)}
+                        "logprobs": logprobs_of(out.new_token_ids, new_logprobs, new_top, offset)}
             return server.stream(group, [], chunk, wrap, req.include_usage)
 
         choices = await server.collect(request, group, len(prompts))
         body = wrap([{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                      "logprobs": logprobs_of(c.token_ids, c.logprobs)} for i, c in enumerate(choices)],
+                      "logprobs": logprobs_of(c.token_ids, c.logprobs, c.top)} for i, c in enumerate(choices)],
                     usage=usage(sum(group.num_prompt_tokens), sum(len(c.token_ids) for c in choices)))
         return JSONResponse(body)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_request(ChatCompletionRequest, await _read_json(request))
+        req = await server.read(request, ChatCompletionRequest)
         server.check_model(req.model)
         messages = req.template_messages()
         # OpenAI's chat default is "until the context is full"; the engine caps it at the model length.
         max_tokens = req.max_completion_tokens or req.max_tokens or server.max_model_len
-        params = server.params(req, max_tokens, logprobs=req.logprobs)
+        params = server.params(req, max_tokens, logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         group = await server.start(request_id, [messages], params, chat=True)
 
@@ -241,24 +306,25 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
             return envelope(request_id, "chat.completion.chunk" if req.stream else "chat.completion",
                             server.model_name, created, choices, **extra)
 
-        def logprobs_of(token_ids, logprobs):
-            return chat_logprobs(server.token_strings(token_ids), logprobs) if req.logprobs else None
+        def logprobs_of(token_ids, logprobs, top):
+            return chat_logprobs(server.token_strings(token_ids), logprobs, server.top_strings(top)) \
+                if req.logprobs else None
 
         if req.stream:
             first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}
 
-            def chunk(index, out, new_logprobs):
+            def chunk(index, out, new_logprobs, new_top):
                 if not (out.new_text or out.finished or (new_logprobs and req.logprobs)):
                     return None
                 return {"index": index, "delta": {"content": out.new_text} if out.new_text else {},
-                        "logprobs": logprobs_of(out.new_token_ids, new_logprobs),
+                        "logprobs": logprobs_of(out.new_token_ids, new_logprobs, new_top),
                         "finish_reason": finish_reason(out)}
             return server.stream(group, [first], chunk, wrap, req.include_usage)
 
         (choice,) = await server.collect(request, group, 1)
         body = wrap([{"index": 0, "message": {"role": "assistant", "content": choice.text},
-                      "logprobs": logprobs_of(choice.token_ids, choice.logprobs),
+                      "logprobs": logprobs_of(choice.token_ids, choice.logprobs, choice.top),
                       "finish_reason": choice.finish_reason}],
                     usage=usage(group.num_prompt_tokens[0], len(choice.token_ids)))
         return JSONResponse(body)
@@ -269,23 +335,43 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
 
 def run_server(plan: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                model_name: str | None = None, device: str | None = None, log_level: str = "info",
-               **llm_options) -> None:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth_metrics: bool = False, **llm_options) -> None:
     """Load PLAN, start the engine thread and serve until interrupted (`rdnac serve`)."""
     import uvicorn
 
     import rdnac
 
-    if device is None:
-        from rdnac.plans import read_plan
-
-        device = "cpu" if read_plan(plan, header_only=True).header["target"] == "cpu" else "cuda"
-    llm = rdnac.load(plan, device=device, **{k: v for k, v in llm_options.items() if v is not None})
-    worker = EngineWorker(llm.engine)
-    worker.start()
-    app = create_app(worker, llm, model_name, api_key)
-    name = app.state.server.model_name
-    print(f"rdnac: serving {name} from {plan} on http://{host}:{port} (device {device})", file=sys.stderr)
+    _check_auth_metrics(auth_metrics, api_key)  # before the model loads
+    sock = bind(host, port)  # before loading the model: a taken port fails at once, never after "serving on"
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        if device is None:
+            from rdnac.plans import read_plan
+
+            device = "cpu" if read_plan(plan, header_only=True).header["target"] == "cpu" else "cuda"
+        llm = rdnac.load(plan, device=device, **{k: v for k, v in llm_options.items() if v is not None})
+        worker = EngineWorker(llm.engine)
+        worker.start()
+        try:
+            app = create_app(worker, llm, model_name, api_key, max_body_bytes=max_body_bytes,
+                             auth_metrics=auth_metrics)
+            name = app.state.server.model_name
+            print(f"rdnac: serving {name} from {plan} on http://{host}:{port} (device {device})", file=sys.stderr)
+            config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            worker.shutdown()
     finally:
-        worker.shutdown()
+        sock.close()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or one line saying why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise RdnacError(f"rdnac serve requires a free port; got {host}:{port} already in use; stop what "
+                             f"listens there or pick another with --port") from None
+        raise RdnacError(f"rdnac serve requires an address it can bind; got {host}:{port}: {e.strerror or e}; "
+                         f"check --host and --port") from None

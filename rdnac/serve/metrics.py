@@ -92,7 +92,7 @@ class ServeMetrics:
                 lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
             name = "rdnac_requests_finished_total"
             lines += [f"# HELP {name} Requests finished, by finish reason.", f"# TYPE {name} counter"]
-            for reason in sorted(set(self.finished) | {"stop", "length", "abort"}):
+            for reason in sorted(set(self.finished) | {"stop", "length", "abort", "error"}):
                 lines.append(f'{name}{{finish_reason="{reason}"}} {self.finished.get(reason, 0)}')
             for name, help_text, hist in [
                 ("rdnac_request_latency_seconds", "Arrival to last token, per finished request.", self.latency),

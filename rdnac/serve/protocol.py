@@ -1,9 +1,10 @@
 """OpenAI request and response bodies for `rdnac serve`.
 
 Requests are validated with pydantic and mapped onto the runtime's
-SamplingParams; whatever rdnac cannot honour (n > 1, echo, penalties, tools)
-is refused with a 400 naming the field, never silently ignored. Fields
-clients commonly send and that change nothing (user, metadata) are ignored.
+SamplingParams; whatever rdnac cannot honour (n > 1, echo, penalties, tools,
+any field it does not know) is refused with a 400 naming the field, never
+silently ignored. Only fields that change nothing about the
+answer (user, metadata, ...: `IGNORED_FIELDS`) are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from rdnac.runtime.llm_engine import RequestOutput
 from rdnac.runtime.sampling_params import SamplingParams
+
+# OpenAI's range for `seed` (a signed 64-bit integer); the sampler takes any 64 bits
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
+# fields OpenAI clients send that change nothing about the answer; any other unknown field is refused
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
 
 
 class APIError(Exception):
@@ -35,7 +41,7 @@ class StreamOptions(BaseModel):
 
 
 class _SamplingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # kept to be refused by name in check_supported
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -44,7 +50,7 @@ class _SamplingRequest(BaseModel):
     top_k: int | None = Field(None, ge=-1)  # -1 and 0 both mean "off" (vLLM uses -1)
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = None
+    seed: StrictInt | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: bool = False
@@ -56,6 +62,13 @@ class _SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
 
     def check_supported(self) -> None:
+        unknown = sorted(set(self.model_extra or {}) - IGNORED_FIELDS)
+        if unknown:
+            raise APIError(400, f"{unknown[0]} is not supported by rdnac serve; got {unknown[0]}="
+                                f"{_short(self.model_extra[unknown[0]])}; remove it", param=unknown[0])
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise APIError(400, f"seed requires an integer in [-2**63, 2**63 - 1] (OpenAI's range); got "
+                                f"{_short(self.seed)}", param="seed")
         if self.n != 1:
             raise APIError(400, f"n requires 1 (rdnac serve returns one choice per prompt); got {self.n}", param="n")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -137,9 +150,9 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.top_logprobs:
-            raise APIError(400, f"top_logprobs requires 0 (only the chosen token's logprob is returned); got "
-                                f"{self.top_logprobs}", param="top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise APIError(400, f"top_logprobs requires logprobs=true; got top_logprobs={self.top_logprobs} without "
+                                f"it", param="top_logprobs")
         if self.tools:
             raise APIError(400, "tools are not supported", param="tools")
         if self.response_format is not None and self.response_format.get("type") != "text":
@@ -176,19 +189,22 @@ def _describe(errors: list[dict]) -> tuple[str, str | None]:
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}
 
 
-def sampling_params(req: _SamplingRequest, defaults: dict, max_tokens: int, logprobs: bool) -> SamplingParams:
-    """Map a request onto SamplingParams; unset fields take the plan's generation_config, then OpenAI's defaults."""
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
-    def pick(name: str, fallback):
-        value = getattr(req, name)
-        return value if value is not None else defaults.get(name, fallback)
 
+def sampling_params(req: _SamplingRequest, generation_config: dict, max_tokens: int,
+                    logprobs: bool, top_logprobs: int = 0) -> SamplingParams:
+    """Map a request onto SamplingParams; unset fields take the plan's generation_config as `rdnac run` does
+    (`SamplingParams.from_generation_config`: greedy where the config asks for no sampling or says nothing)."""
+    top_k = None if req.top_k is None else max(0, req.top_k)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    return SamplingParams(
-        max_tokens=max_tokens, temperature=float(pick("temperature", 1.0)), top_k=max(0, int(pick("top_k", 0))),
-        top_p=float(pick("top_p", 1.0)), min_p=float(pick("min_p", 0.0)),
-        repetition_penalty=float(pick("repetition_penalty", 1.0)), seed=req.seed, stop=stop,
-        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs)
+    return SamplingParams.from_generation_config(
+        generation_config, max_tokens=max_tokens, temperature=req.temperature, top_k=top_k, top_p=req.top_p,
+        min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=req.seed, stop=stop,
+        stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
+        top_logprobs=top_logprobs)
 
 
 # ---------------------------------------------------------------- responses
@@ -202,18 +218,23 @@ def envelope(request_id: str, obj: str, model: str, created: int, choices: list[
     return {"id": request_id, "object": obj, "created": created, "model": model, "choices": choices, **extra}
 
 
-def completion_logprobs(tokens: list[str], logprobs: list[float], text_offset: int = 0) -> dict:
-    """The legacy completions logprobs object (chosen tokens only: top_logprobs is null)."""
+def completion_logprobs(tokens: list[str], logprobs: list[float], top: list[list[tuple[str, float]]] | None,
+                        text_offset: int = 0) -> dict:
+    """The legacy completions logprobs object; top_logprobs: per token, {token: logprob} of the most likely
+    (null when logprobs=0)."""
     offsets = []
     for token in tokens:
         offsets.append(text_offset)
         text_offset += len(token)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+    top_logprobs = [dict(alternatives) for alternatives in top] if top is not None else None
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
-def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict:
-    return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-                        for t, lp in zip(tokens, logprobs)]}
+def chat_logprobs(tokens: list[str], logprobs: list[float], top: list[list[tuple[str, float]]] | None) -> dict:
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(*alt) for alt in alts]}
+                        for t, lp, alts in zip(tokens, logprobs, top or [[]] * len(tokens))]}
 
 
 def finish_reason(out: RequestOutput) -> str | None:

@@ -11,7 +11,8 @@ Events a sink receives, in order, for one request id:
     ("accepted", num_prompt_tokens)  then ("output", RequestOutput)... until one is finished
     ("error", RdnacError)            add_request refused it (nothing else follows)
     ("aborted", None)                after `abort`, if the request was still live
-    ("failed", message)              the engine thread died; nothing else follows
+    ("failed", message)              this request failed in the engine (it alone: the engine keeps
+                                     serving), or the engine thread died; nothing else follows
 """
 
 from __future__ import annotations
@@ -126,6 +127,11 @@ class EngineWorker:
                 self.metrics.on_rejected()
                 s.sink(("error", e))
                 continue
+            except Exception as e:  # noqa: BLE001 -- nothing was queued: fail this request, keep serving
+                log.exception("rdnac: admitting request %r failed", s.request_id)
+                self.metrics.on_finished("error", time.perf_counter() - s.arrival)
+                s.sink(("failed", _failure(e)))
+                continue
             self.metrics.on_admitted(num_prompt_tokens)
             self._live[s.request_id] = _Live(s.sink, s.arrival)
             s.sink(("accepted", num_prompt_tokens))
@@ -153,13 +159,17 @@ class EngineWorker:
             if out.finished:
                 del self._live[out.request_id]
                 self.metrics.on_finished(out.finish_reason or "stop", now - live.arrival)
-            live.sink(("output", out))
+            live.sink(("failed", _failure(out.error)) if out.error is not None else ("output", out))
 
     def _snapshot(self) -> None:
         stats = self.llm.stats()
         self.metrics.set_gauges(
             running=stats["running"], waiting=stats["waiting"], preemptions=stats["preemptions"],
             kv_blocks_free=stats["free_blocks"], kv_blocks_total=stats["total_blocks"])
+
+
+def _failure(error: Exception) -> str:
+    return f"the request failed in the engine ({type(error).__name__}: {error}); the server keeps serving"
 
 
 class RequestGroup:
@@ -239,7 +249,7 @@ class RequestGroup:
 
 
 class EngineFailed(Exception):
-    """The engine thread died; the request cannot complete."""
+    """The request failed in the engine, or the engine thread died: it cannot complete."""
 
 
 class ClientDisconnected(Exception):
