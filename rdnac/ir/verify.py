@@ -83,6 +83,7 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(a["num_heads"] % a["num_kv_heads"] == 0, "num_heads must be a multiple of num_kv_heads")
         expect(ins[0].shape[-1] == a["num_heads"] * a["head_dim"], "q must be [T, num_heads*head_dim]")
         expect(tuple(ins[1].shape[2:]) == (a["num_kv_heads"], a["head_dim"]), "k_cache must be [NB, BS, Hk, D]")
+        expect(len(ins) == 7 or ins[7].shape == (a["num_heads"],), "sinks must be [num_heads]")
     elif node.op == "kv_cache_write":
         expect(tuple(ins[3].shape[2:]) == (a["num_kv_heads"], a["head_dim"]), "k_cache must be [NB, BS, Hk, D]")
     elif node.op == "qk_norm_rope_cache":
