@@ -133,7 +133,7 @@ def test_graph_structure(float_case):
         scaling = nodes[f"layers.{i}.rope"].attrs["scaling"]
         assert scaling["rope_type"] == "yarn"
         assert scaling.get("truncate", True) == c.rope_parameters.get("truncate", True)
-    assert any("de-interleaved" in d["action"] for d in decisions)
+    assert any(d["node"] == "layers.0.experts" and "de-interleaved" in d["reason"] for d in decisions)
 
 
 def test_expert_relayout_is_exact(float_case):
@@ -315,7 +315,7 @@ BAD = {
                     r"'model.layers.0.mlp.experts.gate_up_proj_blocks' \[8, 320, 3, 16\]; got \[8, 320, 2\]"),
     "nan-scale": (_nan_scale, rf"'{SCALES}' holds 1 e8m0 scale byte\(s\) 255 \(NaN\), first at \[3, 5, 1\]"),
     "top-k": (lambda d: _edit_config(d, num_experts_per_tok=9),
-              r"num_experts_per_tok requires 1 to num_local_experts \(8\); got 9"),
+              r"num_experts_per_tok requires 1..num_local_experts \(8\) experts per token; got 9"),
     "quant-method": (lambda d: _edit_config(d, quant_method="mxfp6"),
                      r"quantization_config.quant_method 'mxfp6' is not supported; supported: .*mxfp4"),
 }

@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rdnac.errors import RdnacError
+from rdnac.ir.moe import routed_experts
 from rdnac.ir.state import bytes_per_sequence, bytes_per_token
 from rdnac.plans import read_plan
 
@@ -44,15 +45,42 @@ def state_summary(graph, runtime: dict, weight_bytes: int, memory: int) -> dict:
     }
 
 
+def _nbytes(spec) -> int:
+    n = 1
+    for d in spec.shape:
+        n *= d
+    return n * _ELEMENT_BYTES.get(spec.dtype, 4)
+
+
+def moe_summary(graph) -> list[dict]:
+    """Per MoE experts node: its experts, top-k, scoring and activation, and the bytes of its expert
+    weights (all experts, and the top-k a token reads)."""
+    out = []
+    for r in routed_experts(graph):
+        node, route, num_experts = r["node"], r["route"], r["num_experts"]
+        expert_bytes = sum(_nbytes(graph.weights[name]) for name in r["weights"])
+        out.append({"node": node.name, "op": node.op, "num_experts": num_experts, "top_k": r["top_k"],
+                    "scoring": route["scoring"], "renormalize": bool(route.get("renormalize")),
+                    "act": node.attrs["act"], "expert_bytes": expert_bytes,
+                    "active_expert_bytes": expert_bytes * r["top_k"] // num_experts})
+    return out
+
+
+def bytes_read_per_token(graph, moe: list[dict]) -> int:
+    """Weight bytes one decode step at batch 1 reads: every weight, but one row of an embedding table the
+    logits do not reuse, and of each MoE layer only the top-k experts a token is routed to."""
+    logits_weights = {n.inputs[2] for n in graph.nodes if n.op == "logits"}
+    embed = {n.inputs[1] for n in graph.nodes if n.op == "embedding"} - logits_weights
+    total = sum(_nbytes(w) for name, w in graph.weights.items() if name not in embed)
+    total += sum(_nbytes(graph.weights[name]) // graph.weights[name].shape[0] for name in embed)
+    return total - sum(m["expert_bytes"] - m["active_expert_bytes"] for m in moe)
+
+
 def summarize(plan_path, memory: int = DEFAULT_MEMORY) -> dict:
     plan = read_plan(plan_path)
     graph = plan.graph()
-    weight_bytes = 0
-    for w in graph.weights.values():
-        n = 1
-        for d in w.shape:
-            n *= d
-        weight_bytes += n * _ELEMENT_BYTES.get(w.dtype, 4)
+    weight_bytes = sum(_nbytes(w) for w in graph.weights.values())
+    moe = moe_summary(graph)
     return {
         "plan": str(plan.path),
         "header": plan.header,
@@ -60,7 +88,9 @@ def summarize(plan_path, memory: int = DEFAULT_MEMORY) -> dict:
         "graph": {"num_nodes": len(graph.nodes), "ops": graph.op_counts(), "inputs": list(graph.inputs),
                   "outputs": graph.outputs},
         "weights": {"count": len(graph.weights), "bytes": weight_bytes,
+                    "bytes_per_token": bytes_read_per_token(graph, moe),
                     "file": plan.header["weights"]["file"], "file_bytes": plan.header["weights"]["size"]},
+        "moe": moe,
         "kernels": [_kernel_summary(k) for k in plan.body.get("kernels", [])],
         "program": _program_summary(plan.body.get("program") or {}),
         "runtime": plan.body["runtime"],
@@ -108,7 +138,18 @@ def render_text(s: dict, show_decisions: bool = False) -> None:
     console.print(f"weights: {s['weights']['count']} tensors, {s['weights']['bytes'] / 2**20:.1f} MiB "
                   f"({s['weights']['file']})   max model len {s['runtime']['max_model_len']}, "
                   f"KV block {s['runtime']['kv_block_size']}")
+    console.print(f"weights read per token at batch 1: {s['weights']['bytes_per_token'] / 2**20:.2f} MiB"
+                  + (" (active experts only)" if s["moe"] else ""))
     _render_state(console, s["state"], s["weights"]["bytes"])
+    if s["moe"]:
+        mt = Table(title=f"mixture of experts: {len(s['moe'])} layers")
+        for col in ("node", "experts", "top-k", "scoring", "act", "expert MiB", "read per token MiB"):
+            mt.add_column(col)
+        for e in s["moe"]:
+            mt.add_row(e["node"], str(e["num_experts"]), str(e["top_k"]),
+                       e["scoring"] + (" renormalized" if e["renormalize"] else ""), e["act"],
+                       f"{e['expert_bytes'] / 2**20:.2f}", f"{e['active_expert_bytes'] / 2**20:.2f}")
+        console.print(mt)
     table = Table(title=f"graph: {s['graph']['num_nodes']} nodes")
     table.add_column("op")
     table.add_column("count", justify="right")

@@ -114,3 +114,19 @@ def moe_route_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
 
 def moe_experts_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
     return [ins[0]]
+
+
+def routed_experts(graph) -> list[dict]:
+    """Per moe_experts(_mxfp4) node of `graph`: {"node", "num_experts", "top_k", "route" (the moe_route
+    node's attrs), "weights" (its expert weight names)}; for byte accounting (inspect, benchmarks), where a
+    token reads only its top-k experts."""
+    producers = {out: n for n in graph.nodes for out in n.outputs}
+    out = []
+    for node in graph.nodes:
+        if node.op not in ("moe_experts", "moe_experts_mxfp4"):
+            continue
+        route = producers[node.inputs[2]].attrs  # the moe_route whose ids it reads
+        weights = [name for name in node.inputs[3:] if name in graph.weights]
+        out.append({"node": node, "num_experts": graph.weights[weights[0]].shape[0], "top_k": route["top_k"],
+                    "route": route, "weights": weights})
+    return out

@@ -16,6 +16,7 @@ checkpoint tensor it came from.
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import torch
 
@@ -111,6 +112,26 @@ class GraphBuilder:
         if name not in self.weights:
             self.weights[name] = self._load(name).to(getattr(torch, self.dtype)).contiguous()
             self.weight_specs[name] = WeightSpec(self.dtype, tuple(shape), "none", source=self._actual[name])
+        return name
+
+    def derived_weight(self, name: str, sources: list[tuple[str, tuple[int, ...]]],
+                       make: Callable[[list[torch.Tensor]], torch.Tensor], shape: tuple[int, ...], how: str) -> str:
+        """A graph weight computed once from checkpoint tensors (`sources`: canonical name and required
+        shape each): `make` gets them in order and returns the weight of `shape`, stored in the compute
+        dtype. `how` names the transform in the weight's recorded source (e.g. "stack")."""
+        for src, src_shape in sources:
+            src_dtype = self._spec(src, src_shape)
+            if src_dtype not in _FLOAT_DTYPES:
+                raise CheckpointError(f"{self.checkpoint.path}: tensor {self._actual[src]!r} requires a float dtype "
+                                      f"to build {name}; got {src_dtype}")
+        if name not in self.weights:
+            w = make([self._load(src) for src, _ in sources])
+            assert tuple(w.shape) == tuple(shape), (name, tuple(w.shape), shape)
+            self.weights[name] = w.to(getattr(torch, self.dtype)).contiguous()
+            shown = [self._actual[src] for src, _ in sources]
+            if len(shown) > 4:
+                shown = shown[:2] + [f"... {len(shown) - 3} more"] + shown[-1:]
+            self.weight_specs[name] = WeightSpec(self.dtype, tuple(shape), "none", source=f"{how}({', '.join(shown)})")
         return name
 
     def stored(self, name: str) -> tuple[str, tuple[int, ...]] | None:

@@ -6,7 +6,7 @@
 token at run time. `fp8-block`: one scale per 128x128 block, activations per
 (token, 128 columns), the DeepSeek-V3 layout. Only `linear` nodes change:
 the logits projection and the embedding keep the compute dtype (their error
-would reach every token), as do linears that share a weight. Each weight's
+would reach every token), as do linears that share a weight and MoE routers. Each weight's
 quantization and its relative error are recorded. Runs first, before the
 fusion passes, and rewrites `state.weights`. `--fp8-lm-head` is the next
 pass, `quantize_lm_head`.
@@ -77,6 +77,10 @@ def run(state: CompileState) -> None:
         if node.op != "linear":
             continue
         x, wname, *bias = node.inputs
+        if any(graph.node(r).op == "moe_route" for r in readers.get(node.outputs[0], [])):
+            state.decide(NAME, node.name, f"kept {wname} in {graph.weights[wname].dtype}",
+                         "an MoE router: its logits pick experts discretely, so FP8 error would flip top-k choices")
+            continue
         if len(readers[wname]) > 1:
             state.decide(NAME, node.name, f"kept {wname} in {graph.weights[wname].dtype}",
                          f"the weight is shared with {', '.join(r for r in readers[wname] if r != node.name)}")
