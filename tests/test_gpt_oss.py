@@ -228,12 +228,42 @@ def test_quantize_mxfp4_matches_the_mxfp4_checkpoint(mxfp4_case):
         2 * model.config.num_hidden_layers
 
 
-def test_quantize_mxfp4_refuses_what_it_cannot_do(tmp_path, float_case):
-    case, directory, _, _ = float_case
-    if case == "e16-top4-odd-bf16":  # H = 72: not a multiple of 32
-        with pytest.raises(RdnacError, match=r"--quantize mxfp4 requires .* multiple of 32; .*w13") as e:
-            rdnac.compile(directory / "float", target="cpu", output=tmp_path / "p.msgpack", quantize="mxfp4")
-        assert "\n" not in str(e.value) and not (tmp_path / "p.msgpack").exists()
+def test_quantize_mxfp4_of_qwen3_moe(tmp_path):
+    """`--quantize mxfp4` of another family's float experts (Qwen3-MoE, with a dense layer mixed in): only the
+    experts change, and the plan matches transformers with each expert weight replaced by its MXFP4 round trip."""
+    from tests.test_qwen3_moe import make_qwen3_moe
+
+    model = make_qwen3_moe(tmp_path / "ckpt", hidden_size=64, num_experts=8, num_experts_per_tok=2,
+                           moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1],
+                           tie_word_embeddings=False)
+    plan = rdnac.compile(tmp_path / "ckpt", target="cpu", output=tmp_path / "plan.msgpack", quantize="mxfp4")
+    ops = [n.op for n in read_plan(plan).graph().nodes]
+    assert ops.count("moe_experts_mxfp4") == 2 and "moe_experts" not in ops and "linear_fp8" not in ops
+    with torch.no_grad():
+        for layer in (model.model.layers[0], model.model.layers[2]):
+            for w in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj):  # [E, N, K] rows
+                w.copy_(mxfp4.dequantize(*mxfp4.quantize(w)))
+    llm = rdnac.load(plan)
+    check_logits_match(llm, model, PROMPT, atol=1e-3)
+    assert llm.generate([PROMPT], SamplingParams(max_tokens=24, ignore_eos=True))[0].token_ids == \
+        reference_greedy(model, PROMPT, 24)
+
+
+def test_quantize_mxfp4_refuses_what_it_cannot_do(tmp_path):
+    """Experts whose K is not a multiple of 32, and a model without experts: one line, nothing written."""
+    from tests.support.checkpoints import make_checkpoint
+
+    make_gpt_oss(tmp_path / "odd", with_tokenizer=False, num_hidden_layers=1, **{
+        k: v for k, v in CASES["e16-top4-odd-bf16"].items() if k not in ("dtype", "layer_types")})
+    make_checkpoint("llama", tmp_path / "dense", with_tokenizer=False)
+    expected = {"odd": r"--quantize mxfp4 requires expert weights whose input features are a multiple of 32; "
+                       r"model.layers.0.mlp.experts.w13 is \[16, 272, 72\] \(K = 72\)",
+                "dense": r"--quantize mxfp4 requires a mixture-of-experts model .* got LlamaForCausalLM"}
+    for name, pattern in expected.items():
+        out = tmp_path / f"{name}.msgpack"
+        with pytest.raises(RdnacError, match=pattern) as e:
+            rdnac.compile(tmp_path / name, target="cpu", output=out, quantize="mxfp4")
+        assert "\n" not in str(e.value) and not out.exists()
 
 
 # ------------------------------------------------------------------ chat template
