@@ -362,3 +362,42 @@ def test_bad_mxfp4_input_is_one_line_and_writes_nothing(case, mxfp4_dir, tmp_pat
         rdnac.compile(broken, target="cpu", output=out)
     assert "\n" not in str(e.value)
     assert list(tmp_path.glob("plan*")) == []
+
+
+# ------------------------------------------------------------------ RoPE and config forms
+
+
+def test_yarn_of_the_real_config_matches_transformers():
+    """GPT-OSS-20B's YaRN (factor 32 over 4096 positions, beta 32/1, truncate false, base 150000, head_dim 64):
+    rdnac's inverse frequencies and cos/sin factor equal transformers' bit for bit, and truncate changes them."""
+    from transformers import GptOssConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from rdnac.compiler.frontend.gpt_oss import DEFAULTS, attention_layers
+    from rdnac.ir.rope_math import rope_inv_freq
+
+    config = GptOssConfig()  # the 20B/120B defaults: yarn, truncate false
+    theirs, their_factor = ROPE_INIT_FUNCTIONS["yarn"](config)
+    rope = attention_layers(dict(DEFAULTS), 64, Path("config.json"))[0].rope
+    ours, our_factor = rope_inv_freq(rope["rotary_dim"], rope["theta"], rope["scaling"])
+    assert rope["scaling"]["truncate"] is False and rope["theta"] == config.rope_parameters["rope_theta"]
+    assert torch.equal(ours, theirs) and our_factor == their_factor
+    truncated, _ = rope_inv_freq(rope["rotary_dim"], rope["theta"], {**rope["scaling"], "truncate": True})
+    assert not torch.equal(truncated, ours)
+
+
+def test_hub_config_form_builds_the_same_graph(float_case, tmp_path):
+    """The Hub's config.json (transformers v4: rope_theta + rope_scaling, no rope_parameters) gives the graph the
+    v5 form gives."""
+    from rdnac.compiler.frontend import build_graph, read_checkpoint
+
+    case, directory, _, _ = float_case
+    v4 = tmp_path / "v4"
+    shutil.copytree(directory / "float", v4)
+    config = json.loads((v4 / "config.json").read_text())
+    params = config.pop("rope_parameters")
+    config["rope_theta"] = params.pop("rope_theta")
+    config["rope_scaling"] = params
+    (v4 / "config.json").write_text(json.dumps(config))
+    graphs = [build_graph(read_checkpoint(d), "float32")[0] for d in (directory / "float", v4)]
+    assert [(n.op, n.attrs) for n in graphs[0].nodes] == [(n.op, n.attrs) for n in graphs[1].nodes]
