@@ -7,7 +7,7 @@ PLAN   := plans/smollm2.cpu.msgpack
 GPU_TRITON     := $(shell $(PYTHON) rdnac/testing/gpu_machine.py TRITON)
 GPU_TRITON_DIR := $(shell $(PYTHON) rdnac/testing/gpu_machine.py ENV_DIR)
 
-.PHONY: install gpu-triton demo test test-gpu clean
+.PHONY: install gpu-triton gpu-wheels demo test test-gpu clean
 
 # torch is pinned first: an unpinned torch would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -27,6 +27,12 @@ $(GPU_TRITON_DIR)/.installed: | $(VENV)/.installed
 	touch $@
 
 gpu-triton: $(GPU_TRITON_DIR)/.installed
+
+# The server's wheels for the GPU machine (no registry there): carried to it in .whl/ (BENCHMARKS.md).
+gpu-wheels: install
+	$(PY) -m pip download -q --only-binary=:all: --no-deps -d .whl \
+	  --python-version $$($(PY) rdnac/testing/gpu_machine.py PYTHON) --platform manylinux2014_x86_64 \
+	  $$($(PY) rdnac/testing/gpu_machine.py serve_requirements)
 
 demo: install
 	@mkdir -p plans

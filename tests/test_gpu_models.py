@@ -193,8 +193,9 @@ def test_seed_gives_the_same_tokens_everywhere_with_graphs(tmp_path, request):
 @torch.no_grad()
 def test_seed_gives_the_same_tokens_through_serve_with_graphs(tmp_path, request):
     """The server leg of the test above: `rdnac serve --device cuda` gives the API's tokens, alone and in a
-    batch of 17. The GPU machine has no fastapi/uvicorn (GPU.md): there this leg needs their wheels carried
-    in the working tree; until then it reports that as its skip reason."""
+    batch of 17. The GPU machine has no fastapi/uvicorn (GPU.md): `make gpu-wheels` downloads their wheels
+    into .whl/, which the device call carries and puts on PYTHONPATH (BENCHMARKS.md); without them this leg
+    reports that as its skip reason."""
     pytest.importorskip("fastapi", reason="rdnac serve on the GPU machine requires fastapi and uvicorn wheels "
                                           "brought with the working tree (GPU.md: nothing installs there)")
     pytest.importorskip("uvicorn")

@@ -8,8 +8,11 @@ renormalized with dense layers from `decoder_sparse_step`, tied, sharded,
 no tokenizer. transformers' default grouped-GEMM experts fail on such sizes,
 so its experts (and attention) run eager. The same checkpoints rewritten in
 the stacked and the GPT-OSS (transposed, interleaved) expert layouts give
-bit-identical plan weights; bad checkpoints and configs fail with one line
-naming the field or tensor, and write nothing.
+bit-identical plan weights, biases included; the checkpoint the GPU benchmarks
+generate (rdnac.testing.moe) matches too. Bad checkpoints and configs fail
+with one line naming the field or tensor, and write nothing. The plans run
+under the cpu LLMEngine at concurrency 1, 3 and 17 and behind `rdnac serve`
+with the tokens of each request alone; `inspect` counts active experts only.
 """
 
 from __future__ import annotations
@@ -472,3 +475,83 @@ def test_served_chat_under_concurrency_matches_alone(windowed):
         server.should_exit = True
         thread.join(10)
         worker.shutdown()
+
+
+def test_max_window_layers_is_not_read(windowed, tmp_path):
+    """transformers 5's Qwen3-MoE windows every layer when use_sliding_window is set (Qwen2's
+    max_window_layers is not read): the same graph, and the decision log says so."""
+    from transformers import AutoModelForCausalLM
+
+    _, root, model, _ = windowed
+    shutil.copytree(root / "ckpt", tmp_path / "mwl")
+    config = json.loads((tmp_path / "mwl" / "config.json").read_text())
+    config["max_window_layers"] = 1
+    (tmp_path / "mwl" / "config.json").write_text(json.dumps(config))
+    ref, _, _ = build_graph(read_checkpoint(root / "ckpt"), "float32")
+    graph, _, decisions = build_graph(read_checkpoint(tmp_path / "mwl"), "float32")
+    assert [n.to_dict() for n in graph.nodes] == [n.to_dict() for n in ref.nodes]
+    assert {n.attrs["sliding_window"] for n in graph.nodes if n.op == "attention"} == {7}
+    assert any(d["action"] == "max_window_layers 1 not applied" for d in decisions)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mwl", dtype=torch.float32, attn_implementation="eager",
+                                                    experts_implementation="eager").eval()
+    assert torch.equal(reference_logits(reloaded, PROMPT), reference_logits(model, PROMPT))
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "stacked_transposed"])
+def test_expert_biases_are_stacked_in_the_ir_order(windowed, layout):
+    """Expert biases (GPT-OSS has them): per-expert gate/up/down biases, or GPT-OSS's interleaved
+    gate_up_proj_bias [E, 2I] and down_proj_bias [E, H], become b13 [E, 2I] (gate, then up) and b2 [E, H]."""
+    from rdnac.compiler.frontend import qwen3_moe
+    from rdnac.compiler.frontend.blocks import Residual
+    from rdnac.compiler.frontend.model import build_model
+    from rdnac.compiler.frontend.moe import MoE
+
+    _, root, model, _ = windowed
+    c = model.config
+    e, inter, hidden = c.num_experts, c.moe_intermediate_size, c.hidden_size
+    gen = torch.Generator().manual_seed(1)
+    gate_b, up_b, down_b = (torch.randn(e, n, generator=gen) for n in (inter, inter, hidden))
+    is_stacked = layout != "per_expert"
+
+    def add_biases(tensors):
+        out = _stack(tensors, transposed=True, interleaved=True) if is_stacked else dict(tensors)
+        for i in SPARSE_LAYERS[WINDOWED]:
+            p = f"model.layers.{i}.mlp.experts"
+            if is_stacked:
+                out[f"{p}.gate_up_proj_bias"] = torch.stack([gate_b, up_b], 2).flatten(1, 2)
+                out[f"{p}.down_proj_bias"] = down_b.clone()
+            else:
+                for j in range(e):
+                    out.update({f"{p}.{j}.gate_proj.bias": gate_b[j].clone(), f"{p}.{j}.up_proj.bias": up_b[j].clone(),
+                                f"{p}.{j}.down_proj.bias": down_b[j].clone()})
+        return out
+
+    body = Residual(MoE(layout=layout, interleaved=is_stacked, expert_bias=True),
+                    ("post_attention_layernorm", "post_norm"), "moe_residual")
+    spec = replace(qwen3_moe.QWEN3_MOE, layer_of=lambda cfg, i: (qwen3_moe.ATTENTION, body)
+                   if qwen3_moe.is_sparse(cfg, i) else qwen3_moe.DENSE)
+    graph, weights, _ = build_model(spec, read_checkpoint(_rewrite(root, f"biased-{layout}", add_biases)), "float32")
+    ref, ref_w, _ = build_graph(read_checkpoint(root / "ckpt"), "float32")
+    for i in SPARSE_LAYERS[WINDOWED]:
+        p = f"model.layers.{i}.mlp.experts"
+        assert graph.node(f"layers.{i}.experts").inputs[3:] == [f"{p}.w13", f"{p}.w2", f"{p}.b13", f"{p}.b2"]
+        assert torch.equal(weights[f"{p}.w13"], ref_w[f"{p}.w13"]) and torch.equal(weights[f"{p}.w2"], ref_w[f"{p}.w2"])
+        assert torch.equal(weights[f"{p}.b13"], torch.cat([gate_b, up_b], 1))
+        assert torch.equal(weights[f"{p}.b2"], down_b)
+
+
+def test_hub_layout_checkpoint_matches_transformers(tmp_path):
+    """The checkpoint the GPU benchmarks generate (rdnac.testing.moe, Qwen/Qwen3-30B-A3B's layout and
+    config keys: num_experts, rope_theta, bf16 shards; 16 experts top-4): the plan against transformers
+    loading the same files."""
+    from transformers import AutoModelForCausalLM
+
+    from rdnac.testing.moe import write_random_moe_checkpoint
+
+    ckpt = write_random_moe_checkpoint(tmp_path / "hub", "qwen3-moe-tiny")
+    assert "num_experts" in json.loads((ckpt / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="eager",
+                                                 experts_implementation="eager").eval()
+    engine = rdnac.load(rdnac.compile(ckpt, target="cpu", output=tmp_path / "hub.msgpack", quiet=True))
+    check_logits_match(engine, model, PROMPT, atol=TOL)
+    assert engine.generate([PROMPT], SamplingParams(max_tokens=12))[0].token_ids == reference_greedy(model, PROMPT, 12)

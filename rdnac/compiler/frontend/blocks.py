@@ -3,10 +3,10 @@
 A layer is a sequence of blocks (spec.py `ModelSpec.layer`): today a
 `Residual(Attention())` mixer and a `Residual(GatedMLP())` feed-forward.
 A block emits IR nodes through the `GraphBuilder` and returns the new
-hidden state; a body (Attention, GatedMLP) maps a normalized hidden state
-to its output, and `Residual` wraps it in its norms and the residual add.
-MoE, linear-attention or MLA bodies slot in as new bodies that declare
-their own state with `GraphBuilder.state_input`.
+hidden state; a body (Attention, GatedMLP, or MoE in moe.py) maps a
+normalized hidden state to its output, and `Residual` wraps it in its
+norms and the residual add. Linear-attention or MLA bodies slot in the
+same way, declaring their own state with `GraphBuilder.state_input`.
 
 Checkpoint names are canonical text-model names (`model.layers.N.<module>`);
 node names are `layers.N.<leaf>`. The residual adds are emitted unfused;

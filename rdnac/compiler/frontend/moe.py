@@ -147,7 +147,8 @@ class MoE:
             how = f"stacked {e} experts' gate_proj, up_proj and down_proj"
         else:
             transposed = layout == "stacked_transposed"
-            gu_shape, d_shape = ((e, hidden, i2), (e, inter, hidden)) if transposed else ((e, i2, hidden), (e, hidden, inter))
+            gu_shape, d_shape = ((e, hidden, i2), (e, inter, hidden)) if transposed else \
+                ((e, i2, hidden), (e, hidden, inter))
             w13 = b.derived_weight(f"{p}.w13", [(f"{p}.gate_up_proj", gu_shape)],
                                    lambda t: self._gate_up(t[0].transpose(1, 2) if transposed else t[0]),
                                    (e, i2, hidden), "transpose" if transposed else "copy")

@@ -68,6 +68,7 @@ def run(state: CompileState) -> None:
     weight_scheme, act_scheme, block_size = SCHEMES[scheme]
     tag = f"fp8-block{block_size[0]}x{block_size[1]}" if block_size else f"fp8-{weight_scheme}"
     readers: dict[str, list[str]] = {}
+    op_of = {node.name: node.op for node in graph.nodes}
     for node in graph.nodes:
         for name in node.inputs:
             readers.setdefault(name, []).append(node.name)
@@ -77,7 +78,7 @@ def run(state: CompileState) -> None:
         if node.op != "linear":
             continue
         x, wname, *bias = node.inputs
-        if any(graph.node(r).op == "moe_route" for r in readers.get(node.outputs[0], [])):
+        if any(op_of[r] == "moe_route" for r in readers.get(node.outputs[0], [])):
             state.decide(NAME, node.name, f"kept {wname} in {graph.weights[wname].dtype}",
                          "an MoE router: its logits pick experts discretely, so FP8 error would flip top-k choices")
             continue
