@@ -21,9 +21,8 @@ from rdnac import SamplingParams
 from rdnac.errors import RdnacError
 from rdnac.ir import mxfp4
 from rdnac.plans.format import read_plan
-from rdnac.testing.mxfp4 import write_mxfp4_checkpoint
 from tests.support.checkpoints import check_logits_match, reference_greedy, reference_logits
-from tests.support.gpt_oss import make_gpt_oss, reference_model
+from tests.support.gpt_oss import make_gpt_oss, reference_model, write_mxfp4_checkpoint
 
 # 26 tokens: longer than every sliding window below (7 and 5), so the windows cut in
 PROMPT = [3, 141, 59, 26, 53, 58, 97, 93, 238, 46, 26, 43, 38, 32, 79, 50, 28, 8, 84, 19, 201, 7, 160, 33, 99, 250]

@@ -1,8 +1,20 @@
 """Tiny random GPT-OSS checkpoints written by transformers, their MXFP4 form, and the references.
 
     model = make_gpt_oss(directory / "float", num_local_experts=8, num_experts_per_tok=2)
-    write_mxfp4_checkpoint(directory / "float", directory / "mxfp4")      # rdnac.testing.mxfp4
+    write_mxfp4_checkpoint(directory / "float", directory / "mxfp4")
     ref = reference_model(directory / "mxfp4")                            # transformers, dequantized
+
+`write_mxfp4_checkpoint` quantizes a float GPT-OSS checkpoint's experts
+(transformers' x @ W layout: `mlp.experts.gate_up_proj [E, H, 2I]` with
+gate/up columns interleaved, `mlp.experts.down_proj [E, I, H]`) along their
+input features with `rdnac.ir.mxfp4.quantize` and writes them as the Hub's
+openai/gpt-oss-20b stores them: `*_blocks` uint8 [E, N, K/32, 16] and
+`*_scales` uint8 [E, N, K/32] (N output features; gate_up rows stay
+interleaved), every other tensor in bf16, sharded with an index, and
+config.json with `quantization_config` {quant_method: mxfp4,
+modules_to_not_convert: [...]}. (rdnac.testing.moe writes random MXFP4
+checkpoints of real shapes for the GPU machine; these tests need the MXFP4
+form of one float model.)
 
 The checkpoints carry a byte-level tokenizer with the harmony special tokens
 and a harmony chat template (HARMONY_TEMPLATE, written for these tests in
@@ -15,9 +27,14 @@ the analysis/final channels, `raise_exception` on channel tags in content).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rdnac.ir.mxfp4 import BLOCK, quantize
 
 HARMONY_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>",
                     "<|end|>", "<|message|>", "<|call|>"]
@@ -172,3 +189,55 @@ def reference_model(directory: Path):
     kwargs = {"quantization_config": Mxfp4Config(dequantize=True)} if "quantization_config" in config else {}
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager",
                                                 experts_implementation="eager", **kwargs).eval()
+
+
+EXPERT_PROJECTIONS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+MODULES_TO_NOT_CONVERT = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+               "chat_template.jinja", "chat_template.json")
+
+
+def _read(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
+def quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(blocks uint8 [E, N, K/32, 16], scales uint8 [E, N, K/32]) of an x @ W expert weight [E, K, N]."""
+    rows = w.float().transpose(1, 2).contiguous()  # [E, N, K]
+    e, n, k = rows.shape
+    blocks, scales = quantize(rows)
+    return blocks.reshape(e, n, k // BLOCK, 16), scales
+
+
+def write_mxfp4_checkpoint(src: str | Path, out_dir: str | Path, num_shards: int = 2) -> Path:
+    """Write the MXFP4 form of the float GPT-OSS checkpoint `src` to `out_dir`; returns `out_dir`."""
+    src, out = Path(src), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, torch.Tensor] = {}
+    for name, t in _read(src).items():
+        if name.endswith(EXPERT_PROJECTIONS):
+            written[f"{name}_blocks"], written[f"{name}_scales"] = quantize_experts(t)
+        else:
+            written[name] = t.to(torch.bfloat16) if t.is_floating_point() else t
+    names = sorted(written)
+    shards = [names[i::num_shards] for i in range(num_shards)]
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i:05d}-of-{num_shards - 1:05d}.safetensors"
+        save_file({n: written[n].contiguous() for n in shard}, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+        total += sum(written[n].numel() * written[n].element_size() for n in shard)
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}, indent=2))
+    config = json.loads((src / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": MODULES_TO_NOT_CONVERT}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for side in _SIDE_FILES:
+        if (src / side).exists():
+            shutil.copy(src / side, out / side)
+    return out
