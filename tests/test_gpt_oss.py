@@ -192,6 +192,21 @@ def test_mxfp4_plan_carries_the_checkpoint_bytes(mxfp4_case):
         assert len(set(ours[f"{e}.w13_scales"].unique().tolist())) > 1  # real exponents, not one constant
 
 
+def test_verify_checks_mxfp4_expert_shapes(mxfp4_case):
+    """The graph verifier refuses MXFP4 experts whose scales do not fit their blocks, naming the node."""
+    from rdnac.compiler.frontend import build_graph, read_checkpoint
+    from rdnac.errors import GraphError
+    from rdnac.ir.verify import verify
+
+    _, directory, _, _ = mxfp4_case
+    graph, _, _ = build_graph(read_checkpoint(directory / "mxfp4"), "float32")
+    verify(graph)
+    node = next(n for n in graph.nodes if n.op == "moe_experts_mxfp4")
+    node.inputs[4], node.inputs[6] = node.inputs[6], node.inputs[4]  # w13_scales <-> w2_scales
+    with pytest.raises(GraphError, match=rf"node '{node.name}' \(moe_experts_mxfp4\): w13_scales must be"):
+        verify(graph)
+
+
 def test_generator_writes_the_layout_transformers_reads(mxfp4_case):
     """transformers' dequantized experts equal rdnac.ir.mxfp4's dequantization of the written bytes, and stay
     within MXFP4's error of the float weights: rows are output features, K runs along the 32-element groups."""
