@@ -295,6 +295,10 @@ def test_harmony_chat_template_renders_like_transformers(float_case):
         [{"role": "user", "content": "What is 2+2?"}],
         [{"role": "system", "content": "Answer tersely."}, {"role": "user", "content": "Hi"},
          {"role": "assistant", "content": "Hello.", "thinking": "A greeting."}, {"role": "user", "content": "Bye"}],
+        [{"role": "user", "content": "Weather in Paris?"},
+         {"role": "assistant", "content": "", "thinking": "Ask the tool.", "tool_calls": [
+             {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}]},
+         {"role": "tool", "content": "sunny, 21°C"}],
     ]
     for messages in conversations:
         text = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
