@@ -124,7 +124,8 @@ def test_graph_structure(float_case):
         assert attn.inputs[7] == f"model.layers.{i}.self_attn.sinks"
         assert attn.attrs["sliding_window"] == (c.sliding_window if kind == "sliding_attention" else 0)
         assert attn.attrs["scale"] == c.head_dim ** -0.5
-        assert all(len(nodes[f"layers.{i}.{p}"].inputs) == 3 for p in ("q_proj", "k_proj", "v_proj", "o_proj", "router"))
+        biased = ("q_proj", "k_proj", "v_proj", "o_proj", "router")
+        assert all(len(nodes[f"layers.{i}.{p}"].inputs) == 3 for p in biased)
         assert nodes[f"layers.{i}.route"].attrs == {"top_k": c.num_experts_per_tok, "scoring": "topk_softmax"}
         assert nodes[f"layers.{i}.experts"].op == "moe_experts"
         assert nodes[f"layers.{i}.experts"].attrs == {"act": "swiglu_oai", "alpha": c.swiglu_alpha,
@@ -364,6 +365,9 @@ BAD = {
     "nan-scale": (_nan_scale, rf"'{SCALES}' holds 1 e8m0 scale byte\(s\) 255 \(NaN\), first at \[3, 5, 1\]"),
     "top-k": (lambda d: _edit_config(d, num_experts_per_tok=9),
               r"num_experts_per_tok requires 1..num_local_experts \(8\) experts per token; got 9"),
+    "no-quantization-config": (lambda d: _edit_config(d, quantization_config=None),
+                               r"tensor 'model.layers.0.mlp.experts.gate_up_proj_blocks' is MXFP4 data, which "
+                               r"requires quantization_config quant_method mxfp4 .*; got no quantization_config"),
     "quant-method": (lambda d: _edit_config(d, quant_method="mxfp6"),
                      r"quantization_config.quant_method 'mxfp6' is not supported; supported: .*mxfp4"),
 }

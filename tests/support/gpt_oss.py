@@ -71,7 +71,8 @@ HARMONY_TEMPLATE = r"""{#- Harmony (GPT-OSS): kwargs model_identity, reasoning_e
     {{- "} // namespace functions" -}}
 {%- endmacro -%}
 {{- "<|start|>system<|message|>" -}}
-{{- (model_identity if model_identity is defined else "You are ChatGPT, a large language model trained by OpenAI.") + "\n" -}}
+{{- (model_identity if model_identity is defined
+     else "You are ChatGPT, a large language model trained by OpenAI.") + "\n" -}}
 {{- "Knowledge cutoff: 2024-06\nCurrent date: " + strftime_now("%Y-%m-%d") + "\n\n" -}}
 {{- "Reasoning: " + (reasoning_effort if reasoning_effort is defined else "medium") + "\n\n" -}}
 {{- "# Valid channels: analysis, commentary, final. Channel must be included for every message." -}}
@@ -98,7 +99,8 @@ HARMONY_TEMPLATE = r"""{#- Harmony (GPT-OSS): kwargs model_identity, reasoning_e
                                 "'thinking', without <|channel|> tags") -}}
         {%- endif -%}
         {%- if message.tool_calls -%}
-            {%- set call = message.tool_calls[0].function if message.tool_calls[0].function is defined else message.tool_calls[0] -%}
+            {%- set call = message.tool_calls[0].function if message.tool_calls[0].function is defined
+                           else message.tool_calls[0] -%}
             {%- if message.thinking -%}
                 {{- "<|start|>assistant<|channel|>analysis<|message|>" + message.thinking + "<|end|>" -}}
             {%- endif -%}
@@ -114,7 +116,9 @@ HARMONY_TEMPLATE = r"""{#- Harmony (GPT-OSS): kwargs model_identity, reasoning_e
             {{- "<|start|>assistant<|channel|>final<|message|>" + message.content + "<|end|>" -}}
         {%- endif -%}
     {%- elif message.role == "tool" -%}
-        {%- if last.tool_call is none -%}{{- raise_exception("a tool message must follow an assistant tool call") -}}{%- endif -%}
+        {%- if last.tool_call is none -%}
+            {{- raise_exception("a tool message must follow an assistant tool call") -}}
+        {%- endif -%}
         {{- "<|start|>functions." + last.tool_call + " to=assistant<|channel|>commentary<|message|>" -}}
         {{- message.content | tojson + "<|end|>" -}}
     {%- elif message.role == "user" -%}

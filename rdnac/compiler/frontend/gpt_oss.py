@@ -31,6 +31,7 @@ from rdnac.compiler.frontend.blocks import Attention, Model, Residual
 from rdnac.compiler.frontend.moe import MoE
 from rdnac.compiler.frontend.mxfp4 import read_mxfp4
 from rdnac.compiler.frontend.spec import AttentionLayer, ModelSpec, layer_types, rope_config
+from rdnac.errors import CheckpointError
 
 LAYER_KINDS = ("sliding_attention", "full_attention")
 
@@ -63,6 +64,11 @@ class GptOssMoE(MoE):
         b = m.b
         e = f"model.layers.{layer}.{self.module}.experts"
         if b.quant is None or not b.quant.has_mxfp4_experts(e):
+            if b.has(f"{e}.gate_up_proj_blocks"):  # never inferred from names: the config decides
+                got = f"quant_method {b.quant.method!r}" if b.quant else "no quantization_config"
+                raise CheckpointError(f"{b.checkpoint.path}: tensor {b.source(e + '.gate_up_proj_blocks')!r} is "
+                                      f"MXFP4 data, which requires quantization_config quant_method mxfp4 covering "
+                                      f"{e}; got {got}")
             return super().expert_inputs(m, layer, num_experts, inter)
         w13_blocks, w13_scales = read_mxfp4(b, f"{e}.gate_up_proj", num_experts, 2 * inter, m.hidden)
         w2_blocks, w2_scales = read_mxfp4(b, f"{e}.down_proj", num_experts, m.hidden, inter)

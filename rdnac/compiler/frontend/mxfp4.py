@@ -53,7 +53,8 @@ def read_mxfp4(b: GraphBuilder, prefix: str, num_experts: int, n: int, k: int) -
     nan = scales == E8M0_NAN
     if nan.any():
         first = [int(i) for i in nan.nonzero()[0]]
-        raise CheckpointError(f"{path}: tensor {b.source(scales_name)!r} holds {int(nan.sum())} e8m0 scale byte(s) "
-                              f"255 (NaN), first at {first}; requires finite scales (0..254); the checkpoint is corrupt")
+        raise CheckpointError(f"{path}: tensor {b.source(scales_name)!r} holds {int(nan.sum())} e8m0 scale "
+                              f"byte(s) 255 (NaN), first at {first}; requires finite scales (0..254); "
+                              "the checkpoint is corrupt")
     blocks = b.read(blocks_name).reshape(num_experts, n, groups * 16)
     return blocks, scales
