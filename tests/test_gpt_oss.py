@@ -163,6 +163,29 @@ def test_mxfp4_logits_and_greedy_match_transformers_dequantized(mxfp4_case):
     assert ours == reference_greedy(model, PROMPT, 24)
 
 
+def test_mxfp4_engine_at_concurrency_17_matches_alone(mxfp4_case):
+    """17 requests at once under the cpu LLMEngine (prompts longer and shorter than the window, decode and
+    prefill in one step) give each request's tokens alone."""
+    from rdnac.runtime.llm_engine import LLMEngine
+
+    _, _, _, plan = mxfp4_case
+    llm = rdnac.load(plan)
+    prompts = [PROMPT[i % 9:][: 3 + 2 * (i % 8)] + [i + 3] for i in range(17)]
+    params = [SamplingParams(max_tokens=2 + i % 3, ignore_eos=True) for i in range(17)]
+    alone = [llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    engine = LLMEngine(llm.runner)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(f"r{i}", p, sp)
+    final, max_running = {}, 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out.token_ids
+        max_running = max(max_running, engine.stats()["running"])
+    assert [final[f"r{i}"] for i in range(17)] == alone
+    assert max_running == 17
+
+
 def _plan_weights(plan: Path) -> dict[str, torch.Tensor]:
     return load_file(str(read_plan(plan).weights_path))
 
