@@ -446,3 +446,13 @@ def test_hub_config_form_builds_the_same_graph(float_case, tmp_path):
     (v4 / "config.json").write_text(json.dumps(config))
     graphs = [build_graph(read_checkpoint(d), "float32")[0] for d in (directory / "float", v4)]
     assert [(n.op, n.attrs) for n in graphs[0].nodes] == [(n.op, n.attrs) for n in graphs[1].nodes]
+
+
+def test_gpu_machine_generator_checkpoint_matches_transformers(tmp_path):
+    """rdnac.testing.moe's GPT-OSS (the GPU benchmarks' MXFP4 checkpoints, random blocks and scales, the Hub's
+    v4 config form) at its tiny shape compiles and matches transformers dequantizing it."""
+    from rdnac.testing.moe import write_random_moe_checkpoint
+
+    directory = write_random_moe_checkpoint(tmp_path / "ckpt", "gpt-oss-tiny", "mxfp4")
+    llm = rdnac.load(rdnac.compile(directory, target="cpu", output=tmp_path / "plan.msgpack"))
+    check_logits_match(llm, reference_model(directory), PROMPT[:12], atol=1e-3)
