@@ -82,11 +82,12 @@ class GptOssMoE(MoE):
                                 lambda t: self._gate_up(t[0]), (num_experts, 2 * inter), "deinterleave"),
                b.derived_weight(f"{e}.b2", [(f"{e}.down_proj_bias", (num_experts, m.hidden))], lambda t: t[0],
                                 (num_experts, m.hidden), "copy")]
-        b.decide(f"layers.{layer}.experts", f"MXFP4 experts kept 4-bit: w13 blocks/scales [{num_experts}, {2 * inter}, "
-                 f"{m.hidden // 2}]/[.., {m.hidden // 32}], w2 [{num_experts}, {m.hidden}, {inter // 2}]/[.., "
+        e2i, h = f"{num_experts}, {2 * inter}", m.hidden
+        b.decide(f"layers.{layer}.experts", f"MXFP4 experts kept 4-bit: w13 blocks [{e2i}, {h // 2}] + e8m0 scales "
+                 f"[{e2i}, {h // 32}], w2 blocks [{num_experts}, {h}, {inter // 2}] + scales [{num_experts}, {h}, "
                  f"{inter // 32}], biases in {m.dtype}",
-                 "gate_up_proj rows de-interleaved (gate rows, then up rows) in blocks and scales alike, a row "
-                 "permutation of whole e2m1 rows and their e8m0 scales: bit-exact; down_proj as stored")
+                 "gate_up_proj's interleaved rows reordered (gate rows, then up rows) in blocks and scales alike: a "
+                 "row permutation of whole e2m1 rows and their e8m0 scales, bit-exact; down_proj as stored")
         return "moe_experts_mxfp4", ins
 
 
