@@ -266,6 +266,15 @@ def test_quantize_mxfp4_matches_the_mxfp4_checkpoint(mxfp4_case):
         2 * model.config.num_hidden_layers
 
 
+def test_quantize_mxfp4_of_an_mxfp4_checkpoint_keeps_its_bytes(mxfp4_case, tmp_path):
+    _, directory, _, mxfp4_plan = mxfp4_case
+    plan = rdnac.compile(directory / "mxfp4", target="cpu", output=tmp_path / "again.msgpack", quantize="mxfp4")
+    ours, ref = _plan_weights(plan), _plan_weights(mxfp4_plan)
+    assert sorted(ours) == sorted(ref) and all(torch.equal(ours[n], ref[n]) for n in ref)
+    assert any(d["pass"] == "quantize_mxfp4" and d["action"] == "nothing to do"
+               for d in read_plan(plan).body["decisions"])
+
+
 def test_quantize_mxfp4_of_qwen3_moe(tmp_path):
     """`--quantize mxfp4` of another family's float experts (Qwen3-MoE, with a dense layer mixed in): only the
     experts change, and the plan matches transformers with each expert weight replaced by its MXFP4 round trip."""
