@@ -28,11 +28,11 @@ $(GPU_TRITON_DIR)/.installed: | $(VENV)/.installed
 
 gpu-triton: $(GPU_TRITON_DIR)/.installed
 
-# The server's wheels for the GPU machine (no registry there): carried to it in .whl/ (BENCHMARKS.md).
+# Wheels the GPU machine lacks (xxhash, the server's): carried to it in .whl/ (BENCHMARKS.md).
 gpu-wheels: install
 	$(PY) -m pip download -q --only-binary=:all: --no-deps -d .whl \
 	  --python-version $$($(PY) rdnac/testing/gpu_machine.py PYTHON) --platform manylinux2014_x86_64 \
-	  $$($(PY) rdnac/testing/gpu_machine.py serve_requirements)
+	  $$($(PY) rdnac/testing/gpu_machine.py requirements)
 
 demo: install
 	@mkdir -p plans

@@ -24,8 +24,9 @@ def compile(model: str | Path, target: str = "cpu", output: str | Path | None = 
 
 def load(plan: str | Path, device: str = "cpu", **options):
     """Load a plan for running; returns an `LLM` (rdnac.runtime.llm): generate, chat, stream, logits.
-    Options: verify_weights, interpret, enforce_eager, launch_pdl, and the LLMEngine's (max_num_seqs,
-    max_num_batched_tokens, num_blocks, gpu_memory_utilization, enable_prefix_caching)."""
+    Options: verify_weights (default True: each tensor checked against the plan's checksum as it loads),
+    interpret, enforce_eager, launch_pdl, and the LLMEngine's (max_num_seqs, max_num_batched_tokens,
+    num_blocks, gpu_memory_utilization, enable_prefix_caching)."""
     from rdnac.runtime.llm import LLM
 
     return LLM.load(plan, device=device, **options)

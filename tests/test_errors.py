@@ -163,7 +163,7 @@ def test_weights_file_mismatch(plan, tmp_path):
     weights.write_bytes(bytes(data))
     line = _one_line_error(["run", str(work / "llama.msgpack"), "--prompt", "hi", "--max-tokens", "2",
                             "--verify-weights"])
-    assert "sha256" in line and "llama.weights.safetensors" in line
+    assert "xxh3_64 checksum" in line and "llama.weights.safetensors" in line and "tensor '" in line
     weights.write_bytes(bytes(data[:-100]))
     assert "size" in _one_line_error(["run", str(work / "llama.msgpack"), "--prompt", "hi"])
 
@@ -178,7 +178,7 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_weights_checked_at_load_and_hashed_on_request(plan, tmp_path):
-    """Load checks size and tensor specs; a flipped byte is caught only by verify_weights (a full read)."""
+    """Load checks size and tensor specs, and (verify_weights, on by default) each tensor's checksum."""
     import rdnac
     from rdnac.errors import PlanError
 
@@ -189,9 +189,10 @@ def test_weights_checked_at_load_and_hashed_on_request(plan, tmp_path):
     data = bytearray(wpath.read_bytes())
     data[-3] ^= 0x01  # inside the last tensor's data
     wpath.write_bytes(bytes(data))
-    rdnac.load(copy)  # same size, same tensors: loads without reading the file twice
-    with pytest.raises(PlanError, match="sha256 does not match"):
-        rdnac.load(copy, verify_weights=True)
+    rdnac.load(copy, verify_weights=False)  # same size, same tensors, bytes unchecked: loads
+    for options in ({}, {"verify_weights": True}):
+        with pytest.raises(PlanError, match="requires the xxh3_64 checksum"):
+            rdnac.load(copy, **options)
     tensors = load_file(str(plan.with_name("llama.weights.safetensors")))
     name = sorted(tensors)[0]
     tensors[name] = tensors[name][:1].clone()

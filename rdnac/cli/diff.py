@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from rdnac.cli.layers import count_note, group_rows, ranges, wrap
 from rdnac.ir.graph import Graph
 from rdnac.plans import read_plan
 
@@ -140,8 +141,24 @@ def _table(title: str, columns: tuple[str, ...], rows: list[tuple]) -> Table:
     return t
 
 
-def render_diff(d: dict, console: Console | None = None) -> None:
+def _section(console: Console, title: str, rows: list[tuple[str, ...]], group: bool, fmt) -> None:
+    """A titled list of rows, each wrapped to the width; rows alike but for the layer shown once."""
+    if not rows:
+        return
+    groups = group_rows(rows, group)
+    lines = wrap(f"{title}: {len(rows)}" + (f" in {len(groups)} groups (N: each layer listed)"
+                                             if len(groups) < len(rows) else ""), console.width, "", "  ")
+    for g in groups:
+        where = f"{g.texts[0]}, N = {ranges(g.layers)}" if g.is_templated else g.texts[0]
+        lines += wrap(fmt(where + count_note(g), *g.texts[1:]), console.width)
+    for line in lines:
+        console.print(escape(line), soft_wrap=True, highlight=False)
+
+
+def render_diff(d: dict, console: Console | None = None, per_layer: bool = False) -> None:
+    """The diff at the terminal's width; what every layer repeats is shown once unless `per_layer`."""
     console = console or Console()
+    group = not per_layer
     console.print(f"[bold]A[/bold] {escape(d['a'])}\n[bold]B[/bold] {escape(d['b'])}")
     if d["identical"]:
         console.print("plans are identical in everything compared (header, graph, kernels, weights, decisions)")
@@ -154,29 +171,27 @@ def render_diff(d: dict, console: Console | None = None) -> None:
         console.print(_table("op counts", ("op", "A", "B"), [(op, a, b) for op, (a, b) in d["ops"].items()]
                              + [("(all nodes)", *d["num_nodes"])]))
     n = d["nodes"]
-    rows = [("removed (only in A)", e["node"], e["op"]) for e in n["removed"]]
-    rows += [("added (only in B)", e["node"], e["op"]) for e in n["added"]]
+    rows = [(e["node"], "removed (only in A)", e["op"]) for e in n["removed"]]
+    rows += [(e["node"], "added (only in B)", e["op"]) for e in n["added"]]
     for e in n["changed"]:
         what = [f"{f}: {_text(e[f][0])} -> {_text(e[f][1])}" for f in ("op", "inputs", "outputs") if f in e]
         what += [f"{k}: {a} -> {b}" for k, (a, b) in e.get("attrs", {}).items()]
-        rows.append(("changed", e["node"], "; ".join(what)))
-    if rows:
-        console.print(_table("nodes", ("", "node", "op / change"), rows))
+        rows.append((e["node"], "changed", "; ".join(what)))
+    _section(console, "nodes", rows, group, lambda node, kind, what: f"{kind} {node}: {what}")
     for side, has in zip("AB", d["has_program"]):
         if not has and any(d["has_program"]):
             console.print(f"{side} has no kernels: the reference interpreter runs its graph "
                           "(kernel choices not compared)")
-    if d["kernels"]:
-        rows = [(e["node"], e["step"], _choice_text(e["a"]), _choice_text(e["b"])) for e in d["kernels"]]
-        console.print(_table(f"kernel choices that differ: {len(rows)}", ("node", "step", "A", "B"), rows))
+    rows = [(e["node"], e["step"], _choice_text(e["a"]), _choice_text(e["b"])) for e in d["kernels"]]
+    _section(console, "kernel choices that differ", rows, group,
+             lambda node, step, a, b: f"{node} at {step}: A {a} | B {b}")
     w = d["weights"]
-    rows = [("removed", name, "") for name in w["removed"]] + [("added", name, "") for name in w["added"]]
-    rows += [("changed", e["weight"], "; ".join(f"{k}: {v[0]} -> {v[1]}" for k, v in e.items() if k != "weight"))
+    rows = [(name, "removed", "") for name in w["removed"]] + [(name, "added", "") for name in w["added"]]
+    rows += [(e["weight"], "changed", "; ".join(f"{k}: {v[0]} -> {v[1]}" for k, v in e.items() if k != "weight"))
              for e in w["changed"]]
-    if rows:
-        console.print(_table("weights", ("", "weight", "change"), rows))
+    _section(console, "weights", rows, group, lambda name, kind, what: f"{kind} {name}" + (f": {what}" if what else ""))
     dec = d["decisions"]
-    rows = [("A", e["pass"], e["node"], e["action"]) for e in dec["only_a"]]
-    rows += [("B", e["pass"], e["node"], e["action"]) for e in dec["only_b"]]
-    if rows:
-        console.print(_table("decision-log entries only in one plan", ("in", "pass", "node", "action"), rows))
+    rows = [(e["node"], "A", e["pass"], e["action"]) for e in dec["only_a"]]
+    rows += [(e["node"], "B", e["pass"], e["action"]) for e in dec["only_b"]]
+    _section(console, "decision-log entries only in one plan", rows, group,
+             lambda node, side, name, action: f"only in {side}: [{name}] {node}: {action}")

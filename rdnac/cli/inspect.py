@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from rdnac.cli.layers import braced, count_note, group_rows, ranges, wrap
 from rdnac.errors import RdnacError
 from rdnac.ir.moe import routed_experts
 from rdnac.ir.state import bytes_per_sequence, bytes_per_token
@@ -128,10 +129,14 @@ def _config_text(c: dict) -> str:
     return f"{consts} w{c['num_warps']} s{c['num_stages']}"
 
 
-def render_text(s: dict, show_decisions: bool = False) -> None:
+def render_text(s: dict, show_decisions: bool = False, per_layer: bool = False, full: bool = False) -> None:
+    """The summary first, at the terminal's width (80 columns when not a terminal): what every layer
+    repeats is shown once (`layers.{0-35}.qkv_proj`, see layers.py). `per_layer` lists every layer,
+    `show_decisions` the decision log, `full` all of that and every kernel binary."""
     console = Console()
+    group = not (per_layer or full)
     h, m = s["header"], s["model"]
-    console.print(f"[bold]{s['plan']}[/bold]  rdnac {h['rdnac_version']}  target [bold]{h['target']}[/bold]")
+    console.print(f"[bold]{escape(s['plan'])}[/bold]  rdnac {h['rdnac_version']}  target [bold]{h['target']}[/bold]")
     console.print(f"model {m['name']} ({m['architecture']}, {m['format']}): {m['num_layers']} layers, hidden "
                   f"{m['hidden_size']}, heads {m['num_heads']}/{m['num_kv_heads']} x {m['head_dim']}, vocab "
                   f"{m['vocab_size']}, dtype {m['dtype']}")
@@ -157,28 +162,82 @@ def render_text(s: dict, show_decisions: bool = False) -> None:
         table.add_row(op, str(n))
     console.print(table)
     if s["program"]:
-        pt = Table(title="program (node: kernel and config at decode T=1 / largest prefill step)")
-        for col in ("node", "kernel", "decode config", "prefill config"):
-            pt.add_column(col, overflow="fold")
-        for e in s["program"]:
-            d, p = e.get("decode"), e.get("prefill")
-            pt.add_row(e["node"], (d or p)["kernel"].replace("_decode", "_*") if d and p and d["kernel"] != p["kernel"]
-                       else (d or p)["kernel"], _config_text(d["config"]) if d else "-",
-                       _config_text(p["config"]) if p else "-")
-        console.print(pt)
+        _render_program(console, s["program"], group)
     if s["kernels"]:
-        kt = Table(title=f"kernels: {len(s['kernels'])} binaries for {h['target']} (Triton {h['triton_version']})")
+        _render_kernels(console, s["kernels"], h, full)
+    _render_decisions(console, s["decisions"], show_decisions or full, group)
+
+
+def _lines(console: Console, lines: list[str]) -> None:
+    for line in lines:
+        console.print(escape(line), soft_wrap=True, highlight=False)  # already wrapped to the width
+
+
+def _short(kernel: str) -> str:
+    return kernel.removeprefix("rdnac.kernels.")
+
+
+def _render_program(console: Console, program: list[dict], group: bool) -> None:
+    rows = []
+    for e in program:
+        d, p = e.get("decode"), e.get("prefill")
+        if d and p and (d["kernel"], d["config"]) == (p["kernel"], p["config"]):
+            choice = f"{_short(d['kernel'])}  {_config_text(d['config'])}"
+        else:
+            choice = " | ".join(f"{label} {_short(c['kernel'])}  {_config_text(c['config'])}"
+                                for label, c in (("decode", d), ("prefill", p)) if c)
+        rows.append((e["node"], choice))
+    groups = group_rows(rows, group)
+    lines = wrap(f"program: {len(program)} nodes' kernel and config (decode T=1 | largest prefill step)"
+                 + ("; layers alike once, --layers lists each" if group else ""), console.width, "", "  ")
+    for g in groups:
+        node, choice = g.texts
+        lines += wrap(f"{braced(node, g)}{count_note(g)}  {choice}", console.width)
+    _lines(console, lines)
+
+
+def _render_kernels(console: Console, kernels: list[dict], h: dict, full: bool) -> None:
+    title = f"kernels: {len(kernels)} binaries for {h['target']} (Triton {h['triton_version']})"
+    if full:
+        kt = Table(title=title)
         for col in ("kernel", "config", "shared", "regs", "spills", "matrix instructions"):
             kt.add_column(col, overflow="fold")
-        for k in s["kernels"]:
-            kt.add_row(k["kernel"].removeprefix("rdnac.kernels."), _config_text(k), str(k["shared_bytes"]),
+        for k in kernels:
+            kt.add_row(_short(k["kernel"]), _config_text(k), str(k["shared_bytes"]),
                        str(k["registers"]), str(k["spills"]), ", ".join(k["matrix_instructions"]) or "-")
         console.print(kt)
-    console.print(f"decision log: {len(s['decisions'])} entries" + ("" if show_decisions else " (--decisions to list)"))
-    if show_decisions:
-        for d in s["decisions"]:
-            line = f"  [{d['pass']}] {d['node']}: {d['action']}" + (f" — {d['reason']}" if d["reason"] else "")
-            console.print(escape(line), soft_wrap=True)
+        return
+    by_kernel: dict[str, list[dict]] = {}
+    for k in kernels:
+        by_kernel.setdefault(_short(k["kernel"]), []).append(k)
+    lines = wrap(title + "; --full lists each", console.width, "", "  ")
+    for name, ks in by_kernel.items():
+        spills = sum(k["spills"] for k in ks)
+        instructions = sorted({i for k in ks for i in k["matrix_instructions"]})
+        lines += wrap(f"{name}: {len(ks)} binar{'y' if len(ks) == 1 else 'ies'}, shared up to "
+                      f"{max(k['shared_bytes'] for k in ks)} B, up to {max(k['registers'] for k in ks)} registers, "
+                      f"{spills or 'no'} spills; {', '.join(instructions) or 'no matrix instructions'}", console.width)
+    _lines(console, lines)
+
+
+def _render_decisions(console: Console, decisions: list[dict], show: bool, group: bool) -> None:
+    groups = group_rows([(d["node"], d["pass"], d["action"], d["reason"]) for d in decisions], group)
+    if not show:
+        by_pass: dict[str, int] = {}
+        for d in decisions:
+            by_pass[d["pass"]] = by_pass.get(d["pass"], 0) + 1
+        counts = ", ".join(f"{name} {n}" for name, n in by_pass.items())
+        _lines(console, wrap(f"decision log: {len(decisions)} entries ({counts}); --decisions lists them, layers "
+                             "alike once", console.width, "", "  "))
+        return
+    _lines(console, wrap(f"decision log: {len(decisions)} entries" + (f" in {len(groups)} groups; in a group, N "
+                                                                      "stands for each layer listed" if group else ""),
+                         console.width, "", "  "))
+    for g in groups:
+        node, name, action, reason = g.texts
+        where = f"{node}, N = {ranges(g.layers)}" if g.is_templated else node
+        _lines(console, wrap(f"[{name}] {where}{count_note(g)}: {action}" + (f" — {reason}" if reason else ""),
+                             console.width))
 
 
 def _render_state(console: Console, st: dict, weight_bytes: int) -> None:
@@ -191,7 +250,7 @@ def _render_state(console: Console, st: dict, weight_bytes: int) -> None:
         table.add_column(col)
     for (kind, dtype, shape, per, nbytes), layers in groups.items():
         table.add_row(kind, dtype, f"[{', '.join(map(str, shape))}]", f"{nbytes} / {per}", str(len(layers)),
-                      _ranges(layers))
+                      ranges(layers))
     console.print(table)
     gib = st["memory_bytes"] / 2**30
     line = f"state: {st['bytes_per_token']} bytes per token, {st['bytes_per_sequence']} per sequence; in {gib:g} GiB"
@@ -201,16 +260,3 @@ def _render_state(console: Console, st: dict, weight_bytes: int) -> None:
     if st["max_concurrent_tokens"] is not None:
         line += f": {st['max_concurrent_tokens']} tokens at once (--memory to size for another device)"
     console.print(line)
-
-
-def _ranges(values: list[int]) -> str:
-    """"0-3, 5" for [0, 1, 2, 3, 5]; a layer listed twice (its K and its V) appears once."""
-    values = sorted(set(values))
-    out, start = [], None
-    for i, v in enumerate(values):
-        if start is None:
-            start = v
-        if i + 1 == len(values) or values[i + 1] != v + 1:
-            out.append(str(start) if start == v else f"{start}-{v}")
-            start = None
-    return ", ".join(out)

@@ -74,7 +74,8 @@ def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max
               help="Default: cuda for GPU-target plans, cpu for cpu plans.")
 @click.option("--interpret", is_flag=True, help="Run a GPU plan's own kernels under the Triton interpreter (CPU).")
 @click.option("--enforce-eager", is_flag=True, help="No CUDA graphs (debugging).")
-@click.option("--verify-weights", is_flag=True, help="Check the weights file's sha256 against the plan (reads it all).")
+@click.option("--verify-weights/--no-verify-weights", default=True, show_default=True,
+              help="Check each weight tensor against the checksum the plan records, as it loads.")
 def run_cmd(plan, prompt, chat_text, max_tokens, temperature, top_p, top_k, min_p, seed, device, interpret,
             enforce_eager, verify_weights):
     """Generate from PLAN, streaming text to stdout."""
@@ -138,13 +139,15 @@ def _interactive_chat(llm, params) -> None:
 @cli.command("inspect")
 @click.argument("plan", type=click.Path(dir_okay=False), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (layout in docs/inspect.md).")
-@click.option("--decisions/--no-decisions", default=False, help="Also list the decision log.")
+@click.option("--decisions/--no-decisions", default=False, help="Also list the decision log (layers alike once).")
+@click.option("--layers", "per_layer", is_flag=True, help="List every layer's rows (default: layers alike once).")
+@click.option("--full", is_flag=True, help="Everything: every layer, the decision log, every kernel binary.")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Write a self-contained HTML report.")
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="Write the graph as ONNX (for Netron).")
 @click.option("--diff", nargs=2, type=click.Path(dir_okay=False), help="Compare two plans: --diff A B.")
 @click.option("--memory", help="Device memory to size the model state for (e.g. 16GiB, 80GB; default 16GiB): "
                                "how many tokens of state fit beside the weights.")
-def inspect_cmd(plan, as_json, decisions, html_path, onnx_path, diff, memory):
+def inspect_cmd(plan, as_json, decisions, per_layer, full, html_path, onnx_path, diff, memory):
     """Show what PLAN holds: header, model, graph by op, weights, decisions."""
     from rdnac.cli.inspect import DEFAULT_MEMORY, parse_memory, render_text, summarize
 
@@ -157,7 +160,7 @@ def inspect_cmd(plan, as_json, decisions, html_path, onnx_path, diff, memory):
         if as_json:
             click.echo(json.dumps(result, indent=2, sort_keys=True))
         else:
-            render_diff(result)
+            render_diff(result, per_layer=per_layer or full)
         return
     if plan is None:
         raise click.UsageError("requires PLAN (or --diff A B)")
@@ -173,7 +176,7 @@ def inspect_cmd(plan, as_json, decisions, html_path, onnx_path, diff, memory):
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
     else:
-        render_text(summary, show_decisions=decisions)
+        render_text(summary, show_decisions=decisions, per_layer=per_layer, full=full)
 
 
 @cli.command("verify")
@@ -217,14 +220,17 @@ def verify_cmd(plan, model, prompt, token_ids, atol, interpret):
 @click.option("--gpu-memory-utilization", default=0.9, show_default=True, type=float,
               help="Fraction of GPU memory the KV cache may fill up to.")
 @click.option("--enable-prefix-caching", is_flag=True, help="Reuse KV blocks of shared prompt prefixes.")
+@click.option("--verify-weights/--no-verify-weights", default=True, show_default=True,
+              help="Check each weight tensor against the checksum the plan records, as it loads.")
 def serve_cmd(plan, host, port, api_key, model_name, device, max_num_seqs, max_num_batched_tokens,
-              gpu_memory_utilization, enable_prefix_caching):
+              gpu_memory_utilization, enable_prefix_caching, verify_weights):
     """Serve PLAN over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     from rdnac.serve import serve
 
     serve(plan, host=host, port=port, api_key=api_key, model_name=model_name, device=device,
           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-          gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching)
+          gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
+          verify_weights=verify_weights)
 
 
 @cli.command("tune")

@@ -1,10 +1,15 @@
-"""`rdnac targets`: the target table and what the installed Triton was probed to emit for each."""
+"""`rdnac targets`: the target table and what the installed Triton was probed to emit for each.
+
+One block per target, wrapped to the terminal's width (80 columns when not a
+terminal): the name in its own column, never broken, and the facts beside it.
+"""
 
 from __future__ import annotations
 
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
+from rdnac.cli.layers import wrap
 from rdnac.targets import TARGETS
 from rdnac.targets.probe import probe
 
@@ -15,20 +20,30 @@ def _dot(p) -> str:
     return ", ".join(p.matrix_instructions) if p.matrix_instructions else "compiles, no matrix instr."
 
 
+def target_lines(t, caps, width: int) -> list[str]:
+    """The block of one target: its description, its facts, then what its dots compile to."""
+    name_width = max(len(name) for name in TARGETS) + 2
+    pad = " " * name_width
+    lines = wrap(t.description, width, t.name.ljust(name_width), pad)
+    if not t.is_gpu:
+        return lines
+    lines += wrap(f"wave {t.warp_size}, LDS {t.lds_bytes // 1024} KiB per block, FP8 {t.fp8_format or 'none'}, "
+                  f"HBM {t.hbm_gbps or '-'} GB/s, {t.num_compute_units or '-'} CUs", width, pad, pad)
+    if caps is not None:
+        dots = [f"bf16 dot: {_dot(caps.bf16_dot)}"]
+        if t.fp8_format:
+            dots.append(f"fp8 dot: {_dot(caps.fp8_dot(t.fp8_format))}")
+        dots.append(f"int8 dot: {_dot(caps.int8_dot)}")
+        for dot in dots:
+            lines += wrap(dot, width, pad, pad + "  ")
+    return lines
+
+
 def render_targets(probe_gpus: bool = True) -> None:
     console = Console()
-    table = Table(title="rdnac targets")
-    for col in ("target", "GPU", "wave", "LDS/block", "FP8", "HBM GB/s", "CUs", "bf16 dot", "fp8 dot", "int8 dot"):
-        table.add_column(col, overflow="fold")
+    lines = wrap("rdnac targets; capabilities are probed by trial compilation with the installed Triton (cached "
+                 "under ~/.cache/rdnac/probes)", console.width, "", "")
     for t in TARGETS.values():
-        caps = probe(t) if (t.is_gpu and probe_gpus) else None
-        fp8 = "-"
-        if caps is not None and t.fp8_format:
-            fp8 = _dot(caps.fp8_dot(t.fp8_format))
-        table.add_row(t.name, t.description, str(t.warp_size) if t.is_gpu else "-",
-                      f"{t.lds_bytes // 1024} KiB" if t.is_gpu else "-", t.fp8_format or "none",
-                      str(t.hbm_gbps or "-"), str(t.num_compute_units or "-"),
-                      _dot(caps.bf16_dot) if caps else "-", fp8, _dot(caps.int8_dot) if caps else "-")
-    console.print(table)
-    console.print("capabilities are probed by trial compilation with the installed Triton "
-                  "(cached under ~/.cache/rdnac/probes)")
+        lines += target_lines(t, probe(t) if (t.is_gpu and probe_gpus) else None, console.width)
+    for line in lines:
+        console.print(escape(line), soft_wrap=True, highlight=False)

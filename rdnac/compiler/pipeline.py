@@ -22,7 +22,7 @@ from rdnac.compiler.frontend import build_graph, read_checkpoint
 from rdnac.compiler.passes import (CompileState, Pass, dce, fp8_layout, fuse_act_quant, fuse_add_rms_norm,
                                    fuse_attention_quant, fuse_gated_linear, fuse_norm_quant, fuse_qk_norm_rope_cache,
                                    merge_linears, quantize, quantize_lm_head, quantize_mxfp4, select_kernels)
-from rdnac.errors import RdnacError
+from rdnac.errors import CheckpointError, RdnacError
 from rdnac.ir.verify import verify
 from rdnac.plans import write_plan
 from rdnac.targets import get_target
@@ -130,6 +130,7 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
     dtype = opts.dtype or ("bfloat16" if tgt.is_gpu else "float32")
     graph, weights, decisions = build_graph(checkpoint, dtype)
     verify(graph)
+    check_finite(weights, checkpoint.path)
     caps = None
     if tgt.is_gpu:
         from rdnac.targets.probe import probe
@@ -172,6 +173,34 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
     out = Path(output) if output else default_output(model, target)
     write_plan(out, header, body, state.weights)
     return out
+
+
+_FINITE_CHUNK = 1 << 24  # elements checked at once: bounds the temporary mask (16 MB)
+
+
+def check_finite(weights: dict[str, torch.Tensor], source) -> None:
+    """Refuse NaN or inf in a float weight, naming the tensor: such a checkpoint compiles and runs, and
+    then prints nothing useful (a blank line, exit 0)."""
+    for name, tensor in weights.items():
+        if not tensor.is_floating_point():
+            continue  # integer data (packed FP8/FP4 bits) has no non-finite values; its float scales are checked
+        flat = tensor.reshape(-1)
+        num_bad, first = 0, None
+        for start in range(0, flat.numel(), _FINITE_CHUNK):
+            part = flat[start:start + _FINITE_CHUNK]
+            part = part.float() if part.element_size() == 1 else part  # float8 has no sum or isfinite
+            if torch.isfinite(part.sum(dtype=torch.float32)):  # any NaN/inf makes the sum NaN/inf; 10x faster
+                continue  # than isfinite here (an overflowing sum only sends the chunk to the exact check)
+            bad = ~torch.isfinite(part)
+            n = int(bad.sum())
+            if n and first is None:
+                first = start + int(bad.nonzero()[0, 0])
+            num_bad += n
+        if num_bad:
+            index = list(torch.unravel_index(torch.tensor(first), tuple(tensor.shape))) if tensor.dim() else []
+            raise CheckpointError(f"{source}: tensor {name!r} requires finite values; got {num_bad} NaN or inf of "
+                                  f"{tensor.numel()} (the first at {[int(i) for i in index]}); the checkpoint is "
+                                  "corrupt: download or export it again")
 
 
 def _jsonable(d: dict) -> dict:

@@ -33,6 +33,7 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 | argmax          | logits [R, V]                                                 | [R] int64      |
 | split           | x [T, N] (attr sizes, summing to N)                           | len(sizes) views [T, sizes[i]] |
 | moe_route, moe_experts, moe_experts_mxfp4: see `rdnac.ir.moe`                                   |
+| causal_conv1d, gated_delta_rule, gated_rms_norm, sigmoid_gate: see `rdnac.ir.linear_attention`   |
 
 FP8 activation quantization fused into its producer: `rms_norm_quant`,
 `gated_act_quant` and `attention_quant` compute `rms_norm` / `gated_act` /
@@ -58,6 +59,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from rdnac.ir import linear_attention as la
 from rdnac.ir import moe
 from rdnac.ir.graph import TensorSpec
 from rdnac.ir.rope_math import rope_cos_sin, rotate
@@ -401,4 +403,11 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("moe_route", ("top_k", "scoring"), (1,), moe.moe_route_infer, moe.moe_route),
     OpDef("moe_experts", ("act",), (5, 7), moe.moe_experts_infer, moe.moe_experts),
     OpDef("moe_experts_mxfp4", ("act",), (7, 9), moe.moe_experts_infer, moe.moe_experts_mxfp4),
+    # linear attention: the conv and the delta rule write their sequences' state slots (input 2 / 7)
+    OpDef("causal_conv1d", ("kernel_size",), (6,), la.same_as_x, la.causal_conv1d, has_side_effects=True,
+          in_place=(2,)),
+    OpDef("gated_delta_rule", ("num_k_heads", "num_v_heads", "k_head_dim", "v_head_dim"), (11,),
+          la.gated_delta_rule_infer, la.gated_delta_rule, has_side_effects=True, in_place=(7,)),
+    OpDef("gated_rms_norm", ("num_heads", "head_dim", "eps"), (3,), la.same_as_x, la.gated_rms_norm),
+    OpDef("sigmoid_gate", (), (2,), la.same_as_x, la.sigmoid_gate),
 ]}

@@ -7,6 +7,7 @@ dims (`T`, `B`...) compare by name.
 from __future__ import annotations
 
 from rdnac.errors import GraphError
+from rdnac.ir import linear_attention
 from rdnac.ir.graph import Graph, Node, TensorSpec
 from rdnac.ir.ops import ATTENTION_OPS, OPS
 
@@ -106,6 +107,8 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(ins[0].shape[-1] == ins[2].shape[1], "x's hidden must equal weight's")
     elif node.op in ("gated_act", "gated_act_quant"):
         expect(a["act"] in ("silu", "gelu", "gelu_tanh"), "act must be silu, gelu or gelu_tanh")
+    elif node.op in linear_attention.OP_NAMES:
+        linear_attention.check(node.op, a, ins, expect)
     elif node.op == "split":
         sizes = a["sizes"]
         expect(isinstance(sizes, (list, tuple)) and len(sizes) >= 1

@@ -150,9 +150,13 @@ def resolve_kernel(name: str) -> triton.JITFunction:
     so a plan cannot make the loader import anything else."""
     from rdnac.kernels.registry import kernel_module
 
+    from rdnac.errors import PlanError
+
     module_name, _, fn_name = name.partition(":")
     kernel = getattr(kernel_module(module_name), fn_name, None)
-    assert isinstance(kernel, triton.JITFunction), f"{name} is not a @triton.jit kernel"
+    if not isinstance(kernel, triton.JITFunction):  # a name from a plan file: a user error, not an invariant
+        raise PlanError(f"a plan's kernel requires a @triton.jit kernel of rdnac's kernel library; got {name!r}, "
+                        "which is none; do recompile the plan with this rdnac")
     return kernel
 
 

@@ -7,44 +7,41 @@ The msgpack file is one map:
 
 The header is readable without decoding the body (rdnac version, Triton
 version, target, model identity, compile options, the weights file's name,
-size and sha256). The body holds the graph, decision log, kernels, program,
-runtime defaults, tokenizer, chat template and generation config. Loading
-checks the format version first, then the body hash, then the weights size
-and hash, and never executes anything carried in the plan (no pickle).
+size, sha256 and per-tensor checksums; see weights_file.py). The body holds
+the graph, decision log, kernels, program, runtime defaults, tokenizer, chat
+template and generation config. Loading checks the format version first,
+then the body hash, then the weights size and checksums, and never executes
+anything carried in the plan (no pickle). `write_plan` publishes the plan and
+its weights together: both are written to temporary names and renamed into
+place only once both are complete.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import os
+import re
+import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from rdnac.errors import PlanError
+from rdnac.plans.weights_file import CHECKSUM, ST_DTYPES, read_header, read_weights, record_weights, sha256_file
 
 FORMAT = "rdnac-plan"
 FORMAT_VERSION = 2  # 2: the graph declares the model's state (Graph.state, ir/state.py); 1 assumed K/V caches
-# safetensors dtype names -> the graph's dtype names
-_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
-              "I32": "int32", "I8": "int8", "U8": "uint8", "F8_E4M3": "float8_e4m3fn",
-              "F8_E4M3FNUZ": "float8_e4m3fnuz", "BOOL": "bool"}
 
 
 def weights_path_for(plan_path: Path) -> Path:
     plan_path = Path(plan_path)
     return plan_path.with_name(plan_path.name.removesuffix(".msgpack") + ".weights.safetensors")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -70,12 +67,13 @@ class Plan:
     def weights_path(self) -> Path:
         return self.path.with_name(self.header["weights"]["file"])
 
-    def load_weights(self, device: str = "cpu", verify: bool = False) -> dict[str, torch.Tensor]:
-        """The plan's weights, read straight onto `device`.
+    def load_weights(self, device: str = "cpu", verify: bool = True) -> dict[str, torch.Tensor]:
+        """The plan's weights, read onto `device`.
 
         Always checked: the file's size, and that its tensors are exactly the graph's weights with
-        their recorded dtypes and shapes. With `verify`, also the file's sha256 against the plan's
-        record (a full read: seconds per GB, so it is asked for, e.g. `rdnac run --verify-weights`)."""
+        their recorded dtypes and shapes. With `verify` (the default), each tensor's bytes against the
+        checksum the plan records, while they stream in (`weights_file.read_weights`); a plan without
+        per-tensor checksums is checked against the whole file's sha256 instead (a second full read)."""
         path = self.weights_path
         info = self.header["weights"]
         if not path.exists():
@@ -84,41 +82,118 @@ class Plan:
         if size != info["size"]:
             raise PlanError(f"{path}: weights file size {size} does not match the plan's record {info['size']}; "
                             "the file is truncated or from another compile; recompile or copy the matching file")
-        if verify and _sha256_file(path) != info["sha256"]:
+        checksums = info.get("tensors") if verify else None
+        if verify and checksums is None and sha256_file(path) != info["sha256"]:
             raise PlanError(f"{path}: weights sha256 does not match the plan's record; the file is corrupt or "
                             "from another compile; recompile or copy the matching file")
+        if checksums is not None and (info.get("checksum") != CHECKSUM or not isinstance(checksums, dict)):
+            raise PlanError(f"{self.path}: requires weight checksums of kind {CHECKSUM}; got "
+                            f"{info.get('checksum')!r}; recompile the plan with this rdnac")
         specs = self.body["graph"]["weights"]
-        out = {}
-        with safe_open(str(path), framework="pt", device=device) as f:
-            names = set(f.keys())
-            if names != set(specs):
-                missing, extra = sorted(set(specs) - names), sorted(names - set(specs))
-                raise PlanError(f"{path}: requires the tensors of the plan's graph; missing {missing[:3]}, "
-                                f"unexpected {extra[:3]}; recompile or copy the matching file")
-            for name in specs:
-                sl = f.get_slice(name)
-                shape, dtype = list(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), sl.get_dtype())
-                want = specs[name]
-                if shape != list(want["shape"]) or dtype != want["dtype"]:
-                    raise PlanError(f"{path}: tensor {name!r} is {dtype} {shape}; the plan's graph requires "
-                                    f"{want['dtype']} {list(want['shape'])}; recompile or copy the matching file")
-                out[name] = f.get_tensor(name)
-        return out
+        header = read_header(path)
+        entries = header[1]
+        if set(entries) != set(specs):
+            missing, extra = sorted(set(specs) - set(entries)), sorted(set(entries) - set(specs))
+            raise PlanError(f"{path}: requires the tensors of the plan's graph; missing {missing[:3]}, "
+                            f"unexpected {extra[:3]}; recompile or copy the matching file")
+        for name, want in specs.items():
+            entry = entries[name]
+            if not _is_entry(entry):
+                raise PlanError(f"{path}: tensor {name!r} requires a safetensors entry (dtype, shape of ints, two "
+                                f"data offsets); got {str(entry)[:80]}; recompile or copy the matching file")
+            shape, dtype = list(entry["shape"]), ST_DTYPES.get(entry["dtype"])
+            if shape != list(want["shape"]) or dtype is None or str(dtype).removeprefix("torch.") != want["dtype"]:
+                got = str(dtype).removeprefix("torch.") if dtype is not None else entry.get("dtype")
+                raise PlanError(f"{path}: tensor {name!r} is {got} {shape}; the plan's graph requires "
+                                f"{want['dtype']} {list(want['shape'])}; recompile or copy the matching file")
+            begin, end = entry["data_offsets"]
+            if end - begin != math.prod(shape) * dtype.itemsize or header[0] + end > size:
+                raise PlanError(f"{path}: tensor {name!r} has data offsets {[begin, end]} that do not fit "
+                                f"{want['dtype']} {shape} in the file; recompile or copy the matching file")
+        return read_weights(path, header, list(specs), device, checksums, self.path)
+
+
+def _is_entry(entry) -> bool:
+    ints = lambda xs, n=None: isinstance(xs, list) and all(type(x) is int and x >= 0 for x in xs) \
+        and (n is None or len(xs) == n)  # noqa: E731
+    return isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and ints(entry.get("shape")) \
+        and ints(entry.get("data_offsets"), 2)
+
+
+def _temp_beside(path: Path) -> Path:
+    """A fresh name in `path`'s directory for writing `path` before it is published by a rename."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path), metadata={"format": FORMAT})
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _publish(tmp_weights: Path, weights: Path, tmp_plan: Path, plan: Path) -> None:
+    """Rename the new weights, then the new plan, into place. The plan records the weights' size and
+    checksums, so until its rename lands an old plan beside new weights is refused at load; if that
+    rename fails, the old weights are put back, leaving the old pair as it was."""
+    backup = None
+    if weights.exists():
+        backup = _temp_beside(weights)
+        try:
+            os.link(weights, backup)
+        except OSError:  # no hard links here: the plan's checksums still refuse a mismatched pair
+            backup = None
+    try:
+        os.replace(tmp_weights, weights)
+        try:
+            os.replace(tmp_plan, plan)
+        except OSError:
+            if backup is not None:
+                os.replace(backup, weights)
+            else:
+                weights.unlink(missing_ok=True)
+            raise
+    finally:
+        if backup is not None:
+            backup.unlink(missing_ok=True)
+
+
+def _io_reason(message: str) -> str:
+    """"No space left on device" out of safetensors' "Error while serializing: I/O error: ... (os error 28)"."""
+    m = re.search(r"I/O error: (.*?) \(os error \d+\)", message)
+    return m.group(1) if m else message.splitlines()[0]
 
 
 def write_plan(path: Path, header: dict, body: dict, weights: dict[str, torch.Tensor]) -> Path:
+    """Write the plan and its weights to temporary names beside `path`, then publish both (`_publish`).
+    On any failure (a full disk, an unwritable directory) the temporaries are removed, an existing plan
+    and its weights are left as they were, and a PlanError says why."""
     path = Path(path)
     wpath = weights_path_for(path)
-    tmp_w = wpath.with_name(wpath.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_w), metadata={"format": FORMAT})
-    tmp_w.replace(wpath)
-    header = dict(header, weights={"file": wpath.name, "size": wpath.stat().st_size, "sha256": _sha256_file(wpath)})
-    body_bytes = msgpack.packb(body, use_bin_type=True)
-    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "header": header,
-           "body_sha256": hashlib.sha256(body_bytes).hexdigest(), "body": body_bytes}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(msgpack.packb(doc, use_bin_type=True))
-    tmp.replace(path)
+    tmp_w, tmp_p = _temp_beside(wpath), _temp_beside(path)
+    try:
+        _save_weights(tmp_w, weights)
+        header = dict(header, weights={"file": wpath.name, **record_weights(tmp_w)})
+        body_bytes = msgpack.packb(body, use_bin_type=True)
+        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "header": header,
+               "body_sha256": hashlib.sha256(body_bytes).hexdigest(), "body": body_bytes}
+        _write_synced(tmp_p, msgpack.packb(doc, use_bin_type=True))
+        os.chmod(tmp_w, stat.S_IMODE(tmp_p.stat().st_mode))  # safetensors makes it 0600; the plan has the umask's
+        _publish(tmp_w, wpath, tmp_p, path)
+    except (OSError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else _io_reason(str(e))
+        raise PlanError(f"{path}: writing the plan requires a writable directory with room for it and its "
+                        f"weights; got {reason}; nothing was written (an existing plan is unchanged); free "
+                        "space or choose another -o") from None
+    finally:
+        tmp_w.unlink(missing_ok=True)
+        tmp_p.unlink(missing_ok=True)
     return path
 
 

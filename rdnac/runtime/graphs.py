@@ -11,7 +11,8 @@ which gives the same tokens for the rows that need none of those.
 A decode step of B sequences replays the graph of the smallest bucket >= B.
 Rows past B are padding: token 0 at position 0, seq_len 1, slot -1 (the KV
 write skips it) and a block table of block 0, so attention reads one finite
-key and nothing is written (seq_len 0 would give 0/0 = NaN). Inputs are
+key and nothing is written (seq_len 0 would give 0/0 = NaN); state slot -1
+(per-sequence state is read as zeros and not written). Inputs are
 copied into static buffers before replay, from pinned host buffers (asynchronous:
 no stream sync, so the host prepares step n+1 while step n runs), the block
 table only as wide as the step's longest row; nothing inside the captured step
@@ -98,7 +99,7 @@ class DecodeGraphs:
             "steps": torch.zeros(bucket, dtype=torch.int64, device=device),
         }
         if self.has_state_slots:
-            static["state_slots"] = torch.zeros(bucket, dtype=torch.int64, device=device)
+            static["state_slots"] = torch.full((bucket,), -1, dtype=torch.int64, device=device)
         return static
 
     def _pinned(self, bucket: int) -> tuple[dict[str, torch.Tensor], dict]:
@@ -125,8 +126,8 @@ class DecodeGraphs:
             "slot_mapping": host["slot_mapping"] + [-1] * pad,
             "seq_lens": host["seq_lens"] + [1] * pad,
         }
-        if self.has_state_slots:  # padding rows share slot 0's state, read-only: their outputs are dropped
-            rows["state_slots"] = host["state_slots"] + [0] * pad
+        if self.has_state_slots:  # slot -1: a padding row reads zero state and writes none (ir/linear_attention)
+            rows["state_slots"] = host["state_slots"] + [-1] * pad
         is_sampled = sampling is not None and not sampling.is_greedy
         if is_sampled:
             rows.update(temperature=sampling.temperatures + [0.0] * pad,

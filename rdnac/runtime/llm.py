@@ -34,7 +34,7 @@ class LLM:
         self._ids = itertools.count()
 
     @classmethod
-    def load(cls, plan: str | Path, device: str = "cpu", *, verify_weights: bool = False, interpret: bool = False,
+    def load(cls, plan: str | Path, device: str = "cpu", *, verify_weights: bool = True, interpret: bool = False,
              enforce_eager: bool = False, launch_pdl: bool = True, **engine_options) -> LLM:
         runner = ModelRunner.load(plan, device=device, verify_weights=verify_weights, interpret=interpret,
                                   enforce_eager=enforce_eager, launch_pdl=launch_pdl)

@@ -244,11 +244,17 @@ class LLMEngine:
             raise RequestError(f"logits requires 1..{self.max_model_len} token ids (the plan's max model length); "
                                f"got {len(ids)}")
         with self._lock:
-            table = self.block_manager.take_blocks(blocks_for(len(ids), self.block_size))
+            bm = self.block_manager
+            if bm.num_slots and not bm.num_free_slots:
+                raise RequestError(f"logits requires a free state slot (the plan keeps per-sequence state); got all "
+                                   f"{bm.num_slots} in use; let running requests finish")
+            table = bm.take_blocks(blocks_for(len(ids), self.block_size))
+            slot = bm.take_slot()
             try:
-                return self.runner.logits(ids, table)
+                return self.runner.logits(ids, table, slot)
             finally:
-                self.block_manager.free(table)
+                bm.free(table)
+                bm.free_slot(slot)
 
     def stats(self) -> dict:
         with self._lock:

@@ -76,7 +76,7 @@ class ModelRunner:
         self._executor = Executor(self.graph, plan.body["program"], launcher, device) if launcher else None
 
     @classmethod
-    def load(cls, plan_path: str | Path, device: str = "cpu", verify_weights: bool = False,
+    def load(cls, plan_path: str | Path, device: str = "cpu", verify_weights: bool = True,
              interpret: bool = False, enforce_eager: bool = False, launch_pdl: bool = True) -> ModelRunner:
         """Load a plan. A cpu-target plan runs under the reference interpreter (on cpu or cuda);
         a GPU-target plan runs its precompiled kernels on `cuda`, or with `interpret=True` its own
@@ -243,11 +243,13 @@ class ModelRunner:
                 return StepOutput(logits)
             return StepOutput(logits, *sample(logits, sampling))
 
-    def logits(self, token_ids: list[int], block_table: list[int]) -> torch.Tensor:
-        """Float32 logits [T, V] on the CPU for every position of one sequence, whose blocks are given;
-        in steps of at most max_num_batched_tokens tokens (a long prompt is chunked)."""
+    def logits(self, token_ids: list[int], block_table: list[int], state_slot: int = -1) -> torch.Tensor:
+        """Float32 logits [T, V] on the CPU for every position of one sequence, whose blocks (and state slot,
+        for a plan with per-sequence state) are given; in steps of at most max_num_batched_tokens tokens (a
+        long prompt is chunked, the state carried from chunk to chunk in the slot)."""
+        assert state_slot >= 0 or not self.bytes_per_sequence, "a plan with per-sequence state needs a slot"
         step = self.max_num_batched_tokens
-        chunks = [self.execute([StepEntry(token_ids, block_table, start, min(start + step, len(token_ids)))],
-                               logits_all=True).logits.cpu()
+        chunks = [self.execute([StepEntry(token_ids, block_table, start, min(start + step, len(token_ids)),
+                                          state_slot)], logits_all=True).logits.cpu()
                   for start in range(0, len(token_ids), step)]
         return torch.cat(chunks)

@@ -13,22 +13,23 @@ TORCH = "2.11"  # torch is not swapped in the build check: kernel builds depend 
 # Beside .venv in the repository root, named by the version so a new TRITON gets a new directory.
 ENV_DIR = f".gpu-triton-{TRITON}"
 
-# `rdnac serve` there: the GPU machine has no fastapi/uvicorn and no registry. `make gpu-wheels` downloads
-# these (at the versions of the main environment, for the GPU machine's python) into WHEEL_DIR; a device
-# call carries WHEEL_DIR, unzips the wheels into a directory and puts it on PYTHONPATH (BENCHMARKS.md).
+# What the GPU machine lacks and has no registry to install from: xxhash (plan weights are checksummed with
+# it) and the server's fastapi/uvicorn. `make gpu-wheels` downloads these (at the versions of the main
+# environment, for the GPU machine's python) into WHEEL_DIR; every device call carries WHEEL_DIR, unzips
+# the wheels into a directory and puts it on PYTHONPATH (BENCHMARKS.md).
 PYTHON = "3.12"
 WHEEL_DIR = ".whl"
-SERVE_PACKAGES = ("fastapi", "uvicorn", "starlette", "pydantic", "pydantic-core", "h11", "anyio", "sniffio",
+WHEELS = ("xxhash", "fastapi", "uvicorn", "starlette", "pydantic", "pydantic-core", "h11", "anyio", "sniffio",
                   "annotated-types", "annotated-doc", "typing-inspection", "typing-extensions", "idna",
                   "opentelemetry-api", "importlib-metadata", "zipp")
 
 
-def serve_requirements() -> list[str]:
-    """SERVE_PACKAGES pinned to the versions installed here (the ones the tests pass with)."""
+def requirements() -> list[str]:
+    """WHEELS pinned to the versions installed here (the ones the tests pass with)."""
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for name in SERVE_PACKAGES:
+    for name in WHEELS:
         try:
             pins.append(f"{name}=={version(name)}")
         except PackageNotFoundError:  # not a dependency of this environment's fastapi: not needed there

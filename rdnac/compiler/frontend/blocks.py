@@ -116,6 +116,7 @@ class Attention:
     qkv_bias: bool | str = "attention_bias"
     o_bias: bool | str = "attention_bias"
     qk_norm: bool = False
+    output_gate: bool = False  # q_proj also gives a sigmoid gate on the output, per head (Qwen3.5, Qwen3-Next)
     sinks: bool = False
 
     def emit(self, m: Model, x: str, layer: int) -> str:
@@ -123,7 +124,10 @@ class Attention:
         p, n = f"model.layers.{layer}.self_attn", f"layers.{layer}"
         num_heads, num_kv_heads, head_dim = m.num_heads, m.num_kv_heads, m.head_dim
         qkv_bias = flag(c, self.qkv_bias)
-        q = b.linear(x, f"{p}.q_proj", num_heads * head_dim, m.hidden, qkv_bias, f"{n}.q_proj")
+        if self.output_gate:
+            q, gate = gated_query(m, x, f"{p}.q_proj", qkv_bias, f"{n}.q_proj")
+        else:
+            q = b.linear(x, f"{p}.q_proj", num_heads * head_dim, m.hidden, qkv_bias, f"{n}.q_proj")
         k = b.linear(x, f"{p}.k_proj", num_kv_heads * head_dim, m.hidden, qkv_bias, f"{n}.k_proj")
         v = b.linear(x, f"{p}.v_proj", num_kv_heads * head_dim, m.hidden, qkv_bias, f"{n}.v_proj")
         if self.qk_norm:
@@ -146,7 +150,31 @@ class Attention:
                                  s["positions"], *sinks], f"{n}.attn",
                    num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=variant.scale,
                    sliding_window=variant.sliding_window, softcap=variant.softcap)[0]
+        if self.output_gate:
+            a = b.node("sigmoid_gate", [a, gate], f"{n}.output_gate")[0]
         return b.linear(a, f"{p}.o_proj", m.hidden, num_heads * head_dim, flag(c, self.o_bias), f"{n}.o_proj")
+
+
+def gated_query(m: Model, x: str, module: str, has_bias: bool, name: str) -> tuple[str, str]:
+    """(q, gate) [T, H*D] each, from a q_proj whose rows hold, per head, D query rows then D gate rows:
+    its rows are reordered once (all queries, then all gates) so one linear and a column split give both."""
+    b, num_heads, head_dim = m.b, m.num_heads, m.head_dim
+    rows = 2 * num_heads * head_dim
+
+    def queries_then_gates(t: list):  # [H, 2, D, *] -> [2, H, D, *]
+        return t[0].view(num_heads, 2, head_dim, -1).transpose(0, 1).reshape(rows, -1).squeeze(-1)
+
+    ins = [x, b.derived_weight(f"{module}.weight", [(f"{module}.weight", (rows, m.hidden))], queries_then_gates,
+                               (rows, m.hidden), "rows per head [query, gate] as [all queries, all gates]")]
+    if has_bias:
+        ins.append(b.derived_weight(f"{module}.bias", [(f"{module}.bias", (rows,))],
+                                    lambda t: queries_then_gates([t[0][:, None]]), (rows,),
+                                    "rows per head [query, gate] as [all queries, all gates]"))
+    b.decide(name, "q_proj rows reordered: all queries, then all gates",
+             "its rows hold per head D query rows then D gate rows; one GEMM and a column split give both")
+    y = b.node("linear", ins, name)[0]
+    q, gate = b.node("split", [y], f"{name}.split", 2, sizes=[num_heads * head_dim] * 2)
+    return q, gate
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,10 @@ class GraphBuilder:
             self.weight_specs[name] = WeightSpec(self.dtype, tuple(shape), "none", source=self._actual[name])
         return name
 
+    def has_module(self, prefix: str) -> bool:
+        """Whether any checkpoint tensor's canonical name starts with `prefix` ("model.layers.3.linear_attn.")."""
+        return any(name.startswith(prefix) for name in self._actual)
+
     def derived_weight(self, name: str, sources: list[tuple[str, tuple[int, ...]]],
                        make: Callable[[list[torch.Tensor]], torch.Tensor], shape: tuple[int, ...], how: str) -> str:
         """A graph weight computed once from checkpoint tensors (`sources`: canonical name and required

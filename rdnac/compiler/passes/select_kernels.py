@@ -45,7 +45,9 @@ def step_keys(max_num_seqs: int, max_num_batched_tokens: int) -> list[tuple[str,
 def node_problem(node: Node, phase: str, env: dict[str, torch.Tensor], runtime: dict) -> tuple[str, dict]:
     """(family name, problem) of a node at a step: its op's record in the kernel registry says both."""
     if not registry.has_kernel(node.op):
-        raise RdnacError(f"node {node.name!r}: no kernel family implements op {node.op!r} for GPU targets")
+        why = registry.REFERENCE_ONLY_OPS.get(node.op)
+        raise RdnacError(f"node {node.name!r}: no kernel family implements op {node.op!r} for GPU targets"
+                         + (f" ({why})" if why else ""))
     fam, entry = registry.for_op(node.op)
     return fam.name, entry.problem(node.attrs, [env[n] for n in node.inputs], phase, runtime)
 
@@ -90,7 +92,7 @@ def meta_env(graph: Graph, phase: str, num_tokens: int, runtime: dict) -> tuple[
     num_seqs = num_tokens if phase == "decode" else 1
     max_blocks = -(-runtime["max_model_len"] // runtime["kv_block_size"])
     sizes = {"T": num_tokens, "B": num_seqs, "B1": num_seqs + 1, "R": num_seqs, "MB": max_blocks,
-             "NB": max_blocks, "BS": runtime["kv_block_size"]}
+             "NB": max_blocks, "BS": runtime["kv_block_size"], "NS": num_seqs}  # NS: per-sequence state slots
     env = {}
     for name, spec in graph.weights.items():
         env[name] = torch.empty(spec.shape, dtype=getattr(torch, spec.dtype), device="meta")
