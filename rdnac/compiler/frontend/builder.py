@@ -149,11 +149,8 @@ class GraphBuilder:
         """The checkpoint's own name of canonical tensor `name` (for messages)."""
         return self._actual.get(name, name)
 
-    def read(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Checkpoint tensor `name` as stored (no cast), marked used, after checking it exists (with `shape`,
-        if given); the caller checks the dtype."""
-        if shape is not None:
-            self._spec(name, shape)
+    def read(self, name: str) -> torch.Tensor:
+        """Checkpoint tensor `name` as stored (no cast), marked used; the caller has checked it (`stored`)."""
         assert name in self._actual, name
         return self._load(name)
 
