@@ -21,7 +21,7 @@ import rdnac
 from rdnac.compiler.frontend import build_graph, read_checkpoint
 from rdnac.compiler.passes import (CompileState, Pass, dce, fp8_layout, fuse_act_quant, fuse_add_rms_norm,
                                    fuse_attention_quant, fuse_gated_linear, fuse_norm_quant, fuse_qk_norm_rope_cache,
-                                   merge_linears, quantize, quantize_lm_head, select_kernels)
+                                   merge_linears, quantize, quantize_lm_head, quantize_mxfp4, select_kernels)
 from rdnac.errors import CheckpointError, RdnacError
 from rdnac.ir.verify import verify
 from rdnac.plans import write_plan
@@ -34,7 +34,7 @@ LATE_PASSES = ("fuse_norm_quant", "fuse_act_quant", "fuse_attention_quant", "fus
 # early_metadata_loads: with PDL, step inputs no kernel writes are read before the wait (_early_meta)
 DISABLEABLE = GRAPH_PASSES + LATE_PASSES + ("early_metadata_loads",)  # what --disable-pass accepts
 _DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZE_SCHEMES = ("fp8", "fp8-block")
+QUANTIZE_SCHEMES = ("fp8", "fp8-block", "mxfp4")
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class CompileOptions:
     max_num_seqs: int = 64  # largest decode batch a GPU plan has kernels for
     max_num_batched_tokens: int = 2048  # largest prefill step; longer prompts are chunked
     quiet: bool = False
-    quantize: str | None = None  # compile-time FP8 of a float checkpoint's linears: "fp8" | "fp8-block"
+    quantize: str | None = None  # compile-time FP8 of the linears ("fp8" | "fp8-block"), MXFP4 of MoE experts ("mxfp4")
     fp8_lm_head: bool = False  # the logits projection as an FP8 GEMM (per-channel weight, float32 logits)
     pdl: bool | None = None  # programmatic dependent launch; None: where the target has it (sm90+)
 
@@ -104,7 +104,8 @@ def _plan_runtime(state: CompileState) -> None:
 # (the skip is logged); quantize and quantize_lm_head do something only when asked, select_kernels only
 # for GPU targets.
 PASSES: tuple[tuple[str, Pass], ...] = (
-    ("quantize", quantize.run),  # --quantize: compile-time FP8 of a float checkpoint's linears
+    ("quantize", quantize.run),  # --quantize fp8|fp8-block: compile-time FP8 of a float checkpoint's linears
+    ("quantize_mxfp4", quantize_mxfp4.run),  # --quantize mxfp4: compile-time MXFP4 of a MoE checkpoint's experts
     ("quantize_lm_head", quantize_lm_head.run),  # --fp8-lm-head
     ("merge_linears", merge_linears.run),
     ("fuse_add_rms_norm", fuse_add_rms_norm.run),

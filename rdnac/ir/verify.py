@@ -84,6 +84,7 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(a["num_heads"] % a["num_kv_heads"] == 0, "num_heads must be a multiple of num_kv_heads")
         expect(ins[0].shape[-1] == a["num_heads"] * a["head_dim"], "q must be [T, num_heads*head_dim]")
         expect(tuple(ins[1].shape[2:]) == (a["num_kv_heads"], a["head_dim"]), "k_cache must be [NB, BS, Hk, D]")
+        expect(len(ins) == 7 or ins[7].shape == (a["num_heads"],), "sinks must be [num_heads]")
     elif node.op == "kv_cache_write":
         expect(tuple(ins[3].shape[2:]) == (a["num_kv_heads"], a["head_dim"]), "k_cache must be [NB, BS, Hk, D]")
     elif node.op == "qk_norm_rope_cache":
@@ -96,6 +97,8 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(len(ins) == (9 if a["qk_norm"] else 7), "q_norm and k_norm weights are inputs exactly when qk_norm")
         expect(all(w.shape == (d,) for w in ins[7:]), "q_norm and k_norm weights must be [head_dim]")
         expect(not a["qk_norm"] or "eps" in a, "qk_norm requires attr eps")
+    elif node.op in ("moe_experts", "moe_experts_mxfp4"):
+        _check_experts(node, ins, expect)
     elif node.op == "add":
         expect(ins[0].shape == ins[1].shape, "operands must have the same shape")
     elif node.op == "embedding":
@@ -126,3 +129,25 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
                "prequantized takes (x_q, weight, weight_scale, x_scale, (bias))")
         expect(ins[3].dtype == "float32" and ins[3].shape[0] == ins[0].shape[0], "x_scale must be float32 [T, G]")
         expect("out_dtype" in a and "group" in a, "prequantized needs attrs out_dtype and group")
+
+
+def _check_experts(node: Node, ins: list[TensorSpec], expect) -> None:
+    """moe_experts: w13 [E, 2I, H], w2 [E, H, I]; the _mxfp4 form: uint8 blocks [.., K/2] and e8m0 scales
+    [.., K/32] of each; biases b13 [E, 2I], b2 [E, H] (rdnac.ir.moe)."""
+    from rdnac.ir.moe import ACTS
+
+    expect(node.attrs["act"] in ACTS, f"act must be one of {', '.join(ACTS)}")
+    if node.op == "moe_experts":
+        num_weights, (e, two_i, h) = 2, ins[3].shape
+        expect(ins[4].shape == (e, h, two_i // 2), "w2 must be [E, H, I] for w13 [E, 2I, H]")
+    else:
+        num_weights, (e, two_i, half_h) = 4, ins[3].shape
+        h, i = 2 * half_h, two_i // 2
+        expect(all(s.dtype == "uint8" for s in ins[3:7]), "MXFP4 blocks and scales must be uint8")
+        expect(ins[4].shape == (e, two_i, h // 32), "w13_scales must be [E, 2I, H/32] for w13_blocks [E, 2I, H/2]")
+        expect(ins[5].shape == (e, h, i // 2) and ins[6].shape == (e, h, i // 32),
+               "w2_blocks, w2_scales must be [E, H, I/2], [E, H, I/32]")
+    expect(two_i % 2 == 0 and ins[0].shape[-1] == h, "x must be [T, H] and w13 [E, 2I, H]")
+    biases = ins[3 + num_weights:]
+    expect(not biases or (biases[0].shape == (e, two_i) and biases[1].shape == (e, h)),
+           "biases must be b13 [E, 2I] and b2 [E, H]")

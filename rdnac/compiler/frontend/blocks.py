@@ -110,12 +110,14 @@ class Residual:
 class Attention:
     """Paged self-attention with RoPE: q/k/v linears -> [q/k norm] -> rope -> K/V cache write -> attention
     -> o linear. Declares its layer's K and V caches (paged_kv state); the layer's variant (window, RoPE
-    base and scaling, scale, soft-cap) comes from `Model.attention`."""
+    base and scaling, scale, soft-cap) comes from `Model.attention`. `sinks`: one learned logit per head
+    (`self_attn.sinks`, GPT-OSS) joins each softmax's denominator."""
 
     qkv_bias: bool | str = "attention_bias"
     o_bias: bool | str = "attention_bias"
     qk_norm: bool = False
     output_gate: bool = False  # q_proj also gives a sigmoid gate on the output, per head (Qwen3.5, Qwen3-Next)
+    sinks: bool = False
 
     def emit(self, m: Model, x: str, layer: int) -> str:
         b, c, variant = m.b, m.config, m.attention[layer]
@@ -143,8 +145,9 @@ class Attention:
         b.node("kv_cache_write", [k, v, m.step["slot_mapping"], k_cache, v_cache], f"{n}.kv_write", 0,
                num_kv_heads=num_kv_heads, head_dim=head_dim)
         s = m.step
+        sinks = [b.weight(f"{p}.sinks", (num_heads,))] if self.sinks else []
         a = b.node("attention", [q, k_cache, v_cache, s["block_tables"], s["seq_lens"], s["cu_seqlens_q"],
-                                 s["positions"]], f"{n}.attn",
+                                 s["positions"], *sinks], f"{n}.attn",
                    num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=variant.scale,
                    sliding_window=variant.sliding_window, softcap=variant.softcap)[0]
         if self.output_gate:

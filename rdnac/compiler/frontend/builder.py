@@ -138,6 +138,30 @@ class GraphBuilder:
             self.weight_specs[name] = WeightSpec(self.dtype, tuple(shape), "none", source=f"{how}({', '.join(shown)})")
         return name
 
+    def stored(self, name: str) -> tuple[str, tuple[int, ...]] | None:
+        """(dtype, shape) of canonical checkpoint tensor `name` as stored, or None if absent."""
+        if name not in self._actual:
+            return None
+        dtype, shape = self.checkpoint.tensors.spec(self._actual[name])
+        return dtype, tuple(shape)
+
+    def source(self, name: str) -> str:
+        """The checkpoint's own name of canonical tensor `name` (for messages)."""
+        return self._actual.get(name, name)
+
+    def read(self, name: str) -> torch.Tensor:
+        """Checkpoint tensor `name` as stored (no cast), marked used; the caller has checked it (`stored`)."""
+        assert name in self._actual, name
+        return self._load(name)
+
+    def add_weight(self, name: str, tensor: torch.Tensor, scheme: str, source: str) -> str:
+        """A graph weight the frontend derived from checkpoint tensors (a re-layout), stored as given."""
+        assert name not in self.weights, f"{name} already exists"
+        self.weights[name] = tensor.contiguous()
+        self.weight_specs[name] = WeightSpec(str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), scheme,
+                                             source=source)
+        return name
+
     def ignore(self, pattern: str, reason: str) -> None:
         """Mark checkpoint tensors matching regex `pattern` as deliberately unused."""
         for name in self._actual:

@@ -10,6 +10,9 @@ Two checkpoint conventions are read:
   `dynamic` quantizes activations at run time.
 - `quant_method: compressed-tensors` (llm-compressor) with float 8-bit
   weights, strategy "tensor", "channel" ([N, 1] `weight_scale`) or "block".
+- `quant_method: mxfp4` (GPT-OSS): the MoE experts are MXFP4
+  (`*_blocks`, `*_scales`; read by frontend/mxfp4.py); every linear stays
+  float, as transformers' Mxfp4 integration converts experts only.
 
 Modules listed in `modules_to_not_convert` / `ignore` stay in float. The
 scheme is decided by these keys only, never by tensor names: a per-tensor
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from rdnac.errors import UnsupportedModelError
 
 FP8_METHODS = ("fp8", "compressed-tensors")
+METHODS = (*FP8_METHODS, "mxfp4")
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ class LinearScheme:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    method: str  # "fp8" | "compressed-tensors"
+    method: str  # "fp8" | "compressed-tensors" | "mxfp4"
     groups: tuple[tuple[tuple[str, ...], LinearScheme], ...]  # (targets, scheme); first match wins
     not_converted: tuple[str, ...]  # module patterns that stay in float
     ignored_tensors: tuple[tuple[str, str], ...] = ()  # (regex over tensor names, reason), e.g. kv-cache scales
@@ -63,6 +67,10 @@ class QuantConfig:
             if any(_target_matches(t, m) for t in targets for m in module_names):
                 return scheme
         return None
+
+    def has_mxfp4_experts(self, module: str) -> bool:
+        """Whether the experts module `module` is stored MXFP4 (an mxfp4 config that does not exclude it)."""
+        return self.method == "mxfp4" and not any(_matches(p, module, self.method) for p in self.not_converted)
 
 
 def _matches(pattern: str, module: str, method: str) -> bool:
@@ -92,8 +100,12 @@ def parse_quant_config(config: dict, path) -> QuantConfig | None:
         return _parse_hf_fp8(qc, path)
     if method == "compressed-tensors":
         return _parse_compressed_tensors(qc, path)
+    if method == "mxfp4":
+        not_converted = tuple(qc.get("modules_to_not_convert") or ())
+        return QuantConfig("mxfp4", (), not_converted, summary="mxfp4 experts (e2m1 blocks, e8m0 scales per 32); "
+                           f"linears float{', not converted: ' + ', '.join(not_converted) if not_converted else ''}")
     raise UnsupportedModelError(f"{path}: quantization_config.quant_method {method!r} is not supported; "
-                                f"supported: {', '.join(FP8_METHODS)}; or use a bf16/fp16/fp32 checkpoint")
+                                f"supported: {', '.join(METHODS)}; or use a bf16/fp16/fp32 checkpoint")
 
 
 def _parse_hf_fp8(qc: dict, path) -> QuantConfig:

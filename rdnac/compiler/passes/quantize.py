@@ -62,7 +62,7 @@ def run(state: CompileState) -> None:
     from rdnac.ir.fp8 import dequantize_weight
 
     scheme = state.options.quantize
-    if scheme is None:
+    if scheme not in SCHEMES:  # None, or mxfp4 (the quantize_mxfp4 pass)
         return
     graph, weights = state.graph, state.weights
     weight_scheme, act_scheme, block_size = SCHEMES[scheme]
