@@ -64,6 +64,11 @@ class Executor:
                 self._kwargs[node.name].update(entry.node_kwargs(node.attrs, device))
             if entry.takes_max_query_len:
                 self._takes_max_query_len.add(node.name)
+        # Every wrapper the program names is resolved now, at load: a plan naming one outside rdnac's kernel
+        # library fails before it serves anything, not as a failed step of the first request.
+        for choices in program.values():
+            for choice in choices.values():
+                self._wrapper(choice["kernel"])
 
     def _wrapper(self, name: str):
         fn = self._wrappers.get(name)
