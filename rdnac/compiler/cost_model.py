@@ -210,6 +210,14 @@ def _estimate_gemm_gated(problem: dict, config: dict, target) -> Estimate:
     return _estimate_gemm(merged, wide, target, out_bytes_per_elt=half)
 
 
+MXFP4_PATH_NOTE = ("MXFP4 as W4A16: blocks and e8m0 scales read as stored (no re-layout) and decoded in the "
+                   "GEMM's inner loop to bf16 matrix instructions")
+# What Triton 3.9 emits for tl.dot_scaled (tests/test_kernels_moe.py checks it): gfx950's scaled MFMA only for
+# fp8/fp4 activations; a bf16 x e2m1 dot_scaled is lowered to bf16 MFMA, as on gfx942, RDNA and sm90.
+MXFP4_NATIVE_NOTE = ("; gfx950's v_mfma_scale_f32_*_f8f6f4 (tl.dot_scaled) would need the activations in "
+                     "fp8/fp4 too, which the reference does not round to: not used")
+
+
 def active_experts(num_tokens: int, top_k: int, num_experts: int) -> float:
     """Experts a step of T tokens reads, expected under uniform routing: E * (1 - (1 - k/E)**T)
     (k at one token, all E once T is large)."""
@@ -242,8 +250,7 @@ def _estimate_moe(problem: dict, config: dict, target) -> Estimate:
     block_m, block_n = c["BLOCK_M"], c["BLOCK_N"]
     H, I, E, k = problem["H"], problem["I"], problem["E"], problem["top_k"]
     elt = ELEMENT_BYTES[_dtype_name(problem["dtype"])]
-    is_amd = getattr(target, "backend", None) == "hip" or target.name.startswith("gfx")
-    lds = lds_bytes(config, problem, is_amd)
+    lds = lds_bytes(config, problem, target.name)
     active = active_experts(T, k, E)
     blocks = math.ceil(active) * math.ceil(T * k / active / block_m)  # row tiles of the sorted list
     tiles = blocks * (math.ceil(I / block_n) + math.ceil(H / block_n))
@@ -258,7 +265,8 @@ def _estimate_moe(problem: dict, config: dict, target) -> Estimate:
     occupancy = max(1, min(target.lds_bytes // max(lds, 1), MAX_WARPS_PER_CU.get(target.name, DEFAULT_MAX_WARPS_PER_CU)
                            // config["num_warps"]))
     resident = min(tiles, num_cu * occupancy)
-    in_flight = config["num_stages"] * lds / max(1, config["num_stages"] - 1 if is_amd else config["num_stages"])
+    in_flight = config["num_stages"] * (block_m * c["BLOCK_K"] * elt + 2 * c["BLOCK_K"] * block_n * (
+        0.5 if problem["weight_format"] == "mxfp4" else elt))  # bytes each program keeps loading
     bw_fraction = min(1.0, resident * in_flight / (target.hbm_gbps * 1e3 * DRAM_LATENCY_US))
     mem_us = bytes_moved / (target.hbm_gbps * 1e3 * bw_fraction)
     flops = 2 * blocks * block_m * 3 * I * H
@@ -271,6 +279,8 @@ def _estimate_moe(problem: dict, config: dict, target) -> Estimate:
               f"at {bw_fraction:.0%} of {target.hbm_gbps:.0f} GB/s = {mem_us:.1f} us, compute {compute_us:.1f} us"
               f"{peak_note}; {blocks} row tiles of {block_m}, {tiles} tiles = {waves} wave(s); "
               f"LDS {lds // 1024} KiB; batch 1 reads {_fmt_bytes(per_token)} of expert weights per token")
+    if problem["weight_format"] == "mxfp4":
+        reason += "; " + MXFP4_PATH_NOTE + (MXFP4_NATIVE_NOTE if target.has_mxfp4 else "")
     return Estimate(bytes_moved, flops, tiles, waves, occupancy, est_us, reason)
 
 

@@ -57,21 +57,19 @@ def experts_default_config(problem: dict) -> dict:
     return _config(64, 64, _block_k(64, K), 4, 2)
 
 
-def lds_bytes(config: dict, problem: dict, is_amd: bool) -> int:
-    """LDS / shared memory of one program of the gate/up GEMM (the larger of the two: two weight tiles).
-
-    Pipelined operand tiles as `cost_model.lds_bytes_per_program` counts them (AMD: num_stages - 1
-    buffers, NVIDIA: num_stages): the A tile and two weight tiles, the weights as stored (MXFP4: half a
-    byte per element plus a scale byte per 32). MXFP4 tiles are decoded in registers and written once
-    more as 16-bit dot operands."""
+def lds_bytes(config: dict, problem: dict, target_name: str) -> int:
+    """LDS / shared memory of one program of the gate/up GEMM (the larger of the two), as Triton 3.9
+    builds it: pipelined operand tiles in num_stages buffers on NVIDIA and gfx950, num_stages - 1 on the
+    other AMD targets (whose pipeliner holds one stage in registers). Dense: the A tile and both weight
+    tiles. MXFP4: the A tile and one decoded 16-bit weight tile (the packed bytes are not staged); this
+    matches gfx950's builds and bounds gfx942's, which stage less."""
     c = config["constexprs"]
     bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
     elt = ELEMENT_BYTES[problem["dtype"]]
-    buffers = max(1, config["num_stages"] - 1) if is_amd else config["num_stages"]
-    if problem["weight_format"] == "mxfp4":
-        stored = 2 * (bk // 2 + bk // 32) * bn
-        return buffers * (bm * bk * elt + stored) + 2 * bk * bn * elt
-    return buffers * (bm * bk + 2 * bk * bn) * elt
+    all_stages = not target_name.startswith("gfx") or target_name == "gfx950"
+    buffers = config["num_stages"] if all_stages else max(1, config["num_stages"] - 1)
+    weight_tiles = 1 if problem["weight_format"] == "mxfp4" else 2
+    return buffers * (bm * bk + weight_tiles * bk * bn) * elt
 
 
 def config_space(problem: dict) -> list[dict]:
