@@ -6,8 +6,10 @@ token count M (problem "M"; the node sees T tokens, T * k routed rows):
   decode  M <= 64  : BLOCK_M 16 (tl.dot's smallest; at batch 1 an expert gets one row), narrow deep tiles
   middle  M <= 256 : BLOCK_M 32 / 64
   prefill M > 256  : BLOCK_M 64 / 128, wider tiles and 3 stages; the widest need more LDS than the
-                     64 KiB parts have (and one more than gfx950's 160 KiB), which the cost model's LDS
+                     64 KiB parts have (and than gfx950's 160 KiB), which the cost model's LDS
                      estimate and the compiled binary's `shared` reject, with the size, per target.
+Register spills are left to the compiled binaries (kernel selection moves to the next candidate and
+logs why); each regime ends with a 32-deep tile that spills on no target.
 BLOCK_K >= 32 and a multiple of 32 (MXFP4: a tile's K spans whole scale blocks; its half tiles are
 tl.dot's minimum of 16 deep). Candidates are target-agnostic; `rdnac.compiler.cost_model` ranks them.
 `moe_route` configs are only a warp count (`moe_route.route_config_space`).
@@ -35,26 +37,30 @@ def _block_k(want: int, K: int) -> int:
 def experts_config_space(problem: dict) -> list[dict]:
     """Candidates for {"M", "E", "H", "I", "top_k", "dtype", "weight_format", "has_bias", "act"}."""
     M, K = problem["M"], min(problem["H"], problem["I"])
+    # The last tiles of each regime step 32 deep: MXFP4's decode temporaries spill the wave32 RDNA targets'
+    # registers at 64 deep and 4 warps (gfx1151: every 64-deep prefill tile spills, Triton 3.9).
     if M <= DECODE_MAX_M:
         tiles = [(16, 32, 128, 4, 2), (16, 64, 64, 4, 2), (16, 64, 128, 4, 2), (16, 128, 64, 4, 2),
-                 (16, 64, 128, 4, 3)]
+                 (16, 64, 128, 4, 3), (16, 64, 32, 4, 2)]
     elif M <= MIDDLE_MAX_M:
-        tiles = [(32, 64, 64, 4, 2), (64, 64, 64, 4, 2), (64, 128, 64, 8, 2), (32, 128, 64, 4, 2)]
+        tiles = [(32, 64, 64, 4, 2), (64, 64, 64, 4, 2), (64, 128, 64, 8, 2), (32, 128, 64, 4, 2),
+                 (32, 64, 32, 4, 2), (64, 64, 32, 8, 2)]
     else:
         tiles = [(64, 64, 64, 4, 2), (64, 128, 64, 8, 2), (128, 64, 64, 8, 2), (128, 128, 64, 8, 2),
-                 (128, 128, 64, 8, 3), (128, 128, 128, 8, 3)]
+                 (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 64, 32, 8, 2)]
     out = [_config(bm, bn, _block_k(bk, K), w, s) for bm, bn, bk, w, s in tiles]
     return [c for i, c in enumerate(out) if c not in out[:i]]
 
 
 def experts_default_config(problem: dict) -> dict:
-    """A pick within 64 KiB of LDS on every target; the compiler ranks the space instead."""
+    """A pick that fits and does not spill on every target, dense or MXFP4 (Triton 3.9 cross-compiles at
+    GPT-OSS-20B's shapes); the compiler ranks the space with the cost model instead."""
     M, K = problem["M"], min(problem["H"], problem["I"])
     if M <= DECODE_MAX_M:
         return _config(16, 64, _block_k(64, K), 4, 2)
     if M <= MIDDLE_MAX_M:
-        return _config(32, 64, _block_k(64, K), 4, 2)
-    return _config(64, 64, _block_k(64, K), 4, 2)
+        return _config(32, 64, _block_k(32, K), 4, 2)
+    return _config(64, 64, _block_k(32, K), 8, 2)
 
 
 def lds_bytes(config: dict, problem: dict, target_name: str) -> int:
