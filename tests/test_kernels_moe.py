@@ -527,7 +527,9 @@ def test_moe_gpu_decode_step_replays_in_a_graph_bit_for_bit(mxfp4_weights):
             torch.cuda.synchronize()
             assert torch.equal(out, expected), f"T={T}: replay differs from eager"
             weights, ids = ref.moe_route(logits, top_k=k, scoring="topk_softmax")
-            reference = ref.moe_experts(x.float(), weights, ids, *(mxfp4.dequantize(*experts[:2]),
-                                        mxfp4.dequantize(*experts[2:])) if mxfp4_weights else
-                                        (experts[0].float(), experts[1].float()), *biases, act="swiglu_oai")
+            if mxfp4_weights:
+                dense = [mxfp4.dequantize(*experts[:2]), mxfp4.dequantize(*experts[2:])]
+            else:
+                dense = [w.float() for w in experts]
+            reference = ref.moe_experts(x.float(), weights, ids, *dense, *biases, act="swiglu_oai")
             _assert_close(out, reference.to(torch.bfloat16), torch.bfloat16, f"graph T={T}")
