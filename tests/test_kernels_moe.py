@@ -533,3 +533,43 @@ def test_moe_gpu_decode_step_replays_in_a_graph_bit_for_bit(mxfp4_weights):
                 dense = [w.float() for w in experts]
             reference = ref.moe_experts(x.float(), weights, ids, *dense, *biases, act="swiglu_oai")
             _assert_close(out, reference.to(torch.bfloat16), torch.bfloat16, f"graph T={T}")
+
+
+# ---------------------------------------------------------------- --quantize mxfp4
+
+
+def test_quantize_mxfp4_rewrites_the_experts_bit_exactly():
+    """`--quantize mxfp4`: moe_experts becomes moe_experts_mxfp4 over blocks and scales that are
+    `mxfp4.quantize` of each expert, bit for bit; the router keeps its dtype; the rewritten graph
+    computes what the dense graph computes with the dequantized weights, exactly."""
+    import copy
+
+    from rdnac.compiler.passes import CompileState, quantize
+    from rdnac.compiler.pipeline import CompileOptions
+    from rdnac.ir import interpreter
+    from rdnac.ir.verify import verify
+
+    E, H, I, k = 8, 64, 32, 2
+    graph = _moe_graph("dense", E=E, H=H, I=I, k=k)
+    g = torch.Generator().manual_seed(0)
+    weights = {name: (torch.randn(*spec.shape, generator=g) * 0.1).to(torch.bfloat16)
+               for name, spec in graph.weights.items()}
+    dense_graph, dense_weights = copy.deepcopy(graph), dict(weights)
+    state = CompileState(graph, weights, "cpu", options=CompileOptions(target="cpu", quantize="mxfp4"))
+    quantize.run(state)
+    verify(state.graph)
+    node = state.graph.node("experts")
+    assert node.op == "moe_experts_mxfp4"
+    assert node.inputs == ["x", "rw", "ids", "w13_blocks", "w13_scales", "w2_blocks", "w2_scales"]
+    assert state.weights["router"] is dense_weights["router"] and "w13" not in state.weights
+    for name in ("w13", "w2"):
+        blocks, scales = state.weights[f"{name}_blocks"], state.weights[f"{name}_scales"]
+        assert state.graph.weights[f"{name}_blocks"].dtype == "uint8" and blocks.dtype == scales.dtype == torch.uint8
+        for e in range(E):
+            want = mxfp4.quantize(dense_weights[name][e])
+            assert torch.equal(blocks[e], want[0]) and torch.equal(scales[e], want[1])
+        dense_weights[name] = torch.stack([mxfp4.dequantize(blocks[e], scales[e]) for e in range(E)]).to(torch.bfloat16)
+    assert any("relative error" in d["reason"] for d in state.decisions if d["node"] == "experts")
+    x = {"x": torch.randn(5, H, generator=g).to(torch.bfloat16)}
+    quantized = interpreter.run(state.graph, state.weights, dict(x))["y"]
+    assert torch.equal(quantized, interpreter.run(dense_graph, dense_weights, dict(x))["y"])

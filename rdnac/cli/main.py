@@ -39,8 +39,9 @@ def cli():
 @click.option("--max-num-batched-tokens", default=2048, show_default=True,
               help="Largest prefill step; longer prompts are chunked.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--quantize", type=click.Choice(["fp8", "fp8-block"]),
-              help="FP8 linears for a float checkpoint: per-channel (fp8) or 128x128 blocks (fp8-block).")
+@click.option("--quantize", type=click.Choice(["fp8", "fp8-block", "mxfp4"]),
+              help="FP8 linears for a float checkpoint: per-channel (fp8) or 128x128 blocks (fp8-block); "
+                   "or MXFP4 routed experts of a MoE checkpoint (mxfp4).")
 @click.option("--fp8-lm-head", is_flag=True, help="The logits projection in FP8 too (per-channel; float32 logits).")
 @click.option("--pdl/--no-pdl", default=None,
               help="Programmatic dependent launch between kernels (default: on where the target has it, sm90+).")

@@ -34,7 +34,7 @@ LATE_PASSES = ("fuse_norm_quant", "fuse_act_quant", "fuse_attention_quant", "fus
 # early_metadata_loads: with PDL, step inputs no kernel writes are read before the wait (_early_meta)
 DISABLEABLE = GRAPH_PASSES + LATE_PASSES + ("early_metadata_loads",)  # what --disable-pass accepts
 _DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZE_SCHEMES = ("fp8", "fp8-block")
+QUANTIZE_SCHEMES = ("fp8", "fp8-block", "mxfp4")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""Compile-time FP8 quantization of a float checkpoint's linears (`--quantize fp8 | fp8-block`).
+"""Compile-time quantization of a float checkpoint (`--quantize fp8 | fp8-block | mxfp4`).
+
+`mxfp4`: only the routed experts change, `moe_experts` ==> `moe_experts_mxfp4` with both expert
+weights in MXFP4 (`rdnac.ir.mxfp4.quantize`, per expert; blocks and e8m0 scales as the GPT-OSS
+checkpoints store them, which the MoE kernels read as they are); every other weight keeps its dtype.
 
     y = linear(x, W)   ==>   y = linear_fp8(x, bits(W), scale(W))
 
@@ -64,6 +68,9 @@ def run(state: CompileState) -> None:
     scheme = state.options.quantize
     if scheme is None:
         return
+    if scheme == "mxfp4":
+        _quantize_experts(state)
+        return
     graph, weights = state.graph, state.weights
     weight_scheme, act_scheme, block_size = SCHEMES[scheme]
     tag = f"fp8-block{block_size[0]}x{block_size[1]}" if block_size else f"fp8-{weight_scheme}"
@@ -98,3 +105,39 @@ def run(state: CompileState) -> None:
         state.decide(NAME, node.name, f"quantized {wname} to {tag}, activations {act_scheme}",
                      f"scale = amax/448 per {'block' if block_size else 'output channel'}; "
                      f"weight relative error {rel_err:.2%}")
+
+
+def _quantize_experts(state: CompileState) -> None:
+    """--quantize mxfp4: each `moe_experts` node's w13 [E, 2I, H] and w2 [E, H, I] to MXFP4 blocks and scales."""
+    from rdnac.ir import mxfp4
+
+    graph, weights = state.graph, state.weights
+    nodes = [n for n in graph.nodes if n.op == "moe_experts"]
+    state.decide(NAME, "-", f"--quantize mxfp4: the experts of {len(nodes)} MoE node(s) to MXFP4",
+                 "e2m1 values with one e8m0 scale per 32 inputs (the smallest power of two that does not clip); "
+                 "router, attention, dense MLPs, embedding and logits keep the compute dtype")
+    for node in nodes:
+        x, route_weights, ids, *expert_weights = node.inputs
+        odd = [w for w in expert_weights[:2] if weights[w].shape[-1] % mxfp4.BLOCK]
+        if odd:
+            state.decide(NAME, node.name, f"kept {', '.join(odd)} in {graph.weights[odd[0]].dtype}",
+                         f"MXFP4 needs input widths that are multiples of {mxfp4.BLOCK}")
+            continue
+        inputs, errors = [x, route_weights, ids], []
+        for wname in expert_weights[:2]:
+            w = weights.pop(wname)  # [E, N, K]
+            blocks, scales = (torch.stack(t) for t in zip(*(mxfp4.quantize(w[e]) for e in range(w.shape[0]))))
+            deq = torch.stack([mxfp4.dequantize(blocks[e], scales[e]) for e in range(w.shape[0])])
+            errors.append(((deq - w.float()).norm() / w.float().norm().clamp_min(1e-30)).item())
+            source = graph.weights.pop(wname).source or wname
+            stem = wname.removesuffix(".weight")
+            for suffix, tensor, scheme in (("_blocks", blocks, "mxfp4"), ("_scales", scales, "mxfp4-scale")):
+                assert stem + suffix not in graph.weights, f"{stem + suffix} already exists"
+                weights[stem + suffix] = tensor
+                graph.weights[stem + suffix] = WeightSpec("uint8", tuple(tensor.shape), scheme,
+                                                          source=f"quantize({source})")
+                inputs.append(stem + suffix)
+        node.op = "moe_experts_mxfp4"
+        node.inputs = inputs + expert_weights[2:]  # the biases stay
+        state.decide(NAME, node.name, f"quantized {' and '.join(expert_weights[:2])} to MXFP4",
+                     f"weight relative error {errors[0]:.2%} (w13), {errors[1]:.2%} (w2)")
