@@ -133,7 +133,10 @@ def test_route_exact_ties_pick_the_lower_id(scoring):
 
 
 @pytest.mark.parametrize("block_m", [16, 64])
-def test_sort_groups_slots_by_expert_in_slot_order(block_m):
+@pytest.mark.parametrize("count_in_align", [True, False], ids=["count-in-align", "count-kernel"])
+def test_sort_groups_slots_by_expert_in_slot_order(block_m, count_in_align, monkeypatch):
+    if not count_in_align:
+        monkeypatch.setattr(moe, "COUNT_IN_ALIGN_MAX_SLOTS", 0)
     T, E, k = 9, 12, 3
     _, ids = _routing(T, E, k, seed=3, experts=[0, 1, 5, 7, 11])  # experts 2-4, 6, 8-10 get nothing
     sorted_slots, block_expert, num_padded = moe.sort_slots(ids, E, block_m, INTERPRET)
@@ -173,7 +176,8 @@ def test_experts_all_tokens_to_the_same_experts_and_experts_without_tokens():
                    config=_config(16, 32, 32), experts=[3, 9, 10, 15])
 
 
-def test_experts_prefill_tile_and_one_token():
+def test_experts_prefill_tile_and_one_token(monkeypatch):
+    monkeypatch.setattr(moe, "COUNT_IN_ALIGN_MAX_SLOTS", 64)  # 82 slots: the count kernel's path
     _check_experts(T=41, E=8, H=64, I=64, k=2, act="silu", dtype=torch.float32, has_bias=False,
                    config=_config(64, 64, 64))
     _check_experts(T=1, E=16, H=64, I=32, k=4, act="swiglu_oai", dtype=torch.float32, has_bias=True,
@@ -275,8 +279,15 @@ def test_wrappers_run_on_meta_tensors_with_grids_from_shapes():
     blocks = moe.sort_bound(T * k, E, 16) // 16
     assert blocks == -(-(T * k + min(E, T * k) * 15) // 16)
     assert [(name, grid) for name, grid, _ in rec.launches] == [
-        ("_moe_route_kernel", (T,)), ("_moe_count_kernel", (E,)), ("_moe_align_kernel", (E,)),
+        ("_moe_route_kernel", (T,)), ("_moe_align_kernel", (E,)),  # few slots: the align kernel counts
         ("_moe_gemm_kernel", (blocks, I // 64)), ("_moe_gemm_kernel", (blocks, H // 64)), ("_moe_sum_kernel", (T, 1))]
+    assert rec.launches[1][2]["COUNT"]
+    rec = _Recorder()
+    T = 200  # 800 slots: the count kernel first
+    weights, ids = meta(T, k, dtype=torch.float32), meta(T, k, dtype=torch.int32)
+    moe.moe_experts(meta(T, H), weights, ids, meta(E, 2 * I, H), meta(E, H, I), act="silu", config=config, launcher=rec)
+    assert [name for name, _, _ in rec.launches][:2] == ["_moe_count_kernel", "_moe_align_kernel"]
+    assert not rec.launches[1][2]["COUNT"]
 
 
 def test_config_spaces_per_phase():

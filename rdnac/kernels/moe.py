@@ -1,11 +1,12 @@
 """Fused MoE family: IR ops `moe_route`, `moe_experts` and `moe_experts_mxfp4` (references: `rdnac.ir.moe`).
 
 `moe_route` is one kernel (`moe_route.py`). The expert MLP of T tokens, each routed to k of E experts,
-runs as five launches with grids fixed by shapes alone (no host sync, so every decode bucket captures
+runs as five launches (four at decode) with grids fixed by shapes alone (no host sync, so every decode bucket captures
 into a CUDA graph):
 
 1. `_moe_count_kernel` (E programs): how many of the T*k routed slots (slot s = token s // k, choice
-   s % k) chose each expert.
+   s % k) chose each expert. Up to `COUNT_IN_ALIGN_MAX_SLOTS` slots (decode) the align kernel counts
+   them itself instead, and this launch goes.
 2. `_moe_align_kernel` (E programs): expert e's rows start at the sum of the earlier experts' counts,
    each rounded up to BLOCK_M; it writes its slots there in slot order (deterministic), fills its
    padding with the sentinel T*k, names itself as the expert of its blocks, and program 0 writes the
@@ -34,6 +35,10 @@ from rdnac.kernels.moe_route import moe_route
 ACTS = ("silu", "gelu", "gelu_tanh", "swiglu_oai")
 SCAN_BLOCK = 256  # routed slots per step of the count and align kernels
 SUM_BLOCK = 1024  # hidden columns per program of the top-k sum
+# Up to this many routed slots (a decode step of 64 tokens, top-8) the align kernel counts the experts
+# itself, one launch fewer: E programs x slots x E compares stays a few thousand per program.
+COUNT_IN_ALIGN_MAX_SLOTS = 512
+COUNT_TILE = 4096  # slots x experts compared per step when counting in the align kernel
 _SUM = tl.standard._sum_combine  # tl.sum / tl.cumsum are jit functions the interpreter path cannot call
 
 # Shape ints fixed by the weights (never token counts): binaries specialize on their divisibility by 16.
@@ -54,12 +59,22 @@ def _moe_count_kernel(ids_ptr, counts_ptr, num_slots, BLOCK_S: tl.constexpr):
 
 @triton.jit
 def _moe_align_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_slots, num_experts,
-                      BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
+                      COUNT: tl.constexpr = False, BLOCK_C: tl.constexpr = 16):
     # program e: its slots at sorted[start : start + count] in slot order, the sentinel num_slots up to
-    # start + padded, block_expert[start / BLOCK_M + b] = e; program 0: num_padded = the padded total
+    # start + padded, block_expert[start / BLOCK_M + b] = e; program 0: num_padded = the padded total.
+    # COUNT: every program counts all experts itself ([BLOCK_C, BLOCK_E] compares per step), so the count
+    # launch goes; worth it while the routed slots are few (decode), not at prefill.
     expert = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
-    counts = tl.load(counts_ptr + offs_e, mask=offs_e < num_experts, other=0)  # [BE]
+    if COUNT:
+        offs_c = tl.arange(0, BLOCK_C)
+        counts = tl.full((BLOCK_E,), 0, tl.int32)
+        for c0 in range(0, num_slots, BLOCK_C):
+            ids = tl.load(ids_ptr + c0 + offs_c, mask=c0 + offs_c < num_slots, other=-1)  # [BC]
+            counts += tl.reduce((ids[:, None] == offs_e[None, :]).to(tl.int32), 0, _SUM)
+    else:
+        counts = tl.load(counts_ptr + offs_e, mask=offs_e < num_experts, other=0)  # [BE]
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     start = tl.reduce(tl.where(offs_e < expert, padded, 0), 0, _SUM)
     count = tl.reduce(tl.where(offs_e == expert, counts, 0), 0, _SUM)
@@ -110,11 +125,15 @@ def sort_slots(ids: torch.Tensor, num_experts: int, block_m: int, launcher: Laun
     sorted_slots = torch.empty(bound, dtype=torch.int32, device=dev)  # [bound]
     block_expert = torch.empty(bound // block_m, dtype=torch.int32, device=dev)  # [bound / BM]
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
-    launcher.launch(_moe_count_kernel, (num_experts,), (ids, counts, num_slots),
-                    constexprs=dict(BLOCK_S=SCAN_BLOCK), num_warps=4, num_stages=1)
+    block_e = next_power_of_2(num_experts)
+    count_in_align = num_slots <= COUNT_IN_ALIGN_MAX_SLOTS
+    if not count_in_align:
+        launcher.launch(_moe_count_kernel, (num_experts,), (ids, counts, num_slots),
+                        constexprs=dict(BLOCK_S=SCAN_BLOCK), num_warps=4, num_stages=1)
     launcher.launch(_moe_align_kernel, (num_experts,),
                     (ids, counts, sorted_slots, block_expert, num_padded, num_slots, num_experts),
-                    constexprs=dict(BLOCK_M=block_m, BLOCK_E=next_power_of_2(num_experts), BLOCK_S=SCAN_BLOCK),
+                    constexprs=dict(BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_S=SCAN_BLOCK, COUNT=count_in_align,
+                                    BLOCK_C=max(1, COUNT_TILE // block_e)),
                     num_warps=4, num_stages=1)
     return sorted_slots, block_expert, num_padded
 
