@@ -1,8 +1,8 @@
 """Fused MoE family: IR ops `moe_route`, `moe_experts` and `moe_experts_mxfp4` (references: `rdnac.ir.moe`).
 
-`moe_route` is one kernel (`moe_route.py`). The expert MLP of T tokens, each routed to k of E experts,
-runs as five launches (four at decode) with grids fixed by shapes alone (no host sync, so every decode bucket captures
-into a CUDA graph):
+`moe_route` is one kernel (`moe_route.py`). The expert MLP of T tokens, each routed to k of E experts
+(ids in [0, E), as `moe_route` gives them), runs as five launches (four at decode) with grids fixed by
+shapes alone (no host sync, so every decode bucket captures into a CUDA graph):
 
 1. `_moe_count_kernel` (E programs): how many of the T*k routed slots (slot s = token s // k, choice
    s % k) chose each expert. Up to `COUNT_IN_ALIGN_MAX_SLOTS` slots (decode) the align kernel counts
@@ -18,7 +18,8 @@ into a CUDA graph):
 The top-k sum is a separate reduce rather than atomics in the down GEMM's epilogue: float atomics
 add in arrival order, and graph replay and eager must give the same tokens. Dense weights are
 x's dtype; MXFP4 experts stay 4-bit in memory and are decoded in the GEMM's inner loop (W4A16) on
-every target, see `moe_gemm.py` and the decision log's "moe" entries. Configs: `moe_configs.py`.
+every target (`moe_gemm.py`; each MoE node's kernel-selection entry in the decision log says why).
+Configs and their LDS estimate: `moe_configs.py`; cost model: `rdnac.compiler.cost_model._estimate_moe`.
 """
 
 from __future__ import annotations
