@@ -584,3 +584,21 @@ def test_quantize_mxfp4_rewrites_the_experts_bit_exactly():
     x = {"x": torch.randn(5, H, generator=g).to(torch.bfloat16)}
     quantized = interpreter.run(state.graph, state.weights, dict(x))["y"]
     assert torch.equal(quantized, interpreter.run(dense_graph, dense_weights, dict(x))["y"])
+
+
+def test_decode_bytes_count_only_the_routed_experts():
+    """The benchmarks' bytes read per decode step: at batch 1 a MoE layer reads its k experts (weights,
+    scales and biases), not all E; at a large batch, all of them."""
+    from types import SimpleNamespace
+
+    from rdnac.bench.decode import decode_bytes
+
+    for fmt in ("dense", "mxfp4"):
+        graph = _moe_graph(fmt, E=16, H=256, I=128, k=4)
+        weights = {name: torch.empty(spec.shape, dtype=getattr(torch, spec.dtype))
+                   for name, spec in graph.weights.items()}
+        experts = sum(t.numel() * t.element_size() for name, t in weights.items() if name != "router")
+        router = weights["router"].numel() * 2
+        llm = SimpleNamespace(graph=graph, weights=weights)
+        assert decode_bytes(llm, batch=1, context=0) == router + experts * 4 // 16
+        assert decode_bytes(llm, batch=4096, context=0) == router + experts

@@ -218,12 +218,6 @@ MXFP4_NATIVE_NOTE = ("; gfx950's v_mfma_scale_f32_*_f8f6f4 (tl.dot_scaled) would
                      "fp8/fp4 too, which the reference does not round to: not used")
 
 
-def active_experts(num_tokens: int, top_k: int, num_experts: int) -> float:
-    """Experts a step of T tokens reads, expected under uniform routing: E * (1 - (1 - k/E)**T)
-    (k at one token, all E once T is large)."""
-    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** num_tokens)
-
-
 def moe_weight_bytes_per_expert(problem: dict) -> float:
     """Bytes of one expert's w13 [2I, H] and w2 [H, I] as stored (MXFP4: half a byte + a scale per 32)."""
     elements = 3 * problem["I"] * problem["H"]
@@ -234,10 +228,11 @@ def moe_weight_bytes_per_expert(problem: dict) -> float:
 
 def _estimate_moe(problem: dict, config: dict, target) -> Estimate:
     """The fused MoE (rdnac.kernels.moe). moe_route: one row of logits per program. moe_experts: bytes
-    are the weights of the active experts only (`active_experts`) plus the routed activations
-    ([T*k, I] written and read, [T*k, H] float32 written and read); flops are padded to whole
-    BLOCK_M row tiles per active expert; the gate/up GEMM's operand tiles bound LDS
+    are the weights of the active experts only (`rdnac.ir.moe.expected_active_experts`) plus the routed
+    activations ([T*k, I] written and read, [T*k, H] float32 written and read); flops are padded to
+    whole BLOCK_M row tiles per active expert; the gate/up GEMM's operand tiles bound LDS
     (`moe_configs.lds_bytes`), and a tile over the target's LDS does not fit."""
+    from rdnac.ir.moe import expected_active_experts
     from rdnac.kernels.moe_configs import lds_bytes
 
     T, num_cu = problem["M"], target.num_compute_units
@@ -251,7 +246,7 @@ def _estimate_moe(problem: dict, config: dict, target) -> Estimate:
     H, I, E, k = problem["H"], problem["I"], problem["E"], problem["top_k"]
     elt = ELEMENT_BYTES[_dtype_name(problem["dtype"])]
     lds = lds_bytes(config, problem, target.name)
-    active = active_experts(T, k, E)
+    active = expected_active_experts(T, k, E)
     blocks = math.ceil(active) * math.ceil(T * k / active / block_m)  # row tiles of the sorted list
     tiles = blocks * (math.ceil(I / block_n) + math.ceil(H / block_n))
     waves = math.ceil(tiles / num_cu)

@@ -114,6 +114,12 @@ def moe_experts_mxfp4(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                        mxfp4.dequantize(w2_blocks, w2_scales), b13, b2, **attrs)
 
 
+def expected_active_experts(num_tokens: int, top_k: int, num_experts: int) -> float:
+    """Experts a step of T tokens reads, expected under uniform routing: E * (1 - (1 - k/E)**T); exactly
+    k at one token, all E once T is large. The cost model and the benchmarks' bytes-read count use it."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** num_tokens)
+
+
 def moe_route_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
     rows = ins[0].shape[0]
     return [TensorSpec("float32", (rows, attrs["top_k"])), TensorSpec("int32", (rows, attrs["top_k"]))]
