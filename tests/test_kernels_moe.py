@@ -323,13 +323,13 @@ def test_cost_model_reads_only_active_experts_and_rejects_tiles_over_lds():
 # ---------------------------------------------------------------- cross-compiles
 
 
-def _record(T, E, H, I, k, weight_format, config):
+def _record(T, E, H, I, k, weight_format, config, pdl=False):
     """The launches of a routing and an expert MLP step of T tokens, over meta tensors."""
     from rdnac.compiler.record import RecordingLauncher
 
     meta = lambda *s, dtype=torch.bfloat16: torch.empty(*s, dtype=dtype, device="meta")  # noqa: E731
     u8 = torch.uint8
-    rec = RecordingLauncher()
+    rec = RecordingLauncher(pdl=pdl)
     weights, ids = moe_route.moe_route(meta(T, E), top_k=k, scoring="topk_softmax", config=ROUTE_CONFIG, launcher=rec)
     if weight_format == "mxfp4":
         moe.moe_experts_mxfp4(meta(T, H), weights, ids, meta(E, 2 * I, H // 2, dtype=u8),
@@ -345,7 +345,8 @@ def _record(T, E, H, I, k, weight_format, config):
 @pytest.mark.parametrize("target", GPU_TARGETS)
 def test_family_cross_compiles_for_target(target):
     """Every kernel of the family at a decode and a prefill size, dense and MXFP4, builds for the target,
-    fits it and spills nothing; the grouped GEMMs use its matrix instructions (MXFP4 as W4A16: bf16 ones)."""
+    fits it and spills nothing; the grouped GEMMs use its matrix instructions (MXFP4 as W4A16: bf16 ones).
+    sm90 plans launch with programmatic dependent launch: every kernel of the family has its PDL form."""
     from rdnac.compiler.build import check_resources, compile_calls
 
     E, H, I, k = 16, 512, 256, 4
@@ -353,7 +354,9 @@ def test_family_cross_compiles_for_target(target):
     for T in (1, 512):
         problem = _problem(T, E, H, I, k)
         for fmt in ("dense", "mxfp4"):
-            calls += _record(T, E, H, I, k, fmt, experts_default_config({**problem, "weight_format": fmt}))
+            calls += _record(T, E, H, I, k, fmt, experts_default_config({**problem, "weight_format": fmt}),
+                             pdl=get_target(target).has_pdl)
+    assert all(c.constexprs["PDL"] == get_target(target).has_pdl for c in calls)
     binaries = compile_calls(calls, target, quiet=True)
     assert {b.kernel.split(":")[1] for b in binaries} == {"_moe_route_kernel", "_moe_count_kernel",
                                                           "_moe_align_kernel", "_moe_gemm_kernel", "_moe_sum_kernel"}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 from rdnac.kernels.moe_configs import config_space, default_config  # noqa: F401 (the family API)
@@ -47,7 +48,10 @@ AOT_DIVISIBLE = {"_moe_sum_kernel": ("H",)}
 
 
 @triton.jit
-def _moe_count_kernel(ids_ptr, counts_ptr, num_slots, BLOCK_S: tl.constexpr):
+def _moe_count_kernel(ids_ptr, counts_ptr, num_slots, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     # ids [num_slots] int32 -> counts[e] = how many slots chose expert e (program e)
     expert = tl.program_id(0)
     hits = tl.full((BLOCK_S,), 0, tl.int32)
@@ -61,7 +65,10 @@ def _moe_count_kernel(ids_ptr, counts_ptr, num_slots, BLOCK_S: tl.constexpr):
 @triton.jit
 def _moe_align_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr, num_slots, num_experts,
                       BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
-                      COUNT: tl.constexpr = False, BLOCK_C: tl.constexpr = 16):
+                      COUNT: tl.constexpr = False, BLOCK_C: tl.constexpr = 16, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     # program e: its slots at sorted[start : start + count] in slot order, the sentinel num_slots up to
     # start + padded, block_expert[start / BLOCK_M + b] = e; program 0: num_padded = the padded total.
     # COUNT: every program counts all experts itself ([BLOCK_C, BLOCK_E] compares per step), so the count
@@ -96,7 +103,10 @@ def _moe_align_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num_pad
 
 
 @triton.jit
-def _moe_sum_kernel(y_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+def _moe_sum_kernel(y_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     # y [T * TOP_K, H] float32 (weighted expert outputs per slot) -> out [T, H]: the k slots in order
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.kernels.activation import activate
 
@@ -70,10 +71,13 @@ def _moe_gemm_kernel(a_ptr, w_ptr, ws_ptr, bias_ptr, rw_ptr, out_ptr, sorted_ptr
                      num_slots, N, K, stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_om,
                      alpha, limit,
                      GATED: tl.constexpr, ROW_DIV: tl.constexpr, ACT: tl.constexpr, MXFP4: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     PDL: tl.constexpr = False):
     # a: [*, K], row s // ROW_DIV for slot s; w: [E, N (x2 if GATED), K] or MXFP4 bytes [E, rows, K/2] with
     # scales ws [E, rows, K/32]; bias [E, N (x2)]; rw: routing weights [num_slots] f32 (not GATED);
     # out: [num_slots, N]. Weight offsets are in elements (bytes for MXFP4), int64.
+    if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
+        gdc_wait()
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):  # past the last expert's blocks: nothing to do
@@ -120,6 +124,8 @@ def _moe_gemm_kernel(a_ptr, w_ptr, ws_ptr, bias_ptr, rw_ptr, out_ptr, sorted_ptr
                 b = tl.load(w_ptr + up_rows[None, :] + (k0 + offs_k)[:, None], mask=b_mask, other=0)
                 acc_u = tl.dot(a, b, acc_u, input_precision="ieee")
 
+    if PDL:  # the main loop is done: let the next kernel's blocks be scheduled (as gemm._gemm_kernel does)
+        gdc_launch_dependents()
     bias_row = bias_ptr + expert * stride_be
     if HAS_BIAS:
         acc += tl.load(bias_row + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]

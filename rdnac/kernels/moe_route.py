@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.kernels.launch import Launcher, next_power_of_2
 
@@ -30,7 +31,10 @@ _SUM = tl.standard._sum_combine
 @triton.jit
 def _moe_route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_lm,
                       TOP_K: tl.constexpr, SCORING: tl.constexpr, RENORMALIZE: tl.constexpr,
-                      BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     # logits [T, E] (any float dtype); weights [T, TOP_K] float32, ids [T, TOP_K] int32 (contiguous)
     row = tl.program_id(0).to(tl.int64)
     offs_e = tl.arange(0, BLOCK_E)  # [BE]
