@@ -433,6 +433,23 @@ def test_kernel_selection_of_a_moe_graph(target, weight_format):
     assert "4.0 of 16 experts active" in decode["reason"]
     if weight_format == "mxfp4":
         assert "W4A16" in decode["reason"]
+    # what `rdnac inspect` shows per MoE node: tile, the GEMMs' resources, bytes per token at batch 1
+    from rich.console import Console
+
+    from rdnac.cli.inspect_moe import moe_summary, render_moe
+
+    (entry,) = moe_summary(state.graph, state.program, [b.to_dict() for b in state.binaries])
+    per_expert = 3 * 128 * 256 * (2 if weight_format == "dense" else 0.5) + (
+        0 if weight_format == "dense" else 3 * 128 * 256 // 32 + (2 * 128 + 256) * 2)  # scales, biases
+    assert (entry["experts"], entry["top_k"], entry["bytes_per_token_batch1"]) == (16, 4, 4 * per_expert)
+    assert entry["decode"]["config"] == state.program["experts"]["decode:1"]["config"]
+    assert set(entry["decode"]["gemms"]) == {"gate_up", "down"}
+    assert all(g["matrix_instructions"] and g["shared_bytes"] <= get_target(target).lds_bytes
+               for g in entry["decode"]["gemms"].values())
+    console = Console(record=True, width=200)
+    render_moe(console, [entry])
+    text = console.export_text()
+    assert "4 of 16" in text and "MB" in text and "BLOCK_M=16" in text
 
 
 @triton.jit

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from rdnac.cli.inspect_moe import moe_summary, render_moe
 from rdnac.errors import RdnacError
 from rdnac.ir.state import bytes_per_sequence, bytes_per_token
 from rdnac.plans import read_plan
@@ -65,6 +66,7 @@ def summarize(plan_path, memory: int = DEFAULT_MEMORY) -> dict:
         "program": _program_summary(plan.body.get("program") or {}),
         "runtime": plan.body["runtime"],
         "state": state_summary(graph, plan.body["runtime"], weight_bytes, memory),
+        "moe": moe_summary(graph, plan.body.get("program") or {}, plan.body.get("kernels", [])),
         "has_chat_template": bool(plan.body.get("chat_template")),
         "decisions": plan.body["decisions"],
     }
@@ -133,6 +135,8 @@ def render_text(s: dict, show_decisions: bool = False) -> None:
             kt.add_row(k["kernel"].removeprefix("rdnac.kernels."), _config_text(k), str(k["shared_bytes"]),
                        str(k["registers"]), str(k["spills"]), ", ".join(k["matrix_instructions"]) or "-")
         console.print(kt)
+    if s.get("moe"):
+        render_moe(console, s["moe"])
     console.print(f"decision log: {len(s['decisions'])} entries" + ("" if show_decisions else " (--decisions to list)"))
     if show_decisions:
         for d in s["decisions"]:
