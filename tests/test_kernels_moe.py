@@ -29,7 +29,7 @@ from rdnac.targets import get_target
 
 INTERPRET = InterpretLauncher()
 ROUTE_CONFIG = {"constexprs": {}, "num_warps": 1, "num_stages": 1}
-TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 2e-2)}  # (atol, rtol)
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 2e-2), torch.float16: (5e-3, 5e-3)}  # (atol, rtol)
 GPU_TARGETS = ("gfx1201", "gfx1151", "gfx942", "gfx950", "sm90")
 
 
@@ -167,6 +167,11 @@ def test_experts_float32_every_act(act, has_bias):
 def test_experts_bfloat16(E, k):
     _check_experts(T=5, E=E, H=160, I=96, k=k, act="silu", dtype=torch.bfloat16, has_bias=True,
                    config=_config(16, 64, 64))
+
+
+def test_experts_float16():
+    _check_experts(T=6, E=8, H=96, I=64, k=2, act="gelu", dtype=torch.float16, has_bias=True,
+                   config=_config(16, 32, 32))
 
 
 def test_experts_all_tokens_to_the_same_experts_and_experts_without_tokens():
