@@ -56,7 +56,8 @@ def test_every_wrapper_name_resolves_to_its_wrapper():
         "rope.rope", "kv_cache.kv_cache_write", "qk_norm_rope_cache.qk_norm_rope_cache", "attention.attention_prefill",
         "attention_decode.attention_decode", "attention.attention_quant_prefill",
         "attention_decode.attention_quant_decode", "activation.gated_act", "gemm_gated.linear_gated_act",
-        "elementwise.add", "gemm.logits", "rms_norm_quant.rms_norm_quant", "activation_quant.gated_act_quant"}
+        "elementwise.add", "gemm.logits", "rms_norm_quant.rms_norm_quant", "activation_quant.gated_act_quant",
+        "moe_route.moe_route", "moe.moe_experts", "moe.moe_experts_mxfp4"}
 
 
 @pytest.mark.parametrize("name", ["os.system", "gemm._gemm_kernel", "launch.JitLauncher", "registry.wrapper",

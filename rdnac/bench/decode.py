@@ -2,7 +2,9 @@
 
 Achieved bandwidth is bytes read per step / TPOT: every weight the step
 reads plus the model state (`Graph.state`, e.g. the paged KV cache) of
-`context` tokens per sequence, against the device's copy bandwidth.
+`context` tokens per sequence, against the device's copy bandwidth. A MoE
+layer's experts count only as far as the step's tokens route to them
+(`_unrouted_expert_bytes`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,25 @@ def decode_bytes(llm, batch: int, context: int) -> int:
     embed = {n.inputs[1] for n in graph.nodes if n.op == "embedding"} - logits_weights
     total = sum(t.numel() * t.element_size() for k, t in llm.weights.items() if k not in embed)
     total += sum(batch * llm.weights[k].shape[1] * llm.weights[k].element_size() for k in embed)
+    total -= _unrouted_expert_bytes(graph, llm.weights, batch)
     return total + batch * context * bytes_per_token(graph.state)  # the declared state a step reads
+
+
+def _unrouted_expert_bytes(graph, weights: dict, batch: int) -> int:
+    """Bytes of the experts a decode step of `batch` tokens does not read: each MoE node reads the experts
+    its tokens are routed to, E * (1 - (1 - k/E)**batch) of E expected under uniform routing (exactly k at
+    batch 1). Its per-expert inputs (weights, MXFP4 scales, biases: all [E, ...]) follow its ids input."""
+    from rdnac.ir.moe import expected_active_experts
+
+    top_k = {out: n.attrs["top_k"] for n in graph.nodes if n.op == "moe_route" for out in n.outputs}
+    unread = 0.0
+    for node in graph.nodes:
+        if node.op in ("moe_experts", "moe_experts_mxfp4"):
+            per_expert = [weights[name] for name in node.inputs[3:]]  # [E, ...] each
+            num_experts = per_expert[0].shape[0]
+            active = expected_active_experts(batch, top_k[node.inputs[2]], num_experts)
+            unread += sum(t.numel() * t.element_size() for t in per_expert) * (1 - active / num_experts)
+    return int(unread)
 
 
 def decode_record(llm, batch: int, context: int, copy_gbps: float) -> dict:

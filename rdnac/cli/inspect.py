@@ -8,19 +8,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from rdnac.cli.inspect_moe import moe_summary, nbytes, render_moe
 from rdnac.cli.layers import braced, count_note, group_rows, ranges, wrap
 from rdnac.errors import RdnacError
-from rdnac.ir.moe import routed_experts
 from rdnac.ir.state import bytes_per_sequence, bytes_per_token
 from rdnac.plans import read_plan
 
 DEFAULT_MEMORY = 16 << 30  # what `inspect` sizes the state for unless given --memory
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
           "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int8": 1, "uint8": 1,
-                  "float8_e4m3fn": 1, "float8_e4m3fnuz": 1}
-
 
 def parse_memory(text: str) -> int:
     """Bytes of "16GiB", "80GB", "512MiB" or a plain byte count."""
@@ -46,42 +42,21 @@ def state_summary(graph, runtime: dict, weight_bytes: int, memory: int) -> dict:
     }
 
 
-def _nbytes(spec) -> int:
-    n = 1
-    for d in spec.shape:
-        n *= d
-    return n * _ELEMENT_BYTES.get(spec.dtype, 4)
-
-
-def moe_summary(graph) -> list[dict]:
-    """Per MoE experts node: its experts, top-k, scoring and activation, and the bytes of its expert
-    weights (all experts, and the top-k a token reads)."""
-    out = []
-    for r in routed_experts(graph):
-        node, route, num_experts = r["node"], r["route"], r["num_experts"]
-        expert_bytes = sum(_nbytes(graph.weights[name]) for name in r["weights"])
-        out.append({"node": node.name, "op": node.op, "num_experts": num_experts, "top_k": r["top_k"],
-                    "scoring": route["scoring"], "renormalize": bool(route.get("renormalize")),
-                    "act": node.attrs["act"], "expert_bytes": expert_bytes,
-                    "active_expert_bytes": expert_bytes * r["top_k"] // num_experts})
-    return out
-
-
 def bytes_read_per_token(graph, moe: list[dict]) -> int:
     """Weight bytes one decode step at batch 1 reads: every weight, but one row of an embedding table the
     logits do not reuse, and of each MoE layer only the top-k experts a token is routed to."""
     logits_weights = {n.inputs[2] for n in graph.nodes if n.op == "logits"}
     embed = {n.inputs[1] for n in graph.nodes if n.op == "embedding"} - logits_weights
-    total = sum(_nbytes(w) for name, w in graph.weights.items() if name not in embed)
-    total += sum(_nbytes(graph.weights[name]) // graph.weights[name].shape[0] for name in embed)
+    total = sum(nbytes(w) for name, w in graph.weights.items() if name not in embed)
+    total += sum(nbytes(graph.weights[name]) // graph.weights[name].shape[0] for name in embed)
     return total - sum(m["expert_bytes"] - m["active_expert_bytes"] for m in moe)
 
 
 def summarize(plan_path, memory: int = DEFAULT_MEMORY) -> dict:
     plan = read_plan(plan_path)
     graph = plan.graph()
-    weight_bytes = sum(_nbytes(w) for w in graph.weights.values())
-    moe = moe_summary(graph)
+    weight_bytes = sum(nbytes(w) for w in graph.weights.values())
+    moe = moe_summary(graph, plan.body.get("program") or {}, plan.body.get("kernels", []))
     return {
         "plan": str(plan.path),
         "header": plan.header,
@@ -147,14 +122,7 @@ def render_text(s: dict, show_decisions: bool = False, per_layer: bool = False, 
                   + (" (active experts only)" if s["moe"] else ""))
     _render_state(console, s["state"], s["weights"]["bytes"])
     if s["moe"]:
-        mt = Table(title=f"mixture of experts: {len(s['moe'])} layers")
-        for col in ("node", "experts", "top-k", "scoring", "act", "expert MiB", "read per token MiB"):
-            mt.add_column(col)
-        for e in s["moe"]:
-            mt.add_row(e["node"], str(e["num_experts"]), str(e["top_k"]),
-                       e["scoring"] + (" renormalized" if e["renormalize"] else ""), e["act"],
-                       f"{e['expert_bytes'] / 2**20:.2f}", f"{e['active_expert_bytes'] / 2**20:.2f}")
-        console.print(mt)
+        render_moe(console, s["moe"])
     table = Table(title=f"graph: {s['graph']['num_nodes']} nodes")
     table.add_column("op")
     table.add_column("count", justify="right")

@@ -210,12 +210,82 @@ def _estimate_gemm_gated(problem: dict, config: dict, target) -> Estimate:
     return _estimate_gemm(merged, wide, target, out_bytes_per_elt=half)
 
 
+MXFP4_PATH_NOTE = ("MXFP4 as W4A16: blocks and e8m0 scales read as stored (no re-layout) and decoded in the "
+                   "GEMM's inner loop to bf16 matrix instructions")
+# What Triton 3.9 emits for tl.dot_scaled (tests/test_kernels_moe.py checks it): gfx950's scaled MFMA only for
+# fp8/fp4 activations; a bf16 x e2m1 dot_scaled is lowered to bf16 MFMA, as on gfx942, RDNA and sm90.
+MXFP4_NATIVE_NOTE = ("; gfx950's v_mfma_scale_f32_*_f8f6f4 (tl.dot_scaled) would need the activations in "
+                     "fp8/fp4 too, which the reference does not round to: not used")
+
+
+def moe_weight_bytes_per_expert(problem: dict) -> float:
+    """Bytes of one expert's w13 [2I, H] and w2 [H, I] as stored (MXFP4: half a byte + a scale per 32)."""
+    elements = 3 * problem["I"] * problem["H"]
+    if problem["weight_format"] == "mxfp4":
+        return elements * (0.5 + 1 / 32)
+    return elements * ELEMENT_BYTES[_dtype_name(problem["dtype"])]
+
+
+def _estimate_moe(problem: dict, config: dict, target) -> Estimate:
+    """The fused MoE (rdnac.kernels.moe). moe_route: one row of logits per program. moe_experts: bytes
+    are the weights of the active experts only (`rdnac.ir.moe.expected_active_experts`) plus the routed
+    activations ([T*k, I] written and read, [T*k, H] float32 written and read); flops are padded to
+    whole BLOCK_M row tiles per active expert; the gate/up GEMM's operand tiles bound LDS
+    (`moe_configs.lds_bytes`), and a tile over the target's LDS does not fit."""
+    from rdnac.ir.moe import expected_active_experts
+    from rdnac.kernels.moe_configs import lds_bytes
+
+    T, num_cu = problem["M"], target.num_compute_units
+    if problem["op"] == "moe_route":
+        bytes_moved = T * problem["E"] * 4 + T * problem["top_k"] * 8
+        est = LAUNCH_US + bytes_moved / (target.hbm_gbps * 1e3)
+        return Estimate(bytes_moved, 0, T, math.ceil(T / num_cu), 1, est,
+                        f"{T} rows of {problem['E']} logits, {_fmt_bytes(bytes_moved)}")
+    c = config["constexprs"]
+    block_m, block_n = c["BLOCK_M"], c["BLOCK_N"]
+    H, I, E, k = problem["H"], problem["I"], problem["E"], problem["top_k"]
+    elt = ELEMENT_BYTES[_dtype_name(problem["dtype"])]
+    lds = lds_bytes(config, problem, target.name)
+    active = expected_active_experts(T, k, E)
+    blocks = math.ceil(active) * math.ceil(T * k / active / block_m)  # row tiles of the sorted list
+    tiles = blocks * (math.ceil(I / block_n) + math.ceil(H / block_n))
+    waves = math.ceil(tiles / num_cu)
+    if lds > target.lds_bytes:
+        return Estimate(0, 0, tiles, waves, 0, math.inf,
+                        f"does not fit: needs {lds // 1024} KiB LDS per program ({lds} bytes), "
+                        f"{target.name} has {target.lds_bytes // 1024} KiB")
+    weight_bytes = active * moe_weight_bytes_per_expert(problem)
+    act_bytes = T * H * elt * 2 + T * k * (2 * I * elt + 2 * H * 4)
+    bytes_moved = int(weight_bytes + act_bytes)
+    occupancy = max(1, min(target.lds_bytes // max(lds, 1), MAX_WARPS_PER_CU.get(target.name, DEFAULT_MAX_WARPS_PER_CU)
+                           // config["num_warps"]))
+    resident = min(tiles, num_cu * occupancy)
+    in_flight = config["num_stages"] * (block_m * c["BLOCK_K"] * elt + 2 * c["BLOCK_K"] * block_n * (
+        0.5 if problem["weight_format"] == "mxfp4" else elt))  # bytes each program keeps loading
+    bw_fraction = min(1.0, resident * in_flight / (target.hbm_gbps * 1e3 * DRAM_LATENCY_US))
+    mem_us = bytes_moved / (target.hbm_gbps * 1e3 * bw_fraction)
+    flops = 2 * blocks * block_m * 3 * I * H
+    peak, peak_note = _peak_tflops(target, _dtype_name(problem["dtype"]))
+    compute_us = flops / (peak * 1e6 * (tiles / (waves * num_cu)))
+    est_us = max(mem_us, compute_us) + OVERLAP_LOSS * min(mem_us, compute_us) + 5 * LAUNCH_US + 2 * waves * WAVE_US
+    bound = "memory" if mem_us >= compute_us else "compute"
+    per_token = moe_weight_bytes_per_expert(problem) * k  # batch 1: k experts
+    reason = (f"{bound}-bound {est_us:.1f} us: {active:.1f} of {E} experts active, {_fmt_bytes(bytes_moved)} "
+              f"at {bw_fraction:.0%} of {target.hbm_gbps:.0f} GB/s = {mem_us:.1f} us, compute {compute_us:.1f} us"
+              f"{peak_note}; {blocks} row tiles of {block_m}, {tiles} tiles = {waves} wave(s); "
+              f"LDS {lds // 1024} KiB; batch 1 reads {_fmt_bytes(per_token)} of expert weights per token")
+    if problem["weight_format"] == "mxfp4":
+        reason += "; " + MXFP4_PATH_NOTE + (MXFP4_NATIVE_NOTE if target.has_mxfp4 else "")
+    return Estimate(bytes_moved, flops, tiles, waves, occupancy, est_us, reason)
+
+
 # Estimators by name; a kernel family's registry record names the one that ranks its configs.
 ESTIMATORS: dict[str, Callable[[dict, dict, Any], Estimate]] = {
     "gemm": _estimate_gemm,
     "linear": _estimate_gemm,
     "logits": _estimate_logits,
     "gemm_gated": _estimate_gemm_gated,
+    "moe": _estimate_moe,
 }
 
 

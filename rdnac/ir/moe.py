@@ -18,7 +18,8 @@ weights. `scoring`:
 - "topk_softmax": the k largest logits, then a softmax over those k
   (GPT-OSS); already normalized.
 
-Ties pick the lower expert id (torch.topk on cpu); ids are int32.
+Exact ties pick the lower expert id (a stable sort: torch.topk does not
+guarantee it, and on cpu picks higher ids among equal values); ids are int32.
 
 `moe_experts` is, per token t, sum over j of weights[t, j] * expert
 ids[t, j] applied to x[t], where expert e is down(act(gate, up)) with
@@ -52,15 +53,21 @@ def moe_route(router_logits: torch.Tensor, *, top_k: int, scoring: str, renormal
     """(weights [T, k] float32, ids [T, k] int32) of each token's k experts."""
     logits = router_logits.float()
     if scoring == "softmax_topk":
-        weights, ids = torch.topk(torch.softmax(logits, dim=-1), top_k, dim=-1)
+        weights, ids = _top_k(torch.softmax(logits, dim=-1), top_k)
         if renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
     elif scoring == "topk_softmax":
-        values, ids = torch.topk(logits, top_k, dim=-1)
+        values, ids = _top_k(logits, top_k)
         weights = torch.softmax(values, dim=-1)
     else:
         raise ValueError(f"unknown moe scoring {scoring!r}")
     return weights, ids.to(torch.int32)
+
+
+def _top_k(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of each row, largest first, exact ties in increasing id order (what the kernel does)."""
+    ordered = torch.sort(values, dim=-1, descending=True, stable=True)
+    return ordered.values[..., :k], ordered.indices[..., :k]
 
 
 def expert_act(gate: torch.Tensor, up: torch.Tensor, act: str, alpha: float = 1.702,
@@ -105,6 +112,12 @@ def moe_experts_mxfp4(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                       b13: torch.Tensor | None = None, b2: torch.Tensor | None = None, **attrs) -> torch.Tensor:
     return moe_experts(x, weights, ids, mxfp4.dequantize(w13_blocks, w13_scales),
                        mxfp4.dequantize(w2_blocks, w2_scales), b13, b2, **attrs)
+
+
+def expected_active_experts(num_tokens: int, top_k: int, num_experts: int) -> float:
+    """Experts a step of T tokens reads, expected under uniform routing: E * (1 - (1 - k/E)**T); exactly
+    k at one token, all E once T is large. The cost model and the benchmarks' bytes-read count use it."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** num_tokens)
 
 
 def moe_route_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:

@@ -1,4 +1,5 @@
 """Compile-time FP8 quantization of a float checkpoint's linears (`--quantize fp8 | fp8-block`).
+(`--quantize mxfp4` of a MoE checkpoint's experts is the next pass, `quantize_mxfp4`.)
 
     y = linear(x, W)   ==>   y = linear_fp8(x, bits(W), scale(W))
 
@@ -103,3 +104,4 @@ def run(state: CompileState) -> None:
         state.decide(NAME, node.name, f"quantized {wname} to {tag}, activations {act_scheme}",
                      f"scale = amax/448 per {'block' if block_size else 'output channel'}; "
                      f"weight relative error {rel_err:.2%}")
+

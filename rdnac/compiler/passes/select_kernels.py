@@ -129,6 +129,9 @@ def run(state: CompileState) -> None:
     keys = step_keys(opts.max_num_seqs, opts.max_num_batched_tokens)
     program: dict[str, dict] = {n.name: {} for n in graph.nodes if n.op not in registry.VIEW_OPS}
     options: dict[tuple[str, str], list] = {}  # (node, key) -> remaining ranked candidates
+    # (node, config label) -> (step keys, problems): configs rejected by the cost model's resource estimate
+    # (LDS over the target's, with the size) or by their compiled binaries; all are logged
+    rejections: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
     for phase, bucket in keys:
         key = f"{phase}:{bucket}"
         env, _ = meta_env(graph, phase, bucket, runtime)
@@ -138,11 +141,16 @@ def run(state: CompileState) -> None:
                 continue
             family, problem = node_problem(node, phase, env, runtime)
             ranked = _candidates(family, problem, target)
+            fitting = [r for r in ranked if not r[1].startswith("does not fit")]
+            for config, why in ranked if fitting else ():
+                if why.startswith("does not fit"):
+                    label = _config_label({"kernel": registry.wrapper_for(node.op, phase), "config": config})
+                    rejections.setdefault((node.name, label), ([], [f"cost model: {why}"]))[0].append(key)
+            ranked = fitting or ranked
             options[(node.name, key)] = ranked
             program[node.name][key] = {"kernel": registry.wrapper_for(node.op, phase), "config": ranked[0][0],
                                        "reason": ranked[0][1]}
             _propagate_meta(node, env)
-    rejections: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
     while True:
         step_calls = {}
         for phase, bucket in keys:
