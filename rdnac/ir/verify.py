@@ -38,11 +38,16 @@ def verify(graph: Graph) -> None:
         if missing:
             _fail(graph, node, f"missing attributes {missing}")
         in_specs = [specs[name] for name in node.inputs]
-        _check_shapes(graph, node, in_specs)
+        try:
+            _check_shapes(graph, node, in_specs)
+            out_specs = opdef.infer(node.attrs, in_specs)
+        except (IndexError, TypeError, ValueError, ZeroDivisionError, KeyError) as e:
+            # an input of the wrong rank or an attribute of the wrong kind (a graph read from a damaged plan)
+            _fail(graph, node, f"inputs {[(n, s.shape) for n, s in zip(node.inputs, in_specs)]} and attributes "
+                               f"{node.attrs} do not fit the op ({type(e).__name__}: {e})")
         written_caches.update(node.inputs[i] for i in opdef.in_place)
         if node.op in ATTENTION_OPS and not set(node.inputs[1:3]) <= written_caches:
             _fail(graph, node, f"reads caches {node.inputs[1:3]} before any kv_cache_write to them")
-        out_specs = opdef.infer(node.attrs, in_specs)
         if len(out_specs) != len(node.outputs):
             _fail(graph, node, f"expected {len(out_specs)} outputs, found {len(node.outputs)}")
         for name, spec in zip(node.outputs, out_specs):
@@ -53,11 +58,25 @@ def verify(graph: Graph) -> None:
         if name not in specs:
             _fail(graph, None, f"output {name!r} is never produced")
 
+# Integer step metadata each op reads, by input position: (position, rank, what it is).
+_INDEX_INPUTS = {
+    "embedding": ((0, 1, "token_ids [T]"),),
+    "rope": ((2, 1, "positions [T]"),),
+    "kv_cache_write": ((2, 1, "slot_mapping [T]"),),
+    "qk_norm_rope_cache": ((3, 1, "positions [T]"), (4, 1, "slot_mapping [T]")),
+    "logits": ((1, 1, "logits_indices [R]"),),
+    **{op: ((3, 2, "block_tables [B, MB]"), (4, 1, "seq_lens [B]"), (5, 1, "cu_seqlens_q [B+1]"),
+            (6, 1, "positions [T]")) for op in ATTENTION_OPS},
+}
+
+
 def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
     a = node.attrs
     def expect(cond: bool, what: str) -> None:
         if not cond:
             _fail(graph, node, f"{what}; inputs {[ (n, s.shape) for n, s in zip(node.inputs, ins)]}")
+    for i, rank, what in _INDEX_INPUTS.get(node.op, ()):
+        expect(len(ins[i].shape) == rank and ins[i].dtype.startswith("int"), f"input {i} must be int {what}")
     if node.op == "linear":
         expect(ins[0].shape[-1] == ins[1].shape[1], "x's last dim must equal weight's in_features")
         if len(ins) == 3:
@@ -71,6 +90,7 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(a["act"] in ("silu", "gelu", "gelu_tanh"), "act must be silu, gelu or gelu_tanh")
     elif node.op in ("rms_norm", "rms_norm_quant"):
         expect(ins[-1].shape == (ins[0].shape[-1],), "weight must be [hidden]")
+        expect(len(ins) == 2 or ins[1].shape == ins[0].shape, "residual must have x's shape")
     elif node.op == "head_rms_norm":
         expect(ins[1].shape == (a["head_dim"],), "weight must be [head_dim]")
         expect(ins[0].shape[-1] == a["num_heads"] * a["head_dim"], "x must be [T, num_heads*head_dim]")
