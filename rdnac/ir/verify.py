@@ -70,6 +70,10 @@ _INDEX_INPUTS = {
 }
 
 
+# The matrix input of the ops that multiply by one: fixed sizes, never a per-step value.
+_WEIGHT_INPUT = {"linear": 1, "linear_fp8": 1, "linear_gated_act": 1, "embedding": 1, "logits": 2}
+
+
 def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
     a = node.attrs
     def expect(cond: bool, what: str) -> None:
@@ -77,6 +81,10 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
             _fail(graph, node, f"{what}; inputs {[ (n, s.shape) for n, s in zip(node.inputs, ins)]}")
     for i, rank, what in _INDEX_INPUTS.get(node.op, ()):
         expect(len(ins[i].shape) == rank and ins[i].dtype.startswith("int"), f"input {i} must be int {what}")
+    weight = _WEIGHT_INPUT.get(node.op)
+    if weight is not None:
+        expect(len(ins[weight].shape) == 2 and all(isinstance(d, int) for d in ins[weight].shape),
+               f"input {weight} must be a weight of fixed size [N, K]")
     if node.op == "linear":
         expect(ins[0].shape[-1] == ins[1].shape[1], "x's last dim must equal weight's in_features")
         if len(ins) == 3:
@@ -130,8 +138,7 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
                f"sizes must be a non-empty list of positive ints; got {sizes!r}")
         expect(len(ins[0].shape) == 2, "x must be [T, N]")
         width = ins[0].shape[-1]
-        expect(not isinstance(width, int) or sum(sizes) == width,
-               f"sizes {list(sizes)} must sum to x's last dim")
+        expect(isinstance(width, int) and sum(sizes) == width, f"sizes {list(sizes)} must sum to x's last dim")
     # FP8 quantization fused into its producer, and the linear reading it (see ops.py)
     if node.op in ("rms_norm_quant", "gated_act_quant"):
         expect(a["fp8_format"] in ("e4m3fn", "e4m3fnuz"),

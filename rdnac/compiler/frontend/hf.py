@@ -22,9 +22,30 @@ from rdnac.errors import CheckpointError
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: requires valid JSON; got {e.msg} at line {e.lineno}") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: requires UTF-8 JSON text; got bytes that do not decode") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: requires a JSON object; got a {type(value).__name__}")
+    return value
+
+
+def _read_tokenizer(path: Path) -> str | None:
+    """tokenizer.json's text, checked to load now: a corrupt one is refused at compile, not at run."""
+    from tokenizers import Tokenizer
+
+    if not path.exists():
+        return None
+    text = path.read_text(errors="replace")
+    try:
+        Tokenizer.from_str(text)
+    except Exception as e:  # the tokenizers package raises a bare Exception for any malformed document
+        raise CheckpointError(f"{path}: requires a tokenizer.json the tokenizers library loads; got {str(e)[:100]}; "
+                              "restore the checkpoint's original file, or remove it to compile a plan that "
+                              "takes token ids") from None
+    return text
 
 
 def _check_safetensors_file(path: Path) -> dict:
@@ -109,6 +130,8 @@ def read_hf(directory: Path) -> Checkpoint:
     config = _read_json(config_path)
     notes = []
     if "text_config" in config:
+        if not isinstance(config["text_config"], dict):
+            raise CheckpointError(f"{config_path}: text_config requires an object; got {config['text_config']!r:.40}")
         text = dict(config["text_config"])
         text["wrapper_architectures"] = config.get("architectures", [])
         # A text_config without architectures is built by the family that knows the wrapper (text-only).
@@ -127,7 +150,7 @@ def read_hf(directory: Path) -> Checkpoint:
         chat_template = _read_json(directory / "chat_template.json").get("chat_template")
     elif isinstance(tokenizer_config.get("chat_template"), str):
         chat_template = tokenizer_config["chat_template"]
-    tokenizer_json = (directory / "tokenizer.json").read_text() if (directory / "tokenizer.json").exists() else None
+    tokenizer_json = _read_tokenizer(directory / "tokenizer.json")
     generation_config = (_read_json(directory / "generation_config.json")
                          if (directory / "generation_config.json").exists() else {})
     return Checkpoint(path=directory, format="hf", config=config, tensors=SafetensorsSource(_tensor_files(directory)),
