@@ -226,7 +226,7 @@ def inspect_cmd(plan, as_json, decisions, html_path, onnx_path, diff, memory):
 @click.option("--prompt", help="Text to run (default: a fixed sentence).")
 @click.option("--token-ids", help="Comma-separated token ids to run instead of a prompt.")
 @click.option("--atol", type=float, help="Tolerance on max abs error / max abs value, per value "
-              "(default by plan dtype: float32 1e-4, float16 2e-2, bfloat16 1e-1).")
+              "(default by plan dtype: float32 1e-4, float16 2e-2, bfloat16 1e-1; at least 0.15 for quantized weights).")
 @click.option("--interpret", is_flag=True, help="Run a GPU plan's kernels under the Triton interpreter "
               "(the default where no GPU is visible).")
 def verify_cmd(plan, model, prompt, token_ids, atol, interpret):

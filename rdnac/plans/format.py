@@ -16,6 +16,7 @@ and hash, and never executes anything carried in the plan (no pickle).
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,13 @@ _ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "fl
 def weights_path_for(plan_path: Path) -> Path:
     plan_path = Path(plan_path)
     return plan_path.with_name(plan_path.name.removesuffix(".msgpack") + ".weights.safetensors")
+
+
+def _new_file_mode() -> int:
+    """The mode open() gives a new file here: 0666 less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _sha256_file(path: Path) -> str:
@@ -118,6 +126,7 @@ def write_plan(path: Path, header: dict, body: dict, weights: dict[str, torch.Te
     wpath = weights_path_for(path)
     tmp_w = wpath.with_name(wpath.name + ".tmp")
     save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_w), metadata={"format": FORMAT})
+    tmp_w.chmod(_new_file_mode())  # safetensors creates 0600; the weights are as readable as the plan
     tmp_w.replace(wpath)
     header = dict(header, weights={"file": wpath.name, "size": wpath.stat().st_size, "sha256": _sha256_file(wpath)})
     body_bytes = msgpack.packb(body, use_bin_type=True)
