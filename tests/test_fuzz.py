@@ -22,6 +22,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+import torch
 
 import rdnac
 from rdnac import SamplingParams
@@ -35,6 +36,15 @@ ODD_VALUES = [None, True, False, 0, -1, 1, 3, 7, 2**31, 2**63, -(2**63), 2**64 -
               -math.inf, "", "x", "float32", "silu", "k_cache.0", b"", b"\x00\xff", [], [1], ["x"], {}, {"a": 1},
               {"name": "x"}]
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: torch's thread pool only spins (20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- mutations of a msgpack/JSON structure
@@ -240,7 +250,7 @@ def test_safetensors_header_mutations_end_in_one_typed_line(checkpoint, tmp_path
         else:
             h = json.loads(json.dumps(header))
             what = mutate(h, rng)
-            text = json.dumps(h, allow_nan=True).encode()
+            text = json.dumps(h, default=lambda b: b.decode("latin-1")).encode()  # bytes: as a string
             blob = struct.pack("<Q", len(text)) + text + payload
         (work / "model.safetensors").write_bytes(blob)
         try:
