@@ -18,6 +18,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgpack
@@ -202,7 +203,6 @@ def test_damaged_plans_through_the_cli_print_one_line(plan, tmp_path):
     edits = [
         lambda b: b["graph"]["nodes"][2].update(inputs={"a": 1}),  # unhashable where names are expected
         lambda b: b["graph"]["nodes"][3]["attrs"].update(num_heads="six"),
-        lambda b: b["runtime"].update(kv_block_size=None),
         lambda b: b["tokenizer"].update(json='{"model": 5'),
         lambda b: b["graph"]["state"].pop(),
     ]
@@ -292,9 +292,12 @@ def test_gguf_mutations_end_in_one_typed_line(gguf_file, tmp_path):
                 blob[j] ^= 1 << rng.randrange(8)
             what = f"bit flips at {spots}"
         out.write_bytes(bytes(blob))
+        started = time.perf_counter()
         try:
             ckpt = read_checkpoint(out)
             build_graph(ckpt, "float32")
         except Exception as e:  # noqa: BLE001 -- the assertion is that it is one of rdnac's typed errors
             _check_one_line(e, f"mutation {i} ({what})")
+        # promptly: a damaged array length once sent the gguf package through phantom entries for 30 s
+        assert time.perf_counter() - started < 5, f"mutation {i} ({what}) took {time.perf_counter() - started:.0f} s"
     assert _files(tmp_path) == {"m.gguf"}
