@@ -108,19 +108,16 @@ def _show(value) -> str:
 def check_header(path: Path, header) -> None:
     c = _Checker(path)
     c.dict(header, "header")
-    c.str(c.field(header, "target", "header"), "header.target")
-    for key in ("rdnac_version", "torch_version"):
-        c.str(header.get(key, ""), f"header.{key}")
-    c.str(header.get("triton_version"), "header.triton_version", optional=True)
+    for key in ("target", "rdnac_version", "torch_version"):
+        c.str(c.field(header, key, "header"), f"header.{key}")
+    c.str(c.field(header, "triton_version", "header"), "header.triton_version", optional=True)
     for key in ("model", "compile_options", "target_info"):
-        c.dict(header.get(key, {}), f"header.{key}")
-    if header.get("capabilities") is not None:
-        c.dict(header["capabilities"], "header.capabilities")
-    model = header.get("model", {})
+        c.dict(c.field(header, key, "header"), f"header.{key}")
+    if c.field(header, "capabilities", "header") is not None:  # nil for the cpu target
+        c.dict(c.field(header, "capabilities", "header"), "header.capabilities")
     for key in ("name", "architecture", "format", "path", "config_sha256"):
-        if key in model:
-            c.str(model[key], f"header.model.{key}")
-    c.int(header.get("created_unix", 0), "header.created_unix")
+        c.str(c.field(header["model"], key, "header.model"), f"header.model.{key}")
+    c.int(c.field(header, "created_unix", "header"), "header.created_unix")
     weights = c.dict(c.field(header, "weights", "header"), "header.weights")
     name = c.str(c.field(weights, "file", "header.weights"), "header.weights.file")
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
@@ -139,8 +136,9 @@ def check_body(path: Path, body) -> None:
     _check_runtime(c, c.field(body, "runtime", "body"), body["graph"]["attrs"])
     decisions = c.list(body.get("decisions", []), "body.decisions")
     for i, d in enumerate(decisions):
-        for key, value in c.dict(d, f"body.decisions[{i}]").items():
-            c.str(value, f"body.decisions[{i}].{key}")
+        c.dict(d, f"body.decisions[{i}]")
+        for key in ("pass", "node", "action", "reason"):
+            c.str(c.field(d, key, f"body.decisions[{i}]"), f"body.decisions[{i}].{key}")
     tokenizer = c.dict(c.field(body, "tokenizer", "body"), "body.tokenizer")
     c.str(c.field(tokenizer, "json", "body.tokenizer"), "body.tokenizer.json", optional=True)
     config = c.field(tokenizer, "config", "body.tokenizer")
@@ -377,4 +375,6 @@ def _check_program(c: _Checker, program, nodes: list) -> None:
             where = f"body.program.{name}.{key}"
             c.str(c.field(c.dict(choice, where), "kernel", where), f"{where}.kernel")
             config = c.dict(c.field(choice, "config", where), f"{where}.config")
-            c.dict(config.get("constexprs", {}), f"{where}.config.constexprs")
+            c.dict(c.field(config, "constexprs", f"{where}.config"), f"{where}.config.constexprs")
+            for key in ("num_warps", "num_stages"):
+                c.int(c.field(config, key, f"{where}.config"), f"{where}.config.{key}", low=1)
