@@ -33,3 +33,8 @@ class GraphError(RdnacError):
 
 class RequestError(RdnacError):
     """A generation request is invalid (prompt too long, bad sampling options)."""
+
+
+class RdnacWarning(UserWarning):
+    """Something done other than asked, said once (a limit clamped to what the model or plan holds);
+    the CLI prints it as one `warning:` line."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
 
 from rdnac.cli.bench import bench_cmd
-from rdnac.errors import RdnacError
+from rdnac.errors import RdnacError, RdnacWarning
 
 
 class _Group(click.Group):
@@ -20,12 +21,28 @@ class _Group(click.Group):
         except RdnacError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
+        except OSError as e:  # the machine's part (a full disk, a file that vanished, permissions): one line
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror or e}", err=True)
+            sys.exit(1)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """rdnac's own warnings as one `warning:` line; others in Python's usual form."""
+    if issubclass(category, RdnacWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
 
 
 @click.group(cls=_Group)
 @click.version_option(package_name="rdnac")
 def cli():
     """rdnac: ahead-of-time compiler for LLMs on AMD GPUs."""
+    warnings.showwarning = _show_warning
 
 
 @cli.command("compile")
@@ -94,10 +111,15 @@ def run_cmd(plan, prompt, chat_text, max_tokens, temperature, top_p, top_k, min_
                    f"{t['weights_s']:.2f} s)", err=True)
     params = llm.default_params(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 min_p=min_p, seed=seed)
+    if interpret:
+        click.echo(f"rdnac: running {plan}'s kernels under the Triton interpreter on the CPU: slow (at real model "
+                   "sizes, minutes per token); for checking a plan, not for use", err=True)
     if chat_text == "":
-        _interactive_chat(llm, params)
+        _interactive_chat(llm, params, interpret)
         return
-    _stream(llm, prompt if prompt is not None else chat_text, params, chat=chat_text is not None)
+    text = prompt if prompt is not None else chat_text
+    _warn_max_tokens(llm, llm.encode_prompt(text, chat=chat_text is not None), params.max_tokens)
+    _stream(llm, text, params, chat=chat_text is not None, show_progress=interpret)
 
 
 def _default_device(plan) -> str:
@@ -106,21 +128,41 @@ def _default_device(plan) -> str:
     return "cpu" if read_plan(plan, header_only=True).header["target"] == "cpu" else "cuda"
 
 
-def _stream(llm, prompt, params, chat: bool) -> str:
-    """Generate one completion through the LLM's engine, writing text to stdout as it decodes; returns the text."""
+def _warn_max_tokens(llm, prompt_ids: list[int], max_tokens: int) -> bool:
+    """Say so when --max-tokens is more than the context leaves after the prompt (the engine generates at
+    most that many); returns whether it warned. A prompt that fills the context is the engine's error."""
+    room = llm.max_model_len - len(prompt_ids)
+    if max_tokens <= room or room < 1:
+        return False
+    click.echo(f"warning: --max-tokens {max_tokens} is beyond the context: the plan's max model length "
+               f"{llm.max_model_len} leaves {room} tokens after the {len(prompt_ids)}-token prompt; generating at "
+               f"most {room}", err=True)
+    return True
+
+
+def _stream(llm, prompt, params, chat: bool, show_progress: bool = False) -> str:
+    """Generate one completion through the LLM's engine, writing text to stdout as it decodes; returns the text.
+    With `show_progress` (the Triton interpreter: each token is slow) stderr gets a line per token instead,
+    and the text comes whole at the end, so the two streams do not interleave mid-line."""
     text = ""
-    for out in llm.stream(prompt, params, chat=chat):
-        sys.stdout.write(out.new_text)
-        sys.stdout.flush()
+    started = time.perf_counter()
+    for n, out in enumerate(llm.stream(prompt, params, chat=chat), 1):
+        if show_progress:
+            click.echo(f"rdnac: token {n} of at most {params.max_tokens} after "
+                       f"{time.perf_counter() - started:.1f} s", err=True)
+        else:
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
         text = out.text
-    sys.stdout.write("\n")
+    sys.stdout.write(text + "\n" if show_progress else "\n")
     sys.stdout.flush()
     return text
 
 
-def _interactive_chat(llm, params) -> None:
+def _interactive_chat(llm, params, show_progress: bool = False) -> None:
     """Multi-turn chat: the whole conversation is re-rendered through the chat template each turn."""
     messages: list[dict] = []
+    has_warned = False
     click.echo("chat with the model; an empty line or Ctrl-D ends it, /reset starts over", err=True)
     while True:
         sys.stderr.write("> ")  # the prompt goes to stderr: stdout carries only the model's text
@@ -131,8 +173,11 @@ def _interactive_chat(llm, params) -> None:
         if line.strip() == "/reset":
             messages = []
             continue
-        messages.append({"role": "user", "content": line})
-        reply = _stream(llm, list(messages), params, chat=True)
+        # the line's own newline is the Enter key, not part of the message (it changes the answer)
+        messages.append({"role": "user", "content": line.rstrip("\r\n")})
+        if not has_warned:
+            has_warned = _warn_max_tokens(llm, llm.encode_prompt(list(messages), chat=True), params.max_tokens)
+        reply = _stream(llm, list(messages), params, chat=True, show_progress=show_progress)
         messages.append({"role": "assistant", "content": reply})
 
 
@@ -185,7 +230,7 @@ def inspect_cmd(plan, as_json, decisions, per_layer, full, html_path, onnx_path,
 @click.option("--prompt", help="Text to run (default: a fixed sentence).")
 @click.option("--token-ids", help="Comma-separated token ids to run instead of a prompt.")
 @click.option("--atol", type=float, help="Tolerance on max abs error / max abs value, per value "
-              "(default by plan dtype: float32 1e-4, float16 2e-2, bfloat16 1e-1).")
+              "(default by plan dtype: float32 1e-4, float16 2e-2, bfloat16 1e-1; at least 0.15 for quantized weights).")
 @click.option("--interpret", is_flag=True, help="Run a GPU plan's kernels under the Triton interpreter "
               "(the default where no GPU is visible).")
 def verify_cmd(plan, model, prompt, token_ids, atol, interpret):

@@ -32,6 +32,9 @@ from rdnac.plans import Plan, read_plan
 # Default tolerance per plan compute dtype: float32 plans match the reference to rounding;
 # 16-bit plans round every activation (bf16 keeps 8 mantissa bits) and drift over layers.
 DEFAULT_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1}
+# A plan with quantized weights (fp8: 3 mantissa bits, so each quantized operand rounds by up to 2^-4) is
+# compared with a float32 reference of the float checkpoint: ~0.09 at worst on tiny random models.
+QUANTIZED_TOLERANCE = 0.15
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog."
 _TINY = 1e-12  # scale floor: an all-zero reference value compares by absolute error
 
@@ -213,7 +216,11 @@ def verify_plan(plan_path: str | Path, model: str | Path, *, prompt: str | None 
     max_len = plan.body["runtime"]["max_model_len"]
     if len(ids) > max_len:
         raise RequestError(f"verify requires at most the plan's max model length ({max_len}) tokens; got {len(ids)}")
-    tolerance = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(graph.attrs["dtype"], 1e-1)
+    schemes = sorted({w.scheme for w in graph.weights.values()} - {"none"})
+    if tolerance is None:
+        tolerance = DEFAULT_TOLERANCE.get(graph.attrs["dtype"], 1e-1)
+        if schemes:
+            tolerance = max(tolerance, QUANTIZED_TOLERANCE)
     with tempfile.TemporaryDirectory(prefix="rdnac-verify-") as tmp:
         ref_plan = compile_reference(model, Path(tmp), max_len)
         ref_graph = Graph.from_dict(ref_plan.body["graph"])
@@ -223,6 +230,8 @@ def verify_plan(plan_path: str | Path, model: str | Path, *, prompt: str | None 
                                         keep=_all_values(ref_graph))
     values, runner = run_plan(plan, plan.load_weights("cpu"), ids, interpret)
     result = VerifyResult(str(plan.path), str(model), len(ids), tolerance, runner)
+    if schemes and tolerance >= QUANTIZED_TOLERANCE:
+        result.notes.append(f"tolerance {tolerance:g}: the plan's weights are quantized ({', '.join(schemes)})")
     if ref_plan.header["model"]["config_sha256"] != plan.header["model"]["config_sha256"]:
         result.notes.append(f"the plan was compiled from a checkpoint whose config differs from {model}")
     result.rows = compare_values(graph, values, reference, tolerance)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from rdnac.compiler.frontend import build_graph, read_checkpoint
 from rdnac.compiler.passes import (CompileState, Pass, dce, fp8_layout, fuse_act_quant, fuse_add_rms_norm,
                                    fuse_attention_quant, fuse_gated_linear, fuse_norm_quant, fuse_qk_norm_rope_cache,
                                    merge_linears, quantize, quantize_lm_head, quantize_mxfp4, select_kernels)
-from rdnac.errors import CheckpointError, RdnacError
+from rdnac.errors import CheckpointError, RdnacError, RdnacWarning
 from rdnac.ir.verify import verify
 from rdnac.plans import write_plan
 from rdnac.targets import get_target
@@ -93,7 +94,13 @@ def _drop_unused_weights(state: CompileState) -> None:
 def _plan_runtime(state: CompileState) -> None:
     """The plan's runtime defaults, and the launch flags (PDL, early metadata loads) with their decisions."""
     opts, graph = state.options, state.graph
-    max_len = min(opts.max_model_len or graph.attrs["max_position_embeddings"], graph.attrs["max_position_embeddings"])
+    positions = graph.attrs["max_position_embeddings"]
+    max_len = min(opts.max_model_len or positions, positions)
+    if opts.max_model_len and opts.max_model_len > positions:
+        why = (f"--max-model-len {opts.max_model_len} is above the model's {positions} positions "
+               f"(max_position_embeddings); the plan holds {positions} tokens per sequence")
+        warnings.warn(why, RdnacWarning, stacklevel=2)
+        state.decide("runtime", "-", f"max_model_len {positions}", why)
     state.runtime = {"kv_block_size": opts.kv_block_size, "max_model_len": max_len,
                      "device": "cuda" if state.target.is_gpu else "cpu", "max_num_seqs": opts.max_num_seqs,
                      "max_num_batched_tokens": opts.max_num_batched_tokens, "pdl": _pdl(state)}
@@ -123,9 +130,32 @@ PASSES: tuple[tuple[str, Pass], ...] = (
 )
 
 
+def check_output(out: Path) -> None:
+    """Refuse an output path that cannot be written before compiling, not after: its directory must exist
+    and take new files (probed by creating one: permission bits, read-only mounts and ACLs all count)."""
+    import tempfile
+
+    if out.is_dir():
+        raise RdnacError(f"{out}: the output requires a plan file path; got a directory; pass -o DIR/NAME.msgpack")
+    parent = out.parent
+    if not parent.exists():
+        raise RdnacError(f"{out}: the output requires an existing directory; {parent} does not exist; create it "
+                         "or choose another -o")
+    if not parent.is_dir():
+        raise RdnacError(f"{out}: the output requires a directory; {parent} is a file; choose another -o")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise RdnacError(f"{out}: the output requires a directory rdnac can write; creating a file in {parent} "
+                         f"failed ({e.strerror}); choose another -o") from None
+
+
 def compile_model(model: str | Path, target: str = "cpu", output: str | Path | None = None, **options) -> Path:
     opts = CompileOptions(target=target, **options)
     tgt = get_target(target)
+    out = Path(output) if output else default_output(model, target)
+    check_output(out)
     checkpoint = read_checkpoint(model)
     dtype = opts.dtype or ("bfloat16" if tgt.is_gpu else "float32")
     graph, weights, decisions = build_graph(checkpoint, dtype)
@@ -170,8 +200,14 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
         "chat_template": checkpoint.chat_template,
         "generation_config": _jsonable(checkpoint.generation_config),
     }
-    out = Path(output) if output else default_output(model, target)
-    write_plan(out, header, body, state.weights)
+    from safetensors import SafetensorError
+
+    try:
+        write_plan(out, header, body, state.weights)
+    except (OSError, SafetensorError) as e:  # a full disk, a quota, the directory gone mid-compile
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise RdnacError(f"{out}: writing the plan requires space and write access; got {reason}; free space "
+                         "or choose another -o") from None
     return out
 
 

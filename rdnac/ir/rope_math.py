@@ -10,6 +10,11 @@ import math
 
 import torch
 
+# rope_type -> the parameters it reads, each a positive number (the others are optional)
+SCALING_KEYS = {"linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                "yarn": ("factor", "original_max_position_embeddings")}
+
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [rotary_dim/2] and the cos/sin scale for a RoPE variant.

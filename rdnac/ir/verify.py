@@ -39,11 +39,16 @@ def verify(graph: Graph) -> None:
         if missing:
             _fail(graph, node, f"missing attributes {missing}")
         in_specs = [specs[name] for name in node.inputs]
-        _check_shapes(graph, node, in_specs)
+        try:
+            _check_shapes(graph, node, in_specs)
+            out_specs = opdef.infer(node.attrs, in_specs)
+        except (IndexError, TypeError, ValueError, ZeroDivisionError, KeyError) as e:
+            # an input of the wrong rank or an attribute of the wrong kind (a graph read from a damaged plan)
+            _fail(graph, node, f"inputs {[(n, s.shape) for n, s in zip(node.inputs, in_specs)]} and attributes "
+                               f"{node.attrs} do not fit the op ({type(e).__name__}: {e})")
         written_caches.update(node.inputs[i] for i in opdef.in_place)
         if node.op in ATTENTION_OPS and not set(node.inputs[1:3]) <= written_caches:
             _fail(graph, node, f"reads caches {node.inputs[1:3]} before any kv_cache_write to them")
-        out_specs = opdef.infer(node.attrs, in_specs)
         if len(out_specs) != len(node.outputs):
             _fail(graph, node, f"expected {len(out_specs)} outputs, found {len(node.outputs)}")
         for name, spec in zip(node.outputs, out_specs):
@@ -54,11 +59,33 @@ def verify(graph: Graph) -> None:
         if name not in specs:
             _fail(graph, None, f"output {name!r} is never produced")
 
+# Integer step metadata each op reads, by input position: (position, rank, what it is).
+_INDEX_INPUTS = {
+    "embedding": ((0, 1, "token_ids [T]"),),
+    "rope": ((2, 1, "positions [T]"),),
+    "kv_cache_write": ((2, 1, "slot_mapping [T]"),),
+    "qk_norm_rope_cache": ((3, 1, "positions [T]"), (4, 1, "slot_mapping [T]")),
+    "logits": ((1, 1, "logits_indices [R]"),),
+    **{op: ((3, 2, "block_tables [B, MB]"), (4, 1, "seq_lens [B]"), (5, 1, "cu_seqlens_q [B+1]"),
+            (6, 1, "positions [T]")) for op in ATTENTION_OPS},
+}
+
+
+# The matrix input of the ops that multiply by one: fixed sizes, never a per-step value.
+_WEIGHT_INPUT = {"linear": 1, "linear_fp8": 1, "linear_gated_act": 1, "embedding": 1, "logits": 2}
+
+
 def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
     a = node.attrs
     def expect(cond: bool, what: str) -> None:
         if not cond:
             _fail(graph, node, f"{what}; inputs {[ (n, s.shape) for n, s in zip(node.inputs, ins)]}")
+    for i, rank, what in _INDEX_INPUTS.get(node.op, ()):
+        expect(len(ins[i].shape) == rank and ins[i].dtype.startswith("int"), f"input {i} must be int {what}")
+    weight = _WEIGHT_INPUT.get(node.op)
+    if weight is not None:
+        expect(len(ins[weight].shape) == 2 and all(isinstance(d, int) for d in ins[weight].shape),
+               f"input {weight} must be a weight of fixed size [N, K]")
     if node.op == "linear":
         expect(ins[0].shape[-1] == ins[1].shape[1], "x's last dim must equal weight's in_features")
         if len(ins) == 3:
@@ -72,6 +99,7 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(a["act"] in ("silu", "gelu", "gelu_tanh"), "act must be silu, gelu or gelu_tanh")
     elif node.op in ("rms_norm", "rms_norm_quant"):
         expect(ins[-1].shape == (ins[0].shape[-1],), "weight must be [hidden]")
+        expect(len(ins) == 2 or ins[1].shape == ins[0].shape, "residual must have x's shape")
     elif node.op == "head_rms_norm":
         expect(ins[1].shape == (a["head_dim"],), "weight must be [head_dim]")
         expect(ins[0].shape[-1] == a["num_heads"] * a["head_dim"], "x must be [T, num_heads*head_dim]")
@@ -116,8 +144,7 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
                f"sizes must be a non-empty list of positive ints; got {sizes!r}")
         expect(len(ins[0].shape) == 2, "x must be [T, N]")
         width = ins[0].shape[-1]
-        expect(not isinstance(width, int) or sum(sizes) == width,
-               f"sizes {list(sizes)} must sum to x's last dim")
+        expect(isinstance(width, int) and sum(sizes) == width, f"sizes {list(sizes)} must sum to x's last dim")
     # FP8 quantization fused into its producer, and the linear reading it (see ops.py)
     if node.op in ("rms_norm_quant", "gated_act_quant"):
         expect(a["fp8_format"] in ("e4m3fn", "e4m3fnuz"),

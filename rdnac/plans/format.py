@@ -32,7 +32,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from rdnac.errors import PlanError
+from rdnac.errors import GraphError, PlanError
+from rdnac.plans.schema import check_body, check_header
 from rdnac.plans.weights_file import CHECKSUM, ST_DTYPES, read_header, read_weights, record_weights, sha256_file
 
 FORMAT = "rdnac-plan"
@@ -58,10 +59,16 @@ class Plan:
         if "state" not in self.body["graph"]:  # format 1 read by hand: the version check refuses it first
             raise PlanError(f"{self.path}: requires a plan that declares its model state; this one declares "
                             f"none (compiled by an older rdnac); recompile the model with this rdnac")
+        from rdnac.ir.verify import verify
+
         try:
-            return Graph.from_dict(self.body["graph"])
+            graph = Graph.from_dict(self.body["graph"])
+            verify(graph)
         except UnknownStateError as e:
             raise PlanError(f"{self.path}: {e}") from None
+        except GraphError as e:  # its message ends with the graph dump: the first line names the node
+            raise PlanError(f"{self.path}: {str(e).splitlines()[0]}; the plan file is corrupt; recompile it") from None
+        return graph
 
     @property
     def weights_path(self) -> Path:
@@ -203,7 +210,7 @@ def read_plan(path: Path | str, *, header_only: bool = False) -> Plan:
         raise PlanError(f"{path}: no such plan file")
     try:
         doc = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
-    except (msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException, ValueError) as e:
+    except (msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException, ValueError, TypeError) as e:
         raise PlanError(f"{path}: truncated or corrupt plan file ({type(e).__name__}); recompile it") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise PlanError(f"{path}: not an rdnac plan (requires format {FORMAT!r}); was it written by rdnac compile?")
@@ -214,7 +221,12 @@ def read_plan(path: Path | str, *, header_only: bool = False) -> Plan:
     body_bytes = doc.get("body")
     if not isinstance(body_bytes, bytes) or hashlib.sha256(body_bytes).hexdigest() != doc.get("body_sha256"):
         raise PlanError(f"{path}: plan body does not match its sha256; the file is corrupt; recompile it")
+    check_header(path, doc.get("header"))
     if header_only:
         return Plan(path, doc["header"], {})
-    body = msgpack.unpackb(body_bytes, raw=False, strict_map_key=False)
+    try:
+        body = msgpack.unpackb(body_bytes, raw=False, strict_map_key=False)
+    except (msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException, ValueError, TypeError) as e:
+        raise PlanError(f"{path}: corrupt plan body ({type(e).__name__}); recompile it") from None
+    check_body(path, body)
     return Plan(path, doc["header"], body)

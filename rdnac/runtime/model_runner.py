@@ -90,16 +90,23 @@ class ModelRunner:
             raise RequestError(f"device requires cpu or cuda; got {device!r}")
         target = plan.header["target"]
         is_gpu_plan = bool(plan.body.get("kernels"))
+        has_gpu = torch.cuda.is_available()
         if interpret:
             if not is_gpu_plan:
                 raise RequestError(f"{plan.path}: --interpret requires a plan built for a GPU target (it runs "
                                    f"that plan's Triton kernels on the CPU); this plan's target is {target}")
             device = "cpu"
+        elif is_gpu_plan and not has_gpu:  # one message that says what works here, whatever --device said
+            raise RequestError(f"{plan.path}: a plan for target {target} requires a {target} GPU visible to torch; "
+                               f"none found; on this machine, --interpret runs its kernels under the Triton "
+                               f"interpreter on the CPU (slow: for checking a plan), or compile the model for "
+                               f"--target cpu to run it here")
         elif is_gpu_plan and device != "cuda":
-            raise RequestError(f"{plan.path}: a plan for target {target} requires --device cuda (or --interpret "
-                               f"to run its kernels under the Triton interpreter on the CPU)")
-        if device == "cuda" and not torch.cuda.is_available():
-            raise RequestError("device cuda requires a CUDA/ROCm GPU visible to torch; none found; use --device cpu")
+            raise RequestError(f"{plan.path}: a plan for target {target} runs on the GPU; requires --device cuda "
+                               f"(its default), or --interpret to run its kernels under the Triton interpreter")
+        elif device == "cuda" and not has_gpu:
+            raise RequestError(f"device cuda requires a CUDA/ROCm GPU visible to torch; none found; this "
+                               f"{target} plan runs on the CPU with --device cpu (its default)")
         launcher = None
         if is_gpu_plan and interpret:
             launcher = InterpretLauncher()

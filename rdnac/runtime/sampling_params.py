@@ -48,7 +48,8 @@ class SamplingParams:
             self.stop = [self.stop]
         checks = [
             ("max_tokens", is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
-            ("temperature", is_number(self.temperature) and self.temperature >= 0, "a number >= 0"),
+            ("temperature", is_number(self.temperature) and 0 <= self.temperature < float("inf"),
+             "a finite number >= 0"),
             ("top_k", is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0: off)"),
             ("top_p", is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
             ("min_p", is_number(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),

@@ -9,16 +9,25 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from rdnac.errors import RequestError
+from rdnac.errors import PlanError, RequestError
 from rdnac.runtime.chat import render_chat, token_string
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
+def _parse(tokenizer_json: str) -> _HFTokenizer:
+    try:
+        return _HFTokenizer.from_str(tokenizer_json)
+    except Exception as e:  # the tokenizers package raises a bare Exception for any malformed document
+        raise PlanError(f"the plan's tokenizer requires a valid tokenizer.json document; got one that does not "
+                        f"parse ({str(e)[:80]}); the plan is corrupt; recompile it from a checkpoint whose "
+                        f"tokenizer.json loads") from None
+
+
 class Tokenizer:
     def __init__(self, tokenizer_json: str | None, config: dict | None, chat_template: str | None,
                  generation_config: dict):
-        self._tok = _HFTokenizer.from_str(tokenizer_json) if tokenizer_json is not None else None
+        self._tok = _parse(tokenizer_json) if tokenizer_json is not None else None
         config = config or {}
         self.config = config
         self.chat_template = chat_template

@@ -29,6 +29,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 from rdnac.compiler.frontend.checkpoint import Checkpoint
+from rdnac.compiler.frontend.gguf_layout import check_layout
 from rdnac.compiler.frontend.gguf_tokenizer import build_tokenizer
 from rdnac.errors import CheckpointError, UnsupportedModelError
 
@@ -316,6 +317,7 @@ def _rope_scaling(meta: dict, arch: str, path: Path) -> dict | None:
 def _open(path: Path) -> GGUFReader:
     if not path.is_file():
         raise CheckpointError(f"{path}: requires an existing .gguf file; got no such file")
+    check_layout(path)  # counts bounded by the file's size first: GGUFReader trusts them
     try:
         return GGUFReader(path)
     except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, struct.error, OSError) as e:

@@ -10,11 +10,12 @@ purpose.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from rdnac.compiler.frontend.checkpoint import Checkpoint
 from rdnac.errors import CheckpointError
@@ -22,13 +23,35 @@ from rdnac.errors import CheckpointError
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: requires valid JSON; got {e.msg} at line {e.lineno}") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: requires UTF-8 JSON text; got bytes that do not decode") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: requires a JSON object; got a {type(value).__name__}")
+    return value
+
+
+def _read_tokenizer(path: Path) -> str | None:
+    """tokenizer.json's text, checked to load now: a corrupt one is refused at compile, not at run."""
+    from tokenizers import Tokenizer
+
+    if not path.exists():
+        return None
+    text = path.read_text(errors="replace")
+    try:
+        Tokenizer.from_str(text)
+    except Exception as e:  # the tokenizers package raises a bare Exception for any malformed document
+        raise CheckpointError(f"{path}: requires a tokenizer.json the tokenizers library loads; got {str(e)[:100]}; "
+                              "restore the checkpoint's original file, or remove it to compile a plan that "
+                              "takes token ids") from None
+    return text
 
 
 def _check_safetensors_file(path: Path) -> dict:
-    """Validate the header and the data length; returns the header. Catches truncation early."""
+    """Validate the header as data (every entry's dtype, shape and byte range, the ranges tiling the data)
+    and the data length; returns the header. Catches truncation and corruption before any tensor loads."""
     size = path.stat().st_size
     with path.open("rb") as f:
         raw = f.read(8)
@@ -41,12 +64,52 @@ def _check_safetensors_file(path: Path) -> dict:
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path}: corrupt safetensors header") from None
-    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: requires a JSON object; got {type(header).__name__}")
+    ranges = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise CheckpointError(f"{path}: corrupt safetensors header: __metadata__ requires string values")
+            continue
+        ranges.append((_entry_range(path, name, entry), name))
+    data_end = 0
+    for (begin, end), name in sorted(ranges):
+        if begin != data_end:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} starts at byte {begin}; "
+                                  f"requires {data_end} (tensors tile the data without gaps or overlaps)")
+        data_end = end
     if 8 + header_len + data_end > size:
         raise CheckpointError(
             f"{path}: truncated safetensors file: requires {8 + header_len + data_end} bytes; got {size}; "
             "re-download or re-save the checkpoint")
     return header
+
+
+def _entry_range(path: Path, name: str, entry) -> tuple[int, int]:
+    """A header entry's [begin, end) data range, after checking its dtype, shape and size agree."""
+    def bad(requirement: str, got) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} requires {requirement}; "
+                               f"got {got!r:.60}; re-download or re-save the checkpoint")
+
+    if not isinstance(entry, dict):
+        raise bad("an object with dtype, shape and data_offsets", entry)
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _ST_ITEMSIZE:
+        raise bad(f"a dtype in {sorted(_ST_ITEMSIZE)}", dtype)
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+        raise bad("a shape of non-negative integers", shape)
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_size(o) for o in offsets) \
+            or offsets[0] > offsets[1]:
+        raise bad("data_offsets [begin, end] with 0 <= begin <= end", offsets)
+    nbytes = math.prod(shape) * _ST_ITEMSIZE[dtype]
+    if offsets[1] - offsets[0] != nbytes:
+        raise bad(f"{nbytes} bytes for {dtype} {shape}", offsets)
+    return offsets[0], offsets[1]
+
+
+def _is_size(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 class SafetensorsSource:
@@ -71,11 +134,17 @@ class SafetensorsSource:
 
     def load(self, name: str) -> torch.Tensor:
         path = self._file_of[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path].get_tensor(name)
+        try:
+            if path not in self._handles:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            return self._handles[path].get_tensor(name)
+        except SafetensorError as e:  # what the header check above does not see (the library is stricter)
+            raise CheckpointError(f"{path}: corrupt safetensors file ({e}); re-download or re-save the "
+                                  "checkpoint") from None
 
 
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E8M0": 1}
 _ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
               "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
@@ -109,6 +178,8 @@ def read_hf(directory: Path) -> Checkpoint:
     config = _read_json(config_path)
     notes = []
     if "text_config" in config:
+        if not isinstance(config["text_config"], dict):
+            raise CheckpointError(f"{config_path}: text_config requires an object; got {config['text_config']!r:.40}")
         text = dict(config["text_config"])
         text["wrapper_architectures"] = config.get("architectures", [])
         # A text_config without architectures is built by the family that knows the wrapper (text-only).
@@ -127,7 +198,7 @@ def read_hf(directory: Path) -> Checkpoint:
         chat_template = _read_json(directory / "chat_template.json").get("chat_template")
     elif isinstance(tokenizer_config.get("chat_template"), str):
         chat_template = tokenizer_config["chat_template"]
-    tokenizer_json = (directory / "tokenizer.json").read_text() if (directory / "tokenizer.json").exists() else None
+    tokenizer_json = _read_tokenizer(directory / "tokenizer.json")
     generation_config = (_read_json(directory / "generation_config.json")
                          if (directory / "generation_config.json").exists() else {})
     return Checkpoint(path=directory, format="hf", config=config, tensors=SafetensorsSource(_tensor_files(directory)),

@@ -11,7 +11,7 @@ from __future__ import annotations
 from rdnac.compiler.frontend.blocks import Model, embedding, head, step_inputs
 from rdnac.compiler.frontend.builder import GraphBuilder
 from rdnac.compiler.frontend.checkpoint import Checkpoint
-from rdnac.compiler.frontend.spec import ACTIVATIONS, ModelSpec, Wrapper, embedding_scale
+from rdnac.compiler.frontend.spec import ACTIVATIONS, Config, ModelSpec, Wrapper, embedding_scale
 from rdnac.errors import UnsupportedModelError
 
 
@@ -22,9 +22,10 @@ def build_model(spec: ModelSpec | Wrapper, checkpoint: Checkpoint, dtype: str):
     arch = spec.architecture
     if isinstance(spec, Wrapper):
         spec = spec.text_spec(b, checkpoint.config, path)
-    c = {**spec.defaults, **checkpoint.config}
+    c = Config(path, {**spec.defaults, **checkpoint.config})
     m = _model(spec, b, c, dtype, path, step_inputs(b))
-    max_positions = spec.max_positions(b, c) if spec.max_positions else c.get("max_position_embeddings", 4096)
+    max_positions = (spec.max_positions(b, c) if spec.max_positions else
+                     c.dim("max_position_embeddings") if "max_position_embeddings" in c else 4096)
     tied = c.get("tie_word_embeddings", False)
     for pattern, reason in spec.ignore:
         b.ignore(pattern, reason)
@@ -54,11 +55,11 @@ def build_model(spec: ModelSpec | Wrapper, checkpoint: Checkpoint, dtype: str):
     return (*b.finish(["logits"], attrs), b.decisions)
 
 
-def _model(spec: ModelSpec, b: GraphBuilder, c: dict, dtype: str, path, step: dict[str, str]) -> Model:
-    hidden, num_layers = c["hidden_size"], c["num_hidden_layers"]
-    num_heads = c["num_attention_heads"]
-    num_kv_heads = c.get("num_key_value_heads") or num_heads
-    head_dim = c.get("head_dim") or hidden // num_heads
+def _model(spec: ModelSpec, b: GraphBuilder, c: Config, dtype: str, path, step: dict[str, str]) -> Model:
+    hidden, num_layers = c.dim("hidden_size"), c.dim("num_hidden_layers")
+    num_heads = c.dim("num_attention_heads")
+    num_kv_heads = c.dim("num_key_value_heads") if c.get("num_key_value_heads") else num_heads
+    head_dim = c.dim("head_dim") if c.get("head_dim") else hidden // num_heads
     act_name = c.get(spec.activation_key, "silu")
     act = ACTIVATIONS.get(act_name)
     if act is None:
@@ -69,5 +70,5 @@ def _model(spec: ModelSpec, b: GraphBuilder, c: dict, dtype: str, path, step: di
                                     f"num_key_value_heads; got {num_kv_heads}")
     attention = spec.attention_layers(c, head_dim, path)
     assert len(attention) == num_layers, (len(attention), num_layers)
-    return Model(b, c, dtype, hidden, num_heads, num_kv_heads, head_dim, c["intermediate_size"], c["vocab_size"],
+    return Model(b, c, dtype, hidden, num_heads, num_kv_heads, head_dim, c.dim("intermediate_size"), c.dim("vocab_size"),
                  c.get("rms_norm_eps", 1e-6), act, spec.unit_offset_norms, attention, step)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from rdnac.errors import UnsupportedModelError
+from rdnac.errors import CheckpointError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from rdnac.compiler.frontend.blocks import Block
@@ -57,6 +57,26 @@ class ModelSpec:
 
     def blocks(self, config: dict, index: int) -> tuple[Block, ...]:
         return self.layer_of(config, index) if self.layer_of else self.layer
+
+
+class Config(dict):
+    """config.json with the spec's defaults. A key a builder requires (`c["hidden_size"]`) that the file
+    lacks is a CheckpointError naming the file and the key, whichever family asks for it."""
+
+    def __init__(self, where: Path, values: dict):
+        super().__init__(values)
+        self.where = where
+
+    def __missing__(self, key):
+        raise CheckpointError(f"{config_file(self.where)}: requires key {key!r} for {self.get('architectures')}; "
+                              f"got a config without it; use the checkpoint's original config.json")
+
+    def dim(self, key: str) -> int:
+        """A size or count (hidden_size, num_attention_heads...): a positive integer."""
+        value = self[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CheckpointError(f"{config_file(self.where)}: {key} requires a positive integer; got {value!r}")
+        return value
 
 
 def flag(config: dict, value: bool | str) -> bool:
