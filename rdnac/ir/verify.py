@@ -7,7 +7,7 @@ dims (`T`, `B`...) compare by name.
 from __future__ import annotations
 
 from rdnac.errors import GraphError
-from rdnac.ir import linear_attention
+from rdnac.ir import linear_attention, mla, moe
 from rdnac.ir.graph import Graph, Node, TensorSpec
 from rdnac.ir.ops import ATTENTION_OPS, OPS
 
@@ -40,6 +40,11 @@ def verify(graph: Graph) -> None:
             _fail(graph, node, f"missing attributes {missing}")
         in_specs = [specs[name] for name in node.inputs]
         _check_shapes(graph, node, in_specs)
+        if node.op in mla.OP_NAMES:
+            mla.check(node.op, node.attrs, in_specs, lambda cond, what: cond or _fail(graph, node, what),
+                      written_caches, node.inputs)
+        elif node.op == "moe_route":
+            moe.check_route(node.attrs, in_specs, lambda cond, what: cond or _fail(graph, node, what))
         written_caches.update(node.inputs[i] for i in opdef.in_place)
         if node.op in ATTENTION_OPS and not set(node.inputs[1:3]) <= written_caches:
             _fail(graph, node, f"reads caches {node.inputs[1:3]} before any kv_cache_write to them")
