@@ -74,8 +74,12 @@ R1_STYLE_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}")
 
 
-def make_deepseek(directory, model_type: str, *, seed: int = 0, **overrides):
-    """A tiny random DeepSeek written by transformers' save_pretrained; returns the fp32 model (eager)."""
+def make_deepseek(directory, model_type: str, *, seed: int = 0, decisive: bool = False, **overrides):
+    """A tiny random DeepSeek written by transformers' save_pretrained; returns the fp32 model (eager).
+
+    `decisive` gives the peaked predictions of a trained model (as rdnac.testing.fp8's decisive
+    checkpoints): unit-scale embeddings, lm_head row j = embedding row (7919 j + 1) mod V, and every
+    output projection scaled by 0.1, so top-1 compares FP8 against float where ties are not near."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(model_type, **{**BASE, **overrides})
@@ -90,6 +94,14 @@ def make_deepseek(directory, model_type: str, *, seed: int = 0, **overrides):
             bias = getattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias", None)
             if bias is not None:
                 bias.copy_(torch.randn_like(bias) * 0.1)
+        if decisive:
+            embed = model.model.embed_tokens.weight
+            embed.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(seed))
+            rows = torch.arange(embed.shape[0])
+            model.lm_head.weight.copy_(embed[(7919 * rows + 1) % embed.shape[0]])
+            for name, p in model.named_parameters():
+                if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+                    p.mul_(0.1)
     model.save_pretrained(directory)
     return model
 
@@ -356,16 +368,18 @@ def test_r1_chat_template_renders_as_transformers(checkpoints):
 
 
 @pytest.fixture(scope="module")
-def fp8(checkpoints, tmp_path_factory):
-    """The v3 case in DeepSeek's FP8 block layout, its plan, and transformers on the dequantized weights."""
+def fp8(tmp_path_factory):
+    """The v3 case (decisive) in DeepSeek's FP8 block layout, its plan, and transformers on the dequantized
+    weights."""
     from transformers import AutoModelForCausalLM
 
     from rdnac.testing.deepseek import write_fp8_block_checkpoint
 
-    _, root, _, _ = checkpoints("v3")
     out = tmp_path_factory.mktemp("fp8")
-    deq = write_fp8_block_checkpoint(root / "ckpt", out / "ckpt", seed=0)
-    shutil.copytree(root / "ckpt", out / "deq", ignore=shutil.ignore_patterns("*.safetensors"))
+    model_type, overrides = CASES["v3"]
+    make_deepseek(out / "float", model_type, decisive=True, **overrides)
+    deq = write_fp8_block_checkpoint(out / "float", out / "ckpt", seed=0)
+    shutil.copytree(out / "float", out / "deq", ignore=shutil.ignore_patterns("*.safetensors"))
     save_file({k: v.contiguous() for k, v in deq.items()}, out / "deq" / "model.safetensors", metadata={"format": "pt"})
     reference = AutoModelForCausalLM.from_pretrained(out / "deq", dtype=torch.float32, attn_implementation="eager",
                                                      experts_implementation="eager").eval()
@@ -392,6 +406,8 @@ def test_fp8_block_teacher_forced_against_transformers_on_dequantized_weights(fp
     assert ours.shape == ref.shape and ours.dtype == torch.float32
     top1 = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
     cosine = torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min().item()
+    print(f"\nDeepSeek-V3 FP8 block (tiny): teacher-forced top-1 {top1:.1%} over {len(sequence)}, min cosine "
+          f"{cosine:.5f}")
     assert top1 >= 0.95, f"teacher-forced top-1 agreement {top1:.3f}"
     assert cosine >= 0.999, f"min cosine {cosine:.5f}"
 
