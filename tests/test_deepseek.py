@@ -266,15 +266,20 @@ def test_mla_forms_agree_on_random_chunks():
 # ---------------------------------------------------------------- routing against transformers' routers
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v2"])
-def test_moe_route_matches_transformers_router(model_type):
+@pytest.mark.parametrize("model_type,topk_method", [("deepseek_v3", None), ("deepseek_v2", "group_limited_greedy"),
+                                                    ("deepseek_v2", "greedy")])
+def test_moe_route_matches_transformers_router(model_type, topk_method):
     from transformers import AutoConfig
 
+    from rdnac.compiler.frontend.deepseek import V2_TOPK_METHODS
     from rdnac.ir.moe import moe_route
 
     experts, top_k = 16, 4
-    config = AutoConfig.for_model(model_type, **{**BASE, **CASES["v3" if model_type == "deepseek_v3" else "v2"][1],
-                                                 "n_routed_experts": experts, "num_experts_per_tok": top_k})
+    overrides = {**CASES["v3" if model_type == "deepseek_v3" else "v2"][1], "n_routed_experts": experts,
+                 "num_experts_per_tok": top_k}
+    if topk_method:
+        overrides["topk_method"] = topk_method
+    config = AutoConfig.for_model(model_type, **{**BASE, **overrides})
     if model_type == "deepseek_v3":
         from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter as Router
     else:
@@ -287,7 +292,7 @@ def test_moe_route_matches_transformers_router(model_type):
             router.e_score_correction_bias.copy_(torch.randn(experts, generator=gen))
     x = torch.randn(37, BASE["hidden_size"], generator=gen)
     logits, ref_weights, ref_ids = router(x)
-    scoring = "sigmoid_group_topk" if model_type == "deepseek_v3" else "softmax_group_topk"
+    scoring = "sigmoid_group_topk" if model_type == "deepseek_v3" else V2_TOPK_METHODS[topk_method].scoring
     bias = (router.e_score_correction_bias,) if model_type == "deepseek_v3" else ()
     weights, ids = moe_route(logits, *bias, top_k=top_k, scoring=scoring, renormalize=config.norm_topk_prob,
                              n_group=config.n_group, topk_group=config.topk_group,
@@ -307,6 +312,45 @@ def test_deepseek_routing_is_refused_on_gpu_in_one_line():
     assert reference_only_attrs("moe_route", {"scoring": "softmax_topk", "top_k": 8}) is None
     assert "routed_scaling_factor" in reference_only_attrs("moe_route", {"scoring": "softmax_topk", "top_k": 8,
                                                                          "routed_scaling_factor": 16.0})
+
+
+def test_gpu_compile_is_refused_in_one_line(checkpoints, tmp_path):
+    """Until the MLA kernels land, a GPU target refuses the plan at kernel selection, writing nothing."""
+    from rdnac.errors import RdnacError
+
+    _, root, _, _ = checkpoints("v3")
+    out = tmp_path / "gpu.msgpack"
+    with pytest.raises(RdnacError, match=r"node 'layers\.0\.latent_write': no kernel family implements op "
+                                         r"'mla_cache_write' for GPU targets \(MLA kernels") as info:
+        rdnac.compile(root / "ckpt", target="gfx942", output=out, quiet=True)
+    assert "\n" not in str(info.value) and not out.exists()
+
+
+def test_mtp_layers_are_ignored_with_a_reason(checkpoints, tmp_path):
+    """A multi-token-prediction layer (model.layers.{num_hidden_layers}.*, as V3/R1 ship it) is ignored and
+    logged; the plan is the same."""
+    _, root, _, engine = checkpoints("v3")
+    mtp = {"model.layers.3.eh_proj.weight": torch.zeros(45, 90), "model.layers.3.enorm.weight": torch.ones(45),
+           "model.layers.3.self_attn.kv_b_proj.weight": torch.zeros(72, 18)}
+    src = _rewrite(root / "ckpt", tmp_path / "mtp", config={"num_nextn_predict_layers": 1},
+                   convert=lambda t: {**t, **mtp})
+    plan = rdnac.load(rdnac.compile(src, target="cpu", output=tmp_path / "mtp.msgpack", quiet=True))
+    decisions = plan.plan.body["decisions"]
+    ignored = {d["node"] for d in decisions if d["action"] == "ignored tensor" and "multi-token" in d["reason"]}
+    assert ignored == set(mtp)
+    assert any(d["action"] == "num_nextn_predict_layers 1 not applied" for d in decisions)
+    assert torch.equal(plan.logits(PROMPT), engine.logits(PROMPT))
+
+
+def test_quantize_fp8_keeps_router_and_mla_weights_float(checkpoints, tmp_path):
+    """--quantize fp8 on a float DeepSeek: the attention and MLP linears become FP8, the routers stay float
+    (their logits pick experts), and the plan still generates."""
+    _, root, _, _ = checkpoints("v3")
+    llm = rdnac.load(rdnac.compile(root / "ckpt", target="cpu", output=tmp_path / "q.msgpack", quiet=True,
+                                   quantize="fp8"))
+    nodes = {n.name: n for n in llm.plan.graph().nodes}
+    assert nodes["layers.1.router"].op == "linear" and nodes["layers.0.o_proj"].op == "linear_fp8"
+    assert len(llm.generate([PROMPT], SamplingParams(max_tokens=4))[0].token_ids) == 4
 
 
 # ---------------------------------------------------------------- engine, inspect, chat
