@@ -237,7 +237,8 @@ def test_mla_forms_agree_on_random_chunks():
                  scale=0.3, theta=10000.0, style="gptj")
     kv_b = torch.randn(heads * (dn + dv), rank, generator=gen)
     w_uk, w_uv = absorbed_weights(kv_b, heads, dn, dv)
-    assert torch.equal(w_uk[1], kv_b[dn + dv:2 * dn + dv].T) and torch.equal(w_uv[2], kv_b[2 * (dn + dv) + dn:3 * (dn + dv)])
+    assert torch.equal(w_uk[1], kv_b[dn + dv:2 * dn + dv].T)
+    assert torch.equal(w_uv[2], kv_b[2 * (dn + dv) + dn:3 * (dn + dv)])
     cache = torch.zeros(8, block_size, rank + dr)
     lens = [9, 6]  # sequence 0 decodes its 9th token; sequence 1 prefills 6 tokens
     positions = torch.tensor([8] + list(range(6)))
@@ -479,7 +480,8 @@ def _rewrite(src, dst, *, config: dict | None = None, convert=None):
      r"missing tensor model\.layers\.2\.self_attn\.kv_b_proj\.weight_scale_inv \(the fp8-block128x128 weight "
      r"scale of model\.layers\.2\.self_attn\.kv_b_proj\)"),
     ("block size not 128x128", {"quantization_config": {"weight_block_size": [64, 128]}}, None,
-     UnsupportedModelError, r"config\.json: quantization_config\.weight_block_size requires \[128, 128\].*got \[64, 128\]"),
+     UnsupportedModelError,
+     r"config\.json: quantization_config\.weight_block_size requires \[128, 128\].*got \[64, 128\]"),
     ("kv_lora_rank off", {"kv_lora_rank": 16}, None, CheckpointError,
      r"config\.json: kv_lora_rank \+ qk_rope_head_dim \(16 \+ 6 = 22\) requires tensor "
      r"'model\.layers\.0\.self_attn\.kv_a_proj_with_mqa\.weight' with 22 rows; got shape \[24, 45\]; fix kv_lora_rank"),
