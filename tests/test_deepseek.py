@@ -184,6 +184,24 @@ def test_yarn_scale_correction_moves_the_logits(checkpoints, tmp_path):
     assert err > 100 * TOL, f"mscale_all_dim moved the logits by only {err:.3g}"
 
 
+def test_v4_rope_scaling_config_gives_the_same_graph(checkpoints, tmp_path):
+    """The released V3/R1 config.json form (rope_theta and rope_scaling with "type": "yarn") reads as the
+    transformers 5 rope_parameters form does."""
+    from rdnac.compiler.frontend import build_graph, read_checkpoint
+
+    _, root, _, _ = checkpoints("v3")
+    config = json.loads((root / "ckpt" / "config.json").read_text())
+    params = config.pop("rope_parameters")
+    config["rope_theta"] = params.pop("rope_theta")
+    config["rope_scaling"] = {"type": params.pop("rope_type"), **params}
+    shutil.copytree(root / "ckpt", tmp_path / "v4")
+    (tmp_path / "v4" / "config.json").write_text(json.dumps(config))
+    ref, _, _ = build_graph(read_checkpoint(root / "ckpt"), "float32")
+    graph, _, _ = build_graph(read_checkpoint(tmp_path / "v4"), "float32")
+    assert [n.to_dict() for n in graph.nodes] == [n.to_dict() for n in ref.nodes]
+    assert graph.node("layers.0.attn").attrs["scaling"]["mscale_all_dim"] == 0.8
+
+
 # ---------------------------------------------------------------- absorbed against expanded on one plan
 
 
