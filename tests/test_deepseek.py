@@ -184,6 +184,17 @@ def test_yarn_scale_correction_moves_the_logits(checkpoints, tmp_path):
     assert err > 100 * TOL, f"mscale_all_dim moved the logits by only {err:.3g}"
 
 
+def test_dense_and_sparse_layers_follow_first_k_dense_replace_and_moe_layer_freq():
+    """DeepSeek's rule (transformers reads first_k_dense_replace only; every released config has
+    moe_layer_freq 1, where the two agree)."""
+    from rdnac.compiler.frontend.deepseek import is_sparse
+
+    c = {"n_routed_experts": 8, "first_k_dense_replace": 3, "moe_layer_freq": 1}
+    assert [is_sparse(c, i) for i in range(6)] == [False] * 3 + [True] * 3
+    assert [is_sparse({**c, "moe_layer_freq": 2}, i) for i in range(6)] == [False, False, False, False, True, False]
+    assert not any(is_sparse({**c, "n_routed_experts": None}, i) for i in range(6))
+
+
 def test_v4_rope_scaling_config_gives_the_same_graph(checkpoints, tmp_path):
     """The released V3/R1 config.json form (rope_theta and rope_scaling with "type": "yarn") reads as the
     transformers 5 rope_parameters form does."""
