@@ -370,6 +370,10 @@ def test_mtp_layers_are_ignored_with_a_reason(checkpoints, tmp_path):
     assert ignored == set(mtp)
     assert any(d["action"] == "num_nextn_predict_layers 1 not applied" for d in decisions)
     assert torch.equal(plan.logits(PROMPT), engine.logits(PROMPT))
+    extra = _rewrite(root / "ckpt", tmp_path / "extra", config={"num_nextn_predict_layers": 1},
+                     convert=lambda t: {**t, **mtp, "model.layers.4.enorm.weight": torch.ones(45)})
+    with pytest.raises(CheckpointError, match=r"1 checkpoint tensor\(s\) not used .*model\.layers\.4\.enorm"):
+        rdnac.compile(extra, target="cpu", output=tmp_path / "extra.msgpack", quiet=True)
 
 
 def test_quantize_fp8_keeps_router_and_mla_weights_float(checkpoints, tmp_path):

@@ -49,7 +49,7 @@ V3_DEFAULTS = {"vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 1
                "v_head_dim": 128, "qk_nope_head_dim": 128, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
                "first_k_dense_replace": 3, "norm_topk_prob": True, "hidden_act": "silu",
                "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-               "rope_interleave": True, "attention_bias": False, "moe_layer_freq": 1}
+               "rope_interleave": True, "attention_bias": False, "moe_layer_freq": 1, "num_nextn_predict_layers": 1}
 V2_DEFAULTS = {"vocab_size": 102400, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
                "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "first_k_dense_replace": 0,
@@ -106,8 +106,9 @@ def _v2_layer_of(c: dict, index: int) -> tuple:
     return ATTENTION["v2"], FEED_FORWARD[c["topk_method"]] if is_sparse(c, index) else DENSE
 
 
-def _checked(style_of):
-    """attention_layers for a DeepSeek spec: the config checks that need the path, then MLA's RoPE per layer."""
+def _checked(style_of, has_topk_method: bool):
+    """attention_layers for a DeepSeek spec: the config checks that need the path, then MLA's RoPE per layer
+    (`style_of(config)`: the RoPE layout)."""
     def attention_layers(c: dict, head_dim: int, path) -> list:
         where = config_file(path)
         for key in ("first_k_dense_replace", "moe_layer_freq"):
@@ -116,14 +117,14 @@ def _checked(style_of):
             if not isinstance(value, int) or value < least:
                 raise UnsupportedModelError(f"{where}: {key} requires an integer >= {least}; got {value!r}")
         method = c.get("topk_method")
-        if "topk_method" in style_of and method not in V2_TOPK_METHODS:
+        if has_topk_method and method not in V2_TOPK_METHODS:
             raise UnsupportedModelError(f"{where}: topk_method {method!r} is not supported by DeepseekV2; "
                                         f"supported: {', '.join(V2_TOPK_METHODS)}")
         if c.get("mlp_bias") and c.get("n_routed_experts"):
             raise UnsupportedModelError(f"{where}: mlp_bias true requires biased shared experts, which rdnac does "
                                         "not build; got mlp_bias true")
         _check_block_size(c, where)
-        return mla_attention_layers(c, path, style_of["style"](c))
+        return mla_attention_layers(c, path, style_of(c))
     return attention_layers
 
 
@@ -137,15 +138,18 @@ def _check_block_size(c: dict, where) -> None:
 
 
 def _mtp_ignores(config: dict, names: list[str]) -> tuple[tuple[str, str], ...]:
-    first = config.get("num_hidden_layers", 0)
+    """Ignore rules for the layers after the last decoder layer that num_nextn_predict_layers declares
+    (V3/R1 ship one, model.layers.61); any other extra layer stays unused and fails the compile."""
+    first = config["num_hidden_layers"]
+    mtp = range(first, first + (config.get("num_nextn_predict_layers") or 0))
     layers = sorted({int(m.group(1)) for name in names if (m := re.match(r"model\.layers\.(\d+)\.", name))
-                     and int(m.group(1)) >= first})
+                     and int(m.group(1)) in mtp})
     return tuple((rf"model\.layers\.{i}\..*", "a multi-token-prediction layer (num_nextn_predict_layers): "
                   "speculative decoding is not supported yet") for i in layers)
 
 
-def _spec(architecture: str, defaults: dict, layer_of, style, inert) -> ModelSpec:
-    return ModelSpec(architecture, (), _checked(style), defaults=defaults, layer_of=layer_of,
+def _spec(architecture: str, defaults: dict, layer_of, style_of, inert, has_topk_method: bool = False) -> ModelSpec:
+    return ModelSpec(architecture, (), _checked(style_of, has_topk_method), defaults=defaults, layer_of=layer_of,
                      ignore=((r".*rotary_emb\.inv_freq", "RoPE frequencies are recomputed from config.json"),),
                      inert_config=inert)
 
@@ -154,14 +158,15 @@ _TRAINING = (("output_router_logits", "router logits feed only the training-time
              ("aux_loss_alpha", "the auxiliary load-balancing loss is training-only"),
              ("seq_aux", "the auxiliary load-balancing loss is training-only"))
 DEEPSEEK_V3 = _spec("DeepseekV3ForCausalLM", V3_DEFAULTS, _v3_layer_of,
-                    {"style": lambda c: "gptj" if c.get("rope_interleave", True) else "neox"},
+                    lambda c: "gptj" if c.get("rope_interleave", True) else "neox",
                     _TRAINING + (("topk_method", "transformers' DeepseekV3 routes noaux_tc (sigmoid, correction "
                                                  "bias, groups) whatever topk_method says"),
                                  ("scoring_func", "transformers' DeepseekV3 scores experts with a sigmoid"),
                                  ("num_nextn_predict_layers", "multi-token-prediction layers are ignored")))
 DEEPSEEK_V2 = _spec("DeepseekV2ForCausalLM", V2_DEFAULTS, _v2_layer_of,
-                    {"style": lambda c: "gptj", "topk_method": True},
-                    _TRAINING + (("scoring_func", "transformers' DeepseekV2 scores experts with a softmax"),))
+                    lambda c: "gptj",
+                    _TRAINING + (("scoring_func", "transformers' DeepseekV2 scores experts with a softmax"),),
+                    has_topk_method=True)
 
 ARCHITECTURES = {s.architecture: s for s in (DEEPSEEK_V3, DEEPSEEK_V2)}
 
