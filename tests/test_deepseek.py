@@ -293,6 +293,32 @@ def test_mla_forms_agree_on_random_chunks():
         assert err <= 1e-5, f"forms {forms}: max abs error {err:.3g}"
 
 
+def test_verify_names_the_mla_node(checkpoints):
+    """verify's MLA checks: an attention reading its latent cache before any write, an absorbed decode
+    without its weights, a correction bias on a softmax route."""
+    from rdnac.errors import GraphError
+    from rdnac.ir.verify import verify
+
+    _, _, _, engine = checkpoints("v3")
+    graph = engine.plan.graph()
+    verify(graph)
+    broken = Graph.from_dict(graph.to_dict())
+    broken.nodes = [n for n in broken.nodes if n.name != "layers.1.latent_write"]
+    with pytest.raises(GraphError, match=r"node 'layers\.1\.attn' \(mla_attention\): reads latent cache "
+                                         r"'latent_cache\.1' before any mla_cache_write"):
+        verify(broken)
+    broken = Graph.from_dict(graph.to_dict())
+    broken.node("layers.0.attn").inputs = broken.node("layers.0.attn").inputs[:7]
+    with pytest.raises(GraphError, match=r"node 'layers\.0\.attn' \(mla_attention\): the absorbed form requires "
+                                         r"inputs w_uk and w_uv"):
+        verify(broken)
+    broken = Graph.from_dict(graph.to_dict())
+    broken.node("layers.1.route").attrs["scoring"] = "softmax_topk"
+    with pytest.raises(GraphError, match=r"node 'layers\.1\.route' \(moe_route\): a correction bias is "
+                                         r"sigmoid_group_topk's only"):
+        verify(broken)
+
+
 # ---------------------------------------------------------------- routing against transformers' routers
 
 
