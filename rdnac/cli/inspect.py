@@ -42,13 +42,31 @@ def state_summary(graph, runtime: dict, weight_bytes: int, memory: int) -> dict:
     }
 
 
+def mla_summary(graph) -> list[dict]:
+    """Per mla_attention node: the form each phase runs (ir/mla.py) and its latent cache's bytes per token."""
+    state = {s.name: s for s in graph.state}
+    out = []
+    for node in graph.nodes:
+        if node.op != "mla_attention":
+            continue
+        a = node.attrs
+        out.append({"node": node.name, "prefill_form": a.get("prefill_form", "expanded"),
+                    "decode_form": a.get("decode_form", "expanded"), "num_heads": a["num_heads"],
+                    "kv_lora_rank": a["kv_lora_rank"], "qk_rope_head_dim": a["qk_rope_head_dim"],
+                    "cache": node.inputs[1], "latent_bytes_per_token": state[node.inputs[1]].nbytes,
+                    "kv_b": node.inputs[6]})
+    return out
+
+
 def bytes_read_per_token(graph, moe: list[dict]) -> int:
     """Weight bytes one decode step at batch 1 reads: every weight, but one row of an embedding table the
-    logits do not reuse, and of each MoE layer only the top-k experts a token is routed to."""
+    logits do not reuse, of each MoE layer only the top-k experts a token is routed to, and of an MLA
+    layer whose decode is absorbed its per-head weights, not kv_b (the same values regrouped)."""
     logits_weights = {n.inputs[2] for n in graph.nodes if n.op == "logits"}
     embed = {n.inputs[1] for n in graph.nodes if n.op == "embedding"} - logits_weights
     total = sum(nbytes(w) for name, w in graph.weights.items() if name not in embed)
     total += sum(nbytes(graph.weights[name]) // graph.weights[name].shape[0] for name in embed)
+    total -= sum(nbytes(graph.weights[m["kv_b"]]) for m in mla_summary(graph) if m["decode_form"] == "absorbed")
     return total - sum(m["expert_bytes"] - m["active_expert_bytes"] for m in moe)
 
 
@@ -67,6 +85,7 @@ def summarize(plan_path, memory: int = DEFAULT_MEMORY) -> dict:
                     "bytes_per_token": bytes_read_per_token(graph, moe),
                     "file": plan.header["weights"]["file"], "file_bytes": plan.header["weights"]["size"]},
         "moe": moe,
+        "mla": mla_summary(graph),
         "kernels": [_kernel_summary(k) for k in plan.body.get("kernels", [])],
         "program": _program_summary(plan.body.get("program") or {}),
         "runtime": plan.body["runtime"],
@@ -123,6 +142,18 @@ def render_text(s: dict, show_decisions: bool = False, per_layer: bool = False, 
     _render_state(console, s["state"], s["weights"]["bytes"])
     if s["moe"]:
         render_moe(console, s["moe"])
+    if s.get("mla"):
+        lt = Table(title=f"multi-head latent attention: {len(s['mla'])} layers")
+        for col in ("node", "prefill", "decode", "heads", "latent", "latent bytes/token"):
+            lt.add_column(col)
+        rows = [(e["node"], e["prefill_form"], e["decode_form"], str(e["num_heads"]),
+                 f"{e['kv_lora_rank']}+{e['qk_rope_head_dim']}", str(e["latent_bytes_per_token"])) for e in s["mla"]]
+        if group and len({r[1:] for r in rows}) == 1:  # every layer alike: one row
+            layers = [int(re.search(r"layers\.(\d+)\.", r[0]).group(1)) for r in rows]
+            rows = [(re.sub(r"layers\.\d+\.", f"layers.{{{ranges(layers)}}}.", rows[0][0]), *rows[0][1:])]
+        for row in rows:
+            lt.add_row(*row)
+        console.print(lt)
     table = Table(title=f"graph: {s['graph']['num_nodes']} nodes")
     table.add_column("op")
     table.add_column("count", justify="right")

@@ -22,7 +22,8 @@ import rdnac
 from rdnac.compiler.frontend import build_graph, read_checkpoint
 from rdnac.compiler.passes import (CompileState, Pass, dce, fp8_layout, fuse_act_quant, fuse_add_rms_norm,
                                    fuse_attention_quant, fuse_gated_linear, fuse_norm_quant, fuse_qk_norm_rope_cache,
-                                   merge_linears, quantize, quantize_lm_head, quantize_mxfp4, select_kernels)
+                                   merge_linears, mla_forms, quantize, quantize_lm_head, quantize_mxfp4,
+                                   select_kernels)
 from rdnac.errors import CheckpointError, RdnacError, RdnacWarning
 from rdnac.ir.verify import verify
 from rdnac.plans import write_plan
@@ -118,6 +119,7 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("fuse_add_rms_norm", fuse_add_rms_norm.run),
     ("fuse_qk_norm_rope_cache", fuse_qk_norm_rope_cache.run),
     ("dce", dce.run),
+    ("mla_forms", mla_forms.run),  # MLA: expanded prefill, absorbed decode (with their weights)
     ("drop_unused_weights", _drop_unused_weights),
     ("fp8_layout", fp8_layout.run),  # fixes each FP8 linear's format and activation scheme (a16w8 is not fused)
     ("fuse_norm_quant", fuse_norm_quant.run),

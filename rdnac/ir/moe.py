@@ -2,7 +2,7 @@
 
 | op                | inputs                                                          | outputs            |
 |-------------------|-----------------------------------------------------------------|--------------------|
-| moe_route         | router_logits [T, E]                                            | weights [T, k] f32, ids [T, k] int32 |
+| moe_route         | router_logits [T, E], (correction_bias [E] f32)                 | weights [T, k] f32, ids [T, k] int32 |
 | moe_experts       | x [T, H], weights [T, k], ids [T, k], w13 [E, 2I, H], w2 [E, H, I], | [T, H]         |
 |                   | (b13 [E, 2I], b2 [E, H])                                        |                    |
 | moe_experts_mxfp4 | x, weights, ids, w13_blocks u8 [E, 2I, H/2], w13_scales u8 [E, 2I, H/32], | [T, H]   |
@@ -17,6 +17,20 @@ weights. `scoring`:
   (`norm_topk_prob`).
 - "topk_softmax": the k largest logits, then a softmax over those k
   (GPT-OSS); already normalized.
+
+- "sigmoid_group_topk" (DeepSeek-V3/R1): scores = sigmoid(logits); the
+  choice adds `correction_bias` (e_score_correction_bias, a second input;
+  for selection only); experts form `n_group` groups of E/n_group, each
+  group scored by the sum of its two best choices, and the k experts are
+  the best choices within the `topk_group` best groups; their weights are
+  the unbiased scores, divided by their sum (+1e-20) when `renormalize`.
+- "softmax_group_topk" (DeepSeek-V2 `group_limited_greedy`): softmax over
+  all E, each group scored by its best expert, experts outside the
+  `topk_group` best groups set to 0, then the k largest.
+
+Every scoring then multiplies the weights by `routed_scaling_factor`
+(default 1.0; DeepSeek's). The DeepSeek scorings and a factor other than 1
+have no GPU kernel yet (`reference_only_reason`).
 
 Exact ties pick the lower expert id (a stable sort: torch.topk does not
 guarantee it, and on cpu picks higher ids among equal values); ids are int32.
@@ -45,14 +59,19 @@ import torch.nn.functional as F
 from rdnac.ir import mxfp4
 from rdnac.ir.graph import TensorSpec
 
-SCORINGS = ("softmax_topk", "topk_softmax")
+SCORINGS = ("softmax_topk", "topk_softmax", "sigmoid_group_topk", "softmax_group_topk")
+GROUP_SCORINGS = ("sigmoid_group_topk", "softmax_group_topk")  # DeepSeek's: attrs n_group, topk_group
 ACTS = ("silu", "gelu", "gelu_tanh", "swiglu_oai")
 
 
-def moe_route(router_logits: torch.Tensor, *, top_k: int, scoring: str, renormalize: bool = False):
+def moe_route(router_logits: torch.Tensor, correction_bias: torch.Tensor | None = None, *, top_k: int, scoring: str,
+              renormalize: bool = False, n_group: int = 1, topk_group: int = 1,
+              routed_scaling_factor: float = 1.0):
     """(weights [T, k] float32, ids [T, k] int32) of each token's k experts."""
     logits = router_logits.float()
-    if scoring == "softmax_topk":
+    if scoring in GROUP_SCORINGS:
+        weights, ids = _group_limited(logits, correction_bias, top_k, scoring, renormalize, n_group, topk_group)
+    elif scoring == "softmax_topk":
         weights, ids = _top_k(torch.softmax(logits, dim=-1), top_k)
         if renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
@@ -61,6 +80,8 @@ def moe_route(router_logits: torch.Tensor, *, top_k: int, scoring: str, renormal
         weights = torch.softmax(values, dim=-1)
     else:
         raise ValueError(f"unknown moe scoring {scoring!r}")
+    if routed_scaling_factor != 1.0:
+        weights = weights * routed_scaling_factor
     return weights, ids.to(torch.int32)
 
 
@@ -68,6 +89,55 @@ def _top_k(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest of each row, largest first, exact ties in increasing id order (what the kernel does)."""
     ordered = torch.sort(values, dim=-1, descending=True, stable=True)
     return ordered.values[..., :k], ordered.indices[..., :k]
+
+
+def _group_limited(logits: torch.Tensor, correction_bias: torch.Tensor | None, top_k: int, scoring: str,
+                   renormalize: bool, n_group: int, topk_group: int):
+    num_tokens, num_experts = logits.shape
+    grouped = (num_tokens, n_group, num_experts // n_group)
+    if scoring == "sigmoid_group_topk":
+        scores = logits.sigmoid()
+        choice = scores if correction_bias is None else scores + correction_bias.float()
+        group_scores = choice.view(grouped).topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
+        fill = float("-inf")
+    else:
+        scores = choice = torch.softmax(logits, dim=-1)
+        group_scores = choice.view(grouped).max(dim=-1).values
+        fill = 0.0
+    groups = torch.topk(group_scores, topk_group, dim=-1)[1]
+    in_group = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, groups, True)
+    in_group = in_group[:, :, None].expand(grouped).reshape(num_tokens, num_experts)
+    ids = torch.topk(choice.masked_fill(~in_group, fill), top_k, dim=-1)[1]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights, ids
+
+
+def reference_only_reason(attrs: dict) -> str | None:
+    """Why a moe_route node has no GPU kernel yet (kernel selection refuses it in one line), or None."""
+    if attrs["scoring"] in GROUP_SCORINGS:
+        return f"scoring {attrs['scoring']!r} (DeepSeek's group-limited routing) runs in the reference only for now"
+    if attrs.get("routed_scaling_factor", 1.0) != 1.0:
+        return "routed_scaling_factor other than 1 runs in the reference only for now"
+    return None
+
+
+def check_route(a: dict, ins: list[TensorSpec], expect) -> None:
+    """verify's checks of a moe_route node."""
+    num_experts = ins[0].shape[-1]
+    expect(a["scoring"] in SCORINGS, f"scoring must be one of {SCORINGS}; got {a['scoring']!r}")
+    expect(len(ins) == 1 or (a["scoring"] == "sigmoid_group_topk" and tuple(ins[1].shape) == (num_experts,)
+                             and ins[1].dtype == "float32"),
+           "a correction bias is sigmoid_group_topk's only, float32 [E]")
+    if a["scoring"] in GROUP_SCORINGS:
+        groups, topk_group = a.get("n_group", 1), a.get("topk_group", 1)
+        expect(isinstance(groups, int) and groups >= 1 and num_experts % groups == 0,
+               f"n_group must divide the {num_experts} experts; got {groups!r}")
+        expect(isinstance(topk_group, int) and 1 <= topk_group <= groups, "topk_group must be in 1..n_group")
+        expect(a["top_k"] <= topk_group * (num_experts // groups), "top_k must fit in topk_group groups")
+        expect(a["scoring"] != "sigmoid_group_topk" or num_experts // groups >= 2,
+               "sigmoid_group_topk scores a group by its two best experts: groups need 2 or more")
 
 
 def expert_act(gate: torch.Tensor, up: torch.Tensor, act: str, alpha: float = 1.702,

@@ -34,6 +34,7 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 | split           | x [T, N] (attr sizes, summing to N)                           | len(sizes) views [T, sizes[i]] |
 | moe_route, moe_experts, moe_experts_mxfp4: see `rdnac.ir.moe`                                   |
 | causal_conv1d, gated_delta_rule, gated_rms_norm, sigmoid_gate: see `rdnac.ir.linear_attention`   |
+| mla_cache_write, mla_attention (multi-head latent attention): see `rdnac.ir.mla`                |
 
 FP8 activation quantization fused into its producer: `rms_norm_quant`,
 `gated_act_quant` and `attention_quant` compute `rms_norm` / `gated_act` /
@@ -60,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from rdnac.ir import linear_attention as la
+from rdnac.ir import mla
 from rdnac.ir import moe
 from rdnac.ir.graph import TensorSpec
 from rdnac.ir.rope_math import rope_cos_sin, rotate
@@ -400,7 +402,7 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("logits", (), (3,), _logits_infer, logits),
     OpDef("argmax", (), (1,), _argmax_infer, argmax),
     OpDef("split", ("sizes",), (1,), _split_infer, split),
-    OpDef("moe_route", ("top_k", "scoring"), (1,), moe.moe_route_infer, moe.moe_route),
+    OpDef("moe_route", ("top_k", "scoring"), (1, 2), moe.moe_route_infer, moe.moe_route),
     OpDef("moe_experts", ("act",), (5, 7), moe.moe_experts_infer, moe.moe_experts),
     OpDef("moe_experts_mxfp4", ("act",), (7, 9), moe.moe_experts_infer, moe.moe_experts_mxfp4),
     # linear attention: the conv and the delta rule write their sequences' state slots (input 2 / 7)
@@ -410,4 +412,9 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
           la.gated_delta_rule_infer, la.gated_delta_rule, has_side_effects=True, in_place=(7,)),
     OpDef("gated_rms_norm", ("num_heads", "head_dim", "eps"), (3,), la.same_as_x, la.gated_rms_norm),
     OpDef("sigmoid_gate", (), (2,), la.same_as_x, la.sigmoid_gate),
+    # multi-head latent attention: the write rotates k_pe and fills the layer's latent cache (input 4)
+    OpDef("mla_cache_write", ("kv_lora_rank", "qk_rope_head_dim", "theta"), (5,), lambda a, i: [],
+          mla.mla_cache_write, has_side_effects=True, in_place=(4,)),
+    OpDef("mla_attention", ("num_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank",
+                            "scale", "theta"), (7, 9), mla.mla_attention_infer, mla.mla_attention),
 ]}

@@ -7,7 +7,7 @@ dims (`T`, `B`...) compare by name.
 from __future__ import annotations
 
 from rdnac.errors import GraphError
-from rdnac.ir import linear_attention
+from rdnac.ir import linear_attention, mla, moe
 from rdnac.ir.graph import Graph, Node, TensorSpec
 from rdnac.ir.ops import ATTENTION_OPS, OPS
 
@@ -41,6 +41,11 @@ def verify(graph: Graph) -> None:
         in_specs = [specs[name] for name in node.inputs]
         try:
             _check_shapes(graph, node, in_specs)
+            if node.op in mla.OP_NAMES:
+                mla.check(node.op, node.attrs, in_specs, lambda cond, what: cond or _fail(graph, node, what),
+                          written_caches, node.inputs)
+            elif node.op == "moe_route":
+                moe.check_route(node.attrs, in_specs, lambda cond, what: cond or _fail(graph, node, what))
             out_specs = opdef.infer(node.attrs, in_specs)
         except (IndexError, TypeError, ValueError, ZeroDivisionError, KeyError) as e:
             # an input of the wrong rank or an attribute of the wrong kind (a graph read from a damaged plan)

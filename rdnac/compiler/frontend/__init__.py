@@ -3,7 +3,7 @@
 `read_checkpoint` picks the reader (HF directory or GGUF file); `build_graph`
 picks the architecture's `ModelSpec` (spec.py; declared in llama.py,
 gemma2.py, gemma3.py, qwen3_moe.py, qwen3_5.py,
-qwen3_next.py, gpt_oss.py) from `config["architectures"]` and builds it (model.py).
+qwen3_next.py, gpt_oss.py, deepseek.py) from `config["architectures"]` and builds it (model.py).
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ def read_checkpoint(model: str | Path) -> Checkpoint:
 
 def families() -> dict:
     """Architecture name -> its ModelSpec (or Wrapper, for a multimodal checkpoint compiled text-only)."""
-    from rdnac.compiler.frontend import gemma2, gemma3, gpt_oss, llama, qwen3_5, qwen3_moe, qwen3_next
+    from rdnac.compiler.frontend import deepseek, gemma2, gemma3, gpt_oss, llama, qwen3_5, qwen3_moe, qwen3_next
 
     return {**llama.ARCHITECTURES, **gemma2.ARCHITECTURES, **gemma3.ARCHITECTURES, **qwen3_moe.ARCHITECTURES,
-            **qwen3_5.ARCHITECTURES, **qwen3_next.ARCHITECTURES, **gpt_oss.ARCHITECTURES}
+            **qwen3_5.ARCHITECTURES, **qwen3_next.ARCHITECTURES, **gpt_oss.ARCHITECTURES, **deepseek.ARCHITECTURES}
 
 
 def build_graph(checkpoint: Checkpoint, dtype: str):

@@ -56,6 +56,12 @@ class GraphBuilder:
     def has(self, name: str) -> bool:
         return name in self._actual
 
+    def shape_of(self, name: str) -> tuple[int, ...] | None:
+        """The stored shape of canonical checkpoint tensor `name` (None if absent), without loading it."""
+        if name not in self._actual:
+            return None
+        return tuple(self.checkpoint.tensors.spec(self._actual[name])[1])
+
     def alias_prefix(self, prefix: str, canonical: str) -> int:
         """Address checkpoint tensors named `prefix...` as `canonical...`; returns how many were renamed."""
         renamed = {c: a for c, a in self._actual.items() if c.startswith(prefix)}
@@ -95,8 +101,10 @@ class GraphBuilder:
         self._consumed.add(name)
         return self.checkpoint.tensors.load(self._actual[name])
 
-    def weight(self, name: str, shape: tuple[int, ...]) -> str:
-        """Take checkpoint tensor `name` as a graph weight of `shape` in the compute dtype."""
+    def weight(self, name: str, shape: tuple[int, ...], dtype: str | None = None,
+               why_float: str = "its op (logits or embedding) has no FP8 form") -> str:
+        """Take checkpoint tensor `name` as a graph weight of `shape` in the compute dtype (or `dtype`: a
+        router's correction bias stays float32). An FP8 weight is dequantized, `why_float` saying why."""
         src_dtype = self._spec(name, shape)
         if src_dtype not in _FLOAT_DTYPES:
             hint = ""
@@ -104,14 +112,15 @@ class GraphBuilder:
                 module = name.removesuffix(".weight")
                 scheme = self._scheme(module)
                 if scheme is not None and len(shape) == 2:
-                    return self._dequantized(name, shape, scheme)
+                    return self._dequantized(name, shape, scheme, why_float)
                 hint = ("; it looks like FP8 data but quantization_config does not cover it "
                         f"({'no quantization_config' if not self.quant else 'excluded by its ignore list'})")
             raise CheckpointError(f"{self.checkpoint.path}: tensor {self._actual[name]!r} requires a float dtype; "
                                   f"got {src_dtype}{hint}")
         if name not in self.weights:
-            self.weights[name] = self._load(name).to(getattr(torch, self.dtype)).contiguous()
-            self.weight_specs[name] = WeightSpec(self.dtype, tuple(shape), "none", source=self._actual[name])
+            dtype = dtype or self.dtype
+            self.weights[name] = self._load(name).to(getattr(torch, dtype)).contiguous()
+            self.weight_specs[name] = WeightSpec(dtype, tuple(shape), "none", source=self._actual[name])
         return name
 
     def has_module(self, prefix: str) -> bool:
@@ -123,13 +132,21 @@ class GraphBuilder:
         """A graph weight computed once from checkpoint tensors (`sources`: canonical name and required
         shape each): `make` gets them in order and returns the weight of `shape`, stored in the compute
         dtype. `how` names the transform in the weight's recorded source (e.g. "stack")."""
+        fp8 = {}  # source -> its FP8 scheme: dequantized (bits * scale, float32) before `make`
         for src, src_shape in sources:
             src_dtype = self._spec(src, src_shape)
-            if src_dtype not in _FLOAT_DTYPES:
+            scheme = self._scheme(src.removesuffix(".weight")) if src.endswith(".weight") else None
+            if src_dtype in _FP8_DTYPES and scheme is not None and len(src_shape) == 2:
+                fp8[src] = scheme
+            elif src_dtype not in _FLOAT_DTYPES:
                 raise CheckpointError(f"{self.checkpoint.path}: tensor {self._actual[src]!r} requires a float dtype "
                                       f"to build {name}; got {src_dtype}")
         if name not in self.weights:
-            w = make([self._load(src) for src, _ in sources])
+            w = make([self._dequantized_source(src, shape_, fp8[src]) if src in fp8 else self._load(src)
+                      for src, shape_ in sources])
+            if fp8:
+                self.decide(name, f"{len(fp8)} {next(iter(fp8.values())).tag} source(s) dequantized to {self.dtype}",
+                            "its op has no FP8 form yet; dequantized once at compile time")
             assert tuple(w.shape) == tuple(shape), (name, tuple(w.shape), shape)
             self.weights[name] = w.to(getattr(torch, self.dtype)).contiguous()
             shown = [self._actual[src] for src, _ in sources]
@@ -178,10 +195,12 @@ class GraphBuilder:
 
     # ------------------------------------------------------------ linears, float or FP8
 
-    def linear(self, x: str, prefix: str, out_features: int, in_features: int, has_bias: bool, name: str) -> str:
+    def linear(self, x: str, prefix: str, out_features: int, in_features: int, has_bias: bool, name: str,
+               allow_fp8: bool = True) -> str:
         """y = x @ W.T (+ b) for checkpoint module `prefix`: `linear`, or `linear_fp8` when the
-        quantization_config covers the module."""
-        scheme = self._scheme(prefix)
+        quantization_config covers the module and `allow_fp8` (an MoE router is float: it picks experts
+        discretely, and checkpoints keep it in bf16 whatever their quantization_config says)."""
+        scheme = self._scheme(prefix) if allow_fp8 else None
         if scheme is None:
             ins = [x, self.weight(f"{prefix}.weight", (out_features, in_features))]
         else:
@@ -294,7 +313,19 @@ class GraphBuilder:
         self.weight_specs[name] = WeightSpec("float32", (1,), "fp8-input-scale", source=self._actual[src])
         return name
 
-    def _dequantized(self, name: str, shape: tuple[int, ...], scheme: LinearScheme) -> str:
+    def _dequantized_source(self, name: str, shape: tuple[int, ...], scheme: LinearScheme) -> torch.Tensor:
+        """An FP8 checkpoint weight times its scale, float32 (its scale tensor is consumed)."""
+        from rdnac.ir.fp8 import dequantize_weight
+
+        bits = self.weights.pop(self._fp8_weight(name, shape, scheme))
+        del self.weight_specs[name]
+        scale_name = self._weight_scale(name.removesuffix(".weight"), scheme, *shape)
+        scale = self.weights.pop(scale_name)
+        del self.weight_specs[scale_name]
+        return dequantize_weight(bits, scale, scheme.weight_scheme, scheme.block_size)
+
+    def _dequantized(self, name: str, shape: tuple[int, ...], scheme: LinearScheme,
+                     why: str = "its op (logits or embedding) has no FP8 form") -> str:
         """An FP8 weight that feeds an op without an FP8 form (logits, embedding): dequantized once here."""
         from rdnac.ir.fp8 import dequantize_weight
 
@@ -308,8 +339,7 @@ class GraphBuilder:
         w = dequantize_weight(bits, scale, scheme.weight_scheme, scheme.block_size)
         self.weights[name] = w.to(getattr(torch, self.dtype)).contiguous()
         self.weight_specs[name] = WeightSpec(self.dtype, tuple(shape), "none", source=self._actual[name])
-        self.decide(name, f"dequantized {scheme.tag} weight to {self.dtype}",
-                    "its op (logits or embedding) has no FP8 form")
+        self.decide(name, f"dequantized {scheme.tag} weight to {self.dtype}", why)
         return name
 
     def finish(self, outputs: list[str], attrs: dict) -> tuple[Graph, dict[str, torch.Tensor]]:

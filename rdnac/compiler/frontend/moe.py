@@ -64,21 +64,34 @@ class MoE:
     layout: str = "auto"  # LAYOUTS
     interleaved: bool = False  # gate/up alternate along 2I in the checkpoint
     module: str = "mlp"  # the body's checkpoint module under model.layers.N
+    # DeepSeek's routing (rdnac.ir.moe GROUP_SCORINGS): config keys of the groups and the weights' factor,
+    # and the router's float32 correction bias (a tensor leaf under `module`)
+    group_keys: tuple[str, str] | None = None  # (n_group, topk_group)
+    scaling_key: str | None = None  # routed_scaling_factor
+    correction_bias: str | None = None  # "gate.e_score_correction_bias"
+    float_router: bool = False  # the router stays float in an FP8 checkpoint whatever quantization_config says
 
     def emit(self, m: Model, x: str, layer: int) -> str:
         b = m.b
         p, n = f"model.layers.{layer}.{self.module}", f"layers.{layer}"
         num_experts, top_k, inter = self.dims(m)
         logits = b.linear(x, f"{p}.{self.router}", num_experts, m.hidden, flag(m.config, self.router_bias),
-                          f"{n}.router")
+                          f"{n}.router", allow_fp8=not self.float_router)
         route = {"top_k": top_k, "scoring": self.scoring}
         keys = [next(k for k in self.num_experts_keys if k in m.config), self.top_k_key]
-        if self.scoring == "softmax_topk":  # topk_softmax's k weights are a softmax already
+        if self.scoring in ("softmax_topk", "sigmoid_group_topk"):  # topk_softmax's k weights are a softmax already
             route["renormalize"] = flag(m.config, self.renormalize)
             keys += [self.renormalize] if isinstance(self.renormalize, str) else []
-        weights, ids = b.node("moe_route", [logits], f"{n}.route", 2, **route)
+        ins = [logits]
+        if self.correction_bias:
+            ins.append(b.weight(f"{p}.{self.correction_bias}", (num_experts,), dtype="float32"))
+        route.update(self._deepseek_route(m, num_experts, top_k, keys))
+        weights, ids = b.node("moe_route", ins, f"{n}.route", 2, **route)
+        extra = "".join(f", {k} {route[k]}" for k in ("n_group", "topk_group", "routed_scaling_factor") if k in route)
         b.decide(f"{n}.route", f"{self.scoring} top-{top_k} of {num_experts} experts"
-                 + (", renormalized" if route.get("renormalize") else ""), f"{', '.join(keys)} from config.json")
+                 + (", renormalized" if route.get("renormalize") else "") + extra
+                 + (", correction bias for selection only" if self.correction_bias else ""),
+                 f"{', '.join(keys)} from config.json")
         op, ins = self.expert_inputs(m, layer, num_experts, inter)
         act = self.act or m.act
         attrs = {"act": act}
@@ -86,6 +99,25 @@ class MoE:
             attrs.update(alpha=float(self._number(m, self.alpha, "alpha")),
                          limit=float(self._number(m, self.limit, "limit")))
         return b.node(op, [x, weights, ids, *ins], f"{n}.experts", **attrs)[0]
+
+    def _deepseek_route(self, m: Model, num_experts: int, top_k: int, keys: list[str]) -> dict:
+        """moe_route's group and scaling attributes from config.json, checked (empty for other scorings)."""
+        out, where = {}, config_file(m.b.checkpoint.path)
+        if self.group_keys:
+            groups, topk_group = (self._number(m, k, "group count") for k in self.group_keys)
+            if not isinstance(groups, int) or groups < 1 or num_experts % groups:
+                raise UnsupportedModelError(f"{where}: {self.group_keys[0]} requires a positive divisor of the "
+                                            f"{num_experts} routed experts; got {groups!r}")
+            if not isinstance(topk_group, int) or not 1 <= topk_group <= groups \
+                    or top_k > topk_group * (num_experts // groups):
+                raise UnsupportedModelError(f"{where}: {self.group_keys[1]} requires 1..{groups} groups holding at "
+                                            f"least {self.top_k_key} ({top_k}) experts; got {topk_group!r}")
+            out.update(n_group=groups, topk_group=topk_group)
+            keys += list(self.group_keys)
+        if self.scaling_key:
+            out["routed_scaling_factor"] = float(self._number(m, self.scaling_key, "routed scaling factor"))
+            keys.append(self.scaling_key)
+        return out
 
     def dims(self, m: Model) -> tuple[int, int, int]:
         """(num_experts, top_k, expert intermediate size) from config.json, checked."""

@@ -48,6 +48,9 @@ def node_problem(node: Node, phase: str, env: dict[str, torch.Tensor], runtime: 
         why = registry.REFERENCE_ONLY_OPS.get(node.op)
         raise RdnacError(f"node {node.name!r}: no kernel family implements op {node.op!r} for GPU targets"
                          + (f" ({why})" if why else ""))
+    why = registry.reference_only_attrs(node.op, node.attrs)
+    if why:
+        raise RdnacError(f"node {node.name!r}: no GPU kernel for op {node.op!r} with these attributes ({why})")
     fam, entry = registry.for_op(node.op)
     return fam.name, entry.problem(node.attrs, [env[n] for n in node.inputs], phase, runtime)
 
