@@ -95,7 +95,7 @@ def _check_experts(T, E, H, I, k, act, dtype, has_bias, config, *, experts=None,
 def _spread(w):
     """w with its 32-element blocks rescaled by 8 * 2**(-4..4) in turn: MXFP4 scales on both sides of 127."""
     blocks = w.reshape(-1, 32)
-    factors = 8 * 2.0 ** (torch.arange(blocks.shape[0]) % 9 - 4).float()
+    factors = 8 * 2.0 ** (torch.arange(blocks.shape[0], device=w.device) % 9 - 4).float()
     return (blocks * factors[:, None]).reshape(w.shape)
 
 

@@ -18,6 +18,11 @@ generate their weights there, one layer at a time (peak memory ~ one layer):
 
 `layers` cuts the depth (a 30B model in bf16 does not fit the machine's disk
 next to its plan); every layer keeps its real width. Same seed, same bytes.
+`decisive=True` gives the peaked predictions of a trained model (as
+`rdnac.testing.fp8` does for dense models): unit-scale embeddings, the
+attention output and expert down projections scaled by a tenth (MXFP4: their
+scales lowered by 3, an eighth), and lm_head row j the embedding row of token
+(7919 j + 1) mod V, so greedy tokens are a stable comparison.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from pathlib import Path
 import torch
 
 from rdnac.ir import mxfp4
-from rdnac.testing.fp8 import _generator, _StreamingSafetensors, _write_byte_tokenizer
+from rdnac.testing.fp8 import (DECISIVE_RESIDUAL_SCALE, DECISIVE_STRIDE, _generator, _StreamingSafetensors,
+                               _write_byte_tokenizer)
 
 SHAPES = {
     "qwen3-30b-a3b": dict(arch="Qwen3MoeForCausalLM", hidden=2048, layers=48, heads=32, kv_heads=4, head_dim=128,
@@ -95,7 +101,16 @@ def _layer_specs(i: int, s: dict, scheme: str) -> list[tuple[str, torch.dtype, t
     return specs
 
 
-def _tensor(name: str, dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+def _tensor(name: str, dtype: torch.dtype, shape: tuple[int, ...], seed: int, decisive: bool) -> torch.Tensor:
+    t = _random(name, dtype, shape, seed)
+    if decisive and name.endswith(("o_proj.weight", "down_proj", "down_proj.weight", "down_proj_bias")):
+        t = (t.float() * DECISIVE_RESIDUAL_SCALE).to(dtype)
+    elif decisive and name.endswith("down_proj_scales"):
+        t = t - 3  # an eighth: e8m0 scales are exponents
+    return t
+
+
+def _random(name: str, dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     g = _generator(seed, name)
     if name.endswith("norm.weight"):
         return (1.0 + 0.1 * torch.randn(shape, generator=g)).to(dtype)
@@ -113,7 +128,7 @@ def _tensor(name: str, dtype: torch.dtype, shape: tuple[int, ...], seed: int) ->
 
 
 def write_random_moe_checkpoint(out_dir: str | Path, shape: str, scheme: str = "bf16", layers: int | None = None,
-                                seed: int = 0) -> Path:
+                                seed: int = 0, decisive: bool = False) -> Path:
     """Config, tokenizer and one safetensors shard per layer of the MoE model `shape` (SHAPES)."""
     s = SHAPES[shape]
     if scheme not in ("bf16", "mxfp4") or (scheme == "mxfp4" and s["arch"] != "GptOssForCausalLM"):
@@ -135,13 +150,25 @@ def write_random_moe_checkpoint(out_dir: str | Path, shape: str, scheme: str = "
         writer = _StreamingSafetensors(out / filename, specs)
         for name, dtype, tensor_shape in specs:
             weight_map[name] = filename
+            if name == "lm_head.weight" and decisive:
+                for start in range(0, v, 16384):  # row j = embedding row (a*j + b) mod V
+                    rows = torch.arange(start, min(start + 16384, v))
+                    writer.write(name, embedding[(DECISIVE_STRIDE * rows + 1) % v])
+                continue
             if name.endswith("embed_tokens.weight") or name == "lm_head.weight":
+                chunks = []
                 for start in range(0, v, 16384):  # in row chunks: [V, H] is the largest tensor
                     rows = min(16384, v - start)
-                    writer.write(name, (0.02 * torch.randn((rows, h), generator=_generator(seed, f"{name}@{start}")))
-                                 .to(dtype))
+                    std = 1.0 if decisive else 0.02
+                    chunks.append((std * torch.randn((rows, h), generator=_generator(seed, f"{name}@{start}")))
+                                  .to(dtype))
+                    writer.write(name, chunks[-1])
+                    if not decisive:
+                        chunks.clear()
+                if decisive:
+                    embedding = torch.cat(chunks)  # kept for the decisive lm_head
                 continue
-            writer.write(name, _tensor(name, dtype, tensor_shape, seed))
+            writer.write(name, _tensor(name, dtype, tensor_shape, seed, decisive))
         writer.close()
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -163,8 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scheme", choices=["bf16", "mxfp4"], default="bf16")
     parser.add_argument("--layers", type=int, default=None, help="fewer layers than the model has (same widths)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--decisive", action="store_true", help="peaked predictions (stable greedy tokens)")
     args = parser.parse_args(argv)
-    path = write_random_moe_checkpoint(args.out_dir, args.shape, args.scheme, args.layers, args.seed)
+    path = write_random_moe_checkpoint(args.out_dir, args.shape, args.scheme, args.layers, args.seed, args.decisive)
     print(f"wrote {path} ({args.shape}, {args.scheme})")
 
 
