@@ -78,6 +78,8 @@ _INDEX_INPUTS = {
 
 # The matrix input of the ops that multiply by one: fixed sizes, never a per-step value.
 _WEIGHT_INPUT = {"linear": 1, "linear_fp8": 1, "linear_gated_act": 1, "embedding": 1, "logits": 2}
+# ops whose "weight" may be an activation with a symbolic row count: the --fp8-lm-head pass gathers the
+# logits rows of the final norm's output with an `embedding` (rows = tokens, columns fixed)
 
 
 def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
@@ -89,8 +91,10 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(len(ins[i].shape) == rank and ins[i].dtype.startswith("int"), f"input {i} must be int {what}")
     weight = _WEIGHT_INPUT.get(node.op)
     if weight is not None:
-        expect(len(ins[weight].shape) == 2 and all(isinstance(d, int) for d in ins[weight].shape),
-               f"input {weight} must be a weight of fixed size [N, K]")
+        fixed = ins[weight].shape[1:] if node.op == "embedding" else ins[weight].shape
+        expect(len(ins[weight].shape) == 2 and all(isinstance(d, int) for d in fixed),
+               f"input {weight} must be a weight of fixed size [N, K]" + (" (rows may vary)" if node.op == "embedding"
+                                                                          else ""))
     if node.op == "linear":
         expect(ins[0].shape[-1] == ins[1].shape[1], "x's last dim must equal weight's in_features")
         if len(ins) == 3:

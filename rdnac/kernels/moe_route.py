@@ -27,6 +27,10 @@ _MAX = tl.standard._elementwise_max
 _MIN = tl.standard._elementwise_min
 _SUM = tl.standard._sum_combine
 
+# the router logits' row stride is the expert count, a model-shape int: AOT binaries specialize on its
+# divisibility by 16 as the JIT does (rdnac.kernels.launch.divisible_args)
+AOT_DIVISIBLE = {"_moe_route_kernel": ("stride_lm",)}
+
 
 @triton.jit
 def _moe_route_kernel(logits_ptr, weights_ptr, ids_ptr, E, stride_lm,
