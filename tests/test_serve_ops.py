@@ -198,9 +198,10 @@ def test_prefix_caching_default():
     from rdnac.serve.ops import prefix_caching
 
     paged = {"has_sequence_state": False}
-    assert prefix_caching(None, paged) is True and prefix_caching(False, paged) is False
+    assert prefix_caching(None, paged)[0] is True and prefix_caching(False, paged)[0] is False
     recurrent = {"has_sequence_state": True}
-    assert prefix_caching(None, recurrent) is False
+    on, why = prefix_caching(None, recurrent)
+    assert on is False and "per-sequence state" in why
     with pytest.raises(RdnacError, match="per-sequence state"):
         prefix_caching(True, recurrent)
 
@@ -270,7 +271,9 @@ def test_serve_model_id_compiles_once_then_reuses(hf_home, tmp_path):
         _stop(proc)
     out = (tmp_path / "first.out").read_text()
     assert "rdnac: compiled" in out and "limits: max model length 200 (plan: 200)" in out
-    assert "prefix caching on" in log_file.read_text()
+    assert "prefix caching on" in out
+    logged = log_file.read_text()  # --log-file: rdnac's and uvicorn's loggers
+    assert "rdnac.plan_cache: plan cache miss" in logged and "Application startup complete" in logged
 
     labels = 'model_name="tiny-llama",engine="0"'
     for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",

@@ -311,13 +311,14 @@ def serve_cmd(model, target, dtype, quantize, tokenizer, host, port, api_key, ap
                        "max_num_batched_tokens": max(max_num_batched_tokens or 0, 2048)}
     plan = resolve_model(model, target, compile_options)
     facts = plan_facts(plan)
-    click.echo(f"rdnac: {describe_limits(facts, max_model_len, max_num_seqs, max_num_batched_tokens)}", err=True)
+    limits = describe_limits(facts, max_model_len, max_num_seqs, max_num_batched_tokens)
+    is_caching, caching_note = prefix_caching(enable_prefix_caching, facts)
     serve(str(plan), host=host, port=port, api_key=key, auth_metrics=auth_metrics,
           max_body_bytes=max_body_bytes, model_name=model_name, device=device, max_model_len=max_model_len,
           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
           gpu_memory_utilization=gpu_memory_utilization,
-          enable_prefix_caching=prefix_caching(enable_prefix_caching, facts), verify_weights=verify_weights,
-          allowed_origins=origins, log_level=log_level, log_config=False)
+          enable_prefix_caching=is_caching, verify_weights=verify_weights, allowed_origins=origins,
+          log_level=log_level, log_config=False, notes=(limits, caching_note))
 
 
 @cli.command("tune")

@@ -100,9 +100,21 @@ def plan_key(model: str, target: str, options: dict) -> tuple[str, dict]:
     return digest, covers
 
 
+def _with_defaults(options: dict) -> dict:
+    """The compile options with every unset one at its default, so that asking for a default and leaving it
+    out give one key (and a changed default gives another)."""
+    from dataclasses import MISSING, fields
+
+    from rdnac.compiler.pipeline import CompileOptions
+
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(CompileOptions)
+                if f.name not in ("target", "quiet", "verify_each_pass")}
+    return {**defaults, **options}
+
+
 def cached_plan(model: str, target: str, options: dict | None = None, *, quiet: bool = True) -> tuple[Path, bool]:
     """(plan path, whether it was in the cache): MODEL's plan for `target` (or auto), compiled on a miss."""
-    options = {k: v for k, v in (options or {}).items() if v is not None}
+    options = _with_defaults({k: v for k, v in (options or {}).items() if v is not None})
     target = resolve_target(target)
     key, covers = plan_key(model, target, options)
     stem = str(model).removeprefix("demo:").rstrip("/").split("/")[-1].removesuffix(".gguf")
@@ -117,6 +129,6 @@ def cached_plan(model: str, target: str, options: dict | None = None, *, quiet: 
 
     path.parent.mkdir(parents=True, exist_ok=True)
     log.info("plan cache miss: compiling %s for %s into %s", model, target, path)
-    compile_model(model, target, path, quiet=quiet, **options)
+    compile_model(model, target, path, quiet=quiet, **{k: v for k, v in options.items() if v is not None})
     path.with_name(path.name.removesuffix(".msgpack") + ".key.json").write_text(json.dumps(covers, indent=2, sort_keys=True, default=str))
     return path, False

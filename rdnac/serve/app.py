@@ -340,8 +340,10 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
 def run_server(plan: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                model_name: str | None = None, device: str | None = None, log_level: str = "info",
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth_metrics: bool = False,
-               allowed_origins: list[str] | None = None, log_config: bool = True, **llm_options) -> None:
-    """Load PLAN, start the engine thread and serve until interrupted (`rdnac serve`)."""
+               allowed_origins: list[str] | None = None, log_config: bool = True, notes: tuple[str, ...] = (),
+               **llm_options) -> None:
+    """Load PLAN, start the engine thread and serve until interrupted (`rdnac serve`). `notes` are printed
+    once the port is bound (a taken port fails first, alone)."""
     import uvicorn
 
     import rdnac
@@ -349,6 +351,8 @@ def run_server(plan: str, *, host: str = "127.0.0.1", port: int = 8000, api_key:
     _check_auth_metrics(auth_metrics, api_key)  # before the model loads
     sock = bind(host, port)  # before loading the model: a taken port fails at once, never after "serving on"
     try:
+        for note in notes:
+            print(f"rdnac: {note}", file=sys.stderr)
         if device is None:
             from rdnac.plans import read_plan
 

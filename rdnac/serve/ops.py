@@ -4,6 +4,7 @@
     install               GET /version and CORS (--allowed-origins, Starlette's CORSMiddleware)
     prefix_caching        on by default where the plan's state is all paged; off, logged, where it is not
     describe_limits       the plan's limits beside the ones this server runs with (one line)
+    (the CLI hands both lines to `run_server`, printed once the port is bound)
     resolve_model         `rdnac serve MODEL`: a plan file as given, else the plan cache (compile on first use)
 
 `app.py` calls `install` once; the CLI calls the rest before the model loads.
@@ -103,19 +104,17 @@ def plan_facts(plan: str | Path) -> dict:
             "has_sequence_state": bool(bytes_per_sequence(graph.state)), "target": loaded.header["target"]}
 
 
-def prefix_caching(requested: bool | None, facts: dict) -> bool:
-    """Prefix caching: as asked, else on where the plan allows it. A plan with per-sequence state (linear
-    attention, convolutions) cannot restore a cached prefix of that state: off there, said in the log."""
+def prefix_caching(requested: bool | None, facts: dict) -> tuple[bool, str]:
+    """(on, why): as asked, else on where the plan allows it. A plan with per-sequence state (linear
+    attention, convolutions) cannot restore a cached prefix of that state: off there, and said."""
     if facts["has_sequence_state"]:
         if requested:
             raise RdnacError("--enable-prefix-caching requires a plan whose state is all paged; this plan keeps "
                              "per-sequence state (recurrent/conv), which a cached prefix cannot restore; drop the flag")
-        log.info("prefix caching off: the plan keeps per-sequence state, which a cached prefix cannot restore")
-        return False
+        return False, "prefix caching off: the plan keeps per-sequence state, which a cached prefix cannot restore"
     if requested is None:
-        log.info("prefix caching on (the plan's state is all paged; --no-enable-prefix-caching turns it off)")
-        return True
-    return requested
+        return True, "prefix caching on (the plan's state is all paged; --no-enable-prefix-caching turns it off)"
+    return requested, f"prefix caching {'on' if requested else 'off'} (as asked)"
 
 
 def describe_limits(facts: dict, max_model_len: int | None, max_num_seqs: int | None,
@@ -152,5 +151,6 @@ def resolve_model(model: str, target: str, compile_options: dict) -> Path:
     started = time.perf_counter()
     plan, was_cached = cached_plan(model, target, compile_options)
     how = "reused the cached plan" if was_cached else "compiled"
+    log.info("%s %s in %.1f s", how, plan, time.perf_counter() - started)
     print(f"rdnac: {how} {plan} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return plan
