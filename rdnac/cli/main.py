@@ -38,6 +38,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _python_showwarning = warnings.showwarning
 
 
+# every option can come from the environment: RDNAC_<COMMAND>_<OPTION>, e.g. RDNAC_SERVE_PORT=9000
 @click.group(cls=_Group, context_settings={"auto_envvar_prefix": "RDNAC"})
 @click.version_option(package_name="rdnac")
 def cli():
@@ -358,8 +359,7 @@ cli.add_command(bench_cmd)  # its options and modes live with it, in rdnac/cli/b
 
 
 def main():
-    # every option can come from the environment: RDNAC_<COMMAND>_<OPTION>, e.g. RDNAC_SERVE_PORT=9000
-    cli(prog_name="rdnac", auto_envvar_prefix="RDNAC")
+    cli(prog_name="rdnac")
 
 
 if __name__ == "__main__":
