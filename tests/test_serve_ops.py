@@ -92,6 +92,28 @@ def test_compile_model_id_from_the_cache(hf_home, tmp_path):
     assert rdnac.load(by_sha).engine.logits(ids).equal(rdnac.load(out).engine.logits(ids))
 
 
+def test_revision_by_branch_and_hf_hub_cache(hf_home, tiny, tmp_path, monkeypatch):
+    from rdnac.compiler.frontend import read_checkpoint
+
+    other = "fedcba9876543210fedcba9876543210fedcba98"
+    _hf_cache(hf_home, "acme/branchy", tiny, sha=other, ref="v2")
+    checkpoint = read_checkpoint("acme/branchy@v2")
+    assert checkpoint.source == {"model_id": "acme/branchy@v2", "name": "branchy", "commit": other}
+    with pytest.raises(CheckpointError, match="models--acme--branchy"):
+        read_checkpoint("acme/branchy@v3")  # no such ref in the cache, offline
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf_home / "hub"))  # HF_HUB_CACHE wins over HF_HOME
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "elsewhere"))
+    assert read_checkpoint("acme/branchy@v2").source["commit"] == other
+
+
+def test_serve_missing_plan_is_one_line(tmp_path):
+    result = CliRunner().invoke(cli, ["serve", str(tmp_path / "gone.msgpack")])
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"error: {tmp_path / 'gone.msgpack'}: requires an existing plan file (or a "
+                                     "model: a directory, .gguf, model id or demo:NAME, compiled on first use); "
+                                     "got no such file")
+
+
 def test_unknown_model_id_offline_names_the_cache(hf_home, tmp_path):
     result = CliRunner().invoke(cli, ["compile", "acme/absent-model", "-o", str(tmp_path / "x.msgpack")])
     assert result.exit_code == 1
