@@ -228,6 +228,23 @@ def test_prefix_caching_default():
         prefix_caching(True, recurrent)
 
 
+def test_prefix_caching_follows_the_plans_state(tiny, tmp_path):
+    """A paged-only plan serves with prefix caching on; a hybrid Gated DeltaNet plan (per-sequence state)
+    keeps it off, and refuses it when asked, in one line, before anything loads."""
+    from rdnac.serve.ops import plan_facts, prefix_caching
+    from tests.test_qwen3_5 import CONFIG
+
+    paged = rdnac.compile(tiny, output=tmp_path / "paged.msgpack", quiet=True)
+    assert plan_facts(paged)["has_sequence_state"] is False
+    make_checkpoint("qwen3_5_text", tmp_path / "gdn", **CONFIG)
+    hybrid = rdnac.compile(tmp_path / "gdn", output=tmp_path / "gdn.msgpack", quiet=True)
+    facts = plan_facts(hybrid)
+    assert facts["has_sequence_state"] is True and prefix_caching(None, facts)[0] is False
+    result = CliRunner().invoke(cli, ["serve", str(hybrid), "--enable-prefix-caching", "--port", "1"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert result.output.startswith("error: --enable-prefix-caching requires a plan whose state is all paged")
+
+
 # ---------------------------------------------------------------- a served model, twice
 
 def _free_port() -> int:
