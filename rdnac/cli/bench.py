@@ -4,6 +4,8 @@
     rdnac bench PLAN --decode --batch 1,64 --prefill 2048  decode TPOT + bandwidth, prefill TFLOP/s (GPU)
     rdnac bench --shape qwen3-8b --scheme fp8-block     harness: random checkpoint, compile, cold start,
                                                         decode + prefill, A/B variants, peers (GPU)
+    rdnac bench serve --base-url URL [...]              HTTP load generator against any OpenAI-compatible
+                                                        server, vLLM's result keys (cli/bench_serve.py)
 
 The measuring code is `rdnac.bench`; this module maps options onto it and
 refuses, in one line, what the machine cannot run.
@@ -65,7 +67,23 @@ def require_gpu(what: str) -> None:
                           f"with `rdnac bench PLAN` alone")
 
 
-@click.command("bench")
+class _BenchCommand(click.Command):
+    """`rdnac bench`, whose first argument `serve` runs `rdnac bench serve` instead (a plan is never named
+    `serve`: plans end in .msgpack)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        if args and args[0] == "serve":
+            from rdnac.cli.bench_serve import bench_serve_cmd
+
+            # a context for `bench` itself, so usage reads `rdnac bench serve` and the environment
+            # prefix is RDNAC_BENCH_SERVE_
+            # (a bare group: this command's [PLAN] is no part of that usage)
+            bench_ctx = click.Context(click.Group(info_name), info_name=info_name, parent=parent)
+            return bench_serve_cmd.make_context("serve", list(args[1:]), parent=bench_ctx, **extra)
+        return super().make_context(info_name, args, parent=parent, **extra)
+
+
+@click.command("bench", cls=_BenchCommand)
 @click.argument("plan", type=click.Path(dir_okay=False), required=False)
 @click.option("--concurrency", "-c", multiple=True, type=int,
               help="Serving: levels (repeatable; default 1 2 4 8 16 32 64).")
@@ -112,7 +130,8 @@ def bench_cmd(plan, concurrency, input_len, output_len, num_prompts, device, see
               batch, context, prefill, profile, timeline, out, shapes, schemes, layers, peers, peer_compile_batch,
               ab_pdl, ab_disable_pass, ab_table, cold_compile, checkpoints):
     """Measure PLAN's serving latency and throughput; with --decode/--prefill its step timings on the GPU;
-    with --shape (no PLAN) run the harness over a random checkpoint of that shape (see README.md)."""
+    with --shape (no PLAN) run the harness over a random checkpoint of that shape (see README.md).
+    `rdnac bench serve --help`: load a running server over HTTP."""
     harness_only = {"--scheme": schemes, "--layers": layers, "--peers": peers,
                     "--peer-compile-batch": peer_compile_batch, "--ab-pdl": ab_pdl,
                     "--ab-disable-pass": ab_disable_pass, "--ab-table": ab_table, "--cold-compile": cold_compile,

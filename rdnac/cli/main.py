@@ -38,7 +38,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _python_showwarning = warnings.showwarning
 
 
-@click.group(cls=_Group)
+# every option can come from the environment: RDNAC_<COMMAND>_<OPTION>, e.g. RDNAC_SERVE_PORT=9000
+@click.group(cls=_Group, context_settings={"auto_envvar_prefix": "RDNAC"})
 @click.version_option(package_name="rdnac")
 def cli():
     """rdnac: ahead-of-time compiler for LLMs on AMD GPUs."""
@@ -62,16 +63,19 @@ def cli():
 @click.option("--fp8-lm-head", is_flag=True, help="The logits projection in FP8 too (per-channel; float32 logits).")
 @click.option("--pdl/--no-pdl", default=None,
               help="Programmatic dependent launch between kernels (default: on where the target has it, sm90+).")
+@click.option("--tokenizer", help="An HF directory (or model id) whose tokenizer and chat template replace the "
+                                  "checkpoint's (e.g. a GGUF's).")
 def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max_num_seqs, max_num_batched_tokens,
-                quiet, quantize, fp8_lm_head, pdl):
-    """Compile MODEL (HF directory, .gguf file, or demo:smollm2) into a plan."""
+                quiet, quantize, fp8_lm_head, pdl, tokenizer):
+    """Compile MODEL (HF directory, .gguf file, ORG/NAME[@REVISION][:QUANT] from the Hugging Face cache, or
+    demo:smollm2) into a plan."""
     from rdnac.compiler.pipeline import compile_model
 
     started = time.perf_counter()
     path = compile_model(model, target, output, dtype=dtype, max_model_len=max_model_len,
                          disable_passes=tuple(disable_passes), max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens, quiet=quiet, quantize=quantize,
-                         fp8_lm_head=fp8_lm_head, pdl=pdl)
+                         fp8_lm_head=fp8_lm_head, pdl=pdl, tokenizer=tokenizer)
     click.echo(f"wrote {path} ({time.perf_counter() - started:.1f} s)", err=True)
 
 
@@ -253,7 +257,14 @@ def verify_cmd(plan, model, prompt, token_ids, atol, interpret):
 
 
 @cli.command("serve")
-@click.argument("plan", type=click.Path(dir_okay=False, exists=True))
+@click.argument("model")
+@click.option("--target", "-t", default="auto", show_default=True,
+              help="For a MODEL that is not a plan: the target to compile for (auto: this machine's GPU, else cpu).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="For a MODEL that is not a plan: compute dtype of the compile.")
+@click.option("--quantize", type=click.Choice(["fp8", "fp8-block", "mxfp4"]),
+              help="For a MODEL that is not a plan: as `rdnac compile --quantize`.")
+@click.option("--tokenizer", help="For a GGUF MODEL: an HF directory (or model id) whose tokenizer replaces the GGUF's.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--api-key", envvar="RDNAC_API_KEY", show_envvar=True,
@@ -267,23 +278,48 @@ def verify_cmd(plan, model, prompt, token_ids, atol, interpret):
 @click.option("--model-name", help="Model id clients send (default: the plan's model name).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Default: cuda for GPU-target plans, cpu for cpu plans.")
-@click.option("--max-num-seqs", type=int, help="Most sequences scheduled at once (default: the plan's).")
-@click.option("--max-num-batched-tokens", type=int, help="Most tokens per step (default: the plan's).")
+@click.option("--max-model-len", type=int, help="Most tokens per sequence, up to the plan's (default: the plan's).")
+@click.option("--max-num-seqs", type=int, help="Most sequences scheduled at once, up to the plan's (default: the plan's).")
+@click.option("--max-num-batched-tokens", type=int, help="Most tokens per step, up to the plan's (default: the plan's).")
 @click.option("--gpu-memory-utilization", default=0.9, show_default=True, type=float,
               help="Fraction of GPU memory the KV cache may fill up to.")
-@click.option("--enable-prefix-caching", is_flag=True, help="Reuse KV blocks of shared prompt prefixes.")
+@click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=None,
+              help="Reuse KV blocks of shared prompt prefixes (default: on where the plan's state is all paged).")
+@click.option("--allowed-origins", help="CORS origins, comma-separated or a JSON list (default: no CORS).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error", "critical"]), default="info",
+              show_default=True)
+@click.option("--log-file", type=click.Path(dir_okay=False), help="Append the log to this file too.")
 @click.option("--verify-weights/--no-verify-weights", default=True, show_default=True,
               help="Check each weight tensor against the checksum the plan records, as it loads.")
-def serve_cmd(plan, host, port, api_key, api_key_file, auth_metrics, max_body_bytes, model_name, device,
-              max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, enable_prefix_caching, verify_weights):
-    """Serve PLAN over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
-    from rdnac.serve import read_api_key, serve
+def serve_cmd(model, target, dtype, quantize, tokenizer, host, port, api_key, api_key_file, auth_metrics,
+              max_body_bytes, model_name, device, max_model_len, max_num_seqs, max_num_batched_tokens,
+              gpu_memory_utilization, enable_prefix_caching, allowed_origins, log_level, log_file, verify_weights):
+    """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
 
-    serve(plan, host=host, port=port, api_key=read_api_key(api_key, api_key_file), auth_metrics=auth_metrics,
-          max_body_bytes=max_body_bytes, model_name=model_name, device=device,
+    MODEL is a plan file, or anything `rdnac compile` takes (directory, .gguf, ORG/NAME[@REV][:QUANT],
+    demo:NAME): compiled on first use into the plan cache (~/.cache/rdnac/plans) and reused after."""
+    from rdnac.serve import read_api_key, require_server_deps, serve
+    from rdnac.serve.ops import configure_logging, describe_limits, parse_origins, plan_facts, prefix_caching, \
+        resolve_model
+
+    require_server_deps()
+    configure_logging(log_level, log_file)
+    origins = parse_origins(allowed_origins)
+    key = read_api_key(api_key, api_key_file)
+    # the plan is compiled with room for the serve-time limits asked (never below compile's defaults)
+    compile_options = {"dtype": dtype, "quantize": quantize, "tokenizer": tokenizer, "max_model_len": max_model_len,
+                       "max_num_seqs": max(max_num_seqs or 0, 64),
+                       "max_num_batched_tokens": max(max_num_batched_tokens or 0, 2048)}
+    plan = resolve_model(model, target, compile_options)
+    facts = plan_facts(plan)
+    limits = describe_limits(facts, max_model_len, max_num_seqs, max_num_batched_tokens)
+    is_caching, caching_note = prefix_caching(enable_prefix_caching, facts)
+    serve(str(plan), host=host, port=port, api_key=key, auth_metrics=auth_metrics,
+          max_body_bytes=max_body_bytes, model_name=model_name, device=device, max_model_len=max_model_len,
           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-          gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
-          verify_weights=verify_weights)
+          gpu_memory_utilization=gpu_memory_utilization,
+          enable_prefix_caching=is_caching, verify_weights=verify_weights, allowed_origins=origins,
+          log_level=log_level, log_config=False, notes=(limits, caching_note))
 
 
 @cli.command("tune")

@@ -53,6 +53,7 @@ class CompileOptions:
     quantize: str | None = None  # compile-time FP8 of the linears ("fp8" | "fp8-block"), MXFP4 of MoE experts ("mxfp4")
     fp8_lm_head: bool = False  # the logits projection as an FP8 GEMM (per-channel weight, float32 logits)
     pdl: bool | None = None  # programmatic dependent launch; None: where the target has it (sm90+)
+    tokenizer: str | None = None  # --tokenizer: an HF directory (or model id) whose tokenizer replaces the checkpoint's
 
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -74,15 +75,21 @@ class CompileOptions:
 
 
 def _model_identity(checkpoint) -> dict:
-    name = checkpoint.path.name.removesuffix(".gguf")
-    return {"name": name, "path": str(checkpoint.path), "format": checkpoint.format,
-            "architecture": (checkpoint.config.get("architectures") or ["?"])[0],
-            "config_sha256": hashlib.sha256(json.dumps(checkpoint.config, sort_keys=True, default=str)
-                                            .encode()).hexdigest()}
+    source = checkpoint.source or {}
+    # a model id's snapshot directory is named by its commit sha: the id's NAME says more
+    name = source.get("name") or checkpoint.path.name.removesuffix(".gguf")
+    identity = {"name": name, "path": str(checkpoint.path), "format": checkpoint.format,
+                "architecture": (checkpoint.config.get("architectures") or ["?"])[0],
+                "config_sha256": hashlib.sha256(json.dumps(checkpoint.config, sort_keys=True, default=str)
+                                                .encode()).hexdigest()}
+    if source:
+        identity.update(model_id=source["model_id"], revision=source["commit"])
+    return identity
 
 
 def default_output(model: str | Path, target: str) -> Path:
     stem = str(model).removeprefix("demo:").rstrip("/").split("/")[-1].removesuffix(".gguf")
+    stem = stem.split("@")[0].split(":")[0]  # ORG/NAME@REVISION:QUANT -> NAME
     return Path(f"{stem}.{target}.msgpack")
 
 
@@ -159,6 +166,10 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
     out = Path(output) if output else default_output(model, target)
     check_output(out)
     checkpoint = read_checkpoint(model)
+    if opts.tokenizer is not None:
+        from rdnac.compiler.frontend.hf import override_tokenizer
+
+        override_tokenizer(checkpoint, opts.tokenizer)
     dtype = opts.dtype or ("bfloat16" if tgt.is_gpu else "float32")
     graph, weights, decisions = build_graph(checkpoint, dtype)
     verify(graph)
@@ -189,7 +200,7 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
         "model": _model_identity(checkpoint),
         "compile_options": {"dtype": dtype, "max_model_len": opts.max_model_len,
                             "disable_passes": list(opts.disable_passes), "quantize": opts.quantize,
-                            "fp8_lm_head": opts.fp8_lm_head, "pdl": opts.pdl},
+                            "fp8_lm_head": opts.fp8_lm_head, "pdl": opts.pdl, "tokenizer": opts.tokenizer},
         "created_unix": int(time.time()),
     }
     body = {

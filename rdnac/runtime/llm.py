@@ -28,7 +28,7 @@ from rdnac.runtime.sampling_params import SamplingParams
 class LLM:
     def __init__(self, runner: ModelRunner, **engine_options):
         """`engine_options`: LLMEngine's (max_num_seqs, max_num_batched_tokens, num_blocks,
-        gpu_memory_utilization, enable_prefix_caching)."""
+        gpu_memory_utilization, enable_prefix_caching, max_model_len)."""
         self.runner = runner
         self.engine = LLMEngine(runner, **engine_options)
         self._ids = itertools.count()

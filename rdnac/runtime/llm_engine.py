@@ -77,14 +77,16 @@ class _Request:
 class LLMEngine:
     def __init__(self, runner: ModelRunner, *, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, num_blocks: int | None = None,
-                 gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = False):
+                 gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = False,
+                 max_model_len: int | None = None):
         self.runner = runner
         body = runner.plan.body
         tok = body["tokenizer"]
         self.generation_config = body.get("generation_config") or {}
         self.tokenizer = Tokenizer(tok["json"], tok["config"], body.get("chat_template"), self.generation_config)
         self.block_size = runner.block_size
-        self.max_model_len = runner.max_model_len
+        # a serve-time limit may lower the plan's (fewer KV blocks per sequence), never raise it
+        self.max_model_len = _limit("max_model_len", max_model_len, runner.max_model_len)
         plan_seqs = runner.max_num_seqs if runner.max_num_seqs < _UNLIMITED else _DEFAULT_MAX_NUM_SEQS
         plan_tokens = (runner.max_num_batched_tokens if runner.max_num_batched_tokens < _UNLIMITED
                        else max(self.max_model_len, 2048))

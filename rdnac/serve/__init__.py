@@ -3,7 +3,8 @@
     worker.py    the one thread that owns the LLMEngine; the asyncio bridge to it
     protocol.py  OpenAI request validation -> SamplingParams; response shapes
     app.py       the FastAPI routes, SSE streaming, and the uvicorn runner
-    metrics.py   Prometheus text for GET /metrics
+    metrics.py   Prometheus text for GET /metrics (rdnac's series and vLLM's names)
+    ops.py       /version, CORS, logging, prefix-caching default, serve-time limits, MODEL -> plan
 
 fastapi and uvicorn come with the `serve` extra (`pip install 'rdnac[serve]'`);
 nothing outside this package imports them, so the compiler and runtime work

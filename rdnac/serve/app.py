@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API of `rdnac serve` (FastAPI), and the uvicorn server that runs it.
 
     GET  /health               200, or 503 once the engine thread has died
+    GET  /version              {"version": ...} (ops.py, with CORS for --allowed-origins)
     GET  /metrics              Prometheus text (behind the API key with --auth-metrics)
     GET  /v1/models            the one model served
     POST /v1/completions       prompt: string, token ids, or a list of either
@@ -31,6 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rdnac.errors import RdnacError
+from rdnac.serve.ops import install as install_ops
 from rdnac.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs,
                                   completion_logprobs, envelope, finish_reason, parse_request, sampling_params, usage)
 from rdnac.serve.worker import ClientDisconnected, EngineFailed, EngineWorker, RequestGroup
@@ -215,7 +217,8 @@ def _check_auth_metrics(auth_metrics: bool, api_key: str | None) -> None:
 
 
 def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key: str | None = None, *,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth_metrics: bool = False) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth_metrics: bool = False,
+               allowed_origins: list[str] | None = None) -> FastAPI:
     """The FastAPI app over a started EngineWorker (of `llm.engine`); `llm` supplies the tokenizer, limits and
     plan. With `auth_metrics`, GET /metrics requires the API key too."""
     _check_auth_metrics(auth_metrics, api_key)
@@ -330,13 +333,17 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
         return JSONResponse(body)
 
     app.include_router(v1)
+    install_ops(app, allowed_origins)
     return app
 
 
 def run_server(plan: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                model_name: str | None = None, device: str | None = None, log_level: str = "info",
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth_metrics: bool = False, **llm_options) -> None:
-    """Load PLAN, start the engine thread and serve until interrupted (`rdnac serve`)."""
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth_metrics: bool = False,
+               allowed_origins: list[str] | None = None, log_config: bool = True, notes: tuple[str, ...] = (),
+               **llm_options) -> None:
+    """Load PLAN, start the engine thread and serve until interrupted (`rdnac serve`). `notes` are printed
+    once the port is bound (a taken port fails first, alone)."""
     import uvicorn
 
     import rdnac
@@ -344,6 +351,8 @@ def run_server(plan: str, *, host: str = "127.0.0.1", port: int = 8000, api_key:
     _check_auth_metrics(auth_metrics, api_key)  # before the model loads
     sock = bind(host, port)  # before loading the model: a taken port fails at once, never after "serving on"
     try:
+        for note in notes:
+            print(f"rdnac: {note}", file=sys.stderr)
         if device is None:
             from rdnac.plans import read_plan
 
@@ -353,10 +362,13 @@ def run_server(plan: str, *, host: str = "127.0.0.1", port: int = 8000, api_key:
         worker.start()
         try:
             app = create_app(worker, llm, model_name, api_key, max_body_bytes=max_body_bytes,
-                             auth_metrics=auth_metrics)
+                             auth_metrics=auth_metrics, allowed_origins=allowed_origins)
             name = app.state.server.model_name
             print(f"rdnac: serving {name} from {plan} on http://{host}:{port} (device {device})", file=sys.stderr)
-            config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+            # with log_config False the loggers are as `ops.configure_logging` (--log-level, --log-file) set them
+            extra = {} if log_config else {"log_config": None}
+            config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                                    **extra)
             uvicorn.Server(config).run(sockets=[sock])
         finally:
             worker.shutdown()

@@ -47,6 +47,10 @@ class _Live:
     sink: Sink
     arrival: float
     has_output: bool = False
+    is_scheduled: bool = False  # out of the scheduler's waiting queue (its queue time observed)
+    first_token: float = 0.0  # when the first token came out
+    last_token: float = 0.0  # when the latest token came out
+    num_tokens: int = 0
 
 
 class EngineWorker:
@@ -155,17 +159,37 @@ class EngineWorker:
                 self.metrics.on_tokens(len(out.new_token_ids))
                 if not live.has_output:
                     live.has_output = True
+                    live.first_token = now
                     self.metrics.on_first_token(now - live.arrival)
+                else:
+                    self.metrics.on_inter_token(now - live.last_token)
+                live.last_token = now
+                live.num_tokens += len(out.new_token_ids)
             if out.finished:
                 del self._live[out.request_id]
-                self.metrics.on_finished(out.finish_reason or "stop", now - live.arrival)
+                ttft = live.first_token - live.arrival if live.has_output else None
+                self.metrics.on_finished(out.finish_reason or "stop", now - live.arrival, live.num_tokens, ttft)
             live.sink(("failed", _failure(out.error)) if out.error is not None else ("output", out))
 
     def _snapshot(self) -> None:
         stats = self.llm.stats()
+        self._observe_queued()
+        is_caching = self.llm.block_manager.enable_prefix_caching
         self.metrics.set_gauges(
             running=stats["running"], waiting=stats["waiting"], preemptions=stats["preemptions"],
-            kv_blocks_free=stats["free_blocks"], kv_blocks_total=stats["total_blocks"])
+            kv_blocks_free=stats["free_blocks"], kv_blocks_total=stats["total_blocks"],
+            # every admitted prompt token is looked up in the prefix cache when it is on (vLLM counts tokens)
+            prefix_cache_queries=stats["prompt_tokens"] if is_caching else 0,
+            prefix_cache_hits=stats["prefix_cache_hit_tokens"])
+
+    def _observe_queued(self) -> None:
+        """Queue time of each live request the last step took out of the scheduler's waiting queue."""
+        waiting = {seq.seq_id for seq in self.llm.scheduler.waiting}
+        now = time.perf_counter()
+        for request_id, live in self._live.items():
+            if not live.is_scheduled and request_id not in waiting:
+                live.is_scheduled = True
+                self.metrics.on_queued(now - live.arrival)
 
 
 def _failure(error: Exception) -> str:

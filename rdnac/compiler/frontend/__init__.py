@@ -1,6 +1,7 @@
 """Checkpoint frontends: read a checkpoint, build the IR graph of its family.
 
-`read_checkpoint` picks the reader (HF directory or GGUF file); `build_graph`
+`read_checkpoint` picks the reader (HF directory or GGUF file; a model id resolves through
+`rdnac.compiler.model_ids` first); `build_graph`
 picks the architecture's `ModelSpec` (spec.py; declared in llama.py,
 gemma2.py, gemma3.py, qwen3_moe.py, qwen3_5.py,
 qwen3_next.py, gpt_oss.py, deepseek.py) from `config["architectures"]` and builds it (model.py).
@@ -11,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rdnac.compiler.frontend.checkpoint import Checkpoint
+from rdnac.compiler.model_ids import parse_model_id, resolve
 from rdnac.errors import CheckpointError, UnsupportedModelError
 
 
@@ -19,10 +21,16 @@ def read_checkpoint(model: str | Path) -> Checkpoint:
         from rdnac.compiler.frontend.demo_models import resolve_demo
 
         model = resolve_demo(model)
+    model_id = parse_model_id(model) if isinstance(model, str) else None
+    if model_id is not None:  # ORG/NAME[@REVISION][:QUANT]: through the Hugging Face cache
+        resolved = resolve(model_id)
+        checkpoint = read_checkpoint(resolved.path)
+        checkpoint.source = {"model_id": str(model_id), "name": model_id.name, "commit": resolved.commit}
+        return checkpoint
     path = Path(model)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory; requires a Hugging Face model directory, "
-                              "a .gguf file, or demo:smollm2")
+                              "a .gguf file, a model id ORG/NAME[@REVISION][:QUANT], or demo:smollm2")
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path}: requires a .gguf file or a Hugging Face directory; got {path.suffix or 'a file'}")

@@ -38,3 +38,4 @@ class Checkpoint:
     chat_template: str | None = None
     generation_config: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # decisions the reader made (recorded in the plan)
+    source: dict | None = None  # a model id's {"model_id", "name", "commit"}; None for a local path

@@ -171,6 +171,16 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
     return out
 
 
+def _chat_template(directory: Path, tokenizer_config: dict) -> str | None:
+    if (directory / "chat_template.jinja").exists():
+        return (directory / "chat_template.jinja").read_text()
+    if (directory / "chat_template.json").exists():
+        return _read_json(directory / "chat_template.json").get("chat_template")
+    if isinstance(tokenizer_config.get("chat_template"), str):
+        return tokenizer_config["chat_template"]
+    return None
+
+
 def read_hf(directory: Path) -> Checkpoint:
     config_path = directory / "config.json"
     if not config_path.exists():
@@ -191,16 +201,30 @@ def read_hf(directory: Path) -> Checkpoint:
             text["tie_word_embeddings"] = config["tie_word_embeddings"]
         config = text
     tokenizer_config = _read_json(directory / "tokenizer_config.json") if (directory / "tokenizer_config.json").exists() else {}
-    chat_template = None
-    if (directory / "chat_template.jinja").exists():
-        chat_template = (directory / "chat_template.jinja").read_text()
-    elif (directory / "chat_template.json").exists():
-        chat_template = _read_json(directory / "chat_template.json").get("chat_template")
-    elif isinstance(tokenizer_config.get("chat_template"), str):
-        chat_template = tokenizer_config["chat_template"]
+    chat_template = _chat_template(directory, tokenizer_config)
     tokenizer_json = _read_tokenizer(directory / "tokenizer.json")
     generation_config = (_read_json(directory / "generation_config.json")
                          if (directory / "generation_config.json").exists() else {})
     return Checkpoint(path=directory, format="hf", config=config, tensors=SafetensorsSource(_tensor_files(directory)),
                       tokenizer_json=tokenizer_json, tokenizer_config=tokenizer_config, chat_template=chat_template,
                       generation_config=generation_config, notes=notes)
+
+
+def override_tokenizer(checkpoint: Checkpoint, source: str) -> None:
+    """`--tokenizer SOURCE`: the tokenizer, its config and chat template of an HF directory (or model id)
+    replace the checkpoint's (a GGUF's rebuilt tokenizer, say); recorded as a reader note."""
+    from rdnac.compiler.model_ids import parse_model_id, resolve
+
+    model_id = parse_model_id(source)
+    directory = resolve(model_id).path if model_id is not None else Path(source)
+    if not directory.is_dir() or not (directory / "tokenizer.json").exists():
+        raise CheckpointError(f"--tokenizer {source}: requires a directory with tokenizer.json (a Hugging Face "
+                              f"model or tokenizer directory); got {'no tokenizer.json in it' if directory.is_dir() else 'no such directory'}")
+    checkpoint.tokenizer_json = _read_tokenizer(directory / "tokenizer.json")
+    config_path = directory / "tokenizer_config.json"
+    if config_path.exists():
+        checkpoint.tokenizer_config = _read_json(config_path)
+    template = _chat_template(directory, checkpoint.tokenizer_config if config_path.exists() else {})
+    if template is not None:
+        checkpoint.chat_template = template
+    checkpoint.notes.append(f"tokenizer: from {directory} (--tokenizer), replacing the checkpoint's")
