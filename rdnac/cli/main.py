@@ -274,8 +274,13 @@ def verify_cmd(plan, model, prompt, token_ids, atol, interpret):
 @click.option("--enable-prefix-caching", is_flag=True, help="Reuse KV blocks of shared prompt prefixes.")
 @click.option("--verify-weights/--no-verify-weights", default=True, show_default=True,
               help="Check each weight tensor against the checksum the plan records, as it loads.")
+@click.option("--chat-template", type=click.Path(dir_okay=False, exists=True),
+              help="A Jinja chat template file to use instead of the plan's.")
+@click.option("--max-n", type=click.IntRange(1), default=16, show_default=True,
+              help="Most choices (`n`) one request may ask for.")
 def serve_cmd(plan, host, port, api_key, api_key_file, auth_metrics, max_body_bytes, model_name, device,
-              max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, enable_prefix_caching, verify_weights):
+              max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, enable_prefix_caching, verify_weights,
+              chat_template, max_n):
     """Serve PLAN over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     from rdnac.serve import read_api_key, serve
 
@@ -283,7 +288,7 @@ def serve_cmd(plan, host, port, api_key, api_key_file, auth_metrics, max_body_by
           max_body_bytes=max_body_bytes, model_name=model_name, device=device,
           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
           gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
-          verify_weights=verify_weights)
+          verify_weights=verify_weights, chat_template=chat_template, max_n=max_n)
 
 
 @cli.command("tune")

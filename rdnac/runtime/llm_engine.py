@@ -65,6 +65,7 @@ class _Request:
     max_tokens: int  # params.max_tokens capped by the plan's max model length
     seed: int  # the params' seed, or one drawn at random when the request was added
     detokenizer: Detokenizer
+    matcher: object | None = None  # the params' guide's matcher: which tokens the grammar allows next
     text: str = ""  # decoded text, held-back tail included
     num_released: int = 0  # characters of `text` already output
     is_finished: bool = False
@@ -160,7 +161,9 @@ class LLMEngine:
             if request_id in self._requests:
                 raise RequestError(f"request id requires a value not already in flight; got {request_id!r} twice")
             seq = Sequence(request_id, list(ids))
-            self._requests[request_id] = _Request(seq, params, max_tokens, seed, Detokenizer(self.tokenizer, ids))
+            matcher = params.guide.matcher() if params.guide is not None else None
+            self._requests[request_id] = _Request(seq, params, max_tokens, seed, Detokenizer(self.tokenizer, ids),
+                                                  matcher)
             self.scheduler.add(seq)
             self._num_prompt_tokens += len(ids)
         return len(ids)
@@ -207,7 +210,7 @@ class LLMEngine:
     def _run(self, chunks: list) -> list[RequestOutput]:
         entries = [StepEntry(c.seq.token_ids, c.seq.block_table, c.start, c.end, c.seq.state_slot) for c in chunks]
         reqs = [self._requests[c.seq.seq_id] if c.is_last else None for c in chunks]  # None: gives no token
-        batch = _sampling_batch(reqs)
+        batch = _sampling_batch(reqs, self.tokenizer.eos_token_ids, self.runner.vocab_size, self.runner.device)
         result = self.runner.execute(entries, batch)
         is_sampled = any(r is not None for r in reqs)
         tokens = result.tokens.tolist() if is_sampled else []  # one device->host copy per step
@@ -260,8 +263,12 @@ class LLMEngine:
         seq, params = req.seq, req.params
         seq.token_ids.append(token)
         self._num_generated_tokens += 1
+        if req.matcher is not None:
+            req.matcher.accept(token)
         finish_reason = None
-        if (token in self.tokenizer.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        may_stop = seq.num_output_tokens >= params.min_tokens
+        is_stop_token = (token in self.tokenizer.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids
+        if is_stop_token and may_stop:
             finish_reason = "stop"  # the stop token is kept in token_ids, not in the text
             delta = req.detokenizer.flush()
         else:
@@ -270,7 +277,8 @@ class LLMEngine:
                 finish_reason = "length"
                 delta += req.detokenizer.flush()
         num_released = req.num_released
-        req.text, req.num_released, is_stopped = release_text(req.text, req.num_released, delta, params.stop,
+        req.text, req.num_released, is_stopped = release_text(req.text, req.num_released, delta,
+                                                              params.stop if may_stop else [],
                                                               is_final=finish_reason is not None)
         if is_stopped:
             finish_reason = "stop"
@@ -365,9 +373,28 @@ class LLMEngine:
                 for o in (final[i] for i in ids)]
 
 
-def _sampling_batch(reqs: list[_Request | None]) -> SamplingBatch:
+def _sampling_batch(reqs: list[_Request | None], eos_token_ids: set[int], vocab_size: int,
+                    device) -> SamplingBatch:
     """One sampling row per step entry, in order (None: an entry that gives no token)."""
     params = [r.params if r is not None else _NO_TOKEN for r in reqs]
+    live = [r for r in reqs if r is not None]
+    extras = {}
+    if any(r.params.presence_penalty or r.params.frequency_penalty or r.params.logit_bias or r.params.min_tokens
+           or r.matcher is not None for r in live):
+        def banned(r):  # before min_tokens, nothing that would end the request may be drawn
+            if r is None or r.seq.num_output_tokens >= r.params.min_tokens:
+                return []
+            return sorted(({*eos_token_ids} if not r.params.ignore_eos else set()) | set(r.params.stop_token_ids))
+        extras = dict(presence_penalties=[p.presence_penalty for p in params],
+                      frequency_penalties=[p.frequency_penalty for p in params],
+                      num_prompt_tokens=[r.seq.num_prompt_tokens if r is not None else 0 for r in reqs],
+                      logit_biases=[p.logit_bias for p in params], banned=[banned(r) for r in reqs])
+        if any(r.matcher is not None for r in live):
+            allowed = torch.ones(len(reqs), vocab_size, dtype=torch.bool)
+            for i, r in enumerate(reqs):
+                if r is not None and r.matcher is not None:
+                    allowed[i] = r.matcher.allowed(vocab_size)
+            extras["allowed"] = allowed.to(device)
     return SamplingBatch(
         temperatures=[p.temperature for p in params], top_ks=[p.top_k for p in params],
         top_ps=[p.top_p for p in params], min_ps=[p.min_p for p in params],
@@ -375,7 +402,7 @@ def _sampling_batch(reqs: list[_Request | None]) -> SamplingBatch:
         token_ids=[r.seq.token_ids if r is not None else [] for r in reqs],
         seeds=[r.seed if r is not None else 0 for r in reqs],
         steps=[r.seq.num_output_tokens if r is not None else 0 for r in reqs],
-        needs_logprobs=any(p.logprobs for p in params))
+        needs_logprobs=any(p.logprobs for p in params), **extras)
 
 
 def _limit(name: str, value: int | None, plan_limit: int) -> int:

@@ -26,13 +26,18 @@ import time
 import uuid
 from typing import AsyncIterator, Callable
 
+import torch
+
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rdnac.errors import RdnacError
-from rdnac.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs,
+from rdnac.serve.chat_output import ChatStyle
+from rdnac.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs, choice_seed,
                                   completion_logprobs, envelope, finish_reason, parse_request, sampling_params, usage)
+from rdnac.serve.structured import GuideCompiler
+from rdnac.serve.tools import check_tools
 from rdnac.serve.worker import ClientDisconnected, EngineFailed, EngineWorker, RequestGroup
 
 
@@ -53,17 +58,40 @@ class _Choice:
         return new_logprobs, new_top
 
 
+class _Echo:
+    """A prompt echoed before its completion: its text, and its legacy logprobs object (None if not asked)."""
+
+    def __init__(self, text: str, logprobs: dict | None):
+        self.text, self.logprobs = text, logprobs
+
+    def join(self, completion: dict) -> dict:
+        """The prompt's logprobs followed by the completion's, offsets counted from the prompt's start."""
+        if self.logprobs is None:
+            return completion
+        shift = len(self.text)
+        top = self.logprobs["top_logprobs"]
+        return {"tokens": self.logprobs["tokens"] + completion["tokens"],
+                "token_logprobs": self.logprobs["token_logprobs"] + completion["token_logprobs"],
+                "top_logprobs": None if top is None else top + (completion["top_logprobs"] or []),
+                "text_offset": self.logprobs["text_offset"] + [o + shift for o in completion["text_offset"]]}
+
+
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # a full 128k-token context as JSON token ids fits in under 1 MB
+DEFAULT_MAX_N = 16  # choices per request (`n`); each is a sequence in the engine
 
 
 class _Server:
-    def __init__(self, worker: EngineWorker, llm, model_name: str, max_body_bytes: int):
+    def __init__(self, worker: EngineWorker, llm, model_name: str, max_body_bytes: int, max_n: int = DEFAULT_MAX_N):
         self.worker = worker
         self.llm = llm
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.max_model_len
         self.model_name = model_name
         self.max_body_bytes = max_body_bytes
+        self.max_n = max_n
+        self.vocab_size = llm.runner.vocab_size
+        self.chat_style = ChatStyle(self.tokenizer.chat_template, self.tokenizer)
+        self.guides = GuideCompiler(self.tokenizer, self.vocab_size)
         self.created = int(time.time())
         # unset sampling fields take the plan's generation_config exactly as `rdnac run` does
         self.generation_config = llm.plan.body.get("generation_config") or {}
@@ -73,9 +101,16 @@ class _Server:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
                            param="model", code="model_not_found")
 
-    def params(self, req, max_tokens: int, logprobs: bool, top_logprobs: int = 0):
+    def params(self, req, max_tokens: int, logprobs: bool, top_logprobs: int = 0) -> list:
+        """One SamplingParams per choice (`n` of them, seeds derived from the request's)."""
+        if req.n > self.max_n:
+            raise APIError(400, f"n requires at most {self.max_n} choices per request (this server's cap); got "
+                                f"{req.n}", param="n")
+        guide = self.guides.guide(req.response_format)
+        biases = req.token_biases(self.vocab_size)
         try:
-            return sampling_params(req, self.generation_config, max_tokens, logprobs, top_logprobs)
+            return [sampling_params(req, self.generation_config, max_tokens, logprobs, top_logprobs, guide=guide,
+                                    logit_bias=biases, seed=choice_seed(req.seed, i)) for i in range(req.n)]
         except RdnacError as e:
             raise APIError(400, str(e)) from None
 
@@ -116,10 +151,13 @@ class _Server:
                                 f"{self.max_model_len}; shorten the prompt", param=param,
                            code="context_length_exceeded")
 
-    async def start(self, request_id: str, prompts: list, params, chat: bool) -> RequestGroup:
-        token_ids = await self.encode(prompts, chat)
-        group = RequestGroup(self.worker, request_id, len(prompts))
-        group.submit(token_ids, params, chat=False)
+    async def start(self, request_id: str, prompts: list, params: list, chat: bool,
+                    token_ids: list[list[int]] | None = None) -> RequestGroup:
+        """Submit each prompt once per choice (params: one per choice): choice i * n + j is prompt i's j-th."""
+        token_ids = token_ids if token_ids is not None else await self.encode(prompts, chat)
+        n = len(params)
+        group = RequestGroup(self.worker, request_id, len(token_ids) * n)
+        group.submit([ids for ids in token_ids for _ in range(n)], [p for _ in token_ids for p in params], chat=False)
         try:
             await group.admitted()
         except RdnacError as e:  # e.g. more KV blocks than the pool holds: the client's to fix
@@ -130,6 +168,47 @@ class _Server:
             group.abort()
             raise
         return group
+
+    async def render_chat(self, messages: list[dict], tools: list[dict] | None, kwargs: dict) -> tuple[str, list[int]]:
+        """The prompt text and its token ids, rendered as transformers' apply_chat_template(messages, tools=tools,
+        add_generation_prompt=True, **kwargs) does, in a worker thread, checked against the context."""
+        tok = self.tokenizer
+
+        def render():
+            text = tok.apply_chat_template(messages, True, tools, **kwargs)
+            return text, tok.encode(text, add_special_tokens=False)
+        try:
+            text, ids = await asyncio.to_thread(render)
+        except RdnacError as e:  # a template that raises, a plan without a tokenizer: the client's to fix
+            raise APIError(400, str(e), param="messages") from None
+        self.check_length(len(ids), "messages")
+        return text, ids
+
+    async def echo(self, prompt, ids: list[int], num_top: int | None) -> _Echo:
+        """The prompt as an echo: its text and, per token, its logprob given the tokens before it (the first has
+        none), from one prefill that keeps the logits of every position (`LLM.logits`)."""
+        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=False)
+        if num_top is None:
+            return _Echo(text, None)
+        try:
+            logits = await asyncio.to_thread(self.llm.logits, ids)  # [T, V] float32
+        except RdnacError as e:
+            raise APIError(400, str(e), param="prompt") from None
+        logprobs = logits[:-1].log_softmax(dim=-1)  # [T - 1, V]: position t scores token t + 1
+        chosen = [None] + logprobs.gather(1, torch.tensor(ids[1:], dtype=torch.int64)[:, None])[:, 0].tolist()
+        top = None
+        if num_top:
+            values, top_ids = logprobs.topk(num_top, dim=-1)
+            top = [None] + self.top_strings([list(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())])
+        return _Echo(text, completion_logprobs(self.token_strings(ids), chosen, top))
+
+    def static_stream(self, events: list[dict]) -> StreamingResponse:
+        async def gen() -> AsyncIterator[str]:
+            for data in events:
+                yield _sse(data)
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(gen(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def token_strings(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
@@ -154,10 +233,10 @@ class _Server:
                 group.abort()
         return choices
 
-    def stream(self, group: RequestGroup, first: list[dict],
-               chunk: Callable[[int, object, list[float]], dict | None], envelope_of: Callable[..., dict],
-               include_usage: bool) -> StreamingResponse:
-        """SSE: `first` chunks, one chunk per engine output, an optional usage chunk, then [DONE]."""
+    def stream(self, group: RequestGroup, first: list[dict], chunk: Callable[..., dict | None],
+               envelope_of: Callable[..., dict], include_usage: bool, n: int = 1) -> StreamingResponse:
+        """SSE: `first` chunks, one chunk per engine output (`chunk(index, out, new_logprobs, new_top, choice)`),
+        an optional usage chunk, then [DONE]."""
 
         async def events() -> AsyncIterator[str]:
             choices = [_Choice() for _ in group.ids]
@@ -166,12 +245,12 @@ class _Server:
                 for choice in first:
                     yield _sse(envelope_of([choice], **extra))
                 async for index, out in group.outputs():
-                    data = chunk(index, out, *choices[index].add(out))
+                    data = chunk(index, out, *choices[index].add(out), choices[index])
                     if data is not None:
                         yield _sse(envelope_of([data], **extra))
                 if include_usage:
                     num_completion = sum(len(c.token_ids) for c in choices)
-                    yield _sse(envelope_of([], usage=usage(sum(group.num_prompt_tokens), num_completion)))
+                    yield _sse(envelope_of([], usage=usage(sum(group.num_prompt_tokens[::n]), num_completion)))
             except EngineFailed as e:
                 yield _sse(APIError(500, str(e), type="server_error").body())
             finally:  # also runs when Starlette cancels the stream because the client disconnected
@@ -215,11 +294,15 @@ def _check_auth_metrics(auth_metrics: bool, api_key: str | None) -> None:
 
 
 def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key: str | None = None, *,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth_metrics: bool = False) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth_metrics: bool = False, max_n: int = DEFAULT_MAX_N,
+               chat_template: str | None = None) -> FastAPI:
     """The FastAPI app over a started EngineWorker (of `llm.engine`); `llm` supplies the tokenizer, limits and
-    plan. With `auth_metrics`, GET /metrics requires the API key too."""
+    plan. With `auth_metrics`, GET /metrics requires the API key too. `chat_template` (Jinja text) replaces
+    the plan's; `max_n` caps the choices of one request."""
     _check_auth_metrics(auth_metrics, api_key)
-    server = _Server(worker, llm, model_name or llm.plan.header["model"]["name"], max_body_bytes)
+    if chat_template is not None:
+        llm.tokenizer.chat_template = chat_template
+    server = _Server(worker, llm, model_name or llm.plan.header["model"]["name"], max_body_bytes, max_n)
     app = FastAPI(title="rdnac", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
@@ -261,46 +344,78 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
     async def completions(request: Request):
         req = await server.read(request, CompletionRequest)
         server.check_model(req.model)
-        prompts = req.prompts()
-        params = server.params(req, req.max_tokens or 16, logprobs=req.logprobs is not None,
+        prompts, n = req.prompts(), req.n
+        max_tokens = req.max_tokens if req.max_tokens is not None else 16
+        params = server.params(req, max(max_tokens, 1), logprobs=req.logprobs is not None,
                                top_logprobs=req.logprobs or 0)
+        token_ids = await server.encode(prompts, chat=False)
+        # echo: the prompt (and its logprobs, each token's given its prefix) before each choice's completion
+        echoes = [await server.echo(p, ids, req.logprobs) for p, ids in zip(prompts, token_ids)] if req.echo else None
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        group = await server.start(request_id, prompts, params, chat=False)
 
         def wrap(choices, **extra):
             return envelope(request_id, "text_completion", server.model_name, created, choices, **extra)
 
-        def logprobs_of(token_ids, logprobs, top, offset=0):
+        def logprobs_of(token_ids, logprobs, top, offset=0, echo=None):
             if req.logprobs is None:
                 return None
-            return completion_logprobs(server.token_strings(token_ids), logprobs,
-                                       server.top_strings(top) if req.logprobs else None, offset)
+            result = completion_logprobs(server.token_strings(token_ids), logprobs,
+                                         server.top_strings(top) if req.logprobs else None, offset)
+            return echo.join(result) if echo is not None else result
+
+        def echo_of(index: int):
+            return echoes[index // n] if echoes is not None else None
+
+        if max_tokens == 0:  # lm-eval's loglikelihood: the prompt scored, nothing generated
+            choices = [{"index": i, "text": echo_of(i).text, "finish_reason": "length",
+                        "logprobs": echo_of(i).logprobs if req.logprobs is not None else None}
+                       for i in range(len(prompts) * n)]
+            num_prompt = sum(len(ids) for ids in token_ids)
+            if req.stream:
+                return server.static_stream([wrap([c]) for c in choices] + (
+                    [wrap([], usage=usage(num_prompt, 0))] if req.include_usage else []))
+            return JSONResponse(wrap(choices, usage=usage(num_prompt, 0)))
+
+        group = await server.start(request_id, prompts, params, chat=False, token_ids=token_ids)
 
         if req.stream:
-            def chunk(index, out, new_logprobs, new_top):
+            first = [{"index": i, "text": echo_of(i).text, "finish_reason": None,
+                      "logprobs": echo_of(i).logprobs if req.logprobs is not None else None}
+                     for i in range(len(group.ids))] if echoes is not None else []
+
+            def chunk(index, out, new_logprobs, new_top, _choice):
                 if not (out.new_text or out.finished or (new_logprobs and req.logprobs is not None)):
                     return None
-                offset = len(out.text) - len(out.new_text)
+                offset = len(out.text) - len(out.new_text) + (len(echo_of(index).text) if echoes else 0)
                 return {"index": index, "text": out.new_text, "finish_reason": finish_reason(out),
                         "logprobs": logprobs_of(out.new_token_ids, new_logprobs, new_top, offset)}
-            return server.stream(group, [], chunk, wrap, req.include_usage)
+            return server.stream(group, first, chunk, wrap, req.include_usage, n)
 
-        choices = await server.collect(request, group, len(prompts))
-        body = wrap([{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                      "logprobs": logprobs_of(c.token_ids, c.logprobs, c.top)} for i, c in enumerate(choices)],
-                    usage=usage(sum(group.num_prompt_tokens), sum(len(c.token_ids) for c in choices)))
+        choices = await server.collect(request, group, len(group.ids))
+        body = wrap([{"index": i, "text": (echo_of(i).text if echoes else "") + c.text,
+                      "finish_reason": c.finish_reason,
+                      "logprobs": logprobs_of(c.token_ids, c.logprobs, c.top, echo=echo_of(i))}
+                     for i, c in enumerate(choices)],
+                    usage=usage(sum(group.num_prompt_tokens[::n]), sum(len(c.token_ids) for c in choices)))
         return JSONResponse(body)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         req = await server.read(request, ChatCompletionRequest)
         server.check_model(req.model)
-        messages = req.template_messages()
+        tools = check_tools(req.tools, req.tool_choice)
+        if tools and server.chat_style.tool_format is None:
+            raise APIError(400, "tools requires a chat template that renders tools in a tool-call format rdnac "
+                                "parses (Hermes/Qwen <tool_call>, Llama 3 JSON, Mistral [TOOL_CALLS], GPT-OSS "
+                                "harmony); got a template with none; serve with --chat-template FILE", param="tools")
+        prompt_text, ids = await server.render_chat(req.template_messages(), tools, req.chat_template_kwargs or {})
         # OpenAI's chat default is "until the context is full"; the engine caps it at the model length.
         max_tokens = req.max_completion_tokens or req.max_tokens or server.max_model_len
         params = server.params(req, max_tokens, logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        group = await server.start(request_id, [messages], params, chat=True)
+        group = await server.start(request_id, [prompt_text], params, chat=True, token_ids=[ids])
+        stop_ids = server.tokenizer.eos_token_ids | set(req.stop_token_ids or [])
+        parsers = [server.chat_style.output(prompt_text, bool(tools), stop_ids) for _ in group.ids]
 
         def wrap(choices, **extra):
             return envelope(request_id, "chat.completion.chunk" if req.stream else "chat.completion",
@@ -310,24 +425,32 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
             return chat_logprobs(server.token_strings(token_ids), logprobs, server.top_strings(top)) \
                 if req.logprobs else None
 
+        def reason_of(reason: str | None, has_calls: bool) -> str | None:
+            return "tool_calls" if has_calls and reason is not None else reason
+
         if req.stream:
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None}
+            has_role = [False] * len(group.ids)
 
-            def chunk(index, out, new_logprobs, new_top):
-                if not (out.new_text or out.finished or (new_logprobs and req.logprobs)):
+            def chunk(index, out, new_logprobs, new_top, choice):
+                parser = parsers[index]
+                delta, has_calls = parser.delta(parser.text(choice.text, choice.token_ids), out.finished)
+                if not has_role[index]:  # with the first token, not at admission: TTFT is measured on it
+                    has_role[index] = True
+                    delta = {"role": "assistant", "content": "", **delta}
+                elif not (delta or out.finished or (new_logprobs and req.logprobs)):
                     return None
-                return {"index": index, "delta": {"content": out.new_text} if out.new_text else {},
+                return {"index": index, "delta": delta,
                         "logprobs": logprobs_of(out.new_token_ids, new_logprobs, new_top),
-                        "finish_reason": finish_reason(out)}
-            return server.stream(group, [first], chunk, wrap, req.include_usage)
+                        "finish_reason": reason_of(finish_reason(out), has_calls)}
+            return server.stream(group, [], chunk, wrap, req.include_usage, len(group.ids))
 
-        (choice,) = await server.collect(request, group, 1)
-        body = wrap([{"index": 0, "message": {"role": "assistant", "content": choice.text},
-                      "logprobs": logprobs_of(choice.token_ids, choice.logprobs, choice.top),
-                      "finish_reason": choice.finish_reason}],
-                    usage=usage(group.num_prompt_tokens[0], len(choice.token_ids)))
-        return JSONResponse(body)
+        choices = await server.collect(request, group, len(group.ids))
+        body = []
+        for i, (c, parser) in enumerate(zip(choices, parsers)):
+            message, has_calls = parser.message(parser.text(c.text, c.token_ids))
+            body.append({"index": i, "message": message, "logprobs": logprobs_of(c.token_ids, c.logprobs, c.top),
+                         "finish_reason": reason_of(c.finish_reason, has_calls)})
+        return JSONResponse(wrap(body, usage=usage(group.num_prompt_tokens[0], sum(len(c.token_ids) for c in choices))))
 
     app.include_router(v1)
     return app
@@ -335,13 +458,16 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
 
 def run_server(plan: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                model_name: str | None = None, device: str | None = None, log_level: str = "info",
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth_metrics: bool = False, **llm_options) -> None:
-    """Load PLAN, start the engine thread and serve until interrupted (`rdnac serve`)."""
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth_metrics: bool = False, max_n: int = DEFAULT_MAX_N,
+               chat_template: str | None = None, **llm_options) -> None:
+    """Load PLAN, start the engine thread and serve until interrupted (`rdnac serve`); `chat_template`: a
+    Jinja file to use instead of the plan's template."""
     import uvicorn
 
     import rdnac
 
     _check_auth_metrics(auth_metrics, api_key)  # before the model loads
+    template = read_chat_template(chat_template) if chat_template is not None else None
     sock = bind(host, port)  # before loading the model: a taken port fails at once, never after "serving on"
     try:
         if device is None:
@@ -353,7 +479,7 @@ def run_server(plan: str, *, host: str = "127.0.0.1", port: int = 8000, api_key:
         worker.start()
         try:
             app = create_app(worker, llm, model_name, api_key, max_body_bytes=max_body_bytes,
-                             auth_metrics=auth_metrics)
+                             auth_metrics=auth_metrics, max_n=max_n, chat_template=template)
             name = app.state.server.model_name
             print(f"rdnac: serving {name} from {plan} on http://{host}:{port} (device {device})", file=sys.stderr)
             config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
@@ -362,6 +488,23 @@ def run_server(plan: str, *, host: str = "127.0.0.1", port: int = 8000, api_key:
             worker.shutdown()
     finally:
         sock.close()
+
+
+def read_chat_template(path: str) -> str:
+    """--chat-template FILE: a Jinja template, checked to compile before the model loads."""
+    import jinja2
+
+    from rdnac.runtime.chat import render_chat
+
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RdnacError(f"--chat-template requires a readable UTF-8 Jinja file; got {path}: {e}") from None
+    try:
+        render_chat(text, [{"role": "user", "content": "hi"}], {})
+    except (jinja2.TemplateSyntaxError, RdnacError) as e:
+        raise RdnacError(f"--chat-template requires a Jinja chat template that renders; got {path}: {e}") from None
+    return text
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -185,8 +185,10 @@ class RequestGroup:
         self._early: list[tuple[int, Any]] = []  # outputs that arrived while others still awaited admission
 
     def submit(self, prompts: list, params, chat: bool) -> None:
+        """`params`: one SamplingParams for all, or one per prompt."""
         for i, prompt in enumerate(prompts):
-            self.worker.submit(self.ids[i], prompt, params, chat, self._sink(i))
+            self.worker.submit(self.ids[i], prompt, params[i] if isinstance(params, list) else params, chat,
+                               self._sink(i))
 
     def _sink(self, index: int) -> Sink:
         def deliver(event):  # called on the engine thread
