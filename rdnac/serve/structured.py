@@ -12,7 +12,6 @@ token is xgrammar's own: filling the bitmask and advancing the matcher.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 
 import torch
 
@@ -63,9 +62,14 @@ class GuideCompiler:
 
     def __init__(self, tokenizer, vocab_size: int):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self._compiled = None
 
-    @lru_cache(maxsize=1)
     def _compiler(self):
+        if self._compiled is None:
+            self._compiled = self._make_compiler()
+        return self._compiled
+
+    def _make_compiler(self):
         xgr = _xgrammar("response_format")
         from transformers import PreTrainedTokenizerFast
 

@@ -69,7 +69,7 @@ def check_tools(tools: list | None, tool_choice) -> list[dict] | None:
             raise APIError(400, f"tools[{i}].function.parameters requires a JSON schema object; got "
                                 f"{_short(fn['parameters'])}", param=f"tools.{i}.function.parameters")
     if tool_choice in (None, "auto"):
-        return [{"type": "function", **{k: v for k, v in t.items() if k != "type"}} for t in tools]
+        return list(tools)  # as given: the template renders them byte for byte as transformers would
     if tool_choice == "none":
         return None
     # "required" and a named function need the output forced into a call: not offered
