@@ -93,8 +93,8 @@ class GuideCompiler:
             raise APIError(400, f"{param} requires a plan with a tokenizer; this plan has none", param=param)
         xgr, compiler = self._compiler()
         try:
-            if kind == "json_object":
-                return Guide(xgr, compiler.compile_builtin_json_grammar())
+            if kind == "json_object":  # OpenAI's: a JSON object (xgrammar's builtin grammar takes any value)
+                return Guide(xgr, compiler.compile_json_schema('{"type": "object"}', any_whitespace=False))
             if kind == "json_schema":
                 spec = response_format.get("json_schema")
                 schema = spec.get("schema") if isinstance(spec, dict) else None
