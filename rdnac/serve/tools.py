@@ -207,8 +207,9 @@ class ToolStream:
             return "", text[:start].rstrip()
         for n in range(min(len(marker) - 1, len(text)), 0, -1):  # a marker perhaps arriving
             if text.endswith(marker[:n]):
-                return "", text[:-n]
-        return "", text
+                text = text[:-n]
+                break
+        return "", text.rstrip()  # whitespace before a call is not content: held until the next word
 
     def push(self, text: str, final: bool) -> tuple[str, str, list[dict]]:
         """(reasoning delta, content delta, tool calls) for the output text so far."""
