@@ -99,6 +99,23 @@ def test_n_choices_are_distinct_and_seeded(client, reference):
     assert [c.index for c in chat.choices] == [0, 1, 2] and len({c.message.content for c in chat.choices}) == 3
 
 
+def test_n_choices_share_the_prefill(plan, client, reference):
+    """With prefix caching on, choices 1..n-1 wait for choice 0's prefill and reuse its full prompt blocks:
+    the prompt is computed once, the answers are those of separate requests."""
+    prompt = reference.tokenizer.encode("A longer prompt, so that it fills a few whole KV blocks: " * 2)
+    body = {"prompt": prompt, "n": 3, "max_tokens": 6, "temperature": 1.0, "seed": 11}
+    expected = [c["text"] for c in _post_json(client, body)["choices"]]
+    llm = rdnac.load(plan, enable_prefix_caching=True)
+    block = llm.engine.block_size
+    with serving(llm) as url:
+        before = llm.engine.stats()["prefix_cache_hit_tokens"]
+        response = _post(url, "/v1/completions", body)
+        hits = llm.engine.stats()["prefix_cache_hit_tokens"] - before
+    assert [c["text"] for c in response.json()["choices"]] == expected
+    assert response.json()["usage"]["prompt_tokens"] == len(prompt)  # the prompt counted once, as OpenAI does
+    assert hits == 2 * ((len(prompt) - 1) // block * block), (hits, len(prompt), block)
+
+
 def test_top_logprobs_match_the_plans_logits(client, reference):
     messages = [{"role": "user", "content": "Hi"}]
     prompt = reference.encode_prompt(messages)

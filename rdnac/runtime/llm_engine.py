@@ -112,6 +112,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []  # abort outputs, returned by the next step()
+        self._deferred: dict[str, str] = {}  # request id -> the request whose prefill it waits for (shares)
         self._lock = threading.RLock()
         self._num_generated_tokens = 0
         self._num_prompt_tokens = 0
@@ -138,8 +139,11 @@ class LLMEngine:
 
     # ------------------------------------------------------------ requests
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, chat: bool = False) -> int:
-        """Queue a request; returns its number of prompt tokens."""
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, chat: bool = False,
+                    prefill_after: str | None = None) -> int:
+        """Queue a request; returns its number of prompt tokens. `prefill_after`: a request in flight with the
+        same prompt (another of `n` choices); with prefix caching on, this one is scheduled once that one's
+        prompt is in the cache, so the prompt's full blocks are computed once and shared."""
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params requires a SamplingParams; got {type(params).__name__}")
         params = replace(params, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids))  # own copy
@@ -164,9 +168,22 @@ class LLMEngine:
             matcher = params.guide.matcher() if params.guide is not None else None
             self._requests[request_id] = _Request(seq, params, max_tokens, seed, Detokenizer(self.tokenizer, ids),
                                                   matcher)
-            self.scheduler.add(seq)
+            parent = self._requests.get(prefill_after) if prefill_after is not None else None
+            if parent is not None and self.block_manager.enable_prefix_caching and not parent.is_finished \
+                    and parent.seq.token_ids[:parent.seq.num_prompt_tokens] == ids:
+                self._deferred[request_id] = prefill_after
+            else:
+                self.scheduler.add(seq)
             self._num_prompt_tokens += len(ids)
         return len(ids)
+
+    def _release_deferred(self) -> None:
+        """Schedule the requests whose prefill-sharing parent has its prompt computed (or has gone)."""
+        for request_id, parent_id in list(self._deferred.items()):
+            parent = self._requests.get(parent_id)
+            if parent is None or parent.is_finished or parent.seq.num_computed_tokens >= parent.seq.num_prompt_tokens:
+                del self._deferred[request_id]
+                self.scheduler.add(self._requests[request_id].seq)
 
     def abort_request(self, request_id: str) -> None:
         """Free the request's blocks now; its final output (finish_reason "abort") comes from the next step()."""
@@ -174,7 +191,8 @@ class LLMEngine:
             req = self._requests.get(request_id)
             if req is None or req.is_finished:
                 return
-            self.scheduler.finish(req.seq)
+            if self._deferred.pop(request_id, None) is None:  # a deferred request holds nothing yet
+                self.scheduler.finish(req.seq)
             req.is_finished = True
             self._pending.append(RequestOutput(request_id, [], "", list(req.seq.output_ids), req.released_text,
                                                [] if req.params.logprobs else None, True, "abort",
@@ -184,7 +202,7 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         with self._lock:
-            return bool(self._pending) or self.scheduler.has_unfinished()
+            return bool(self._pending) or bool(self._deferred) or self.scheduler.has_unfinished()
 
     # ------------------------------------------------------------ stepping
 
@@ -197,6 +215,7 @@ class LLMEngine:
             outputs, self._pending = self._pending, []
             for out in outputs:
                 del self._requests[out.request_id]
+            self._release_deferred()
             chunks = self.scheduler.schedule()
             if not chunks:
                 return outputs

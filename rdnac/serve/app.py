@@ -157,7 +157,8 @@ class _Server:
         token_ids = token_ids if token_ids is not None else await self.encode(prompts, chat)
         n = len(params)
         group = RequestGroup(self.worker, request_id, len(token_ids) * n)
-        group.submit([ids for ids in token_ids for _ in range(n)], [p for _ in token_ids for p in params], chat=False)
+        group.submit([ids for ids in token_ids for _ in range(n)], [p for _ in token_ids for p in params], chat=False,
+                     num_choices=n)
         try:
             await group.admitted()
         except RdnacError as e:  # e.g. more KV blocks than the pool holds: the client's to fix
