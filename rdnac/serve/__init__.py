@@ -4,8 +4,14 @@
     protocol.py  OpenAI request validation -> SamplingParams; response shapes
     app.py       the FastAPI routes, SSE streaming, and the uvicorn runner
     metrics.py   Prometheus text for GET /metrics
+    chat_output.py  an assistant message from a chat output: content, reasoning_content, tool_calls
+    tools.py     tools checked for the template; tool calls parsed (Hermes/Qwen, Llama 3, Mistral, harmony)
+    reasoning.py `<think>` reasoning split from the answer
+    echo.py      echo and prompt logprobs on /v1/completions (lm-eval's loglikelihood)
+    structured.py  response_format (json_object, json_schema, regex, grammar) as an xgrammar logits mask
 
-fastapi and uvicorn come with the `serve` extra (`pip install 'rdnac[serve]'`);
+fastapi and uvicorn come with the `serve` extra (`pip install 'rdnac[serve]'`), xgrammar with the
+`structured` extra (only response_format needs it: without it, such a request gets a 400 saying so);
 nothing outside this package imports them, so the compiler and runtime work
 without them.
 """

@@ -26,14 +26,13 @@ import time
 import uuid
 from typing import AsyncIterator, Callable
 
-import torch
-
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rdnac.errors import RdnacError
 from rdnac.serve.chat_output import ChatStyle
+from rdnac.serve.echo import Echo, prompt_logprobs
 from rdnac.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs, choice_seed,
                                   completion_logprobs, envelope, finish_reason, parse_request, sampling_params, usage)
 from rdnac.serve.structured import GuideCompiler
@@ -56,24 +55,6 @@ class _Choice:
         self.top += new_top
         self.finish_reason = finish_reason(out)
         return new_logprobs, new_top
-
-
-class _Echo:
-    """A prompt echoed before its completion: its text, and its legacy logprobs object (None if not asked)."""
-
-    def __init__(self, text: str, logprobs: dict | None):
-        self.text, self.logprobs = text, logprobs
-
-    def join(self, completion: dict) -> dict:
-        """The prompt's logprobs followed by the completion's, offsets counted from the prompt's start."""
-        if self.logprobs is None:
-            return completion
-        shift = len(self.text)
-        top = self.logprobs["top_logprobs"]
-        return {"tokens": self.logprobs["tokens"] + completion["tokens"],
-                "token_logprobs": self.logprobs["token_logprobs"] + completion["token_logprobs"],
-                "top_logprobs": None if top is None else top + (completion["top_logprobs"] or []),
-                "text_offset": self.logprobs["text_offset"] + [o + shift for o in completion["text_offset"]]}
 
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # a full 128k-token context as JSON token ids fits in under 1 MB
@@ -101,12 +82,13 @@ class _Server:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
                            param="model", code="model_not_found")
 
-    def params(self, req, max_tokens: int, logprobs: bool, top_logprobs: int = 0) -> list:
-        """One SamplingParams per choice (`n` of them, seeds derived from the request's)."""
+    async def params(self, req, max_tokens: int, logprobs: bool, top_logprobs: int = 0) -> list:
+        """One SamplingParams per choice (`n` of them, seeds derived from the request's); a response_format's
+        grammar compiled in a worker thread."""
         if req.n > self.max_n:
             raise APIError(400, f"n requires at most {self.max_n} choices per request (this server's cap); got "
                                 f"{req.n}", param="n")
-        guide = self.guides.guide(req.response_format)
+        guide = await asyncio.to_thread(self.guides.guide, req.response_format) if req.response_format else None
         biases = req.token_biases(self.vocab_size)
         try:
             return [sampling_params(req, self.generation_config, max_tokens, logprobs, top_logprobs, guide=guide,
@@ -185,23 +167,16 @@ class _Server:
         self.check_length(len(ids), "messages")
         return text, ids
 
-    async def echo(self, prompt, ids: list[int], num_top: int | None) -> _Echo:
-        """The prompt as an echo: its text and, per token, its logprob given the tokens before it (the first has
-        none), from one prefill that keeps the logits of every position (`LLM.logits`)."""
+    async def echo(self, prompt, ids: list[int], num_top: int | None) -> Echo:
+        """The prompt as an echo; with `num_top` (logprobs) its prompt logprobs, scored in a worker thread."""
         text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=False)
         if num_top is None:
-            return _Echo(text, None)
+            return Echo(text, None)
         try:
-            logits = await asyncio.to_thread(self.llm.logits, ids)  # [T, V] float32
+            return await asyncio.to_thread(prompt_logprobs, self.llm, text, ids, num_top,
+                                           self.token_strings, self.top_strings)
         except RdnacError as e:
             raise APIError(400, str(e), param="prompt") from None
-        logprobs = logits[:-1].log_softmax(dim=-1)  # [T - 1, V]: position t scores token t + 1
-        chosen = [None] + logprobs.gather(1, torch.tensor(ids[1:], dtype=torch.int64)[:, None])[:, 0].tolist()
-        top = None
-        if num_top:
-            values, top_ids = logprobs.topk(num_top, dim=-1)
-            top = [None] + self.top_strings([list(zip(i, v)) for i, v in zip(top_ids.tolist(), values.tolist())])
-        return _Echo(text, completion_logprobs(self.token_strings(ids), chosen, top))
 
     def static_stream(self, events: list[dict]) -> StreamingResponse:
         async def gen() -> AsyncIterator[str]:
@@ -347,7 +322,7 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
         server.check_model(req.model)
         prompts, n = req.prompts(), req.n
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
-        params = server.params(req, max(max_tokens, 1), logprobs=req.logprobs is not None,
+        params = await server.params(req, max(max_tokens, 1), logprobs=req.logprobs is not None,
                                top_logprobs=req.logprobs or 0)
         token_ids = await server.encode(prompts, chat=False)
         # echo: the prompt (and its logprobs, each token's given its prefix) before each choice's completion
@@ -412,7 +387,7 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
         prompt_text, ids = await server.render_chat(req.template_messages(), tools, req.chat_template_kwargs or {})
         # OpenAI's chat default is "until the context is full"; the engine caps it at the model length.
         max_tokens = req.max_completion_tokens or req.max_tokens or server.max_model_len
-        params = server.params(req, max_tokens, logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
+        params = await server.params(req, max_tokens, logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         group = await server.start(request_id, [prompt_text], params, chat=True, token_ids=[ids])
         stop_ids = server.tokenizer.eos_token_ids | set(req.stop_token_ids or [])
