@@ -347,3 +347,34 @@ def test_think_lands_in_reasoning_content(qwen3):
                                                    "response_format": _regex("Four.")}).json()
     assert no_think["choices"][0]["message"]["content"] == "Four."
     assert no_think["choices"][0]["message"]["reasoning_content"] is None
+
+
+def test_forced_tool_choice_constrains_the_output_to_a_call(qwen3):
+    """tool_choice "required" or a named function: the grammar forces a call (vLLM's way), at temperature 1."""
+    pytest.importorskip("xgrammar")
+    jsonschema = pytest.importorskip("jsonschema")
+    _, llm, url = qwen3
+    city = {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+            "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": city}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {
+                 "type": "object", "properties": {}, "additionalProperties": False}}}]
+    messages = [{"role": "user", "content": "Weather?"}]
+    for choice_, names in (({"type": "function", "function": {"name": "get_weather"}}, {"get_weather"}),
+                           ("required", {"get_weather", "get_time"})):
+        for seed in range(3):
+            body = {"messages": messages, "tools": tools, "tool_choice": choice_, "max_tokens": 200,
+                    "temperature": 1.0, "seed": seed}
+            response = _post(url, "/v1/chat/completions", body)
+            assert response.status_code == 200, response.text
+            (choice,) = response.json()["choices"]
+            assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, choice
+            assert choice["message"]["tool_calls"]
+            for call in choice["message"]["tool_calls"]:
+                assert call["function"]["name"] in names
+                schema = next(t["function"]["parameters"] for t in tools if t["function"]["name"] ==
+                              call["function"]["name"])
+                jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+    response = _post(url, "/v1/chat/completions", {"messages": messages, "tools": tools, "tool_choice": "required",
+                                                   "response_format": {"type": "json_object"}})
+    assert response.status_code == 400 and _error(response)["param"] == "response_format"

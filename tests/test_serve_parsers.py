@@ -106,6 +106,11 @@ def test_tools_checked_by_name():
         with pytest.raises(APIError) as info:
             check_tools(bad, "auto")
         assert info.value.status == 400 and info.value.param == param
+    assert check_tools([tool], "required") == [tool]
+    assert check_tools([tool], {"type": "function", "function": {"name": "f"}}) == [tool]
     with pytest.raises(APIError) as info:
-        check_tools([tool], "required")
+        check_tools([tool], {"type": "function", "function": {"name": "g"}})  # not one of the tools
+    assert info.value.param == "tool_choice"
+    with pytest.raises(APIError) as info:
+        check_tools(None, "required")
     assert info.value.param == "tool_choice"

@@ -36,7 +36,7 @@ from rdnac.serve.echo import Echo, prompt_logprobs
 from rdnac.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs, choice_seed,
                                   completion_logprobs, envelope, finish_reason, parse_request, sampling_params, usage)
 from rdnac.serve.structured import GuideCompiler
-from rdnac.serve.tools import check_tools
+from rdnac.serve.tools import check_tools, forced_format
 from rdnac.serve.worker import ClientDisconnected, EngineFailed, EngineWorker, RequestGroup
 
 
@@ -384,6 +384,12 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
             raise APIError(400, "tools requires a chat template that renders tools in a tool-call format rdnac "
                                 "parses (Hermes/Qwen <tool_call>, Llama 3 JSON, Mistral [TOOL_CALLS], GPT-OSS "
                                 "harmony); got a template with none; serve with --chat-template FILE", param="tools")
+        forced = req.tool_choice if tools and req.tool_choice not in (None, "auto") else None
+        if forced is not None:  # the output is constrained to the call by its schema
+            if req.response_format is not None and req.response_format.get("type") != "text":
+                raise APIError(400, f"tool_choice {forced!r} requires no response_format (it sets its own); got "
+                                    f"both", param="response_format")
+            req.response_format = forced_format(tools, forced)
         prompt_text, ids = await server.render_chat(req.template_messages(), tools, req.chat_template_kwargs or {})
         # OpenAI's chat default is "until the context is full"; the engine caps it at the model length.
         max_tokens = req.max_completion_tokens or req.max_tokens or server.max_model_len
@@ -391,7 +397,7 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         group = await server.start(request_id, [prompt_text], params, chat=True, token_ids=[ids])
         stop_ids = server.tokenizer.eos_token_ids | set(req.stop_token_ids or [])
-        parsers = [server.chat_style.output(prompt_text, bool(tools), stop_ids) for _ in group.ids]
+        parsers = [server.chat_style.output(prompt_text, bool(tools), stop_ids, forced) for _ in group.ids]
 
         def wrap(choices, **extra):
             return envelope(request_id, "chat.completion.chunk" if req.stream else "chat.completion",

@@ -9,7 +9,7 @@ format (`tools.py`); GPT-OSS's harmony channels give both. `ChatOutput` does it 
 from __future__ import annotations
 
 from rdnac.serve import reasoning
-from rdnac.serve.tools import ToolStream, needs_special_tokens, tool_format
+from rdnac.serve.tools import ToolStream, forced_calls, needs_special_tokens, tool_format
 
 
 class ChatStyle:
@@ -20,15 +20,18 @@ class ChatStyle:
         self.has_think = reasoning.uses_think_tags(chat_template)
         self.tokenizer = tokenizer
 
-    def output(self, prompt_text: str, has_tools: bool, stop_ids: set[int]) -> ChatOutput:
+    def output(self, prompt_text: str, has_tools: bool, stop_ids: set[int], forced=None) -> ChatOutput:
+        """`forced`: a tool_choice that constrains the whole output to a call ("required", or a named one)."""
+        if forced is not None:
+            return ChatOutput(None, False, False, self.tokenizer, stop_ids, forced)
         fmt = self.tool_format if has_tools or self.tool_format == "harmony" else None
         think = self.has_think and fmt != "harmony"
         return ChatOutput(fmt, think, prompt_text.rstrip().endswith(reasoning.OPEN), self.tokenizer, stop_ids)
 
 
 class ChatOutput:
-    def __init__(self, fmt: str | None, think: bool, is_open: bool, tokenizer, stop_ids: set[int]):
-        self.fmt, self.think, self.tokenizer, self.stop_ids = fmt, think, tokenizer, stop_ids
+    def __init__(self, fmt: str | None, think: bool, is_open: bool, tokenizer, stop_ids: set[int], forced=None):
+        self.fmt, self.think, self.tokenizer, self.stop_ids, self.forced = fmt, think, tokenizer, stop_ids, forced
         self.reasoning = reasoning.ReasoningStream(is_open) if think else None
         self.tools = ToolStream(fmt) if fmt else None
         self.visible = ""  # the content part of reasoning's split, as the tool stream has seen it
@@ -46,6 +49,9 @@ class ChatOutput:
     def delta(self, text: str, final: bool) -> tuple[dict, bool]:
         """The delta for the output text so far: {reasoning_content?, content?, tool_calls?}, and whether
         it made tool calls."""
+        if self.forced is not None:  # the output is the call: nothing streams before it is whole
+            calls = forced_calls(text, self.forced) if final else []
+            return ({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]} if calls else {}), bool(calls)
         delta, reasoning_delta = {}, ""
         content = text
         if self.reasoning is not None:

@@ -49,7 +49,7 @@ def needs_special_tokens(fmt: str | None) -> bool:
 
 def check_tools(tools: list | None, tool_choice) -> list[dict] | None:
     """The tools as the template takes them (OpenAI's {"type": "function", "function": {...}}), or None for
-    tool_choice "none". A 400 naming the field for a tool without a name or a choice rdnac cannot honour."""
+    tool_choice "none". A 400 naming the field for a tool without a name or a choice naming no tool."""
     if tools is None:
         if tool_choice not in (None, "none", "auto"):
             raise APIError(400, f"tool_choice requires tools; got tool_choice={tool_choice!r} without them",
@@ -68,13 +68,40 @@ def check_tools(tools: list | None, tool_choice) -> list[dict] | None:
         if "parameters" in fn and not isinstance(fn["parameters"], dict):
             raise APIError(400, f"tools[{i}].function.parameters requires a JSON schema object; got "
                                 f"{_short(fn['parameters'])}", param=f"tools.{i}.function.parameters")
-    if tool_choice in (None, "auto"):
-        return list(tools)  # as given: the template renders them byte for byte as transformers would
     if tool_choice == "none":
         return None
-    # "required" and a named function need the output forced into a call: not offered
-    raise APIError(400, f"tool_choice requires 'auto' or 'none' on rdnac serve; got {_short(tool_choice)}",
-                   param="tool_choice")
+    if tool_choice not in (None, "auto", "required"):
+        name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+        if name not in {t["function"]["name"] for t in tools}:
+            raise APIError(400, f"tool_choice requires 'none', 'auto', 'required' or {{'type': 'function', "
+                                f"'function': {{'name': NAME}}}} naming one of the tools; got {_short(tool_choice)}",
+                           param="tool_choice")
+    return list(tools)  # as given: the template renders them byte for byte as transformers would
+
+
+def forced_format(tools: list[dict], tool_choice) -> dict | None:
+    """The response_format that forces a call, as vLLM does: a named function's output is its arguments (its
+    parameters schema); "required" is a JSON array of {"name", "parameters"}, at least one. None: not forced."""
+    if tool_choice == "required":
+        items = [{"type": "object", "properties": {"name": {"enum": [t["function"]["name"]]},
+                                                   "parameters": t["function"].get("parameters") or {"type": "object"}},
+                  "required": ["name", "parameters"]} for t in tools]
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
+    elif isinstance(tool_choice, dict):
+        name = tool_choice["function"]["name"]
+        schema = next(t["function"].get("parameters") for t in tools if t["function"]["name"] == name) \
+            or {"type": "object"}
+    else:
+        return None
+    return {"type": "json_schema", "json_schema": {"name": "tool_choice", "schema": schema}}
+
+
+def forced_calls(text: str, tool_choice) -> list[dict]:
+    """The calls of an output that `forced_format` constrained."""
+    if isinstance(tool_choice, dict):
+        return [_call(tool_choice["function"]["name"], text)]
+    values = _decode_objects(text)
+    return [_call(v["name"], v["parameters"]) for v in (values[0] if values else []) if _named(v, "parameters")]
 
 
 def _short(value) -> str:
