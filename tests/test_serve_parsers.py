@@ -114,3 +114,26 @@ def test_tools_checked_by_name():
     with pytest.raises(APIError) as info:
         check_tools(None, "required")
     assert info.value.param == "tool_choice"
+
+
+def test_harmony_streamed_by_tokens_joins_to_the_whole_parse():
+    """GPT-OSS's special tokens arrive whole: stream the output token by token (specials and words)."""
+    import re
+
+    text = ('<|channel|>analysis<|message|>The user wants the weather.<|end|><|start|>assistant<|channel|>'
+            'commentary to=functions.get_weather <|constrain|>json<|message|>{"location": "Tokyo"}<|call|>'
+            '<|start|>assistant<|channel|>final<|message|>Checking Tokyo.')
+    pieces = [p for p in re.split(r"(<\|\w+\|>|\s+)", text) if p]
+    whole, has_calls = ChatOutput("harmony", False, False, _NoTokenizer(), set()).message(text)
+    assert has_calls and whole["reasoning_content"] == "The user wants the weather."
+    assert whole["content"] == "Checking Tokyo."
+    stream = ChatOutput("harmony", False, False, _NoTokenizer(), set())
+    joined, calls = {"reasoning_content": "", "content": ""}, []
+    for end in range(1, len(pieces) + 1):
+        delta, _ = stream.delta("".join(pieces[:end]), final=end == len(pieces))
+        for key in joined:
+            joined[key] += delta.get(key, "")
+        calls += delta.get("tool_calls", [])
+        assert "<|" not in joined["content"] and "{" not in joined["content"]
+    assert joined == {"reasoning_content": whole["reasoning_content"], "content": whole["content"]}
+    assert [c["function"] for c in calls] == [c["function"] for c in whole["tool_calls"]]
