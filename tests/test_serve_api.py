@@ -378,3 +378,21 @@ def test_forced_tool_choice_constrains_the_output_to_a_call(qwen3):
     response = _post(url, "/v1/chat/completions", {"messages": messages, "tools": tools, "tool_choice": "required",
                                                    "response_format": {"type": "json_object"}})
     assert response.status_code == 400 and _error(response)["param"] == "response_format"
+
+
+def test_chat_template_file_replaces_the_plans(plan, tmp_path):
+    import subprocess
+
+    from tests.test_serve_hardening import ROOT, serve_process
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<<{{ m.content }}>>{% endfor %}")
+    with serve_process(plan, "--chat-template", str(template)) as (_, url):
+        body = _post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                   "max_tokens": 1}).json()
+        assert body["usage"]["prompt_tokens"] == len("<<hi>>")  # one byte a token
+    template.write_text("{% for m in messages %}")
+    result = subprocess.run([sys.executable, "-m", "rdnac.cli.main", "serve", str(plan), "--chat-template",
+                             str(template), "--port", "1"], capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode != 0 and "--chat-template requires a Jinja chat template that renders" in result.stderr
