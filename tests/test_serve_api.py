@@ -396,3 +396,13 @@ def test_chat_template_file_replaces_the_plans(plan, tmp_path):
                              str(template), "--port", "1"], capture_output=True, text=True, timeout=120,
                             env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode != 0 and "--chat-template requires a Jinja chat template that renders" in result.stderr
+
+
+def test_sampling_params_check_the_new_fields():
+    from rdnac.errors import RequestError
+
+    for kwargs, name in [({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+                         ({"logit_bias": {-1: 1.0}}, "logit_bias"), ({"logit_bias": {5: 101}}, "logit_bias"),
+                         ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"), ({"guide": "json"}, "guide")]:
+        with pytest.raises(RequestError, match=f"^{name} requires"):
+            SamplingParams(**kwargs)

@@ -134,27 +134,41 @@ def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[list[int]], p
 
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """The logits a row samples from and is scored by: repetition penalty (HF's, over prompt and output), then
-    OpenAI's presence and frequency penalties (output only, as vLLM), logit_bias, banned ids, the grammar mask."""
+    OpenAI's presence and frequency penalties (output only, as vLLM), logit_bias, banned ids, the grammar mask.
+    Only index lists go to the device; the [B, V] work happens there."""
     # logits: [B, V] float32
     logits = apply_repetition_penalty(logits.float(), batch.token_ids, batch.repetition_penalties)
     if not batch.has_extras:
         return logits
-    device, (rows, vocab) = logits.device, logits.shape
-    adjust = torch.zeros(rows, vocab, dtype=torch.float32)  # built on the host: one copy to the device
-    for r in range(rows):
-        presence = batch.presence_penalties[r] if batch.presence_penalties else 0.0
-        frequency = batch.frequency_penalties[r] if batch.frequency_penalties else 0.0
-        if presence or frequency:
-            out = torch.tensor(batch.token_ids[r][batch.num_prompt_tokens[r]:], dtype=torch.int64)
-            counts = torch.bincount(out, minlength=vocab)[:vocab].float()
-            adjust[r] -= frequency * counts + presence * (counts > 0).float()
-        for token, bias in (batch.logit_biases[r] if batch.logit_biases else {}).items():
-            if token < vocab:
-                adjust[r, token] += bias
-        for token in (batch.banned[r] if batch.banned else []):
-            if token < vocab:
-                adjust[r, token] = float("-inf")
-    logits = logits + adjust.to(device)
+    device, (num_rows, vocab) = logits.device, logits.shape
+
+    def scatter(rows: list[int], cols: list[int], values: list[float], accumulate: bool) -> torch.Tensor:
+        out = torch.zeros(num_rows, vocab, dtype=torch.float32, device=device)
+        if rows:
+            index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+            out.index_put_(index, torch.tensor(values, dtype=torch.float32, device=device), accumulate=accumulate)
+        return out
+
+    presence = batch.presence_penalties or [0.0] * num_rows
+    frequency = batch.frequency_penalties or [0.0] * num_rows
+    rows, cols = [], []
+    for r in range(num_rows):
+        if presence[r] or frequency[r]:
+            out = [t for t in batch.token_ids[r][batch.num_prompt_tokens[r]:] if t < vocab]
+            rows += [r] * len(out)
+            cols += out
+    if rows:
+        counts = scatter(rows, cols, [1.0] * len(rows), accumulate=True)  # [B, V]: occurrences in the output
+        penalty = (torch.tensor(frequency, device=device)[:, None] * counts
+                   + torch.tensor(presence, device=device)[:, None] * (counts > 0).float())
+        logits = logits - penalty
+    biases = [(r, t, b) for r, row in enumerate(batch.logit_biases) for t, b in row.items() if t < vocab]
+    if biases:
+        logits = logits + scatter(*map(list, zip(*biases)), accumulate=False)
+    banned = [(r, t) for r, row in enumerate(batch.banned) for t in row if t < vocab]
+    if banned:
+        is_banned = scatter(*map(list, zip(*banned)), [1.0] * len(banned), accumulate=False) > 0
+        logits = logits.masked_fill(is_banned, float("-inf"))
     if batch.allowed is not None:
         logits = logits.masked_fill(~batch.allowed, float("-inf"))
     return logits
