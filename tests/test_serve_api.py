@@ -406,3 +406,25 @@ def test_sampling_params_check_the_new_fields():
                          ({"min_tokens": 20, "max_tokens": 10}, "min_tokens"), ({"guide": "json"}, "guide")]:
         with pytest.raises(RequestError, match=f"^{name} requires"):
             SamplingParams(**kwargs)
+
+
+def test_deferred_choices_abort_and_outlive_their_leader(plan):
+    """Engine level: a choice waiting for its leader's prefill can be aborted (it holds no blocks), and one
+    whose leader is aborted runs on its own."""
+    llm = rdnac.load(plan, enable_prefix_caching=True)
+    engine = llm.engine
+    ids = llm.tokenizer.encode("a prompt of a few blocks, shared by its choices " * 2)
+    params = SamplingParams(max_tokens=3)
+    engine.add_request("lead", ids, params)
+    engine.add_request("child-1", ids, params, prefill_after="lead")
+    engine.add_request("child-2", ids, params, prefill_after="lead")
+    assert engine.stats()["waiting"] == 3
+    engine.abort_request("child-1")
+    engine.abort_request("lead")
+    finished = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out.finish_reason
+    assert finished == {"child-1": "abort", "lead": "abort", "child-2": "length"}
+    assert engine.num_free_blocks == engine.num_total_blocks

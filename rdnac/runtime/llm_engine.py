@@ -343,7 +343,7 @@ class LLMEngine:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + len(self._deferred),
                     "preemptions": self.scheduler.num_preemptions, "generated_tokens": self._num_generated_tokens,
                     "prompt_tokens": self._num_prompt_tokens,
                     "prefix_cache_hit_tokens": self.block_manager.num_cache_hit_tokens,
