@@ -428,3 +428,19 @@ def test_deferred_choices_abort_and_outlive_their_leader(plan):
                 finished[out.request_id] = out.finish_reason
     assert finished == {"child-1": "abort", "lead": "abort", "child-2": "length"}
     assert engine.num_free_blocks == engine.num_total_blocks
+
+
+def test_streamed_echo_and_n_match_the_whole_response(url):
+    body = {"prompt": "Hello", "max_tokens": 5, "temperature": 1.0, "seed": 5, "n": 2, "echo": True, "logprobs": 2}
+    whole = _post(url, "/v1/completions", body).json()
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{url}/v1/completions", json=stream, timeout=60) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line and line != "data: [DONE]"]
+    for choice in whole["choices"]:
+        parts = [e["choices"][0] for e in events if e["choices"] and e["choices"][0]["index"] == choice["index"]]
+        assert parts[0]["text"] == "Hello"  # the echo comes first
+        assert "".join(p["text"] for p in parts) == choice["text"]
+        streamed = sum((p["logprobs"]["token_logprobs"] for p in parts if p["logprobs"]), [])
+        assert streamed == pytest.approx(choice["logprobs"]["token_logprobs"], abs=1e-6)
+    assert events[-1]["usage"] == whole["usage"] and whole["usage"]["prompt_tokens"] == len("Hello")
+    assert whole["choices"][0]["text"] != whole["choices"][1]["text"]
