@@ -201,10 +201,12 @@ def test_request_errors(served):
     response = post("/v1/completions", json={"prompt": "x", "temperature": -1})
     assert response.status_code == 400 and _error(response)["param"] == "temperature"
 
-    with pytest.raises(openai.BadRequestError):  # n > 1
-        served.client.completions.create(model=MODEL, prompt="x", n=2)
-    with pytest.raises(openai.BadRequestError):
-        served.client.completions.create(model=MODEL, prompt="x", echo=True)
+    with pytest.raises(openai.BadRequestError, match="n requires at most 16") as info:  # n above the cap
+        served.client.completions.create(model=MODEL, prompt="x", n=17)
+    assert info.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as info:  # max_tokens 0 scores the prompt: only with echo
+        served.client.completions.create(model=MODEL, prompt="x", max_tokens=0)
+    assert info.value.body["param"] == "max_tokens"
     too_long = [5] * served.reference.max_model_len
     with pytest.raises(openai.BadRequestError, match="max model length"):
         served.client.completions.create(model=MODEL, prompt=too_long, max_tokens=1)

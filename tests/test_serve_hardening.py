@@ -370,10 +370,12 @@ def test_logprobs_and_top_logprobs_served(url, reference):
 def test_fields_that_change_results_are_refused_by_name(url):
     chat = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
     completion = {"prompt": "x", "max_tokens": 2}
-    cases = [(completion, "n", 2), (completion, "best_of", 3), (completion, "logit_bias", {"5": 10}),
-             (completion, "echo", True), (completion, "top_logprobs", 2), (completion, "min_tokens", 4),
-             (completion, "frobnicate", 1), (chat, "n", 3), (chat, "tool_choice", "required"),
-             (chat, "presence_penalty", 0.5), (chat, "guided_json", {"type": "object"}),
+    # n, logit_bias, echo, min_tokens and penalties are served now (tests/test_serve_api.py): what is refused
+    # is a value outside what rdnac can honour
+    cases = [(completion, "n", 17), (completion, "best_of", 3), (completion, "logit_bias", {"99999": 10}),
+             (completion, "suffix", "x"), (completion, "top_logprobs", 2), (completion, "min_tokens", -1),
+             (completion, "frobnicate", 1), (chat, "n", 99), (chat, "tool_choice", "required"),
+             (chat, "presence_penalty", 2.5), (chat, "guided_json", {"type": "object"}),
              (chat, "functions", [{"name": "f"}])]
     for base, field, value in cases:
         path = "/v1/completions" if "prompt" in base else "/v1/chat/completions"

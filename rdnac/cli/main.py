@@ -291,9 +291,14 @@ def verify_cmd(plan, model, prompt, token_ids, atol, interpret):
 @click.option("--log-file", type=click.Path(dir_okay=False), help="Append the log to this file too.")
 @click.option("--verify-weights/--no-verify-weights", default=True, show_default=True,
               help="Check each weight tensor against the checksum the plan records, as it loads.")
+@click.option("--chat-template", type=click.Path(dir_okay=False, exists=True),
+              help="A Jinja chat template file to use instead of the plan's.")
+@click.option("--max-n", type=click.IntRange(1), default=16, show_default=True,
+              help="Most choices (`n`) one request may ask for.")
 def serve_cmd(model, target, dtype, quantize, tokenizer, host, port, api_key, api_key_file, auth_metrics,
               max_body_bytes, model_name, device, max_model_len, max_num_seqs, max_num_batched_tokens,
-              gpu_memory_utilization, enable_prefix_caching, allowed_origins, log_level, log_file, verify_weights):
+              gpu_memory_utilization, enable_prefix_caching, allowed_origins, log_level, log_file, verify_weights,
+              chat_template, max_n):
     """Serve MODEL over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions).
 
     MODEL is a plan file, or anything `rdnac compile` takes (directory, .gguf, ORG/NAME[@REV][:QUANT],
@@ -319,7 +324,8 @@ def serve_cmd(model, target, dtype, quantize, tokenizer, host, port, api_key, ap
           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
           gpu_memory_utilization=gpu_memory_utilization,
           enable_prefix_caching=is_caching, verify_weights=verify_weights, allowed_origins=origins,
-          log_level=log_level, log_config=False, notes=(limits, caching_note))
+          log_level=log_level, log_config=False, notes=(limits, caching_note), chat_template=chat_template,
+          max_n=max_n)
 
 
 @cli.command("tune")

@@ -64,7 +64,8 @@ def token_string(value) -> str | None:
 
 
 def render_chat(template: str | None, messages: list[dict], special_tokens: dict[str, str | None],
-                add_generation_prompt: bool = True, **kwargs) -> str:
+                add_generation_prompt: bool = True, tools: list[dict] | None = None, **kwargs) -> str:
+    """`kwargs`: the template's extra variables (transformers' chat template kwargs, e.g. enable_thinking)."""
     if not template:
         raise RequestError("chat requires a chat template; this plan's checkpoint has none; "
                            "use a plain prompt (--prompt) instead")
@@ -72,7 +73,8 @@ def render_chat(template: str | None, messages: list[dict], special_tokens: dict
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise RequestError(f"chat messages require 'role' and 'content'; got {m!r}")
     try:
-        return _compile(template).render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **special_tokens, **kwargs)
+        variables = {**special_tokens, **kwargs}  # as transformers: the caller's kwargs over the special tokens
+        return _compile(template).render(messages=messages, tools=tools, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.exceptions.TemplateError as e:
         raise RequestError(f"chat template: {e}") from None

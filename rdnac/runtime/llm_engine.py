@@ -65,6 +65,7 @@ class _Request:
     max_tokens: int  # params.max_tokens capped by the plan's max model length
     seed: int  # the params' seed, or one drawn at random when the request was added
     detokenizer: Detokenizer
+    matcher: object | None = None  # the params' guide's matcher: which tokens the grammar allows next
     text: str = ""  # decoded text, held-back tail included
     num_released: int = 0  # characters of `text` already output
     is_finished: bool = False
@@ -113,6 +114,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
         self._requests: dict[str, _Request] = {}
         self._pending: list[RequestOutput] = []  # abort outputs, returned by the next step()
+        self._deferred: dict[str, str] = {}  # request id -> the request whose prefill it waits for (shares)
         self._lock = threading.RLock()
         self._num_generated_tokens = 0
         self._num_prompt_tokens = 0
@@ -139,8 +141,11 @@ class LLMEngine:
 
     # ------------------------------------------------------------ requests
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, chat: bool = False) -> int:
-        """Queue a request; returns its number of prompt tokens."""
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams, chat: bool = False,
+                    prefill_after: str | None = None) -> int:
+        """Queue a request; returns its number of prompt tokens. `prefill_after`: a request in flight with the
+        same prompt (another of `n` choices); with prefix caching on, this one is scheduled once that one's
+        prompt is in the cache, so the prompt's full blocks are computed once and shared."""
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params requires a SamplingParams; got {type(params).__name__}")
         params = replace(params, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids))  # own copy
@@ -162,10 +167,25 @@ class LLMEngine:
             if request_id in self._requests:
                 raise RequestError(f"request id requires a value not already in flight; got {request_id!r} twice")
             seq = Sequence(request_id, list(ids))
-            self._requests[request_id] = _Request(seq, params, max_tokens, seed, Detokenizer(self.tokenizer, ids))
-            self.scheduler.add(seq)
+            matcher = params.guide.matcher() if params.guide is not None else None
+            self._requests[request_id] = _Request(seq, params, max_tokens, seed, Detokenizer(self.tokenizer, ids),
+                                                  matcher)
+            parent = self._requests.get(prefill_after) if prefill_after is not None else None
+            if parent is not None and self.block_manager.enable_prefix_caching and not parent.is_finished \
+                    and parent.seq.token_ids[:parent.seq.num_prompt_tokens] == ids:
+                self._deferred[request_id] = prefill_after
+            else:
+                self.scheduler.add(seq)
             self._num_prompt_tokens += len(ids)
         return len(ids)
+
+    def _release_deferred(self) -> None:
+        """Schedule the requests whose prefill-sharing parent has its prompt computed (or has gone)."""
+        for request_id, parent_id in list(self._deferred.items()):
+            parent = self._requests.get(parent_id)
+            if parent is None or parent.is_finished or parent.seq.num_computed_tokens >= parent.seq.num_prompt_tokens:
+                del self._deferred[request_id]
+                self.scheduler.add(self._requests[request_id].seq)
 
     def abort_request(self, request_id: str) -> None:
         """Free the request's blocks now; its final output (finish_reason "abort") comes from the next step()."""
@@ -173,7 +193,8 @@ class LLMEngine:
             req = self._requests.get(request_id)
             if req is None or req.is_finished:
                 return
-            self.scheduler.finish(req.seq)
+            if self._deferred.pop(request_id, None) is None:  # a deferred request holds nothing yet
+                self.scheduler.finish(req.seq)
             req.is_finished = True
             self._pending.append(RequestOutput(request_id, [], "", list(req.seq.output_ids), req.released_text,
                                                [] if req.params.logprobs else None, True, "abort",
@@ -183,7 +204,7 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         with self._lock:
-            return bool(self._pending) or self.scheduler.has_unfinished()
+            return bool(self._pending) or bool(self._deferred) or self.scheduler.has_unfinished()
 
     # ------------------------------------------------------------ stepping
 
@@ -196,6 +217,7 @@ class LLMEngine:
             outputs, self._pending = self._pending, []
             for out in outputs:
                 del self._requests[out.request_id]
+            self._release_deferred()
             chunks = self.scheduler.schedule()
             if not chunks:
                 return outputs
@@ -209,7 +231,7 @@ class LLMEngine:
     def _run(self, chunks: list) -> list[RequestOutput]:
         entries = [StepEntry(c.seq.token_ids, c.seq.block_table, c.start, c.end, c.seq.state_slot) for c in chunks]
         reqs = [self._requests[c.seq.seq_id] if c.is_last else None for c in chunks]  # None: gives no token
-        batch = _sampling_batch(reqs)
+        batch = _sampling_batch(reqs, self.tokenizer.eos_token_ids, self.runner.vocab_size, self.runner.device)
         result = self.runner.execute(entries, batch)
         is_sampled = any(r is not None for r in reqs)
         tokens = result.tokens.tolist() if is_sampled else []  # one device->host copy per step
@@ -262,8 +284,12 @@ class LLMEngine:
         seq, params = req.seq, req.params
         seq.token_ids.append(token)
         self._num_generated_tokens += 1
+        if req.matcher is not None:
+            req.matcher.accept(token)
         finish_reason = None
-        if (token in self.tokenizer.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        may_stop = seq.num_output_tokens >= params.min_tokens
+        is_stop_token = (token in self.tokenizer.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids
+        if is_stop_token and may_stop:
             finish_reason = "stop"  # the stop token is kept in token_ids, not in the text
             delta = req.detokenizer.flush()
         else:
@@ -272,7 +298,8 @@ class LLMEngine:
                 finish_reason = "length"
                 delta += req.detokenizer.flush()
         num_released = req.num_released
-        req.text, req.num_released, is_stopped = release_text(req.text, req.num_released, delta, params.stop,
+        req.text, req.num_released, is_stopped = release_text(req.text, req.num_released, delta,
+                                                              params.stop if may_stop else [],
                                                               is_final=finish_reason is not None)
         if is_stopped:
             finish_reason = "stop"
@@ -318,7 +345,7 @@ class LLMEngine:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting) + len(self._deferred),
                     "preemptions": self.scheduler.num_preemptions, "generated_tokens": self._num_generated_tokens,
                     "prompt_tokens": self._num_prompt_tokens,
                     "prefix_cache_hit_tokens": self.block_manager.num_cache_hit_tokens,
@@ -367,9 +394,28 @@ class LLMEngine:
                 for o in (final[i] for i in ids)]
 
 
-def _sampling_batch(reqs: list[_Request | None]) -> SamplingBatch:
+def _sampling_batch(reqs: list[_Request | None], eos_token_ids: set[int], vocab_size: int,
+                    device) -> SamplingBatch:
     """One sampling row per step entry, in order (None: an entry that gives no token)."""
     params = [r.params if r is not None else _NO_TOKEN for r in reqs]
+    live = [r for r in reqs if r is not None]
+    extras = {}
+    if any(r.params.presence_penalty or r.params.frequency_penalty or r.params.logit_bias or r.params.min_tokens
+           or r.matcher is not None for r in live):
+        def banned(r):  # before min_tokens, nothing that would end the request may be drawn
+            if r is None or r.seq.num_output_tokens >= r.params.min_tokens:
+                return []
+            return sorted(({*eos_token_ids} if not r.params.ignore_eos else set()) | set(r.params.stop_token_ids))
+        extras = dict(presence_penalties=[p.presence_penalty for p in params],
+                      frequency_penalties=[p.frequency_penalty for p in params],
+                      num_prompt_tokens=[r.seq.num_prompt_tokens if r is not None else 0 for r in reqs],
+                      logit_biases=[p.logit_bias for p in params], banned=[banned(r) for r in reqs])
+        if any(r.matcher is not None for r in live):
+            allowed = torch.ones(len(reqs), vocab_size, dtype=torch.bool)
+            for i, r in enumerate(reqs):
+                if r is not None and r.matcher is not None:
+                    allowed[i] = r.matcher.allowed(vocab_size)
+            extras["allowed"] = allowed.to(device)
     return SamplingBatch(
         temperatures=[p.temperature for p in params], top_ks=[p.top_k for p in params],
         top_ps=[p.top_p for p in params], min_ps=[p.min_p for p in params],
@@ -377,7 +423,7 @@ def _sampling_batch(reqs: list[_Request | None]) -> SamplingBatch:
         token_ids=[r.seq.token_ids if r is not None else [] for r in reqs],
         seeds=[r.seed if r is not None else 0 for r in reqs],
         steps=[r.seq.num_output_tokens if r is not None else 0 for r in reqs],
-        needs_logprobs=any(p.logprobs for p in params))
+        needs_logprobs=any(p.logprobs for p in params), **extras)
 
 
 def _limit(name: str, value: int | None, plan_limit: int) -> int:

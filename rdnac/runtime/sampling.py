@@ -28,7 +28,7 @@ the sampling knobs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -85,11 +85,23 @@ class SamplingBatch:
     seeds: list[int]
     steps: list[int]  # index of the token each row draws
     needs_logprobs: bool = False
+    # OpenAI's penalties and biases, per row (empty: all off); they count generated tokens only
+    presence_penalties: list[float] = field(default_factory=list)
+    frequency_penalties: list[float] = field(default_factory=list)
+    num_prompt_tokens: list[int] = field(default_factory=list)
+    logit_biases: list[dict[int, float]] = field(default_factory=list)
+    banned: list[list[int]] = field(default_factory=list)  # per row: ids masked out (EOS before min_tokens)
+    allowed: torch.Tensor | None = None  # [B, V] bool: a grammar's mask (True: may be drawn), on the device
+
+    @property
+    def has_extras(self) -> bool:
+        return (self.allowed is not None or any(self.presence_penalties) or any(self.frequency_penalties)
+                or any(self.logit_biases) or any(self.banned))
 
     @property
     def is_plain(self) -> bool:
         """Only greedy and temperature: `draw` alone gives its tokens (what the decode graphs capture)."""
-        return not self.needs_logprobs and all(
+        return not self.needs_logprobs and not self.has_extras and all(
             k == 0 and p == 1.0 and m == 0.0 and r == 1.0
             for k, p, m, r in zip(self.top_ks, self.top_ps, self.min_ps, self.repetition_penalties))
 
@@ -120,6 +132,48 @@ def apply_repetition_penalty(logits: torch.Tensor, token_ids: list[list[int]], p
     return torch.where(seen, penalized, logits)
 
 
+def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The logits a row samples from and is scored by: repetition penalty (HF's, over prompt and output), then
+    OpenAI's presence and frequency penalties (output only, as vLLM), logit_bias, banned ids, the grammar mask.
+    Only index lists go to the device; the [B, V] work happens there."""
+    # logits: [B, V] float32
+    logits = apply_repetition_penalty(logits.float(), batch.token_ids, batch.repetition_penalties)
+    if not batch.has_extras:
+        return logits
+    device, (num_rows, vocab) = logits.device, logits.shape
+
+    def scatter(rows: list[int], cols: list[int], values: list[float], accumulate: bool) -> torch.Tensor:
+        out = torch.zeros(num_rows, vocab, dtype=torch.float32, device=device)
+        if rows:
+            index = (torch.tensor(rows, device=device), torch.tensor(cols, device=device))
+            out.index_put_(index, torch.tensor(values, dtype=torch.float32, device=device), accumulate=accumulate)
+        return out
+
+    presence = batch.presence_penalties or [0.0] * num_rows
+    frequency = batch.frequency_penalties or [0.0] * num_rows
+    rows, cols = [], []
+    for r in range(num_rows):
+        if presence[r] or frequency[r]:
+            out = [t for t in batch.token_ids[r][batch.num_prompt_tokens[r]:] if t < vocab]
+            rows += [r] * len(out)
+            cols += out
+    if rows:
+        counts = scatter(rows, cols, [1.0] * len(rows), accumulate=True)  # [B, V]: occurrences in the output
+        penalty = (torch.tensor(frequency, device=device)[:, None] * counts
+                   + torch.tensor(presence, device=device)[:, None] * (counts > 0).float())
+        logits = logits - penalty
+    biases = [(r, t, b) for r, row in enumerate(batch.logit_biases) for t, b in row.items() if t < vocab]
+    if biases:
+        logits = logits + scatter(*map(list, zip(*biases)), accumulate=False)
+    banned = [(r, t) for r, row in enumerate(batch.banned) for t in row if t < vocab]
+    if banned:
+        is_banned = scatter(*map(list, zip(*banned)), [1.0] * len(banned), accumulate=False) > 0
+        logits = logits.masked_fill(is_banned, float("-inf"))
+    if batch.allowed is not None:
+        logits = logits.masked_fill(~batch.allowed, float("-inf"))
+    return logits
+
+
 def truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:
     """Mask (to -inf) what top-k, then top-p, then min-p exclude, by the rules of HF's logits warpers.
     A row whose knobs are off is returned bit for bit."""
@@ -148,8 +202,7 @@ def top_logprobs(logits: torch.Tensor, batch: SamplingBatch, k: int) -> tuple[to
     """(logprobs [B, k] float32, token ids [B, k] int64) of each row's k most likely tokens, scored as `sample`
     scores the chosen token: log_softmax of the penalized logits."""
     # logits: [B, V] float32
-    logits = apply_repetition_penalty(logits.float(), batch.token_ids, batch.repetition_penalties)
-    return logits.log_softmax(dim=-1).topk(k, dim=-1)
+    return process_logits(logits, batch).log_softmax(dim=-1).topk(k, dim=-1)
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -158,7 +211,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
     if batch.is_greedy and batch.is_plain:
         return logits.argmax(dim=-1), None
     temperature, seeds, steps = batch.draw_inputs(logits.device)
-    logits = apply_repetition_penalty(logits.float(), batch.token_ids, batch.repetition_penalties)
+    logits = process_logits(logits, batch)
     if batch.is_plain:
         tokens = draw(logits, temperature, seeds, steps)
     else:

@@ -42,6 +42,12 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0  # with logprobs: also the most likely tokens at each step, up to MAX_TOP_LOGPROBS
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence of a token already generated
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # EOS, stop tokens and stop strings end nothing before this many tokens
+    # a grammar (`guide.Guide`, e.g. from rdnac.serve.structured): its per-request matcher masks the logits
+    guide: object | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -65,6 +71,16 @@ class SamplingParams:
             ("logprobs", isinstance(self.logprobs, bool), "a bool"),
             ("top_logprobs", is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS
              and (self.logprobs or not self.top_logprobs), f"an integer in 0..{MAX_TOP_LOGPROBS}, with logprobs=True"),
+            ("presence_penalty", is_number(self.presence_penalty) and -2 <= self.presence_penalty <= 2,
+             "a number in [-2, 2] (0: off)"),
+            ("frequency_penalty", is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2,
+             "a number in [-2, 2] (0: off)"),
+            ("logit_bias", isinstance(self.logit_bias, dict) and all(
+                is_int(t) and t >= 0 and is_number(b) and -100 <= b <= 100 for t, b in self.logit_bias.items()),
+             "a dict of token id >= 0 -> bias in [-100, 100]"),
+            ("min_tokens", is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+             "an integer in 0..max_tokens"),
+            ("guide", self.guide is None or hasattr(self.guide, "matcher"), "None or a guide with matcher()"),
         ]
         for name, ok, requirement in checks:
             if not ok:

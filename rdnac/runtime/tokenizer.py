@@ -61,10 +61,19 @@ class Tokenizer:
             return ""  # token ids out only: the plan has no vocabulary to spell them with
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        self._require("a chat prompt")
-        return render_chat(self.chat_template, messages, self.special_tokens, add_generation_prompt)
+    @property
+    def backend(self) -> _HFTokenizer | None:
+        """The `tokenizers` tokenizer (None for a plan without one)."""
+        return self._tok
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, **kwargs) -> str:
+        self._require("a chat prompt")
+        return render_chat(self.chat_template, messages, self.special_tokens, add_generation_prompt, tools=tools,
+                           **kwargs)
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None, **kwargs) -> list[int]:
         # transformers tokenizes the rendered chat with add_special_tokens=False: the template places them.
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools, **kwargs),
+                           add_special_tokens=False)

@@ -5,8 +5,14 @@
     app.py       the FastAPI routes, SSE streaming, and the uvicorn runner
     metrics.py   Prometheus text for GET /metrics (rdnac's series and vLLM's names)
     ops.py       /version, CORS, logging, prefix-caching default, serve-time limits, MODEL -> plan
+    chat_output.py  an assistant message from a chat output: content, reasoning_content, tool_calls
+    tools.py     tools checked for the template; tool calls parsed (Hermes/Qwen, Llama 3, Mistral, harmony)
+    reasoning.py `<think>` reasoning split from the answer
+    echo.py      echo and prompt logprobs on /v1/completions (lm-eval's loglikelihood)
+    structured.py  response_format (json_object, json_schema, regex, grammar) as an xgrammar logits mask
 
-fastapi and uvicorn come with the `serve` extra (`pip install 'rdnac[serve]'`);
+fastapi and uvicorn come with the `serve` extra (`pip install 'rdnac[serve]'`), xgrammar with the
+`structured` extra (only response_format needs it: without it, such a request gets a 400 saying so);
 nothing outside this package imports them, so the compiler and runtime work
 without them.
 """

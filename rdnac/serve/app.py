@@ -32,9 +32,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rdnac.errors import RdnacError
+from rdnac.serve.chat_output import ChatStyle
+from rdnac.serve.echo import Echo, prompt_logprobs
 from rdnac.serve.ops import install as install_ops
-from rdnac.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs,
+from rdnac.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs, choice_seed,
                                   completion_logprobs, envelope, finish_reason, parse_request, sampling_params, usage)
+from rdnac.serve.structured import GuideCompiler
+from rdnac.serve.tools import check_tools, forced_format
 from rdnac.serve.worker import ClientDisconnected, EngineFailed, EngineWorker, RequestGroup
 
 
@@ -56,16 +60,21 @@ class _Choice:
 
 
 DEFAULT_MAX_BODY_BYTES = 4 << 20  # a full 128k-token context as JSON token ids fits in under 1 MB
+DEFAULT_MAX_N = 16  # choices per request (`n`); each is a sequence in the engine
 
 
 class _Server:
-    def __init__(self, worker: EngineWorker, llm, model_name: str, max_body_bytes: int):
+    def __init__(self, worker: EngineWorker, llm, model_name: str, max_body_bytes: int, max_n: int = DEFAULT_MAX_N):
         self.worker = worker
         self.llm = llm
         self.tokenizer = llm.tokenizer
         self.max_model_len = llm.max_model_len
         self.model_name = model_name
         self.max_body_bytes = max_body_bytes
+        self.max_n = max_n
+        self.vocab_size = llm.runner.vocab_size
+        self.chat_style = ChatStyle(self.tokenizer.chat_template, self.tokenizer)
+        self.guides = GuideCompiler(self.tokenizer, self.vocab_size)
         self.created = int(time.time())
         # unset sampling fields take the plan's generation_config exactly as `rdnac run` does
         self.generation_config = llm.plan.body.get("generation_config") or {}
@@ -75,9 +84,17 @@ class _Server:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`",
                            param="model", code="model_not_found")
 
-    def params(self, req, max_tokens: int, logprobs: bool, top_logprobs: int = 0):
+    async def params(self, req, max_tokens: int, logprobs: bool, top_logprobs: int = 0) -> list:
+        """One SamplingParams per choice (`n` of them, seeds derived from the request's); a response_format's
+        grammar compiled in a worker thread."""
+        if req.n > self.max_n:
+            raise APIError(400, f"n requires at most {self.max_n} choices per request (this server's cap); got "
+                                f"{req.n}", param="n")
+        guide = await asyncio.to_thread(self.guides.guide, req.response_format) if req.response_format else None
+        biases = req.token_biases(self.vocab_size)
         try:
-            return sampling_params(req, self.generation_config, max_tokens, logprobs, top_logprobs)
+            return [sampling_params(req, self.generation_config, max_tokens, logprobs, top_logprobs, guide=guide,
+                                    logit_bias=biases, seed=choice_seed(req.seed, i)) for i in range(req.n)]
         except RdnacError as e:
             raise APIError(400, str(e)) from None
 
@@ -118,10 +135,14 @@ class _Server:
                                 f"{self.max_model_len}; shorten the prompt", param=param,
                            code="context_length_exceeded")
 
-    async def start(self, request_id: str, prompts: list, params, chat: bool) -> RequestGroup:
-        token_ids = await self.encode(prompts, chat)
-        group = RequestGroup(self.worker, request_id, len(prompts))
-        group.submit(token_ids, params, chat=False)
+    async def start(self, request_id: str, prompts: list, params: list, chat: bool,
+                    token_ids: list[list[int]] | None = None) -> RequestGroup:
+        """Submit each prompt once per choice (params: one per choice): choice i * n + j is prompt i's j-th."""
+        token_ids = token_ids if token_ids is not None else await self.encode(prompts, chat)
+        n = len(params)
+        group = RequestGroup(self.worker, request_id, len(token_ids) * n)
+        group.submit([ids for ids in token_ids for _ in range(n)], [p for _ in token_ids for p in params], chat=False,
+                     num_choices=n)
         try:
             await group.admitted()
         except RdnacError as e:  # e.g. more KV blocks than the pool holds: the client's to fix
@@ -132,6 +153,40 @@ class _Server:
             group.abort()
             raise
         return group
+
+    async def render_chat(self, messages: list[dict], tools: list[dict] | None, kwargs: dict) -> tuple[str, list[int]]:
+        """The prompt text and its token ids, rendered as transformers' apply_chat_template(messages, tools=tools,
+        add_generation_prompt=True, **kwargs) does, in a worker thread, checked against the context."""
+        tok = self.tokenizer
+
+        def render():
+            text = tok.apply_chat_template(messages, True, tools, **kwargs)
+            return text, tok.encode(text, add_special_tokens=False)
+        try:
+            text, ids = await asyncio.to_thread(render)
+        except RdnacError as e:  # a template that raises, a plan without a tokenizer: the client's to fix
+            raise APIError(400, str(e), param="messages") from None
+        self.check_length(len(ids), "messages")
+        return text, ids
+
+    async def echo(self, prompt, ids: list[int], num_top: int | None) -> Echo:
+        """The prompt as an echo; with `num_top` (logprobs) its prompt logprobs, scored in a worker thread."""
+        text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=False)
+        if num_top is None:
+            return Echo(text, None)
+        try:
+            return await asyncio.to_thread(prompt_logprobs, self.llm, text, ids, num_top,
+                                           self.token_strings, self.top_strings)
+        except RdnacError as e:
+            raise APIError(400, str(e), param="prompt") from None
+
+    def static_stream(self, events: list[dict]) -> StreamingResponse:
+        async def gen() -> AsyncIterator[str]:
+            for data in events:
+                yield _sse(data)
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(gen(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def token_strings(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
@@ -156,10 +211,10 @@ class _Server:
                 group.abort()
         return choices
 
-    def stream(self, group: RequestGroup, first: list[dict],
-               chunk: Callable[[int, object, list[float]], dict | None], envelope_of: Callable[..., dict],
-               include_usage: bool) -> StreamingResponse:
-        """SSE: `first` chunks, one chunk per engine output, an optional usage chunk, then [DONE]."""
+    def stream(self, group: RequestGroup, first: list[dict], chunk: Callable[..., dict | None],
+               envelope_of: Callable[..., dict], include_usage: bool, n: int = 1) -> StreamingResponse:
+        """SSE: `first` chunks, one chunk per engine output (`chunk(index, out, new_logprobs, new_top, choice)`),
+        an optional usage chunk, then [DONE]."""
 
         async def events() -> AsyncIterator[str]:
             choices = [_Choice() for _ in group.ids]
@@ -168,12 +223,12 @@ class _Server:
                 for choice in first:
                     yield _sse(envelope_of([choice], **extra))
                 async for index, out in group.outputs():
-                    data = chunk(index, out, *choices[index].add(out))
+                    data = chunk(index, out, *choices[index].add(out), choices[index])
                     if data is not None:
                         yield _sse(envelope_of([data], **extra))
                 if include_usage:
                     num_completion = sum(len(c.token_ids) for c in choices)
-                    yield _sse(envelope_of([], usage=usage(sum(group.num_prompt_tokens), num_completion)))
+                    yield _sse(envelope_of([], usage=usage(sum(group.num_prompt_tokens[::n]), num_completion)))
             except EngineFailed as e:
                 yield _sse(APIError(500, str(e), type="server_error").body())
             finally:  # also runs when Starlette cancels the stream because the client disconnected
@@ -217,12 +272,15 @@ def _check_auth_metrics(auth_metrics: bool, api_key: str | None) -> None:
 
 
 def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key: str | None = None, *,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth_metrics: bool = False,
-               allowed_origins: list[str] | None = None) -> FastAPI:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth_metrics: bool = False, max_n: int = DEFAULT_MAX_N,
+               chat_template: str | None = None, allowed_origins: list[str] | None = None) -> FastAPI:
     """The FastAPI app over a started EngineWorker (of `llm.engine`); `llm` supplies the tokenizer, limits and
-    plan. With `auth_metrics`, GET /metrics requires the API key too."""
+    plan. With `auth_metrics`, GET /metrics requires the API key too. `chat_template` (Jinja text) replaces
+    the plan's; `max_n` caps the choices of one request."""
     _check_auth_metrics(auth_metrics, api_key)
-    server = _Server(worker, llm, model_name or llm.plan.header["model"]["name"], max_body_bytes)
+    if chat_template is not None:
+        llm.tokenizer.chat_template = chat_template
+    server = _Server(worker, llm, model_name or llm.plan.header["model"]["name"], max_body_bytes, max_n)
     app = FastAPI(title="rdnac", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
@@ -264,46 +322,84 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
     async def completions(request: Request):
         req = await server.read(request, CompletionRequest)
         server.check_model(req.model)
-        prompts = req.prompts()
-        params = server.params(req, req.max_tokens or 16, logprobs=req.logprobs is not None,
+        prompts, n = req.prompts(), req.n
+        max_tokens = req.max_tokens if req.max_tokens is not None else 16
+        params = await server.params(req, max(max_tokens, 1), logprobs=req.logprobs is not None,
                                top_logprobs=req.logprobs or 0)
+        token_ids = await server.encode(prompts, chat=False)
+        # echo: the prompt (and its logprobs, each token's given its prefix) before each choice's completion
+        echoes = [await server.echo(p, ids, req.logprobs) for p, ids in zip(prompts, token_ids)] if req.echo else None
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        group = await server.start(request_id, prompts, params, chat=False)
 
         def wrap(choices, **extra):
             return envelope(request_id, "text_completion", server.model_name, created, choices, **extra)
 
-        def logprobs_of(token_ids, logprobs, top, offset=0):
+        def logprobs_of(token_ids, logprobs, top, offset=0, echo=None):
             if req.logprobs is None:
                 return None
-            return completion_logprobs(server.token_strings(token_ids), logprobs,
-                                       server.top_strings(top) if req.logprobs else None, offset)
+            result = completion_logprobs(server.token_strings(token_ids), logprobs,
+                                         server.top_strings(top) if req.logprobs else None, offset)
+            return echo.join(result) if echo is not None else result
+
+        def echo_of(index: int):
+            return echoes[index // n] if echoes is not None else None
+
+        if max_tokens == 0:  # lm-eval's loglikelihood: the prompt scored, nothing generated
+            choices = [{"index": i, "text": echo_of(i).text, "finish_reason": "length",
+                        "logprobs": echo_of(i).logprobs if req.logprobs is not None else None}
+                       for i in range(len(prompts) * n)]
+            num_prompt = sum(len(ids) for ids in token_ids)
+            if req.stream:
+                return server.static_stream([wrap([c]) for c in choices] + (
+                    [wrap([], usage=usage(num_prompt, 0))] if req.include_usage else []))
+            return JSONResponse(wrap(choices, usage=usage(num_prompt, 0)))
+
+        group = await server.start(request_id, prompts, params, chat=False, token_ids=token_ids)
 
         if req.stream:
-            def chunk(index, out, new_logprobs, new_top):
+            first = [{"index": i, "text": echo_of(i).text, "finish_reason": None,
+                      "logprobs": echo_of(i).logprobs if req.logprobs is not None else None}
+                     for i in range(len(group.ids))] if echoes is not None else []
+
+            def chunk(index, out, new_logprobs, new_top, _choice):
                 if not (out.new_text or out.finished or (new_logprobs and req.logprobs is not None)):
                     return None
-                offset = len(out.text) - len(out.new_text)
+                offset = len(out.text) - len(out.new_text) + (len(echo_of(index).text) if echoes else 0)
                 return {"index": index, "text": out.new_text, "finish_reason": finish_reason(out),
                         "logprobs": logprobs_of(out.new_token_ids, new_logprobs, new_top, offset)}
-            return server.stream(group, [], chunk, wrap, req.include_usage)
+            return server.stream(group, first, chunk, wrap, req.include_usage, n)
 
-        choices = await server.collect(request, group, len(prompts))
-        body = wrap([{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                      "logprobs": logprobs_of(c.token_ids, c.logprobs, c.top)} for i, c in enumerate(choices)],
-                    usage=usage(sum(group.num_prompt_tokens), sum(len(c.token_ids) for c in choices)))
+        choices = await server.collect(request, group, len(group.ids))
+        body = wrap([{"index": i, "text": (echo_of(i).text if echoes else "") + c.text,
+                      "finish_reason": c.finish_reason,
+                      "logprobs": logprobs_of(c.token_ids, c.logprobs, c.top, echo=echo_of(i))}
+                     for i, c in enumerate(choices)],
+                    usage=usage(sum(group.num_prompt_tokens[::n]), sum(len(c.token_ids) for c in choices)))
         return JSONResponse(body)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         req = await server.read(request, ChatCompletionRequest)
         server.check_model(req.model)
-        messages = req.template_messages()
+        tools = check_tools(req.tools, req.tool_choice)
+        if tools and server.chat_style.tool_format is None:
+            raise APIError(400, "tools requires a chat template that renders tools in a tool-call format rdnac "
+                                "parses (Hermes/Qwen <tool_call>, Llama 3 JSON, Mistral [TOOL_CALLS], GPT-OSS "
+                                "harmony); got a template with none; serve with --chat-template FILE", param="tools")
+        forced = req.tool_choice if tools and req.tool_choice not in (None, "auto") else None
+        if forced is not None:  # the output is constrained to the call by its schema
+            if req.response_format is not None and req.response_format.get("type") != "text":
+                raise APIError(400, f"tool_choice {forced!r} requires no response_format (it sets its own); got "
+                                    f"both", param="response_format")
+            req.response_format = forced_format(tools, forced)
+        prompt_text, ids = await server.render_chat(req.template_messages(), tools, req.chat_template_kwargs or {})
         # OpenAI's chat default is "until the context is full"; the engine caps it at the model length.
         max_tokens = req.max_completion_tokens or req.max_tokens or server.max_model_len
-        params = server.params(req, max_tokens, logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
+        params = await server.params(req, max_tokens, logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        group = await server.start(request_id, [messages], params, chat=True)
+        group = await server.start(request_id, [prompt_text], params, chat=True, token_ids=[ids])
+        stop_ids = server.tokenizer.eos_token_ids | set(req.stop_token_ids or [])
+        parsers = [server.chat_style.output(prompt_text, bool(tools), stop_ids, forced) for _ in group.ids]
 
         def wrap(choices, **extra):
             return envelope(request_id, "chat.completion.chunk" if req.stream else "chat.completion",
@@ -313,24 +409,32 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
             return chat_logprobs(server.token_strings(token_ids), logprobs, server.top_strings(top)) \
                 if req.logprobs else None
 
+        def reason_of(reason: str | None, has_calls: bool) -> str | None:
+            return "tool_calls" if has_calls and reason is not None else reason
+
         if req.stream:
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None}
+            has_role = [False] * len(group.ids)
 
-            def chunk(index, out, new_logprobs, new_top):
-                if not (out.new_text or out.finished or (new_logprobs and req.logprobs)):
+            def chunk(index, out, new_logprobs, new_top, choice):
+                parser = parsers[index]
+                delta, has_calls = parser.delta(parser.text(choice.text, choice.token_ids), out.finished)
+                if not has_role[index]:  # with the first token, not at admission: TTFT is measured on it
+                    has_role[index] = True
+                    delta = {"role": "assistant", "content": "", **delta}
+                elif not (delta or out.finished or (new_logprobs and req.logprobs)):
                     return None
-                return {"index": index, "delta": {"content": out.new_text} if out.new_text else {},
+                return {"index": index, "delta": delta,
                         "logprobs": logprobs_of(out.new_token_ids, new_logprobs, new_top),
-                        "finish_reason": finish_reason(out)}
-            return server.stream(group, [first], chunk, wrap, req.include_usage)
+                        "finish_reason": reason_of(finish_reason(out), has_calls)}
+            return server.stream(group, [], chunk, wrap, req.include_usage, len(group.ids))
 
-        (choice,) = await server.collect(request, group, 1)
-        body = wrap([{"index": 0, "message": {"role": "assistant", "content": choice.text},
-                      "logprobs": logprobs_of(choice.token_ids, choice.logprobs, choice.top),
-                      "finish_reason": choice.finish_reason}],
-                    usage=usage(group.num_prompt_tokens[0], len(choice.token_ids)))
-        return JSONResponse(body)
+        choices = await server.collect(request, group, len(group.ids))
+        body = []
+        for i, (c, parser) in enumerate(zip(choices, parsers)):
+            message, has_calls = parser.message(parser.text(c.text, c.token_ids))
+            body.append({"index": i, "message": message, "logprobs": logprobs_of(c.token_ids, c.logprobs, c.top),
+                         "finish_reason": reason_of(c.finish_reason, has_calls)})
+        return JSONResponse(wrap(body, usage=usage(group.num_prompt_tokens[0], sum(len(c.token_ids) for c in choices))))
 
     app.include_router(v1)
     install_ops(app, allowed_origins)
@@ -339,16 +443,18 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
 
 def run_server(plan: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                model_name: str | None = None, device: str | None = None, log_level: str = "info",
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth_metrics: bool = False,
-               allowed_origins: list[str] | None = None, log_config: bool = True, notes: tuple[str, ...] = (),
-               **llm_options) -> None:
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth_metrics: bool = False, max_n: int = DEFAULT_MAX_N,
+               chat_template: str | None = None, allowed_origins: list[str] | None = None, log_config: bool = True,
+               notes: tuple[str, ...] = (), **llm_options) -> None:
     """Load PLAN, start the engine thread and serve until interrupted (`rdnac serve`). `notes` are printed
-    once the port is bound (a taken port fails first, alone)."""
+    once the port is bound (a taken port fails first, alone); `chat_template`: a Jinja file to use instead
+    of the plan's template."""
     import uvicorn
 
     import rdnac
 
     _check_auth_metrics(auth_metrics, api_key)  # before the model loads
+    template = read_chat_template(chat_template) if chat_template is not None else None
     sock = bind(host, port)  # before loading the model: a taken port fails at once, never after "serving on"
     try:
         for note in notes:
@@ -362,7 +468,8 @@ def run_server(plan: str, *, host: str = "127.0.0.1", port: int = 8000, api_key:
         worker.start()
         try:
             app = create_app(worker, llm, model_name, api_key, max_body_bytes=max_body_bytes,
-                             auth_metrics=auth_metrics, allowed_origins=allowed_origins)
+                             auth_metrics=auth_metrics, max_n=max_n, chat_template=template,
+                             allowed_origins=allowed_origins)
             name = app.state.server.model_name
             print(f"rdnac: serving {name} from {plan} on http://{host}:{port} (device {device})", file=sys.stderr)
             # with log_config False the loggers are as `ops.configure_logging` (--log-level, --log-file) set them
@@ -374,6 +481,23 @@ def run_server(plan: str, *, host: str = "127.0.0.1", port: int = 8000, api_key:
             worker.shutdown()
     finally:
         sock.close()
+
+
+def read_chat_template(path: str) -> str:
+    """--chat-template FILE: a Jinja template, checked to compile before the model loads."""
+    import jinja2
+
+    from rdnac.runtime.chat import render_chat
+
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RdnacError(f"--chat-template requires a readable UTF-8 Jinja file; got {path}: {e}") from None
+    try:
+        render_chat(text, [{"role": "user", "content": "hi"}], {})
+    except (jinja2.TemplateSyntaxError, RdnacError) as e:
+        raise RdnacError(f"--chat-template requires a Jinja chat template that renders; got {path}: {e}") from None
+    return text
 
 
 def bind(host: str, port: int) -> socket.socket:

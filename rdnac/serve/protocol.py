@@ -1,9 +1,9 @@
 """OpenAI request and response bodies for `rdnac serve`.
 
 Requests are validated with pydantic and mapped onto the runtime's
-SamplingParams; whatever rdnac cannot honour (n > 1, echo, penalties, tools,
-any field it does not know) is refused with a 400 naming the field, never
-silently ignored. Only fields that change nothing about the
+SamplingParams; whatever rdnac cannot honour (best_of, suffix, a forced
+tool_choice, any field it does not know) is refused with a 400 naming the
+field, never silently ignored. Only fields that change nothing about the
 answer (user, metadata, ...: `IGNORED_FIELDS`) are accepted and ignored.
 """
 
@@ -44,7 +44,7 @@ class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # kept to be refused by name in check_supported
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: only with echo (prompt logprobs, nothing generated)
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)  # -1 and 0 both mean "off" (vLLM uses -1)
@@ -57,9 +57,11 @@ class _SamplingRequest(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
+    min_tokens: int = Field(0, ge=0)
+    response_format: dict | None = None  # text, json_object, json_schema; vLLM's regex and grammar too
 
     def check_supported(self) -> None:
         unknown = sorted(set(self.model_extra or {}) - IGNORED_FIELDS)
@@ -69,16 +71,20 @@ class _SamplingRequest(BaseModel):
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise APIError(400, f"seed requires an integer in [-2**63, 2**63 - 1] (OpenAI's range); got "
                                 f"{_short(self.seed)}", param="seed")
-        if self.n != 1:
-            raise APIError(400, f"n requires 1 (rdnac serve returns one choice per prompt); got {self.n}", param="n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise APIError(400, f"{name} is not supported; got {getattr(self, name)}; use repetition_penalty",
-                               param=name)
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias")
+        if self.n < 1:
+            raise APIError(400, f"n requires an integer >= 1; got {self.n}", param="n")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options requires stream=true", param="stream_options")
+
+    def token_biases(self, vocab_size: int) -> dict[int, float]:
+        """logit_bias with its keys (token ids as strings, OpenAI's form) checked against the vocabulary."""
+        biases = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= vocab_size or not -100 <= bias <= 100:
+                raise APIError(400, f"logit_bias requires token ids in 0..{vocab_size - 1} mapped to a bias in "
+                                    f"[-100, 100]; got {_short(key)}: {_short(bias)}", param="logit_bias")
+            biases[int(key)] = bias
+        return biases
 
     @property
     def include_usage(self) -> bool:
@@ -94,8 +100,9 @@ class CompletionRequest(_SamplingRequest):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise APIError(400, "echo=true is not supported; the response holds the completion only", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens requires an integer >= 1 (0 only with echo=true, for prompt logprobs); "
+                                "got 0", param="max_tokens")
         if self.best_of not in (None, 1):
             raise APIError(400, f"best_of requires 1; got {self.best_of}", param="best_of")
         if self.suffix:
@@ -125,6 +132,9 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant's earlier calls, as the template renders them
+    tool_call_id: str | None = None  # a tool result's
+    reasoning_content: str | None = None
 
     def to_template(self, index: int) -> dict:
         content = self.content
@@ -135,8 +145,9 @@ class ChatMessage(BaseModel):
                                         f"{part.type!r}", param=f"messages.{index}.content")
             content = "".join(part.text for part in content)
         message = {"role": self.role, "content": content or ""}
-        if self.name is not None:
-            message["name"] = self.name
+        for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
         return message
 
 
@@ -146,18 +157,16 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[Any] | None = None
-    response_format: dict | None = None
+    tool_choice: str | dict | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.top_logprobs and not self.logprobs:
             raise APIError(400, f"top_logprobs requires logprobs=true; got top_logprobs={self.top_logprobs} without "
                                 f"it", param="top_logprobs")
-        if self.tools:
-            raise APIError(400, "tools are not supported", param="tools")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise APIError(400, f"response_format requires type 'text'; got {self.response_format.get('type')!r}",
-                           param="response_format")
+        if self.max_tokens == 0:
+            raise APIError(400, "max_tokens requires an integer >= 1; got 0", param="max_tokens")
 
     def template_messages(self) -> list[dict]:
         return [m.to_template(i) for i, m in enumerate(self.messages)]
@@ -195,16 +204,17 @@ def _short(value: Any) -> str:
 
 
 def sampling_params(req: _SamplingRequest, generation_config: dict, max_tokens: int,
-                    logprobs: bool, top_logprobs: int = 0) -> SamplingParams:
+                    logprobs: bool, top_logprobs: int = 0, **extra) -> SamplingParams:
     """Map a request onto SamplingParams; unset fields take the plan's generation_config as `rdnac run` does
     (`SamplingParams.from_generation_config`: greedy where the config asks for no sampling or says nothing)."""
     top_k = None if req.top_k is None else max(0, req.top_k)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return SamplingParams.from_generation_config(
         generation_config, max_tokens=max_tokens, temperature=req.temperature, top_k=top_k, top_p=req.top_p,
-        min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=req.seed, stop=stop,
+        min_p=req.min_p, repetition_penalty=req.repetition_penalty, seed=extra.pop("seed", req.seed), stop=stop,
         stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos, logprobs=logprobs,
-        top_logprobs=top_logprobs)
+        top_logprobs=top_logprobs, presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        min_tokens=req.min_tokens, **extra)
 
 
 # ---------------------------------------------------------------- responses
@@ -218,6 +228,17 @@ def envelope(request_id: str, obj: str, model: str, created: int, choices: list[
     return {"id": request_id, "object": obj, "created": created, "model": model, "choices": choices, **extra}
 
 
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of n: the request's for the first, then distinct 64-bit mixes of it (a
+    SplitMix64 step), so n choices differ and the same request seed gives the same n again."""
+    if seed is None or index == 0:
+        return seed
+    z = (seed + index * 0x9E3779B97F4A7C15) & (1 << 64) - 1
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & (1 << 64) - 1
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & (1 << 64) - 1
+    return z ^ (z >> 31)
+
+
 def completion_logprobs(tokens: list[str], logprobs: list[float], top: list[list[tuple[str, float]]] | None,
                         text_offset: int = 0) -> dict:
     """The legacy completions logprobs object; top_logprobs: per token, {token: logprob} of the most likely
@@ -226,7 +247,7 @@ def completion_logprobs(tokens: list[str], logprobs: list[float], top: list[list
     for token in tokens:
         offsets.append(text_offset)
         text_offset += len(token)
-    top_logprobs = [dict(alternatives) for alternatives in top] if top is not None else None
+    top_logprobs = [dict(alts) if alts is not None else None for alts in top] if top is not None else None
     return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
 
 

@@ -40,6 +40,7 @@ class _Submission:
     chat: bool
     sink: Sink
     arrival: float
+    prefill_after: str | None = None
 
 
 @dataclass
@@ -82,12 +83,14 @@ class EngineWorker:
     def is_alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
-    def submit(self, request_id: str, prompt, params, chat: bool, sink: Sink) -> None:
+    def submit(self, request_id: str, prompt, params, chat: bool, sink: Sink, prefill_after: str | None = None) -> None:
+        """`prefill_after`: an earlier submission with the same prompt whose prefill this one shares
+        (LLMEngine.add_request)."""
         with self._cond:
             if self.error is not None or self._stopping:
                 sink(("failed", self.error or "the server is shutting down"))
                 return
-            self._new.append(_Submission(request_id, prompt, params, chat, sink, time.perf_counter()))
+            self._new.append(_Submission(request_id, prompt, params, chat, sink, time.perf_counter(), prefill_after))
             self._cond.notify()
 
     def abort(self, request_id: str) -> None:
@@ -126,7 +129,8 @@ class EngineWorker:
     def _admit(self, submissions: list[_Submission]) -> None:
         for s in submissions:
             try:
-                num_prompt_tokens = self.llm.add_request(s.request_id, s.prompt, s.params, chat=s.chat)
+                num_prompt_tokens = self.llm.add_request(s.request_id, s.prompt, s.params, chat=s.chat,
+                                                         prefill_after=s.prefill_after)
             except RdnacError as e:  # a bad request: tell its client, keep serving
                 self.metrics.on_rejected()
                 s.sink(("error", e))
@@ -208,9 +212,13 @@ class RequestGroup:
         self._unfinished = set(range(num_requests))
         self._early: list[tuple[int, Any]] = []  # outputs that arrived while others still awaited admission
 
-    def submit(self, prompts: list, params, chat: bool) -> None:
+    def submit(self, prompts: list, params, chat: bool, num_choices: int = 1) -> None:
+        """`params`: one SamplingParams for all, or one per prompt. `num_choices`: prompts come in runs of this
+        many copies (a request's `n`); each run's later copies share the first's prefill."""
         for i, prompt in enumerate(prompts):
-            self.worker.submit(self.ids[i], prompt, params, chat, self._sink(i))
+            leader = i - i % num_choices
+            self.worker.submit(self.ids[i], prompt, params[i] if isinstance(params, list) else params, chat,
+                               self._sink(i), prefill_after=self.ids[leader] if i != leader else None)
 
     def _sink(self, index: int) -> Sink:
         def deliver(event):  # called on the engine thread
