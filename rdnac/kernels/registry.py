@@ -55,10 +55,7 @@ REFERENCE_ONLY_OPS = {"argmax": "GPU plans sample outside the graph (rdnac.runti
                                 "only cpu plans, run by the interpreter, contain it",
                       **dict.fromkeys(("moe_route", "moe_experts", "moe_experts_mxfp4"),
                                       "the fused MoE kernel family is not written yet (issue 24): GPU compiles "
-                                      "of MoE models are refused at kernel selection"),
-                      **dict.fromkeys(("causal_conv1d", "gated_delta_rule", "gated_rms_norm", "sigmoid_gate"),
-                                      "GDN kernels come with issue 25's kernel part: GPU compiles of hybrid "
-                                      "linear-attention models are refused at kernel selection")}
+                                      "of MoE models are refused at kernel selection")}
 
 
 @dataclass(frozen=True)
