@@ -53,7 +53,7 @@ _SUM = tl.standard._sum_combine  # tl.sum / tl.cumsum are jit functions; see rms
 
 AOT_DIVISIBLE = {name: ("stride_q", "stride_k", "stride_v", "stride_o")
                  for name in ("_gdn_chunk_scan_kernel", "_gdn_decode_kernel")}
-AOT_DIVISIBLE["_gdn_chunk_inverse_kernel"] = ("stride_k",)
+AOT_DIVISIBLE["_gdn_chunk_prepare_kernel"] = ("stride_q", "stride_k")
 
 
 @triton.jit
@@ -79,6 +79,16 @@ def _l2_normed(ptr, rows, row_ok, stride, head, DK: tl.constexpr, BLOCK_K: tl.co
 
 
 @triton.jit
+def _dot(a, b, DOT_DTYPE: tl.constexpr):
+    """a @ b accumulated in float32: IEEE float32 for float32 models; else on operands rounded to the model's
+    16-bit dtype, which matrix units take (float32 FMA dots hold whole operand rows per thread and spill)."""
+    if DOT_DTYPE == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE))
+
+
+@triton.jit
 def _chunk(cu_seqlens_ptr, seq_lens_ptr, slots_ptr, seq):
     """(first token, length, slot, whether the chunk reads its slot) of sequence `seq`'s chunk."""
     start = tl.load(cu_seqlens_ptr + seq)
@@ -88,8 +98,8 @@ def _chunk(cu_seqlens_ptr, seq_lens_ptr, slots_ptr, seq):
 
 
 @triton.jit
-def _gdn_chunk_inverse_kernel(k_ptr, a_ptr, b_ptr, A_log_ptr, dt_bias_ptr, slots_ptr, seq_lens_ptr, cu_seqlens_ptr,
-                              inv_ptr, stride_k, stride_a, stride_b,
+def _gdn_chunk_prepare_kernel(q_ptr, k_ptr, a_ptr, b_ptr, A_log_ptr, dt_bias_ptr, slots_ptr, seq_lens_ptr,
+                              cu_seqlens_ptr, work_ptr, stride_q, stride_k, stride_a, stride_b, scale,
                               GROUP: tl.constexpr, DK: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
                               PDL: tl.constexpr = False):
     if PDL:
@@ -109,18 +119,24 @@ def _gdn_chunk_inverse_kernel(k_ptr, a_ptr, b_ptr, A_log_ptr, dt_bias_ptr, slots
     # at[j, i] = A[i, j] = (k_i beta_i . k_j) exp(cum_i - cum_j) for j < i: held transposed so that row i of A
     # comes out of a reduction as a vector over the rows of T
     is_below = r[:, None] < r[None, :]
-    at = tl.dot(k, tl.trans(k * beta[:, None]), input_precision="ieee")
+    at = _dot(k, tl.trans(k * beta[:, None]), k_ptr.dtype.element_ty)
     at = at * tl.exp(tl.where(is_below, cum[None, :] - cum[:, None], float("-inf")))
     inv = tl.where(r[:, None] == r[None, :], 1.0, 0.0)  # [CHUNK, CHUNK]: rows of (I + A)^-1, row i at step i
     for i in range(1, CHUNK):
         a_i = tl.reduce(tl.where(r[None, :] == i, at, 0.0), 1, _SUM)  # [CHUNK] A[i, j] over j
         inv = tl.where(r[:, None] == i, inv - tl.reduce(a_i[:, None] * inv, 0, _SUM)[None, :], inv)
-    tl.store(inv_ptr + (rows[:, None] * num_heads + head) * CHUNK + r[None, :], inv, mask=row_ok[:, None])
+    block = work_ptr + (rows[:, None] * num_heads + head) * (2 * CHUNK) + r[None, :]  # [CHUNK, CHUNK] pointers
+    tl.store(block, inv, mask=row_ok[:, None])
+    # the block's causal scores (q_i . k_j) exp(cum_i - cum_j), j <= i, q scaled: they need no state either
+    q = _l2_normed(q_ptr, rows, row_ok, stride_q, head // GROUP, DK, BLOCK_K) * scale
+    scores = _dot(q, tl.trans(k), k_ptr.dtype.element_ty)
+    scores = scores * tl.exp(tl.where(r[None, :] <= r[:, None], cum[:, None] - cum[None, :], float("-inf")))
+    tl.store(block + CHUNK, scores, mask=row_ok[:, None])
 
 
 @triton.jit
 def _gdn_chunk_scan_kernel(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, A_log_ptr, dt_bias_ptr, state_ptr, slots_ptr,
-                           seq_lens_ptr, cu_seqlens_ptr, inv_ptr, out_ptr,
+                           seq_lens_ptr, cu_seqlens_ptr, work_ptr, out_ptr,
                            stride_q, stride_k, stride_v, stride_a, stride_b, stride_o, scale,
                            GROUP: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr,
                            BLOCK_V: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr = False):
@@ -131,6 +147,7 @@ def _gdn_chunk_scan_kernel(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, A_log_ptr, dt_bias
     head = tl.program_id(1)
     num_heads = tl.num_programs(1)
     start, length, slot, reads_state = _chunk(cu_seqlens_ptr, seq_lens_ptr, slots_ptr, seq)
+    DT: tl.constexpr = q_ptr.dtype.element_ty
     dk = tl.arange(0, BLOCK_K)
     dv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
     dv_ok = dv < DV
@@ -140,30 +157,28 @@ def _gdn_chunk_scan_kernel(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, A_log_ptr, dt_bias
     state_tile = state_ptr + ((slot.to(tl.int64) * num_heads + head) * DK + dk[:, None]) * DV + dv[None, :]
     S = tl.load(state_tile, mask=reads, other=0.0)  # [BLOCK_K, BLOCK_V]
     r = tl.arange(0, CHUNK)
-    is_causal = r[None, :] <= r[:, None]
     for first in range(0, length, CHUNK):
         row_ok = first + r < length
         rows = (start + first + r).to(tl.int64)  # [CHUNK]
-        k = _l2_normed(k_ptr, rows, row_ok, stride_k, head // GROUP, DK, BLOCK_K)  # [CHUNK, BLOCK_K]
-        q = _l2_normed(q_ptr, rows, row_ok, stride_q, head // GROUP, DK, BLOCK_K) * scale
         g, beta = _gates(a_ptr, b_ptr, A_log_ptr, dt_bias_ptr, rows, row_ok, stride_a, stride_b, head)
         cum = tl.associative_scan(g, 0, _SUM)  # [CHUNK]
         cum_last = tl.reduce(tl.where(r == CHUNK - 1, cum, 0.0), 0, _SUM)  # padded rows add 0: the last token's
+        # operands leave float32 as soon as they are formed: fewer live registers (see _dot)
+        k = _l2_normed(k_ptr, rows, row_ok, stride_k, head // GROUP, DK, BLOCK_K)  # [CHUNK, BLOCK_K]
+        k_beta = (k * (beta * tl.exp(cum))[:, None]).to(DT)
+        k_to_end = (k * tl.exp(cum_last - cum)[:, None]).to(DT)
         v = tl.load(v_ptr + rows[:, None] * stride_v + head * DV + dv[None, :], mask=row_ok[:, None] & dv_ok[None, :],
                     other=0.0).to(tl.float32)  # [CHUNK, BLOCK_V]
-        inv = tl.load(inv_ptr + (rows[:, None] * num_heads + head) * CHUNK + r[None, :], mask=row_ok[:, None],
-                      other=0.0)  # [CHUNK, CHUNK]
+        block = work_ptr + (rows[:, None] * num_heads + head) * (2 * CHUNK) + r[None, :]  # this block's T and P rows
+        inv = tl.load(block, mask=row_ok[:, None], other=0.0)  # [CHUNK, CHUNK]
         # the block's updates, less what the state already predicts: T (v beta - (k beta e^cum) S)
-        k_beta = k * (beta * tl.exp(cum))[:, None]
-        v_new = tl.dot(inv, v * beta[:, None] - tl.dot(k_beta, S, input_precision="ieee"),
-                       input_precision="ieee")  # [CHUNK, BLOCK_V]
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # [CHUNK, CHUNK]
-        scores = scores * tl.exp(tl.where(is_causal, cum[:, None] - cum[None, :], float("-inf")))
-        o = tl.dot(q * tl.exp(cum)[:, None], S, input_precision="ieee") + tl.dot(scores, v_new, input_precision="ieee")
+        v_new = _dot(inv, v * beta[:, None] - _dot(k_beta, S, DT), DT)  # [CHUNK, BLOCK_V]
+        q = _l2_normed(q_ptr, rows, row_ok, stride_q, head // GROUP, DK, BLOCK_K) * (scale * tl.exp(cum))[:, None]
+        scores = tl.load(block + CHUNK, mask=row_ok[:, None], other=0.0)  # [CHUNK, CHUNK]
+        o = _dot(q.to(DT), S, DT) + _dot(scores, v_new, DT)
         tl.store(out_ptr + rows[:, None] * stride_o + head * DV + dv[None, :], o.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & dv_ok[None, :])
-        k_to_end = k * tl.exp(cum_last - cum)[:, None]
-        S = S * tl.exp(cum_last) + tl.dot(tl.trans(k_to_end), v_new, input_precision="ieee")
+        S = S * tl.exp(cum_last) + _dot(tl.trans(k_to_end), v_new, DT)
     tl.debug_barrier()  # every thread has read the old state
     tl.store(state_tile, S, mask=writes)
 
@@ -233,25 +248,25 @@ def gated_delta_rule_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     [NS, Hv, Dk, Dv] float32 (written in place) -> [T, Hv*Dv] in q's dtype. `max_query_len` (host int)
     bounds the longest chunk."""
     _check(q, k, v, a, b, state, num_k_heads, num_v_heads, k_head_dim, v_head_dim)
-    assert chunk_size >= 16 and chunk_size == next_power_of_2(chunk_size), "tl.dot needs a power-of-two block"
     num_tokens, num_seqs = q.shape[0], state_slots.shape[0]
     out = torch.empty(num_tokens, num_v_heads * v_head_dim, dtype=q.dtype, device=q.device)  # [T, Hv*Dv]
     if num_tokens == 0 or num_seqs == 0:
         return out
     cx = _constexprs(num_k_heads, num_v_heads, k_head_dim, v_head_dim, config)
-    inverse = torch.empty(num_tokens, num_v_heads, chunk_size, dtype=torch.float32, device=q.device)  # [T, Hv, C]
+    chunk = config["constexprs"]["CHUNK"]
+    scale = float(k_head_dim ** -0.5)
+    # per token row and value head: its row of the block's T, then of its scores P
+    work = torch.empty(num_tokens, num_v_heads, 2 * chunk, dtype=torch.float32, device=q.device)  # [T, Hv, 2C]
     warps, stages = config["num_warps"], config["num_stages"]
-    launcher.launch(_gdn_chunk_inverse_kernel, (num_seqs, cdiv(max(max_query_len, 1), chunk_size), num_v_heads),
-                    (k, a, b, A_log, dt_bias, state_slots, seq_lens, cu_seqlens_q, inverse,
-                     k.stride(0), a.stride(0), b.stride(0)),
-                    constexprs={"GROUP": cx["GROUP"], "DK": k_head_dim, "BLOCK_K": cx["BLOCK_K"],
-                                "CHUNK": chunk_size},
+    launcher.launch(_gdn_chunk_prepare_kernel, (num_seqs, cdiv(max(max_query_len, 1), chunk), num_v_heads),
+                    (q, k, a, b, A_log, dt_bias, state_slots, seq_lens, cu_seqlens_q, work,
+                     q.stride(0), k.stride(0), a.stride(0), b.stride(0), scale),
+                    constexprs={"GROUP": cx["GROUP"], "DK": k_head_dim, "BLOCK_K": cx["BLOCK_K"], "CHUNK": chunk},
                     num_warps=warps, num_stages=stages)
     launcher.launch(_gdn_chunk_scan_kernel, (num_seqs, num_v_heads, cdiv(v_head_dim, cx["BLOCK_V"])),
-                    (q, k, v, a, b, A_log, dt_bias, state, state_slots, seq_lens, cu_seqlens_q, inverse, out,
-                     q.stride(0), k.stride(0), v.stride(0), a.stride(0), b.stride(0), out.stride(0),
-                     float(k_head_dim ** -0.5)),
-                    constexprs={**cx, "CHUNK": chunk_size}, num_warps=warps, num_stages=stages)
+                    (q, k, v, a, b, A_log, dt_bias, state, state_slots, seq_lens, cu_seqlens_q, work, out,
+                     q.stride(0), k.stride(0), v.stride(0), a.stride(0), b.stride(0), out.stride(0), scale),
+                    constexprs={**cx, "CHUNK": chunk}, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -276,12 +291,16 @@ def gated_delta_rule_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
 
 
 def config_space(problem: dict) -> list[dict]:
+    """Decode: BLOCK_V x num_warps. Prefill: also CHUNK, the kernels' block of tokens: the op's chunk_size
+    (64, transformers' block) first; smaller blocks hold fewer registers and give the same result to float32
+    rounding (the blocked form is exact algebra of the recurrence, as the decode form is)."""
     whole = max(16, next_power_of_2(problem["v_head_dim"]))
     if problem["phase"] == "decode":
-        shapes = [(bv, w) for bv in (32, 16, 64, 128) for w in (4, 1, 2, 8) if bv <= whole]
-    else:  # a [CHUNK, Dk] tile and the [Dk, BLOCK_V] state per program: 8 warps keep them in registers
-        shapes = [(bv, w) for bv in (32, 16, 64) for w in (8, 4) if bv <= whole]
-    return [{"constexprs": {"BLOCK_V": bv}, "num_warps": w, "num_stages": 1} for bv, w in shapes]
+        return [{"constexprs": {"BLOCK_V": bv}, "num_warps": w, "num_stages": 1}
+                for bv in (32, 16, 64, 128) for w in (4, 1, 2, 8) if bv <= whole]
+    chunks = [c for c in (problem.get("chunk_size", 64), 64, 32, 16) if c >= 16 and c == next_power_of_2(c)]
+    return [{"constexprs": {"BLOCK_V": bv, "CHUNK": chunk}, "num_warps": w, "num_stages": 1}
+            for chunk in dict.fromkeys(chunks) for bv in (32, 16, 64) if bv <= whole for w in (8, 4)]
 
 
 def default_config(problem: dict) -> dict:
