@@ -79,11 +79,11 @@ def _causal_conv1d_kernel(x_ptr, weight_ptr, state_ptr, slots_ptr, seq_lens_ptr,
     if tile == 0:  # the one program per (sequence, channel tile) that read the slot writes it
         i = tl.arange(0, BLOCK_KM1)  # [BLOCK_KM1] the new state's columns: window columns length .. length+K-2
         i_ok = i < KERNEL_SIZE - 1
-        p = length - (KERNEL_SIZE - 1) + i  # chunk-relative input position of each new column
-        from_x = tl.load(x_ptr + (start + p).to(tl.int64)[None, :] * stride_x + c[:, None],
-                         mask=c_ok[:, None] & (i_ok & (p >= 0))[None, :], other=0.0)  # [BLOCK_C, BLOCK_KM1]
-        from_state = tl.load(state_row[:, None] + (p + KERNEL_SIZE - 1)[None, :],
-                             mask=c_reads[:, None] & (i_ok & (p < 0))[None, :], other=0.0)
+        src = length - (KERNEL_SIZE - 1) + i  # chunk-relative input position of each new column
+        from_x = tl.load(x_ptr + (start + src).to(tl.int64)[None, :] * stride_x + c[:, None],
+                         mask=c_ok[:, None] & (i_ok & (src >= 0))[None, :], other=0.0)  # [BLOCK_C, BLOCK_KM1]
+        from_state = tl.load(state_row[:, None] + (src + KERNEL_SIZE - 1)[None, :],
+                             mask=c_reads[:, None] & (i_ok & (src < 0))[None, :], other=0.0)
         new = from_x.to(w_dtype).to(tl.float32) + from_state.to(w_dtype).to(tl.float32)
         tl.debug_barrier()  # every thread of the program has read the old state (above and in the loop)
         tl.store(state_row[:, None] + i[None, :], new.to(state_ptr.dtype.element_ty),

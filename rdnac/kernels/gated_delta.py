@@ -300,7 +300,7 @@ def config_space(problem: dict) -> list[dict]:
                 for bv in (32, 16, 64, 128) for w in (4, 1, 2, 8) if bv <= whole]
     chunks = [c for c in (problem.get("chunk_size", 64), 64, 32, 16) if c >= 16 and c == next_power_of_2(c)]
     return [{"constexprs": {"BLOCK_V": bv, "CHUNK": chunk}, "num_warps": w, "num_stages": 1}
-            for chunk in dict.fromkeys(chunks) for bv in (32, 16, 64) if bv <= whole for w in (8, 4)]
+            for chunk in dict.fromkeys(chunks) for bv in (16, 32, 64) if bv <= whole for w in (8, 4)]
 
 
 def default_config(problem: dict) -> dict:
