@@ -133,7 +133,7 @@ def _check_gdn(dtype, chunks, config, seed=0):
     out = _run_gdn(inputs, state, chunks, config)
     name = f"gated_delta_rule {dtype} {config['constexprs']} warps={config['num_warps']}"
     assert_close(name, out, ref, *_tol(dtype))
-    assert_close(name + " state", state, ref_state, *_tol(torch.float32))
+    assert_close(name + " state", state, ref_state, *_tol(dtype))  # float32, from 16-bit dot operands
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

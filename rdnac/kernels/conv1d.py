@@ -71,7 +71,7 @@ def _causal_conv1d_kernel(x_ptr, weight_ptr, state_ptr, slots_ptr, seq_lens_ptr,
         acc += (xj.to(w_dtype).to(tl.float32) + sj.to(w_dtype).to(tl.float32)) * w[None, :]
     y = acc.to(w_dtype).to(tl.float32)
     if IS_SILU:
-        y = y * tl.sigmoid(y)
+        y = y / (1.0 + tl.exp(-y))  # silu; tl.sigmoid is a jit function (see rms_norm.py)
     out_mask = (t < length)[:, None] & c_ok[None, :]
     tl.store(out_ptr + (start + t).to(tl.int64)[:, None] * stride_out + c[None, :], y.to(out_ptr.dtype.element_ty),
              mask=out_mask)

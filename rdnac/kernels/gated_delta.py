@@ -62,7 +62,7 @@ def _gates(a_ptr, b_ptr, A_log_ptr, dt_bias_ptr, rows, row_ok, stride_a, stride_
     positions neither decay nor update the state (the reference pads with zeros)."""
     a = tl.load(a_ptr + rows * stride_a + head, mask=row_ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + rows * stride_b + head, mask=row_ok, other=0.0)
-    beta = tl.sigmoid(b.to(tl.float32)).to(b.dtype).to(tl.float32)  # sigmoid in b's dtype, then float32
+    beta = (1.0 / (1.0 + tl.exp(-b.to(tl.float32)))).to(b.dtype).to(tl.float32)  # sigmoid in b's dtype, then float32
     x = a + tl.load(dt_bias_ptr + head).to(tl.float32)
     softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))  # F.softplus, threshold 20
     g = -tl.exp(tl.load(A_log_ptr + head).to(tl.float32)) * softplus
@@ -212,7 +212,7 @@ def _gdn_decode_kernel(q_ptr, k_ptr, v_ptr, a_ptr, b_ptr, A_log_ptr, dt_bias_ptr
     v = tl.load(v_ptr + row * stride_v + head * DV + dv, mask=dv_ok, other=0.0).to(tl.float32)  # [BLOCK_V]
     a = tl.load(a_ptr + row * stride_a + head).to(tl.float32)
     b = tl.load(b_ptr + row * stride_b + head)
-    beta = tl.sigmoid(b.to(tl.float32)).to(b.dtype).to(tl.float32)
+    beta = (1.0 / (1.0 + tl.exp(-b.to(tl.float32)))).to(b.dtype).to(tl.float32)
     x = a + tl.load(dt_bias_ptr + head).to(tl.float32)
     softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
     g = -tl.exp(tl.load(A_log_ptr + head).to(tl.float32)) * softplus

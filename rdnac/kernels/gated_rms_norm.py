@@ -46,7 +46,7 @@ def _gated_rms_norm_kernel(x_ptr, gate_ptr, weight_ptr, out_ptr, num_heads, stri
         y = y.to(x_dtype).to(tl.float32)
     if IS_SILU:
         gate = tl.load(gate_ptr + token * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
-        y = y * (gate * tl.sigmoid(gate))
+        y = y * (gate / (1.0 + tl.exp(-gate)))  # silu; tl.sigmoid is a jit function (see rms_norm.py)
     tl.store(out_ptr + token * num_heads * D + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

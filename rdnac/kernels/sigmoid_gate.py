@@ -33,7 +33,7 @@ def _sigmoid_gate_kernel(x_ptr, gate_ptr, out_ptr, N, stride_x, stride_gate,
         gate = tl.load(gate_ptr + token * stride_gate)
     else:
         gate = tl.load(gate_ptr + token * stride_gate + n, mask=mask, other=0.0)
-    s = tl.sigmoid(gate.to(tl.float32)).to(gate.dtype).to(tl.float32)
+    s = (1.0 / (1.0 + tl.exp(-gate.to(tl.float32)))).to(gate.dtype).to(tl.float32)  # tl.sigmoid: a jit function
     tl.store(out_ptr + token * N + n, (x * s).to(out_ptr.dtype.element_ty), mask=mask)
 
 
