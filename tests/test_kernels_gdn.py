@@ -21,7 +21,7 @@ from rdnac.ir import linear_attention as la
 from rdnac.kernels import conv1d, gated_delta, gated_rms_norm, registry, sigmoid_gate
 from rdnac.plans import read_plan
 from rdnac.plans.binaries import KernelBinary
-from tests.support.checkpoints import make_checkpoint
+from tests.support.checkpoints import make_checkpoint, reference_greedy
 from tests.test_kernels_small import CPU, assert_close
 
 TARGETS = ("gfx1201", "gfx1151", "gfx942", "gfx950", "sm90")
@@ -265,6 +265,19 @@ def test_tiny_qwen3_5_compiles_for_target(target, qwen3_5_dir, tmp_path):
 def sm90_plan(qwen3_5_dir, tmp_path_factory):
     return rdnac.compile(qwen3_5_dir, target="sm90", output=tmp_path_factory.mktemp("q35") / "q35.msgpack",
                          quiet=True)
+
+
+def test_tiny_qwen3_5_gpu_plan_under_the_interpreter_matches_transformers(qwen3_5_dir, sm90_plan):
+    """The sm90 plan's own kernel specializations under the Triton interpreter: three prompts at once, the
+    130-token one prefilled in 64-token steps beside the others' decodes, give transformers' greedy tokens."""
+    from tests.test_qwen3_5 import PROMPT
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(qwen3_5_dir, dtype=torch.float32).eval()
+    prompts = [PROMPT, PROMPT[:37], PROMPT[5:70]]
+    llm = rdnac.load(sm90_plan, device="cpu", interpret=True, max_num_batched_tokens=64)
+    ours = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True))]
+    assert ours == [reference_greedy(model, p, 10) for p in prompts]
 
 
 @pytest.mark.gpu
