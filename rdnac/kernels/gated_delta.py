@@ -10,32 +10,38 @@ unless the slot is -1.
 
 Prefill (any ragged batch of chunks), two launches, the WY form of
 flash-linear-attention's chunk_gated_delta_rule over blocks of CHUNK tokens
-counted from each chunk's first token, as the reference does:
+counted from each chunk's first token (the op's chunk_size, 64, first; a
+smaller CHUNK, offered where 64 spills, gives the same result to float32
+rounding):
 
-1. `_gdn_chunk_inverse_kernel`, grid (B, cdiv(max_query_len, CHUNK), Hv),
-   every block of every sequence in parallel: T = (I + A)^-1 with A the
-   strictly lower part of (k beta k^T) * exp(cum_i - cum_j), by forward
-   substitution one row at a time (a product of (I + A^(2^n)) factors would
-   be shorter but its intermediate powers grow combinatorially when keys
-   align, and cancel in float32), stored per token row to a float32
-   workspace [T, Hv, CHUNK].
+1. `_gdn_chunk_prepare_kernel`, grid (B, cdiv(max_query_len, CHUNK), Hv),
+   every block of every sequence in parallel, what needs no state:
+   T = (I + A)^-1 with A the strictly lower part of (k beta k^T) *
+   exp(cum_i - cum_j), by forward substitution one row at a time (a product
+   of (I + A^(2^n)) factors would be shorter, but its intermediate powers
+   grow combinatorially when keys align and cancel in float32), and the
+   causal scores P = (q k^T) * exp(cum_i - cum_j), j <= i; both float32, per
+   token row in a workspace [T, Hv, 2 * CHUNK].
 2. `_gdn_chunk_scan_kernel`, grid (B, Hv, cdiv(Dv, BLOCK_V)): each program
    keeps its [Dk, BLOCK_V] slice of the state in registers and walks the
    sequence's blocks in order: v_new = T (v beta - (k beta e^cum) S),
-   o = (q e^cum) S + (q k^T * decay) v_new, S = e^cum_last S + (k e^(cum_last
-   - cum))^T v_new. Value columns are independent in the delta rule, so the
-   programs of one head share nothing but T.
+   o = (q e^cum) S + P v_new, S = e^cum_last S + (k e^(cum_last - cum))^T
+   v_new. Value columns are independent in the delta rule, so the programs
+   of one head share nothing but the workspace.
 
 Decode (one token per sequence, row b is sequence b): `_gdn_decode_kernel`,
 grid (B, Hv, cdiv(Dv, BLOCK_V)), the recurrent form S = e^g S;
 S += k (beta (v - S^T k))^T; o = S^T q, the slice updated in place. Grids
 depend only on shapes, the slots are read on the device: graph-capturable.
 
-Dots are float32 with input_precision="ieee" (the reference is float32 and
-transformers' fallback too). A program stores its state slice after a
-barrier, so no thread overwrites what another has yet to read.
+Dots accumulate in float32; their operands are IEEE float32 in float32
+models and rounded to the model's 16-bit dtype otherwise (as
+flash-linear-attention does: matrix units, and float32 FMA dots hold whole
+operand rows per thread and spill). The state and every elementwise step
+stay float32. A program stores its state slice after a barrier, so no
+thread overwrites what another has yet to read.
 
-Config space: BLOCK_V (value columns per program) and num_warps, per phase.
+Config space: BLOCK_V (value columns per program), num_warps, and CHUNK at prefill.
 Problem keys: {"phase", "num_k_heads", "num_v_heads", "k_head_dim",
 "v_head_dim", "chunk_size", "dtype", "num_seqs", "num_tokens"}.
 """
