@@ -56,7 +56,10 @@ def test_every_wrapper_name_resolves_to_its_wrapper():
         "rope.rope", "kv_cache.kv_cache_write", "qk_norm_rope_cache.qk_norm_rope_cache", "attention.attention_prefill",
         "attention_decode.attention_decode", "attention.attention_quant_prefill",
         "attention_decode.attention_quant_decode", "activation.gated_act", "gemm_gated.linear_gated_act",
-        "elementwise.add", "gemm.logits", "rms_norm_quant.rms_norm_quant", "activation_quant.gated_act_quant"}
+        "elementwise.add", "gemm.logits", "rms_norm_quant.rms_norm_quant", "activation_quant.gated_act_quant",
+        # linear attention (issue 25)
+        "conv1d.causal_conv1d_prefill", "conv1d.causal_conv1d_decode", "gated_delta.gated_delta_rule_prefill",
+        "gated_delta.gated_delta_rule_decode", "gated_rms_norm.gated_rms_norm", "sigmoid_gate.sigmoid_gate"}
 
 
 @pytest.mark.parametrize("name", ["os.system", "gemm._gemm_kernel", "launch.JitLauncher", "registry.wrapper",
