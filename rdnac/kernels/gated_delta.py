@@ -20,8 +20,8 @@ rounding):
    exp(cum_i - cum_j), by forward substitution one row at a time (a product
    of (I + A^(2^n)) factors would be shorter, but its intermediate powers
    grow combinatorially when keys align and cancel in float32), and the
-   causal scores P = (q k^T) * exp(cum_i - cum_j), j <= i; both float32, per
-   token row in a workspace [T, Hv, 2 * CHUNK].
+   causal scores P = (q k^T) * exp(cum_i - cum_j), j <= i; both per token
+   row in a workspace [T, Hv, 2 * CHUNK] of the dots' operand dtype (below).
 2. `_gdn_chunk_scan_kernel`, grid (B, Hv, cdiv(Dv, BLOCK_V)): each program
    keeps its [Dk, BLOCK_V] slice of the state in registers and walks the
    sequence's blocks in order: v_new = T (v beta - (k beta e^cum) S),
@@ -132,12 +132,12 @@ def _gdn_chunk_prepare_kernel(q_ptr, k_ptr, a_ptr, b_ptr, A_log_ptr, dt_bias_ptr
         a_i = tl.reduce(tl.where(r[None, :] == i, at, 0.0), 1, _SUM)  # [CHUNK] A[i, j] over j
         inv = tl.where(r[:, None] == i, inv - tl.reduce(a_i[:, None] * inv, 0, _SUM)[None, :], inv)
     block = work_ptr + (rows[:, None] * num_heads + head) * (2 * CHUNK) + r[None, :]  # [CHUNK, CHUNK] pointers
-    tl.store(block, inv, mask=row_ok[:, None])
+    tl.store(block, inv.to(work_ptr.dtype.element_ty), mask=row_ok[:, None])
     # the block's causal scores (q_i . k_j) exp(cum_i - cum_j), j <= i, q scaled: they need no state either
     q = _l2_normed(q_ptr, rows, row_ok, stride_q, head // GROUP, DK, BLOCK_K) * scale
     scores = _dot(q, tl.trans(k), k_ptr.dtype.element_ty)
     scores = scores * tl.exp(tl.where(r[None, :] <= r[:, None], cum[:, None] - cum[None, :], float("-inf")))
-    tl.store(block + CHUNK, scores, mask=row_ok[:, None])
+    tl.store(block + CHUNK, scores.to(work_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
@@ -261,8 +261,9 @@ def gated_delta_rule_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     cx = _constexprs(num_k_heads, num_v_heads, k_head_dim, v_head_dim, config)
     chunk = config["constexprs"]["CHUNK"]
     scale = float(k_head_dim ** -0.5)
-    # per token row and value head: its row of the block's T, then of its scores P
-    work = torch.empty(num_tokens, num_v_heads, 2 * chunk, dtype=torch.float32, device=q.device)  # [T, Hv, 2C]
+    # per token row and value head: its row of the block's T, then of its scores P; in the dots' operand dtype,
+    # the scan's only use of them, so a 16-bit model's workspace loses nothing by being 16-bit
+    work = torch.empty(num_tokens, num_v_heads, 2 * chunk, dtype=q.dtype, device=q.device)  # [T, Hv, 2C]
     warps, stages = config["num_warps"], config["num_stages"]
     launcher.launch(_gdn_chunk_prepare_kernel, (num_seqs, cdiv(max(max_query_len, 1), chunk), num_v_heads),
                     (q, k, a, b, A_log, dt_bias, state_slots, seq_lens, cu_seqlens_q, work,
