@@ -53,9 +53,6 @@ VIEW_OPS = ("split",)
 # IR ops no GPU plan contains, with why: the cpu target's interpreter runs them from their reference.
 REFERENCE_ONLY_OPS = {"argmax": "GPU plans sample outside the graph (rdnac.runtime.sampling); "
                                 "only cpu plans, run by the interpreter, contain it",
-                      **dict.fromkeys(("causal_conv1d", "gated_delta_rule", "gated_rms_norm", "sigmoid_gate"),
-                                      "GDN kernels come with issue 25's kernel part: GPU compiles of hybrid "
-                                      "linear-attention models are refused at kernel selection"),
                       **dict.fromkeys(("mla_cache_write", "mla_attention"),
                                       "MLA kernels come with issue 26's kernel part: GPU compiles of DeepSeek "
                                       "models are refused at kernel selection")}

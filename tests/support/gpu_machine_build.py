@@ -63,6 +63,15 @@ def hf_random_checkpoint(model_type: str, **config) -> Callable[..., Path]:
     return write
 
 
+# Qwen3.5 at the 27B's per-head shapes (GDN: 16 key heads, 48 value heads of 128; gated attention with head_dim
+# 256), narrow elsewhere: one linear-attention and one full-attention layer: the conv, the chunked and recurrent
+# gated delta rule, the gated norm and the sigmoid output gate at the shapes that decide their registers.
+QWEN3_5_WIDTH = dict(hidden_size=2048, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                     head_dim=256, intermediate_size=4096, vocab_size=4096, linear_num_key_heads=16,
+                     linear_num_value_heads=48, linear_key_head_dim=128, linear_value_head_dim=128,
+                     layer_types=["linear_attention", "full_attention"])
+
+
 @dataclass(frozen=True)
 class Case:
     family: str
@@ -89,6 +98,7 @@ CASES = [
     Case("gemma3", "bf16", hf_random_checkpoint("gemma3_text", **GEMMA_WIDTH)),
     Case("gemma2", "bf16", hf_random_checkpoint("gemma2", attn_logit_softcapping=50.0,
                                                 **{k: v for k, v in GEMMA_WIDTH.items() if k != "layer_types"})),
+    Case("qwen3_5", "bf16", hf_random_checkpoint("qwen3_5_text", **QWEN3_5_WIDTH)),
 ]
 
 
