@@ -62,8 +62,11 @@ def cli():
 @click.option("--fp8-lm-head", is_flag=True, help="The logits projection in FP8 too (per-channel; float32 logits).")
 @click.option("--pdl/--no-pdl", default=None,
               help="Programmatic dependent launch between kernels (default: on where the target has it, sm90+).")
+@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
+              help="The paged K/V cache: auto = the compute dtype; fp8 = the target's e4m3 format (per-tensor "
+                   "scale 1.0): half the bytes per token, twice the tokens.")
 def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max_num_seqs, max_num_batched_tokens,
-                quiet, quantize, fp8_lm_head, pdl):
+                quiet, quantize, fp8_lm_head, pdl, kv_cache_dtype):
     """Compile MODEL (HF directory, .gguf file, or demo:smollm2) into a plan."""
     from rdnac.compiler.pipeline import compile_model
 
@@ -71,7 +74,7 @@ def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max
     path = compile_model(model, target, output, dtype=dtype, max_model_len=max_model_len,
                          disable_passes=tuple(disable_passes), max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens, quiet=quiet, quantize=quantize,
-                         fp8_lm_head=fp8_lm_head, pdl=pdl)
+                         fp8_lm_head=fp8_lm_head, pdl=pdl, kv_cache_dtype=kv_cache_dtype)
     click.echo(f"wrote {path} ({time.perf_counter() - started:.1f} s)", err=True)
 
 
