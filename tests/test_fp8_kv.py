@@ -1,0 +1,210 @@
+"""FP8 KV cache (`--kv-cache-dtype fp8`): its reference semantics, its kernels, and its plans.
+
+The reference rules (`rdnac.ir.ops`: store K / k_scale saturated, read bits * k_scale) are checked
+against the FP8 codec directly; the cache writers (kv_cache_write, qk_norm_rope_cache) and the
+attention readers (prefill and split-K decode) run under the Triton interpreter against them, in
+both e4m3 flavours. Whole plans: the FP8-KV plan against the float-KV plan on the same weights
+(teacher-forced top-1 >= 97%, min logit cosine >= 0.999) on a transformers tiny checkpoint and on
+decisive random weights; an sm90 plan's own kernels against the reference interpreter on its graph;
+cross-compiles within LDS and without spills; `inspect` shows twice the tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rdnac
+from rdnac.errors import RdnacError
+from rdnac.ir import ops, rope_math
+from rdnac.ir.fp8 import FORMATS, FP8_MAX, from_kv_cache, to_kv_cache
+from rdnac.kernels import attention as attn
+from rdnac.kernels import attention_decode as attn_decode
+from rdnac.kernels import kv_cache, qk_norm_rope_cache
+from rdnac.kernels.launch import InterpretLauncher
+from rdnac.testing.fp8 import write_random_checkpoint
+from tests.support.checkpoints import make_checkpoint
+from tests.test_kernels_attention import attrs_for, make_batch
+from tests.test_kernels_small import CPU, assert_close
+
+FP8_DTYPES = [torch.float8_e4m3fn, torch.float8_e4m3fnuz]
+SHAPE = dict(hidden=256, layers=2, heads=4, kv_heads=2, head_dim=64, intermediate=512, vocab=1000)
+
+
+# ------------------------------------------------------------ reference semantics
+
+
+@pytest.mark.parametrize("cache_dtype", FP8_DTYPES)
+def test_reference_write_saturates_and_read_scales(cache_dtype):
+    fmt = "e4m3fn" if cache_dtype == torch.float8_e4m3fn else "e4m3fnuz"
+    k = torch.tensor([[0.0, 1.0, -2.5, 1000.0, -1000.0, 3.3, 1e-4, 0.5]]).repeat(2, 1)  # [T=2, Hk*D = 1*8]
+    v = -k
+    k_cache = torch.zeros(2, 4, 1, 8, dtype=cache_dtype)
+    v_cache = torch.zeros_like(k_cache)
+    ops.kv_cache_write(k, v, torch.tensor([5, -1]), k_cache, v_cache, num_kv_heads=1, head_dim=8, k_scale=2.0,
+                       v_scale=0.5)
+    stored = k_cache[1, 1, 0].float()
+    expected = (k[0] / 2.0).clamp(-FP8_MAX[fmt], FP8_MAX[fmt]).to(cache_dtype).float()
+    assert torch.equal(stored, expected) and stored[3] == FP8_MAX[fmt], "saturated, never NaN"
+    assert torch.isfinite(v_cache.float()).all() and v_cache[1, 1, 0, 4].float() == FP8_MAX[fmt]
+    assert (k_cache[0].float() == 0).all(), "slot -1 is skipped"
+    assert torch.equal(from_kv_cache(k_cache[1, 1, 0], 2.0), stored * 2.0)
+    # float caches: a cast, the scales unused
+    assert torch.equal(to_kv_cache(k, torch.bfloat16, 1.0), k.to(torch.bfloat16))
+
+
+def test_reference_attention_reads_dequantized_caches():
+    batch, _ = make_batch([(40, 1), (17, 1)], 4, 2, 16, torch.float32)
+    attrs = attrs_for(4, 2, 16)
+    k8 = to_kv_cache(batch["k_cache"], torch.float8_e4m3fn, 0.25)
+    v8 = to_kv_cache(batch["v_cache"], torch.float8_e4m3fn, 2.0)
+    args = [batch[k] for k in ("block_tables", "seq_lens", "cu_seqlens_q", "positions")]
+    got = ops.attention(batch["q"], k8, v8, *args, **attrs, k_scale=0.25, v_scale=2.0)
+    want = ops.attention(batch["q"], k8.float() * 0.25, v8.float() * 2.0, *args, **attrs)
+    assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------ kernels under the interpreter
+
+
+@pytest.mark.parametrize("cache_dtype", FP8_DTYPES)
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.02, 3.0)])
+def test_kv_cache_write_kernel(cache_dtype, scales):
+    num_kv_heads, head_dim = 2, 64
+    g = torch.Generator().manual_seed(1)
+    kv = torch.randn(9, 3 * num_kv_heads * head_dim, generator=g).to(torch.bfloat16) * 4
+    k, v = kv[:, 128:256], kv[:, 256:]  # strided, as slices of a qkv output
+    slots = torch.tensor([3, -1, 17, 16, 40, 0, 9, 10, 31])
+    caches = {who: (torch.full((4, 16, num_kv_heads, head_dim), 7.0).to(cache_dtype),
+                    torch.full((4, 16, num_kv_heads, head_dim), -3.0).to(cache_dtype)) for who in ("kernel", "ref")}
+    attrs = dict(num_kv_heads=num_kv_heads, head_dim=head_dim, k_scale=scales[0], v_scale=scales[1])
+    config = kv_cache.default_config({"num_kv_heads": num_kv_heads, "head_dim": head_dim})
+    kv_cache.kv_cache_write(k, v, slots, *caches["kernel"], **attrs, config=config, launcher=CPU)
+    ops.kv_cache_write(k, v, slots, *caches["ref"], **attrs)
+    for i, name in enumerate(("k_cache", "v_cache")):
+        assert_close(name, caches["kernel"][i], caches["ref"][i], 0.0, 0.0)  # the same bits
+    if scales[0] < 1:
+        assert (caches["ref"][0].float().abs() == FP8_MAX["e4m3fn" if cache_dtype == FP8_DTYPES[0] else
+                                                      "e4m3fnuz"]).any(), "the small k_scale saturates some"
+
+
+@pytest.mark.parametrize("cache_dtype", FP8_DTYPES)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_qk_norm_rope_cache_kernel(cache_dtype, qk_norm):
+    num_heads, num_kv_heads, head_dim = 8, 2, 32
+    g = torch.Generator().manual_seed(2)
+    qkv = (torch.randn(7, (num_heads + 2 * num_kv_heads) * head_dim, generator=g) * 2).to(torch.bfloat16)
+    q, k, v = torch.split(qkv, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], 1)
+    positions = torch.tensor([0, 1, 15, 16, 4095, 33000, 7])
+    slots = torch.tensor([3, -1, 17, 16, 40, 0, 9])
+    norms = [(torch.randn(head_dim, generator=g) * 0.1 + 1).to(torch.bfloat16) for _ in range(2)] if qk_norm else []
+    attrs = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, rotary_dim=head_dim, theta=1e6,
+                 style="neox", scaling=None, qk_norm=qk_norm, eps=1e-6, unit_offset=False, k_scale=0.5, v_scale=1.5)
+    inv_freq, attention_scaling = rope_math.rope_inv_freq(head_dim, 1e6, None)
+    caches = {who: (torch.full((6, 8, num_kv_heads, head_dim), 7.0).to(cache_dtype),
+                    torch.full((6, 8, num_kv_heads, head_dim), -3.0).to(cache_dtype)) for who in ("kernel", "ref")}
+    problem = {"head_dim": head_dim, "num_heads": num_heads, "num_kv_heads": num_kv_heads, "qk_norm": qk_norm}
+    out = qk_norm_rope_cache.qk_norm_rope_cache(q, k, v, positions, slots, *caches["kernel"], *norms, **attrs,
+                                                inv_freq=inv_freq, attention_scaling=attention_scaling,
+                                                config=qk_norm_rope_cache.default_config(problem), launcher=CPU)
+    ref = ops.qk_norm_rope_cache(q, k, v, positions, slots, *caches["ref"], *norms, **attrs)
+    assert_close("q'", out, ref, 2e-2, 1.6e-2)
+    # k' can differ from the reference by a bf16 ulp (cos/sin), which may move an FP8 rounding by one step
+    k_err = (caches["kernel"][0].float() - caches["ref"][0].float()).abs()
+    assert (k_err <= caches["ref"][0].float().abs() / 8 + 1e-6).all(), f"k_cache: max error {k_err.max():.3g}"
+    assert (k_err > 0).float().mean() < 0.02, "k_cache: most FP8 values bit-exact"
+    assert_close("v_cache", caches["kernel"][1], caches["ref"][1], 0.0, 0.0)
+
+
+def _fp8_batch(seqs, num_heads, num_kv_heads, head_dim, cache_dtype, k_scale, v_scale):
+    batch, max_q = make_batch(seqs, num_heads, num_kv_heads, head_dim, torch.bfloat16)
+    batch["k_cache"] = to_kv_cache(batch["k_cache"].float() * 3, cache_dtype, k_scale)  # NaN slots stay NaN
+    batch["v_cache"] = to_kv_cache(batch["v_cache"].float() * 3, cache_dtype, v_scale)
+    return batch, max_q
+
+
+@pytest.mark.parametrize("cache_dtype", FP8_DTYPES)
+@pytest.mark.parametrize("phase,num_splits", [("prefill", 0), ("decode", 1), ("decode", 4)])
+def test_attention_kernels_read_fp8_caches(cache_dtype, phase, num_splits):
+    k_scale, v_scale = 0.05, 2.0
+    seqs = [(40, 33), (17, 7)] if phase == "prefill" else [(40, 1), (100, 1), (1, 1)]
+    batch, max_q = _fp8_batch(seqs, 6, 2, 64, cache_dtype, k_scale, v_scale)
+    attrs = attrs_for(6, 2, 64, k_scale=k_scale, v_scale=v_scale)
+    args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "cu_seqlens_q", "positions")]
+    expected = ops.attention(*args, **attrs)
+    problem = {"phase": phase, "num_heads": 6, "num_kv_heads": 2, "head_dim": 64}
+    launcher = InterpretLauncher()
+    if phase == "prefill":
+        out = attn.attention_prefill(*args, **attrs, max_query_len=max_q, config=attn.default_config(problem),
+                                     launcher=launcher)
+    else:
+        config = {"constexprs": {"NUM_SPLITS": num_splits, "BLOCK_N": 16}, "num_warps": 4, "num_stages": 2}
+        out = attn_decode.attention_decode(*args, **attrs, config=config, launcher=launcher)
+    assert out.shape == expected.shape and out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    assert_close(f"{phase} fp8 {cache_dtype}", out, expected, 2e-2, 2e-2)
+
+
+# ------------------------------------------------------------ plans
+
+
+def _teacher_forced(reference, fp8, prompts):
+    """(top-1 agreement, min cosine) of the logits of every position of every prompt."""
+    a = torch.cat([reference.logits(p).float() for p in prompts])
+    b = torch.cat([fp8.logits(p).float() for p in prompts])
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    cosine = F.cosine_similarity(a, b, dim=-1).min().item()
+    print(f"\nteacher-forced top-1 {agree:.2%}, min logit cosine {cosine:.6f}, max |diff| {(a - b).abs().max():.3g}")
+    return agree, cosine
+
+
+def _plans(ckpt, tmp_path, target="cpu", **options):
+    auto = rdnac.compile(ckpt, target, tmp_path / f"auto.{target}.msgpack", quiet=True, **options)
+    fp8 = rdnac.compile(ckpt, target, tmp_path / f"fp8.{target}.msgpack", quiet=True, kv_cache_dtype="fp8", **options)
+    return auto, fp8
+
+
+PROMPTS = [[(37 * i) % 990 + 5 for i in range(120)], [(11 * i + 3) % 997 for i in range(80)]]
+
+
+def test_fp8_kv_plan_on_decisive_weights(tmp_path):
+    write_random_checkpoint(tmp_path / "ckpt", decisive=True, **SHAPE)
+    auto, fp8 = (rdnac.load(p) for p in _plans(tmp_path / "ckpt", tmp_path, max_model_len=256))
+    assert {s.dtype for s in fp8.graph.state} == {"float8_e4m3fn"}
+    assert {s.dtype for s in auto.graph.state} == {"float32"}
+    for node in fp8.graph.nodes:
+        if node.op in ("qk_norm_rope_cache", "kv_cache_write", "attention"):
+            assert (node.attrs["k_scale"], node.attrs["v_scale"]) == (1.0, 1.0), node.name
+    decision = next(d for d in fp8.plan.body["decisions"] if d["pass"] == "kv_cache_dtype")
+    assert "e4m3fn" in decision["action"] and "per-tensor static scales 1.0" in decision["action"]
+    agree, cosine = _teacher_forced(auto, fp8, PROMPTS)
+    assert agree >= 0.97 and cosine >= 0.999
+    assert agree < 1.0 or cosine < 1.0 - 1e-7, "the FP8 cache changes the logits (it is really used)"
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "llama"])
+def test_fp8_kv_plan_on_transformers_tiny(model_type, tmp_path):
+    make_checkpoint(model_type, tmp_path / "ckpt")
+    auto, fp8 = (rdnac.load(p) for p in _plans(tmp_path / "ckpt", tmp_path))
+    vocab = auto.plan.body["graph"]["attrs"].get("vocab_size") or 99
+    prompts = [[(7 * i + 1) % min(vocab, 90) + 1 for i in range(60)]]
+    agree, cosine = _teacher_forced(auto, fp8, prompts)
+    assert agree >= 0.97 and cosine >= 0.999
+
+
+def test_inspect_shows_twice_the_tokens(tmp_path):
+    from rdnac.cli.inspect import summarize
+
+    write_random_checkpoint(tmp_path / "ckpt", **SHAPE)
+    auto, fp8 = _plans(tmp_path / "ckpt", tmp_path, "sm90", max_model_len=256)
+    a, b = summarize(auto)["state"], summarize(fp8)["state"]
+    assert a["bytes_per_token"] == 2 * b["bytes_per_token"] == 2 * (2 * 2 * 2 * 64)  # 2 layers x K,V x Hk x D
+    assert b["max_concurrent_tokens"] == 2 * a["max_concurrent_tokens"]
+
+
+def test_target_without_fp8_is_refused(tmp_path):
+    with pytest.raises(RdnacError, match="--kv-cache-dtype fp8 requires a target with FP8.*got gfx1151"):
+        rdnac.compile(tmp_path / "missing", "gfx1151", tmp_path / "p.msgpack", kv_cache_dtype="fp8")
+    with pytest.raises(RdnacError, match="--kv-cache-dtype requires one of auto, fp8"):
+        rdnac.compile(tmp_path / "missing", "cpu", tmp_path / "p.msgpack", kv_cache_dtype="int8")
