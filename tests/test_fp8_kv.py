@@ -218,3 +218,116 @@ def test_target_without_fp8_is_refused(tmp_path):
         rdnac.compile(tmp_path / "missing", "gfx1151", tmp_path / "p.msgpack", kv_cache_dtype="fp8")
     with pytest.raises(RdnacError, match="--kv-cache-dtype requires one of auto, fp8"):
         rdnac.compile(tmp_path / "missing", "cpu", tmp_path / "p.msgpack", kv_cache_dtype="int8")
+
+
+# ------------------------------------------------------------ GPU targets
+
+
+@pytest.fixture(scope="module")
+def qwen3_d128(tmp_path_factory):
+    """A tiny Qwen3 at head_dim 128 (Qwen3-8B's), decisive weights."""
+    d = tmp_path_factory.mktemp("fp8_kv") / "ckpt"
+    write_random_checkpoint(d, hidden=256, layers=2, heads=4, kv_heads=2, head_dim=128, intermediate=512,
+                            vocab=1000, decisive=True)
+    return d
+
+
+@pytest.mark.parametrize("target,fmt", [("gfx1201", "e4m3fn"), ("gfx942", "e4m3fnuz"), ("gfx950", "e4m3fn"),
+                                        ("sm90", "e4m3fn")])
+def test_cross_compiles_within_lds_without_spills(target, fmt, qwen3_d128, tmp_path):
+    from rdnac.compiler.build import check_resources
+    from rdnac.plans import read_plan
+    from rdnac.plans.binaries import KernelBinary
+
+    path = rdnac.compile(qwen3_d128, target, tmp_path / f"fp8.{target}.msgpack", quiet=True, kv_cache_dtype="fp8",
+                         max_model_len=1024, max_num_seqs=4, max_num_batched_tokens=256)
+    plan = read_plan(path)
+    assert plan.header["compile_options"]["kv_cache_dtype"] == "fp8"
+    assert {s["dtype"] for s in plan.body["graph"]["state"]} == {f"float8_{fmt}"}
+    binaries = [KernelBinary.from_dict(k) for k in plan.body["kernels"]]
+    for b in binaries:
+        assert check_resources(b, target) == [], b.key
+    by_kernel = {}
+    for k in plan.body["kernels"]:
+        by_kernel.setdefault(k["kernel"].rpartition(":")[2], []).append(k["call"]["constexprs"])
+    # the cache's writer and both attention phases read and write FP8
+    assert by_kernel["_qk_norm_rope_cache_kernel"] and all(c["CACHE_FP8"] for c in by_kernel["_qk_norm_rope_cache_kernel"])
+    for name in ("_decode_kernel", "_prefill_kernel"):
+        assert by_kernel[name] and all(c["KV_FP8"] for c in by_kernel[name]), name
+    print(f"\n{target}: {len(binaries)} kernel binaries, all within LDS, no spills")
+
+
+def test_sm90_plan_kernels_give_the_reference_tokens(qwen3_d128, tmp_path):
+    """The sm90 FP8-KV plan's own kernels (Triton interpreter) against the reference interpreter on the same
+    plan graph and weights: the same greedy tokens, prefill and decode steps through the FP8 cache."""
+    from rdnac import SamplingParams
+    from rdnac.runtime.llm import LLM
+    from rdnac.runtime.model_runner import ModelRunner
+
+    plan = rdnac.compile(qwen3_d128, "sm90", tmp_path / "fp8.sm90.msgpack", quiet=True, kv_cache_dtype="fp8",
+                         max_model_len=256, max_num_seqs=2, max_num_batched_tokens=64)
+    engine = rdnac.load(plan, interpret=True)
+    reference = LLM(ModelRunner(engine.plan, engine.weights, "cpu"))
+    prompts = [[(37 * i) % 990 + 5 for i in range(12)], [900, 12, 13, 14, 15, 16]]
+    ours = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=6))]
+    ref = [c.token_ids for c in reference.generate(prompts, SamplingParams(max_tokens=6))]
+    assert ours == ref
+
+
+# ------------------------------------------------------------ on the GPU (sm90: the device machine)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("phase,num_splits", [("prefill", 0), ("decode", 1), ("decode", 8)])
+def test_gpu_kernels_match_the_reference(phase, num_splits):
+    from rdnac.kernels.launch import JitLauncher
+
+    launcher = JitLauncher()
+    k_scale, v_scale = 0.05, 2.0
+    # the cache writer: the same bits as the reference
+    kv = (torch.randn(33, 3 * 8 * 128, device="cuda") * 4).to(torch.bfloat16)
+    k, v = kv[:, 1024:2048], kv[:, 2048:]
+    slots = torch.randperm(64, device="cuda")[:33]
+    slots[[0, 7]] = -1
+    caches = [torch.zeros(4, 16, 8, 128, dtype=torch.float8_e4m3fn, device="cuda") for _ in range(4)]
+    attrs = dict(num_kv_heads=8, head_dim=128, k_scale=k_scale, v_scale=v_scale)
+    kv_cache.kv_cache_write(k, v, slots, caches[0], caches[1], **attrs,
+                            config=kv_cache.default_config({"num_kv_heads": 8, "head_dim": 128}), launcher=launcher)
+    ops.kv_cache_write(k, v, slots, caches[2], caches[3], **attrs)
+    assert torch.equal(caches[0].view(torch.uint8), caches[2].view(torch.uint8))
+    assert torch.equal(caches[1].view(torch.uint8), caches[3].view(torch.uint8))
+    # attention over FP8 caches at Qwen3-8B's head widths
+    seqs = [(300, 129), (1000, 64)] if phase == "prefill" else [(300, 1), (4000, 1), (1, 1)]
+    batch, max_q = _fp8_batch(seqs, 32, 8, 128, torch.float8_e4m3fn, k_scale, v_scale)
+    batch = {name: t.cuda() for name, t in batch.items()}
+    attrs = attrs_for(32, 8, 128, k_scale=k_scale, v_scale=v_scale)
+    args = [batch[k] for k in ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "cu_seqlens_q", "positions")]
+    expected = ops.attention(*args, **attrs)
+    problem = {"phase": phase, "num_heads": 32, "num_kv_heads": 8, "head_dim": 128}
+    if phase == "prefill":
+        out = attn.attention_prefill(*args, **attrs, max_query_len=max_q, config=attn.default_config(problem),
+                                     launcher=launcher)
+    else:
+        config = {"constexprs": {"NUM_SPLITS": num_splits, "BLOCK_N": 32}, "num_warps": 4, "num_stages": 2}
+        out = attn_decode.attention_decode(*args, **attrs, config=config, launcher=launcher)
+    assert torch.isfinite(out).all()
+    assert_close(f"{phase} fp8", out, expected, 2e-2, 2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_kv_plan(qwen3_d128, tmp_path):
+    """The sm90 FP8-KV plan on the GPU: the reference interpreter's greedy tokens on the same plan graph and
+    weights, and against the bf16-KV plan on the GPU: teacher-forced top-1 >= 97%, min logit cosine >= 0.999."""
+    from rdnac import SamplingParams
+    from rdnac.runtime.llm import LLM
+    from rdnac.runtime.model_runner import ModelRunner
+
+    auto, fp8 = _plans(qwen3_d128, tmp_path, "sm90", max_model_len=512)
+    auto, fp8 = rdnac.load(auto, device="cuda"), rdnac.load(fp8, device="cuda")
+    reference = LLM(ModelRunner(fp8.plan, {k: t.cpu() for k, t in fp8.weights.items()}, "cpu"))
+    prompts = [[(37 * i) % 990 + 5 for i in range(12)], [900, 12, 13, 14, 15, 16]]
+    ours = [c.token_ids for c in fp8.generate(prompts, SamplingParams(max_tokens=16))]
+    ref = [c.token_ids for c in reference.generate(prompts, SamplingParams(max_tokens=16))]
+    assert ours == ref
+    agree, cosine = _teacher_forced(auto, fp8, PROMPTS + [[(5 * i + 7) % 997 for i in range(400)]])
+    assert agree >= 0.97 and cosine >= 0.999
