@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         plans[kv] = rdnac.compile(ckpt, args.target, work / f"{kv}.{args.target}.msgpack", quiet=True,
                                   kv_cache_dtype=kv, max_model_len=max_len, max_num_seqs=1)
         print(f"# compiled kv {kv} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    blocks = -(-(max_len + 1) // 16) + 2  # one sequence at the longest context (KV block 16, the default)
+    blocks = -(-(max_len + 1) // 16) + 8  # one sequence at the longest context (KV block 16, the default)
     llms = {kv: rdnac.load(path, device="cuda", verify_weights=False, max_num_seqs=1, num_blocks=blocks)
             for kv, path in plans.items()}
     copy_gbps = copy_bandwidth()

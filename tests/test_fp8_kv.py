@@ -203,6 +203,57 @@ def test_fp8_kv_plan_on_transformers_tiny(model_type, tmp_path):
     assert agree >= 0.97 and cosine >= 0.998
 
 
+def _with_kv_scales(ckpt, scales: dict[int, tuple[float, float]]):
+    """Make a compressed-tensors checkpoint carry KV-cache scales as llm-compressor writes them."""
+    import json
+
+    from safetensors.torch import save_file
+
+    config = json.loads((ckpt / "config.json").read_text())
+    config["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                        "dynamic": False, "symmetric": True}
+    (ckpt / "config.json").write_text(json.dumps(config))
+    from safetensors.torch import load_file
+
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors.update({f"model.layers.{layer}.self_attn.{name}": torch.tensor(value)
+                    for layer, pair in scales.items() for name, value in zip(("k_scale", "v_scale"), pair)})
+    save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_checkpoint_kv_scales_are_used(tmp_path):
+    from rdnac.compiler.frontend import build_graph, read_checkpoint
+    from rdnac.compiler.passes import CompileState, kv_cache_dtype
+    from rdnac.compiler.pipeline import CompileOptions
+
+    from rdnac.testing.fp8 import write_fp8_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    write_random_checkpoint(tmp_path / "float", decisive=True, **SHAPE)
+    write_fp8_checkpoint(tmp_path / "float", ckpt, "compressed-tensors-channel")
+    scales = {0: (0.5, 0.25), 1: (0.25, 0.125)}
+    _with_kv_scales(ckpt, scales)
+    auto, fp8 = (rdnac.load(p) for p in _plans(ckpt, tmp_path, max_model_len=256))
+    for node in fp8.graph.nodes:
+        if node.op in ("qk_norm_rope_cache", "attention"):
+            layer = int(node.name.split(".")[1])
+            assert (node.attrs["k_scale"], node.attrs["v_scale"]) == scales[layer], node.name
+    assert all("k_scale" not in n.attrs for n in auto.graph.nodes), "auto keeps the float cache, scales unused"
+    decision = next(d for d in fp8.plan.body["decisions"] if d["pass"] == "kv_cache_dtype")
+    assert "the checkpoint's k_scale/v_scale for layers 0-1" in decision["action"]
+    agree, cosine = _teacher_forced(auto, fp8, PROMPTS)
+    assert agree >= 0.97 and cosine >= 0.999
+    # e4m3fnuz (gfx942): the same amax at fnuz's 240, so the scales grow by 448/240
+    checkpoint = read_checkpoint(ckpt)
+    graph, weights, _ = build_graph(checkpoint, "bfloat16")
+    state = CompileState(graph, weights, "gfx942", CompileOptions(target="gfx942", kv_cache_dtype="fp8"))
+    state.kv_scales = kv_cache_dtype.checkpoint_scales(checkpoint)
+    kv_cache_dtype.run(state)
+    attention = next(n for n in state.graph.nodes if n.op == "attention" and n.name.startswith("layers.1."))
+    assert attention.attrs["k_scale"] == pytest.approx(0.25 * 448 / 240)
+    assert {s.dtype for s in state.graph.state} == {"float8_e4m3fnuz"}
+
+
 def test_inspect_shows_twice_the_tokens(tmp_path):
     from rdnac.cli.inspect import summarize
 

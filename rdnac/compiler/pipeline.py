@@ -176,6 +176,8 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
 
         caps = probe(tgt)
     state = CompileState(graph, weights, tgt, opts, capabilities=caps)
+    if opts.kv_cache_dtype == "fp8":
+        state.kv_scales = kv_cache_dtype.checkpoint_scales(checkpoint)
     state.decisions.extend({"pass": "reader", "node": "-", "action": note, "reason": ""} for note in checkpoint.notes)
     state.decisions.extend(decisions)
     for name, run_pass in PASSES:
