@@ -382,3 +382,16 @@ def test_gpu_fp8_kv_plan(qwen3_d128, tmp_path):
     assert ours == ref
     agree, cosine = _teacher_forced(auto, fp8, PROMPTS + [[(5 * i + 7) % 997 for i in range(400)]])
     assert agree >= 0.97 and cosine >= 0.999
+
+
+def test_verify_names_the_fp8_cache(tmp_path):
+    """`rdnac verify` of an FP8-KV plan against the float reference: within the quantized tolerance, and says why."""
+    from rdnac.cli.verify import QUANTIZED_TOLERANCE, verify_plan
+
+    write_random_checkpoint(tmp_path / "ckpt", decisive=True, **SHAPE)
+    plan = rdnac.compile(tmp_path / "ckpt", "cpu", tmp_path / "fp8.msgpack", quiet=True, max_model_len=256,
+                         kv_cache_dtype="fp8")
+    result = verify_plan(plan, tmp_path / "ckpt", token_ids=PROMPTS[0][:40])
+    assert result.tolerance == QUANTIZED_TOLERANCE
+    assert f"tolerance {QUANTIZED_TOLERANCE:g}: the plan's KV cache is float8_e4m3fn" in result.notes
+    assert result.rows and all(row.is_ok for row in result.rows), [r for r in result.rows if not r.is_ok][:3]
