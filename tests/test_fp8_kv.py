@@ -302,22 +302,33 @@ def test_cross_compiles_within_lds_without_spills(target, fmt, qwen3_d128, tmp_p
     for k in plan.body["kernels"]:
         by_kernel.setdefault(k["kernel"].rpartition(":")[2], []).append(k["call"]["constexprs"])
     # the cache's writer and both attention phases read and write FP8
-    assert by_kernel["_qk_norm_rope_cache_kernel"] and all(c["CACHE_FP8"] for c in by_kernel["_qk_norm_rope_cache_kernel"])
+    writers = by_kernel["_qk_norm_rope_cache_kernel"]
+    assert writers and all(c["CACHE_FP8"] for c in writers)
     for name in ("_decode_kernel", "_prefill_kernel"):
         assert by_kernel[name] and all(c["KV_FP8"] for c in by_kernel[name]), name
     print(f"\n{target}: {len(binaries)} kernel binaries, all within LDS, no spills")
 
 
-def test_sm90_plan_kernels_give_the_reference_tokens(qwen3_d128, tmp_path):
+@pytest.mark.parametrize("weights", ["bf16", "fp8-block"])
+def test_sm90_plan_kernels_give_the_reference_tokens(weights, qwen3_d128, tmp_path):
     """The sm90 FP8-KV plan's own kernels (Triton interpreter) against the reference interpreter on the same
-    plan graph and weights: the same greedy tokens, prefill and decode steps through the FP8 cache."""
+    plan graph and weights: the same greedy tokens, prefill and decode steps through the FP8 cache. With
+    FP8 block weights attention becomes attention_quant (o_proj's FP8 activations), which reads it too."""
     from rdnac import SamplingParams
     from rdnac.runtime.llm import LLM
     from rdnac.runtime.model_runner import ModelRunner
 
-    plan = rdnac.compile(qwen3_d128, "sm90", tmp_path / "fp8.sm90.msgpack", quiet=True, kv_cache_dtype="fp8",
+    ckpt = qwen3_d128
+    if weights != "bf16":
+        ckpt = tmp_path / "ckpt"
+        write_random_checkpoint(ckpt, hidden=256, layers=2, heads=4, kv_heads=2, head_dim=128, intermediate=512,
+                                vocab=1000, decisive=True, scheme=weights)
+    plan = rdnac.compile(ckpt, "sm90", tmp_path / "fp8.sm90.msgpack", quiet=True, kv_cache_dtype="fp8",
                          max_model_len=256, max_num_seqs=2, max_num_batched_tokens=64)
     engine = rdnac.load(plan, interpret=True)
+    readers = {n.op for n in engine.graph.nodes if "k_scale" in n.attrs}
+    assert readers == ({"qk_norm_rope_cache", "attention"} if weights == "bf16"
+                       else {"qk_norm_rope_cache", "attention_quant"})
     reference = LLM(ModelRunner(engine.plan, engine.weights, "cpu"))
     prompts = [[(37 * i) % 990 + 5 for i in range(12)], [900, 12, 13, 14, 15, 16]]
     ours = [c.token_ids for c in engine.generate(prompts, SamplingParams(max_tokens=6))]

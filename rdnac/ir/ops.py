@@ -393,6 +393,8 @@ def _argmax_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
 
 # ops that read the paged KV cache as `attention` does (same inputs, checks and kernel configs)
 ATTENTION_OPS = ("attention", "attention_quant")
+# where each op that writes or reads the paged K and V caches has them among its inputs
+KV_CACHE_INPUTS = {"kv_cache_write": (3, 4), "qk_norm_rope_cache": (5, 6), **{op: (1, 2) for op in ATTENTION_OPS}}
 
 OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("embedding", (), (2,), _embedding_infer, embedding),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from rdnac.errors import GraphError
 from rdnac.ir import linear_attention, mla, moe
 from rdnac.ir.graph import Graph, Node, TensorSpec
-from rdnac.ir.ops import ATTENTION_OPS, OPS
+from rdnac.ir.ops import ATTENTION_OPS, KV_CACHE_INPUTS, OPS
 
 def _fail(graph: Graph, node: Node | None, message: str) -> None:
     where = f"node {node.name!r} ({node.op})" if node else "graph"
@@ -80,18 +80,16 @@ _INDEX_INPUTS = {
 _WEIGHT_INPUT = {"linear": 1, "linear_fp8": 1, "linear_gated_act": 1, "embedding": 1, "logits": 2}
 
 
-# Where each op's K and V caches sit among its inputs.
-_KV_CACHE_INPUTS = {"kv_cache_write": (3, 4), "qk_norm_rope_cache": (5, 6), **{op: (1, 2) for op in ATTENTION_OPS}}
 _KV_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e4m3fnuz")
 
 
 def _check_kv_caches(node: Node, ins: list[TensorSpec], expect) -> None:
     """K and V caches of one dtype; per-tensor scales positive, and 1.0 unless the cache is FP8."""
-    k, v = (ins[i] for i in _KV_CACHE_INPUTS[node.op])
+    k, v = (ins[i] for i in KV_CACHE_INPUTS[node.op])
     expect(k.dtype == v.dtype and k.dtype in _KV_DTYPES,
            f"k_cache and v_cache must share a dtype of {', '.join(_KV_DTYPES)}; got {k.dtype}, {v.dtype}")
     scales = [float(node.attrs.get(name, 1.0)) for name in ("k_scale", "v_scale")]
-    expect(all(s > 0 and s == s and s != float("inf") for s in scales), f"k_scale, v_scale must be positive; got {scales}")
+    expect(all(0 < s < float("inf") for s in scales), f"k_scale, v_scale must be positive and finite; got {scales}")
     expect(k.dtype.startswith("float8") or scales == [1.0, 1.0],
            f"k_scale, v_scale apply to FP8 caches only; got {scales} on {k.dtype} caches")
 
@@ -146,7 +144,7 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(len(ins) == (9 if a["qk_norm"] else 7), "q_norm and k_norm weights are inputs exactly when qk_norm")
         expect(all(w.shape == (d,) for w in ins[7:]), "q_norm and k_norm weights must be [head_dim]")
         expect(not a["qk_norm"] or "eps" in a, "qk_norm requires attr eps")
-    if node.op in (*ATTENTION_OPS, "kv_cache_write", "qk_norm_rope_cache"):
+    if node.op in KV_CACHE_INPUTS:
         _check_kv_caches(node, ins, expect)
     if node.op in ("moe_experts", "moe_experts_mxfp4"):
         _check_experts(node, ins, expect)

@@ -252,7 +252,8 @@ def attention_quant_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, positions: torch.Tensor,
                            sinks: torch.Tensor | None = None, *, num_heads: int, num_kv_heads: int, head_dim: int,
                            scale: float, sliding_window: int = 0, softcap: float = 0.0, k_scale: float = 1.0,
-                           v_scale: float = 1.0, fp8_format: str, group: int, config: dict, launcher: Launcher) -> tuple[torch.Tensor, torch.Tensor]:
+                           v_scale: float = 1.0, fp8_format: str, group: int, config: dict,
+                           launcher: Launcher) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention_decode` whose epilogue writes o_proj's FP8 activations: (q8 [T, Hq*D] fp8, scales [T, Hq]),
     one group per head (group == head_dim, a power of two), the bits of attention_decode followed by
     `fp8_quant.quantize_activations`."""

@@ -30,13 +30,12 @@ from rdnac.compiler.passes import CompileState
 from rdnac.errors import RdnacError
 from rdnac.ir.fp8 import FP8_MAX
 from rdnac.ir.graph import TensorSpec
+from rdnac.ir.ops import KV_CACHE_INPUTS
 from rdnac.ir.state import StateSpec
 
 NAME = "kv_cache_dtype"
 DEFAULT_SCALE = 1.0
 CHOICES = ("auto", "fp8")
-# where each op's K and V caches sit among its inputs
-CACHE_INPUTS = {"kv_cache_write": (3, 4), "qk_norm_rope_cache": (5, 6), "attention": (1, 2), "attention_quant": (1, 2)}
 
 
 def kv_fp8_format(target) -> str:
@@ -74,7 +73,7 @@ def checkpoint_scales(checkpoint) -> dict[int, tuple[float, float]]:
 
 def run(state: CompileState) -> None:
     opts, graph = state.options, state.graph
-    if getattr(opts, "kv_cache_dtype", "auto") == "auto":
+    if opts.kv_cache_dtype == "auto":
         return
     fmt = kv_fp8_format(state.target)
     dtype = f"float8_{fmt}"
@@ -84,12 +83,12 @@ def run(state: CompileState) -> None:
         return
     users = {name: [] for name in caches}
     for node in graph.nodes:
-        for i in CACHE_INPUTS.get(node.op, ()):
+        for i in KV_CACHE_INPUTS.get(node.op, ()):
             if node.inputs[i] in users:
                 users[node.inputs[i]].append(node)
         touched = [n for n in node.inputs if n in caches]
         # a cache read by an op that does not know the scales would read FP8 bits as values
-        assert node.op in CACHE_INPUTS or not touched, f"{node.name} ({node.op}) reads {touched}"
+        assert node.op in KV_CACHE_INPUTS or not touched, f"{node.name} ({node.op}) reads {touched}"
     graph.state = [StateSpec(s.name, s.kind, s.layer, dtype, s.shape) if s.name in caches else s
                    for s in graph.state]
     for name in caches:
