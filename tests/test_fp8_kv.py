@@ -385,7 +385,7 @@ def test_gpu_fp8_kv_plan(qwen3_d128, tmp_path):
     from rdnac.runtime.model_runner import ModelRunner
 
     auto, fp8 = _plans(qwen3_d128, tmp_path, "sm90", max_model_len=512)
-    auto, fp8 = rdnac.load(auto, device="cuda"), rdnac.load(fp8, device="cuda")
+    auto, fp8 = (rdnac.load(p, device="cuda", num_blocks=128) for p in (auto, fp8))
     reference = LLM(ModelRunner(fp8.plan, {k: t.cpu() for k, t in fp8.weights.items()}, "cpu"))
     prompts = [[(37 * i) % 990 + 5 for i in range(12)], [900, 12, 13, 14, 15, 16]]
     ours = [c.token_ids for c in fp8.generate(prompts, SamplingParams(max_tokens=16))]
