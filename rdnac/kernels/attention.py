@@ -213,8 +213,9 @@ def _common_args(q, k_cache, v_cache, block_tables, num_heads, num_kv_heads, hea
     out = torch.empty(q.shape[0], num_heads * head_dim, dtype=q.dtype, device=q.device)  # [T, Hq*D]
     strides = (q.stride(0), out.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0))
     shape_constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": next_power_of_2(head_dim),
-                        "GROUP": num_heads // num_kv_heads, "KV_BLOCK_SIZE": block_size,
-                        "KV_FP8": kv_format(k_cache.dtype) is not None}
+                        "GROUP": num_heads // num_kv_heads, "KV_BLOCK_SIZE": block_size}
+    if kv_format(k_cache.dtype):  # float caches keep the specializations they had
+        shape_constexprs["KV_FP8"] = True
     return out, strides, shape_constexprs
 
 

@@ -50,8 +50,8 @@ def to_cache(x, scale, cache_ptr, CACHE_FP8: tl.constexpr, FP8_MAX: tl.constexpr
 def cache_constexprs(cache: torch.Tensor) -> dict:
     """The constexprs of `to_cache` for a cache tensor."""
     fmt = kv_format(cache.dtype)
-    if fmt is None:
-        return {"CACHE_FP8": False}
+    if fmt is None:  # float caches keep the specializations they had
+        return {}
     min_normal, rounder = GRID[fmt]
     return {"CACHE_FP8": True, "FP8_MAX": FP8_MAX[fmt], "MIN_NORMAL": min_normal, "SUBNORMAL_ROUNDER": rounder}
 
