@@ -38,7 +38,8 @@ def to_cache(x, scale, cache_ptr, CACHE_FP8: tl.constexpr, FP8_MAX: tl.constexpr
     """x as the cache stores it: cast; for an FP8 cache x / scale in float32, saturated (the cast alone
     would give NaN on overflow) and rounded to nearest even in float32 (`fp8_quant.round_to_fp8_grid`:
     the cast is then exact, whatever rounding a target's or the interpreter's conversion does), so the
-    bits are `rdnac.ir.fp8.to_kv_cache`'s."""
+    values are `rdnac.ir.fp8.to_kv_cache`'s (a negative that rounds to zero is stored as +0, never -0:
+    its bits are NaN in e4m3fnuz)."""
     if CACHE_FP8:
         y = round_to_fp8_grid(tl.div_rn(x.to(tl.float32), scale), FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER)
         y = y.to(cache_ptr.dtype.element_ty)
