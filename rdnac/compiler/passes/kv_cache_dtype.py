@@ -115,9 +115,9 @@ def run(state: CompileState) -> None:
         why = ("scale 1.0: post-norm/RoPE K and V of trained models lie within the format's range (the checkpoint "
                "carries no k_scale/v_scale; calibrated and per-head scales are not computed)")
     state.decide(NAME, "-", f"K/V caches of {len(layers)} layers in {fmt}, per-tensor static scales {source}",
-                 f"--kv-cache-dtype fp8: {before.dtype} -> {dtype} halves the bytes per token ({before.nbytes} -> "
-                 f"{after.nbytes} per cache per layer), doubling the tokens a device holds; {fmt} is the target's FP8 "
-                 f"format; {why}")
+                 f"--kv-cache-dtype fp8: {before.dtype} -> {dtype} takes {after.nbytes} instead of {before.nbytes} "
+                 f"bytes per token per cache per layer, so a device holds {before.nbytes // after.nbytes}x the tokens; "
+                 f"{fmt} is the target's FP8 format; {why}")
 
 
 def _ranges(layers: list[int]) -> str:
