@@ -65,8 +65,11 @@ def cli():
               help="Programmatic dependent launch between kernels (default: on where the target has it, sm90+).")
 @click.option("--tokenizer", help="An HF directory (or model id) whose tokenizer and chat template replace the "
                                   "checkpoint's (e.g. a GGUF's).")
+@click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
+              help="The paged K/V cache: auto = the compute dtype; fp8 = the target's e4m3 format (per-tensor "
+                   "scale 1.0): half the bytes per token, twice the tokens.")
 def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max_num_seqs, max_num_batched_tokens,
-                quiet, quantize, fp8_lm_head, pdl, tokenizer):
+                quiet, quantize, fp8_lm_head, pdl, tokenizer, kv_cache_dtype):
     """Compile MODEL (HF directory, .gguf file, ORG/NAME[@REVISION][:QUANT] from the Hugging Face cache, or
     demo:smollm2) into a plan."""
     from rdnac.compiler.pipeline import compile_model
@@ -75,7 +78,7 @@ def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max
     path = compile_model(model, target, output, dtype=dtype, max_model_len=max_model_len,
                          disable_passes=tuple(disable_passes), max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens, quiet=quiet, quantize=quantize,
-                         fp8_lm_head=fp8_lm_head, pdl=pdl, tokenizer=tokenizer)
+                         fp8_lm_head=fp8_lm_head, pdl=pdl, tokenizer=tokenizer, kv_cache_dtype=kv_cache_dtype)
     click.echo(f"wrote {path} ({time.perf_counter() - started:.1f} s)", err=True)
 
 

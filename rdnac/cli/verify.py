@@ -217,9 +217,11 @@ def verify_plan(plan_path: str | Path, model: str | Path, *, prompt: str | None 
     if len(ids) > max_len:
         raise RequestError(f"verify requires at most the plan's max model length ({max_len}) tokens; got {len(ids)}")
     schemes = sorted({w.scheme for w in graph.weights.values()} - {"none"})
+    # an FP8 KV cache (--kv-cache-dtype fp8) rounds K and V as FP8 weights round theirs
+    fp8_kv = sorted({s.dtype for s in graph.state if s.kind == "paged_kv" and s.dtype.startswith("float8")})
     if tolerance is None:
         tolerance = DEFAULT_TOLERANCE.get(graph.attrs["dtype"], 1e-1)
-        if schemes:
+        if schemes or fp8_kv:
             tolerance = max(tolerance, QUANTIZED_TOLERANCE)
     with tempfile.TemporaryDirectory(prefix="rdnac-verify-") as tmp:
         ref_plan = compile_reference(model, Path(tmp), max_len)
@@ -232,6 +234,8 @@ def verify_plan(plan_path: str | Path, model: str | Path, *, prompt: str | None 
     result = VerifyResult(str(plan.path), str(model), len(ids), tolerance, runner)
     if schemes and tolerance >= QUANTIZED_TOLERANCE:
         result.notes.append(f"tolerance {tolerance:g}: the plan's weights are quantized ({', '.join(schemes)})")
+    if fp8_kv and tolerance >= QUANTIZED_TOLERANCE:
+        result.notes.append(f"tolerance {tolerance:g}: the plan's KV cache is {fp8_kv[0]}")
     if ref_plan.header["model"]["config_sha256"] != plan.header["model"]["config_sha256"]:
         result.notes.append(f"the plan was compiled from a checkpoint whose config differs from {model}")
     result.rows = compare_values(graph, values, reference, tolerance)

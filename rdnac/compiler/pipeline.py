@@ -22,7 +22,7 @@ import rdnac
 from rdnac.compiler.frontend import build_graph, read_checkpoint
 from rdnac.compiler.passes import (CompileState, Pass, dce, fp8_layout, fuse_act_quant, fuse_add_rms_norm,
                                    fuse_attention_quant, fuse_gated_linear, fuse_norm_quant, fuse_qk_norm_rope_cache,
-                                   merge_linears, mla_forms, quantize, quantize_lm_head, quantize_mxfp4,
+                                   kv_cache_dtype, merge_linears, mla_forms, quantize, quantize_lm_head, quantize_mxfp4,
                                    select_kernels)
 from rdnac.errors import CheckpointError, RdnacError, RdnacWarning
 from rdnac.ir.verify import verify
@@ -54,6 +54,7 @@ class CompileOptions:
     fp8_lm_head: bool = False  # the logits projection as an FP8 GEMM (per-channel weight, float32 logits)
     pdl: bool | None = None  # programmatic dependent launch; None: where the target has it (sm90+)
     tokenizer: str | None = None  # --tokenizer: an HF directory (or model id) whose tokenizer replaces the checkpoint's
+    kv_cache_dtype: str = "auto"  # "auto": the compute dtype; "fp8": the target's FP8 format (kv_cache_dtype.py)
 
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -70,6 +71,9 @@ class CompileOptions:
         if unknown:
             raise RdnacError(f"--disable-pass: no pass named {', '.join(map(repr, unknown))}; "
                              f"the passes are {', '.join(DISABLEABLE)}")
+        if self.kv_cache_dtype not in kv_cache_dtype.CHOICES:
+            raise RdnacError(f"--kv-cache-dtype requires one of {', '.join(kv_cache_dtype.CHOICES)}; "
+                             f"got {self.kv_cache_dtype!r}")
         if self.kv_block_size not in (8, 16, 32, 64):
             raise RdnacError(f"kv_block_size requires 8, 16, 32 or 64; got {self.kv_block_size}")
 
@@ -134,6 +138,7 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("fuse_attention_quant", fuse_attention_quant.run),
     # last: a gated_act whose FP8 quantization fused into it stays a gated_act_quant
     ("fuse_gated_linear", fuse_gated_linear.run),
+    ("kv_cache_dtype", kv_cache_dtype.run),  # --kv-cache-dtype fp8: after the fusions, on the final cache users
     ("runtime", _plan_runtime),
     ("select_kernels", select_kernels.run),
 )
@@ -163,6 +168,8 @@ def check_output(out: Path) -> None:
 def compile_model(model: str | Path, target: str = "cpu", output: str | Path | None = None, **options) -> Path:
     opts = CompileOptions(target=target, **options)
     tgt = get_target(target)
+    if opts.kv_cache_dtype == "fp8":
+        kv_cache_dtype.kv_fp8_format(tgt)  # refuses a target without FP8 before reading the checkpoint
     out = Path(output) if output else default_output(model, target)
     check_output(out)
     checkpoint = read_checkpoint(model)
@@ -180,6 +187,8 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
 
         caps = probe(tgt)
     state = CompileState(graph, weights, tgt, opts, capabilities=caps)
+    if opts.kv_cache_dtype == "fp8":
+        state.kv_scales = kv_cache_dtype.checkpoint_scales(checkpoint)
     state.decisions.extend({"pass": "reader", "node": "-", "action": note, "reason": ""} for note in checkpoint.notes)
     state.decisions.extend(decisions)
     for name, run_pass in PASSES:
@@ -200,7 +209,8 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
         "model": _model_identity(checkpoint),
         "compile_options": {"dtype": dtype, "max_model_len": opts.max_model_len,
                             "disable_passes": list(opts.disable_passes), "quantize": opts.quantize,
-                            "fp8_lm_head": opts.fp8_lm_head, "pdl": opts.pdl, "tokenizer": opts.tokenizer},
+                            "fp8_lm_head": opts.fp8_lm_head, "pdl": opts.pdl, "tokenizer": opts.tokenizer,
+                            "kv_cache_dtype": opts.kv_cache_dtype},
         "created_unix": int(time.time()),
     }
     body = {

@@ -32,6 +32,26 @@ def quantize_rows(x: torch.Tensor, fmt: str, group: int = 0) -> tuple[torch.Tens
     return (xf / scale).clamp(-FP8_MAX[fmt], FP8_MAX[fmt]).to(FORMATS[fmt]), scale
 
 
+def kv_format(dtype: torch.dtype) -> str | None:
+    """The FP8 format of a KV cache of `dtype` ("e4m3fn" / "e4m3fnuz"), or None for a float cache."""
+    return next((fmt for fmt, d in FORMATS.items() if d == dtype), None)
+
+
+def to_kv_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """The values a KV cache of `dtype` stores for x: float caches take x cast; FP8 caches take
+    x / scale in float32, saturated to the format's range (torch's cast would make NaN of an
+    overflow), rounded to nearest even. The kernels' store path does the same, op for op."""
+    fmt = kv_format(dtype)
+    if fmt is None:
+        return x.to(dtype)
+    return (x.float() / scale).clamp(-FP8_MAX[fmt], FP8_MAX[fmt]).to(dtype)
+
+
+def from_kv_cache(cache: torch.Tensor, scale: float) -> torch.Tensor:
+    """float32 values of cached K or V: FP8 bits times their per-tensor scale; float caches as they are."""
+    return cache.float() * scale if kv_format(cache.dtype) else cache.float()
+
+
 def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, scheme: str,
                       block_size: tuple[int, int] | None = None) -> torch.Tensor:
     """float32 [N, K] from fp8 bits and a per-tensor [1], per-channel [N] or block [N/bn, K/bk] scale."""

@@ -47,6 +47,13 @@ fourth input, where a static input scale would sit, is x_scale; attrs `group`
 (as above) and `out_dtype` (x's dtype before quantization). Fused and
 unfused graphs compute the same values bit for bit in the reference.
 
+FP8 KV cache (`--kv-cache-dtype fp8`): the cache inputs' dtype says it. The
+ops that write a cache (`kv_cache_write`, `qk_norm_rope_cache`) store K / k_scale
+and V / v_scale (float attrs, per-tensor static scales, default 1.0) saturated
+to the format's range and rounded to nearest even; the ops that read one
+(`attention`, `attention_quant`) multiply the bits by the same scales. Float
+caches ignore the scales (the verifier keeps them 1.0).
+
 `linear_gated_act` is `gated_act(linear(x, weight, bias), act)` as one op (the
 MLP's merged gate/up GEMM with its activation; `fuse_gated_linear` builds it),
 defined as that chain so it rounds exactly where the unfused ops do.
@@ -63,6 +70,7 @@ import torch.nn.functional as F
 from rdnac.ir import linear_attention as la
 from rdnac.ir import mla
 from rdnac.ir import moe
+from rdnac.ir.fp8 import from_kv_cache, to_kv_cache
 from rdnac.ir.graph import TensorSpec
 from rdnac.ir.rope_math import rope_cos_sin, rotate
 
@@ -131,21 +139,24 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, *, num_heads
 
 
 def kv_cache_write(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, *, num_kv_heads: int, head_dim: int) -> None:
-    """Scatter each token's K and V to its cache slot; slots < 0 (padding) are skipped."""
+                   v_cache: torch.Tensor, *, num_kv_heads: int, head_dim: int, k_scale: float = 1.0,
+                   v_scale: float = 1.0) -> None:
+    """Scatter each token's K and V to its cache slot; slots < 0 (padding) are skipped. An FP8 cache
+    stores K / k_scale and V / v_scale, saturated and rounded (`rdnac.ir.fp8.to_kv_cache`)."""
     block_size = k_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = k[keep].reshape(-1, num_kv_heads, head_dim).to(k_cache.dtype)
-    v_cache[blocks, offsets] = v[keep].reshape(-1, num_kv_heads, head_dim).to(v_cache.dtype)
+    k_cache[blocks, offsets] = to_kv_cache(k[keep].reshape(-1, num_kv_heads, head_dim), k_cache.dtype, k_scale)
+    v_cache[blocks, offsets] = to_kv_cache(v[keep].reshape(-1, num_kv_heads, head_dim), v_cache.dtype, v_scale)
 
 
 def qk_norm_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                        slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        *norm_weights: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
                        rotary_dim: int, theta: float, style: str = "neox", scaling: dict | None = None,
-                       qk_norm: bool = False, eps: float = 1e-6, unit_offset: bool = False) -> torch.Tensor:
+                       qk_norm: bool = False, eps: float = 1e-6, unit_offset: bool = False, k_scale: float = 1.0,
+                       v_scale: float = 1.0) -> torch.Tensor:
     """[head_rms_norm(q), head_rms_norm(k)] -> rope -> kv_cache_write(k', v) as one op; returns q'.
 
     Defined as that chain, so it rounds exactly where the unfused ops do."""
@@ -155,15 +166,18 @@ def qk_norm_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
         k = head_rms_norm(k, k_norm, num_heads=num_kv_heads, head_dim=head_dim, eps=eps, unit_offset=unit_offset)
     q, k = rope(q, k, positions, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                 rotary_dim=rotary_dim, theta=theta, style=style, scaling=scaling)
-    kv_cache_write(k, v, slot_mapping, k_cache, v_cache, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    kv_cache_write(k, v, slot_mapping, k_cache, v_cache, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                   k_scale=k_scale, v_scale=v_scale)
     return q
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
               seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, positions: torch.Tensor,
               sinks: torch.Tensor | None = None, *, num_heads: int, num_kv_heads: int, head_dim: int,
-              scale: float, sliding_window: int = 0, softcap: float = 0.0) -> torch.Tensor:
-    """Paged attention over each sequence's cached keys, in float32.
+              scale: float, sliding_window: int = 0, softcap: float = 0.0, k_scale: float = 1.0,
+              v_scale: float = 1.0) -> torch.Tensor:
+    """Paged attention over each sequence's cached keys, in float32 (FP8 caches read as their bits
+    times k_scale / v_scale: `rdnac.ir.fp8.from_kv_cache`).
 
     Query i of sequence b sits at positions[i] and sees key positions j with
     j <= positions[i] (causal), j < seq_lens[b], and, with a window W > 0,
@@ -180,8 +194,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
             continue
         j = torch.arange(ctx, device=q.device)
         slots = block_tables[b, j // block_size].long() * block_size + j % block_size
-        keys = k_cache.reshape(-1, num_kv_heads, head_dim)[slots].float()  # [S, Hk, D]
-        values = v_cache.reshape(-1, num_kv_heads, head_dim)[slots].float()
+        keys = from_kv_cache(k_cache.reshape(-1, num_kv_heads, head_dim)[slots], k_scale)  # [S, Hk, D]
+        values = from_kv_cache(v_cache.reshape(-1, num_kv_heads, head_dim)[slots], v_scale)
         keys = keys.repeat_interleave(group, dim=1)  # [S, Hq, D]
         values = values.repeat_interleave(group, dim=1)
         queries = q[start:end].reshape(-1, num_heads, head_dim).float()  # [Tq, Hq, D]
@@ -379,6 +393,8 @@ def _argmax_infer(attrs: dict, ins: list[TensorSpec]) -> list[TensorSpec]:
 
 # ops that read the paged KV cache as `attention` does (same inputs, checks and kernel configs)
 ATTENTION_OPS = ("attention", "attention_quant")
+# where each op that writes or reads the paged K and V caches has them among its inputs
+KV_CACHE_INPUTS = {"kv_cache_write": (3, 4), "qk_norm_rope_cache": (5, 6), **{op: (1, 2) for op in ATTENTION_OPS}}
 
 OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("embedding", (), (2,), _embedding_infer, embedding),

@@ -9,7 +9,7 @@ from __future__ import annotations
 from rdnac.errors import GraphError
 from rdnac.ir import linear_attention, mla, moe
 from rdnac.ir.graph import Graph, Node, TensorSpec
-from rdnac.ir.ops import ATTENTION_OPS, OPS
+from rdnac.ir.ops import ATTENTION_OPS, KV_CACHE_INPUTS, OPS
 
 def _fail(graph: Graph, node: Node | None, message: str) -> None:
     where = f"node {node.name!r} ({node.op})" if node else "graph"
@@ -82,6 +82,20 @@ _WEIGHT_INPUT = {"linear": 1, "linear_fp8": 1, "linear_gated_act": 1, "embedding
 # logits rows of the final norm's output with an `embedding` (rows = tokens, columns fixed)
 
 
+_KV_DTYPES = ("float32", "bfloat16", "float16", "float8_e4m3fn", "float8_e4m3fnuz")
+
+
+def _check_kv_caches(node: Node, ins: list[TensorSpec], expect) -> None:
+    """K and V caches of one dtype; per-tensor scales positive, and 1.0 unless the cache is FP8."""
+    k, v = (ins[i] for i in KV_CACHE_INPUTS[node.op])
+    expect(k.dtype == v.dtype and k.dtype in _KV_DTYPES,
+           f"k_cache and v_cache must share a dtype of {', '.join(_KV_DTYPES)}; got {k.dtype}, {v.dtype}")
+    scales = [float(node.attrs.get(name, 1.0)) for name in ("k_scale", "v_scale")]
+    expect(all(0 < s < float("inf") for s in scales), f"k_scale, v_scale must be positive and finite; got {scales}")
+    expect(k.dtype.startswith("float8") or scales == [1.0, 1.0],
+           f"k_scale, v_scale apply to FP8 caches only; got {scales} on {k.dtype} caches")
+
+
 def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
     a = node.attrs
     def expect(cond: bool, what: str) -> None:
@@ -134,7 +148,9 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(len(ins) == (9 if a["qk_norm"] else 7), "q_norm and k_norm weights are inputs exactly when qk_norm")
         expect(all(w.shape == (d,) for w in ins[7:]), "q_norm and k_norm weights must be [head_dim]")
         expect(not a["qk_norm"] or "eps" in a, "qk_norm requires attr eps")
-    elif node.op in ("moe_experts", "moe_experts_mxfp4"):
+    if node.op in KV_CACHE_INPUTS:
+        _check_kv_caches(node, ins, expect)
+    if node.op in ("moe_experts", "moe_experts_mxfp4"):
         _check_experts(node, ins, expect)
     elif node.op == "add":
         expect(ins[0].shape == ins[1].shape, "operands must have the same shape")

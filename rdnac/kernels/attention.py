@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from rdnac.ir.fp8 import kv_format
 from rdnac.kernels.fp8_quant import quantize_activations
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
@@ -71,6 +72,16 @@ def scores_log2(q, k, scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def kv_operand(x, q, KV_FP8: tl.constexpr):
+    """A K or V tile as a dot operand: FP8 cache bits widened to q's dtype (exact: e4m3 fits in bf16 and
+    fp16); their scales are applied outside the loop (k_scale within the score scale, v_scale on the
+    output)."""
+    if KV_FP8:
+        x = x.to(q.dtype)
+    return x
+
+
+@triton.jit
 def softmax_step(s, m_i, l_i, MASKED: tl.constexpr):
     """One online-softmax step over a tile of scores s [rows, keys] (log2 units, -inf where masked):
     (the new running max, the rescale of what came before, the tile's weights p, the new running sum).
@@ -90,10 +101,10 @@ def _prefill_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr, positions_ptr,
         sinks_ptr, out_ptr,
         stride_qt, stride_ot, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-        scale, softcap, sliding_window,
+        scale, softcap, sliding_window, v_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
         HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr = False, PDL: tl.constexpr = False):
     if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
         gdc_wait()
     seq = tl.program_id(0)
@@ -145,12 +156,14 @@ def _prefill_kernel(
             k = tl.load(k_ptrs)  # [BLOCK_N, BLOCK_D]
         else:
             k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+        k = kv_operand(k, q, KV_FP8)
         s = scores_log2(q, k, scale, softcap, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
         m_new, alpha, p, l_i = softmax_step(s, m_i, l_i, False)
         if BLOCK_D == HEAD_DIM:
             v = tl.load(v_ptrs)  # [BLOCK_N, BLOCK_D]
         else:
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        v = kv_operand(v, q, KV_FP8)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     # Edge tiles: causal diagonal, sequence end, sliding window.
@@ -162,6 +175,7 @@ def _prefill_kernel(
         # K rows as stored ([BLOCK_N, BLOCK_D], head dim contiguous: coalesced), transposed for the dot
         k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + in_blk[:, None] * stride_ks + kv_head * stride_kh
                     + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        k = kv_operand(k, q, KV_FP8)
         s = scores_log2(q, k, scale, softcap, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
         allowed = j_ok[None, :] & (j[None, :] <= pos[:, None])
         if HAS_WINDOW:
@@ -169,11 +183,14 @@ def _prefill_kernel(
         m_new, alpha, p, l_i = softmax_step(tl.where(allowed, s, float("-inf")), m_i, l_i, True)
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + in_blk[:, None] * stride_vs + kv_head * stride_vh
                     + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = kv_operand(v, q, KV_FP8)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
     if PDL:  # the main loop is done: let the next kernel's blocks be scheduled (triggering at the top
         gdc_launch_dependents()  # let chains of waiting kernels crowd the SMs: 8B decode 17% slower)
+    if KV_FP8:  # V's per-tensor scale, once per output row instead of once per key
+        acc = acc * v_scale
     if HAS_SINKS:  # the sink is one extra logit in the denominator, with no value
         sink = tl.load(sinks_ptr + head).to(tl.float32) * _LOG2E
         m_f = tl.maximum(m_i, sink)
@@ -191,25 +208,30 @@ def _common_args(q, k_cache, v_cache, block_tables, num_heads, num_kv_heads, hea
     assert q.dim() == 2 and q.shape[1] == num_heads * head_dim and q.stride(1) == 1, (q.shape, q.stride())
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
     assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1 and block_tables.stride(1) == 1
-    assert q.dtype == k_cache.dtype == v_cache.dtype, (q.dtype, k_cache.dtype, v_cache.dtype)
+    assert k_cache.dtype == v_cache.dtype and (q.dtype == k_cache.dtype or kv_format(k_cache.dtype)), \
+        (q.dtype, k_cache.dtype, v_cache.dtype)
     out = torch.empty(q.shape[0], num_heads * head_dim, dtype=q.dtype, device=q.device)  # [T, Hq*D]
     strides = (q.stride(0), out.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], block_tables.stride(0))
     shape_constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": next_power_of_2(head_dim),
                         "GROUP": num_heads // num_kv_heads, "KV_BLOCK_SIZE": block_size}
+    if kv_format(k_cache.dtype):  # float caches keep the specializations they had
+        shape_constexprs["KV_FP8"] = True
     return out, strides, shape_constexprs
 
 
 def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, positions: torch.Tensor,
                       sinks: torch.Tensor | None = None, *, num_heads: int, num_kv_heads: int, head_dim: int,
-                      scale: float, sliding_window: int = 0, softcap: float = 0.0,
-                      max_query_len: int, config: dict, launcher: Launcher) -> torch.Tensor:
-    """Varlen (chunked) prefill. `max_query_len` (host int) bounds cu_seqlens_q's largest difference."""
+                      scale: float, sliding_window: int = 0, softcap: float = 0.0, k_scale: float = 1.0,
+                      v_scale: float = 1.0, max_query_len: int, config: dict, launcher: Launcher) -> torch.Tensor:
+    """Varlen (chunked) prefill. `max_query_len` (host int) bounds cu_seqlens_q's largest difference.
+    FP8 caches: k_scale joins the score scale, v_scale multiplies the output."""
     out, strides, cx = _common_args(q, k_cache, v_cache, block_tables, num_heads, num_kv_heads, head_dim)
     c = config["constexprs"]
     grid = (seq_lens.shape[0], cdiv(max_query_len * cx["GROUP"], c["BLOCK_M"]), num_kv_heads)
     args = (q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, positions,
-            q if sinks is None else sinks, out, *strides, float(scale), float(softcap), int(sliding_window))
+            q if sinks is None else sinks, out, *strides, float(scale) * float(k_scale), float(softcap),
+            int(sliding_window), float(v_scale))
     launcher.launch(_prefill_kernel, grid, args,
                     constexprs={**cx, "HAS_SINKS": sinks is not None, "HAS_SOFTCAP": softcap > 0,
                                 "HAS_WINDOW": sliding_window > 0, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},

@@ -38,7 +38,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
-from rdnac.kernels.attention import _CACHE_STRIDES, _LOG2E, _MAX, _common_args, scores_log2, softmax_step
+from rdnac.kernels.attention import (_CACHE_STRIDES, _LOG2E, _MAX, _common_args, kv_operand, scores_log2,
+                                     softmax_step)
 from rdnac.kernels.fp8_quant import GRID, fp8_scale, round_to_fp8_grid
 from rdnac.kernels.gemm import split_k_counters
 from rdnac.kernels.launch import Launcher, next_power_of_2
@@ -52,10 +53,10 @@ def _decode_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, positions_ptr, sinks_ptr, out_ptr,
         part_max_ptr, part_sum_ptr, part_acc_ptr, counter_ptr, q8_ptr, q8_scale_ptr,
         stride_qt, stride_ot, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
-        scale, softcap, sliding_window,
+        scale, softcap, sliding_window, v_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
         KV_BLOCK_SIZE: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-        HAS_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_WINDOW: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr = False,
         SELF_REDUCE: tl.constexpr = False, QUANT: tl.constexpr = False, FP8_MAX: tl.constexpr = 448.0,
         MIN_NORMAL: tl.constexpr = 0.0, SUBNORMAL_ROUNDER: tl.constexpr = 0.0, PDL: tl.constexpr = False,
         EARLY_META: tl.constexpr = False):
@@ -111,6 +112,7 @@ def _decode_kernel(
         in_blk = j % KV_BLOCK_SIZE
         k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + in_blk[:, None] * stride_ks + kv_head * stride_kh
                     + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D], coalesced
+        k = kv_operand(k, q, KV_FP8)
         s = scores_log2(q, k, scale, softcap, HAS_SOFTCAP)  # [BLOCK_G, BLOCK_N]
         allowed = j_ok
         if HAS_WINDOW:
@@ -118,8 +120,11 @@ def _decode_kernel(
         m_new, alpha, p, l_i = softmax_step(tl.where(allowed[None, :], s, float("-inf")), m_i, l_i, True)
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + in_blk[:, None] * stride_vs + kv_head * stride_vh
                     + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = kv_operand(v, q, KV_FP8)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    if KV_FP8:  # V's per-tensor scale, once per output row (and per split: partials merge linearly)
+        acc = acc * v_scale
 
     if PDL:  # the main loop is done: let the next kernel's blocks be scheduled (triggering at the top
         gdc_launch_dependents()  # let chains of waiting kernels crowd the SMs: 8B decode 17% slower)
@@ -234,20 +239,21 @@ def _decode_reduce_kernel(
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, positions: torch.Tensor,
                      sinks: torch.Tensor | None = None, *, num_heads: int, num_kv_heads: int, head_dim: int,
-                     scale: float, sliding_window: int = 0, softcap: float = 0.0,
-                     config: dict, launcher: Launcher) -> torch.Tensor:
+                     scale: float, sliding_window: int = 0, softcap: float = 0.0, k_scale: float = 1.0,
+                     v_scale: float = 1.0, config: dict, launcher: Launcher) -> torch.Tensor:
     """Split-K decode: one query per sequence, so q row b is sequence b (cu_seqlens_q == arange(B + 1),
     which is not read). Padded rows (seq_len 1, table row of block 0) give finite output as long as
     cache block 0 holds finite values (a zero-initialized cache does)."""
     return _decode(q, k_cache, v_cache, block_tables, seq_lens, positions, sinks, num_heads, num_kv_heads,
-                   head_dim, scale, sliding_window, softcap, config, launcher)
+                   head_dim, scale, sliding_window, softcap, config, launcher, kv_scales=(k_scale, v_scale))
 
 
 def attention_quant_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                            seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, positions: torch.Tensor,
                            sinks: torch.Tensor | None = None, *, num_heads: int, num_kv_heads: int, head_dim: int,
-                           scale: float, sliding_window: int = 0, softcap: float = 0.0, fp8_format: str,
-                           group: int, config: dict, launcher: Launcher) -> tuple[torch.Tensor, torch.Tensor]:
+                           scale: float, sliding_window: int = 0, softcap: float = 0.0, k_scale: float = 1.0,
+                           v_scale: float = 1.0, fp8_format: str, group: int, config: dict,
+                           launcher: Launcher) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention_decode` whose epilogue writes o_proj's FP8 activations: (q8 [T, Hq*D] fp8, scales [T, Hq]),
     one group per head (group == head_dim, a power of two), the bits of attention_decode followed by
     `fp8_quant.quantize_activations`."""
@@ -256,14 +262,16 @@ def attention_quant_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     q8 = torch.empty(q.shape[0], num_heads * head_dim, dtype=FORMATS[fp8_format], device=q.device)  # [T, Hq*D]
     q8_scale = torch.empty(q.shape[0], num_heads, dtype=torch.float32, device=q.device)  # [T, Hq]
     _decode(q, k_cache, v_cache, block_tables, seq_lens, positions, sinks, num_heads, num_kv_heads, head_dim,
-            scale, sliding_window, softcap, config, launcher, quant=(q8, q8_scale, fp8_format))
+            scale, sliding_window, softcap, config, launcher, quant=(q8, q8_scale, fp8_format),
+            kv_scales=(k_scale, v_scale))
     return q8, q8_scale
 
 
 def _decode(q, k_cache, v_cache, block_tables, seq_lens, positions, sinks, num_heads, num_kv_heads, head_dim,
-            scale, sliding_window, softcap, config, launcher, quant=None) -> torch.Tensor:
+            scale, sliding_window, softcap, config, launcher, quant=None, kv_scales=(1.0, 1.0)) -> torch.Tensor:
     """Launch decode attention (and its split reduce); with `quant` = (q8, q8_scale, fp8_format) the kernel
-    that finishes each head writes it quantized there instead of to the bf16 output."""
+    that finishes each head writes it quantized there instead of to the bf16 output. FP8 caches:
+    k_scale joins the score scale, v_scale multiplies each split's accumulator."""
     out, strides, cx = _common_args(q, k_cache, v_cache, block_tables, num_heads, num_kv_heads, head_dim)
     num_seqs = seq_lens.shape[0]
     assert q.shape[0] == num_seqs, f"decode needs one query per sequence; got T={q.shape[0]}, B={num_seqs}"
@@ -285,7 +293,8 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, positions, sinks, num_h
         min_normal, rounder = GRID[fp8_format]
         qx = dict(QUANT=True, FP8_MAX=FP8_MAX[fp8_format], MIN_NORMAL=min_normal, SUBNORMAL_ROUNDER=rounder)
     args = (q, k_cache, v_cache, block_tables, seq_lens, positions, sinks_arg, out, part_max, part_sum, part_acc,
-            counters, q8, q8_scale, *strides, float(scale), float(softcap), int(sliding_window))
+            counters, q8, q8_scale, *strides, float(scale) * float(kv_scales[0]), float(softcap), int(sliding_window),
+            float(kv_scales[1]))
     launcher.launch(_decode_kernel, (num_seqs, num_kv_heads, num_splits), args,
                     constexprs={**cx, "BLOCK_G": max(16, next_power_of_2(cx["GROUP"])),
                                 "HAS_SINKS": has_sinks, "HAS_SOFTCAP": softcap > 0, "HAS_WINDOW": sliding_window > 0,

@@ -1,7 +1,9 @@
 """Paged KV-cache write: implements the IR op `kv_cache_write`.
 
 Token t's K and V rows go to slot s = slot_mapping[t] of the paged caches
-[NB, BS, Hk, D], i.e. block s // BS, offset s % BS, cast to the cache dtype.
+[NB, BS, Hk, D], i.e. block s // BS, offset s % BS, cast to the cache dtype; an FP8 cache
+(`--kv-cache-dtype fp8`) takes K / k_scale and V / v_scale saturated to the
+format's range (`to_cache`, shared with qk_norm_rope_cache.py).
 Slots < 0 mark padded tokens (a partial decode batch padded up to a
 captured size): the kernel masks their loads and stores, so their cache
 slots are never touched. The check is on the device because the wrapper
@@ -19,6 +21,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from rdnac.ir.fp8 import FP8_MAX, kv_format
+from rdnac.kernels.fp8_quant import GRID, round_to_fp8_grid
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 # model-shape ints (never token counts) that AOT binaries specialize on divisibility by 16, as the JIT does,
@@ -29,11 +33,38 @@ AOT_DIVISIBLE = {"_kv_cache_write_kernel": (
 
 
 @triton.jit
+def to_cache(x, scale, cache_ptr, CACHE_FP8: tl.constexpr, FP8_MAX: tl.constexpr,
+             MIN_NORMAL: tl.constexpr, SUBNORMAL_ROUNDER: tl.constexpr):
+    """x as the cache stores it: cast; for an FP8 cache x / scale in float32, saturated (the cast alone
+    would give NaN on overflow) and rounded to nearest even in float32 (`fp8_quant.round_to_fp8_grid`:
+    the cast is then exact, whatever rounding a target's or the interpreter's conversion does), so the
+    values are `rdnac.ir.fp8.to_kv_cache`'s (a negative that rounds to zero is stored as +0, never -0:
+    its bits are NaN in e4m3fnuz)."""
+    if CACHE_FP8:
+        y = round_to_fp8_grid(tl.div_rn(x.to(tl.float32), scale), FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER)
+        y = y.to(cache_ptr.dtype.element_ty)
+    else:
+        y = x.to(cache_ptr.dtype.element_ty)
+    return y
+
+
+def cache_constexprs(cache: torch.Tensor) -> dict:
+    """The constexprs of `to_cache` for a cache tensor."""
+    fmt = kv_format(cache.dtype)
+    if fmt is None:  # float caches keep the specializations they had
+        return {}
+    min_normal, rounder = GRID[fmt]
+    return {"CACHE_FP8": True, "FP8_MAX": FP8_MAX[fmt], "MIN_NORMAL": min_normal, "SUBNORMAL_ROUNDER": rounder}
+
+
+@triton.jit
 def _kv_cache_write_kernel(k_ptr, v_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_ptr,
                            num_kv_heads, block_size, stride_k_row, stride_v_row,
                            stride_kc_block, stride_kc_slot, stride_kc_head,
-                           stride_vc_block, stride_vc_slot, stride_vc_head,
+                           stride_vc_block, stride_vc_slot, stride_vc_head, k_scale, v_scale,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+                           CACHE_FP8: tl.constexpr = False, FP8_MAX: tl.constexpr = 448.0,
+                           MIN_NORMAL: tl.constexpr = 0.0, SUBNORMAL_ROUNDER: tl.constexpr = 0.0,
                            PDL: tl.constexpr = False):
     if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
         gdc_launch_dependents()
@@ -55,14 +86,17 @@ def _kv_cache_write_kernel(k_ptr, v_ptr, slot_mapping_ptr, k_cache_ptr, v_cache_
              + heads[:, None] * stride_kc_head + d[None, :])
     v_dst = (v_cache_ptr + block * stride_vc_block + offset * stride_vc_slot
              + heads[:, None] * stride_vc_head + d[None, :])
-    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    k = to_cache(k, k_scale, k_cache_ptr, CACHE_FP8, FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER)
+    v = to_cache(v, v_scale, v_cache_ptr, CACHE_FP8, FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER)
+    tl.store(k_dst, k, mask=mask)
+    tl.store(v_dst, v, mask=mask)
 
 
 def kv_cache_write(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, *, num_kv_heads: int, head_dim: int,
-                   config: dict, launcher: Launcher) -> None:
-    """k, v [T, Hk*D] (rows may be strided), slot_mapping [T] int32/int64, caches [NB, BS, Hk, D] (in place)."""
+                   v_cache: torch.Tensor, *, num_kv_heads: int, head_dim: int, k_scale: float = 1.0,
+                   v_scale: float = 1.0, config: dict, launcher: Launcher) -> None:
+    """k, v [T, Hk*D] (rows may be strided), slot_mapping [T] int32/int64, caches [NB, BS, Hk, D] (in place;
+    FP8 caches store k / k_scale, v / v_scale)."""
     assert k_cache.shape[1:] == v_cache.shape[1:] and k_cache.shape[2:] == (num_kv_heads, head_dim), \
         f"caches must be [NB, BS, {num_kv_heads}, {head_dim}]; got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
     assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
@@ -74,9 +108,9 @@ def kv_cache_write(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
     launcher.launch(_kv_cache_write_kernel, grid,
                     (k, v, slot_mapping, k_cache, v_cache, num_kv_heads, k_cache.shape[1], k.stride(0), v.stride(0),
                      k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                     v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
+                     v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), float(k_scale), float(v_scale)),
                     constexprs={"HEAD_DIM": head_dim, "BLOCK_D": next_power_of_2(head_dim),
-                                "BLOCK_HEADS": block_heads},
+                                "BLOCK_HEADS": block_heads, **cache_constexprs(k_cache)},
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
     return None
 

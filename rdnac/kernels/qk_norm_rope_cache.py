@@ -15,7 +15,8 @@ reductions agree: the normalized value is rounded to the input dtype before
 the weight product and the product to the norm's output dtype; cos/sin
 (tl.cos/tl.sin of float(position) * inv_freq, as in rope.py, which on NVIDIA
 lower to libdevice's precise versions) and each rotation product are rounded
-to that dtype; k' is cast to the cache dtype at the store.
+to that dtype; k' is cast to the cache dtype at the store (an FP8 cache takes
+k' / k_scale and v / v_scale, saturated: `kv_cache.to_cache`).
 
 With PDL and EARLY_META (plan-wide, `runtime["early_meta"]`) the position,
 the slot and the RoPE angles (step inputs no kernel writes, and math on them)
@@ -32,6 +33,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from rdnac.kernels.kv_cache import cache_constexprs, to_cache
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 from rdnac.kernels.rope import config_space as rope_config_space
 from rdnac.kernels.rope import rope_lanes, rope_tables
@@ -52,9 +54,12 @@ def _qk_norm_rope_cache_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, slot_mapping_
                                num_heads, num_kv_heads, block_size, stride_q_row, stride_k_row, stride_v_row,
                                stride_kc_block, stride_kc_slot, stride_kc_head,
                                stride_vc_block, stride_vc_slot, stride_vc_head, attention_scaling, eps,
+                               k_scale, v_scale,
                                HEAD_DIM: tl.constexpr, ROTARY_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                                BLOCK_HEADS: tl.constexpr, IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr,
-                               UNIT_OFFSET: tl.constexpr, PDL: tl.constexpr = False,
+                               UNIT_OFFSET: tl.constexpr, CACHE_FP8: tl.constexpr = False,
+                               FP8_MAX: tl.constexpr = 448.0, MIN_NORMAL: tl.constexpr = 0.0,
+                               SUBNORMAL_ROUNDER: tl.constexpr = 0.0, PDL: tl.constexpr = False,
                                EARLY_META: tl.constexpr = False):
     if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
         gdc_launch_dependents()
@@ -109,11 +114,13 @@ def _qk_norm_rope_cache_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, slot_mapping_
     kv_mask = mask & is_k[:, None] & is_real
     k_dst = (k_cache_ptr + block * stride_kc_block + offset * stride_kc_slot
              + kv_heads[:, None] * stride_kc_head + d[None, :])
-    tl.store(k_dst, out.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+    k_stored = to_cache(out, k_scale, k_cache_ptr, CACHE_FP8, FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER)
+    tl.store(k_dst, k_stored, mask=kv_mask)
     v = tl.load(v_ptr + token * stride_v_row + kv_heads[:, None] * HEAD_DIM + d[None, :], mask=kv_mask)
     v_dst = (v_cache_ptr + block * stride_vc_block + offset * stride_vc_slot
              + kv_heads[:, None] * stride_vc_head + d[None, :])
-    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(v_dst, to_cache(v, v_scale, v_cache_ptr, CACHE_FP8, FP8_MAX, MIN_NORMAL,
+                                    SUBNORMAL_ROUNDER), mask=kv_mask)
 
 
 def qk_norm_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -121,8 +128,8 @@ def qk_norm_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
                        *norm_weights: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
                        rotary_dim: int, theta: float, style: str = "neox", scaling: dict | None = None,
                        qk_norm: bool = False, eps: float = 1e-6, unit_offset: bool = False,
-                       inv_freq: torch.Tensor, attention_scaling: float, config: dict,
-                       launcher: Launcher) -> torch.Tensor:
+                       k_scale: float = 1.0, v_scale: float = 1.0, inv_freq: torch.Tensor,
+                       attention_scaling: float, config: dict, launcher: Launcher) -> torch.Tensor:
     """q [T, Hq*D], k, v [T, Hk*D] (rows may be strided views of a qkv output), positions [T],
     slot_mapping [T], caches [NB, BS, Hk, D] (written in place), (q_norm, k_norm [D]) -> q' [T, Hq*D].
 
@@ -154,10 +161,12 @@ def qk_norm_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
                     (q, k, v, positions, slot_mapping, inv_freq, q_norm, k_norm, q_out, k_cache, v_cache,
                      num_heads, num_kv_heads, k_cache.shape[1], q.stride(0), k.stride(0), v.stride(0),
                      k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                     v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), float(attention_scaling), float(eps)),
+                     v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), float(attention_scaling), float(eps),
+                     float(k_scale), float(v_scale)),
                     constexprs={"HEAD_DIM": head_dim, "ROTARY_DIM": rotary_dim,
                                 "BLOCK_D": next_power_of_2(head_dim), "BLOCK_HEADS": block_heads,
-                                "IS_NEOX": style == "neox", "QK_NORM": bool(qk_norm), "UNIT_OFFSET": bool(unit_offset)},
+                                "IS_NEOX": style == "neox", "QK_NORM": bool(qk_norm), "UNIT_OFFSET": bool(unit_offset),
+                                **cache_constexprs(k_cache)},
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
     return q_out
 

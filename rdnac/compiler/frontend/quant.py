@@ -152,8 +152,8 @@ def _parse_compressed_tensors(qc: dict, path) -> QuantConfig:
         raise UnsupportedModelError(f"{path}: compressed-tensors quantization_config requires config_groups")
     ignored_tensors = ()
     if qc.get("kv_cache_scheme"):
-        ignored_tensors = ((r".*\.(k_scale|v_scale|kv_scale)", "kv_cache_scheme: rdnac keeps the KV cache in the "
-                            "compute dtype (more precise than FP8); the checkpoint's KV scales are unused"),)
+        ignored_tensors = ((r".*\.(k_scale|v_scale|kv_scale)", "kv_cache_scheme: the checkpoint's KV scales are "
+                            "read by --kv-cache-dtype fp8 only (else the KV cache is in the compute dtype)"),)
     not_converted = tuple(qc.get("ignore") or ())
     summary = (f"compressed-tensors {', '.join(s.tag + '/' + s.act_scheme for _, s in groups)}"
                f"{', ignore: ' + ', '.join(not_converted) if not_converted else ''}")
