@@ -23,7 +23,7 @@ from rdnac.compiler.frontend import build_graph, read_checkpoint
 from rdnac.compiler.passes import (CompileState, Pass, dce, fp8_layout, fuse_act_quant, fuse_add_rms_norm,
                                    fuse_attention_quant, fuse_gated_linear, fuse_norm_quant, fuse_qk_norm_rope_cache,
                                    merge_linears, mla_forms, quantize, quantize_lm_head, quantize_mxfp4,
-                                   select_kernels)
+                                   select_kernels, shard)
 from rdnac.errors import CheckpointError, RdnacError, RdnacWarning
 from rdnac.ir.verify import verify
 from rdnac.plans import write_plan
@@ -53,6 +53,8 @@ class CompileOptions:
     quantize: str | None = None  # compile-time FP8 of the linears ("fp8" | "fp8-block"), MXFP4 of MoE experts ("mxfp4")
     fp8_lm_head: bool = False  # the logits projection as an FP8 GEMM (per-channel weight, float32 logits)
     pdl: bool | None = None  # programmatic dependent launch; None: where the target has it (sm90+)
+    tp: int = 1  # tensor-parallel ranks (passes/shard.py)
+    ep: bool = False  # with tp > 1: experts placed whole per rank instead of sliced
 
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -69,6 +71,13 @@ class CompileOptions:
         if unknown:
             raise RdnacError(f"--disable-pass: no pass named {', '.join(map(repr, unknown))}; "
                              f"the passes are {', '.join(DISABLEABLE)}")
+        if isinstance(self.tp, bool) or not isinstance(self.tp, int) or not 1 <= self.tp <= 64:
+            raise RdnacError(f"--tp requires an integer number of ranks in 1..64; got {self.tp!r}")
+        if self.ep and self.tp == 1:
+            raise RdnacError("--ep requires --tp N with N > 1 (the ranks the experts are placed on); got --tp 1")
+        if self.tp > 1 and self.target != "cpu":
+            raise RdnacError(f"--tp requires --target cpu for now (gloo); got --target {self.target}; GPU "
+                             "collectives (NCCL/RCCL inside captured graphs) come later")
         if self.kv_block_size not in (8, 16, 32, 64):
             raise RdnacError(f"kv_block_size requires 8, 16, 32 or 64; got {self.kv_block_size}")
 
@@ -127,6 +136,7 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("fuse_attention_quant", fuse_attention_quant.run),
     # last: a gated_act whose FP8 quantization fused into it stays a gated_act_quant
     ("fuse_gated_linear", fuse_gated_linear.run),
+    ("shard", shard.run),  # --tp N: per-rank weights and collectives (after fusion: it shards the fused graph)
     ("runtime", _plan_runtime),
     ("select_kernels", select_kernels.run),
 )
@@ -189,7 +199,7 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
         "model": _model_identity(checkpoint),
         "compile_options": {"dtype": dtype, "max_model_len": opts.max_model_len,
                             "disable_passes": list(opts.disable_passes), "quantize": opts.quantize,
-                            "fp8_lm_head": opts.fp8_lm_head, "pdl": opts.pdl},
+                            "fp8_lm_head": opts.fp8_lm_head, "pdl": opts.pdl, "tp": opts.tp, "ep": opts.ep},
         "created_unix": int(time.time()),
     }
     body = {
@@ -205,7 +215,7 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
     from safetensors import SafetensorError
 
     try:
-        write_plan(out, header, body, state.weights)
+        write_plan(out, header, body, state.weights, state.rank_weights or None)
     except (OSError, SafetensorError) as e:  # a full disk, a quota, the directory gone mid-compile
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise RdnacError(f"{out}: writing the plan requires space and write access; got {reason}; free space "

@@ -56,6 +56,10 @@ REFERENCE_ONLY_OPS = {"argmax": "GPU plans sample outside the graph (rdnac.runti
                       **dict.fromkeys(("causal_conv1d", "gated_delta_rule", "gated_rms_norm", "sigmoid_gate"),
                                       "GDN kernels come with issue 25's kernel part: GPU compiles of hybrid "
                                       "linear-attention models are refused at kernel selection"),
+                      **dict.fromkeys(("all_reduce", "all_gather", "shard_ids"),
+                                      "tensor parallelism runs on the cpu target (gloo) for now: GPU compiles "
+                                      "with --tp are refused; on GPUs they become torch.distributed (NCCL/RCCL) "
+                                      "calls, not Triton kernels"),
                       **dict.fromkeys(("mla_cache_write", "mla_attention"),
                                       "MLA kernels come with issue 26's kernel part: GPU compiles of DeepSeek "
                                       "models are refused at kernel selection")}

@@ -33,6 +33,7 @@ class CompileState:
     runtime: dict = field(default_factory=dict)  # the plan's runtime defaults (KV block size, PDL, ...)
     program: dict = field(default_factory=dict)  # node -> step key -> {"kernel", "config"}: select_kernels
     binaries: list = field(default_factory=list)  # KernelBinary per specialization: select_kernels
+    rank_weights: list = field(default_factory=list)  # --tp N: each rank's weights (rank 0's is `weights`): shard
 
     def __post_init__(self) -> None:
         self.target = get_target(self.target)
