@@ -62,8 +62,11 @@ def cli():
 @click.option("--fp8-lm-head", is_flag=True, help="The logits projection in FP8 too (per-channel; float32 logits).")
 @click.option("--pdl/--no-pdl", default=None,
               help="Programmatic dependent launch between kernels (default: on where the target has it, sm90+).")
+@click.option("--tp", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Tensor-parallel ranks: shard the plan over N processes (cpu target, gloo, for now).")
+@click.option("--ep", is_flag=True, help="With --tp N: place MoE experts whole per rank instead of slicing each.")
 def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max_num_seqs, max_num_batched_tokens,
-                quiet, quantize, fp8_lm_head, pdl):
+                quiet, quantize, fp8_lm_head, pdl, tp, ep):
     """Compile MODEL (HF directory, .gguf file, or demo:smollm2) into a plan."""
     from rdnac.compiler.pipeline import compile_model
 
@@ -71,7 +74,7 @@ def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max
     path = compile_model(model, target, output, dtype=dtype, max_model_len=max_model_len,
                          disable_passes=tuple(disable_passes), max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens, quiet=quiet, quantize=quantize,
-                         fp8_lm_head=fp8_lm_head, pdl=pdl)
+                         fp8_lm_head=fp8_lm_head, pdl=pdl, tp=tp, ep=ep)
     click.echo(f"wrote {path} ({time.perf_counter() - started:.1f} s)", err=True)
 
 

@@ -68,7 +68,7 @@ class TPRunner(ModelRunner):
                 if p.poll() is not None]
         who = ", ".join(dead) if dead else "a rank"
         return RdnacError(f"tensor-parallel group of {self.plan.num_ranks} ranks is down: {who} stopped "
-                          f"({str(e).splitlines()[0][:160]}); restart rdnac")
+                          f"({_reason(e)}); restart rdnac")
 
     def allocate_state(self, num_blocks: int, num_slots: int, max_num_seqs: int | None = None):
         self._send(("allocate", num_blocks, num_slots, max_num_seqs))
@@ -93,6 +93,12 @@ class TPRunner(ModelRunner):
         _reap(self.processes)
         dist.destroy_process_group()
         self.commands = self.group = None
+
+
+def _reason(e: Exception) -> str:
+    """gloo's "[.../pair.cc:553] Connection closed by peer [127.0.0.1]:1190. This is typically..." -> its
+    first sentence."""
+    return str(e).splitlines()[0].split("] ", 1)[-1].split(". ")[0][:160]
 
 
 def _reap(processes: list) -> None:
@@ -162,7 +168,7 @@ def _rank_main(rank: int, num_ranks: int, init_method: str, plan_path: str, opti
     except RdnacError:
         sys.exit(1)  # rank 0 says why
     except RuntimeError as e:  # rank 0 left or died: the group is gone
-        print(f"rdnac: rank {rank}: the tensor-parallel group is down ({str(e).splitlines()[0][:160]}); "
+        print(f"rdnac: rank {rank}: the tensor-parallel group is down ({_reason(e)}); "
               "stopping", file=sys.stderr)
         sys.exit(1)
 

@@ -1,0 +1,226 @@
+"""Tensor and expert parallelism on cpu with gloo: sharded plans against the plan of one rank.
+
+The reference is the tp=1 plan of the same checkpoint (itself checked against transformers in
+test_models_hf.py / test_qwen3_moe.py): logits within 1e-5, the same greedy tokens, through the engine
+with several requests in flight (the serving path). The dense model has GQA 8/2, so tp=2 splits the KV
+heads and tp=4 keeps one KV head per rank shared by two ranks; its vocabulary (302) is padded to 304 at
+tp=4. Each plan's ranks are real processes (`rdnac.runtime.distributed`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rdnac
+from rdnac import SamplingParams
+from rdnac.errors import PlanError, RdnacError, RequestError, UnsupportedModelError
+from rdnac.plans import read_plan
+from tests.support.checkpoints import make_checkpoint, write_byte_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = [3, 141, 59, 26, 53, 58, 97, 93, 238, 46, 26, 43, 38, 32, 79, 50, 28, 8, 84, 19]
+PROMPTS = [PROMPT, PROMPT[:5], PROMPT[4:15], [7, 299, 12]]  # 299: in the last rank's block
+MAX_TOKENS = [10, 14, 6, 9]
+ATOL = 1e-5
+DENSE = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=8, intermediate_size=136,
+             vocab_size=302, tie_word_embeddings=True)
+
+
+def _generate(llm) -> list[list[int]]:
+    outs = llm.generate(PROMPTS, [SamplingParams(max_tokens=n) for n in MAX_TOKENS])
+    return [o.token_ids for o in outs]
+
+
+def _reference(plan) -> tuple[torch.Tensor, list[list[int]]]:
+    llm = rdnac.load(plan)
+    return llm.logits(PROMPT), _generate(llm)
+
+
+def _check_sharded(plan, reference) -> None:
+    logits, tokens = reference
+    llm = rdnac.load(plan)
+    try:
+        ours = llm.logits(PROMPT)
+        assert ours.shape == logits.shape and ours.dtype == torch.float32
+        err = (ours - logits).abs().max().item()
+        assert err <= ATOL, f"{plan}: max logits error {err:.3g} > {ATOL}"
+        assert _generate(llm) == tokens
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp_dense")
+    make_checkpoint("qwen3", root / "ckpt", **DENSE)
+    plans = {tp: rdnac.compile(root / "ckpt", target="cpu", output=root / f"tp{tp}.msgpack", tp=tp)
+             for tp in (1, 2, 4)}
+    return root, plans, _reference(plans[1])
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_dense_gqa_matches_one_rank(dense, tp):
+    _, plans, reference = dense
+    _check_sharded(plans[tp], reference)
+
+
+def test_dense_plan_layout(dense):
+    """One graph, per-rank weights files holding only their slices; the collectives where the pass puts
+    them; KV state of the rank's heads; inspect lists the collectives and their bytes per token."""
+    from rdnac.cli.inspect import summarize
+
+    root, plans, _ = dense
+    full, plan = read_plan(plans[1]), read_plan(plans[4])
+    graph = plan.graph()
+    assert plan.num_ranks == 4 and plan.header["mesh"]["ep"] is False
+    files = [root / r["file"] for r in plan.header["mesh"]["ranks"]]
+    assert [f.name for f in files] == [f"tp4.rank{r}.weights.safetensors" for r in range(4)]
+    assert all(f.stat().st_size < full.weights_path.stat().st_size / 2 for f in files)
+    ops = graph.op_counts()
+    assert ops["all_reduce"] == 1 + 2 * graph.attrs["num_layers"] and ops["all_gather"] == 1
+    assert all(s.shape == (1, 8) for s in graph.state)  # 2 KV heads over 4 ranks: one each
+    w0 = plan.load_weights(rank=0)
+    w3 = plan.load_weights(rank=3)
+    ref = full.load_weights()
+    emb = "model.embed_tokens.weight"
+    assert w0[emb].shape == (76, 64) and torch.equal(w0[emb], ref[emb][:76])
+    assert torch.equal(w3[emb][:74], ref[emb][228:]) and not w3[emb][74:].any()  # zero padding rows
+    assert torch.equal(w3["tp.vocab_start"], torch.tensor([228]))
+    qkv = "model.layers.0.self_attn.qkv_proj.weight"
+    # rank 3: query heads 6-7, KV head 1 (query heads 4-7 read it), rows [q | k | v]
+    want = torch.cat([ref[qkv][48:64], ref[qkv][64 + 8:64 + 16], ref[qkv][80 + 8:80 + 16]])
+    assert torch.equal(w3[qkv], want)
+    s = summarize(plans[4])
+    assert s["mesh"]["tp"] == 4
+    reduce_rows = [r for r in s["mesh"]["collectives"] if r["op"] == "all_reduce"]
+    assert {r["payload_bytes"] for r in reduce_rows} == {64 * 4}
+    assert s["mesh"]["all_reduce_bytes_per_token"] == len(reduce_rows) * 256
+    assert any(r["after"].startswith("layers.0.o_proj") for r in reduce_rows)
+
+
+def test_biases_tp2(tmp_path):
+    """Qwen2's q/k/v biases are sharded with their rows; a separate (unmerged) q/k/v takes the same path."""
+    make_checkpoint("qwen2", tmp_path / "ckpt", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, intermediate_size=96)
+    one = rdnac.compile(tmp_path / "ckpt", target="cpu", output=tmp_path / "tp1.msgpack",
+                        disable_passes=("merge_linears",))
+    two = rdnac.compile(tmp_path / "ckpt", target="cpu", output=tmp_path / "tp2.msgpack", tp=2,
+                        disable_passes=("merge_linears",))
+    assert read_plan(two).graph().op_counts().get("split") is None
+    ref = rdnac.load(one).logits(PROMPT)
+    llm = rdnac.load(two)
+    try:
+        err = (llm.logits(PROMPT) - ref).abs().max().item()
+        assert err <= ATOL, err
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    from tests.test_qwen3_moe import make_qwen3_moe
+
+    root = tmp_path_factory.mktemp("tp_moe")
+    model = make_qwen3_moe(root / "ckpt", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=22,
+                           norm_topk_prob=True, mlp_only_layers=[1])
+    write_byte_tokenizer(root / "ckpt", model.config.vocab_size)
+    one = rdnac.compile(root / "ckpt", target="cpu", output=root / "tp1.msgpack")
+    return root, _reference(one)
+
+
+@pytest.mark.parametrize("ep", [False, True], ids=["tp", "ep"])
+def test_moe_matches_one_rank(moe, ep):
+    root, reference = moe
+    plan = rdnac.compile(root / "ckpt", target="cpu", output=root / f"tp2{'ep' if ep else ''}.msgpack", tp=2,
+                         ep=ep)
+    graph = read_plan(plan).graph()
+    experts = [n for n in graph.nodes if n.op == "moe_experts"]
+    w13 = graph.weights[experts[0].inputs[3]].shape
+    assert w13 == ((4, 44, 44) if ep else (8, 22, 44))  # ep: 4 whole experts; tp: each expert's half
+    assert (graph.op_counts().get("shard_ids", 0) == 1 + len(experts)) if ep else \
+        (graph.op_counts()["shard_ids"] == 1)
+    _check_sharded(plan, reference)
+
+
+# ---------------------------------------------------------------- bad input, one line each
+
+
+def test_tp_that_does_not_divide(dense, tmp_path):
+    root, _, _ = dense
+    with pytest.raises(UnsupportedModelError, match=r"--tp 3: node 'layers.0.attn' \(attention\) has 8 query "
+                                                    r"heads; --tp must divide them"):
+        rdnac.compile(root / "ckpt", target="cpu", output=tmp_path / "x.msgpack", tp=3)
+    make_checkpoint("qwen3", tmp_path / "odd", **{**DENSE, "intermediate_size": 66})
+    with pytest.raises(UnsupportedModelError, match=r"has intermediate size 66; --tp must divide it"):
+        rdnac.compile(tmp_path / "odd", target="cpu", output=tmp_path / "x.msgpack", tp=4)
+    with pytest.raises(RdnacError, match=r"--tp requires --target cpu for now"):
+        rdnac.compile(root / "ckpt", target="gfx942", output=tmp_path / "x.msgpack", tp=2)
+    with pytest.raises(RdnacError, match=r"--ep requires --tp N with N > 1"):
+        rdnac.compile(root / "ckpt", target="cpu", output=tmp_path / "x.msgpack", ep=True)
+    assert not list(tmp_path.glob("x.*"))
+
+
+def test_wrong_number_of_ranks(dense):
+    import torch.distributed as dist
+
+    from rdnac.runtime.model_runner import ModelRunner
+
+    _, plans, _ = dense
+    with pytest.raises(RequestError, match=r"a --tp 2 plan requires 2 ranks; got 1"):
+        ModelRunner.load(plans[2])
+    # under torchrun with another --nproc-per-node: the group exists with the wrong size
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(RdnacError, match=r"a --tp 4 plan requires 4 ranks; got 1 \(torchrun"):
+            rdnac.load(plans[4])
+    finally:
+        dist.destroy_process_group()
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_missing_rank_weights(dense, tmp_path):
+    root, plans, _ = dense
+    for f in root.glob("tp2.*"):
+        shutil.copy(f, tmp_path / f.name)
+    (tmp_path / "tp2.rank1.weights.safetensors").unlink()
+    with pytest.raises(PlanError, match=r"requires rank 1's weights file .*tp2.rank1.weights.safetensors .*missing"):
+        rdnac.load(tmp_path / "tp2.msgpack")
+
+
+def test_dead_rank_takes_the_group_down(dense):
+    _, plans, _ = dense
+    llm = rdnac.load(plans[2])
+    try:
+        llm.runner.processes[0].kill()
+        llm.runner.processes[0].wait()
+        with pytest.raises(RdnacError, match=r"^tensor-parallel group of 2 ranks is down: rank 1 \(exit code -9\) "
+                                             r"stopped \((Connection|Read error)[^\n]*; restart rdnac$"):
+            llm.generate([PROMPT], SamplingParams(max_tokens=3))
+    finally:
+        llm.close()
+
+
+def test_cli_compile_and_run(dense, tmp_path):
+    root, plans, _ = dense
+    env_run = [sys.executable, "-m", "rdnac.cli.main"]
+    out = subprocess.run([*env_run, "compile", str(root / "ckpt"), "--tp", "2", "-o", str(tmp_path / "p.msgpack"),
+                          "-q"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    out = subprocess.run([*env_run, "run", str(tmp_path / "p.msgpack"), "--prompt", "hello", "--max-tokens", "6"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    reference = rdnac.load(plans[1]).generate(["hello"], SamplingParams(max_tokens=6))[0].text
+    assert out.stdout.strip() == reference.strip() and reference.strip()
