@@ -159,6 +159,11 @@ def test_tp_that_does_not_divide(dense, tmp_path):
     make_checkpoint("qwen3", tmp_path / "odd", **{**DENSE, "intermediate_size": 66})
     with pytest.raises(UnsupportedModelError, match=r"has intermediate size 66; --tp must divide it"):
         rdnac.compile(tmp_path / "odd", target="cpu", output=tmp_path / "x.msgpack", tp=4)
+    make_checkpoint("qwen3", tmp_path / "kv4", **{**DENSE, "hidden_size": 48, "num_attention_heads": 12,
+                                                 "num_key_value_heads": 4, "head_dim": 4, "intermediate_size": 48})
+    with pytest.raises(UnsupportedModelError, match=r"has 4 KV heads; --tp must divide them, or be a multiple of "
+                                                    r"them"):
+        rdnac.compile(tmp_path / "kv4", target="cpu", output=tmp_path / "x.msgpack", tp=6)
     with pytest.raises(RdnacError, match=r"--tp requires --target cpu for now"):
         rdnac.compile(root / "ckpt", target="gfx942", output=tmp_path / "x.msgpack", tp=2)
     with pytest.raises(RdnacError, match=r"--ep requires --tp N with N > 1"):
@@ -181,6 +186,14 @@ def test_wrong_number_of_ranks(dense):
             rdnac.load(plans[4])
     finally:
         dist.destroy_process_group()
+
+
+def test_verify_refuses_a_sharded_plan(dense):
+    from rdnac.cli.verify import verify_plan
+
+    root, plans, _ = dense
+    with pytest.raises(RdnacError, match=r"rdnac verify requires a plan of one rank .* got a --tp 2 plan"):
+        verify_plan(plans[2], root / "ckpt")
 
 
 def _port() -> int:
@@ -224,3 +237,23 @@ def test_cli_compile_and_run(dense, tmp_path):
     assert out.returncode == 0, out.stderr
     reference = rdnac.load(plans[1]).generate(["hello"], SamplingParams(max_tokens=6))[0].text
     assert out.stdout.strip() == reference.strip() and reference.strip()
+
+
+@pytest.mark.parametrize("ep", [False, True], ids=["tp", "ep"])
+def test_gpt_oss_sinks_and_biases(tmp_path, ep):
+    """GPT-OSS: attention sinks sliced by query head, o_proj and expert down biases added once, expert gate/up
+    biases sliced (--tp) or placed (--ep), a vocabulary of 301 padded to 302."""
+    from tests.support.gpt_oss import make_gpt_oss
+
+    make_gpt_oss(tmp_path / "ckpt", with_tokenizer=False, num_hidden_layers=2)
+    one = rdnac.compile(tmp_path / "ckpt", target="cpu", output=tmp_path / "tp1.msgpack")
+    two = rdnac.compile(tmp_path / "ckpt", target="cpu", output=tmp_path / "tp2.msgpack", tp=2, ep=ep)
+    ref = rdnac.load(one).logits(PROMPT)
+    llm = rdnac.load(two)
+    try:
+        ours = llm.logits(PROMPT)
+        assert ours.shape == ref.shape == (len(PROMPT), 301)
+        err = (ours - ref).abs().max().item()
+        assert err <= ATOL, f"max logits error {err:.3g} (logits up to {ref.abs().max().item():.3g})"
+    finally:
+        llm.close()
