@@ -239,16 +239,22 @@ def test_cli_compile_and_run(dense, tmp_path):
     assert out.stdout.strip() == reference.strip() and reference.strip()
 
 
-@pytest.mark.parametrize("ep", [False, True], ids=["tp", "ep"])
-def test_gpt_oss_sinks_and_biases(tmp_path, ep):
-    """GPT-OSS: attention sinks sliced by query head, o_proj and expert down biases added once, expert gate/up
-    biases sliced (--tp) or placed (--ep), a vocabulary of 301 padded to 302."""
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
     from tests.support.gpt_oss import make_gpt_oss
 
-    make_gpt_oss(tmp_path / "ckpt", with_tokenizer=False, num_hidden_layers=2)
-    one = rdnac.compile(tmp_path / "ckpt", target="cpu", output=tmp_path / "tp1.msgpack")
-    two = rdnac.compile(tmp_path / "ckpt", target="cpu", output=tmp_path / "tp2.msgpack", tp=2, ep=ep)
-    ref = rdnac.load(one).logits(PROMPT)
+    root = tmp_path_factory.mktemp("tp_gpt_oss")
+    make_gpt_oss(root / "ckpt", with_tokenizer=False, num_hidden_layers=2)
+    one = rdnac.compile(root / "ckpt", target="cpu", output=root / "tp1.msgpack")
+    return root, rdnac.load(one).logits(PROMPT)
+
+
+@pytest.mark.parametrize("ep", [False, True], ids=["tp", "ep"])
+def test_gpt_oss_sinks_and_biases(gpt_oss, ep):
+    """GPT-OSS: attention sinks sliced by query head, o_proj and expert down biases added once, expert gate/up
+    biases sliced (--tp) or placed (--ep), a vocabulary of 301 padded to 302."""
+    root, ref = gpt_oss
+    two = rdnac.compile(root / "ckpt", target="cpu", output=root / f"tp2{'ep' if ep else ''}.msgpack", tp=2, ep=ep)
     llm = rdnac.load(two)
     try:
         ours = llm.logits(PROMPT)
