@@ -263,3 +263,27 @@ def test_gpt_oss_sinks_and_biases(gpt_oss, ep):
         assert err <= ATOL, f"max logits error {err:.3g} (logits up to {ref.abs().max().item():.3g})"
     finally:
         llm.close()
+
+
+def test_inspect_text_shows_collectives(dense):
+    from click.testing import CliRunner
+
+    from rdnac.cli.main import cli
+
+    _, plans, _ = dense
+    result = CliRunner().invoke(cli, ["inspect", str(plans[2])], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    assert "tensor parallel: 2 ranks" in result.output and "tp2.rank0.weights.safetensors" in result.output
+    assert "layers.{0-1}.o_proj.all_reduce" in result.output and "logits.all_gather" in result.output
+    assert "64 x float32 = 256" in result.output  # one hidden row of float32 per token
+
+
+def test_torchrun(dense, tmp_path):
+    """Under torchrun the ranks join its group: rank 0 generates, rank 1 serves it and exits with it."""
+    _, plans, _ = dense
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "rdnac.cli.main", "run", str(plans[2]),
+                          "--prompt", "hello", "--max-tokens", "6"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    reference = rdnac.load(plans[1]).generate(["hello"], SamplingParams(max_tokens=6))[0].text
+    assert out.stdout.strip() == reference.strip()
