@@ -176,7 +176,7 @@ class Sharder:
         k_in, v_in = (writer.inputs[0], writer.inputs[1]) if writer.op == "kv_cache_write" else writer.inputs[1:3]
         sources = {"q": self.trace(node.inputs[0], node), "k": self.trace(k_in, node), "v": self.trace(v_in, node)}
         heads = {"q": (q_heads, hq_l), "k": (kv_heads, hk_l), "v": (kv_heads, hk_l)}
-        by_linear: dict[str, list[tuple[str, int, int]]] = {}  # qkv linear -> [(part, output index, ...)]
+        by_linear: dict[str, list[tuple[str, int]]] = {}  # producing linear or split -> [(part, output index)]
         for part, (src, index, chain) in sources.items():
             for c in chain:
                 self.heads_attrs(c, part, hq_l, hk_l)
@@ -184,6 +184,9 @@ class Sharder:
         for name, parts in by_linear.items():
             src = self.graph.node(name)
             if src.op == "linear":  # one linear per part
+                if len(parts) != 1:
+                    self.fail(node, f"reads {' and '.join(p for p, _ in parts)} from one linear {name} without a "
+                                    "split; this pass cannot tell their rows apart")
                 (part, _), = parts
                 index = lambda r, f=heads[part][0]: [h * d + i for h in f(r) for i in range(d)]  # noqa: E731
                 self.rows(src.inputs[1], f"column-parallel by {part} head", index)
@@ -267,24 +270,23 @@ class Sharder:
         return inter // self.n
 
     def mlp(self, node: Node) -> None:
+        """A gated MLP: linear_gated_act, or gated_act of a merged [gate; up] linear or of two linears."""
         if node.op == "linear_gated_act":
-            inter = self.graph.weights[node.inputs[1]].shape[0] // 2
-            merged = [node]
+            halves = [node]  # rows [gate | up] of one weight
         else:
-            srcs = [self.producer[v][0] for v in node.inputs]
-            if any(s.op != "linear" for s in srcs):
+            halves = [self.producer[v][0] for v in node.inputs]
+            if any(s.op != "linear" for s in halves):
                 self.fail(node, "requires its gate and up from linears")
-            inter = self.graph.weights[srcs[0].inputs[1]].shape[0] // (2 if len(srcs) == 1 else 1)
-            merged = srcs if len(srcs) == 1 else []
-            for s in srcs if len(srcs) == 2 else []:
-                block = self.intermediate_block(node, inter)
-                for w in s.inputs[1:]:
-                    self.rows(w, "column-parallel block", lambda r, b=block: list(range(r * b, (r + 1) * b)))
+        inter = self.graph.weights[halves[0].inputs[1]].shape[0] // (2 if len(halves) == 1 else 1)
         block = self.intermediate_block(node, inter)
-        gate_up = lambda r: [*range(r * block, (r + 1) * block), *range(inter + r * block, inter + (r + 1) * block)]  # noqa: E731
-        for m in merged:
-            for w in m.inputs[1:]:
-                self.rows(w, "column-parallel block: [gate rows, up rows] of the rank", gate_up)
+        if len(halves) == 1:
+            how, index = "column-parallel block: [gate rows, up rows] of the rank", \
+                lambda r: [*range(r * block, (r + 1) * block), *range(inter + r * block, inter + (r + 1) * block)]
+        else:
+            how, index = "column-parallel block", lambda r: list(range(r * block, (r + 1) * block))
+        for linear in halves:
+            for w in linear.inputs[1:]:  # weight (and bias)
+                self.rows(w, how, index)
         down = self.single_linear_reader(node.outputs[0], node)
         self.row_parallel(down, lambda r: slice(r * block, (r + 1) * block))
         self.state.decide(NAME, node.name, f"gate/up columns and {down.name} rows in blocks of {block} of {inter} "
