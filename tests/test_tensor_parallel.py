@@ -278,12 +278,12 @@ def test_inspect_text_shows_collectives(dense):
     assert "64 x float32 = 256" in result.output  # one hidden row of float32 per token
 
 
-def test_torchrun(dense, tmp_path):
+def test_torchrun(dense):
     """Under torchrun the ranks join its group: rank 0 generates, rank 1 serves it and exits with it."""
     _, plans, _ = dense
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "rdnac.cli.main", "run", str(plans[2]),
-                          "--prompt", "hello", "--max-tokens", "6"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    out = subprocess.run([*torchrun, "-m", "rdnac.cli.main", "run", str(plans[2]), "--prompt", "hello",
+                          "--max-tokens", "6"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     reference = rdnac.load(plans[1]).generate(["hello"], SamplingParams(max_tokens=6))[0].text
     assert out.stdout.strip() == reference.strip()

@@ -42,7 +42,7 @@ import torch
 
 from rdnac.compiler.passes import CompileState
 from rdnac.errors import UnsupportedModelError
-from rdnac.ir.graph import Graph, Node, TensorSpec, WeightSpec
+from rdnac.ir.graph import Node, TensorSpec, WeightSpec
 from rdnac.ir.ops import ATTENTION_OPS, OPS
 from rdnac.ir.state import StateSpec
 
