@@ -55,6 +55,33 @@ def _check_sharded(plan, reference) -> None:
         llm.close()
 
 
+def test_collective_references_one_rank():
+    """Without a group (or with one rank) the collectives are the identity; shard_ids maps global ids to the
+    rank's rows, -1 elsewhere, which embedding turns into zero rows and moe_experts skips."""
+    from rdnac.ir import collectives
+    from rdnac.ir.ops import OPS, embedding
+    from rdnac.ir.moe import moe_experts
+
+    x = torch.randn(3, 5)
+    assert OPS["all_reduce"].reference(x) is x
+    assert torch.equal(OPS["all_gather"].reference(x, size=4), x[:, :4])
+    ids = torch.tensor([0, 4, 5, 9, 10])
+    local = collectives.shard_ids(ids, torch.tensor([5]), size=5)
+    assert local.dtype == ids.dtype and local.tolist() == [-1, -1, 0, 4, -1]
+    table = torch.randn(5, 3)
+    out = embedding(local, table)
+    assert out.shape == (5, 3) and not out[[0, 1, 4]].any()
+    assert torch.equal(out[2], table[0]) and torch.equal(out[3], table[4])
+    w13, w2 = torch.randn(2, 8, 3), torch.randn(2, 3, 4)
+    h = torch.randn(2, 3)
+    weights, every = torch.tensor([[0.7, 0.3], [0.6, 0.4]]), torch.tensor([[0, 1], [1, 0]], dtype=torch.int32)
+    only_0 = torch.tensor([[0, -1], [-1, 0]], dtype=torch.int32)  # expert 1 on another rank
+    full = moe_experts(h, weights, every, w13, w2, act="silu")
+    part0 = moe_experts(h, weights, only_0, w13, w2, act="silu")
+    part1 = moe_experts(h, weights, torch.tensor([[-1, 0], [0, -1]], dtype=torch.int32), w13[1:], w2[1:], act="silu")
+    torch.testing.assert_close(part0 + part1, full, atol=1e-6, rtol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp_dense")
