@@ -254,13 +254,17 @@ def test_dead_rank_takes_the_group_down(dense):
 
 
 def test_cli_compile_and_run(dense, tmp_path):
+    """`rdnac compile --tp 2` then `rdnac run`, which starts rank 1 itself: the tokens of the tp=1 plan."""
+    from click.testing import CliRunner
+
+    from rdnac.cli.main import cli
+
     root, plans, _ = dense
-    env_run = [sys.executable, "-m", "rdnac.cli.main"]
-    out = subprocess.run([*env_run, "compile", str(root / "ckpt"), "--tp", "2", "-o", str(tmp_path / "p.msgpack"),
-                          "-q"], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    out = subprocess.run([*env_run, "run", str(tmp_path / "p.msgpack"), "--prompt", "hello", "--max-tokens", "6"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = CliRunner().invoke(cli, ["compile", str(root / "ckpt"), "--tp", "2", "-o", str(tmp_path / "p.msgpack"),
+                                      "-q"])
+    assert result.exit_code == 0, result.output
+    out = subprocess.run([sys.executable, "-m", "rdnac.cli.main", "run", str(tmp_path / "p.msgpack"), "--prompt",
+                          "hello", "--max-tokens", "6"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     reference = rdnac.load(plans[1]).generate(["hello"], SamplingParams(max_tokens=6))[0].text
     assert out.stdout.strip() == reference.strip() and reference.strip()

@@ -214,8 +214,16 @@ def start(plan_path, num_ranks: int, **options) -> TPRunner:
             processes.append(subprocess.Popen([sys.executable, "-m", "rdnac.runtime.distributed", str(plan_path),
                                                "--rank", str(rank), "--num-ranks", str(num_ranks),
                                                "--init-method", init_method, *verify]))
-        dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=num_ranks, timeout=_timeout())
-        commands = dist.new_group(backend="gloo", timeout=_IDLE)
+        try:
+            dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=num_ranks,
+                                    timeout=_timeout())
+            commands = dist.new_group(backend="gloo", timeout=_IDLE)
+        except RuntimeError as e:  # the ranks never met (a port taken meanwhile, a rank that failed to start)
+            for p in processes:
+                p.kill()
+            _reap(processes)
+            raise RdnacError(f"{plan_path}: starting {num_ranks} ranks requires them to join over gloo on "
+                             f"{init_method}; got {_reason(e)}; retry, or run under torchrun") from None
     runner, error = None, None
     try:
         runner = _load(plan_path, 0, dist.group.WORLD, options, TPRunner)
