@@ -70,6 +70,45 @@ def bytes_read_per_token(graph, moe: list[dict]) -> int:
     return total - sum(m["expert_bytes"] - m["active_expert_bytes"] for m in moe)
 
 
+def mesh_summary(plan, graph) -> dict | None:
+    """A sharded plan's ranks and its collectives: where each sits and the bytes it moves per token."""
+    mesh = plan.header.get("mesh")
+    if not mesh:
+        return None
+    from rdnac.ir.collectives import summary
+
+    rows = summary(graph, mesh["tp"])
+    per_token = [r for r in rows if r["per"] == "token"]
+    return {"tp": mesh["tp"], "ep": mesh["ep"], "weights_files": [r["file"] for r in mesh["ranks"]],
+            "collectives": rows, "all_reduce_bytes_per_token": sum(r["payload_bytes"] for r in per_token),
+            "per_rank_bytes_per_token": sum(r["per_rank_bytes"] for r in per_token)}
+
+
+def render_mesh(console: Console, mesh: dict, group: bool) -> None:
+    console.print(f"tensor parallel: {mesh['tp']} ranks{' (experts placed whole per rank: --ep)' if mesh['ep'] else ''}"
+                  f", one weights file each ({mesh['weights_files'][0]}, ...); per token the all-reduces carry "
+                  f"{mesh['all_reduce_bytes_per_token']} bytes, {mesh['per_rank_bytes_per_token']} sent by each rank "
+                  "on a ring")
+    table = Table(title="collectives (bytes per token; all_gather: per logits row)")
+    for col in ("node", "op", "after", "payload", "per rank (ring)"):
+        table.add_column(col)
+    rows = [(r["node"], r["op"], r["after"], f"{r['width']} x {r['dtype']} = {r['payload_bytes']}",
+             str(r["per_rank_bytes"])) for r in mesh["collectives"]]
+    if group:  # layers alike once: layers.{0-35}.o_proj.all_reduce
+        seen: dict[tuple, list[int]] = {}
+        for row in rows:
+            m = re.search(r"layers\.(\d+)\.", row[0])
+            key = (re.sub(r"layers\.\d+\.", "layers.N.", row[0]), re.sub(r"layers\.\d+\.", "layers.N.", row[2]),
+                   *row[3:], row[1])
+            seen.setdefault(key, []).append(int(m.group(1)) if m else -1)
+        rows = [(k[0].replace("layers.N.", f"layers.{{{ranges(v)}}}.") if v[0] >= 0 else k[0], k[-1],
+                 k[1].replace("layers.N.", f"layers.{{{ranges(v)}}}.") if v[0] >= 0 else k[1], *k[2:4])
+                for k, v in seen.items()]
+    for row in rows:
+        table.add_row(*(escape(c) for c in row))
+    console.print(table)
+
+
 def summarize(plan_path, memory: int = DEFAULT_MEMORY) -> dict:
     plan = read_plan(plan_path)
     graph = plan.graph()
@@ -86,6 +125,7 @@ def summarize(plan_path, memory: int = DEFAULT_MEMORY) -> dict:
                     "file": plan.header["weights"]["file"], "file_bytes": plan.header["weights"]["size"]},
         "moe": moe,
         "mla": mla_summary(graph),
+        "mesh": mesh_summary(plan, graph),
         "kernels": [_kernel_summary(k) for k in plan.body.get("kernels", [])],
         "program": _program_summary(plan.body.get("program") or {}),
         "runtime": plan.body["runtime"],
@@ -140,6 +180,8 @@ def render_text(s: dict, show_decisions: bool = False, per_layer: bool = False, 
     console.print(f"weights read per token at batch 1: {s['weights']['bytes_per_token'] / 2**20:.2f} MiB"
                   + (" (active experts only)" if s["moe"] else ""))
     _render_state(console, s["state"], s["weights"]["bytes"])
+    if s.get("mesh"):
+        render_mesh(console, s["mesh"], group)
     if s["moe"]:
         render_moe(console, s["moe"])
     if s.get("mla"):

@@ -68,8 +68,11 @@ def cli():
 @click.option("--kv-cache-dtype", type=click.Choice(["auto", "fp8"]), default="auto", show_default=True,
               help="The paged K/V cache: auto = the compute dtype; fp8 = the target's e4m3 format (per-tensor "
                    "scale 1.0): half the bytes per token, twice the tokens.")
+@click.option("--tp", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Tensor-parallel ranks: shard the plan over N processes (cpu target, gloo, for now).")
+@click.option("--ep", is_flag=True, help="With --tp N: place MoE experts whole per rank instead of slicing each.")
 def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max_num_seqs, max_num_batched_tokens,
-                quiet, quantize, fp8_lm_head, pdl, tokenizer, kv_cache_dtype):
+                quiet, quantize, fp8_lm_head, pdl, tokenizer, kv_cache_dtype, tp, ep):
     """Compile MODEL (HF directory, .gguf file, ORG/NAME[@REVISION][:QUANT] from the Hugging Face cache, or
     demo:smollm2) into a plan."""
     from rdnac.compiler.pipeline import compile_model
@@ -78,7 +81,8 @@ def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max
     path = compile_model(model, target, output, dtype=dtype, max_model_len=max_model_len,
                          disable_passes=tuple(disable_passes), max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens, quiet=quiet, quantize=quantize,
-                         fp8_lm_head=fp8_lm_head, pdl=pdl, tokenizer=tokenizer, kv_cache_dtype=kv_cache_dtype)
+                         fp8_lm_head=fp8_lm_head, pdl=pdl, tokenizer=tokenizer, kv_cache_dtype=kv_cache_dtype,
+                         tp=tp, ep=ep)
     click.echo(f"wrote {path} ({time.perf_counter() - started:.1f} s)", err=True)
 
 

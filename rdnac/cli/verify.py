@@ -211,6 +211,10 @@ def verify_plan(plan_path: str | Path, model: str | Path, *, prompt: str | None 
                 token_ids: list[int] | None = None, tolerance: float | None = None,
                 interpret: bool | None = None) -> VerifyResult:
     plan = read_plan(plan_path)
+    if plan.num_ranks > 1:
+        raise RdnacError(f"{plan.path}: rdnac verify requires a plan of one rank (it compares every node's values, "
+                         f"and a rank holds a slice of them); got a --tp {plan.num_ranks} plan; verify the model's "
+                         "--tp 1 plan, whose logits a sharded plan's match (tests/test_tensor_parallel.py)")
     graph = Graph.from_dict(plan.body["graph"])
     ids = encode(plan, prompt, token_ids)
     max_len = plan.body["runtime"]["max_model_len"]

@@ -23,7 +23,7 @@ from rdnac.compiler.frontend import build_graph, read_checkpoint
 from rdnac.compiler.passes import (CompileState, Pass, dce, fp8_layout, fuse_act_quant, fuse_add_rms_norm,
                                    fuse_attention_quant, fuse_gated_linear, fuse_norm_quant, fuse_qk_norm_rope_cache,
                                    kv_cache_dtype, merge_linears, mla_forms, quantize, quantize_lm_head, quantize_mxfp4,
-                                   select_kernels)
+                                   select_kernels, shard)
 from rdnac.errors import CheckpointError, RdnacError, RdnacWarning
 from rdnac.ir.verify import verify
 from rdnac.plans import write_plan
@@ -55,6 +55,8 @@ class CompileOptions:
     pdl: bool | None = None  # programmatic dependent launch; None: where the target has it (sm90+)
     tokenizer: str | None = None  # --tokenizer: an HF directory (or model id) whose tokenizer replaces the checkpoint's
     kv_cache_dtype: str = "auto"  # "auto": the compute dtype; "fp8": the target's FP8 format (kv_cache_dtype.py)
+    tp: int = 1  # tensor-parallel ranks (passes/shard.py)
+    ep: bool = False  # with tp > 1: experts placed whole per rank instead of sliced
 
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -74,6 +76,13 @@ class CompileOptions:
         if self.kv_cache_dtype not in kv_cache_dtype.CHOICES:
             raise RdnacError(f"--kv-cache-dtype requires one of {', '.join(kv_cache_dtype.CHOICES)}; "
                              f"got {self.kv_cache_dtype!r}")
+        if isinstance(self.tp, bool) or not isinstance(self.tp, int) or not 1 <= self.tp <= 64:
+            raise RdnacError(f"--tp requires an integer number of ranks in 1..64; got {self.tp!r}")
+        if self.ep and self.tp == 1:
+            raise RdnacError("--ep requires --tp N with N > 1 (the ranks the experts are placed on); got --tp 1")
+        if self.tp > 1 and self.target != "cpu":
+            raise RdnacError(f"--tp requires --target cpu for now (gloo); got --target {self.target}; GPU "
+                             "collectives (NCCL/RCCL inside captured graphs) come later")
         if self.kv_block_size not in (8, 16, 32, 64):
             raise RdnacError(f"kv_block_size requires 8, 16, 32 or 64; got {self.kv_block_size}")
 
@@ -139,6 +148,7 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     # last: a gated_act whose FP8 quantization fused into it stays a gated_act_quant
     ("fuse_gated_linear", fuse_gated_linear.run),
     ("kv_cache_dtype", kv_cache_dtype.run),  # --kv-cache-dtype fp8: after the fusions, on the final cache users
+    ("shard", shard.run),  # --tp N: per-rank weights and collectives (after fusion: it shards the fused graph)
     ("runtime", _plan_runtime),
     ("select_kernels", select_kernels.run),
 )
@@ -210,7 +220,7 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
         "compile_options": {"dtype": dtype, "max_model_len": opts.max_model_len,
                             "disable_passes": list(opts.disable_passes), "quantize": opts.quantize,
                             "fp8_lm_head": opts.fp8_lm_head, "pdl": opts.pdl, "tokenizer": opts.tokenizer,
-                            "kv_cache_dtype": opts.kv_cache_dtype},
+                            "kv_cache_dtype": opts.kv_cache_dtype, "tp": opts.tp, "ep": opts.ep},
         "created_unix": int(time.time()),
     }
     body = {
@@ -226,7 +236,7 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
     from safetensors import SafetensorError
 
     try:
-        write_plan(out, header, body, state.weights)
+        write_plan(out, header, body, state.weights, state.rank_weights or None)
     except (OSError, SafetensorError) as e:  # a full disk, a quota, the directory gone mid-compile
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise RdnacError(f"{out}: writing the plan requires space and write access; got {reason}; free space "

@@ -46,7 +46,8 @@ once, so every kernel sees one layout. `act`:
 - "swiglu_oai" (GPT-OSS, attrs `alpha`, `limit`): gate clamped to <= limit,
   up to [-limit, limit], then gate * sigmoid(alpha * gate) * (up + 1).
 
-Experts compute in float32 and the sum is cast to x's dtype once. The
+An id of -1 (an expert placed on another rank, `rdnac.ir.collectives`)
+contributes nothing. Experts compute in float32 and the sum is cast to x's dtype once. The
 `_mxfp4` form is the same op with both expert weights in MXFP4
 (`rdnac.ir.mxfp4`): dequantized exactly, then as above.
 """
@@ -164,6 +165,8 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: 
     xf = x.float()
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     for e in ids.unique().tolist():
+        if e < 0:  # an expert another rank holds (expert parallelism: `collectives.shard_ids`)
+            continue
         assert 0 <= e < num_experts, f"expert id {e} out of range [0, {num_experts})"
         tok, slot = torch.nonzero(ids == e, as_tuple=True)
         h = xf[tok] @ w13[e].float().T

@@ -32,6 +32,7 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 | logits          | x [T, H], logits_indices [R], weight [V, H]                   | [R, V] float32 |
 | argmax          | logits [R, V]                                                 | [R] int64      |
 | split           | x [T, N] (attr sizes, summing to N)                           | len(sizes) views [T, sizes[i]] |
+| all_reduce, all_gather, shard_ids (tensor/expert parallelism): see `rdnac.ir.collectives`        |
 | moe_route, moe_experts, moe_experts_mxfp4: see `rdnac.ir.moe`                                   |
 | causal_conv1d, gated_delta_rule, gated_rms_norm, sigmoid_gate: see `rdnac.ir.linear_attention`   |
 | mla_cache_write, mla_attention (multi-head latent attention): see `rdnac.ir.mla`                |
@@ -67,6 +68,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from rdnac.ir import collectives
 from rdnac.ir import linear_attention as la
 from rdnac.ir import mla
 from rdnac.ir import moe
@@ -93,6 +95,11 @@ class OpDef:
 
 
 def embedding(token_ids: torch.Tensor, weight: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+    """weight's rows at token_ids; an id of -1 (another rank's vocabulary, `collectives.shard_ids`) gives a
+    zero row."""
+    if bool((token_ids < 0).any()):
+        out = weight[token_ids.clamp(min=0)] * (token_ids >= 0).unsqueeze(-1).to(weight.dtype)
+        return out * scale if scale != 1.0 else out
     out = weight[token_ids]  # [T, H]
     return out * scale if scale != 1.0 else out
 
@@ -418,6 +425,9 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("logits", (), (3,), _logits_infer, logits),
     OpDef("argmax", (), (1,), _argmax_infer, argmax),
     OpDef("split", ("sizes",), (1,), _split_infer, split),
+    OpDef("all_reduce", (), (1,), collectives.all_reduce_infer, collectives.all_reduce),
+    OpDef("all_gather", ("size",), (1,), collectives.all_gather_infer, collectives.all_gather),
+    OpDef("shard_ids", ("size",), (2,), collectives.shard_ids_infer, collectives.shard_ids),
     OpDef("moe_route", ("top_k", "scoring"), (1, 2), moe.moe_route_infer, moe.moe_route),
     OpDef("moe_experts", ("act",), (5, 7), moe.moe_experts_infer, moe.moe_experts),
     OpDef("moe_experts_mxfp4", ("act",), (7, 9), moe.moe_experts_infer, moe.moe_experts_mxfp4),

@@ -7,7 +7,7 @@ dims (`T`, `B`...) compare by name.
 from __future__ import annotations
 
 from rdnac.errors import GraphError
-from rdnac.ir import linear_attention, mla, moe
+from rdnac.ir import collectives, linear_attention, mla, moe
 from rdnac.ir.graph import Graph, Node, TensorSpec
 from rdnac.ir.ops import ATTENTION_OPS, KV_CACHE_INPUTS, OPS
 
@@ -44,6 +44,8 @@ def verify(graph: Graph) -> None:
             if node.op in mla.OP_NAMES:
                 mla.check(node.op, node.attrs, in_specs, lambda cond, what: cond or _fail(graph, node, what),
                           written_caches, node.inputs)
+            elif node.op in collectives.OP_NAMES:
+                collectives.check(node.op, node.attrs, in_specs, lambda cond, what: cond or _fail(graph, node, what))
             elif node.op == "moe_route":
                 moe.check_route(node.attrs, in_specs, lambda cond, what: cond or _fail(graph, node, what))
             out_specs = opdef.infer(node.attrs, in_specs)

@@ -14,6 +14,11 @@ then the body hash, then the weights size and checksums, and never executes
 anything carried in the plan (no pickle). `write_plan` publishes the plan and
 its weights together: both are written to temporary names and renamed into
 place only once both are complete.
+
+A plan sharded over N ranks (`rdnac compile --tp N`) has one weights file per
+rank, `PLAN.rank<r>.weights.safetensors`, so a rank reads only its own
+bytes; `header.mesh` = {"tp": N, "ep": bool, "ranks": [the record of each
+rank's file]} and `header.weights` is rank 0's record.
 """
 
 from __future__ import annotations
@@ -40,9 +45,11 @@ FORMAT = "rdnac-plan"
 FORMAT_VERSION = 2  # 2: the graph declares the model's state (Graph.state, ir/state.py); 1 assumed K/V caches
 
 
-def weights_path_for(plan_path: Path) -> Path:
+def weights_path_for(plan_path: Path, rank: int | None = None) -> Path:
+    """The weights sidecar of a plan, or of one rank of a sharded plan."""
     plan_path = Path(plan_path)
-    return plan_path.with_name(plan_path.name.removesuffix(".msgpack") + ".weights.safetensors")
+    tag = "" if rank is None else f".rank{rank}"
+    return plan_path.with_name(plan_path.name.removesuffix(".msgpack") + tag + ".weights.safetensors")
 
 
 @dataclass
@@ -74,17 +81,27 @@ class Plan:
     def weights_path(self) -> Path:
         return self.path.with_name(self.header["weights"]["file"])
 
-    def load_weights(self, device: str = "cpu", verify: bool = True) -> dict[str, torch.Tensor]:
+    @property
+    def num_ranks(self) -> int:
+        """The ranks the plan was sharded over (`rdnac compile --tp N`); 1 for a plan that is not."""
+        mesh = self.header.get("mesh")
+        return int(mesh["tp"]) if mesh else 1
+
+    def load_weights(self, device: str = "cpu", verify: bool = True, rank: int = 0) -> dict[str, torch.Tensor]:
         """The plan's weights, read onto `device`.
 
         Always checked: the file's size, and that its tensors are exactly the graph's weights with
         their recorded dtypes and shapes. With `verify` (the default), each tensor's bytes against the
         checksum the plan records, while they stream in (`weights_file.read_weights`); a plan without
-        per-tensor checksums is checked against the whole file's sha256 instead (a second full read)."""
-        path = self.weights_path
-        info = self.header["weights"]
+        per-tensor checksums is checked against the whole file's sha256 instead (a second full read).
+        A sharded plan's `rank` reads its own file only."""
+        assert 0 <= rank < self.num_ranks, (rank, self.num_ranks)
+        info = self.header["mesh"]["ranks"][rank] if self.num_ranks > 1 else self.header["weights"]
+        path = self.path.with_name(info["file"])
         if not path.exists():
-            raise PlanError(f"{self.path}: requires its weights file {path}; it is missing (copy it next to the plan)")
+            whose = f"rank {rank}'s weights file" if self.num_ranks > 1 else "its weights file"
+            raise PlanError(f"{self.path}: requires {whose} {path}; it is missing (copy it next to the plan, or "
+                            "recompile)")
         size = path.stat().st_size
         if size != info["size"]:
             raise PlanError(f"{path}: weights file size {size} does not match the plan's record {info['size']}; "
@@ -177,21 +194,35 @@ def _io_reason(message: str) -> str:
     return m.group(1) if m else message.splitlines()[0]
 
 
-def write_plan(path: Path, header: dict, body: dict, weights: dict[str, torch.Tensor]) -> Path:
+def write_plan(path: Path, header: dict, body: dict, weights: dict[str, torch.Tensor],
+               rank_weights: list[dict[str, torch.Tensor]] | None = None) -> Path:
     """Write the plan and its weights to temporary names beside `path`, then publish both (`_publish`).
     On any failure (a full disk, an unwritable directory) the temporaries are removed, an existing plan
-    and its weights are left as they were, and a PlanError says why."""
+    and its weights are left as they were, and a PlanError says why. `rank_weights` (a sharded plan):
+    one weights file per rank, `weights` being rank 0's; ranks 1.. are renamed into place just before
+    rank 0's and the plan (an old plan left beside new files refuses them by its checksums)."""
     path = Path(path)
-    wpath = weights_path_for(path)
-    tmp_w, tmp_p = _temp_beside(wpath), _temp_beside(path)
+    num_ranks = len(rank_weights) if rank_weights else 1
+    wpaths = [weights_path_for(path, r if rank_weights else None) for r in range(num_ranks)]
+    tmps = [_temp_beside(w) for w in wpaths]
+    tmp_w, wpath, tmp_p = tmps[0], wpaths[0], _temp_beside(path)
     try:
-        _save_weights(tmp_w, weights)
-        header = dict(header, weights={"file": wpath.name, **record_weights(tmp_w)})
+        records = []
+        for r, (tmp, final) in enumerate(zip(tmps, wpaths)):
+            _save_weights(tmp, rank_weights[r] if rank_weights else weights)
+            records.append({"file": final.name, **record_weights(tmp)})
+        header = dict(header, weights=records[0])
+        if rank_weights:
+            header["mesh"] = {"tp": num_ranks, "ep": bool(header.get("compile_options", {}).get("ep")),
+                              "ranks": records}
         body_bytes = msgpack.packb(body, use_bin_type=True)
         doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "header": header,
                "body_sha256": hashlib.sha256(body_bytes).hexdigest(), "body": body_bytes}
         _write_synced(tmp_p, msgpack.packb(doc, use_bin_type=True))
-        os.chmod(tmp_w, stat.S_IMODE(tmp_p.stat().st_mode))  # safetensors makes it 0600; the plan has the umask's
+        for tmp in tmps:  # safetensors makes it 0600; the plan has the umask's
+            os.chmod(tmp, stat.S_IMODE(tmp_p.stat().st_mode))
+        for tmp, final in zip(tmps[1:], wpaths[1:]):
+            os.replace(tmp, final)
         _publish(tmp_w, wpath, tmp_p, path)
     except (OSError, SafetensorError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else _io_reason(str(e))
@@ -199,7 +230,8 @@ def write_plan(path: Path, header: dict, body: dict, weights: dict[str, torch.Te
                         f"weights; got {reason}; nothing was written (an existing plan is unchanged); free "
                         "space or choose another -o") from None
     finally:
-        tmp_w.unlink(missing_ok=True)
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
         tmp_p.unlink(missing_ok=True)
     return path
 

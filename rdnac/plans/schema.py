@@ -118,16 +118,28 @@ def check_header(path: Path, header) -> None:
     for key in ("name", "architecture", "format", "path", "config_sha256"):
         c.str(c.field(header["model"], key, "header.model"), f"header.model.{key}")
     c.int(c.field(header, "created_unix", "header"), "header.created_unix")
-    weights = c.dict(c.field(header, "weights", "header"), "header.weights")
-    name = c.str(c.field(weights, "file", "header.weights"), "header.weights.file")
+    _check_weights_record(c, c.field(header, "weights", "header"), "header.weights")
+    if "mesh" in header:  # a sharded plan (--tp N): one weights file per rank
+        mesh = c.dict(header["mesh"], "header.mesh")
+        num_ranks = c.int(c.field(mesh, "tp", "header.mesh"), "header.mesh.tp")
+        ranks = c.field(mesh, "ranks", "header.mesh")
+        if not isinstance(ranks, list) or len(ranks) != num_ranks or num_ranks < 2:
+            c.fail("header.mesh.ranks", f"a list of {num_ranks} weights records (tp >= 2)", ranks)
+        for r, record in enumerate(ranks):
+            _check_weights_record(c, record, f"header.mesh.ranks[{r}]")
+
+
+def _check_weights_record(c, weights, where: str) -> None:
+    weights = c.dict(weights, where)
+    name = c.str(c.field(weights, "file", where), f"{where}.file")
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-        c.fail("header.weights.file", "a plain file name next to the plan (no directories)", name)
-    c.int(c.field(weights, "size", "header.weights"), "header.weights.size")
-    c.str(c.field(weights, "sha256", "header.weights"), "header.weights.sha256")
+        c.fail(f"{where}.file", "a plain file name next to the plan (no directories)", name)
+    c.int(c.field(weights, "size", where), f"{where}.size")
+    c.str(c.field(weights, "sha256", where), f"{where}.sha256")
     if "tensors" in weights:  # per-tensor checksums (weights_file.record_weights); older plans have none
-        c.str(c.field(weights, "checksum", "header.weights"), "header.weights.checksum")
-        for tensor, digest in c.dict(weights["tensors"], "header.weights.tensors").items():
-            c.str(digest, f"header.weights.tensors[{tensor!r}]")
+        c.str(c.field(weights, "checksum", where), f"{where}.checksum")
+        for tensor, digest in c.dict(weights["tensors"], f"{where}.tensors").items():
+            c.str(digest, f"{where}.tensors[{tensor!r}]")
 
 
 # ---------------------------------------------------------------- body

@@ -36,6 +36,15 @@ class LLM:
     @classmethod
     def load(cls, plan: str | Path, device: str = "cpu", *, verify_weights: bool = True, interpret: bool = False,
              enforce_eager: bool = False, launch_pdl: bool = True, **engine_options) -> LLM:
+        """A plan compiled with --tp N starts its N ranks (`runtime/distributed.py`); this process is rank 0."""
+        from rdnac.plans import read_plan
+
+        num_ranks = read_plan(plan, header_only=True).num_ranks
+        if num_ranks > 1:
+            from rdnac.runtime.distributed import start
+
+            return cls(start(plan, num_ranks, device=device, verify_weights=verify_weights, interpret=interpret),
+                       **engine_options)
         runner = ModelRunner.load(plan, device=device, verify_weights=verify_weights, interpret=interpret,
                                   enforce_eager=enforce_eager, launch_pdl=launch_pdl)
         return cls(runner, **engine_options)
@@ -87,6 +96,12 @@ class LLM:
             self.engine.abort_request(request_id)  # a consumer that stops early frees the request
             while self.engine.has_unfinished():
                 self.engine.step()
+
+    def close(self) -> None:
+        """Stop a sharded plan's other ranks (also done at exit); a no-op for a plan of one rank."""
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Float32 logits [T, V] (on the CPU) for every position of one token sequence."""

@@ -58,8 +58,9 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, plan, weights: dict[str, torch.Tensor], device: str, launcher=None,
-                 enforce_eager: bool = False, graph=None):
+                 enforce_eager: bool = False, graph=None, group=None):
         self.plan = plan
+        self.group = group  # a sharded plan's torch.distributed group (runtime/distributed.py); None: one rank
         self.device = device
         self.graph = graph if graph is not None else plan.graph()
         self.weights = weights
@@ -77,7 +78,8 @@ class ModelRunner:
 
     @classmethod
     def load(cls, plan_path: str | Path, device: str = "cpu", verify_weights: bool = True,
-             interpret: bool = False, enforce_eager: bool = False, launch_pdl: bool = True) -> ModelRunner:
+             interpret: bool = False, enforce_eager: bool = False, launch_pdl: bool = True, rank: int = 0,
+             group=None) -> ModelRunner:
         """Load a plan. A cpu-target plan runs under the reference interpreter (on cpu or cuda);
         a GPU-target plan runs its precompiled kernels on `cuda`, or with `interpret=True` its own
         kernel specializations under the Triton interpreter on the CPU. `launch_pdl=False` launches a
@@ -85,6 +87,11 @@ class ModelRunner:
         started = time.perf_counter()
         plan = read_plan(plan_path)
         graph = plan.graph()  # refuses an unknown state before any weights load
+        world = 1 if group is None else torch.distributed.get_world_size(group)
+        if plan.num_ranks != world:
+            raise RequestError(f"{plan.path}: a --tp {plan.num_ranks} plan requires {plan.num_ranks} ranks; got "
+                               f"{world}; load it with rdnac.load / rdnac run / rdnac serve (they start the ranks) "
+                               "or under torchrun --nproc-per-node " + str(plan.num_ranks))
         timings = {"plan_s": time.perf_counter() - started}
         if device not in ("cpu", "cuda"):
             raise RequestError(f"device requires cpu or cuda; got {device!r}")
@@ -118,12 +125,12 @@ class ModelRunner:
             launcher = AotLauncher.for_plan(plan.body, "cuda", launch_pdl=launch_pdl)
             timings["kernels_s"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        weights = plan.load_weights(device, verify=verify_weights)  # straight onto the device
+        weights = plan.load_weights(device, verify=verify_weights, rank=rank)  # straight onto the device
         if device == "cuda":
             torch.cuda.synchronize()
         timings["weights_s"] = time.perf_counter() - mark
         timings["weights_gb"] = sum(t.numel() * t.element_size() for t in weights.values()) / 1e9
-        runner = cls(plan, weights, device, launcher, enforce_eager=enforce_eager, graph=graph)
+        runner = cls(plan, weights, device, launcher, enforce_eager=enforce_eager, graph=graph, group=group)
         runner.load_timings = timings
         return runner
 
@@ -241,7 +248,7 @@ class ModelRunner:
             inputs["state_slots"] = _host_ints([e.state_slot for e in entries], "q").to(dev)
         with torch.inference_mode():
             if self._executor is None:
-                logits = interpreter.run(self.graph, self.weights, inputs)["logits"]
+                logits = interpreter.run(self.graph, self.weights, inputs, group=self.group)["logits"]
             else:
                 meta = StepMeta("decode" if is_decode else "prefill", len(tokens),
                                 max(e.end - e.start for e in entries))

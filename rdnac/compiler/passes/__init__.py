@@ -34,6 +34,7 @@ class CompileState:
     program: dict = field(default_factory=dict)  # node -> step key -> {"kernel", "config"}: select_kernels
     binaries: list = field(default_factory=list)  # KernelBinary per specialization: select_kernels
     kv_scales: dict = field(default_factory=dict)  # layer -> (k_scale, v_scale) a checkpoint carries (kv_cache_dtype)
+    rank_weights: list = field(default_factory=list)  # --tp N: each rank's weights (rank 0's is `weights`): shard
 
     def __post_init__(self) -> None:
         self.target = get_target(self.target)

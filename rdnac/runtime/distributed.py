@@ -1,0 +1,251 @@
+"""Tensor-parallel plans at run time: one process per rank over torch.distributed (gloo on cpu).
+
+A plan compiled with `--tp N` (`rdnac.compiler.passes.shard`) is one graph
+every rank runs with its own weights file; the graph's collectives
+(`rdnac.ir.collectives`) meet across the ranks. Rank 0 owns the one
+`LLMEngine` (scheduler, block manager, sampler, detokenizer) over a
+`TPRunner`: before each model call (allocate the state, execute a step) it
+broadcasts the call to the other ranks, whose `serve_rank` loop runs the same
+call on their weights. Logits are all-gathered, so rank 0 samples alone.
+
+`start(plan)` (what `rdnac.load`, `rdnac run` and `rdnac serve` call for a
+sharded plan) either joins a group torchrun set up (`WORLD_SIZE`, `RANK`,
+`MASTER_ADDR`/`MASTER_PORT` in the environment; ranks other than 0 serve and
+then exit the process) or starts ranks 1..N-1 itself, the caller being rank
+0: fresh interpreters (`python -m rdnac.runtime.distributed`), as
+torch.multiprocessing's spawn would, but without re-importing the caller's
+`__main__`, so a script without a main guard, `python -c` or a notebook can
+load a sharded plan too. Collectives time out after
+`RDNAC_TP_TIMEOUT` seconds (default 300); a rank that dies or leaves makes the
+others fail at their next collective with one line naming it, instead of
+hanging. Commands wait on a second group without that limit, so an idle
+server's ranks do not time out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import socket
+import subprocess
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from rdnac.errors import PlanError, RdnacError
+from rdnac.runtime.model_runner import ModelRunner, StepEntry, StepOutput
+from rdnac.runtime.sampling import SamplingBatch
+
+_IDLE = timedelta(days=365)  # how long a rank waits for the next command (an idle server)
+
+
+def _timeout() -> timedelta:
+    raw = os.environ.get("RDNAC_TP_TIMEOUT", "300")
+    try:
+        return timedelta(seconds=float(raw))
+    except ValueError:
+        raise RdnacError(f"RDNAC_TP_TIMEOUT requires a number of seconds; got {raw!r}") from None
+
+
+class TPRunner(ModelRunner):
+    """Rank 0's runner of a sharded plan: every model call is broadcast to the other ranks first."""
+
+    group = None  # the collectives' group (set by `start`)
+    commands = None  # the group commands travel on
+    processes: list = []  # the ranks this process spawned (empty under torchrun)
+
+    def _send(self, command: tuple) -> None:
+        try:
+            dist.broadcast_object_list([command], src=0, group=self.commands)
+        except RuntimeError as e:
+            raise self._group_down(e) from None
+
+    def _group_down(self, e: Exception) -> RdnacError:
+        dead = [f"rank {r} (exit code {p.poll()})" for r, p in enumerate(self.processes, 1)
+                if p.poll() is not None]
+        who = ", ".join(dead) if dead else "a rank"
+        return RdnacError(f"tensor-parallel group of {self.plan.num_ranks} ranks is down: {who} stopped "
+                          f"({_reason(e)}); restart rdnac")
+
+    def allocate_state(self, num_blocks: int, num_slots: int, max_num_seqs: int | None = None):
+        self._send(("allocate", num_blocks, num_slots, max_num_seqs))
+        return super().allocate_state(num_blocks, num_slots, max_num_seqs)
+
+    def execute(self, entries: list[StepEntry], sampling: SamplingBatch | None = None,
+                logits_all: bool = False) -> StepOutput:
+        self._send(("execute", entries, logits_all))
+        try:
+            return super().execute(entries, sampling, logits_all)
+        except RuntimeError as e:  # a collective failed: a rank died, or timed out
+            raise self._group_down(e) from None
+
+    def close(self) -> None:
+        """Stop the other ranks and leave the group (at exit, or when the LLM is done)."""
+        if self.commands is None:
+            return
+        try:
+            self._send(("stop",))
+        except RdnacError:
+            pass  # the group is down already: its ranks have stopped on their own
+        _reap(self.processes)
+        dist.destroy_process_group()
+        self.commands = self.group = None
+
+
+def _reason(e: Exception) -> str:
+    """gloo's "[.../pair.cc:553] Connection closed by peer [127.0.0.1]:1190. This is typically..." -> its
+    first sentence."""
+    return str(e).splitlines()[0].split("] ", 1)[-1].split(". ")[0][:160]
+
+
+def _reap(processes: list) -> None:
+    for p in processes:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def serve_rank(runner: ModelRunner, commands) -> None:
+    """Ranks 1..N-1: run rank 0's model calls until it says stop."""
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=commands)
+        command = box[0]
+        if command[0] == "stop":
+            return
+        if command[0] == "allocate":
+            runner.allocate_state(*command[1:])
+        else:
+            entries, logits_all = command[1:]
+            runner.execute(entries, None, logits_all)
+
+
+def _check_rank_files(plan_path, num_ranks: int) -> None:
+    from rdnac.plans import read_plan
+
+    plan = read_plan(plan_path, header_only=True)
+    for r, record in enumerate(plan.header["mesh"]["ranks"]):
+        path = plan.path.with_name(record["file"])
+        if not path.exists():
+            raise PlanError(f"{plan.path}: requires rank {r}'s weights file {path} (a --tp {num_ranks} plan has "
+                            "one per rank); it is missing; copy it next to the plan, or recompile")
+
+
+def _load(plan_path, rank: int, group, options: dict, cls=ModelRunner) -> ModelRunner:
+    return cls.load(plan_path, rank=rank, group=group, **options)
+
+
+def _handshake(rank: int, error: str | None, num_ranks: int) -> None:
+    """Every rank says whether it loaded; any failure is raised on every rank, naming the rank."""
+    statuses: list = [None] * num_ranks
+    dist.all_gather_object(statuses, error)
+    bad = [(r, s) for r, s in enumerate(statuses) if s]
+    if bad:
+        r, message = bad[0]
+        raise RdnacError(message if r == rank else f"rank {r} failed to load: {message}")
+
+
+def _rank_main(rank: int, num_ranks: int, init_method: str, plan_path: str, options: dict) -> None:
+    """A started rank (1..N-1): join, load its weights, serve rank 0's calls, leave."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_ranks))
+    try:
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=num_ranks,
+                                timeout=_timeout())
+        commands = dist.new_group(backend="gloo", timeout=_IDLE)
+        runner, error = None, None
+        try:
+            runner = _load(plan_path, rank, dist.group.WORLD, options)
+        except RdnacError as e:
+            error = str(e)
+        _handshake(rank, error, num_ranks)
+        serve_rank(runner, commands)
+        dist.destroy_process_group()
+    except RdnacError:
+        sys.exit(1)  # rank 0 says why
+    except RuntimeError as e:  # rank 0 left or died: the group is gone
+        print(f"rdnac: rank {rank}: the tensor-parallel group is down ({_reason(e)}); "
+              "stopping", file=sys.stderr)
+        sys.exit(1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(plan_path, num_ranks: int, **options) -> TPRunner:
+    """Rank 0's runner of a `num_ranks` plan, the other ranks started (or joined, under torchrun)."""
+    if (options.get("device") or "cpu") != "cpu" or options.get("interpret"):
+        raise RdnacError(f"a --tp {num_ranks} plan runs on the cpu device (gloo) for now; got device "
+                         f"{options.get('device')!r}{' with --interpret' if options.get('interpret') else ''}")
+    options = {"device": "cpu", "verify_weights": options.get("verify_weights", True)}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    processes = []
+    if dist.is_initialized() or world > 1:  # torchrun (or a caller that set the group up)
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=_timeout())
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world != num_ranks:
+            raise RdnacError(f"{plan_path}: a --tp {num_ranks} plan requires {num_ranks} ranks; got {world} "
+                             f"(torchrun --nproc-per-node {world}); start it with --nproc-per-node {num_ranks}, "
+                             "or without torchrun (rdnac starts the ranks itself)")
+        commands = dist.new_group(backend="gloo", timeout=_IDLE)
+        if rank != 0:  # torchrun's other ranks: serve rank 0, then end the process as the launcher expects
+            error, runner = None, None
+            try:
+                runner = _load(plan_path, rank, dist.group.WORLD, options)
+            except RdnacError as e:
+                error = str(e)
+            _handshake(rank, error, num_ranks)
+            serve_rank(runner, commands)
+            dist.destroy_process_group()
+            raise SystemExit(0)
+    else:
+        _check_rank_files(plan_path, num_ranks)
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        verify = [] if options["verify_weights"] else ["--no-verify-weights"]
+        for rank in range(1, num_ranks):
+            processes.append(subprocess.Popen([sys.executable, "-m", "rdnac.runtime.distributed", str(plan_path),
+                                               "--rank", str(rank), "--num-ranks", str(num_ranks),
+                                               "--init-method", init_method, *verify]))
+        try:
+            dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=num_ranks,
+                                    timeout=_timeout())
+            commands = dist.new_group(backend="gloo", timeout=_IDLE)
+        except RuntimeError as e:  # the ranks never met (a port taken meanwhile, a rank that failed to start)
+            for p in processes:
+                p.kill()
+            _reap(processes)
+            raise RdnacError(f"{plan_path}: starting {num_ranks} ranks requires them to join over gloo on "
+                             f"{init_method}; got {_reason(e)}; retry, or run under torchrun") from None
+    runner, error = None, None
+    try:
+        runner = _load(plan_path, 0, dist.group.WORLD, options, TPRunner)
+    except RdnacError as e:
+        error = str(e)
+    try:
+        _handshake(0, error, num_ranks)
+    except RdnacError:
+        _reap(processes)
+        dist.destroy_process_group()
+        raise
+    runner.group, runner.commands, runner.processes = dist.group.WORLD, commands, processes
+    atexit.register(runner.close)
+    return runner
+
+
+if __name__ == "__main__":  # a rank rank 0 started (`start`)
+    parser = argparse.ArgumentParser(description="one rank of a tensor-parallel rdnac plan (started by rank 0)")
+    parser.add_argument("plan")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--num-ranks", type=int, required=True)
+    parser.add_argument("--init-method", required=True)
+    parser.add_argument("--no-verify-weights", action="store_true")
+    a = parser.parse_args()
+    _rank_main(a.rank, a.num_ranks, a.init_method, a.plan, {"device": "cpu", "verify_weights": not a.no_verify_weights})
