@@ -71,9 +71,15 @@ def test_compiled_plan_allocates_exactly_its_declared_state(plan):
 
 def test_allocation_and_budget_follow_a_different_declared_state(plan, tmp_path):
     def edit(graph):
-        graph["state"][1]["dtype"] = "bfloat16"  # v_cache.0: another dtype than the model's
-        graph["state"][2]["shape"] = [4, 3, 2]  # k_cache.1: another shape
-        graph["state"] += EXTRA_STATE
+        # states beside the model's K/V caches, each with the graph input it feeds (a plan whose state and
+        # inputs disagree, or whose nodes read a cache of a dtype they cannot, is refused at load): a paged
+        # state of another dtype and shape than the model's, and the per-sequence states of a hybrid model
+        extra = [{"name": "latent.1", "kind": "paged_latent", "layer": 1, "dtype": "bfloat16", "shape": [4, 3, 2]},
+                 *EXTRA_STATE]
+        graph["state"] += extra
+        for spec in extra:
+            prefix = ["NB", "BS"] if spec["kind"].startswith("paged") else ["NS"]
+            graph["inputs"][spec["name"]] = {"dtype": spec["dtype"], "shape": [*prefix, *spec["shape"]]}
 
     edited = _edited(plan, tmp_path, edit)
     runner = ModelRunner.load(edited)
@@ -86,7 +92,7 @@ def test_allocation_and_budget_follow_a_different_declared_state(plan, tmp_path)
         assert t.shape == _expected_shape(spec, 5, runner.block_size, 2), spec
         assert t.dtype == getattr(torch, spec["dtype"]), spec
     itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}
-    paged = sum(math.prod(s["shape"]) * itemsize[s["dtype"]] for s in specs if s["kind"] == "paged_kv")
+    paged = sum(math.prod(s["shape"]) * itemsize[s["dtype"]] for s in specs if s["kind"].startswith("paged"))
     assert runner.bytes_per_block == runner.block_size * paged
     assert runner.bytes_per_sequence == 3 * 5 * 2 + 7 * 4
 
