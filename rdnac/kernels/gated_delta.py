@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
+from rdnac.kernels.launch import Launcher, aligned, cdiv, next_power_of_2
 
 _SUM = tl.standard._sum_combine  # tl.sum / tl.cumsum are jit functions; see rms_norm.py
 
@@ -254,6 +254,7 @@ def gated_delta_rule_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     [NS, Hv, Dk, Dv] float32 (written in place) -> [T, Hv*Dv] in q's dtype. `max_query_len` (host int)
     bounds the longest chunk."""
     _check(q, k, v, a, b, state, num_k_heads, num_v_heads, k_head_dim, v_head_dim)
+    a, b = aligned(a), aligned(b)  # [T, Hv] columns of a merged projection: small, maybe at an odd offset
     num_tokens, num_seqs = q.shape[0], state_slots.shape[0]
     out = torch.empty(num_tokens, num_v_heads * v_head_dim, dtype=q.dtype, device=q.device)  # [T, Hv*Dv]
     if num_tokens == 0 or num_seqs == 0:
@@ -284,6 +285,7 @@ def gated_delta_rule_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a
                             chunk_size: int = 64, config: dict, launcher: Launcher) -> torch.Tensor:
     """One token per sequence (T == B, row b is sequence b; cu_seqlens_q is not read): the recurrent form."""
     _check(q, k, v, a, b, state, num_k_heads, num_v_heads, k_head_dim, v_head_dim)
+    a, b = aligned(a), aligned(b)  # [T, Hv] columns of a merged projection: small, maybe at an odd offset
     num_tokens = q.shape[0]
     out = torch.empty(num_tokens, num_v_heads * v_head_dim, dtype=q.dtype, device=q.device)  # [B, Hv*Dv]
     if num_tokens == 0:

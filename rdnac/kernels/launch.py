@@ -194,6 +194,14 @@ def decode_constexpr(value: Any) -> Any:
     return value
 
 
+def aligned(t: "torch.Tensor") -> "torch.Tensor":
+    """`t`, or a fresh copy when its first element is not 16-byte aligned in its allocation (a column view
+    that a split cut at an odd offset, e.g. the small gate projections of a merged linear). AOT binaries
+    assume every pointer aligned (rdnac.plans.binaries); the offset is a model constant, so the compiler's
+    recording and every run take the same branch."""
+    return t.contiguous() if (t.storage_offset() * t.element_size()) % 16 else t
+
+
 def divisible_args(kernel: triton.JITFunction, args: tuple[Any, ...]) -> tuple[str, ...]:
     """Which of the kernel's shape ints are divisible by 16 in this launch.
 
