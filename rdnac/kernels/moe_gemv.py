@@ -31,9 +31,9 @@ AOT_DIVISIBLE = {"_moe_gemv_mxfp4_kernel": ("N", "K", "stride_am", "stride_we", 
                                             "stride_sn", "stride_be", "stride_om"),
                  "_mxfp4_dequant_kernel": ("K",)}
 _SUM = tl.standard._sum_combine  # tl.sum is a jit function the interpreter path cannot call
-SIGN: tl.constexpr = -2147483648  # int32 0x80000000
-MAG_BITS: tl.constexpr = 0x01C00000  # float32 bits 22..24: the two low exponent bits and the first mantissa bit
-TWO_POW_126: tl.constexpr = 8.507059173023462e37
+SIGN = tl.constexpr(-2147483648)  # int32 0x80000000
+MAG_BITS = tl.constexpr(0x01C00000)  # float32 bits 22..24: the two low exponent bits and the first mantissa bit
+TWO_POW_126 = tl.constexpr(8.507059173023462e37)
 DEQUANT_BLOCK_R = 16  # rows x
 DEQUANT_BLOCK_K = 256  # elements per program of the prefill dequantization
 
