@@ -462,7 +462,7 @@ def test_family_cross_compiles_for_target(target):
         problem = _problem(T, E, H, I, k)
         for fmt in ("dense", "mxfp4"):  # MXFP4's defaults: the GEMV at decode, DEQUANT + dense GEMM at prefill
             calls += _record(T, E, H, I, k, fmt, experts_default_config({**problem, "weight_format": fmt}), pdl=pdl)
-    calls += _record(1, E, H, I, k, "mxfp4", _config(16, 32, 64), pdl=pdl)  # the W4A16 GEMM
+    calls += _record(1, E, H, I, k, "mxfp4", _config(16, 64, 64), pdl=pdl)  # the W4A16 GEMM (the former default)
     assert all(c.constexprs["PDL"] == pdl for c in calls)
     binaries = compile_calls(calls, target, quiet=True)
     assert {b.kernel.split(":")[1] for b in binaries} == {

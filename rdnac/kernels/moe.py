@@ -17,8 +17,11 @@ shapes alone (no host sync, so every decode bucket captures into a CUDA graph):
 
 The top-k sum is a separate reduce rather than atomics in the down GEMM's epilogue: float atomics
 add in arrival order, and graph replay and eager must give the same tokens. Dense weights are
-x's dtype; MXFP4 experts stay 4-bit in memory and are decoded in the GEMM's inner loop (W4A16) on
-every target (`moe_gemm.py`; each MoE node's kernel-selection entry in the decision log says why).
+x's dtype; MXFP4 experts stay 4-bit in memory and take one of three paths by config, ranked by the
+cost model per phase and logged with each MoE node's kernel selection: decoded in the grouped GEMM's
+inner loop (W4A16, `moe_gemm.py`), a grouped GEMV that decodes by bit shifts (GEMV, decode sizes)
+or decoded once per step into a scratch for the dense GEMM (DEQUANT, two launches more; prefill),
+both in `moe_gemv.py`.
 Configs and their LDS estimate: `moe_configs.py`; cost model: `rdnac.compiler.cost_model._estimate_moe`.
 """
 
