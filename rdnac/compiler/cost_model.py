@@ -293,7 +293,8 @@ def _estimate_moe(problem: dict, config: dict, target) -> Estimate:
                            // config["num_warps"]))
     resident = min(tiles, num_cu * occupancy)
     stored_bytes = 0.5 if is_mxfp4 and not is_dequant else elt  # per weight element as the GEMM loads it
-    in_flight = config["num_stages"] * (block_m * block_k * elt + 2 * block_k * block_n * stored_bytes)
+    rows = min(block_m, math.ceil(T * k / active))  # padding rows load nothing
+    in_flight = config["num_stages"] * (rows * block_k * elt + 2 * block_k * block_n * stored_bytes)
     bw_fraction = (min(1.0, resident * in_flight / (target.hbm_gbps * 1e3 * DRAM_LATENCY_US))
                    * _row_segment_efficiency(block_k * stored_bytes))
     mem_us = bytes_moved / (target.hbm_gbps * 1e3 * bw_fraction)
