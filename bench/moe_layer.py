@@ -3,7 +3,7 @@
     python bench/moe_layer.py --shapes gpt-oss-20b qwen3-30b-a3b --tokens 1 16 64 2048
 
 Per model shape, weight format and token count: the configs of the family's space that the cost model
-finds fit sm90 (its best `--max-configs`, default 8: MXFP4 decode GEMV and W4A16 tiles, MXFP4 prefill
+finds fit sm90 (its best `--max-configs`, default 6: MXFP4 decode GEMV and W4A16 tiles, MXFP4 prefill
 DEQUANT and W4A16 tiles), captured 20 times in a CUDA graph (launch overhead is the GPU's), with the
 bytes the step actually reads (the routed experts' weights, counted from the ids, plus activations) as
 GB/s and as % of a measured device copy; the cost model's pick is marked. One JSON line per measurement,
@@ -64,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 16, 64, 2048])
-    parser.add_argument("--max-configs", type=int, default=8, help="the cost model's best N feasible configs")
+    parser.add_argument("--max-configs", type=int, default=6, help="the cost model's best N feasible configs")
     args = parser.parse_args()
     results: dict[tuple, list[dict]] = {}
     launcher, target = JitLauncher(), get_target("sm90")
