@@ -281,7 +281,8 @@ def test_gemv_nibble_decoding_is_bit_exact_for_every_code_and_scale():
     products) against the reference codec for every code at every nibble position and every scale byte
     but NaN's 255: the e2m1 subnormal 0.5, the signed zero and the float32 subnormal scale 2**-127."""
     codes = torch.arange(16, dtype=torch.int64)
-    words = torch.stack([(codes.roll(j)[:8] << (4 * torch.arange(8))).sum() for j in range(16)])  # every code, every nibble
+    # [16] words: every code at every nibble position
+    words = torch.stack([(codes.roll(j)[:8] << (4 * torch.arange(8))).sum() for j in range(16)])
     words = words.repeat(255)  # [16 * 255], each word under each scale byte
     scales = torch.arange(255, dtype=torch.uint8).repeat_interleave(16)
     n = triton.next_power_of_2(words.numel())
@@ -564,7 +565,8 @@ def test_kernel_selection_of_a_moe_graph(target, weight_format):
     render_moe(console, [entry])
     text = console.export_text()
     block_m = entry["decode"]["config"]["constexprs"]["BLOCK_M"]
-    assert "4 of 16" in text and "MB" in text and f"BLOCK_M={block_m}" in text and (block_m <= 8 if is_gemv else block_m == 16)
+    assert "4 of 16" in text and "MB" in text and f"BLOCK_M={block_m}" in text
+    assert block_m <= 8 if is_gemv else block_m == 16
 
 
 @triton.jit
