@@ -25,6 +25,7 @@ from rdnac.kernels import moe, moe_route
 from rdnac.kernels.launch import InterpretLauncher, JitLauncher
 from rdnac.kernels.moe_configs import experts_config_space, experts_default_config, lds_bytes
 from rdnac.kernels.moe_gemm import e2m1_to_float, e8m0_to_float
+from rdnac.kernels.moe_gemv import TWO_POW_126, _nibble
 from rdnac.targets import get_target
 
 INTERPRET = InterpretLauncher()
@@ -260,6 +261,107 @@ def test_a_wrong_scale_byte_changes_the_output():
     _assert_close(out, expected, torch.float32, "mxfp4 with one scale raised")
 
 
+def _gemv(block_m, block_n, block_k, num_warps=4):
+    return {"constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GEMV": True},
+            "num_warps": num_warps, "num_stages": 1}
+
+
+@triton.jit
+def _nibble_kernel(words_ptr, scales_ptr, out_ptr, N: tl.constexpr):
+    # words [N] int32, scales [N] (one byte per word) -> out [N, 8]: the 8 codes of each word, scaled
+    offs = tl.arange(0, N)
+    words = tl.load(words_ptr + offs)
+    scale = e8m0_to_float(tl.load(scales_ptr + offs).to(tl.int32))
+    for j in tl.static_range(8):
+        tl.store(out_ptr + offs * 8 + j, _nibble(words, j) * TWO_POW_126 * scale)
+
+
+def test_gemv_nibble_decoding_is_bit_exact_for_every_code_and_scale():
+    """The GEMV's decode (8 codes of an int32 word shifted into float32 bits, then two power-of-two
+    products) against the reference codec for every code at every nibble position and every scale byte
+    but NaN's 255: the e2m1 subnormal 0.5, the signed zero and the float32 subnormal scale 2**-127."""
+    codes = torch.arange(16, dtype=torch.int64)
+    # [16] words: every code at every nibble position
+    words = torch.stack([(codes.roll(j)[:8] << (4 * torch.arange(8))).sum() for j in range(16)])
+    words = words.repeat(255)  # [16 * 255], each word under each scale byte
+    scales = torch.arange(255, dtype=torch.uint8).repeat_interleave(16)
+    n = triton.next_power_of_2(words.numel())
+    as_i32 = torch.zeros(n, dtype=torch.int64)
+    as_i32[:words.numel()] = words
+    as_i32 = torch.where(as_i32 >= 2 ** 31, as_i32 - 2 ** 32, as_i32).to(torch.int32)
+    out = torch.zeros(n * 8, dtype=torch.float32)
+    pad = torch.cat([scales, torch.zeros(n - scales.numel(), dtype=torch.uint8)])
+    INTERPRET.launch(_nibble_kernel, (1,), (as_i32, pad, out), constexprs=dict(N=n))
+    # the reference: the word's 4 bytes (low nibble first) as 8 elements of a block with the word's scale
+    packed = as_i32[:words.numel()].view(torch.uint8).reshape(-1, 4)  # little-endian bytes
+    blocks = torch.cat([packed, torch.zeros(packed.shape[0], 12, dtype=torch.uint8)], 1)  # [W, 16] = 32 elements
+    expected = mxfp4.dequantize(blocks, scales[:, None].contiguous())[:, :8]
+    got = out[:words.numel() * 8].reshape(-1, 8)
+    assert torch.equal(got, expected) and torch.equal(torch.signbit(got), torch.signbit(expected))
+
+
+@pytest.mark.parametrize("act,has_bias", [("swiglu_oai", True), ("silu", False)])
+def test_experts_mxfp4_gemv_float32(act, has_bias):
+    """The decode GEMV (moe_gemv.py) against the reference, with scales spread around 127 and an odd I
+    (masked columns and a K tail inside a step)."""
+    _check_experts(T=3, E=8, H=96, I=64, k=2, act=act, dtype=torch.float32, has_bias=has_bias,
+                   config=_gemv(2, 16, 64), mxfp4_weights=True)
+    _check_experts(T=1, E=16, H=64, I=96, k=4, act=act, dtype=torch.float32, has_bias=has_bias,
+                   config=_gemv(1, 32, 128), mxfp4_weights=True)
+
+
+def test_experts_mxfp4_every_decode_candidate_bfloat16():
+    """Every MXFP4 decode candidate (GEMV tiles first, then W4A16), several rows per expert at T=9."""
+    T, E, H, I, k = 9, 8, 128, 64, 4
+    space = experts_config_space(_problem(T, E, H, I, k, weight_format="mxfp4"))
+    assert space[0]["constexprs"].get("GEMV") and any("GEMV" not in c["constexprs"] for c in space)
+    for config in space:
+        if config["constexprs"].get("GEMV"):
+            _check_experts(T, E, H, I, k, "swiglu_oai", torch.bfloat16, True, config, mxfp4_weights=True)
+
+
+def test_experts_mxfp4_dequantized_once_for_prefill():
+    """DEQUANT: each projection's experts decoded into one scratch of x's dtype, then the dense GEMM."""
+    for dtype in (torch.float32, torch.bfloat16):
+        config = {**_config(16, 32, 32), "constexprs": {**_config(16, 32, 32)["constexprs"], "DEQUANT": True}}
+        _check_experts(T=11, E=8, H=96, I=64, k=2, act="swiglu_oai", dtype=dtype, has_bias=True, config=config,
+                       mxfp4_weights=True)
+
+
+@pytest.mark.parametrize("config", [_gemv(1, 16, 64), {"constexprs": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32,
+                                                                      "DEQUANT": True}, "num_warps": 4,
+                                                       "num_stages": 2}], ids=["gemv", "dequant"])
+def test_a_wrong_scale_byte_changes_the_output_of_every_mxfp4_path(config):
+    T, E, H, I, k = 3, 8, 64, 32, 2
+    w13, w2, _, _ = _experts(E, H, I, 0)
+    weights, ids = _routing(T, E, k, 0)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(1))
+    q13, q2 = list(mxfp4.quantize(w13)), list(mxfp4.quantize(w2))
+    q13[1] = q13[1].clone()
+    q13[1][int(ids[1, 1]), :, 1] += 1
+    out = moe.moe_experts_mxfp4(x, weights, ids, *q13, *q2, act="silu", config=config, launcher=INTERPRET)
+    expected = ref.moe_experts_mxfp4(x, weights, ids, *q13, *q2, act="silu")
+    before = ref.moe_experts_mxfp4(x, weights, ids, *mxfp4.quantize(w13), *q2, act="silu")
+    assert (expected - before).abs().max() > 1e-3
+    _assert_close(out, expected, torch.float32, f"mxfp4 {config} with one scale raised")
+
+
+def test_mxfp4_paths_per_phase_and_the_dense_decode_pick_on_sm90():
+    """Ranked for sm90 at GPT-OSS-20B's shape: MXFP4 decode takes a GEMV tile, prefill the dequantized
+    experts; dense decode takes 16x64x128 with 3 stages, the H100's measured best for both model shapes
+    (bench/results/2026-12-07-h100-s16: 80.5 us against the former pick's 113.5 at GPT-OSS-20B batch 1)."""
+    sm90 = get_target("sm90")
+    for T, flag in ((1, "GEMV"), (16, "GEMV"), (2048, "DEQUANT")):
+        problem = _problem(T, 32, 2880, 2880, 4, weight_format="mxfp4", act="swiglu_oai")
+        (best, est), *_ = cost_model.rank("moe", problem, experts_config_space(problem), sm90)
+        assert best["constexprs"].get(flag), (T, best, est.reason)
+    for shape in ((32, 2880, 2880, 4), (128, 2048, 768, 8)):
+        for T in (1, 16, 64):
+            problem = _problem(T, shape[0], shape[1], shape[2], shape[3])
+            (best, _), *_ = cost_model.rank("moe", problem, experts_config_space(problem), sm90)
+            assert best == _config(16, 64, 128, 4, 3), (shape, T, best)
+
+
 # ---------------------------------------------------------------- shapes only
 
 
@@ -356,15 +458,18 @@ def test_family_cross_compiles_for_target(target):
 
     E, H, I, k = 16, 512, 256, 4
     calls = []
+    pdl = get_target(target).has_pdl
     for T in (1, 512):
         problem = _problem(T, E, H, I, k)
-        for fmt in ("dense", "mxfp4"):
-            calls += _record(T, E, H, I, k, fmt, experts_default_config({**problem, "weight_format": fmt}),
-                             pdl=get_target(target).has_pdl)
-    assert all(c.constexprs["PDL"] == get_target(target).has_pdl for c in calls)
+        for fmt in ("dense", "mxfp4"):  # MXFP4's defaults: the GEMV at decode, DEQUANT + dense GEMM at prefill
+            calls += _record(T, E, H, I, k, fmt, experts_default_config({**problem, "weight_format": fmt}), pdl=pdl)
+    calls += _record(1, E, H, I, k, "mxfp4", _config(16, 64, 64), pdl=pdl)  # the W4A16 GEMM (the former default)
+    assert all(c.constexprs["PDL"] == pdl for c in calls)
     binaries = compile_calls(calls, target, quiet=True)
-    assert {b.kernel.split(":")[1] for b in binaries} == {"_moe_route_kernel", "_moe_count_kernel",
-                                                          "_moe_align_kernel", "_moe_gemm_kernel", "_moe_sum_kernel"}
+    assert {b.kernel.split(":")[1] for b in binaries} == {
+        "_moe_route_kernel", "_moe_count_kernel", "_moe_align_kernel", "_moe_gemm_kernel", "_moe_sum_kernel",
+        "_moe_gemv_mxfp4_kernel", "_mxfp4_dequant_kernel"}
+    assert any(b.call.constexprs.get("MXFP4") for b in binaries)
     for b in binaries:
         assert check_resources(b, target) == [], b.key
         if b.kernel.endswith("_moe_gemm_kernel"):
@@ -436,8 +541,12 @@ def test_kernel_selection_of_a_moe_graph(target, weight_format):
     assert all("experts active" in d["reason"] for d in chosen), chosen
     decode = next(d for d in chosen if "decode T<=1" in d["action"])
     assert "4.0 of 16 experts active" in decode["reason"]
-    if weight_format == "mxfp4":
-        assert "W4A16" in decode["reason"]
+    is_gemv = "GEMV=True" in decode["action"]  # at these tiny sizes launches dominate: either MXFP4 decode path
+    if weight_format == "mxfp4":  # each pick names its path; the experts dequantized once where that pays
+        assert ("MXFP4 GEMV" if is_gemv else "W4A16") in decode["reason"], decode
+        assert any("GEMV=True" in d["action"] and "MXFP4 GEMV" in d["reason"] for d in chosen), chosen
+        dequant = [d for d in chosen if "DEQUANT=True" in d["action"]]  # above decode sizes, where it pays
+        assert dequant and all("MXFP4 dequantized once per step" in d["reason"] for d in dequant), chosen
     # what `rdnac inspect` shows per MoE node: tile, the GEMMs' resources, bytes per token at batch 1
     from rich.console import Console
 
@@ -449,12 +558,15 @@ def test_kernel_selection_of_a_moe_graph(target, weight_format):
     assert (entry["num_experts"], entry["top_k"], entry["active_expert_bytes"]) == (16, 4, 4 * per_expert)
     assert entry["decode"]["config"] == state.program["experts"]["decode:1"]["config"]
     assert set(entry["decode"]["gemms"]) == {"gate_up", "down"}
-    assert all(g["matrix_instructions"] and g["shared_bytes"] <= get_target(target).lds_bytes
+    assert entry["decode"]["config"]["constexprs"].get("GEMV", False) == is_gemv
+    assert all(bool(g["matrix_instructions"]) != is_gemv and g["shared_bytes"] <= get_target(target).lds_bytes
                for g in entry["decode"]["gemms"].values())
     console = Console(record=True, width=200)
     render_moe(console, [entry])
     text = console.export_text()
-    assert "4 of 16" in text and "MB" in text and "BLOCK_M=16" in text
+    block_m = entry["decode"]["config"]["constexprs"]["BLOCK_M"]
+    assert "4 of 16" in text and "MB" in text and f"BLOCK_M={block_m}" in text
+    assert block_m <= 8 if is_gemv else block_m == 16
 
 
 @triton.jit

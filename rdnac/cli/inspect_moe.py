@@ -47,12 +47,17 @@ def _decode_gemms(node, cfg: dict, kernels) -> dict:
     """The two grouped GEMM binaries (gate/up, down) of the node's decode tile: their LDS, VGPRs, spills
     and matrix instructions."""
     is_mxfp4 = node.op == "moe_experts_mxfp4"
-    want = {**cfg["constexprs"], "MXFP4": is_mxfp4, "ACT": node.attrs["act"],
+    c = cfg["constexprs"]
+    is_gemv = is_mxfp4 and c.get("GEMV", False)  # moe_gemv._moe_gemv_mxfp4_kernel: no MXFP4 flag, no matrix
+    want = {**{k: v for k, v in c.items() if k not in ("GEMV", "DEQUANT")}, "ACT": node.attrs["act"],
             "HAS_BIAS": len(node.inputs) == (9 if is_mxfp4 else 7)}
+    if not is_gemv:
+        want["MXFP4"] = is_mxfp4 and not c.get("DEQUANT", False)
+    suffix = ":_moe_gemv_mxfp4_kernel" if is_gemv else ":_moe_gemm_kernel"
     gemms = {}
     for kb in kernels:
         call = kb["call"]
-        if (kb["kernel"].endswith(":_moe_gemm_kernel") and call["num_warps"] == cfg["num_warps"]
+        if (kb["kernel"].endswith(suffix) and call["num_warps"] == cfg["num_warps"]
                 and call["num_stages"] == cfg["num_stages"]
                 and all(call["constexprs"].get(c) == v for c, v in want.items())):
             r = kb["resources"]

@@ -212,10 +212,32 @@ def _estimate_gemm_gated(problem: dict, config: dict, target) -> Estimate:
 
 MXFP4_PATH_NOTE = ("MXFP4 as W4A16: blocks and e8m0 scales read as stored (no re-layout) and decoded in the "
                    "GEMM's inner loop to bf16 matrix instructions")
+MXFP4_GEMV_NOTE = ("MXFP4 GEMV: blocks and e8m0 scales read as stored, decoded by bit shifts into float32 "
+                   "multiply-adds (no matrix instruction)")
+MXFP4_DEQUANT_NOTE = ("MXFP4 dequantized once per step into a scratch of {scratch} (x's dtype), then the dense "
+                      "grouped GEMM with bf16 matrix instructions")
 # What Triton 3.9 emits for tl.dot_scaled (tests/test_kernels_moe.py checks it): gfx950's scaled MFMA only for
 # fp8/fp4 activations; a bf16 x e2m1 dot_scaled is lowered to bf16 MFMA, as on gfx942, RDNA and sm90.
 MXFP4_NATIVE_NOTE = ("; gfx950's v_mfma_scale_f32_*_f8f6f4 (tl.dot_scaled) would need the activations in "
                      "fp8/fp4 too, which the reference does not round to: not used")
+# Vector-ALU instructions per decoded MXFP4 weight element. W4A16 (moe_gemm.py): ~33, from the H100 at
+# GPT-OSS-20B batch 1 (129 us for 4 experts' 99.5M elements, bench/results/2026-12-07-h100-s16). GEMV
+# (moe_gemv.py): 8.5 + one multiply-add per block row, counted in its sm90 SASS (611 instructions per loop
+# step for 64 elements per thread).
+W4A16_DECODE_OPS = 33.0
+GEMV_DECODE_OPS = 8.5
+# Vector-ALU lanes x clock (MHz) per CU / SM: instructions per microsecond (sm90: 128 lanes at 1755 MHz;
+# CDNA: 64 lanes; RDNA 3.5/4: 64 lanes dual-issued).
+ALU_OPS_PER_CU_US = {"sm90": 128 * 1755, "gfx942": 64 * 2100, "gfx950": 64 * 2400, "gfx1201": 128 * 2900,
+                     "gfx1151": 128 * 2900}
+DEFAULT_ALU_OPS_PER_CU_US = 64 * 2000
+# DRAM efficiency by the contiguous bytes each weight row gives per K step (sm90, dense bf16 decode at
+# GPT-OSS-20B / Qwen3-30B-A3B shapes: 64 B rows ran at ~48% of a copy, 128 B at ~75%, 256 B at ~92-100%).
+FULL_ROW_SEGMENT_BYTES = 256
+
+
+def _row_segment_efficiency(segment_bytes: float) -> float:
+    return min(1.0, segment_bytes / FULL_ROW_SEGMENT_BYTES) ** 0.6
 
 
 def moe_weight_bytes_per_expert(problem: dict) -> float:
@@ -231,7 +253,10 @@ def _estimate_moe(problem: dict, config: dict, target) -> Estimate:
     are the weights of the active experts only (`rdnac.ir.moe.expected_active_experts`) plus the routed
     activations ([T*k, I] written and read, [T*k, H] float32 written and read); flops are padded to
     whole BLOCK_M row tiles per active expert; the gate/up GEMM's operand tiles bound LDS
-    (`moe_configs.lds_bytes`), and a tile over the target's LDS does not fit."""
+    (`moe_configs.lds_bytes`), and a tile over the target's LDS does not fit. MXFP4 adds the decode's
+    vector-ALU time per row tile (W4A16 and GEMV), or, with DEQUANT, the bytes of decoding every expert
+    into the scratch and reading the active ones back (the MXFP4 path is chosen by this comparison:
+    decode per row tile against once per step)."""
     from rdnac.ir.moe import expected_active_experts
     from rdnac.kernels.moe_configs import lds_bytes
 
@@ -242,9 +267,11 @@ def _estimate_moe(problem: dict, config: dict, target) -> Estimate:
         return Estimate(bytes_moved, 0, T, math.ceil(T / num_cu), 1, est,
                         f"{T} rows of {problem['E']} logits, {_fmt_bytes(bytes_moved)}")
     c = config["constexprs"]
-    block_m, block_n = c["BLOCK_M"], c["BLOCK_N"]
+    block_m, block_n, block_k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
     H, I, E, k = problem["H"], problem["I"], problem["E"], problem["top_k"]
     elt = ELEMENT_BYTES[_dtype_name(problem["dtype"])]
+    is_mxfp4 = problem["weight_format"] == "mxfp4"
+    is_gemv, is_dequant = is_mxfp4 and c.get("GEMV", False), is_mxfp4 and c.get("DEQUANT", False)
     lds = lds_bytes(config, problem, target.name)
     active = expected_active_experts(T, k, E)
     blocks = math.ceil(active) * math.ceil(T * k / active / block_m)  # row tiles of the sorted list
@@ -254,27 +281,49 @@ def _estimate_moe(problem: dict, config: dict, target) -> Estimate:
         return Estimate(0, 0, tiles, waves, 0, math.inf,
                         f"does not fit: needs {lds // 1024} KiB LDS per program ({lds} bytes), "
                         f"{target.name} has {target.lds_bytes // 1024} KiB")
+    expert_elements = 3 * I * H
     weight_bytes = active * moe_weight_bytes_per_expert(problem)
+    launches = 5
+    if is_dequant:  # every expert decoded (read 4-bit, written 16-bit), the active ones read back
+        weight_bytes = E * moe_weight_bytes_per_expert(problem) + (E + active) * expert_elements * elt
+        launches += 2
     act_bytes = T * H * elt * 2 + T * k * (2 * I * elt + 2 * H * 4)
     bytes_moved = int(weight_bytes + act_bytes)
     occupancy = max(1, min(target.lds_bytes // max(lds, 1), MAX_WARPS_PER_CU.get(target.name, DEFAULT_MAX_WARPS_PER_CU)
                            // config["num_warps"]))
     resident = min(tiles, num_cu * occupancy)
-    in_flight = config["num_stages"] * (block_m * c["BLOCK_K"] * elt + 2 * c["BLOCK_K"] * block_n * (
-        0.5 if problem["weight_format"] == "mxfp4" else elt))  # bytes each program keeps loading
-    bw_fraction = min(1.0, resident * in_flight / (target.hbm_gbps * 1e3 * DRAM_LATENCY_US))
+    stored_bytes = 0.5 if is_mxfp4 and not is_dequant else elt  # per weight element as the GEMM loads it
+    rows = min(block_m, math.ceil(T * k / active))  # padding rows load nothing
+    in_flight = config["num_stages"] * (rows * block_k * elt + 2 * block_k * block_n * stored_bytes)
+    bw_fraction = (min(1.0, resident * in_flight / (target.hbm_gbps * 1e3 * DRAM_LATENCY_US))
+                   * _row_segment_efficiency(block_k * stored_bytes))
     mem_us = bytes_moved / (target.hbm_gbps * 1e3 * bw_fraction)
     flops = 2 * blocks * block_m * 3 * I * H
     peak, peak_note = _peak_tflops(target, _dtype_name(problem["dtype"]))
-    compute_us = flops / (peak * 1e6 * (tiles / (waves * num_cu)))
-    est_us = max(mem_us, compute_us) + OVERLAP_LOSS * min(mem_us, compute_us) + 5 * LAUNCH_US + 2 * waves * WAVE_US
+    busy = tiles / (waves * num_cu)
+    alu_us = 0.0
+    if is_mxfp4 and not is_dequant:  # the in-loop decode, once per row tile, on the vector ALUs
+        ops = GEMV_DECODE_OPS + block_m if is_gemv else W4A16_DECODE_OPS
+        alu_us = blocks * expert_elements * ops / (ALU_OPS_PER_CU_US.get(target.name, DEFAULT_ALU_OPS_PER_CU_US)
+                                                    * num_cu * busy)
+    compute_us = alu_us + (0.0 if is_gemv else flops / (peak * 1e6 * busy))
+    # Deeper pipelines overlap more of the smaller of the two (sm90: 3 stages beat 2 at every measured size,
+    # 80.5 against 88.1 us at GPT-OSS-20B batch 1, 1186 against 1589 us at 2048 tokens).
+    overlap_loss = OVERLAP_LOSS * 2 / max(2, config["num_stages"])
+    est_us = (max(mem_us, compute_us) + overlap_loss * min(mem_us, compute_us) + launches * LAUNCH_US
+              + 2 * waves * WAVE_US)
     bound = "memory" if mem_us >= compute_us else "compute"
     per_token = moe_weight_bytes_per_expert(problem) * k  # batch 1: k experts
     reason = (f"{bound}-bound {est_us:.1f} us: {active:.1f} of {E} experts active, {_fmt_bytes(bytes_moved)} "
               f"at {bw_fraction:.0%} of {target.hbm_gbps:.0f} GB/s = {mem_us:.1f} us, compute {compute_us:.1f} us"
-              f"{peak_note}; {blocks} row tiles of {block_m}, {tiles} tiles = {waves} wave(s); "
+              f"{peak_note}" + (f" (decode {alu_us:.1f} us)" if alu_us else "")
+              + f"; {blocks} row tiles of {block_m}, {tiles} tiles = {waves} wave(s); "
               f"LDS {lds // 1024} KiB; batch 1 reads {_fmt_bytes(per_token)} of expert weights per token")
-    if problem["weight_format"] == "mxfp4":
+    if is_gemv:
+        reason += "; " + MXFP4_GEMV_NOTE
+    elif is_dequant:
+        reason += "; " + MXFP4_DEQUANT_NOTE.format(scratch=_fmt_bytes(E * 2 * I * H * elt))
+    elif is_mxfp4:
         reason += "; " + MXFP4_PATH_NOTE + (MXFP4_NATIVE_NOTE if target.has_mxfp4 else "")
     return Estimate(bytes_moved, flops, tiles, waves, occupancy, est_us, reason)
 

@@ -17,8 +17,11 @@ shapes alone (no host sync, so every decode bucket captures into a CUDA graph):
 
 The top-k sum is a separate reduce rather than atomics in the down GEMM's epilogue: float atomics
 add in arrival order, and graph replay and eager must give the same tokens. Dense weights are
-x's dtype; MXFP4 experts stay 4-bit in memory and are decoded in the GEMM's inner loop (W4A16) on
-every target (`moe_gemm.py`; each MoE node's kernel-selection entry in the decision log says why).
+x's dtype; MXFP4 experts stay 4-bit in memory and take one of three paths by config, ranked by the
+cost model per phase and logged with each MoE node's kernel selection: decoded in the grouped GEMM's
+inner loop (W4A16, `moe_gemm.py`), a grouped GEMV that decodes by bit shifts (GEMV, decode sizes)
+or decoded once per step into a scratch for the dense GEMM (DEQUANT, two launches more; prefill),
+both in `moe_gemv.py`.
 Configs and their LDS estimate: `moe_configs.py`; cost model: `rdnac.compiler.cost_model._estimate_moe`.
 """
 
@@ -32,6 +35,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 from rdnac.kernels.moe_configs import config_space, default_config  # noqa: F401 (the family API)
 from rdnac.kernels.moe_gemm import _moe_gemm_kernel
+from rdnac.kernels.moe_gemv import DEQUANT_BLOCK_K, DEQUANT_BLOCK_R, _moe_gemv_mxfp4_kernel, _mxfp4_dequant_kernel
 from rdnac.kernels.moe_route import moe_route
 
 ACTS = ("silu", "gelu", "gelu_tanh", "swiglu_oai")
@@ -183,11 +187,25 @@ def _fused_moe(x, weights, ids, w13, w13_scales, w2, w2_scales, b13, b2, act, al
     hidden = torch.empty((num_slots, inter), dtype=x.dtype, device=x.device)  # [T*k, I]
     y = torch.empty((num_slots, H), dtype=torch.float32, device=x.device)  # [T*k, H]
     warps, stages = config["num_warps"], config["num_stages"]
-    flags = dict(ACT=act, MXFP4=is_mxfp4, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    # MXFP4 paths (moe_gemv.py): GEMV decodes in a matrix-free loop (decode sizes); DEQUANT writes each
+    # projection's experts as x's dtype once into one scratch and runs the dense GEMM over it (prefill).
+    is_gemv, is_dequant = is_mxfp4 and c.get("GEMV", False), is_mxfp4 and c.get("DEQUANT", False)
+    scratch = torch.empty(E * 2 * inter * H, dtype=x.dtype, device=x.device) if is_dequant else None
+    flags = dict(ACT=act, HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    if not is_gemv:
+        flags["MXFP4"] = is_mxfp4 and not is_dequant
+    kernel = _moe_gemv_mxfp4_kernel if is_gemv else _moe_gemm_kernel
     for gated, a, w, ws, bias, n, k, dst in ((True, x, w13, w13_scales, b13, inter, H, hidden),
                                              (False, hidden, w2, w2_scales, b2, H, inter, y)):
-        ws_arg = ws if is_mxfp4 else w  # never read without MXFP4
-        launcher.launch(_moe_gemm_kernel, (num_blocks, cdiv(n, block_n)),
+        if is_dequant:  # [E, rows, K/2] bytes -> scratch [E, rows, K]
+            w_dense = scratch[:w.numel() * 2].view(E, w.shape[1], k)
+            launcher.launch(_mxfp4_dequant_kernel, (cdiv(E * w.shape[1], DEQUANT_BLOCK_R), cdiv(k, DEQUANT_BLOCK_K)),
+                            (w, ws, w_dense, E * w.shape[1], k),
+                            constexprs=dict(BLOCK_R=DEQUANT_BLOCK_R, BLOCK_K=DEQUANT_BLOCK_K), num_warps=4,
+                            num_stages=1)
+            w, ws = w_dense, None
+        ws_arg = ws if ws is not None else w  # never read without MXFP4
+        launcher.launch(kernel, (num_blocks, cdiv(n, block_n)),
                         (a, w, ws_arg, bias if has_bias else w, weights, dst, sorted_slots, block_expert, num_padded,
                          num_slots, n, k, a.stride(0), w.stride(0), w.stride(1), ws_arg.stride(0), ws_arg.stride(1),
                          bias.stride(0) if has_bias else 0, dst.stride(0), float(alpha), float(limit)),

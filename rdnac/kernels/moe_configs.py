@@ -12,6 +12,10 @@ Register spills are left to the compiled binaries (kernel selection moves to the
 logs why); each regime ends with a 32-deep tile that spills on no target.
 BLOCK_K >= 32 and a multiple of 32 (MXFP4: a tile's K spans whole scale blocks; its half tiles are
 tl.dot's minimum of 16 deep). Candidates are target-agnostic; `rdnac.compiler.cost_model` ranks them.
+MXFP4 adds two paths (`moe_gemv.py`): at decode, GEMV tiles (BLOCK_M 1-8 rows, no matrix instruction,
+BLOCK_K 128-256 elements = 64-128 contiguous bytes per row per step, one stage: its loads feed no
+tl.dot, so nothing is pipelined); above decode, DEQUANT tiles (each dense tile with the experts
+decoded once into a scratch of x's dtype). The W4A16 tiles stay candidates in every regime.
 `moe_route` configs are only a warp count (`moe_route.route_config_space`).
 """
 
@@ -25,8 +29,15 @@ MIDDLE_MAX_M = 256
 ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
-def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> dict:
-    return {"constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
+# MXFP4 decode GEMV tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps): on sm90 (Triton 3.9, GPT-OSS-20B shapes) the
+# gate/up programs use 80 (1 row), 128 (2 rows) and 254 (4 and 8 rows at 128 deep) registers, none spills.
+# gfx1151's are 62-135; 512 deep is 256 contiguous bytes per row per step.
+GEMV_TILES = ((1, 16, 256, 4), (1, 8, 512, 4), (1, 16, 512, 4), (1, 32, 256, 8), (2, 16, 256, 4), (4, 16, 128, 4),
+              (8, 16, 128, 4))
+
+
+def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, **flags: bool) -> dict:
+    return {"constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, **flags},
             "num_warps": num_warps, "num_stages": num_stages}
 
 
@@ -49,6 +60,11 @@ def experts_config_space(problem: dict) -> list[dict]:
         tiles = [(64, 64, 64, 4, 2), (64, 128, 64, 8, 2), (128, 64, 64, 8, 2), (128, 128, 64, 8, 2),
                  (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 64, 32, 8, 2)]
     out = [_config(bm, bn, _block_k(bk, K), w, s) for bm, bn, bk, w, s in tiles]
+    if problem["weight_format"] == "mxfp4":
+        if M <= DECODE_MAX_M:
+            out = [_config(bm, bn, _block_k(bk, K), w, 1, GEMV=True) for bm, bn, bk, w in GEMV_TILES] + out
+        else:
+            out = [_config(bm, bn, _block_k(bk, K), w, s, DEQUANT=True) for bm, bn, bk, w, s in tiles] + out
     return [c for i, c in enumerate(out) if c not in out[:i]]
 
 
@@ -56,6 +72,11 @@ def experts_default_config(problem: dict) -> dict:
     """A pick that fits and does not spill on every target, dense or MXFP4 (Triton 3.9 cross-compiles at
     GPT-OSS-20B's shapes); the compiler ranks the space with the cost model instead."""
     M, K = problem["M"], min(problem["H"], problem["I"])
+    if problem["weight_format"] == "mxfp4":  # the paths of moe_gemv.py: GEMV at decode, DEQUANT above
+        if M <= DECODE_MAX_M:
+            return _config(1, 16, _block_k(256, K), 4, 1, GEMV=True)
+        dense = experts_default_config({**problem, "weight_format": "dense"})
+        return {**dense, "constexprs": {**dense["constexprs"], "DEQUANT": True}}
     if M <= DECODE_MAX_M:
         return _config(16, 64, _block_k(64, K), 4, 2)
     if M <= MIDDLE_MAX_M:
@@ -74,7 +95,9 @@ def lds_bytes(config: dict, problem: dict, target_name: str) -> int:
     elt = ELEMENT_BYTES[problem["dtype"]]
     all_stages = not target_name.startswith("gfx") or target_name == "gfx950"
     buffers = config["num_stages"] if all_stages else max(1, config["num_stages"] - 1)
-    weight_tiles = 1 if problem["weight_format"] == "mxfp4" else 2
+    if c.get("GEMV"):  # no operand tile is staged; the epilogue's reduction scratch
+        return 32 * bm * bn
+    weight_tiles = 1 if problem["weight_format"] == "mxfp4" and not c.get("DEQUANT") else 2
     return buffers * (bm * bk + weight_tiles * bk * bn) * elt
 
 

@@ -126,6 +126,14 @@ def _moe_gemm_kernel(a_ptr, w_ptr, ws_ptr, bias_ptr, rw_ptr, out_ptr, sorted_ptr
 
     if PDL:  # the main loop is done: let the next kernel's blocks be scheduled (as gemm._gemm_kernel does)
         gdc_launch_dependents()
+    _moe_epilogue(acc, acc_u, bias_ptr, rw_ptr, out_ptr, expert, slots, mask_m, offs_n, mask_n, N, stride_be,
+                  stride_om, alpha, limit, GATED, ACT, HAS_BIAS)
+
+
+@triton.jit
+def _moe_epilogue(acc, acc_u, bias_ptr, rw_ptr, out_ptr, expert, slots, mask_m, offs_n, mask_n, N, stride_be,
+                  stride_om, alpha, limit, GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """acc (and acc_u, GATED) [BM, BN] float32 of the rows `slots` -> out (the grouped GEMM and the GEMV)."""
     bias_row = bias_ptr + expert * stride_be
     if HAS_BIAS:
         acc += tl.load(bias_row + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
