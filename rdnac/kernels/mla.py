@@ -1,0 +1,155 @@
+"""MLA kernel family: IR ops `mla_cache_write` and `mla_attention` (references: rdnac/ir/mla.py).
+
+`mla_cache_write`: one program per token writes [latent, rope(k_pe)] (R + Dr
+wide) to its slot of the paged latent cache; slots < 0 (padding) are
+skipped. k_pe is rotated with `rope.rope_lanes` (the reference's rounding).
+`mla_attention`: the absorbed form in both phases, `rdnac.kernels.mla_attention`.
+
+Config spaces (problem keys: op, phase, num_heads, kv_lora_rank,
+qk_rope_head_dim, block_size, max_model_len, dtype, num_seqs, num_tokens):
+  mla_cache_write: num_warps {1, 2, 4}.
+  mla_attention decode: BLOCK_M (heads per program) {16, 32, 64} x BLOCK_N {16, 32, 64} x NUM_SPLITS
+    {1, 2, 4, 8, 16} x num_warps {4, 8} x num_stages {1, 2}, ranked by the cost model ("mla": bytes of
+    latent read per head tile and split workspace, programs against compute units; a tile over the
+    target's LDS does not fit, and the log says by how much).
+  mla_attention prefill: BLOCK_M {16, 32, 64} x BLOCK_N {16, 32} x num_warps {4, 8} x num_stages {1, 2}.
+A 576-wide head (R 512 + Dr 64, DeepSeek V3) is the stress case: the accumulator is [BLOCK_M, 512]
+float32 and every key tile [BLOCK_N, 576]; configs whose binaries spill are rejected at selection.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from rdnac.kernels.launch import Launcher, next_power_of_2
+from rdnac.kernels.rope import rope_lanes
+
+AOT_DIVISIBLE = {"_mla_cache_write_kernel": ("stride_lt", "stride_kt", "stride_cb", "stride_cs")}
+
+
+@triton.jit
+def _mla_cache_write_kernel(latent_ptr, k_pe_ptr, positions_ptr, slot_mapping_ptr, inv_freq_ptr, cache_ptr,
+                            stride_lt, stride_kt, stride_cb, stride_cs, attention_scaling,
+                            RANK: tl.constexpr, ROPE_DIM: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
+                            BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, IS_NEOX: tl.constexpr,
+                            PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot < 0:  # a padding token
+        return
+    entry = cache_ptr + (slot // KV_BLOCK_SIZE) * stride_cb + (slot % KV_BLOCK_SIZE) * stride_cs
+    r = tl.arange(0, BLOCK_R)
+    latent = tl.load(latent_ptr + token * stride_lt + r, mask=r < RANK, other=0.0)
+    tl.store(entry + r, latent.to(cache_ptr.dtype.element_ty), mask=r < RANK)
+    act = k_pe_ptr.dtype.element_ty
+    d = tl.arange(0, BLOCK_DR)
+    partner, sign, is_rotated, cos, sin = rope_lanes(positions_ptr, inv_freq_ptr, token, attention_scaling, d, act,
+                                                     ROPE_DIM, IS_NEOX)
+    d_ok = d < ROPE_DIM
+    x = tl.load(k_pe_ptr + token * stride_kt + d, mask=d_ok, other=0.0).to(tl.float32)
+    x_partner = tl.load(k_pe_ptr + token * stride_kt + partner, mask=d_ok, other=0.0).to(tl.float32)
+    k_rot = ((x * cos).to(act).to(tl.float32) + sign * (x_partner * sin).to(act).to(tl.float32)).to(act)
+    tl.store(entry + RANK + d, k_rot.to(cache_ptr.dtype.element_ty), mask=d_ok)
+
+
+def mla_cache_write(latent: torch.Tensor, k_pe: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                    latent_cache: torch.Tensor, *, kv_lora_rank: int, qk_rope_head_dim: int, style: str = "gptj",
+                    inv_freq: torch.Tensor, attention_scaling: float, config: dict, launcher: Launcher,
+                    **rope_attrs) -> None:
+    """latent [T, R] and k_pe [T, Dr] (rows may be strided views of kv_a_proj's output) into latent_cache
+    [NB, BS, R + Dr] at slot_mapping; theta/scaling arrive as `inv_freq` / `attention_scaling`."""
+    rank, dr = kv_lora_rank, qk_rope_head_dim
+    assert latent.stride(1) == 1 and k_pe.stride(1) == 1 and latent_cache.stride(2) == 1
+    assert latent_cache.shape[2] == rank + dr, (latent_cache.shape, rank, dr)
+    num_tokens = latent.shape[0]
+    if num_tokens == 0:
+        return
+    launcher.launch(_mla_cache_write_kernel, (num_tokens,),
+                    (latent, k_pe, positions, slot_mapping, inv_freq, latent_cache, latent.stride(0), k_pe.stride(0),
+                     latent_cache.stride(0), latent_cache.stride(1), float(attention_scaling)),
+                    constexprs={"RANK": rank, "ROPE_DIM": dr, "KV_BLOCK_SIZE": latent_cache.shape[1],
+                                "BLOCK_R": next_power_of_2(rank), "BLOCK_DR": next_power_of_2(dr),
+                                "IS_NEOX": style == "neox"},
+                    num_warps=config["num_warps"], num_stages=config["num_stages"])
+
+
+# ---------------------------------------------------------------- configs
+
+
+def _config(num_warps: int, num_stages: int, **constexprs: int) -> dict:
+    return {"constexprs": constexprs, "num_warps": num_warps, "num_stages": num_stages}
+
+
+def config_space(problem: dict) -> list[dict]:
+    if problem["op"] == "mla_cache_write":
+        return [_config(w, 1) for w in (1, 2, 4)]
+    if problem["phase"] == "decode":
+        return [_config(w, st, BLOCK_M=m, BLOCK_N=n, NUM_SPLITS=s) for m in (16, 32, 64) for n in (16, 32, 64)
+                for s in (1, 2, 4, 8, 16) for w in (4, 8) for st in (1, 2)]
+    return [_config(w, st, BLOCK_M=m, BLOCK_N=n) for m in (16, 32, 64) for n in (16, 32) for w in (4, 8)
+            for st in (1, 2)]
+
+
+def default_config(problem: dict) -> dict:
+    if problem["op"] == "mla_cache_write":
+        return _config(2 if problem["kv_lora_rank"] + problem["qk_rope_head_dim"] > 256 else 1, 1)
+    if problem["phase"] == "decode":
+        return _config(4, 1, BLOCK_M=16, BLOCK_N=32, NUM_SPLITS=decode_splits(problem))
+    return _config(4, 1, BLOCK_M=32, BLOCK_N=16)
+
+
+def decode_splits(problem: dict) -> int:
+    """About one split per 512 keys of max_model_len (at most 16), fewer while the batch fills the GPU."""
+    splits = min(16, max(1, next_power_of_2(problem.get("max_model_len", 4096) // 512)))
+    busy = problem.get("num_seqs", 1) * -(-problem["num_heads"] // 16)
+    while splits > 1 and busy * splits > 1024:
+        splits //= 2
+    return splits
+
+
+def lds_bytes(problem: dict, config: dict) -> int:
+    """Shared-memory estimate of `_mla_kernel`: the query tile once, a key tile per pipeline stage (2-byte
+    elements; float32 runs only under the interpreter), and the probabilities for the second dot."""
+    c = config["constexprs"]
+    width = max(16, next_power_of_2(problem["kv_lora_rank"])) + max(16, next_power_of_2(problem["qk_rope_head_dim"]))
+    return 2 * (c["BLOCK_M"] * width + max(1, config["num_stages"]) * c["BLOCK_N"] * width
+                + c["BLOCK_M"] * c["BLOCK_N"])
+
+
+# Below the kernels: an import above them would move their line numbers, which Triton's source hash
+# and the binaries' line info include.
+from rdnac.ir.rope_math import rope_inv_freq  # noqa: E402
+from rdnac.kernels import mla_attention  # noqa: E402
+from rdnac.kernels.registry import KernelFamily, OpKernel, dtype_name  # noqa: E402
+
+
+def rope_tables(attrs: dict, device) -> dict:
+    """inv_freq [Dr/2] float32 and attention_scaling of the node's RoPE, once per node at plan load."""
+    inv_freq, scaling = rope_inv_freq(attrs["qk_rope_head_dim"], attrs["theta"], attrs.get("scaling"))
+    return {"inv_freq": inv_freq.to(device), "attention_scaling": scaling}
+
+
+def _problem(a: dict, ins: list, phase: str, runtime: dict) -> dict:
+    p = {"phase": phase, "kv_lora_rank": a["kv_lora_rank"], "qk_rope_head_dim": a["qk_rope_head_dim"],
+         "dtype": dtype_name(ins[0]), "num_tokens": ins[0].shape[0]}
+    if "num_heads" not in a:
+        return {"op": "mla_cache_write", **p}
+    return {"op": "mla_attention", **p, "num_heads": a["num_heads"], "qk_nope_head_dim": a["qk_nope_head_dim"],
+            "v_head_dim": a["v_head_dim"], "block_size": runtime["kv_block_size"],
+            "max_model_len": runtime["max_model_len"], "num_seqs": ins[3].shape[0]}
+
+
+FAMILY = KernelFamily(
+    "mla", config_space=config_space, default_config=default_config, cost_model="mla",
+    tuning_key=("op", "phase", "num_heads", "kv_lora_rank", "qk_rope_head_dim", "block_size", "dtype"),
+    size=lambda p: p.get("num_seqs", 1) if p["phase"] == "decode" else p["num_tokens"],
+    ops={"mla_cache_write": OpKernel(mla_cache_write, _problem, node_kwargs=rope_tables),
+         "mla_attention": OpKernel(mla_attention.mla_attention_prefill, _problem,
+                                   decode=mla_attention.mla_attention_decode, node_kwargs=rope_tables,
+                                   takes_max_query_len=True)})

@@ -1,0 +1,156 @@
+"""MLA kernels (rdnac.kernels.mla, mla_attention) and DeepSeek routing (moe_route) against the op references.
+
+Under the Triton interpreter at tiny, odd sizes (3 heads of nope 10 + rope 6, value 14, kv_lora_rank 18:
+every width padded and masked): the latent cache write with padding slots, prefill over chunks after
+cached context and decode split over the KV length, several sequences of different lengths whose block
+tables have holes (slots no sequence owns hold NaN: reading one shows). A tiny DeepSeek-V3 plan
+cross-compiles for all five GPU targets, a V3-wide head (512 + 64) fits each target with its rejections
+logged, and a GPU test (marked gpu) runs the tiny plan on cuda with graphs against the interpreter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rdnac
+from rdnac.ir import mla as ref
+from rdnac.ir.moe import moe_route as moe_route_ref
+from rdnac.ir.rope_math import rope_inv_freq
+from rdnac.kernels import mla, mla_attention
+from rdnac.kernels.launch import InterpretLauncher
+from rdnac.kernels.moe_route import moe_route
+
+BLOCK_SIZE = 16
+DIMS = dict(num_heads=3, qk_nope_head_dim=10, qk_rope_head_dim=6, v_head_dim=14, kv_lora_rank=18)
+YARN = {"rope_type": "yarn", "factor": 4.0, "mscale": 1.0, "mscale_all_dim": 0.8,
+        "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1}
+# (context length incl. new tokens, new tokens): full prefills, chunks after cached context, block edges
+PREFILL_SEQS = [(17, 7), (40, 33), (5, 5), (16, 16)]
+DECODE_CONTEXTS = [1, 15, 17, 40, 100]
+
+
+def rope_attrs(style: str, scaling: dict | None) -> dict:
+    return {"theta": 10000.0, "scaling": scaling, "style": style}
+
+
+def tables(dr: int, attrs: dict) -> dict:
+    inv_freq, scaling = rope_inv_freq(dr, attrs["theta"], attrs["scaling"])
+    return {"inv_freq": inv_freq, "attention_scaling": scaling}
+
+
+def make_batch(seqs, dims, *, seed=0):
+    """A paged latent cache with shuffled block tables (holes: blocks in between belong to no one, and
+    every unowned slot is NaN) and the queries of each sequence's last `new` tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    heads, dn, dr, rank = dims["num_heads"], dims["qk_nope_head_dim"], dims["qk_rope_head_dim"], dims["kv_lora_rank"]
+    blocks_per_seq = [-(-c // BLOCK_SIZE) for c, _ in seqs]
+    num_blocks = 1 + 2 * sum(blocks_per_seq) + 2
+    ids = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    block_tables = torch.zeros(len(seqs), max(blocks_per_seq) + 2, dtype=torch.int32)
+    cache = torch.randn(num_blocks, BLOCK_SIZE, rank + dr, generator=gen)
+    owned = torch.zeros(num_blocks, BLOCK_SIZE, dtype=torch.bool)
+    owned[0] = True
+    for b, (ctx, _) in enumerate(seqs):
+        for i in range(blocks_per_seq[b]):
+            block_tables[b, i] = ids.pop()
+            ids.pop()  # a hole: the next block id is skipped
+            owned[block_tables[b, i], : min(BLOCK_SIZE, ctx - i * BLOCK_SIZE)] = True
+    cache[~owned] = float("nan")
+    q_lens = [n for _, n in seqs]
+    positions = torch.cat([torch.arange(c - n, c) for c, n in seqs])
+    kv_b = torch.randn(heads * (dn + dims["v_head_dim"]), rank, generator=gen) * rank ** -0.5
+    w_uk, w_uv = ref.absorbed_weights(kv_b, heads, dn, dims["v_head_dim"])
+    return dict(q=torch.randn(sum(q_lens), heads * (dn + dr), generator=gen), latent_cache=cache,
+                block_tables=block_tables, seq_lens=torch.tensor([c for c, _ in seqs], dtype=torch.int32),
+                cu_seqlens_q=torch.tensor([0] + q_lens).cumsum(0).to(torch.int32), positions=positions,
+                kv_b=kv_b, w_uk=w_uk, w_uv=w_uv), max(q_lens)
+
+
+def check_close(out, expected, atol, rtol):
+    assert out.shape == expected.shape and out.dtype == expected.dtype
+    err = (out.float() - expected.float()).abs().max().item()
+    torch.testing.assert_close(out, expected, atol=atol, rtol=rtol, msg=f"max abs error {err}")
+
+
+@pytest.mark.parametrize("style,scaling", [("gptj", YARN), ("neox", None)])
+def test_cache_write_matches_reference(style, scaling):
+    gen = torch.Generator().manual_seed(1)
+    rank, dr, num_tokens = 18, 6, 9
+    kv = torch.randn(num_tokens, rank + dr + 3, generator=gen)  # latent and k_pe are strided column views
+    latent, k_pe = kv[:, :rank], kv[:, rank:rank + dr]
+    positions = torch.tensor([0, 1, 2, 30, 31, 7, 0, 0, 99])
+    slot_mapping = torch.tensor([5, 6, 7, 40, 41, -1, 17, -1, 63])  # -1: padding, skipped
+    attrs = {"kv_lora_rank": rank, "qk_rope_head_dim": dr, **rope_attrs(style, scaling)}
+    expected = torch.full((4, BLOCK_SIZE, rank + dr), float("nan"))
+    ours = expected.clone()
+    ref.mla_cache_write(latent, k_pe, positions, slot_mapping, expected, **attrs)
+    mla.mla_cache_write(latent, k_pe, positions, slot_mapping, ours, **attrs, **tables(dr, attrs),
+                        config=mla.default_config({"op": "mla_cache_write", "kv_lora_rank": rank,
+                                                   "qk_rope_head_dim": dr}), launcher=InterpretLauncher())
+    written = ~expected.isnan()
+    assert torch.equal(written, ~ours.isnan()), "the same slots are written, padding skipped"
+    check_close(ours[written], expected[written], 1e-6, 1e-6)
+
+
+def attention_args(batch, dims, attrs):
+    args = [batch[k] for k in ("q", "latent_cache", "block_tables", "seq_lens", "cu_seqlens_q", "positions", "kv_b",
+                               "w_uk", "w_uv")]
+    return args, {**dims, "scale": 0.3, **attrs, "prefill_form": "absorbed", "decode_form": "absorbed"}
+
+
+@pytest.mark.parametrize("style,scaling", [("gptj", YARN), ("neox", None)])
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 32)])
+def test_prefill_matches_reference(style, scaling, block_m, block_n):
+    batch, max_query_len = make_batch(PREFILL_SEQS, DIMS)
+    args, attrs = attention_args(batch, DIMS, rope_attrs(style, scaling))
+    expected = ref.mla_attention(*args, **attrs)
+    config = {"constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n}, "num_warps": 4, "num_stages": 1}
+    out = mla_attention.mla_attention_prefill(*args, **attrs, **tables(DIMS["qk_rope_head_dim"], attrs),
+                                              max_query_len=max_query_len, config=config,
+                                              launcher=InterpretLauncher())
+    check_close(out, expected, 2e-5, 2e-5)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 4])
+def test_decode_split_over_kv_matches_reference(num_splits):
+    batch, _ = make_batch([(c, 1) for c in DECODE_CONTEXTS], DIMS, seed=2)
+    args, attrs = attention_args(batch, DIMS, rope_attrs("gptj", YARN))
+    expected = ref.mla_attention(*args, **attrs)
+    config = {"constexprs": {"BLOCK_M": 16, "BLOCK_N": 16, "NUM_SPLITS": num_splits}, "num_warps": 4,
+              "num_stages": 1}
+    out = mla_attention.mla_attention_decode(*args, **attrs, **tables(DIMS["qk_rope_head_dim"], attrs),
+                                             config=config, launcher=InterpretLauncher())
+    check_close(out, expected, 2e-5, 2e-5)
+
+
+def test_decode_heads_over_several_tiles():
+    """20 heads in tiles of 16: the second tile is part padding; odd widths again."""
+    dims = dict(num_heads=20, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, kv_lora_rank=12)
+    batch, _ = make_batch([(33, 1), (3, 1)], dims, seed=3)
+    args, attrs = attention_args(batch, dims, rope_attrs("neox", None))
+    expected = ref.mla_attention(*args, **attrs)
+    config = {"constexprs": {"BLOCK_M": 16, "BLOCK_N": 16, "NUM_SPLITS": 2}, "num_warps": 4, "num_stages": 1}
+    out = mla_attention.mla_attention_decode(*args, **attrs, **tables(4, attrs), config=config,
+                                             launcher=InterpretLauncher())
+    check_close(out, expected, 2e-5, 2e-5)
+
+
+@pytest.mark.parametrize("scoring,bias,renormalize,scale", [("sigmoid_group_topk", True, True, 2.5),
+                                                             ("sigmoid_group_topk", False, False, 1.0),
+                                                             ("softmax_group_topk", False, False, 1.5),
+                                                             ("softmax_topk", False, True, 16.0)])
+def test_moe_route_deepseek_scorings_match_reference(scoring, bias, renormalize, scale):
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(11, 24, generator=gen)  # 6 groups of 4
+    correction = torch.randn(24, generator=gen) * 0.1 if bias else None
+    attrs = dict(top_k=5, scoring=scoring, renormalize=renormalize, routed_scaling_factor=scale)
+    if scoring != "softmax_topk":
+        attrs.update(n_group=6, topk_group=3)
+    ref_w, ref_ids = moe_route_ref(logits, correction, **attrs)
+    w, ids = moe_route(logits, correction, **attrs, config={"constexprs": {}, "num_warps": 1, "num_stages": 1},
+                       launcher=InterpretLauncher())
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32 and w.shape == ref_w.shape
+    order, ref_order = ids.long().sort(-1), ref_ids.long().sort(-1)
+    assert torch.equal(order.values, ref_order.values)
+    check_close(w.gather(1, order.indices), ref_w.gather(1, ref_order.indices), 1e-6, 1e-6)
