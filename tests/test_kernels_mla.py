@@ -100,25 +100,27 @@ def attention_args(batch, dims, attrs):
 
 
 @pytest.mark.parametrize("style,scaling", [("gptj", YARN), ("neox", None)])
-@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 32)])
-def test_prefill_matches_reference(style, scaling, block_m, block_n):
+@pytest.mark.parametrize("block_m,block_n,block_v", [(16, 16, 32), (32, 32, 16)])
+def test_prefill_matches_reference(style, scaling, block_m, block_n, block_v):
     batch, max_query_len = make_batch(PREFILL_SEQS, DIMS)
     args, attrs = attention_args(batch, DIMS, rope_attrs(style, scaling))
     expected = ref.mla_attention(*args, **attrs)
-    config = {"constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n}, "num_warps": 4, "num_stages": 1}
+    config = {"constexprs": {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 16, "BLOCK_V": block_v},
+              "num_warps": 4, "num_stages": 1}
     out = mla_attention.mla_attention_prefill(*args, **attrs, **tables(DIMS["qk_rope_head_dim"], attrs),
                                               max_query_len=max_query_len, config=config,
                                               launcher=InterpretLauncher())
     check_close(out, expected, 2e-5, 2e-5)
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 4])
-def test_decode_split_over_kv_matches_reference(num_splits):
+@pytest.mark.parametrize("num_splits,block_k,block_v", [(1, 32, 32), (2, 16, 32), (4, 32, 16), (2, 16, 16)])
+def test_decode_split_over_kv_matches_reference(num_splits, block_k, block_v):
+    """Splits over the KV length, scores in BLOCK_K chunks of R, the output in BLOCK_V slices of R."""
     batch, _ = make_batch([(c, 1) for c in DECODE_CONTEXTS], DIMS, seed=2)
     args, attrs = attention_args(batch, DIMS, rope_attrs("gptj", YARN))
     expected = ref.mla_attention(*args, **attrs)
-    config = {"constexprs": {"BLOCK_M": 16, "BLOCK_N": 16, "NUM_SPLITS": num_splits}, "num_warps": 4,
-              "num_stages": 1}
+    config = {"constexprs": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": block_k, "BLOCK_V": block_v,
+                             "NUM_SPLITS": num_splits}, "num_warps": 4, "num_stages": 1}
     out = mla_attention.mla_attention_decode(*args, **attrs, **tables(DIMS["qk_rope_head_dim"], attrs),
                                              config=config, launcher=InterpretLauncher())
     check_close(out, expected, 2e-5, 2e-5)

@@ -8,13 +8,18 @@ skipped. k_pe is rotated with `rope.rope_lanes` (the reference's rounding).
 Config spaces (problem keys: op, phase, num_heads, kv_lora_rank,
 qk_rope_head_dim, block_size, max_model_len, dtype, num_seqs, num_tokens):
   mla_cache_write: num_warps {1, 2, 4}.
-  mla_attention decode: BLOCK_M (heads per program) {16, 32, 64} x BLOCK_N {16, 32, 64} x NUM_SPLITS
-    {1, 2, 4, 8, 16} x num_warps {4, 8} x num_stages {1, 2}, ranked by the cost model ("mla": bytes of
-    latent read per head tile and split workspace, programs against compute units; a tile over the
-    target's LDS does not fit, and the log says by how much).
-  mla_attention prefill: BLOCK_M {16, 32, 64} x BLOCK_N {16, 32} x num_warps {4, 8} x num_stages {1, 2}.
-A 576-wide head (R 512 + Dr 64, DeepSeek V3) is the stress case: the accumulator is [BLOCK_M, 512]
-float32 and every key tile [BLOCK_N, 576]; configs whose binaries spill are rejected at selection.
+  mla_attention: BLOCK_M (rows: heads, or (token, head) pairs in prefill) {16, 32} (+64 in prefill) x
+    BLOCK_N (keys) {16, 32} x BLOCK_V (output latent columns per program: R, R/2, R/4; a narrower slice
+    recomputes the scores per slice but holds a smaller accumulator) x num_warps {8, 4} x num_stages
+    {1, 2} (x NUM_SPLITS {1, 2, 4, 8, 16} in decode); BLOCK_K 64 (score chunks over R).
+    Default: 16 x 16, BLOCK_V = R, 8 warps, 1 stage; decode splits about one per 512 keys of
+    max_model_len, fewer for big batches. The space is ordered, default first, with no cost model: the
+    register pressure that decides (the layouts of a 512-wide dot) is the probe's to measure.
+A 576-wide head (R 512 + Dr 64, DeepSeek V3) is the stress case; kernel selection rejects configs whose
+binaries exceed LDS or spill (logged with the sizes) and moves to the next. Measured on the binaries
+(decode, BLOCK_K 64, BLOCK_V 512): 16x16 on 8 warps, 1 stage fits all five targets (gfx1201 243
+VGPRs, gfx1151 201, gfx942 146, gfx950 148, sm90 102 registers); 16x32 on 8 warps, 2 stages needs
+69632 bytes of LDS on gfx942 (over 64 KiB); 32x32 on 8 warps spills on gfx942 and gfx950.
 """
 
 from __future__ import annotations
@@ -87,21 +92,32 @@ def _config(num_warps: int, num_stages: int, **constexprs: int) -> dict:
 
 
 def config_space(problem: dict) -> list[dict]:
+    """The default first, then tiles in decreasing size of what a program holds: a narrower output slice
+    (BLOCK_V), 4 warps, then wider key tiles and 2 stages; see the module docstring."""
     if problem["op"] == "mla_cache_write":
         return [_config(w, 1) for w in (1, 2, 4)]
-    if problem["phase"] == "decode":
-        return [_config(w, st, BLOCK_M=m, BLOCK_N=n, NUM_SPLITS=s) for m in (16, 32, 64) for n in (16, 32, 64)
-                for s in (1, 2, 4, 8, 16) for w in (4, 8) for st in (1, 2)]
-    return [_config(w, st, BLOCK_M=m, BLOCK_N=n) for m in (16, 32, 64) for n in (16, 32) for w in (4, 8)
-            for st in (1, 2)]
+    width = max(16, next_power_of_2(problem["kv_lora_rank"]))
+    slices = sorted({max(16, width // d) for d in (1, 2, 4)}, reverse=True)
+    decode = problem["phase"] == "decode"
+    splits = sorted({decode_splits(problem), 1, 2, 4, 8, 16}, key=lambda s: s != decode_splits(problem)) \
+        if decode else [None]
+    space = [_config(w, st, BLOCK_M=m, BLOCK_N=n, BLOCK_K=min(64, width), BLOCK_V=v,
+                     **({"NUM_SPLITS": sp} if decode else {}))
+             for sp in splits for st in (1, 2) for n in (16, 32) for m in (16, 32) + (() if decode else (64,))
+             for v in slices for w in (8, 4)]
+    default = default_config(problem)
+    return [default] + [c for c in space if c != default]
 
 
 def default_config(problem: dict) -> dict:
+    """Fits every target without spills at a 576-wide head (R 512 + Dr 64; tests/test_kernels_mla.py)."""
     if problem["op"] == "mla_cache_write":
         return _config(2 if problem["kv_lora_rank"] + problem["qk_rope_head_dim"] > 256 else 1, 1)
+    width = max(16, next_power_of_2(problem["kv_lora_rank"]))
+    tile = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=min(64, width), BLOCK_V=width)
     if problem["phase"] == "decode":
-        return _config(4, 1, BLOCK_M=16, BLOCK_N=32, NUM_SPLITS=decode_splits(problem))
-    return _config(4, 1, BLOCK_M=32, BLOCK_N=16)
+        return _config(8, 1, **tile, NUM_SPLITS=decode_splits(problem))
+    return _config(8, 1, **tile)
 
 
 def decode_splits(problem: dict) -> int:
@@ -111,15 +127,6 @@ def decode_splits(problem: dict) -> int:
     while splits > 1 and busy * splits > 1024:
         splits //= 2
     return splits
-
-
-def lds_bytes(problem: dict, config: dict) -> int:
-    """Shared-memory estimate of `_mla_kernel`: the query tile once, a key tile per pipeline stage (2-byte
-    elements; float32 runs only under the interpreter), and the probabilities for the second dot."""
-    c = config["constexprs"]
-    width = max(16, next_power_of_2(problem["kv_lora_rank"])) + max(16, next_power_of_2(problem["qk_rope_head_dim"]))
-    return 2 * (c["BLOCK_M"] * width + max(1, config["num_stages"]) * c["BLOCK_N"] * width
-                + c["BLOCK_M"] * c["BLOCK_N"])
 
 
 # Below the kernels: an import above them would move their line numbers, which Triton's source hash
@@ -146,7 +153,7 @@ def _problem(a: dict, ins: list, phase: str, runtime: dict) -> dict:
 
 
 FAMILY = KernelFamily(
-    "mla", config_space=config_space, default_config=default_config, cost_model="mla",
+    "mla", config_space=config_space, default_config=default_config,
     tuning_key=("op", "phase", "num_heads", "kv_lora_rank", "qk_rope_head_dim", "block_size", "dtype"),
     size=lambda p: p.get("num_seqs", 1) if p["phase"] == "decode" else p["num_tokens"],
     ops={"mla_cache_write": OpKernel(mla_cache_write, _problem, node_kwargs=rope_tables),

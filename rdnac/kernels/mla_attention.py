@@ -76,21 +76,23 @@ def _mla_kernel(
         stride_lt, stride_qt, stride_cb, stride_cs, stride_bt, stride_ot, scale, attention_scaling,
         NUM_HEADS: tl.constexpr, RANK: tl.constexpr, ROPE_DIM: tl.constexpr, QK_NOPE: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, IS_NEOX: tl.constexpr,
-        IS_DECODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        PDL: tl.constexpr = False):
+        IS_DECODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_V: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr = False):
     if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
         gdc_wait()
+    V_TILES: tl.constexpr = BLOCK_R // BLOCK_V
     seq = tl.program_id(0)
     split = tl.program_id(2)
+    v_tile = tl.program_id(1) % V_TILES  # this program's BLOCK_V output columns of the latent
     if IS_DECODE:  # one query per sequence: q row `seq`, rows of the tile are heads
         q_start = seq
-        head = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+        head = (tl.program_id(1) // V_TILES) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
         tok = tl.full([BLOCK_M], 0, tl.int32)
         row_ok = head < NUM_HEADS
     else:
         q_start = tl.load(cu_seqlens_q_ptr + seq)
         q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-        tile = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest (latest) tiles first, as attention.py
+        tile = tl.num_programs(1) // V_TILES - 1 - tl.program_id(1) // V_TILES  # heaviest tiles first
         if tile * BLOCK_M >= q_len * NUM_HEADS:  # max_query_len covers the longest sequence only
             return
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -99,12 +101,8 @@ def _mla_kernel(
         row_ok = tok < q_len
     token = (q_start + tok).to(tl.int64)  # [BLOCK_M]
     pos = tl.load(positions_ptr + token, mask=row_ok, other=0).to(tl.int32)
+    q_lat_row = q_lat_ptr + token[:, None] * stride_lt + head[:, None] * RANK  # [BLOCK_M, 1]
 
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < RANK
-    hr_ok = row_ok[:, None] & r_ok[None, :]
-    q_lat = tl.load(q_lat_ptr + token[:, None] * stride_lt + head[:, None] * RANK + r[None, :], mask=hr_ok,
-                    other=0.0)  # [BLOCK_M, BLOCK_R]
     # The rope part of each query head, rotated at its position: rope_lanes' arithmetic per row (cos and sin
     # rounded to q's dtype, each product rounded before the sum), as the reference's `rotate`.
     act = q_ptr.dtype.element_ty
@@ -128,7 +126,7 @@ def _mla_kernel(
     x = tl.load(q_row + e[None, :], mask=he_ok, other=0.0).to(tl.float32)
     x_partner = tl.load(q_row + partner[None, :], mask=he_ok, other=0.0).to(tl.float32)
     q_pe = ((x * cos).to(act).to(tl.float32) + sign[None, :] * (x_partner * sin).to(act).to(tl.float32))
-    q_pe = q_pe.to(q_lat.dtype)  # [BLOCK_M, BLOCK_DR]
+    q_pe = q_pe.to(q_lat_ptr.dtype.element_ty)  # [BLOCK_M, BLOCK_DR]
 
     # The keys this program sees: up to the tile's last query position; in decode its split's share.
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -139,33 +137,45 @@ def _mla_kernel(
     hi = tl.minimum(kv_end, lo + tiles_per_split * BLOCK_N)
     table_row = block_tables_ptr + seq * stride_bt
 
+    v = v_tile * BLOCK_V + tl.arange(0, BLOCK_V)  # [BLOCK_V] output columns
+    v_ok = v < RANK
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
-    acc = tl.full([BLOCK_M, BLOCK_R], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_V], 0.0, tl.float32)
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
         j_ok = j < hi
         blk = tl.load(table_row + j // KV_BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
         entry = cache_ptr + blk * stride_cb + (j % KV_BLOCK_SIZE) * stride_cs  # [BLOCK_N] latent rows
-        latent = tl.load(entry[:, None] + r[None, :], mask=j_ok[:, None] & r_ok[None, :], other=0.0)
         k_pe = tl.load(entry[:, None] + RANK + e[None, :], mask=j_ok[:, None] & e_ok[None, :], other=0.0)
-        s = (tl.dot(q_lat, tl.trans(latent)) + tl.dot(q_pe, tl.trans(k_pe))) * (scale * _LOG2E)
+        s = tl.dot(q_pe, tl.trans(k_pe))  # [BLOCK_M, BLOCK_N]
+        # q_lat . latent over R in BLOCK_K chunks, the query's chunk read again (from cache) each time: a
+        # whole 512-wide query held in a dot's operand layout spills on wave32 targets
+        for c in range(0, BLOCK_R, BLOCK_K):  # a loop, not unrolled: every chunk in flight at once spills
+            r = c + tl.arange(0, BLOCK_K)
+            q_c = tl.load(q_lat_row + r[None, :], mask=row_ok[:, None] & (r < RANK)[None, :], other=0.0)
+            k_c = tl.load(entry[:, None] + r[None, :], mask=j_ok[:, None] & (r < RANK)[None, :], other=0.0)
+            s += tl.dot(q_c, tl.trans(k_c))
+        s = s * (scale * _LOG2E)
         allowed = j_ok[None, :] & (j[None, :] <= pos[:, None])
         m_new, alpha, p, l_i = softmax_step(tl.where(allowed, s, float("-inf")), m_i, l_i, True)
-        acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent)  # the latents are the values
+        values = tl.load(entry[:, None] + v[None, :], mask=j_ok[:, None] & v_ok[None, :], other=0.0)  # the latents
+        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
         m_i = m_new
 
     if PDL:  # the main loop is done: let the next kernel's blocks be scheduled
         gdc_launch_dependents()
+    hv_ok = row_ok[:, None] & v_ok[None, :]
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * RANK + r[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=hr_ok)
+        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * RANK + v[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=hv_ok)
     else:  # decode only: this split's partials, merged by _mla_reduce_kernel
         part = (seq * NUM_HEADS + head) * NUM_SPLITS + split  # [BLOCK_M]
-        tl.store(part_max_ptr + part, m_i, mask=row_ok)
-        tl.store(part_sum_ptr + part, l_i, mask=row_ok)
-        tl.store(part_acc_ptr + part[:, None].to(tl.int64) * RANK + r[None, :], acc, mask=hr_ok)
+        first_slice = row_ok & (tok + v_tile == 0)  # [BLOCK_M]: every slice has the same max and sum
+        tl.store(part_max_ptr + part, m_i, mask=first_slice)
+        tl.store(part_sum_ptr + part, l_i, mask=first_slice)
+        tl.store(part_acc_ptr + part[:, None].to(tl.int64) * RANK + v[None, :], acc, mask=hv_ok)
 
 
 @triton.jit
@@ -233,11 +243,14 @@ def _attend(q, latent_cache, block_tables, seq_lens, cu_seqlens_q, positions, w_
     c = config["constexprs"]
     num_seqs, block_m = seq_lens.shape[0], c["BLOCK_M"]
     num_splits = c.get("NUM_SPLITS", 1) if is_decode else 1
+    width = block_r(rank)
+    block_k, block_v = min(c.get("BLOCK_K", width), width), min(c.get("BLOCK_V", width), width)
+    v_tiles = width // block_v
     if is_decode:
         assert num_tokens == num_seqs, f"MLA decode needs one query per sequence; got T={num_tokens}, B={num_seqs}"
-        grid = (num_seqs, cdiv(heads, block_m), num_splits)
+        grid = (num_seqs, cdiv(heads, block_m) * v_tiles, num_splits)
     else:
-        grid = (num_seqs, cdiv(max_query_len * heads, block_m), 1)
+        grid = (num_seqs, cdiv(max_query_len * heads, block_m) * v_tiles, 1)
     if num_splits > 1:  # float32 partials, fixed size for a given B and config (graph capture safe)
         part_max = torch.empty(num_seqs, heads, num_splits, dtype=torch.float32, device=q.device)
         part_sum = torch.empty_like(part_max)
@@ -249,7 +262,8 @@ def _attend(q, latent_cache, block_tables, seq_lens, cu_seqlens_q, positions, w_
             latent_cache.stride(1), block_tables.stride(0), o_lat.stride(0), float(scale), float(attention_scaling))
     launcher.launch(_mla_kernel, grid, args, constexprs={
         **shape_constexprs(heads, rank, dr, dn, latent_cache.shape[1]), "IS_NEOX": style == "neox",
-        "IS_DECODE": is_decode, "BLOCK_M": block_m, "BLOCK_N": c["BLOCK_N"], "NUM_SPLITS": num_splits},
+        "IS_DECODE": is_decode, "BLOCK_M": block_m, "BLOCK_N": c["BLOCK_N"], "BLOCK_K": block_k, "BLOCK_V": block_v,
+        "NUM_SPLITS": num_splits},
         num_warps=config["num_warps"], num_stages=config["num_stages"])
     if num_splits > 1:
         launcher.launch(_mla_reduce_kernel, (num_seqs, heads), (part_max, part_sum, part_acc, o_lat, o_lat.stride(0)),
