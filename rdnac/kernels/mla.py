@@ -17,9 +17,11 @@ qk_rope_head_dim, block_size, max_model_len, dtype, num_seqs, num_tokens):
     register pressure that decides (the layouts of a 512-wide dot) is the probe's to measure.
 A 576-wide head (R 512 + Dr 64, DeepSeek V3) is the stress case; kernel selection rejects configs whose
 binaries exceed LDS or spill (logged with the sizes) and moves to the next. Measured on the binaries
-(decode, BLOCK_K 64, BLOCK_V 512): 16x16 on 8 warps, 1 stage fits all five targets (gfx1201 243
-VGPRs, gfx1151 201, gfx942 146, gfx950 148, sm90 102 registers); 16x32 on 8 warps, 2 stages needs
-69632 bytes of LDS on gfx942 (over 64 KiB); 32x32 on 8 warps spills on gfx942 and gfx950.
+(128 heads, BLOCK_K 64, BLOCK_V 512, 16x16 on 8 warps, 1 stage; decode): gfx1201 138 VGPRs, gfx1151
+201, gfx942 98, gfx950 98 (16 KiB LDS each), sm90 122 registers (32 KiB shared); 16x32 on 2 stages
+and 32x16 fit everywhere too (gfx1151 at 253-256 VGPRs is the tightest). The score chunks must be a
+loop: unrolled (all of R's chunks in flight at once) the same tile spilled 67 registers on gfx1201
+and 288 on gfx1151.
 """
 
 from __future__ import annotations
