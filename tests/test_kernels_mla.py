@@ -165,7 +165,7 @@ TARGETS = ("gfx1201", "gfx1151", "gfx942", "gfx950", "sm90")
 # nope 128, value 128), q LoRA, YaRN, interleaved RoPE, a dense first layer then an MoE layer with
 # sigmoid group-limited routing (n_group 4, topk_group 2) and a correction bias; decisive weights.
 V3_WIDE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=4, vocab_size=300, max_position_embeddings=256, rms_norm_eps=1e-6,
+               num_key_value_heads=4, vocab_size=300, max_position_embeddings=2048, rms_norm_eps=1e-6,
                initializer_range=0.1, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                q_lora_rank=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=3,
                first_k_dense_replace=1, n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True,
@@ -173,7 +173,8 @@ V3_WIDE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_at
                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
                                 "mscale_all_dim": 0.8, "original_max_position_embeddings": 64, "beta_fast": 32,
                                 "beta_slow": 1})
-COMPILE = dict(quiet=True, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64)
+# max_model_len 2048: decode splits the KV length in 4 (one split per 512 keys), so the reduce kernel runs
+COMPILE = dict(quiet=True, max_model_len=2048, max_num_seqs=4, max_num_batched_tokens=64)
 PROMPTS = [[3, 141, 59, 26, 53, 58, 97, 93, 238, 46, 26, 43], [200, 12, 13, 14, 15, 16]]
 
 
@@ -206,11 +207,13 @@ def test_tiny_v3_compiles_for_target_within_lds_without_spills(target, v3_plans)
     for b in binaries:
         assert check_resources(b, target) == [], b.key
     kernels = {b.kernel.split(":")[1] for b in binaries}
-    assert {"_mla_cache_write_kernel", "_mla_kernel", "_head_gemm_kernel", "_moe_group_route_kernel"} <= kernels
+    assert {"_mla_cache_write_kernel", "_mla_kernel", "_mla_reduce_kernel", "_head_gemm_kernel",
+            "_moe_group_route_kernel"} <= kernels
     nodes = {n["name"] for n in plan.body["graph"]["nodes"] if n["op"] != "split"}
     assert set(plan.body["program"]) == nodes
     attn = plan.body["program"]["layers.0.attn"]
     assert attn["decode:1"]["kernel"] == "mla_attention.mla_attention_decode"
+    assert attn["decode:1"]["config"]["constexprs"]["NUM_SPLITS"] == 4
     assert attn["prefill:64"]["kernel"] == "mla_attention.mla_attention_prefill"
     s = summarize(path)
     for m in s["mla"]:  # inspect: the absorbed form in both phases, the decode tile and its binary

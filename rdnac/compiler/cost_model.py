@@ -279,65 +279,6 @@ def _estimate_moe(problem: dict, config: dict, target) -> Estimate:
     return Estimate(bytes_moved, flops, tiles, waves, occupancy, est_us, reason)
 
 
-def _estimate_mla(problem: dict, config: dict, target) -> Estimate:
-    """MLA (rdnac.kernels.mla). mla_cache_write: one latent entry per token. mla_attention (the latent
-    kernel): every head tile of BLOCK_M rows reads the keys it sees once ([BLOCK_N, R + Dr] per tile,
-    decode at a context of max_model_len, prefill a causal chunk of the bucket's tokens) plus the split
-    workspace; flops are two dots per key over R (+ Dr) per padded row; a tile over the target's LDS does
-    not fit (`mla.lds_bytes`), and a [BLOCK_M, R] float32 accumulator over 256 registers a lane likely
-    spills (the binary's probe decides)."""
-    from rdnac.kernels.mla import lds_bytes
-
-    elt = ELEMENT_BYTES[_dtype_name(problem["dtype"])]
-    rank, dr, num_cu = problem["kv_lora_rank"], problem["qk_rope_head_dim"], target.num_compute_units
-    if problem["op"] == "mla_cache_write":
-        bytes_moved = problem["num_tokens"] * (rank + dr) * elt * 2
-        return Estimate(bytes_moved, 0, problem["num_tokens"], 1, 1, LAUNCH_US + bytes_moved / (target.hbm_gbps * 1e3),
-                        f"{problem['num_tokens']} latent entries of {rank + dr}")
-    c = config["constexprs"]
-    block_m, block_n, splits = c["BLOCK_M"], c["BLOCK_N"], c.get("NUM_SPLITS", 1)
-    heads, is_decode = problem["num_heads"], problem["phase"] == "decode"
-    width = rank + dr
-    lds = lds_bytes(problem, config)
-    if is_decode:
-        rows, ctx, num_seqs = heads, problem["max_model_len"], problem["num_seqs"]
-    else:  # one sequence of the bucket's tokens, causal: half the keys on average
-        rows, ctx, num_seqs = problem["num_tokens"] * heads, max(1, problem["num_tokens"] // 2), 1
-    row_tiles = math.ceil(rows / block_m)
-    tiles = num_seqs * row_tiles * splits
-    waves = math.ceil(tiles / num_cu)
-    if lds > target.lds_bytes:
-        return Estimate(0, 0, tiles, waves, 0, math.inf,
-                        f"does not fit: needs {lds // 1024} KiB LDS per program ({lds} bytes) for a "
-                        f"{block_m}x{width} query tile and {config['num_stages']} {block_n}x{width} key tile(s), "
-                        f"{target.name} has {target.lds_bytes // 1024} KiB")
-    workspace = 2 * num_seqs * heads * splits * (rank + 2) * 4 if splits > 1 else 0
-    bytes_moved = int(num_seqs * row_tiles * ctx * width * elt + workspace + 2 * num_seqs * rows * rank * elt)
-    threads = config["num_warps"] * target.warp_size
-    regs = (block_m * rank * 4 + block_n * width * elt + block_m * width * elt + 2 * block_m * block_n * 4) \
-        / (4 * threads)
-    occupancy = max(1, min(target.lds_bytes // max(lds, 1),
-                           MAX_WARPS_PER_CU.get(target.name, DEFAULT_MAX_WARPS_PER_CU) // config["num_warps"]))
-    resident = min(tiles, num_cu * occupancy)
-    in_flight = max(1, config["num_stages"]) * block_n * width * elt
-    bw_fraction = min(1.0, resident * in_flight / (target.hbm_gbps * 1e3 * DRAM_LATENCY_US))
-    mem_us = bytes_moved / (target.hbm_gbps * 1e3 * bw_fraction)
-    flops = 2 * num_seqs * row_tiles * block_m * ctx * (2 * rank + dr)
-    peak, peak_note = _peak_tflops(target, _dtype_name(problem["dtype"]))
-    compute_us = flops / (peak * 1e6 * (tiles / (waves * num_cu)))
-    est_us = (max(mem_us, compute_us) + OVERLAP_LOSS * min(mem_us, compute_us)
-              + (4 if splits > 1 else 3) * LAUNCH_US + waves * WAVE_US)
-    spills = regs > MAX_REGS_PER_THREAD
-    if spills:
-        est_us *= SPILL_SLOWDOWN
-    bound = "memory" if mem_us >= compute_us else "compute"
-    return Estimate(bytes_moved, flops, tiles, waves, occupancy, est_us,
-                    f"{bound}-bound {est_us:.1f} us: {row_tiles} tile(s) of {block_m} rows x {splits} split(s) x "
-                    f"{num_seqs} seq(s) = {tiles} programs, {_fmt_bytes(bytes_moved)} at {bw_fraction:.0%} of "
-                    f"{target.hbm_gbps:.0f} GB/s, compute {compute_us:.1f} us{peak_note}; LDS {lds // 1024} KiB, "
-                    f"~{regs:.0f} registers a lane{' (likely spills)' if spills else ''}")
-
-
 # Estimators by name; a kernel family's registry record names the one that ranks its configs.
 ESTIMATORS: dict[str, Callable[[dict, dict, Any], Estimate]] = {
     "gemm": _estimate_gemm,
@@ -345,7 +286,6 @@ ESTIMATORS: dict[str, Callable[[dict, dict, Any], Estimate]] = {
     "logits": _estimate_logits,
     "gemm_gated": _estimate_gemm_gated,
     "moe": _estimate_moe,
-    "mla": _estimate_mla,
 }
 
 
