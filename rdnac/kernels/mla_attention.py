@@ -11,16 +11,20 @@ with one kv head shared by every query head (MQA of H heads over R + Dr wide
 keys) whose values are the keys' first R columns: each latent tile is loaded
 once and is both operands. It rotates the queries' rope part itself
 (`rope.rope_lanes`' arithmetic, so the bits are the reference's rounding).
+Scores over R are summed in BLOCK_K chunks (a loop: a 512-wide query held
+in a dot operand's layout spills on wave32), and a program accumulates
+BLOCK_V of the R output columns (the grid's second axis counts R / BLOCK_V
+slices; narrower slices recompute the scores but hold less).
 Rows of a program's tile are (query token, head) pairs:
 
 - decode (IS_DECODE): one query per sequence; program (b, head tile, split)
   takes a contiguous share of the key tiles, computed in-kernel from seq_lens
-  (grid (B, cdiv(H, BLOCK_M), NUM_SPLITS): fixed by B and the config, so a
+  (grid (B, cdiv(H, BLOCK_M) * slices, NUM_SPLITS): fixed by B and the config, so a
   captured graph replays for any seq_lens). With NUM_SPLITS > 1 the splits'
   float32 max/sum/acc go to a workspace and `_mla_reduce_kernel` (grid (B, H))
   merges them one after another; an empty split contributes nothing.
 - prefill: row r of tile i of sequence b is query token r // H, head r % H
-  (grid (B, cdiv(max_query_len * H, BLOCK_M))), causal by positions.
+  (grid (B, cdiv(max_query_len * H, BLOCK_M) * slices)), causal by positions.
 
 Prefill runs the absorbed form too: the expanded form needs every sequence's
 context expanded to per-head K/V, whose size (the context lengths) only the
