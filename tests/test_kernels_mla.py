@@ -10,6 +10,8 @@ logged, and a GPU test (marked gpu) runs the tiny plan on cuda with graphs again
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -191,6 +193,7 @@ def v3_plans(tmp_path_factory):
         if target not in plans:
             plans[target] = rdnac.compile(root / "ckpt", target, root / f"{target}.msgpack", **COMPILE)
         return plans[target]
+    get.checkpoint = root / "ckpt"
     return get
 
 
@@ -226,6 +229,39 @@ def test_tiny_v3_compiles_for_target_within_lds_without_spills(target, v3_plans)
     assert any(d["pass"] == "mla_forms" and "prefill: absorbed" in d["action"] for d in decisions)
     rejected = [d for d in s["decisions"] if d["action"].startswith("rejected mla")]
     print("\n".join(f"{d['node']}: {d['action']}: {d['reason']}" for d in rejected) or "no MLA config rejected")
+
+
+def test_a_tile_that_does_not_fit_is_rejected_and_logged_with_its_size(v3_plans, tmp_path, monkeypatch):
+    """A measured decode tile too big for gfx942 (a tuning table from a bigger GPU, say: 64 keys of 576 on
+    3 stages): kernel selection rejects its binary, logs what it needs (LDS bytes against the target's,
+    or the registers it spills), and takes the next config."""
+    import json
+
+    from rdnac.cli.inspect import summarize
+    from rdnac.compiler import tuning
+
+    big = {"constexprs": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_V": 512, "NUM_SPLITS": 4},
+           "num_warps": 8, "num_stages": 3}
+    problem = {"op": "mla_attention", "phase": "decode", "num_heads": 4, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+               "block_size": 16, "dtype": "bfloat16"}
+    table = tmp_path / "gfx942.json"
+    table.write_text(json.dumps({"device": "test", "entries": [
+        {"key": tuning.problem_key("mla", problem), "M": 1, "config": big, "us": 1.0, "candidates": 1}]}))
+    monkeypatch.setattr(tuning, "table_paths", lambda target: [table])
+    tuning.load.cache_clear()
+    try:
+        path = rdnac.compile(v3_plans.checkpoint, "gfx942", tmp_path / "big.msgpack", **COMPILE)
+    finally:
+        tuning.load.cache_clear()
+    s = summarize(path)
+    rejected = [d for d in s["decisions"] if d["node"] == "layers.0.attn" and d["action"].startswith("rejected")]
+    assert rejected and "BLOCK_N=64" in rejected[0]["action"] and "decode T<=1" in rejected[0]["action"], rejected
+    reason = rejected[0]["reason"]
+    assert "bytes of LDS/shared memory; gfx942 allows 65536" in reason or re.search(r"spills \d+ registers \(\d+ in use\)",
+                                                                                     reason), reason
+    print(f"\n{rejected[0]['action']}: {rejected[0]['reason'][-120:]}")
+    chosen = s["mla"][0]["decode"]
+    assert chosen["config"] != big and chosen["binary"]["shared_bytes"] <= 65536 and chosen["binary"]["spills"] == 0
 
 
 def test_sm90_plan_under_the_interpreter_gives_the_reference_tokens(v3_plans):
