@@ -360,26 +360,17 @@ def test_moe_route_matches_transformers_router(model_type, topk_method):
                                rtol=0, atol=1e-6)
 
 
-def test_deepseek_routing_is_refused_on_gpu_in_one_line():
-    from rdnac.kernels.registry import reference_only_attrs
+def test_deepseek_routing_has_gpu_kernels_and_mla_needs_the_absorbed_form():
+    """The routing kernels cover DeepSeek's scorings (tests/test_kernels_mla.py runs them); the MLA kernels
+    compute the absorbed form only, so a node left expanded is refused in one line naming the forms."""
+    from rdnac.kernels.registry import REFERENCE_ONLY_OPS, reference_only_attrs
 
-    why = reference_only_attrs("moe_route", {"scoring": "sigmoid_group_topk", "top_k": 8})
-    assert why and "\n" not in why and "sigmoid_group_topk" in why
-    assert reference_only_attrs("moe_route", {"scoring": "softmax_topk", "top_k": 8}) is None
-    assert "routed_scaling_factor" in reference_only_attrs("moe_route", {"scoring": "softmax_topk", "top_k": 8,
-                                                                         "routed_scaling_factor": 16.0})
-
-
-def test_gpu_compile_is_refused_in_one_line(checkpoints, tmp_path):
-    """Until the MLA kernels land, a GPU target refuses the plan at kernel selection, writing nothing."""
-    from rdnac.errors import RdnacError
-
-    _, root, _, _ = checkpoints("v3")
-    out = tmp_path / "gpu.msgpack"
-    with pytest.raises(RdnacError, match=r"node 'layers\.0\.latent_write': no kernel family implements op "
-                                         r"'mla_cache_write' for GPU targets \(MLA kernels") as info:
-        rdnac.compile(root / "ckpt", target="gfx942", output=out, quiet=True)
-    assert "\n" not in str(info.value) and not out.exists()
+    for scoring in ("sigmoid_group_topk", "softmax_group_topk", "softmax_topk"):
+        assert reference_only_attrs("moe_route", {"scoring": scoring, "top_k": 8, "routed_scaling_factor": 2.5}) is None
+    assert not {"mla_cache_write", "mla_attention"} & set(REFERENCE_ONLY_OPS)
+    why = reference_only_attrs("mla_attention", {"prefill_form": "expanded", "decode_form": "absorbed"})
+    assert why and "\n" not in why and "prefill_form 'expanded'" in why
+    assert reference_only_attrs("mla_attention", {"prefill_form": "absorbed", "decode_form": "absorbed"}) is None
 
 
 def test_mtp_layers_are_ignored_with_a_reason(checkpoints, tmp_path):

@@ -42,20 +42,53 @@ def state_summary(graph, runtime: dict, weight_bytes: int, memory: int) -> dict:
     }
 
 
-def mla_summary(graph) -> list[dict]:
-    """Per mla_attention node: the form each phase runs (ir/mla.py) and its latent cache's bytes per token."""
+def mla_summary(graph, program: dict | None = None, kernels: list[dict] = ()) -> list[dict]:
+    """Per mla_attention node: the form each phase runs (ir/mla.py), its latent cache's bytes per token and,
+    for GPU plans (`program` and `kernels` as the plan body holds them), the decode T=1 kernel's tile and
+    the resources of its binary (LDS, registers, spills, matrix instructions)."""
     state = {s.name: s for s in graph.state}
     out = []
     for node in graph.nodes:
         if node.op != "mla_attention":
             continue
         a = node.attrs
-        out.append({"node": node.name, "prefill_form": a.get("prefill_form", "expanded"),
-                    "decode_form": a.get("decode_form", "expanded"), "num_heads": a["num_heads"],
-                    "kv_lora_rank": a["kv_lora_rank"], "qk_rope_head_dim": a["qk_rope_head_dim"],
-                    "cache": node.inputs[1], "latent_bytes_per_token": state[node.inputs[1]].nbytes,
-                    "kv_b": node.inputs[6]})
+        entry = {"node": node.name, "prefill_form": a.get("prefill_form", "expanded"),
+                 "decode_form": a.get("decode_form", "expanded"), "num_heads": a["num_heads"],
+                 "kv_lora_rank": a["kv_lora_rank"], "qk_rope_head_dim": a["qk_rope_head_dim"],
+                 "cache": node.inputs[1], "latent_bytes_per_token": state[node.inputs[1]].nbytes,
+                 "kv_b": node.inputs[6]}
+        choice = (program or {}).get(node.name, {}).get("decode:1")
+        if choice is not None:
+            entry["decode"] = {"kernel": choice["kernel"], "config": choice["config"],
+                               "binary": _mla_decode_binary(a, choice["config"], kernels)}
+        out.append(entry)
     return out
+
+
+def _mla_decode_binary(attrs: dict, cfg: dict, kernels) -> dict | None:
+    """The resources of the `_mla_kernel` binary built for this node's decode config, or None."""
+    want = {"IS_DECODE": True, "NUM_HEADS": attrs["num_heads"], "RANK": attrs["kv_lora_rank"],
+            "ROPE_DIM": attrs["qk_rope_head_dim"], **cfg["constexprs"]}
+    for kb in kernels:
+        call = kb["call"]
+        if (kb["kernel"].endswith(":_mla_kernel") and call["num_warps"] == cfg["num_warps"]
+                and call["num_stages"] == cfg["num_stages"]
+                and all(call["constexprs"].get(c) == v for c, v in want.items())):
+            r = kb["resources"]
+            return {"shared_bytes": r["shared_bytes"], "registers": r["num_regs"], "spills": r["num_spills"],
+                    "matrix_instructions": list(r["matrix_instructions"])}
+    return None
+
+
+def _mla_tile_cells(decode: dict | None) -> tuple[str, str]:
+    if decode is None:
+        return "-", "-"
+    c, b = decode["config"], decode["binary"]
+    tile = " ".join(f"{k}={v}" for k, v in c["constexprs"].items()) + f" w{c['num_warps']} s{c['num_stages']}"
+    if b is None:
+        return tile, "-"
+    return tile, (f"{b['shared_bytes']} B, {b['registers']}" + (f" ({b['spills']} spilled)" if b["spills"] else "")
+                  + ", " + (", ".join(b["matrix_instructions"]) or "-"))
 
 
 def bytes_read_per_token(graph, moe: list[dict]) -> int:
@@ -124,7 +157,7 @@ def summarize(plan_path, memory: int = DEFAULT_MEMORY) -> dict:
                     "bytes_per_token": bytes_read_per_token(graph, moe),
                     "file": plan.header["weights"]["file"], "file_bytes": plan.header["weights"]["size"]},
         "moe": moe,
-        "mla": mla_summary(graph),
+        "mla": mla_summary(graph, plan.body.get("program") or {}, plan.body.get("kernels", [])),
         "mesh": mesh_summary(plan, graph),
         "kernels": [_kernel_summary(k) for k in plan.body.get("kernels", [])],
         "program": _program_summary(plan.body.get("program") or {}),
@@ -186,10 +219,12 @@ def render_text(s: dict, show_decisions: bool = False, per_layer: bool = False, 
         render_moe(console, s["moe"])
     if s.get("mla"):
         lt = Table(title=f"multi-head latent attention: {len(s['mla'])} layers")
-        for col in ("node", "prefill", "decode", "heads", "latent", "latent bytes/token"):
-            lt.add_column(col)
+        for col in ("node", "prefill", "decode", "heads", "latent", "latent bytes/token", "decode T=1 tile",
+                    "LDS, registers, matrix"):
+            lt.add_column(col, overflow="fold")
         rows = [(e["node"], e["prefill_form"], e["decode_form"], str(e["num_heads"]),
-                 f"{e['kv_lora_rank']}+{e['qk_rope_head_dim']}", str(e["latent_bytes_per_token"])) for e in s["mla"]]
+                 f"{e['kv_lora_rank']}+{e['qk_rope_head_dim']}", str(e["latent_bytes_per_token"]),
+                 *_mla_tile_cells(e.get("decode"))) for e in s["mla"]]
         if group and len({r[1:] for r in rows}) == 1:  # every layer alike: one row
             layers = [int(re.search(r"layers\.(\d+)\.", r[0]).group(1)) for r in rows]
             rows = [(re.sub(r"layers\.\d+\.", f"layers.{{{ranges(layers)}}}.", rows[0][0]), *rows[0][1:])]

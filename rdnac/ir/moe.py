@@ -29,8 +29,7 @@ weights. `scoring`:
   `topk_group` best groups set to 0, then the k largest.
 
 Every scoring then multiplies the weights by `routed_scaling_factor`
-(default 1.0; DeepSeek's). The DeepSeek scorings and a factor other than 1
-have no GPU kernel yet (`reference_only_reason`).
+(default 1.0; DeepSeek's). Every scoring has a GPU kernel (rdnac/kernels/moe_route.py).
 
 Exact ties pick the lower expert id (a stable sort: torch.topk does not
 guarantee it, and on cpu picks higher ids among equal values); ids are int32.
@@ -113,15 +112,6 @@ def _group_limited(logits: torch.Tensor, correction_bias: torch.Tensor | None, t
     if renormalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     return weights, ids
-
-
-def reference_only_reason(attrs: dict) -> str | None:
-    """Why a moe_route node has no GPU kernel yet (kernel selection refuses it in one line), or None."""
-    if attrs["scoring"] in GROUP_SCORINGS:
-        return f"scoring {attrs['scoring']!r} (DeepSeek's group-limited routing) runs in the reference only for now"
-    if attrs.get("routed_scaling_factor", 1.0) != 1.0:
-        return "routed_scaling_factor other than 1 runs in the reference only for now"
-    return None
 
 
 def check_route(a: dict, ins: list[TensorSpec], expect) -> None:

@@ -56,18 +56,18 @@ REFERENCE_ONLY_OPS = {"argmax": "GPU plans sample outside the graph (rdnac.runti
                       **dict.fromkeys(("all_reduce", "all_gather", "shard_ids"),
                                       "tensor parallelism runs on the cpu target (gloo) for now: GPU compiles "
                                       "with --tp are refused; on GPUs they become torch.distributed (NCCL/RCCL) "
-                                      "calls, not Triton kernels"),
-                      **dict.fromkeys(("mla_cache_write", "mla_attention"),
-                                      "MLA kernels come with issue 26's kernel part: GPU compiles of DeepSeek "
-                                      "models are refused at kernel selection")}
+                                      "calls, not Triton kernels")}
 
 
 def reference_only_attrs(op: str, attrs: dict) -> str | None:
-    """Why a node of an op that has kernels still has none for its attributes (DeepSeek's MoE routing), or None."""
-    if op == "moe_route":
-        from rdnac.ir.moe import reference_only_reason
-
-        return reference_only_reason(attrs)
+    """Why a node of an op that has kernels still has none for its attributes, or None: the MLA kernels
+    compute the absorbed form only (rdnac/kernels/mla_attention.py), which passes/mla_forms.py sets on
+    GPU targets."""
+    if op == "mla_attention":
+        forms = (attrs.get("prefill_form", "expanded"), attrs.get("decode_form", "expanded"))
+        if forms != ("absorbed", "absorbed"):
+            return (f"the MLA kernels run the absorbed form in both phases; got prefill_form {forms[0]!r}, "
+                    f"decode_form {forms[1]!r}; run the mla_forms pass")
     return None
 
 

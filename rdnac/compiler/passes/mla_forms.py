@@ -14,6 +14,11 @@ w_uk [H, R, Dn] and w_uv [H, Dv, R] are kv_b's rows regrouped per head once,
 here, in kv_b's dtype (the compute dtype; an FP8 kv_b_proj was dequantized
 by the frontend). Both forms compute the same function (ir/mla.py); each
 choice is logged with the bytes per cached token it reads.
+
+GPU targets run prefill in the absorbed form too (rdnac/kernels/mla_attention.py):
+expanding a chunk's cached context needs its length on the host, which would
+break graph capture; the form is set on the node, so the plan graph (and
+the interpreter run on it) states what the kernels compute.
 """
 
 from __future__ import annotations
@@ -40,11 +45,15 @@ def run(state: CompileState) -> None:
             graph.weights[f"{stem}.{leaf}"] = WeightSpec(dtype, tuple(w.shape), "none",
                                                          source=f"{leaf} per head of {kv_b}")
         node.inputs += [f"{stem}.w_uk", f"{stem}.w_uv"]
-        a.update(prefill_form="expanded", decode_form="absorbed")
+        prefill = "absorbed" if state.target.is_gpu else "expanded"
+        a.update(prefill_form=prefill, decode_form="absorbed")
         heads, rank, dr = a["num_heads"], a["kv_lora_rank"], a["qk_rope_head_dim"]
         item = weights[kv_b].element_size()
         expanded = heads * (a["qk_nope_head_dim"] + dr + a["v_head_dim"]) * item
-        state.decide(NAME, node.name, "prefill: expanded; decode: absorbed (W_UK into the query, W_UV after)",
+        why_prefill = ("the GPU kernel's latent form: expanding the cached context needs its length on the host, "
+                       "a sync graph capture forbids; " if state.target.is_gpu
+                       else "prefill shares one expansion over its queries; ")
+        state.decide(NAME, node.name, f"prefill: {prefill}; decode: absorbed (W_UK into the query, W_UV after)",
                      f"decode reads the latent cache directly, {(rank + dr) * item} bytes per cached token instead "
-                     f"of {expanded} for expanded keys and values; prefill shares one expansion over its queries; "
+                     f"of {expanded} for expanded keys and values; {why_prefill}"
                      f"w_uk {list(w_uk.shape)} and w_uv {list(w_uv.shape)} regrouped from {kv_b} in {dtype}")
