@@ -34,8 +34,8 @@ from rdnac import SamplingParams
 from rdnac.errors import CheckpointError, UnsupportedModelError
 from rdnac.ir import interpreter
 from rdnac.ir.graph import Graph
-from rdnac.runtime.llm_engine import LLMEngine
 from tests.support.checkpoints import check_logits_match, reference_greedy, reference_logits, write_byte_tokenizer
+from tests.support.same_tokens import check_batched_greedy_matches_alone
 
 PROMPT = [3, 141, 59, 26, 53, 58, 97, 93, 238, 46, 26, 43, 38, 32, 79, 50, 28, 8, 84, 19]
 TOL = 1e-4
@@ -412,18 +412,7 @@ def test_llm_engine_concurrent_greedy_matches_alone(case, concurrency):
     _, _, _, engine = case
     prompts = [PROMPT[i % 7:][: 5 + 3 * (i % 5)] + [i + 3] for i in range(concurrency)]
     params = [SamplingParams(max_tokens=4 + i % 5) for i in range(concurrency)]
-    alone = [engine.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
-    llm = LLMEngine(engine.runner)
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        llm.add_request(f"r{i}", p, sp)
-    final, max_running = {}, 0
-    while llm.has_unfinished():
-        for out in llm.step():
-            if out.finished:
-                final[out.request_id] = out.token_ids
-        max_running = max(max_running, llm.stats()["running"])
-    assert [final[f"r{i}"] for i in range(concurrency)] == alone
-    assert max_running == concurrency
+    check_batched_greedy_matches_alone(engine, prompts, params)
 
 
 def test_inspect_shows_mla_forms_and_latent_bytes(checkpoints):

@@ -23,6 +23,7 @@ from rdnac.ir import mxfp4
 from rdnac.plans.format import read_plan
 from tests.support.checkpoints import check_logits_match, reference_greedy, reference_logits
 from tests.support.gpt_oss import make_gpt_oss, reference_model, write_mxfp4_checkpoint
+from tests.support.same_tokens import check_batched_greedy_matches_alone
 
 # 26 tokens: longer than every sliding window below (7 and 5), so the windows cut in
 PROMPT = [3, 141, 59, 26, 53, 58, 97, 93, 238, 46, 26, 43, 38, 32, 79, 50, 28, 8, 84, 19, 201, 7, 160, 33, 99, 250]
@@ -166,24 +167,11 @@ def test_mxfp4_logits_and_greedy_match_transformers_dequantized(mxfp4_case):
 def test_mxfp4_engine_at_concurrency_17_matches_alone(mxfp4_case):
     """17 requests at once under the cpu LLMEngine (prompts longer and shorter than the window, decode and
     prefill in one step) give each request's tokens alone."""
-    from rdnac.runtime.llm_engine import LLMEngine
-
     _, _, _, plan = mxfp4_case
     llm = rdnac.load(plan)
     prompts = [PROMPT[i % 9:][: 3 + 2 * (i % 8)] + [i + 3] for i in range(17)]
     params = [SamplingParams(max_tokens=2 + i % 3, ignore_eos=True) for i in range(17)]
-    alone = [llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
-    engine = LLMEngine(llm.runner)
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        engine.add_request(f"r{i}", p, sp)
-    final, max_running = {}, 0
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out.token_ids
-        max_running = max(max_running, engine.stats()["running"])
-    assert [final[f"r{i}"] for i in range(17)] == alone
-    assert max_running == 17
+    check_batched_greedy_matches_alone(llm, prompts, params)
 
 
 def _plan_weights(plan: Path) -> dict[str, torch.Tensor]:

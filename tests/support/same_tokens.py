@@ -155,3 +155,22 @@ def check_served_tokens(llm, alone, plan: Path, *serve_args: str, logprob_atol: 
         for ours, theirs in zip(alone.logprobs, choice["logprobs"]["token_logprobs"]):
             assert abs(ours - theirs) <= logprob_atol, (ours, theirs)
 
+
+
+def check_batched_greedy_matches_alone(llm, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+    """All `prompts` submitted at once to one cpu LLMEngine over `llm`'s runner give each request's tokens
+    run alone, and they really ran together (the engine held every one of them in one step)."""
+    from rdnac.runtime.llm_engine import LLMEngine
+
+    alone = [llm.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    engine = LLMEngine(llm.runner)
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(f"r{i}", p, sp)
+    final, max_running = {}, 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out.token_ids
+        max_running = max(max_running, engine.stats()["running"])
+    assert [final[f"r{i}"] for i in range(len(prompts))] == alone
+    assert max_running == len(prompts)
