@@ -57,9 +57,13 @@ from rdnac.kernels.launch import Launcher, aligned, cdiv, next_power_of_2
 
 _SUM = tl.standard._sum_combine  # tl.sum / tl.cumsum are jit functions; see rms_norm.py
 
-AOT_DIVISIBLE = {name: ("stride_q", "stride_k", "stride_v", "stride_o")
+# Row strides are model-shape ints (the width of the projection a view was split from, or Hv for an aligned
+# copy of the gates): binaries specialize on their divisibility by 16. The jit helpers take the caller's.
+AOT_DIVISIBLE = {name: ("stride_q", "stride_k", "stride_v", "stride_o", "stride_a", "stride_b")
                  for name in ("_gdn_chunk_scan_kernel", "_gdn_decode_kernel")}
-AOT_DIVISIBLE["_gdn_chunk_prepare_kernel"] = ("stride_q", "stride_k")
+AOT_DIVISIBLE["_gdn_chunk_prepare_kernel"] = ("stride_q", "stride_k", "stride_a", "stride_b")
+AOT_DIVISIBLE["_gates"] = ("stride_a", "stride_b")
+AOT_DIVISIBLE["_l2_normed"] = ("stride",)
 
 
 @triton.jit

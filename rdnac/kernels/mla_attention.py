@@ -44,7 +44,8 @@ from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 # Model-shape strides (never token counts), specialized on divisibility by 16 (see attention.py)
 AOT_DIVISIBLE = {"_mla_kernel": ("stride_lt", "stride_qt", "stride_cb", "stride_cs", "stride_ot"),
-                 "_head_gemm_kernel": ("stride_xt", "stride_xh", "stride_yt", "stride_yh")}
+                 "_head_gemm_kernel": ("stride_xt", "stride_xh", "stride_yt", "stride_yh"),
+                 "_mla_reduce_kernel": ("stride_ot",)}
 
 
 @triton.jit

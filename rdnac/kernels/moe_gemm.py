@@ -32,7 +32,8 @@ from rdnac.kernels.activation import activate
 
 # Shape ints fixed by the weights (never token counts): binaries specialize on their divisibility by 16.
 AOT_DIVISIBLE = {"_moe_gemm_kernel": ("N", "K", "stride_am", "stride_we", "stride_wn", "stride_se", "stride_sn",
-                                      "stride_be", "stride_om")}
+                                      "stride_be", "stride_om"),
+                 "_moe_epilogue": ("stride_be", "stride_om")}  # a jit helper: the calling kernel's strides
 
 
 @triton.jit

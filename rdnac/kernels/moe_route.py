@@ -38,7 +38,7 @@ _SUM = tl.standard._sum_combine
 
 # the router logits' row stride is the expert count, a model-shape int: AOT binaries specialize on its
 # divisibility by 16 as the JIT does (rdnac.kernels.launch.divisible_args)
-AOT_DIVISIBLE = {"_moe_route_kernel": ("stride_lm",)}
+AOT_DIVISIBLE = {"_moe_route_kernel": ("stride_lm",), "_moe_group_route_kernel": ("stride_lm",)}
 
 
 @triton.jit
