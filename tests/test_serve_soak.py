@@ -57,7 +57,7 @@ _INVALID = [
     ("/v1/completions", json.dumps({"prompt": "x", "seed": 1 << 63}).encode(), 400),
     ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}],
                                          "seed": -(1 << 70)}).encode(), 400),
-    ("/v1/completions", json.dumps({"prompt": "x", "logit_bias": {"1": 5}}).encode(), 400),
+    ("/v1/completions", json.dumps({"prompt": "x", "logit_bias": {"99999999": 5}}).encode(), 400),  # out of vocab
     ("/v1/completions", json.dumps({"prompt": "x", "logprobs": 50}).encode(), 400),
     ("/v1/completions", json.dumps({"prompt": [7] * 400, "max_tokens": 1}).encode(), 400),
     ("/v1/completions", b"[1, 2, 3]", 400),
