@@ -110,10 +110,8 @@ def _build(name: str, root):
     model_type, overrides = CASES[name]
     model = make_deepseek(root / "ckpt", model_type, **overrides)
     if name == "v3":
-        write_byte_tokenizer(root / "ckpt", BASE["vocab_size"])
-        tok_config = json.loads((root / "ckpt" / "tokenizer_config.json").read_text())
-        tok_config.update(chat_template=R1_STYLE_TEMPLATE, bos_token="<|endoftext|>")
-        (root / "ckpt" / "tokenizer_config.json").write_text(json.dumps(tok_config))
+        write_byte_tokenizer(root / "ckpt", BASE["vocab_size"], chat_template=R1_STYLE_TEMPLATE,
+                             bos_token="<|endoftext|>")
     plan = rdnac.compile(root / "ckpt", target="cpu", output=root / "plan.msgpack", quiet=True)
     return name, root, model, rdnac.load(plan)
 

@@ -89,10 +89,7 @@ def make_gemma3_vlm(directory):
 def text_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("gemma3")
     model = make_gemma3(root / "ckpt")
-    write_byte_tokenizer(root / "ckpt", TEXT["vocab_size"])
-    tok_config = json.loads((root / "ckpt" / "tokenizer_config.json").read_text())
-    tok_config.update(chat_template=GEMMA_TEMPLATE, bos_token="<|endoftext|>")
-    (root / "ckpt" / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    write_byte_tokenizer(root / "ckpt", TEXT["vocab_size"], chat_template=GEMMA_TEMPLATE, bos_token="<|endoftext|>")
     plan = rdnac.compile(root / "ckpt", target="cpu", output=root / "gemma3.msgpack", quiet=True)
     return root, model, rdnac.load(plan)
 

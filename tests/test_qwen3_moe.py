@@ -96,10 +96,7 @@ def _build(name: str, root):
     has_tokenizer = name == WINDOWED
     model = make_qwen3_moe(root / "ckpt", shard_size=None if has_tokenizer else "40KB", **CASES[name])
     if has_tokenizer:
-        write_byte_tokenizer(root / "ckpt", BASE["vocab_size"])
-        tok_config = json.loads((root / "ckpt" / "tokenizer_config.json").read_text())
-        tok_config["chat_template"] = QWEN3_STYLE_TEMPLATE
-        (root / "ckpt" / "tokenizer_config.json").write_text(json.dumps(tok_config))
+        write_byte_tokenizer(root / "ckpt", BASE["vocab_size"], chat_template=QWEN3_STYLE_TEMPLATE)
     else:
         assert (root / "ckpt" / "model.safetensors.index.json").exists()
     plan = rdnac.compile(root / "ckpt", target="cpu", output=root / "plan.msgpack", quiet=True)

@@ -41,8 +41,9 @@ def make_checkpoint(model_type: str, directory: Path, *, seed: int = 0, shard_si
     return model
 
 
-def write_byte_tokenizer(directory: Path, vocab_size: int) -> None:
-    """A small real byte-level BPE tokenizer (vocab fits any tiny model) with a chat template."""
+def write_byte_tokenizer(directory: Path, vocab_size: int, **config) -> None:
+    """A small real byte-level BPE tokenizer (vocab fits any tiny model) with a chat template; `config`
+    overrides tokenizer_config.json's fields (a family's own chat_template, its bos_token)."""
     import json
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -60,7 +61,7 @@ def write_byte_tokenizer(directory: Path, vocab_size: int) -> None:
                 "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
     (Path(directory) / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>", "chat_template": template, "model_max_length": 256}))
+        "pad_token": "<|endoftext|>", "chat_template": template, "model_max_length": 256, **config}))
 
 
 @torch.no_grad()
