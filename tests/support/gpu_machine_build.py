@@ -72,10 +72,19 @@ QWEN3_5_WIDTH = dict(hidden_size=2048, num_hidden_layers=2, num_attention_heads=
                      layer_types=["linear_attention", "full_attention"])
 
 
+def moe_checkpoint(shape: str) -> Callable[..., Path]:
+    """rdnac.testing.moe's Hub-layout writer: Qwen3-MoE in bf16, GPT-OSS with MXFP4 experts (scheme mxfp4)."""
+    def write(out: Path, scheme: str | None = None) -> Path:
+        from rdnac.testing.moe import write_random_moe_checkpoint
+
+        return write_random_moe_checkpoint(out, shape, scheme or "bf16")
+    return write
+
+
 @dataclass(frozen=True)
 class Case:
     family: str
-    scheme: str  # "bf16", "fp8-block" or "fp8-tensor"
+    scheme: str  # "bf16", "fp8-block", "fp8-tensor" or "mxfp4"
     write: Callable[..., Path]  # write(out_dir, scheme=None | "fp8-block" | "fp8-tensor") -> checkpoint dir
 
     @property
@@ -99,6 +108,9 @@ CASES = [
     Case("gemma2", "bf16", hf_random_checkpoint("gemma2", attn_logit_softcapping=50.0,
                                                 **{k: v for k, v in GEMMA_WIDTH.items() if k != "layer_types"})),
     Case("qwen3_5", "bf16", hf_random_checkpoint("qwen3_5_text", **QWEN3_5_WIDTH)),
+    # the fused MoE family (dense and MXFP4 experts), GPT-OSS's sinks and windows
+    Case("qwen3_moe", "bf16", moe_checkpoint("qwen3-moe-tiny")),
+    Case("gpt_oss", "mxfp4", moe_checkpoint("gpt-oss-tiny")),
 ]
 
 
