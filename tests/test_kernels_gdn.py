@@ -223,6 +223,22 @@ def test_sigmoid_gate(dtype):
             assert_close(f"sigmoid_gate {tuple(gt.shape)}", out, la.sigmoid_gate(x, gt), *tol)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gate_columns_at_an_odd_offset_are_copied_to_an_aligned_allocation(rows):
+    """The decay/beta gates are columns of a merged projection at an offset that is not a multiple of 16 bytes;
+    AOT binaries assume aligned pointers. At decode batch 1 the one-row slice is contiguous already, so a
+    `.contiguous()` would return the same misaligned view (the H100 failure of session 16's fix)."""
+    from rdnac.kernels.launch import aligned
+
+    merged = torch.randn(rows, 37, dtype=torch.bfloat16)
+    gates = merged[:, 5:13]
+    assert gates.data_ptr() % 16  # the case under test
+    copied = aligned(gates)
+    assert copied.data_ptr() % 16 == 0
+    assert torch.equal(copied, gates)
+    assert aligned(merged[:, 8:16]).data_ptr() == merged[:, 8:16].data_ptr()  # aligned views pass through
+
+
 def test_the_ops_have_kernels():
     for op in la.OP_NAMES:
         assert registry.has_kernel(op) and op not in registry.REFERENCE_ONLY_OPS, op

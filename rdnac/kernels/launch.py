@@ -198,8 +198,11 @@ def aligned(t: "torch.Tensor") -> "torch.Tensor":
     """`t`, or a fresh copy when its first element is not 16-byte aligned in its allocation (a column view
     that a split cut at an odd offset, e.g. the small gate projections of a merged linear). AOT binaries
     assume every pointer aligned (rdnac.plans.binaries); the offset is a model constant, so the compiler's
-    recording and every run take the same branch."""
-    return t.contiguous() if (t.storage_offset() * t.element_size()) % 16 else t
+    recording and every run take the same branch. A fresh copy, not `.contiguous()`: a one-row slice (decode
+    at batch 1) is contiguous already, and `.contiguous()` would hand back the same misaligned view."""
+    if (t.storage_offset() * t.element_size()) % 16 == 0:
+        return t
+    return t.clone() if t.is_contiguous() else t.contiguous()
 
 
 def divisible_args(kernel: triton.JITFunction, args: tuple[Any, ...]) -> tuple[str, ...]:
