@@ -32,8 +32,10 @@ ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # MXFP4 decode GEMV tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps): on sm90 (Triton 3.9, GPT-OSS-20B shapes) the
 # gate/up programs use 80 (1 row), 128 (2 rows) and 254 (4 and 8 rows at 128 deep) registers, none spills.
 # gfx1151's are 62-135; 512 deep is 256 contiguous bytes per row per step.
+# Session 17's rework (a scale per 32-element group, a cheaper decode) adds deeper and narrower tiles: fewer
+# registers per element leave room for 512-byte rows.
 GEMV_TILES = ((1, 16, 256, 4), (1, 8, 512, 4), (1, 16, 512, 4), (1, 32, 256, 8), (2, 16, 256, 4), (4, 16, 128, 4),
-              (8, 16, 128, 4))
+              (8, 16, 128, 4), (1, 4, 512, 4), (1, 8, 1024, 4), (1, 8, 1024, 8), (1, 16, 1024, 8))
 
 
 def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, **flags: bool) -> dict:
