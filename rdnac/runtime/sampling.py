@@ -142,8 +142,10 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Te
     """The logits with what a grammar's bitmask forbids at -inf: one masked op over the batch, no host sync."""
     # logits: [B, V] float32; bitmask: [B, ceil(V / 32)] int32 (bit j of word w: token 32 w + j allowed)
     assert bitmask.shape == (logits.shape[0], (logits.shape[-1] + 31) // 32), (bitmask.shape, logits.shape)
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    bits = (bitmask[:, :, None] >> shifts) & 1  # [B, W, 32]; an arithmetic shift: bit 31 is the sign's
+    # As bytes (little-endian, as every target is), token t is bit t % 8 of byte t // 8: unpacking bytes
+    # takes a quarter of the memory traffic of unpacking 32-bit words.
+    shifts = torch.arange(8, dtype=torch.uint8, device=logits.device)
+    bits = (bitmask.contiguous().view(torch.uint8)[:, :, None] >> shifts) & 1  # [B, 4 W, 8] uint8
     return logits.masked_fill(bits.flatten(1)[:, :logits.shape[-1]] == 0, float("-inf"))
 
 
