@@ -154,7 +154,8 @@ def test_harmony_streamed_by_tokens_joins_to_the_whole_parse():
     assert accumulate(calls) == [c["function"] for c in whole["tool_calls"]]
 
 
-STREAMED = [  # (format, output, its calls' names): two calls in one answer, text before a call, every family rdnac parses
+# (format, output, its calls' names): two calls in one answer, text before a call, every family rdnac parses
+STREAMED = [
     ("hermes", 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}'
                '\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET \\"x\\" }"}}\n</tool_call>',
      ["get_weather", "get_time"]),
