@@ -230,3 +230,33 @@ def test_sampled_decode_step_never_syncs(case):
     assert out.tokens.shape == (2,) and out.tokens[1] == out.logits[1].argmax()
     again = engine.runner.execute(entries, batch)
     assert torch.equal(again.tokens, out.tokens)  # counter-based: the same seed and step draw the same token
+
+
+@torch.no_grad()
+def test_grammar_masked_decode_step_never_syncs(case):
+    """The captured masked sampler: a decode step with a grammar's token bitmask in one row (all ones in the
+    other) replays without a host sync and draws what the eager sampler draws under the same mask."""
+    from rdnac.runtime.model_runner import StepEntry
+    from rdnac.runtime.sampling import SamplingBatch, sample
+
+    _, _, plan = case
+    engine = rdnac.load(plan, device="cuda")
+    blocks = engine.engine.block_manager.take_blocks(2)
+    entries = [StepEntry(list(range(5, 25)), blocks, 19, 20), StepEntry([9] * 7, blocks, 6, 7)]
+    words = (engine.runner.vocab_size + 31) // 32
+    for temperatures in ([0.8, 0.0], [0.0, 0.8]):  # the grammar's row sampled, then greedy
+        mask = torch.full((2, words), -1, dtype=torch.int32, device="cuda")
+        mask[0] = 0
+        mask[0, 3] = 0b1011  # row 0 may draw tokens 96, 97 and 99 only
+        batch = SamplingBatch(temperatures, [0, 0], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0], [[], []], [1234, 99],
+                              [3, 0], token_bitmask=mask)
+        engine.runner.execute(entries, batch)  # warm
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = engine.runner.execute(entries, batch)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert engine.runner.graphs is not None, "the decode step ran eagerly: nothing captured was tested"
+        assert out.tokens[0].item() in (96, 97, 99), out.tokens
+        assert torch.equal(out.tokens, sample(out.logits, batch)[0])  # the eager sampler, same mask

@@ -18,6 +18,21 @@ def _calls(parsed) -> list[tuple[str, dict]]:
     return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed.tool_calls]
 
 
+def accumulate(entries: list[dict]) -> list[dict]:
+    """The calls of a stream's `tool_calls` delta entries, joined as a client does: each index's first entry
+    carries its id, type and name; later ones only fragments of its arguments."""
+    calls: list[dict] = []
+    for entry in entries:
+        index, function = entry["index"], entry["function"]
+        if index == len(calls):
+            assert entry["type"] == "function" and entry["id"].startswith("call_") and function["name"], entry
+            calls.append({"name": function["name"], "arguments": ""})
+        else:
+            assert index < len(calls) and "id" not in entry and "name" not in function, entry
+        calls[index]["arguments"] += function["arguments"]
+    return calls
+
+
 def test_hermes_qwen3():
     text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
             '<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET"}}\n</tool_call>')
@@ -93,7 +108,7 @@ def test_streamed_deltas_join_to_the_whole_parse(text):
         joined["tool_calls"] += delta.get("tool_calls", [])
     assert joined["content"] == (whole["content"] or "")
     assert joined["reasoning_content"] == (whole["reasoning_content"] or "")
-    assert [c["function"] for c in joined["tool_calls"]] == [c["function"] for c in whole.get("tool_calls", [])]
+    assert accumulate(joined["tool_calls"]) == [c["function"] for c in whole.get("tool_calls", [])]
     assert "<think>" not in joined["content"] and "<tool_call>" not in joined["content"]
 
 
@@ -136,4 +151,70 @@ def test_harmony_streamed_by_tokens_joins_to_the_whole_parse():
         calls += delta.get("tool_calls", [])
         assert "<|" not in joined["content"] and "{" not in joined["content"]
     assert joined == {"reasoning_content": whole["reasoning_content"], "content": whole["content"]}
-    assert [c["function"] for c in calls] == [c["function"] for c in whole["tool_calls"]]
+    assert accumulate(calls) == [c["function"] for c in whole["tool_calls"]]
+
+
+# (format, output, its calls' names): two calls in one answer, text before a call, every family rdnac parses
+STREAMED = [
+    ("hermes", 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}'
+               '\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET \\"x\\" }"}}\n</tool_call>',
+     ["get_weather", "get_time"]),
+    ("hermes", '<tool_call>\n{"arguments": {"q": "late name"}, "name": "search"}\n</tool_call>', ["search"]),
+    ("hermes", '<tool_call>\n{"name": "f", "arguments": "{\\"quoted\\": 1}"}\n</tool_call>', ["f"]),
+    ("llama3", '<|python_tag|>{"name": "search", "parameters": {"q": "rdnac {x}"}}; '
+               '{"name": "b", "parameters": {"x": 1.5}}', ["search", "b"]),
+    ("llama3", '{"name": "search", "parameters": {"q": "no tag"}}', ["search"]),
+    ("mistral", 'Sure. [TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": [2]}}, '
+                '{"name": "mul", "arguments": {"c": "]}"}}]', ["add", "mul"]),
+    ("mistral", 'ok [TOOL_CALLS]add[ARGS]{"a": 1}[TOOL_CALLS]mul[ARGS]{"b": {"c": 2}}', ["add", "mul"]),
+    ("harmony", '<|channel|>analysis<|message|>Two lookups.<|end|><|start|>assistant<|channel|>commentary '
+                'to=functions.get_weather <|constrain|>json<|message|>{"location": "Tokyo"}<|call|>'
+                '<|start|>assistant<|channel|>commentary to=functions.get_time <|constrain|>json<|message|>'
+                '{"tz": "JST"}<|call|><|start|>assistant<|channel|>final<|message|>Done.', ["get_weather", "get_time"]),
+]
+
+
+def _pieces(text: str) -> list[str]:
+    """Special tokens whole, everything else one character at a time (every partial JSON value is seen)."""
+    import re
+
+    return [p for s in re.split(r"(<\|\w+\|>|\[TOOL_CALLS\]|\[ARGS\])", text) if s
+            for p in ([s] if re.fullmatch(r"<\|\w+\|>|\[TOOL_CALLS\]|\[ARGS\]", s) else list(s))]
+
+
+@pytest.mark.parametrize("fmt, text, names", STREAMED)
+def test_call_arguments_stream_as_written(fmt, text, names):
+    """A call's first delta has its index, id, type and name; its arguments follow in fragments as the model
+    writes them; the fragments join to the whole parse's arguments (the model's JSON text)."""
+    whole, has_calls = ChatOutput(fmt, False, False, _NoTokenizer(), set()).message(text)
+    assert has_calls and [c["function"]["name"] for c in whole["tool_calls"]] == names
+    for call in whole["tool_calls"]:
+        json.loads(call["function"]["arguments"])
+    stream = ChatOutput(fmt, False, False, _NoTokenizer(), set())
+    pieces, content, entries = _pieces(text), "", []
+    for end in range(1, len(pieces) + 1):
+        delta, _ = stream.delta("".join(pieces[:end]), final=end == len(pieces))
+        content += delta.get("content", "")
+        entries += delta.get("tool_calls", [])
+    assert content == (whole["content"] or "")
+    assert accumulate(entries) == [c["function"] for c in whole["tool_calls"]]
+    for index, call in enumerate(whole["tool_calls"]):
+        fragments = [e for e in entries if e["index"] == index and e["function"]["arguments"]]
+        # sent once whole: arguments written before the name, and arguments quoted as a JSON string
+        if '"late name"' not in text and '"quoted' not in call["function"]["arguments"]:
+            assert len(fragments) > 3, fragments  # streamed as written, not sent once whole
+
+
+@pytest.mark.parametrize("choice, text", [
+    ({"type": "function", "function": {"name": "get_weather"}}, '{"city": "Paris"}'),
+    ("required", '[{"name": "get_weather", "parameters": {"city": "Oslo"}}, {"name": "get_time", "parameters": {}}]'),
+])
+def test_forced_call_arguments_stream_as_written(choice, text):
+    whole, _ = ChatOutput(None, False, False, _NoTokenizer(), set(), forced=choice).message(text)
+    stream = ChatOutput(None, False, False, _NoTokenizer(), set(), forced=choice)
+    entries = []
+    for end in range(1, len(text) + 1):
+        entries += stream.delta(text[:end], final=end == len(text))[0].get("tool_calls", [])
+    assert accumulate(entries) == [c["function"] for c in whole["tool_calls"]]
+    assert [json.loads(c["function"]["arguments"]) for c in whole["tool_calls"]] == \
+        ([{"city": "Paris"}] if isinstance(choice, dict) else [{"city": "Oslo"}, {}])

@@ -1,12 +1,16 @@
 """Decode steps captured as CUDA/HIP graphs, one per batch bucket, sharing one memory pool.
 
-Per bucket, two graphs: the model step, which also takes the greedy tokens
-(argmax), and the sampler's `draw` over that step's logits with the rows'
+Per bucket, three graphs: the model step, which also takes the greedy tokens
+(argmax), the sampler's `draw` over that step's logits with the rows'
 temperatures, seeds and steps (sampling.py), replayed after it when some row
-samples. So a plain decode step (greedy and temperature sampling, seeded or
-not) samples inside the graphs; a batch with top-k/top-p/min-p, a repetition
-penalty or logprobs is sampled by `sampling.sample` from the step's logits,
-which gives the same tokens for the rows that need none of those.
+samples, and the same draw after the grammars' token bitmask is applied (one
+masked op over the batch; a static [bucket, ceil(V / 32)] buffer, all ones
+in rows without a grammar), replayed instead when some row has a grammar.
+So a plain decode step (greedy and temperature sampling, seeded or not,
+constrained by a grammar or not) samples inside the graphs; a batch with
+top-k/top-p/min-p, a repetition penalty or logprobs is sampled by
+`sampling.sample` from the step's logits, which gives the same tokens for
+the rows that need none of those.
 
 A decode step of B sequences replays the graph of the smallest bucket >= B.
 Rows past B are padding: token 0 at position 0, seq_len 1, slot -1 (the KV
@@ -26,7 +30,7 @@ import time
 import torch
 
 from rdnac.runtime.executor import Executor, StepMeta
-from rdnac.runtime.sampling import SamplingBatch, draw, seed_to_int64
+from rdnac.runtime.sampling import SamplingBatch, apply_token_bitmask, draw, seed_to_int64
 
 # per-step inputs written from the host before a replay (the block table is handled apart: its width varies)
 _STEP_INPUTS = ("token_ids", "positions", "slot_mapping", "seq_lens", "temperature", "seeds", "steps")
@@ -44,6 +48,8 @@ class DecodeGraphs:
         self._logits: dict[int, torch.Tensor] = {}
         self._greedy: dict[int, torch.Tensor] = {}
         self._sampled: dict[int, torch.Tensor] = {}
+        self._masked_samplers: dict[int, torch.cuda.CUDAGraph] = {}
+        self._masked: dict[int, torch.Tensor] = {}
         # per bucket: pinned host buffers the inputs are written into (and numpy views of them), and an
         # event after the step's copies out of them, so a host running steps ahead never overwrites a
         # buffer before its copy ran
@@ -64,6 +70,11 @@ class DecodeGraphs:
             self._graphs[bucket], (self._logits[bucket], self._greedy[bucket]) = self._capture(model_step, pool)
             self._samplers[bucket], self._sampled[bucket] = self._capture(
                 lambda: draw(self._logits[bucket], static["temperature"], static["seeds"], static["steps"]), pool)
+            vocab = self._logits[bucket].shape[-1]
+            static["token_bitmask"] = torch.full((bucket, (vocab + 31) // 32), -1, dtype=torch.int32, device=device)
+            self._masked_samplers[bucket], self._masked[bucket] = self._capture(
+                lambda: draw(apply_token_bitmask(self._logits[bucket], static["token_bitmask"]),
+                             static["temperature"], static["seeds"], static["steps"]), pool)
             self._static[bucket] = static
             self._staging[bucket] = self._pinned(bucket)
             self._copied[bucket] = torch.cuda.Event()
@@ -116,7 +127,8 @@ class DecodeGraphs:
     def run(self, host: dict[str, list], num_seqs: int,
             sampling: SamplingBatch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Replay the bucket's graphs for `num_seqs` real rows given host-side input lists; returns logits [B, V]
-        and tokens [B]: greedy, or drawn by `sampling` (a plain batch: see SamplingBatch.is_plain)."""
+        and tokens [B]: greedy, or drawn by `sampling` (a plain batch: see SamplingBatch.is_plain), under its
+        token bitmask if it has one."""
         bucket = self.bucket_for(num_seqs)
         static = self._static[bucket]
         pad = bucket - num_seqs
@@ -128,7 +140,8 @@ class DecodeGraphs:
         }
         if self.has_state_slots:  # slot -1: a padding row reads zero state and writes none (ir/linear_attention)
             rows["state_slots"] = host["state_slots"] + [-1] * pad
-        is_sampled = sampling is not None and not sampling.is_greedy
+        is_masked = sampling is not None and sampling.token_bitmask is not None
+        is_sampled = sampling is not None and (not sampling.is_greedy or is_masked)
         if is_sampled:
             rows.update(temperature=sampling.temperatures + [0.0] * pad,
                         seeds=[seed_to_int64(s) for s in sampling.seeds] + [0] * pad, steps=sampling.steps + [0] * pad)
@@ -147,8 +160,14 @@ class DecodeGraphs:
         static["block_tables"][:, :width].copy_(staging["block_tables"][: bucket * width].view(bucket, width),
                                                 non_blocking=True)
         self._copied[bucket].record()
+        if is_masked:  # already on the device (token_bitmask.py): a device copy, padding rows all ones
+            static["token_bitmask"][:num_seqs].copy_(sampling.token_bitmask, non_blocking=True)
+            static["token_bitmask"][num_seqs:].fill_(-1)
         self._graphs[bucket].replay()
         if not is_sampled:
             return self._logits[bucket][:num_seqs], self._greedy[bucket][:num_seqs]
+        if is_masked:
+            self._masked_samplers[bucket].replay()
+            return self._logits[bucket][:num_seqs], self._masked[bucket][:num_seqs]
         self._samplers[bucket].replay()
         return self._logits[bucket][:num_seqs], self._sampled[bucket][:num_seqs]

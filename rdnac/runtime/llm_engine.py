@@ -30,6 +30,7 @@ from rdnac.runtime.sampling_params import SamplingParams, is_int, is_number
 from rdnac.runtime.scheduler import Scheduler
 from rdnac.runtime.sequence import Sequence
 from rdnac.runtime.state_cache import default_num_blocks
+from rdnac.runtime.token_bitmask import TokenBitmasks
 from rdnac.runtime.tokenizer import Tokenizer
 
 Prompt = str | list[int] | list[dict]
@@ -81,6 +82,7 @@ class LLMEngine:
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = False,
                  max_model_len: int | None = None):
         self.runner = runner
+        self._bitmasks = TokenBitmasks(runner.vocab_size, runner.device)  # grammars' masks, per batch bucket
         body = runner.plan.body
         tok = body["tokenizer"]
         self.generation_config = body.get("generation_config") or {}
@@ -231,7 +233,7 @@ class LLMEngine:
     def _run(self, chunks: list) -> list[RequestOutput]:
         entries = [StepEntry(c.seq.token_ids, c.seq.block_table, c.start, c.end, c.seq.state_slot) for c in chunks]
         reqs = [self._requests[c.seq.seq_id] if c.is_last else None for c in chunks]  # None: gives no token
-        batch = _sampling_batch(reqs, self.tokenizer.eos_token_ids, self.runner.vocab_size, self.runner.device)
+        batch = _sampling_batch(reqs, self.tokenizer.eos_token_ids, self._bitmasks)
         result = self.runner.execute(entries, batch)
         is_sampled = any(r is not None for r in reqs)
         tokens = result.tokens.tolist() if is_sampled else []  # one device->host copy per step
@@ -394,14 +396,13 @@ class LLMEngine:
                 for o in (final[i] for i in ids)]
 
 
-def _sampling_batch(reqs: list[_Request | None], eos_token_ids: set[int], vocab_size: int,
-                    device) -> SamplingBatch:
+def _sampling_batch(reqs: list[_Request | None], eos_token_ids: set[int], bitmasks: TokenBitmasks) -> SamplingBatch:
     """One sampling row per step entry, in order (None: an entry that gives no token)."""
     params = [r.params if r is not None else _NO_TOKEN for r in reqs]
     live = [r for r in reqs if r is not None]
     extras = {}
     if any(r.params.presence_penalty or r.params.frequency_penalty or r.params.logit_bias or r.params.min_tokens
-           or r.matcher is not None for r in live):
+           for r in live):
         def banned(r):  # before min_tokens, nothing that would end the request may be drawn
             if r is None or r.seq.num_output_tokens >= r.params.min_tokens:
                 return []
@@ -410,12 +411,8 @@ def _sampling_batch(reqs: list[_Request | None], eos_token_ids: set[int], vocab_
                       frequency_penalties=[p.frequency_penalty for p in params],
                       num_prompt_tokens=[r.seq.num_prompt_tokens if r is not None else 0 for r in reqs],
                       logit_biases=[p.logit_bias for p in params], banned=[banned(r) for r in reqs])
-        if any(r.matcher is not None for r in live):
-            allowed = torch.ones(len(reqs), vocab_size, dtype=torch.bool)
-            for i, r in enumerate(reqs):
-                if r is not None and r.matcher is not None:
-                    allowed[i] = r.matcher.allowed(vocab_size)
-            extras["allowed"] = allowed.to(device)
+    if any(r.matcher is not None for r in live):  # grammars: one bitmask for the batch, applied on the device
+        extras["token_bitmask"] = bitmasks.fill([r.matcher if r is not None else None for r in reqs])
     return SamplingBatch(
         temperatures=[p.temperature for p in params], top_ks=[p.top_k for p in params],
         top_ps=[p.top_p for p in params], min_ps=[p.min_p for p in params],

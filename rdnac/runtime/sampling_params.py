@@ -46,7 +46,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence of a token already generated
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     min_tokens: int = 0  # EOS, stop tokens and stop strings end nothing before this many tokens
-    # a grammar (`guide.Guide`, e.g. from rdnac.serve.structured): its per-request matcher masks the logits
+    # a grammar (e.g. rdnac.serve.structured.Guide): `guide.matcher()` per sequence, whose `fill_bitmask(bitmask,
+    # row)` writes its row of each step's token bitmask (token_bitmask.py) and `accept(token)` advances it
     guide: object | None = None
 
     def __post_init__(self):

@@ -2,11 +2,13 @@
 
     worker.py    the one thread that owns the LLMEngine; the asyncio bridge to it
     protocol.py  OpenAI request validation -> SamplingParams; response shapes
-    app.py       the FastAPI routes, SSE streaming, and the uvicorn runner
+    app.py       the FastAPI app's wiring, the Server shared by its routes (SSE streaming), the uvicorn runner
+    handlers.py  the two generation routes: /v1/completions and /v1/chat/completions
     metrics.py   Prometheus text for GET /metrics (rdnac's series and vLLM's names)
     ops.py       /version, CORS, logging, prefix-caching default, serve-time limits, MODEL -> plan
     chat_output.py  an assistant message from a chat output: content, reasoning_content, tool_calls
     tools.py     tools checked for the template; tool calls parsed (Hermes/Qwen, Llama 3, Mistral, harmony)
+    tool_scan.py tool calls in an output still growing: names and arguments as streamed deltas send them
     reasoning.py `<think>` reasoning split from the answer
     echo.py      echo and prompt logprobs on /v1/completions (lm-eval's loglikelihood)
     structured.py  response_format (json_object, json_schema, regex, grammar) as an xgrammar logits mask

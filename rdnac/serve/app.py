@@ -4,8 +4,8 @@
     GET  /version              {"version": ...} (ops.py, with CORS for --allowed-origins)
     GET  /metrics              Prometheus text (behind the API key with --auth-metrics)
     GET  /v1/models            the one model served
-    POST /v1/completions       prompt: string, token ids, or a list of either
-    POST /v1/chat/completions  messages, rendered with the plan's chat template
+    POST /v1/completions       prompt: string, token ids, or a list of either (handlers.py)
+    POST /v1/chat/completions  messages, rendered with the plan's chat template (handlers.py)
 
 Handlers never touch the LLMEngine: they read the body (at most
 --max-body-bytes, else 413 before the rest is read), parse and tokenize it in
@@ -24,7 +24,6 @@ import json
 import socket
 import sys
 import time
-import uuid
 from typing import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -32,13 +31,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rdnac.errors import RdnacError
+from rdnac.serve import handlers
 from rdnac.serve.chat_output import ChatStyle
 from rdnac.serve.echo import Echo, prompt_logprobs
 from rdnac.serve.ops import install as install_ops
-from rdnac.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, chat_logprobs, choice_seed,
-                                  completion_logprobs, envelope, finish_reason, parse_request, sampling_params, usage)
+from rdnac.serve.protocol import APIError, choice_seed, finish_reason, parse_request, sampling_params, usage
 from rdnac.serve.structured import GuideCompiler
-from rdnac.serve.tools import check_tools, forced_format
 from rdnac.serve.worker import ClientDisconnected, EngineFailed, EngineWorker, RequestGroup
 
 
@@ -63,7 +61,7 @@ DEFAULT_MAX_BODY_BYTES = 4 << 20  # a full 128k-token context as JSON token ids 
 DEFAULT_MAX_N = 16  # choices per request (`n`); each is a sequence in the engine
 
 
-class _Server:
+class Server:
     def __init__(self, worker: EngineWorker, llm, model_name: str, max_body_bytes: int, max_n: int = DEFAULT_MAX_N):
         self.worker = worker
         self.llm = llm
@@ -280,7 +278,7 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
     _check_auth_metrics(auth_metrics, api_key)
     if chat_template is not None:
         llm.tokenizer.chat_template = chat_template
-    server = _Server(worker, llm, model_name or llm.plan.header["model"]["name"], max_body_bytes, max_n)
+    server = Server(worker, llm, model_name or llm.plan.header["model"]["name"], max_body_bytes, max_n)
     app = FastAPI(title="rdnac", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
 
@@ -320,121 +318,11 @@ def create_app(worker: EngineWorker, llm, model_name: str | None = None, api_key
 
     @v1.post("/completions")
     async def completions(request: Request):
-        req = await server.read(request, CompletionRequest)
-        server.check_model(req.model)
-        prompts, n = req.prompts(), req.n
-        max_tokens = req.max_tokens if req.max_tokens is not None else 16
-        params = await server.params(req, max(max_tokens, 1), logprobs=req.logprobs is not None,
-                               top_logprobs=req.logprobs or 0)
-        token_ids = await server.encode(prompts, chat=False)
-        # echo: the prompt (and its logprobs, each token's given its prefix) before each choice's completion
-        echoes = [await server.echo(p, ids, req.logprobs) for p, ids in zip(prompts, token_ids)] if req.echo else None
-        request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def wrap(choices, **extra):
-            return envelope(request_id, "text_completion", server.model_name, created, choices, **extra)
-
-        def logprobs_of(token_ids, logprobs, top, offset=0, echo=None):
-            if req.logprobs is None:
-                return None
-            result = completion_logprobs(server.token_strings(token_ids), logprobs,
-                                         server.top_strings(top) if req.logprobs else None, offset)
-            return echo.join(result) if echo is not None else result
-
-        def echo_of(index: int):
-            return echoes[index // n] if echoes is not None else None
-
-        if max_tokens == 0:  # lm-eval's loglikelihood: the prompt scored, nothing generated
-            choices = [{"index": i, "text": echo_of(i).text, "finish_reason": "length",
-                        "logprobs": echo_of(i).logprobs if req.logprobs is not None else None}
-                       for i in range(len(prompts) * n)]
-            num_prompt = sum(len(ids) for ids in token_ids)
-            if req.stream:
-                return server.static_stream([wrap([c]) for c in choices] + (
-                    [wrap([], usage=usage(num_prompt, 0))] if req.include_usage else []))
-            return JSONResponse(wrap(choices, usage=usage(num_prompt, 0)))
-
-        group = await server.start(request_id, prompts, params, chat=False, token_ids=token_ids)
-
-        if req.stream:
-            first = [{"index": i, "text": echo_of(i).text, "finish_reason": None,
-                      "logprobs": echo_of(i).logprobs if req.logprobs is not None else None}
-                     for i in range(len(group.ids))] if echoes is not None else []
-
-            def chunk(index, out, new_logprobs, new_top, _choice):
-                if not (out.new_text or out.finished or (new_logprobs and req.logprobs is not None)):
-                    return None
-                offset = len(out.text) - len(out.new_text) + (len(echo_of(index).text) if echoes else 0)
-                return {"index": index, "text": out.new_text, "finish_reason": finish_reason(out),
-                        "logprobs": logprobs_of(out.new_token_ids, new_logprobs, new_top, offset)}
-            return server.stream(group, first, chunk, wrap, req.include_usage, n)
-
-        choices = await server.collect(request, group, len(group.ids))
-        body = wrap([{"index": i, "text": (echo_of(i).text if echoes else "") + c.text,
-                      "finish_reason": c.finish_reason,
-                      "logprobs": logprobs_of(c.token_ids, c.logprobs, c.top, echo=echo_of(i))}
-                     for i, c in enumerate(choices)],
-                    usage=usage(sum(group.num_prompt_tokens[::n]), sum(len(c.token_ids) for c in choices)))
-        return JSONResponse(body)
+        return await handlers.completions(server, request)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
-        req = await server.read(request, ChatCompletionRequest)
-        server.check_model(req.model)
-        tools = check_tools(req.tools, req.tool_choice)
-        if tools and server.chat_style.tool_format is None:
-            raise APIError(400, "tools requires a chat template that renders tools in a tool-call format rdnac "
-                                "parses (Hermes/Qwen <tool_call>, Llama 3 JSON, Mistral [TOOL_CALLS], GPT-OSS "
-                                "harmony); got a template with none; serve with --chat-template FILE", param="tools")
-        forced = req.tool_choice if tools and req.tool_choice not in (None, "auto") else None
-        if forced is not None:  # the output is constrained to the call by its schema
-            if req.response_format is not None and req.response_format.get("type") != "text":
-                raise APIError(400, f"tool_choice {forced!r} requires no response_format (it sets its own); got "
-                                    f"both", param="response_format")
-            req.response_format = forced_format(tools, forced)
-        prompt_text, ids = await server.render_chat(req.template_messages(), tools, req.chat_template_kwargs or {})
-        # OpenAI's chat default is "until the context is full"; the engine caps it at the model length.
-        max_tokens = req.max_completion_tokens or req.max_tokens or server.max_model_len
-        params = await server.params(req, max_tokens, logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
-        request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        group = await server.start(request_id, [prompt_text], params, chat=True, token_ids=[ids])
-        stop_ids = server.tokenizer.eos_token_ids | set(req.stop_token_ids or [])
-        parsers = [server.chat_style.output(prompt_text, bool(tools), stop_ids, forced) for _ in group.ids]
-
-        def wrap(choices, **extra):
-            return envelope(request_id, "chat.completion.chunk" if req.stream else "chat.completion",
-                            server.model_name, created, choices, **extra)
-
-        def logprobs_of(token_ids, logprobs, top):
-            return chat_logprobs(server.token_strings(token_ids), logprobs, server.top_strings(top)) \
-                if req.logprobs else None
-
-        def reason_of(reason: str | None, has_calls: bool) -> str | None:
-            return "tool_calls" if has_calls and reason is not None else reason
-
-        if req.stream:
-            has_role = [False] * len(group.ids)
-
-            def chunk(index, out, new_logprobs, new_top, choice):
-                parser = parsers[index]
-                delta, has_calls = parser.delta(parser.text(choice.text, choice.token_ids), out.finished)
-                if not has_role[index]:  # with the first token, not at admission: TTFT is measured on it
-                    has_role[index] = True
-                    delta = {"role": "assistant", "content": "", **delta}
-                elif not (delta or out.finished or (new_logprobs and req.logprobs)):
-                    return None
-                return {"index": index, "delta": delta,
-                        "logprobs": logprobs_of(out.new_token_ids, new_logprobs, new_top),
-                        "finish_reason": reason_of(finish_reason(out), has_calls)}
-            return server.stream(group, [], chunk, wrap, req.include_usage, len(group.ids))
-
-        choices = await server.collect(request, group, len(group.ids))
-        body = []
-        for i, (c, parser) in enumerate(zip(choices, parsers)):
-            message, has_calls = parser.message(parser.text(c.text, c.token_ids))
-            body.append({"index": i, "message": message, "logprobs": logprobs_of(c.token_ids, c.logprobs, c.top),
-                         "finish_reason": reason_of(c.finish_reason, has_calls)})
-        return JSONResponse(wrap(body, usage=usage(group.num_prompt_tokens[0], sum(len(c.token_ids) for c in choices))))
+        return await handlers.chat_completions(server, request)
 
     app.include_router(v1)
     install_ops(app, allowed_origins)

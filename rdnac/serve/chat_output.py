@@ -9,7 +9,8 @@ format (`tools.py`); GPT-OSS's harmony channels give both. `ChatOutput` does it 
 from __future__ import annotations
 
 from rdnac.serve import reasoning
-from rdnac.serve.tools import ToolStream, forced_calls, needs_special_tokens, tool_format
+from rdnac.serve.tool_scan import CallState, scan_forced
+from rdnac.serve.tools import CallDeltas, ToolStream, forced_calls, needs_special_tokens, tool_format
 
 
 class ChatStyle:
@@ -34,6 +35,7 @@ class ChatOutput:
         self.fmt, self.think, self.tokenizer, self.stop_ids, self.forced = fmt, think, tokenizer, stop_ids, forced
         self.reasoning = reasoning.ReasoningStream(is_open) if think else None
         self.tools = ToolStream(fmt) if fmt else None
+        self.forced_calls = CallDeltas()  # a forced call's deltas (the whole output is the call)
         self.visible = ""  # the content part of reasoning's split, as the tool stream has seen it
 
     def text(self, text: str, token_ids: list[int]) -> str:
@@ -48,19 +50,24 @@ class ChatOutput:
 
     def delta(self, text: str, final: bool) -> tuple[dict, bool]:
         """The delta for the output text so far: {reasoning_content?, content?, tool_calls?}, and whether
-        it made tool calls."""
-        if self.forced is not None:  # the output is the call: nothing streams before it is whole
-            calls = forced_calls(text, self.forced) if final else []
-            return ({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]} if calls else {}), bool(calls)
+        it made tool calls (so far)."""
+        if self.forced is not None:  # the output is the call
+            if final:
+                calls = [CallState(c["function"]["name"], c["function"]["arguments"])
+                         for c in forced_calls(text, self.forced)]
+            else:
+                calls = scan_forced(text, False, self.forced)
+            entries = self.forced_calls.push(calls)
+            return ({"tool_calls": entries} if entries else {}), bool(self.forced_calls.sent)
         delta, reasoning_delta = {}, ""
         content = text
         if self.reasoning is not None:
             reasoning_delta, content_delta = self.reasoning.push(text, final)
             self.visible += content_delta
             content = self.visible
-        calls = []
+        entries = []
         if self.tools is not None:
-            tool_reasoning, content_delta, calls = self.tools.push(content, final)
+            tool_reasoning, content_delta, entries = self.tools.push(content, final)
             reasoning_delta += tool_reasoning
         elif self.reasoning is None:
             content_delta = text[len(self.visible):]
@@ -69,9 +76,9 @@ class ChatOutput:
             delta["reasoning_content"] = reasoning_delta
         if content_delta:
             delta["content"] = content_delta
-        if calls:
-            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
-        return delta, bool(calls)
+        if entries:
+            delta["tool_calls"] = entries
+        return delta, self.tools is not None and bool(self.tools.calls.sent)
 
     def message(self, text: str) -> tuple[dict, bool]:
         """The whole assistant message: {role, content, reasoning_content?, tool_calls?}."""

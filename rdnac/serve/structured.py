@@ -4,9 +4,10 @@ sampler.
 
 The grammar engine is xgrammar (the `structured` extra: `pip install 'rdnac[structured]'`). A `Guide`
 compiles one request's grammar; the LLMEngine asks it for a matcher per sequence (so `n` choices each
-follow the grammar on their own), fills a [B, V] mask each step from the matchers and applies it to the
-logits on the device (`sampling.process_logits`), then feeds each drawn token back. The only host work per
-token is xgrammar's own: filling the bitmask and advancing the matcher.
+follow the grammar on their own). Each step every matcher writes its row of the batch's token bitmask
+(xgrammar's packed layout, in a fixed host buffer: runtime/token_bitmask.py), which the sampler applies on
+the device as one masked op (`sampling.apply_token_bitmask`); the engine then feeds each drawn token back.
+The only host work per token is xgrammar's own: filling the bitmask row and advancing the matcher.
 """
 
 from __future__ import annotations
@@ -34,13 +35,10 @@ class _Matcher:
         self._xgr = xgr
         self._matcher = xgr.GrammarMatcher(compiled)
 
-    def allowed(self, vocab_size: int) -> torch.Tensor:
-        """[V] bool: the tokens the grammar allows next (only the stop tokens once it is complete)."""
-        bitmask = self._xgr.allocate_token_bitmask(1, vocab_size)
-        self._matcher.fill_next_token_bitmask(bitmask)
-        logits = torch.zeros(1, vocab_size)
-        self._xgr.apply_token_bitmask_inplace(logits, bitmask)
-        return logits[0] == 0
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the tokens the grammar allows next (only the stop tokens once it is complete) into row `row`
+        of a [B, ceil(V / 32)] int32 host bitmask."""
+        self._matcher.fill_next_token_bitmask(bitmask, row)
 
     def accept(self, token: int) -> None:
         if not self._matcher.is_terminated():  # a stop token ends the grammar; an ignored EOS keeps going

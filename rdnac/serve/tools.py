@@ -9,8 +9,12 @@ The formats of the families rdnac runs, told apart by the plan's chat template:
              channel is the reasoning, its final channel the content
 
 `parse` is a pure function of the output text (decoded with special tokens where the format's markers are
-special tokens: `needs_special_tokens`). `ToolStream` gives streaming deltas: content before a call's
-marker streams as it comes; a call is sent as one `tool_calls` delta once its output is complete.
+special tokens: `needs_special_tokens`). A call's arguments are the model's JSON text as written
+(`tool_scan.py` finds them), so a stream can send them as they come. `ToolStream` gives streaming deltas:
+content before a call's marker streams as it comes; a call is sent as OpenAI does, a first `tool_calls`
+delta with its index, id, type and name once the name is whole, then fragments of its arguments that join
+to the whole parse's. A call whose output turns out not to parse once complete cannot be taken back; the
+text is then content too (the final delta sends it).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from rdnac.serve.protocol import APIError
+from rdnac.serve.tool_scan import HARMONY_MESSAGE, SCANNERS, CallState, scan_forced
 
 
 @dataclass
@@ -98,10 +103,9 @@ def forced_format(tools: list[dict], tool_choice) -> dict | None:
 
 def forced_calls(text: str, tool_choice) -> list[dict]:
     """The calls of an output that `forced_format` constrained."""
-    if isinstance(tool_choice, dict):
-        return [_call(tool_choice["function"]["name"], text)]
-    values = _decode_objects(text)
-    return [_call(v["name"], v["parameters"]) for v in (values[0] if values else []) if _named(v, "parameters")]
+    if not isinstance(tool_choice, dict) and not _decode_objects(text):
+        return []
+    return [_call(c.name, c.arguments) for c in scan_forced(text, True, tool_choice) if c.name is not None]
 
 
 def _short(value) -> str:
@@ -109,10 +113,21 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _call(name: str, arguments) -> dict:
-    args = arguments if isinstance(arguments, str) else json.dumps(arguments if arguments is not None else {},
-                                                                  ensure_ascii=False)
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": args}}
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _call(name: str, arguments: str) -> dict:
+    return {"id": _call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def _scanned(fmt: str, text: str, names: list[str]) -> list[dict] | None:
+    """The calls of a complete output whose call objects named `names` (checked whole), with the arguments
+    as `tool_scan` finds them (what a stream sent); None if the two disagree (then it is not a call)."""
+    calls = SCANNERS[fmt](text, True)
+    if [c.name for c in calls] != names:
+        return None
+    return [_call(c.name, c.arguments) for c in calls]
 
 
 def _decode_objects(text: str) -> list | None:
@@ -143,13 +158,14 @@ def parse_hermes(text: str) -> Parsed:
     start = text.find("<tool_call>")
     if start < 0:
         return Parsed(text)
-    calls = []
+    names = []
     for body in _HERMES.findall(text[start:]):
         values = _decode_objects(body)
         if not values or not all(_named(v, "arguments") or _named(v, "parameters") for v in values):
             return Parsed(text)  # not a call after all: the text stays content, as the model wrote it
-        calls += [_call(v["name"], v.get("arguments", v.get("parameters"))) for v in values]
-    return Parsed(text[:start].rstrip(), calls)
+        names += [v["name"] for v in values]
+    calls = _scanned("hermes", text, names)
+    return Parsed(text[:start].rstrip(), calls) if calls is not None else Parsed(text)
 
 
 def parse_llama3(text: str) -> Parsed:
@@ -163,14 +179,15 @@ def parse_llama3(text: str) -> Parsed:
     values = _decode_objects(body)
     if not values or not all(_named(v, "parameters") or _named(v, "arguments") for v in values):
         return Parsed(text)
-    return Parsed("", [_call(v["name"], v.get("parameters", v.get("arguments"))) for v in values])
+    calls = _scanned("llama3", text, [v["name"] for v in values])
+    return Parsed("", calls) if calls is not None else Parsed(text)
 
 
 def parse_mistral(text: str) -> Parsed:
     start = text.find("[TOOL_CALLS]")
     if start < 0:
         return Parsed(text)
-    calls = []
+    names = []
     for part in text[start:].split("[TOOL_CALLS]")[1:]:
         part = part.strip()
         if "[ARGS]" in part:  # v11+: name[ARGS]{...}
@@ -178,23 +195,23 @@ def parse_mistral(text: str) -> Parsed:
             values = _decode_objects(args)
             if not name.strip() or values is None or len(values) != 1:
                 return Parsed(text)
-            calls.append(_call(name.strip(), values[0]))
+            names.append(name.strip())
             continue
         values = _decode_objects(part)
-        flat = [v for value in values or [] for v in (value if isinstance(value, list) else [value])]
+        if values is None or len(values) != 1 and any(isinstance(v, list) for v in values):
+            return Parsed(text)  # one array, or objects: not an array among other values
+        flat = [v for value in values for v in (value if isinstance(value, list) else [value])]
         if not flat or not all(_named(v, "arguments") for v in flat):
             return Parsed(text)
-        calls += [_call(v["name"], v["arguments"]) for v in flat]
-    return Parsed(text[:start].rstrip(), calls)
-
-
-_HARMONY_MESSAGE = re.compile(r"(?:<\|start\|>)?(.*?)<\|message\|>(.*?)(<\|end\|>|<\|call\|>|<\|return\|>|$)", re.S)
+        names += [v["name"] for v in flat]
+    calls = _scanned("mistral", text, names)
+    return Parsed(text[:start].rstrip(), calls) if calls is not None else Parsed(text)
 
 
 def parse_harmony(text: str) -> Parsed:
     """Messages of GPT-OSS's output (it starts after the prompt's `<|start|>assistant`)."""
     reasoning, content, calls = [], [], []
-    for header, body, _end in _HARMONY_MESSAGE.findall(text):
+    for header, body, _end in HARMONY_MESSAGE.findall(text):
         channel = re.search(r"<\|channel\|>\s*(\w+)", header)
         recipient = re.search(r"to=functions\.([\w.\-]+)", header)
         if recipient:
@@ -210,11 +227,38 @@ PARSERS = {"hermes": parse_hermes, "llama3": parse_llama3, "mistral": parse_mist
 MARKERS = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]"}
 
 
+class CallDeltas:
+    """`tool_calls` delta entries of one choice, from the calls its output holds so far (`tool_scan`)."""
+
+    def __init__(self):
+        self.sent: list[tuple[str, str]] = []  # per call: its id and the arguments sent so far
+
+    def push(self, calls: list[CallState]) -> list[dict]:
+        entries = []
+        for index, call in enumerate(calls):
+            if call.name is None:  # calls are sent in order, each once its name is whole
+                break
+            if index == len(self.sent):
+                self.sent.append((_call_id(), ""))
+                entry = {"index": index, "id": self.sent[index][0], "type": "function",
+                         "function": {"name": call.name, "arguments": ""}}
+            else:
+                entry = {"index": index, "function": {"arguments": ""}}
+            call_id, sent = self.sent[index]
+            if call.arguments.startswith(sent):  # else a call that did not parse after all: nothing to add
+                entry["function"]["arguments"] = call.arguments[len(sent):]
+                self.sent[index] = (call_id, call.arguments)
+            if "id" in entry or entry["function"]["arguments"]:
+                entries.append(entry)
+        return entries
+
+
 class ToolStream:
     """Streaming deltas for one choice: (content, reasoning, tool_calls) as the output text grows."""
 
     def __init__(self, fmt: str):
         self.fmt, self.content, self.reasoning = fmt, "", ""
+        self.calls = CallDeltas()
 
     def _visible(self, text: str) -> tuple[str, str]:
         """(reasoning, content) that is safe to send before the output is complete."""
@@ -239,14 +283,15 @@ class ToolStream:
         return "", text.rstrip()  # whitespace before a call is not content: held until the next word
 
     def push(self, text: str, final: bool) -> tuple[str, str, list[dict]]:
-        """(reasoning delta, content delta, tool calls) for the output text so far."""
+        """(reasoning delta, content delta, tool_calls delta entries) for the output text so far."""
         if final:
             parsed = PARSERS[self.fmt](text)
-            reasoning, content, calls = parsed.reasoning or "", parsed.content, parsed.tool_calls
+            reasoning, content = parsed.reasoning or "", parsed.content
+            calls = [CallState(c["function"]["name"], c["function"]["arguments"]) for c in parsed.tool_calls]
         else:
-            (reasoning, content), calls = self._visible(text), []
+            (reasoning, content), calls = self._visible(text), SCANNERS[self.fmt](text, False)
         if not content.startswith(self.content):  # a held-back call turned out to be content: send the rest
             content = self.content + content[len(self.content):] if len(content) > len(self.content) else self.content
         delta = reasoning[len(self.reasoning):], content[len(self.content):]
         self.reasoning, self.content = max(reasoning, self.reasoning, key=len), max(content, self.content, key=len)
-        return delta[0], delta[1], calls
+        return delta[0], delta[1], self.calls.push(calls)
