@@ -145,6 +145,7 @@ def _check_program(body: dict, path: Path | str) -> None:
                 raise PlanError(f"{where} requires step keys phase:bucket (phase prefill or decode, bucket one of "
                                 f"{', '.join(map(str, BUCKETS))}); got {key!r}; the plan file is corrupt: do "
                                 f"recompile it")
+            registry.wrapper(choice["kernel"])  # one rdnac's kernel library registers, or a PlanError naming it
             wrapper = registry.wrapper_for(node["op"], phase)
             if choice["kernel"] != wrapper:
                 raise PlanError(f"{where}.{key} requires kernel wrapper {wrapper!r} (op {node['op']}, {phase}); "
