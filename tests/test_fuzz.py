@@ -308,12 +308,14 @@ def test_gguf_mutations_end_in_one_typed_line(gguf_file, tmp_path):
 NUM_GPU_PLAN_MUTATIONS = 600  # per target: 1,200 in all
 # Kernel names a tampered plan might hold: modules outside rdnac's kernel library (never imported: checked),
 # the library's non-kernels, another real kernel, malformed names.
-HOSTILE_KERNELS = ["poplib:POP3", "wave:open", "mailbox:mbox", "tabnanny:check", "os:system", "evil_sentinel:system",
-                   "rdnac.compiler.build:compile_calls", "rdnac.kernels.registry:wrapper", "rdnac.kernels.gemm:linear",
-                   "rdnac.kernels.gemm:_gemm_kernel", "rdnac.kernels.rms_norm:nonexistent", "rdnac.kernels:x",
-                   "rdnac.kernelsx.gemm:_gemm_kernel", "rdnac.kernels.gemm", ":", "", "rdnac.kernels.gemm:_gemm_kernel:x"]
-HOSTILE_WRAPPERS = ["poplib.POP3", "mailbox.mbox", "tabnanny.check", "os.system", "registry.wrapper", "gemm.config_space",
-                    "gemm.linear", "rms_norm.rms_norm", "attention.attention_prefill", "gemm", "", "gemm.linear.x"]
+HOSTILE_KERNELS = ["poplib:POP3", "wave:open", "mailbox:mbox", "tabnanny:check", "os:system",
+                   "evil_sentinel:system", "rdnac.compiler.build:compile_calls", "rdnac.kernels.registry:wrapper",
+                   "rdnac.kernels.gemm:linear", "rdnac.kernels.gemm:_gemm_kernel", "rdnac.kernels.rms_norm:nonexistent",
+                   "rdnac.kernels:x", "rdnac.kernelsx.gemm:_gemm_kernel", "rdnac.kernels.gemm", ":", "",
+                   "rdnac.kernels.gemm:_gemm_kernel:x"]
+HOSTILE_WRAPPERS = ["poplib.POP3", "mailbox.mbox", "tabnanny.check", "os.system", "registry.wrapper",
+                    "gemm.config_space", "gemm.linear", "rms_norm.rms_norm", "attention.attention_prefill", "gemm", "",
+                    "gemm.linear.x"]
 NEVER_IMPORTED = ("poplib", "wave", "mailbox", "tabnanny", "evil_sentinel")
 
 

@@ -24,7 +24,7 @@ from rdnac.errors import PlanError
 from rdnac.kernels import registry
 from rdnac.kernels.launch import resolve_kernel
 from rdnac.plans.binaries import KernelBinary, sha256_hex
-from rdnac.targets import get_target
+from rdnac.targets import Target, get_target
 
 # Triton's signature types of runtime arguments (kernels/launch.py's triton_type picks among these)
 _POINTER_TYPES = ("fp32", "fp16", "bf16", "fp64", "fp8e4nv", "fp8e5", "fp8e4b8", "fp8e5b16", "i8", "i16", "i32",
@@ -52,7 +52,7 @@ def check_kernels(body: dict, target_name: str, path: Path | str) -> list[Kernel
     return binaries
 
 
-def check_binary(d: dict, target, where: str) -> KernelBinary:
+def check_binary(d: dict, target: Target, where: str) -> KernelBinary:
     """One binary record (schema-checked) as a KernelBinary of rdnac's library for `target` (a Target)."""
     binary = KernelBinary.from_dict(d)
 
@@ -63,7 +63,7 @@ def check_binary(d: dict, target, where: str) -> KernelBinary:
     if binary.target != target.name:
         fail(f"the plan's target {target.name}", binary.target)
     if binary.call.kernel != binary.kernel:
-        fail(f"a call of the same kernel", binary.call.kernel)
+        fail("a call of the same kernel", binary.call.kernel)
     kernel = resolve_kernel(binary.kernel)  # rdnac's kernel library only; PlanError otherwise
     params = kernel.params
     runtime = [p.name for p in params if not p.is_constexpr]
