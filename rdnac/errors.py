@@ -35,6 +35,11 @@ class RequestError(RdnacError):
     """A generation request is invalid (prompt too long, bad sampling options)."""
 
 
+class EngineError(RdnacError):
+    """The engine can no longer run the model (a lost GPU, a broken plan): every request fails until the
+    plan is loaded again. Not the request's fault: the server answers 503."""
+
+
 class RdnacWarning(UserWarning):
     """Something done other than asked, said once (a limit clamped to what the model or plan holds);
     the CLI prints it as one `warning:` line."""

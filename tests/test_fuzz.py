@@ -301,3 +301,136 @@ def test_gguf_mutations_end_in_one_typed_line(gguf_file, tmp_path):
         # promptly: a damaged array length once sent the gguf package through phantom entries for 30 s
         assert time.perf_counter() - started < 5, f"mutation {i} ({what}) took {time.perf_counter() - started:.0f} s"
     assert _files(tmp_path) == {"m.gguf"}
+
+
+# ---------------------------------------------------------------- GPU plans: kernels, program, launch fields
+
+NUM_GPU_PLAN_MUTATIONS = 600  # per target: 1,200 in all
+# Kernel names a tampered plan might hold: modules outside rdnac's kernel library (never imported: checked),
+# the library's non-kernels, another real kernel, malformed names.
+HOSTILE_KERNELS = ["poplib:POP3", "wave:open", "mailbox:mbox", "tabnanny:check", "os:system",
+                   "evil_sentinel:system", "rdnac.compiler.build:compile_calls", "rdnac.kernels.registry:wrapper",
+                   "rdnac.kernels.gemm:linear", "rdnac.kernels.gemm:_gemm_kernel", "rdnac.kernels.rms_norm:nonexistent",
+                   "rdnac.kernels:x", "rdnac.kernelsx.gemm:_gemm_kernel", "rdnac.kernels.gemm", ":", "",
+                   "rdnac.kernels.gemm:_gemm_kernel:x"]
+HOSTILE_WRAPPERS = ["poplib.POP3", "mailbox.mbox", "tabnanny.check", "os.system", "registry.wrapper",
+                    "gemm.config_space", "gemm.linear", "rms_norm.rms_norm", "attention.attention_prefill", "gemm", "",
+                    "gemm.linear.x"]
+NEVER_IMPORTED = ("poplib", "wave", "mailbox", "tabnanny", "evil_sentinel")
+
+
+@pytest.fixture(scope="module")
+def gpu_plans(tmp_path_factory) -> dict[str, Path]:
+    """One-layer plans cross-compiled for an NVIDIA and an AMD target (no GPU needed)."""
+    root = tmp_path_factory.mktemp("fuzz-gpu")
+    make_checkpoint("llama", root / "ckpt", num_hidden_layers=1)
+    return {target: rdnac.compile(root / "ckpt", target=target, output=root / f"{target}.msgpack", quiet=True,
+                                  max_num_seqs=2, max_num_batched_tokens=16) for target in ("sm90", "gfx1201")}
+
+
+def _load_gpu_plan(path: Path) -> None:
+    """What loading a GPU plan on a machine without one does: the plan's schema, its kernels and program checked
+    against rdnac's kernel library (runtime/kernel_check.py), its graph and weights, the executor built."""
+    from rdnac.runtime.model_runner import ModelRunner
+
+    ModelRunner.load(path, interpret=True)
+
+
+def mutate_gpu(doc: dict, body: dict, rng: random.Random) -> tuple[str, bool]:
+    """One random edit of a GPU plan's kernel, program or launch fields (in place); returns what it did and
+    whether the load must refuse it (a name outside what the plan had, bytes that no longer match)."""
+    kernels, program = body["kernels"], body["program"]
+    k = rng.choice(kernels)
+    node = rng.choice(sorted(program))
+    key = rng.choice(sorted(program[node]))
+    roll = rng.random()
+    if roll < 0.3:
+        return "kernels: " + mutate({"kernels": kernels}, rng), False
+    if roll < 0.42:
+        return "program: " + mutate({"program": program}, rng), False
+    if roll < 0.5:
+        focus = rng.choice(("runtime", "state"))
+        return f"{focus}: " + mutate({"runtime": body["runtime"]} if focus == "runtime"
+                                     else {"state": body["graph"]["state"]}, rng), False
+    if roll < 0.6:
+        name, was = rng.choice(HOSTILE_KERNELS), k["kernel"]
+        k["kernel"] = name
+        if rng.random() < 0.7:
+            k["call"]["kernel"] = name
+        return f"kernel name {name!r}", name != was
+    if roll < 0.68:
+        name, was = rng.choice(HOSTILE_WRAPPERS), program[node][key]["kernel"]
+        for choice in (program[node].values() if rng.random() < 0.5 else [program[node][key]]):
+            choice["kernel"] = name
+        return f"wrapper {name!r} at {node}", name != was
+    if roll < 0.75:
+        data = bytearray(k["binary"])
+        data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        k["binary"] = bytes(data)
+        if rng.random() < 0.5:  # with its sha256 recomputed: only the device's loader could tell
+            k["sha256"] = hashlib.sha256(k["binary"]).hexdigest()
+            return "binary bytes (sha256 recomputed)", False
+        return "binary bytes", True
+    if roll < 0.83:
+        field = rng.choice(("name", "num_warps", "shared", "warp_size", "num_ctas", "launch_pdl",
+                            "launch_cooperative_grid", "global_scratch_size", "target"))
+        k["metadata"][field] = rng.choice(ODD_VALUES)
+        return f"metadata.{field}", False
+    if roll < 0.87:
+        value = rng.choice(("3.6.0", "0.0", "", "9.9.9+evil", 7))
+        (k if rng.random() < 0.7 else doc["header"])["triton_version"] = value
+        return f"triton_version {value!r}", False  # another Triton's binary: the GPU loader rebuilds it
+    if roll < 0.9:
+        was = doc["header"]["target"]
+        doc["header"]["target"] = rng.choice(("sm90", "gfx1201", "gfx942", "cpu", "sm100", "", 5))
+        return f"header.target {doc['header']['target']!r}", doc["header"]["target"] != was
+    if roll < 0.95:  # constexprs and launch configs: of a binary's call, or of a program choice
+        config = k["call"] if rng.random() < 0.5 else program[node][key]["config"]
+        name = rng.choice(sorted(config["constexprs"]) + ["num_warps", "num_stages", "NEW"])
+        target = config if name in ("num_warps", "num_stages") else config["constexprs"]
+        target[name] = rng.choice(ODD_VALUES + ["tl.dtype:bf16", "tl.dtype:evil", 1 << 20])
+        return f"config {name}", False
+    new = rng.choice(("decode:3", "prefill:99999", "decode", "verify:1", "decode:1", "prefill:32"))
+    for steps in program.values():
+        if key in steps:
+            steps[new] = steps.pop(key)
+    return f"step key {key} -> {new}", new != key
+
+
+@pytest.mark.parametrize("target", ["sm90", "gfx1201"])
+def test_gpu_plan_kernel_mutations_end_in_one_typed_line(gpu_plans, target, tmp_path):
+    """Damage to a GPU plan's kernels (names, bytes, metadata, signatures, constexprs, Triton version), program
+    (wrappers, configs, step keys) and launch fields, its body hash recomputed, loaded on this GPU-less machine:
+    each load ends in one of rdnac's typed errors on one line, or loads; nothing outside rdnac's kernel library
+    is imported, nothing is left behind."""
+    plan = gpu_plans[target]
+    rng = random.Random(f"gpu-{target}")
+    original = msgpack.unpackb(plan.read_bytes(), raw=False)
+    original_body = msgpack.unpackb(original["body"], raw=False, strict_map_key=False)
+    weights = plan.with_name(f"{target}.weights.safetensors")  # the plan's header names it
+    os.link(weights, tmp_path / weights.name)
+    out = tmp_path / "p.msgpack"
+    shutil.copyfile(plan, out)
+    doc = original
+    _load_gpu_plan(out)  # the unmutated plan loads
+    before_files = _files(tmp_path)
+    assert not [m for m in NEVER_IMPORTED if m in sys.modules], "a module the fuzz watches is imported already"
+    modules = set(sys.modules)
+    counts = {"refused": 0, "loaded": 0}
+    for i in range(NUM_GPU_PLAN_MUTATIONS):
+        mutated = msgpack.unpackb(msgpack.packb(doc, use_bin_type=True), raw=False)
+        body = msgpack.unpackb(msgpack.packb(original_body, use_bin_type=True), raw=False, strict_map_key=False)
+        what, must_refuse = mutate_gpu(mutated, body, rng)
+        _write_plan(mutated, body, out)
+        try:
+            _load_gpu_plan(out)
+            assert not must_refuse, f"mutation {i} ({what}) loaded"
+            counts["loaded"] += 1
+        except Exception as e:  # noqa: BLE001 -- the assertion is that it is one of rdnac's typed errors
+            _check_one_line(e, f"mutation {i} ({what})")
+            counts["refused"] += 1
+        imported = sorted(m for m in set(sys.modules) - modules if not m.startswith("rdnac.kernels."))
+        assert not imported, f"mutation {i} ({what}) imported {imported}"
+    assert _files(tmp_path) == before_files, sorted(_files(tmp_path) ^ before_files)
+    assert counts["refused"] > NUM_GPU_PLAN_MUTATIONS // 2, counts  # the mutations reach the checks
+    print(f"{target}: {counts}")

@@ -238,13 +238,13 @@ def gpu_plan(tmp_path_factory):
                          max_num_seqs=2, max_num_batched_tokens=16)
 
 
-def _tampered(gpu_plan, directory, kernel: str, wrapper: str):
-    """The plan with every binary's "module:function" set to `kernel` and every program step's wrapper
-    to `wrapper`, its body hash recomputed: what an attacker who can edit the file can do."""
+def _tampered(gpu_plan, directory, kernel: str | None, wrapper: str):
+    """The plan with every binary's "module:function" set to `kernel` (None: left as they are) and every
+    program step's wrapper to `wrapper`, its body hash recomputed: what an attacker who can edit the file can do."""
     out = _copy_plan(gpu_plan, directory)
     doc = msgpack.unpackb(out.read_bytes(), raw=False)
     body = msgpack.unpackb(doc["body"], raw=False, strict_map_key=False)
-    for binary in body["kernels"]:
+    for binary in body["kernels"] if kernel is not None else []:
         binary["kernel"] = binary["call"]["kernel"] = kernel
     for steps in body["program"].values():
         for choice in steps.values():
@@ -259,13 +259,17 @@ def _tampered(gpu_plan, directory, kernel: str, wrapper: str):
                                             ("os:system", "os.system")])
 def test_a_tampered_plan_is_refused_in_one_line_and_imports_nothing(gpu_plan, tmp_path, kernel, wrapper):
     marker = _sentinel(tmp_path)
-    bad = _tampered(gpu_plan, tmp_path / "plan", kernel, wrapper)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", os.getcwd())]))
-    done = subprocess.run([sys.executable, "-m", "rdnac.cli.main", "run", str(bad), "--interpret", "--prompt", "hi",
-                           "--max-tokens", "1"], capture_output=True, text=True, env=env, timeout=300)
-    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
-    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), done.stdout + done.stderr
-    assert wrapper in lines[0] and "register" in lines[0], lines[0]
+    # the binaries' names are checked first (runtime/kernel_check.py), then the program's wrappers
+    for tampered_kernel, needles in ((kernel, (repr(kernel.partition(":")[0]), "kernel library")),
+                                     (None, (wrapper, "register"))):
+        bad = _tampered(gpu_plan, tmp_path / "plan", tampered_kernel, wrapper)
+        done = subprocess.run([sys.executable, "-m", "rdnac.cli.main", "run", str(bad), "--interpret", "--prompt",
+                               "hi", "--max-tokens", "1"], capture_output=True, text=True, env=env, timeout=300)
+        lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+        assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), done.stdout + done.stderr
+        assert all(needle in lines[0] for needle in needles), lines[0]
+    bad = _tampered(gpu_plan, tmp_path / "plan", kernel, wrapper)
     # the binaries' names, which the GPU loader resolves (a stale check or a rebuild), likewise
     code = ("import sys\nfrom rdnac.plans import read_plan\nfrom rdnac.plans.binaries import KernelBinary\n"
             "from rdnac.runtime.aot import is_stale, rebuild\nfrom rdnac.errors import PlanError\n"

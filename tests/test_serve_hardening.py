@@ -58,14 +58,16 @@ def serving(llm, **app_options):
 
 
 @contextmanager
-def serve_process(plan: Path, *args: str, env: dict | None = None):
+def serve_process(plan: Path, *args: str, env: dict | None = None, log_path: Path | None = None,
+                  main: tuple[str, ...] = ("-m", "rdnac.cli.main")):
     """`rdnac serve PLAN ARGS` as a subprocess on a free port; yields (process, url) once /health answers.
-    Its output goes to a file (a pipe nobody reads would fill with access logs and block the server)."""
+    Its output goes to a file (a pipe nobody reads would fill with access logs and block the server):
+    `log_path`, or a temporary one. `main`: the Python arguments that run the CLI."""
     import tempfile
 
     port = _free_port()
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "rdnac.cli.main", "serve", str(plan), "--port", str(port),
+    with (open(log_path, "w+") if log_path is not None else tempfile.TemporaryFile("w+")) as log:
+        proc = subprocess.Popen([sys.executable, *main, "serve", str(plan), "--port", str(port),
                                  *args], env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
                                 stdout=log, stderr=subprocess.STDOUT, text=True)
         url = f"http://127.0.0.1:{port}"
@@ -232,6 +234,102 @@ def test_server_failure_fails_that_request_only(monkeypatch, url, llm, reference
     after = _metrics(url)
     key = 'rdnac_requests_finished_total{finish_reason="error"}'
     assert after[key] - before.get(key, 0) == 2
+
+
+def test_engine_failing_for_good_fails_every_request_and_refuses_more(monkeypatch, reference):
+    """A fault in every step (a lost GPU): the step fails, its one-token probe fails too, the engine says why,
+    every request in flight fails with that reason, none is taken again, and every block is back."""
+    from rdnac.errors import EngineError
+
+    engine = reference.engine
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    for i, p in enumerate(([5, 6, 7], [8, 9], [10] * 20)):
+        engine.add_request(f"r{i}", p, params)
+    execute = engine.runner.execute
+    monkeypatch.setattr(engine.runner, "execute", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("lost GPU")))
+    final = {out.request_id: out for out in engine.step() if out.finished}
+    assert sorted(final) == ["r0", "r1", "r2"] and not engine.has_unfinished()
+    assert engine.failure and "lost GPU" in engine.failure and "probe" in engine.failure, engine.failure
+    _one_line(engine.failure)
+    assert all(isinstance(out.error, EngineError) and str(out.error) == engine.failure and
+               out.finish_reason == "error" for out in final.values())
+    assert engine.num_free_blocks == engine.num_total_blocks
+    with pytest.raises(EngineError, match="lost GPU"):
+        engine.add_request("later", [1, 2], params)
+    monkeypatch.setattr(engine.runner, "execute", execute)
+    engine.failure = None  # the module's shared engine serves the other tests again
+
+
+def test_one_bad_request_sent_again_and_again_does_not_fail_the_engine(monkeypatch, reference):
+    """The probe runs the model alone on other tokens: a request's own fault, however often, leaves it serving."""
+    failed = _poison(monkeypatch, reference)
+    engine = reference.engine
+    for i in range(4):
+        engine.add_request(f"poison-{i}", POISON + [i], SamplingParams(max_tokens=3))
+        outs = [out for out in engine.step() if out.finished]
+        assert [out.finish_reason for out in outs] == ["error"] and engine.failure is None
+    assert len(failed) == 4
+    assert reference.generate([[40, 41]], SamplingParams(max_tokens=4))[0].finish_reason == "length"
+
+
+_FAULTY_SERVE = """
+import os, sys
+from rdnac.runtime.model_runner import ModelRunner
+execute = ModelRunner.execute
+def execute_or_fault(self, *args, **kwargs):  # the injected fault: every step fails once the flag file exists
+    if os.path.exists(os.environ["FAULT_FLAG"]):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
+    return execute(self, *args, **kwargs)
+ModelRunner.execute = execute_or_fault
+from rdnac.cli.main import main
+sys.argv[0] = "rdnac"
+main()
+"""
+
+
+def test_server_with_a_persistent_fault_turns_unhealthy(plan, reference, tmp_path):
+    """The real `rdnac serve` on loopback with a fault injected into every step from some point on: requests
+    in flight and later ones get 503 with the reason, /health 503 with it, and the log says so once."""
+    script, flag, log = tmp_path / "faulty_serve.py", tmp_path / "broken", tmp_path / "serve.log"
+    script.write_text(_FAULTY_SERVE)
+    body = {"prompt": "still fine", "max_tokens": 8, "temperature": 0}
+    expected = reference.generate("still fine", SamplingParams(max_tokens=8))[0].text
+    with serve_process(plan, "--model-name", MODEL, env={"FAULT_FLAG": str(flag)}, log_path=log,
+                       main=(str(script),)) as (proc, url):
+        assert _post(url, "/v1/completions", body).json()["choices"][0]["text"] == expected
+        flag.write_text("")  # from now on every step fails: a lost device
+        with ThreadPoolExecutor(3) as pool:
+            stream = pool.submit(lambda: _stream_lines(url, {**body, "max_tokens": 50, "stream": True}))
+            failed = list(pool.map(lambda p: _post(url, "/v1/completions", {**body, "prompt": p}), ["a", "bb"]))
+        for response in failed:
+            assert response.status_code == 503, response.text
+            assert "illegal memory access" in _error(response)["message"] and "probe" in _error(response)["message"]
+        status, lines = stream.result()
+        if status == 200:  # it had started streaming: its last event before [DONE] is the error
+            assert lines[-1] == "data: [DONE]", lines
+            assert "illegal memory access" in json.loads(lines[-2][len("data: "):])["error"]["message"], lines
+        else:
+            assert status == 503, lines
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        reason = health.json()["error"]
+        assert "illegal memory access" in reason and "restart" in reason, reason
+        _one_line(reason)
+        later = _post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        assert later.status_code == 503 and _error(later)["message"] == reason, later.text
+        assert proc.poll() is None  # the process stays up for its supervisor to restart it
+        flag.unlink()  # the fault is gone, but the engine stays failed: nothing half-known is served
+        assert _post(url, "/v1/completions", body).status_code == 503
+        assert httpx.get(f"{url}/health").status_code == 503
+    text = log.read_text()
+    print(text)
+    assert text.count("engine unhealthy") == 1 and text.count("the engine failed; /health answers 503") == 1, text
+    assert "illegal memory access" in text
+
+
+def _stream_lines(url: str, body: dict) -> tuple[int, list[str]]:
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        return r.status_code, [line for line in r.iter_lines() if line]
 
 
 # ---------------------------------------------------------------- 2. body limit, tokenizing, length first

@@ -5,7 +5,8 @@ clients that disconnect mid-answer.
 The reference is the server itself, serially: every valid request is first run alone, and every answer
 it gives under load must be identical. Afterwards /health is 200, every KV block is free (its /metrics)
 and the server's RSS grew less than 10% over the soak (measured after a warm-up of the same mix).
-RDNAC_SOAK_CLIENTS and RDNAC_SOAK_SECONDS scale it (CI: 64 clients, 30 s, on a tiny cpu plan).
+RDNAC_SOAK_CLIENTS and RDNAC_SOAK_SECONDS scale it (CI: 64 clients, 60 s, on a tiny cpu plan). Bounded: every
+client has a timeout, the soak waits at most 180 s past its end, and a client that hangs fails it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from tests.test_serve import MODEL, _wait_until, parse_prometheus
 from tests.test_serve_hardening import serve_process
 
 NUM_CLIENTS = int(os.environ.get("RDNAC_SOAK_CLIENTS", "64"))
-SECONDS = float(os.environ.get("RDNAC_SOAK_SECONDS", "30"))
+SECONDS = float(os.environ.get("RDNAC_SOAK_SECONDS", "60"))
 MAX_BODY_BYTES = 1_000_000
 BIG_BODY = json.dumps({"prompt": "a" * 5_000_000, "max_tokens": 1}).encode()  # 5 MB
 
@@ -98,6 +99,7 @@ class Soak:
         self.url, self.valid, self.expected = url, valid, expected
         self.counts: dict[str, int] = {}
         self.failures: list[str] = []
+        self.answered: set[int] = set()  # the valid requests answered in full, identically (by index)
         self.lock = threading.Lock()
 
     def note(self, kind: str, failure: str | None = None) -> None:
@@ -127,6 +129,9 @@ class Soak:
         path, body = self.valid[i]
         got = _ask(client, path, body)
         failure = None if got == self.expected[i] else f"{path} {body}: got {got}, serially {self.expected[i]}"
+        if failure is None:
+            with self.lock:
+                self.answered.add(i)
         self.note("valid", failure)
 
     def invalid_request(self, client: httpx.Client, rng: random.Random) -> None:
@@ -134,6 +139,8 @@ class Soak:
         response = client.post(path, content=raw, headers={"content-type": "application/json"})
         ok = response.status_code == status and set(response.json()) == {"error"}
         self.note("invalid", None if ok else f"{raw[:80]!r}: {response.status_code} {response.text[:200]}")
+        if b'"seed"' in raw:
+            self.note("huge_seed")
 
     def big_body(self, client: httpx.Client) -> None:
         # the server answers 413 from the head and closes the connection; the client may or may not have
@@ -200,16 +207,22 @@ def test_serving_soak(tmp_path):
 
         soak = Soak(url, valid, expected)
         soak.run(SECONDS)
+        # every valid request got a full answer identical to its serial run (a failure records any other
+        # answer, status or exception), and each of them was asked
         assert not soak.failures, f"{len(soak.failures)} failures, e.g. {soak.failures[:5]} (counts {soak.counts})"
+        assert soak.answered == set(range(len(valid))), sorted(set(range(len(valid))) - soak.answered)
         assert soak.counts.get("valid", 0) >= NUM_CLIENTS and soak.counts.get("invalid", 0) > 0
-        assert soak.counts.get("disconnect", 0) > 0
+        assert soak.counts.get("huge_seed", 0) > 0 and soak.counts.get("disconnect", 0) > 0
         assert soak.counts.get("big_body", 0) + soak.counts.get("big_body_closed", 0) > 0
 
-        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 200 and health.json() == {"status": "ok"}, health.text
         metrics = _wait_until(lambda: _idle(url), 60, "the server to go idle")
-        _wait_until(lambda: (_idle(url) or {}).get("rdnac_kv_blocks_free") == metrics["rdnac_kv_blocks_total"], 30,
-                    "every KV block to be free")
+        metrics = _wait_until(lambda: (m := _idle(url)) and m["rdnac_kv_blocks_free"] == m["rdnac_kv_blocks_total"]
+                              and m, 30, "every KV block to be free")
+        assert metrics["rdnac_kv_blocks_free"] == metrics["rdnac_kv_blocks_total"] > 0
         assert metrics['rdnac_requests_finished_total{finish_reason="error"}'] == 0
+        assert metrics['rdnac_requests_finished_total{finish_reason="abort"}'] > 0  # the disconnects reached it
         rss_after = _rss_bytes(proc.pid)
         assert rss_after < 1.10 * rss_before, \
             f"RSS grew from {rss_before / 2**20:.0f} MiB to {rss_after / 2**20:.0f} MiB"

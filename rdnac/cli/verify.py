@@ -155,6 +155,9 @@ def run_plan(plan: Plan, weights: dict[str, torch.Tensor], token_ids: list[int],
         if limit and len(token_ids) > limit:
             raise RequestError(f"verify requires at most the plan's max_num_batched_tokens ({limit}) tokens in its "
                                f"one prefill step; got {len(token_ids)}; use a shorter prompt")
+        from rdnac.runtime.kernel_check import check_kernels
+
+        check_kernels(plan.body, plan.header["target"], plan.path)  # as every load of a GPU plan does
         if interpret is None:
             interpret = not torch.cuda.is_available()
         if interpret:

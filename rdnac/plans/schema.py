@@ -362,11 +362,11 @@ def _check_kernel(c: _Checker, k, where: str) -> None:
     c.dict(c.field(call, "constexprs", f"{where}.call"), f"{where}.call.constexprs")
     for key in ("num_warps", "num_stages"):
         c.int(c.field(call, key, f"{where}.call"), f"{where}.call.{key}", low=1)
-    for key in ("aligned", "divisible"):
+    for key, kind, prefixes in (("aligned", "pointer", ("*",)), ("divisible", "integer", ("i", "u"))):
         names = c.strs(c.field(call, key, f"{where}.call"), f"{where}.call.{key}")
         for name in names:
-            if name not in call["signature"]:
-                c.fail(f"{where}.call.{key}", "argument names of the kernel's signature", name)
+            if not call["signature"].get(name, "").startswith(prefixes):
+                c.fail(f"{where}.call.{key}", f"names of the kernel signature's {kind} arguments", name)
     res = c.dict(c.field(k, "resources", where), f"{where}.resources")
     for key in ("shared_bytes", "num_spills"):
         c.int(c.field(res, key, f"{where}.resources"), f"{where}.resources.{key}")

@@ -23,8 +23,9 @@ from typing import Any
 
 from rdnac.errors import PlanError, TargetError
 from rdnac.kernels.launch import divisible_args, full_constexprs, kernel_name, resolve_kernel, triton_type, with_pdl
-from rdnac.plans.binaries import KernelBinary, sha256_hex, spec_key
+from rdnac.plans.binaries import KernelBinary, spec_key
 from rdnac.runtime.driver import Kernel, driver_api
+from rdnac.runtime.kernel_check import check_binary
 from rdnac.targets import get_target
 
 
@@ -113,20 +114,17 @@ class AotLauncher:
         self._kernels: dict[str, _Loaded] = {}
         self._memo: dict[tuple, _Loaded] = {}
         self.rebuilt: list[str] = []  # keys of kernels rebuilt at load, for the engine to report
-        for d in binaries:
-            binary = KernelBinary.from_dict(d)
+        for i, d in enumerate(binaries):
+            # its name, arguments, key, sha256 and metadata (runtime/kernel_check.py), then the device
+            binary = check_binary(d, get_target(d["target"]), f"kernel binary {i}")
             check_target(binary.target, self.device)
-            if sha256_hex(binary.binary) != binary.sha256:
-                raise PlanError(f"kernel {binary.kernel} ({binary.key}) requires a binary matching its recorded "
-                                f"sha256 {binary.sha256[:16]}...; got {sha256_hex(binary.binary)[:16]}...; "
-                                f"the plan file is corrupt: do recompile it")
             reason = is_stale(binary)
             if reason:
                 if not allow_rebuild:
                     raise PlanError(f"kernel {binary.key} requires the Triton and kernel library it was built "
                                     f"with; it was {reason}; do recompile the plan on this machine")
                 try:
-                    binary = KernelBinary.from_dict(rebuild(d))
+                    binary = check_binary(rebuild(d), get_target(d["target"]), f"kernel binary {i}")
                 except Exception as e:
                     raise PlanError(f"kernel {binary.key} was {reason} and requires a rebuild from rdnac's "
                                     f"installed kernel library; that failed ({type(e).__name__}: {e}); "
@@ -141,18 +139,8 @@ class AotLauncher:
     def _load(self, binary: KernelBinary) -> _Loaded:
         import torch
 
-        meta, call = binary.metadata, binary.call
+        meta, call = binary.metadata, binary.call  # checked by check_binary: no unsupported launch feature
         what = f"kernel {binary.kernel} ({binary.key})"
-        unsupported = {k: meta.get(k) for k in ("global_scratch_size", "profile_scratch_size") if meta.get(k)}
-        if meta.get("num_ctas", 1) != 1 or meta.get("launch_cooperative_grid") or meta.get("launch_pdl"):
-            unsupported.update(num_ctas=meta.get("num_ctas"), cooperative=meta.get("launch_cooperative_grid"),
-                               pdl=meta.get("launch_pdl"))
-        if unsupported:
-            raise PlanError(f"{what} requires launch features rdnac's launcher does not provide ({unsupported}); "
-                            f"do recompile the plan with this rdnac (its kernels need none of them)")
-        if self._api.backend == "hip" and "warp_size" not in meta:  # wave32 (RDNA) or wave64 (CDNA)
-            raise PlanError(f"{what} requires its wave size in the binary's metadata; it has none; do recompile "
-                            f"the plan with this rdnac")
         runtime = [p.name for p in resolve_kernel(binary.kernel).params if not p.is_constexpr]
         with torch.cuda.device(self.device):
             kernel = self._api.load(binary.binary, meta["name"], signature=[call.signature[a] for a in runtime],

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from rdnac.errors import RequestError
+from rdnac.errors import EngineError, RequestError
 from rdnac.runtime.block_manager import BlockManager, blocks_for
 from rdnac.runtime.detokenizer import Detokenizer, release_text
 from rdnac.runtime.model_runner import ModelRunner, StepEntry
@@ -122,6 +122,8 @@ class LLMEngine:
         self._num_prompt_tokens = 0
         self._num_steps = 0
         self._num_generate_calls = 0
+        # why the engine can no longer run the model (a failed step whose probe failed too), or None
+        self.failure: str | None = None
 
     # ------------------------------------------------------------ prompts
 
@@ -148,6 +150,8 @@ class LLMEngine:
         """Queue a request; returns its number of prompt tokens. `prefill_after`: a request in flight with the
         same prompt (another of `n` choices); with prefix caching on, this one is scheduled once that one's
         prompt is in the cache, so the prompt's full blocks are computed once and shared."""
+        if self.failure is not None:
+            raise EngineError(self.failure)
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params requires a SamplingParams; got {type(params).__name__}")
         params = replace(params, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids))  # own copy
@@ -214,11 +218,15 @@ class LLMEngine:
         """Run one batch; returns an output for every request that got a token or finished.
 
         An exception while running a request fails that request only (finish_reason "error", the exception
-        in `error`, its blocks freed); the engine keeps serving the others."""
+        in `error`, its blocks freed); the engine keeps serving the others. When nothing in a failed step ran,
+        even alone, a one-token probe tells a request's fault from the engine's (`_probe`); if the probe fails
+        too, every request fails with an EngineError, `failure` says why, and no request is taken again."""
         with self._lock:
             outputs, self._pending = self._pending, []
             for out in outputs:
                 del self._requests[out.request_id]
+            if self.failure is not None:
+                return outputs + self._fail_all()
             self._release_deferred()
             chunks = self.scheduler.schedule()
             if not chunks:
@@ -228,7 +236,15 @@ class LLMEngine:
                 return outputs + self._run(chunks)
             except Exception as e:  # noqa: BLE001 -- the model step failed before any request took its token
                 log.exception("rdnac: a step of %d sequences failed", len(chunks))
-                return outputs + self._isolate(chunks, e)
+                failed, num_ran = self._isolate(chunks, e)
+                if num_ran == 0 and not self._probe():
+                    self.failure = (f"the engine can no longer run the model: a step failed ({type(e).__name__}: "
+                                    f"{_first_line(e)}) and a one-token probe run alone failed too; do restart "
+                                    f"the server (reload the plan)")
+                    log.error("rdnac: engine unhealthy: %s", self.failure)
+                    failed = [replace(out, error=EngineError(self.failure)) for out in failed]
+                    return outputs + failed + self._fail_all()
+                return outputs + failed
 
     def _run(self, chunks: list) -> list[RequestOutput]:
         entries = [StepEntry(c.seq.token_ids, c.seq.block_table, c.start, c.end, c.seq.state_slot) for c in chunks]
@@ -255,19 +271,54 @@ class LLMEngine:
                 outputs.append(self._fail(r, e))
         return outputs
 
-    def _isolate(self, chunks: list, error: Exception) -> list[RequestOutput]:
-        """After a failed step: rerun its chunks one at a time, failing only those that fail alone. A rerun
-        rewrites the same KV slots with the same values; per-sequence (recurrent) state may have been advanced
-        by the failed step, so such a plan fails the whole step instead."""
+    def _isolate(self, chunks: list, error: Exception) -> tuple[list[RequestOutput], int]:
+        """After a failed step: rerun its chunks one at a time, failing only those that fail alone; returns the
+        outputs and how many chunks ran. A rerun rewrites the same KV slots with the same values; per-sequence
+        (recurrent) state may have been advanced by the failed step, so such a plan fails the whole step
+        instead."""
         if len(chunks) == 1 or self.runner.bytes_per_sequence:
-            return [self._fail(self._requests[c.seq.seq_id], error) for c in chunks]
-        outputs = []
+            return [self._fail(self._requests[c.seq.seq_id], error) for c in chunks], 0
+        outputs, num_ran = [], 0
         for c in chunks:
             try:
                 outputs += self._run([c])
+                num_ran += 1
             except Exception as e:  # noqa: BLE001
                 log.exception("rdnac: request %r failed", c.seq.seq_id)
                 outputs.append(self._fail(self._requests[c.seq.seq_id], e))
+        return outputs, num_ran
+
+    def _probe(self) -> bool:
+        """Whether the model still runs: one token of a fixed prompt, alone, in blocks of its own, after a step in
+        which every request failed. A request that fails by itself (whatever it holds) leaves the probe
+        running, so no request, however often sent, can mark the engine failed; a lost GPU or a broken plan
+        fails the probe too. Without a free block (or state slot) there is no probe: the step's requests
+        freed theirs, so the next failure probes."""
+        probe = [0]
+        if not self.block_manager.can_allocate(probe):
+            return True
+        table, _ = self.block_manager.allocate(probe)
+        slot = self.block_manager.take_slot()
+        try:
+            self.runner.execute([StepEntry(probe, table, 0, 1, slot)]).logits.cpu()  # .cpu(): waits for the device
+        except Exception as e:  # noqa: BLE001 -- the probe's failure is the finding, reported by step()
+            log.error("rdnac: the one-token probe after a failed step failed too: %s: %s", type(e).__name__, e)
+            return False
+        finally:
+            self.block_manager.free(table)
+            self.block_manager.free_slot(slot)
+        log.warning("rdnac: the one-token probe after a failed step ran: the failure was the requests'; serving on")
+        return True
+
+    def _fail_all(self) -> list[RequestOutput]:
+        """Fail every request in flight with the engine's failure (their blocks freed)."""
+        error = EngineError(self.failure)
+        outputs = []
+        for request_id in list(self._requests):
+            req = self._requests[request_id]
+            if self._deferred.pop(request_id, None) is not None:
+                req.is_finished = True  # a deferred request holds nothing: nothing to give back
+            outputs.append(self._fail(req, error))
         return outputs
 
     def _fail(self, req: _Request, error: Exception) -> RequestOutput:
@@ -421,6 +472,11 @@ def _sampling_batch(reqs: list[_Request | None], eos_token_ids: set[int], bitmas
         seeds=[r.seed if r is not None else 0 for r in reqs],
         steps=[r.seq.num_output_tokens if r is not None else 0 for r in reqs],
         needs_logprobs=any(p.logprobs for p in params), **extras)
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def _limit(name: str, value: int | None, plan_limit: int) -> int:

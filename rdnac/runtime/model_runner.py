@@ -96,7 +96,11 @@ class ModelRunner:
         if device not in ("cpu", "cuda"):
             raise RequestError(f"device requires cpu or cuda; got {device!r}")
         target = plan.header["target"]
-        is_gpu_plan = bool(plan.body.get("kernels"))
+        is_gpu_plan = bool(plan.body.get("kernels")) or target != "cpu"
+        if is_gpu_plan:  # its kernels and program, against rdnac's kernel library, before any device is asked
+            from rdnac.runtime.kernel_check import check_kernels
+
+            check_kernels(plan.body, target, plan.path)
         has_gpu = torch.cuda.is_available()
         if interpret:
             if not is_gpu_plan:

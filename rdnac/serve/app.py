@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API of `rdnac serve` (FastAPI), and the uvicorn server that runs it.
 
-    GET  /health               200, or 503 once the engine thread has died
+    GET  /health               200, or 503 with the reason once the engine has failed for good
     GET  /version              {"version": ...} (ops.py, with CORS for --allowed-origins)
     GET  /metrics              Prometheus text (behind the API key with --auth-metrics)
     GET  /v1/models            the one model served
@@ -145,12 +145,16 @@ class Server:
             await group.admitted()
         except RdnacError as e:  # e.g. more KV blocks than the pool holds: the client's to fix
             raise APIError(400, str(e), param="messages" if chat else "prompt") from None
-        except EngineFailed as e:  # 503 once the engine thread is gone; else this request alone failed
-            raise APIError(500 if self.worker.is_alive else 503, str(e), type="server_error") from None
+        except EngineFailed as e:
+            raise self.failed(e) from None
         except asyncio.CancelledError:
             group.abort()
             raise
         return group
+
+    def failed(self, e: EngineFailed) -> APIError:
+        """500 when this request alone failed in the engine; 503 once the engine has failed for good."""
+        return APIError(500 if self.worker.is_alive else 503, str(e), type="server_error")
 
     async def render_chat(self, messages: list[dict], tools: list[dict] | None, kwargs: dict) -> tuple[str, list[int]]:
         """The prompt text and its token ids, rendered as transformers' apply_chat_template(messages, tools=tools,
@@ -200,7 +204,7 @@ class Server:
             async for index, out in group.outputs():
                 choices[index].add(out)
         except EngineFailed as e:
-            raise APIError(500, str(e), type="server_error") from None
+            raise self.failed(e) from None
         except ClientDisconnected:  # nobody reads this answer; 499 is nginx's "client closed request"
             raise APIError(499, "the client disconnected before the response was complete") from None
         finally:
@@ -228,7 +232,7 @@ class Server:
                     num_completion = sum(len(c.token_ids) for c in choices)
                     yield _sse(envelope_of([], usage=usage(sum(group.num_prompt_tokens[::n]), num_completion)))
             except EngineFailed as e:
-                yield _sse(APIError(500, str(e), type="server_error").body())
+                yield _sse(self.failed(e).body())
             finally:  # also runs when Starlette cancels the stream because the client disconnected
                 if not group.is_finished:
                     group.abort()

@@ -12,7 +12,11 @@ Events a sink receives, in order, for one request id:
     ("error", RdnacError)            add_request refused it (nothing else follows)
     ("aborted", None)                after `abort`, if the request was still live
     ("failed", message)              this request failed in the engine (it alone: the engine keeps
-                                     serving), or the engine thread died; nothing else follows
+                                     serving), or the engine failed for good (its thread died, or a
+                                     failed step's probe failed: LLMEngine.failure); nothing else follows
+
+Once the engine has failed for good, `error` says why: /health answers 503 with it, every request in
+flight and every later one fails with it (503), and the log has one line saying so.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from rdnac.errors import RdnacError
+from rdnac.errors import EngineError, RdnacError
 from rdnac.serve.metrics import ServeMetrics
 
 log = logging.getLogger("rdnac.serve")
@@ -58,7 +62,7 @@ class EngineWorker:
     def __init__(self, llm, metrics: ServeMetrics | None = None):
         self.llm = llm
         self.metrics = metrics or ServeMetrics()
-        self.error: str | None = None  # set if the engine thread died
+        self.error: str | None = None  # set once the engine failed for good (its thread died, or LLMEngine.failure)
         self._cond = threading.Condition()
         self._new: list[_Submission] = []
         self._aborts: list[str] = []
@@ -113,24 +117,39 @@ class EngineWorker:
                 self._admit([s for s in new if s.request_id not in aborts])
                 self._abort(aborts)
                 if self.llm.has_unfinished():
-                    self._dispatch(self.llm.step())
+                    outputs = self.llm.step()
+                    if self.llm.failure is not None:  # said before any request hears of it: they answer 503
+                        with self._cond:
+                            self.error = self.llm.failure
+                    self._dispatch(outputs)
                 self._snapshot()
+                if self.error is not None:  # the model no longer runs: stop taking requests
+                    self._fail_everything(self.error)
+                    log.error("rdnac: the engine failed; /health answers 503 and every request fails until the "
+                              "server is restarted: %s", self.error)
+                    break
         except Exception as e:  # the engine state is unknown now: fail every request; /health turns 503
             log.exception("rdnac engine thread died")
-            with self._cond:
-                self.error = f"the engine failed: {type(e).__name__}: {e}"
-                pending, self._new = self._new, []
-            for s in pending:
-                s.sink(("failed", self.error))
-            for live in self._live.values():
-                live.sink(("failed", self.error))
-            self._live.clear()
+            self._fail_everything(f"the engine failed: {type(e).__name__}: {e}")
+
+    def _fail_everything(self, error: str) -> None:
+        with self._cond:
+            self.error = error
+            pending, self._new = self._new, []
+        for s in pending:
+            s.sink(("failed", self.error))
+        for live in self._live.values():
+            live.sink(("failed", self.error))
+        self._live.clear()
 
     def _admit(self, submissions: list[_Submission]) -> None:
         for s in submissions:
             try:
                 num_prompt_tokens = self.llm.add_request(s.request_id, s.prompt, s.params, chat=s.chat,
                                                          prefill_after=s.prefill_after)
+            except EngineError as e:  # the engine failed for good (the loop stops after this step)
+                s.sink(("failed", str(e)))
+                continue
             except RdnacError as e:  # a bad request: tell its client, keep serving
                 self.metrics.on_rejected()
                 s.sink(("error", e))
@@ -173,7 +192,10 @@ class EngineWorker:
                 del self._live[out.request_id]
                 ttft = live.first_token - live.arrival if live.has_output else None
                 self.metrics.on_finished(out.finish_reason or "stop", now - live.arrival, live.num_tokens, ttft)
-            live.sink(("failed", _failure(out.error)) if out.error is not None else ("output", out))
+            if out.error is not None:  # the engine's own failure is said as is: it does not keep serving
+                live.sink(("failed", str(out.error) if isinstance(out.error, EngineError) else _failure(out.error)))
+            else:
+                live.sink(("output", out))
 
     def _snapshot(self) -> None:
         stats = self.llm.stats()
