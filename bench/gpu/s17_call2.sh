@@ -4,7 +4,7 @@ set -u
 mkdir -p /tmp/sp && for w in .whl/*.whl; do python3 -m zipfile -e $w /tmp/sp >/dev/null; done
 export PYTHONPATH=$PWD:/tmp/sp
 nvidia-smi --query-gpu=name,memory.total --format=csv > $OUT/device.txt
-for f in test_kernels_gdn test_kernels_moe; do
+for f in test_kernels_gdn test_kernels_moe test_plan_files; do
   timeout 150 python3 -m pytest -m gpu -q tests/$f.py -p no:cacheprovider > $OUT/$f.txt 2>&1
   echo "$f rc=$?" >> $OUT/summary.txt
 done
