@@ -9,6 +9,7 @@ tp=4. Each plan's ranks are real processes (`rdnac.runtime.distributed`).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -318,3 +319,70 @@ def test_torchrun(dense):
     assert out.returncode == 0, out.stderr
     reference = rdnac.load(plans[1]).generate(["hello"], SamplingParams(max_tokens=6))[0].text
     assert out.stdout.strip() == reference.strip()
+
+
+# ---------------------------------------------------------------- publishing a sharded plan
+
+
+def _fail_saving_rank1(monkeypatch, out):
+    from rdnac.plans import format as plan_format
+
+    real, calls = plan_format.save_file, []
+
+    def second_fails(tensors, path, metadata=None):  # rank 0's file is written; the disk fills on rank 1's
+        calls.append(path)
+        real(tensors, path, metadata=metadata)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+    monkeypatch.setattr(plan_format, "save_file", second_fails)
+
+
+def _fail_renaming(target):
+    def inject(monkeypatch, out):
+        from rdnac.plans import format as plan_format
+
+        real = os.replace
+        final = out if target == "plan" else out.with_name(out.name.replace(".msgpack", f".{target}.weights"
+                                                                                        ".safetensors"))
+
+        def refuse(src, dst):  # every file renamed before this one is in place when it fails
+            if os.fspath(dst) == os.fspath(final):
+                raise OSError(28, "No space left on device")
+            real(src, dst)
+        monkeypatch.setattr(plan_format.os, "replace", refuse)
+    return inject
+
+
+PUBLISH_FAILURES = {"saving rank 1": _fail_saving_rank1, "renaming rank 1": _fail_renaming("rank1"),
+                    "renaming the plan": _fail_renaming("plan")}
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh", "over-existing"])
+@pytest.mark.parametrize("stage", list(PUBLISH_FAILURES))
+def test_a_failed_sharded_write_publishes_nothing(dense, tmp_path, monkeypatch, stage, existing):
+    """The plan and every rank's weights file are published together: a failure at any stage leaves no new
+    file (no temporaries, no rank sidecar beside an old plan) and an existing plan loading as it was."""
+    from rdnac.plans import write_plan
+
+    root, plans, _ = dense
+    src = read_plan(plans[2])
+    ranks = [src.load_weights(rank=r) for r in range(2)]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "tp2.msgpack"
+    if existing:
+        for f in root.glob("tp2.*"):
+            shutil.copy(f, out_dir / f.name)
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    changed = [{k: v + 1 if v.is_floating_point() else v for k, v in w.items()} for w in ranks]
+    PUBLISH_FAILURES[stage](monkeypatch, out)
+    with pytest.raises(PlanError, match=r"nothing was written \(an existing plan is unchanged\)") as e:
+        write_plan(out, src.header, src.body, changed[0], rank_weights=changed)
+    assert "\n" not in str(e.value) and "No space left on device" in str(e.value)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before, sorted(p.name for p in out_dir.iterdir())
+    if existing:
+        old = read_plan(out)
+        for r in range(2):
+            loaded = old.load_weights(rank=r)
+            assert all(torch.equal(loaded[k], ranks[r][k]) for k in ranks[r])
