@@ -118,6 +118,8 @@ class TPRunner(ModelRunner):
         _reap(self.processes)
         dist.destroy_process_group()
         self.commands = self.group = None
+        self.graphs = self.cache = None  # the device memory goes with the last reference to the LLM
+        atexit.unregister(self.close)
 
 
 def _reason(e: Exception) -> str:
