@@ -127,3 +127,13 @@ def test_sm90_plan_on_two_gpus_with_graphs(sm90):
     if torch.cuda.device_count() < 2:
         pytest.skip(f"needs 2 GPUs; {torch.cuda.device_count()} visible")
     _check(sm90, device="cuda")
+
+
+def test_a_gpu_plan_needs_one_gpu_per_rank(sm90):
+    from rdnac.errors import RdnacError
+
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("two GPUs are visible: the plan runs (test_sm90_plan_on_two_gpus_with_graphs)")
+    with pytest.raises(RdnacError, match=r"^.*tp2.msgpack: a --tp 2 plan on GPUs requires 2 GPUs visible to this "
+                                         r"process \(one per rank\); got [01]; check CUDA_VISIBLE_DEVICES"):
+        rdnac.load(sm90[2], device="cuda")
