@@ -4,7 +4,8 @@ The reference is the tp=1 plan of the same checkpoint (checked against transform
 test_qwen3_5.py): logits within 1e-5 and the same greedy tokens with several requests in flight, and for
 the hybrid Qwen3.5 model the same text served over HTTP to concurrent requests. Sizes: 4 MLA heads (2 per
 rank) with an MoE of 8 experts of 14; Qwen3.5 with 2 GDN key heads serving 4 value heads (one key head and
-two value heads per rank), gated full attention of 4 query heads over 2 KV heads.
+two value heads per rank), gated full attention of 4 query heads over 2 KV heads; Qwen3-Next the same with its
+fused GDN projections and a MoE with a gated shared expert (--tp and --ep).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from rdnac import SamplingParams
 from rdnac.errors import UnsupportedModelError
 from rdnac.plans import read_plan
 from tests.support.checkpoints import make_checkpoint
-from tests.test_tensor_parallel import _check_sharded, _reference
+from tests.test_tensor_parallel import ATOL, PROMPT, _check_sharded, _reference
 
 MLA = dict(hidden_size=48, num_attention_heads=4, num_key_value_heads=4, moe_intermediate_size=14)
 DEEPSEEK = {"v2": ("deepseek_v2", dict(q_lora_rank=None, topk_method="group_limited_greedy", n_group=4, topk_group=2,
@@ -153,6 +154,26 @@ def test_qwen3_5_served_to_concurrent_requests(qwen3_5):
         thread.join(10)
         worker.shutdown()
         served.close()
+
+
+@pytest.mark.parametrize("ep", [False, True], ids=["tp", "ep"])
+def test_qwen3_next_matches_one_rank(tmp_path_factory, ep):
+    """Qwen3-Next: GDN projections fused per key head in the checkpoint (regrouped, then sharded by head), a MoE
+    with a gated shared expert (its [T, 1] sigmoid gate replicated), experts sliced or placed whole."""
+    root = tmp_path_factory.getbasetemp() / "tp_qwen3_next"
+    if not (root / "tp1.msgpack").exists():
+        make_checkpoint("qwen3_next", root / "ckpt", **{**QWEN3_5, "num_experts": 4, "num_experts_per_tok": 2,
+                                                        "moe_intermediate_size": 20,
+                                                        "shared_expert_intermediate_size": 24,
+                                                        "mlp_only_layers": [1], "norm_topk_prob": False})
+        _compile(root / "ckpt", root / "tp1.msgpack")
+    ref = rdnac.load(root / "tp1.msgpack").logits(PROMPT)
+    llm = rdnac.load(_compile(root / "ckpt", root / f"tp2{'ep' if ep else ''}.msgpack", tp=2, ep=ep))
+    try:
+        err = (llm.logits(PROMPT) - ref).abs().max().item()
+        assert err <= ATOL, f"max logits error {err:.3g}"
+    finally:
+        llm.close()
 
 
 # ---------------------------------------------------------------- bad input, one line each
