@@ -3,7 +3,8 @@
 
 - Sharded plans (dense GQA, DeepSeek MLA with MoE, Qwen3.5 GDN) build for gfx942 / gfx950 as single-rank
   plans do: every node has a kernel per step key, the collectives the `collective` family's wrappers.
-- The dry run of the GPU test on this machine: the sm90 plans under --interpret, their ranks over gloo.
+- The dry run of the GPU test on this machine: the sm90 plans under --interpret, their ranks over gloo; and
+  the MLA and GDN kernels at a rank's head counts the same way, in float32 (within 1e-5 of tp=1).
 - `-m gpu` (two GPUs or more, else skipped): the same sm90 plans on cuda with graphs on, ranks over NCCL.
 
 The reference is the tp=1 plan of the same target: greedy tokens identical on a decisive checkpoint
@@ -118,6 +119,24 @@ def test_sm90_plan_interpreted_over_gloo(sm90):
     """The GPU test's dry run: the same plans' kernels (and collective wrappers) under the Triton interpreter,
     rank 1 a process of its own."""
     _check(sm90, interpret=True)
+
+
+@pytest.mark.parametrize("model", [_deepseek, _qwen3_5], ids=["deepseek-v3", "qwen3_5"])
+def test_sm90_mla_and_gdn_plans_interpreted_over_gloo(tmp_path, model):
+    """The MLA (absorbed, both phases) and GDN kernels at a rank's head counts, in float32 so the comparison is
+    exact: logits within 1e-5 of the tp=1 plan of the same target."""
+    model(tmp_path / "ckpt")
+    logits = []
+    for tp in (1, 2):
+        plan = rdnac.compile(tmp_path / "ckpt", target="sm90", output=tmp_path / f"tp{tp}.msgpack", quiet=True,
+                             tp=tp, dtype="float32", **LIMITS)
+        llm = rdnac.load(plan, interpret=True, num_blocks=16)
+        try:
+            logits.append(llm.logits(PROMPTS[0]))
+        finally:
+            llm.close()
+    err = (logits[1] - logits[0]).abs().max().item()
+    assert err <= 1e-5, f"max logits error {err:.3g}"
 
 
 @pytest.mark.gpu

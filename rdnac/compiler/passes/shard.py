@@ -26,13 +26,17 @@ become a sidecar of their own so a rank reads only its own bytes.
 - Embedding: vocabulary-parallel, V padded to a multiple of N with zero rows:
   `shard_ids` + masked lookup + `all_reduce`. lm_head (`logits`): the same
   rows, then `all_gather` of the logits columns (the padding dropped).
-Everything else (norms, routers, residual adds) is replicated.
+- MLA and Gated DeltaNet heads: shard_mixers.py. Gated attention's output
+  gate (Qwen3.5, Qwen3-Next) is split by query head with the query.
+Everything else (norms, routers, residual adds, a shared expert's per-token
+gate) is replicated.
 
-- MLA and Gated DeltaNet heads: shard_mixers.py.
 Column-parallel slices are requested on the values the sharded nodes read
 (`want_columns`) and resolved backwards to the weights that make them
 (`resolve_columns`): through a merged linear's split (each part its own way,
-or whole), and through a causal conv's channels.
+or whole: a replicated projection merged with sharded ones keeps its rows on
+every rank), and through a causal conv's channels. On GPU targets the
+collectives become torch.distributed calls (rdnac/kernels/collective.py).
 
 Refused, one line each: a --tp that does not divide the query heads, the KV
 heads (or is not a multiple of them), the MLA heads, the GDN key heads, the
