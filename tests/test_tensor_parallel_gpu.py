@@ -156,3 +156,18 @@ def test_a_gpu_plan_needs_one_gpu_per_rank(sm90):
     with pytest.raises(RdnacError, match=r"^.*tp2.msgpack: a --tp 2 plan on GPUs requires 2 GPUs visible to this "
                                          r"process \(one per rank\); got [01]; check CUDA_VISIBLE_DEVICES"):
         rdnac.load(sm90[2], device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", [_deepseek, _qwen3_5], ids=["deepseek-v3", "qwen3_5"])
+def test_sm90_mla_and_gdn_on_two_gpus(tmp_path, model):
+    """MLA and GDN plans (bf16) on two GPUs over NCCL with decode graphs: logits within bf16 rounding of the
+    tp=1 plan's (the float32 comparison under the interpreter is the exact one), greedy decode running."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs; {torch.cuda.device_count()} visible")
+    model(tmp_path / "ckpt")
+    (ref, _, _), (logits, tokens, graphs) = [_run(_compile(tmp_path / "ckpt", tmp_path / f"tp{tp}.msgpack", "sm90",
+                                                           tp), device="cuda") for tp in (1, 2)]
+    err = (logits - ref).abs().max().item()
+    assert err <= 5e-2 * ref.abs().max().item(), f"max logits error {err:.3g}"
+    assert graphs and all(tokens), "decode graphs were not captured, or a request produced nothing"
