@@ -176,6 +176,35 @@ def test_moe_matches_one_rank(moe, ep):
     _check_sharded(plan, reference)
 
 
+MXFP4_MOE = dict(hidden_size=64, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                 norm_topk_prob=True)
+
+
+@pytest.fixture(scope="module")
+def moe_mxfp4(tmp_path_factory):
+    from tests.test_qwen3_moe import make_qwen3_moe
+
+    root = tmp_path_factory.mktemp("tp_moe_mxfp4")
+    model = make_qwen3_moe(root / "ckpt", **MXFP4_MOE)
+    write_byte_tokenizer(root / "ckpt", model.config.vocab_size)
+    one = rdnac.compile(root / "ckpt", target="cpu", output=root / "tp1.msgpack", quantize="mxfp4")
+    return root, _reference(one)
+
+
+@pytest.mark.parametrize("ep", [False, True], ids=["tp", "ep"])
+def test_mxfp4_experts_match_one_rank(moe_mxfp4, ep):
+    """MXFP4 experts (--quantize mxfp4): blocks and scales sliced together (--tp: w2's I in whole scale blocks
+    of 32) or placed whole (--ep); the tp=1 plan's MXFP4 experts are the reference."""
+    root, reference = moe_mxfp4
+    plan = rdnac.compile(root / "ckpt", target="cpu", output=root / f"tp2{'ep' if ep else ''}.msgpack", tp=2, ep=ep,
+                         quantize="mxfp4")
+    graph = read_plan(plan).graph()
+    experts = next(n for n in graph.nodes if n.op == "moe_experts_mxfp4")
+    w2_blocks, w2_scales = (graph.weights[w].shape for w in experts.inputs[5:7])
+    assert (w2_blocks, w2_scales) == (((2, 64, 32), (2, 64, 2)) if ep else ((4, 64, 16), (4, 64, 1)))
+    _check_sharded(plan, reference)
+
+
 # ---------------------------------------------------------------- bad input, one line each
 
 

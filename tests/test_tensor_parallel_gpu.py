@@ -1,8 +1,9 @@
 """Tensor-parallel GPU plans: cross-compiled for the AMD targets, their collectives through the plan's kernels
 (torch.distributed on the plan's group), and, with two GPUs, over NCCL inside the captured decode graphs.
 
-- Sharded plans (dense GQA, DeepSeek MLA with MoE, Qwen3.5 GDN) build for gfx942 / gfx950 as single-rank
-  plans do: every node has a kernel per step key, the collectives the `collective` family's wrappers.
+- Sharded plans (dense GQA, DeepSeek MLA with MoE, Qwen3.5 GDN, MXFP4 experts) build for gfx942 / gfx950
+  as single-rank plans do: every node has a kernel per step key, the collectives the `collective` family's
+  wrappers.
 - The dry run of the GPU test on this machine: the sm90 plans under --interpret, their ranks over gloo; and
   the MLA and GDN kernels at a rank's head counts the same way, in float32 (within 1e-5 of tp=1).
 - `-m gpu` (two GPUs or more, else skipped): the same sm90 plans on cuda with graphs on, ranks over NCCL.
@@ -30,8 +31,8 @@ MAX_TOKENS = [6, 4, 5]
 LIMITS = dict(max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128)
 
 
-def _compile(ckpt, out, target, tp=1):
-    return rdnac.compile(ckpt, target=target, output=out, quiet=True, tp=tp, **LIMITS)
+def _compile(ckpt, out, target, tp=1, **options):
+    return rdnac.compile(ckpt, target=target, output=out, quiet=True, tp=tp, **LIMITS, **options)
 
 
 # ---------------------------------------------------------------- cross-compiled for the AMD targets
@@ -52,16 +53,25 @@ def _qwen3_5(directory):
                     linear_value_head_dim=10, layer_types=["linear_attention", "full_attention", "linear_attention"])
 
 
+def _mxfp4_moe(directory):
+    from tests.test_qwen3_moe import make_qwen3_moe
+    from tests.test_tensor_parallel import MXFP4_MOE
+
+    make_qwen3_moe(directory, **MXFP4_MOE)
+
+
 def _dense(directory):
     write_random_checkpoint(directory, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=128,
                             vocab=302, decisive=True)
 
 
-@pytest.mark.parametrize("model, target", [(_dense, "gfx942"), (_deepseek, "gfx950"), (_qwen3_5, "gfx942")],
-                         ids=["dense-gfx942", "deepseek-v3-gfx950", "qwen3_5-gfx942"])
+@pytest.mark.parametrize("model, target", [(_dense, "gfx942"), (_deepseek, "gfx950"), (_qwen3_5, "gfx942"),
+                                           (_mxfp4_moe, "gfx950")],
+                         ids=["dense-gfx942", "deepseek-v3-gfx950", "qwen3_5-gfx942", "mxfp4-moe-gfx950"])
 def test_sharded_plans_cross_compile_for_amd_targets(tmp_path, model, target):
     model(tmp_path / "ckpt")
-    plan = read_plan(_compile(tmp_path / "ckpt", tmp_path / "tp2.msgpack", target, tp=2))
+    options = {"quantize": "mxfp4"} if model is _mxfp4_moe else {}
+    plan = read_plan(_compile(tmp_path / "ckpt", tmp_path / "tp2.msgpack", target, tp=2, **options))
     graph, program = plan.graph(), plan.body["program"]
     assert plan.num_ranks == 2 and plan.header["target"] == target and plan.body["kernels"]
     collectives = [n for n in graph.nodes if n.op in ("all_reduce", "all_gather", "shard_ids")]

@@ -41,7 +41,7 @@ collectives become torch.distributed calls (rdnac/kernels/collective.py).
 Refused, one line each: a --tp that does not divide the query heads, the KV
 heads (or is not a multiple of them), the MLA heads, the GDN key heads, the
 intermediate size or the experts (--ep); schemes whose sharding is not
-written yet (FP8, MXFP4).
+written yet (FP8).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from rdnac.ir.state import StateSpec
 NAME = "shard"
 VOCAB_START, EXPERT_START = "tp.vocab_start", "tp.expert_start"  # per-rank int64 [1] weights
 _NOT_YET = {"linear_fp8": "FP8 linears", "rms_norm_quant": "FP8 linears", "gated_act_quant": "FP8 linears",
-            "attention_quant": "FP8 linears", "moe_experts_mxfp4": "MXFP4 experts"}
+            "attention_quant": "FP8 linears"}
 
 
 def run(state: CompileState) -> None:
@@ -104,7 +104,7 @@ class Sharder:
                 self.attention(node)
             elif node.op in ("linear_gated_act", "gated_act"):
                 self.mlp(node)
-            elif node.op == "moe_experts":
+            elif node.op in ("moe_experts", "moe_experts_mxfp4"):
                 self.experts(node)
             elif node.op == "embedding":
                 self.embedding(node)
@@ -331,16 +331,19 @@ class Sharder:
                           "per rank; all_reduce after down", "column- then row-parallel: one all_reduce per MLP")
 
     def experts(self, node: Node) -> None:
-        w13, w2 = node.inputs[3:5]
-        num_experts, two_i, _ = self.graph.weights[w13].shape
+        """moe_experts, or moe_experts_mxfp4 (w13 and w2 as blocks and scales: their rows sliced alike, w2's
+        I columns in whole scale blocks of 32 weights, 16 bytes of e2m1 pairs each)."""
+        mx = node.op == "moe_experts_mxfp4"
+        w13s, w2s = (node.inputs[3:5], node.inputs[5:7]) if mx else (node.inputs[3:4], node.inputs[4:5])
+        num_experts, two_i, _ = self.graph.weights[w13s[0]].shape
         inter = two_i // 2
-        biases = node.inputs[5:]
+        biases = node.inputs[7:] if mx else node.inputs[5:]
         if self.ep:
             if num_experts % self.n:
                 self.fail(node, f"has {num_experts} experts; --ep requires --tp to divide them (each rank holds "
                                 f"E/N whole experts); choose a --tp that divides {num_experts}")
             local = num_experts // self.n
-            for w in (w13, w2, *biases):
+            for w in (*w13s, *w2s, *biases):
                 self.shard(w, "expert-parallel", lambda t, r: t[r * local:(r + 1) * local])
             self.per_rank_start(EXPERT_START, local)
             ids = f"{node.name}.local_ids"
@@ -350,9 +353,17 @@ class Sharder:
             what = f"experts [r*{local}, (r+1)*{local}) whole on rank r; routed ids of other ranks' experts skipped"
         else:
             block = self.intermediate_block(node, inter)
+            if mx and block % 32:
+                self.fail(node, f"has MXFP4 experts of intermediate size {inter}; --tp must divide it into blocks "
+                                f"of a multiple of 32 (one e8m0 scale covers 32 weights along it), got {block}; "
+                                "choose a smaller --tp")
             rows = [lambda r: [*range(r * block, (r + 1) * block), *range(inter + r * block, inter + (r + 1) * block)]]
-            self.shard(w13, "expert gate/up block", lambda t, r: t[:, rows[0](r)])
-            self.shard(w2, "expert down block", lambda t, r: t[:, :, r * block:(r + 1) * block])
+            for w in w13s:
+                self.shard(w, "expert gate/up block", lambda t, r: t[:, rows[0](r)])
+            for w in w2s:  # the last dim is I, I/2 (e2m1 pairs) or I/32 (scales): the rank's block of it
+                per = inter // self.graph.weights[w].shape[-1]
+                self.shard(w, "expert down block",
+                           lambda t, r, per=per: t[:, :, r * block // per:(r + 1) * block // per])
             if biases:
                 self.shard(biases[0], "expert gate/up block", lambda t, r: t[:, rows[0](r)])
                 self.rank0_only(biases[1])
