@@ -82,6 +82,8 @@ class TPRunner(ModelRunner):
         outer, self._inside = self._inside, True
         try:
             return call()
+        except torch.OutOfMemoryError:  # the device's own error, not the group's
+            raise
         except RuntimeError as e:  # a collective failed: a rank died, or timed out
             raise self._group_down(e) from None
         finally:
@@ -104,6 +106,8 @@ class TPRunner(ModelRunner):
         self._send(("execute", entries, logits_all))
         try:
             return super().execute(entries, sampling, logits_all)
+        except torch.OutOfMemoryError:  # the device's own error, not the group's
+            raise
         except RuntimeError as e:  # a collective failed: a rank died, or timed out
             raise self._group_down(e) from None
 
