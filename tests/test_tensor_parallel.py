@@ -416,3 +416,24 @@ def test_a_failed_sharded_write_publishes_nothing(dense, tmp_path, monkeypatch, 
         for r in range(2):
             loaded = old.load_weights(rank=r)
             assert all(torch.equal(loaded[k], ranks[r][k]) for k in ranks[r])
+
+
+def test_step_commands_carry_only_the_steps_tokens():
+    """Rank 0 broadcasts each step; an entry carries its step's tokens only (indexed by position), so a decode
+    command at a long context is as small as at a short one, and the runner reads the same tokens."""
+    import pickle
+
+    from rdnac.runtime.distributed import wire_entries
+    from rdnac.runtime.model_runner import StepEntry
+
+    long, short = list(range(100_000)), list(range(10))
+    sizes = []
+    for tokens in (long, short):
+        entry = StepEntry(tokens, [0, 1, 2], len(tokens) - 1, len(tokens), state_slot=3)
+        (sent,) = pickle.loads(pickle.dumps(wire_entries([entry])))
+        assert sent.token_ids[sent.start:sent.end] == tokens[-1:] and sent.state_slot == 3
+        sizes.append(len(pickle.dumps(wire_entries([entry]))))
+    assert sizes[0] - sizes[1] < 16 and sizes[0] < 400, sizes
+    prefill = StepEntry(long[:50], [0], 20, 50)
+    (sent,) = wire_entries([prefill])
+    assert sent.token_ids[20:50] == long[20:50]

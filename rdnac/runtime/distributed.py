@@ -103,7 +103,7 @@ class TPRunner(ModelRunner):
 
     def execute(self, entries: list[StepEntry], sampling: SamplingBatch | None = None,
                 logits_all: bool = False) -> StepOutput:
-        self._send(("execute", entries, logits_all))
+        self._send(("execute", wire_entries(entries), logits_all))
         try:
             return super().execute(entries, sampling, logits_all)
         except torch.OutOfMemoryError:  # the device's own error, not the group's
@@ -124,6 +124,30 @@ class TPRunner(ModelRunner):
         self.commands = self.group = None
         self.graphs = self.cache = None  # the device memory goes with the last reference to the LLM
         atexit.unregister(self.close)
+
+
+class _Window(list):
+    """Tokens [start, end) of a sequence, indexed by the sequence's own positions (`start` set after
+    construction): what a step's command carries of each entry's tokens, the only ones a model step reads
+    (ModelRunner.execute slices token_ids[start:end])."""
+
+    start = 0
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return list.__getitem__(self, slice(index.start - self.start, index.stop - self.start))
+        return list.__getitem__(self, index - self.start)
+
+
+def wire_entries(entries: list[StepEntry]) -> list[StepEntry]:
+    """The entries as the other ranks receive them: each with only its step's tokens, so a command stays the
+    size of the step's new tokens and block tables however long the sequences are."""
+    out = []
+    for e in entries:
+        window = _Window(e.token_ids[e.start:e.end])
+        window.start = e.start
+        out.append(StepEntry(window, e.block_table, e.start, e.end, e.state_slot))
+    return out
 
 
 def _reason(e: Exception) -> str:
