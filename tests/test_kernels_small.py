@@ -99,6 +99,11 @@ def _check_embedding(launcher, device, dtype, config, vocab=49152, hidden=576):
     for scale in (1.0, hidden ** 0.5):
         out = embedding.embedding(ids, weight, scale=scale, config=config, launcher=launcher)
         assert_close(f"embedding scale={scale}", out, ops.embedding(ids, weight, scale=scale), *_tol(dtype))
+    # -1: another rank's row of a vocabulary-parallel table (collectives.shard_ids): a zero row
+    ids = torch.tensor([-1, 3, -1, vocab - 1], device=device)
+    out = embedding.embedding(ids, weight, scale=2.0, config=config, launcher=launcher)
+    assert not out[[0, 2]].any()
+    assert_close("embedding of -1 ids", out, ops.embedding(ids, weight, scale=2.0), *_tol(dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

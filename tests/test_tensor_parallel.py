@@ -9,6 +9,7 @@ tp=4. Each plan's ranks are real processes (`rdnac.runtime.distributed`).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -175,6 +176,35 @@ def test_moe_matches_one_rank(moe, ep):
     _check_sharded(plan, reference)
 
 
+MXFP4_MOE = dict(hidden_size=64, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                 norm_topk_prob=True)
+
+
+@pytest.fixture(scope="module")
+def moe_mxfp4(tmp_path_factory):
+    from tests.test_qwen3_moe import make_qwen3_moe
+
+    root = tmp_path_factory.mktemp("tp_moe_mxfp4")
+    model = make_qwen3_moe(root / "ckpt", **MXFP4_MOE)
+    write_byte_tokenizer(root / "ckpt", model.config.vocab_size)
+    one = rdnac.compile(root / "ckpt", target="cpu", output=root / "tp1.msgpack", quantize="mxfp4")
+    return root, _reference(one)
+
+
+@pytest.mark.parametrize("ep", [False, True], ids=["tp", "ep"])
+def test_mxfp4_experts_match_one_rank(moe_mxfp4, ep):
+    """MXFP4 experts (--quantize mxfp4): blocks and scales sliced together (--tp: w2's I in whole scale blocks
+    of 32) or placed whole (--ep); the tp=1 plan's MXFP4 experts are the reference."""
+    root, reference = moe_mxfp4
+    plan = rdnac.compile(root / "ckpt", target="cpu", output=root / f"tp2{'ep' if ep else ''}.msgpack", tp=2, ep=ep,
+                         quantize="mxfp4")
+    graph = read_plan(plan).graph()
+    experts = next(n for n in graph.nodes if n.op == "moe_experts_mxfp4")
+    w2_blocks, w2_scales = (graph.weights[w].shape for w in experts.inputs[5:7])
+    assert (w2_blocks, w2_scales) == (((2, 64, 32), (2, 64, 2)) if ep else ((4, 64, 16), (4, 64, 1)))
+    _check_sharded(plan, reference)
+
+
 # ---------------------------------------------------------------- bad input, one line each
 
 
@@ -191,8 +221,9 @@ def test_tp_that_does_not_divide(dense, tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"has 4 KV heads; --tp must divide them, or be a multiple of "
                                                     r"them"):
         rdnac.compile(tmp_path / "kv4", target="cpu", output=tmp_path / "x.msgpack", tp=6)
-    with pytest.raises(RdnacError, match=r"--tp requires --target cpu for now"):
-        rdnac.compile(root / "ckpt", target="gfx942", output=tmp_path / "x.msgpack", tp=2)
+    with pytest.raises(RdnacError, match=r"--ep requires --target cpu for now; got --target gfx942: the fused MoE "
+                                         r"kernels do not skip other ranks' experts yet"):
+        rdnac.compile(root / "ckpt", target="gfx942", output=tmp_path / "x.msgpack", tp=2, ep=True)
     with pytest.raises(RdnacError, match=r"--ep requires --tp N with N > 1"):
         rdnac.compile(root / "ckpt", target="cpu", output=tmp_path / "x.msgpack", ep=True)
     assert not list(tmp_path.glob("x.*"))
@@ -318,3 +349,91 @@ def test_torchrun(dense):
     assert out.returncode == 0, out.stderr
     reference = rdnac.load(plans[1]).generate(["hello"], SamplingParams(max_tokens=6))[0].text
     assert out.stdout.strip() == reference.strip()
+
+
+# ---------------------------------------------------------------- publishing a sharded plan
+
+
+def _fail_saving_rank1(monkeypatch, out):
+    from rdnac.plans import format as plan_format
+
+    real, calls = plan_format.save_file, []
+
+    def second_fails(tensors, path, metadata=None):  # rank 0's file is written; the disk fills on rank 1's
+        calls.append(path)
+        real(tensors, path, metadata=metadata)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+    monkeypatch.setattr(plan_format, "save_file", second_fails)
+
+
+def _fail_renaming(target):
+    def inject(monkeypatch, out):
+        from rdnac.plans import format as plan_format
+
+        real = os.replace
+        final = out if target == "plan" else out.with_name(out.name.replace(".msgpack", f".{target}.weights"
+                                                                                        ".safetensors"))
+
+        def refuse(src, dst):  # every file renamed before this one is in place when it fails
+            if os.fspath(dst) == os.fspath(final):
+                raise OSError(28, "No space left on device")
+            real(src, dst)
+        monkeypatch.setattr(plan_format.os, "replace", refuse)
+    return inject
+
+
+PUBLISH_FAILURES = {"saving rank 1": _fail_saving_rank1, "renaming rank 1": _fail_renaming("rank1"),
+                    "renaming the plan": _fail_renaming("plan")}
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh", "over-existing"])
+@pytest.mark.parametrize("stage", list(PUBLISH_FAILURES))
+def test_a_failed_sharded_write_publishes_nothing(dense, tmp_path, monkeypatch, stage, existing):
+    """The plan and every rank's weights file are published together: a failure at any stage leaves no new
+    file (no temporaries, no rank sidecar beside an old plan) and an existing plan loading as it was."""
+    from rdnac.plans import write_plan
+
+    root, plans, _ = dense
+    src = read_plan(plans[2])
+    ranks = [src.load_weights(rank=r) for r in range(2)]
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "tp2.msgpack"
+    if existing:
+        for f in root.glob("tp2.*"):
+            shutil.copy(f, out_dir / f.name)
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir()}
+    changed = [{k: v + 1 if v.is_floating_point() else v for k, v in w.items()} for w in ranks]
+    PUBLISH_FAILURES[stage](monkeypatch, out)
+    with pytest.raises(PlanError, match=r"nothing was written \(an existing plan is unchanged\)") as e:
+        write_plan(out, src.header, src.body, changed[0], rank_weights=changed)
+    assert "\n" not in str(e.value) and "No space left on device" in str(e.value)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir()} == before, sorted(p.name for p in out_dir.iterdir())
+    if existing:
+        old = read_plan(out)
+        for r in range(2):
+            loaded = old.load_weights(rank=r)
+            assert all(torch.equal(loaded[k], ranks[r][k]) for k in ranks[r])
+
+
+def test_step_commands_carry_only_the_steps_tokens():
+    """Rank 0 broadcasts each step; an entry carries its step's tokens only (indexed by position), so a decode
+    command at a long context is as small as at a short one, and the runner reads the same tokens."""
+    import pickle
+
+    from rdnac.runtime.distributed import wire_entries
+    from rdnac.runtime.model_runner import StepEntry
+
+    long, short = list(range(100_000)), list(range(10))
+    sizes = []
+    for tokens in (long, short):
+        entry = StepEntry(tokens, [0, 1, 2], len(tokens) - 1, len(tokens), state_slot=3)
+        (sent,) = pickle.loads(pickle.dumps(wire_entries([entry])))
+        assert sent.token_ids[sent.start:sent.end] == tokens[-1:] and sent.state_slot == 3
+        sizes.append(len(pickle.dumps(wire_entries([entry]))))
+    assert sizes[0] - sizes[1] < 16 and sizes[0] < 400, sizes
+    prefill = StepEntry(long[:50], [0], 20, 50)
+    (sent,) = wire_entries([prefill])
+    assert sent.token_ids[20:50] == long[20:50]

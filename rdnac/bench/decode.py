@@ -80,10 +80,16 @@ def _unrouted_expert_bytes(graph, weights: dict, batch: int) -> int:
 
 
 def decode_record(llm, batch: int, context: int, copy_gbps: float) -> dict:
-    """One BENCHMARKS.md decode row: TPOT, tokens/s and achieved bandwidth at `batch` x `context`."""
+    """One BENCHMARKS.md decode row: TPOT, tokens/s and achieved bandwidth at `batch` x `context`. For a
+    plan sharded over N ranks (`--tp N`) the bytes and bandwidth are one rank's (rank 0's weights and
+    state, what its GPU reads), and `total_GBps` is N times that."""
     t = tpot(llm, batch, context)
     read = decode_bytes(llm, batch, context)
-    return {"batch": batch, "context": context, "tpot_ms": round(t * 1e3, 3), "tokens_per_s": round(batch / t, 1),
-            "bytes_read_GB": round(read / 1e9, 3), "achieved_GBps": round(read / t / 1e9, 1),
-            "pct_of_copy": round(100 * read / t / 1e9 / copy_gbps, 1), "copy_GBps": round(copy_gbps, 1),
-            "plan_pdl": llm.plan.body["runtime"].get("pdl", False)}
+    record = {"batch": batch, "context": context, "tpot_ms": round(t * 1e3, 3), "tokens_per_s": round(batch / t, 1),
+              "bytes_read_GB": round(read / 1e9, 3), "achieved_GBps": round(read / t / 1e9, 1),
+              "pct_of_copy": round(100 * read / t / 1e9 / copy_gbps, 1), "copy_GBps": round(copy_gbps, 1),
+              "plan_pdl": llm.plan.body["runtime"].get("pdl", False)}
+    ranks = llm.plan.num_ranks
+    if ranks > 1:
+        record.update(ranks=ranks, per_rank=True, total_GBps=round(ranks * read / t / 1e9, 1))
+    return record

@@ -69,7 +69,7 @@ def cli():
               help="The paged K/V cache: auto = the compute dtype; fp8 = the target's e4m3 format (per-tensor "
                    "scale 1.0): half the bytes per token, twice the tokens.")
 @click.option("--tp", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="Tensor-parallel ranks: shard the plan over N processes (cpu target, gloo, for now).")
+              help="Tensor-parallel ranks: shard the plan over N processes (gloo on cpu, NCCL/RCCL on GPUs).")
 @click.option("--ep", is_flag=True, help="With --tp N: place MoE experts whole per rank instead of slicing each.")
 def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max_num_seqs, max_num_batched_tokens,
                 quiet, quantize, fp8_lm_head, pdl, tokenizer, kv_cache_dtype, tp, ep):

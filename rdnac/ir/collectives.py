@@ -53,13 +53,15 @@ def world_size() -> int:
     return dist.get_world_size(_GROUP)
 
 
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """The sum of x over the group's ranks (a new tensor; x is a node's output, possibly a view)."""
+def all_reduce(x: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+    """The sum of x over the group's ranks: a new tensor (x is a node's output, possibly a view), or with
+    `in_place` x's own buffer when x is contiguous (the GPU kernel's form: the shard pass makes every
+    all_reduce the only reader of its input, `<out>.partial`, so the copy would be one more launch)."""
     if world_size() == 1:
         return x
     import torch.distributed as dist
 
-    out = x.contiguous().clone()
+    out = x if in_place and x.is_contiguous() else x.contiguous().clone()
     dist.all_reduce(out, group=_GROUP)
     return out
 

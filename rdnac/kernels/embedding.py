@@ -6,7 +6,8 @@ and rounded once to the weight dtype, as torch does for `bf16_tensor * float`.
 
 Config space: BLOCK_H (a power of two; the grid tiles H, so any value is
 correct) and num_warps. Problem keys: {"H": hidden size, "dtype": weight dtype}.
-Token ids are not range-checked on the device; the runtime guarantees them.
+Token ids are not range-checked on the device; the runtime guarantees them. An id of -1 (another
+rank's row, in a tensor-parallel plan) gives a zero row, as the IR's `embedding` does.
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ def _embedding_kernel(ids_ptr, weight_ptr, out_ptr, H, stride_weight_row, stride
     mask = cols < H
     # int64 row offset: V * H exceeds 2**31 for large vocabularies
     row = tl.load(ids_ptr + token).to(tl.int64)
-    values = tl.load(weight_ptr + row * stride_weight_row + cols, mask=mask, other=0.0)
-    out = values.to(tl.float32) * scale
+    # id -1: another rank's row of a vocabulary-parallel table (the IR's shard_ids): a zero row
+    values = tl.load(weight_ptr + tl.maximum(row, 0) * stride_weight_row + cols, mask=mask, other=0.0)
+    out = values.to(tl.float32) * (scale * (row >= 0).to(tl.float32))  # weights are finite: 0 * w is 0
     tl.store(out_ptr + token.to(tl.int64) * stride_out_row + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def embedding(token_ids: torch.Tensor, weight: torch.Tensor, *, scale: float = 1.0,
               config: dict, launcher: Launcher) -> torch.Tensor:
-    """token_ids [T] int32/int64, weight [V, H] -> [T, H] in weight's dtype."""
+    """token_ids [T] int32/int64 (-1: a zero row), weight [V, H] -> [T, H] in weight's dtype."""
     num_tokens, (_, hidden) = token_ids.shape[0], weight.shape
     assert weight.stride(1) == 1, "embedding weight rows must be contiguous"
     out = torch.empty(num_tokens, hidden, dtype=weight.dtype, device=weight.device)  # [T, H]

@@ -52,11 +52,7 @@ PHASES = ("prefill", "decode")
 VIEW_OPS = ("split",)
 # IR ops no GPU plan contains, with why: the cpu target's interpreter runs them from their reference.
 REFERENCE_ONLY_OPS = {"argmax": "GPU plans sample outside the graph (rdnac.runtime.sampling); "
-                                "only cpu plans, run by the interpreter, contain it",
-                      **dict.fromkeys(("all_reduce", "all_gather", "shard_ids"),
-                                      "tensor parallelism runs on the cpu target (gloo) for now: GPU compiles "
-                                      "with --tp are refused; on GPUs they become torch.distributed (NCCL/RCCL) "
-                                      "calls, not Triton kernels")}
+                                "only cpu plans, run by the interpreter, contain it"}
 
 
 def reference_only_attrs(op: str, attrs: dict) -> str | None:

@@ -162,30 +162,39 @@ def _save_weights(path: Path, weights: dict[str, torch.Tensor]) -> None:
         os.fsync(f.fileno())
 
 
-def _publish(tmp_weights: Path, weights: Path, tmp_plan: Path, plan: Path) -> None:
-    """Rename the new weights, then the new plan, into place. The plan records the weights' size and
-    checksums, so until its rename lands an old plan beside new weights is refused at load; if that
-    rename fails, the old weights are put back, leaving the old pair as it was."""
-    backup = None
-    if weights.exists():
-        backup = _temp_beside(weights)
-        try:
-            os.link(weights, backup)
-        except OSError:  # no hard links here: the plan's checksums still refuse a mismatched pair
-            backup = None
+def _publish(weights: list[tuple[Path, Path]], tmp_plan: Path, plan: Path) -> None:
+    """Rename the new weights files (`(temporary, final)` pairs: one, or one per rank of a sharded plan),
+    then the new plan, into place. The plan records every weights file's size and checksums, so until its
+    rename lands an old plan beside new weights is refused at load; if any rename fails, every weights
+    file already renamed is put back as it was (or removed, where none was there), leaving the old plan
+    and its files as they were."""
+    backups: list[Path | None] = []
+    for _, final in weights:
+        backup = None
+        if final.exists():
+            backup = _temp_beside(final)
+            try:
+                os.link(final, backup)
+            except OSError:  # no hard links here: the plan's checksums still refuse a mismatched pair
+                backup = None
+        backups.append(backup)
+    done = 0
     try:
-        os.replace(tmp_weights, weights)
-        try:
-            os.replace(tmp_plan, plan)
-        except OSError:
+        for tmp, final in weights:
+            os.replace(tmp, final)
+            done += 1
+        os.replace(tmp_plan, plan)
+    except OSError:
+        for (_, final), backup in zip(weights[:done], backups):
             if backup is not None:
-                os.replace(backup, weights)
+                os.replace(backup, final)
             else:
-                weights.unlink(missing_ok=True)
-            raise
+                final.unlink(missing_ok=True)
+        raise
     finally:
-        if backup is not None:
-            backup.unlink(missing_ok=True)
+        for backup in backups:
+            if backup is not None:
+                backup.unlink(missing_ok=True)
 
 
 def _io_reason(message: str) -> str:
@@ -199,13 +208,12 @@ def write_plan(path: Path, header: dict, body: dict, weights: dict[str, torch.Te
     """Write the plan and its weights to temporary names beside `path`, then publish both (`_publish`).
     On any failure (a full disk, an unwritable directory) the temporaries are removed, an existing plan
     and its weights are left as they were, and a PlanError says why. `rank_weights` (a sharded plan):
-    one weights file per rank, `weights` being rank 0's; ranks 1.. are renamed into place just before
-    rank 0's and the plan (an old plan left beside new files refuses them by its checksums)."""
+    one weights file per rank, `weights` being rank 0's, all published with the plan (or none of them)."""
     path = Path(path)
     num_ranks = len(rank_weights) if rank_weights else 1
     wpaths = [weights_path_for(path, r if rank_weights else None) for r in range(num_ranks)]
     tmps = [_temp_beside(w) for w in wpaths]
-    tmp_w, wpath, tmp_p = tmps[0], wpaths[0], _temp_beside(path)
+    tmp_p = _temp_beside(path)
     try:
         records = []
         for r, (tmp, final) in enumerate(zip(tmps, wpaths)):
@@ -221,9 +229,7 @@ def write_plan(path: Path, header: dict, body: dict, weights: dict[str, torch.Te
         _write_synced(tmp_p, msgpack.packb(doc, use_bin_type=True))
         for tmp in tmps:  # safetensors makes it 0600; the plan has the umask's
             os.chmod(tmp, stat.S_IMODE(tmp_p.stat().st_mode))
-        for tmp, final in zip(tmps[1:], wpaths[1:]):
-            os.replace(tmp, final)
-        _publish(tmp_w, wpath, tmp_p, path)
+        _publish(list(zip(tmps, wpaths)), tmp_p, path)
     except (OSError, SafetensorError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else _io_reason(str(e))
         raise PlanError(f"{path}: writing the plan requires a writable directory with room for it and its "

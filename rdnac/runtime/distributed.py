@@ -1,7 +1,10 @@
 """Tensor-parallel plans at run time: one process per rank over torch.distributed (gloo on cpu).
 
 A plan compiled with `--tp N` (`rdnac.compiler.passes.shard`) is one graph
-every rank runs with its own weights file; the graph's collectives
+every rank runs with its own weights file (a cpu plan under the interpreter
+over gloo; a GPU plan on one GPU per rank over NCCL, RCCL on ROCm, with the
+collectives inside its captured decode graphs; a GPU plan under
+`--interpret` on the CPU over gloo, for checking it without GPUs); the graph's collectives
 (`rdnac.ir.collectives`) meet across the ranks. Rank 0 owns the one
 `LLMEngine` (scheduler, block manager, sampler, detokenizer) over a
 `TPRunner`: before each model call (allocate the state, execute a step) it
@@ -56,8 +59,11 @@ class TPRunner(ModelRunner):
     group = None  # the collectives' group (set by `start`)
     commands = None  # the group commands travel on
     processes: list = []  # the ranks this process spawned (empty under torchrun)
+    _inside = False  # inside a broadcast call: the model calls it makes itself are not broadcast again
 
     def _send(self, command: tuple) -> None:
+        if self._inside:
+            return
         try:
             dist.broadcast_object_list([command], src=0, group=self.commands)
         except RuntimeError as e:
@@ -70,15 +76,38 @@ class TPRunner(ModelRunner):
         return RdnacError(f"tensor-parallel group of {self.plan.num_ranks} ranks is down: {who} stopped "
                           f"({_reason(e)}); restart rdnac")
 
+    def _relayed(self, command: tuple, call):
+        """Broadcast `command`, then run `call` here, whose own model calls every rank makes already."""
+        self._send(command)
+        outer, self._inside = self._inside, True
+        try:
+            return call()
+        except torch.OutOfMemoryError:  # the device's own error, not the group's
+            raise
+        except RuntimeError as e:  # a collective failed: a rank died, or timed out
+            raise self._group_down(e) from None
+        finally:
+            self._inside = outer
+
     def allocate_state(self, num_blocks: int, num_slots: int, max_num_seqs: int | None = None):
-        self._send(("allocate", num_blocks, num_slots, max_num_seqs))
-        return super().allocate_state(num_blocks, num_slots, max_num_seqs)
+        return self._relayed(("allocate", num_blocks, num_slots, max_num_seqs),
+                             lambda: super(TPRunner, self).allocate_state(num_blocks, num_slots, max_num_seqs))
+
+    def profile_step_bytes(self, num_tokens: int) -> int:
+        """Rank 0's peak step bytes; every rank runs the step (its collectives need them all)."""
+        return self._relayed(("profile", num_tokens), lambda: super(TPRunner, self).profile_step_bytes(num_tokens))
+
+    def capture_graphs(self, max_num_seqs: int | None = None) -> float:
+        """Every rank captures the same buckets in the same order (the collectives inside meet)."""
+        return self._relayed(("capture", max_num_seqs), lambda: super(TPRunner, self).capture_graphs(max_num_seqs))
 
     def execute(self, entries: list[StepEntry], sampling: SamplingBatch | None = None,
                 logits_all: bool = False) -> StepOutput:
-        self._send(("execute", entries, logits_all))
+        self._send(("execute", wire_entries(entries), logits_all))
         try:
             return super().execute(entries, sampling, logits_all)
+        except torch.OutOfMemoryError:  # the device's own error, not the group's
+            raise
         except RuntimeError as e:  # a collective failed: a rank died, or timed out
             raise self._group_down(e) from None
 
@@ -93,6 +122,32 @@ class TPRunner(ModelRunner):
         _reap(self.processes)
         dist.destroy_process_group()
         self.commands = self.group = None
+        self.graphs = self.cache = None  # the device memory goes with the last reference to the LLM
+        atexit.unregister(self.close)
+
+
+class _Window(list):
+    """Tokens [start, end) of a sequence, indexed by the sequence's own positions (`start` set after
+    construction): what a step's command carries of each entry's tokens, the only ones a model step reads
+    (ModelRunner.execute slices token_ids[start:end])."""
+
+    start = 0
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return list.__getitem__(self, slice(index.start - self.start, index.stop - self.start))
+        return list.__getitem__(self, index - self.start)
+
+
+def wire_entries(entries: list[StepEntry]) -> list[StepEntry]:
+    """The entries as the other ranks receive them: each with only its step's tokens, so a command stays the
+    size of the step's new tokens and block tables however long the sequences are."""
+    out = []
+    for e in entries:
+        window = _Window(e.token_ids[e.start:e.end])
+        window.start = e.start
+        out.append(StepEntry(window, e.block_table, e.start, e.end, e.state_slot))
+    return out
 
 
 def _reason(e: Exception) -> str:
@@ -120,6 +175,10 @@ def serve_rank(runner: ModelRunner, commands) -> None:
             return
         if command[0] == "allocate":
             runner.allocate_state(*command[1:])
+        elif command[0] == "profile":
+            runner.profile_step_bytes(*command[1:])
+        elif command[0] == "capture":
+            runner.capture_graphs(*command[1:])
         else:
             entries, logits_all = command[1:]
             runner.execute(entries, None, logits_all)
@@ -150,11 +209,26 @@ def _handshake(rank: int, error: str | None, num_ranks: int) -> None:
         raise RdnacError(message if r == rank else f"rank {r} failed to load: {message}")
 
 
+def _backend(options: dict) -> str:
+    """NCCL (RCCL on ROCm: torch's "nccl" backend) for a GPU plan on GPUs; gloo on the CPU (and under
+    --interpret)."""
+    return "nccl" if options["device"] == "cuda" and not options["interpret"] else "gloo"
+
+
+def _bind_device(local_rank: int, num_ranks: int, options: dict) -> None:
+    """A rank on GPUs uses GPU `local_rank` of its host, set before anything touches the device (its
+    weights, kernels and graphs then land there); on the CPU, its share of the cores."""
+    if _backend(options) == "nccl":
+        torch.cuda.set_device(local_rank)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_ranks))
+
+
 def _rank_main(rank: int, num_ranks: int, init_method: str, plan_path: str, options: dict) -> None:
     """A started rank (1..N-1): join, load its weights, serve rank 0's calls, leave."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_ranks))
+    _bind_device(rank, num_ranks, options)
     try:
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=num_ranks,
+        dist.init_process_group(_backend(options), init_method=init_method, rank=rank, world_size=num_ranks,
                                 timeout=_timeout())
         commands = dist.new_group(backend="gloo", timeout=_IDLE)
         runner, error = None, None
@@ -179,17 +253,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _options(options: dict) -> dict:
+    """ModelRunner.load's options every rank takes alike."""
+    return {"device": options.get("device") or "cpu", "verify_weights": options.get("verify_weights", True),
+            "interpret": bool(options.get("interpret")), "enforce_eager": bool(options.get("enforce_eager")),
+            "launch_pdl": options.get("launch_pdl", True)}
+
+
+def _rank_flags(options: dict) -> list[str]:
+    return ["--device", options["device"], *(["--no-verify-weights"] if not options["verify_weights"] else []),
+            *(["--interpret"] if options["interpret"] else []),
+            *(["--enforce-eager"] if options["enforce_eager"] else []),
+            *(["--no-pdl"] if not options["launch_pdl"] else [])]
+
+
 def start(plan_path, num_ranks: int, **options) -> TPRunner:
     """Rank 0's runner of a `num_ranks` plan, the other ranks started (or joined, under torchrun)."""
-    if (options.get("device") or "cpu") != "cpu" or options.get("interpret"):
-        raise RdnacError(f"a --tp {num_ranks} plan runs on the cpu device (gloo) for now; got device "
-                         f"{options.get('device')!r}{' with --interpret' if options.get('interpret') else ''}")
-    options = {"device": "cpu", "verify_weights": options.get("verify_weights", True)}
+    options = _options(options)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     processes = []
     if dist.is_initialized() or world > 1:  # torchrun (or a caller that set the group up)
         if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=_timeout())
+            _bind_device(int(os.environ.get("LOCAL_RANK", "0")), world, options)
+            dist.init_process_group(_backend(options), timeout=_timeout())
         world, rank = dist.get_world_size(), dist.get_rank()
         if world != num_ranks:
             raise RdnacError(f"{plan_path}: a --tp {num_ranks} plan requires {num_ranks} ranks; got {world} "
@@ -208,14 +294,18 @@ def start(plan_path, num_ranks: int, **options) -> TPRunner:
             raise SystemExit(0)
     else:
         _check_rank_files(plan_path, num_ranks)
+        if _backend(options) == "nccl" and torch.cuda.device_count() < num_ranks:
+            raise RdnacError(f"{plan_path}: a --tp {num_ranks} plan on GPUs requires {num_ranks} GPUs visible to "
+                             f"this process (one per rank); got {torch.cuda.device_count()}; check "
+                             "CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES, or run under torchrun across machines")
         init_method = f"tcp://127.0.0.1:{_free_port()}"
-        verify = [] if options["verify_weights"] else ["--no-verify-weights"]
         for rank in range(1, num_ranks):
             processes.append(subprocess.Popen([sys.executable, "-m", "rdnac.runtime.distributed", str(plan_path),
                                                "--rank", str(rank), "--num-ranks", str(num_ranks),
-                                               "--init-method", init_method, *verify]))
+                                               "--init-method", init_method, *_rank_flags(options)]))
+        _bind_device(0, num_ranks, options)
         try:
-            dist.init_process_group("gloo", init_method=init_method, rank=0, world_size=num_ranks,
+            dist.init_process_group(_backend(options), init_method=init_method, rank=0, world_size=num_ranks,
                                     timeout=_timeout())
             commands = dist.new_group(backend="gloo", timeout=_IDLE)
         except RuntimeError as e:  # the ranks never met (a port taken meanwhile, a rank that failed to start)
@@ -246,6 +336,12 @@ if __name__ == "__main__":  # a rank rank 0 started (`start`)
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--num-ranks", type=int, required=True)
     parser.add_argument("--init-method", required=True)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-verify-weights", action="store_true")
+    parser.add_argument("--interpret", action="store_true")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--no-pdl", action="store_true")
     a = parser.parse_args()
-    _rank_main(a.rank, a.num_ranks, a.init_method, a.plan, {"device": "cpu", "verify_weights": not a.no_verify_weights})
+    _rank_main(a.rank, a.num_ranks, a.init_method, a.plan,
+               _options({"device": a.device, "verify_weights": not a.no_verify_weights, "interpret": a.interpret,
+                         "enforce_eager": a.enforce_eager, "launch_pdl": not a.no_pdl}))

@@ -43,8 +43,8 @@ class LLM:
         if num_ranks > 1:
             from rdnac.runtime.distributed import start
 
-            return cls(start(plan, num_ranks, device=device, verify_weights=verify_weights, interpret=interpret),
-                       **engine_options)
+            return cls(start(plan, num_ranks, device=device, verify_weights=verify_weights, interpret=interpret,
+                             enforce_eager=enforce_eager, launch_pdl=launch_pdl), **engine_options)
         runner = ModelRunner.load(plan, device=device, verify_weights=verify_weights, interpret=interpret,
                                   enforce_eager=enforce_eager, launch_pdl=launch_pdl)
         return cls(runner, **engine_options)

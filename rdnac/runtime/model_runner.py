@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from rdnac.errors import RequestError
-from rdnac.ir import interpreter
+from rdnac.ir import collectives, interpreter
 from rdnac.ir.state import bytes_per_sequence
 from rdnac.kernels.launch import InterpretLauncher
 from rdnac.plans import read_plan
@@ -194,7 +194,7 @@ class ModelRunner:
         limit = min(max_num_seqs or self.max_num_seqs, self.max_num_seqs)
         buckets = [b for b in BUCKETS if b < 2 * limit and b <= self.max_num_seqs] or [1]
         max_blocks = -(-self.max_model_len // self.block_size)
-        with torch.inference_mode():
+        with torch.inference_mode(), collectives.use_group(self.group):  # a sharded plan's collectives, captured
             self.graphs = DecodeGraphs(self._executor, self.weights, self.cache.inputs(), buckets, max_blocks,
                                        self.device, has_state_slots="state_slots" in self.graph.inputs)
         print(f"rdnac: captured decode graphs for batch buckets {buckets} in {self.graphs.capture_seconds:.2f} s",
@@ -256,7 +256,8 @@ class ModelRunner:
             else:
                 meta = StepMeta("decode" if is_decode else "prefill", len(tokens),
                                 max(e.end - e.start for e in entries))
-                logits = self._executor.run({**self.weights, **inputs}, meta)["logits"]
+                with collectives.use_group(self.group):
+                    logits = self._executor.run({**self.weights, **inputs}, meta)["logits"]
             if sampling is None:
                 return StepOutput(logits)
             return StepOutput(logits, *sample(logits, sampling))

@@ -26,12 +26,22 @@ become a sidecar of their own so a rank reads only its own bytes.
 - Embedding: vocabulary-parallel, V padded to a multiple of N with zero rows:
   `shard_ids` + masked lookup + `all_reduce`. lm_head (`logits`): the same
   rows, then `all_gather` of the logits columns (the padding dropped).
-Everything else (norms, routers, residual adds) is replicated.
+- MLA and Gated DeltaNet heads: shard_mixers.py. Gated attention's output
+  gate (Qwen3.5, Qwen3-Next) is split by query head with the query.
+Everything else (norms, routers, residual adds, a shared expert's per-token
+gate) is replicated.
+
+Column-parallel slices are requested on the values the sharded nodes read
+(`want_columns`) and resolved backwards to the weights that make them
+(`resolve_columns`): through a merged linear's split (each part its own way,
+or whole: a replicated projection merged with sharded ones keeps its rows on
+every rank), and through a causal conv's channels. On GPU targets the
+collectives become torch.distributed calls (rdnac/kernels/collective.py).
 
 Refused, one line each: a --tp that does not divide the query heads, the KV
-heads (or is not a multiple of them), the intermediate size or the experts
-(--ep); models or schemes whose sharding is not written yet (MLA, linear
-attention, FP8, MXFP4).
+heads (or is not a multiple of them), the MLA heads, the GDN key heads, the
+intermediate size or the experts (--ep); schemes whose sharding is not
+written yet (FP8).
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import math
 import torch
 
 from rdnac.compiler.passes import CompileState
+from rdnac.compiler.passes import shard_mixers as mixers
 from rdnac.errors import UnsupportedModelError
 from rdnac.ir.graph import Node, TensorSpec, WeightSpec
 from rdnac.ir.ops import ATTENTION_OPS, OPS
@@ -49,10 +60,7 @@ from rdnac.ir.state import StateSpec
 NAME = "shard"
 VOCAB_START, EXPERT_START = "tp.vocab_start", "tp.expert_start"  # per-rank int64 [1] weights
 _NOT_YET = {"linear_fp8": "FP8 linears", "rms_norm_quant": "FP8 linears", "gated_act_quant": "FP8 linears",
-            "attention_quant": "FP8 linears", "moe_experts_mxfp4": "MXFP4 experts",
-            "mla_cache_write": "MLA attention", "mla_attention": "MLA attention",
-            "causal_conv1d": "linear attention (GDN)", "gated_delta_rule": "linear attention (GDN)",
-            "gated_rms_norm": "linear attention (GDN)", "sigmoid_gate": "linear attention (GDN)"}
+            "attention_quant": "FP8 linears"}
 
 
 def run(state: CompileState) -> None:
@@ -71,6 +79,10 @@ class Sharder:
         self.producer: dict[str, tuple[Node, int]] = {}
         self.readers: dict[str, list[Node]] = {}
         self.after: dict[str, list[Node]] = {}  # node name -> nodes to insert after it
+        # value -> (rank -> the value's columns that rank keeps, how): resolved back to the weights that make
+        # the value once every consumer has asked (`resolve_columns`), so a merged linear's parts are sharded
+        # each its own way (or kept whole) in one slice per rank
+        self.columns: dict[str, tuple] = {}
 
     def fail(self, node: Node, why: str) -> None:
         raise UnsupportedModelError(f"--tp {self.n}{' --ep' if self.ep else ''}: node {node.name!r} ({node.op}) "
@@ -92,12 +104,17 @@ class Sharder:
                 self.attention(node)
             elif node.op in ("linear_gated_act", "gated_act"):
                 self.mlp(node)
-            elif node.op == "moe_experts":
+            elif node.op in ("moe_experts", "moe_experts_mxfp4"):
                 self.experts(node)
             elif node.op == "embedding":
                 self.embedding(node)
             elif node.op == "logits":
                 self.logits(node)
+            elif node.op == "mla_attention":
+                mixers.mla(self, node)
+            elif node.op == "gated_delta_rule":
+                mixers.gated_delta_rule(self, node)
+        self.resolve_columns()
         g.nodes = [m for n in g.nodes for m in (n, *self.after.get(n.name, []))]
         g.attrs["mesh"] = {"tp": self.n, "ep": self.ep}
         self.state.weights = self.ranks[0]
@@ -174,54 +191,46 @@ class Sharder:
         if writer is None or writer.op not in ("kv_cache_write", "qk_norm_rope_cache"):
             self.fail(node, "requires its caches written by kv_cache_write or qk_norm_rope_cache")
         k_in, v_in = (writer.inputs[0], writer.inputs[1]) if writer.op == "kv_cache_write" else writer.inputs[1:3]
-        sources = {"q": self.trace(node.inputs[0], node), "k": self.trace(k_in, node), "v": self.trace(v_in, node)}
-        heads = {"q": (q_heads, hq_l), "k": (kv_heads, hk_l), "v": (kv_heads, hk_l)}
-        by_linear: dict[str, list[tuple[str, int]]] = {}  # producing linear or split -> [(part, output index)]
-        for part, (src, index, chain) in sources.items():
+        heads = {"q": q_heads, "k": kv_heads, "v": kv_heads}
+        for part, value in (("q", node.inputs[0]), ("k", k_in), ("v", v_in)):
+            value, chain = self.trace(value, node)
             for c in chain:
                 self.heads_attrs(c, part, hq_l, hk_l)
-            by_linear.setdefault(src.name, []).append((part, index))
-        for name, parts in by_linear.items():
-            src = self.graph.node(name)
-            if src.op == "linear":  # one linear per part
-                if len(parts) != 1:
-                    self.fail(node, f"reads {' and '.join(p for p, _ in parts)} from one linear {name} without a "
-                                    "split; this pass cannot tell their rows apart")
-                (part, _), = parts
-                index = lambda r, f=heads[part][0]: [h * d + i for h in f(r) for i in range(d)]  # noqa: E731
-                self.rows(src.inputs[1], f"column-parallel by {part} head", index)
-                if len(src.inputs) == 3:
-                    self.rows(src.inputs[2], f"column-parallel by {part} head", index)
-            else:  # split of a merged qkv linear: each rank's rows are [its q rows, its k rows, its v rows]
-                self.merged_heads(src, dict((i, p) for p, i in parts), heads, d, node)
+            self.want_columns(value, self.head_columns(heads[part], d), f"column-parallel by {part} head", node)
         self.heads_attrs(writer, "kv", hq_l, hk_l)
         self.heads_attrs(node, "kv", hq_l, hk_l)
         if len(node.inputs) == 8:  # sinks [Hq]
             self.rows(node.inputs[7], "by query head", lambda r: list(q_heads(r)))
         for cache in node.inputs[1:3]:
-            self.local_state(cache, hk_l, d)
-        o_proj = self.single_linear_reader(node.outputs[0], node)
+            self.local_state(cache, (hk_l, d))
+        out = node.outputs[0]
+        gate = self.readers.get(out, [])
+        if len(gate) == 1 and gate[0].op == "sigmoid_gate" and gate[0].inputs[0] == out:  # the output gate, per head
+            self.want_columns(gate[0].inputs[1], self.head_columns(q_heads, d), "column-parallel by q head (gate)",
+                              node)
+            out = gate[0].outputs[0]
+        o_proj = self.single_linear_reader(out, node)
         self.row_parallel(o_proj, lambda r: slice(r * hq_l * d, (r + 1) * hq_l * d))
         kv = f"{hk_l} KV head{'s' if hk_l > 1 else ''}" + ("" if hk >= n else f" (of {hk}, shared by "
                                                                           f"{n // hk} ranks)")
         self.state.decide(NAME, node.name, f"{hq_l} query heads and {kv} per rank; {o_proj.name} row-parallel "
                           "+ all_reduce", "each rank attends with whole heads; o_proj's partial sums add up")
 
-    def trace(self, value: str, attn: Node) -> tuple[Node, int, list[Node]]:
-        """(the linear or split producing `value` through rope / norm nodes, its output index, those nodes)."""
+    def trace(self, value: str, attn: Node) -> tuple[str, list[Node]]:
+        """(the value a linear or split makes that `value` comes from through rope / norm nodes, those nodes)."""
         chain = []
         while True:
             if value not in self.producer:
                 self.fail(attn, f"reads {value!r}, which no node produces")
             node, index = self.producer[value]
             if node.op in ("linear", "split"):
-                return node, index, chain
+                return value, chain
             if node.op in ("rope", "head_rms_norm", "qk_norm_rope_cache"):
                 chain.append(node)
                 value = node.inputs[index if node.op == "rope" else 0]
                 continue
             self.fail(attn, f"reads {value!r} from {node.name} ({node.op}), which this pass cannot follow to its "
-                            "q/k/v projection")
+                            "projection")
 
     def heads_attrs(self, node: Node, part: str, hq_l: int, hk_l: int) -> None:
         a = node.attrs
@@ -233,32 +242,61 @@ class Sharder:
         if "num_kv_heads" in a:
             a["num_kv_heads"] = hk_l
 
-    def merged_heads(self, split: Node, parts: dict[int, str], heads: dict, d: int, attn: Node) -> None:
-        src, _ = self.producer[split.inputs[0]]
-        if src.op != "linear" or len(parts) != len(split.outputs):
-            self.fail(attn, f"reads q/k/v from {split.name}, which requires splitting exactly one merged linear's "
-                            "q, k and v")
-        offsets = [0]
-        for size in split.attrs["sizes"]:
-            offsets.append(offsets[-1] + size)
-
-        def index(r: int) -> list[int]:
-            rows = []
-            for i, part in sorted(parts.items()):
-                rows += [offsets[i] + h * d + j for h in heads[part][0](r) for j in range(d)]
-            return rows
-
-        how = "column-parallel by head: [q rows, k rows, v rows] of the rank"
-        self.rows(src.inputs[1], how, index)
-        if len(src.inputs) == 3:
-            self.rows(src.inputs[2], how, index)
-        split.attrs["sizes"] = [heads[parts[i]][1] * d for i in range(len(split.outputs))]
-
-    def local_state(self, cache: str, hk_l: int, d: int) -> None:
+    def local_state(self, name: str, shape: tuple[int, ...]) -> None:
+        """The declared state `name` holds `shape` per token / sequence on each rank (its heads only)."""
         g = self.graph
-        g.state = [StateSpec(s.name, s.kind, s.layer, s.dtype, (hk_l, d)) if s.name == cache else s for s in g.state]
-        spec = g.inputs[cache]
-        g.inputs[cache] = TensorSpec(spec.dtype, (*spec.shape[:2], hk_l, d))
+        old = next(s for s in g.state if s.name == name)
+        g.state = [StateSpec(s.name, s.kind, s.layer, s.dtype, tuple(shape)) if s is old else s for s in g.state]
+        spec = g.inputs[name]
+        lead = len(spec.shape) - len(old.shape)
+        g.inputs[name] = TensorSpec(spec.dtype, (*spec.shape[:lead], *shape))
+
+    # ------------------------------------------------------------ column requests
+
+    @staticmethod
+    def head_columns(heads, width: int):
+        """rank -> the columns of its heads (`heads(r)`), `width` each."""
+        return lambda r: [h * width + i for h in heads(r) for i in range(width)]
+
+    def want_columns(self, value: str, cols, how: str, node: Node) -> None:
+        """Rank r computes only columns `cols(r)` of `value` (made by a linear, a split of one, or a causal
+        conv over one); resolved at the end, when every consumer has asked."""
+        if value in self.columns:
+            self.fail(node, f"reads {value!r}, which another sharded node reads too ({self.columns[value][1]}); "
+                            "this pass cannot tell their columns apart")
+        self.columns[value] = (cols, how)
+
+    def resolve_columns(self) -> None:
+        """Walk the graph backwards from the requested values to the weights that make them: a linear's rows
+        (and bias), a split's input (its parts side by side, an unrequested part whole on every rank, e.g. a
+        replicated projection merged with a sharded one), a causal conv's channels (weight rows, conv state)."""
+        for node in reversed(self.graph.nodes):
+            wanted = [self.columns.pop(o, None) for o in node.outputs]
+            if not any(wanted):
+                continue
+            if node.op == "linear":
+                cols, how = wanted[0]
+                self.rows(node.inputs[1], how, cols)
+                if len(node.inputs) == 3:
+                    self.rows(node.inputs[2], how, cols)
+            elif node.op == "split":
+                sizes = node.attrs["sizes"]
+                offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+                parts = [w[0] if w else (lambda r, n=n: range(n)) for w, n in zip(wanted, sizes)]
+                node.attrs["sizes"] = [len(list(part(0))) for part in parts]
+                how = " | ".join(w[1] if w else "whole" for w in wanted)
+                self.want_columns(node.inputs[0], lambda r, offsets=offsets, parts=parts: [
+                    o + c for o, part in zip(offsets, parts) for c in part(r)], f"[{how}]", node)
+            elif node.op == "causal_conv1d":  # depthwise: a channel's output needs only that channel
+                (cols, how), = wanted
+                self.rows(node.inputs[1], how, cols)
+                conv_state = node.inputs[2]
+                self.local_state(conv_state, (len(cols(0)), self.graph.inputs[conv_state].shape[-1]))
+                self.want_columns(node.inputs[0], cols, how, node)
+            else:
+                self.fail(node, f"makes {', '.join(o for o, w in zip(node.outputs, wanted) if w)}, which a sharded "
+                                "node reads by columns; this pass shards only linears, splits and causal convs so")
+        assert not self.columns, self.columns
 
     # ------------------------------------------------------------ MLP and experts
 
@@ -293,16 +331,19 @@ class Sharder:
                           "per rank; all_reduce after down", "column- then row-parallel: one all_reduce per MLP")
 
     def experts(self, node: Node) -> None:
-        w13, w2 = node.inputs[3:5]
-        num_experts, two_i, _ = self.graph.weights[w13].shape
+        """moe_experts, or moe_experts_mxfp4 (w13 and w2 as blocks and scales: their rows sliced alike, w2's
+        I columns in whole scale blocks of 32 weights, 16 bytes of e2m1 pairs each)."""
+        mx = node.op == "moe_experts_mxfp4"
+        w13s, w2s = (node.inputs[3:5], node.inputs[5:7]) if mx else (node.inputs[3:4], node.inputs[4:5])
+        num_experts, two_i, _ = self.graph.weights[w13s[0]].shape
         inter = two_i // 2
-        biases = node.inputs[5:]
+        biases = node.inputs[7:] if mx else node.inputs[5:]
         if self.ep:
             if num_experts % self.n:
                 self.fail(node, f"has {num_experts} experts; --ep requires --tp to divide them (each rank holds "
                                 f"E/N whole experts); choose a --tp that divides {num_experts}")
             local = num_experts // self.n
-            for w in (w13, w2, *biases):
+            for w in (*w13s, *w2s, *biases):
                 self.shard(w, "expert-parallel", lambda t, r: t[r * local:(r + 1) * local])
             self.per_rank_start(EXPERT_START, local)
             ids = f"{node.name}.local_ids"
@@ -312,9 +353,17 @@ class Sharder:
             what = f"experts [r*{local}, (r+1)*{local}) whole on rank r; routed ids of other ranks' experts skipped"
         else:
             block = self.intermediate_block(node, inter)
+            if mx and block % 32:
+                self.fail(node, f"has MXFP4 experts of intermediate size {inter}; --tp must divide it into blocks "
+                                f"of a multiple of 32 (one e8m0 scale covers 32 weights along it), got {block}; "
+                                "choose a smaller --tp")
             rows = [lambda r: [*range(r * block, (r + 1) * block), *range(inter + r * block, inter + (r + 1) * block)]]
-            self.shard(w13, "expert gate/up block", lambda t, r: t[:, rows[0](r)])
-            self.shard(w2, "expert down block", lambda t, r: t[:, :, r * block:(r + 1) * block])
+            for w in w13s:
+                self.shard(w, "expert gate/up block", lambda t, r: t[:, rows[0](r)])
+            for w in w2s:  # the last dim is I, I/2 (e2m1 pairs) or I/32 (scales): the rank's block of it
+                per = inter // self.graph.weights[w].shape[-1]
+                self.shard(w, "expert down block",
+                           lambda t, r, per=per: t[:, :, r * block // per:(r + 1) * block // per])
             if biases:
                 self.shard(biases[0], "expert gate/up block", lambda t, r: t[:, rows[0](r)])
                 self.rank0_only(biases[1])
