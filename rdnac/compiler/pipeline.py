@@ -33,8 +33,9 @@ from rdnac.targets import get_target
 # after it. `rdnac verify` compiles its reference with all of them but dce disabled.
 GRAPH_PASSES = ("merge_linears", "fuse_add_rms_norm", "fuse_qk_norm_rope_cache", "dce")
 LATE_PASSES = ("fuse_norm_quant", "fuse_act_quant", "fuse_attention_quant", "fuse_gated_linear")
-# early_metadata_loads: with PDL, step inputs no kernel writes are read before the wait (_early_meta)
-DISABLEABLE = GRAPH_PASSES + LATE_PASSES + ("early_metadata_loads",)  # what --disable-pass accepts
+# early_metadata_loads: with PDL, step inputs no kernel writes are read before the wait (_early_meta);
+# early_weight_loads: with PDL, GEMMs load their first weight tile before the wait (_early_weights)
+DISABLEABLE = GRAPH_PASSES + LATE_PASSES + ("early_metadata_loads", "early_weight_loads")  # what --disable-pass accepts
 _DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE_SCHEMES = ("fp8", "fp8-block", "mxfp4")
 
@@ -126,6 +127,7 @@ def _plan_runtime(state: CompileState) -> None:
                      "device": "cuda" if state.target.is_gpu else "cpu", "max_num_seqs": opts.max_num_seqs,
                      "max_num_batched_tokens": opts.max_num_batched_tokens, "pdl": _pdl(state)}
     state.runtime["early_meta"] = _early_meta(state)
+    state.runtime["early_weights"] = _early_weights(state)
 
 
 # The passes of a compile, in order. Those named in DISABLEABLE can be skipped with --disable-pass
@@ -288,6 +290,19 @@ def _early_meta(state: CompileState) -> bool:
     state.decide("launch", "-", "early metadata loads on", "with PDL a kernel's programs start while the one before "
                  "runs; the step inputs the host wrote before the step (no kernel writes them) are read, and RoPE's "
                  "angles computed, before waiting on it, so fewer dependent loads follow the wait")
+    return True
+
+
+def _early_weights(state: CompileState) -> bool:
+    """Whether FP8 block GEMMs load their first weight tile before the PDL wait (`rdnac.kernels.gemm_fp8`)."""
+    if not state.runtime["pdl"]:
+        return False
+    if "early_weight_loads" in state.options.disable_passes:
+        state.decide("launch", "-", "early weight loads off", "disabled with --disable-pass early_weight_loads")
+        return False
+    state.decide("launch", "-", "early weight loads on", "with PDL a GEMM's programs start while the kernel before "
+                 "runs (a norm, RoPE, attention, an activation): each loads its first weight tile and its scales, "
+                 "which no kernel writes, before waiting on it, so the weight stream overlaps the small kernels")
     return True
 
 

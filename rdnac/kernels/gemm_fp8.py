@@ -22,7 +22,11 @@ Kernels, one job each:
                            choice only, offered by `rdnac tune` at decode sizes) it reads x itself and
                            quantizes each [BLOCK_M, group] tile with `_quant_fp8_kernel`'s rule, the
                            same bits, so the quant launch goes; every N tile redoes that work, cheap
-                           only while M is small.
+                           only while M is small. With EARLY_WEIGHTS (plan-wide with PDL,
+                           `runtime["early_weights"]`, pass `early_weight_loads`) each program loads
+                           its first K step's weight tile and scales before `griddepcontrol.wait`:
+                           weights are constants no kernel writes, so at decode they stream while the
+                           kernel before (norm, RoPE, attention, activation) finishes. Same bits.
   `_fp8_splitk_reduce_kernel` SPLIT_K > 1: sums the fp32 partials [SPLIT_K, M, N] in a fixed order
                            (deterministic, no atomics, no zeroed buffer), then applies the epilogue
                            scales (epilogue kernel only) and the bias once. With SELF_REDUCE (a
@@ -128,6 +132,30 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, 
 
 
 @triton.jit
+def _block_step(a_ptrs, a_scale_rows, b, w_scale, mask_m, offs_k, k_left, kb, stride_ask, w_dtype,
+                IS_A16: tl.constexpr, QUANT_A: tl.constexpr, FP8_MAX: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                SUBNORMAL_ROUNDER: tl.constexpr):
+    """One K step of `_fp8_block_gemm_kernel`: x's [BM, BK] tile times the weight tile b [BK, BN], scaled
+    by the step's scales (w_scale [BN] float32), as the fp32 [BM, BN] the accumulator adds."""
+    if IS_A16:
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0)
+        partial = tl.dot(a, b.to(a.dtype), input_precision="ieee")  # [BM, BN] fp32
+        step = partial * w_scale[None, :]
+    elif QUANT_A:  # x's [BM, BLOCK_K == group] tile quantized here, by _quant_fp8_kernel's rule
+        xa = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0).to(tl.float32)
+        amax = tl.reduce(tl.abs(xa), 1, _MAX)  # [BM]
+        a_scale = fp8_scale(amax, FP8_MAX)  # a zero group: 1, not 0/0
+        v = tl.div_rn(xa, a_scale[:, None])
+        a = round_to_fp8_grid(v, FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER).to(w_dtype)  # see fp8_quant
+        step = tl.dot(a, b) * a_scale[:, None] * w_scale[None, :]
+    else:
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        a_scale = tl.load(a_scale_rows + kb * stride_ask, mask=mask_m, other=0.0).to(tl.float32)  # [BM]
+        step = tl.dot(a, b) * a_scale[:, None] * w_scale[None, :]
+    return step
+
+
+@triton.jit
 def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, final_ptr, counter_ptr,
                            M, N, K, stride_am, stride_wn, stride_om, stride_asm, stride_ask,
                            stride_wsn, stride_wsk, k_per_split,
@@ -137,9 +165,9 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
                            GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr,
                            QUANT_A: tl.constexpr = False, FP8_MAX: tl.constexpr = 0.0,
                            MIN_NORMAL: tl.constexpr = 0.0, SUBNORMAL_ROUNDER: tl.constexpr = 0.0,
-                           PDL: tl.constexpr = False):
-    if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
-        gdc_wait()
+                           PDL: tl.constexpr = False, EARLY_WEIGHTS: tl.constexpr = False):
+    if PDL and not EARLY_WEIGHTS:  # programmatic dependent launch: wait for the previous kernel (the trigger
+        gdc_wait()  # is after the loop)
     # a: [M, K] fp8 (x if IS_A16 or QUANT_A), a_scale[m * stride_asm + kb * stride_ask]; w: [N, K] fp8,
     # w_scale[(n // SCALE_BLOCK_N) * stride_wsn + kb * stride_wsk], kb = k // SCALE_BLOCK_K
     # (zero strides broadcast: per-token, per-channel and per-tensor scales ride along).
@@ -159,26 +187,27 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
     a_scale_rows = a_scale_ptr + offs_m * stride_asm  # [BM]
     w_scale_cols = w_scale_ptr + (offs_n // SCALE_BLOCK_N) * stride_wsn  # [BN]
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
+    k_loop = k_begin
+    if EARLY_WEIGHTS:  # (PDL) the first K step's weight tile and scales are constants no kernel writes: they
+        # load before the wait, streaming while the kernel before this one (a norm, attention...) finishes;
+        # that step runs out of the loop, the same arithmetic in the same order (the same bits)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_end - k_begin) & mask_n[None, :], other=0.0)
+        w_scale = tl.load(w_scale_cols + (k_begin // SCALE_BLOCK_K) * stride_wsk, mask=mask_n, other=0.0)
+        if PDL:
+            gdc_wait()
+        acc += _block_step(a_ptrs, a_scale_rows, b, w_scale.to(tl.float32), mask_m, offs_k, k_end - k_begin,
+                           k_begin // SCALE_BLOCK_K, stride_ask, w_ptr.dtype.element_ty, IS_A16, QUANT_A, FP8_MAX,
+                           MIN_NORMAL, SUBNORMAL_ROUNDER)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+        k_loop += BLOCK_K
+    for k0 in range(k_loop, k_end, BLOCK_K):
         k_left = k_end - k0
         kb = k0 // SCALE_BLOCK_K  # the step's scales load in the step: a step ahead measured no faster
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)  # (BENCHMARKS.md, s14)
         w_scale = tl.load(w_scale_cols + kb * stride_wsk, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
-        if IS_A16:
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0)
-            partial = tl.dot(a, b.to(a.dtype), input_precision="ieee")  # [BM, BN] fp32
-            acc += partial * w_scale[None, :]
-        elif QUANT_A:  # x's [BM, BLOCK_K == group] tile quantized here, by _quant_fp8_kernel's rule
-            xa = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0).to(tl.float32)
-            amax = tl.reduce(tl.abs(xa), 1, _MAX)  # [BM]
-            a_scale = fp8_scale(amax, FP8_MAX)  # a zero group: 1, not 0/0
-            v = tl.div_rn(xa, a_scale[:, None])
-            a = round_to_fp8_grid(v, FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER).to(w_ptr.dtype.element_ty)  # see fp8_quant
-            acc += tl.dot(a, b) * a_scale[:, None] * w_scale[None, :]
-        else:
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            a_scale = tl.load(a_scale_rows + kb * stride_ask, mask=mask_m, other=0.0).to(tl.float32)  # [BM]
-            acc += tl.dot(a, b) * a_scale[:, None] * w_scale[None, :]
+        acc += _block_step(a_ptrs, a_scale_rows, b, w_scale, mask_m, offs_k, k_left, kb, stride_ask,
+                           w_ptr.dtype.element_ty, IS_A16, QUANT_A, FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if PDL:  # the main loop is done: let the next kernel's blocks be scheduled (triggering at the top
