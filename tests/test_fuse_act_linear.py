@@ -121,3 +121,21 @@ def test_sm90_plan_fuses_and_keeps_the_logits(block_checkpoint, tmp_path):
     a, b = on.logits(prompt), off.logits(prompt)
     assert a.shape == b.shape == (len(prompt), 1000)
     assert torch.equal(a, b), f"fused vs unfused logits differ by {(a - b).abs().max():.3g}"
+
+
+def test_sm90_plans_record_early_weight_loads(block_checkpoint, tmp_path):
+    """With PDL the FP8 block GEMMs (the fused down projection too) are built with EARLY_WEIGHTS and the log
+    says so; --disable-pass early_weight_loads and AMD targets (no PDL) build none."""
+    from rdnac.plans import read_plan
+
+    def early(target, **kw):
+        plan = read_plan(rdnac.compile(block_checkpoint, target, tmp_path / f"{target}{len(kw)}.msgpack", quiet=True,
+                                       max_model_len=128, max_num_seqs=2, max_num_batched_tokens=32, **kw))
+        flags = {k["call"]["constexprs"].get("EARLY_WEIGHTS", False) for k in plan.body["kernels"]
+                 if k["kernel"].endswith(":_fp8_block_gemm_kernel")}
+        launch = [d["action"] for d in plan.body["decisions"] if d["pass"] == "launch" and "weight" in d["action"]]
+        return plan.body["runtime"]["early_weights"], flags, launch
+
+    assert early("sm90") == (True, {True}, ["early weight loads on"])
+    assert early("sm90", disable_passes=("early_weight_loads",)) == (False, {False}, ["early weight loads off"])
+    assert early("gfx942") == (False, {False}, [])
