@@ -388,7 +388,12 @@ def test_fp8_plans_fuse_where_activations_are_quantized(checkpoints, target, sch
     assert all(d["action"].startswith(f"fused {fmt}") for d in decisions)
     if target != "cpu":
         kernels = {k["kernel"].rpartition(".")[2] for k in plan.plan.body["kernels"]}
-        assert {"rms_norm_quant:_rms_norm_quant_kernel", "activation_quant:_gated_act_quant_kernel"} <= kernels
+        act_kernel = "activation_quant:_gated_act_quant_kernel"
+        assert {"rms_norm_quant:_rms_norm_quant_kernel"} | (set() if act_linear else {act_kernel}) <= kernels
+        if act_linear:  # every step holds <= 16 tokens, a decode size: the down GEMM runs the activation itself
+            assert act_kernel not in kernels
+            assert any(k["call"]["constexprs"].get("GATED_A") == "silu" for k in plan.plan.body["kernels"]
+                       if k["kernel"].endswith(":_fp8_block_gemm_kernel"))
 
 
 def test_disable_pass(checkpoints):
