@@ -502,11 +502,16 @@ def test_inspect_tools_read_fused_plans(checkpoints, tmp_path):
     from rdnac.cli.report import report_data
     from rdnac.cli.verify import verify_plan
 
-    sm90 = _plan(checkpoints, "fp8-block", "sm90")
+    sm90 = _plan(checkpoints, "fp8-block", "sm90", ("fuse_act_linear",))  # the activation stays a node
     model = onnx.load(str(export_onnx(sm90, tmp_path / "p.onnx")))
     assert {"rms_norm_quant", "gated_act_quant"} <= {n.op_type for n in model.graph.node}
     nodes = {n["name"]: n for layer in report_data(sm90)["layers"] for n in layer["nodes"]}
     assert any(f.startswith("fuse_norm_quant") for f in nodes["layers.0.input_norm"]["fusion"])
     assert any(f.startswith("fuse_act_quant") for f in nodes["layers.0.act"]["fusion"])
+    fused = _plan(checkpoints, "fp8-block", "sm90")  # fuse_act_linear: the down projection took it in
+    op_types = {n.op_type for n in onnx.load(str(export_onnx(fused, tmp_path / "f.onnx"))).graph.node}
+    assert {"rms_norm_quant", "gated_act_linear_fp8"} <= op_types and "gated_act_quant" not in op_types
+    nodes = {n["name"]: n for layer in report_data(fused)["layers"] for n in layer["nodes"]}
+    assert any(f.startswith("fuse_act_linear") for f in nodes["layers.0.down_proj"]["fusion"])
     result = verify_plan(_plan(checkpoints, "fp8-tensor", "cpu"), checkpoints / "fp8-tensor", token_ids=PROMPT)
     assert result.is_ok and any(r.value == "logits" and r.error == 0.0 for r in result.rows)
