@@ -25,13 +25,16 @@ pass's cost in ms and in points of copy against the default plan).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,22 +92,32 @@ def compile_and_load(phase: Phase, ckpt: Path, work: Path, args, emit: Recorder,
     """Compile the phase's plans, `args.jobs` at a time; load each as its compile ends and delete its files."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     pending, running = list(phase.plans.items()), {}
+    try:
+        _compile_loop(phase, ckpt, work, args, emit, blocks, env, pending, running)
+    finally:  # a failed compile or load stops the others (this script's own subprocesses)
+        for proc, _, _ in running.values():
+            proc.kill()
+            proc.wait()
+
+
+def _compile_loop(phase, ckpt, work, args, emit, blocks, env, pending, running) -> None:
     while pending or running:
         while pending and len(running) < args.jobs:
             name, extra = pending.pop(0)
             plan = work / f"{phase.name}-{name}.sm90.msgpack"
             cmd = rdnac_cmd("compile", str(ckpt), "--target", "sm90", "-o", str(plan), "-q", "--max-num-seqs", "1",
                             *extra)
-            running[name] = (subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                              text=True), plan, time.perf_counter())
+            with plan.with_suffix(".log").open("w") as log:  # a file, not a pipe: a full pipe would stall it
+                running[name] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), plan,
+                                 time.perf_counter())
         done = [n for n, (proc, _, _) in running.items() if proc.poll() is not None]
         if not done:
             time.sleep(0.5)
             continue
         for name in done:
             proc, plan, started = running.pop(name)
-            log = proc.stdout.read()
             if proc.returncode:
+                log = plan.with_suffix(".log").read_text()
                 raise RuntimeError(f"compile {phase.name}/{name} failed ({proc.returncode}):\n{log[-3000:]}")
             emit({"bench": "decode_ab29", "phase": phase.name, "plan": name, "compile_args": phase.plans[name],
                   "compile_s": round(time.perf_counter() - started, 1), "parallel_jobs": args.jobs})
@@ -152,7 +165,9 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="results.jsonl and table.md go here")
-    p.add_argument("--work", type=Path, default=None, help="checkpoints and plans (default: OUT/work, deleted)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="where the temporary directory of checkpoints and plans goes (default: the system's; "
+                        "not under OUT: 8-16 GB each)")
     p.add_argument("--tiny", action="store_true", help="cpu dry run: tiny shapes under the Triton interpreter")
     p.add_argument("--phases", nargs="+", default=["fp8", "small", "bf16"], choices=["fp8", "small", "bf16"])
     p.add_argument("--rounds", type=int, default=None, help="alternating rounds per measurement (default 3)")
@@ -175,8 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# estimate: {' + '.join(f'{ph.name} ~{ph.est_s:.0f} s' for ph in todo)} = "
           f"~{sum(ph.est_s for ph in todo):.0f} s (budget {args.budget_s:.0f} s)", file=sys.stderr, flush=True)
     copy_gbps = copy_bandwidth(args.device, (1 << 24) if args.tiny else (1 << 30))
-    work = args.work or args.out / "work"
+    work = Path(tempfile.mkdtemp(prefix="decode_ab29_", dir=args.work))
     rows: list[dict] = []
+    failed = []
     for ph in todo:
         elapsed = time.perf_counter() - started
         if elapsed + ph.est_s > args.budget_s:
@@ -185,24 +201,36 @@ def main(argv: list[str] | None = None) -> None:
             continue
         t0 = time.perf_counter()
         print(f"# phase {ph.name} from {elapsed:.0f} s (estimated {ph.est_s:.0f} s)", file=sys.stderr, flush=True)
-        spec = dict(SHAPES[ph.shape], **({"layers": ph.layers} if ph.layers else {}))
-        ckpt, write_s = random_checkpoint(work, ph.shape, ph.scheme, spec)
-        emit({"bench": "decode_ab29", "phase": ph.name, "shape": ph.shape, "scheme": ph.scheme,
-              "layers": spec["layers"], "checkpoint_write_s": None if write_s is None else round(write_s, 1)})
-        longest = max(c for _, _, c in ph.runs)
-        compile_and_load(ph, ckpt, work, args, emit, blocks=-(-(longest + 1) // 16) + 8)
-        shutil.rmtree(ckpt)
-        measure(ph, args, emit, copy_gbps, rows)
+        try:
+            run_phase(ph, work, args, emit, copy_gbps, rows)
+        except Exception:  # noqa: BLE001 -- recorded, and the exit status says so; the next phase still runs
+            failed.append(ph.name)
+            emit({"bench": "decode_ab29", "phase": ph.name, "error": traceback.format_exc(limit=-6)})
         ph.llms.clear()
+        shutil.rmtree(work, ignore_errors=True)  # what a failed phase left (checkpoints and plans are 8-16 GB)
+        work.mkdir()
+        gc.collect()
         if args.device == "cuda":
             torch.cuda.empty_cache()
         emit({"bench": "decode_ab29", "phase": ph.name, "phase_s": round(time.perf_counter() - t0, 1),
               "estimated_s": round(ph.est_s)})
         (args.out / "table.md").write_text(table(rows))
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     print(table(rows), file=sys.stderr)
     print(f"# total {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    if failed:
+        sys.exit(f"phases failed: {', '.join(failed)} (see the error records)")
+
+
+def run_phase(ph: Phase, work: Path, args, emit: Recorder, copy_gbps: float, rows: list[dict]) -> None:
+    spec = dict(SHAPES[ph.shape], **({"layers": ph.layers} if ph.layers else {}))
+    ckpt, write_s = random_checkpoint(work, ph.shape, ph.scheme, spec)
+    emit({"bench": "decode_ab29", "phase": ph.name, "shape": ph.shape, "scheme": ph.scheme,
+          "layers": spec["layers"], "checkpoint_write_s": None if write_s is None else round(write_s, 1)})
+    longest = max(c for _, _, c in ph.runs)
+    compile_and_load(ph, ckpt, work, args, emit, blocks=-(-(longest + 1) // 16) + 8)
+    shutil.rmtree(ckpt)
+    measure(ph, args, emit, copy_gbps, rows)
 
 
 if __name__ == "__main__":
