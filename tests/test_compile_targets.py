@@ -92,7 +92,8 @@ def test_sm90_plans_record_early_metadata_loads(qwen3_dir, tmp_path):
         kernels = [k for k in plan.body["kernels"]
                    if k["kernel"].endswith((":_decode_kernel", ":_qk_norm_rope_cache_kernel"))]
         flags = {k["call"]["constexprs"].get("EARLY_META", False) for k in kernels}
-        launch = [d["action"] for d in plan.body["decisions"] if d["pass"] == "launch" and "early" in d["action"]]
+        launch = [d["action"] for d in plan.body["decisions"]
+                  if d["pass"] == "launch" and "early metadata" in d["action"]]
         return plan.body["runtime"]["early_meta"], flags, launch
 
     assert early(rdnac.compile(qwen3_dir, target="sm90", output=tmp_path / "on.msgpack", quiet=True)) == \

@@ -369,10 +369,18 @@ def test_fp8_plans_fuse_where_activations_are_quantized(checkpoints, target, sch
         assert "rms_norm_quant" not in ops_ and "gated_act_quant" not in ops_
         assert len(decisions) == 3 and all("a16w8" in d["reason"] for d in decisions)
         return
-    assert ops_["rms_norm_quant"] == 2 and ops_["gated_act_quant"] == 1 and ops_["rms_norm"] == 1  # final norm
+    # grouped on a GPU: fuse_act_linear then moves the activation into the down projection (tested below)
+    act_linear = target != "cpu" and scheme == "fp8-block"
+    assert ops_["rms_norm_quant"] == 2 and ops_["rms_norm"] == 1  # final norm
+    counts = (ops_.get("gated_act_quant", 0), ops_.get("gated_act_linear_fp8", 0))
+    assert counts == ((0, 1) if act_linear else (1, 0)), counts
     fmt = "e4m3fnuz" if target == "gfx942" else "e4m3fn"
     group = 128 if scheme == "fp8-block" else 0
-    for leaf in ("qkv_proj", "gate_up_proj", "down_proj"):
+    if act_linear:  # the down projection reads gate_up and quantizes act(gate) * up itself
+        down = next(n for n in plan.graph.nodes if n.name.endswith("down_proj"))
+        assert down.op == "gated_act_linear_fp8" and down.attrs["group"] == group and down.attrs["fp8_format"] == fmt
+        assert down.inputs[0] == next(n for n in plan.graph.nodes if n.name.endswith("gate_up_proj")).outputs[0]
+    for leaf in ("qkv_proj", "gate_up_proj") + (() if act_linear else ("down_proj",)):
         assert linears[leaf]["act_scheme"] == "prequantized" and linears[leaf]["group"] == group
         assert linears[leaf]["fp8_format"] == fmt
     assert linears["o_proj"]["act_scheme"].startswith("dynamic")  # attention output: quantized by the linear
@@ -380,7 +388,12 @@ def test_fp8_plans_fuse_where_activations_are_quantized(checkpoints, target, sch
     assert all(d["action"].startswith(f"fused {fmt}") for d in decisions)
     if target != "cpu":
         kernels = {k["kernel"].rpartition(".")[2] for k in plan.plan.body["kernels"]}
-        assert {"rms_norm_quant:_rms_norm_quant_kernel", "activation_quant:_gated_act_quant_kernel"} <= kernels
+        act_kernel = "activation_quant:_gated_act_quant_kernel"
+        assert {"rms_norm_quant:_rms_norm_quant_kernel"} | (set() if act_linear else {act_kernel}) <= kernels
+        if act_linear:  # every step holds <= 16 tokens, a decode size: the down GEMM runs the activation itself
+            assert act_kernel not in kernels
+            assert any(k["call"]["constexprs"].get("GATED_A") == "silu" for k in plan.plan.body["kernels"]
+                       if k["kernel"].endswith(":_fp8_block_gemm_kernel"))
 
 
 def test_disable_pass(checkpoints):
@@ -489,11 +502,16 @@ def test_inspect_tools_read_fused_plans(checkpoints, tmp_path):
     from rdnac.cli.report import report_data
     from rdnac.cli.verify import verify_plan
 
-    sm90 = _plan(checkpoints, "fp8-block", "sm90")
+    sm90 = _plan(checkpoints, "fp8-block", "sm90", ("fuse_act_linear",))  # the activation stays a node
     model = onnx.load(str(export_onnx(sm90, tmp_path / "p.onnx")))
     assert {"rms_norm_quant", "gated_act_quant"} <= {n.op_type for n in model.graph.node}
     nodes = {n["name"]: n for layer in report_data(sm90)["layers"] for n in layer["nodes"]}
     assert any(f.startswith("fuse_norm_quant") for f in nodes["layers.0.input_norm"]["fusion"])
     assert any(f.startswith("fuse_act_quant") for f in nodes["layers.0.act"]["fusion"])
+    fused = _plan(checkpoints, "fp8-block", "sm90")  # fuse_act_linear: the down projection took it in
+    op_types = {n.op_type for n in onnx.load(str(export_onnx(fused, tmp_path / "f.onnx"))).graph.node}
+    assert {"rms_norm_quant", "gated_act_linear_fp8"} <= op_types and "gated_act_quant" not in op_types
+    nodes = {n["name"]: n for layer in report_data(fused)["layers"] for n in layer["nodes"]}
+    assert any(f.startswith("fuse_act_linear") for f in nodes["layers.0.down_proj"]["fusion"])
     result = verify_plan(_plan(checkpoints, "fp8-tensor", "cpu"), checkpoints / "fp8-tensor", token_ids=PROMPT)
     assert result.is_ok and any(r.value == "logits" and r.error == 0.0 for r in result.rows)

@@ -405,3 +405,62 @@ def test_self_reduce_gpu_bit_identical_in_a_replayed_graph():
                     graph.replay()
                     torch.cuda.synchronize()
                     assert torch.equal(out, expected), (variant, config)
+
+
+class _EarlyWeights:
+    """The interpreter with EARLY_WEIGHTS=True added to every launch of a kernel that takes it (the plan's
+    recorder adds it only with PDL, which the interpreter has no use for: this runs its peeled first step)."""
+
+    def __init__(self) -> None:
+        self.kernels = []
+
+    def launch(self, kernel, grid, args, *, constexprs, **kw):
+        if any(p.name == "EARLY_WEIGHTS" for p in kernel.params):
+            constexprs = {**constexprs, "EARLY_WEIGHTS": True}
+            self.kernels.append(kernel.fn.__name__)
+        INTERPRET.launch(kernel, grid, args, constexprs=constexprs, **kw)
+
+
+@pytest.mark.parametrize("variant,quant_a", [("block", False), ("block", True), ("a16_block", False),
+                                             ("channel_group", False)])
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_early_weight_loads_are_bit_identical(variant, quant_a, split_k):
+    """EARLY_WEIGHTS (the first K step's weight tile and scales loaded before the PDL wait, that step out of
+    the loop) gives the plain loop's bits: with and without split-K, QUANT_A, a16w8, per-channel weights
+    under group activations; K = 1000 leaves a short last step."""
+    M, N, K = 3, 384, 1000 if split_k == 1 else 1024
+    x, weight, weight_scale, rest, attrs = _operands(M, N, K, torch.bfloat16, True, variant, "e4m3fn")
+    config = gemm_fp8._config(16, 64, 128, 1, split_k, 4, 2)
+    if quant_a:
+        config = {**config, "constexprs": {**config["constexprs"], "QUANT_A": True}}
+    plain = gemm_fp8.linear_fp8(x, weight, weight_scale, *rest, **attrs, config=config, launcher=INTERPRET)
+    early = _EarlyWeights()
+    out = gemm_fp8.linear_fp8(x, weight, weight_scale, *rest, **attrs, config=config, launcher=early)
+    assert early.kernels == ["_fp8_block_gemm_kernel"]
+    assert torch.equal(out, plain), f"{variant} quant_a={quant_a} split_k={split_k}"
+
+
+def test_early_weight_loads_come_before_the_pdl_wait():
+    """The sm90 binary of a decode tile with PDL and EARLY_WEIGHTS issues its weight loads before
+    griddepcontrol.wait and its activation loads after; within the target's limits. gfx942 (no PDL) builds."""
+    from rdnac.targets.compile import triton_compile
+
+    x, weight, weight_scale, rest, attrs = _operands(1, 4096, 4096, torch.bfloat16, False, "block", "e4m3fn",
+                                                     device="meta")
+    rec = RecordingLauncher(pdl=True, early_weights=True)
+    xq = torch.empty(1, 4096, dtype=torch.float8_e4m3fn, device="meta")
+    xs = torch.empty(1, 32, dtype=torch.float32, device="meta")
+    gemm_fp8.linear_fp8(xq, weight, weight_scale, xs, **{**attrs, "act_scheme": "prequantized", "group": 128},
+                        config=gemm_fp8._config(16, 64, 128, 1, 4, 4, 3), launcher=rec)
+    call, = [c for c in rec.calls if "block_gemm" in c.kernel]
+    assert call.constexprs["EARLY_WEIGHTS"] is True and call.constexprs["PDL"] is True
+    ptx = triton_compile(call, "sm90").asm["ptx"]
+    wait = ptx.index("griddepcontrol.wait")
+    assert "ld.global" in ptx[:wait], "the first weight tile loads before the wait"
+    binary, = compile_calls([call], "sm90", quiet=True)
+    assert check_resources(binary, "sm90") == []
+    plain = RecordingLauncher()  # the AMD targets record no PDL: the plain loop
+    gemm_fp8.linear_fp8(xq, weight, weight_scale, xs, **{**attrs, "act_scheme": "prequantized", "group": 128},
+                        config=gemm_fp8._config(16, 64, 128, 1, 4, 4, 3), launcher=plain)
+    binaries = compile_calls(plain.calls, "gfx942", quiet=True)
+    assert all(check_resources(b, "gfx942") == [] for b in binaries)

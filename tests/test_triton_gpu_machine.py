@@ -74,6 +74,9 @@ def test_builds_under_the_gpu_machine_triton(builds, case, target):
         pytest.fail(f"{kernels} does not build for {target} under {GPU_TRITON}; it does under CI's Triton "
                     f"{triton.__version__} ({case.name}):\n{record['error']}", pytrace=False)
     assert record["kernel_tritons"] == [gpu_machine.TRITON], record
+    if case.scheme == "fp8-block":  # issue 29's paths: the down GEMM's own activation; on sm90 the early loads
+        wanted = {"GATED_A"} | ({"PDL", "EARLY_META", "EARLY_WEIGHTS"} if target == "sm90" else set())
+        assert wanted <= set(record["paths"]), record
 
 
 def test_random_qwen2_checkpoint_is_what_transformers_reads(tmp_path):

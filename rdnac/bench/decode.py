@@ -17,33 +17,40 @@ from rdnac.ir.state import bytes_per_token
 from rdnac.runtime.model_runner import StepEntry
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in GB/s (read + write of a 1 GiB buffer, 10 times)."""
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str = "cuda", nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in GB/s (read + write of a 1 GiB buffer, 10 times). `device` "cpu"
+    (with a small `nbytes`) only for the benches' cpu dry runs."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
-    torch.cuda.synchronize()
+    _sync(device)
     start = time.perf_counter()
     for _ in range(10):
         y.copy_(x)
-    torch.cuda.synchronize()
+    _sync(device)
     return 2 * x.numel() * 10 / (time.perf_counter() - start) / 1e9  # read + write, GB/s
 
 
-def tpot(llm, batch: int, context: int, steps: int = 50) -> float:
-    """Seconds per decode step for `batch` sequences at `context` tokens (KV already allocated)."""
+def tpot(llm, batch: int, context: int, steps: int = 50, warmup: int = 5) -> float:
+    """Seconds per decode step for `batch` sequences at `context` tokens (KV already allocated). On a cpu
+    plan (a bench's dry run under the interpreter) the same loop, without synchronizing."""
     per_seq = -(-(context + 1) // llm.runner.block_size)
     entries = []
     for _ in range(batch):
         blocks = llm.engine.block_manager.take_blocks(per_seq)
         entries.append(StepEntry([1] * (context + 1), blocks, context, context + 1))
-    for _ in range(5):
+    for _ in range(warmup):
         llm.runner.execute(entries)
-    torch.cuda.synchronize()
+    _sync(llm.device)
     start = time.perf_counter()
     for _ in range(steps):
         llm.runner.execute(entries)
-    torch.cuda.synchronize()
+    _sync(llm.device)
     seconds = (time.perf_counter() - start) / steps
     for e in entries:
         llm.engine.block_manager.free(e.block_table)

@@ -20,7 +20,8 @@ import torch
 
 import rdnac
 from rdnac.compiler.frontend import build_graph, read_checkpoint
-from rdnac.compiler.passes import (CompileState, Pass, dce, fp8_layout, fuse_act_quant, fuse_add_rms_norm,
+from rdnac.compiler.passes import (CompileState, Pass, dce, fp8_layout, fuse_act_linear, fuse_act_quant,
+                                   fuse_add_rms_norm,
                                    fuse_attention_quant, fuse_gated_linear, fuse_norm_quant, fuse_qk_norm_rope_cache,
                                    kv_cache_dtype, merge_linears, mla_forms, quantize, quantize_lm_head, quantize_mxfp4,
                                    select_kernels, shard)
@@ -32,9 +33,11 @@ from rdnac.targets import get_target
 # The graph passes --disable-pass can skip (see PASSES for the order): those before fp8_layout, and those
 # after it. `rdnac verify` compiles its reference with all of them but dce disabled.
 GRAPH_PASSES = ("merge_linears", "fuse_add_rms_norm", "fuse_qk_norm_rope_cache", "dce")
-LATE_PASSES = ("fuse_norm_quant", "fuse_act_quant", "fuse_attention_quant", "fuse_gated_linear")
-# early_metadata_loads: with PDL, step inputs no kernel writes are read before the wait (_early_meta)
-DISABLEABLE = GRAPH_PASSES + LATE_PASSES + ("early_metadata_loads",)  # what --disable-pass accepts
+LATE_PASSES = ("fuse_norm_quant", "fuse_act_quant", "fuse_attention_quant", "fuse_gated_linear", "fuse_act_linear")
+# early_metadata_loads: with PDL, step inputs no kernel writes are read before the wait (_early_meta);
+# early_weight_loads: with PDL, GEMMs load their first weight tile before the wait (_early_weights).
+# What --disable-pass accepts:
+DISABLEABLE = GRAPH_PASSES + LATE_PASSES + ("early_metadata_loads", "early_weight_loads")
 _DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE_SCHEMES = ("fp8", "fp8-block", "mxfp4")
 
@@ -127,6 +130,7 @@ def _plan_runtime(state: CompileState) -> None:
                      "device": "cuda" if state.target.is_gpu else "cpu", "max_num_seqs": opts.max_num_seqs,
                      "max_num_batched_tokens": opts.max_num_batched_tokens, "pdl": _pdl(state)}
     state.runtime["early_meta"] = _early_meta(state)
+    state.runtime["early_weights"] = _early_weights(state)
 
 
 # The passes of a compile, in order. Those named in DISABLEABLE can be skipped with --disable-pass
@@ -148,6 +152,7 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("fuse_attention_quant", fuse_attention_quant.run),
     # last: a gated_act whose FP8 quantization fused into it stays a gated_act_quant
     ("fuse_gated_linear", fuse_gated_linear.run),
+    ("fuse_act_linear", fuse_act_linear.run),  # the FP8 down projection computes its own activations
     ("kv_cache_dtype", kv_cache_dtype.run),  # --kv-cache-dtype fp8: after the fusions, on the final cache users
     ("shard", shard.run),  # --tp N: per-rank weights and collectives (after fusion: it shards the fused graph)
     ("runtime", _plan_runtime),
@@ -289,6 +294,19 @@ def _early_meta(state: CompileState) -> bool:
     state.decide("launch", "-", "early metadata loads on", "with PDL a kernel's programs start while the one before "
                  "runs; the step inputs the host wrote before the step (no kernel writes them) are read, and RoPE's "
                  "angles computed, before waiting on it, so fewer dependent loads follow the wait")
+    return True
+
+
+def _early_weights(state: CompileState) -> bool:
+    """Whether FP8 block GEMMs load their first weight tile before the PDL wait (`rdnac.kernels.gemm_fp8`)."""
+    if not state.runtime["pdl"]:
+        return False
+    if "early_weight_loads" in state.options.disable_passes:
+        state.decide("launch", "-", "early weight loads off", "disabled with --disable-pass early_weight_loads")
+        return False
+    state.decide("launch", "-", "early weight loads on", "with PDL a GEMM's programs start while the kernel before "
+                 "runs (a norm, RoPE, attention, an activation): each loads its first weight tile and its scales, "
+                 "which no kernel writes, before waiting on it, so the weight stream overlaps the small kernels")
     return True
 
 

@@ -36,13 +36,15 @@ def record_call(kernel: triton.JITFunction, args: tuple[Any, ...], constexprs: d
 class RecordingLauncher:
     """Record the specializations a program needs, running nothing (works over meta tensors)."""
 
-    def __init__(self, pdl: bool = False, early_meta: bool = False) -> None:
+    def __init__(self, pdl: bool = False, early_meta: bool = False, early_weights: bool = False) -> None:
         self._calls: dict[str, KernelCall] = {}
         self.pdl = pdl  # record the PDL=True specializations (see `rdnac.kernels.launch.with_pdl`)
         self.early_meta = early_meta  # and with PDL, the EARLY_META=True ones
+        self.early_weights = early_weights  # and the EARLY_WEIGHTS=True ones
 
     def launch(self, kernel, grid, args, *, constexprs, num_warps=4, num_stages=2):
-        call = record_call(kernel, tuple(args), with_pdl(kernel, constexprs, self.pdl, self.early_meta),
+        call = record_call(kernel, tuple(args), with_pdl(kernel, constexprs, self.pdl, self.early_meta,
+                                                         self.early_weights),
                            num_warps, num_stages)
         self._calls.setdefault(call.key, call)
 

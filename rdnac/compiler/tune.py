@@ -106,9 +106,15 @@ def _attention_tensors(problem: dict, device: str, copies: int, context: int):
     kw = dict(num_heads=hq, num_kv_heads=hk, head_dim=d, scale=d ** -0.5)
     if not decode:
         kw["max_query_len"] = t
+    cache_dtype = getattr(torch, problem.get("kv_dtype", "bfloat16"))
+    unit = 1.0
+    if cache_dtype != torch.bfloat16:  # an FP8 cache (decode): the same values, stored at a per-tensor scale
+        unit = 0.05
+        kw.update(k_scale=unit, v_scale=unit)
     sets = []
     for _ in range(copies):
-        k_cache, v_cache = (torch.randn(b * per_seq, bs, hk, d, device=device).to(torch.bfloat16) for _ in range(2))
+        k_cache, v_cache = (torch.randn(b * per_seq, bs, hk, d, device=device).div(unit).to(cache_dtype)
+                            for _ in range(2))
         sets.append(((q, k_cache, v_cache, tables, seq_lens, cu, positions), kw))
     return sets
 

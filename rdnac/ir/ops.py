@@ -29,6 +29,7 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 | rms_norm_quant  | x [T, H], (residual [T, H]), weight [H]                       | q fp8, scale, (x+residual) |
 | gated_act_quant | gate [T, I], up [T, I]  or  gate_up [T, 2I]                   | q fp8 [T, I], scale |
 | attention_quant | attention's inputs                                            | q fp8 [T, Hq*D], scale |
+| gated_act_linear_fp8 | gate_up [T, 2I], weight fp8 [N, I], weight_scale, (bias [N]) | [T, N]         |
 | logits          | x [T, H], logits_indices [R], weight [V, H]                   | [R, V] float32 |
 | argmax          | logits [R, V]                                                 | [R] int64      |
 | split           | x [T, N] (attr sizes, summing to N)                           | len(sizes) views [T, sizes[i]] |
@@ -54,6 +55,10 @@ and V / v_scale (float attrs, per-tensor static scales, default 1.0) saturated
 to the format's range and rounded to nearest even; the ops that read one
 (`attention`, `attention_quant`) multiply the bits by the same scales. Float
 caches ignore the scales (the verifier keeps them 1.0).
+
+`gated_act_linear_fp8` is `gated_act_quant` (merged gate_up form, attr `group` > 0) followed by the
+prequantized `linear_fp8` reading it, as one op (`fuse_act_linear` builds it): the MLP's down projection
+computing its own FP8 activations; defined as that chain, so it rounds where the two ops do.
 
 `linear_gated_act` is `gated_act(linear(x, weight, bias), act)` as one op (the
 MLP's merged gate/up GEMM with its activation; `fuse_gated_linear` builds it),
@@ -300,6 +305,15 @@ def gated_act_quant(*xs: torch.Tensor, act: str = "silu", fp8_format: str, group
     return quantize_rows(gated_act(*xs, act=act), fp8_format, group)
 
 
+def gated_act_linear_fp8(gate_up: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *rest: torch.Tensor,
+                         act: str, fp8_format: str, group: int, out_dtype: str | None = None,
+                         **linear_attrs) -> torch.Tensor:
+    """linear_fp8(*gated_act_quant(gate_up), ...) with act_scheme "prequantized"; rest = ((bias,) if has_bias)."""
+    q, scale = gated_act_quant(gate_up, act=act, fp8_format=fp8_format, group=group)
+    return linear_fp8(q, weight, weight_scale, scale, *rest, **linear_attrs, act_scheme="prequantized",
+                      fp8_format=fp8_format, group=group, out_dtype=out_dtype or str(gate_up.dtype)[6:])
+
+
 def attention_quant(*ins: torch.Tensor, fp8_format: str, group: int = 0, **attrs):
     """(q, scale) = quantize_rows(attention(...)): the attention output in o_proj's FP8 activations."""
     from rdnac.ir.fp8 import quantize_rows
@@ -417,6 +431,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("gated_act", ("act",), (1, 2), _gated_act_infer, gated_act),
     OpDef("add", (), (2,), _same, add),
     OpDef("linear_fp8", ("weight_scheme", "act_scheme", "fp8_format"), (3, 4, 5), _linear_fp8_infer, linear_fp8),
+    OpDef("gated_act_linear_fp8", ("act", "weight_scheme", "fp8_format", "group"), (3, 4), _linear_fp8_infer,
+          gated_act_linear_fp8),
     OpDef("rms_norm_quant", ("eps", "fp8_format", "group"), (2, 3), _rms_norm_quant_infer, rms_norm_quant),
     OpDef("linear_gated_act", ("act",), (2, 3), _linear_gated_act_infer, linear_gated_act),
     OpDef("gated_act_quant", ("act", "fp8_format", "group"), (1, 2), _gated_act_quant_infer, gated_act_quant),

@@ -79,7 +79,8 @@ _INDEX_INPUTS = {
 
 
 # The matrix input of the ops that multiply by one: fixed sizes, never a per-step value.
-_WEIGHT_INPUT = {"linear": 1, "linear_fp8": 1, "linear_gated_act": 1, "embedding": 1, "logits": 2}
+_WEIGHT_INPUT = {"linear": 1, "linear_fp8": 1, "linear_gated_act": 1, "gated_act_linear_fp8": 1, "embedding": 1,
+                 "logits": 2}
 # ops whose "weight" may be an activation with a symbolic row count: the --fp8-lm-head pass gathers the
 # logits rows of the final norm's output with an `embedding` (rows = tokens, columns fixed)
 
@@ -160,7 +161,7 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(len(ins[1].shape) == 2, "weight must be [vocab, hidden]")
     elif node.op == "logits":
         expect(ins[0].shape[-1] == ins[2].shape[1], "x's hidden must equal weight's")
-    elif node.op in ("gated_act", "gated_act_quant"):
+    elif node.op in ("gated_act", "gated_act_quant", "gated_act_linear_fp8"):
         expect(a["act"] in ("silu", "gelu", "gelu_tanh"), "act must be silu, gelu or gelu_tanh")
     elif node.op in linear_attention.OP_NAMES:
         linear_attention.check(node.op, a, ins, expect)
@@ -173,7 +174,7 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         width = ins[0].shape[-1]
         expect(isinstance(width, int) and sum(sizes) == width, f"sizes {list(sizes)} must sum to x's last dim")
     # FP8 quantization fused into its producer, and the linear reading it (see ops.py)
-    if node.op in ("rms_norm_quant", "gated_act_quant"):
+    if node.op in ("rms_norm_quant", "gated_act_quant", "gated_act_linear_fp8"):
         expect(a["fp8_format"] in ("e4m3fn", "e4m3fnuz"),
                f"fp8_format must be e4m3fn or e4m3fnuz; got {a['fp8_format']!r}")
         expect(isinstance(a["group"], int) and a["group"] >= 0, f"group must be an int >= 0; got {a['group']!r}")
@@ -183,6 +184,9 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
                "prequantized takes (x_q, weight, weight_scale, x_scale, (bias))")
         expect(ins[3].dtype == "float32" and ins[3].shape[0] == ins[0].shape[0], "x_scale must be float32 [T, G]")
         expect("out_dtype" in a and "group" in a, "prequantized needs attrs out_dtype and group")
+    if node.op == "gated_act_linear_fp8":
+        expect(a["group"] > 0 and ins[0].shape[1] == 2 * ins[1].shape[1],
+               "gate_up must be [T, 2I] for weight [N, I], quantized in groups (group > 0)")
 
 
 def _check_experts(node: Node, ins: list[TensorSpec], expect) -> None:

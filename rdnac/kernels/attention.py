@@ -30,7 +30,10 @@ dtype, optional num_seqs (decode batch size, steers the default NUM_SPLITS)):
            Default 64x64 (D <= 64) or 64x32, 4 warps, 2 stages.
   decode:  NUM_SPLITS {1, 2, 4, 8, 16} x BLOCK_N {16, 32, 64}, 4 warps, 2 stages. Default
            BLOCK_N 32 and about one split per 512 keys of max_model_len (at most 16), halved
-           while num_seqs * num_kv_heads * NUM_SPLITS > 1024 programs.
+           while num_seqs * num_kv_heads * NUM_SPLITS > 1024 programs. FP8 caches (problem key
+           kv_dtype, the cache's dtype, also a tuning key: bf16-measured configs do not carry over):
+           NUM_SPLITS {1, ..., 32} x BLOCK_N {32, 64, 128}, 4 warps, 3 stages; default BLOCK_N 64 and
+           one split per 256 keys (at most 32), halved the same way.
 """
 
 from __future__ import annotations
@@ -259,9 +262,15 @@ def _prefill_lds_bytes(block_m: int, block_n: int, block_d: int, num_stages: int
     return elem_bytes * block_d * (block_m + 2 * block_n * max(num_stages, 1))
 
 
+def _reads_fp8(problem: dict) -> bool:
+    return bool(kv_format(getattr(torch, problem.get("kv_dtype", problem["dtype"]))))
+
+
 def config_space(problem: dict) -> list[dict]:
     """Candidates for one attention problem (keys: see the module docstring)."""
     if problem["phase"] == "decode":
+        if _reads_fp8(problem):
+            return [_config(4, 3, NUM_SPLITS=s, BLOCK_N=n) for s in (1, 2, 4, 8, 16, 32) for n in (32, 64, 128)]
         return [_config(4, 2, NUM_SPLITS=s, BLOCK_N=n) for s in (1, 2, 4, 8, 16) for n in (16, 32, 64)]
     block_d = next_power_of_2(problem["head_dim"])
     # Sized for 2-byte tiles: float32 only runs on the CPU interpreter, where LDS does not exist.
@@ -273,11 +282,20 @@ def config_space(problem: dict) -> list[dict]:
 
 def default_config(problem: dict) -> dict:
     if problem["phase"] == "decode":
-        # Aim at >= 512 keys per split at full context, fewer splits when the batch alone fills the GPU.
-        splits = min(16, max(1, next_power_of_2(problem.get("max_model_len", 4096) // 512)))
+        # Aim at >= 512 keys per split at full context (FP8 caches: 256, see below), fewer splits when the
+        # batch alone fills the GPU.
+        fp8 = _reads_fp8(problem)
+        keys, most = (256, 32) if fp8 else (512, 16)
+        splits = min(most, max(1, next_power_of_2(problem.get("max_model_len", 4096) // keys)))
         busy = problem.get("num_seqs", 1) * problem["num_kv_heads"]
         while splits > 1 and busy * splits > 1024:
             splits //= 2
+        if fp8:
+            # A small batch's decode programs are bound by their loop's instructions per key tile, not by
+            # bytes: on an H100 the bf16-tuned 8 splits x 64 keys ran an 8192-token FP8 cache at 0.44 TB/s
+            # (session 16). Twice the splits of bf16 put twice the programs in flight, and a 64-key FP8 tile
+            # is the bytes of bf16's 32-key one, 3 stages deep (52 KiB of LDS: within 64 KiB).
+            return _config(4, 3, NUM_SPLITS=splits, BLOCK_N=64)
         return _config(4, 2, NUM_SPLITS=splits, BLOCK_N=32)
     if next_power_of_2(problem["head_dim"]) <= 64:
         return _config(4, 2, BLOCK_M=64, BLOCK_N=64)

@@ -38,14 +38,29 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
-from rdnac.kernels.attention import (_CACHE_STRIDES, _LOG2E, _MAX, _common_args, kv_operand, scores_log2,
-                                     softmax_step)
+from rdnac.kernels.attention import _CACHE_STRIDES, _LOG2E, _MAX, _common_args, scores_log2, softmax_step
 from rdnac.kernels.fp8_quant import GRID, fp8_scale, round_to_fp8_grid
 from rdnac.kernels.gemm import split_k_counters
 from rdnac.kernels.launch import Launcher, next_power_of_2
 
 AOT_DIVISIBLE = {"_decode_kernel": ("stride_qt", "stride_ot", *_CACHE_STRIDES),  # see attention.py
                  "_decode_reduce_kernel": ("stride_ot",)}
+
+
+@triton.jit
+def fp8_kv_tile(x, j_ok, IS_V: tl.constexpr):
+    """An FP8 K or V tile [BLOCK_N, BLOCK_D] as an fp16 dot operand (the scales stay outside the loop: k_scale
+    in the score scale, v_scale on the accumulator). fp16, not q's bf16: e4m3fn and e4m3fnuz widen to fp16
+    exactly, in one instruction per two values on sm89+ (cvt.rn.f16x2.e4m3x2) and through one f32 convert on
+    AMD, where bf16 costs a second conversion per value. V's widening is pinned before the tile's
+    shared-memory round trip by a select on the key mask (the loads already zero those rows): left alone,
+    Triton moves it after, and an 8-bit tile read in the transposed layout of a dot's B operand is one
+    byte load per value (sm90 PTX per 64-key tile, 4 warps: 1045 loop instructions, 632 with both; bf16 KV
+    505). K reads its tile untransposed: nothing to pin."""
+    x = x.to(tl.float16)
+    if IS_V:
+        x = tl.where(j_ok[:, None], x, 0.0)
+    return x
 
 
 @triton.jit
@@ -96,6 +111,8 @@ def _decode_kernel(
             gdc_wait()
     q = tl.load(q_ptr + seq * stride_qt + head[:, None] * HEAD_DIM + d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    if KV_FP8:  # fp16 dots over an FP8 cache (fp8_kv_tile); q rounds to fp16 once, not per key tile
+        q = q.to(tl.float16)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.full([BLOCK_G], 0.0, tl.float32)
@@ -112,7 +129,8 @@ def _decode_kernel(
         in_blk = j % KV_BLOCK_SIZE
         k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + in_blk[:, None] * stride_ks + kv_head * stride_kh
                     + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D], coalesced
-        k = kv_operand(k, q, KV_FP8)
+        if KV_FP8:
+            k = fp8_kv_tile(k, j_ok, False)
         s = scores_log2(q, k, scale, softcap, HAS_SOFTCAP)  # [BLOCK_G, BLOCK_N]
         allowed = j_ok
         if HAS_WINDOW:
@@ -120,7 +138,8 @@ def _decode_kernel(
         m_new, alpha, p, l_i = softmax_step(tl.where(allowed[None, :], s, float("-inf")), m_i, l_i, True)
         v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + in_blk[:, None] * stride_vs + kv_head * stride_vh
                     + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = kv_operand(v, q, KV_FP8)
+        if KV_FP8:
+            v = fp8_kv_tile(v, j_ok, True)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     if KV_FP8:  # V's per-tensor scale, once per output row (and per split: partials merge linearly)
@@ -316,9 +335,13 @@ from rdnac.kernels.registry import KernelFamily, OpKernel, dtype_name  # noqa: E
 
 
 def _problem(a: dict, ins: list, phase: str, runtime: dict) -> dict:  # the quant epilogue changes no config
+    # kv_dtype: the dtype decode reads K and V in (an FP8 decode has its own configs and measurements). Prefill
+    # problems carry q's dtype there: their MMAs run on it whatever the cache holds (an FP8 tile widens to q's
+    # dtype), so prefill measurements carry over between cache dtypes.
+    kv_dtype = dtype_name(ins[1]) if phase == "decode" else dtype_name(ins[0])
     return {"phase": phase, "num_heads": a["num_heads"], "num_kv_heads": a["num_kv_heads"],
             "head_dim": a["head_dim"], "block_size": runtime["kv_block_size"],
-            "max_model_len": runtime["max_model_len"], "dtype": dtype_name(ins[0]),
+            "max_model_len": runtime["max_model_len"], "dtype": dtype_name(ins[0]), "kv_dtype": kv_dtype,
             "num_seqs": ins[4].shape[0], "num_tokens": ins[0].shape[0]}
 
 
@@ -326,7 +349,7 @@ def _problem(a: dict, ins: list, phase: str, runtime: dict) -> dict:  # the quan
 # module imports (a record there could not name the decode wrappers without a cycle).
 FAMILY = KernelFamily(
     "attention", config_space=attention.config_space, default_config=attention.default_config,
-    tuning_key=("phase", "num_heads", "num_kv_heads", "head_dim", "block_size", "dtype"),
+    tuning_key=("phase", "num_heads", "num_kv_heads", "head_dim", "block_size", "dtype", "kv_dtype"),
     # a config depends on the sequences of a decode step, the tokens of a prefill step
     size=lambda p: p["num_seqs"] if p["phase"] == "decode" else p["num_tokens"],
     ops={"attention": OpKernel(attention.attention_prefill, _problem, decode=attention_decode,

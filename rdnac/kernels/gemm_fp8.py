@@ -22,7 +22,11 @@ Kernels, one job each:
                            choice only, offered by `rdnac tune` at decode sizes) it reads x itself and
                            quantizes each [BLOCK_M, group] tile with `_quant_fp8_kernel`'s rule, the
                            same bits, so the quant launch goes; every N tile redoes that work, cheap
-                           only while M is small.
+                           only while M is small. With EARLY_WEIGHTS (plan-wide with PDL,
+                           `runtime["early_weights"]`, pass `early_weight_loads`) each program loads
+                           its first K step's weight tile and scales before `griddepcontrol.wait`:
+                           weights are constants no kernel writes, so at decode they stream while the
+                           kernel before (norm, RoPE, attention, activation) finishes. Same bits.
   `_fp8_splitk_reduce_kernel` SPLIT_K > 1: sums the fp32 partials [SPLIT_K, M, N] in a fixed order
                            (deterministic, no atomics, no zeroed buffer), then applies the epilogue
                            scales (epilogue kernel only) and the bias once. With SELF_REDUCE (a
@@ -49,6 +53,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
+from rdnac.kernels.activation import ACTIVATIONS, activate
 from rdnac.kernels.fp8_quant import GRID, fp8_scale, quantize_activations, round_to_fp8_grid
 from rdnac.kernels.gemm import split_k_counters, splitk_partials, sum_splits, tile_of
 from rdnac.kernels.gemm_fp8_configs import _config, config_space, default_config  # noqa: F401 (the family API)
@@ -128,6 +133,38 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, 
 
 
 @triton.jit
+def _block_step(a_ptrs, a_scale_rows, b, w_scale, mask_m, offs_k, k_left, kb, stride_ask, w_dtype, K,
+                IS_A16: tl.constexpr, QUANT_A: tl.constexpr, FP8_MAX: tl.constexpr, MIN_NORMAL: tl.constexpr,
+                SUBNORMAL_ROUNDER: tl.constexpr, GATED_A: tl.constexpr):
+    """One K step of `_fp8_block_gemm_kernel`: x's [BM, BK] tile times the weight tile b [BK, BN], scaled
+    by the step's scales (w_scale [BN] float32), as the fp32 [BM, BN] the accumulator adds. GATED_A: x's
+    tile is act(gate) * up of the gate_up rows (up K columns after gate), as gated_act_quant rounds it."""
+    if IS_A16:
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0)
+        partial = tl.dot(a, b.to(a.dtype), input_precision="ieee")  # [BM, BN] fp32
+        step = partial * w_scale[None, :]
+    elif QUANT_A:  # x's [BM, BLOCK_K == group] tile quantized here, by _quant_fp8_kernel's rule
+        a_mask = mask_m[:, None] & (offs_k[None, :] < k_left)
+        if GATED_A != "":  # _gated_act_quant_kernel's formulas and roundings, op for op
+            gate = tl.load(a_ptrs, mask=a_mask, other=0.0)
+            act = activate(gate.to(tl.float32), GATED_A).to(gate.dtype).to(tl.float32)
+            up = tl.load(a_ptrs + K, mask=a_mask, other=0.0).to(tl.float32)
+            xa = (act * up).to(gate.dtype).to(tl.float32)
+        else:
+            xa = tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32)
+        amax = tl.reduce(tl.abs(xa), 1, _MAX)  # [BM]
+        a_scale = fp8_scale(amax, FP8_MAX)  # a zero group: 1, not 0/0
+        v = tl.div_rn(xa, a_scale[:, None])
+        a = round_to_fp8_grid(v, FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER).to(w_dtype)  # see fp8_quant
+        step = tl.dot(a, b) * a_scale[:, None] * w_scale[None, :]
+    else:
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+        a_scale = tl.load(a_scale_rows + kb * stride_ask, mask=mask_m, other=0.0).to(tl.float32)  # [BM]
+        step = tl.dot(a, b) * a_scale[:, None] * w_scale[None, :]
+    return step
+
+
+@triton.jit
 def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, final_ptr, counter_ptr,
                            M, N, K, stride_am, stride_wn, stride_om, stride_asm, stride_ask,
                            stride_wsn, stride_wsk, k_per_split,
@@ -137,9 +174,10 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
                            GROUP_SIZE_M: tl.constexpr, SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr,
                            QUANT_A: tl.constexpr = False, FP8_MAX: tl.constexpr = 0.0,
                            MIN_NORMAL: tl.constexpr = 0.0, SUBNORMAL_ROUNDER: tl.constexpr = 0.0,
-                           PDL: tl.constexpr = False):
-    if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
-        gdc_wait()
+                           PDL: tl.constexpr = False, EARLY_WEIGHTS: tl.constexpr = False,
+                           GATED_A: tl.constexpr = ""):
+    if PDL and not EARLY_WEIGHTS:  # programmatic dependent launch: wait for the previous kernel (the trigger
+        gdc_wait()  # is after the loop)
     # a: [M, K] fp8 (x if IS_A16 or QUANT_A), a_scale[m * stride_asm + kb * stride_ask]; w: [N, K] fp8,
     # w_scale[(n // SCALE_BLOCK_N) * stride_wsn + kb * stride_wsk], kb = k // SCALE_BLOCK_K
     # (zero strides broadcast: per-token, per-channel and per-tensor scales ride along).
@@ -159,26 +197,27 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
     a_scale_rows = a_scale_ptr + offs_m * stride_asm  # [BM]
     w_scale_cols = w_scale_ptr + (offs_n // SCALE_BLOCK_N) * stride_wsn  # [BN]
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
+    k_loop = k_begin
+    if EARLY_WEIGHTS:  # (PDL) the first K step's weight tile and scales are constants no kernel writes: they
+        # load before the wait, streaming while the kernel before this one (a norm, attention...) finishes;
+        # that step runs out of the loop, the same arithmetic in the same order (the same bits)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_end - k_begin) & mask_n[None, :], other=0.0)
+        w_scale = tl.load(w_scale_cols + (k_begin // SCALE_BLOCK_K) * stride_wsk, mask=mask_n, other=0.0)
+        if PDL:
+            gdc_wait()
+        acc += _block_step(a_ptrs, a_scale_rows, b, w_scale.to(tl.float32), mask_m, offs_k, k_end - k_begin,
+                           k_begin // SCALE_BLOCK_K, stride_ask, w_ptr.dtype.element_ty, K, IS_A16, QUANT_A,
+                           FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER, GATED_A)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+        k_loop += BLOCK_K
+    for k0 in range(k_loop, k_end, BLOCK_K):
         k_left = k_end - k0
         kb = k0 // SCALE_BLOCK_K  # the step's scales load in the step: a step ahead measured no faster
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0.0)  # (BENCHMARKS.md, s14)
         w_scale = tl.load(w_scale_cols + kb * stride_wsk, mask=mask_n, other=0.0).to(tl.float32)  # [BN]
-        if IS_A16:
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0)
-            partial = tl.dot(a, b.to(a.dtype), input_precision="ieee")  # [BM, BN] fp32
-            acc += partial * w_scale[None, :]
-        elif QUANT_A:  # x's [BM, BLOCK_K == group] tile quantized here, by _quant_fp8_kernel's rule
-            xa = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0).to(tl.float32)
-            amax = tl.reduce(tl.abs(xa), 1, _MAX)  # [BM]
-            a_scale = fp8_scale(amax, FP8_MAX)  # a zero group: 1, not 0/0
-            v = tl.div_rn(xa, a_scale[:, None])
-            a = round_to_fp8_grid(v, FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER).to(w_ptr.dtype.element_ty)  # see fp8_quant
-            acc += tl.dot(a, b) * a_scale[:, None] * w_scale[None, :]
-        else:
-            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
-            a_scale = tl.load(a_scale_rows + kb * stride_ask, mask=mask_m, other=0.0).to(tl.float32)  # [BM]
-            acc += tl.dot(a, b) * a_scale[:, None] * w_scale[None, :]
+        acc += _block_step(a_ptrs, a_scale_rows, b, w_scale, mask_m, offs_k, k_left, kb, stride_ask,
+                           w_ptr.dtype.element_ty, K, IS_A16, QUANT_A, FP8_MAX, MIN_NORMAL, SUBNORMAL_ROUNDER, GATED_A)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if PDL:  # the main loop is done: let the next kernel's blocks be scheduled (triggering at the top
@@ -232,20 +271,23 @@ def _quant_a_constexprs(quant_a: bool, fp8_format: str) -> dict:
 def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *rest: torch.Tensor,
                weight_scheme: str, act_scheme: str, fp8_format: str, block_size: list | None = None,
                has_bias: bool = False, group: int = 0, out_dtype: str | None = None,
-               config: dict, launcher: Launcher) -> torch.Tensor:
+               config: dict, launcher: Launcher, gated_act: str = "") -> torch.Tensor:
     """y [M, N] = Q(x [M, K]) @ (weight [N, K] fp8 * weight_scale).T (+ bias [N]), in x's dtype.
 
     rest = (input_scale [1] if act_scheme == "static", x_scale [M, G] if "prequantized", bias [N] if
     has_bias), as the IR reference. Prequantized: x is fp8, G = 1 (group 0) or cdiv(K, group), and
-    the output is `out_dtype`."""
+    the output is `out_dtype`. `gated_act` (an activation; `gated_act_linear_fp8` only, act_scheme
+    "dynamic_group", the config's BLOCK_K the group): x is gate_up [M, 2K] and the GEMM quantizes
+    act(gate) * up itself, QUANT_A's way."""
     rest = list(rest)
     is_prequantized = act_scheme == "prequantized"
     input_scale = rest.pop(0) if act_scheme == "static" else None
     x_scale = rest.pop(0) if is_prequantized else None
     bias = rest.pop(0) if has_bias else None
     assert not rest, f"linear_fp8: {len(rest)} unexpected extra inputs"
-    M, K = x.shape
+    M, K = x.shape[0], weight.shape[1]
     N = weight.shape[0]
+    assert x.shape[1] == (2 * K if gated_act else K), f"linear_fp8: x must be [M, {K}] (gate_up: [M, {2 * K}])"
     assert weight.shape == (N, K), f"linear_fp8: weight must be [N, {K}]; got {tuple(weight.shape)}"
     assert weight.dtype == FORMATS[fp8_format], \
         f"linear_fp8: an {fp8_format} weight must be {FORMATS[fp8_format]} (view uint8 bits); got {weight.dtype}"
@@ -260,7 +302,7 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     c = config["constexprs"]
     # QUANT_A (a measured choice at decode sizes, see the module docstring): the block GEMM quantizes
     # x's groups itself, the bits _quant_fp8_kernel would write, and there is no quant launch.
-    quant_a = act_scheme == "dynamic_group" and bool(c.get("QUANT_A", False))
+    quant_a = act_scheme == "dynamic_group" and (bool(c.get("QUANT_A", False)) or bool(gated_act))
     if not is_prequantized:
         group = block_size[1] if act_scheme == "dynamic_group" else 0
     is_block = weight_scheme == "block" or group > 0
@@ -305,7 +347,8 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                         (a, a_scale, weight, weight_scale, bias_arg, target, out, counters, M, N, K, a.stride(0),
                          weight.stride(0), stride_target, stride_asm, stride_ask, stride_wsn, stride_wsk, k_per_split),
                         constexprs=dict(flags, SCALE_BLOCK_N=scale_bn, SCALE_BLOCK_K=scale_bk,
-                                        **_quant_a_constexprs(quant_a, fp8_format)), **launch)
+                                        **_quant_a_constexprs(quant_a, fp8_format),
+                                        **({"GATED_A": gated_act} if gated_act else {})), **launch)
         has_a_scale = has_w_scale = False
     else:
         assert weight_scheme in ("channel", "tensor"), f"unknown FP8 weight scheme {weight_scheme!r}"
@@ -327,6 +370,31 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     return out
 
 
+def gated_act_linear_fp8(gate_up: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *rest: torch.Tensor,
+                         act: str, weight_scheme: str, fp8_format: str, group: int, block_size: list | None = None,
+                         has_bias: bool = False, out_dtype: str | None = None, config: dict,
+                         launcher: Launcher) -> torch.Tensor:
+    """IR op `gated_act_linear_fp8`: y [M, N] = linear_fp8(gated_act_quant(gate_up [M, 2I])) with weight [N, I].
+
+    At decode sizes (M <= DECODE_MAX_M) with BLOCK_K == group, one launch: the block GEMM computes and
+    quantizes act(gate) * up per K step (`_block_step`, GATED_A), the bits of the unfused pair, with no
+    gated_act_quant launch and no fp8 round trip. Otherwise the pair runs as two launches: every N tile
+    recomputing the activation costs more than it saves once a step holds many tokens."""
+    from rdnac.kernels import activation_quant
+    from rdnac.kernels.gemm import DECODE_MAX_M
+
+    assert act in ACTIVATIONS and group > 0, (act, group)
+    linear = dict(weight_scheme=weight_scheme, fp8_format=fp8_format, block_size=block_size, has_bias=has_bias,
+                  out_dtype=out_dtype or str(gate_up.dtype).removeprefix("torch."), config=config, launcher=launcher)
+    if gate_up.shape[0] <= DECODE_MAX_M and config["constexprs"]["BLOCK_K"] == group:
+        return linear_fp8(gate_up, weight, weight_scale, *rest, act_scheme="dynamic_group", gated_act=act,
+                          **{**linear, "block_size": block_size or [1, group]})
+    problem = {"I": weight.shape[1], "group": group, "M": gate_up.shape[0]}
+    q, scale = activation_quant.gated_act_quant(gate_up, act=act, fp8_format=fp8_format, group=group,
+                                                config=activation_quant.default_config(problem), launcher=launcher)
+    return linear_fp8(q, weight, weight_scale, scale, *rest, act_scheme="prequantized", group=group, **linear)
+
+
 # Below the kernels: an import above them would move their line numbers, which Triton's source hash
 # and the binaries' line info include.
 from rdnac.kernels.registry import KernelFamily, OpKernel, dtype_name  # noqa: E402
@@ -340,6 +408,12 @@ def _problem(a: dict, ins: list, phase: str, runtime: dict) -> dict:
             "block_size": a.get("block_size"), "group": a.get("group", 0)}
 
 
+def _gated_problem(a: dict, ins: list, phase: str, runtime: dict) -> dict:
+    """The problem of the GEMM it runs: the prequantized down projection's (measured as dynamic_group)."""
+    return _problem({**a, "act_scheme": "prequantized"}, ins, phase, runtime)
+
+
 FAMILY = KernelFamily("gemm_fp8", config_space=config_space, default_config=default_config,
                       tuning_key=("N", "K", "dtype", "weight_scheme", "act_scheme", "fp8_format", "block_size"),
-                      ops={"linear_fp8": OpKernel(linear_fp8, _problem)})
+                      ops={"linear_fp8": OpKernel(linear_fp8, _problem),
+                           "gated_act_linear_fp8": OpKernel(gated_act_linear_fp8, _gated_problem)})

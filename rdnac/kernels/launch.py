@@ -227,10 +227,11 @@ _DIVISIBLE_POSITIONS: dict[int, tuple[tuple[int, str], ...]] = {}  # id(kernel) 
 
 
 def with_pdl(kernel: triton.JITFunction, constexprs: dict[str, Any], pdl: bool,
-             early_meta: bool = False) -> dict[str, Any]:
+             early_meta: bool = False, early_weights: bool = False) -> dict[str, Any]:
     """`constexprs` plus PDL=True when `pdl` is on and the kernel takes a `PDL` constexpr, and
     EARLY_META=True when `early_meta` is also on and the kernel takes that constexpr (it then reads
-    step inputs no kernel writes before `griddepcontrol.wait`: see `attention.py`).
+    step inputs no kernel writes before `griddepcontrol.wait`: see `attention.py`), EARLY_WEIGHTS=True
+    likewise with `early_weights` (a GEMM loads its first weight tile before the wait: see `gemm_fp8.py`).
 
     Programmatic dependent launch (NVIDIA sm90+): a kernel built with PDL=True
     starts with `griddepcontrol.launch_dependents; griddepcontrol.wait`, so the
@@ -243,13 +244,14 @@ def with_pdl(kernel: triton.JITFunction, constexprs: dict[str, Any], pdl: bool,
     has = _HAS_PDL.get(id(kernel))
     if has is None:
         names = {p.name for p in kernel.params if p.is_constexpr}
-        has = _HAS_PDL[id(kernel)] = ("PDL" in names, "EARLY_META" in names)
+        has = _HAS_PDL[id(kernel)] = ("PDL" in names, "EARLY_META" in names, "EARLY_WEIGHTS" in names)
     if not has[0]:
         return constexprs
-    return {**constexprs, "PDL": True, **({"EARLY_META": True} if early_meta and has[1] else {})}
+    return {**constexprs, "PDL": True, **({"EARLY_META": True} if early_meta and has[1] else {}),
+            **({"EARLY_WEIGHTS": True} if early_weights and has[2] else {})}
 
 
-_HAS_PDL: dict[int, tuple[bool, bool]] = {}  # id(kernel) -> whether it takes PDL, EARLY_META constexprs
+_HAS_PDL: dict[int, tuple[bool, bool, bool]] = {}  # id(kernel) -> whether it takes PDL, EARLY_META, EARLY_WEIGHTS
 
 
 def full_constexprs(kernel: triton.JITFunction, constexprs: dict[str, Any]) -> dict[str, Any]:

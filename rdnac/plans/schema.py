@@ -316,7 +316,7 @@ def _check_runtime(c: _Checker, rt, model: dict) -> None:
     for key in ("max_num_seqs", "max_num_batched_tokens"):
         c.int(rt.get(key), f"body.runtime.{key}", low=1, optional=True)
     c.str(rt.get("device", "cpu"), "body.runtime.device", choices=("cpu", "cuda"))
-    for key in ("pdl", "early_meta"):
+    for key in ("pdl", "early_meta", "early_weights"):
         c.bool(rt.get(key, False), f"body.runtime.{key}")
 
 

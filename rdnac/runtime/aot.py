@@ -95,14 +95,16 @@ class AotLauncher:
     """Run kernels from a plan's binaries (dicts as stored in the plan) on one GPU."""
 
     def __init__(self, binaries: list[dict[str, Any]], device: Any = "cuda", *, allow_rebuild: bool = True,
-                 pdl: bool = False, launch_pdl: bool = True, early_meta: bool = False) -> None:
+                 pdl: bool = False, launch_pdl: bool = True, early_meta: bool = False,
+                 early_weights: bool = False) -> None:
         """`pdl`: the plan was recorded with programmatic dependent launch (its runtime["pdl"]): launches
         look up their PDL=True binaries. `launch_pdl=False` launches those binaries without the launch
         attribute (their griddepcontrol instructions are then no-ops): for measuring what PDL gains.
-        `early_meta`: the plan's runtime["early_meta"] (binaries with EARLY_META=True, see with_pdl)."""
+        `early_meta`, `early_weights`: the plan's runtime flags of those names (binaries with EARLY_META=True,
+        EARLY_WEIGHTS=True: see with_pdl)."""
         import torch
 
-        self.pdl, self.launch_pdl, self.early_meta = pdl, launch_pdl, early_meta
+        self.pdl, self.launch_pdl, self.early_meta, self.early_weights = pdl, launch_pdl, early_meta, early_weights
         self.device = torch.device(device)
         if self.device.index is None:
             self.device = torch.device(self.device.type, torch.cuda.current_device())
@@ -154,14 +156,15 @@ class AotLauncher:
     @classmethod
     def for_plan(cls, body: dict[str, Any], device: Any = "cuda", **kwargs: Any) -> "AotLauncher":
         """The launcher of a plan's binaries, with the launch flags they were recorded with (its runtime's
-        `pdl` and `early_meta`): every caller that runs a plan goes through here, so none asks for binaries
-        it lacks."""
+        `pdl`, `early_meta` and `early_weights`): every caller that runs a plan goes through here, so none asks
+        for binaries it lacks."""
         runtime = body["runtime"]
         return cls(body["kernels"], device, pdl=runtime.get("pdl", False),
-                   early_meta=runtime.get("early_meta", False), **kwargs)
+                   early_meta=runtime.get("early_meta", False), early_weights=runtime.get("early_weights", False),
+                   **kwargs)
 
     def launch(self, kernel, grid, args, *, constexprs, num_warps=4, num_stages=2):
-        constexprs = with_pdl(kernel, constexprs, self.pdl, self.early_meta)
+        constexprs = with_pdl(kernel, constexprs, self.pdl, self.early_meta, self.early_weights)
         divisible = divisible_args(kernel, args)
         memo_key = (id(kernel), tuple(map(_arg_class, args)), tuple(sorted(constexprs.items())),
                     num_warps, num_stages, divisible)

@@ -114,6 +114,12 @@ CASES = [
 ]
 
 
+# Code paths a plan's binaries may take, reported per build so a check can name the ones it covered: PDL and
+# the loads before its wait (EARLY_META, EARLY_WEIGHTS: sm90 only), the FP8 down projection computing its
+# activation (GATED_A, fuse_act_linear: GPU fp8-block plans at decode sizes).
+PATHS = ("PDL", "EARLY_META", "EARLY_WEIGHTS", "GATED_A")
+
+
 def build(case: Case, out: Path) -> list[dict]:
     """Write the case's checkpoint, compile it for every target, delete both; one record per target."""
     import rdnac
@@ -130,7 +136,8 @@ def build(case: Case, out: Path) -> list[dict]:
             plan = rdnac.compile(ckpt, target=target, output=out / f"{case.name}.{target}.msgpack", quiet=True)
             kernels = read_plan(plan).body["kernels"]
             record.update(built=True, kernels=len(kernels),
-                          kernel_tritons=sorted({k["triton_version"] for k in kernels}))
+                          kernel_tritons=sorted({k["triton_version"] for k in kernels}),
+                          paths=sorted({p for k in kernels for p in PATHS if k["call"]["constexprs"].get(p)}))
         except BuildError as e:
             record.update(built=False, error=str(e), failed_kernels=e.kernels)
         except Exception:  # noqa: BLE001 -- any other failure of the compile is reported the same way

@@ -115,7 +115,8 @@ def _record_step(graph, program, phase, num_tokens, runtime) -> dict[str, list]:
 
     class PerNode:
         def launch(self, kernel, grid, args, *, constexprs, num_warps=4, num_stages=2):
-            constexprs = with_pdl(kernel, constexprs, runtime.get("pdl", False), runtime.get("early_meta", False))
+            constexprs = with_pdl(kernel, constexprs, runtime.get("pdl", False), runtime.get("early_meta", False),
+                                  runtime.get("early_weights", False))
             call = record_call(kernel, tuple(args), constexprs, num_warps, num_stages)
             calls.setdefault(current["node"], []).append(call)
 

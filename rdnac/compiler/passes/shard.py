@@ -60,7 +60,7 @@ from rdnac.ir.state import StateSpec
 NAME = "shard"
 VOCAB_START, EXPERT_START = "tp.vocab_start", "tp.expert_start"  # per-rank int64 [1] weights
 _NOT_YET = {"linear_fp8": "FP8 linears", "rms_norm_quant": "FP8 linears", "gated_act_quant": "FP8 linears",
-            "attention_quant": "FP8 linears"}
+            "gated_act_linear_fp8": "FP8 linears", "attention_quant": "FP8 linears"}
 
 
 def run(state: CompileState) -> None:
