@@ -1,0 +1,312 @@
+"""INT8 W8A8: the quantization rule, the kernels against the IR references, the per-layer rule of
+`--quantize int8`, compressed-tensors int8 checkpoints, and whole plans against transformers.
+
+- Kernels (Triton interpreter): the per-token int8 quantization of `fp8_quant`, `rms_norm_quant` and
+  `gated_act_quant` gives `rdnac.ir.fp8.quantize_rows(.., "int8")`'s bits (ties to even, clamping, a zero
+  row); `linear_int8` (int32 accumulation, scales in the epilogue, split-K, bias, prequantized x) matches
+  `ops.linear_int8` at odd sizes.
+- Every target cross-compiles the int8 GEMMs within its LDS, without spills, with its native int8 matrix
+  instruction.
+- Tiny Llama / Qwen3 (dense) and Qwen3.5 (hybrid GDN) at odd sizes, `--quantize int8` and compressed-tensors
+  checkpoints: the plan against transformers on the same dequantized weights, teacher-forced top-1
+  agreement >= 95% and min logit cosine >= 0.999 (cpu plans; sm90 plans under the Triton interpreter).
+- Bad compressed-tensors int configs get one line naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import rdnac
+import rdnac.cli.main
+from rdnac.errors import RdnacError, UnsupportedModelError
+from rdnac.compiler.build import check_resources, compile_calls
+from rdnac.compiler.passes.quantize import SKIP, quantize_weight
+from rdnac.compiler.record import RecordingLauncher
+
+from rdnac.ir import ops
+from rdnac.ir.fp8 import quantize_rows
+from rdnac.kernels import activation_quant, fp8_quant, gemm_int8, rms_norm_quant
+from rdnac.testing.int8 import write_int8_checkpoint
+from tests.support.checkpoints import make_checkpoint
+from tests.test_kernels_small import CPU
+
+TARGETS = ("gfx1201", "gfx1151", "gfx942", "gfx950", "sm90")
+# per target: the int8 matrix instruction its GEMMs must use (decode tiles use mma.sync on sm90, wgmma above)
+NATIVE_INT8 = {"gfx1201": r"v_wmma_i32_16x16x16_iu8", "gfx1151": r"v_wmma_i32_16x16x16_iu8",
+               "gfx942": r"v_mfma_i32_\w+_i8", "gfx950": r"v_mfma_i32_\w+_i8", "sm90": r"\.s32\.s8\.s8"}
+AGREEMENT, MIN_COSINE = 0.95, 0.999
+
+
+# ------------------------------------------------------------ the rule and the kernels
+
+
+def test_quantize_rows_int8_rounds_to_nearest_even_and_clamps():
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -127.0, 63.5], [0.0] * 8])  # scale 1 on row 0
+    q, s = quantize_rows(x, "int8")
+    assert q.dtype == torch.int8 and s.shape == (2, 1) and s.dtype == torch.float32
+    assert q[0].tolist() == [127, 0, 2, 2, 0, -2, -127, 64] and s[0].item() == 1.0
+    assert q[1].tolist() == [0] * 8 and s[1].item() == 1.0  # a zero row: scale 1, not 0/0
+
+
+def _rows(num_tokens: int, width: int, dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(num_tokens, width, generator=g) * 3).to(dtype)
+    x[2] = 0
+    x[3, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # amax 127: scale 1, so these sit on the ties
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_quant_kernels_write_the_reference_bits(dtype):
+    x = _rows(5, 300, dtype, 0)
+    q, s = fp8_quant.quantize_activations(x, None, "int8", 0, launcher=CPU)
+    rq, rs = quantize_rows(x, "int8")
+    assert q.dtype == torch.int8 and torch.equal(q, rq) and torch.equal(s, rs)
+
+    residual = _rows(5, 300, dtype, 1)
+    weight = torch.randn(300, generator=torch.Generator().manual_seed(2)).to(dtype)
+    for block_h in (128, 512):  # looping over the row, and one tile
+        cfg = {"constexprs": {"BLOCK_H": block_h}, "num_warps": 2, "num_stages": 1}
+        fused = rms_norm_quant.rms_norm_quant(x, residual, weight, eps=1e-6, fp8_format="int8", group=0, config=cfg,
+                                              launcher=CPU)
+        ref = ops.rms_norm_quant(x, residual, weight, eps=1e-6, fp8_format="int8", group=0)
+        assert [t.dtype for t in fused] == [t.dtype for t in ref] == [torch.int8, torch.float32, dtype]
+        y = ops.rms_norm(x, residual, weight, eps=1e-6)[0]
+        # the kernel's y may differ from torch's by the interpreter's bf16 rounding: compare through dequantization
+        assert (fused[0].float() * fused[1] - y.float()).abs().max() <= fused[1].max() * 0.5 + 1e-6
+        assert torch.equal(fused[0], ref[0]) or dtype == torch.bfloat16
+
+    gate_up = _rows(5, 2 * 150, dtype, 3)
+    cfg = {"constexprs": {"BLOCK_I": 128}, "num_warps": 1, "num_stages": 1}
+    q, s = activation_quant.gated_act_quant(gate_up, act="silu", fp8_format="int8", group=0, config=cfg, launcher=CPU)
+    rq, rs = ops.gated_act_quant(gate_up, act="silu", fp8_format="int8", group=0)
+    assert q.dtype == torch.int8 and q.shape == rq.shape == (5, 150)
+    if dtype == torch.float32:
+        assert torch.equal(q, rq) and torch.equal(s, rs)
+    else:  # one bf16 rounding of the activation may move a value across a rounding boundary
+        assert (q.int() - rq.int()).abs().max() <= 1 and torch.allclose(s, rs, rtol=1e-2)
+
+
+def _int8_operands(M, N, K, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    if M > 3:
+        x[2] = 0
+    w = torch.randn(N, K, generator=g)
+    bits, scale = quantize_weight(w, "channel", fmt="int8")
+    return x, bits, scale / K ** 0.5, torch.randn(N, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", [(1, 200, 328), (7, 96, 1000), (33, 130, 72)])
+def test_linear_int8_matches_reference(M, N, K, dtype):
+    x, bits, scale, bias = _int8_operands(M, N, K, dtype, seed=M)
+    ref = ops.linear_int8(x, bits, scale, bias, weight_scheme="channel", act_scheme="dynamic_token", has_bias=True)
+    problem = gemm_int8._problem({"weight_scheme": "channel", "act_scheme": "dynamic_token", "has_bias": True},
+                                 [x, bits], "prefill", {})
+    default = gemm_int8.default_config(problem)
+    configs = [default, {**default, "constexprs": {**default["constexprs"], "BLOCK_K": 32, "SPLIT_K": 2}},
+               {**default, "constexprs": {**default["constexprs"], "BLOCK_K": 32, "SPLIT_K": 3, "SELF_REDUCE": True}}]
+    atol, rtol = (2e-5, 2e-5) if dtype == torch.float32 else (2e-3, 1.6e-2)
+    for config in configs:
+        out = gemm_int8.linear_int8(x, bits, scale, bias, weight_scheme="channel", act_scheme="dynamic_token",
+                                    has_bias=True, config=config, launcher=CPU)
+        assert out.shape == ref.shape == (M, N) and out.dtype == ref.dtype == dtype
+        err = (out.float() - ref.float()).abs().max().item()
+        assert torch.allclose(out.float(), ref.float(), atol=atol, rtol=rtol), f"{config}: max abs error {err:.3g}"
+    # prequantized (from a fused norm) and per-tensor weights
+    xq, xs = quantize_rows(x, "int8")
+    tensor_scale = scale[:1].clone()
+    out = gemm_int8.linear_int8(xq, bits, tensor_scale, xs, weight_scheme="tensor", act_scheme="prequantized",
+                                out_dtype=str(dtype).removeprefix("torch."), config=default, launcher=CPU)
+    ref = ops.linear_int8(xq, bits, tensor_scale, xs, weight_scheme="tensor", act_scheme="prequantized",
+                          out_dtype=str(dtype).removeprefix("torch."))
+    assert torch.allclose(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_int8_gemms_cross_compile_with_native_int8_instructions(target):
+    """Decode, middle and prefill tiles (with decode's split-K reduce) of the default configs: within LDS,
+    no spills, and the GEMM's dot on the target's integer matrix instruction."""
+    recorder = RecordingLauncher()
+    N, K = 1536, 4096
+    for M in (1, 64, 2048):
+        x = torch.empty(M, K, dtype=torch.bfloat16, device="meta")
+        weight = torch.empty(N, K, dtype=torch.int8, device="meta")
+        scale, bias = torch.empty(N, device="meta"), torch.empty(N, dtype=torch.bfloat16, device="meta")
+        problem = gemm_int8._problem({"weight_scheme": "channel", "act_scheme": "dynamic_token", "has_bias": True},
+                                     [x, weight], "prefill", {})
+        gemm_int8.linear_int8(x, weight, scale, bias, weight_scheme="channel", act_scheme="dynamic_token",
+                              has_bias=True, config=gemm_int8.default_config(problem), launcher=recorder)
+    binaries = compile_calls(recorder.calls, target, quiet=True)
+    gemms = [b for b in binaries if b.kernel.endswith("_int8_gemm_kernel")]
+    assert len(gemms) == 3
+    for b in binaries:
+        assert check_resources(b, target) == [], b.key
+    for b in gemms:
+        assert any(re.search(NATIVE_INT8[target], i) for i in b.resources.matrix_instructions), \
+            f"{target} {b.key}: int8 dot lowered to {b.resources.matrix_instructions}"
+
+
+# ------------------------------------------------------------ plans against transformers
+
+# odd sizes: hidden 72, 6 heads of 16 over 2 KV heads, intermediate 136
+DENSE = dict(hidden_size=72, intermediate_size=136, num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+             vocab_size=300)
+PROMPT = torch.randint(1, 256, (64,), generator=torch.Generator().manual_seed(3)).tolist()
+
+
+def _dequantized_like_quantize(model, rule: dict) -> dict[str, torch.Tensor]:
+    """transformers' state dict with every decoder linear `--quantize int8` quantizes replaced by its
+    dequantized int8 form (the same quantize_weight; lm_head, embeddings and the rule's linears as they are)."""
+    state = {}
+    for name, t in model.state_dict().items():
+        is_linear = re.fullmatch(r"model\.layers\.\d+\.(self_attn|mlp|linear_attn)\.\w+_proj\w*\.weight", name)
+        if is_linear and not any(re.search(p, name) for p in rule):
+            bits, scale = quantize_weight(t, "channel", fmt="int8")
+            t = bits.float() * scale[:, None]
+        state[name] = t
+    return state
+
+
+def _compare(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    assert ours.shape == ref.shape and ours.dtype == torch.float32
+    agreement = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    cosine = torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min().item()
+    print(f"\n{what}: top-1 agreement {agreement:.1%}, min cosine {cosine:.5f}")
+    assert agreement >= AGREEMENT, f"{what}: top-1 agreement {agreement:.1%}"
+    assert cosine >= MIN_COSINE, f"{what}: min logit cosine {cosine:.5f}"
+
+
+def _model(model_type: str, directory, **extra):
+    from tests.test_qwen3_5 import CONFIG
+
+    config = CONFIG if model_type == "qwen3_5_text" else {**DENSE, **extra}
+    return make_checkpoint(model_type, directory, **config)
+
+
+def _reference(model, state) -> torch.Tensor:
+    model = type(model)(model.config).eval()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model(torch.tensor([PROMPT])).logits[0].float()
+
+
+@pytest.fixture(scope="module")
+def qwen3_5(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("int8_q35")
+    return directory, _model("qwen3_5_text", directory / "ckpt")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_5_text"])
+def test_quantize_int8_cpu_plan_matches_transformers(model_type, qwen3_5, tmp_path):
+    if model_type == "qwen3_5_text":
+        directory, model = qwen3_5
+    else:
+        directory, model = tmp_path, _model(model_type, tmp_path / "ckpt")
+    plan = rdnac.compile(directory / "ckpt", target="cpu", output=tmp_path / "p.msgpack", quiet=True, quantize="int8")
+    llm = rdnac.load(plan)
+    ops_ = llm.graph.op_counts()
+    assert ops_.get("linear_int8") and ops_.get("rms_norm_quant") and ops_.get("gated_act_quant")
+    _compare(llm.logits(PROMPT), _reference(model, _dequantized_like_quantize(model, SKIP["int8"])),
+             f"{model_type} --quantize int8")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3_5_text"])
+def test_compressed_tensors_int8_checkpoint_matches_transformers(model_type, qwen3_5, tmp_path):
+    if model_type == "qwen3_5_text":
+        directory, model = qwen3_5
+    else:
+        directory, model = tmp_path, _model(model_type, tmp_path / "ckpt")
+    deq = write_int8_checkpoint(directory / "ckpt", tmp_path / "int8", seed=1)
+    config = json.loads((tmp_path / "int8" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "int-quantized"
+    plan = rdnac.compile(tmp_path / "int8", target="cpu", output=tmp_path / "p.msgpack", quiet=True)
+    llm = rdnac.load(plan)
+    int8 = {k for k, s in llm.graph.weights.items() if s.dtype == "int8"}
+    assert any("down_proj" in k for k in int8) and any("o_proj" in k for k in int8)
+    assert not any("in_proj" in k for k in int8)  # ignored by the checkpoint's recipe
+    if model_type == "qwen3_5_text":
+        assert any("out_proj" in k for k in int8)
+    _compare(llm.logits(PROMPT), _reference(model, deq), f"{model_type} compressed-tensors int8")
+
+
+def test_the_per_layer_rule_is_logged_shown_and_overridable(qwen3_5, tmp_path):
+    directory, _ = qwen3_5
+    plan = rdnac.compile(directory / "ckpt", target="cpu", output=tmp_path / "p.msgpack", quiet=True, quantize="int8")
+    graph = rdnac.load(plan).graph
+    ops_by_name = {n.name: n.op for n in graph.nodes if n.op != "split"}
+    assert ops_by_name["layers.0.out_proj"] == "linear_int8" and ops_by_name["layers.1.o_proj"] == "linear_int8"
+    assert ops_by_name["layers.1.qkv_proj"] == "linear_int8"  # q (with its gate), k, v merged
+    assert ops_by_name["layers.0.gate_up_proj"] == "linear_int8" and ops_by_name["layers.2.down_proj"] == "linear_int8"
+    in_proj = [n for n in graph.nodes if "in_proj" in n.name and n.op != "split"]
+    assert in_proj and all(n.op == "linear" for n in in_proj)
+    shown = CliRunner().invoke(rdnac.cli.main.cli, ["inspect", str(plan), "--decisions"], terminal_width=400)
+    assert shown.exit_code == 0, shown.output
+    assert "--quantize int8" in shown.output and "in_proj" in shown.output and "recurrence" in shown.output
+
+    everything = rdnac.compile(directory / "ckpt", target="cpu", output=tmp_path / "all.msgpack", quiet=True,
+                               quantize="int8", quantize_skip=("none",))
+    assert all(n.op == "linear_int8" for n in rdnac.load(everything).graph.nodes
+               if "in_proj" in n.name and n.op != "split")
+    no_mlp = rdnac.compile(directory / "ckpt", target="cpu", output=tmp_path / "nomlp.msgpack", quiet=True,
+                           quantize="int8", quantize_skip=(r"mlp\.",))
+    nodes = [n for n in rdnac.load(no_mlp).graph.nodes if n.op != "split"]
+    assert all(n.op in ("linear", "linear_gated_act") for n in nodes if "gate_up" in n.name or "down" in n.name)
+    assert all(n.op == "linear_int8" for n in nodes if "in_proj" in n.name or "out_proj" in n.name)
+    with pytest.raises(RdnacError, match="--quantize-skip requires a regular expression"):
+        rdnac.compile(directory / "ckpt", target="cpu", output=tmp_path / "x.msgpack", quantize="int8",
+                      quantize_skip=("(",))
+
+
+# ------------------------------------------------------------ sm90 plans under the Triton interpreter
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_5_text"])
+def test_sm90_int8_plan_under_the_interpreter_matches_transformers(model_type, qwen3_5, tmp_path):
+    if model_type == "qwen3_5_text":
+        directory, model = qwen3_5
+    else:
+        directory, model = tmp_path, _model(model_type, tmp_path / "ckpt")
+    plan = rdnac.compile(directory / "ckpt", target="sm90", output=tmp_path / "p.msgpack", quiet=True,
+                         quantize="int8", dtype="float32", max_num_seqs=4, max_num_batched_tokens=64)
+    llm = rdnac.load(plan, interpret=True)
+    kernels = {k["kernel"] for k in llm.plan.body["kernels"]}
+    assert any(k.endswith("_int8_gemm_kernel") for k in kernels)
+    assert any(re.search(NATIVE_INT8["sm90"], " ".join(k["resources"]["matrix_instructions"]))
+               for k in llm.plan.body["kernels"] if k["kernel"].endswith("_int8_gemm_kernel"))
+    _compare(llm.logits(PROMPT).float(), _reference(model, _dequantized_like_quantize(model, SKIP["int8"])),
+             f"sm90 {model_type} --quantize int8 (interpreted)")
+
+
+# ------------------------------------------------------------ bad input
+
+BAD = {  # field -> (where in the config group, value)
+    "weights.num_bits": ("weights", "num_bits", 4),
+    "weights.strategy": ("weights", "strategy", "group"),
+    "input_activations.dynamic": ("input_activations", "dynamic", False),
+    "input_activations.symmetric": ("input_activations", "symmetric", False),
+}
+
+
+@pytest.mark.parametrize("field", list(BAD))
+def test_unsupported_int_schemes_are_refused_naming_the_field(field, tmp_path):
+    model = make_checkpoint("llama", tmp_path / "ckpt", **DENSE)
+    del model
+    write_int8_checkpoint(tmp_path / "ckpt", tmp_path / "int8")
+    config = json.loads((tmp_path / "int8" / "config.json").read_text())
+    part, key, value = BAD[field]
+    config["quantization_config"]["config_groups"]["group_0"][part][key] = value
+    (tmp_path / "int8" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError) as e:
+        rdnac.compile(tmp_path / "int8", target="cpu", output=tmp_path / "x.msgpack", quiet=True)
+    message = str(e.value)
+    assert "\n" not in message and f"config_groups.group_0.{field} requires" in message and repr(value) in message
+    shutil.rmtree(tmp_path / "int8")
