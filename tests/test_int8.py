@@ -276,7 +276,7 @@ def test_sm90_int8_plan_under_the_interpreter_matches_transformers(model_type, q
     else:
         directory, model = tmp_path, _model(model_type, tmp_path / "ckpt")
     plan = rdnac.compile(directory / "ckpt", target="sm90", output=tmp_path / "p.msgpack", quiet=True,
-                         quantize="int8", dtype="float32", max_num_seqs=4, max_num_batched_tokens=64)
+                         quantize="int8", max_num_seqs=4, max_num_batched_tokens=64)
     llm = rdnac.load(plan, interpret=True)
     kernels = {k["kernel"] for k in llm.plan.body["kernels"]}
     assert any(k.endswith("_int8_gemm_kernel") for k in kernels)
