@@ -280,8 +280,10 @@ def test_sm90_int8_plan_under_the_interpreter_matches_transformers(model_type, q
     llm = rdnac.load(plan, interpret=True)
     kernels = {k["kernel"] for k in llm.plan.body["kernels"]}
     assert any(k.endswith("_int8_gemm_kernel") for k in kernels)
-    assert any(re.search(NATIVE_INT8["sm90"], " ".join(k["resources"]["matrix_instructions"]))
-               for k in llm.plan.body["kernels"] if k["kernel"].endswith("_int8_gemm_kernel"))
+    shown = CliRunner().invoke(rdnac.cli.main.cli, ["inspect", str(plan)], terminal_width=400)
+    assert shown.exit_code == 0, shown.output
+    line = next(line for line in shown.output.splitlines() if "_int8_gemm_kernel" in line)
+    assert re.search(NATIVE_INT8["sm90"], line), line  # inspect names the int8 GEMM's matrix instruction
     _compare(llm.logits(PROMPT).float(), _reference(model, _dequantized_like_quantize(model, SKIP["int8"])),
              f"sm90 {model_type} --quantize int8 (interpreted)")
 

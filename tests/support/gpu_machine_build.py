@@ -81,10 +81,23 @@ def moe_checkpoint(shape: str) -> Callable[..., Path]:
     return write
 
 
+def int8_checkpoint(arch: str) -> Callable[..., Path]:
+    """A random checkpoint at WIDTH turned into llm-compressor's W8A8 int8 layout (rdnac.testing.int8)."""
+    def write(out: Path, scheme: str | None = None) -> Path:
+        from rdnac.testing.int8 import write_int8_checkpoint
+
+        assert scheme == "int8", scheme
+        random_checkpoint(arch)(out / "bf16", scheme=None)
+        write_int8_checkpoint(out / "bf16", out / "int8")
+        shutil.rmtree(out / "bf16")
+        return out / "int8"
+    return write
+
+
 @dataclass(frozen=True)
 class Case:
     family: str
-    scheme: str  # "bf16", "fp8-block", "fp8-tensor" or "mxfp4"
+    scheme: str  # "bf16", "fp8-block", "fp8-tensor", "mxfp4" or "int8"
     write: Callable[..., Path]  # write(out_dir, scheme=None | "fp8-block" | "fp8-tensor") -> checkpoint dir
 
     @property
@@ -111,6 +124,9 @@ CASES = [
     # the fused MoE family (dense and MXFP4 experts), GPT-OSS's sinks and windows
     Case("qwen3_moe", "bf16", moe_checkpoint("qwen3-moe-tiny")),
     Case("gpt_oss", "mxfp4", moe_checkpoint("gpt-oss-tiny")),
+    # INT8 W8A8 (compressed-tensors): the int8 GEMMs (split-K and self-reduce at decode), the int8 norm and
+    # activation quant fusions
+    Case("qwen3", "int8", int8_checkpoint("Qwen3ForCausalLM")),
 ]
 
 
@@ -139,7 +155,7 @@ def build(case: Case, out: Path) -> list[dict]:
         records.append(record)
         for path in out.glob(f"{case.name}.{target}.*"):
             path.unlink()
-    shutil.rmtree(ckpt)
+    shutil.rmtree(ckpt.parent if case.scheme == "int8" else ckpt)  # int8: the converted copy's directory too
     return records
 
 
