@@ -235,6 +235,9 @@ def test_compressed_tensors_int8_checkpoint_matches_transformers(model_type, qwe
     assert not any("in_proj" in k for k in int8)  # ignored by the checkpoint's recipe
     if model_type == "qwen3_5_text":
         assert any("out_proj" in k for k in int8)
+    # every other linear is int8: Qwen3.5's gated q_proj too (its int8 rows and scales reordered, not dequantized)
+    float_linears = [n.name for n in llm.graph.nodes if n.op in ("linear", "linear_gated_act")]
+    assert all("in_proj" in name for name in float_linears), float_linears
     _compare(llm.logits(PROMPT), _reference(model, deq), f"{model_type} compressed-tensors int8")
 
 

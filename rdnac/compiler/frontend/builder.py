@@ -197,17 +197,29 @@ class GraphBuilder:
 
     # ------------------------------------------------------------ linears, float or FP8
 
+    def quantized_scheme(self, prefix: str) -> LinearScheme | None:
+        """The 8-bit scheme the checkpoint stores module `prefix`'s weight in, or None (float)."""
+        return self._scheme(prefix)
+
     def linear(self, x: str, prefix: str, out_features: int, in_features: int, has_bias: bool, name: str,
-               allow_fp8: bool = True) -> str:
-        """y = x @ W.T (+ b) for checkpoint module `prefix`: `linear`, or `linear_fp8` when the
+               allow_fp8: bool = True, reorder_rows: Callable | None = None) -> str:
+        """y = x @ W.T (+ b) for checkpoint module `prefix`: `linear`, or `linear_fp8` / `linear_int8` when the
         quantization_config covers the module and `allow_fp8` (an MoE router is float: it picks experts
-        discretely, and checkpoints keep it in bf16 whatever their quantization_config says)."""
+        discretely, and checkpoints keep it in bf16 whatever their quantization_config says).
+        `reorder_rows([t])`: a permutation of the output rows applied once to a quantized weight, its
+        per-channel scale and the bias (a row permutation commutes with per-channel and per-tensor scales)."""
         scheme = self._scheme(prefix) if allow_fp8 else None
         if scheme is None:
+            assert reorder_rows is None, "reorder_rows is for quantized weights; a float one is a derived_weight"
             ins = [x, self.weight(f"{prefix}.weight", (out_features, in_features))]
         else:
+            assert reorder_rows is None or scheme.weight_scheme in ("channel", "tensor"), scheme.tag
             ins = [x, self._fp8_weight(f"{prefix}.weight", (out_features, in_features), scheme),
                    self._weight_scale(prefix, scheme, out_features, in_features)]
+            if reorder_rows is not None:
+                self.weights[ins[1]] = reorder_rows([self.weights[ins[1]]]).contiguous()
+                if scheme.weight_scheme == "channel":
+                    self.weights[ins[2]] = reorder_rows([self.weights[ins[2]][:, None]]).contiguous()
             act = scheme.act_scheme
             if scheme.act_note:
                 self.decide(name, f"activations {act}", scheme.act_note)
@@ -227,6 +239,8 @@ class GraphBuilder:
                                 "is not used")
         if has_bias:
             ins.append(self.weight(f"{prefix}.bias", (out_features,)))
+            if reorder_rows is not None:
+                self.weights[ins[-1]] = reorder_rows([self.weights[ins[-1]][:, None]]).contiguous()
         if scheme is None:
             return self.node("linear", ins, name)[0]
         if scheme.fmt == "int8":
