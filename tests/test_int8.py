@@ -291,6 +291,42 @@ def test_sm90_int8_plan_under_the_interpreter_matches_transformers(model_type, q
              f"sm90 {model_type} --quantize int8 (interpreted)")
 
 
+@pytest.fixture(scope="module")
+def sm90_int8_plans(qwen3_5, tmp_path_factory):
+    """{model type: (sm90 --quantize int8 plan, transformers model)}, compiled before any GPU test runs."""
+    out = tmp_path_factory.mktemp("int8_sm90")
+    dense = _model("qwen3", out / "qwen3")
+    plans = {}
+    for model_type, ckpt, model in (("qwen3", out / "qwen3", dense), ("qwen3_5_text", qwen3_5[0] / "ckpt", qwen3_5[1])):
+        plans[model_type] = (rdnac.compile(ckpt, target="sm90", output=out / f"{model_type}.msgpack", quiet=True,
+                                           quantize="int8", max_num_batched_tokens=64), model)
+    return plans
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["qwen3", "qwen3_5_text"])
+def test_sm90_int8_plan_on_cuda_matches_transformers(model_type, sm90_int8_plans, no_compiler):
+    """The sm90 int8 plan's binaries on the GPU (decode steps from captured graphs) against transformers on the
+    dequantized weights: teacher-forced top-1 and logit cosine over a prefill, then batched greedy decode."""
+    from rdnac import SamplingParams
+
+    plan, model = sm90_int8_plans[model_type]
+    llm = rdnac.load(plan, device="cuda")
+    assert llm.runner.graphs is not None
+    _compare(llm.logits(PROMPT).float().cpu(), _reference(model, _dequantized_like_quantize(model, SKIP["int8"])),
+             f"cuda sm90 {model_type} --quantize int8")
+    # decode: greedy tokens of three prompts batched, each teacher-forced through transformers (conditioned on
+    # our own tokens, so one near-tie does not cascade): at most one of 16 differs from its argmax
+    reference = type(model)(model.config).eval()
+    reference.load_state_dict(_dequantized_like_quantize(model, SKIP["int8"]))
+    prompts = [PROMPT[:40], PROMPT[3:20], PROMPT]
+    for prompt, out in zip(prompts, llm.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))):
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1:-1]
+        misses = int((logits.argmax(-1) != torch.tensor(out.token_ids)).sum())
+        assert misses <= 1, f"{misses} of 16 greedy tokens are not transformers' argmax"
+
+
 # ------------------------------------------------------------ bad input
 
 BAD = {  # field -> (where in the config group, value)

@@ -59,7 +59,8 @@ def _int8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
         k_left = k_end - k0  # masks the K tail of the last step
         a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0)
         b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & mask_n[None, :], other=0)
-        acc = tl.dot(a, b, acc)  # [BM, BN] int32: exact (|sum| <= 127 * 127 * K)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # [BM, BN] int32: exact (|sum| <= 127 * 127 * K); Triton
+        # 3.6 requires out_dtype to name the int32 accumulator (3.9 infers it from acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     if PDL:  # the main loop is done: let the next kernel's blocks be scheduled
