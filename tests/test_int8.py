@@ -255,8 +255,10 @@ def test_the_per_layer_rule_is_logged_shown_and_overridable(qwen3_5, tmp_path):
     assert shown.exit_code == 0, shown.output
     assert "--quantize int8" in shown.output and "in_proj" in shown.output and "recurrence" in shown.output
 
-    everything = rdnac.compile(directory / "ckpt", target="cpu", output=tmp_path / "all.msgpack", quiet=True,
-                               quantize="int8", quantize_skip=("none",))
+    everything = tmp_path / "all.msgpack"  # through the CLI: --quantize-skip none quantizes every linear
+    done = CliRunner().invoke(rdnac.cli.main.cli, ["compile", str(directory / "ckpt"), "--target", "cpu", "-o",
+                                                   str(everything), "-q", "--quantize", "int8", "--quantize-skip", "none"])
+    assert done.exit_code == 0, done.output
     assert all(n.op == "linear_int8" for n in rdnac.load(everything).graph.nodes
                if "in_proj" in n.name and n.op != "split")
     no_mlp = rdnac.compile(directory / "ckpt", target="cpu", output=tmp_path / "nomlp.msgpack", quiet=True,
@@ -267,6 +269,22 @@ def test_the_per_layer_rule_is_logged_shown_and_overridable(qwen3_5, tmp_path):
     with pytest.raises(RdnacError, match="--quantize-skip requires a regular expression"):
         rdnac.compile(directory / "ckpt", target="cpu", output=tmp_path / "x.msgpack", quantize="int8",
                       quantize_skip=("(",))
+
+
+def test_moe_routers_and_experts_keep_the_compute_dtype(tmp_path):
+    from rdnac.testing.moe import write_random_moe_checkpoint
+
+    ckpt = write_random_moe_checkpoint(tmp_path / "moe", "qwen3-moe-tiny")
+    plan = rdnac.compile(ckpt, target="cpu", output=tmp_path / "moe.msgpack", quiet=True, quantize="int8")
+    llm = rdnac.load(plan)
+    decisions = [d for d in llm.plan.body["decisions"] if d["pass"] == "quantize"]
+    assert any(d["action"] == "routed experts kept in the compute dtype" for d in decisions)
+    assert any("an MoE router" in d["reason"] for d in decisions)
+    ops_ = llm.graph.op_counts()
+    assert ops_.get("moe_experts") and ops_.get("linear_int8")  # the experts as they were; attention int8
+    routers = [n for n in llm.graph.nodes if n.op == "moe_route"]
+    producers = {o: n for n in llm.graph.nodes for o in n.outputs}
+    assert routers and all(producers[r.inputs[0]].op == "linear" for r in routers)
 
 
 # ------------------------------------------------------------ sm90 plans under the Triton interpreter
