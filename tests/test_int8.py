@@ -257,7 +257,8 @@ def test_the_per_layer_rule_is_logged_shown_and_overridable(qwen3_5, tmp_path):
 
     everything = tmp_path / "all.msgpack"  # through the CLI: --quantize-skip none quantizes every linear
     done = CliRunner().invoke(rdnac.cli.main.cli, ["compile", str(directory / "ckpt"), "--target", "cpu", "-o",
-                                                   str(everything), "-q", "--quantize", "int8", "--quantize-skip", "none"])
+                                                   str(everything), "-q", "--quantize", "int8",
+                                                   "--quantize-skip", "none"])
     assert done.exit_code == 0, done.output
     assert all(n.op == "linear_int8" for n in rdnac.load(everything).graph.nodes
                if "in_proj" in n.name and n.op != "split")
@@ -303,8 +304,10 @@ def test_sm90_int8_plan_under_the_interpreter_matches_transformers(model_type, q
     assert any(k.endswith("_int8_gemm_kernel") for k in kernels)
     shown = CliRunner().invoke(rdnac.cli.main.cli, ["inspect", str(plan)], terminal_width=400)
     assert shown.exit_code == 0, shown.output
-    line = next(line for line in shown.output.splitlines() if "_int8_gemm_kernel" in line)
-    assert re.search(NATIVE_INT8["sm90"], line), line  # inspect names the int8 GEMM's matrix instruction
+    text = " ".join(shown.output.split())  # rich wraps long lines
+    row = text[text.index("gemm_int8:_int8_gemm_kernel:"):][:300]
+    row = row[:row.index(" ", row.index("spills; ") + len("spills; "))]  # up to its first matrix instruction
+    assert re.search(NATIVE_INT8["sm90"], row), row  # inspect names the int8 GEMM's matrix instruction
     _compare(llm.logits(PROMPT).float(), _reference(model, _dequantized_like_quantize(model, SKIP["int8"])),
              f"sm90 {model_type} --quantize int8 (interpreted)")
 

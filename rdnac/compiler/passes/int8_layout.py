@@ -27,9 +27,10 @@ def run(state: CompileState) -> None:
         return
     probe = state.capabilities.int8_dot
     if not probe.is_native:
+        got = ", ".join(probe.matrix_instructions) or probe.reason or "no matrix instruction"
         raise RdnacError(f"node {nodes[0].name!r} (linear_int8) requires a native int8 dot on {state.target.name}; "
-                         f"the probe got {', '.join(probe.matrix_instructions) or probe.reason or 'no matrix instruction'}"
-                         "; compile without --quantize int8 (or with an FP8 scheme) for this target")
+                         f"the probe got {got}; compile without --quantize int8 (or with an FP8 scheme) for this "
+                         "target")
     state.decide(NAME, names, "w8a8 int8, activations per token",
                  f"probe: tl.dot(int8) on {state.target.name} emits {', '.join(probe.matrix_instructions)} "
                  "(int32 accumulation; the scales apply in the GEMM's epilogue)")

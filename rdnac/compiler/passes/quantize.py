@@ -21,11 +21,11 @@ pass, `quantize_lm_head`.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from rdnac.compiler.passes import CompileState
-import re
-
 from rdnac.ir.fp8 import FP8_MAX, to_format
 from rdnac.ir.graph import WeightSpec
 
@@ -46,8 +46,8 @@ SKIP = {
 
 def quantize_weight(w: torch.Tensor, weight_scheme: str, block_size: tuple[int, int] | None = None,
                     fmt: str = "e4m3fn", headroom: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 (`fmt` "int8": int8) bits [N, K] and a float32 scale with W ~= bits * scale, scale = amax / FP8_MAX (times `headroom`,
-    >= 1, same shape as the scale) per tensor ([1]), output channel ([N]) or block ([ceil(N/bn), ceil(K/bk)]);
+    """FP8 (`fmt` "int8": int8) bits [N, K] and a float32 scale with W ~= bits * scale, scale = amax / FP8_MAX
+    (times `headroom`, >= 1, same shape as the scale) per tensor ([1]), output channel ([N]) or block ([ceil(N/bn), ceil(K/bk)]);
     an all-zero group gets scale 1."""
     wf = w.float()
     fp8_max = FP8_MAX[fmt]
@@ -94,8 +94,8 @@ def run(state: CompileState) -> None:
     graph, weights = state.graph, state.weights
     weight_scheme, act_scheme, block_size = SCHEMES[scheme]
     is_int8 = scheme == "int8"
-    fmt, op = ("int8", "linear_int8") if is_int8 else ("e4m3fn", "linear_fp8")
-    tag = f"fp8-block{block_size[0]}x{block_size[1]}" if block_size else f"{'int8' if is_int8 else 'fp8'}-{weight_scheme}"
+    fmt, op, label = ("int8", "linear_int8", "int8") if is_int8 else ("e4m3fn", "linear_fp8", "fp8")
+    tag = f"fp8-block{block_size[0]}x{block_size[1]}" if block_size else f"{label}-{weight_scheme}"
     rule = skip_rule(scheme, state.options.quantize_skip)
     readers: dict[str, list[str]] = {}
     op_of = {node.name: node.op for node in graph.nodes}
@@ -114,7 +114,8 @@ def run(state: CompileState) -> None:
         x, wname, *bias = node.inputs
         if any(op_of[r] == "moe_route" for r in readers.get(node.outputs[0], [])):
             state.decide(NAME, node.name, f"kept {wname} in {graph.weights[wname].dtype}",
-                         f"an MoE router: its logits pick experts discretely, so {fmt} error would flip top-k choices")
+                         f"an MoE router: its logits pick experts discretely, so {label.upper()} error would flip "
+                         "top-k choices")
             continue
         if len(readers[wname]) > 1:
             state.decide(NAME, node.name, f"kept {wname} in {graph.weights[wname].dtype}",
@@ -135,13 +136,13 @@ def run(state: CompileState) -> None:
         weights[wname], weights[sname] = bits, scale
         graph.weights[wname] = WeightSpec(str(bits.dtype).removeprefix("torch."), tuple(bits.shape), tag,
                                           source=source)
-        graph.weights[sname] = WeightSpec("float32", tuple(scale.shape), f"{fmt if is_int8 else 'fp8'}-scale",
+        graph.weights[sname] = WeightSpec("float32", tuple(scale.shape), f"{label}-scale",
                                           source=f"quantize({source})")
         node.op = op
         node.inputs = [x, wname, sname, *bias]
-        node.attrs = {"weight_scheme": weight_scheme, "act_scheme": act_scheme, "has_bias": bool(bias)}
-        if not is_int8:
-            node.attrs.update(fp8_format=fmt, block_size=list(block_size) if block_size else None)
+        node.attrs = ({"weight_scheme": weight_scheme, "act_scheme": act_scheme, "has_bias": bool(bias)} if is_int8
+                      else {"weight_scheme": weight_scheme, "act_scheme": act_scheme, "fp8_format": fmt,
+                            "block_size": list(block_size) if block_size else None, "has_bias": bool(bias)})
         state.decide(NAME, node.name, f"quantized {wname} to {tag}, activations {act_scheme}",
                      f"scale = amax/{FP8_MAX[fmt]:g} per {'block' if block_size else 'output channel'}; "
                      f"weight relative error {rel_err:.2%}")

@@ -48,7 +48,8 @@ from rdnac.ir.state import StateSpec
 
 NAME = "shard"
 VOCAB_START, EXPERT_START = "tp.vocab_start", "tp.expert_start"  # per-rank int64 [1] weights
-_NOT_YET = {"linear_fp8": "FP8 linears", "linear_int8": "INT8 linears", "rms_norm_quant": "FP8 linears", "gated_act_quant": "FP8 linears",
+_NOT_YET = {"linear_fp8": "FP8 linears", "linear_int8": "INT8 linears", "rms_norm_quant": "FP8 linears",
+            "gated_act_quant": "FP8 linears",
             "attention_quant": "FP8 linears", "moe_experts_mxfp4": "MXFP4 experts",
             "mla_cache_write": "MLA attention", "mla_attention": "MLA attention",
             "causal_conv1d": "linear attention (GDN)", "gated_delta_rule": "linear attention (GDN)",
