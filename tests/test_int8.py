@@ -32,7 +32,8 @@ from rdnac.compiler.record import RecordingLauncher
 
 from rdnac.ir import ops
 from rdnac.ir.fp8 import quantize_rows
-from rdnac.kernels import activation_quant, fp8_quant, gemm_int8, rms_norm_quant
+from rdnac.ir import linear_attention as la
+from rdnac.kernels import activation_quant, fp8_quant, gated_rms_norm_quant, gemm_int8, rms_norm_quant
 from rdnac.testing.int8 import write_int8_checkpoint
 from tests.support.checkpoints import make_checkpoint
 from tests.test_kernels_small import CPU
@@ -92,6 +93,45 @@ def test_int8_quant_kernels_write_the_reference_bits(dtype):
         assert torch.equal(q, rq) and torch.equal(s, rs)
     else:  # one bf16 rounding of the activation may move a value across a rounding boundary
         assert (q.int() - rq.int()).abs().max() <= 1 and torch.allclose(s, rs, rtol=1e-2)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "e4m3fn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_rms_norm_quant_matches_reference(fmt, dtype):
+    """The GDN gated norm with out_proj's per-token quantization: 3 heads of 10 (rows strided, as the split
+    of the merged in_proj gives them), a zero row."""
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(6, 40, generator=g) * 2).to(dtype)[:, :30]  # [T, H*D], row stride 40
+    gate = torch.randn(6, 30, generator=g).to(dtype)
+    x[2] = 0
+    weight = (1 + 0.1 * torch.randn(10, generator=g)).to(dtype)
+    attrs = dict(num_heads=3, head_dim=10, eps=1e-6, fp8_format=fmt, group=0)
+    config = gated_rms_norm_quant.default_config({"num_heads": 3, "head_dim": 10})
+    q, s = gated_rms_norm_quant.gated_rms_norm_quant(x, gate, weight, **attrs, config=config, launcher=CPU)
+    rq, rs = la.gated_rms_norm_quant(x, gate, weight, **attrs)
+    assert q.shape == rq.shape == (6, 30) and s.shape == rs.shape == (6, 1)
+    assert q.dtype == rq.dtype and s.dtype == rs.dtype == torch.float32
+    # the kernel's silu (x / (1 + exp(-x))) and torch's differ in the last fp32 bits, and bf16 rounds the gated
+    # value once: scales agree to that, and each value lands on (or next to) the reference's grid point
+    y = la.gated_rms_norm(x, gate, weight, num_heads=3, head_dim=10, eps=1e-6).float()
+    assert torch.allclose(s, rs, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
+    step = s if fmt == "int8" else 2.0 ** -3 * y.abs() + s * 2.0 ** -8  # one grid step (FP8: 3 mantissa bits)
+    err = (q.float() * s - y).abs()
+    assert (err <= step + (1e-5 if dtype == torch.float32 else 1e-2) * y.abs()).all(), f"max error {err.max():.3g}"
+    assert s[2].item() == 1.0 and not q[2].float().any()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_gated_rms_norm_quant_fits_every_target_at_the_27b_width(target):
+    """Qwen3.5-27B's GDN output, 48 value heads of 128 in one program per token: within LDS, no spills."""
+    recorder = RecordingLauncher()
+    x = torch.empty(8, 48 * 128, dtype=torch.bfloat16, device="meta")
+    weight = torch.empty(128, dtype=torch.bfloat16, device="meta")
+    problem = {"num_heads": 48, "head_dim": 128}
+    gated_rms_norm_quant.gated_rms_norm_quant(x, x, weight, num_heads=48, head_dim=128, eps=1e-6, fp8_format="int8",
+                                              config=gated_rms_norm_quant.default_config(problem), launcher=recorder)
+    for b in compile_calls(recorder.calls, target, quiet=True):
+        assert check_resources(b, target) == [], b.key
 
 
 def _int8_operands(M, N, K, dtype, seed=0):
@@ -215,6 +255,8 @@ def test_quantize_int8_cpu_plan_matches_transformers(model_type, qwen3_5, tmp_pa
     llm = rdnac.load(plan)
     ops_ = llm.graph.op_counts()
     assert ops_.get("linear_int8") and ops_.get("rms_norm_quant") and ops_.get("gated_act_quant")
+    if model_type == "qwen3_5_text":  # the GDN out_proj's activations come quantized from the gated norm
+        assert ops_.get("gated_rms_norm_quant") == 2 and "gated_rms_norm" not in ops_
     _compare(llm.logits(PROMPT), _reference(model, _dequantized_like_quantize(model, SKIP["int8"])),
              f"{model_type} --quantize int8")
 

@@ -1,5 +1,5 @@
 """Fuse the FP8 (or int8) activation quantization of `linear_fp8` (`linear_int8`) readers into the `rms_norm`
-that feeds them.
+that feeds them (and, per token, into a GDN layer's `gated_rms_norm`: `gated_rms_norm_quant`).
 
     y[, h] = rms_norm(x[, r], w); out = linear_fp8(y, W, s_w, [b])   (act_scheme dynamic_*)
         ==>   y.fp8, y.fp8_scale[, h] = rms_norm_quant(x[, r], w)
@@ -32,6 +32,10 @@ NAME = "fuse_norm_quant"
 
 def run(state: CompileState) -> None:
     fuse_into_producer(state, NAME, "rms_norm", "rms_norm_quant", "norm")
+    # a GDN layer's gated norm feeding its out_proj: per-token scales only (one program holds a token's heads)
+    fuse_into_producer(state, NAME, "gated_rms_norm", "gated_rms_norm_quant", "gated norm",
+                       refuse=lambda node, quant: "" if quant[1] == 0 else
+                       f"the gated norm's kernel writes per-token scales; got {quant_label(*quant)}")
 
 
 def fuse_into_producer(state: CompileState, pass_name: str, op: str, fused_op: str, noun: str,
