@@ -208,7 +208,8 @@ def _dequantized_like_quantize(model, rule: dict) -> dict[str, torch.Tensor]:
     dequantized int8 form (the same quantize_weight; lm_head, embeddings and the rule's linears as they are)."""
     state = {}
     for name, t in model.state_dict().items():
-        is_linear = re.fullmatch(r"model\.layers\.\d+\.(self_attn|mlp|linear_attn)\.\w+_proj\w*\.weight", name)
+        is_linear = re.fullmatch(r"model\.layers\.\d+\.(self_attn|mlp|linear_attn)\.(shared_expert\.)?\w+_proj\w*"
+                                 r"\.weight", name)
         if is_linear and not any(re.search(p, name) for p in rule):
             bits, scale = quantize_weight(t, "channel", fmt="int8")
             t = bits.float() * scale[:, None]
@@ -312,6 +313,25 @@ def test_the_per_layer_rule_is_logged_shown_and_overridable(qwen3_5, tmp_path):
     with pytest.raises(RdnacError, match="--quantize-skip requires a regular expression"):
         rdnac.compile(directory / "ckpt", target="cpu", output=tmp_path / "x.msgpack", quantize="int8",
                       quantize_skip=("(",))
+
+
+def test_qwen3_next_int8_plan_matches_transformers(tmp_path):
+    """Qwen3-Next (fused in_proj_qkvz / in_proj_ba, routed experts and a gated shared expert) under --quantize
+    int8: the GDN in_proj, the routers, the shared expert's gate and the routed experts keep the compute dtype;
+    the shared expert, out_proj and attention go int8; against transformers on the same dequantized weights."""
+    from tests.test_qwen3_next import CASES, COMMON
+
+    model = make_checkpoint("qwen3_next", tmp_path / "ckpt", **COMMON, **CASES["qwen3_next"][1])
+    plan = rdnac.compile(tmp_path / "ckpt", target="cpu", output=tmp_path / "p.msgpack", quiet=True, quantize="int8")
+    llm = rdnac.load(plan)
+    nodes = {n.name: n.op for n in llm.graph.nodes if n.op != "split"}
+    assert all(op == "linear" for name, op in nodes.items() if "in_proj" in name or "shared_expert_gate" in name)
+    assert any("shared_expert" in name and op == "linear_int8" for name, op in nodes.items())
+    assert nodes["layers.0.out_proj"] == "linear_int8" and nodes["layers.1.o_proj"] == "linear_int8"
+    decisions = [d for d in llm.plan.body["decisions"] if d["pass"] == "quantize"]
+    assert any(d["action"] == "routed experts kept in the compute dtype" for d in decisions)
+    _compare(llm.logits(PROMPT), _reference(model, _dequantized_like_quantize(model, SKIP["int8"])),
+             "qwen3_next --quantize int8")
 
 
 def test_moe_routers_and_experts_keep_the_compute_dtype(tmp_path):

@@ -28,7 +28,7 @@ from rdnac.testing.fp8 import _SIDE_FILES, _VISION, _headroom, _read_source
 
 _LINEAR = re.compile(r"(.*\.)?layers\.\d+\.(self_attn|mlp|linear_attn)\.\w+_proj\w*\.weight")
 # llm-compressor's recipe for hybrid models keeps the GDN input projections in float (they feed the recurrence)
-IGNORE = ("lm_head", r"re:.*linear_attn\.in_proj.*")
+IGNORE = ("lm_head", r"re:.*linear_attn\.in_proj.*", r"re:.*shared_expert_gate$")
 
 
 def quantization_config(ignore: list[str]) -> dict:

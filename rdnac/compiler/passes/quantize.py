@@ -40,7 +40,9 @@ SCHEMES = {  # --quantize value -> (weight_scheme, act_scheme, block_size)
 # --quantize-skip PATTERN (repeatable) replaces the scheme's list; `--quantize-skip none` empties it.
 SKIP = {
     "int8": {r"\.in_proj_(qkvz|qkv|z|ba|b|a)\b": "a Gated DeltaNet in_proj feeds the recurrence: int8 there broke "
-                                                  "gsm8k in a real bring-up (out_proj and the MLPs took int8 safely)"},
+                                                  "gsm8k in a real bring-up (out_proj and the MLPs took int8 safely)",
+             r"shared_expert_gate\b": "a gate: its one output scales the whole shared expert (llm-compressor's "
+                                      "recipes keep it float too)"},
 }
 
 
