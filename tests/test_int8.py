@@ -434,3 +434,15 @@ def test_unsupported_int_schemes_are_refused_naming_the_field(field, tmp_path):
     message = str(e.value)
     assert "\n" not in message and f"config_groups.group_0.{field} requires" in message and repr(value) in message
     shutil.rmtree(tmp_path / "int8")
+
+
+def test_packed_int4_format_is_refused_naming_the_field(tmp_path):
+    make_checkpoint("llama", tmp_path / "ckpt", **DENSE)
+    write_int8_checkpoint(tmp_path / "ckpt", tmp_path / "int8")
+    config = json.loads((tmp_path / "int8" / "config.json").read_text())
+    config["quantization_config"]["format"] = "pack-quantized"  # how llm-compressor stores int4 weights
+    (tmp_path / "int8" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedModelError) as e:
+        rdnac.compile(tmp_path / "int8", target="cpu", output=tmp_path / "x.msgpack", quiet=True)
+    message = str(e.value)
+    assert "\n" not in message and "quantization_config.format requires" in message and "'pack-quantized'" in message
