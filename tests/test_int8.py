@@ -33,7 +33,8 @@ from rdnac.compiler.record import RecordingLauncher
 from rdnac.ir import ops
 from rdnac.ir.fp8 import quantize_rows
 from rdnac.ir import linear_attention as la
-from rdnac.kernels import activation_quant, fp8_quant, gated_rms_norm_quant, gemm_int8, rms_norm_quant
+from rdnac.kernels import (activation_quant, fp8_quant, gated_rms_norm_quant, gemm_int8, rms_norm_quant,
+                           sigmoid_gate_quant)
 from rdnac.testing.int8 import write_int8_checkpoint
 from tests.support.checkpoints import make_checkpoint
 from tests.test_kernels_small import CPU
@@ -130,6 +131,40 @@ def test_gated_rms_norm_quant_fits_every_target_at_the_27b_width(target):
     problem = {"num_heads": 48, "head_dim": 128}
     gated_rms_norm_quant.gated_rms_norm_quant(x, x, weight, num_heads=48, head_dim=128, eps=1e-6, fp8_format="int8",
                                               config=gated_rms_norm_quant.default_config(problem), launcher=recorder)
+    for b in compile_calls(recorder.calls, target, quiet=True):
+        assert check_resources(b, target) == [], b.key
+
+
+@pytest.mark.parametrize("fmt", ["int8", "e4m3fn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_n", [64, 256])  # looping over the row, and one tile
+def test_sigmoid_gate_quant_matches_reference(fmt, dtype, block_n):
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(5, 300, generator=g) * 2).to(dtype)[:, :150]  # [T, N], rows strided (a split's columns)
+    gate = torch.randn(5, 150, generator=g).to(dtype)
+    x[2] = 0
+    config = {"constexprs": {"BLOCK_N": block_n}, "num_warps": 1, "num_stages": 1}
+    q, s = sigmoid_gate_quant.sigmoid_gate_quant(x, gate, fp8_format=fmt, config=config, launcher=CPU)
+    rq, rs = la.sigmoid_gate_quant(x, gate, fp8_format=fmt)
+    assert q.shape == rq.shape == (5, 150) and s.shape == rs.shape == (5, 1)
+    assert q.dtype == rq.dtype and s.dtype == rs.dtype == torch.float32
+    # the kernel's sigmoid (1 / (1 + exp(-x))) and torch's differ in the last fp32 bits: see the gated norm's test
+    y = la.sigmoid_gate(x, gate).float()
+    assert torch.allclose(s, rs, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
+    step = s if fmt == "int8" else 2.0 ** -3 * y.abs() + s * 2.0 ** -8
+    err = (q.float() * s - y).abs()
+    assert (err <= step + (1e-5 if dtype == torch.float32 else 1e-2) * y.abs()).all(), f"max error {err.max():.3g}"
+    assert s[2].item() == 1.0 and not q[2].float().any()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_sigmoid_gate_quant_fits_every_target_at_the_27b_width(target):
+    """Qwen3.5-27B's gated attention output, 24 heads of 256: within LDS, no spills."""
+    recorder = RecordingLauncher()
+    x = torch.empty(8, 24 * 256, dtype=torch.bfloat16, device="meta")
+    sigmoid_gate_quant.sigmoid_gate_quant(x, x, fp8_format="int8",
+                                          config=sigmoid_gate_quant.default_config({"N": 24 * 256}),
+                                          launcher=recorder)
     for b in compile_calls(recorder.calls, target, quiet=True):
         assert check_resources(b, target) == [], b.key
 
@@ -256,8 +291,9 @@ def test_quantize_int8_cpu_plan_matches_transformers(model_type, qwen3_5, tmp_pa
     llm = rdnac.load(plan)
     ops_ = llm.graph.op_counts()
     assert ops_.get("linear_int8") and ops_.get("rms_norm_quant") and ops_.get("gated_act_quant")
-    if model_type == "qwen3_5_text":  # the GDN out_proj's activations come quantized from the gated norm
+    if model_type == "qwen3_5_text":  # out_proj's and o_proj's activations come quantized from their producers
         assert ops_.get("gated_rms_norm_quant") == 2 and "gated_rms_norm" not in ops_
+        assert ops_.get("sigmoid_gate_quant") == 1 and "sigmoid_gate" not in ops_
     _compare(llm.logits(PROMPT), _reference(model, _dequantized_like_quantize(model, SKIP["int8"])),
              f"{model_type} --quantize int8")
 

@@ -9,6 +9,7 @@
 | gated_rms_norm   | x [T, H*D], gate [T, H*D], weight [D]                           | [T, H*D]        |
 | gated_rms_norm_quant | gated_rms_norm's inputs                                     | q [T, H*D], scale [T, 1] |
 | sigmoid_gate     | x [T, N], gate [T, N] or [T, 1]                                 | x * sigmoid(gate) |
+| sigmoid_gate_quant | sigmoid_gate's inputs                                         | q [T, N], scale [T, 1] |
 
 Per-sequence state lives in slots (ir/state.py kinds "conv" and "recurrent"):
 sequence b of the flat batch (tokens cu_seqlens_q[b] .. cu_seqlens_q[b+1])
@@ -47,6 +48,8 @@ out_proj's activations, quantized by the norm (`fuse_norm_quant`).
 
 `sigmoid_gate`: the output gate of gated full attention ([T, N]) and of a
 shared expert ([T, 1], one per token), x * sigmoid(gate) in x's dtype.
+`sigmoid_gate_quant`: sigmoid_gate, then `quantize_rows` per token (attrs
+fp8_format, group 0): o_proj's activations, quantized by the gate (`fuse_act_quant`).
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ from rdnac.ir.graph import TensorSpec
 
 CONV_KERNEL_SIZES = range(2, 5)  # causal-conv1d's widths; Qwen3.5 and Qwen3-Next use 4
 CONV_ACTIVATIONS = ("silu", "none")
-OP_NAMES = ("causal_conv1d", "gated_delta_rule", "gated_rms_norm", "gated_rms_norm_quant", "sigmoid_gate")
+OP_NAMES = ("causal_conv1d", "gated_delta_rule", "gated_rms_norm", "gated_rms_norm_quant", "sigmoid_gate",
+            "sigmoid_gate_quant")
 
 # ---------------------------------------------------------------- per-sequence state
 
@@ -195,6 +199,15 @@ def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(gate)
 
 
+def sigmoid_gate_quant(x: torch.Tensor, gate: torch.Tensor, *, fp8_format: str,
+                       group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) = quantize_rows(sigmoid_gate(x, gate)): gated attention's output in o_proj's 8-bit activations."""
+    from rdnac.ir.fp8 import quantize_rows
+
+    assert group == 0, f"sigmoid_gate_quant quantizes per token (group 0); got group {group}"
+    return quantize_rows(sigmoid_gate(x, gate), fp8_format, group)
+
+
 # ---------------------------------------------------------------- shape rules and checks
 
 
@@ -234,6 +247,9 @@ def check(op: str, a: dict, ins: list[TensorSpec], expect) -> None:
                "x and gate must be [T, num_heads*head_dim]")
         expect(ins[2].shape == (a["head_dim"],), "weight must be [head_dim]")
         expect(a.get("act", "silu") in ("silu", "none"), "act must be silu or none")
-    elif op == "sigmoid_gate":
+    elif op in ("sigmoid_gate", "sigmoid_gate_quant"):
+        if op == "sigmoid_gate_quant":
+            expect(a["fp8_format"] in ("e4m3fn", "e4m3fnuz", "int8") and a["group"] == 0,
+                   f"fp8_format must be e4m3fn, e4m3fnuz or int8, group 0; got {a['fp8_format']!r}, {a['group']!r}")
         expect(ins[0].shape == ins[1].shape or (ins[1].shape[0] == ins[0].shape[0] and ins[1].shape[-1] == 1),
                "gate must be x's shape [T, N] or one per token [T, 1]")

@@ -36,7 +36,7 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 | split           | x [T, N] (attr sizes, summing to N)                           | len(sizes) views [T, sizes[i]] |
 | all_reduce, all_gather, shard_ids (tensor/expert parallelism): see `rdnac.ir.collectives`        |
 | moe_route, moe_experts, moe_experts_mxfp4: see `rdnac.ir.moe`                                   |
-| causal_conv1d, gated_delta_rule, gated_rms_norm(_quant), sigmoid_gate: see `rdnac.ir.linear_attention` |
+| causal_conv1d, gated_delta_rule, gated_rms_norm(_quant), sigmoid_gate(_quant): `rdnac.ir.linear_attention` |
 | mla_cache_write, mla_attention (multi-head latent attention): see `rdnac.ir.mla`                |
 
 FP8 activation quantization fused into its producer: `rms_norm_quant`,
@@ -462,6 +462,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("gated_rms_norm_quant", ("num_heads", "head_dim", "eps", "fp8_format", "group"), (3,),
           lambda attrs, ins: _quant_specs(attrs, ins[0]), la.gated_rms_norm_quant),
     OpDef("sigmoid_gate", (), (2,), la.same_as_x, la.sigmoid_gate),
+    OpDef("sigmoid_gate_quant", ("fp8_format", "group"), (2,), lambda attrs, ins: _quant_specs(attrs, ins[0]),
+          la.sigmoid_gate_quant),
     # multi-head latent attention: the write rotates k_pe and fills the layer's latent cache (input 4)
     OpDef("mla_cache_write", ("kv_lora_rank", "qk_rope_head_dim", "theta"), (5,), lambda a, i: [],
           mla.mla_cache_write, has_side_effects=True, in_place=(4,)),

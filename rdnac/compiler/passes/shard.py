@@ -54,7 +54,7 @@ _NOT_YET = {"linear_fp8": "FP8 linears", "linear_int8": "INT8 linears", "rms_nor
             "mla_cache_write": "MLA attention", "mla_attention": "MLA attention",
             "causal_conv1d": "linear attention (GDN)", "gated_delta_rule": "linear attention (GDN)",
             "gated_rms_norm": "linear attention (GDN)", "gated_rms_norm_quant": "linear attention (GDN)",
-            "sigmoid_gate": "linear attention (GDN)"}
+            "sigmoid_gate": "linear attention (GDN)", "sigmoid_gate_quant": "linear attention (GDN)"}
 
 
 def run(state: CompileState) -> None:
