@@ -64,7 +64,9 @@ def test_every_wrapper_name_resolves_to_its_wrapper():
         "conv1d.causal_conv1d_prefill", "conv1d.causal_conv1d_decode", "gated_delta.gated_delta_rule_prefill",
         "gated_delta.gated_delta_rule_decode", "gated_rms_norm.gated_rms_norm", "sigmoid_gate.sigmoid_gate",
         # tensor parallelism (issue 28): torch.distributed calls, not Triton kernels
-        "collective.all_reduce", "collective.all_gather", "collective.shard_ids"}
+        "collective.all_reduce", "collective.all_gather", "collective.shard_ids",
+        # INT8 W8A8 (issue 25)
+        "gemm_int8.linear_int8", "gated_rms_norm_quant.gated_rms_norm_quant", "sigmoid_gate_quant.sigmoid_gate_quant"}
 
 
 @pytest.mark.parametrize("name", ["os.system", "gemm._gemm_kernel", "launch.JitLauncher", "registry.wrapper",

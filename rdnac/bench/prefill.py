@@ -14,7 +14,7 @@ import torch
 
 from rdnac.runtime.model_runner import StepEntry
 
-LINEAR_OPS = ("linear", "linear_fp8", "linear_gated_act", "gated_act_linear_fp8")
+LINEAR_OPS = ("linear", "linear_fp8", "linear_int8", "linear_gated_act", "gated_act_linear_fp8")
 
 
 def prefill_flops(llm, tokens: int, context: int) -> float:

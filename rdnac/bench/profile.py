@@ -33,7 +33,7 @@ def _entries(engine, context: int, prefill: int, batch: int = 1) -> list[StepEnt
 
 def _node_bytes(engine, node, context: int) -> int:
     w = engine.weights
-    if node.op in ("linear", "linear_fp8", "linear_gated_act", "gated_act_linear_fp8"):
+    if node.op in ("linear", "linear_fp8", "linear_int8", "linear_gated_act", "gated_act_linear_fp8"):
         return sum(w[n].numel() * w[n].element_size() for n in node.inputs if n in w)
     if node.op == "logits":
         return w[node.inputs[2]].numel() * w[node.inputs[2]].element_size()

@@ -57,9 +57,14 @@ def cli():
 @click.option("--max-num-batched-tokens", default=2048, show_default=True,
               help="Largest prefill step; longer prompts are chunked.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.option("--quantize", type=click.Choice(["fp8", "fp8-block", "mxfp4"]),
+@click.option("--quantize", type=click.Choice(["fp8", "fp8-block", "int8", "mxfp4"]),
               help="FP8 linears for a float checkpoint: per-channel (fp8) or 128x128 blocks (fp8-block); "
+                   "int8: W8A8 (per-channel int8 weights, per-token int8 activations); "
                    "mxfp4: MXFP4 experts for a float mixture-of-experts checkpoint.")
+@click.option("--quantize-skip", "quantize_skip", multiple=True,
+              help="With --quantize fp8/fp8-block/int8: a regex of node or weight names whose linears keep the "
+                   "compute dtype (repeatable); replaces the default rule (int8: a GDN layer's in_proj); "
+                   "`none` quantizes every linear.")
 @click.option("--fp8-lm-head", is_flag=True, help="The logits projection in FP8 too (per-channel; float32 logits).")
 @click.option("--pdl/--no-pdl", default=None,
               help="Programmatic dependent launch between kernels (default: on where the target has it, sm90+).")
@@ -72,7 +77,7 @@ def cli():
               help="Tensor-parallel ranks: shard the plan over N processes (gloo on cpu, NCCL/RCCL on GPUs).")
 @click.option("--ep", is_flag=True, help="With --tp N: place MoE experts whole per rank instead of slicing each.")
 def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max_num_seqs, max_num_batched_tokens,
-                quiet, quantize, fp8_lm_head, pdl, tokenizer, kv_cache_dtype, tp, ep):
+                quiet, quantize, quantize_skip, fp8_lm_head, pdl, tokenizer, kv_cache_dtype, tp, ep):
     """Compile MODEL (HF directory, .gguf file, ORG/NAME[@REVISION][:QUANT] from the Hugging Face cache, or
     demo:smollm2) into a plan."""
     from rdnac.compiler.pipeline import compile_model
@@ -81,7 +86,7 @@ def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max
     path = compile_model(model, target, output, dtype=dtype, max_model_len=max_model_len,
                          disable_passes=tuple(disable_passes), max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens, quiet=quiet, quantize=quantize,
-                         fp8_lm_head=fp8_lm_head, pdl=pdl, tokenizer=tokenizer, kv_cache_dtype=kv_cache_dtype,
+                         quantize_skip=tuple(quantize_skip) or None, fp8_lm_head=fp8_lm_head, pdl=pdl, tokenizer=tokenizer, kv_cache_dtype=kv_cache_dtype,
                          tp=tp, ep=ep)
     click.echo(f"wrote {path} ({time.perf_counter() - started:.1f} s)", err=True)
 
@@ -269,7 +274,7 @@ def verify_cmd(plan, model, prompt, token_ids, atol, interpret):
               help="For a MODEL that is not a plan: the target to compile for (auto: this machine's GPU, else cpu).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="For a MODEL that is not a plan: compute dtype of the compile.")
-@click.option("--quantize", type=click.Choice(["fp8", "fp8-block", "mxfp4"]),
+@click.option("--quantize", type=click.Choice(["fp8", "fp8-block", "int8", "mxfp4"]),
               help="For a MODEL that is not a plan: as `rdnac compile --quantize`.")
 @click.option("--tokenizer", help="For a GGUF MODEL: an HF directory (or model id) whose tokenizer replaces the GGUF's.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0 exposes it).")

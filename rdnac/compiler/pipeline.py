@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from rdnac.compiler.frontend import build_graph, read_checkpoint
 from rdnac.compiler.passes import (CompileState, Pass, dce, fp8_layout, fuse_act_linear, fuse_act_quant,
                                    fuse_add_rms_norm,
                                    fuse_attention_quant, fuse_gated_linear, fuse_norm_quant, fuse_qk_norm_rope_cache,
+                                   int8_layout,
                                    kv_cache_dtype, merge_linears, mla_forms, quantize, quantize_lm_head, quantize_mxfp4,
                                    select_kernels, shard)
 from rdnac.errors import CheckpointError, RdnacError, RdnacWarning
@@ -39,7 +41,7 @@ LATE_PASSES = ("fuse_norm_quant", "fuse_act_quant", "fuse_attention_quant", "fus
 # What --disable-pass accepts:
 DISABLEABLE = GRAPH_PASSES + LATE_PASSES + ("early_metadata_loads", "early_weight_loads")
 _DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZE_SCHEMES = ("fp8", "fp8-block", "mxfp4")
+QUANTIZE_SCHEMES = ("fp8", "fp8-block", "int8", "mxfp4")
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,9 @@ class CompileOptions:
     max_num_seqs: int = 64  # largest decode batch a GPU plan has kernels for
     max_num_batched_tokens: int = 2048  # largest prefill step; longer prompts are chunked
     quiet: bool = False
-    quantize: str | None = None  # compile-time FP8 of the linears ("fp8" | "fp8-block"), MXFP4 of MoE experts ("mxfp4")
+    quantize: str | None = None  # compile-time FP8 / INT8 of the linears ("fp8" | "fp8-block" | "int8"), MXFP4 of
+    # MoE experts ("mxfp4")
+    quantize_skip: tuple[str, ...] | None = None  # --quantize-skip: regexes of linears kept float (None: the default)
     fp8_lm_head: bool = False  # the logits projection as an FP8 GEMM (per-channel weight, float32 logits)
     pdl: bool | None = None  # programmatic dependent launch; None: where the target has it (sm90+)
     tokenizer: str | None = None  # --tokenizer: an HF directory (or model id) whose tokenizer replaces the checkpoint's
@@ -72,6 +76,15 @@ class CompileOptions:
             raise RdnacError(f"--max-num-batched-tokens requires 16..32768; got {self.max_num_batched_tokens}")
         if self.quantize is not None and self.quantize not in QUANTIZE_SCHEMES:
             raise RdnacError(f"--quantize requires one of {', '.join(QUANTIZE_SCHEMES)}; got {self.quantize!r}")
+        if self.quantize_skip is not None:
+            if self.quantize not in ("fp8", "fp8-block", "int8"):
+                raise RdnacError(f"--quantize-skip requires --quantize fp8, fp8-block or int8; got --quantize "
+                                 f"{self.quantize}")
+            for pattern in self.quantize_skip:
+                try:
+                    re.compile(pattern)
+                except re.error as e:
+                    raise RdnacError(f"--quantize-skip requires a regular expression; got {pattern!r} ({e})") from None
         unknown = [name for name in self.disable_passes if name not in DISABLEABLE]
         if unknown:
             raise RdnacError(f"--disable-pass: no pass named {', '.join(map(repr, unknown))}; "
@@ -147,6 +160,7 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("mla_forms", mla_forms.run),  # MLA: expanded prefill, absorbed decode (with their weights)
     ("drop_unused_weights", _drop_unused_weights),
     ("fp8_layout", fp8_layout.run),  # fixes each FP8 linear's format and activation scheme (a16w8 is not fused)
+    ("int8_layout", int8_layout.run),  # INT8 linears: the target's int8 dot must be native (no fallback)
     ("fuse_norm_quant", fuse_norm_quant.run),
     ("fuse_act_quant", fuse_act_quant.run),
     ("fuse_attention_quant", fuse_attention_quant.run),
@@ -225,6 +239,7 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
         "model": _model_identity(checkpoint),
         "compile_options": {"dtype": dtype, "max_model_len": opts.max_model_len,
                             "disable_passes": list(opts.disable_passes), "quantize": opts.quantize,
+                            "quantize_skip": list(opts.quantize_skip) if opts.quantize_skip is not None else None,
                             "fp8_lm_head": opts.fp8_lm_head, "pdl": opts.pdl, "tokenizer": opts.tokenizer,
                             "kv_cache_dtype": opts.kv_cache_dtype, "tp": opts.tp, "ep": opts.ep},
         "created_unix": int(time.time()),

@@ -131,6 +131,10 @@ def _tensors(family: str, problem: dict, device: str, copies: int, context: int 
             sets.append(((x, (0.02 * torch.randn(N, K, device=device)).to(torch.bfloat16)), {}))
         elif family == "gemm_gated":  # weight [2N, K]: gate rows, then up rows
             sets.append(((x, (0.02 * torch.randn(2 * N, K, device=device)).to(torch.bfloat16)), {"act": problem["act"]}))
+        elif family == "gemm_int8":  # measured as dynamic_token (tuning.measured_form)
+            w = torch.randint(-127, 128, (N, K), device=device, dtype=torch.int8)
+            sets.append(((x, w, torch.full((N,), 1e-3, device=device)),
+                         {"weight_scheme": "channel", "act_scheme": "dynamic_token"}))
         else:
             w = (64 * torch.randn(N, K, device=device)).to(torch.float8_e4m3fn)
             shape = {"block": ((N + 127) // 128, (K + 127) // 128), "channel": (N,), "tensor": (1,)}[problem["weight_scheme"]]
@@ -141,7 +145,8 @@ def _tensors(family: str, problem: dict, device: str, copies: int, context: int 
 
 
 # The op whose wrapper times a tuned family's problems (gemm also serves logits; attention its quant form).
-_TIMED_OP = {"gemm": "linear", "gemm_gated": "linear_gated_act", "gemm_fp8": "linear_fp8", "attention": "attention"}
+_TIMED_OP = {"gemm": "linear", "gemm_gated": "linear_gated_act", "gemm_fp8": "linear_fp8", "gemm_int8": "linear_int8",
+             "attention": "attention"}
 
 
 def _wrapper(family: str, problem: dict):

@@ -1,16 +1,27 @@
-"""FP8 formats and the reference quantization rules used by the `linear_fp8` op.
+"""8-bit formats and the reference quantization rules used by the `linear_fp8` and `linear_int8` ops.
 
-Two 8-bit formats matter: OCP e4m3fn (max 448; gfx1201, gfx950, sm90) and
+Two FP8 formats matter: OCP e4m3fn (max 448; gfx1201, gfx950, sm90) and
 e4m3fnuz (max 240; gfx942). The same bits mean half the value in fnuz, and
 0x80 is NaN there. Weights are stored as their FP8 bits with float32 scales.
+
+"int8" (W8A8, symmetric, max 127) shares the tables and the rules: x / scale is
+clamped to +-127 and rounded to the nearest integer, ties to even, so one
+per-token quantization rule (and one set of fused kernels) serves all three.
 """
 
 from __future__ import annotations
 
 import torch
 
-FORMATS = {"e4m3fn": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz}
-FP8_MAX = {"e4m3fn": 448.0, "e4m3fnuz": 240.0}
+FORMATS = {"e4m3fn": torch.float8_e4m3fn, "e4m3fnuz": torch.float8_e4m3fnuz, "int8": torch.int8}
+FP8_MAX = {"e4m3fn": 448.0, "e4m3fnuz": 240.0, "int8": 127.0}  # the largest magnitude of each 8-bit format
+FP8_FORMATS = ("e4m3fn", "e4m3fnuz")  # the float ones (KV caches, fp8_layout)
+
+
+def to_format(v: torch.Tensor, fmt: str) -> torch.Tensor:
+    """v (float32, already clamped to +-FP8_MAX) in format `fmt`: FP8 by torch's cast (nearest, ties to
+    even); int8 rounded to the nearest integer (ties to even) first, as a cast would truncate."""
+    return v.round().to(torch.int8) if fmt == "int8" else v.to(FORMATS[fmt])
 
 
 def quantize_rows(x: torch.Tensor, fmt: str, group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,15 +37,15 @@ def quantize_rows(x: torch.Tensor, fmt: str, group: int = 0) -> tuple[torch.Tens
         amax = padded.abs().amax(-1)  # [T, G]
         scale = torch.where(amax > 0, amax / FP8_MAX[fmt], torch.ones_like(amax))
         q = (padded / scale[..., None]).clamp(-FP8_MAX[fmt], FP8_MAX[fmt]).reshape(num_tokens, -1)[:, :k]
-        return q.to(FORMATS[fmt]), scale
+        return to_format(q, fmt), scale
     amax = xf.abs().amax(-1, keepdim=True)
     scale = torch.where(amax > 0, amax / FP8_MAX[fmt], torch.ones_like(amax))
-    return (xf / scale).clamp(-FP8_MAX[fmt], FP8_MAX[fmt]).to(FORMATS[fmt]), scale
+    return to_format((xf / scale).clamp(-FP8_MAX[fmt], FP8_MAX[fmt]), fmt), scale
 
 
 def kv_format(dtype: torch.dtype) -> str | None:
     """The FP8 format of a KV cache of `dtype` ("e4m3fn" / "e4m3fnuz"), or None for a float cache."""
-    return next((fmt for fmt, d in FORMATS.items() if d == dtype), None)
+    return next((fmt for fmt in FP8_FORMATS if FORMATS[fmt] == dtype), None)
 
 
 def to_kv_cache(x: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
@@ -54,7 +65,7 @@ def from_kv_cache(cache: torch.Tensor, scale: float) -> torch.Tensor:
 
 def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, scheme: str,
                       block_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """float32 [N, K] from fp8 bits and a per-tensor [1], per-channel [N] or block [N/bn, K/bk] scale."""
+    """float32 [N, K] from fp8 (or int8) bits and a per-tensor [1], per-channel [N] or block [N/bn, K/bk] scale."""
     w = weight.float()
     if scheme == "tensor":
         return w * scale.float().reshape(())

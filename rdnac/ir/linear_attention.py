@@ -7,7 +7,9 @@
 | gated_delta_rule | q, k [T, Hk*Dk], v [T, Hv*Dv], a, b [T, Hv], A_log, dt_bias [Hv], | [T, Hv*Dv]    |
 |                  | state [NS, Hv, Dk, Dv], state_slots [B], seq_lens [B], cu_seqlens_q [B+1] | (state) |
 | gated_rms_norm   | x [T, H*D], gate [T, H*D], weight [D]                           | [T, H*D]        |
+| gated_rms_norm_quant | gated_rms_norm's inputs                                     | q [T, H*D], scale [T, 1] |
 | sigmoid_gate     | x [T, N], gate [T, N] or [T, 1]                                 | x * sigmoid(gate) |
+| sigmoid_gate_quant | sigmoid_gate's inputs                                         | q [T, N], scale [T, 1] |
 
 Per-sequence state lives in slots (ir/state.py kinds "conv" and "recurrent"):
 sequence b of the flat batch (tokens cu_seqlens_q[b] .. cu_seqlens_q[b+1])
@@ -40,8 +42,14 @@ agree to float32 rounding (tests check it).
 norm(x) (statistic in float32, cast back to x's dtype before the weight, as
 the plain rms_norm does), then y * act(gate) in float32, cast to x's dtype.
 
+`gated_rms_norm_quant`: gated_rms_norm, then `rdnac.ir.fp8.quantize_rows` per
+token (attrs fp8_format, an 8-bit format, int8 included, and group 0): the
+out_proj's activations, quantized by the norm (`fuse_norm_quant`).
+
 `sigmoid_gate`: the output gate of gated full attention ([T, N]) and of a
 shared expert ([T, 1], one per token), x * sigmoid(gate) in x's dtype.
+`sigmoid_gate_quant`: sigmoid_gate, then `quantize_rows` per token (attrs
+fp8_format, group 0): o_proj's activations, quantized by the gate (`fuse_act_quant`).
 """
 
 from __future__ import annotations
@@ -53,7 +61,8 @@ from rdnac.ir.graph import TensorSpec
 
 CONV_KERNEL_SIZES = range(2, 5)  # causal-conv1d's widths; Qwen3.5 and Qwen3-Next use 4
 CONV_ACTIVATIONS = ("silu", "none")
-OP_NAMES = ("causal_conv1d", "gated_delta_rule", "gated_rms_norm", "sigmoid_gate")
+OP_NAMES = ("causal_conv1d", "gated_delta_rule", "gated_rms_norm", "gated_rms_norm_quant", "sigmoid_gate",
+            "sigmoid_gate_quant")
 
 # ---------------------------------------------------------------- per-sequence state
 
@@ -175,8 +184,28 @@ def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, *,
     return y.to(x.dtype).reshape(num_tokens, num_heads * head_dim)
 
 
+def gated_rms_norm_quant(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, *, num_heads: int,
+                         head_dim: int, eps: float, act: str = "silu", fp8_format: str,
+                         group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) = quantize_rows(gated_rms_norm(...)): the GDN output in out_proj's 8-bit activations."""
+    from rdnac.ir.fp8 import quantize_rows
+
+    assert group == 0, f"gated_rms_norm_quant quantizes per token (group 0); got group {group}"
+    return quantize_rows(gated_rms_norm(x, gate, weight, num_heads=num_heads, head_dim=head_dim, eps=eps, act=act),
+                         fp8_format, group)
+
+
 def sigmoid_gate(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(gate)
+
+
+def sigmoid_gate_quant(x: torch.Tensor, gate: torch.Tensor, *, fp8_format: str,
+                       group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale) = quantize_rows(sigmoid_gate(x, gate)): gated attention's output in o_proj's 8-bit activations."""
+    from rdnac.ir.fp8 import quantize_rows
+
+    assert group == 0, f"sigmoid_gate_quant quantizes per token (group 0); got group {group}"
+    return quantize_rows(sigmoid_gate(x, gate), fp8_format, group)
 
 
 # ---------------------------------------------------------------- shape rules and checks
@@ -210,11 +239,17 @@ def check(op: str, a: dict, ins: list[TensorSpec], expect) -> None:
         expect(tuple(ins[7].shape[1:]) == (hv, dk, dv), "state must be [NS, num_v_heads, k_head_dim, v_head_dim]")
         expect(ins[7].dtype == "float32", "the recurrent state must be float32")
         expect(a.get("chunk_size", 64) > 0, "chunk_size must be positive")
-    elif op == "gated_rms_norm":
+    elif op in ("gated_rms_norm", "gated_rms_norm_quant"):
+        if op == "gated_rms_norm_quant":
+            expect(a["fp8_format"] in ("e4m3fn", "e4m3fnuz", "int8") and a["group"] == 0,
+                   f"fp8_format must be e4m3fn, e4m3fnuz or int8, group 0; got {a['fp8_format']!r}, {a['group']!r}")
         expect(ins[0].shape[-1] == ins[1].shape[-1] == a["num_heads"] * a["head_dim"],
                "x and gate must be [T, num_heads*head_dim]")
         expect(ins[2].shape == (a["head_dim"],), "weight must be [head_dim]")
         expect(a.get("act", "silu") in ("silu", "none"), "act must be silu or none")
-    elif op == "sigmoid_gate":
+    elif op in ("sigmoid_gate", "sigmoid_gate_quant"):
+        if op == "sigmoid_gate_quant":
+            expect(a["fp8_format"] in ("e4m3fn", "e4m3fnuz", "int8") and a["group"] == 0,
+                   f"fp8_format must be e4m3fn, e4m3fnuz or int8, group 0; got {a['fp8_format']!r}, {a['group']!r}")
         expect(ins[0].shape == ins[1].shape or (ins[1].shape[0] == ins[0].shape[0] and ins[1].shape[-1] == 1),
                "gate must be x's shape [T, N] or one per token [T, 1]")

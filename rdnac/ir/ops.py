@@ -26,6 +26,8 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 | add             | a, b (same shape)                                             | a + b          |
 | linear_fp8      | x [T, K], weight fp8 [N, K], weight_scale, (input_scale), (bias [N]) | [T, N]  |
 |                 | prequantized: x_q fp8 [T, K], weight, weight_scale, x_scale [T, G], (bias) |         |
+| linear_int8     | x [T, K], weight int8 [N, K], weight_scale [N] or [1], (bias [N])    | [T, N]  |
+|                 | prequantized: x_q int8 [T, K], weight, weight_scale, x_scale [T, 1], (bias)  |       |
 | rms_norm_quant  | x [T, H], (residual [T, H]), weight [H]                       | q fp8, scale, (x+residual) |
 | gated_act_quant | gate [T, I], up [T, I]  or  gate_up [T, 2I]                   | q fp8 [T, I], scale |
 | attention_quant | attention's inputs                                            | q fp8 [T, Hq*D], scale |
@@ -35,7 +37,7 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 | split           | x [T, N] (attr sizes, summing to N)                           | len(sizes) views [T, sizes[i]] |
 | all_reduce, all_gather, shard_ids (tensor/expert parallelism): see `rdnac.ir.collectives`        |
 | moe_route, moe_experts, moe_experts_mxfp4: see `rdnac.ir.moe`                                   |
-| causal_conv1d, gated_delta_rule, gated_rms_norm, sigmoid_gate: see `rdnac.ir.linear_attention`   |
+| causal_conv1d, gated_delta_rule, gated_rms_norm(_quant), sigmoid_gate(_quant): `rdnac.ir.linear_attention` |
 | mla_cache_write, mla_attention (multi-head latent attention): see `rdnac.ir.mla`                |
 
 FP8 activation quantization fused into its producer: `rms_norm_quant`,
@@ -48,6 +50,12 @@ inputs at the same positions, same kernels) whose x is already fp8 and whose
 fourth input, where a static input scale would sit, is x_scale; attrs `group`
 (as above) and `out_dtype` (x's dtype before quantization). Fused and
 unfused graphs compute the same values bit for bit in the reference.
+
+INT8 W8A8 (`linear_int8`) is `linear_fp8` with fp8_format "int8" (`rdnac.ir.fp8`:
+x / scale rounded to the nearest integer, scale = amax / 127 per token): per-channel
+(or per-tensor) weights, activations "dynamic_token" or "prequantized" by an
+`rms_norm_quant` / `gated_act_quant` whose attr fp8_format is "int8" (the attr
+names the 8-bit format, float or not).
 
 FP8 KV cache (`--kv-cache-dtype fp8`): the cache inputs' dtype says it. The
 ops that write a cache (`kv_cache_write`, `qk_norm_rope_cache`) store K / k_scale
@@ -276,6 +284,19 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     return y.to(getattr(torch, out_dtype) if out_dtype else x.dtype)
 
 
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *rest: torch.Tensor,
+                weight_scheme: str, act_scheme: str, has_bias: bool = False, group: int = 0,
+                out_dtype: str | None = None) -> torch.Tensor:
+    """y = Q(x) @ (int8 W * weight_scale).T (+ bias) in float32, cast to `out_dtype` (default x's dtype):
+    `linear_fp8` with fp8_format "int8". weight_scheme "channel" ([N]) or "tensor" ([1]); act_scheme
+    "dynamic_token" (Q: per row, scale amax/127, rounded to integers) or "prequantized" (x is int8 with
+    x_scale [T, 1]). rest = (x_scale if prequantized, bias if has_bias)."""
+    assert weight_scheme in ("channel", "tensor") and act_scheme in ("dynamic_token", "prequantized"), \
+        (weight_scheme, act_scheme)
+    return linear_fp8(x, weight, weight_scale, *rest, weight_scheme=weight_scheme, act_scheme=act_scheme,
+                      fp8_format="int8", has_bias=has_bias, group=group, out_dtype=out_dtype)
+
+
 def gated_act(*xs: torch.Tensor, act: str = "silu") -> torch.Tensor:
     gate, up = xs if len(xs) == 2 else xs[0].chunk(2, dim=-1)
     return _ACTIVATIONS[act](gate) * up
@@ -433,6 +454,7 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("linear_fp8", ("weight_scheme", "act_scheme", "fp8_format"), (3, 4, 5), _linear_fp8_infer, linear_fp8),
     OpDef("gated_act_linear_fp8", ("act", "weight_scheme", "fp8_format", "group"), (3, 4), _linear_fp8_infer,
           gated_act_linear_fp8),
+    OpDef("linear_int8", ("weight_scheme", "act_scheme"), (3, 4, 5), _linear_fp8_infer, linear_int8),
     OpDef("rms_norm_quant", ("eps", "fp8_format", "group"), (2, 3), _rms_norm_quant_infer, rms_norm_quant),
     OpDef("linear_gated_act", ("act",), (2, 3), _linear_gated_act_infer, linear_gated_act),
     OpDef("gated_act_quant", ("act", "fp8_format", "group"), (1, 2), _gated_act_quant_infer, gated_act_quant),
@@ -453,7 +475,11 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("gated_delta_rule", ("num_k_heads", "num_v_heads", "k_head_dim", "v_head_dim"), (11,),
           la.gated_delta_rule_infer, la.gated_delta_rule, has_side_effects=True, in_place=(7,)),
     OpDef("gated_rms_norm", ("num_heads", "head_dim", "eps"), (3,), la.same_as_x, la.gated_rms_norm),
+    OpDef("gated_rms_norm_quant", ("num_heads", "head_dim", "eps", "fp8_format", "group"), (3,),
+          lambda attrs, ins: _quant_specs(attrs, ins[0]), la.gated_rms_norm_quant),
     OpDef("sigmoid_gate", (), (2,), la.same_as_x, la.sigmoid_gate),
+    OpDef("sigmoid_gate_quant", ("fp8_format", "group"), (2,), lambda attrs, ins: _quant_specs(attrs, ins[0]),
+          la.sigmoid_gate_quant),
     # multi-head latent attention: the write rotates k_pe and fills the layer's latent cache (input 4)
     OpDef("mla_cache_write", ("kv_lora_rank", "qk_rope_head_dim", "theta"), (5,), lambda a, i: [],
           mla.mla_cache_write, has_side_effects=True, in_place=(4,)),

@@ -79,8 +79,8 @@ _INDEX_INPUTS = {
 
 
 # The matrix input of the ops that multiply by one: fixed sizes, never a per-step value.
-_WEIGHT_INPUT = {"linear": 1, "linear_fp8": 1, "linear_gated_act": 1, "gated_act_linear_fp8": 1, "embedding": 1,
-                 "logits": 2}
+_WEIGHT_INPUT = {"linear": 1, "linear_fp8": 1, "linear_int8": 1, "linear_gated_act": 1, "gated_act_linear_fp8": 1,
+                 "embedding": 1, "logits": 2}
 # ops whose "weight" may be an activation with a symbolic row count: the --fp8-lm-head pass gathers the
 # logits rows of the final norm's output with an `embedding` (rows = tokens, columns fixed)
 
@@ -174,12 +174,22 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         width = ins[0].shape[-1]
         expect(isinstance(width, int) and sum(sizes) == width, f"sizes {list(sizes)} must sum to x's last dim")
     # FP8 quantization fused into its producer, and the linear reading it (see ops.py)
-    if node.op in ("rms_norm_quant", "gated_act_quant", "gated_act_linear_fp8"):
+    if node.op in ("rms_norm_quant", "gated_act_quant"):
+        expect(a["fp8_format"] in ("e4m3fn", "e4m3fnuz", "int8"),
+               f"fp8_format must be e4m3fn, e4m3fnuz or int8; got {a['fp8_format']!r}")
+    if node.op == "gated_act_linear_fp8":
         expect(a["fp8_format"] in ("e4m3fn", "e4m3fnuz"),
                f"fp8_format must be e4m3fn or e4m3fnuz; got {a['fp8_format']!r}")
         expect(isinstance(a["group"], int) and a["group"] >= 0, f"group must be an int >= 0; got {a['group']!r}")
-    if node.op == "linear_fp8" and a["act_scheme"] == "prequantized":
-        expect(ins[0].dtype == f"float8_{a['fp8_format']}", f"prequantized x must be float8_{a['fp8_format']}")
+    if node.op == "linear_int8":
+        expect(ins[1].dtype == "int8", f"weight must be int8; got {ins[1].dtype}")
+        expect(a["weight_scheme"] in ("channel", "tensor"), f"weight_scheme must be channel or tensor; got "
+               f"{a['weight_scheme']!r}")
+        expect(a["act_scheme"] in ("dynamic_token", "prequantized"), f"act_scheme must be dynamic_token or "
+               f"prequantized; got {a['act_scheme']!r}")
+    if node.op in ("linear_fp8", "linear_int8") and a["act_scheme"] == "prequantized":
+        x_dtype = "int8" if node.op == "linear_int8" else f"float8_{a['fp8_format']}"
+        expect(ins[0].dtype == x_dtype, f"prequantized x must be {x_dtype}")
         expect(len(ins) == 4 + bool(a.get("has_bias")),
                "prequantized takes (x_q, weight, weight_scale, x_scale, (bias))")
         expect(ins[3].dtype == "float32" and ins[3].shape[0] == ins[0].shape[0], "x_scale must be float32 [T, G]")

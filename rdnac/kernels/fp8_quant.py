@@ -1,4 +1,4 @@
-"""FP8 activation quantization: the `linear_fp8` wrapper's first launch for dynamic and static schemes.
+"""FP8 (and int8) activation quantization: the `linear_fp8` / `linear_int8` wrappers' first launch.
 
 x [M, K] -> q [M, K] fp8 and float32 scales: per token (group 0, scale = amax / FP8_MAX, a zero row
 gets 1; one program per row, no atomics), per (token, `group` columns) for block-FP8, or one given
@@ -28,7 +28,9 @@ AOT_DIVISIBLE = {"_quant_fp8_kernel": ("K", "stride_xm", "stride_qm")}
 
 # Per format: (smallest normal, 2**23 * the subnormal spacing: adding and subtracting it rounds a
 # subnormal to the FP8 grid). e4m3fn: bias 7, normals from 2**-6, spacing 2**-9; fnuz: bias 8.
-GRID = {"e4m3fn": (2.0 ** -6, 2.0 ** 14), "e4m3fnuz": (2.0 ** -7, 2.0 ** 13)}
+# int8 (W8A8) is all "subnormal": no normal above its max of 127, spacing 1, so adding and subtracting 2**23
+# rounds |x / scale| <= 127 to the nearest integer, ties to even (rdnac.ir.fp8.to_format), and the cast is exact.
+GRID = {"e4m3fn": (2.0 ** -6, 2.0 ** 14), "e4m3fnuz": (2.0 ** -7, 2.0 ** 13), "int8": (128.0, 2.0 ** 23)}
 _MAX = tl.standard._elementwise_max  # tl.max is a jit function: the interpreter path cannot call it
 QUANT_STEP = 1024  # a row is read in tiles of this many elements (2048 spills SGPRs on gfx1201)
 

@@ -81,10 +81,24 @@ def moe_checkpoint(shape: str) -> Callable[..., Path]:
     return write
 
 
+def int8_checkpoint(write_float: Callable[..., Path]) -> Callable[..., Path]:
+    """A random float checkpoint (`write_float`'s) turned into llm-compressor's W8A8 int8 layout
+    (rdnac.testing.int8; a GDN layer's in_proj stays float, as its recipe keeps it)."""
+    def write(out: Path, scheme: str | None = None) -> Path:
+        from rdnac.testing.int8 import write_int8_checkpoint
+
+        assert scheme == "int8", scheme
+        write_float(out / "float", scheme=None)
+        write_int8_checkpoint(out / "float", out / "int8")
+        shutil.rmtree(out / "float")
+        return out / "int8"
+    return write
+
+
 @dataclass(frozen=True)
 class Case:
     family: str
-    scheme: str  # "bf16", "fp8-block", "fp8-tensor" or "mxfp4"
+    scheme: str  # "bf16", "fp8-block", "fp8-tensor", "mxfp4" or "int8"
     write: Callable[..., Path]  # write(out_dir, scheme=None | "fp8-block" | "fp8-tensor") -> checkpoint dir
 
     @property
@@ -111,6 +125,11 @@ CASES = [
     # the fused MoE family (dense and MXFP4 experts), GPT-OSS's sinks and windows
     Case("qwen3_moe", "bf16", moe_checkpoint("qwen3-moe-tiny")),
     Case("gpt_oss", "mxfp4", moe_checkpoint("gpt-oss-tiny")),
+    # INT8 W8A8 (compressed-tensors): the int8 GEMMs (split-K and self-reduce at decode), the int8 norm and
+    # activation quant fusions,
+    Case("qwen3", "int8", int8_checkpoint(random_checkpoint("Qwen3ForCausalLM"))),
+    # and the hybrid model's: the GDN out_proj's int8 activations from the fused gated norm
+    Case("qwen3_5", "int8", int8_checkpoint(hf_random_checkpoint("qwen3_5_text", **QWEN3_5_WIDTH))),
 ]
 
 
@@ -146,7 +165,7 @@ def build(case: Case, out: Path) -> list[dict]:
         records.append(record)
         for path in out.glob(f"{case.name}.{target}.*"):
             path.unlink()
-    shutil.rmtree(ckpt)
+    shutil.rmtree(ckpt.parent if case.scheme == "int8" else ckpt)  # int8: the converted copy's directory too
     return records
 
 

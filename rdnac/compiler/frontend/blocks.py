@@ -164,14 +164,19 @@ def gated_query(m: Model, x: str, module: str, has_bias: bool, name: str) -> tup
     def queries_then_gates(t: list):  # [H, 2, D, *] -> [2, H, D, *]
         return t[0].view(num_heads, 2, head_dim, -1).transpose(0, 1).reshape(rows, -1).squeeze(-1)
 
+    b.decide(name, "q_proj rows reordered: all queries, then all gates",
+             "its rows hold per head D query rows then D gate rows; one GEMM and a column split give both")
+    scheme = b.quantized_scheme(module)
+    if scheme is not None and scheme.weight_scheme in ("channel", "tensor"):  # 8-bit rows (and scales) reordered
+        y = b.linear(x, module, rows, m.hidden, has_bias, name, reorder_rows=queries_then_gates)
+        q, gate = b.node("split", [y], f"{name}.split", 2, sizes=[num_heads * head_dim] * 2)
+        return q, gate
     ins = [x, b.derived_weight(f"{module}.weight", [(f"{module}.weight", (rows, m.hidden))], queries_then_gates,
                                (rows, m.hidden), "rows per head [query, gate] as [all queries, all gates]")]
     if has_bias:
         ins.append(b.derived_weight(f"{module}.bias", [(f"{module}.bias", (rows,))],
                                     lambda t: queries_then_gates([t[0][:, None]]), (rows,),
                                     "rows per head [query, gate] as [all queries, all gates]"))
-    b.decide(name, "q_proj rows reordered: all queries, then all gates",
-             "its rows hold per head D query rows then D gate rows; one GEMM and a column split give both")
     y = b.node("linear", ins, name)[0]
     q, gate = b.node("split", [y], f"{name}.split", 2, sizes=[num_heads * head_dim] * 2)
     return q, gate

@@ -28,6 +28,8 @@ from rdnac.ir.state import StateSpec
 
 _FLOAT_DTYPES = {"float32", "float16", "bfloat16", "float64"}
 _FP8_DTYPES = {"float8_e4m3fn", "uint8"}  # uint8: FP8 bits some checkpoints store untyped
+# the stored dtypes of a quantized linear weight, by its scheme's format (LinearScheme.fmt)
+_QUANT_DTYPES = {"e4m3fn": _FP8_DTYPES, "int8": {"int8"}}
 
 
 class GraphBuilder:
@@ -108,10 +110,10 @@ class GraphBuilder:
         src_dtype = self._spec(name, shape)
         if src_dtype not in _FLOAT_DTYPES:
             hint = ""
-            if src_dtype in _FP8_DTYPES and name.endswith(".weight"):
+            if src_dtype in _FP8_DTYPES | _QUANT_DTYPES["int8"] and name.endswith(".weight"):
                 module = name.removesuffix(".weight")
                 scheme = self._scheme(module)
-                if scheme is not None and len(shape) == 2:
+                if scheme is not None and len(shape) == 2 and src_dtype in _QUANT_DTYPES[scheme.fmt]:
                     return self._dequantized(name, shape, scheme, why_float)
                 hint = ("; it looks like FP8 data but quantization_config does not cover it "
                         f"({'no quantization_config' if not self.quant else 'excluded by its ignore list'})")
@@ -136,7 +138,7 @@ class GraphBuilder:
         for src, src_shape in sources:
             src_dtype = self._spec(src, src_shape)
             scheme = self._scheme(src.removesuffix(".weight")) if src.endswith(".weight") else None
-            if src_dtype in _FP8_DTYPES and scheme is not None and len(src_shape) == 2:
+            if scheme is not None and src_dtype in _QUANT_DTYPES[scheme.fmt] and len(src_shape) == 2:
                 fp8[src] = scheme
             elif src_dtype not in _FLOAT_DTYPES:
                 raise CheckpointError(f"{self.checkpoint.path}: tensor {self._actual[src]!r} requires a float dtype "
@@ -195,17 +197,29 @@ class GraphBuilder:
 
     # ------------------------------------------------------------ linears, float or FP8
 
+    def quantized_scheme(self, prefix: str) -> LinearScheme | None:
+        """The 8-bit scheme the checkpoint stores module `prefix`'s weight in, or None (float)."""
+        return self._scheme(prefix)
+
     def linear(self, x: str, prefix: str, out_features: int, in_features: int, has_bias: bool, name: str,
-               allow_fp8: bool = True) -> str:
-        """y = x @ W.T (+ b) for checkpoint module `prefix`: `linear`, or `linear_fp8` when the
+               allow_fp8: bool = True, reorder_rows: Callable | None = None) -> str:
+        """y = x @ W.T (+ b) for checkpoint module `prefix`: `linear`, or `linear_fp8` / `linear_int8` when the
         quantization_config covers the module and `allow_fp8` (an MoE router is float: it picks experts
-        discretely, and checkpoints keep it in bf16 whatever their quantization_config says)."""
+        discretely, and checkpoints keep it in bf16 whatever their quantization_config says).
+        `reorder_rows([t])`: a permutation of the output rows applied once to a quantized weight, its
+        per-channel scale and the bias (a row permutation commutes with per-channel and per-tensor scales)."""
         scheme = self._scheme(prefix) if allow_fp8 else None
         if scheme is None:
+            assert reorder_rows is None, "reorder_rows is for quantized weights; a float one is a derived_weight"
             ins = [x, self.weight(f"{prefix}.weight", (out_features, in_features))]
         else:
+            assert reorder_rows is None or scheme.weight_scheme in ("channel", "tensor"), scheme.tag
             ins = [x, self._fp8_weight(f"{prefix}.weight", (out_features, in_features), scheme),
                    self._weight_scale(prefix, scheme, out_features, in_features)]
+            if reorder_rows is not None:
+                self.weights[ins[1]] = reorder_rows([self.weights[ins[1]]]).contiguous()
+                if scheme.weight_scheme == "channel":
+                    self.weights[ins[2]] = reorder_rows([self.weights[ins[2]][:, None]]).contiguous()
             act = scheme.act_scheme
             if scheme.act_note:
                 self.decide(name, f"activations {act}", scheme.act_note)
@@ -225,8 +239,14 @@ class GraphBuilder:
                                 "is not used")
         if has_bias:
             ins.append(self.weight(f"{prefix}.bias", (out_features,)))
+            if reorder_rows is not None:
+                self.weights[ins[-1]] = reorder_rows([self.weights[ins[-1]][:, None]]).contiguous()
         if scheme is None:
             return self.node("linear", ins, name)[0]
+        if scheme.fmt == "int8":
+            self._zero_points(prefix)
+            return self.node("linear_int8", ins, name, weight_scheme=scheme.weight_scheme, act_scheme=act,
+                             has_bias=has_bias)[0]
         return self.node("linear_fp8", ins, name, weight_scheme=scheme.weight_scheme, act_scheme=act,
                          fp8_format="e4m3fn", block_size=list(scheme.block_size) if scheme.block_size else None,
                          has_bias=has_bias)[0]
@@ -237,7 +257,29 @@ class GraphBuilder:
         names = {module, self._actual.get(module + ".weight", module).removesuffix(".weight")}
         return self.quant.scheme_for(*sorted(names))
 
+    def _zero_points(self, prefix: str) -> None:
+        """A symmetric int8 checkpoint may store zero points anyway (all 0): read, checked, and not used."""
+        name = f"{prefix}.weight_zero_point"
+        if name in self._actual:
+            zeros = self._load(name)
+            if bool((zeros != 0).any()):
+                raise CheckpointError(f"{self.checkpoint.path}: tensor {self._actual[name]!r} requires zeros "
+                                      "(symmetric int8 weights); got non-zero zero points; asymmetric int8 is not "
+                                      "supported")
+
+    def _int8_weight(self, name: str, shape: tuple[int, ...], scheme: LinearScheme) -> str:
+        src_dtype = self._spec(name, shape)
+        if src_dtype != "int8":
+            raise CheckpointError(f"{self.checkpoint.path}: tensor {self._actual[name]!r} requires int8 data (I8) "
+                                  f"for quantization_config scheme {scheme.tag}; got {src_dtype}; list the module in "
+                                  "ignore if it is meant to be float")
+        self.weights[name] = self._load(name).contiguous()
+        self.weight_specs[name] = WeightSpec("int8", tuple(shape), scheme.tag, source=self._actual[name])
+        return name
+
     def _fp8_weight(self, name: str, shape: tuple[int, ...], scheme: LinearScheme) -> str:
+        if scheme.fmt == "int8":
+            return self._int8_weight(name, shape, scheme)
         src_dtype = self._spec(name, shape)
         if src_dtype not in _FP8_DTYPES:
             raise CheckpointError(f"{self.checkpoint.path}: tensor {self._actual[name]!r} requires FP8 data "
@@ -297,7 +339,8 @@ class GraphBuilder:
             scale = scale.reshape(-1)  # [1] or [N]
         name = f"{prefix}.weight_scale"
         self.weights[name] = scale.contiguous()
-        self.weight_specs[name] = WeightSpec("float32", tuple(scale.shape), "fp8-scale", source=self._actual[src])
+        self.weight_specs[name] = WeightSpec("float32", tuple(scale.shape), f"{scheme.tag.split('-')[0]}-scale",
+                                             source=self._actual[src])
         return name
 
     def _input_scale(self, prefix: str, scheme: LinearScheme) -> str | None:
@@ -319,6 +362,8 @@ class GraphBuilder:
 
         bits = self.weights.pop(self._fp8_weight(name, shape, scheme))
         del self.weight_specs[name]
+        if scheme.fmt == "int8":
+            self._zero_points(name.removesuffix(".weight"))
         scale_name = self._weight_scale(name.removesuffix(".weight"), scheme, *shape)
         scale = self.weights.pop(scale_name)
         del self.weight_specs[scale_name]
@@ -331,6 +376,8 @@ class GraphBuilder:
 
         module = name.removesuffix(".weight")
         bits = self.weights.pop(self._fp8_weight(name, shape, scheme))
+        if scheme.fmt == "int8":
+            self._zero_points(module)
         scale_name = self._weight_scale(module, scheme, *shape)
         scale = self.weights.pop(scale_name)
         del self.weight_specs[scale_name]

@@ -9,7 +9,11 @@ Two checkpoint conventions are read:
   `activation_scheme: static` reads `input_scale` (or `activation_scale`);
   `dynamic` quantizes activations at run time.
 - `quant_method: compressed-tensors` (llm-compressor) with float 8-bit
-  weights, strategy "tensor", "channel" ([N, 1] `weight_scale`) or "block".
+  weights, strategy "tensor", "channel" ([N, 1] `weight_scale`) or "block";
+  or, format "int-quantized", int8 W8A8: symmetric int8 weights per channel
+  ([N, 1] `weight_scale`) or tensor, activations int8 dynamic per token
+  (`linear_int8`). Other int schemes (4-bit, group-wise, static or asymmetric
+  activations) are refused naming the field.
 - `quant_method: mxfp4` (GPT-OSS): the MoE experts are MXFP4
   (`*_blocks`, `*_scales`; read by frontend/mxfp4.py); every linear stays
   float, as transformers' Mxfp4 integration converts experts only.
@@ -41,13 +45,15 @@ class LinearScheme:
     weight_scale_names: tuple[str, ...]  # tensor suffixes that may hold the weight scale, in preference order
     input_scale_names: tuple[str, ...]  # tensor suffixes of a static input scale
     act_note: str = ""  # why act_scheme differs from what the config literally says, if it does
+    fmt: str = "e4m3fn"  # the stored 8-bit format: "e4m3fn" (linear_fp8) or "int8" (linear_int8)
 
     @property
     def tag(self) -> str:
-        """Short scheme name for WeightSpec.scheme and messages: fp8-tensor, fp8-channel, fp8-block128x128."""
+        """Short scheme name for WeightSpec.scheme and messages: fp8-tensor, fp8-channel, fp8-block128x128,
+        int8-channel."""
         if self.weight_scheme == "block":
             return f"fp8-block{self.block_size[0]}x{self.block_size[1]}"
-        return f"fp8-{self.weight_scheme}"
+        return f"{'int8' if self.fmt == 'int8' else 'fp8'}-{self.weight_scheme}"
 
 
 @dataclass(frozen=True)
@@ -135,11 +141,14 @@ def _parse_hf_fp8(qc: dict, path) -> QuantConfig:
     return QuantConfig("fp8", ((("Linear",), scheme),), not_converted, summary=summary)
 
 
+_CT_FORMATS = ("float-quantized", "naive-quantized", "int-quantized")
+
+
 def _parse_compressed_tensors(qc: dict, path) -> QuantConfig:
     fmt = qc.get("format")
-    if fmt not in ("float-quantized", "naive-quantized"):
-        raise UnsupportedModelError(f"{path}: compressed-tensors format {fmt!r} is not supported; requires "
-                                    "float-quantized (FP8 weights)")
+    if fmt not in _CT_FORMATS:
+        raise UnsupportedModelError(f"{path}: compressed-tensors quantization_config.format requires one of "
+                                    f"{', '.join(_CT_FORMATS)} (FP8 or int8 W8A8 weights); got {fmt!r}")
     status = qc.get("quantization_status", "compressed")
     if status != "compressed":
         raise UnsupportedModelError(f"{path}: compressed-tensors quantization_status {status!r} is not supported; "
@@ -147,7 +156,12 @@ def _parse_compressed_tensors(qc: dict, path) -> QuantConfig:
     groups = []
     for group_name, group in (qc.get("config_groups") or {}).items():
         where = f"{path}: compressed-tensors config_groups.{group_name}"
-        groups.append((tuple(group.get("targets") or ("Linear",)), _compressed_group(group, where)))
+        group_fmt = group.get("format") or fmt  # a group may name its own format (mixed checkpoints)
+        if group_fmt not in _CT_FORMATS:
+            raise UnsupportedModelError(f"{where}.format requires one of {', '.join(_CT_FORMATS)}; got {group_fmt!r}")
+        is_int = (group.get("weights") or {}).get("type") == "int"
+        scheme = _compressed_int8_group(group, group_fmt, where) if is_int else _compressed_group(group, where)
+        groups.append((tuple(group.get("targets") or ("Linear",)), scheme))
     if not groups:
         raise UnsupportedModelError(f"{path}: compressed-tensors quantization_config requires config_groups")
     ignored_tensors = ()
@@ -198,3 +212,34 @@ def _compressed_group(group: dict, where: str) -> LinearScheme:
                                         f"{dynamic!r} is not supported; supported: static tensor, dynamic token, "
                                         "dynamic group of the weight block's width")
     return LinearScheme(strategy, act, block_size, ("weight_scale",), ("input_scale",), note)
+
+
+def _compressed_int8_group(group: dict, fmt: str, where: str) -> LinearScheme:
+    """An int config group: only W8A8 as llm-compressor's W8A8 int8 scheme writes it (symmetric int8 weights per
+    channel or tensor, int8 activations quantized dynamically per token); anything else names its field."""
+    w = group.get("weights") or {}
+    checks = [("format", fmt, fmt == "int-quantized", "int-quantized (int8 values stored unpacked)"),
+              ("weights.num_bits", w.get("num_bits"), w.get("num_bits") == 8, "8 (int8 W8A8)"),
+              ("weights.strategy", w.get("strategy"), w.get("strategy") in ("channel", "tensor"),
+               "channel or tensor (group-wise int8 is not supported)"),
+              ("weights.symmetric", w.get("symmetric", True), w.get("symmetric", True) is True, "true")]
+    a = group.get("input_activations")
+    if a is None:
+        checks.append(("input_activations", None, False, "int8 activations, dynamic per token (W8A8; W8A16 is "
+                                                          "not supported)"))
+    else:
+        checks += [("input_activations.type", a.get("type"), a.get("type") == "int", "int"),
+                   ("input_activations.num_bits", a.get("num_bits"), a.get("num_bits") == 8, "8"),
+                   ("input_activations.dynamic", a.get("dynamic"), a.get("dynamic") is True,
+                    "true (static activation scales are not supported for int8)"),
+                   ("input_activations.strategy", a.get("strategy"), a.get("strategy") in ("token", "tensor"),
+                    "token"),
+                   ("input_activations.symmetric", a.get("symmetric", True), a.get("symmetric", True) is True,
+                    "true (asymmetric activations are not supported)")]
+    for field, got, ok, wanted in checks:
+        if not ok:
+            raise UnsupportedModelError(f"{where}.{field} requires {wanted}; got {got!r}; only int8 W8A8 "
+                                        "(channel/tensor weights, dynamic per-token activations) is supported")
+    note = ("dynamic per-tensor activations are quantized per token (finer scales)"
+            if a.get("strategy") == "tensor" else "")
+    return LinearScheme(w["strategy"], "dynamic_token", None, ("weight_scale",), ("input_scale",), note, fmt="int8")

@@ -1,4 +1,5 @@
-"""Fuse the FP8 activation quantization of `linear_fp8` readers into the `rms_norm` that feeds them.
+"""Fuse the FP8 (or int8) activation quantization of `linear_fp8` (`linear_int8`) readers into the `rms_norm`
+that feeds them (and, per token, into a GDN layer's `gated_rms_norm`: `gated_rms_norm_quant`).
 
     y[, h] = rms_norm(x[, r], w); out = linear_fp8(y, W, s_w, [b])   (act_scheme dynamic_*)
         ==>   y.fp8, y.fp8_scale[, h] = rms_norm_quant(x[, r], w)
@@ -10,7 +11,8 @@ launch fewer per norm and half the bytes between them. The values are the
 same bit for bit (see `rdnac.kernels.rms_norm_quant`). The residual sum keeps
 its name, so its later readers are unchanged.
 
-Fused only when EVERY reader of y is a `linear_fp8` quantizing dynamically
+An int8 reader (`linear_int8`, per-token) is fused the same way, with format
+"int8". Fused only when EVERY reader of y is a `linear_fp8` / `linear_int8` quantizing dynamically
 ("dynamic_token" or "dynamic_group") with one format and group; static
 input scales and a16w8 ("none") are left alone, with the reason logged. It
 runs after `fp8_layout`, which sets the final format and may turn a node
@@ -30,6 +32,10 @@ NAME = "fuse_norm_quant"
 
 def run(state: CompileState) -> None:
     fuse_into_producer(state, NAME, "rms_norm", "rms_norm_quant", "norm")
+    # a GDN layer's gated norm feeding its out_proj: per-token scales only (one program holds a token's heads)
+    fuse_into_producer(state, NAME, "gated_rms_norm", "gated_rms_norm_quant", "gated norm",
+                       refuse=lambda node, quant: "" if quant[1] == 0 else
+                       f"the gated norm's kernel writes per-token scales; got {quant_label(*quant)}")
 
 
 def fuse_into_producer(state: CompileState, pass_name: str, op: str, fused_op: str, noun: str,
@@ -58,13 +64,19 @@ def fuse_into_producer(state: CompileState, pass_name: str, op: str, fused_op: s
                               {**node.attrs, "fp8_format": fmt, "group": group})
         state.decide(pass_name, node.name, f"fused {quant_label(fmt, group)} quantization of "
                      f"{', '.join(r.name for r in readers[y])} into the {noun}",
-                     f"the {noun} writes fp8 {q} and scales {scale}, {how}: "
+                     f"the {noun} writes {'int8' if fmt == 'int8' else 'fp8'} {q} and scales {scale}, {how}: "
                      "one launch fewer and no bf16 round trip; the same bits as quantizing in the linear")
 
 
 # ---------------------------------------------------------------- shared with fuse_act_quant
 
 _DYNAMIC = ("dynamic_token", "dynamic_group")
+QUANT_LINEARS = ("linear_fp8", "linear_int8")  # the linears that read 8-bit activations
+
+
+def quant_format(node: Node) -> str:
+    """The 8-bit format a quantizing linear reads its activations in ("int8" for linear_int8)."""
+    return "int8" if node.op == "linear_int8" else node.attrs["fp8_format"]
 
 
 def value_readers(graph: Graph) -> dict[str, list[Node]]:
@@ -91,7 +103,7 @@ def quant_label(fmt: str, group: int) -> str:
 def shared_quant(graph: Graph, value: str, readers: list[Node]) -> tuple[tuple[str, int] | None, str]:
     """((fp8_format, group), "") when every reader of `value` is a linear_fp8 that quantizes it
     dynamically the same way; else (None, why not), the reason "" when no reader is an FP8 linear."""
-    fp8 = [r for r in readers if r.op == "linear_fp8" and r.inputs[0] == value]
+    fp8 = [r for r in readers if r.op in QUANT_LINEARS and r.inputs[0] == value]
     if not fp8:
         return None, ""
     others = [r for r in readers if r not in fp8]
@@ -107,7 +119,7 @@ def shared_quant(graph: Graph, value: str, readers: list[Node]) -> tuple[tuple[s
             return None, f"{r.name} is a16w8 (activations none): it reads unquantized activations"
         if scheme not in _DYNAMIC:
             return None, f"{r.name} has act_scheme {scheme!r}"
-    quants = {(r.attrs["fp8_format"], r.attrs["block_size"][1] if r.attrs["act_scheme"] == "dynamic_group" else 0)
+    quants = {(quant_format(r), r.attrs["block_size"][1] if r.attrs["act_scheme"] == "dynamic_group" else 0)
               for r in fp8}
     if len(quants) > 1:
         return None, f"its FP8 readers quantize differently ({', '.join(quant_label(*q) for q in sorted(quants))})"
@@ -120,12 +132,13 @@ def shared_quant(graph: Graph, value: str, readers: list[Node]) -> tuple[tuple[s
 def prequantize_readers(graph: Graph, value: str, readers: list[Node], fmt: str, group: int,
                         out_dtype: str) -> tuple[str, str]:
     """Name the fp8 values and scales of `value` and make its readers take them ("prequantized")."""
-    q, scale = f"{value}.fp8", f"{value}.fp8_scale"
+    kind = "int8" if fmt == "int8" else "fp8"
+    q, scale = f"{value}.{kind}", f"{value}.{kind}_scale"
     taken = {n for node in graph.nodes for n in node.outputs} | set(graph.inputs) | set(graph.weights)
     assert q not in taken and scale not in taken, f"{q} or {scale} already names a value"
     for r in readers:  # (x, weight, weight_scale, [bias]) -> (q, weight, weight_scale, scale, [bias])
         r.inputs = [q, r.inputs[1], r.inputs[2], scale, *r.inputs[3:]]
         r.attrs = {**r.attrs, "act_scheme": "prequantized", "group": group,
                    "out_dtype": r.attrs.get("out_dtype") or out_dtype}  # an FP8 lm_head keeps float32
-        assert r.attrs["fp8_format"] == fmt
+        assert quant_format(r) == fmt
     return q, scale

@@ -14,7 +14,7 @@ first, then up), which needs no split.
 The merged weight is `<parent>.qkv_proj.weight` (`<parent>.gate_up_proj.weight`)
 and replaces its parts in the weights dict; its WeightSpec.source lists them.
 
-`linear_fp8` parts merge only when they share weight_scheme, act_scheme,
+`linear_fp8` (and `linear_int8`) parts merge only when they share weight_scheme, act_scheme,
 fp8_format and block_size (and all or none have a bias). The fp8 bits never
 change: per-tensor weight scales become one per-channel vector [N] (each
 part's scale repeated over its rows: exact), per-channel scales concatenate,
@@ -33,7 +33,7 @@ from rdnac.compiler.passes import CompileState
 from rdnac.ir.graph import Graph, Node, WeightSpec
 
 NAME = "merge_linears"
-_OPS = ("linear", "linear_fp8")
+_OPS = ("linear", "linear_fp8", "linear_int8")
 
 
 def run(state: CompileState) -> None:
@@ -178,14 +178,15 @@ def _merge(graph: Graph, weights: dict[str, torch.Tensor], parts: list[Node], st
         if a["weight_scheme"] == "tensor":
             scale = torch.cat([weights[s].float().reshape(1).expand(n) for s, n in zip(snames, sizes)])
             attrs["weight_scheme"] = "channel"
-            graph.weights[wname] = WeightSpec(graph.weights[wname].dtype, graph.weights[wname].shape, "fp8-channel",
+            graph.weights[wname] = WeightSpec(graph.weights[wname].dtype, graph.weights[wname].shape,
+                                              "int8-channel" if parts[0].op == "linear_int8" else "fp8-channel",
                                               graph.weights[wname].source)
             detail = "; per-tensor weight scales -> one per-channel scale (each repeated over its part's rows)"
         elif a["weight_scheme"] == "channel":
             scale = torch.cat([weights[s].float().reshape(-1) for s in snames])
         else:  # block: every part's N is a multiple of bn (checked), so block rows never mix parts
             scale = torch.cat([weights[s] for s in snames], 0)
-        ins.append(put(f"{stem}.weight_scale", scale, snames, "fp8-scale"))
+        ins.append(put(f"{stem}.weight_scale", scale, snames, graph.weights[snames[0]].scheme))
         drop(snames)
         if a["act_scheme"] == "static":
             inames = [p.inputs[3] for p in parts]

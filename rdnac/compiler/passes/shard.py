@@ -59,8 +59,10 @@ from rdnac.ir.state import StateSpec
 
 NAME = "shard"
 VOCAB_START, EXPERT_START = "tp.vocab_start", "tp.expert_start"  # per-rank int64 [1] weights
-_NOT_YET = {"linear_fp8": "FP8 linears", "rms_norm_quant": "FP8 linears", "gated_act_quant": "FP8 linears",
-            "gated_act_linear_fp8": "FP8 linears", "attention_quant": "FP8 linears"}
+_NOT_YET = {"linear_fp8": "FP8 linears", "linear_int8": "INT8 linears", "rms_norm_quant": "8-bit linears",
+            "gated_act_quant": "8-bit linears", "gated_act_linear_fp8": "FP8 linears",
+            "attention_quant": "8-bit linears", "gated_rms_norm_quant": "8-bit linears",
+            "sigmoid_gate_quant": "8-bit linears"}
 
 
 def run(state: CompileState) -> None:
