@@ -16,7 +16,7 @@ t gdn 70 tests/test_kernels_gdn.py
 t fp8_greedy 90 tests/test_fp8_greedy.py
 t plans 100 tests/test_plan_files.py tests/test_moe_plans.py tests/test_driver_launch.py
 t models 60 tests/test_gpu_models.py -k "grammar_masked or sampled_decode"
-t kmoe 75 tests/test_kernels_moe.py
+t int8 75 tests/test_int8.py -k on_cuda
 s=$(date +%s)
 timeout 80 python3 bench/moe_layer.py --shapes gpt-oss-20b --tokens 1 --max-configs 24 \
   > $OUT/moe_layer.jsonl 2> $OUT/moe_layer.err
