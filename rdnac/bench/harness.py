@@ -12,8 +12,9 @@ a subprocess); decode TPOT with graphs at each batch size at context 256
 kernel breakdown and graph timelines (`profile`), A/B variants (no PDL, a
 pass disabled, another tuning table) and transformers peers (`peers`).
 `measure_plan` does the decode/prefill/profile part for an existing plan
-(`rdnac bench PLAN --decode`). One JSON line per measurement, printed and
-appended to OUT/results.jsonl.
+(`rdnac bench PLAN --decode`). The MoE, hybrid and MLA shapes
+(`rdnac.bench.families.FAMILIES`) go through `measure_family` instead. One
+JSON line per measurement, printed and appended to OUT/results.jsonl.
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ import torch
 
 import rdnac
 from rdnac.bench.decode import copy_bandwidth, decode_record
+from rdnac.bench.families import FAMILIES, measure_family
 from rdnac.bench.prefill import prefill_record
 from rdnac.bench.profile import graph_timeline, kernel_breakdown
 from rdnac.testing.fp8 import SHAPES, write_random_checkpoint
 
 ROOT = Path(rdnac.__file__).resolve().parents[1]  # what the compile and run subprocesses import
 SCHEMES = ("bf16", "fp8-block", "fp8-tensor")
+DENSE_BATCH, DENSE_CONTEXT, DENSE_PREFILL = (1, 4, 16, 64), 256, (512, 2048)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +52,11 @@ class BenchConfig:
 
     out: Path = Path("bench-results")
     shapes: tuple[str, ...] = ("qwen3-8b",)
-    schemes: tuple[str, ...] = ("bf16",)
+    schemes: tuple[str, ...] = ()  # empty: bf16 for the dense shapes, a family shape's own (FAMILIES)
     layers: int | None = None  # override the layer count (quick runs)
-    batch: tuple[int, ...] = (1, 4, 16, 64)
-    context: int = 256
-    prefill: tuple[int, ...] = (512, 2048)
+    batch: tuple[int, ...] = ()  # empty: DENSE_BATCH, or a family shape's own
+    context: int | None = None  # None: DENSE_CONTEXT, or a family shape's contexts
+    prefill: tuple[int, ...] = ()  # empty: DENSE_PREFILL, or a family shape's own
     peers: bool = False
     peer_compile_batch: tuple[int, ...] = (1, 16, 64)
     profile: bool = False
@@ -63,13 +66,19 @@ class BenchConfig:
     ab_table: tuple[Path, ...] = ()
     cold_compile: bool = False
     checkpoints: Path | None = None
+    tiny: bool = False  # family shapes only: their tiny variants on the cpu target (rdnac.bench.families)
 
     def __post_init__(self):
         for shape in self.shapes:
-            assert shape in SHAPES, shape  # the CLI offers only these
+            assert shape in FAMILIES or (shape in SHAPES and not self.tiny), shape  # the CLI offers only these
         for scheme in self.schemes:
-            assert scheme in SCHEMES, scheme
-        assert min(self.batch + self.prefill + (self.context,), default=1) >= 1
+            assert scheme in SCHEMES + ("mxfp4",), scheme
+        assert min(self.batch + self.prefill + (self.context or 1,), default=1) >= 1
+
+    def dense(self) -> BenchConfig:
+        """This config with the dense shapes' defaults filled in."""
+        return dataclasses.replace(self, schemes=self.schemes or ("bf16",), batch=self.batch or DENSE_BATCH,
+                                   context=self.context or DENSE_CONTEXT, prefill=self.prefill or DENSE_PREFILL)
 
 
 class Recorder:
@@ -93,7 +102,8 @@ def environment() -> dict:
     import transformers
     import triton
 
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
             "transformers": transformers.__version__, "argv": sys.argv[1:]}
 
 
@@ -168,8 +178,11 @@ def run_harness(cfg: BenchConfig) -> None:
     emit(environment())
     work = Path(tempfile.mkdtemp(dir=os.environ.get("RDNAC_BENCH_TMP")))
     for shape in cfg.shapes:
-        for scheme in cfg.schemes:
-            measure_shape(shape, scheme, work, cfg, emit)
+        if shape in FAMILIES:
+            measure_family(shape, work, cfg, emit)
+            continue
+        for scheme in cfg.dense().schemes:
+            measure_shape(shape, scheme, work, cfg.dense(), emit)
 
 
 def measure_shape(shape: str, scheme: str, work: Path, cfg: BenchConfig, emit: Recorder) -> None:
