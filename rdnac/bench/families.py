@@ -25,10 +25,10 @@ GPU run, with the family's batches, a 64th of its contexts and small prefills.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import inspect
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -119,7 +119,8 @@ def write_checkpoint(root: Path, shape: str, scheme: str, layers: int, tiny: boo
     shutil.rmtree(ckpt, ignore_errors=True)
     started = time.perf_counter()
     if family.writer == "moe":
-        moe.write_random_moe_checkpoint(ckpt, source, scheme, layers=layers)
+        device = "cpu" if tiny or not torch.cuda.is_available() else "cuda"
+        moe.write_random_moe_checkpoint(ckpt, source, scheme, layers=layers, device=device)
     else:
         families.write_random_family_checkpoint(ckpt, source, layers=layers, scheme=scheme)
     stamp_path.write_text(json.dumps(stamp))
@@ -161,7 +162,7 @@ def measure_scheme(shape: str, scheme: str, work: Path, cfg, emit) -> tuple[floa
     at the first context (measured, and estimated at full depth) for the MXFP4/bf16 ratio."""
     import rdnac
     from rdnac.bench.decode import copy_bandwidth, decode_bytes, decode_bytes_by_layer, decode_record
-    from rdnac.bench.harness import ROOT, rdnac_cmd, timed_subprocess
+    from rdnac.bench.harness import rdnac_cmd, subprocess_env, timed_subprocess
     from rdnac.bench.prefill import prefill_record
 
     family = FAMILIES[shape]
@@ -179,7 +180,7 @@ def measure_scheme(shape: str, scheme: str, work: Path, cfg, emit) -> tuple[floa
     max_len = max(max(prefill, default=0), max(contexts) + 2)
     max_len = -(-max_len // 256) * 256
     compile_s, _ = timed_subprocess(rdnac_cmd("compile", str(ckpt), "--target", target, "-o", str(plan), "-q",
-                                              "--max-model-len", str(max_len)), dict(os.environ, PYTHONPATH=str(ROOT)))
+                                              "--max-model-len", str(max_len)), subprocess_env())
     emit({**label, "compile_s": round(compile_s, 1), "max_model_len": max_len})
 
     started = time.perf_counter()
@@ -206,6 +207,7 @@ def measure_scheme(shape: str, scheme: str, work: Path, cfg, emit) -> tuple[floa
               "prefill_ms_per_layer": round(record["prefill_ms"] / layers, 3)})
     read = {(b, c): decode_bytes(llm, b, c) for b in batches for c in contexts}
     del llm
+    gc.collect()  # the plan's weights, state and graphs leave the device before transformers loads
     if device == "cuda":
         torch.cuda.empty_cache()
     if cfg.peers and family.peers:

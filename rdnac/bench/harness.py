@@ -166,6 +166,13 @@ def timed_subprocess(cmd: list[str], env: dict) -> tuple[float, str]:
     return seconds, proc.stdout + proc.stderr
 
 
+def subprocess_env() -> dict:
+    """The environment of the compile and run subprocesses: this tree's rdnac first, then whatever the
+    caller's PYTHONPATH held (on the GPU machine, the unpacked wheels: xxhash, which writing a plan needs)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path)
+
+
 def rdnac_cmd(*args: str) -> list[str]:
     return [sys.executable, "-c", "from rdnac.cli.main import main; main()", *args]
 
@@ -193,14 +200,14 @@ def measure_shape(shape: str, scheme: str, work: Path, cfg: BenchConfig, emit: R
     emit({"shape": shape, "scheme": scheme, "layers": spec["layers"], "checkpoint": str(ckpt),
           **({"checkpoint_reused": True} if write_s is None else {"checkpoint_write_s": round(write_s, 1)})})
     plan = work / f"{shape}-{scheme}.sm90.msgpack"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = subprocess_env()
     if cfg.cold_compile:
         cold = Path(tempfile.mkdtemp())
         env.update(XDG_CACHE_HOME=str(cold / "xdg"), TRITON_CACHE_DIR=str(cold / "triton"))
     compile_s, _ = timed_subprocess(rdnac_cmd("compile", str(ckpt), "--target", "sm90", "-o", str(plan), "-q"), env)
     emit({"shape": shape, "scheme": scheme, "compile_s": round(compile_s, 1), "cold_kernel_cache": cfg.cold_compile})
     cold_s, out = timed_subprocess(rdnac_cmd("run", str(plan), "--prompt", "Hello", "--max-tokens", "1",
-                                             "--device", "cuda"), dict(os.environ, PYTHONPATH=str(ROOT)))
+                                             "--device", "cuda"), subprocess_env())
     emit({"shape": shape, "scheme": scheme, "cold_start_to_first_token_s": round(cold_s, 2),
           "startup_log": [line for line in out.splitlines() if line.startswith("rdnac:")]})
 
@@ -221,7 +228,7 @@ def measure_shape(shape: str, scheme: str, work: Path, cfg: BenchConfig, emit: R
             path.unlink()
     for pass_name in cfg.ab_disable_pass:  # the same checkpoint compiled without one pass (warm kernel cache)
         measure_variant(ckpt, work / f"{name}.sm90.no-{pass_name}.msgpack", ["--disable-pass", pass_name],
-                        dict(os.environ, PYTHONPATH=str(ROOT)), {**label, "disabled_pass": pass_name}, cfg, emit, bw)
+                        subprocess_env(), {**label, "disabled_pass": pass_name}, cfg, emit, bw)
     for table in cfg.ab_table:  # the same checkpoint compiled with other measured entries winning
         with alternative_table(table, "sm90") as env:
             measure_variant(ckpt, work / f"{name}.sm90.table.msgpack", [], env, {**label, "table": str(table)},
@@ -269,7 +276,7 @@ def alternative_table(table: Path, target: str):
             if entry.name != "tuned":
                 (root / entry.name).symlink_to(entry)
         shutil.copy(table, root / "tuned" / f"{target}.json")
-        yield dict(os.environ, PYTHONPATH=str(ROOT), XDG_CACHE_HOME=tmp)
+        yield dict(subprocess_env(), XDG_CACHE_HOME=tmp)
 
 
 def check_table(table: Path) -> None:
