@@ -5,6 +5,7 @@ decode, prefill, transformers beside it) so the GPU run does not fail on a slip.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 
@@ -62,8 +63,11 @@ def test_family_sizes_are_the_issues_and_tiny_ones_are_smaller():
     assert plan_sizes(cfg, FAMILIES["qwen3.5-27b"], False) == ((1, 8, 32), (256,), (2048, 16384))
     assert plan_sizes(cfg, FAMILIES["qwen3-30b-a3b"], False) == ((1, 16, 64), (256,), (2048,))
     assert plan_sizes(cfg, FAMILIES["qwen3.5-27b"], True) == ((1, 8, 32), (8,), (32, 256))
-    given = BenchConfig(shapes=("deepseek-v2-lite",), batch=(2,), context=100, prefill=(64,))
+    given = BenchConfig(shapes=("deepseek-v2-lite",), batch=(2,), context=100, prefill=(64,),
+                        given=("batch", "context", "prefill"))
     assert plan_sizes(given, FAMILIES["deepseek-v2-lite"], False) == ((2,), (100,), (64,))
+    assert plan_sizes(dataclasses.replace(given, given=("context",)), FAMILIES["deepseek-v2-lite"], False) == (
+        (1, 16, 64), (100,), (2048,))
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +127,10 @@ def test_harness_runs_every_family_shape_tiny_on_cpu(shape, tmp_path):
     more than one sequence, and their state slots; GPT-OSS at batch 1, for its MXFP4/bf16 ratio)."""
     family = FAMILIES[shape]
     batch = 1 if shape == "gpt-oss-20b" else 2
-    run_harness(BenchConfig(out=tmp_path, shapes=(shape,), tiny=True, peers=True, batch=(batch,)))
+    run_harness(BenchConfig(out=tmp_path, shapes=(shape,), tiny=True, peers=True, batch=(batch,), given=("batch",)))
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert not [r for r in records if "error" in r]
-    _, contexts, prefill = plan_sizes(BenchConfig(batch=(batch,)), family, True)
+    _, contexts, prefill = plan_sizes(BenchConfig(batch=(batch,), given=("batch",)), family, True)
     for scheme in family.schemes:
         mine = [r for r in records if r.get("engine") == "rdnac" and r["scheme"] == scheme]
         decode = [r for r in mine if "tpot_ms" in r]

@@ -129,9 +129,9 @@ def write_checkpoint(root: Path, shape: str, scheme: str, layers: int, tiny: boo
 
 def plan_sizes(cfg, family: Family, tiny: bool) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """(batches, contexts, prefill sizes): the ones given on the command line, else the family's."""
-    batch = cfg.batch or family.batch
-    contexts = (cfg.context,) if cfg.context else family.contexts
-    prefill = cfg.prefill or family.prefill
+    batch = cfg.batch if "batch" in cfg.given else family.batch
+    contexts = (cfg.context,) if "context" in cfg.given else family.contexts
+    prefill = cfg.prefill if "prefill" in cfg.given else family.prefill
     if tiny:
         contexts = tuple(max(8, c // TINY_CONTEXT_DIVISOR) for c in contexts)
         prefill = tuple(max(16, p // TINY_CONTEXT_DIVISOR) for p in prefill)
@@ -141,7 +141,7 @@ def plan_sizes(cfg, family: Family, tiny: bool) -> tuple[tuple[int, ...], tuple[
 def measure_family(shape: str, work: Path, cfg, emit) -> None:
     """Every scheme of `shape` (or those of cfg.schemes it has), one after another in this process."""
     family = FAMILIES[shape]
-    schemes = [s for s in family.schemes if not cfg.schemes or s in cfg.schemes]
+    schemes = [s for s in family.schemes if "schemes" not in cfg.given or s in cfg.schemes]
     if not schemes:
         emit({"shape": shape, "skipped": f"requires a scheme of {', '.join(family.schemes)}; "
                                          f"got {', '.join(cfg.schemes)}"})

@@ -43,7 +43,6 @@ from rdnac.testing.fp8 import SHAPES, write_random_checkpoint
 
 ROOT = Path(rdnac.__file__).resolve().parents[1]  # what the compile and run subprocesses import
 SCHEMES = ("bf16", "fp8-block", "fp8-tensor")
-DENSE_BATCH, DENSE_CONTEXT, DENSE_PREFILL = (1, 4, 16, 64), 256, (512, 2048)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,11 +51,11 @@ class BenchConfig:
 
     out: Path = Path("bench-results")
     shapes: tuple[str, ...] = ("qwen3-8b",)
-    schemes: tuple[str, ...] = ()  # empty: bf16 for the dense shapes, a family shape's own (FAMILIES)
+    schemes: tuple[str, ...] = ("bf16",)
     layers: int | None = None  # override the layer count (quick runs)
-    batch: tuple[int, ...] = ()  # empty: DENSE_BATCH, or a family shape's own
-    context: int | None = None  # None: DENSE_CONTEXT, or a family shape's contexts
-    prefill: tuple[int, ...] = ()  # empty: DENSE_PREFILL, or a family shape's own
+    batch: tuple[int, ...] = (1, 4, 16, 64)
+    context: int = 256
+    prefill: tuple[int, ...] = (512, 2048)
     peers: bool = False
     peer_compile_batch: tuple[int, ...] = (1, 16, 64)
     profile: bool = False
@@ -67,18 +66,17 @@ class BenchConfig:
     cold_compile: bool = False
     checkpoints: Path | None = None
     tiny: bool = False  # family shapes only: their tiny variants on the cpu target (rdnac.bench.families)
+    # which of "schemes", "batch", "context", "prefill" were chosen (the CLI's options given): a family shape
+    # (rdnac.bench.families) takes its own for the others, a dense shape the defaults above
+    given: tuple[str, ...] = ()
 
     def __post_init__(self):
         for shape in self.shapes:
             assert shape in FAMILIES or (shape in SHAPES and not self.tiny), shape  # the CLI offers only these
         for scheme in self.schemes:
             assert scheme in SCHEMES + ("mxfp4",), scheme
-        assert min(self.batch + self.prefill + (self.context or 1,), default=1) >= 1
-
-    def dense(self) -> BenchConfig:
-        """This config with the dense shapes' defaults filled in."""
-        return dataclasses.replace(self, schemes=self.schemes or ("bf16",), batch=self.batch or DENSE_BATCH,
-                                   context=self.context or DENSE_CONTEXT, prefill=self.prefill or DENSE_PREFILL)
+        assert min(self.batch + self.prefill + (self.context,), default=1) >= 1
+        assert set(self.given) <= {"schemes", "batch", "context", "prefill"}, self.given
 
 
 class Recorder:
@@ -188,8 +186,8 @@ def run_harness(cfg: BenchConfig) -> None:
         if shape in FAMILIES:
             measure_family(shape, work, cfg, emit)
             continue
-        for scheme in cfg.dense().schemes:
-            measure_shape(shape, scheme, work, cfg.dense(), emit)
+        for scheme in cfg.schemes:
+            measure_shape(shape, scheme, work, cfg, emit)
 
 
 def measure_shape(shape: str, scheme: str, work: Path, cfg: BenchConfig, emit: Recorder) -> None:

@@ -154,8 +154,12 @@ def bench_cmd(plan, concurrency, input_len, output_len, num_prompts, device, see
             require_gpu("--shape")
         from rdnac.bench.harness import BenchConfig, run_harness
 
-        run_harness(BenchConfig(out=out, shapes=shapes, schemes=schemes, layers=layers, tiny=tiny,
-                                batch=_flat(batch), context=context, prefill=_flat(prefill), peers=peers,
+        given = tuple(name for name, value in (("schemes", schemes), ("batch", batch), ("context", context),
+                                               ("prefill", prefill)) if value)
+        run_harness(BenchConfig(out=out, shapes=shapes, schemes=schemes or ("bf16",), layers=layers, tiny=tiny,
+                                given=given, batch=_flat(batch) or BenchConfig.batch,
+                                context=context or BenchConfig.context,
+                                prefill=_flat(prefill) or BenchConfig.prefill, peers=peers,
                                 peer_compile_batch=_flat(peer_compile_batch) or BenchConfig.peer_compile_batch,
                                 profile=profile, timeline=_flat(timeline), ab_pdl=ab_pdl,
                                 ab_disable_pass=ab_disable_pass, ab_table=ab_table, cold_compile=cold_compile,
