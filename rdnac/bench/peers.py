@@ -3,10 +3,13 @@
 Both run `generate` on the same checkpoint: TPOT is (time for 1 + n new tokens - time for 1 new token) / n
 with prompts of `context - n // 2` tokens, so the mean context matches the rdnac measurement; prefill is a
 single forward over the prompt. Each static-cache batch size compiles anew (not counted in the TPOT).
+`measure_transformers_family` is the eager one for the MoE, hybrid and MLA shapes (rdnac.bench.families):
+several contexts, bandwidth from rdnac's byte count of the same checkpoint, out-of-memory sizes recorded.
 """
 
 from __future__ import annotations
 
+import gc
 import time
 
 import torch
@@ -149,5 +152,6 @@ def measure_transformers_family(ckpt, batches: list[int], contexts: list[int], p
             yield {**head, "prefill_ms": round(min(times) * 1e3, 2), "tokens_per_s": round(tokens / min(times)),
                    "note": note}
     del model
+    gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
