@@ -113,7 +113,7 @@ def hf_config(shape: str, layers: int | None = None):
         config.pop("first_k_dense_replace", None)
     cfg = AutoConfig.for_model(model_type, **config)
     cfg.architectures = [arch]
-    cfg.torch_dtype = "bfloat16"
+    cfg.dtype = "bfloat16"
     return cfg
 
 
