@@ -17,7 +17,9 @@ Fewer layers, honestly scaled: every record names `layers` and the model's
 (each measured layer standing for the model's layers of its kind: GDN or
 full attention, dense or MoE, sliding or full window) and the TPOT that
 would take at the bandwidth this plan achieved (`full_depth_tpot_ms_est`, an
-estimate, not a measurement); prefill records add ms per layer. `--tiny` runs
+estimate, not a measurement); prefill records add ms per layer. `--profile`
+adds the per-op kernel breakdown of a batch-1 decode step (at the last
+context) and of the largest prefill (the GDN kernels' share of it). `--tiny` runs
 each shape's tiny variant on the cpu target in seconds: the code path of the
 GPU run, with the family's batches, a 64th of its contexts and small prefills.
 """
@@ -205,6 +207,16 @@ def measure_scheme(shape: str, scheme: str, work: Path, cfg, emit) -> tuple[floa
         record = prefill_record(llm, tokens, repeats=1 if tiny else 3)
         emit({"engine": "rdnac", **label, **record, **scale,
               "prefill_ms_per_layer": round(record["prefill_ms"] / layers, 3)})
+    if cfg.profile and not tiny:  # where the step's time goes: GDN's share of a prefill (issue 25), MLA's of decode
+        from rdnac.bench.profile import kernel_breakdown
+
+        rows, summary = kernel_breakdown(llm, contexts[-1], bw)
+        emit({**label, "profile_summary": summary, "batch": 1, "context": contexts[-1]})
+        emit.write_rows(f"profile-{shape}-{scheme}.json", rows)
+        if prefill:
+            rows, summary = kernel_breakdown(llm, max(prefill), bw, prefill=max(prefill))
+            emit({**label, "prefill_profile_summary": summary, "prefill_tokens": max(prefill)})
+            emit.write_rows(f"profile-prefill{max(prefill)}-{shape}-{scheme}.json", rows)
     read = {(b, c): decode_bytes(llm, b, c) for b in batches for c in contexts}
     del llm
     gc.collect()  # the plan's weights, state and graphs leave the device before transformers loads

@@ -18,17 +18,18 @@ from torch.profiler import ProfilerActivity, profile
 
 from rdnac.ir.ops import ATTENTION_OPS
 from rdnac.kernels.launch import kernel_name
+from rdnac.bench.decode import release, take_entries
 from rdnac.runtime.model_runner import StepEntry
 
 
 def _entries(engine, context: int, prefill: int, batch: int = 1) -> list[StepEntry]:
-    """`batch` sequences at a decode step at `context` cached tokens, or one prefill of `prefill` tokens."""
+    """`batch` sequences at a decode step at `context` cached tokens, or one prefill of `prefill` tokens
+    (each with a state slot where the plan keeps per-sequence state; `release` frees both)."""
     total = prefill or context + 1
-    per_seq = -(-total // engine.runner.block_size)
-    ids = [(7 * i) % 50000 + 300 for i in range(total)]
-    if prefill:
-        return [StepEntry(ids, engine.engine.block_manager.take_blocks(per_seq), 0, prefill)]
-    return [StepEntry(ids, engine.engine.block_manager.take_blocks(per_seq), context, context + 1) for _ in range(batch)]
+    ids = [((7 * i) % 50000 + 300) % engine.graph.attrs["vocab_size"] for i in range(total)]
+    start = 0 if prefill else context
+    return [StepEntry(ids, e.block_table, start, total, e.state_slot)
+            for e in take_entries(engine, 1 if prefill else batch, total)]
 
 
 def _node_bytes(engine, node, context: int) -> int:
@@ -129,8 +130,7 @@ def kernel_breakdown(engine, context: int, copy_gbps: float, prefill: int = 0,
         agg["us"] = round(agg["us"], 1)
         if agg["bytes"]:
             agg["pct_of_copy"] = round(100 * agg["bytes"] / agg["us"] / 1e3 / copy_gbps, 1)
-    for entry in entries:
-        engine.engine.block_manager.free(entry.block_table)
+    release(engine, entries)
     summary = {"kernel_us_total": round(total_us, 1), "launches": len(sequence), "by_op": by_op}
     return list(rows.values()), summary
 
@@ -152,8 +152,7 @@ def graph_timeline(engine, context: int, batch: int = 1, replays: int = 3) -> tu
     timed = [(node, name, event.time_range.start, event.time_range.end)
              for node, name, event in _match(sequence, kernels)]
     rows, by_op = timeline_rows(timed)
-    for entry in entries:
-        engine.engine.block_manager.free(entry.block_table)
+    release(engine, entries)
     span = max(end for *_, end in timed) - timed[0][2]
     return rows, {"batch": batch, "span_us": round(span, 1), "launches": len(rows), "by_op": by_op}
 
