@@ -165,3 +165,25 @@ def test_family_options_are_checked_before_anything_runs(args, message, tmp_path
     assert result.exit_code == 2, result.output
     assert message in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_kernel_breakdown_bytes_of_gdn_moe_and_mla_nodes(hybrid, tmp_path):
+    """The GPU breakdown's per-node bytes: a GDN node's per-sequence state read and written, the routed
+    experts a step's tokens read, MLA's latent cache of `context` tokens plus kv_b_proj's decode form."""
+    from rdnac.bench import profile
+
+    gdn = next(n for n in hybrid.graph.nodes if n.op == "gated_delta_rule")
+    state = next(s for s in hybrid.graph.state if s.kind == "recurrent" and s.name in gdn.inputs)
+    assert profile._node_bytes(hybrid, gdn, 100, sequences=3) == 2 * 3 * state.nbytes
+
+    write_random_family_checkpoint(tmp_path / "ckpt", "deepseek-v2-tiny", device="cpu")
+    llm = rdnac.load(rdnac.compile(tmp_path / "ckpt", "cpu", tmp_path / "p.msgpack", quiet=True, max_model_len=512))
+    w = llm.weights
+    experts = next(n for n in llm.graph.nodes if n.op == "moe_experts")
+    every = sum(w[n].numel() * w[n].element_size() for n in experts.inputs[3:] if n in w)
+    assert profile._node_bytes(llm, experts, 100) == every * 2 // 8  # top-2 of 8 at one token
+    assert profile._node_bytes(llm, experts, 100, tokens=4096) == every
+    mla = next(n for n in llm.graph.nodes if n.op == "mla_attention")
+    latent = next(s for s in llm.graph.state if s.name in mla.inputs)
+    w_uk, w_uv = (w[n] for n in mla.inputs[7:9])
+    assert profile._node_bytes(llm, mla, 100) == 100 * latent.nbytes + (w_uk.numel() + w_uv.numel()) * w_uk.element_size()

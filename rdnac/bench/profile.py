@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from rdnac.ir.ops import ATTENTION_OPS
 from rdnac.kernels.launch import kernel_name
-from rdnac.bench.decode import release, take_entries
+from rdnac.bench.decode import _unread_weight_bytes, release, take_entries
 from rdnac.runtime.model_runner import StepEntry
 
 
@@ -32,7 +32,8 @@ def _entries(engine, context: int, prefill: int, batch: int = 1) -> list[StepEnt
             for e in take_entries(engine, 1 if prefill else batch, total)]
 
 
-def _node_bytes(engine, node, context: int) -> int:
+def _node_bytes(engine, node, context: int, sequences: int = 1, tokens: int | None = None) -> int:
+    """Bytes `node` reads in a step of `sequences` sequences and `tokens` tokens (default: one each, decode)."""
     w = engine.weights
     if node.op in ("linear", "linear_fp8", "linear_gated_act"):
         return sum(w[n].numel() * w[n].element_size() for n in node.inputs if n in w)
@@ -40,6 +41,15 @@ def _node_bytes(engine, node, context: int) -> int:
         return w[node.inputs[2]].numel() * w[node.inputs[2]].element_size()
     if node.op in ATTENTION_OPS:  # the declared state its cache inputs hold, `context` tokens of it
         return context * sum(s.nbytes for s in engine.graph.state if s.is_paged and s.name in node.inputs)
+    if node.op == "mla_attention":  # the latent cache of `context` tokens and kv_b_proj in the decode form
+        latent = context * sum(s.nbytes for s in engine.graph.state if s.is_paged and s.name in node.inputs)
+        form = node.inputs[7:9] if node.attrs.get("decode_form") == "absorbed" else node.inputs[6:7]
+        return latent + sum(w[n].numel() * w[n].element_size() for n in form)
+    if node.op in ("gated_delta_rule", "causal_conv1d"):  # its per-sequence state, read and written
+        return 2 * sequences * sum(s.nbytes for s in engine.graph.state if not s.is_paged and s.name in node.inputs)
+    if node.op in ("moe_experts", "moe_experts_mxfp4"):  # the experts the step's tokens are expected to read
+        unread = _unread_weight_bytes(engine.graph, w, tokens or sequences)
+        return int(sum(w[n].numel() * w[n].element_size() - unread.get(n, 0) for n in node.inputs[3:] if n in w))
     return 0  # the small kernels: their bytes are not counted
 
 
@@ -111,7 +121,8 @@ def kernel_breakdown(engine, context: int, copy_gbps: float, prefill: int = 0,
     rows: dict[str, dict] = {}
     for node, name, event in _match(sequence, kernels):
         row = rows.setdefault(node.name, {"node": node.name, "op": node.op, "kernels": [], "us": 0.0,
-                                          "bytes": _node_bytes(engine, node, context)})
+                                          "bytes": _node_bytes(engine, node, context, len(entries),
+                                                               sum(e.end - e.start for e in entries))})
         row["kernels"].append(name)
         row["us"] += event.device_time
     for row in rows.values():
