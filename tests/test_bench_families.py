@@ -186,4 +186,5 @@ def test_kernel_breakdown_bytes_of_gdn_moe_and_mla_nodes(hybrid, tmp_path):
     mla = next(n for n in llm.graph.nodes if n.op == "mla_attention")
     latent = next(s for s in llm.graph.state if s.name in mla.inputs)
     w_uk, w_uv = (w[n] for n in mla.inputs[7:9])
-    assert profile._node_bytes(llm, mla, 100) == 100 * latent.nbytes + (w_uk.numel() + w_uv.numel()) * w_uk.element_size()
+    form = (w_uk.numel() + w_uv.numel()) * w_uk.element_size()
+    assert profile._node_bytes(llm, mla, 100) == 100 * latent.nbytes + form
