@@ -123,16 +123,18 @@ def tensor_specs(cfg) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    # the per-expert shapes come from the config, not the fused tensor's orientation (which transformers
+    # versions have changed); only the expert count is read from it
+    h, inter = cfg.hidden_size, getattr(cfg, "moe_intermediate_size", None)
     specs = []
     for name, t in model.state_dict().items():
         prefix, _, leaf = name.rpartition(".")
         if prefix.endswith(".experts") and leaf == "gate_up_proj":  # [E, 2I, H]: gate rows, then up rows
-            e, i2, h = t.shape
-            for j in range(e):
-                specs += [(f"{prefix}.{j}.gate_proj.weight", t.dtype, (i2 // 2, h)),
-                          (f"{prefix}.{j}.up_proj.weight", t.dtype, (i2 // 2, h))]
+            for j in range(t.shape[0]):
+                specs += [(f"{prefix}.{j}.gate_proj.weight", t.dtype, (inter, h)),
+                          (f"{prefix}.{j}.up_proj.weight", t.dtype, (inter, h))]
         elif prefix.endswith(".experts") and leaf == "down_proj":  # [E, H, I]
-            specs += [(f"{prefix}.{j}.down_proj.weight", t.dtype, tuple(t.shape[1:])) for j in range(t.shape[0])]
+            specs += [(f"{prefix}.{j}.down_proj.weight", t.dtype, (h, inter)) for j in range(t.shape[0])]
         else:
             specs.append((name, t.dtype, tuple(t.shape)))
     return specs
