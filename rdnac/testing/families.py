@@ -98,12 +98,13 @@ SHAPES = {
 }
 
 
-def hf_config(shape: str, layers: int | None = None):
-    """transformers' config of `shape` with `layers` decoder layers (default: the model's own)."""
+def hf_config(shape: str, layers: int | None = None, **overrides):
+    """transformers' config of `shape` with `layers` decoder layers (default: the model's own) and any other
+    config keys replaced by `overrides` (narrower build checks at real per-head widths)."""
     from transformers import AutoConfig
 
     model_type, arch, config = SHAPES[shape]
-    config = dict(config)
+    config = {**config, **overrides}
     if layers:
         config["num_hidden_layers"] = layers
         config["first_k_dense_replace"] = min(config.get("first_k_dense_replace", 0), layers - 1)
@@ -160,12 +161,14 @@ def _random(name: str, shape: tuple[int, ...], seed: int, device: str, part: int
 
 
 def write_random_family_checkpoint(out_dir: str | Path, shape: str, layers: int | None = None,
-                                   scheme: str = "bf16", seed: int = 0, device: str | None = None) -> Path:
-    """Config, tokenizer and one safetensors shard per layer (plus embeddings and head) of `shape`."""
+                                   scheme: str = "bf16", seed: int = 0, device: str | None = None,
+                                   **overrides) -> Path:
+    """Config, tokenizer and one safetensors shard per layer (plus embeddings and head) of `shape`, its config
+    keys replaced by `overrides`."""
     if scheme not in ("bf16", "fp8-block") or (scheme == "fp8-block" and not SHAPES[shape][0].startswith("deepseek")):
         raise ValueError(f"scheme requires bf16 (any shape) or fp8-block (DeepSeek shapes); got {scheme!r} for {shape}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = hf_config(shape, layers)
+    cfg = hf_config(shape, layers, **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     shards: dict[int, list] = {}
