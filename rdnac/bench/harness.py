@@ -12,8 +12,9 @@ a subprocess); decode TPOT with graphs at each batch size at context 256
 kernel breakdown and graph timelines (`profile`), A/B variants (no PDL, a
 pass disabled, another tuning table) and transformers peers (`peers`).
 `measure_plan` does the decode/prefill/profile part for an existing plan
-(`rdnac bench PLAN --decode`). One JSON line per measurement, printed and
-appended to OUT/results.jsonl.
+(`rdnac bench PLAN --decode`). The MoE, hybrid and MLA shapes
+(`rdnac.bench.families.FAMILIES`) go through `measure_family` instead. One
+JSON line per measurement, printed and appended to OUT/results.jsonl.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 
 import rdnac
 from rdnac.bench.decode import copy_bandwidth, decode_record
+from rdnac.bench.families import FAMILIES, measure_family
 from rdnac.bench.prefill import prefill_record
 from rdnac.bench.profile import graph_timeline, kernel_breakdown
 from rdnac.testing.fp8 import SHAPES, write_random_checkpoint
@@ -63,13 +65,18 @@ class BenchConfig:
     ab_table: tuple[Path, ...] = ()
     cold_compile: bool = False
     checkpoints: Path | None = None
+    tiny: bool = False  # family shapes only: their tiny variants on the cpu target (rdnac.bench.families)
+    # which of "schemes", "batch", "context", "prefill" were chosen (the CLI's options given): a family shape
+    # (rdnac.bench.families) takes its own for the others, a dense shape the defaults above
+    given: tuple[str, ...] = ()
 
     def __post_init__(self):
         for shape in self.shapes:
-            assert shape in SHAPES, shape  # the CLI offers only these
+            assert shape in FAMILIES or (shape in SHAPES and not self.tiny), shape  # the CLI offers only these
         for scheme in self.schemes:
-            assert scheme in SCHEMES, scheme
+            assert scheme in SCHEMES + ("mxfp4",), scheme
         assert min(self.batch + self.prefill + (self.context,), default=1) >= 1
+        assert set(self.given) <= {"schemes", "batch", "context", "prefill"}, self.given
 
 
 class Recorder:
@@ -93,7 +100,8 @@ def environment() -> dict:
     import transformers
     import triton
 
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "torch": torch.__version__, "triton": triton.__version__,
             "transformers": transformers.__version__, "argv": sys.argv[1:]}
 
 
@@ -156,6 +164,13 @@ def timed_subprocess(cmd: list[str], env: dict) -> tuple[float, str]:
     return seconds, proc.stdout + proc.stderr
 
 
+def subprocess_env() -> dict:
+    """The environment of the compile and run subprocesses: this tree's rdnac first, then whatever the
+    caller's PYTHONPATH held (on the GPU machine, the unpacked wheels: xxhash, which writing a plan needs)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path)
+
+
 def rdnac_cmd(*args: str) -> list[str]:
     return [sys.executable, "-c", "from rdnac.cli.main import main; main()", *args]
 
@@ -168,6 +183,9 @@ def run_harness(cfg: BenchConfig) -> None:
     emit(environment())
     work = Path(tempfile.mkdtemp(dir=os.environ.get("RDNAC_BENCH_TMP")))
     for shape in cfg.shapes:
+        if shape in FAMILIES:
+            measure_family(shape, work, cfg, emit)
+            continue
         for scheme in cfg.schemes:
             measure_shape(shape, scheme, work, cfg, emit)
 
@@ -180,14 +198,14 @@ def measure_shape(shape: str, scheme: str, work: Path, cfg: BenchConfig, emit: R
     emit({"shape": shape, "scheme": scheme, "layers": spec["layers"], "checkpoint": str(ckpt),
           **({"checkpoint_reused": True} if write_s is None else {"checkpoint_write_s": round(write_s, 1)})})
     plan = work / f"{shape}-{scheme}.sm90.msgpack"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = subprocess_env()
     if cfg.cold_compile:
         cold = Path(tempfile.mkdtemp())
         env.update(XDG_CACHE_HOME=str(cold / "xdg"), TRITON_CACHE_DIR=str(cold / "triton"))
     compile_s, _ = timed_subprocess(rdnac_cmd("compile", str(ckpt), "--target", "sm90", "-o", str(plan), "-q"), env)
     emit({"shape": shape, "scheme": scheme, "compile_s": round(compile_s, 1), "cold_kernel_cache": cfg.cold_compile})
     cold_s, out = timed_subprocess(rdnac_cmd("run", str(plan), "--prompt", "Hello", "--max-tokens", "1",
-                                             "--device", "cuda"), dict(os.environ, PYTHONPATH=str(ROOT)))
+                                             "--device", "cuda"), subprocess_env())
     emit({"shape": shape, "scheme": scheme, "cold_start_to_first_token_s": round(cold_s, 2),
           "startup_log": [line for line in out.splitlines() if line.startswith("rdnac:")]})
 
@@ -208,7 +226,7 @@ def measure_shape(shape: str, scheme: str, work: Path, cfg: BenchConfig, emit: R
             path.unlink()
     for pass_name in cfg.ab_disable_pass:  # the same checkpoint compiled without one pass (warm kernel cache)
         measure_variant(ckpt, work / f"{name}.sm90.no-{pass_name}.msgpack", ["--disable-pass", pass_name],
-                        dict(os.environ, PYTHONPATH=str(ROOT)), {**label, "disabled_pass": pass_name}, cfg, emit, bw)
+                        subprocess_env(), {**label, "disabled_pass": pass_name}, cfg, emit, bw)
     for table in cfg.ab_table:  # the same checkpoint compiled with other measured entries winning
         with alternative_table(table, "sm90") as env:
             measure_variant(ckpt, work / f"{name}.sm90.table.msgpack", [], env, {**label, "table": str(table)},
@@ -256,7 +274,7 @@ def alternative_table(table: Path, target: str):
             if entry.name != "tuned":
                 (root / entry.name).symlink_to(entry)
         shutil.copy(table, root / "tuned" / f"{target}.json")
-        yield dict(os.environ, PYTHONPATH=str(ROOT), XDG_CACHE_HOME=tmp)
+        yield dict(subprocess_env(), XDG_CACHE_HOME=tmp)
 
 
 def check_table(table: Path) -> None:

@@ -18,20 +18,22 @@ from torch.profiler import ProfilerActivity, profile
 
 from rdnac.ir.ops import ATTENTION_OPS
 from rdnac.kernels.launch import kernel_name
+from rdnac.bench.decode import _unread_weight_bytes, release, take_entries
 from rdnac.runtime.model_runner import StepEntry
 
 
 def _entries(engine, context: int, prefill: int, batch: int = 1) -> list[StepEntry]:
-    """`batch` sequences at a decode step at `context` cached tokens, or one prefill of `prefill` tokens."""
+    """`batch` sequences at a decode step at `context` cached tokens, or one prefill of `prefill` tokens
+    (each with a state slot where the plan keeps per-sequence state; `release` frees both)."""
     total = prefill or context + 1
-    per_seq = -(-total // engine.runner.block_size)
-    ids = [(7 * i) % 50000 + 300 for i in range(total)]
-    if prefill:
-        return [StepEntry(ids, engine.engine.block_manager.take_blocks(per_seq), 0, prefill)]
-    return [StepEntry(ids, engine.engine.block_manager.take_blocks(per_seq), context, context + 1) for _ in range(batch)]
+    ids = [((7 * i) % 50000 + 300) % engine.graph.attrs["vocab_size"] for i in range(total)]
+    start = 0 if prefill else context
+    return [StepEntry(ids, e.block_table, start, total, e.state_slot)
+            for e in take_entries(engine, 1 if prefill else batch, total)]
 
 
-def _node_bytes(engine, node, context: int) -> int:
+def _node_bytes(engine, node, context: int, sequences: int = 1, tokens: int | None = None) -> int:
+    """Bytes `node` reads in a step of `sequences` sequences and `tokens` tokens (default: one each, decode)."""
     w = engine.weights
     if node.op in ("linear", "linear_fp8", "linear_int8", "linear_gated_act", "gated_act_linear_fp8"):
         return sum(w[n].numel() * w[n].element_size() for n in node.inputs if n in w)
@@ -39,6 +41,15 @@ def _node_bytes(engine, node, context: int) -> int:
         return w[node.inputs[2]].numel() * w[node.inputs[2]].element_size()
     if node.op in ATTENTION_OPS:  # the declared state its cache inputs hold, `context` tokens of it
         return context * sum(s.nbytes for s in engine.graph.state if s.is_paged and s.name in node.inputs)
+    if node.op == "mla_attention":  # the latent cache of `context` tokens and kv_b_proj in the decode form
+        latent = context * sum(s.nbytes for s in engine.graph.state if s.is_paged and s.name in node.inputs)
+        form = node.inputs[7:9] if node.attrs.get("decode_form") == "absorbed" else node.inputs[6:7]
+        return latent + sum(w[n].numel() * w[n].element_size() for n in form)
+    if node.op in ("gated_delta_rule", "causal_conv1d"):  # its per-sequence state, read and written
+        return 2 * sequences * sum(s.nbytes for s in engine.graph.state if not s.is_paged and s.name in node.inputs)
+    if node.op in ("moe_experts", "moe_experts_mxfp4"):  # the experts the step's tokens are expected to read
+        unread = _unread_weight_bytes(engine.graph, w, tokens or sequences)
+        return int(sum(w[n].numel() * w[n].element_size() - unread.get(n, 0) for n in node.inputs[3:] if n in w))
     return 0  # the small kernels: their bytes are not counted
 
 
@@ -110,7 +121,8 @@ def kernel_breakdown(engine, context: int, copy_gbps: float, prefill: int = 0,
     rows: dict[str, dict] = {}
     for node, name, event in _match(sequence, kernels):
         row = rows.setdefault(node.name, {"node": node.name, "op": node.op, "kernels": [], "us": 0.0,
-                                          "bytes": _node_bytes(engine, node, context)})
+                                          "bytes": _node_bytes(engine, node, context, len(entries),
+                                                               sum(e.end - e.start for e in entries))})
         row["kernels"].append(name)
         row["us"] += event.device_time
     for row in rows.values():
@@ -129,8 +141,7 @@ def kernel_breakdown(engine, context: int, copy_gbps: float, prefill: int = 0,
         agg["us"] = round(agg["us"], 1)
         if agg["bytes"]:
             agg["pct_of_copy"] = round(100 * agg["bytes"] / agg["us"] / 1e3 / copy_gbps, 1)
-    for entry in entries:
-        engine.engine.block_manager.free(entry.block_table)
+    release(engine, entries)
     summary = {"kernel_us_total": round(total_us, 1), "launches": len(sequence), "by_op": by_op}
     return list(rows.values()), summary
 
@@ -152,8 +163,7 @@ def graph_timeline(engine, context: int, batch: int = 1, replays: int = 3) -> tu
     timed = [(node, name, event.time_range.start, event.time_range.end)
              for node, name, event in _match(sequence, kernels)]
     rows, by_op = timeline_rows(timed)
-    for entry in entries:
-        engine.engine.block_manager.free(entry.block_table)
+    release(engine, entries)
     span = max(end for *_, end in timed) - timed[0][2]
     return rows, {"batch": batch, "span_us": round(span, 1), "launches": len(rows), "by_op": by_op}
 

@@ -41,15 +41,17 @@ class _IntList(click.ParamType):
 
 
 class _ShapeName(click.ParamType):
-    """A shape of `rdnac.testing.fp8.SHAPES`, looked up only when given (the CLI starts without torch)."""
+    """A shape of `rdnac.testing.fp8.SHAPES` (dense) or `rdnac.bench.families.FAMILIES` (MoE, hybrid, MLA),
+    looked up only when given (the CLI starts without torch)."""
 
     name = "SHAPE"
 
     def convert(self, value, param, ctx):
+        from rdnac.bench.families import FAMILIES
         from rdnac.testing.fp8 import SHAPES
 
-        if value not in SHAPES:
-            self.fail(f"requires one of {', '.join(sorted(SHAPES))}; got {value!r}", param, ctx)
+        if value not in SHAPES and value not in FAMILIES:
+            self.fail(f"requires one of {', '.join(sorted(SHAPES) + list(FAMILIES))}; got {value!r}", param, ctx)
         return value
 
 
@@ -97,8 +99,9 @@ class _BenchCommand(click.Command):
 @click.option("--decode", is_flag=True, help="Time PLAN's decode steps at each --batch (GPU).")
 @click.option("--batch", multiple=True, type=_IntList(),
               help="Decode batch sizes, e.g. 1,4,16,64 (default; repeatable).")
-@click.option("--context", default=256, show_default=True, type=click.IntRange(1),
-              help="Cached tokens per sequence a decode step is timed at.")
+@click.option("--context", type=click.IntRange(1),
+              help="Cached tokens per sequence a decode step is timed at (default 256; a family shape's own "
+                   "contexts, e.g. 256 and 8192 for deepseek-v2-lite).")
 @click.option("--prefill", multiple=True, type=_IntList(),
               help="Prefill sizes in tokens, e.g. 512,2048 (with PLAN: time these; harness default 512,2048).")
 @click.option("--profile", is_flag=True, help="Per-node kernel breakdown of a batch-1 decode and the largest prefill.")
@@ -108,9 +111,16 @@ class _BenchCommand(click.Command):
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-results"),
               show_default=True, help="Timings: directory for results.jsonl and the profile/timeline files.")
 @click.option("--shape", "shapes", multiple=True, type=_ShapeName(),
-              help="Harness: random checkpoint shape (qwen3-8b, llama3-8b, ministral3-8b, smollm2, tiny; repeatable).")
-@click.option("--scheme", "schemes", multiple=True, type=click.Choice(["bf16", "fp8-block", "fp8-tensor"]),
-              help="Harness: weight scheme (repeatable; default bf16).")
+              help="Harness: random checkpoint shape (dense: qwen3-8b, llama3-8b, ministral3-8b, smollm2, tiny; "
+                   "MoE, hybrid and MLA: qwen3-30b-a3b, gpt-oss-20b, qwen3.5-9b, qwen3.5-27b, qwen3.5-35b-a3b, "
+                   "deepseek-v2-lite, deepseek-v3, with their own schemes, batches, contexts and fewer layers; "
+                   "repeatable).")
+@click.option("--scheme", "schemes", multiple=True, type=click.Choice(["bf16", "fp8-block", "fp8-tensor", "mxfp4"]),
+              help="Harness: weight scheme (repeatable; default bf16, or a family shape's own: gpt-oss-20b "
+                   "mxfp4 and bf16, deepseek-v3 fp8-block).")
+@click.option("--tiny", is_flag=True,
+              help="Harness, family shapes: their tiny variants on the cpu target (checks the whole run in seconds; "
+                   "no GPU needed).")
 @click.option("--layers", type=click.IntRange(1), help="Harness: override the layer count (quick runs).")
 @click.option("--peers", is_flag=True, help="Harness: also transformers eager and static cache + torch.compile.")
 @click.option("--peer-compile-batch", multiple=True, type=_IntList(),
@@ -127,23 +137,28 @@ class _BenchCommand(click.Command):
               help="Harness: keep the random checkpoints in DIR and reuse those written from the same spec, seed "
                    "and generator (a later call on the same warm machine skips the 60-90 s write).")
 def bench_cmd(plan, concurrency, input_len, output_len, num_prompts, device, seed, enforce_eager, as_json, decode,
-              batch, context, prefill, profile, timeline, out, shapes, schemes, layers, peers, peer_compile_batch,
-              ab_pdl, ab_disable_pass, ab_table, cold_compile, checkpoints):
+              batch, context, prefill, profile, timeline, out, shapes, schemes, tiny, layers, peers,
+              peer_compile_batch, ab_pdl, ab_disable_pass, ab_table, cold_compile, checkpoints):
     """Measure PLAN's serving latency and throughput; with --decode/--prefill its step timings on the GPU;
     with --shape (no PLAN) run the harness over a random checkpoint of that shape (see README.md).
     `rdnac bench serve --help`: load a running server over HTTP."""
     harness_only = {"--scheme": schemes, "--layers": layers, "--peers": peers,
                     "--peer-compile-batch": peer_compile_batch, "--ab-pdl": ab_pdl,
                     "--ab-disable-pass": ab_disable_pass, "--ab-table": ab_table, "--cold-compile": cold_compile,
-                    "--checkpoints": checkpoints}
+                    "--checkpoints": checkpoints, "--tiny": tiny}
     if shapes:
         if plan:
             raise click.UsageError("requires PLAN or --shape, not both: --shape compiles its own plan")
-        require_gpu("--shape")
+        _check_shapes(shapes, schemes, tiny)
+        if not tiny:
+            require_gpu("--shape")
         from rdnac.bench.harness import BenchConfig, run_harness
 
-        run_harness(BenchConfig(out=out, shapes=shapes, schemes=schemes or ("bf16",), layers=layers,
-                                batch=_flat(batch) or BenchConfig.batch, context=context,
+        given = tuple(name for name, value in (("schemes", schemes), ("batch", batch), ("context", context),
+                                               ("prefill", prefill)) if value)
+        run_harness(BenchConfig(out=out, shapes=shapes, schemes=schemes or ("bf16",), layers=layers, tiny=tiny,
+                                given=given, batch=_flat(batch) or BenchConfig.batch,
+                                context=context or BenchConfig.context,
                                 prefill=_flat(prefill) or BenchConfig.prefill, peers=peers,
                                 peer_compile_batch=_flat(peer_compile_batch) or BenchConfig.peer_compile_batch,
                                 profile=profile, timeline=_flat(timeline), ab_pdl=ab_pdl,
@@ -157,10 +172,26 @@ def bench_cmd(plan, concurrency, input_len, output_len, num_prompts, device, see
         raise click.UsageError(f"{', '.join(given)} require --shape (the harness); got PLAN")
     if decode or prefill or profile or timeline:
         require_gpu("--decode/--prefill/--profile/--timeline")
-        _time_plan(plan, enforce_eager, out, decode, _flat(batch) or (1, 4, 16, 64), context, _flat(prefill),
+        _time_plan(plan, enforce_eager, out, decode, _flat(batch) or (1, 4, 16, 64), context or 256, _flat(prefill),
                    profile, _flat(timeline))
         return
     _serve(plan, concurrency, input_len, output_len, num_prompts, device, seed, enforce_eager, as_json)
+
+
+def _check_shapes(shapes, schemes, tiny) -> None:
+    """A dense shape takes the dense schemes and runs on the GPU only; a family shape needs one of its schemes."""
+    from rdnac.bench.families import FAMILIES
+
+    for shape in shapes:
+        if shape not in FAMILIES:
+            if tiny:
+                raise click.UsageError(f"--tiny requires family shapes ({', '.join(FAMILIES)}); got {shape}")
+            if "mxfp4" in schemes:
+                raise click.UsageError(f"--scheme mxfp4 requires a MoE shape with MXFP4 experts (gpt-oss-20b); "
+                                       f"got {shape}")
+        elif schemes and not set(schemes) & set(FAMILIES[shape].schemes):
+            raise click.UsageError(f"--shape {shape} requires --scheme {' or '.join(FAMILIES[shape].schemes)}; "
+                                   f"got {', '.join(schemes)}")
 
 
 def _time_plan(plan, enforce_eager, out, decode, batch, context, prefill, profile, timeline) -> None:

@@ -95,6 +95,22 @@ def int8_checkpoint(write_float: Callable[..., Path]) -> Callable[..., Path]:
     return write
 
 
+def family_checkpoint(shape: str, layers: int, **overrides) -> Callable[..., Path]:
+    """rdnac.testing.families' writer (the GPU benchmarks' Qwen3.5-MoE and DeepSeek checkpoints), narrowed."""
+    def write(out: Path, scheme: str | None = None) -> Path:
+        from rdnac.testing.families import write_random_family_checkpoint
+
+        return write_random_family_checkpoint(out, shape, layers, scheme or "bf16", device="cpu", **overrides)
+    return write
+
+
+# DeepSeek at real per-head widths (MLA: kv_lora_rank 512 + rope 64, the 576-wide latent head; nope 128, v 128),
+# a dense layer then a MoE one, narrow elsewhere; V3's FP8 block linears, q LoRA and group-limited routing (8
+# groups, top-4 groups: 32 experts so 4 groups hold its top-8). Qwen3.5-MoE at the 35B-A3B's GDN and expert widths.
+NARROW = dict(hidden_size=1024, intermediate_size=2048, vocab_size=4096, n_routed_experts=8,
+              moe_intermediate_size=512)
+
+
 @dataclass(frozen=True)
 class Case:
     family: str
@@ -130,6 +146,11 @@ CASES = [
     Case("qwen3", "int8", int8_checkpoint(random_checkpoint("Qwen3ForCausalLM"))),
     # and the hybrid model's: the GDN out_proj's int8 activations from the fused gated norm
     Case("qwen3_5", "int8", int8_checkpoint(hf_random_checkpoint("qwen3_5_text", **QWEN3_5_WIDTH))),
+    Case("deepseek_v2", "bf16", family_checkpoint("deepseek-v2-lite", 2, **NARROW)),
+    Case("deepseek_v3", "fp8-block", family_checkpoint("deepseek-v3", 2, **{**NARROW, "n_routed_experts": 32},
+                                                       num_attention_heads=16, num_key_value_heads=16)),
+    Case("qwen3_5_moe", "bf16", family_checkpoint("qwen3.5-35b-a3b", 2, hidden_size=1024, vocab_size=4096,
+                                                  num_experts=16)),
 ]
 
 
