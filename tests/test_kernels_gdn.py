@@ -300,8 +300,8 @@ def test_tiny_qwen3_5_gpu_plan_under_the_interpreter_matches_transformers(qwen3_
 def test_tiny_qwen3_5_on_cuda_with_graphs_matches_the_interpreter(sm90_plan, no_compiler):
     """The sm90 plan on cuda (decode replayed from captured graphs, prefill over several steps) against the
     reference interpreter on the same plan graph and weights on cpu: the same greedy tokens. (Not the Triton
-    interpreter: the GPU machine's Triton 3.6 interpreter gives `tl.program_id` a one-element array, which
-    NumPy 2.4 no longer converts in a `range` bound, so the plan's GEMM cannot run under it there; the
+    interpreter: on the GPU machine (Triton 3.6) the interpreter fails in the GEMM with "only 0-dimensional
+    arrays can be converted to Python scalars" at its `range` bound (H100, session 17); the
     cpu test above runs the kernels under the interpreter.)"""
     from rdnac.runtime.llm import LLM
     from rdnac.runtime.model_runner import ModelRunner
