@@ -32,9 +32,17 @@ GPU_TRITON = f"Triton {gpu_machine.TRITON} (the GPU machine's, rdnac/testing/gpu
 pytestmark = pytest.mark.slow
 
 
+# Kernels a case's plans must hold, beyond building: the case exists to build them under the GPU machine's Triton.
+EXPECTED_KERNELS = {
+    "deepseek_v3-bf16": {"_mla_cache_write_kernel", "_mla_kernel", "_mla_reduce_kernel", "_head_gemm_kernel",
+                         "_moe_group_route_kernel"},
+}
+
+
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory):
-    """(the Triton the subprocess imported, {(case, target): record}, its stderr) of one run of every case."""
+def builds(tmp_path_factory, request):
+    """(the Triton the subprocess imported, {(case, target): record}, its stderr) of one run of the cases this
+    session's tests ask for: every case, or those left by -k (`-k deepseek` builds that case alone)."""
     if not (ENV / ".installed").exists():
         pytest.fail(f"building under {GPU_TRITON} requires it installed in {ENV}; got no such install; "
                     f"run `make gpu-triton` (make test does)", pytrace=False)
@@ -43,8 +51,11 @@ def builds(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ENV), str(ROOT)]), XDG_CACHE_HOME=str(ENV / "cache"),
                TRITON_CACHE_DIR=str(ENV / "cache" / "triton"))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "tests.support.gpu_machine_build", str(tmp_path_factory.mktemp("b"))],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    wanted = sorted({item.callspec.params["case"].name for item in request.session.items
+                     if "case" in getattr(getattr(item, "callspec", None), "params", {})})
+    names = [] if len(wanted) == len(CASES) else wanted  # no names: every case
+    proc = subprocess.run([sys.executable, "-m", "tests.support.gpu_machine_build", str(tmp_path_factory.mktemp("b")),
+                           *names], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     print(f"\nbuilt under Triton {records[0]['triton'] if records else '?'} in {time.perf_counter() - t0:.0f} s:",
           *(f"{r['case']} {r['target']}: {r['seconds']} s" for r in records[1:]), sep="\n  ")
@@ -74,6 +85,8 @@ def test_builds_under_the_gpu_machine_triton(builds, case, target):
         pytest.fail(f"{kernels} does not build for {target} under {GPU_TRITON}; it does under CI's Triton "
                     f"{triton.__version__} ({case.name}):\n{record['error']}", pytrace=False)
     assert record["kernel_tritons"] == [gpu_machine.TRITON], record
+    missing = EXPECTED_KERNELS.get(case.name, set()) - set(record["kernel_names"])
+    assert not missing, f"{case.name} for {target}: the plan lacks {sorted(missing)}; it has {record['kernel_names']}"
 
 
 def test_random_qwen2_checkpoint_is_what_transformers_reads(tmp_path):

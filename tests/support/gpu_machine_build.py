@@ -72,6 +72,18 @@ QWEN3_5_WIDTH = dict(hidden_size=2048, num_hidden_layers=2, num_attention_heads=
                      layer_types=["linear_attention", "full_attention"])
 
 
+# DeepSeek-V3's attention widths at 16 heads (the 576-wide latent: kv_lora_rank 512 + rope 64; nope 128, value
+# 128, q LoRA 1536), hidden 1024: a dense first layer, then an MoE layer with V3's sigmoid group-limited routing
+# (16 experts in 4 groups, top 4 of the 2 best groups) and a shared expert. The MLA kernels' registers are decided
+# by the latent width and the heads per tile, not by the layer count or the hidden size.
+DEEPSEEK_V3_WIDTH = dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=16,
+                         num_key_value_heads=16, vocab_size=4096, kv_lora_rank=512, q_lora_rank=1536,
+                         qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, moe_intermediate_size=256,
+                         n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1,
+                         first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+                         max_position_embeddings=4096)
+
+
 def moe_checkpoint(shape: str) -> Callable[..., Path]:
     """rdnac.testing.moe's Hub-layout writer: Qwen3-MoE in bf16, GPT-OSS with MXFP4 experts (scheme mxfp4)."""
     def write(out: Path, scheme: str | None = None) -> Path:
@@ -111,6 +123,9 @@ CASES = [
     # the fused MoE family (dense and MXFP4 experts), GPT-OSS's sinks and windows
     Case("qwen3_moe", "bf16", moe_checkpoint("qwen3-moe-tiny")),
     Case("gpt_oss", "mxfp4", moe_checkpoint("gpt-oss-tiny")),
+    # multi-head latent attention (cache write, absorbed prefill and split decode, the per-head GEMMs) at a
+    # 576-wide head, DeepSeek's group-limited routing kernel
+    Case("deepseek_v3", "bf16", hf_random_checkpoint("deepseek_v3", **DEEPSEEK_V3_WIDTH)),
 ]
 
 
@@ -130,7 +145,8 @@ def build(case: Case, out: Path) -> list[dict]:
             plan = rdnac.compile(ckpt, target=target, output=out / f"{case.name}.{target}.msgpack", quiet=True)
             kernels = read_plan(plan).body["kernels"]
             record.update(built=True, kernels=len(kernels),
-                          kernel_tritons=sorted({k["triton_version"] for k in kernels}))
+                          kernel_tritons=sorted({k["triton_version"] for k in kernels}),
+                          kernel_names=sorted({k["kernel"].split(":")[-1] for k in kernels}))
         except BuildError as e:
             record.update(built=False, error=str(e), failed_kernels=e.kernels)
         except Exception:  # noqa: BLE001 -- any other failure of the compile is reported the same way

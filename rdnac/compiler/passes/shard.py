@@ -50,6 +50,7 @@ NAME = "shard"
 VOCAB_START, EXPERT_START = "tp.vocab_start", "tp.expert_start"  # per-rank int64 [1] weights
 _NOT_YET = {"linear_fp8": "FP8 linears", "rms_norm_quant": "FP8 linears", "gated_act_quant": "FP8 linears",
             "attention_quant": "FP8 linears", "moe_experts_mxfp4": "MXFP4 experts",
+            "moe_experts_fp8_block": "FP8 block experts",
             "mla_cache_write": "MLA attention", "mla_attention": "MLA attention",
             "causal_conv1d": "linear attention (GDN)", "gated_delta_rule": "linear attention (GDN)",
             "gated_rms_norm": "linear attention (GDN)", "sigmoid_gate": "linear attention (GDN)"}
