@@ -58,7 +58,8 @@ def builds(tmp_path_factory, request):
                            *names], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     print(f"\nbuilt under Triton {records[0]['triton'] if records else '?'} in {time.perf_counter() - t0:.0f} s:",
-          *(f"{r['case']} {r['target']}: {r['seconds']} s" for r in records[1:]), sep="\n  ")
+          *(f"{r['case']} {r['target']}: {r['seconds']} s" + "".join(f"\n    {x}" for x in r.get("rejected", ()))
+            for r in records[1:]), sep="\n  ")
     if not records or "triton" not in records[0]:
         pytest.fail(f"the build subprocess exited {proc.returncode} before importing Triton:\n{proc.stderr[-3000:]}",
                     pytrace=False)

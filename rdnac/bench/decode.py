@@ -65,14 +65,15 @@ def decode_bytes(llm, batch: int, context: int) -> int:
 def _unrouted_expert_bytes(graph, weights: dict, batch: int) -> int:
     """Bytes of the experts a decode step of `batch` tokens does not read: each MoE node reads the experts
     its tokens are routed to, E * (1 - (1 - k/E)**batch) of E expected under uniform routing (exactly k at
-    batch 1). Its per-expert inputs (weights, MXFP4 scales, biases: all [E, ...]) follow its ids input."""
-    from rdnac.ir.moe import expected_active_experts
+    batch 1). Its per-expert inputs (weights, MXFP4 or FP8 block scales, biases: all [E, ...]) follow its ids
+    input."""
+    from rdnac.ir.moe import EXPERT_OPS, expected_active_experts
 
     top_k = {out: n.attrs["top_k"] for n in graph.nodes if n.op == "moe_route" for out in n.outputs}
     unread = 0.0
     for node in graph.nodes:
-        if node.op in ("moe_experts", "moe_experts_mxfp4"):
-            per_expert = [weights[name] for name in node.inputs[3:]]  # [E, ...] each
+        if node.op in EXPERT_OPS:
+            per_expert = [weights[name] for name in node.inputs[3:]]  # [E, ...] each (FP8 block: and its scales)
             num_experts = per_expert[0].shape[0]
             active = expected_active_experts(batch, top_k[node.inputs[2]], num_experts)
             unread += sum(t.numel() * t.element_size() for t in per_expert) * (1 - active / num_experts)

@@ -1,7 +1,8 @@
 """`rdnac inspect`'s MoE section: per MoE node, what one token costs at batch 1 and what runs it.
 
-For each `moe_experts(_mxfp4, _fp8_block)` node: experts and top-k, how they are stored, the bytes a token reads at batch 1 (its k
-experts' weights, MXFP4 scales and biases: active experts only), and at decode T=1 the tile chosen
+For each `moe_experts(_mxfp4, _fp8_block)` node: experts and top-k, how they are stored, the bytes a
+token reads at batch 1 (its k experts' weights, MXFP4 or FP8 block scales and biases: active experts
+only), and at decode T=1 the tile chosen
 with its two grouped GEMMs' LDS, VGPRs, spills and matrix instructions (the plan's binaries whose
 specialization is that node's). Part of `rdnac.cli.inspect.summarize` and `render_text`.
 """

@@ -143,8 +143,12 @@ def build(case: Case, out: Path) -> list[dict]:
         record = {"case": case.name, "target": target}
         try:
             plan = rdnac.compile(ckpt, target=target, output=out / f"{case.name}.{target}.msgpack", quiet=True)
-            kernels = read_plan(plan).body["kernels"]
-            record.update(built=True, kernels=len(kernels),
+            body = read_plan(plan).body
+            kernels = body["kernels"]
+            # what kernel selection rejected and why (the configs that spill or exceed LDS under this Triton)
+            rejected = sorted({f"{d['action']}: {d['reason'][-160:]}" for d in body["decisions"]
+                               if d["action"].startswith("rejected")})
+            record.update(built=True, kernels=len(kernels), rejected=rejected,
                           kernel_tritons=sorted({k["triton_version"] for k in kernels}),
                           kernel_names=sorted({k["kernel"].split(":")[-1] for k in kernels}))
         except BuildError as e:
