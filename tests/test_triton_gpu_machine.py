@@ -36,6 +36,8 @@ pytestmark = pytest.mark.slow
 EXPECTED_KERNELS = {
     "deepseek_v3-bf16": {"_mla_cache_write_kernel", "_mla_kernel", "_mla_reduce_kernel", "_head_gemm_kernel",
                          "_moe_group_route_kernel"},
+    "deepseek_v3-fp8-block": {"_mla_kernel", "_head_gemm_kernel", "_moe_fp8_block_gemm_kernel", "_quant_fp8_kernel",
+                              "_fp8_block_gemm_kernel"},
 }
 
 

@@ -44,15 +44,17 @@ from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 # Model-shape strides (never token counts), specialized on divisibility by 16 (see attention.py)
 AOT_DIVISIBLE = {"_mla_kernel": ("stride_lt", "stride_qt", "stride_cb", "stride_cs", "stride_ot"),
-                 "_head_gemm_kernel": ("stride_xt", "stride_xh", "stride_yt", "stride_yh"),
+                 "_head_gemm_kernel": ("K", "stride_xt", "stride_xh", "stride_yt", "stride_yh"),
                  "_mla_reduce_kernel": ("stride_ot",)}
 
 
 @triton.jit
-def _head_gemm_kernel(x_ptr, w_ptr, y_ptr, num_tokens, stride_xt, stride_xh, stride_yt, stride_yh,
-                      N: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
-    """y[t, h, n] = sum_k x[t, h, k] * w[h, n, k] (w [H, N, K] contiguous), float32 accumulation in w's dtype."""
+def _head_gemm_kernel(x_ptr, w_ptr, y_ptr, num_tokens, K, stride_xt, stride_xh, stride_yt, stride_yh,
+                      N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PDL: tl.constexpr = False):
+    """y[t, h, n] = sum_k x[t, h, k] * w[h, n, k] (w [H, N, K] contiguous), float32 accumulation in w's dtype.
+    K is a runtime int (as `_mla_kernel`'s score loop bound): over a constexpr 512 Triton 3.6's LLVM unrolled
+    the loop and spilled 16 registers on gfx1201 (W_UV's GEMM, N 128)."""
     if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
         gdc_launch_dependents()
         gdc_wait()
@@ -227,9 +229,8 @@ def head_gemm(x: torch.Tensor, stride_xt: int, stride_xh: int, w: torch.Tensor, 
         return
     block_n, block_k = min(64, max(16, next_power_of_2(n))), min(64, max(16, next_power_of_2(k)))
     grid = (cdiv(num_tokens, GEMM_CONFIG["BLOCK_T"]), num_heads, cdiv(n, block_n))
-    launcher.launch(_head_gemm_kernel, grid, (x, w, y, num_tokens, stride_xt, stride_xh, stride_yt, stride_yh),
-                    constexprs={"N": n, "K": k, "BLOCK_T": GEMM_CONFIG["BLOCK_T"], "BLOCK_N": block_n,
-                                "BLOCK_K": block_k},
+    launcher.launch(_head_gemm_kernel, grid, (x, w, y, num_tokens, k, stride_xt, stride_xh, stride_yt, stride_yh),
+                    constexprs={"N": n, "BLOCK_T": GEMM_CONFIG["BLOCK_T"], "BLOCK_N": block_n, "BLOCK_K": block_k},
                     num_warps=GEMM_CONFIG["num_warps"], num_stages=GEMM_CONFIG["num_stages"])
 
 

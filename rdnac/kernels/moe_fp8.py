@@ -35,9 +35,11 @@ def _fp8_block_step(acc, a, a_scale, w_ptr, ws_ptr, rows, srows, k0, offs_k, k_l
     b = tl.load(w_ptr + rows[None, :] + (k0 + offs_k)[:, None], mask=(offs_k[:, None] < k_left) & mask_n[None, :],
                 other=0.0)  # [BK, BN] fp8
     w_scale = tl.load(ws_ptr + srows + kb, mask=mask_n, other=0.0)  # [BN]
-    if IS_A16:
-        return acc + tl.dot(a, b.to(a.dtype), input_precision="ieee") * w_scale[None, :]
-    return acc + tl.dot(a, b) * (a_scale[:, None] * w_scale[None, :])
+    if IS_A16:  # an else branch, not an early return: Triton would still build the FP8 dot after it
+        acc += tl.dot(a, b.to(a.dtype), input_precision="ieee") * w_scale[None, :]
+    else:
+        acc += tl.dot(a, b) * (a_scale[:, None] * w_scale[None, :])
+    return acc
 
 
 @triton.jit

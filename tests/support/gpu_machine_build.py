@@ -84,6 +84,17 @@ DEEPSEEK_V3_WIDTH = dict(hidden_size=1024, intermediate_size=2048, num_hidden_la
                          max_position_embeddings=4096)
 
 
+def deepseek_v3_fp8_block(out: Path, scheme: str | None = None) -> Path:
+    """DEEPSEEK_V3_WIDTH in DeepSeek's native FP8 block layout (rdnac.testing.deepseek's writer): FP8 linears and
+    FP8 experts with 128x128 `weight_scale_inv`."""
+    from rdnac.testing.deepseek import write_random_v3_fp8_block
+
+    assert scheme == "fp8-block", scheme
+    width = {k: v for k, v in DEEPSEEK_V3_WIDTH.items() if k not in ("num_hidden_layers", "first_k_dense_replace")}
+    return write_random_v3_fp8_block(out, layers=DEEPSEEK_V3_WIDTH["num_hidden_layers"],
+                                     first_k_dense_replace=DEEPSEEK_V3_WIDTH["first_k_dense_replace"], **width)
+
+
 def moe_checkpoint(shape: str) -> Callable[..., Path]:
     """rdnac.testing.moe's Hub-layout writer: Qwen3-MoE in bf16, GPT-OSS with MXFP4 experts (scheme mxfp4)."""
     def write(out: Path, scheme: str | None = None) -> Path:
@@ -126,6 +137,8 @@ CASES = [
     # multi-head latent attention (cache write, absorbed prefill and split decode, the per-head GEMMs) at a
     # 576-wide head, DeepSeek's group-limited routing kernel
     Case("deepseek_v3", "bf16", hf_random_checkpoint("deepseek_v3", **DEEPSEEK_V3_WIDTH)),
+    # the native FP8 block layout: block-scaled GEMMs and the FP8 block experts of the fused MoE
+    Case("deepseek_v3", "fp8-block", deepseek_v3_fp8_block),
 ]
 
 
