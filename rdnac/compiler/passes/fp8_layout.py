@@ -1,4 +1,4 @@
-"""Per-target FP8 weight transforms for `linear_fp8` and `moe_experts_fp8_block` nodes, each recorded per weight.
+"""Per-target FP8 weight transforms for `linear_fp8` and `moe_experts_fp8_block` nodes, recorded per weight.
 
 Runs after the kernel-independent passes, before kernel selection:
 
@@ -38,8 +38,9 @@ def run(state: CompileState) -> None:
         return
     if not target.is_gpu:
         for node in nodes:
-            state.decide(NAME, node.inputs[FP8_WEIGHTS[node.op][0][0]], f"kept {node.attrs['fp8_format']}, activations "
-                         f"{node.attrs['act_scheme']}", "cpu: the reference interpreter computes in float32")
+            state.decide(NAME, node.inputs[FP8_WEIGHTS[node.op][0][0]], f"kept {node.attrs['fp8_format']}, "
+                         f"activations {node.attrs['act_scheme']}",
+                         "cpu: the reference interpreter computes in float32")
         return
     assert capabilities is not None, f"fp8_layout on {target.name} requires the probed capabilities"
     fmt = target.fp8_format or "e4m3fn"  # no FP8 hardware: the kernel upcasts e4m3fn weights
@@ -68,15 +69,15 @@ def run(state: CompileState) -> None:
 def _to_fnuz(graph: Graph, weights: dict[str, torch.Tensor], state: CompileState, node, fmt: str,
              converted: set[str]) -> None:
     assert node.attrs["fp8_format"] == "e4m3fn" and fmt == "e4m3fnuz", (node.name, node.attrs["fp8_format"], fmt)
-    bits = [node.inputs[w] for w, _ in FP8_WEIGHTS[node.op]]
+    fp8_names = [node.inputs[w] for w, _ in FP8_WEIGHTS[node.op]]
     scales = [node.inputs[s] for _, s in FP8_WEIGHTS[node.op]]
     scales += [node.inputs[3]] if node.attrs["act_scheme"] == "static" else []
-    for name in [*bits, *scales]:
+    for name in [*fp8_names, *scales]:
         if name in converted:
             continue
         converted.add(name)
         spec = graph.weights[name]
-        if name in bits:
+        if name in fp8_names:
             bits, factor = e4m3fn_to_e4m3fnuz(weights[name])
             num_neg_zero = int((weights[name].view(torch.uint8) == 0x80).sum())
             weights[name] = bits
