@@ -539,6 +539,22 @@ def test_fp8_block_sm90_plan_under_the_interpreter_against_transformers(fp8, fp8
     _check_teacher_forced(engine, reference, "sm90 plan, Triton interpreter")
 
 
+@pytest.mark.gpu
+def test_fp8_block_gpu_plan_with_graphs(fp8, fp8_gpu_plans):
+    """The sm90 plan on cuda (decode through CUDA graphs): teacher-forced against transformers on the
+    dequantized weights, and the same 16 greedy tokens as the reference interpreter on the same plan graph
+    on the GPU."""
+    from rdnac.runtime.llm import LLM
+    from rdnac.runtime.model_runner import ModelRunner
+
+    _, reference, _ = fp8
+    engine = rdnac.load(fp8_gpu_plans("sm90"), device="cuda")
+    _check_teacher_forced(engine, reference, "sm90 plan on cuda")
+    interpreter = LLM(ModelRunner(engine.plan, engine.weights, "cuda"))
+    params = SamplingParams(max_tokens=16)
+    assert engine.generate([PROMPT], params)[0].token_ids == interpreter.generate([PROMPT], params)[0].token_ids
+
+
 # the FP8 format and activations each target's experts take (gfx942 computes e4m3fnuz; gfx1151 has no FP8 dot)
 EXPERT_FORMATS = {"gfx942": ("e4m3fnuz", "dynamic_group", "float8_e4m3fnuz"),
                   "gfx1151": ("e4m3fn", "none", "float8_e4m3fn")}

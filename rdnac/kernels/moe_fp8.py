@@ -25,7 +25,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from rdnac.kernels.moe_gemm import _moe_epilogue
 
 # Shape ints fixed by the weights (never token counts): binaries specialize on their divisibility by 16.
-AOT_DIVISIBLE = {"_moe_fp8_block_gemm_kernel": ("N", "K", "stride_am", "stride_we", "stride_wn", "stride_om")}
+AOT_DIVISIBLE = {"_moe_fp8_block_gemm_kernel": ("N", "K", "stride_am", "stride_we", "stride_wn", "stride_se",
+                                                "stride_sn", "stride_om")}
 
 
 @triton.jit
