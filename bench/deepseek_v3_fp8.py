@@ -8,10 +8,12 @@ Writes `rdnac.testing.deepseek.write_random_v3_fp8_block` (V3's widths: 128 head
 sm90 (the FP8 experts stay FP8: `moe_experts_fp8_block`), loads it on cuda with its decode graphs and prints
 one JSON line per batch: TPOT, tokens/s and the bytes a step reads (the routed experts only, the latent
 cache) against the device's copy bandwidth (`rdnac.bench.decode.decode_record`), then 8 greedy tokens of
-one prompt, the plan on cuda against the reference interpreter on the same plan graph on cuda.
+one prompt (the plan runs end to end). Correctness is the `gpu` test's (tests/test_deepseek.py,
+test_fp8_block_gpu_plan_with_graphs: decisive weights against transformers): with these random weights the
+router's near-ties flip experts between any two numerics, so tokens are not compared here.
 Disk: about 12 GB per MoE layer for the checkpoint and as much for the plan (2 layers: ~30 GB in all).
 `--tiny` (narrow widths, 2 layers) runs the same steps on a machine without a GPU: the sm90 plan's kernels
-under the Triton interpreter against the reference interpreter (no timing).
+under the Triton interpreter (no timing).
 """
 
 from __future__ import annotations
@@ -65,9 +67,6 @@ def main(argv: list[str] | None = None) -> None:
     moe = summarize(plan)["moe"]
     emit({"step": "plan", "experts": [{k: m[k] for k in ("node", "op", "weight_format", "active_expert_bytes")}
                                       | {"decode": m.get("decode", {}).get("config")} for m in moe]})
-    from rdnac.runtime.llm import LLM
-    from rdnac.runtime.model_runner import ModelRunner
-
     llm = rdnac.load(plan, device="cuda") if on_gpu else rdnac.load(plan, interpret=True)
     if on_gpu:
         from rdnac.bench.decode import copy_bandwidth, decode_record
@@ -76,11 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         for batch in args.batch:
             emit({"step": "decode", "model": f"DeepSeek-V3-shaped, {args.layers} layers, FP8 block",
                   **decode_record(llm, batch, args.context, copy)})
-    reference = LLM(ModelRunner(llm.plan, llm.weights, "cuda" if on_gpu else "cpu"))
-    params = SamplingParams(max_tokens=8 if on_gpu else 3)
-    ours = llm.generate([PROMPT], params)[0].token_ids
-    ref = reference.generate([PROMPT], params)[0].token_ids
-    emit({"step": "greedy", "plan": ours, "reference_interpreter": ref, "same": ours == ref})
+    t0 = time.perf_counter()
+    tokens = llm.generate([PROMPT], SamplingParams(max_tokens=8 if on_gpu else 2))[0].token_ids
+    emit({"step": "greedy", "tokens": tokens, "seconds": round(time.perf_counter() - t0, 1)})
 
 
 if __name__ == "__main__":
