@@ -27,6 +27,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import rdnac
@@ -476,22 +477,122 @@ def test_fp8_block_checkpoint_is_in_the_native_layout(fp8):
     assert tensors["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].dtype == torch.float32
     assert tensors["model.layers.1.mlp.gate.weight"].dtype == torch.float32  # the router is not quantized
     assert "modules_to_not_convert" not in json.loads((out / "ckpt" / "config.json").read_text())["quantization_config"]
-    nodes = {n.name: n for n in engine.plan.graph().nodes}
+    graph = engine.plan.graph()
+    nodes = {n.name: n for n in graph.nodes}
     assert nodes["layers.0.o_proj"].op == "linear_fp8" and nodes["layers.0.o_proj"].attrs["block_size"] == [128, 128]
     assert nodes["layers.1.router"].op == "linear"
+    # the routed experts stay FP8: bits and 128x128 scales stacked as stored (gate rows, then up rows)
+    experts = nodes["layers.1.experts"]
+    assert experts.op == "moe_experts_fp8_block"
+    assert {k: experts.attrs[k] for k in ("fp8_format", "act_scheme", "block_size")} == \
+        {"fp8_format": "e4m3fn", "act_scheme": "dynamic_group", "block_size": [128, 128]}
+    w13, s13, w2, s2 = (engine.runner.weights[name] for name in experts.inputs[3:7])
+    inter = BASE["moe_intermediate_size"]
+    assert (w13.dtype, w13.shape, s13.shape) == (torch.float8_e4m3fn, (8, 2 * inter, 45), (8, 2, 1))
+    assert (w2.dtype, w2.shape, s2.shape) == (torch.float8_e4m3fn, (8, 45, inter), (8, 1, 1))
+    expert5 = "model.layers.1.mlp.experts.5"
+    assert torch.equal(w13[5, inter:].view(torch.uint8), tensors[f"{expert5}.up_proj.weight"].view(torch.uint8))
+    assert torch.equal(s13[5, 1], tensors[f"{expert5}.up_proj.weight_scale_inv"][0])
+    assert torch.equal(w2[5].view(torch.uint8), tensors[f"{expert5}.down_proj.weight"].view(torch.uint8))
+    assert graph.weights[experts.inputs[3]].scheme == "fp8-block128x128"
 
 
-def test_fp8_block_teacher_forced_against_transformers_on_dequantized_weights(fp8):
-    _, reference, engine = fp8
+def _check_teacher_forced(engine, reference, what: str) -> None:
     sequence = PROMPT + reference_greedy(reference, PROMPT, 24)
     ours, ref = engine.logits(sequence), reference_logits(reference, sequence)
     assert ours.shape == ref.shape and ours.dtype == torch.float32
     top1 = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
     cosine = torch.nn.functional.cosine_similarity(ours, ref, dim=-1).min().item()
-    print(f"\nDeepSeek-V3 FP8 block (tiny): teacher-forced top-1 {top1:.1%} over {len(sequence)}, min cosine "
-          f"{cosine:.5f}")
-    assert top1 >= 0.95, f"teacher-forced top-1 agreement {top1:.3f}"
-    assert cosine >= 0.999, f"min cosine {cosine:.5f}"
+    print(f"\nDeepSeek-V3 FP8 block (tiny), {what}: teacher-forced top-1 {top1:.1%} over {len(sequence)}, min "
+          f"cosine {cosine:.5f}")
+    assert top1 >= 0.95, f"{what}: teacher-forced top-1 agreement {top1:.3f}"
+    assert cosine >= 0.999, f"{what}: min cosine {cosine:.5f}"
+
+
+def test_fp8_block_teacher_forced_against_transformers_on_dequantized_weights(fp8):
+    _, reference, engine = fp8
+    _check_teacher_forced(engine, reference, "cpu plan")
+
+
+GPU_TARGETS = ("gfx1201", "gfx1151", "gfx942", "gfx950", "sm90")
+GPU_COMPILE = dict(quiet=True, max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def fp8_gpu_plans(fp8):
+    """The FP8 block checkpoint's plan per GPU target, compiled once on first use."""
+    out, _, _ = fp8
+    plans = {}
+
+    def get(target: str):
+        if target not in plans:
+            plans[target] = rdnac.compile(out / "ckpt", target, out / f"{target}.msgpack", **GPU_COMPILE)
+        return plans[target]
+    return get
+
+
+def test_fp8_block_sm90_plan_under_the_interpreter_against_transformers(fp8, fp8_gpu_plans):
+    """The sm90 plan's own kernels (FP8 block experts: activations quantized per 128 columns, block-scaled
+    grouped GEMMs) under the Triton interpreter, in bf16, against transformers on the dequantized weights."""
+    _, reference, _ = fp8
+    engine = rdnac.load(fp8_gpu_plans("sm90"), interpret=True)
+    _check_teacher_forced(engine, reference, "sm90 plan, Triton interpreter")
+
+
+@pytest.mark.gpu
+def test_fp8_block_gpu_plan_with_graphs(fp8, fp8_gpu_plans):
+    """The sm90 plan on cuda (decode through CUDA graphs): teacher-forced against transformers on the
+    dequantized weights, and the same 16 greedy tokens as the reference interpreter on the same plan graph
+    on the GPU."""
+    from rdnac.runtime.llm import LLM
+    from rdnac.runtime.model_runner import ModelRunner
+
+    _, reference, _ = fp8
+    engine = rdnac.load(fp8_gpu_plans("sm90"), device="cuda")
+    _check_teacher_forced(engine, reference, "sm90 plan on cuda")
+    interpreter = LLM(ModelRunner(engine.plan, engine.weights, "cuda"))
+    params = SamplingParams(max_tokens=16)
+    assert engine.generate([PROMPT], params)[0].token_ids == interpreter.generate([PROMPT], params)[0].token_ids
+
+
+# the FP8 format and activations each target's experts take (gfx942 computes e4m3fnuz; gfx1151 has no FP8 dot)
+EXPERT_FORMATS = {"gfx942": ("e4m3fnuz", "dynamic_group", "float8_e4m3fnuz"),
+                  "gfx1151": ("e4m3fn", "none", "float8_e4m3fn")}
+
+
+@pytest.mark.parametrize("target", GPU_TARGETS)
+def test_fp8_block_experts_cross_compile_for_target(fp8, fp8_gpu_plans, target):
+    """Every target builds the FP8 block experts within its LDS and without spills; gfx942's bits are
+    converted to e4m3fnuz (scales doubled), gfx1151 runs them a16w8; `rdnac inspect` shows them."""
+    from click.testing import CliRunner
+
+    from rdnac.cli.inspect import summarize
+    from rdnac.cli.main import cli
+    from rdnac.compiler.build import check_resources
+    from rdnac.plans import read_plan
+    from rdnac.plans.binaries import KernelBinary
+
+    out, _, cpu = fp8
+    path = fp8_gpu_plans(target)
+    plan = read_plan(path)
+    binaries = [KernelBinary.from_dict(k) for k in plan.body["kernels"]]
+    assert all(check_resources(b, target) == [] for b in binaries)
+    assert "_moe_fp8_block_gemm_kernel" in {b.kernel.split(":")[1] for b in binaries}
+    fmt, act, dtype = EXPERT_FORMATS.get(target, ("e4m3fn", "dynamic_group", "float8_e4m3fn"))
+    node = next(n for n in plan.body["graph"]["nodes"] if n["name"] == "layers.1.experts")
+    assert (node["op"], node["attrs"]["fp8_format"], node["attrs"]["act_scheme"]) == ("moe_experts_fp8_block", fmt, act)
+    assert plan.body["graph"]["weights"][node["inputs"][3]]["dtype"] == dtype
+    if fmt == "e4m3fnuz":  # the same bits, twice the scale (e4m3fnuz halves each bit pattern's value)
+        with safe_open(str(plan.weights_path), framework="pt") as f:
+            scale = f.get_tensor(node["inputs"][4])
+        assert torch.equal(scale, 2 * cpu.runner.weights[node["inputs"][4]])
+    s = summarize(path)
+    moe = next(m for m in s["moe"] if m["node"] == "layers.1.experts")
+    assert moe["weight_format"] == f"fp8-block128x128 {fmt}, " + ("a16w8" if act == "none" else "w8a8")
+    gemms = moe["decode"]["gemms"]
+    assert set(gemms) == {"gate_up", "down"} and all(g["spills"] == 0 for g in gemms.values()), gemms
+    text = CliRunner().invoke(cli, ["inspect", str(path)], env={"COLUMNS": "240"})  # rich wraps narrower tables
+    assert text.exit_code == 0 and f"fp8-block128x128 {fmt}" in text.output, text.output
 
 
 # ---------------------------------------------------------------- bad input: one line, nothing written

@@ -58,7 +58,8 @@ def test_every_wrapper_name_resolves_to_its_wrapper():
         "attention_decode.attention_quant_decode", "activation.gated_act", "gemm_gated.linear_gated_act",
         "elementwise.add", "gemm.logits", "rms_norm_quant.rms_norm_quant", "activation_quant.gated_act_quant",
         "gemm_fp8.gated_act_linear_fp8",  # issue 29: the down projection computing its own FP8 activations
-        "moe_route.moe_route", "moe.moe_experts", "moe.moe_experts_mxfp4", "mla.mla_cache_write",
+        "moe_route.moe_route", "moe.moe_experts", "moe.moe_experts_mxfp4", "moe.moe_experts_fp8_block",
+        "mla.mla_cache_write",
         "mla_attention.mla_attention_prefill", "mla_attention.mla_attention_decode",
         # linear attention (issue 25)
         "conv1d.causal_conv1d_prefill", "conv1d.causal_conv1d_decode", "gated_delta.gated_delta_rule_prefill",

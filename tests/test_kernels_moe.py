@@ -739,3 +739,119 @@ def test_decode_bytes_count_only_the_routed_experts():
         llm = SimpleNamespace(graph=graph, weights=weights)
         assert decode_bytes(llm, batch=1, context=0) == router + experts * 4 // 16
         assert decode_bytes(llm, batch=4096, context=0) == router + experts
+
+
+# ---------------------------------------------------------------- FP8 block experts (DeepSeek's 128x128 scales)
+
+
+def _fp8_blocks(w: torch.Tensor, fmt: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [E, N, K] float -> (FP8 bits [E, N, K], float32 scales [E, cdiv(N, 128), cdiv(K, 128)]): amax / FP8_MAX
+    per 128x128 block times a seeded factor in [1, 4), so a scale read from the wrong block shows."""
+    from rdnac.ir.fp8 import FORMATS, FP8_MAX
+
+    E, N, K = w.shape
+    nb, kb = -(-N // 128), -(-K // 128)
+    blocks = torch.nn.functional.pad(w, (0, kb * 128 - K, 0, nb * 128 - N)).reshape(E, nb, 128, kb, 128)
+    factor = 1 + 3 * torch.rand(E, nb, kb, generator=torch.Generator().manual_seed(seed))
+    scale = blocks.abs().amax((2, 4)) / FP8_MAX[fmt] * factor
+    q = (blocks / scale[:, :, None, :, None]).clamp(-FP8_MAX[fmt], FP8_MAX[fmt])
+    return q.reshape(E, nb * 128, kb * 128)[:, :N, :K].to(FORMATS[fmt]).contiguous(), scale.float().contiguous()
+
+
+def _fp8_block_experts(E, H, I, fmt, seed):
+    """(w13 bits, w13 scales: the gate's blocks then the up's, w2 bits, w2 scales), as the frontend stacks them."""
+    w13, w2, _, _ = _experts(E, H, I, seed)
+    (gate, gate_s), (up, up_s) = _fp8_blocks(w13[:, :I], fmt, seed), _fp8_blocks(w13[:, I:], fmt, seed + 1)
+    return (torch.cat([gate, up], 1), torch.cat([gate_s, up_s], 1), *_fp8_blocks(w2, fmt, seed + 2))
+
+
+def _check_fp8_block(T, E, H, I, k, dtype, config, *, fmt="e4m3fn", act_scheme="dynamic_group", experts=None,
+                     seed=0, weights=None):
+    w13, s13, w2, s2 = weights or _fp8_block_experts(E, H, I, fmt, seed)
+    rw, ids = _routing(T, E, k, seed, experts)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    attrs = dict(act="silu", fp8_format=fmt, act_scheme=act_scheme, block_size=[128, 128])
+    out = moe.moe_experts_fp8_block(x, rw, ids, w13, s13, w2, s2, **attrs, config=config, launcher=INTERPRET)
+    expected = ref.moe_experts_fp8_block(x, rw, ids, w13, s13, w2, s2, **attrs)
+    _assert_close(out, expected, dtype, f"moe_experts_fp8_block T={T} E={E} H={H} I={I} k={k} {fmt} {act_scheme} "
+                  f"{dtype} {config}")
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("act_scheme", ["dynamic_group", "none"])
+def test_experts_fp8_block_float32(fmt, act_scheme):
+    """H 200 and I 144: two scale blocks along each, the second partial, and the up rows' blocks after the
+    gate's two; float32 activations quantize to the reference's bits, so only summation order differs."""
+    _check_fp8_block(T=7, E=8, H=200, I=144, k=2, dtype=torch.float32, config=_config(16, 32, 64), fmt=fmt,
+                     act_scheme=act_scheme)
+
+
+def test_experts_fp8_block_bfloat16_prefill_tile_and_one_token():
+    _check_fp8_block(T=37, E=8, H=160, I=96, k=3, dtype=torch.bfloat16, config=_config(64, 64, 128, 8),
+                     experts=[1, 4, 6])
+    _check_fp8_block(T=1, E=16, H=160, I=96, k=4, dtype=torch.bfloat16, config=_config(16, 64, 32))
+
+
+def test_experts_fp8_block_every_decode_candidate():
+    T, E, H, I, k = 3, 8, 160, 96, 2
+    weights = _fp8_block_experts(E, H, I, "e4m3fn", 0)
+    problem = {**_problem(T, E, H, I, k, weight_format="fp8_block"), "act_scheme": "dynamic_group"}
+    for config in experts_config_space(problem):
+        _check_fp8_block(T, E, H, I, k, torch.float32, config, weights=weights)
+
+
+def test_a_wrong_fp8_block_scale_changes_the_output():
+    """Each scale block is read where it belongs: doubling one of expert 3's up-projection blocks (the
+    second gate/up block row of its w13 scales) moves exactly the tokens routed to expert 3."""
+    T, E, H, I, k = 6, 4, 160, 144, 1
+    w13, s13, w2, s2 = _fp8_block_experts(E, H, I, "e4m3fn", 5)
+    attrs = dict(act="silu", fp8_format="e4m3fn", act_scheme="dynamic_group", block_size=[128, 128])
+    rw, ids = _routing(T, E, k, 5)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(6))
+    edited = s13.clone()
+    edited[3, 2, 1] *= 2  # expert 3, the up rows' first block row, H columns 128..199
+    outs = []
+    for scales in (s13, edited):
+        outs.append(moe.moe_experts_fp8_block(x, rw, ids, w13, scales, w2, s2, **attrs, config=_config(16, 32, 64),
+                                              launcher=INTERPRET))
+        _assert_close(outs[-1], ref.moe_experts_fp8_block(x, rw, ids, w13, scales, w2, s2, **attrs), torch.float32,
+                      "moe_experts_fp8_block with an edited scale")
+    moved = (outs[0] - outs[1]).abs().amax(-1) > 1e-3
+    assert moved.tolist() == (ids[:, 0] == 3).tolist() and moved.any(), (moved, ids)
+
+
+@pytest.mark.parametrize("target", GPU_TARGETS)
+def test_fp8_block_experts_cross_compile_for_target(target):
+    """The FP8 block grouped GEMM at DeepSeek-V3's expert shape (H 7168, I 2048, 256 experts, top 8) with
+    the default decode and prefill tiles builds, fits and spills nothing; FP8 matrix instructions where the
+    target has an FP8 dot (e4m3fnuz on gfx942), bf16 ones on gfx1151 (a16w8)."""
+    from rdnac.compiler.build import check_resources, compile_calls
+    from rdnac.compiler.record import RecordingLauncher
+    from rdnac.ir.fp8 import FORMATS
+
+    t = get_target(target)
+    fmt = t.fp8_format or "e4m3fn"
+    act_scheme = "dynamic_group" if t.fp8_format else "none"
+    E, H, I, k = 256, 7168, 2048, 8
+    meta = lambda *s, dtype=torch.bfloat16: torch.empty(*s, dtype=dtype, device="meta")  # noqa: E731
+    rec = RecordingLauncher(pdl=t.has_pdl)
+    for T in (1, 64, 512):
+        problem = {**_problem(T, E, H, I, k, weight_format="fp8_block"), "act_scheme": act_scheme}
+        moe.moe_experts_fp8_block(meta(T, H), meta(T, k, dtype=torch.float32), meta(T, k, dtype=torch.int32),
+                                  meta(E, 2 * I, H, dtype=FORMATS[fmt]), meta(E, 2 * I // 128, H // 128,
+                                                                              dtype=torch.float32),
+                                  meta(E, H, I, dtype=FORMATS[fmt]), meta(E, H // 128, I // 128, dtype=torch.float32),
+                                  act="silu", fp8_format=fmt, act_scheme=act_scheme, block_size=[128, 128],
+                                  config=experts_default_config(problem), launcher=rec)
+    binaries = compile_calls([c for c in rec.calls if c.kernel.endswith("_moe_fp8_block_gemm_kernel")], target,
+                             quiet=True)
+    assert len(binaries) >= 4
+    for b in binaries:
+        assert check_resources(b, target) == [], b.key
+        instructions = b.resources.matrix_instructions
+        assert instructions and all(("bf16" in m) == (act_scheme == "none") for m in instructions), (b.key,
+                                                                                                     instructions)
+        print(f"\n{target} {b.call.constexprs['BLOCK_M']}x{b.call.constexprs['BLOCK_N']}x"
+              f"{b.call.constexprs['BLOCK_K']} GATED={b.call.constexprs['GATED']}: {b.resources.shared_bytes} B LDS, "
+              f"{b.resources.num_regs} registers, {instructions}")

@@ -32,9 +32,19 @@ GPU_TRITON = f"Triton {gpu_machine.TRITON} (the GPU machine's, rdnac/testing/gpu
 pytestmark = pytest.mark.slow
 
 
+# Kernels a case's plans must hold, beyond building: the case exists to build them under the GPU machine's Triton.
+EXPECTED_KERNELS = {
+    "deepseek_v3-bf16": {"_mla_cache_write_kernel", "_mla_kernel", "_mla_reduce_kernel", "_head_gemm_kernel",
+                         "_moe_group_route_kernel"},
+    "deepseek_v3-fp8-block": {"_mla_kernel", "_head_gemm_kernel", "_moe_fp8_block_gemm_kernel", "_quant_fp8_kernel",
+                              "_fp8_block_gemm_kernel"},
+}
+
+
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory):
-    """(the Triton the subprocess imported, {(case, target): record}, its stderr) of one run of every case."""
+def builds(tmp_path_factory, request):
+    """(the Triton the subprocess imported, {(case, target): record}, its stderr) of one run of the cases this
+    session's tests ask for: every case, or those left by -k (`-k deepseek` builds that case alone)."""
     if not (ENV / ".installed").exists():
         pytest.fail(f"building under {GPU_TRITON} requires it installed in {ENV}; got no such install; "
                     f"run `make gpu-triton` (make test does)", pytrace=False)
@@ -43,11 +53,15 @@ def builds(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ENV), str(ROOT)]), XDG_CACHE_HOME=str(ENV / "cache"),
                TRITON_CACHE_DIR=str(ENV / "cache" / "triton"))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "tests.support.gpu_machine_build", str(tmp_path_factory.mktemp("b"))],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    wanted = sorted({item.callspec.params["case"].name for item in request.session.items
+                     if "case" in getattr(getattr(item, "callspec", None), "params", {})})
+    names = [] if len(wanted) == len(CASES) else wanted  # no names: every case
+    proc = subprocess.run([sys.executable, "-m", "tests.support.gpu_machine_build", str(tmp_path_factory.mktemp("b")),
+                           *names], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     print(f"\nbuilt under Triton {records[0]['triton'] if records else '?'} in {time.perf_counter() - t0:.0f} s:",
-          *(f"{r['case']} {r['target']}: {r['seconds']} s" for r in records[1:]), sep="\n  ")
+          *(f"{r['case']} {r['target']}: {r['seconds']} s" + "".join(f"\n    {x}" for x in r.get("rejected", ()))
+            for r in records[1:]), sep="\n  ")
     if not records or "triton" not in records[0]:
         pytest.fail(f"the build subprocess exited {proc.returncode} before importing Triton:\n{proc.stderr[-3000:]}",
                     pytrace=False)
@@ -77,6 +91,8 @@ def test_builds_under_the_gpu_machine_triton(builds, case, target):
     if case.scheme == "fp8-block":  # issue 29's paths: the down GEMM's own activation; on sm90 the early loads
         wanted = {"GATED_A"} | ({"PDL", "EARLY_META", "EARLY_WEIGHTS"} if target == "sm90" else set())
         assert wanted <= set(record["paths"]), record
+    missing = EXPECTED_KERNELS.get(case.name, set()) - set(record["kernel_names"])
+    assert not missing, f"{case.name} for {target}: the plan lacks {sorted(missing)}; it has {record['kernel_names']}"
 
 
 def test_random_qwen2_checkpoint_is_what_transformers_reads(tmp_path):

@@ -115,15 +115,15 @@ def decode_bytes_by_layer(llm, batch: int, context: int) -> dict[int | None, int
 def _unread_weight_bytes(graph, weights: dict, batch: int) -> dict[str, float]:
     """Bytes of each weight a decode step of `batch` tokens does not read. A MoE node reads the experts
     its tokens are routed to, E * (1 - (1 - k/E)**batch) of E expected under uniform routing (exactly k at
-    batch 1); its per-expert inputs (weights, MXFP4 scales, biases: all [E, ...]) follow its ids input.
-    An MLA node holds kv_b_proj in both forms; decode reads the one its decode_form names."""
-    from rdnac.ir.moe import expected_active_experts
+    batch 1); its per-expert inputs (weights, MXFP4 or FP8 block scales, biases: all [E, ...]) follow its ids
+    input. An MLA node holds kv_b_proj in both forms; decode reads the one its decode_form names."""
+    from rdnac.ir.moe import EXPERT_OPS, expected_active_experts
 
     top_k = {out: n.attrs["top_k"] for n in graph.nodes if n.op == "moe_route" for out in n.outputs}
     unread: dict[str, float] = {}
     for node in graph.nodes:
-        if node.op in ("moe_experts", "moe_experts_mxfp4"):
-            per_expert = [name for name in node.inputs[3:] if name in weights]  # [E, ...] each
+        if node.op in EXPERT_OPS:
+            per_expert = [name for name in node.inputs[3:] if name in weights]  # [E, ...] each (and scales)
             num_experts = weights[per_expert[0]].shape[0]
             active = expected_active_experts(batch, top_k[node.inputs[2]], num_experts)
             for name in per_expert:

@@ -1,7 +1,8 @@
 """`rdnac inspect`'s MoE section: per MoE node, what one token costs at batch 1 and what runs it.
 
-For each `moe_experts(_mxfp4)` node: experts and top-k, the bytes a token reads at batch 1 (its k
-experts' weights, MXFP4 scales and biases: active experts only), and at decode T=1 the tile chosen
+For each `moe_experts(_mxfp4, _fp8_block)` node: experts and top-k, how they are stored, the bytes a
+token reads at batch 1 (its k experts' weights, MXFP4 or FP8 block scales and biases: active experts
+only), and at decode T=1 the tile chosen
 with its two grouped GEMMs' LDS, VGPRs, spills and matrix instructions (the plan's binaries whose
 specialization is that node's). Part of `rdnac.cli.inspect.summarize` and `render_text`.
 """
@@ -28,7 +29,7 @@ def moe_summary(graph, program: dict | None = None, kernels: list[dict] = ()) ->
         expert_bytes = sum(nbytes(graph.weights[name]) for name in r["weights"])
         entry = {"node": node.name, "op": node.op, "num_experts": num_experts, "top_k": r["top_k"],
                  "scoring": route["scoring"], "renormalize": bool(route.get("renormalize")),
-                 "act": node.attrs["act"], "expert_bytes": expert_bytes,
+                 "act": node.attrs["act"], "weight_format": _weight_format(node), "expert_bytes": expert_bytes,
                  "active_expert_bytes": expert_bytes * r["top_k"] // num_experts}
         choice = (program or {}).get(node.name, {}).get("decode:1")
         if choice is not None:
@@ -43,6 +44,18 @@ def nbytes(spec) -> int:
     return math.prod(spec.shape) * _ELEMENT_BYTES[spec.dtype]
 
 
+def _weight_format(node) -> str:
+    """How the node's expert weights are stored: "bf16"-like float, "mxfp4", or "fp8-block128x128 e4m3fn(uz)"
+    with its activations (w8a8, or a16w8 where the target has no FP8 dot)."""
+    if node.op == "moe_experts_mxfp4":
+        return "mxfp4"
+    if node.op == "moe_experts_fp8_block":
+        a = node.attrs
+        return (f"fp8-block{a['block_size'][0]}x{a['block_size'][1]} {a['fp8_format']}, "
+                + ("a16w8" if a["act_scheme"] == "none" else "w8a8"))
+    return "dense"
+
+
 def _decode_gemms(node, cfg: dict, kernels) -> dict:
     """The two grouped GEMM binaries (gate/up, down) of the node's decode tile: their LDS, VGPRs, spills
     and matrix instructions."""
@@ -54,6 +67,9 @@ def _decode_gemms(node, cfg: dict, kernels) -> dict:
     if not is_gemv:
         want["MXFP4"] = is_mxfp4 and not c.get("DEQUANT", False)
     suffix = ":_moe_gemv_mxfp4_kernel" if is_gemv else ":_moe_gemm_kernel"
+    if node.op == "moe_experts_fp8_block":  # moe_fp8._moe_fp8_block_gemm_kernel: no bias, no MXFP4 flag
+        want = {**c, "ACT": node.attrs["act"], "IS_A16": node.attrs["act_scheme"] == "none"}
+        suffix = ":_moe_fp8_block_gemm_kernel"
     gemms = {}
     for kb in kernels:
         call = kb["call"]
@@ -85,7 +101,8 @@ def render_moe(console: Console, moe: list[dict]) -> None:
                          + (f" ({g['spills']} spilled)" if g["spills"] else "") + ", "
                          + (", ".join(g["matrix_instructions"]) or "-"))
         routing = e["scoring"] + (" renormalized" if e["renormalize"] else "") + f", {e['act']}"
-        table.add_row(e["node"], f"{e['top_k']} of {e['num_experts']}" + (" mxfp4" if e["op"].endswith("mxfp4") else ""),
+        fmt = "" if e["weight_format"] == "dense" else f" {e['weight_format']}"
+        table.add_row(e["node"], f"{e['top_k']} of {e['num_experts']}{fmt}",
                       routing, f"{e['active_expert_bytes'] / 1e6:.2f} of {e['expert_bytes'] / 1e6:.2f} MB", tile,
                       *cells)
     console.print(table)

@@ -245,6 +245,8 @@ def moe_weight_bytes_per_expert(problem: dict) -> float:
     elements = 3 * problem["I"] * problem["H"]
     if problem["weight_format"] == "mxfp4":
         return elements * (0.5 + 1 / 32)
+    if problem["weight_format"] == "fp8_block":  # a byte and a float32 scale per 128x128 block
+        return elements * (1 + 4 / (128 * 128))
     return elements * ELEMENT_BYTES[_dtype_name(problem["dtype"])]
 
 
@@ -293,6 +295,9 @@ def _estimate_moe(problem: dict, config: dict, target) -> Estimate:
                            // config["num_warps"]))
     resident = min(tiles, num_cu * occupancy)
     stored_bytes = 0.5 if is_mxfp4 and not is_dequant else elt  # per weight element as the GEMM loads it
+    if problem["weight_format"] == "fp8_block":  # FP8 weights, and the activations quantized in two launches
+        stored_bytes = 1
+        launches += 2 * (problem.get("act_scheme") != "none")
     rows = min(block_m, math.ceil(T * k / active))  # padding rows load nothing
     in_flight = config["num_stages"] * (rows * block_k * elt + 2 * block_k * block_n * stored_bytes)
     bw_fraction = (min(1.0, resident * in_flight / (target.hbm_gbps * 1e3 * DRAM_LATENCY_US))

@@ -7,6 +7,8 @@
 |                   | (b13 [E, 2I], b2 [E, H])                                        |                    |
 | moe_experts_mxfp4 | x, weights, ids, w13_blocks u8 [E, 2I, H/2], w13_scales u8 [E, 2I, H/32], | [T, H]   |
 |                   | w2_blocks u8 [E, H, I/2], w2_scales u8 [E, H, I/32], (b13, b2)  |                    |
+| moe_experts_fp8_block | x, weights, ids, w13 fp8 [E, 2I, H], w13_scale f32 [E, 2*ceil(I/128), ceil(H/128)], | [T, H] |
+|                   | w2 fp8 [E, H, I], w2_scale f32 [E, ceil(H/128), ceil(I/128)]    |                    |
 
 The router itself is a `linear` node (with its bias where the model has
 one); `moe_route` turns its logits into each token's k experts and their
@@ -48,7 +50,12 @@ once, so every kernel sees one layout. `act`:
 An id of -1 (an expert placed on another rank, `rdnac.ir.collectives`)
 contributes nothing. Experts compute in float32 and the sum is cast to x's dtype once. The
 `_mxfp4` form is the same op with both expert weights in MXFP4
-(`rdnac.ir.mxfp4`): dequantized exactly, then as above.
+(`rdnac.ir.mxfp4`): dequantized exactly, then as above. The `_fp8_block` form
+keeps FP8 experts with 128x128 block scales (DeepSeek-V3/R1's native
+checkpoints; attrs fp8_format, act_scheme, block_size): weights dequantized,
+activations of both projections quantized per token and 128 columns
+(act_scheme "dynamic_group", as `linear_fp8`) or kept ("none", a16w8), then
+as above (`moe_experts_fp8_block`).
 """
 
 from __future__ import annotations
@@ -56,12 +63,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rdnac.ir import mxfp4
+from rdnac.ir import fp8, mxfp4
 from rdnac.ir.graph import TensorSpec
 
 SCORINGS = ("softmax_topk", "topk_softmax", "sigmoid_group_topk", "softmax_group_topk")
 GROUP_SCORINGS = ("sigmoid_group_topk", "softmax_group_topk")  # DeepSeek's: attrs n_group, topk_group
 ACTS = ("silu", "gelu", "gelu_tanh", "swiglu_oai")
+EXPERT_OPS = ("moe_experts", "moe_experts_mxfp4", "moe_experts_fp8_block")  # the routed expert MLP's forms
 
 
 def moe_route(router_logits: torch.Tensor, correction_bias: torch.Tensor | None = None, *, top_k: int, scoring: str,
@@ -150,20 +158,31 @@ def expert_act(gate: torch.Tensor, up: torch.Tensor, act: str, alpha: float = 1.
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                 b13: torch.Tensor | None = None, b2: torch.Tensor | None = None, *, act: str,
                 alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
-    num_experts, two_i, _ = w13.shape
-    inter = two_i // 2
-    xf = x.float()
-    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    return _run_experts(x, weights, ids, w13.shape[0], lambda e: (w13[e].float(), w2[e].float()), b13, b2, act,
+                        alpha, limit)
+
+
+def _run_experts(x, weights, ids, num_experts: int, expert_weights, b13, b2, act: str, alpha: float, limit: float,
+                 quantize=None) -> torch.Tensor:
+    """moe_experts over `expert_weights(e)` = (w13[e], w2[e]) float32; `quantize` (float32 [rows, K] -> float32)
+    stands for the FP8 activations of both projections (the intermediate is rounded to x's dtype first, where
+    the kernels store it)."""
+    xf = x.float() if quantize is None else quantize(x.float())
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
     for e in ids.unique().tolist():
         if e < 0:  # an expert another rank holds (expert parallelism: `collectives.shard_ids`)
             continue
         assert 0 <= e < num_experts, f"expert id {e} out of range [0, {num_experts})"
+        w13, w2 = expert_weights(e)
+        inter = w13.shape[0] // 2
         tok, slot = torch.nonzero(ids == e, as_tuple=True)
-        h = xf[tok] @ w13[e].float().T
+        h = xf[tok] @ w13.T
         if b13 is not None:
             h = h + b13[e].float()
         a = expert_act(h[:, :inter], h[:, inter:], act, alpha, limit)
-        y = a @ w2[e].float().T
+        if quantize is not None:
+            a = quantize(a.to(x.dtype).float())
+        y = a @ w2.T
         if b2 is not None:
             y = y + b2[e].float()
         out.index_add_(0, tok, y * weights[tok, slot].float()[:, None])
@@ -175,6 +194,35 @@ def moe_experts_mxfp4(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                       b13: torch.Tensor | None = None, b2: torch.Tensor | None = None, **attrs) -> torch.Tensor:
     return moe_experts(x, weights, ids, mxfp4.dequantize(w13_blocks, w13_scales),
                        mxfp4.dequantize(w2_blocks, w2_scales), b13, b2, **attrs)
+
+
+def moe_experts_fp8_block(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
+                          w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, *, act: str,
+                          fp8_format: str, act_scheme: str, block_size: list, alpha: float = 1.702,
+                          limit: float = 7.0) -> torch.Tensor:
+    """moe_experts with FP8 expert weights in [bn, bk] blocks (DeepSeek's 128x128 `weight_scale_inv`):
+    w13 [E, 2I, H] with w13_scale [E, 2 * ceil(I/bn), ceil(H/bk)] (the gate rows' blocks, then the up rows':
+    gate and up are separate tensors in checkpoints, so a block never spans both), w2 [E, H, I] with
+    w2_scale [E, ceil(H/bn), ceil(I/bk)]. Weights are dequantized (bits x scale), and with act_scheme
+    "dynamic_group" both projections' activations are quantized per token and bk columns first
+    (`fp8.quantize_rows`, as `linear_fp8`'s dynamic_group); "none" keeps them (a16w8)."""
+    bn, bk = block_size
+    inter = w13.shape[1] // 2
+    gate_blocks = -(-inter // bn)
+
+    def expert_weights(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s13 = w13_scale[e]
+        w13_e = torch.cat([fp8.dequantize_weight(w13[e, :inter], s13[:gate_blocks], "block", (bn, bk)),
+                           fp8.dequantize_weight(w13[e, inter:], s13[gate_blocks:], "block", (bn, bk))])
+        return w13_e, fp8.dequantize_weight(w2[e], w2_scale[e], "block", (bn, bk))
+
+    assert act_scheme in ("dynamic_group", "none"), act_scheme
+    quantize = None
+    if act_scheme == "dynamic_group":
+        def quantize(t: torch.Tensor) -> torch.Tensor:
+            q, s = fp8.quantize_rows(t, fp8_format, bk)
+            return q.float() * s.repeat_interleave(bk, 1)[:, :t.shape[1]]
+    return _run_experts(x, weights, ids, w13.shape[0], expert_weights, None, None, act, alpha, limit, quantize)
 
 
 def expected_active_experts(num_tokens: int, top_k: int, num_experts: int) -> float:
@@ -199,7 +247,7 @@ def routed_experts(graph) -> list[dict]:
     producers = {out: n for n in graph.nodes for out in n.outputs}
     out = []
     for node in graph.nodes:
-        if node.op not in ("moe_experts", "moe_experts_mxfp4"):
+        if node.op not in EXPERT_OPS:
             continue
         route = producers[node.inputs[2]].attrs  # the moe_route whose ids it reads
         weights = [name for name in node.inputs[3:] if name in graph.weights]

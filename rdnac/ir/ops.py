@@ -36,7 +36,7 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 | argmax          | logits [R, V]                                                 | [R] int64      |
 | split           | x [T, N] (attr sizes, summing to N)                           | len(sizes) views [T, sizes[i]] |
 | all_reduce, all_gather, shard_ids (tensor/expert parallelism): see `rdnac.ir.collectives`        |
-| moe_route, moe_experts, moe_experts_mxfp4: see `rdnac.ir.moe`                                   |
+| moe_route, moe_experts, moe_experts_mxfp4, moe_experts_fp8_block: see `rdnac.ir.moe`            |
 | causal_conv1d, gated_delta_rule, gated_rms_norm(_quant), sigmoid_gate(_quant): `rdnac.ir.linear_attention` |
 | mla_cache_write, mla_attention (multi-head latent attention): see `rdnac.ir.mla`                |
 
@@ -469,6 +469,8 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("moe_route", ("top_k", "scoring"), (1, 2), moe.moe_route_infer, moe.moe_route),
     OpDef("moe_experts", ("act",), (5, 7), moe.moe_experts_infer, moe.moe_experts),
     OpDef("moe_experts_mxfp4", ("act",), (7, 9), moe.moe_experts_infer, moe.moe_experts_mxfp4),
+    OpDef("moe_experts_fp8_block", ("act", "fp8_format", "act_scheme", "block_size"), (7,), moe.moe_experts_infer,
+          moe.moe_experts_fp8_block),
     # linear attention: the conv and the delta rule write their sequences' state slots (input 2 / 7)
     OpDef("causal_conv1d", ("kernel_size",), (6,), la.same_as_x, la.causal_conv1d, has_side_effects=True,
           in_place=(2,)),

@@ -153,7 +153,7 @@ def _check_shapes(graph: Graph, node: Node, ins: list[TensorSpec]) -> None:
         expect(not a["qk_norm"] or "eps" in a, "qk_norm requires attr eps")
     if node.op in KV_CACHE_INPUTS:
         _check_kv_caches(node, ins, expect)
-    if node.op in ("moe_experts", "moe_experts_mxfp4"):
+    if node.op in ("moe_experts", "moe_experts_mxfp4", "moe_experts_fp8_block"):
         _check_experts(node, ins, expect)
     elif node.op == "add":
         expect(ins[0].shape == ins[1].shape, "operands must have the same shape")
@@ -208,6 +208,17 @@ def _check_experts(node: Node, ins: list[TensorSpec], expect) -> None:
     if node.op == "moe_experts":
         num_weights, (e, two_i, h) = 2, ins[3].shape
         expect(ins[4].shape == (e, h, two_i // 2), "w2 must be [E, H, I] for w13 [E, 2I, H]")
+    elif node.op == "moe_experts_fp8_block":
+        num_weights, (e, two_i, h) = 4, ins[3].shape
+        bn, bk = node.attrs["block_size"]
+        fmt, i = node.attrs["fp8_format"], two_i // 2
+        expect(node.attrs["act_scheme"] in ("dynamic_group", "none"), "act_scheme must be dynamic_group or none")
+        expect(ins[3].dtype == ins[5].dtype == f"float8_{fmt}", f"w13 and w2 must be float8_{fmt}")
+        expect(ins[4].dtype == ins[6].dtype == "float32", "weight scales must be float32")
+        expect(ins[5].shape == (e, h, i), "w2 must be [E, H, I] for w13 [E, 2I, H]")
+        expect(ins[4].shape == (e, 2 * -(-i // bn), -(-h // bk)),
+               f"w13_scale must be [E, 2*ceil(I/{bn}), ceil(H/{bk})] (gate blocks, then up blocks)")
+        expect(ins[6].shape == (e, -(-h // bn), -(-i // bk)), f"w2_scale must be [E, ceil(H/{bn}), ceil(I/{bk})]")
     else:
         num_weights, (e, two_i, half_h) = 4, ins[3].shape
         h, i = 2 * half_h, two_i // 2

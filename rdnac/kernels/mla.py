@@ -15,13 +15,17 @@ qk_rope_head_dim, block_size, max_model_len, dtype, num_seqs, num_tokens):
     Default: 16 x 16, BLOCK_V = R, 8 warps, 1 stage; decode splits about one per 512 keys of
     max_model_len, fewer for big batches. The space is ordered, default first, with no cost model: the
     register pressure that decides (the layouts of a 512-wide dot) is the probe's to measure.
+    The space ends with the least a program can hold (16 x 16, BLOCK_K 32, BLOCK_V R/4, 4 warps).
 A 576-wide head (R 512 + Dr 64, DeepSeek V3) is the stress case; kernel selection rejects configs whose
 binaries exceed LDS or spill (logged with the sizes) and moves to the next. Measured on the binaries
-(128 heads, BLOCK_K 64, BLOCK_V 512, 16x16 on 8 warps, 1 stage; decode): gfx1201 138 VGPRs, gfx1151
-201, gfx942 98, gfx950 98 (16 KiB LDS each), sm90 122 registers (32 KiB shared); 16x32 on 2 stages
-and 32x16 fit everywhere too (gfx1151 at 253-256 VGPRs is the tightest). The score chunks must be a
-loop: unrolled (all of R's chunks in flight at once) the same tile spilled 67 registers on gfx1201
-and 288 on gfx1151.
+(16 heads, BLOCK_K 64, BLOCK_V 512, 16x16 on 8 warps, 1 stage), Triton 3.9: gfx1201 138-139 VGPRs,
+gfx1151 201-202, gfx942 94-96, gfx950 96 (16 KiB LDS each), sm90 100 (decode) / 126 (prefill)
+registers; Triton 3.6 (the GPU machine's): gfx1201 133-134, sm90 107 / 128. 16x32 on 2 stages fits
+everywhere too (gfx1151 at 249-250 VGPRs is the tightest); 64x32 spills on gfx1151, gfx942 and gfx950.
+The score chunks must be a loop, and its bound a runtime int (`mla_attention._mla_kernel`): unrolled
+(all of R's chunks in flight at once) the same tile spilled 67 registers on gfx1201 and 288 on
+gfx1151, and Triton 3.6's LLVM unrolled a constexpr-bounded loop by itself (75-212 spilled on gfx1201
+for every tile in the space).
 """
 
 from __future__ import annotations
@@ -107,8 +111,11 @@ def config_space(problem: dict) -> list[dict]:
                      **({"NUM_SPLITS": sp} if decode else {}))
              for sp in splits for st in (1, 2) for n in (16, 32) for m in (16, 32) + (() if decode else (64,))
              for v in slices for w in (8, 4)]
+    # last, the least a program can hold: the narrowest output slice, 32-wide score chunks, 4 warps
+    space += [_config(4, 1, BLOCK_M=16, BLOCK_N=16, BLOCK_K=min(32, width), BLOCK_V=slices[-1],
+                      **({"NUM_SPLITS": sp} if decode else {})) for sp in splits]
     default = default_config(problem)
-    return [default] + [c for c in space if c != default]
+    return [default] + [c for i, c in enumerate(space) if c != default and c not in space[:i]]
 
 
 def default_config(problem: dict) -> dict:

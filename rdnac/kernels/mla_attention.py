@@ -44,15 +44,17 @@ from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 # Model-shape strides (never token counts), specialized on divisibility by 16 (see attention.py)
 AOT_DIVISIBLE = {"_mla_kernel": ("stride_lt", "stride_qt", "stride_cb", "stride_cs", "stride_ot"),
-                 "_head_gemm_kernel": ("stride_xt", "stride_xh", "stride_yt", "stride_yh"),
+                 "_head_gemm_kernel": ("K", "stride_xt", "stride_xh", "stride_yt", "stride_yh"),
                  "_mla_reduce_kernel": ("stride_ot",)}
 
 
 @triton.jit
-def _head_gemm_kernel(x_ptr, w_ptr, y_ptr, num_tokens, stride_xt, stride_xh, stride_yt, stride_yh,
-                      N: tl.constexpr, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
-    """y[t, h, n] = sum_k x[t, h, k] * w[h, n, k] (w [H, N, K] contiguous), float32 accumulation in w's dtype."""
+def _head_gemm_kernel(x_ptr, w_ptr, y_ptr, num_tokens, K, stride_xt, stride_xh, stride_yt, stride_yh,
+                      N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PDL: tl.constexpr = False):
+    """y[t, h, n] = sum_k x[t, h, k] * w[h, n, k] (w [H, N, K] contiguous), float32 accumulation in w's dtype.
+    K is a runtime int (as `_mla_kernel`'s score loop bound): over a constexpr 512 Triton 3.6's LLVM unrolled
+    the loop and spilled 16 registers on gfx1201 (W_UV's GEMM, N 128)."""
     if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
         gdc_launch_dependents()
         gdc_wait()
@@ -78,7 +80,7 @@ def _head_gemm_kernel(x_ptr, w_ptr, y_ptr, num_tokens, stride_xt, stride_xh, str
 def _mla_kernel(
         q_lat_ptr, q_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr, positions_ptr, inv_freq_ptr,
         out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
-        stride_lt, stride_qt, stride_cb, stride_cs, stride_bt, stride_ot, scale, attention_scaling,
+        stride_lt, stride_qt, stride_cb, stride_cs, stride_bt, stride_ot, scale, attention_scaling, rank,
         NUM_HEADS: tl.constexpr, RANK: tl.constexpr, ROPE_DIM: tl.constexpr, QK_NOPE: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, IS_NEOX: tl.constexpr,
         IS_DECODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -155,8 +157,11 @@ def _mla_kernel(
         k_pe = tl.load(entry[:, None] + RANK + e[None, :], mask=j_ok[:, None] & e_ok[None, :], other=0.0)
         s = tl.dot(q_pe, tl.trans(k_pe))  # [BLOCK_M, BLOCK_N]
         # q_lat . latent over R in BLOCK_K chunks, the query's chunk read again (from cache) each time: a
-        # whole 512-wide query held in a dot's operand layout spills on wave32 targets
-        for c in range(0, BLOCK_R, BLOCK_K):  # a loop, not unrolled: every chunk in flight at once spills
+        # whole 512-wide query held in a dot's operand layout spills on wave32 targets. The bound is the
+        # runtime `rank`, not a constexpr: over a constant trip count LLVM (Triton 3.6's AMD backend) unrolls
+        # this loop and hoists the 8 query chunks out of the key loop, which spilled 75-212 registers on
+        # gfx1201 for every tile (prefill and decode, 16 heads of 576); with the runtime bound it stays a loop.
+        for c in range(0, rank, BLOCK_K):
             r = c + tl.arange(0, BLOCK_K)
             q_c = tl.load(q_lat_row + r[None, :], mask=row_ok[:, None] & (r < RANK)[None, :], other=0.0)
             k_c = tl.load(entry[:, None] + r[None, :], mask=j_ok[:, None] & (r < RANK)[None, :], other=0.0)
@@ -224,9 +229,8 @@ def head_gemm(x: torch.Tensor, stride_xt: int, stride_xh: int, w: torch.Tensor, 
         return
     block_n, block_k = min(64, max(16, next_power_of_2(n))), min(64, max(16, next_power_of_2(k)))
     grid = (cdiv(num_tokens, GEMM_CONFIG["BLOCK_T"]), num_heads, cdiv(n, block_n))
-    launcher.launch(_head_gemm_kernel, grid, (x, w, y, num_tokens, stride_xt, stride_xh, stride_yt, stride_yh),
-                    constexprs={"N": n, "K": k, "BLOCK_T": GEMM_CONFIG["BLOCK_T"], "BLOCK_N": block_n,
-                                "BLOCK_K": block_k},
+    launcher.launch(_head_gemm_kernel, grid, (x, w, y, num_tokens, k, stride_xt, stride_xh, stride_yt, stride_yh),
+                    constexprs={"N": n, "BLOCK_T": GEMM_CONFIG["BLOCK_T"], "BLOCK_N": block_n, "BLOCK_K": block_k},
                     num_warps=GEMM_CONFIG["num_warps"], num_stages=GEMM_CONFIG["num_stages"])
 
 
@@ -264,7 +268,8 @@ def _attend(q, latent_cache, block_tables, seq_lens, cu_seqlens_q, positions, w_
         part_max = part_sum = part_acc = o_lat  # never touched
     args = (q_lat, q, latent_cache, block_tables, seq_lens, cu_seqlens_q, positions, inv_freq, o_lat,
             part_max, part_sum, part_acc, q_lat.stride(0), q.stride(0), latent_cache.stride(0),
-            latent_cache.stride(1), block_tables.stride(0), o_lat.stride(0), float(scale), float(attention_scaling))
+            latent_cache.stride(1), block_tables.stride(0), o_lat.stride(0), float(scale), float(attention_scaling),
+            rank)  # the score chunks' loop bound, at run time (see the kernel)
     launcher.launch(_mla_kernel, grid, args, constexprs={
         **shape_constexprs(heads, rank, dr, dn, latent_cache.shape[1]), "IS_NEOX": style == "neox",
         "IS_DECODE": is_decode, "BLOCK_M": block_m, "BLOCK_N": c["BLOCK_N"], "BLOCK_K": block_k, "BLOCK_V": block_v,

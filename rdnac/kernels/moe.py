@@ -1,4 +1,5 @@
-"""Fused MoE family: IR ops `moe_route`, `moe_experts` and `moe_experts_mxfp4` (references: `rdnac.ir.moe`).
+"""Fused MoE family: IR ops `moe_route`, `moe_experts`, `moe_experts_mxfp4` and `moe_experts_fp8_block`
+(references: `rdnac.ir.moe`).
 
 `moe_route` is one kernel (`moe_route.py`). The expert MLP of T tokens, each routed to k of E experts
 (ids in [0, E), as `moe_route` gives them), runs as five launches (four at decode) with grids fixed by
@@ -21,7 +22,8 @@ x's dtype; MXFP4 experts stay 4-bit in memory and take one of three paths by con
 cost model per phase and logged with each MoE node's kernel selection: decoded in the grouped GEMM's
 inner loop (W4A16, `moe_gemm.py`), a grouped GEMV that decodes by bit shifts (GEMV, decode sizes)
 or decoded once per step into a scratch for the dense GEMM (DEQUANT, two launches more; prefill),
-both in `moe_gemv.py`.
+both in `moe_gemv.py`. FP8 block experts (DeepSeek's 128x128 scales) stay FP8: activations quantized per
+128 columns, a block-scaled grouped GEMM per projection (`moe_fp8.py`).
 Configs and their LDS estimate: `moe_configs.py`; cost model: `rdnac.compiler.cost_model._estimate_moe`.
 """
 
@@ -32,8 +34,11 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from rdnac.ir.fp8 import FORMATS
+from rdnac.kernels.fp8_quant import quantize_activations
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 from rdnac.kernels.moe_configs import config_space, default_config  # noqa: F401 (the family API)
+from rdnac.kernels.moe_fp8 import _moe_fp8_block_gemm_kernel
 from rdnac.kernels.moe_gemm import _moe_gemm_kernel
 from rdnac.kernels.moe_gemv import DEQUANT_BLOCK_K, DEQUANT_BLOCK_R, _moe_gemv_mxfp4_kernel, _mxfp4_dequant_kernel
 from rdnac.kernels.moe_route import moe_route
@@ -232,6 +237,53 @@ def moe_experts_mxfp4(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
                       config, launcher)
 
 
+def moe_experts_fp8_block(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor,
+                          w13_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor, *, act: str,
+                          fp8_format: str, act_scheme: str, block_size: list, alpha: float = 1.702,
+                          limit: float = 7.0, config: dict, launcher: Launcher) -> torch.Tensor:
+    """moe_experts with FP8 experts in [bn, bk] blocks (`moe_fp8.py`): x, then the [T*k, I] intermediate,
+    quantized per (row, bk columns) by `fp8_quant` (act_scheme dynamic_group; "none": a16w8), each
+    projection one block-scaled grouped GEMM; seven launches (six at decode, as moe_experts)."""
+    T, H = x.shape
+    E, two_i, _ = w13.shape
+    inter, top_k = two_i // 2, ids.shape[1]
+    bn, bk = block_size
+    assert act in ACTS and act_scheme in ("dynamic_group", "none"), (act, act_scheme)
+    assert w13.dtype == w2.dtype == FORMATS[fp8_format], f"moe_experts_fp8_block: {fp8_format} weights; got {w13.dtype}"
+    assert tuple(w2.shape) == (E, H, inter) and tuple(w13_scale.shape) == (E, 2 * cdiv(inter, bn), cdiv(H, bk)) \
+        and tuple(w2_scale.shape) == (E, cdiv(H, bn), cdiv(inter, bk)), (w13.shape, w13_scale.shape, w2_scale.shape)
+    assert tuple(weights.shape) == tuple(ids.shape) == (T, top_k) and ids.dtype == torch.int32
+    assert x.stride(1) == 1 and all(w.is_contiguous() for w in (w13, w13_scale, w2, w2_scale))
+    out = torch.empty((T, H), dtype=x.dtype, device=x.device)  # [T, H]
+    if T == 0:
+        return out
+    c = config["constexprs"]
+    block_m, block_n, block_k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+    assert bk % block_k == 0, f"moe_experts_fp8_block: BLOCK_K {block_k} must divide the scale block's K {bk}"
+    ids, weights = ids.contiguous(), weights.contiguous()  # slot s = t * k + j
+    num_slots = T * top_k
+    sorted_slots, block_expert, num_padded = sort_slots(ids, E, block_m, launcher)
+    is_a16 = act_scheme == "none"
+    hidden = torch.empty((num_slots, inter), dtype=x.dtype, device=x.device)  # [T*k, I]
+    y = torch.empty((num_slots, H), dtype=torch.float32, device=x.device)  # [T*k, H]
+    for gated, a, w, ws, n, dst in ((True, x, w13, w13_scale, inter, hidden), (False, hidden, w2, w2_scale, H, y)):
+        if is_a16:
+            a_scale = weights  # never read
+        else:  # [rows, K] fp8 and its [rows, cdiv(K, bk)] scales: linear_fp8's dynamic_group
+            a, a_scale = quantize_activations(a, None, fp8_format, bk, launcher=launcher)
+        launcher.launch(_moe_fp8_block_gemm_kernel, (block_expert.shape[0], cdiv(n, block_n)),
+                        (a, a_scale, w, ws, weights, dst, sorted_slots, block_expert, num_padded, num_slots, n,
+                         a.shape[1], a.stride(0), 0 if is_a16 else a_scale.stride(0), w.stride(0), w.stride(1),
+                         ws.stride(0), ws.stride(1), dst.stride(0), float(alpha), float(limit)),
+                        constexprs=dict(GATED=gated, ROW_DIV=top_k if gated else 1, ACT=act, IS_A16=is_a16,
+                                        SCALE_BLOCK_N=bn, SCALE_BLOCK_K=bk, BLOCK_M=block_m, BLOCK_N=block_n,
+                                        BLOCK_K=block_k),
+                        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    launcher.launch(_moe_sum_kernel, (T, cdiv(H, SUM_BLOCK)), (y, out, H),
+                    constexprs=dict(TOP_K=top_k, BLOCK_H=SUM_BLOCK), num_warps=4, num_stages=1)
+    return out
+
+
 # Below the kernels: an import above them would move their line numbers, which Triton's source hash
 # and the binaries' line info include.
 from rdnac.kernels.registry import KernelFamily, OpKernel, dtype_name  # noqa: E402
@@ -243,19 +295,24 @@ def _route_problem(a: dict, ins: list, phase: str, runtime: dict) -> dict:
 
 
 def _experts_problem(a: dict, ins: list, phase: str, runtime: dict) -> dict:
-    # ins: x, weights, ids, then w13, w2 (dense) or w13 blocks, scales, w2 blocks, scales (MXFP4), then b13, b2
+    # ins: x, weights, ids, then w13, w2 (dense) or w13 blocks, scales, w2 blocks, scales (MXFP4) or w13, its
+    # scales, w2, its scales (FP8 block), then b13, b2
     x, weights, w13 = ins[0], ins[1], ins[3]
-    is_mxfp4 = w13.dtype == torch.uint8
-    num_weight_inputs = 4 if is_mxfp4 else 2
+    is_mxfp4, is_fp8 = w13.dtype == torch.uint8, w13.dtype in FORMATS.values()
+    num_weight_inputs = 4 if is_mxfp4 or is_fp8 else 2
     w2 = ins[3 + num_weight_inputs // 2]  # [E, H, I] (MXFP4: [E, H, I/2] bytes)
-    return {"op": "moe_experts", "M": x.shape[0], "E": w13.shape[0], "H": x.shape[1],
-            "I": w2.shape[2] * (2 if is_mxfp4 else 1), "top_k": weights.shape[1], "dtype": dtype_name(x),
-            "weight_format": "mxfp4" if is_mxfp4 else "dense", "has_bias": len(ins) == 5 + num_weight_inputs,
-            "act": a["act"]}
+    fmt = "mxfp4" if is_mxfp4 else "fp8_block" if is_fp8 else "dense"
+    p = {"op": "moe_experts", "M": x.shape[0], "E": w13.shape[0], "H": x.shape[1],
+         "I": w2.shape[2] * (2 if is_mxfp4 else 1), "top_k": weights.shape[1], "dtype": dtype_name(x),
+         "weight_format": fmt, "has_bias": len(ins) == 5 + num_weight_inputs, "act": a["act"]}
+    if is_fp8:  # activations FP8 (w8a8) or x's dtype (a16w8): the tiles' LDS and the tuning key differ
+        p["act_scheme"] = a["act_scheme"]
+    return p
 
 
 FAMILY = KernelFamily("moe", config_space=config_space, default_config=default_config, cost_model="moe",
                       tuning_key=("op", "E", "H", "I", "top_k", "dtype", "weight_format"),
                       ops={"moe_route": OpKernel(moe_route, _route_problem),
                            "moe_experts": OpKernel(moe_experts, _experts_problem),
-                           "moe_experts_mxfp4": OpKernel(moe_experts_mxfp4, _experts_problem)})
+                           "moe_experts_mxfp4": OpKernel(moe_experts_mxfp4, _experts_problem),
+                           "moe_experts_fp8_block": OpKernel(moe_experts_fp8_block, _experts_problem)})

@@ -16,6 +16,7 @@ MXFP4 adds two paths (`moe_gemv.py`): at decode, GEMV tiles (BLOCK_M 1-8 rows, n
 BLOCK_K 128-256 elements = 64-128 contiguous bytes per row per step, one stage: its loads feed no
 tl.dot, so nothing is pipelined); above decode, DEQUANT tiles (each dense tile with the experts
 decoded once into a scratch of x's dtype). The W4A16 tiles stay candidates in every regime.
+FP8 block experts (`moe_fp8.py`) take the dense tiles: BLOCK_K 32-128 divides the 128-wide scale block.
 `moe_route` configs are only a warp count (`moe_route.route_config_space`).
 """
 
@@ -99,6 +100,9 @@ def lds_bytes(config: dict, problem: dict, target_name: str) -> int:
     buffers = config["num_stages"] if all_stages else max(1, config["num_stages"] - 1)
     if c.get("GEMV"):  # no operand tile is staged; the epilogue's reduction scratch
         return 32 * bm * bn
+    if problem["weight_format"] == "fp8_block":  # FP8 weight tiles; A in FP8 too unless a16w8
+        a_elt = elt if problem.get("act_scheme") == "none" else 1
+        return buffers * (bm * bk * a_elt + 2 * bk * bn)
     weight_tiles = 1 if problem["weight_format"] == "mxfp4" and not c.get("DEQUANT") else 2
     return buffers * (bm * bk + weight_tiles * bk * bn) * elt
 

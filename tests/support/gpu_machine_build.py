@@ -72,6 +72,29 @@ QWEN3_5_WIDTH = dict(hidden_size=2048, num_hidden_layers=2, num_attention_heads=
                      layer_types=["linear_attention", "full_attention"])
 
 
+# DeepSeek-V3's attention widths at 16 heads (the 576-wide latent: kv_lora_rank 512 + rope 64; nope 128, value
+# 128, q LoRA 1536), hidden 1024: a dense first layer, then an MoE layer with V3's sigmoid group-limited routing
+# (16 experts in 4 groups, top 4 of the 2 best groups) and a shared expert. The MLA kernels' registers are decided
+# by the latent width and the heads per tile, not by the layer count or the hidden size.
+DEEPSEEK_V3_WIDTH = dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=16,
+                         num_key_value_heads=16, vocab_size=4096, kv_lora_rank=512, q_lora_rank=1536,
+                         qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, moe_intermediate_size=256,
+                         n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1,
+                         first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+                         max_position_embeddings=4096)
+
+
+def deepseek_v3_fp8_block(out: Path, scheme: str | None = None) -> Path:
+    """DEEPSEEK_V3_WIDTH in DeepSeek's native FP8 block layout (rdnac.testing.deepseek's writer): FP8 linears and
+    FP8 experts with 128x128 `weight_scale_inv`."""
+    from rdnac.testing.deepseek import write_random_v3_fp8_block
+
+    assert scheme == "fp8-block", scheme
+    width = {k: v for k, v in DEEPSEEK_V3_WIDTH.items() if k not in ("num_hidden_layers", "first_k_dense_replace")}
+    return write_random_v3_fp8_block(out, layers=DEEPSEEK_V3_WIDTH["num_hidden_layers"],
+                                     first_k_dense_replace=DEEPSEEK_V3_WIDTH["first_k_dense_replace"], **width)
+
+
 def moe_checkpoint(shape: str) -> Callable[..., Path]:
     """rdnac.testing.moe's Hub-layout writer: Qwen3-MoE in bf16, GPT-OSS with MXFP4 experts (scheme mxfp4)."""
     def write(out: Path, scheme: str | None = None) -> Path:
@@ -147,10 +170,13 @@ CASES = [
     # and the hybrid model's: the GDN out_proj's int8 activations from the fused gated norm
     Case("qwen3_5", "int8", int8_checkpoint(hf_random_checkpoint("qwen3_5_text", **QWEN3_5_WIDTH))),
     Case("deepseek_v2", "bf16", family_checkpoint("deepseek-v2-lite", 2, **NARROW)),
-    Case("deepseek_v3", "fp8-block", family_checkpoint("deepseek-v3", 2, **{**NARROW, "n_routed_experts": 32},
-                                                       num_attention_heads=16, num_key_value_heads=16)),
     Case("qwen3_5_moe", "bf16", family_checkpoint("qwen3.5-35b-a3b", 2, hidden_size=1024, vocab_size=4096,
                                                   num_experts=16)),
+    # multi-head latent attention (cache write, absorbed prefill and split decode, the per-head GEMMs) at a
+    # 576-wide head, DeepSeek's group-limited routing kernel
+    Case("deepseek_v3", "bf16", hf_random_checkpoint("deepseek_v3", **DEEPSEEK_V3_WIDTH)),
+    # the native FP8 block layout: block-scaled GEMMs and the FP8 block experts of the fused MoE
+    Case("deepseek_v3", "fp8-block", deepseek_v3_fp8_block),
 ]
 
 
@@ -174,9 +200,14 @@ def build(case: Case, out: Path) -> list[dict]:
         record = {"case": case.name, "target": target}
         try:
             plan = rdnac.compile(ckpt, target=target, output=out / f"{case.name}.{target}.msgpack", quiet=True)
-            kernels = read_plan(plan).body["kernels"]
-            record.update(built=True, kernels=len(kernels),
+            body = read_plan(plan).body
+            kernels = body["kernels"]
+            # what kernel selection rejected and why (the configs that spill or exceed LDS under this Triton)
+            rejected = sorted({f"{d['action']}: {d['reason'][-160:]}" for d in body["decisions"]
+                               if d["action"].startswith("rejected")})
+            record.update(built=True, kernels=len(kernels), rejected=rejected,
                           kernel_tritons=sorted({k["triton_version"] for k in kernels}),
+                          kernel_names=sorted({k["kernel"].split(":")[-1] for k in kernels}),
                           paths=sorted({p for k in kernels for p in PATHS if k["call"]["constexprs"].get(p)}))
         except BuildError as e:
             record.update(built=False, error=str(e), failed_kernels=e.kernels)

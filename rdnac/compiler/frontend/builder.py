@@ -356,6 +356,22 @@ class GraphBuilder:
         self.weight_specs[name] = WeightSpec("float32", (1,), "fp8-input-scale", source=self._actual[src])
         return name
 
+    def fp8_scheme(self, module: str) -> LinearScheme | None:
+        """The quantization_config scheme of checkpoint module `module` if its weight is stored as FP8 data."""
+        stored = self.stored(f"{module}.weight")
+        return self._scheme(module) if stored is not None and stored[0] in _FP8_DTYPES else None
+
+    def fp8_bits_and_scale(self, module: str, shape: tuple[int, int],
+                           scheme: LinearScheme) -> tuple[torch.Tensor, torch.Tensor]:
+        """An FP8 linear's bits (float8_e4m3fn) and its weight scale as stored, both checked and consumed, for a
+        weight the frontend re-lays out (stacked experts); neither becomes a graph weight here."""
+        bits = self.weights.pop(self._fp8_weight(f"{module}.weight", shape, scheme))
+        del self.weight_specs[f"{module}.weight"]
+        scale_name = self._weight_scale(module, scheme, *shape)
+        scale = self.weights.pop(scale_name)
+        del self.weight_specs[scale_name]
+        return bits, scale
+
     def _dequantized_source(self, name: str, shape: tuple[int, ...], scheme: LinearScheme) -> torch.Tensor:
         """An FP8 checkpoint weight times its scale, float32 (its scale tensor is consumed)."""
         from rdnac.ir.fp8 import dequantize_weight

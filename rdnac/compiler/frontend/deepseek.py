@@ -25,9 +25,11 @@ RoPE covers `qk_rope_head_dim` in DeepSeek's interleaved pair layout
 mscale_all_dim and the softmax-scale correction (mla.py). Multi-token
 prediction layers (`model.layers.{num_hidden_layers}+.*`) are ignored with a
 logged reason. FP8 block checkpoints (`weight_block_size` [128, 128],
-`weight_scale_inv`) keep their linears in FP8; routed experts and kv_b_proj
-are dequantized once at compile time (their ops have no FP8 form yet); the
-router stays float.
+`weight_scale_inv`) keep their linears in FP8, and their routed experts too
+(`moe_experts_fp8_block`: bits and 128x128 scales stacked as stored,
+activations quantized per 128 columns at run time); kv_b_proj is dequantized
+once at compile time (the MLA ops have no FP8 form yet); the router stays
+float.
 """
 
 from __future__ import annotations

@@ -92,9 +92,9 @@ class MoE:
                  + (", renormalized" if route.get("renormalize") else "") + extra
                  + (", correction bias for selection only" if self.correction_bias else ""),
                  f"{', '.join(keys)} from config.json")
-        op, ins = self.expert_inputs(m, layer, num_experts, inter)
+        op, ins, *op_attrs = self.expert_inputs(m, layer, num_experts, inter)
         act = self.act or m.act
-        attrs = {"act": act}
+        attrs = {"act": act, **(op_attrs[0] if op_attrs else {})}
         if act == "swiglu_oai":
             attrs.update(alpha=float(self._number(m, self.alpha, "alpha")),
                          limit=float(self._number(m, self.limit, "limit")))
@@ -161,6 +161,9 @@ class MoE:
                 else "per_expert"
         e, i2 = num_experts, 2 * inter
         has_bias = flag(m.config, self.expert_bias)
+        scheme = b.fp8_scheme(f"{p}.0.gate_proj") if layout == "per_expert" and not has_bias else None
+        if scheme is not None and scheme.weight_scheme == "block" and scheme.act_scheme == "dynamic_group":
+            return fp8_block_experts(m, layer, p, e, inter, scheme)
         if layout == "per_expert":
             gate = [(f"{p}.{j}.gate_proj.weight", (inter, hidden)) for j in range(e)]
             up = [(f"{p}.{j}.up_proj.weight", (inter, hidden)) for j in range(e)]
@@ -207,3 +210,31 @@ class MoE:
         if not self.interleaved:
             return t
         return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)
+
+
+def fp8_block_experts(m: Model, layer: int, p: str, e: int, inter: int, scheme) -> tuple[str, list[str], dict]:
+    """`moe_experts_fp8_block` over per-expert FP8 linears with block scales (DeepSeek-V3/R1's native
+    checkpoints: `weight_scale_inv` per 128x128 block): bits and scales stacked as stored, nothing
+    dequantized. w13's scales are the gate's blocks then the up's (`rdnac.ir.moe`)."""
+    b, hidden = m.b, m.hidden
+    bn, bk = scheme.block_size
+    gate, up, down = ([b.fp8_bits_and_scale(f"{p}.{j}.{proj}", shape, scheme) for j in range(e)]
+                      for proj, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)),
+                                          ("down_proj", (hidden, inter))))
+    u8 = lambda t: t.view(torch.uint8)  # noqa: E731 -- stack the bytes: the bits are kept, never converted
+    w13 = torch.stack([torch.cat([u8(g[0]), u8(u[0])]) for g, u in zip(gate, up)]).view(torch.float8_e4m3fn)
+    s13 = torch.stack([torch.cat([g[1], u[1]]) for g, u in zip(gate, up)])
+    w2 = torch.stack([u8(d[0]) for d in down]).view(torch.float8_e4m3fn)
+    s2 = torch.stack([d[1] for d in down])
+    src = f"{b.source(p + '.0.gate_proj.weight')} ... {b.source(p + f'.{e - 1}.down_proj.weight')}"
+    ins = [b.add_weight(f"{p}.w13", w13, scheme.tag, f"stack gate, up({src})"),
+           b.add_weight(f"{p}.w13_scale", s13, "fp8-scale", f"stack gate, up scales({src})"),
+           b.add_weight(f"{p}.w2", w2, scheme.tag, f"stack down({src})"),
+           b.add_weight(f"{p}.w2_scale", s2, "fp8-scale", f"stack down scales({src})")]
+    b.decide(f"layers.{layer}.experts", f"FP8 experts kept {scheme.tag}: w13 [{e}, {2 * inter}, {hidden}] e4m3fn + "
+             f"scales {list(s13.shape)}, w2 [{e}, {hidden}, {inter}] + scales {list(s2.shape)}; activations "
+             f"{scheme.act_scheme} (per token and {bk} columns)",
+             f"{e} experts' gate_proj, up_proj and down_proj stacked as stored (bits and {bn}x{bk} block scales), "
+             "once at compile time: moe_experts_fp8_block reads one stacked layout")
+    return "moe_experts_fp8_block", ins, {"fp8_format": "e4m3fn", "act_scheme": scheme.act_scheme,
+                                           "block_size": [bn, bk]}

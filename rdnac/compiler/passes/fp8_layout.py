@@ -1,4 +1,4 @@
-"""Per-target FP8 weight transforms for `linear_fp8` nodes, each recorded per weight.
+"""Per-target FP8 weight transforms for `linear_fp8` and `moe_experts_fp8_block` nodes, recorded per weight.
 
 Runs after the kernel-independent passes, before kernel selection:
 
@@ -26,18 +26,21 @@ from rdnac.ir.graph import Graph, WeightSpec
 from rdnac.targets import Target
 
 NAME = "fp8_layout"
+# per op: the (FP8 weight, its scale) input positions; moe_experts_fp8_block's are w13 and w2 (DeepSeek's experts)
+FP8_WEIGHTS = {"linear_fp8": ((1, 2),), "moe_experts_fp8_block": ((3, 4), (5, 6))}
 
 
 def run(state: CompileState) -> None:
     """Reads the target's probed capabilities (`state.capabilities`, None on cpu)."""
     graph, weights, target, capabilities = state.graph, state.weights, state.target, state.capabilities
-    nodes = [n for n in graph.nodes if n.op == "linear_fp8"]
+    nodes = [n for n in graph.nodes if n.op in FP8_WEIGHTS]
     if not nodes:
         return
     if not target.is_gpu:
         for node in nodes:
-            state.decide(NAME, node.inputs[1], f"kept {node.attrs['fp8_format']}, activations "
-                         f"{node.attrs['act_scheme']}", "cpu: the reference interpreter computes in float32")
+            state.decide(NAME, node.inputs[FP8_WEIGHTS[node.op][0][0]], f"kept {node.attrs['fp8_format']}, "
+                         f"activations {node.attrs['act_scheme']}",
+                         "cpu: the reference interpreter computes in float32")
         return
     assert capabilities is not None, f"fp8_layout on {target.name} requires the probed capabilities"
     fmt = target.fp8_format or "e4m3fn"  # no FP8 hardware: the kernel upcasts e4m3fn weights
@@ -45,13 +48,14 @@ def run(state: CompileState) -> None:
     is_native = target.fp8_format is not None and probe.is_native
     converted: set[str] = set()
     for node in nodes:
-        wname = node.inputs[1]
         if node.attrs["fp8_format"] != fmt:
             _to_fnuz(graph, weights, state, node, fmt, converted)
-        elif wname not in converted:
-            converted.add(wname)
-            state.decide(NAME, wname, f"kept {fmt} bits", f"{target.name} computes FP8 as {fmt}" if target.fp8_format
-                         else f"{target.name} has no FP8 hardware; the kernel upcasts {fmt} weights")
+        for wname in [node.inputs[w] for w, _ in FP8_WEIGHTS[node.op]]:
+            if wname not in converted:
+                converted.add(wname)
+                state.decide(NAME, wname, f"kept {fmt} bits", f"{target.name} computes FP8 as {fmt}"
+                             if target.fp8_format else f"{target.name} has no FP8 hardware; the kernel upcasts "
+                             f"{fmt} weights")
         if node.attrs["act_scheme"] == "none":
             continue
         if is_native:
@@ -65,13 +69,15 @@ def run(state: CompileState) -> None:
 def _to_fnuz(graph: Graph, weights: dict[str, torch.Tensor], state: CompileState, node, fmt: str,
              converted: set[str]) -> None:
     assert node.attrs["fp8_format"] == "e4m3fn" and fmt == "e4m3fnuz", (node.name, node.attrs["fp8_format"], fmt)
-    scales = [node.inputs[2]] + ([node.inputs[3]] if node.attrs["act_scheme"] == "static" else [])
-    for name in [node.inputs[1], *scales]:
+    fp8_names = [node.inputs[w] for w, _ in FP8_WEIGHTS[node.op]]
+    scales = [node.inputs[s] for _, s in FP8_WEIGHTS[node.op]]
+    scales += [node.inputs[3]] if node.attrs["act_scheme"] == "static" else []
+    for name in [*fp8_names, *scales]:
         if name in converted:
             continue
         converted.add(name)
         spec = graph.weights[name]
-        if name == node.inputs[1]:
+        if name in fp8_names:
             bits, factor = e4m3fn_to_e4m3fnuz(weights[name])
             num_neg_zero = int((weights[name].view(torch.uint8) == 0x80).sum())
             weights[name] = bits

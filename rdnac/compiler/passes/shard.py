@@ -62,7 +62,7 @@ VOCAB_START, EXPERT_START = "tp.vocab_start", "tp.expert_start"  # per-rank int6
 _NOT_YET = {"linear_fp8": "FP8 linears", "linear_int8": "INT8 linears", "rms_norm_quant": "8-bit linears",
             "gated_act_quant": "8-bit linears", "gated_act_linear_fp8": "FP8 linears",
             "attention_quant": "8-bit linears", "gated_rms_norm_quant": "8-bit linears",
-            "sigmoid_gate_quant": "8-bit linears"}
+            "sigmoid_gate_quant": "8-bit linears", "moe_experts_fp8_block": "FP8 block experts"}
 
 
 def run(state: CompileState) -> None:
