@@ -11,6 +11,7 @@ import pkgutil
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 import rdnac.kernels
 from rdnac.kernels import attention, attention_decode
@@ -97,3 +98,31 @@ def test_attention_specializations_carry_their_strides(phase):
     assert set(module.AOT_DIVISIBLE[kernel_call.kernel.split(":")[1]]) <= set(kernel_call.divisible), kernel_call.key
     assert kernel_call.kernel.startswith(module.__name__ + ":"), kernel_call.kernel
     assert "stride_bt" not in kernel_call.divisible
+
+
+@triton.jit
+def _copy_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+def test_recorded_alignment_follows_each_views_storage_offset():
+    """A binary assumes a pointer 16-byte aligned only where every recorded launch of it passes an aligned view:
+    a split of a merged projection at an odd column (MLA's k_pe on the H100, session 17) is not assumed, and
+    the compiled binary carries no divisibility for it."""
+    from rdnac.compiler.record import RecordingLauncher, common_alignment
+    from rdnac.targets.compile import triton_attrs
+
+    merged = torch.empty(4, 37, dtype=torch.bfloat16, device="meta")
+    even, odd = merged[:, 8:16], merged[:, 5:13]  # 16 and 10 bytes into the allocation
+    out = torch.empty(4, 8, dtype=torch.bfloat16, device="meta")
+    rec = RecordingLauncher()
+    rec.launch(_copy_kernel, (1,), (even, out, 8), constexprs={"BLOCK": 8})
+    assert rec.calls[0].aligned == ("x_ptr", "y_ptr")
+    rec.launch(_copy_kernel, (1,), (odd, out, 8), constexprs={"BLOCK": 8})
+    (call,) = rec.calls
+    assert call.aligned == ("y_ptr",)
+    assert triton_attrs(_copy_kernel, call) == {(1,): [["tt.divisibility", 16]]}
+    first = RecordingLauncher()
+    first.launch(_copy_kernel, (1,), (even, out, 8), constexprs={"BLOCK": 8})
+    assert [c.aligned for c in common_alignment(first.calls + [call])] == [("y_ptr",), ("y_ptr",)]

@@ -58,21 +58,24 @@ def test_unknown_argument_type_is_a_plan_error():
 
 
 def test_binary_needing_scratch_or_clusters_is_refused_at_load():
-    from rdnac.runtime.aot import AotLauncher
+    """The launcher provides no global scratch, no clusters, and needs the wave size on AMD: the load-time
+    kernel check (rdnac.runtime.kernel_check, which AotLauncher's binaries go through) refuses such a binary."""
+    from rdnac.runtime.kernel_check import _check_metadata
+    from rdnac.targets import get_target
 
-    launcher = AotLauncher.__new__(AotLauncher)
-    launcher._api = SimpleNamespace(backend="cuda")
-    binary = SimpleNamespace(kernel="m:k", key="m:k()", call=None,
+    def fail(requirement, got):
+        raise PlanError(f"kernel m:k requires {requirement}; got {got}")
+
+    binary = SimpleNamespace(kernel="m:k", call=SimpleNamespace(num_warps=4),
                              metadata={"name": "k", "num_warps": 4, "shared": 0, "global_scratch_size": 64})
-    with pytest.raises(PlanError, match=r"kernel m:k .* requires launch features .*global_scratch_size"):
-        launcher._load(binary)
+    with pytest.raises(PlanError, match=r"kernel m:k requires no launch feature .*global_scratch_size"):
+        _check_metadata(binary, "k", get_target("sm90"), fail)
     binary.metadata = {"name": "k", "num_warps": 4, "shared": 0, "num_ctas": 2}
     with pytest.raises(PlanError, match="num_ctas"):
-        launcher._load(binary)
-    launcher._api = SimpleNamespace(backend="hip")
+        _check_metadata(binary, "k", get_target("sm90"), fail)
     binary.metadata = {"name": "k", "num_warps": 4, "shared": 0}
     with pytest.raises(PlanError, match="wave size"):
-        launcher._load(binary)
+        _check_metadata(binary, "k", get_target("gfx1201"), fail)
 
 
 @pytest.mark.gpu

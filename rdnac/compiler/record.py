@@ -10,6 +10,7 @@ recorded launch always finds its binary.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import triton
@@ -30,7 +31,28 @@ def record_call(kernel: triton.JITFunction, args: tuple[Any, ...], constexprs: d
         is_tensor = hasattr(arg, "data_ptr")
         signature[param.name] = annotated if annotated and not is_tensor else triton_type(arg)
     return KernelCall(kernel_name(kernel), signature, full_constexprs(kernel, constexprs), num_warps, num_stages,
-                      divisible=divisible_args(kernel, args))
+                      aligned=aligned_args(runtime, args), divisible=divisible_args(kernel, args))
+
+
+def aligned_args(params, args) -> tuple[str, ...]:
+    """The tensor arguments whose first element sits at a multiple of 16 bytes in its allocation: the binary may
+    assume those pointers 16-byte aligned (Triton's `tt.divisibility` 16). Allocations are aligned, so only a
+    view's storage offset decides, and it is a model constant (a split of a merged projection at an odd
+    column, e.g. MLA's k_pe beside the latent): the launches at run time see the same offsets, and the
+    runtime checks each assumed pointer (rdnac.runtime.aot)."""
+    return tuple(p.name for p, a in zip(params, args)
+                 if hasattr(a, "data_ptr") and (a.storage_offset() * a.element_size()) % 16 == 0)
+
+
+def common_alignment(calls: list[KernelCall]) -> list[KernelCall]:
+    """`calls` with one alignment assumption per specialization key (the key leaves alignment out): the
+    pointers aligned in every launch that uses that binary."""
+    common: dict[str, set[str]] = {}
+    for c in calls:
+        common[c.key] = common[c.key] & set(c.aligned) if c.key in common else set(c.aligned)
+    return [c if set(c.aligned) == common[c.key] else replace(c, aligned=tuple(a for a in c.aligned
+                                                                                 if a in common[c.key]))
+            for c in calls]
 
 
 class RecordingLauncher:
@@ -46,7 +68,9 @@ class RecordingLauncher:
         call = record_call(kernel, tuple(args), with_pdl(kernel, constexprs, self.pdl, self.early_meta,
                                                          self.early_weights),
                            num_warps, num_stages)
-        self._calls.setdefault(call.key, call)
+        if call.key in self._calls:  # the same binary: assume only what every launch of it gives
+            call = common_alignment([self._calls[call.key], call])[0]
+        self._calls[call.key] = call
 
     @property
     def calls(self) -> list[KernelCall]:

@@ -19,7 +19,7 @@ import torch
 from rdnac.compiler import cost_model, tuning
 from rdnac.compiler.build import check_resources, compile_calls
 from rdnac.compiler.passes import CompileState
-from rdnac.compiler.record import record_call
+from rdnac.compiler.record import common_alignment, record_call
 from rdnac.errors import RdnacError
 from rdnac.ir.graph import Graph, Node
 from rdnac.kernels import gemm, gemm_gated, registry
@@ -161,7 +161,7 @@ def run(state: CompileState) -> None:
             step_calls[f"{phase}:{bucket}"] = _record_step(graph, program, phase, bucket, runtime)
         flat = [(key, node, call) for key, per_node in step_calls.items() for node, cs in per_node.items()
                 for call in cs]
-        binaries = compile_calls([c for _, _, c in flat], target, quiet=opts.quiet)
+        binaries = compile_calls(common_alignment([c for _, _, c in flat]), target, quiet=opts.quiet)
         rejected = {}
         for (key, node, _), binary in zip(flat, binaries):
             problems = check_resources(binary, target)
