@@ -298,31 +298,32 @@ def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=str))
 
 
+def _pdl_early_loads(state: CompileState, what: str, pass_name: str, why: str) -> bool:
+    """Whether kernels load `what` before the PDL wait: on with PDL unless `--disable-pass pass_name`; logged."""
+    if not state.runtime["pdl"]:
+        return False
+    if pass_name in state.options.disable_passes:
+        state.decide("launch", "-", f"early {what} loads off", f"disabled with --disable-pass {pass_name}")
+        return False
+    state.decide("launch", "-", f"early {what} loads on", why)
+    return True
+
+
 def _early_meta(state: CompileState) -> bool:
     """Whether kernels read the step's host-written inputs (positions, slots, sequence lengths, block
     tables) before the PDL wait (decode attention and q/k-norm + RoPE + cache; see their modules)."""
-    if not state.runtime["pdl"]:
-        return False
-    if "early_metadata_loads" in state.options.disable_passes:
-        state.decide("launch", "-", "early metadata loads off", "disabled with --disable-pass early_metadata_loads")
-        return False
-    state.decide("launch", "-", "early metadata loads on", "with PDL a kernel's programs start while the one before "
-                 "runs; the step inputs the host wrote before the step (no kernel writes them) are read, and RoPE's "
-                 "angles computed, before waiting on it, so fewer dependent loads follow the wait")
-    return True
+    return _pdl_early_loads(state, "metadata", "early_metadata_loads",
+                            "with PDL a kernel's programs start while the one before runs; the step inputs the host "
+                            "wrote before the step (no kernel writes them) are read, and RoPE's angles computed, "
+                            "before waiting on it, so fewer dependent loads follow the wait")
 
 
 def _early_weights(state: CompileState) -> bool:
     """Whether FP8 block GEMMs load their first weight tile before the PDL wait (`rdnac.kernels.gemm_fp8`)."""
-    if not state.runtime["pdl"]:
-        return False
-    if "early_weight_loads" in state.options.disable_passes:
-        state.decide("launch", "-", "early weight loads off", "disabled with --disable-pass early_weight_loads")
-        return False
-    state.decide("launch", "-", "early weight loads on", "with PDL a GEMM's programs start while the kernel before "
-                 "runs (a norm, RoPE, attention, an activation): each loads its first weight tile and its scales, "
-                 "which no kernel writes, before waiting on it, so the weight stream overlaps the small kernels")
-    return True
+    return _pdl_early_loads(state, "weight", "early_weight_loads",
+                            "with PDL a GEMM's programs start while the kernel before runs (a norm, RoPE, attention, "
+                            "an activation): each loads its first weight tile and its scales, which no kernel "
+                            "writes, before waiting on it, so the weight stream overlaps the small kernels")
 
 
 def _pdl(state: CompileState) -> bool:
