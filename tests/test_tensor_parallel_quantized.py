@@ -7,10 +7,12 @@
   few hundred), the same greedy tokens.
 - Per-token activation scales (`--quantize fp8`: per-channel weights; `--quantize int8`; an fp8-tensor
   checkpoint's dynamic activations): a row-parallel rank (o_proj, down_proj) quantizes its slice of the row
-  with the slice's amax, which one rank takes over the whole row. The tolerance: tp=2 is no further from
-  tp=1 than tp=1 is from the unquantized plan (the quantization error itself); greedy tokens identical on
-  decisive weights (`rdnac.testing.fp8.write_random_checkpoint(decisive=True)`), whose margins that
-  rounding cannot flip.
+  with the slice's amax, which one rank takes over the whole row. The tolerance: tp=2's distance to the
+  unquantized plan is at most twice tp=1's (the sharded plan quantizes as finely as one rank, its rounding
+  falls elsewhere; a wrong scale slice would be off by far more); greedy tokens identical on decisive
+  weights (`rdnac.testing.fp8.write_random_checkpoint(decisive=True)`), whose margins that rounding cannot
+  flip. Qwen3.5 (GDN and gated attention) the same way, through gated_rms_norm_quant and
+  sigmoid_gate_quant.
 - A block-scaled weight whose split would cut a scale block is refused with one line; a sharded FP8 block
   plan cross-compiles for gfx942.
 """
@@ -43,6 +45,12 @@ def _run(plan) -> tuple[torch.Tensor, list[list[int]]]:
     finally:
         if read_plan(plan).num_ranks > 1:
             llm.close()
+
+
+def _within_quantization_error(one, two, unquantized) -> None:
+    err_one, err_two = ((x - unquantized).abs().max().item() for x in (one, two))
+    assert not torch.equal(one, unquantized) and err_two <= 2 * err_one, \
+        f"tp=2 vs unquantized {err_two:.3g}; tp=1 vs unquantized {err_one:.3g}"
 
 
 def _plans(root, ckpt, **options):
@@ -83,8 +91,7 @@ def test_per_token_scales_within_quantization_error(dense, tmp_path, quantize):
     root, (unquantized, _) = dense
     plans = _plans(tmp_path, root / "ckpt", quantize=quantize)
     (one, _), (two, _) = _run(plans[1]), _run(plans[2])
-    err, quant_err = (two - one).abs().max().item(), (one - unquantized).abs().max().item()
-    assert 0 < err <= quant_err, f"tp=2 vs tp=1 {err:.3g}; tp=1 vs unquantized {quant_err:.3g}"
+    _within_quantization_error(one, two, unquantized)
     plan, full = read_plan(plans[2]), read_plan(plans[1]).load_weights()
     w1, qkv = plan.load_weights(rank=1), "model.layers.0.self_attn.qkv_proj.weight_scale"
     rows = [*range(256, 512), *range(640, 768), *range(896, 1024)]  # per-channel: the rank's q, k, v rows
@@ -126,14 +133,48 @@ def test_block_split_off_the_scale_blocks_is_refused(tmp_path):
 
 
 def test_fp8_block_plan_cross_compiles_for_gfx942(tmp_path):
+    """The gfx942 plan fuses down_proj with its activation (gated_act_linear_fp8, group-128 FP8 of the
+    rank's I/2 columns): the ranks' partial sums of its reference add up to the tp=1 node's (in float32, within
+    1e-5 of its size: the same quantized products, summed in another order)."""
+    from rdnac.ir.ops import OPS
+
     write_random_checkpoint(tmp_path / "ckpt", hidden=256, layers=1, heads=4, kv_heads=2, head_dim=128,
                             intermediate=256, vocab=302, scheme="fp8-block", decisive=True)
-    plan = read_plan(rdnac.compile(tmp_path / "ckpt", target="gfx942", output=tmp_path / "tp2.msgpack", quiet=True,
-                                   tp=2, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=128))
+    plans = [read_plan(rdnac.compile(tmp_path / "ckpt", target="gfx942", output=tmp_path / f"tp{tp}.msgpack",
+                                     quiet=True, tp=tp, max_num_seqs=4, max_num_batched_tokens=32,
+                                     max_model_len=128)) for tp in (1, 2)]
+    plan = plans[1]
     graph, program = plan.graph(), plan.body["program"]
     assert plan.num_ranks == 2 and plan.header["target"] == "gfx942"
-    assert {"linear_fp8", "all_reduce"} <= set(graph.op_counts())
+    assert {"linear_fp8", "gated_act_linear_fp8", "attention_quant", "all_reduce"} <= set(graph.op_counts())
     for node in graph.nodes:
         if node.op != "split":
             keys = program[node.name]
             assert keys and all(c["kernel"] for c in keys.values()), node.name
+    down, = (n for n in plans[0].graph().nodes if n.op == "gated_act_linear_fp8")
+    full, ranks = plans[0].load_weights(), [plan.load_weights(rank=r) for r in range(2)]
+    gate_up = torch.randn(3, 512, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    ref, attrs = OPS[down.op].reference, {**down.attrs, "out_dtype": "float32"}  # the sums before bf16 rounding
+    whole = ref(gate_up, *(full[w] for w in down.inputs[1:]), **attrs)
+    halves = [ref(gate_up[:, [*range(r * 128, (r + 1) * 128), *range(256 + r * 128, 256 + (r + 1) * 128)]],
+                  *(ranks[r][w] for w in down.inputs[1:]), **attrs) for r in range(2)]
+    torch.testing.assert_close(halves[0] + halves[1], whole, atol=1e-5 * whole.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("quantize", ["fp8", "int8"])
+def test_qwen3_5_fused_quant_producers(tmp_path, quantize):
+    """GDN heads (gated_rms_norm_quant feeding out_proj) and gated attention (sigmoid_gate_quant feeding
+    o_proj) split by head: each quantizes its rank's heads per token, within the quantization error."""
+    make_checkpoint("qwen3_5_text", tmp_path / "ckpt", hidden_size=44, intermediate_size=68, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=300,
+                    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=12,
+                    linear_value_head_dim=10, layer_types=["linear_attention", "full_attention", "linear_attention"])
+    unquantized = rdnac.load(rdnac.compile(tmp_path / "ckpt", target="cpu", output=tmp_path / "float.msgpack",
+                                           quiet=True)).logits(PROMPT)
+    plans = _plans(tmp_path, tmp_path / "ckpt", quantize=quantize)
+    (one, _), (two, _) = _run(plans[1]), _run(plans[2])
+    _within_quantization_error(one, two, unquantized)
+    nodes = read_plan(plans[2]).graph().nodes
+    fused = {n.op: n for n in nodes if n.op in ("gated_rms_norm_quant", "sigmoid_gate_quant")}
+    assert set(fused) == {"gated_rms_norm_quant", "sigmoid_gate_quant"}
+    assert fused["gated_rms_norm_quant"].attrs["num_heads"] == 2  # 4 GDN value heads over 2 ranks

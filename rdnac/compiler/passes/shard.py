@@ -169,7 +169,7 @@ class Sharder:
 
     def row_parallel(self, linear: Node, cols) -> None:
         """linear's input columns of rank r (`cols(r)`, a slice), its bias on rank 0, then an all_reduce; an
-        8-bit linear's scales with them (quantized.py)."""
+        8-bit linear's scales with them (shard_quantized.py)."""
         weight, _, bias = q8.weight_inputs(linear)
         self.shard(weight, "row-parallel", lambda t, r: t[:, cols(r)])
         q8.row_parallel_scales(self, linear, cols)
@@ -218,7 +218,8 @@ class Sharder:
             self.local_state(cache, (hk_l, d))
         out = node.outputs[0]
         gate = self.readers.get(out, [])
-        if len(gate) == 1 and gate[0].op in ("sigmoid_gate", "sigmoid_gate_quant") and gate[0].inputs[0] == out:  # the output gate, per head
+        if len(gate) == 1 and gate[0].op in ("sigmoid_gate", "sigmoid_gate_quant") and gate[0].inputs[0] == out:
+            # the output gate, per head
             self.want_columns(gate[0].inputs[1], self.head_columns(q_heads, d), "column-parallel by q head (gate)",
                               node)
             out = gate[0].outputs[0]
