@@ -26,7 +26,9 @@ become a sidecar of their own so a rank reads only its own bytes.
 - Embedding: vocabulary-parallel, V padded to a multiple of N with zero rows:
   `shard_ids` + masked lookup + `all_reduce`. lm_head (`logits`): the same
   rows, then `all_gather` of the logits columns (the padding dropped).
-- MLA and Gated DeltaNet heads: shard_mixers.py. Gated attention's output
+- MLA and Gated DeltaNet heads: shard_mixers.py. FP8 / INT8 linears: their
+  weight scales with their weights, and which activation scales stay exact
+  after the split: shard_quantized.py. Gated attention's output
   gate (Qwen3.5, Qwen3-Next) is split by query head with the query.
 Everything else (norms, routers, residual adds, a shared expert's per-token
 gate) is replicated.
@@ -40,8 +42,8 @@ collectives become torch.distributed calls (rdnac/kernels/collective.py).
 
 Refused, one line each: a --tp that does not divide the query heads, the KV
 heads (or is not a multiple of them), the MLA heads, the GDN key heads, the
-intermediate size or the experts (--ep); schemes whose sharding is not
-written yet (FP8).
+intermediate size or the experts (--ep); a block-scaled weight whose
+slices do not fall on its scale blocks; FP8 block experts (not written yet).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import torch
 
 from rdnac.compiler.passes import CompileState
 from rdnac.compiler.passes import shard_mixers as mixers
+from rdnac.compiler.passes import shard_quantized as q8
 from rdnac.errors import UnsupportedModelError
 from rdnac.ir.graph import Node, TensorSpec, WeightSpec
 from rdnac.ir.ops import ATTENTION_OPS, OPS
@@ -59,10 +62,7 @@ from rdnac.ir.state import StateSpec
 
 NAME = "shard"
 VOCAB_START, EXPERT_START = "tp.vocab_start", "tp.expert_start"  # per-rank int64 [1] weights
-_NOT_YET = {"linear_fp8": "FP8 linears", "linear_int8": "INT8 linears", "rms_norm_quant": "8-bit linears",
-            "gated_act_quant": "8-bit linears", "gated_act_linear_fp8": "FP8 linears",
-            "attention_quant": "8-bit linears", "gated_rms_norm_quant": "8-bit linears",
-            "sigmoid_gate_quant": "8-bit linears", "moe_experts_fp8_block": "FP8 block experts"}
+_NOT_YET = {"moe_experts_fp8_block": "FP8 block experts"}
 
 
 def run(state: CompileState) -> None:
@@ -104,7 +104,7 @@ class Sharder:
         for node in list(g.nodes):
             if node.op in ATTENTION_OPS:
                 self.attention(node)
-            elif node.op in ("linear_gated_act", "gated_act"):
+            elif node.op in ("linear_gated_act", "gated_act", "gated_act_quant", "gated_act_linear_fp8"):
                 self.mlp(node)
             elif node.op in ("moe_experts", "moe_experts_mxfp4"):
                 self.experts(node)
@@ -162,17 +162,28 @@ class Sharder:
 
     def single_linear_reader(self, value: str, node: Node) -> Node:
         readers = self.readers.get(value, [])
-        if len(readers) != 1 or readers[0].op != "linear" or readers[0].inputs[0] != value:
+        if len(readers) != 1 or readers[0].op not in q8.LINEARS or readers[0].inputs[0] != value:
             self.fail(node, f"requires its output to feed one row-parallel linear; it feeds "
                             f"{[f'{r.name} ({r.op})' for r in readers]}")
         return readers[0]
 
     def row_parallel(self, linear: Node, cols) -> None:
-        """linear's input columns of rank r (`cols(r)`), its bias on rank 0, then an all_reduce."""
-        self.shard(linear.inputs[1], "row-parallel", lambda t, r: t[:, cols(r)])
-        if len(linear.inputs) == 3:
-            self.rank0_only(linear.inputs[2])
+        """linear's input columns of rank r (`cols(r)`, a slice), its bias on rank 0, then an all_reduce; an
+        8-bit linear's scales with them (shard_quantized.py)."""
+        weight, _, bias = q8.weight_inputs(linear)
+        self.shard(weight, "row-parallel", lambda t, r: t[:, cols(r)])
+        q8.row_parallel_scales(self, linear, cols)
+        if bias:
+            self.rank0_only(bias)
         self.reduce_after(linear)
+
+    def column_parallel(self, linear: Node, how: str, index) -> None:
+        """linear's output rows of rank r (`index(r)`): weight, bias and an 8-bit weight's scale rows."""
+        weight, _, bias = q8.weight_inputs(linear)
+        q8.column_parallel_scales(self, linear, how, index)
+        for w in (weight, bias):
+            if w:
+                self.rows(w, how, index)
 
     # ------------------------------------------------------------ attention
 
@@ -207,7 +218,8 @@ class Sharder:
             self.local_state(cache, (hk_l, d))
         out = node.outputs[0]
         gate = self.readers.get(out, [])
-        if len(gate) == 1 and gate[0].op == "sigmoid_gate" and gate[0].inputs[0] == out:  # the output gate, per head
+        if len(gate) == 1 and gate[0].op in ("sigmoid_gate", "sigmoid_gate_quant") and gate[0].inputs[0] == out:
+            # the output gate, per head
             self.want_columns(gate[0].inputs[1], self.head_columns(q_heads, d), "column-parallel by q head (gate)",
                               node)
             out = gate[0].outputs[0]
@@ -225,7 +237,7 @@ class Sharder:
             if value not in self.producer:
                 self.fail(attn, f"reads {value!r}, which no node produces")
             node, index = self.producer[value]
-            if node.op in ("linear", "split"):
+            if node.op in (*q8.LINEARS, "split"):
                 return value, chain
             if node.op in ("rope", "head_rms_norm", "qk_norm_rope_cache"):
                 chain.append(node)
@@ -276,11 +288,9 @@ class Sharder:
             wanted = [self.columns.pop(o, None) for o in node.outputs]
             if not any(wanted):
                 continue
-            if node.op == "linear":
+            if node.op in q8.LINEARS:
                 cols, how = wanted[0]
-                self.rows(node.inputs[1], how, cols)
-                if len(node.inputs) == 3:
-                    self.rows(node.inputs[2], how, cols)
+                self.column_parallel(node, how, cols)
             elif node.op == "split":
                 sizes = node.attrs["sizes"]
                 offsets = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -310,12 +320,13 @@ class Sharder:
         return inter // self.n
 
     def mlp(self, node: Node) -> None:
-        """A gated MLP: linear_gated_act, or gated_act of a merged [gate; up] linear or of two linears."""
+        """A gated MLP: linear_gated_act, or gated_act (gated_act_quant, gated_act_linear_fp8: the down
+        projection itself) of a merged [gate; up] linear or of two linears (8-bit ones too)."""
         if node.op == "linear_gated_act":
             halves = [node]  # rows [gate | up] of one weight
         else:
-            halves = [self.producer[v][0] for v in node.inputs]
-            if any(s.op != "linear" for s in halves):
+            halves = [self.producer[v][0] for v in node.inputs[:1 if node.op == "gated_act_linear_fp8" else 2]]
+            if any(s.op not in q8.LINEARS for s in halves):
                 self.fail(node, "requires its gate and up from linears")
         inter = self.graph.weights[halves[0].inputs[1]].shape[0] // (2 if len(halves) == 1 else 1)
         block = self.intermediate_block(node, inter)
@@ -325,9 +336,8 @@ class Sharder:
         else:
             how, index = "column-parallel block", lambda r: list(range(r * block, (r + 1) * block))
         for linear in halves:
-            for w in linear.inputs[1:]:  # weight (and bias)
-                self.rows(w, how, index)
-        down = self.single_linear_reader(node.outputs[0], node)
+            self.column_parallel(linear, how, index)
+        down = node if node.op == "gated_act_linear_fp8" else self.single_linear_reader(node.outputs[0], node)
         self.row_parallel(down, lambda r: slice(r * block, (r + 1) * block))
         self.state.decide(NAME, node.name, f"gate/up columns and {down.name} rows in blocks of {block} of {inter} "
                           "per rank; all_reduce after down", "column- then row-parallel: one all_reduce per MLP")

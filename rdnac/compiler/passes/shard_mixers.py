@@ -68,7 +68,7 @@ def gated_delta_rule(s, node: Node) -> None:
     a.update(num_k_heads=hk_l, num_v_heads=hv_l)
     out = node.outputs[0]
     norm = s.readers.get(out, [])
-    if len(norm) != 1 or norm[0].op != "gated_rms_norm" or norm[0].inputs[0] != out:
+    if len(norm) != 1 or norm[0].op not in ("gated_rms_norm", "gated_rms_norm_quant") or norm[0].inputs[0] != out:
         s.fail(node, f"requires its output to feed one gated_rms_norm; it feeds "
                      f"{[f'{r.name} ({r.op})' for r in norm]}")
     norm = norm[0]
