@@ -38,7 +38,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from rdnac.errors import PlanError, RdnacError
+from rdnac.errors import EngineError, PlanError, RdnacError
 from rdnac.runtime.model_runner import ModelRunner, StepEntry, StepOutput
 from rdnac.runtime.sampling import SamplingBatch
 
@@ -69,11 +69,11 @@ class TPRunner(ModelRunner):
         except RuntimeError as e:
             raise self._group_down(e) from None
 
-    def _group_down(self, e: Exception) -> RdnacError:
+    def _group_down(self, e: Exception) -> EngineError:
         dead = [f"rank {r} (exit code {p.poll()})" for r, p in enumerate(self.processes, 1)
                 if p.poll() is not None]
         who = ", ".join(dead) if dead else "a rank"
-        return RdnacError(f"tensor-parallel group of {self.plan.num_ranks} ranks is down: {who} stopped "
+        return EngineError(f"tensor-parallel group of {self.plan.num_ranks} ranks is down: {who} stopped "
                           f"({_reason(e)}); restart rdnac")
 
     def _relayed(self, command: tuple, call):

@@ -234,6 +234,10 @@ class LLMEngine:
             self._num_steps += 1
             try:
                 return outputs + self._run(chunks)
+            except EngineError as e:  # the engine itself is gone (a tensor-parallel rank died): no rerun, no probe
+                self.failure = str(e)
+                log.error("rdnac: engine unhealthy: %s", self.failure)
+                return outputs + self._fail_all()
             except Exception as e:  # noqa: BLE001 -- the model step failed before any request took its token
                 log.exception("rdnac: a step of %d sequences failed", len(chunks))
                 failed, num_ran = self._isolate(chunks, e)
