@@ -855,3 +855,120 @@ def test_fp8_block_experts_cross_compile_for_target(target):
         print(f"\n{target} {b.call.constexprs['BLOCK_M']}x{b.call.constexprs['BLOCK_N']}x"
               f"{b.call.constexprs['BLOCK_K']} GATED={b.call.constexprs['GATED']}: {b.resources.shared_bytes} B LDS, "
               f"{b.resources.num_regs} registers, {instructions}")
+
+
+# ---------------------------------------------------------------- expert parallelism: a rank's local experts
+
+
+def _poisoned_empty(monkeypatch):
+    """torch.empty filled with NaN (floats) or -7 (ints): a row the kernels never write, summed anyway,
+    shows (the allocator would often hand back zeros and hide it)."""
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if t.device.type != "meta":
+            t.fill_(float("nan") if t.is_floating_point() else -7)
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def _rank_ids(ids, rank, local):
+    from rdnac.ir import collectives
+
+    return collectives.shard_ids(ids, torch.tensor([rank * local]), size=local)
+
+
+@pytest.mark.parametrize("count_in_align", [True, False], ids=["count-in-align", "count-kernel"])
+def test_sort_drops_ids_outside_the_local_experts(count_in_align, monkeypatch):
+    """--ep: ids of other ranks' experts (-1 from shard_ids; any id outside [0, E)) land in no block."""
+    if not count_in_align:
+        monkeypatch.setattr(moe, "COUNT_IN_ALIGN_MAX_SLOTS", 0)
+    T, E, k, block_m = 9, 4, 3, 16
+    _, ids = _routing(T, 12, k, seed=3)
+    local = _rank_ids(ids, 1, E)  # experts 4..7 of 12
+    local[0, 0] = E  # out of range the other way: dropped too
+    assert (local == -1).any() and (local >= 0).any()
+    sorted_slots, block_expert, num_padded = moe.sort_slots(local, E, block_m, INTERPRET)
+    flat, start = local.flatten(), 0
+    for e in range(E):
+        mine = torch.nonzero(flat == e).flatten().to(torch.int32)
+        padded = -(-len(mine) // block_m) * block_m
+        assert torch.equal(sorted_slots[start:start + len(mine)], mine), f"expert {e}"
+        assert (sorted_slots[start + len(mine):start + padded] == T * k).all(), f"expert {e}: padding"
+        assert (block_expert[start // block_m:(start + padded) // block_m] == e).all()
+        start += padded
+    assert num_padded.tolist() == [start]
+    dropped = torch.nonzero((flat < 0) | (flat >= E)).flatten()
+    assert not torch.isin(sorted_slots[:start], dropped.to(torch.int32)).any()
+
+
+_EP_PATHS = {"dense-f32": (torch.float32, False, _config(16, 32, 32)),
+             "dense-bf16": (torch.bfloat16, False, _config(16, 64, 64)),
+             "mxfp4-w4a16": (torch.float32, True, _config(16, 32, 64)),
+             "mxfp4-gemv": (torch.float32, True, _gemv(2, 16, 64)),
+             "mxfp4-dequant": (torch.float32, True, {**_config(16, 32, 32), "constexprs": {
+                 **_config(16, 32, 32)["constexprs"], "DEQUANT": True}})}
+
+
+@pytest.mark.parametrize("path", list(_EP_PATHS))
+def test_experts_of_one_rank_with_an_expert_offset(path, monkeypatch):
+    """16 experts over 4 ranks (4 local each, tp.expert_start = 4r): each rank's kernel output on its local
+    experts and its shard_ids ids matches the reference on the same (skipping -1), a token all of whose
+    experts are elsewhere gets an exact zero row, and the four partial outputs sum (the all_reduce) to the
+    single-rank reference; unwritten buffers are NaN, so a dropped slot's row must not be read."""
+    dtype, is_mxfp4, config = _EP_PATHS[path]
+    ranks, E, T, H, I, k = 4, 16, 7, 96, 64, 3
+    w13, w2, b13, b2 = _experts(E, H, I, 0)
+    weights, ids = _routing(T, E, k, 0)
+    ids[0] = torch.tensor([0, 2, 3], dtype=torch.int32)  # token 0: rank 0's experts only
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(1)).to(dtype)
+    attrs = dict(act="swiglu_oai", alpha=1.702, limit=7.0)
+    if is_mxfp4:
+        q13, q2 = mxfp4.quantize(_spread(w13)), mxfp4.quantize(_spread(w2))
+        full = ref.moe_experts_mxfp4(x.float(), weights, ids, *q13, *q2, b13, b2, **attrs)
+    else:
+        w13, w2 = w13.to(dtype), w2.to(dtype)
+        full = ref.moe_experts(x.float(), weights, ids, w13.float(), w2.float(), b13, b2, **attrs)
+    local, total = E // ranks, torch.zeros(T, H)
+    for r in range(ranks):
+        mine = slice(r * local, (r + 1) * local)
+        rank_ids = _rank_ids(ids, r, local)
+        if is_mxfp4:
+            rank_weights = [t[mine].contiguous() for t in (*q13, *q2, b13, b2)]
+            expected = ref.moe_experts_mxfp4(x.float(), weights, rank_ids, *rank_weights, **attrs)
+            with monkeypatch.context() as m:
+                _poisoned_empty(m)
+                out = moe.moe_experts_mxfp4(x, weights, rank_ids, *rank_weights, **attrs, config=config,
+                                            launcher=INTERPRET)
+        else:
+            rank_weights = [t[mine].contiguous() for t in (w13, w2, b13, b2)]
+            expected = ref.moe_experts(x.float(), weights, rank_ids, *(t.float() for t in rank_weights), **attrs)
+            with monkeypatch.context() as m:
+                _poisoned_empty(m)
+                out = moe.moe_experts(x, weights, rank_ids, *rank_weights, **attrs, config=config, launcher=INTERPRET)
+        _assert_close(out, expected.to(dtype), dtype, f"{path} rank {r}")
+        if r > 0:
+            assert torch.equal(out[0], torch.zeros_like(out[0])), f"{path} rank {r}: token 0 has no local expert"
+        total += out.float()
+    _assert_close(total.to(dtype), full.to(dtype), dtype, f"{path}: the ranks' sum against one rank",
+                  (2e-4, 1e-4) if dtype == torch.float32 else None)
+
+
+def test_fp8_block_experts_of_one_rank_with_an_expert_offset(monkeypatch):
+    """The FP8 block experts' path through the same sort and sum: rank 1 of 2 (experts 4..7 of 8)."""
+    T, E, H, I, k = 7, 8, 160, 96, 2
+    w13, s13, w2, s2 = _fp8_block_experts(E, H, I, "e4m3fn", 0)
+    rw, ids = _routing(T, E, k, 0)
+    rank_ids = _rank_ids(ids, 1, E // 2)
+    assert (rank_ids == -1).any() and (rank_ids >= 0).any()
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(1))
+    mine = [t[E // 2:].contiguous() for t in (w13, s13, w2, s2)]
+    attrs = dict(act="silu", fp8_format="e4m3fn", act_scheme="dynamic_group", block_size=[128, 128])
+    expected = ref.moe_experts_fp8_block(x, rw, rank_ids, *mine, **attrs)
+    with monkeypatch.context() as m:
+        _poisoned_empty(m)
+        out = moe.moe_experts_fp8_block(x, rw, rank_ids, *mine, **attrs, config=_config(16, 32, 64),
+                                        launcher=INTERPRET)
+    _assert_close(out, expected, torch.float32, "moe_experts_fp8_block rank 1 of 2")

@@ -1,11 +1,12 @@
 """Tensor-parallel GPU plans: cross-compiled for the AMD targets, their collectives through the plan's kernels
 (torch.distributed on the plan's group), and, with two GPUs, over NCCL inside the captured decode graphs.
 
-- Sharded plans (dense GQA, DeepSeek MLA with MoE, Qwen3.5 GDN, MXFP4 experts) build for gfx942 / gfx950
-  as single-rank plans do: every node has a kernel per step key, the collectives the `collective` family's
-  wrappers.
+- Sharded plans (dense GQA, DeepSeek MLA with MoE, Qwen3.5 GDN, MXFP4 experts; MoE with --ep for gfx942 and
+  gfx1201) build for the AMD targets as single-rank plans do: every node has a kernel per step key, the
+  collectives the `collective` family's wrappers.
 - The dry run of the GPU test on this machine: the sm90 plans under --interpret, their ranks over gloo; and
-  the MLA and GDN kernels at a rank's head counts the same way, in float32 (within 1e-5 of tp=1).
+  the MLA and GDN kernels at a rank's head counts, and the fused MoE kernels over a rank's experts (--ep, Qwen3-MoE
+  and GPT-OSS MXFP4), the same way, in float32 (within 1e-5 of tp=1).
 - `-m gpu` (two GPUs or more, else skipped): the same sm90 plans on cuda with graphs on, ranks over NCCL.
 
 The reference is the tp=1 plan of the same target: greedy tokens identical on a decisive checkpoint
@@ -65,15 +66,33 @@ def _dense(directory):
                             vocab=302, decisive=True)
 
 
-@pytest.mark.parametrize("model, target", [(_dense, "gfx942"), (_deepseek, "gfx950"), (_qwen3_5, "gfx942"),
-                                           (_mxfp4_moe, "gfx950")],
-                         ids=["dense-gfx942", "deepseek-v3-gfx950", "qwen3_5-gfx942", "mxfp4-moe-gfx950"])
-def test_sharded_plans_cross_compile_for_amd_targets(tmp_path, model, target):
+def _moe(directory):
+    from tests.test_qwen3_moe import make_qwen3_moe
+
+    make_qwen3_moe(directory, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=22, norm_topk_prob=True,
+                   mlp_only_layers=[1])
+
+
+@pytest.mark.parametrize("model, target, ep", [(_dense, "gfx942", False), (_deepseek, "gfx950", False),
+                                               (_qwen3_5, "gfx942", False), (_mxfp4_moe, "gfx950", False),
+                                               (_mxfp4_moe, "gfx942", True), (_moe, "gfx1201", True)],
+                         ids=["dense-gfx942", "deepseek-v3-gfx950", "qwen3_5-gfx942", "mxfp4-moe-gfx950",
+                              "mxfp4-moe-ep-gfx942", "moe-ep-gfx1201"])
+def test_sharded_plans_cross_compile_for_amd_targets(tmp_path, model, target, ep):
+    """--ep too: each rank's experts whole, the fused MoE kernels over the rank's local ids (a plan builds only
+    when every kernel fits the target's LDS and spills nothing: `build.check_resources`)."""
     model(tmp_path / "ckpt")
     options = {"quantize": "mxfp4"} if model is _mxfp4_moe else {}
-    plan = read_plan(_compile(tmp_path / "ckpt", tmp_path / "tp2.msgpack", target, tp=2, **options))
+    plan = read_plan(_compile(tmp_path / "ckpt", tmp_path / "tp2.msgpack", target, tp=2, ep=ep, **options))
     graph, program = plan.graph(), plan.body["program"]
     assert plan.num_ranks == 2 and plan.header["target"] == target and plan.body["kernels"]
+    assert plan.header["mesh"]["ep"] is ep
+    if ep:  # the experts' weights hold the rank's half of them; their ids come from shard_ids
+        experts = [n for n in graph.nodes if n.op in ("moe_experts", "moe_experts_mxfp4")]
+        producers = {out: n for n in graph.nodes for out in n.outputs}
+        assert experts and all(producers[n.inputs[2]].op == "shard_ids" for n in experts)
+        assert all(graph.weights[n.inputs[3]].shape[0] == (4 if model is _moe else 2) for n in experts)
+        assert all({c["kernel"].split(".")[0] for c in program[n.name].values()} == {"moe"} for n in experts)
     collectives = [n for n in graph.nodes if n.op in ("all_reduce", "all_gather", "shard_ids")]
     assert {n.op for n in collectives} == {"all_reduce", "all_gather", "shard_ids"}
     for node in graph.nodes:
@@ -147,6 +166,51 @@ def test_sm90_mla_and_gdn_plans_interpreted_over_gloo(tmp_path, model):
             llm.close()
     err = (logits[1] - logits[0]).abs().max().item()
     assert err <= 1e-5, f"max logits error {err:.3g}"
+
+
+EP_MODELS = pytest.mark.parametrize("shape, scheme", [("qwen3-moe-tiny", "bf16"), ("gpt-oss-tiny", "mxfp4")],
+                                    ids=["qwen3-moe", "gpt-oss-mxfp4"])
+
+
+def _ep_plans(directory, shape, scheme, **options) -> dict:
+    """{1: the tp=1 plan, 2: the --tp 2 --ep plan} of a one-layer random MoE checkpoint for sm90."""
+    from rdnac.testing.moe import write_random_moe_checkpoint
+
+    ckpt = write_random_moe_checkpoint(directory / "ckpt", shape, scheme, layers=1,
+                                       decisive=options.get("dtype") != "float32")
+    plans = {tp: _compile(ckpt, directory / f"tp{tp}.msgpack", "sm90", tp, ep=tp > 1, **options) for tp in (1, 2)}
+    graph = read_plan(plans[2]).graph()
+    experts = [n for n in graph.nodes if n.op in ("moe_experts", "moe_experts_mxfp4")]
+    assert experts and all(graph.weights[n.inputs[3]].shape[0] == 8 for n in experts)  # 8 of the 16 experts
+    return plans
+
+
+@EP_MODELS
+def test_sm90_expert_parallel_plans_interpreted_over_gloo(tmp_path, shape, scheme):
+    """--tp 2 --ep: each rank runs the fused MoE kernels over its 8 of 16 experts (ids of the other rank's
+    dropped by the device sort), then the all_reduce; in float32, logits within 1e-5 of the tp=1 plan's and
+    the same greedy tokens (one layer each: the kernels' interpreter is slow; not decisive, so the logits are
+    O(1) and 1e-5 is float32 rounding, not a fraction of a logit of 200)."""
+    plans = _ep_plans(tmp_path, shape, scheme, dtype="float32")
+    (ref, ref_tokens, _), (logits, tokens, _) = (_run(plans[tp], interpret=True) for tp in (1, 2))
+    err = (logits - ref).abs().max().item()
+    assert err <= 1e-5, f"max logits error {err:.3g}"
+    assert tokens == ref_tokens and all(tokens)
+
+
+@pytest.mark.gpu
+@EP_MODELS
+def test_sm90_expert_parallel_on_two_gpus_with_graphs(tmp_path, shape, scheme):
+    """The --ep plans in bf16 (decisive checkpoints) on GPUs 0 and 1 over NCCL, decode graphs captured with the
+    expert sort, the kernels and the all_reduce inside: the tp=1 plan's greedy tokens, logits within bf16
+    rounding."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip(f"needs 2 GPUs; {torch.cuda.device_count()} visible")
+    plans = _ep_plans(tmp_path, shape, scheme)
+    (ref, ref_tokens, _), (logits, tokens, graphs) = (_run(plans[tp], device="cuda") for tp in (1, 2))
+    assert tokens == ref_tokens and graphs, "tokens differ or decode graphs were not captured"
+    err = (logits - ref).abs().max().item()
+    assert err <= 2e-2 * ref.abs().max().item(), f"max logits error {err:.3g}"
 
 
 @pytest.mark.gpu

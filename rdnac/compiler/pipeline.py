@@ -96,10 +96,6 @@ class CompileOptions:
             raise RdnacError(f"--tp requires an integer number of ranks in 1..64; got {self.tp!r}")
         if self.ep and self.tp == 1:
             raise RdnacError("--ep requires --tp N with N > 1 (the ranks the experts are placed on); got --tp 1")
-        if self.ep and self.target != "cpu":
-            raise RdnacError(f"--ep requires --target cpu for now; got --target {self.target}: the fused MoE "
-                             "kernels do not skip other ranks' experts yet; use --tp N without --ep (each expert "
-                             "sliced over the ranks)")
         if self.kv_block_size not in (8, 16, 32, 64):
             raise RdnacError(f"kv_block_size requires 8, 16, 32 or 64; got {self.kv_block_size}")
 

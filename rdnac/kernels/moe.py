@@ -3,7 +3,13 @@
 
 `moe_route` is one kernel (`moe_route.py`). The expert MLP of T tokens, each routed to k of E experts
 (ids in [0, E), as `moe_route` gives them), runs as five launches (four at decode) with grids fixed by
-shapes alone (no host sync, so every decode bucket captures into a CUDA graph):
+shapes alone (no host sync, so every decode bucket captures into a CUDA graph).
+
+Expert parallelism (`--ep`): E is the rank's local experts and the ids are local, `shard_ids`'s
+`id - tp.expert_start` with -1 for another rank's experts (`rdnac.compiler.passes.shard`). An id outside
+[0, E) matches no expert in the count and align kernels, so the sort drops its slot (it lands in no
+expert's block, the grouped GEMMs never see it) and the top-k sum skips it: the rank's partial output,
+which the all_reduce after the node adds up. Same grids, same order, still no host sync.
 
 1. `_moe_count_kernel` (E programs): how many of the T*k routed slots (slot s = token s // k, choice
    s % k) chose each expert. Up to `COUNT_IN_ALIGN_MAX_SLOTS` slots (decode) the align kernel counts
@@ -14,7 +20,8 @@ shapes alone (no host sync, so every decode bucket captures into a CUDA graph):
    padded total. At most T*k + min(E, T*k) * (BLOCK_M - 1) rows, a bound from shapes only.
 3. `moe_gemm._moe_gemm_kernel` GATED: gate/up grouped GEMM with the activation fused -> [T*k, I].
 4. `moe_gemm._moe_gemm_kernel`: down grouped GEMM, bias, times the routing weight -> [T*k, H] float32.
-5. `_moe_sum_kernel`: each token's k rows added in slot order, cast once to x's dtype -> [T, H].
+5. `_moe_sum_kernel`: each token's k rows added in slot order (rows of dropped ids skipped), cast once to
+   x's dtype -> [T, H].
 
 The top-k sum is a separate reduce rather than atomics in the down GEMM's epilogue: float atomics
 add in arrival order, and graph replay and eager must give the same tokens. Dense weights are
@@ -112,17 +119,22 @@ def _moe_align_kernel(ids_ptr, counts_ptr, sorted_ptr, block_expert_ptr, num_pad
 
 
 @triton.jit
-def _moe_sum_kernel(y_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+def _moe_sum_kernel(y_ptr, ids_ptr, out_ptr, H, NUM_EXPERTS: tl.constexpr, TOP_K: tl.constexpr,
+                    BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
     if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
         gdc_launch_dependents()
         gdc_wait()
-    # y [T * TOP_K, H] float32 (weighted expert outputs per slot) -> out [T, H]: the k slots in order
+    # y [T * TOP_K, H] float32 (weighted expert outputs per slot) -> out [T, H]: the k slots in order. A slot
+    # whose id is outside [0, NUM_EXPERTS) (-1: another rank's expert) was sorted into no block, so its y row
+    # was never written: it adds nothing.
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = offs < H
     total = tl.full((BLOCK_H,), 0.0, tl.float32)
     for j in tl.static_range(TOP_K):
-        total += tl.load(y_ptr + (token * TOP_K + j) * H + offs, mask=mask, other=0.0)
+        expert = tl.load(ids_ptr + token * TOP_K + j)
+        width = tl.where((expert >= 0) & (expert < NUM_EXPERTS), H, 0)  # a dropped slot's row: no columns
+        total += tl.load(y_ptr + (token * TOP_K + j) * H + offs, mask=offs < width, other=0.0)
     tl.store(out_ptr + token * H + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -216,8 +228,8 @@ def _fused_moe(x, weights, ids, w13, w13_scales, w2, w2_scales, b13, b2, act, al
                          bias.stride(0) if has_bias else 0, dst.stride(0), float(alpha), float(limit)),
                         constexprs=dict(flags, GATED=gated, ROW_DIV=top_k if gated else 1),
                         num_warps=warps, num_stages=stages)
-    launcher.launch(_moe_sum_kernel, (T, cdiv(H, SUM_BLOCK)), (y, out, H),
-                    constexprs=dict(TOP_K=top_k, BLOCK_H=SUM_BLOCK), num_warps=4, num_stages=1)
+    launcher.launch(_moe_sum_kernel, (T, cdiv(H, SUM_BLOCK)), (y, ids, out, H),
+                    constexprs=dict(NUM_EXPERTS=E, TOP_K=top_k, BLOCK_H=SUM_BLOCK), num_warps=4, num_stages=1)
     return out
 
 
@@ -279,8 +291,8 @@ def moe_experts_fp8_block(x: torch.Tensor, weights: torch.Tensor, ids: torch.Ten
                                         SCALE_BLOCK_N=bn, SCALE_BLOCK_K=bk, BLOCK_M=block_m, BLOCK_N=block_n,
                                         BLOCK_K=block_k),
                         num_warps=config["num_warps"], num_stages=config["num_stages"])
-    launcher.launch(_moe_sum_kernel, (T, cdiv(H, SUM_BLOCK)), (y, out, H),
-                    constexprs=dict(TOP_K=top_k, BLOCK_H=SUM_BLOCK), num_warps=4, num_stages=1)
+    launcher.launch(_moe_sum_kernel, (T, cdiv(H, SUM_BLOCK)), (y, ids, out, H),
+                    constexprs=dict(NUM_EXPERTS=E, TOP_K=top_k, BLOCK_H=SUM_BLOCK), num_warps=4, num_stages=1)
     return out
 
 
