@@ -58,7 +58,7 @@ def builds(tmp_path_factory, request):
     wanted = sorted({c.name for c in chosen if c in CASES})
     names = [] if wanted == sorted({c.name for c in CASES}) else wanted  # no names: every case
     proc = subprocess.run([sys.executable, "-m", "tests.support.gpu_machine_build", str(tmp_path_factory.mktemp("b")),
-                           *names], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+                           *names], cwd=ROOT, env=env, capture_output=True, text=True, timeout=2700)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     print(f"\nbuilt under Triton {records[0]['triton'] if records else '?'} in {time.perf_counter() - t0:.0f} s:",
           *(f"{r['case']} {r['target']}: {r['seconds']} s" + "".join(f"\n    {x}" for x in r.get("rejected", ()))
