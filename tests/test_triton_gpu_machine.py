@@ -98,6 +98,22 @@ def test_builds_under_the_gpu_machine_triton(builds, case, target):
     assert not missing, f"{case.name} for {target}: the plan lacks {sorted(missing)}; it has {record['kernel_names']}"
 
 
+def test_interpreter_runs_gemms_under_the_gpu_machine_triton():
+    """`rdnac run --interpret` on the GPU machine: its Triton 3.6 interpreter failed in every GEMM's `range`
+    bound under NumPy 2.4 until launch.py re-set the scalars' `__index__`."""
+    if not (ENV / ".installed").exists():
+        pytest.fail(f"requires {GPU_TRITON} installed in {ENV}; run `make gpu-triton` (make test does)",
+                    pytrace=False)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ENV), str(ROOT)]), XDG_CACHE_HOME=str(ENV / "cache"),
+               TRITON_CACHE_DIR=str(ENV / "cache" / "triton"))
+    proc = subprocess.run([sys.executable, "-m", "tests.support.gpu_machine_build", "--interpret"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines and lines[0]["triton"] == gpu_machine.TRITON, (proc.stdout, proc.stderr[-3000:])
+    for M, err in lines[0]["interpret_gemm"].items():
+        assert isinstance(err, float) and err < 1e-4, f"GEMM M={M} under {GPU_TRITON}'s interpreter: {err}"
+
+
 def test_random_qwen2_checkpoint_is_what_transformers_reads(tmp_path):
     """The generator's Qwen2 layout (the q/k/v biases the cases above build with) loads into transformers with
     no tensor missing or left over, and rdnac's plan carries the biases (merged with the q/k/v weights)."""

@@ -77,12 +77,35 @@ def _patch_interpreter_bf16_dot() -> None:
     builder_cls._rdnac_bf16_dot = True
 
 
+def _patch_interpreter_scalar_index() -> None:
+    """Work around a Triton interpreter bug under NumPy >= 2.4 (seen in Triton 3.6; 3.9 has the fix).
+
+    The interpreter's scalars are one-element arrays, and 3.6 turns one into a Python int (a `range` bound
+    such as the GEMMs' `range(k_begin, k_end, BLOCK_K)`) with `int(array)`, which NumPy 2.4 refuses for
+    arrays of one dimension ("only 0-dimensional arrays can be converted to Python scalars"): every GEMM
+    failed under `rdnac run --interpret` on the GPU machine. Re-set `__index__` with `.item()`, right after
+    the interpreter's own patch, inside the same scope (so its restore undoes both)."""
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_rdnac_scalar_index", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    interpreter._rdnac_scalar_index = True
+
+
 class InterpretLauncher:
     """Run kernels under the Triton interpreter on CPU tensors (`rdnac run --interpret`, CI tests)."""
 
     def __init__(self) -> None:
         self._interpreted: dict[int, Any] = {}
         _patch_interpreter_bf16_dot()
+        _patch_interpreter_scalar_index()
 
     def launch(self, kernel, grid, args, *, constexprs, num_warps=4, num_stages=2):
         from triton.runtime.interpreter import InterpretedFunction

@@ -221,9 +221,33 @@ def build(case: Case, out: Path) -> list[dict]:
     return records
 
 
+def interpret_gemm() -> dict:
+    """One GEMM per decode and prefill config under this Triton's interpreter (`rdnac run --interpret`), against
+    torch: Triton 3.6's interpreter turned a scalar into an int in a way NumPy 2.4 refuses (launch.py)."""
+    import torch
+
+    from rdnac.kernels import gemm
+    from rdnac.kernels.launch import InterpretLauncher
+
+    g = torch.Generator().manual_seed(0)
+    errors = {}
+    for M in (1, 37):
+        x, w = torch.randn(M, 96, generator=g), torch.randn(64, 96, generator=g)
+        problem = {"M": gemm.m_bucket(M), "N": 64, "K": 96, "dtype": "float32", "has_bias": False}
+        try:
+            out = gemm.linear(x, w, config=gemm.default_config(problem), launcher=InterpretLauncher())
+            errors[M] = (out - x @ w.T).abs().max().item()
+        except Exception as e:  # noqa: BLE001 -- reported, the test names it
+            errors[M] = f"{type(e).__name__}: {e}"
+    return {"interpret_gemm": errors}
+
+
 def main(argv: list[str]) -> None:
     import triton
 
+    if argv == ["--interpret"]:
+        print(json.dumps({"triton": triton.__version__, **interpret_gemm()}), flush=True)
+        return
     out, names = Path(argv[0]), argv[1:]
     unknown = set(names) - {c.name for c in CASES}
     assert not unknown, f"unknown cases {sorted(unknown)}"
