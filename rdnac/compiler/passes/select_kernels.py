@@ -155,6 +155,7 @@ def run(state: CompileState) -> None:
             program[node.name][key] = {"kernel": registry.wrapper_for(node.op, phase), "config": ranked[0][0],
                                        "reason": ranked[0][1]}
             _propagate_meta(node, env)
+    failed: dict[tuple[str, str], set[str]] = {}  # (node, key) -> the binaries that failed under earlier configs
     while True:
         step_calls = {}
         for phase, bucket in keys:
@@ -162,14 +163,24 @@ def run(state: CompileState) -> None:
         flat = [(key, node, call) for key, per_node in step_calls.items() for node, cs in per_node.items()
                 for call in cs]
         binaries = compile_calls(common_alignment([c for _, _, c in flat]), target, quiet=opts.quiet)
-        rejected = {}
+        rejected, failing = {}, {}
         for (key, node, _), binary in zip(flat, binaries):
             problems = check_resources(binary, target)
             if problems:
                 rejected.setdefault((node, key), problems)
+                failing.setdefault((node, key), set()).add(binary.key)
         if not rejected:
             break
         for (node, key), problems in rejected.items():
+            # a binary that fails again after the node's config changed does not depend on that config (a helper
+            # kernel the node launches with its own fixed tiles): no other config can fix it, so stop here
+            # instead of compiling every remaining candidate and blaming the last one
+            stuck = failing[(node, key)] & failed.get((node, key), set())
+            if stuck:
+                raise RdnacError(f"node {node!r}: kernel {min(stuck)} does not fit target {target.name} at {key} "
+                                 f"whatever config the node takes (its tiles do not depend on the node's config); "
+                                 f"{'; '.join(problems)}")
+            failed.setdefault((node, key), set()).update(failing[(node, key)])
             remaining = options[(node, key)]
             bad = remaining.pop(0)
             label = _config_label({"kernel": program[node][key]["kernel"], "config": bad[0]})
