@@ -144,7 +144,8 @@ def reduce_scatter(x: torch.Tensor, *, num_ranks: int) -> torch.Tensor:
     import torch.distributed as dist
 
     out = padded.new_empty(rows, *padded.shape[1:])
-    dist.reduce_scatter_tensor(out, padded, group=_GROUP)
+    # torch 2.13 names it reduce_scatter_single (reduce_scatter_tensor deprecated); older torch has the old name
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, padded, group=_GROUP)
     return out
 
 
@@ -164,7 +165,7 @@ def all_gather_rows(x: torch.Tensor, like: torch.Tensor, *, num_ranks: int) -> t
     import torch.distributed as dist
 
     out = x.new_empty(num_ranks * x.shape[0], *x.shape[1:])
-    dist.all_gather_into_tensor(out, x, group=_GROUP)
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=_GROUP)  # as above
     return out[:num_tokens]
 
 
@@ -262,31 +263,44 @@ def check(op: str, attrs: dict, ins: list[TensorSpec], expect) -> None:
         expect(ins[-1].dtype == "int32" and len(ins[-1].shape) == 2, f"{op} takes ids [Tl, k] int32 last")
 
 
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8}
+# op -> (what each rank sends of the op's rows, as a fraction of them, W ranks; the formula inspect prints)
+_SHARE = {"all_reduce": (lambda w: 2 * (w - 1) / w, "2(W-1)/W x row (ring)"),
+          "all_gather": (lambda w: (w - 1) / w, "(W-1)/W x logits row"),
+          "reduce_scatter": (lambda w: (w - 1) / w, "(W-1)/W x row"),
+          "all_gather_rows": (lambda w: (w - 1) / w, "(W-1)/W x row"),
+          "all_to_all": (lambda w: (w - 1) / w, "(W-1)/W x {rows} slot rows (fixed capacity)")}
 
 
 def summary(graph, num_ranks: int) -> list[dict]:
-    """Per all_reduce / all_gather node, in graph order: where it sits (the node it reads), and the bytes it
-    moves per token (per requested logits row for all_gather): `payload` (the tensor row one rank holds
-    after it) and `per_rank` (what each rank sends on a ring: 2(W-1)/W of the row for an all-reduce,
-    (W-1)/W for an all-gather). For `rdnac inspect`."""
+    """Per collective node (the ops that move bytes between ranks), in graph order: where it sits (the node
+    it reads), and the bytes it moves per token (per requested logits row for all_gather): `payload` (the
+    rows of a token it carries: one row of the hidden size, or an all_to_all's k slots) and `per_rank`
+    (what each rank sends, `formula`: on a ring 2(W-1)/W of the payload for an all-reduce, (W-1)/W for
+    the others). For `rdnac inspect`. Shapes are inferred at a step of 64*W tokens, so that an all_to_all's
+    rows per token (its slots) come out exact."""
     from rdnac.ir.ops import OPS
 
-    specs: dict[str, TensorSpec] = dict(graph.inputs)
+    sizes = {"T": 64 * num_ranks}  # the other symbols (sequences, blocks) do not reach a collective's rows
+    specs: dict[str, TensorSpec] = {k: TensorSpec(v.dtype, tuple(sizes.get(d, 1) if isinstance(d, str) else d
+                                                                  for d in v.shape)) for k, v in graph.inputs.items()}
     specs.update((k, TensorSpec(w.dtype, w.shape)) for k, w in graph.weights.items())
     producer = {}
     rows = []
     for node in graph.nodes:
-        outs = OPS[node.op].infer(node.attrs, [specs[n] for n in node.inputs])
+        ins = [specs[n] for n in node.inputs]
+        outs = OPS[node.op].infer(node.attrs, ins)
         specs.update(zip(node.outputs, outs))
         producer.update((o, node) for o in node.outputs)
-        if node.op not in ("all_reduce", "all_gather"):
+        if node.op not in _SHARE:
             continue
-        out = outs[0]
-        payload = int(out.shape[-1]) * _ITEMSIZE.get(out.dtype, 4)
-        share = (2 if node.op == "all_reduce" else 1) * (num_ranks - 1) / num_ranks
+        width, dtype = int(ins[0].shape[-1]), ins[0].dtype
+        per_token = 1 if node.op != "all_to_all" else ins[0].shape[0] // sizes["T"]  # slots per token
+        payload = per_token * width * _ITEMSIZE.get(dtype, 4)
+        share, formula = _SHARE[node.op]
         src = producer.get(node.inputs[0])
         rows.append({"node": node.name, "op": node.op, "after": f"{src.name} ({src.op})" if src else node.inputs[0],
-                     "dtype": out.dtype, "width": int(out.shape[-1]), "per": "logits row" if node.op == "all_gather"
-                     else "token", "payload_bytes": payload, "per_rank_bytes": int(payload * share)})
+                     "dtype": dtype, "width": width, "rows": per_token, "per": "logits row" if node.op == "all_gather"
+                     else "token", "payload_bytes": payload, "per_rank_bytes": int(payload * share(num_ranks)),
+                     "formula": formula.format(rows=per_token)})
     return rows
