@@ -145,9 +145,9 @@ def _match(s, experts: Node, producer: dict, readers: dict):
     router = producer.get(route.inputs[0])
     need(router is not None and router.op == "linear" and router.inputs[0] == post.outputs[0],
          f"its router a linear of {post.outputs[0]!r}")
-    need({r.name for r in readers[post.outputs[0]]} == {router.name, experts.name},
-         f"{post.outputs[0]!r} read by the router and the experts only (got "
-         f"{sorted(f'{r.name} ({r.op})' for r in readers[post.outputs[0]])}: a shared expert?)")
+    others = sorted(f"{r.name} ({r.op})" for r in readers[post.outputs[0]] if r not in (router, experts))
+    need(not others, f"{post.outputs[0]!r} read by the router and the experts only (a shared expert has no place "
+                     f"in this form yet); got it read by {others} too")
     need(all(r in (shard_ids, router) for r in readers[route.outputs[1]]) and
          all(r is experts for r in readers[route.outputs[0]]), f"{route.name}'s outputs read by the experts only")
     gather_sum = next(iter(readers.get(experts.outputs[0], [])), None)
