@@ -387,9 +387,12 @@ class Sharder:
                 self.rank0_only(biases[1])
             what = f"every expert's gate/up and down in blocks of {block} of {inter} per rank"
         self.reduce_after(node)
+        if self.ep and self.state.options.ep_dispatch == "all-to-all":  # shard_dispatch rewrites it, and says so
+            self.state.decide(NAME, node.name, what, "--ep-dispatch all-to-all: tokens go to the experts' ranks")
+            return
         self.state.decide(NAME, node.name, what + "; all_reduce of the partial sums",
-                          "routing runs on every rank (router replicated); an all-to-all of the routed tokens "
-                          "would move less at scale, the all_reduce is exact and simpler")
+                          "routing runs on every rank (router replicated); exact, and under tensor-parallel "
+                          "attention fewer bytes than the all-to-all form (--ep-dispatch, shard_dispatch.py)")
 
     # ------------------------------------------------------------ vocabulary
 

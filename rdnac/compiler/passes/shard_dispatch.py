@@ -24,7 +24,10 @@ becomes, with Tl = ceil(T/W) token rows per rank (rdnac.ir.collectives):
 
 Every row op (norm, router, route, the expert MLP of a slot, the residual
 add) computes a token's row exactly as one rank does, so the result is the
-tp=1 plan's within float rounding of the sums' order. The next norm loses
+tp=1 plan's within float rounding of the sums' order. The (at most W-1) zero
+rows that pad T to a multiple of W are normalized, routed and computed like
+tokens (their rows are finite: rms_norm of zeros is zeros) and dropped by
+the gather. The next norm loses
 its residual input: the add that was fused into it runs on the rank's rows
 before the gather, so one all_gather moves the residual stream (h2), not
 two values.
