@@ -9,7 +9,8 @@
 | shard_rows | x [T, N] (attr num_ranks)   | [ceil(T/W), N]: the rank's rows of x (every rank holds x whole) |
 | all_gather_rows | x [ceil(T/W), N], like [T] (attr num_ranks) | [T, N]: every rank's rows, rank order |
 | all_to_all | x [W*C, N] (attr num_ranks) | [W*C, N]: block s (rows [s*C, (s+1)*C)) is what rank s sent to this rank |
-| ep_dispatch | x [Tl, H], ids [Tl, k] int32 (attrs num_ranks, experts_per_rank) | send [W*Tl*k, H], send_ids [W*Tl*k, 1] int32, slot_weights [W*Tl*k, 1] f32 |
+| ep_dispatch | x [Tl, H], ids [Tl, k] int32 (attrs num_ranks, experts_per_rank) | send [W*Tl*k, H],   |
+|            |                             | send_ids [W*Tl*k, 1] int32, slot_weights [W*Tl*k, 1] f32 |
 | ep_combine | back [W*Tl*k, H], weights [Tl, k], ids [Tl, k] (same attrs) | [Tl, H] |
 
 A sharded plan (`rdnac.compiler.passes.shard`) is one graph that every rank

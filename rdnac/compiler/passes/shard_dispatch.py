@@ -68,15 +68,14 @@ def all_to_all_form(s) -> None:
         for node in g.nodes:
             for name in node.inputs:
                 readers.setdefault(name, []).append(node)
-        m = _match(s, experts, producer, readers)
-        post, reduce, router, route, shard_ids, gather_sum, norm = m
+        post, reduce, router, route, shard_ids, gather_sum, norm = _match(s, experts, producer, readers)
         num_ranks = {"num_ranks": n}
         res, h1 = post.inputs[1], post.outputs[1]
         h2 = norm.outputs[-1]
         local = g.weights[experts.inputs[3]].shape[0]
         # attention's partial sums: the rank's rows only
-        reduce.op, reduce.name, reduce.attrs = "reduce_scatter", reduce.name.replace(".all_reduce", ".reduce_scatter"), \
-            dict(num_ranks)
+        reduce.op, reduce.attrs = "reduce_scatter", dict(num_ranks)
+        reduce.name = reduce.name.replace(".all_reduce", ".reduce_scatter")
         reduce.outputs = [f"{reduce.outputs[0]}.rows"]
         new_before_post = []
         if res not in sliced:
