@@ -66,6 +66,9 @@ def test_every_wrapper_name_resolves_to_its_wrapper():
         "gated_delta.gated_delta_rule_decode", "gated_rms_norm.gated_rms_norm", "sigmoid_gate.sigmoid_gate",
         # tensor parallelism (issue 28): torch.distributed calls, not Triton kernels
         "collective.all_reduce", "collective.all_gather", "collective.shard_ids",
+        # the all-to-all expert-parallel form (--ep-dispatch all-to-all)
+        "collective.reduce_scatter", "collective.shard_rows", "collective.all_gather_rows", "collective.all_to_all",
+        "collective.ep_dispatch", "collective.ep_combine",
         # INT8 W8A8 (issue 25)
         "gemm_int8.linear_int8", "gated_rms_norm_quant.gated_rms_norm_quant", "sigmoid_gate_quant.sigmoid_gate_quant"}
 

@@ -112,21 +112,30 @@ def mesh_summary(plan, graph) -> dict | None:
 
     rows = summary(graph, mesh["tp"])
     per_token = [r for r in rows if r["per"] == "token"]
-    return {"tp": mesh["tp"], "ep": mesh["ep"], "weights_files": [r["file"] for r in mesh["ranks"]],
-            "collectives": rows, "all_reduce_bytes_per_token": sum(r["payload_bytes"] for r in per_token),
-            "per_rank_bytes_per_token": sum(r["per_rank_bytes"] for r in per_token)}
+    by_op: dict[str, int] = {}
+    for r in per_token:
+        by_op[r["op"]] = by_op.get(r["op"], 0) + r["per_rank_bytes"]
+    return {"tp": mesh["tp"], "ep": mesh["ep"], "ep_dispatch": graph.attrs.get("mesh", {}).get("ep_dispatch"),
+            "weights_files": [r["file"] for r in mesh["ranks"]], "collectives": rows,
+            "all_reduce_bytes_per_token": sum(r["payload_bytes"] for r in per_token if r["op"] == "all_reduce"),
+            "per_rank_bytes_per_token": sum(r["per_rank_bytes"] for r in per_token),
+            "per_rank_bytes_per_token_by_op": by_op}
 
 
 def render_mesh(console: Console, mesh: dict, group: bool) -> None:
-    console.print(f"tensor parallel: {mesh['tp']} ranks{' (experts placed whole per rank: --ep)' if mesh['ep'] else ''}"
-                  f", one weights file each ({mesh['weights_files'][0]}, ...); per token the all-reduces carry "
-                  f"{mesh['all_reduce_bytes_per_token']} bytes, {mesh['per_rank_bytes_per_token']} sent by each rank "
-                  "on a ring")
-    table = Table(title="collectives (bytes per token; all_gather: per logits row)")
-    for col in ("node", "op", "after", "payload", "per rank (ring)"):
+    ep = ""
+    if mesh["ep"]:
+        ep = f" (experts placed whole per rank: --ep, {mesh.get('ep_dispatch') or 'all-reduce'} dispatch)"
+    by_op = ", ".join(f"{op} {b}" for op, b in mesh["per_rank_bytes_per_token_by_op"].items())
+    console.print(f"tensor parallel: {mesh['tp']} ranks{ep}, one weights file each ({mesh['weights_files'][0]}, "
+                  f"...); per token the all-reduces carry {mesh['all_reduce_bytes_per_token']} bytes; each rank "
+                  f"sends {mesh['per_rank_bytes_per_token']} bytes per token ({by_op})")
+    table = Table(title="collectives (bytes per token; all_gather: per logits row; W ranks)")
+    for col in ("node", "op", "after", "payload", "per rank", "formula"):
         table.add_column(col)
-    rows = [(r["node"], r["op"], r["after"], f"{r['width']} x {r['dtype']} = {r['payload_bytes']}",
-             str(r["per_rank_bytes"])) for r in mesh["collectives"]]
+    rows = [(r["node"], r["op"], r["after"], (f"{r['rows']} x " if r["rows"] > 1 else "")
+             + f"{r['width']} x {r['dtype']} = {r['payload_bytes']}", str(r["per_rank_bytes"]), r["formula"])
+            for r in mesh["collectives"]]
     if group:  # layers alike once: layers.{0-35}.o_proj.all_reduce
         seen: dict[tuple, list[int]] = {}
         for row in rows:
@@ -135,7 +144,7 @@ def render_mesh(console: Console, mesh: dict, group: bool) -> None:
                    *row[3:], row[1])
             seen.setdefault(key, []).append(int(m.group(1)) if m else -1)
         rows = [(k[0].replace("layers.N.", f"layers.{{{ranges(v)}}}.") if v[0] >= 0 else k[0], k[-1],
-                 k[1].replace("layers.N.", f"layers.{{{ranges(v)}}}.") if v[0] >= 0 else k[1], *k[2:4])
+                 k[1].replace("layers.N.", f"layers.{{{ranges(v)}}}.") if v[0] >= 0 else k[1], *k[2:-1])
                 for k, v in seen.items()]
     for row in rows:
         table.add_row(*(escape(c) for c in row))

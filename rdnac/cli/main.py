@@ -76,8 +76,12 @@ def cli():
 @click.option("--tp", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Tensor-parallel ranks: shard the plan over N processes (gloo on cpu, NCCL/RCCL on GPUs).")
 @click.option("--ep", is_flag=True, help="With --tp N: place MoE experts whole per rank instead of slicing each.")
+@click.option("--ep-dispatch", type=click.Choice(["all-reduce", "all-to-all"]), default="all-reduce",
+              show_default=True, help="With --ep: every rank runs its experts on every token and the partial sums "
+                                      "are all-reduced, or each rank routes its slice of the tokens and sends them "
+                                      "to the experts' ranks (reduce-scatter, all-to-all, all-gather).")
 def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max_num_seqs, max_num_batched_tokens,
-                quiet, quantize, quantize_skip, fp8_lm_head, pdl, tokenizer, kv_cache_dtype, tp, ep):
+                quiet, quantize, quantize_skip, fp8_lm_head, pdl, tokenizer, kv_cache_dtype, tp, ep, ep_dispatch):
     """Compile MODEL (HF directory, .gguf file, ORG/NAME[@REVISION][:QUANT] from the Hugging Face cache, or
     demo:smollm2) into a plan."""
     from rdnac.compiler.pipeline import compile_model
@@ -87,7 +91,7 @@ def compile_cmd(model, target, output, dtype, max_model_len, disable_passes, max
                          disable_passes=tuple(disable_passes), max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens, quiet=quiet, quantize=quantize,
                          quantize_skip=tuple(quantize_skip) or None, fp8_lm_head=fp8_lm_head, pdl=pdl, tokenizer=tokenizer, kv_cache_dtype=kv_cache_dtype,
-                         tp=tp, ep=ep)
+                         tp=tp, ep=ep, ep_dispatch=ep_dispatch)
     click.echo(f"wrote {path} ({time.perf_counter() - started:.1f} s)", err=True)
 
 

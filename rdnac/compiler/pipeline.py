@@ -42,6 +42,7 @@ LATE_PASSES = ("fuse_norm_quant", "fuse_act_quant", "fuse_attention_quant", "fus
 DISABLEABLE = GRAPH_PASSES + LATE_PASSES + ("early_metadata_loads", "early_weight_loads")
 _DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE_SCHEMES = ("fp8", "fp8-block", "int8", "mxfp4")
+EP_DISPATCH = ("all-reduce", "all-to-all")  # --ep-dispatch: how expert-parallel MoE layers meet (shard_dispatch.py)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class CompileOptions:
     kv_cache_dtype: str = "auto"  # "auto": the compute dtype; "fp8": the target's FP8 format (kv_cache_dtype.py)
     tp: int = 1  # tensor-parallel ranks (passes/shard.py)
     ep: bool = False  # with tp > 1: experts placed whole per rank instead of sliced
+    ep_dispatch: str = "all-reduce"  # with ep: "all-reduce" (partial sums) or "all-to-all" (shard_dispatch.py)
 
     def __post_init__(self):
         if self.dtype is not None and self.dtype not in _DTYPES:
@@ -96,6 +98,11 @@ class CompileOptions:
             raise RdnacError(f"--tp requires an integer number of ranks in 1..64; got {self.tp!r}")
         if self.ep and self.tp == 1:
             raise RdnacError("--ep requires --tp N with N > 1 (the ranks the experts are placed on); got --tp 1")
+        if self.ep_dispatch not in EP_DISPATCH:
+            raise RdnacError(f"--ep-dispatch requires one of {', '.join(EP_DISPATCH)}; got {self.ep_dispatch!r}")
+        if self.ep_dispatch == "all-to-all" and not self.ep:
+            raise RdnacError(f"--ep-dispatch all-to-all requires --ep (it sends each token to the ranks holding its "
+                             f"experts whole); got --tp {self.tp} without --ep; add --ep")
         if self.kv_block_size not in (8, 16, 32, 64):
             raise RdnacError(f"kv_block_size requires 8, 16, 32 or 64; got {self.kv_block_size}")
 
@@ -237,7 +244,8 @@ def compile_model(model: str | Path, target: str = "cpu", output: str | Path | N
                             "disable_passes": list(opts.disable_passes), "quantize": opts.quantize,
                             "quantize_skip": list(opts.quantize_skip) if opts.quantize_skip is not None else None,
                             "fp8_lm_head": opts.fp8_lm_head, "pdl": opts.pdl, "tokenizer": opts.tokenizer,
-                            "kv_cache_dtype": opts.kv_cache_dtype, "tp": opts.tp, "ep": opts.ep},
+                            "kv_cache_dtype": opts.kv_cache_dtype, "tp": opts.tp, "ep": opts.ep,
+                            "ep_dispatch": opts.ep_dispatch},
         "created_unix": int(time.time()),
     }
     body = {

@@ -249,7 +249,10 @@ def routed_experts(graph) -> list[dict]:
     for node in graph.nodes:
         if node.op not in EXPERT_OPS:
             continue
-        route = producers[node.inputs[2]].attrs  # the moe_route whose ids it reads
+        route = producers[node.inputs[2]]  # the moe_route whose ids it reads, through expert parallelism's
+        while route.op != "moe_route":  # shard_ids, or all_to_all of ep_dispatch's slots (rdnac.ir.collectives)
+            route = producers[route.inputs[1 if route.op == "ep_dispatch" else 0]]
+        route = route.attrs
         weights = [name for name in node.inputs[3:] if name in graph.weights]
         out.append({"node": node, "num_experts": graph.weights[weights[0]].shape[0], "top_k": route["top_k"],
                     "route": route, "weights": weights})

@@ -36,6 +36,7 @@ heads carry `num_heads`/`head_dim` attributes. Dims are ints or symbols
 | argmax          | logits [R, V]                                                 | [R] int64      |
 | split           | x [T, N] (attr sizes, summing to N)                           | len(sizes) views [T, sizes[i]] |
 | all_reduce, all_gather, shard_ids (tensor/expert parallelism): see `rdnac.ir.collectives`        |
+| reduce_scatter, shard_rows, all_gather_rows, all_to_all, ep_dispatch, ep_combine: the same       |
 | moe_route, moe_experts, moe_experts_mxfp4, moe_experts_fp8_block: see `rdnac.ir.moe`            |
 | causal_conv1d, gated_delta_rule, gated_rms_norm(_quant), sigmoid_gate(_quant): `rdnac.ir.linear_attention` |
 | mla_cache_write, mla_attention (multi-head latent attention): see `rdnac.ir.mla`                |
@@ -466,6 +467,14 @@ OPS: dict[str, OpDef] = {op.name: op for op in [
     OpDef("all_reduce", (), (1,), collectives.all_reduce_infer, collectives.all_reduce),
     OpDef("all_gather", ("size",), (1,), collectives.all_gather_infer, collectives.all_gather),
     OpDef("shard_ids", ("size",), (2,), collectives.shard_ids_infer, collectives.shard_ids),
+    OpDef("reduce_scatter", ("num_ranks",), (1,), collectives.rows_infer, collectives.reduce_scatter),
+    OpDef("shard_rows", ("num_ranks",), (1,), collectives.rows_infer, collectives.shard_rows),
+    OpDef("all_gather_rows", ("num_ranks",), (2,), collectives.all_gather_rows_infer, collectives.all_gather_rows),
+    OpDef("all_to_all", ("num_ranks",), (1,), collectives.all_reduce_infer, collectives.all_to_all),
+    OpDef("ep_dispatch", ("num_ranks", "experts_per_rank"), (2,), collectives.ep_dispatch_infer,
+          collectives.ep_dispatch),
+    OpDef("ep_combine", ("num_ranks", "experts_per_rank"), (3,), collectives.ep_combine_infer,
+          collectives.ep_combine),
     OpDef("moe_route", ("top_k", "scoring"), (1, 2), moe.moe_route_infer, moe.moe_route),
     OpDef("moe_experts", ("act",), (5, 7), moe.moe_experts_infer, moe.moe_experts),
     OpDef("moe_experts_mxfp4", ("act",), (7, 9), moe.moe_experts_infer, moe.moe_experts_mxfp4),

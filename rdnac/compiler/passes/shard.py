@@ -20,9 +20,11 @@ become a sidecar of their own so a rank reads only its own bytes.
   --ep: rank r holds experts [r*E/N, (r+1)*E/N) whole, a `shard_ids` node maps
   the routed ids to its experts (-1 for the others, which it skips). Routing
   runs on every rank (the router is replicated), then each rank's partial
-  sum is `all_reduce`d: the all-to-all that moves only routed tokens is the
-  efficient form at scale; the all-reduce is exact and simpler, and is what
-  this pass emits.
+  sum is `all_reduce`d (the default, `--ep-dispatch all-reduce`). With
+  `--ep-dispatch all-to-all` each rank routes its own slice of the tokens
+  and sends their (token, expert) slots to the experts' ranks instead
+  (reduce_scatter, all_to_all, all_gather_rows: shard_dispatch.py, which
+  also says why all-reduce stays the default).
 - Embedding: vocabulary-parallel, V padded to a multiple of N with zero rows:
   `shard_ids` + masked lookup + `all_reduce`. lm_head (`logits`): the same
   rows, then `all_gather` of the logits columns (the padding dropped).
@@ -53,6 +55,7 @@ import math
 import torch
 
 from rdnac.compiler.passes import CompileState
+from rdnac.compiler.passes import shard_dispatch as dispatch
 from rdnac.compiler.passes import shard_mixers as mixers
 from rdnac.compiler.passes import shard_quantized as q8
 from rdnac.errors import UnsupportedModelError
@@ -118,7 +121,10 @@ class Sharder:
                 mixers.gated_delta_rule(self, node)
         self.resolve_columns()
         g.nodes = [m for n in g.nodes for m in (n, *self.after.get(n.name, []))]
-        g.attrs["mesh"] = {"tp": self.n, "ep": self.ep}
+        if self.state.options.ep_dispatch == "all-to-all":
+            dispatch.all_to_all_form(self)
+        g.attrs["mesh"] = {"tp": self.n, "ep": self.ep, "ep_dispatch": self.state.options.ep_dispatch if self.ep
+                           else None}
         self.state.weights = self.ranks[0]
         self.state.rank_weights = self.ranks
         replicated = [k for k in self.full if k not in self.how]
@@ -381,9 +387,12 @@ class Sharder:
                 self.rank0_only(biases[1])
             what = f"every expert's gate/up and down in blocks of {block} of {inter} per rank"
         self.reduce_after(node)
+        if self.ep and self.state.options.ep_dispatch == "all-to-all":  # shard_dispatch rewrites it, and says so
+            self.state.decide(NAME, node.name, what, "--ep-dispatch all-to-all: tokens go to the experts' ranks")
+            return
         self.state.decide(NAME, node.name, what + "; all_reduce of the partial sums",
-                          "routing runs on every rank (router replicated); an all-to-all of the routed tokens "
-                          "would move less at scale, the all_reduce is exact and simpler")
+                          "routing runs on every rank (router replicated); exact, and under tensor-parallel "
+                          "attention fewer bytes than the all-to-all form (--ep-dispatch, shard_dispatch.py)")
 
     # ------------------------------------------------------------ vocabulary
 
