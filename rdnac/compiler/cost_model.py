@@ -372,7 +372,8 @@ def _estimate_moe(problem: dict, config: dict, target) -> Estimate:
     reason = (f"{bound}-bound {est_us:.1f} us: {active:.1f} of {E} experts active, {_fmt_bytes(bytes_moved)} "
               f"at {bw_fraction:.0%} of {target.hbm_gbps:.0f} GB/s = {mem_us:.1f} us, compute {compute_us:.1f} us"
               f"{peak_note}" + (f" (decode {alu_us:.1f} us)" if alu_us else "")
-              + f"; {blocks} row tiles of {block_m}, {tiles} tiles = {waves} wave(s); "
+              + f"; {blocks} row tiles of {block_m}, {tiles} tiles"
+              + (f", {occupancy}/CU resident; " if is_gemv else f" = {waves} wave(s); ") +
               f"LDS {lds // 1024} KiB; batch 1 reads {_fmt_bytes(per_token)} of expert weights per token")
     if is_gemv:
         reason += "; " + MXFP4_GEMV_NOTE
