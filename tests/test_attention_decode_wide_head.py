@@ -20,9 +20,10 @@ from tests.test_kernels_attention import DECODE_CONTEXTS, DECODE_ARGS, attrs_for
 QWEN35 = (16, 2, 256)  # query heads, kv heads, head_dim of a Qwen3.5 / Qwen3-Next full-attention layer (GQA 8)
 
 
-def _first_fitting(target: str, kv_dtype: torch.dtype, max_tries: int = 4):
+def _first_fitting(target: str, kv_dtype: torch.dtype, max_tries: int = 4, quant: bool = False):
     """Walk kernel selection's candidate order for one decode node as select_kernels does: compile each
-    candidate's launches, reject those whose binaries spill or overflow LDS. Returns (chosen, rejected)."""
+    candidate's launches, reject those whose binaries spill or overflow LDS. Returns (chosen, rejected).
+    quant: the attention_quant op's wrapper (FP8 output for o_proj), which shares the family's configs."""
     from rdnac.compiler.build import check_resources, compile_calls
     from rdnac.compiler.passes.select_kernels import _candidates
     from rdnac.compiler.record import RecordingLauncher
@@ -36,8 +37,12 @@ def _first_fitting(target: str, kv_dtype: torch.dtype, max_tries: int = 4):
     rejected = []
     for config, _why in _candidates("attention", prob, get_target(target))[:max_tries]:
         rec = RecordingLauncher()
-        attn_decode.attention_decode(*[batch[k] for k in DECODE_ARGS], **attrs_for(heads, kv_heads, head_dim),
-                                     config=config, launcher=rec)
+        args, attrs = [batch[k] for k in DECODE_ARGS], attrs_for(heads, kv_heads, head_dim)
+        if quant:
+            attn_decode.attention_quant_decode(*args, **attrs, fp8_format=get_target(target).fp8_format,
+                                               group=head_dim, config=config, launcher=rec)
+        else:
+            attn_decode.attention_decode(*args, **attrs, config=config, launcher=rec)
         problems = [p for b in compile_calls(rec.calls, target, quiet=True) for p in check_resources(b, target)]
         if not problems:
             return config, rejected
@@ -56,6 +61,15 @@ def test_qwen35_decode_attention_gets_a_config_that_does_not_spill(target):
         assert chosen["constexprs"]["NUM_SPLITS"] == default["constexprs"]["NUM_SPLITS"]
     else:  # where the default fits it is kept
         assert chosen == default and not rejected
+
+
+@pytest.mark.parametrize("target", ["gfx1201", "gfx950"])
+def test_qwen35_quant_decode_attention_gets_a_config_that_does_not_spill(target):
+    """attention_quant (FP8 output for an FP8 o_proj): its epilogue adds registers, the same order fits."""
+    chosen, rejected = _first_fitting(target, torch.bfloat16, quant=True)
+    if target == "gfx1201":
+        assert rejected and any("spills" in p for p in rejected[0][1]), rejected
+    assert chosen is not None
 
 
 @pytest.mark.parametrize("target,kv_dtype", [("gfx1201", torch.float8_e4m3fn), ("gfx950", torch.float8_e4m3fn),
