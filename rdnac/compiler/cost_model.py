@@ -221,11 +221,30 @@ MXFP4_DEQUANT_NOTE = ("MXFP4 dequantized once per step into a scratch of {scratc
 MXFP4_NATIVE_NOTE = ("; gfx950's v_mfma_scale_f32_*_f8f6f4 (tl.dot_scaled) would need the activations in "
                      "fp8/fp4 too, which the reference does not round to: not used")
 # Vector-ALU instructions per decoded MXFP4 weight element. W4A16 (moe_gemm.py): ~33, from the H100 at
-# GPT-OSS-20B batch 1 (129 us for 4 experts' 99.5M elements, bench/results/2026-12-07-h100-s16). GEMV
-# (moe_gemv.py): 8.5 + one multiply-add per block row, counted in its sm90 SASS (611 instructions per loop
-# step for 64 elements per thread).
+# GPT-OSS-20B batch 1 (129 us for 4 experts' 99.5M elements, bench/results/2026-12-07-h100-s16).
 W4A16_DECODE_OPS = 33.0
-GEMV_DECODE_OPS = 8.5
+# GEMV (moe_gemv.py, session 17's kernel), counted in the loop body of its sm90 PTX (Triton 3.9, gate/up at
+# GPT-OSS-20B's shapes): 533 instructions per step for 64 weight elements per thread at 1 row, 769 at 2 rows,
+# 283 for 32 elements at 1 row, 600 for 32 at 4 rows. Per element: the nibble decode and its 2**126 scaling
+# (shared by the rows), then per block row the activation's load and widening, the multiply-add and the
+# group's partial sum (3.6, not the single FMA the session-16 model charged: padding rows at T=1 cost
+# their full share, 2x16x256 measured 1.37x 1x16x256); plus ~33 per loop step (addresses, masks, the
+# scale bytes) spread over the elements a thread holds. That last term is left out: 1x16x512 (128 elements
+# per thread) and 1x16x256 (64) measured the same (61.1 and 61.2 us), so it is hidden behind the loads.
+GEMV_DECODE_OPS = 4.7
+GEMV_ROW_OPS = 3.6
+# The share of the vector ALUs' issue rate the GEMV loop sustains: its one-stage loop stalls on each step's
+# loads between bursts of arithmetic. Fit on session 17's H100 run: the evenly spread 1-row tiles ran
+# 52.3-56.2 us at T=1 where the instruction counts at full issue give 43 us (about 11 us of it launches).
+GEMV_ALU_EFFICIENCY = 0.78
+# GEMV registers per thread (sm90 ptxas, Triton 3.9, the gate/up kernel): ~32 for addresses and masks plus,
+# per int32 word a thread holds in a step, 8 at one block row (the word, its decoded nibbles) and 12 more per
+# further row (its 8 widened activations, the partial); 1 row: 47/63/91 registers at 2/4/8 words, 2 rows
+# 110 at 4, 4 rows 115 at 2. gfx1151/gfx1201's VGPR counts are within 15% of these. They bound how many
+# programs an SM holds (a 1x4x512 program needs 47: 10 of 4 warps; 1x16x1024 on 8 warps 108: 2).
+GEMV_BASE_REGS = 32
+GEMV_REGS_PER_WORD = 8
+GEMV_REGS_PER_WORD_ROW = 12
 # Vector-ALU lanes x clock (MHz) per CU / SM: instructions per microsecond (sm90: 128 lanes at 1755 MHz;
 # CDNA: 64 lanes; RDNA 3.5/4: 64 lanes dual-issued).
 ALU_OPS_PER_CU_US = {"sm90": 128 * 1755, "gfx942": 64 * 2100, "gfx950": 64 * 2400, "gfx1201": 128 * 2900,
@@ -248,6 +267,29 @@ def moe_weight_bytes_per_expert(problem: dict) -> float:
     if problem["weight_format"] == "fp8_block":  # a byte and a float32 scale per 128x128 block
         return elements * (1 + 4 / (128 * 128))
     return elements * ELEMENT_BYTES[_dtype_name(problem["dtype"])]
+
+
+def _gemv_register_occupancy(config: dict, target) -> int:
+    """Programs of an MXFP4 GEMV config one CU / SM holds by registers (see GEMV_BASE_REGS)."""
+    c = config["constexprs"]
+    threads = config["num_warps"] * target.warp_size
+    words = c["BLOCK_N"] * c["BLOCK_K"] / 8 / threads  # int32 words of one weight row block per thread per step
+    regs = GEMV_BASE_REGS + words * (GEMV_REGS_PER_WORD + GEMV_REGS_PER_WORD_ROW * (c["BLOCK_M"] - 1))
+    register_file = REGISTER_FILE_BYTES.get(target.name, DEFAULT_REGISTER_FILE_BYTES)
+    return max(1, int(register_file // (min(regs, MAX_REGS_PER_THREAD) * 4 * threads)))
+
+
+def _gemv_alu_us(blocks: int, H: int, I: int, block_n: int, ops: float, alu_rate: float, num_cu: int) -> float:
+    """Vector-ALU time of the two GEMV launches, each on its own: gate/up ([2I, H] per expert, I/BLOCK_N
+    programs per row tile) then down ([H, I], H/BLOCK_N). A launch lasts as long as its busiest CU, which
+    gets ceil(programs / CUs) programs; summing both launches' programs before rounding would hide that
+    (720 + 720 programs of 1x16 tiles on 132 SMs: 11 of 10.9 per SM together, but 6 of 5.45 in each)."""
+    total = 0.0
+    for programs, elements in ((blocks * math.ceil(I / block_n), blocks * 2 * I * H),
+                               (blocks * math.ceil(H / block_n), blocks * H * I)):
+        busy = programs / (math.ceil(programs / num_cu) * num_cu)
+        total += elements * ops / (alu_rate * GEMV_ALU_EFFICIENCY * busy)
+    return total
 
 
 def _estimate_moe(problem: dict, config: dict, target) -> Estimate:
@@ -293,6 +335,8 @@ def _estimate_moe(problem: dict, config: dict, target) -> Estimate:
     bytes_moved = int(weight_bytes + act_bytes)
     occupancy = max(1, min(target.lds_bytes // max(lds, 1), MAX_WARPS_PER_CU.get(target.name, DEFAULT_MAX_WARPS_PER_CU)
                            // config["num_warps"]))
+    if is_gemv:  # no LDS to speak of: registers bound the resident programs
+        occupancy = min(occupancy, _gemv_register_occupancy(config, target))
     resident = min(tiles, num_cu * occupancy)
     stored_bytes = 0.5 if is_mxfp4 and not is_dequant else elt  # per weight element as the GEMM loads it
     if problem["weight_format"] == "fp8_block":  # FP8 weights, and the activations quantized in two launches
@@ -307,22 +351,29 @@ def _estimate_moe(problem: dict, config: dict, target) -> Estimate:
     peak, peak_note = _peak_tflops(target, _dtype_name(problem["dtype"]))
     busy = tiles / (waves * num_cu)
     alu_us = 0.0
-    if is_mxfp4 and not is_dequant:  # the in-loop decode, once per row tile, on the vector ALUs
-        ops = GEMV_DECODE_OPS + block_m if is_gemv else W4A16_DECODE_OPS
-        alu_us = blocks * expert_elements * ops / (ALU_OPS_PER_CU_US.get(target.name, DEFAULT_ALU_OPS_PER_CU_US)
-                                                    * num_cu * busy)
+    alu_rate = ALU_OPS_PER_CU_US.get(target.name, DEFAULT_ALU_OPS_PER_CU_US) * num_cu
+    if is_gemv:  # decode per element, then per block row (padding rows included: they run the same code)
+        alu_us = _gemv_alu_us(blocks, H, I, block_n, GEMV_DECODE_OPS + GEMV_ROW_OPS * block_m, alu_rate, num_cu)
+    elif is_mxfp4 and not is_dequant:  # the in-loop decode, once per row tile, on the vector ALUs
+        alu_us = blocks * expert_elements * W4A16_DECODE_OPS / (alu_rate * busy)
     compute_us = alu_us + (0.0 if is_gemv else flops / (peak * 1e6 * busy))
     # Deeper pipelines overlap more of the smaller of the two (sm90: 3 stages beat 2 at every measured size,
     # 80.5 against 88.1 us at GPT-OSS-20B batch 1, 1186 against 1589 us at 2048 tokens).
     overlap_loss = OVERLAP_LOSS * 2 / max(2, config["num_stages"])
-    est_us = (max(mem_us, compute_us) + overlap_loss * min(mem_us, compute_us) + launches * LAUNCH_US
-              + 2 * waves * WAVE_US)
+    # Fill and drain: the dense tiles' few large programs run in waves, each paid for. GEMV programs are
+    # small and many are resident (`occupancy`); an SM starts the next as one retires, so a GEMV launch fills
+    # and drains once, and its uneven end is the per-launch share of idle SMs in `_gemv_alu_us`. (Charging
+    # one WAVE_US per 132 programs made the narrow tiles that measured fastest look slowest: 1x4x512's 5760
+    # programs cost 44 us of "waves" in a 52 us kernel.)
+    fill_us = 2 * WAVE_US if is_gemv else 2 * waves * WAVE_US
+    est_us = max(mem_us, compute_us) + overlap_loss * min(mem_us, compute_us) + launches * LAUNCH_US + fill_us
     bound = "memory" if mem_us >= compute_us else "compute"
     per_token = moe_weight_bytes_per_expert(problem) * k  # batch 1: k experts
     reason = (f"{bound}-bound {est_us:.1f} us: {active:.1f} of {E} experts active, {_fmt_bytes(bytes_moved)} "
               f"at {bw_fraction:.0%} of {target.hbm_gbps:.0f} GB/s = {mem_us:.1f} us, compute {compute_us:.1f} us"
               f"{peak_note}" + (f" (decode {alu_us:.1f} us)" if alu_us else "")
-              + f"; {blocks} row tiles of {block_m}, {tiles} tiles = {waves} wave(s); "
+              + f"; {blocks} row tiles of {block_m}, {tiles} tiles"
+              + (f", {occupancy}/CU resident; " if is_gemv else f" = {waves} wave(s); ") +
               f"LDS {lds // 1024} KiB; batch 1 reads {_fmt_bytes(per_token)} of expert weights per token")
     if is_gemv:
         reason += "; " + MXFP4_GEMV_NOTE

@@ -345,10 +345,34 @@ def _problem(a: dict, ins: list, phase: str, runtime: dict) -> dict:  # the quan
             "num_seqs": ins[4].shape[0], "num_tokens": ins[0].shape[0]}
 
 
+# head_dim 256 (Qwen3.5 / Qwen3-Next full-attention layers, Gemma): the default decode tile keeps q, a
+# [16, 256] float32 accumulator and (AMD's stream pipeliner) one stage of K and V in registers. Cross-compiled
+# with Triton 3.9 (16/2 heads, 1000-token context): bf16 32-key tiles on 2 stages spill on gfx1151 (226 VGPRs
+# spilled; 16 keys still 131, 16 keys on 8 warps 105) and on gfx1201 (2); FP8 64-key tiles on 3 stages on
+# gfx1201 (468) and gfx950 (261). One stage drops the registered K/V stage: 16 keys on 1 stage need 240
+# VGPRs on gfx1151 at 4 warps, 216 at 8, 156 on gfx1201, 108-128 on gfx942/gfx950, 119 registers on sm90.
+# These follow the default in the space, at its split count first, so where the default spills, kernel
+# selection logs it rejected and the next candidate fits (8 warps first: the issue's engine measured decode
+# attention on gfx1151 at 31% of bandwidth with 2 warps, fixed by 8). Targets where the default fits keep it.
+WIDE_HEAD_DIM = 256
+WIDE_HEAD_TILES = ((16, 8, 1), (16, 4, 1), (32, 8, 1), (32, 4, 1))  # (BLOCK_N, num_warps, num_stages)
+
+
+def config_space(problem: dict) -> list[dict]:
+    """attention.config_space; at decode with head_dim >= WIDE_HEAD_DIM the register-lean tiles come first."""
+    space = attention.config_space(problem)
+    if problem["phase"] != "decode" or next_power_of_2(problem["head_dim"]) < WIDE_HEAD_DIM:
+        return space
+    splits = attention.default_config(problem)["constexprs"]["NUM_SPLITS"]
+    all_splits = sorted({c["constexprs"]["NUM_SPLITS"] for c in space}, key=lambda s: s != splits)
+    lean = [attention._config(w, st, NUM_SPLITS=s, BLOCK_N=n) for s in all_splits for n, w, st in WIDE_HEAD_TILES]
+    return lean + [c for c in space if c not in lean]
+
+
 # The attention family's record: its prefill kernels and config space are in attention.py, which this
 # module imports (a record there could not name the decode wrappers without a cycle).
 FAMILY = KernelFamily(
-    "attention", config_space=attention.config_space, default_config=attention.default_config,
+    "attention", config_space=config_space, default_config=attention.default_config,
     tuning_key=("phase", "num_heads", "num_kv_heads", "head_dim", "block_size", "dtype", "kv_dtype"),
     # a config depends on the sequences of a decode step, the tokens of a prefill step
     size=lambda p: p["num_seqs"] if p["phase"] == "decode" else p["num_tokens"],

@@ -34,9 +34,13 @@ ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # gate/up programs use 80 (1 row), 128 (2 rows) and 254 (4 and 8 rows at 128 deep) registers, none spills.
 # gfx1151's are 62-135; 512 deep is 256 contiguous bytes per row per step.
 # Session 17's rework (a scale per 32-element group, a cheaper decode) adds deeper and narrower tiles: fewer
-# registers per element leave room for 512-byte rows.
-GEMV_TILES = ((1, 16, 256, 4), (1, 8, 512, 4), (1, 16, 512, 4), (1, 32, 256, 8), (2, 16, 256, 4), (4, 16, 128, 4),
-              (8, 16, 128, 4), (1, 4, 512, 4), (1, 8, 1024, 4), (1, 8, 1024, 8), (1, 16, 1024, 8))
+# registers per element leave room for 512-byte rows. Listed fastest first as session 17 measured them on an
+# H100 at GPT-OSS-20B's T=1 (52.3, 53.1, 56.2, 59.2, 61.1, 61.2, 61.7, 83.9, 103.1, 810.3 us): the cost model
+# gives the 1-row tiles whose programs spread evenly over the SMs (1x4x512, 1x8x1024, 1x8x512) the same
+# estimate, and a tie keeps this order. 1x8x1024 on 4 warps is out: 154.1 us, its sm90 loop converts the
+# tile's layout through shared memory every step (50 barriers per step in the PTX, Triton 3.9).
+GEMV_TILES = ((1, 4, 512, 4), (1, 8, 1024, 8), (1, 8, 512, 4), (1, 16, 1024, 8), (1, 16, 512, 4), (1, 16, 256, 4),
+              (1, 32, 256, 8), (2, 16, 256, 4), (4, 16, 128, 4), (8, 16, 128, 4))
 
 
 def _config(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int, **flags: bool) -> dict:
