@@ -225,8 +225,8 @@ def test_sm90_fp8_block_experts_interpreted_over_gloo(sm90, ep):
 def test_sharded_fp8_block_plans_cross_compile_for_amd_targets(tmp_path, target):
     """Both forms build for the target as the single-rank plan does (every node a kernel per step key, within the
     target's LDS and without spills: `build.check_resources`); gfx942's experts are e4m3fnuz with doubled scales,
-    sharded after the conversion. Cost on 2 cores: ~30 s per target from a cold kernel cache (the --ep plan
-    reuses the --tp plan's binaries: the kernels specialize on divisibility, not on E or I)."""
+    sharded after the conversion. Cost on 2 cores from a cold kernel cache: 72 s gfx942, 54 s gfx1201 (warm: 13 s, 3 s; the --ep plan
+    reuses most of the --tp plan's binaries: the kernels specialize on divisibility, not on E or I)."""
     from rdnac.compiler.build import check_resources
     from rdnac.plans.binaries import KernelBinary
 
@@ -247,7 +247,7 @@ def test_sharded_fp8_block_plans_cross_compile_for_amd_targets(tmp_path, target)
         experts = next(n for n in graph.nodes if n.op == "moe_experts_fp8_block")
         fmt = "e4m3fnuz" if target == "gfx942" else "e4m3fn"
         assert experts.attrs["fp8_format"] == fmt and graph.weights[experts.inputs[3]].dtype == f"float8_{fmt}"
-        w1, s13 = plan.load_weights(rank=1), f"{EXPERTS}.w13_scale"
+        w1, s13 = plan.load_weights(rank=1), experts.inputs[4]
         mine = full[s13][4:] if name == "tp2ep" else full[s13][:, [1, 3]]
         assert torch.equal(w1[s13], mine * (2 if fmt == "e4m3fnuz" else 1)), name
 
