@@ -384,9 +384,10 @@ class Sharder:
             if biases:
                 self.shard(biases[0], "expert gate/up block", lambda t, r: t[:, rows(r)])
                 self.rank0_only(biases[1])
-            what = f"every expert's gate/up and down in blocks of {block} of {inter} per rank" + (
-                " with their scale blocks; down's input quantized in the same 128-column groups as one rank's"
-                if fp8 else "")
+            what = f"every expert's gate/up and down in blocks of {block} of {inter} per rank"
+            if fp8:
+                what += " with their scale blocks" + ("; down's input quantized in the same 128-column groups as "
+                                                      "one rank's" if node.attrs["act_scheme"] != "none" else "")
         self.reduce_after(node)
         self.state.decide(NAME, node.name, what + "; all_reduce of the partial sums",
                           "routing runs on every rank (router replicated); an all-to-all of the routed tokens "

@@ -19,6 +19,8 @@ Activation quantization:
   on group boundaries (required: refused otherwise), so the partial sums are exact; per-token scales
   (dynamic_token, or prequantized with group 0) are the amax over the rank's slice, not the whole row:
   finer than one rank's, so not bit-identical but within the format's rounding (recorded as a decision).
+- FP8 block experts (--tp): each rank quantizes its I/N block of the down input in 128-column groups, one
+  rank's groups exactly when I/N is a multiple of 128 (required, with the weights' scale blocks).
 """
 
 from __future__ import annotations
