@@ -18,8 +18,9 @@ for the dense first layer, the shared expert and the 8 routed experts; two layer
   quantization is a step function, so a float32 reassociation upstream of one (the all_reduce of partial
   sums, the order the ranks' experts are added in) can move one activation across a rounding boundary and
   change the output by a rounding step, not an ulp. With a third layer (a second MoE layer) the --ep plan's
-  expert sum differs from tp=1's in the last ulp (7e-7), and the next layer's attention quantization turns
-  that into 4.3e-5 at one of 20 positions (seed 0; 5e-7 elsewhere): a property of FP8 activations under any
+  first expert sum differs from tp=1's by 7e-7 (as the --tp plan's does), the second MoE layer's input then by
+  5e-5 (--tp: 6e-7): one FP8 rounding in the layer between them went the other way, and the logits differ by
+  4.3e-5 at one of 20 positions (seed 0; 5e-7 elsewhere). A property of FP8 activations under any
   reassociation, not of the split, which the op-level test checks on identical inputs.
 - sm90 plans of one MoE layer (float32) under the Triton interpreter, ranks over gloo: the same checks; the
   sharded plans cross-compile for gfx942 (FNUZ: bits reinterpreted, scales doubled, then sharded) and
