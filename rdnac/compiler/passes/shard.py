@@ -16,7 +16,8 @@ become a sidecar of their own so a rank reads only its own bytes.
   by an `all_reduce`; a bias is added on rank 0 only.
 - Gated MLP: gate/up (merged [gate; up] rows or two linears) column-parallel
   by blocks of I/N, down_proj row-parallel + `all_reduce`.
-- MoE, --tp: every expert's gate/up and down sliced as the MLP's (I/N each);
+- MoE, --tp: every expert's gate/up and down sliced as the MLP's (I/N each;
+  FP8 block experts with their 128x128 scale blocks, I/N a multiple of 128);
   --ep: rank r holds experts [r*E/N, (r+1)*E/N) whole, a `shard_ids` node maps
   the routed ids to its experts (-1 for the others, which it skips). Routing
   runs on every rank (the router is replicated), then each rank's partial
@@ -45,7 +46,7 @@ collectives become torch.distributed calls (rdnac/kernels/collective.py).
 Refused, one line each: a --tp that does not divide the query heads, the KV
 heads (or is not a multiple of them), the MLA heads, the GDN key heads, the
 intermediate size or the experts (--ep); a block-scaled weight whose
-slices do not fall on its scale blocks; FP8 block experts (not written yet).
+slices do not fall on its scale blocks (FP8 block experts' too).
 """
 
 from __future__ import annotations
@@ -65,7 +66,6 @@ from rdnac.ir.state import StateSpec
 
 NAME = "shard"
 VOCAB_START, EXPERT_START = "tp.vocab_start", "tp.expert_start"  # per-rank int64 [1] weights
-_NOT_YET = {"moe_experts_fp8_block": "FP8 block experts"}
 
 
 def run(state: CompileState) -> None:
@@ -96,10 +96,6 @@ class Sharder:
     def run(self) -> None:
         g = self.graph
         for node in g.nodes:
-            if node.op in _NOT_YET:
-                raise UnsupportedModelError(f"--tp requires a model whose every op can be sharded; node "
-                                            f"{node.name!r} ({node.op}): sharding {_NOT_YET[node.op]} comes later; "
-                                            "compile without --tp")
             for i, out in enumerate(node.outputs):
                 self.producer[out] = (node, i)
             for name in node.inputs:
@@ -109,7 +105,7 @@ class Sharder:
                 self.attention(node)
             elif node.op in ("linear_gated_act", "gated_act", "gated_act_quant", "gated_act_linear_fp8"):
                 self.mlp(node)
-            elif node.op in ("moe_experts", "moe_experts_mxfp4"):
+            elif node.op in ("moe_experts", "moe_experts_mxfp4", "moe_experts_fp8_block"):
                 self.experts(node)
             elif node.op == "embedding":
                 self.embedding(node)
@@ -350,12 +346,13 @@ class Sharder:
 
     def experts(self, node: Node) -> None:
         """moe_experts, or moe_experts_mxfp4 (w13 and w2 as blocks and scales: their rows sliced alike, w2's
-        I columns in whole scale blocks of 32 weights, 16 bytes of e2m1 pairs each)."""
-        mx = node.op == "moe_experts_mxfp4"
-        w13s, w2s = (node.inputs[3:5], node.inputs[5:7]) if mx else (node.inputs[3:4], node.inputs[4:5])
+        I columns in whole scale blocks of 32 weights, 16 bytes of e2m1 pairs each), or moe_experts_fp8_block
+        (w13 and w2 with their 128x128 scales: a scale row per 128 w13 rows, a scale column per 128 of w2's I)."""
+        mx, fp8 = node.op == "moe_experts_mxfp4", node.op == "moe_experts_fp8_block"
+        w13s, w2s = (node.inputs[3:5], node.inputs[5:7]) if mx or fp8 else (node.inputs[3:4], node.inputs[4:5])
         num_experts, two_i, _ = self.graph.weights[w13s[0]].shape
         inter = two_i // 2
-        biases = node.inputs[7:] if mx else node.inputs[5:]
+        biases = node.inputs[7:] if mx or fp8 else node.inputs[5:]
         if self.ep:
             if num_experts % self.n:
                 self.fail(node, f"has {num_experts} experts; --ep requires --tp to divide them (each rank holds "
@@ -375,17 +372,28 @@ class Sharder:
                 self.fail(node, f"has MXFP4 experts of intermediate size {inter}; --tp must divide it into blocks "
                                 f"of a multiple of 32 (one e8m0 scale covers 32 weights along it), got {block}; "
                                 "choose a smaller --tp")
-            rows = [lambda r: [*range(r * block, (r + 1) * block), *range(inter + r * block, inter + (r + 1) * block)]]
-            for w in w13s:
-                self.shard(w, "expert gate/up block", lambda t, r: t[:, rows[0](r)])
-            for w in w2s:  # the last dim is I, I/2 (e2m1 pairs) or I/32 (scales): the rank's block of it
+            if fp8:
+                q8.expert_scale_blocks(self, node, inter, block)
+
+            def rows(r: int, per: int = 1) -> list[int]:
+                """Rank r's gate rows and up rows of w13, in units of `per` rows (FP8 block scales: 128)."""
+                return [*range(r * block // per, (r + 1) * block // per),
+                        *range((inter + r * block) // per, (inter + (r + 1) * block) // per)]
+
+            for w in w13s:  # 2I rows (bits, MXFP4 scales) or 2I/128 (FP8 block scales)
+                per = two_i // self.graph.weights[w].shape[1]
+                self.shard(w, "expert gate/up block", lambda t, r, per=per: t[:, rows(r, per)])
+            for w in w2s:  # the last dim is I, I/2 (e2m1 pairs), I/32 (MXFP4 scales) or I/128 (FP8 block scales)
                 per = inter // self.graph.weights[w].shape[-1]
                 self.shard(w, "expert down block",
                            lambda t, r, per=per: t[:, :, r * block // per:(r + 1) * block // per])
             if biases:
-                self.shard(biases[0], "expert gate/up block", lambda t, r: t[:, rows[0](r)])
+                self.shard(biases[0], "expert gate/up block", lambda t, r: t[:, rows(r)])
                 self.rank0_only(biases[1])
             what = f"every expert's gate/up and down in blocks of {block} of {inter} per rank"
+            if fp8:
+                what += " with their scale blocks" + ("; down's input quantized in the same 128-column groups as "
+                                                      "one rank's" if node.attrs["act_scheme"] != "none" else "")
         self.reduce_after(node)
         if self.ep and self.state.options.ep_dispatch == "all-to-all":  # shard_dispatch rewrites it, and says so
             self.state.decide(NAME, node.name, what, "--ep-dispatch all-to-all: tokens go to the experts' ranks")

@@ -1,5 +1,6 @@
-"""Sharding 8-bit linears (`linear_fp8`, `linear_int8`, `gated_act_linear_fp8`) with their scales, for the
-shard pass (shard.py, whose `Sharder` calls these where it shards a linear's rows or columns).
+"""Sharding 8-bit linears (`linear_fp8`, `linear_int8`, `gated_act_linear_fp8`) with their scales, and the check
+that FP8 block experts (`moe_experts_fp8_block`) split on their scale blocks, for the shard pass (shard.py,
+whose `Sharder` calls these where it shards a linear's rows or columns, or experts by intermediate block).
 
 Weight scales (rdnac.ir.fp8.dequantize_weight):
 - per-tensor [1]: the same on every rank (exact: a slice of W * s is the slice of W times s);
@@ -18,6 +19,8 @@ Activation quantization:
   on group boundaries (required: refused otherwise), so the partial sums are exact; per-token scales
   (dynamic_token, or prequantized with group 0) are the amax over the rank's slice, not the whole row:
   finer than one rank's, so not bit-identical but within the format's rounding (recorded as a decision).
+- FP8 block experts (--tp): each rank quantizes its I/N block of the down input in 128-column groups, one
+  rank's groups exactly when I/N is a multiple of 128 (required, with the weights' scale blocks).
 """
 
 from __future__ import annotations
@@ -57,6 +60,19 @@ def column_parallel_scales(s, node: Node, how: str, index) -> None:
                              "without --tp")
             blocks.append(mine)
         s.rows(scale, f"{how}: whole {bn}-row scale blocks", lambda r: blocks[r])
+
+
+def expert_scale_blocks(s, node: Node, inter: int, block: int) -> None:
+    """moe_experts_fp8_block split --tp into blocks of `block` of the intermediate size `inter`: each rank's
+    gate/up rows must be whole bn-row scale blocks and its down columns whole bk-column ones, which are also
+    the groups its down input is quantized in (then exactly one rank's groups); the shard pass slices the
+    scales with the blocks."""
+    bn, bk = node.attrs["block_size"]
+    if block % bn or block % bk:
+        s.fail(node, f"has FP8 block-scaled experts ({bn}x{bk} blocks, one scale each) of intermediate size {inter} "
+                     f"split into {block} per rank; each rank must keep whole blocks ({bn} gate/up rows, {bk} down "
+                     f"columns, the groups its down input is quantized in); choose a --tp that divides {inter} into "
+                     f"multiples of {max(bn, bk)}, or --ep (whole experts per rank), or compile without --tp")
 
 
 def row_parallel_scales(s, node: Node, cols) -> None:
