@@ -100,6 +100,74 @@ def softmax_step(s, m_i, l_i, MASKED: tl.constexpr):
 
 
 @triton.jit
+def prefill_scores(q, k, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """q [rows, D] @ k [keys, D]^T in the units `prefill_softmax_step` multiplies by its qk_scale: the raw dot
+    products (the scale and log2(e) join the softmax's one FMA per score), or, softcapped, log2 units
+    already (qk_scale 1): softcap * tanh(s * scale / softcap), tanh via exp (portable)."""
+    s = tl.dot(q, tl.trans(k))
+    if HAS_SOFTCAP:
+        s = s * scale
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)) * _LOG2E
+    return s
+
+
+@triton.jit
+def prefill_softmax_step(s, m_i, l_i, qk_scale, MASKED: tl.constexpr):
+    """`softmax_step` for scores s [rows, keys] that become log2 units times qk_scale (> 0, so the row max
+    of the raw scores times qk_scale is the max of the scaled ones, bit for bit): the running max is kept
+    in log2 units and each weight is exp2(s * qk_scale - max), one FMA and one exp2 per score, where
+    scaling the scores first costs a multiply per score more. -inf (masked) stays -inf."""
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX) * qk_scale)
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new  # every row sees these keys: finite
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s * qk_scale - m_safe[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.reduce(p, 1, _SUM)
+
+
+@triton.jit
+def _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb,
+                  stride_vs, qk_scale, scale, softcap, sliding_window, d_ok, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, KV_FP8: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile [start, start + BLOCK_N) of a query tile: (acc, m_i, l_i) after it. Keys are gathered
+    through the block table, their rows as stored ([BLOCK_N, BLOCK_D], head dim contiguous: coalesced).
+    MASKED: the causal diagonal, the sequence's end or the window's edge cut through the tile; otherwise
+    every row sees every key and nothing is masked or bounds-checked."""
+    j = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
+    if MASKED:
+        j_ok = j < kv_end
+        blk = tl.load(bt_row + j // KV_BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
+        kv_mask = j_ok[:, None] & d_ok[None, :]
+    else:
+        blk = tl.load(bt_row + j // KV_BLOCK_SIZE).to(tl.int64)
+        kv_mask = d_ok[None, :]  # all true where BLOCK_D == HEAD_DIM: no mask then (below)
+    in_blk = (j % KV_BLOCK_SIZE)[:, None]
+    k_ptrs = k_head + blk[:, None] * stride_kb + in_blk * stride_ks  # [BLOCK_N, BLOCK_D]
+    v_ptrs = v_head + blk[:, None] * stride_vb + in_blk * stride_vs
+    if MASKED or BLOCK_D != HEAD_DIM:
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = prefill_scores(q, kv_operand(k, q, KV_FP8), scale, softcap, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        allowed = j_ok[None, :] & (j[None, :] <= pos[:, None])
+        if HAS_WINDOW:
+            allowed = allowed & (j[None, :] > pos[:, None] - sliding_window)
+        s = tl.where(allowed, s, float("-inf"))
+    m_new, alpha, p, l_i = prefill_softmax_step(s, m_i, l_i, qk_scale, MASKED)
+    if MASKED or BLOCK_D != HEAD_DIM:
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    v = kv_operand(v, q, KV_FP8)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _prefill_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr, positions_ptr,
         sinks_ptr, out_ptr,
@@ -130,65 +198,52 @@ def _prefill_kernel(
     q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     pos = tl.load(positions_ptr + q_start + tok, mask=row_ok, other=0).to(tl.int32)  # [BLOCK_M]
 
-    # Key range the whole tile can see; positions need not be sorted.
+    # Key ranges, positions need not be sorted: [kv_lo, kv_end) is what some row of the tile sees;
+    # within it [win_full, kv_full) is what every row sees (j <= the smallest position, and with a window
+    # j > the largest position - window), whole tiles of which need no mask at all.
     seq_len = tl.load(seq_lens_ptr + seq)
-    kv_end = tl.minimum(seq_len, tl.reduce(tl.where(row_ok, pos, -1), 0, _MAX) + 1)
+    max_pos = tl.reduce(tl.where(row_ok, pos, -1), 0, _MAX)
+    min_pos = tl.reduce(tl.where(row_ok, pos, max_pos), 0, _MIN)
+    kv_end = tl.minimum(seq_len, max_pos + 1)
+    kv_full = tl.maximum((tl.minimum(seq_len, min_pos + 1) // BLOCK_N) * BLOCK_N, 0)
     if HAS_WINDOW:
-        first = tl.reduce(tl.where(row_ok, pos, kv_end), 0, _MIN) - sliding_window + 1
-        kv_lo = (tl.maximum(first, 0) // BLOCK_N) * BLOCK_N
-        kv_full = kv_lo  # a window hides keys from some rows: every tile is masked
+        kv_lo = (tl.maximum(min_pos - sliding_window + 1, 0) // BLOCK_N) * BLOCK_N
+        win_full = (tl.maximum(max_pos - sliding_window + 1, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        win_full = tl.maximum(kv_lo, tl.minimum(win_full, kv_full))
+        kv_full = tl.maximum(kv_full, win_full)  # kv_lo <= win_full <= kv_full: no key twice, none skipped
     else:
-        kv_lo = 0
-        # Keys every row of the tile sees (j <= the smallest position, j < seq_len): whole tiles
-        # below this need no mask at all.
-        seen_by_all = tl.minimum(seq_len, tl.reduce(tl.where(row_ok, pos, kv_end), 0, _MIN) + 1)
-        kv_full = tl.maximum((seen_by_all // BLOCK_N) * BLOCK_N, 0)
+        win_full = 0
+    if HAS_SOFTCAP:
+        qk_scale = 1.0  # prefill_scores returns log2 units
+    else:
+        qk_scale = scale * _LOG2E
 
+    bt_row = block_tables_ptr + seq * stride_bt
+    k_head = k_cache_ptr + kv_head * stride_kh + d[None, :]  # [1, BLOCK_D]
+    v_head = v_cache_ptr + kv_head * stride_vh + d[None, :]
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-    # Interior tiles: every key visible to every row, no masks (the Triton interpreter and the GPU
-    # both skip the masked softmax work).
-    for start in range(kv_lo, kv_full, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
-        blk = tl.load(block_tables_ptr + seq * stride_bt + j // KV_BLOCK_SIZE).to(tl.int64)
-        in_blk = j % KV_BLOCK_SIZE
-        k_ptrs = k_cache_ptr + blk[:, None] * stride_kb + in_blk[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
-        v_ptrs = v_cache_ptr + blk[:, None] * stride_vb + in_blk[:, None] * stride_vs + kv_head * stride_vh + d[None, :]
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs)  # [BLOCK_N, BLOCK_D]
-        else:
-            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
-        k = kv_operand(k, q, KV_FP8)
-        s = scores_log2(q, k, scale, softcap, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
-        m_new, alpha, p, l_i = softmax_step(s, m_i, l_i, False)
-        if BLOCK_D == HEAD_DIM:
-            v = tl.load(v_ptrs)  # [BLOCK_N, BLOCK_D]
-        else:
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        v = kv_operand(v, q, KV_FP8)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    # Edge tiles: causal diagonal, sequence end, sliding window.
+    # Loop bounds are run-time values (a constexpr-bounded loop is unrolled by Triton 3.6).
+    if HAS_WINDOW:  # tiles at the window's lower edge, masked (some rows no longer see them)
+        for start in range(kv_lo, win_full, BLOCK_N):
+            acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, stride_kb,
+                                          stride_ks, stride_vb, stride_vs, qk_scale, scale, softcap, sliding_window,
+                                          d_ok, HEAD_DIM, BLOCK_D, BLOCK_N, KV_BLOCK_SIZE, HAS_SOFTCAP, HAS_WINDOW,
+                                          KV_FP8, True)
+    # Interior tiles, every key visible to every row: no masks, no bounds, one FMA and one exp2 per score.
+    # Most of a long prefill's work; the loop num_stages pipelines.
+    for start in range(win_full, kv_full, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, stride_kb,
+                                      stride_ks, stride_vb, stride_vs, qk_scale, scale, softcap, sliding_window,
+                                      d_ok, HEAD_DIM, BLOCK_D, BLOCK_N, KV_BLOCK_SIZE, HAS_SOFTCAP, HAS_WINDOW,
+                                      KV_FP8, False)
+    # The causal diagonal and the sequence's end, masked.
     for start in range(kv_full, kv_end, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
-        j_ok = j < kv_end
-        blk = tl.load(block_tables_ptr + seq * stride_bt + j // KV_BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
-        in_blk = j % KV_BLOCK_SIZE
-        # K rows as stored ([BLOCK_N, BLOCK_D], head dim contiguous: coalesced), transposed for the dot
-        k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + in_blk[:, None] * stride_ks + kv_head * stride_kh
-                    + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        k = kv_operand(k, q, KV_FP8)
-        s = scores_log2(q, k, scale, softcap, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
-        allowed = j_ok[None, :] & (j[None, :] <= pos[:, None])
-        if HAS_WINDOW:
-            allowed = allowed & (j[None, :] > pos[:, None] - sliding_window)
-        m_new, alpha, p, l_i = softmax_step(tl.where(allowed, s, float("-inf")), m_i, l_i, True)
-        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + in_blk[:, None] * stride_vs + kv_head * stride_vh
-                    + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = kv_operand(v, q, KV_FP8)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, stride_kb,
+                                      stride_ks, stride_vb, stride_vs, qk_scale, scale, softcap, sliding_window,
+                                      d_ok, HEAD_DIM, BLOCK_D, BLOCK_N, KV_BLOCK_SIZE, HAS_SOFTCAP, HAS_WINDOW,
+                                      KV_FP8, True)
 
     if PDL:  # the main loop is done: let the next kernel's blocks be scheduled (triggering at the top
         gdc_launch_dependents()  # let chains of waiting kernels crowd the SMs: 8B decode 17% slower)
