@@ -115,6 +115,33 @@ def test_prefill_window_softcap_sinks(options, use_sinks):
           use_sinks=use_sinks)
 
 
+# Prompts longer than a key tile and no multiple of any (333 and 211 new tokens, the latter after 306
+# cached ones: chunked prefill), one token after 129: every query tile runs several unmasked interior tiles.
+LONG_SEQS = [(333, 333), (517, 211), (130, 1)]
+WIDE_TILES = [(attn._config(8, 4, BLOCK_M=128, BLOCK_N=128), dict()),
+              (attn._config(8, 3, BLOCK_M=128, BLOCK_N=64), dict(softcap=4.0)),
+              (attn._config(4, 2, BLOCK_M=64, BLOCK_N=32), dict())]
+
+
+@pytest.mark.parametrize("config,options", WIDE_TILES, ids=lambda c: "{BLOCK_M}x{BLOCK_N}".format(**c["constexprs"])
+                         if "constexprs" in c else "softcap" if c else "plain")
+def test_prefill_long_prompts_and_prefix_chunks(config, options):
+    """Unowned cache slots hold NaN (make_batch): an unmasked tile reading past a sequence would show."""
+    batch, max_q = make_batch(LONG_SEQS, 8, 2, 128, torch.float32, seed=11)
+    check("prefill", batch, max_q, attrs_for(8, 2, 128, **options), config, InterpretLauncher(),
+          use_sinks="softcap" in options)
+
+
+@pytest.mark.parametrize("window", [40, 100, 1000])
+@pytest.mark.parametrize("use_sinks", [False, True])
+def test_prefill_window_wider_than_key_tiles(window, use_sinks):
+    """A window spanning several key tiles: tiles at its lower edge (masked), whole tiles every row of the
+    query tile sees (unmasked), the diagonal (masked); a window past the context hides nothing."""
+    batch, max_q = make_batch([(300, 300), (260, 100), (77, 77)], 6, 2, 64, torch.float32, seed=12)
+    check("prefill", batch, max_q, attrs_for(6, 2, 64, sliding_window=window), attn._config(4, 2, BLOCK_M=32, BLOCK_N=16),
+          InterpretLauncher(), use_sinks=use_sinks)
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("use_sinks", [False, True])

@@ -25,9 +25,12 @@ Config spaces (`config_space(problem)`; problem keys: phase ("prefill" |
 "decode"), num_heads, num_kv_heads, head_dim, block_size, max_model_len,
 dtype, optional num_seqs (decode batch size, steers the default NUM_SPLITS)):
   prefill: BLOCK_M {16, 32, 64, 128} x BLOCK_N {16, 32, 64} x num_warps {4, 8}
-           x num_stages {1, 2, 3}, pruned to K/V/Q tiles within 64 KiB LDS, no 16x8-warp
-           tiles and no 128-row tiles on 4 warps (they spill on gfx1201 at D=128).
-           Default 64x64 (D <= 64) or 64x32, 4 warps, 2 stages.
+           x num_stages {1, 2, 3}, pruned to K/V/Q tiles within 64 KiB LDS (every target), no 16x8-warp
+           tiles and no 128-row tiles on 4 warps (they spill on gfx1201 at D=128); then wider tiles
+           for the larger LDS of sm90 and gfx950 (`_WIDE_PREFILL_TILES`: 128x128 and 128x64 on 8 warps,
+           2-4 stages, ...), within sm90's 227 KiB. Which fit a target is the cost model's call
+           (`prefill_lds_bytes`) and the compiled binary's (spills), each rejection logged.
+           Default 64x64 (D <= 64) or 64x32, 4 warps, 2 stages: legal on every target.
   decode:  NUM_SPLITS {1, 2, 4, 8, 16} x BLOCK_N {16, 32, 64}, 4 warps, 2 stages. Default
            BLOCK_N 32 and about one split per 512 keys of max_model_len (at most 16), halved
            while num_seqs * num_kv_heads * NUM_SPLITS > 1024 programs. FP8 caches (problem key
@@ -313,8 +316,28 @@ def _config(num_warps: int, num_stages: int, **constexprs: int) -> dict:
 
 
 def _prefill_lds_bytes(block_m: int, block_n: int, block_d: int, num_stages: int, elem_bytes: int) -> int:
-    """Rough shared-memory need: Q tile once, K and V tiles per pipeline stage."""
+    """Rough shared-memory need: Q tile once, K and V tiles per pipeline stage (the 64 KiB pruning of the
+    targets' common space, kept as it was)."""
     return elem_bytes * block_d * (block_m + 2 * block_n * max(num_stages, 1))
+
+
+def prefill_lds_bytes(config: dict, head_dim: int, elem_bytes: int = 2) -> int:
+    """Shared memory of one prefill program as Triton 3.9's cross-compiles report it at head_dim 128: the
+    Q tile and two K + V buffers from 2 stages up (sm90: 128x128 at 2-4 stages 160-161 KiB, 128x64 96 KiB;
+    gfx950: 128x128 164 KiB; one buffer at 1 stage). The cost model's "does not fit" test per target."""
+    c = config["constexprs"]
+    buffers = max(1, min(config["num_stages"], 2))
+    return elem_bytes * next_power_of_2(head_dim) * (c["BLOCK_M"] + 2 * c["BLOCK_N"] * buffers)
+
+
+# Tiles past the 64 KiB every target has, for targets with more (sm90 227 KiB, gfx950 160 KiB): 128-row
+# tiles on 8 warps (two warpgroups of 64 rows: sm90's wgmma shape) and 128-key tiles, which halve the
+# accumulator rescales per score and the loop's fixed work per key. The cost model rejects them where they do
+# not fit (`prefill_lds_bytes`); spills are rejected from the compiled binary (CDNA spills 64-key tiles at
+# head_dim 128: its legal tiles are the 32-key ones of the common space).
+_WIDE_PREFILL_TILES = ((128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 2), (128, 64, 8, 3),
+                       (128, 64, 8, 4), (64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2))
+_LARGEST_LDS_BYTES = 227 * 1024  # sm90; see DESIGN.md "Targets"
 
 
 def _reads_fp8(problem: dict) -> bool:
@@ -329,10 +352,15 @@ def config_space(problem: dict) -> list[dict]:
         return [_config(4, 2, NUM_SPLITS=s, BLOCK_N=n) for s in (1, 2, 4, 8, 16) for n in (16, 32, 64)]
     block_d = next_power_of_2(problem["head_dim"])
     # Sized for 2-byte tiles: float32 only runs on the CPU interpreter, where LDS does not exist.
-    return [_config(w, st, BLOCK_M=m, BLOCK_N=n)
-            for m in (16, 32, 64, 128) for n in (16, 32, 64) for w in (4, 8) for st in (1, 2, 3)
-            if _prefill_lds_bytes(m, n, block_d, st, 2) <= _SMALLEST_LDS_BYTES
-            and not (m == 16 and w == 8) and not (m == 128 and w == 4)]  # 128x4 spills at D=128 on wave32
+    common = [_config(w, st, BLOCK_M=m, BLOCK_N=n)
+              for m in (16, 32, 64, 128) for n in (16, 32, 64) for w in (4, 8) for st in (1, 2, 3)
+              if _prefill_lds_bytes(m, n, block_d, st, 2) <= _SMALLEST_LDS_BYTES
+              and not (m == 16 and w == 8) and not (m == 128 and w == 4)]  # 128x4 spills at D=128 on wave32
+    wide = [_config(w, st, BLOCK_M=m, BLOCK_N=n) for m, n, w, st in _WIDE_PREFILL_TILES]
+    # 256-wide heads: a 128-row fp32 accumulator alone is 128 registers a thread on 8 warps
+    wide = [c for c in wide if c not in common and prefill_lds_bytes(c, block_d) <= _LARGEST_LDS_BYTES
+            and (block_d <= 128 or c["constexprs"]["BLOCK_M"] * c["constexprs"]["BLOCK_N"] <= 64 * 64)]
+    return common + wide
 
 
 def default_config(problem: dict) -> dict:
