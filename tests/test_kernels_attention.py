@@ -313,6 +313,53 @@ def test_gpu_bfloat16():
                     check("decode", batch, 1, attrs, config, launcher, use_sinks=use_sinks)
 
 
+def _query_subset(batch: dict, rows_per_seq: int) -> torch.Tensor:
+    """Indices of the first, middle and last `rows_per_seq` query tokens of every sequence."""
+    cu = batch["cu_seqlens_q"].tolist()
+    picked = []
+    for start, end in zip(cu, cu[1:]):
+        n = min(rows_per_seq, end - start)
+        mid = (start + end - n) // 2
+        picked += [torch.arange(start, start + n), torch.arange(mid, mid + n), torch.arange(end - n, end)]
+    return torch.cat(picked).unique()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("seqs", [[(2048, 2048)], [(16384, 16384)], [(16384, 8192), (3001, 1000)]],
+                         ids=["2k", "16k", "16k-after-8k-prefix"])
+def test_gpu_prefill_long_prompts_against_reference(seqs):
+    """Qwen3-8B widths in bf16 on the device at 2k and 16k tokens, and an 8192-token chunk after 8192 cached
+    ones batched with a 1000-token chunk of an odd length: the sm90 table's config, the cost model's pick, a
+    128x64 tile and the default, each against the reference on the first, middle and last 64 query tokens of
+    every sequence (the reference holds [heads, queries, keys] in float32: a subset keeps it small)."""
+    from rdnac.compiler import cost_model, tuning
+    from rdnac.targets import get_target
+
+    launcher = JitLauncher()
+    batch, max_q = make_batch(seqs, 32, 8, 128, torch.bfloat16, device="cuda", seed=13)
+    attrs = attrs_for(32, 8, 128)
+    prob = dict(problem("prefill", 32, 8, 128), num_seqs=len(seqs), num_tokens=batch["q"].shape[0])
+    table = tuning.lookup("sm90", "attention", prob)
+    configs = [table["config"]] if table else []
+    configs += [cost_model.rank("attention", prob, attn.config_space(prob), get_target("sm90"))[0][0],
+                attn._config(8, 3, BLOCK_M=128, BLOCK_N=64), attn.default_config(prob)]
+    rows = _query_subset(batch, 64).cuda()
+    sub = {**batch, "q": batch["q"][rows], "positions": batch["positions"][rows]}
+    counts = torch.tensor([int(((rows >= a) & (rows < b)).sum()) for a, b in
+                           zip(batch["cu_seqlens_q"].tolist(), batch["cu_seqlens_q"].tolist()[1:])])
+    sub["cu_seqlens_q"] = torch.cat([torch.zeros(1), counts.cumsum(0)]).to(torch.int32).cuda()
+    names = ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "cu_seqlens_q", "positions")
+    expected = ops.attention(*[sub[k] for k in names], **attrs).float()
+    for config in [c for i, c in enumerate(configs) if c not in configs[:i]]:
+        out = attn.attention_prefill(*[batch[k] for k in names], **attrs, max_query_len=max_q, config=config,
+                                     launcher=launcher)
+        assert out.shape == batch["q"].shape and out.dtype == torch.bfloat16
+        assert torch.isfinite(out).all(), f"non-finite output ({config})"
+        err = (out[rows].float() - expected).abs().max().item()
+        assert torch.allclose(out[rows].float(), expected, atol=2e-2, rtol=2e-2), f"max abs error {err} ({config})"
+
+
 @pytest.mark.gpu
 @gpu
 def test_gpu_decode_graph_replays_for_new_seq_lens():
