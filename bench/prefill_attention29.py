@@ -14,7 +14,7 @@ pairs, T(T+1)/2 for a whole prompt of T tokens and C*P + C(C+1)/2 for a chunk of
 the whole-model prefill runs this once per layer.
 
 Kernels and configs: `new` is rdnac.kernels.attention at the sm90 tuning table's config (what a plan picks
-today), the cost model's first pick, and every wide tile of the config space; `base` is the kernel before
+today), the cost model's first pick, every 128-row wide tile of the config space and the default; `base` is the kernel before
 issue 29 (bench/prefill_attention_base.py) at the table's config and 128x64 (8 warps, 3 stages). Each is
 checked against the op's reference (rdnac.ir.ops.attention) on the first and last 64 query tokens
 (the reference materializes [heads, queries, keys] in float32), then timed as a captured CUDA graph of
@@ -133,7 +133,9 @@ def configs_for(problem: dict, tiny: bool) -> list[tuple[str, dict, str]]:
         wide = [attention._config(4, 2, BLOCK_M=32, BLOCK_N=16)]
         table_config, pick = attention._config(4, 2, BLOCK_M=64, BLOCK_N=32), attention.default_config(problem)
     else:
-        wide = [attention._config(w, st, BLOCK_M=m, BLOCK_N=n) for m, n, w, st in attention._WIDE_PREFILL_TILES]
+        # the 128-row wide tiles (the H100/H200 tuner runs put 128-row tiles first: sm90.json)
+        wide = [attention._config(w, st, BLOCK_M=m, BLOCK_N=n) for m, n, w, st in attention._WIDE_PREFILL_TILES
+                if m == 128]
         wide = [c for c in wide if c in space] + [attention.default_config(problem)]
     rows = [("new", table_config, "sm90 table"), ("new", pick, "cost model pick")]
     rows += [("new", c, "space") for c in wide if c not in (table_config, pick)]

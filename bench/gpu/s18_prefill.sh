@@ -21,12 +21,12 @@ if [ "$part" = llama ]; then
   cat $OUT/device.txt $OUT/summary.txt $OUT/ab29-llama/table.md; grep -E '^#|Error|error|skipped' $OUT/ab29-llama.log | tail -20
   exit 0
 fi
-timeout 120 python3 -m pytest -m gpu -x -q tests/test_kernels_attention.py -k prefill_long_prompts_against_reference \
+timeout 150 python3 -m pytest -m gpu -x -q tests/test_kernels_attention.py -k prefill_long_prompts_against_reference \
   -p no:cacheprovider > $OUT/gpu_test.txt 2>&1
 echo "gpu prefill attention test rc=$?" >> $OUT/summary.txt
-timeout 160 python3 bench/prefill_attention29.py --out $OUT/attn29 > $OUT/attn29.log 2>&1
+timeout 150 python3 bench/prefill_attention29.py --out $OUT/attn29 > $OUT/attn29.log 2>&1
 echo "prefill_attention29 rc=$?" >> $OUT/summary.txt
-timeout 250 python3 -m rdnac.cli.main bench --out $OUT/prefill --shape qwen3-8b --scheme bf16 --batch 1 \
+timeout 240 python3 -m rdnac.cli.main bench --out $OUT/prefill --shape qwen3-8b --scheme bf16 --batch 1 \
   --prefill 2048 > $OUT/prefill.log 2>&1
 echo "rdnac bench qwen3-8b prefill 2048 rc=$?" >> $OUT/summary.txt
 cat $OUT/device.txt $OUT/summary.txt; tail -3 $OUT/gpu_test.txt; cat $OUT/attn29/table.md
