@@ -12,7 +12,9 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rdnac.kernels.attention import _LOG2E, _MAX, _MIN, kv_operand, scores_log2, softmax_step
+from rdnac.kernels.attention import _LOG2E, _MAX, _MIN, AOT_DIVISIBLE, kv_operand, scores_log2, softmax_step
+
+AOT_DIVISIBLE = {"_prefill_kernel_base": AOT_DIVISIBLE["_prefill_kernel"]}  # as built in plans
 
 
 @triton.jit

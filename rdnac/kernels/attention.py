@@ -132,7 +132,7 @@ def prefill_softmax_step(s, m_i, l_i, qk_scale, MASKED: tl.constexpr):
 
 @triton.jit
 def _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb,
-                  stride_vs, qk_scale, scale, softcap, sliding_window, d_ok, HEAD_DIM: tl.constexpr,
+                  stride_vs, qk_scale, scale, softcap, sliding_window, d, d_ok, HEAD_DIM: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
                   HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, KV_FP8: tl.constexpr, MASKED: tl.constexpr):
     """One key tile [start, start + BLOCK_N) of a query tile: (acc, m_i, l_i) after it. Keys are gathered
@@ -148,8 +148,10 @@ def _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, 
         blk = tl.load(bt_row + j // KV_BLOCK_SIZE).to(tl.int64)
         kv_mask = d_ok[None, :]  # all true where BLOCK_D == HEAD_DIM: no mask then (below)
     in_blk = (j % KV_BLOCK_SIZE)[:, None]
-    k_ptrs = k_head + blk[:, None] * stride_kb + in_blk * stride_ks  # [BLOCK_N, BLOCK_D]
-    v_ptrs = v_head + blk[:, None] * stride_vb + in_blk * stride_vs
+    # [BLOCK_N, 1] row pointers first, the head dim last: a loop-invariant [BLOCK_N, BLOCK_D] pointer tile
+    # hoisted out of the loop would hold registers through it
+    k_ptrs = k_head + blk[:, None] * stride_kb + in_blk * stride_ks + d[None, :]  # [BLOCK_N, BLOCK_D]
+    v_ptrs = v_head + blk[:, None] * stride_vb + in_blk * stride_vs + d[None, :]
     if MASKED or BLOCK_D != HEAD_DIM:
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     else:
@@ -222,8 +224,8 @@ def _prefill_kernel(
         qk_scale = scale * _LOG2E
 
     bt_row = block_tables_ptr + seq * stride_bt
-    k_head = k_cache_ptr + kv_head * stride_kh + d[None, :]  # [1, BLOCK_D]
-    v_head = v_cache_ptr + kv_head * stride_vh + d[None, :]
+    k_head = k_cache_ptr + kv_head * stride_kh
+    v_head = v_cache_ptr + kv_head * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
@@ -232,20 +234,20 @@ def _prefill_kernel(
         for start in range(kv_lo, win_full, BLOCK_N):
             acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, stride_kb,
                                           stride_ks, stride_vb, stride_vs, qk_scale, scale, softcap, sliding_window,
-                                          d_ok, HEAD_DIM, BLOCK_D, BLOCK_N, KV_BLOCK_SIZE, HAS_SOFTCAP, HAS_WINDOW,
+                                          d, d_ok, HEAD_DIM, BLOCK_D, BLOCK_N, KV_BLOCK_SIZE, HAS_SOFTCAP, HAS_WINDOW,
                                           KV_FP8, True)
     # Interior tiles, every key visible to every row: no masks, no bounds, one FMA and one exp2 per score.
     # Most of a long prefill's work; the loop num_stages pipelines.
     for start in range(win_full, kv_full, BLOCK_N):
         acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, stride_kb,
                                       stride_ks, stride_vb, stride_vs, qk_scale, scale, softcap, sliding_window,
-                                      d_ok, HEAD_DIM, BLOCK_D, BLOCK_N, KV_BLOCK_SIZE, HAS_SOFTCAP, HAS_WINDOW,
+                                      d, d_ok, HEAD_DIM, BLOCK_D, BLOCK_N, KV_BLOCK_SIZE, HAS_SOFTCAP, HAS_WINDOW,
                                       KV_FP8, False)
     # The causal diagonal and the sequence's end, masked.
     for start in range(kv_full, kv_end, BLOCK_N):
         acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, stride_kb,
                                       stride_ks, stride_vb, stride_vs, qk_scale, scale, softcap, sliding_window,
-                                      d_ok, HEAD_DIM, BLOCK_D, BLOCK_N, KV_BLOCK_SIZE, HAS_SOFTCAP, HAS_WINDOW,
+                                      d, d_ok, HEAD_DIM, BLOCK_D, BLOCK_N, KV_BLOCK_SIZE, HAS_SOFTCAP, HAS_WINDOW,
                                       KV_FP8, True)
 
     if PDL:  # the main loop is done: let the next kernel's blocks be scheduled (triggering at the top
