@@ -8,7 +8,13 @@ Two variants of the same op, picked per phase by kernel selection:
   is packed into the M tile: row r of a tile is query token r // GROUP, query
   head kv_head * GROUP + r % GROUP. All heads sharing a kv head then read each
   K/V tile once, and short query chunks (a 7-token chunk at GQA 4:1 is 28 rows)
-  still fill an MMA tile. Grid (B, cdiv(max_query_len * GROUP, BLOCK_M), Hk).
+  still fill an MMA tile. Grid (B, cdiv(max_query_len * GROUP, BLOCK_M), Hk),
+  the heaviest query tiles first. Each query tile walks its keys in three
+  loops over one tile body (`_prefill_tile`): the window's lower edge
+  (masked), the interior every row sees (no mask, no bounds: most of a long
+  prompt's work, pipelined num_stages deep), the causal diagonal and the
+  sequence's end (masked). The scale and log2(e) join the softmax's FMA
+  (`prefill_softmax_step`): one FMA and one exp2 per score.
 * `attention_decode` (and `attention_quant_decode`): one query per sequence,
   split-K over key tiles; its kernels are in `rdnac.kernels.attention_decode`.
 
@@ -17,7 +23,7 @@ KV_BLOCK_SIZE] * KV_BLOCK_SIZE + j % KV_BLOCK_SIZE), so BLOCK_N (a power of two
 >= 16, the tl.dot minimum) is independent of the cache block size; the
 configs offer BLOCK_N >= 16 = the default KV block size. head_dim is padded to
 BLOCK_D = next power of two with masks (64, 80, 128 tested). Softmax runs in
-base 2 (scores pre-multiplied by log2(e)); sinks are logits in natural units.
+base 2 (scores scaled by log2(e)); sinks are logits in natural units.
 A query that sees no key (seq_len 0, never produced by the runtime) returns 0
 where the reference returns NaN.
 
