@@ -68,7 +68,9 @@ _SMALLEST_LDS_BYTES = 64 * 1024  # gfx1201/gfx1151/gfx942; see DESIGN.md "Target
 # rows load as 16-byte vectors. Without it the H100 ran the prefill kernel 2x slower (497 vs 233 us
 # at 2048 tokens, Qwen3-8B widths). The block-table stride (max_model_len / block size) is left out.
 _CACHE_STRIDES = ("stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh")
-AOT_DIVISIBLE = {"_prefill_kernel": ("stride_qt", "stride_ot", *_CACHE_STRIDES)}
+AOT_DIVISIBLE = {"_prefill_kernel": ("stride_qt", "stride_ot", *_CACHE_STRIDES),
+                 # the key-tile helper, inlined into _prefill_kernel, gets the kernel's strides
+                 "_prefill_tile": ("stride_kb", "stride_ks", "stride_vb", "stride_vs")}
 
 
 @triton.jit
