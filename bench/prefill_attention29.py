@@ -137,9 +137,14 @@ def configs_for(problem: dict, tiny: bool) -> list[tuple[str, dict, str]]:
         wide = [attention._config(w, st, BLOCK_M=m, BLOCK_N=n) for m, n, w, st in attention._WIDE_PREFILL_TILES
                 if m == 128]
         wide = [c for c in wide if c in space] + [attention.default_config(problem)]
-    rows = [("new", table_config, "sm90 table"), ("new", pick, "cost model pick")]
+    rows = [("new", table_config, "sm90 table" + (" = cost model pick" if pick == table_config else ""))]
+    rows += [("new", pick, "cost model pick")] if pick != table_config else []
     rows += [("new", c, "space") for c in wide if c not in (table_config, pick)]
-    rows += [("base", table_config, "sm90 table"), ("base", attention._config(8, 3, BLOCK_M=128, BLOCK_N=64), "")]
+    # Plans launch with PDL, whose 128x128 binaries at 3-4 stages spill 2 registers under Triton 3.6: the
+    # kernel before issue 29 then fell to the family default (64x32); the new selection to 128x128 at 2 stages.
+    default = attention.default_config(problem)
+    rows += [("base", table_config, "sm90 table"), ("base", default, "family default: old plans' PDL fallback"),
+             ("base", attention._config(8, 3, BLOCK_M=128, BLOCK_N=64), "")]
     return [(kernel, c, "dry run") for kernel, c, _ in rows] if tiny else rows
 
 
