@@ -481,3 +481,30 @@ def test_decode_quant_epilogue_is_the_unfused_pair(config, fmt):
     assert torch.equal(got_scale, want_scale)
     with pytest.raises(AssertionError, match="quantizes whole heads"):
         attn_decode.attention_quant_decode(*args, **attrs, fp8_format=fmt, group=128, config=config, launcher=CPU)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["gfx1201", "gfx1151", "gfx942", "gfx950"])
+def test_prefill_head_dim_128_has_a_legal_config_on_every_amd_target(target):
+    """Qwen3-8B widths (32/8 heads x 128) at a 2048-token prefill: among the cost model's first picks for the
+    target, one builds within its LDS and spills nothing (what select_kernels walks; CI's plans are 32-64
+    wide). The rejections are printed: on CDNA and RDNA4 64-key tiles spill at head_dim 128."""
+    from rdnac.compiler import cost_model
+    from rdnac.compiler.build import check_resources, compile_calls
+    from rdnac.compiler.record import RecordingLauncher
+    from rdnac.targets import get_target
+
+    batch, _ = make_batch([(2048, 2048)], 32, 8, 128, torch.bfloat16, device="meta")
+    prob = dict(problem("prefill", 32, 8, 128), num_seqs=1, num_tokens=2048)
+    ranked = [c for c, est in cost_model.rank("attention", prob, attn.config_space(prob), get_target(target))
+              if est.is_feasible][:4]
+    calls = []
+    for config in ranked:
+        rec = RecordingLauncher()
+        attn.attention_prefill(*[batch[k] for k in DECODE_ARGS], **attrs_for(32, 8, 128), max_query_len=2048,
+                               config=config, launcher=rec)
+        calls += rec.calls
+    problems = [check_resources(b, target) for b in compile_calls(calls, target, quiet=True)]
+    for config, found in zip(ranked, problems):
+        print(f"{target} {config}: {'; '.join(found) or 'fits'}")
+    assert any(not found for found in problems), f"{target}: none of the model's first {len(ranked)} picks fits"

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 
 from rdnac.compiler.cost_model import (ALU_OPS_PER_CU_US, DEFAULT_ALU_OPS_PER_CU_US, DEFAULT_MAX_WARPS_PER_CU,
-                                       ELEMENT_BYTES, LAUNCH_US, MAX_WARPS_PER_CU, OVERLAP_LOSS, Estimate,
-                                       _dtype_name, _peak_tflops)
+                                       ELEMENT_BYTES, LAUNCH_US, MAX_WARPS_PER_CU, OVERLAP_LOSS, SPILL_SLOWDOWN,
+                                       Estimate, _dtype_name, _peak_tflops)
 from rdnac.kernels import attention
 
 # Paged prefill attention (rdnac.kernels.attention). Softmax work per score on the vector ALUs, in issue slots:
@@ -23,6 +23,12 @@ SOFTMAX_OPS_PER_SCORE = 5
 # Fixed work per key tile of one program, per thread (block-table loads, K/V addresses, loop, barriers).
 ATTN_TILE_OPS_PER_THREAD = 128
 L2_OVER_HBM = 3.0  # K/V tiles are re-read by every query tile of a kv head: from L2, ~3x HBM bandwidth
+# The AMD targets' spill-free prefill tiles, from Triton 3.9 cross-compiles at head_dim 128 (2026-12-07): (the
+# most keys a tile holds x head_dim / 128, the most stages; None: any). CDNA (wave64) spilled every 64-key tile
+# tried (16-50 registers), gfx1201 every 64-key one and 64x32 on 4 warps, gfx1151 every 32-key tile and every
+# 16-key one past 1 stage. A config past these is ranked as spilling (x SPILL_SLOWDOWN); the compiled binary
+# still decides (select_kernels rejects what spills and logs it).
+AMD_SPILL_FREE = {"gfx942": (32, None), "gfx950": (32, None), "gfx1201": (32, None), "gfx1151": (16, 1)}
 
 
 def estimate_attention(problem: dict, config: dict, target) -> Estimate:
@@ -72,12 +78,18 @@ def estimate_attention(problem: dict, config: dict, target) -> Estimate:
     hidden = 2 / max(2, stages) * OVERLAP_LOSS if stages > 1 else 1.0 / occupancy
     visit_us = max(compute_us, load_us) + hidden * min(compute_us, load_us)
     est_us = max(visits * visit_us / num_cu, max(visits_per_head) * visit_us) + LAUNCH_US
+    keys, most_stages = AMD_SPILL_FREE.get(target.name, (None, None))
+    spills = ((keys is not None and block_n * block_d > keys * 128)
+              or (most_stages is not None and stages > most_stages))
+    if spills:
+        est_us *= SPILL_SLOWDOWN
     flops = visits * 4 * block_m * block_n * block_d
     causal_flops = 4 * problem["num_heads"] * head_dim * T * (T + 1) / 2
     reason = (f"compute-bound {est_us:.1f} us (~{causal_flops / est_us / 1e6:.0f} TFLOP/s causal{peak_note}): "
               f"{visits} key-tile visits ({flops / causal_flops:.0%} of the causal flops as padded tiles) x "
               f"{visit_us:.2f} us on {num_cu} CUs (dots {mma_us:.2f}, softmax {alu_us:.2f}, K/V from L2 "
               f"{load_us:.2f} us, {stages} stage(s)); {programs} programs, LDS ~{lds // 1024} KiB, "
-              f"{occupancy}/CU resident" + ("; under 64 rows per warpgroup: half-rate dots" if mma_rate < 1 else ""))
+              f"{occupancy}/CU resident" + ("; under 64 rows per warpgroup: half-rate dots" if mma_rate < 1 else "")
+              + (f"; likely spills on {target.name} (x{SPILL_SLOWDOWN:g}, AMD_SPILL_FREE)" if spills else ""))
     return Estimate(int(visits * 2 * block_n * block_d * elt), int(flops), programs, math.ceil(programs / num_cu),
                     occupancy, est_us, reason)
