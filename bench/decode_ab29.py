@@ -13,6 +13,8 @@ checkpoint and at most --jobs plans):
          --kv-cache-dtype fp8 at context 8192, alternating likewise.
   small  SmolLM2-135M-shaped bf16, batch 1, context 256.
   bf16   Qwen3-8B-shaped bf16, batch 1, context 256.
+  llama-fp8, llama-bf16  Llama-3.1-8B-shaped FP8 block and bf16, batch 1, context 256 (not in the default
+         run, which fills a call: `--phases llama-fp8 llama-bf16` is a call of its own).
 Each record is the median of its rounds: TPOT and achieved bandwidth against the device's copy bandwidth
 (`rdnac.bench.decode`), as `rdnac bench` computes them. Plans are compiled with --max-num-seqs 1 (batch-1
 decode runs the same kernels and configs; fewer specializations to build). A phase that would not finish
@@ -66,12 +68,15 @@ def phases(tiny: bool) -> list[Phase]:
     ctx, long_ctx = (16, 48) if tiny else (256, 8192)
     ab = {"all": [], **{f"no-{p}": ["--disable-pass", p] for p in NEW_PASSES},
           "no-both": [a for p in NEW_PASSES for a in ("--disable-pass", p)], "kv-fp8": ["--kv-cache-dtype", "fp8"]}
-    big, small = ("tiny", "tiny") if tiny else ("qwen3-8b", "smollm2")
+    big, small, llama = ("tiny", "tiny", "tiny") if tiny else ("qwen3-8b", "smollm2", "llama3-8b")
     return [Phase("fp8", big, "fp8-block", ab, [("passes", ("all", "no-early_weight_loads", "no-fuse_act_linear",
                                                              "no-both"), ctx),
                                                   ("kv_cache", ("all", "kv-fp8"), long_ctx)]),
             Phase("small", small, "bf16", {"bf16": []}, [("batch1", ("bf16",), ctx)], layers=1 if tiny else None),
-            Phase("bf16", big, "bf16", {"bf16": []}, [("batch1", ("bf16",), ctx)])]
+            Phase("bf16", big, "bf16", {"bf16": []}, [("batch1", ("bf16",), ctx)]),
+            # the acceptance's Llama-3.1-8B-shaped rows beside Qwen3-8B's (a call of their own: --phases llama-*)
+            Phase("llama-fp8", llama, "fp8-block", {"all": []}, [("batch1", ("all",), ctx)]),
+            Phase("llama-bf16", llama, "bf16", {"bf16": []}, [("batch1", ("bf16",), ctx)])]
 
 
 def estimate(phase: Phase, jobs: int) -> float:
@@ -169,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="where the temporary directory of checkpoints and plans goes (default: the system's; "
                         "not under OUT: 8-16 GB each)")
     p.add_argument("--tiny", action="store_true", help="cpu dry run: tiny shapes under the Triton interpreter")
-    p.add_argument("--phases", nargs="+", default=["fp8", "small", "bf16"], choices=["fp8", "small", "bf16"])
+    p.add_argument("--phases", nargs="+", default=["fp8", "small", "bf16"],
+                   choices=["fp8", "small", "bf16", "llama-fp8", "llama-bf16"])
     p.add_argument("--rounds", type=int, default=None, help="alternating rounds per measurement (default 3)")
     p.add_argument("--steps", type=int, default=None, help="timed decode steps per round (default 100)")
     p.add_argument("--jobs", type=int, default=3, help="compiles at a time")

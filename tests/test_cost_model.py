@@ -181,3 +181,49 @@ def test_lds_model_matches_gfx1201_cross_compile(config):
     compiled = triton.compile(source, target=GPUTarget("hip", "gfx1201", 32),
                               options={"num_warps": config["num_warps"], "num_stages": config["num_stages"]})
     assert compiled.metadata.shared == cost_model.lds_bytes_per_program(config, "bfloat16", GFX1201)
+
+
+def _attention_problem(phase, tokens, head_dim=128):  # Qwen3-8B / Llama-3.1-8B widths
+    return {"phase": phase, "num_heads": 32, "num_kv_heads": 8, "head_dim": head_dim, "block_size": 16,
+            "max_model_len": 32768, "dtype": "bfloat16", "kv_dtype": "bfloat16", "num_seqs": 1,
+            "num_tokens": tokens}
+
+
+@pytest.mark.parametrize("tokens", [2048, 16384])
+def test_attention_prefill_picks_128x128_on_8_warps_on_sm90(tokens):
+    """The tile the H100/H200 measured fastest (128x128, 8 warps, 4 stages, rdnac/compiler/tuned/sm90.json) is
+    the model's first pick at 2k and 16k; 16-row tiles (half-rate dots on sm90) rank below every 128-row one."""
+    from rdnac.kernels import attention
+
+    problem = _attention_problem("prefill", tokens)
+    ranked = cost_model.rank("attention", problem, attention.config_space(problem), SM90)
+    (best, est), *_ = ranked
+    assert best == attention._config(8, 4, BLOCK_M=128, BLOCK_N=128), est.reason
+    assert est.is_feasible and "key-tile visits" in est.reason
+    order = [c["constexprs"]["BLOCK_M"] for c, _ in ranked]
+    assert max(i for i, m in enumerate(order) if m == 128) < min(i for i, m in enumerate(order) if m == 16)
+
+
+@pytest.mark.parametrize("target", [GFX1201, StandInTarget("gfx942", 304, 5300.0, 64 * 1024, 64),
+                                    StandInTarget("gfx950", 256, 8000.0, 160 * 1024, 64)], ids=lambda t: t.name)
+def test_attention_prefill_tiles_over_the_lds_do_not_fit(target):
+    from rdnac.kernels import attention
+
+    problem = _attention_problem("prefill", 2048)
+    for config, est in cost_model.rank("attention", problem, attention.config_space(problem), target):
+        fits = attention.prefill_lds_bytes(config, 128) <= target.lds_bytes
+        assert est.is_feasible == fits, (config, est.reason)
+        if not fits:
+            assert est.reason.startswith("does not fit") and target.name in est.reason
+    best = cost_model.rank("attention", problem, attention.config_space(problem), target)[0][0]
+    assert best["constexprs"]["BLOCK_M"] >= 64  # a wide query tile wherever one fits
+
+
+def test_attention_decode_order_is_the_family_default_then_the_space():
+    from rdnac.kernels import attention
+
+    problem = _attention_problem("decode", 1)
+    space, default = attention.config_space(problem), attention.default_config(problem)
+    ranked = cost_model.rank("attention", problem, space, SM90)
+    assert [c for c, _ in ranked] == [default] + [c for c in space if c != default]
+    assert ranked[0][1].reason == "family default"

@@ -115,6 +115,33 @@ def test_prefill_window_softcap_sinks(options, use_sinks):
           use_sinks=use_sinks)
 
 
+# Prompts longer than a key tile and no multiple of any (333 and 211 new tokens, the latter after 306
+# cached ones: chunked prefill), one token after 129: every query tile runs several unmasked interior tiles.
+LONG_SEQS = [(333, 333), (517, 211), (130, 1)]
+WIDE_TILES = [(attn._config(8, 4, BLOCK_M=128, BLOCK_N=128), dict()),
+              (attn._config(8, 3, BLOCK_M=128, BLOCK_N=64), dict(softcap=4.0)),
+              (attn._config(4, 2, BLOCK_M=64, BLOCK_N=32), dict())]
+
+
+@pytest.mark.parametrize("config,options", WIDE_TILES, ids=lambda c: "{BLOCK_M}x{BLOCK_N}".format(**c["constexprs"])
+                         if "constexprs" in c else "softcap" if c else "plain")
+def test_prefill_long_prompts_and_prefix_chunks(config, options):
+    """Unowned cache slots hold NaN (make_batch): an unmasked tile reading past a sequence would show."""
+    batch, max_q = make_batch(LONG_SEQS, 8, 2, 128, torch.float32, seed=11)
+    check("prefill", batch, max_q, attrs_for(8, 2, 128, **options), config, InterpretLauncher(),
+          use_sinks="softcap" in options)
+
+
+@pytest.mark.parametrize("window", [40, 100, 1000])
+@pytest.mark.parametrize("use_sinks", [False, True])
+def test_prefill_window_wider_than_key_tiles(window, use_sinks):
+    """A window spanning several key tiles: tiles at its lower edge (masked), whole tiles every row of the
+    query tile sees (unmasked), the diagonal (masked); a window past the context hides nothing."""
+    batch, max_q = make_batch([(300, 300), (260, 100), (77, 77)], 6, 2, 64, torch.float32, seed=12)
+    check("prefill", batch, max_q, attrs_for(6, 2, 64, sliding_window=window), attn._config(4, 2, BLOCK_M=32, BLOCK_N=16),
+          InterpretLauncher(), use_sinks=use_sinks)
+
+
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize("options", OPTIONS)
 @pytest.mark.parametrize("use_sinks", [False, True])
@@ -286,6 +313,53 @@ def test_gpu_bfloat16():
                     check("decode", batch, 1, attrs, config, launcher, use_sinks=use_sinks)
 
 
+def _query_subset(batch: dict, rows_per_seq: int) -> torch.Tensor:
+    """Indices of the first, middle and last `rows_per_seq` query tokens of every sequence."""
+    cu = batch["cu_seqlens_q"].tolist()
+    picked = []
+    for start, end in zip(cu, cu[1:]):
+        n = min(rows_per_seq, end - start)
+        mid = (start + end - n) // 2
+        picked += [torch.arange(start, start + n), torch.arange(mid, mid + n), torch.arange(end - n, end)]
+    return torch.cat(picked).unique()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("seqs", [[(2048, 2048)], [(16384, 16384)], [(16384, 8192), (3001, 1000)]],
+                         ids=["2k", "16k", "16k-after-8k-prefix"])
+def test_gpu_prefill_long_prompts_against_reference(seqs):
+    """Qwen3-8B widths in bf16 on the device at 2k and 16k tokens, and an 8192-token chunk after 8192 cached
+    ones batched with a 1000-token chunk of an odd length: the sm90 table's config, the cost model's pick, a
+    128x64 tile and the default, each against the reference on the first, middle and last 64 query tokens of
+    every sequence (the reference holds [heads, queries, keys] in float32: a subset keeps it small)."""
+    from rdnac.compiler import cost_model, tuning
+    from rdnac.targets import get_target
+
+    launcher = JitLauncher()
+    batch, max_q = make_batch(seqs, 32, 8, 128, torch.bfloat16, device="cuda", seed=13)
+    attrs = attrs_for(32, 8, 128)
+    prob = dict(problem("prefill", 32, 8, 128), num_seqs=len(seqs), num_tokens=batch["q"].shape[0])
+    table = tuning.lookup("sm90", "attention", prob)
+    configs = [table["config"]] if table else []
+    configs += [cost_model.rank("attention", prob, attn.config_space(prob), get_target("sm90"))[0][0],
+                attn._config(8, 3, BLOCK_M=128, BLOCK_N=64), attn.default_config(prob)]
+    rows = _query_subset(batch, 64).cuda()
+    sub = {**batch, "q": batch["q"][rows], "positions": batch["positions"][rows]}
+    counts = torch.tensor([int(((rows >= a) & (rows < b)).sum()) for a, b in
+                           zip(batch["cu_seqlens_q"].tolist(), batch["cu_seqlens_q"].tolist()[1:])])
+    sub["cu_seqlens_q"] = torch.cat([torch.zeros(1), counts.cumsum(0)]).to(torch.int32).cuda()
+    names = ("q", "k_cache", "v_cache", "block_tables", "seq_lens", "cu_seqlens_q", "positions")
+    expected = ops.attention(*[sub[k] for k in names], **attrs).float()
+    for config in [c for i, c in enumerate(configs) if c not in configs[:i]]:
+        out = attn.attention_prefill(*[batch[k] for k in names], **attrs, max_query_len=max_q, config=config,
+                                     launcher=launcher)
+        assert out.shape == batch["q"].shape and out.dtype == torch.bfloat16
+        assert torch.isfinite(out).all(), f"non-finite output ({config})"
+        err = (out[rows].float() - expected).abs().max().item()
+        assert torch.allclose(out[rows].float(), expected, atol=2e-2, rtol=2e-2), f"max abs error {err} ({config})"
+
+
 @pytest.mark.gpu
 @gpu
 def test_gpu_decode_graph_replays_for_new_seq_lens():
@@ -407,3 +481,30 @@ def test_decode_quant_epilogue_is_the_unfused_pair(config, fmt):
     assert torch.equal(got_scale, want_scale)
     with pytest.raises(AssertionError, match="quantizes whole heads"):
         attn_decode.attention_quant_decode(*args, **attrs, fp8_format=fmt, group=128, config=config, launcher=CPU)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["gfx1201", "gfx1151", "gfx942", "gfx950"])
+def test_prefill_head_dim_128_has_a_legal_config_on_every_amd_target(target):
+    """Qwen3-8B widths (32/8 heads x 128) at a 2048-token prefill: among the cost model's first picks for the
+    target, one builds within its LDS and spills nothing (what select_kernels walks; CI's plans are 32-64
+    wide). The rejections are printed: on CDNA and RDNA4 64-key tiles spill at head_dim 128."""
+    from rdnac.compiler import cost_model
+    from rdnac.compiler.build import check_resources, compile_calls
+    from rdnac.compiler.record import RecordingLauncher
+    from rdnac.targets import get_target
+
+    batch, _ = make_batch([(2048, 2048)], 32, 8, 128, torch.bfloat16, device="meta")
+    prob = dict(problem("prefill", 32, 8, 128), num_seqs=1, num_tokens=2048)
+    ranked = [c for c, est in cost_model.rank("attention", prob, attn.config_space(prob), get_target(target))
+              if est.is_feasible][:4]
+    calls = []
+    for config in ranked:
+        rec = RecordingLauncher()
+        attn.attention_prefill(*[batch[k] for k in DECODE_ARGS], **attrs_for(32, 8, 128), max_query_len=2048,
+                               config=config, launcher=rec)
+        calls += rec.calls
+    problems = [check_resources(b, target) for b in compile_calls(calls, target, quiet=True)]
+    for config, found in zip(ranked, problems):
+        print(f"{target} {config}: {'; '.join(found) or 'fits'}")
+    assert any(not found for found in problems), f"{target}: none of the model's first {len(ranked)} picks fits"

@@ -384,6 +384,13 @@ def _estimate_moe(problem: dict, config: dict, target) -> Estimate:
     return Estimate(bytes_moved, flops, tiles, waves, occupancy, est_us, reason)
 
 
+def _estimate_attention(problem: dict, config: dict, target) -> Estimate:
+    """Paged attention (rdnac.kernels.attention): its model is rdnac/compiler/cost_attention.py."""
+    from rdnac.compiler.cost_attention import estimate_attention
+
+    return estimate_attention(problem, config, target)
+
+
 # Estimators by name; a kernel family's registry record names the one that ranks its configs.
 ESTIMATORS: dict[str, Callable[[dict, dict, Any], Estimate]] = {
     "gemm": _estimate_gemm,
@@ -391,6 +398,7 @@ ESTIMATORS: dict[str, Callable[[dict, dict, Any], Estimate]] = {
     "logits": _estimate_logits,
     "gemm_gated": _estimate_gemm_gated,
     "moe": _estimate_moe,
+    "attention": _estimate_attention,
 }
 
 

@@ -8,7 +8,13 @@ Two variants of the same op, picked per phase by kernel selection:
   is packed into the M tile: row r of a tile is query token r // GROUP, query
   head kv_head * GROUP + r % GROUP. All heads sharing a kv head then read each
   K/V tile once, and short query chunks (a 7-token chunk at GQA 4:1 is 28 rows)
-  still fill an MMA tile. Grid (B, cdiv(max_query_len * GROUP, BLOCK_M), Hk).
+  still fill an MMA tile. Grid (B, cdiv(max_query_len * GROUP, BLOCK_M), Hk),
+  the heaviest query tiles first. Each query tile walks its keys in three
+  loops over one tile body (`_prefill_tile`): the window's lower edge
+  (masked), the interior every row sees (no mask, no bounds: most of a long
+  prompt's work, pipelined num_stages deep), the causal diagonal and the
+  sequence's end (masked). The scale and log2(e) join the softmax's FMA
+  (`prefill_softmax_step`): one FMA and one exp2 per score.
 * `attention_decode` (and `attention_quant_decode`): one query per sequence,
   split-K over key tiles; its kernels are in `rdnac.kernels.attention_decode`.
 
@@ -17,7 +23,7 @@ KV_BLOCK_SIZE] * KV_BLOCK_SIZE + j % KV_BLOCK_SIZE), so BLOCK_N (a power of two
 >= 16, the tl.dot minimum) is independent of the cache block size; the
 configs offer BLOCK_N >= 16 = the default KV block size. head_dim is padded to
 BLOCK_D = next power of two with masks (64, 80, 128 tested). Softmax runs in
-base 2 (scores pre-multiplied by log2(e)); sinks are logits in natural units.
+base 2 (scores scaled by log2(e)); sinks are logits in natural units.
 A query that sees no key (seq_len 0, never produced by the runtime) returns 0
 where the reference returns NaN.
 
@@ -25,9 +31,12 @@ Config spaces (`config_space(problem)`; problem keys: phase ("prefill" |
 "decode"), num_heads, num_kv_heads, head_dim, block_size, max_model_len,
 dtype, optional num_seqs (decode batch size, steers the default NUM_SPLITS)):
   prefill: BLOCK_M {16, 32, 64, 128} x BLOCK_N {16, 32, 64} x num_warps {4, 8}
-           x num_stages {1, 2, 3}, pruned to K/V/Q tiles within 64 KiB LDS, no 16x8-warp
-           tiles and no 128-row tiles on 4 warps (they spill on gfx1201 at D=128).
-           Default 64x64 (D <= 64) or 64x32, 4 warps, 2 stages.
+           x num_stages {1, 2, 3}, pruned to K/V/Q tiles within 64 KiB LDS (every target), no 16x8-warp
+           tiles and no 128-row tiles on 4 warps (they spill on gfx1201 at D=128); then wider tiles
+           for the larger LDS of sm90 and gfx950 (`_WIDE_PREFILL_TILES`: 128x128 and 128x64 on 8 warps,
+           2-4 stages, ...), within sm90's 227 KiB. Which fit a target is the cost model's call
+           (`prefill_lds_bytes`) and the compiled binary's (spills), each rejection logged.
+           Default 64x64 (D <= 64) or 64x32, 4 warps, 2 stages: legal on every target.
   decode:  NUM_SPLITS {1, 2, 4, 8, 16} x BLOCK_N {16, 32, 64}, 4 warps, 2 stages. Default
            BLOCK_N 32 and about one split per 512 keys of max_model_len (at most 16), halved
            while num_seqs * num_kv_heads * NUM_SPLITS > 1024 programs. FP8 caches (problem key
@@ -59,7 +68,9 @@ _SMALLEST_LDS_BYTES = 64 * 1024  # gfx1201/gfx1151/gfx942; see DESIGN.md "Target
 # rows load as 16-byte vectors. Without it the H100 ran the prefill kernel 2x slower (497 vs 233 us
 # at 2048 tokens, Qwen3-8B widths). The block-table stride (max_model_len / block size) is left out.
 _CACHE_STRIDES = ("stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs", "stride_vh")
-AOT_DIVISIBLE = {"_prefill_kernel": ("stride_qt", "stride_ot", *_CACHE_STRIDES)}
+AOT_DIVISIBLE = {"_prefill_kernel": ("stride_qt", "stride_ot", *_CACHE_STRIDES),
+                 # the key-tile helper, inlined into _prefill_kernel, gets the kernel's strides
+                 "_prefill_tile": ("stride_kb", "stride_ks", "stride_vb", "stride_vs")}
 
 
 @triton.jit
@@ -100,6 +111,76 @@ def softmax_step(s, m_i, l_i, MASKED: tl.constexpr):
 
 
 @triton.jit
+def prefill_scores(q, k, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """q [rows, D] @ k [keys, D]^T in the units `prefill_softmax_step` multiplies by its qk_scale: the raw dot
+    products (the scale and log2(e) join the softmax's one FMA per score), or, softcapped, log2 units
+    already (qk_scale 1): softcap * tanh(s * scale / softcap), tanh via exp (portable)."""
+    s = tl.dot(q, tl.trans(k))
+    if HAS_SOFTCAP:
+        s = s * scale
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)) * _LOG2E
+    return s
+
+
+@triton.jit
+def prefill_softmax_step(s, m_i, l_i, qk_scale, MASKED: tl.constexpr):
+    """`softmax_step` for scores s [rows, keys] that become log2 units times qk_scale (> 0, so the row max
+    of the raw scores times qk_scale is the max of the scaled ones, bit for bit): the running max is kept
+    in log2 units and each weight is exp2(s * qk_scale - max), one FMA and one exp2 per score, where
+    scaling the scores first costs a multiply per score more. -inf (masked) stays -inf."""
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX) * qk_scale)
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new  # every row sees these keys: finite
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s * qk_scale - m_safe[:, None])
+    return m_new, alpha, p, l_i * alpha + tl.reduce(p, 1, _SUM)
+
+
+@triton.jit
+def _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb,
+                  stride_vs, qk_scale, scale, softcap, sliding_window, d, d_ok, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
+                  HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, KV_FP8: tl.constexpr, MASKED: tl.constexpr):
+    """One key tile [start, start + BLOCK_N) of a query tile: (acc, m_i, l_i) after it. Keys are gathered
+    through the block table, their rows as stored ([BLOCK_N, BLOCK_D], head dim contiguous: coalesced).
+    MASKED: the causal diagonal, the sequence's end or the window's edge cut through the tile; otherwise
+    every row sees every key and nothing is masked or bounds-checked."""
+    j = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
+    if MASKED:
+        j_ok = j < kv_end
+        blk = tl.load(bt_row + j // KV_BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
+        kv_mask = j_ok[:, None] & d_ok[None, :]
+    else:
+        blk = tl.load(bt_row + j // KV_BLOCK_SIZE).to(tl.int64)
+        kv_mask = d_ok[None, :]  # all true where BLOCK_D == HEAD_DIM: no mask then (below)
+    in_blk = (j % KV_BLOCK_SIZE)[:, None]
+    # [BLOCK_N, 1] row pointers first, the head dim last: a loop-invariant [BLOCK_N, BLOCK_D] pointer tile
+    # hoisted out of the loop would hold registers through it
+    k_ptrs = k_head + blk[:, None] * stride_kb + in_blk * stride_ks + d[None, :]  # [BLOCK_N, BLOCK_D]
+    v_ptrs = v_head + blk[:, None] * stride_vb + in_blk * stride_vs + d[None, :]
+    if MASKED or BLOCK_D != HEAD_DIM:
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    s = prefill_scores(q, kv_operand(k, q, KV_FP8), scale, softcap, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        allowed = j_ok[None, :] & (j[None, :] <= pos[:, None])
+        if HAS_WINDOW:
+            allowed = allowed & (j[None, :] > pos[:, None] - sliding_window)
+        s = tl.where(allowed, s, float("-inf"))
+    m_new, alpha, p, l_i = prefill_softmax_step(s, m_i, l_i, qk_scale, MASKED)
+    if MASKED or BLOCK_D != HEAD_DIM:
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    v = kv_operand(v, q, KV_FP8)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _prefill_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, cu_seqlens_q_ptr, positions_ptr,
         sinks_ptr, out_ptr,
@@ -130,65 +211,52 @@ def _prefill_kernel(
     q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     pos = tl.load(positions_ptr + q_start + tok, mask=row_ok, other=0).to(tl.int32)  # [BLOCK_M]
 
-    # Key range the whole tile can see; positions need not be sorted.
+    # Key ranges, positions need not be sorted: [kv_lo, kv_end) is what some row of the tile sees;
+    # within it [win_full, kv_full) is what every row sees (j <= the smallest position, and with a window
+    # j > the largest position - window), whole tiles of which need no mask at all.
     seq_len = tl.load(seq_lens_ptr + seq)
-    kv_end = tl.minimum(seq_len, tl.reduce(tl.where(row_ok, pos, -1), 0, _MAX) + 1)
+    max_pos = tl.reduce(tl.where(row_ok, pos, -1), 0, _MAX)
+    min_pos = tl.reduce(tl.where(row_ok, pos, max_pos), 0, _MIN)
+    kv_end = tl.minimum(seq_len, max_pos + 1)
+    kv_full = tl.maximum((tl.minimum(seq_len, min_pos + 1) // BLOCK_N) * BLOCK_N, 0)
     if HAS_WINDOW:
-        first = tl.reduce(tl.where(row_ok, pos, kv_end), 0, _MIN) - sliding_window + 1
-        kv_lo = (tl.maximum(first, 0) // BLOCK_N) * BLOCK_N
-        kv_full = kv_lo  # a window hides keys from some rows: every tile is masked
+        kv_lo = (tl.maximum(min_pos - sliding_window + 1, 0) // BLOCK_N) * BLOCK_N
+        win_full = (tl.maximum(max_pos - sliding_window + 1, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        win_full = tl.maximum(kv_lo, tl.minimum(win_full, kv_full))
+        kv_full = tl.maximum(kv_full, win_full)  # kv_lo <= win_full <= kv_full: no key twice, none skipped
     else:
-        kv_lo = 0
-        # Keys every row of the tile sees (j <= the smallest position, j < seq_len): whole tiles
-        # below this need no mask at all.
-        seen_by_all = tl.minimum(seq_len, tl.reduce(tl.where(row_ok, pos, kv_end), 0, _MIN) + 1)
-        kv_full = tl.maximum((seen_by_all // BLOCK_N) * BLOCK_N, 0)
+        win_full = 0
+    if HAS_SOFTCAP:
+        qk_scale = 1.0  # prefill_scores returns log2 units
+    else:
+        qk_scale = scale * _LOG2E
 
+    bt_row = block_tables_ptr + seq * stride_bt
+    k_head = k_cache_ptr + kv_head * stride_kh
+    v_head = v_cache_ptr + kv_head * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-    # Interior tiles: every key visible to every row, no masks (the Triton interpreter and the GPU
-    # both skip the masked softmax work).
-    for start in range(kv_lo, kv_full, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
-        blk = tl.load(block_tables_ptr + seq * stride_bt + j // KV_BLOCK_SIZE).to(tl.int64)
-        in_blk = j % KV_BLOCK_SIZE
-        k_ptrs = k_cache_ptr + blk[:, None] * stride_kb + in_blk[:, None] * stride_ks + kv_head * stride_kh + d[None, :]
-        v_ptrs = v_cache_ptr + blk[:, None] * stride_vb + in_blk[:, None] * stride_vs + kv_head * stride_vh + d[None, :]
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs)  # [BLOCK_N, BLOCK_D]
-        else:
-            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
-        k = kv_operand(k, q, KV_FP8)
-        s = scores_log2(q, k, scale, softcap, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
-        m_new, alpha, p, l_i = softmax_step(s, m_i, l_i, False)
-        if BLOCK_D == HEAD_DIM:
-            v = tl.load(v_ptrs)  # [BLOCK_N, BLOCK_D]
-        else:
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        v = kv_operand(v, q, KV_FP8)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    # Edge tiles: causal diagonal, sequence end, sliding window.
+    # Loop bounds are run-time values (a constexpr-bounded loop is unrolled by Triton 3.6).
+    if HAS_WINDOW:  # tiles at the window's lower edge, masked (some rows no longer see them)
+        for start in range(kv_lo, win_full, BLOCK_N):
+            acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, stride_kb,
+                                          stride_ks, stride_vb, stride_vs, qk_scale, scale, softcap, sliding_window,
+                                          d, d_ok, HEAD_DIM, BLOCK_D, BLOCK_N, KV_BLOCK_SIZE, HAS_SOFTCAP, HAS_WINDOW,
+                                          KV_FP8, True)
+    # Interior tiles, every key visible to every row: no masks, no bounds, one FMA and one exp2 per score.
+    # Most of a long prefill's work; the loop num_stages pipelines.
+    for start in range(win_full, kv_full, BLOCK_N):
+        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, stride_kb,
+                                      stride_ks, stride_vb, stride_vs, qk_scale, scale, softcap, sliding_window,
+                                      d, d_ok, HEAD_DIM, BLOCK_D, BLOCK_N, KV_BLOCK_SIZE, HAS_SOFTCAP, HAS_WINDOW,
+                                      KV_FP8, False)
+    # The causal diagonal and the sequence's end, masked.
     for start in range(kv_full, kv_end, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
-        j_ok = j < kv_end
-        blk = tl.load(block_tables_ptr + seq * stride_bt + j // KV_BLOCK_SIZE, mask=j_ok, other=0).to(tl.int64)
-        in_blk = j % KV_BLOCK_SIZE
-        # K rows as stored ([BLOCK_N, BLOCK_D], head dim contiguous: coalesced), transposed for the dot
-        k = tl.load(k_cache_ptr + blk[:, None] * stride_kb + in_blk[:, None] * stride_ks + kv_head * stride_kh
-                    + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        k = kv_operand(k, q, KV_FP8)
-        s = scores_log2(q, k, scale, softcap, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
-        allowed = j_ok[None, :] & (j[None, :] <= pos[:, None])
-        if HAS_WINDOW:
-            allowed = allowed & (j[None, :] > pos[:, None] - sliding_window)
-        m_new, alpha, p, l_i = softmax_step(tl.where(allowed, s, float("-inf")), m_i, l_i, True)
-        v = tl.load(v_cache_ptr + blk[:, None] * stride_vb + in_blk[:, None] * stride_vs + kv_head * stride_vh
-                    + d[None, :], mask=j_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = kv_operand(v, q, KV_FP8)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, stride_kb,
+                                      stride_ks, stride_vb, stride_vs, qk_scale, scale, softcap, sliding_window,
+                                      d, d_ok, HEAD_DIM, BLOCK_D, BLOCK_N, KV_BLOCK_SIZE, HAS_SOFTCAP, HAS_WINDOW,
+                                      KV_FP8, True)
 
     if PDL:  # the main loop is done: let the next kernel's blocks be scheduled (triggering at the top
         gdc_launch_dependents()  # let chains of waiting kernels crowd the SMs: 8B decode 17% slower)
@@ -258,8 +326,28 @@ def _config(num_warps: int, num_stages: int, **constexprs: int) -> dict:
 
 
 def _prefill_lds_bytes(block_m: int, block_n: int, block_d: int, num_stages: int, elem_bytes: int) -> int:
-    """Rough shared-memory need: Q tile once, K and V tiles per pipeline stage."""
+    """Rough shared-memory need: Q tile once, K and V tiles per pipeline stage (the 64 KiB pruning of the
+    targets' common space, kept as it was)."""
     return elem_bytes * block_d * (block_m + 2 * block_n * max(num_stages, 1))
+
+
+def prefill_lds_bytes(config: dict, head_dim: int, elem_bytes: int = 2) -> int:
+    """Shared memory of one prefill program as Triton 3.9's cross-compiles report it at head_dim 128: the
+    Q tile and two K + V buffers from 2 stages up (sm90: 128x128 at 2-4 stages 160-161 KiB, 128x64 96 KiB;
+    gfx950: 128x128 164 KiB; one buffer at 1 stage). The cost model's "does not fit" test per target."""
+    c = config["constexprs"]
+    buffers = max(1, min(config["num_stages"], 2))
+    return elem_bytes * next_power_of_2(head_dim) * (c["BLOCK_M"] + 2 * c["BLOCK_N"] * buffers)
+
+
+# Tiles past the 64 KiB every target has, for targets with more (sm90 227 KiB, gfx950 160 KiB): 128-row
+# tiles on 8 warps (two warpgroups of 64 rows: sm90's wgmma shape) and 128-key tiles, which halve the
+# accumulator rescales per score and the loop's fixed work per key. The cost model rejects them where they do
+# not fit (`prefill_lds_bytes`); spills are rejected from the compiled binary (CDNA spills 64-key tiles at
+# head_dim 128: its legal tiles are the 32-key ones of the common space).
+_WIDE_PREFILL_TILES = ((128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 2), (128, 64, 8, 3),
+                       (128, 64, 8, 4), (64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2))
+_LARGEST_LDS_BYTES = 227 * 1024  # sm90; see DESIGN.md "Targets"
 
 
 def _reads_fp8(problem: dict) -> bool:
@@ -274,10 +362,15 @@ def config_space(problem: dict) -> list[dict]:
         return [_config(4, 2, NUM_SPLITS=s, BLOCK_N=n) for s in (1, 2, 4, 8, 16) for n in (16, 32, 64)]
     block_d = next_power_of_2(problem["head_dim"])
     # Sized for 2-byte tiles: float32 only runs on the CPU interpreter, where LDS does not exist.
-    return [_config(w, st, BLOCK_M=m, BLOCK_N=n)
-            for m in (16, 32, 64, 128) for n in (16, 32, 64) for w in (4, 8) for st in (1, 2, 3)
-            if _prefill_lds_bytes(m, n, block_d, st, 2) <= _SMALLEST_LDS_BYTES
-            and not (m == 16 and w == 8) and not (m == 128 and w == 4)]  # 128x4 spills at D=128 on wave32
+    common = [_config(w, st, BLOCK_M=m, BLOCK_N=n)
+              for m in (16, 32, 64, 128) for n in (16, 32, 64) for w in (4, 8) for st in (1, 2, 3)
+              if _prefill_lds_bytes(m, n, block_d, st, 2) <= _SMALLEST_LDS_BYTES
+              and not (m == 16 and w == 8) and not (m == 128 and w == 4)]  # 128x4 spills at D=128 on wave32
+    wide = [_config(w, st, BLOCK_M=m, BLOCK_N=n) for m, n, w, st in _WIDE_PREFILL_TILES]
+    # 256-wide heads: a 128-row fp32 accumulator alone is 128 registers a thread on 8 warps
+    wide = [c for c in wide if c not in common and prefill_lds_bytes(c, block_d) <= _LARGEST_LDS_BYTES
+            and (block_d <= 128 or c["constexprs"]["BLOCK_M"] * c["constexprs"]["BLOCK_N"] <= 64 * 64)]
+    return common + wide
 
 
 def default_config(problem: dict) -> dict:

@@ -373,6 +373,7 @@ def config_space(problem: dict) -> list[dict]:
 # module imports (a record there could not name the decode wrappers without a cycle).
 FAMILY = KernelFamily(
     "attention", config_space=config_space, default_config=attention.default_config,
+    cost_model="attention",  # prefill tiles ranked per target; decode keeps its default first
     tuning_key=("phase", "num_heads", "num_kv_heads", "head_dim", "block_size", "dtype", "kv_dtype"),
     # a config depends on the sequences of a decode step, the tokens of a prefill step
     size=lambda p: p["num_seqs"] if p["phase"] == "decode" else p["num_tokens"],
