@@ -284,12 +284,14 @@ def qwen3_5(tmp_path_factory):
     return directory, _model("qwen3_5_text", directory / "ckpt")
 
 
+def _checkpoint(model_type: str, qwen3_5, tmp_path):
+    """(folder holding ckpt/, transformers model): the module's Qwen3.5, or a fresh `model_type` in tmp_path."""
+    return qwen3_5 if model_type == "qwen3_5_text" else (tmp_path, _model(model_type, tmp_path / "ckpt"))
+
+
 @pytest.mark.parametrize("model_type", ["qwen3", "qwen3_5_text"])
 def test_quantize_int8_cpu_plan_matches_transformers(model_type, qwen3_5, tmp_path):
-    if model_type == "qwen3_5_text":
-        directory, model = qwen3_5
-    else:
-        directory, model = tmp_path, _model(model_type, tmp_path / "ckpt")
+    directory, model = _checkpoint(model_type, qwen3_5, tmp_path)
     plan = rdnac.compile(directory / "ckpt", target="cpu", output=tmp_path / "p.msgpack", quiet=True, quantize="int8")
     llm = rdnac.load(plan)
     ops_ = llm.graph.op_counts()
@@ -303,10 +305,7 @@ def test_quantize_int8_cpu_plan_matches_transformers(model_type, qwen3_5, tmp_pa
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3_5_text"])
 def test_compressed_tensors_int8_checkpoint_matches_transformers(model_type, qwen3_5, tmp_path):
-    if model_type == "qwen3_5_text":
-        directory, model = qwen3_5
-    else:
-        directory, model = tmp_path, _model(model_type, tmp_path / "ckpt")
+    directory, model = _checkpoint(model_type, qwen3_5, tmp_path)
     deq = write_int8_checkpoint(directory / "ckpt", tmp_path / "int8", seed=1)
     config = json.loads((tmp_path / "int8" / "config.json").read_text())
     assert config["quantization_config"]["format"] == "int-quantized"
@@ -394,10 +393,7 @@ def test_moe_routers_and_experts_keep_the_compute_dtype(tmp_path):
 
 @pytest.mark.parametrize("model_type", ["qwen3", "qwen3_5_text"])
 def test_sm90_int8_plan_under_the_interpreter_matches_transformers(model_type, qwen3_5, tmp_path):
-    if model_type == "qwen3_5_text":
-        directory, model = qwen3_5
-    else:
-        directory, model = tmp_path, _model(model_type, tmp_path / "ckpt")
+    directory, model = _checkpoint(model_type, qwen3_5, tmp_path)
     plan = rdnac.compile(directory / "ckpt", target="sm90", output=tmp_path / "p.msgpack", quiet=True,
                          quantize="int8", max_num_seqs=4, max_num_batched_tokens=64)
     llm = rdnac.load(plan, interpret=True)
