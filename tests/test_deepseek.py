@@ -35,7 +35,9 @@ from rdnac import SamplingParams
 from rdnac.errors import CheckpointError, UnsupportedModelError
 from rdnac.ir import interpreter
 from rdnac.ir.graph import Graph
-from tests.support.checkpoints import check_logits_match, reference_greedy, reference_logits, write_byte_tokenizer
+from tests.support.cases import built_once
+from tests.support.checkpoints import (check_logits_match, perturb_norms, reference_greedy, reference_logits,
+                                      write_byte_tokenizer)
 from tests.support.same_tokens import check_batched_greedy_matches_alone
 
 PROMPT = [3, 141, 59, 26, 53, 58, 97, 93, 238, 46, 26, 43, 38, 32, 79, 50, 28, 8, 84, 19]
@@ -87,10 +89,8 @@ def make_deepseek(directory, model_type: str, *, seed: int = 0, decisive: bool =
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager",
                                              experts_implementation="eager").eval()
-    with torch.no_grad():  # random init leaves norms at 1 and the correction bias at 0: perturb both
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_norms(model)
+    with torch.no_grad():  # random init leaves the correction bias at 0: perturb it too
         for layer in model.model.layers:
             bias = getattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias", None)
             if bias is not None:
@@ -117,20 +117,7 @@ def _build(name: str, root):
     return name, root, model, rdnac.load(plan)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    built = {}
-
-    def get(name: str):
-        if name not in built:
-            built[name] = _build(name, tmp_path_factory.mktemp(name))
-        return built[name]
-    return get
-
-
-@pytest.fixture(params=sorted(CASES))
-def case(request, checkpoints):
-    return checkpoints(request.param)
+checkpoints, case = built_once(_build, sorted(CASES))
 
 
 def test_logits_match_transformers(case):

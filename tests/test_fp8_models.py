@@ -37,7 +37,7 @@ from rdnac.ir.verify import verify
 from rdnac.plans import read_plan
 from rdnac.targets.probe import Capabilities, DotProbe
 from rdnac.testing.fp8 import write_fp8_checkpoint, write_random_checkpoint
-from tests.support.checkpoints import make_checkpoint, write_byte_tokenizer
+from tests.support.checkpoints import make_checkpoint, perturb_norms, write_byte_tokenizer
 
 VOCAB = 300
 PROMPT = torch.randint(0, VOCAB, (64,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -319,10 +319,7 @@ def mistral3(tmp_path_factory):
     config = Mistral3Config(text_config=text, vision_config=vision, tie_word_embeddings=False)
     torch.manual_seed(0)
     model = Mistral3ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_norms(model)
     model.save_pretrained(root / "float")
     write_byte_tokenizer(root / "float", VOCAB)
     # Ministral-3-8B-Instruct-2512's layout: per-tensor, static declared, no input scales, towers not converted

@@ -29,6 +29,7 @@ import rdnac
 from rdnac import SamplingParams
 from rdnac.compiler.frontend import build_graph, read_checkpoint
 from rdnac.errors import RequestError, UnsupportedModelError
+from tests.support.cases import compile_variant
 from tests.support.checkpoints import check_logits_match, reference_greedy, reference_logits, write_byte_tokenizer
 
 PROMPT = [3, 141, 59, 26, 53, 58, 97, 93, 238, 46, 26, 43, 38, 32, 79, 50, 28, 8, 84, 19]
@@ -186,19 +187,6 @@ def test_chat_template_is_gemmas(text_model):
     assert engine.tokenizer.apply_chat_template(messages) == ref
 
 
-def _variant(root, name: str, **changes) -> object:
-    """The checkpoint with its config.json changed (weights shared), compiled for cpu and loaded."""
-    src, dst = root / "ckpt", root / name
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.name != "config.json":
-            (dst / f.name).symlink_to(f)
-    config = json.loads((src / "config.json").read_text())
-    config.update(changes)
-    (dst / "config.json").write_text(json.dumps(config))
-    return rdnac.load(rdnac.compile(dst, target="cpu", output=root / f"{name}.msgpack", quiet=True))
-
-
 @pytest.mark.parametrize("feature,changes", [
     ("sliding window", dict(layer_types=["full_attention"] * 4)),
     ("local rope base", dict(rope_parameters={**TEXT["rope_parameters"],
@@ -210,7 +198,7 @@ def test_each_feature_moves_the_logits(text_model, feature, changes):
     """Without the feature, rdnac's logits leave transformers' by far more than the tolerance: the
     comparison above really exercises it."""
     root, model, _ = text_model
-    engine = _variant(root, feature.replace(" ", "_"), **changes)
+    engine = compile_variant(root, feature.replace(" ", "_"), **changes)
     err = (engine.logits(PROMPT) - reference_logits(model, PROMPT)).abs().max().item()
     assert err > 100 * TOL, f"turning off {feature} moved the logits by only {err:.3g}"
 
@@ -360,7 +348,7 @@ def test_gemma2_compiles_and_runs_without_a_tokenizer(gemma2_model, tmp_path):
                                              ("final soft-cap", dict(final_logit_softcapping=None))])
 def test_gemma2_softcaps_move_the_logits(gemma2_model, feature, changes):
     root, model, _ = gemma2_model
-    engine = _variant(root, feature.replace(" ", "_"), **changes)
+    engine = compile_variant(root, feature.replace(" ", "_"), **changes)
     err = (engine.logits(PROMPT) - reference_logits(model, PROMPT)).abs().max().item()
     assert err > 100 * TOL, f"turning off {feature} moved the logits by only {err:.3g}"
 

@@ -64,12 +64,17 @@ def mxfp4_case(request, tmp_path_factory):
     return request.param, directory, reference_model(directory / "mxfp4"), plan
 
 
-def test_float_logits_and_greedy_match_transformers(float_case):
-    _, _, model, plan = float_case
+def _check_logits_and_greedy(plan, model, atol: float) -> None:
+    """The plan's logits within atol of transformers', and its 24 greedy tokens transformers'."""
     llm = rdnac.load(plan)
-    check_logits_match(llm, model, PROMPT, atol=1e-4)
+    check_logits_match(llm, model, PROMPT, atol=atol)
     ours = llm.generate([PROMPT], SamplingParams(max_tokens=24, ignore_eos=True))[0].token_ids
     assert ours == reference_greedy(model, PROMPT, 24)
+
+
+def test_float_logits_and_greedy_match_transformers(float_case):
+    _, _, model, plan = float_case
+    _check_logits_and_greedy(plan, model, atol=1e-4)
 
 
 def test_batched_generation_matches_single(float_case):
@@ -158,10 +163,7 @@ def test_expert_relayout_is_exact(float_case):
 
 def test_mxfp4_logits_and_greedy_match_transformers_dequantized(mxfp4_case):
     _, _, model, plan = mxfp4_case
-    llm = rdnac.load(plan)
-    check_logits_match(llm, model, PROMPT, atol=1e-3)
-    ours = llm.generate([PROMPT], SamplingParams(max_tokens=24, ignore_eos=True))[0].token_ids
-    assert ours == reference_greedy(model, PROMPT, 24)
+    _check_logits_and_greedy(plan, model, atol=1e-3)
 
 
 def test_mxfp4_engine_at_concurrency_17_matches_alone(mxfp4_case):

@@ -209,24 +209,35 @@ def test_seed_gives_the_same_tokens_through_serve_with_graphs(tmp_path, request)
     check_served_tokens(llm, api_outputs(llm, with_others=False), plan, "--device", "cuda", logprob_atol=1e-4)
 
 
-@torch.no_grad()
-def test_sampled_decode_step_never_syncs(case):
-    """The captured sampler: a decode step that samples (seeded and not) replays without a host sync."""
+def _two_decode_rows(case):
+    """The case's plan loaded on cuda and a decode step of two rows (20 and 7 tokens of context)."""
     from rdnac.runtime.model_runner import StepEntry
-    from rdnac.runtime.sampling import SamplingBatch
 
     _, _, plan = case
     engine = rdnac.load(plan, device="cuda")
     blocks = engine.engine.block_manager.take_blocks(2)
-    entries = [StepEntry(list(range(5, 25)), blocks, 19, 20), StepEntry([9] * 7, blocks, 6, 7)]
-    batch = SamplingBatch([0.8, 0.0], [0, 0], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0], [[], []], [1234, 99], [3, 0])
+    return engine, [StepEntry(list(range(5, 25)), blocks, 19, 20), StepEntry([9] * 7, blocks, 6, 7)]
+
+
+def _execute_without_sync(engine, entries, batch):
+    """The step's output, run once to warm (and capture), then again with any host sync an error."""
     engine.runner.execute(entries, batch)  # warm
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = engine.runner.execute(entries, batch)
+        return engine.runner.execute(entries, batch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@torch.no_grad()
+def test_sampled_decode_step_never_syncs(case):
+    """The captured sampler: a decode step that samples (seeded and not) replays without a host sync."""
+    from rdnac.runtime.sampling import SamplingBatch
+
+    engine, entries = _two_decode_rows(case)
+    batch = SamplingBatch([0.8, 0.0], [0, 0], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0], [[], []], [1234, 99], [3, 0])
+    out = _execute_without_sync(engine, entries, batch)
     assert out.tokens.shape == (2,) and out.tokens[1] == out.logits[1].argmax()
     again = engine.runner.execute(entries, batch)
     assert torch.equal(again.tokens, out.tokens)  # counter-based: the same seed and step draw the same token
@@ -236,13 +247,9 @@ def test_sampled_decode_step_never_syncs(case):
 def test_grammar_masked_decode_step_never_syncs(case):
     """The captured masked sampler: a decode step with a grammar's token bitmask in one row (all ones in the
     other) replays without a host sync and draws what the eager sampler draws under the same mask."""
-    from rdnac.runtime.model_runner import StepEntry
     from rdnac.runtime.sampling import SamplingBatch, sample
 
-    _, _, plan = case
-    engine = rdnac.load(plan, device="cuda")
-    blocks = engine.engine.block_manager.take_blocks(2)
-    entries = [StepEntry(list(range(5, 25)), blocks, 19, 20), StepEntry([9] * 7, blocks, 6, 7)]
+    engine, entries = _two_decode_rows(case)
     words = (engine.runner.vocab_size + 31) // 32
     for temperatures in ([0.8, 0.0], [0.0, 0.8]):  # the grammar's row sampled, then greedy
         mask = torch.full((2, words), -1, dtype=torch.int32, device="cuda")
@@ -250,13 +257,7 @@ def test_grammar_masked_decode_step_never_syncs(case):
         mask[0, 3] = 0b1011  # row 0 may draw tokens 96, 97 and 99 only
         batch = SamplingBatch(temperatures, [0, 0], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0], [[], []], [1234, 99],
                               [3, 0], token_bitmask=mask)
-        engine.runner.execute(entries, batch)  # warm
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            out = engine.runner.execute(entries, batch)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        out = _execute_without_sync(engine, entries, batch)
         assert engine.runner.graphs is not None, "the decode step ran eagerly: nothing captured was tested"
         assert out.tokens[0].item() in (96, 97, 99), out.tokens
         assert torch.equal(out.tokens, sample(out.logits, batch)[0])  # the eager sampler, same mask

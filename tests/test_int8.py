@@ -96,6 +96,28 @@ def test_int8_quant_kernels_write_the_reference_bits(dtype):
         assert (q.int() - rq.int()).abs().max() <= 1 and torch.allclose(s, rs, rtol=1e-2)
 
 
+def _check_quantized_rows(q, s, rq, rs, y, fmt: str, dtype, shape: tuple[int, int]) -> None:
+    """A fused gate-and-quantize kernel's per-token q [T, N] (`shape`), s [T, 1] against the reference's rq, rs
+    and the unquantized gated value y (float32); row 2 of the input is zero. The kernel's silu / sigmoid and torch's
+    differ in the last fp32 bits, and bf16 rounds the gated value once: scales agree to that, and each value
+    lands on (or next to) the reference's grid point."""
+    assert q.shape == rq.shape == y.shape == shape and s.shape == rs.shape == (shape[0], 1)
+    assert q.dtype == rq.dtype and s.dtype == rs.dtype == torch.float32
+    assert torch.allclose(s, rs, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
+    step = s if fmt == "int8" else 2.0 ** -3 * y.abs() + s * 2.0 ** -8  # one grid step (FP8: 3 mantissa bits)
+    err = (q.float() * s - y).abs()
+    assert (err <= step + (1e-5 if dtype == torch.float32 else 1e-2) * y.abs()).all(), f"max error {err.max():.3g}"
+    assert s[2].item() == 1.0 and not q[2].float().any()
+
+
+def _assert_fits(recorder: RecordingLauncher, target: str) -> list:
+    """The recorded launches' binaries for `target`, each within its LDS and without spills."""
+    binaries = compile_calls(recorder.calls, target, quiet=True)
+    for b in binaries:
+        assert check_resources(b, target) == [], b.key
+    return binaries
+
+
 @pytest.mark.parametrize("fmt", ["int8", "e4m3fn"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gated_rms_norm_quant_matches_reference(fmt, dtype):
@@ -110,16 +132,8 @@ def test_gated_rms_norm_quant_matches_reference(fmt, dtype):
     config = gated_rms_norm_quant.default_config({"num_heads": 3, "head_dim": 10})
     q, s = gated_rms_norm_quant.gated_rms_norm_quant(x, gate, weight, **attrs, config=config, launcher=CPU)
     rq, rs = la.gated_rms_norm_quant(x, gate, weight, **attrs)
-    assert q.shape == rq.shape == (6, 30) and s.shape == rs.shape == (6, 1)
-    assert q.dtype == rq.dtype and s.dtype == rs.dtype == torch.float32
-    # the kernel's silu (x / (1 + exp(-x))) and torch's differ in the last fp32 bits, and bf16 rounds the gated
-    # value once: scales agree to that, and each value lands on (or next to) the reference's grid point
     y = la.gated_rms_norm(x, gate, weight, num_heads=3, head_dim=10, eps=1e-6).float()
-    assert torch.allclose(s, rs, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
-    step = s if fmt == "int8" else 2.0 ** -3 * y.abs() + s * 2.0 ** -8  # one grid step (FP8: 3 mantissa bits)
-    err = (q.float() * s - y).abs()
-    assert (err <= step + (1e-5 if dtype == torch.float32 else 1e-2) * y.abs()).all(), f"max error {err.max():.3g}"
-    assert s[2].item() == 1.0 and not q[2].float().any()
+    _check_quantized_rows(q, s, rq, rs, y, fmt, dtype, (6, 30))
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -131,8 +145,7 @@ def test_gated_rms_norm_quant_fits_every_target_at_the_27b_width(target):
     problem = {"num_heads": 48, "head_dim": 128}
     gated_rms_norm_quant.gated_rms_norm_quant(x, x, weight, num_heads=48, head_dim=128, eps=1e-6, fp8_format="int8",
                                               config=gated_rms_norm_quant.default_config(problem), launcher=recorder)
-    for b in compile_calls(recorder.calls, target, quiet=True):
-        assert check_resources(b, target) == [], b.key
+    _assert_fits(recorder, target)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "e4m3fn"])
@@ -146,15 +159,8 @@ def test_sigmoid_gate_quant_matches_reference(fmt, dtype, block_n):
     config = {"constexprs": {"BLOCK_N": block_n}, "num_warps": 1, "num_stages": 1}
     q, s = sigmoid_gate_quant.sigmoid_gate_quant(x, gate, fp8_format=fmt, config=config, launcher=CPU)
     rq, rs = la.sigmoid_gate_quant(x, gate, fp8_format=fmt)
-    assert q.shape == rq.shape == (5, 150) and s.shape == rs.shape == (5, 1)
-    assert q.dtype == rq.dtype and s.dtype == rs.dtype == torch.float32
-    # the kernel's sigmoid (1 / (1 + exp(-x))) and torch's differ in the last fp32 bits: see the gated norm's test
-    y = la.sigmoid_gate(x, gate).float()
-    assert torch.allclose(s, rs, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0)
-    step = s if fmt == "int8" else 2.0 ** -3 * y.abs() + s * 2.0 ** -8
-    err = (q.float() * s - y).abs()
-    assert (err <= step + (1e-5 if dtype == torch.float32 else 1e-2) * y.abs()).all(), f"max error {err.max():.3g}"
-    assert s[2].item() == 1.0 and not q[2].float().any()
+    # the kernel's sigmoid (1 / (1 + exp(-x))) and torch's differ in the last fp32 bits, as silu's do
+    _check_quantized_rows(q, s, rq, rs, la.sigmoid_gate(x, gate).float(), fmt, dtype, (5, 150))
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -165,8 +171,7 @@ def test_sigmoid_gate_quant_fits_every_target_at_the_27b_width(target):
     sigmoid_gate_quant.sigmoid_gate_quant(x, x, fp8_format="int8",
                                           config=sigmoid_gate_quant.default_config({"N": 24 * 256}),
                                           launcher=recorder)
-    for b in compile_calls(recorder.calls, target, quiet=True):
-        assert check_resources(b, target) == [], b.key
+    _assert_fits(recorder, target)
 
 
 def _int8_operands(M, N, K, dtype, seed=0):
@@ -220,11 +225,9 @@ def test_int8_gemms_cross_compile_with_native_int8_instructions(target):
                                      [x, weight], "prefill", {})
         gemm_int8.linear_int8(x, weight, scale, bias, weight_scheme="channel", act_scheme="dynamic_token",
                               has_bias=True, config=gemm_int8.default_config(problem), launcher=recorder)
-    binaries = compile_calls(recorder.calls, target, quiet=True)
+    binaries = _assert_fits(recorder, target)
     gemms = [b for b in binaries if b.kernel.endswith("_int8_gemm_kernel")]
     assert len(gemms) == 3
-    for b in binaries:
-        assert check_resources(b, target) == [], b.key
     for b in gemms:
         assert any(re.search(NATIVE_INT8[target], i) for i in b.resources.matrix_instructions), \
             f"{target} {b.key}: int8 dot lowered to {b.resources.matrix_instructions}"
@@ -281,12 +284,14 @@ def qwen3_5(tmp_path_factory):
     return directory, _model("qwen3_5_text", directory / "ckpt")
 
 
+def _checkpoint(model_type: str, qwen3_5, tmp_path):
+    """(folder holding ckpt/, transformers model): the module's Qwen3.5, or a fresh `model_type` in tmp_path."""
+    return qwen3_5 if model_type == "qwen3_5_text" else (tmp_path, _model(model_type, tmp_path / "ckpt"))
+
+
 @pytest.mark.parametrize("model_type", ["qwen3", "qwen3_5_text"])
 def test_quantize_int8_cpu_plan_matches_transformers(model_type, qwen3_5, tmp_path):
-    if model_type == "qwen3_5_text":
-        directory, model = qwen3_5
-    else:
-        directory, model = tmp_path, _model(model_type, tmp_path / "ckpt")
+    directory, model = _checkpoint(model_type, qwen3_5, tmp_path)
     plan = rdnac.compile(directory / "ckpt", target="cpu", output=tmp_path / "p.msgpack", quiet=True, quantize="int8")
     llm = rdnac.load(plan)
     ops_ = llm.graph.op_counts()
@@ -300,10 +305,7 @@ def test_quantize_int8_cpu_plan_matches_transformers(model_type, qwen3_5, tmp_pa
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3_5_text"])
 def test_compressed_tensors_int8_checkpoint_matches_transformers(model_type, qwen3_5, tmp_path):
-    if model_type == "qwen3_5_text":
-        directory, model = qwen3_5
-    else:
-        directory, model = tmp_path, _model(model_type, tmp_path / "ckpt")
+    directory, model = _checkpoint(model_type, qwen3_5, tmp_path)
     deq = write_int8_checkpoint(directory / "ckpt", tmp_path / "int8", seed=1)
     config = json.loads((tmp_path / "int8" / "config.json").read_text())
     assert config["quantization_config"]["format"] == "int-quantized"
@@ -391,10 +393,7 @@ def test_moe_routers_and_experts_keep_the_compute_dtype(tmp_path):
 
 @pytest.mark.parametrize("model_type", ["qwen3", "qwen3_5_text"])
 def test_sm90_int8_plan_under_the_interpreter_matches_transformers(model_type, qwen3_5, tmp_path):
-    if model_type == "qwen3_5_text":
-        directory, model = qwen3_5
-    else:
-        directory, model = tmp_path, _model(model_type, tmp_path / "ckpt")
+    directory, model = _checkpoint(model_type, qwen3_5, tmp_path)
     plan = rdnac.compile(directory / "ckpt", target="sm90", output=tmp_path / "p.msgpack", quiet=True,
                          quantize="int8", max_num_seqs=4, max_num_batched_tokens=64)
     llm = rdnac.load(plan, interpret=True)

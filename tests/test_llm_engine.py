@@ -16,14 +16,12 @@ from rdnac.errors import RequestError
 from rdnac.runtime.llm_engine import LLMEngine, RequestOutput, SamplingParams
 from rdnac.runtime.sampling import (SamplingBatch, apply_repetition_penalty, draw, philox_uniform, sample,
                                     seed_to_int64, truncate)
-from tests.support.checkpoints import make_checkpoint
+from tests.support.cases import tiny_llama_plan
 
 
 @pytest.fixture(scope="module")
 def plan(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("llm_engine")
-    make_checkpoint("llama", directory / "ckpt")
-    return rdnac.compile(directory / "ckpt", target="cpu", output=directory / "llama.msgpack", quiet=True)
+    return tiny_llama_plan(tmp_path_factory.mktemp("llm_engine"))
 
 
 @pytest.fixture(scope="module")

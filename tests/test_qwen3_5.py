@@ -17,7 +17,8 @@ from rdnac import SamplingParams
 from rdnac.errors import CheckpointError, UnsupportedModelError
 from rdnac.runtime.llm_engine import LLMEngine
 from rdnac.runtime.model_runner import StepEntry
-from tests.support.checkpoints import check_logits_match, make_checkpoint, reference_greedy, write_byte_tokenizer
+from tests.support.checkpoints import (check_logits_match, make_checkpoint, perturb_norms, reference_greedy,
+                                      write_byte_tokenizer)
 
 # Odd sizes: hidden 44, GQA 3:1 with head_dim 16 (partial RoPE over 4 dims), GDN with 2 key heads of 12 serving
 # 4 value heads of 10; linear and full layers interleaved.
@@ -180,10 +181,7 @@ def test_vision_language_wrapper_compiles_its_text_model(tmp_path):
                            vision_start_token_id=292, vision_end_token_id=293)
     torch.manual_seed(2)
     model = Qwen3_5ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_norms(model)
     ckpt = tmp_path / "vlm"
     model.save_pretrained(ckpt)
     write_byte_tokenizer(ckpt, 300)

@@ -29,7 +29,9 @@ import rdnac
 from rdnac import SamplingParams
 from rdnac.compiler.frontend import build_graph, read_checkpoint
 from rdnac.errors import CheckpointError, RequestError, UnsupportedModelError
-from tests.support.checkpoints import check_logits_match, reference_greedy, reference_logits, write_byte_tokenizer
+from tests.support.cases import built_once, compile_variant
+from tests.support.checkpoints import (check_logits_match, perturb_norms, reference_greedy, reference_logits,
+                                      write_byte_tokenizer)
 from tests.support.same_tokens import check_batched_greedy_matches_alone
 
 PROMPT = [3, 141, 59, 26, 53, 58, 97, 93, 238, 46, 26, 43, 38, 32, 79, 50, 28, 8, 84, 19]
@@ -83,10 +85,7 @@ def make_qwen3_moe(directory, *, seed: int = 0, shard_size: str | None = None, *
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager",
                                              experts_implementation="eager").eval()
     assert model.config._experts_implementation == "eager" and model.config._attn_implementation == "eager"
-    with torch.no_grad():  # random init leaves norms at 1; perturb them so norm weights are exercised
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_norms(model)
     model.save_pretrained(directory, **({"max_shard_size": shard_size} if shard_size else {}))
     return model
 
@@ -103,21 +102,7 @@ def _build(name: str, root):
     return name, root, model, rdnac.load(plan)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """name -> that case, built once per module on first use."""
-    built = {}
-
-    def get(name: str):
-        if name not in built:
-            built[name] = _build(name, tmp_path_factory.mktemp(name))
-        return built[name]
-    return get
-
-
-@pytest.fixture(params=sorted(CASES))
-def case(request, checkpoints):
-    return checkpoints(request.param)
+checkpoints, case = built_once(_build, sorted(CASES))  # name -> that case, built once per module on first use
 
 
 @pytest.fixture
@@ -190,24 +175,11 @@ def test_experts_are_the_checkpoint_tensors_stacked(case):
     assert "stack" in graph.weights[f"model.layers.{i}.mlp.experts.w13"].source
 
 
-def _variant(root, name: str, **changes):
-    """The checkpoint with its config.json changed (weights shared), compiled for cpu and loaded."""
-    src, dst = root / "ckpt", root / name
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.name != "config.json":
-            (dst / f.name).symlink_to(f)
-    config = json.loads((src / "config.json").read_text())
-    config.update(changes)
-    (dst / "config.json").write_text(json.dumps(config))
-    return rdnac.load(rdnac.compile(dst, target="cpu", output=root / f"{name}.msgpack", quiet=True))
-
-
 def test_norm_topk_prob_moves_the_logits(case):
     """Flipping norm_topk_prob leaves transformers' logits by far more than the tolerance: the comparison
     above really exercises the renormalization (and its absence)."""
     name, root, model, _ = case
-    flipped = _variant(root, "flipped", norm_topk_prob=not model.config.norm_topk_prob)
+    flipped = compile_variant(root, "flipped", norm_topk_prob=not model.config.norm_topk_prob)
     err = (flipped.logits(PROMPT) - reference_logits(model, PROMPT)).abs().max().item()
     assert err > 100 * TOL, f"flipping norm_topk_prob moved the logits by only {err:.3g}"
 
@@ -215,7 +187,7 @@ def test_norm_topk_prob_moves_the_logits(case):
 def test_sliding_window_moves_the_logits(windowed):
     name, root, model, _ = windowed
     assert model.config.sliding_window < len(PROMPT)
-    unwindowed = _variant(root, "unwindowed", use_sliding_window=False)
+    unwindowed = compile_variant(root, "unwindowed", use_sliding_window=False)
     err = (unwindowed.logits(PROMPT) - reference_logits(model, PROMPT)).abs().max().item()
     assert err > 100 * TOL, f"dropping the window moved the logits by only {err:.3g}"
 

@@ -11,7 +11,7 @@ import torch
 import rdnac
 from rdnac import SamplingParams
 from rdnac.runtime.llm_engine import LLMEngine
-from tests.support.checkpoints import check_logits_match, make_checkpoint, reference_greedy
+from tests.support.checkpoints import check_logits_match, make_checkpoint, perturb_norms, reference_greedy
 
 COMMON = dict(hidden_size=44, intermediate_size=68, num_hidden_layers=3, num_attention_heads=3, num_key_value_heads=1,
               head_dim=16, vocab_size=300, max_position_embeddings=512, linear_num_key_heads=2,
@@ -75,10 +75,7 @@ def test_qwen3_5_moe_vision_language_wrapper(tmp_path):
                               vision_start_token_id=292, vision_end_token_id=293)
     torch.manual_seed(4)
     model = Qwen3_5MoeForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_norms(model)
     model.save_pretrained(tmp_path / "vlm")
     write_byte_tokenizer(tmp_path / "vlm", 300)
     llm = rdnac.load(rdnac.compile(tmp_path / "vlm", target="cpu", output=tmp_path / "vlm.msgpack", quiet=True))

@@ -19,6 +19,7 @@ import torch
 import rdnac
 from rdnac import SamplingParams
 from rdnac.serve.protocol import choice_seed
+from tests.support.cases import tiny_llama_plan
 from tests.support.checkpoints import make_checkpoint
 from tests.test_serve import MODEL, _error
 from tests.test_serve_hardening import serving
@@ -28,9 +29,7 @@ QWEN3_TEMPLATE = (Path(__file__).parent / "support" / "qwen3_chat_template.jinja
 
 @pytest.fixture(scope="module")
 def plan(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve_api")
-    make_checkpoint("llama", tmp / "ckpt")
-    return rdnac.compile(tmp / "ckpt", target="cpu", output=tmp / "tiny.msgpack", quiet=True)
+    return tiny_llama_plan(tmp_path_factory.mktemp("serve_api"))
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ import rdnac
 from rdnac import SamplingParams
 from rdnac.cli.main import cli
 from rdnac.errors import RequestError
+from tests.support.cases import tiny_llama_plan
 from tests.support.checkpoints import make_checkpoint
 from tests.test_serve import MODEL, _error, _free_port, _wait_until, parse_prometheus
 
@@ -90,9 +91,7 @@ def serve_process(plan: Path, *args: str, env: dict | None = None, log_path: Pat
 
 @pytest.fixture(scope="module")
 def plan(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("hardening")
-    make_checkpoint("llama", tmp / "ckpt")
-    return rdnac.compile(tmp / "ckpt", target="cpu", output=tmp / "tiny.msgpack", quiet=True)
+    return tiny_llama_plan(tmp_path_factory.mktemp("hardening"))
 
 
 @pytest.fixture(scope="module")

@@ -25,19 +25,16 @@ _SUM = tl.standard._sum_combine  # see rms_norm.py
 
 
 @triton.jit
-def _gated_rms_norm_kernel(x_ptr, gate_ptr, weight_ptr, out_ptr, num_heads, stride_x, stride_gate, eps,
-                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr,
-                           IS_SILU: tl.constexpr, PDL: tl.constexpr = False):
-    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
-        gdc_launch_dependents()
-        gdc_wait()
-    x_dtype = x_ptr.dtype.element_ty
-    token = tl.program_id(0).to(tl.int64)
-    heads = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)  # [BLOCK_HEADS]
+def gated_norm_heads(x_row, gate_row, weight_ptr, heads, num_heads, eps, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                     IS_SILU: tl.constexpr):
+    """One token's heads [BLOCK_HEADS] (x_row, gate_row: the token's rows) normalised and gated, float32
+    [BLOCK_HEADS, BLOCK_D] before the final rounding to x's dtype, with the tile's offsets `cols` in the
+    row and its mask (the other lanes are 0). Shared with gated_rms_norm_quant, which quantizes the row."""
+    x_dtype = x_row.dtype.element_ty
     d = tl.arange(0, BLOCK_D)
     mask = (heads < num_heads)[:, None] & (d < D)[None, :]
     cols = heads[:, None] * D + d[None, :]  # [BLOCK_HEADS, BLOCK_D]
-    xf = tl.load(x_ptr + token * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    xf = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = tl.math.rsqrt(tl.reduce(xf * xf, 1, _SUM) / D + eps)  # [BLOCK_HEADS]
     normed = (xf * rstd[:, None]).to(x_dtype).to(tl.float32)
     w = tl.load(weight_ptr + d, mask=d < D, other=0.0).to(tl.float32)  # [BLOCK_D]
@@ -45,8 +42,22 @@ def _gated_rms_norm_kernel(x_ptr, gate_ptr, weight_ptr, out_ptr, num_heads, stri
     if weight_ptr.dtype.element_ty != tl.float32:  # both 16-bit: the product rounds to x's dtype
         y = y.to(x_dtype).to(tl.float32)
     if IS_SILU:
-        gate = tl.load(gate_ptr + token * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(gate_row + cols, mask=mask, other=0.0).to(tl.float32)
         y = y * (gate / (1.0 + tl.exp(-gate)))  # silu; tl.sigmoid is a jit function (see rms_norm.py)
+    return y, cols, mask
+
+
+@triton.jit
+def _gated_rms_norm_kernel(x_ptr, gate_ptr, weight_ptr, out_ptr, num_heads, stride_x, stride_gate, eps,
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr,
+                           IS_SILU: tl.constexpr, PDL: tl.constexpr = False):
+    if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
+    token = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)  # [BLOCK_HEADS]
+    y, cols, mask = gated_norm_heads(x_ptr + token * stride_x, gate_ptr + token * stride_gate, weight_ptr, heads,
+                                     num_heads, eps, D, BLOCK_D, IS_SILU)
     tl.store(out_ptr + token * num_heads * D + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -86,9 +97,11 @@ def default_config(problem: dict) -> dict:
 from rdnac.kernels.registry import KernelFamily, OpKernel, dtype_name  # noqa: E402
 
 
-FAMILY = KernelFamily(
-    "gated_rms_norm", config_space=config_space, default_config=default_config,
-    size=lambda p: p["num_tokens"],
-    ops={"gated_rms_norm": OpKernel(gated_rms_norm, lambda a, ins, phase, runtime: {
-        "num_heads": a["num_heads"], "head_dim": a["head_dim"], "dtype": dtype_name(ins[0]),
-        "num_tokens": ins[0].shape[0]})})
+def norm_problem(a: dict, ins: list, phase: str, runtime: dict) -> dict:
+    """The problem of a gated norm node (this family's and gated_rms_norm_quant's)."""
+    return {"num_heads": a["num_heads"], "head_dim": a["head_dim"], "dtype": dtype_name(ins[0]),
+            "num_tokens": ins[0].shape[0]}
+
+
+FAMILY = KernelFamily("gated_rms_norm", config_space=config_space, default_config=default_config,
+                      size=lambda p: p["num_tokens"], ops={"gated_rms_norm": OpKernel(gated_rms_norm, norm_problem)})

@@ -21,11 +21,11 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
 from rdnac.kernels.fp8_quant import GRID, fp8_scale, round_to_fp8_grid
+from rdnac.kernels.gated_rms_norm import gated_norm_heads, norm_problem
 from rdnac.kernels.launch import Launcher, next_power_of_2
 
 AOT_DIVISIBLE = {"_gated_rms_norm_quant_kernel": ("stride_x", "stride_gate")}
 
-_SUM = tl.standard._sum_combine  # see rms_norm.py
 _MAX = tl.standard._elementwise_max
 
 
@@ -37,23 +37,11 @@ def _gated_rms_norm_quant_kernel(x_ptr, gate_ptr, weight_ptr, q_ptr, scale_ptr, 
     if PDL:  # programmatic dependent launch: the next kernel's blocks may start; wait for the previous one
         gdc_launch_dependents()
         gdc_wait()
-    x_dtype = x_ptr.dtype.element_ty
     token = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_HEADS)  # [BLOCK_HEADS]: every head of the token
-    d = tl.arange(0, BLOCK_D)
-    mask = (heads < num_heads)[:, None] & (d < D)[None, :]
-    cols = heads[:, None] * D + d[None, :]  # [BLOCK_HEADS, BLOCK_D]
-    xf = tl.load(x_ptr + token * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.math.rsqrt(tl.reduce(xf * xf, 1, _SUM) / D + eps)  # [BLOCK_HEADS]
-    normed = (xf * rstd[:, None]).to(x_dtype).to(tl.float32)
-    w = tl.load(weight_ptr + d, mask=d < D, other=0.0).to(tl.float32)  # [BLOCK_D]
-    y = w[None, :] * normed
-    if weight_ptr.dtype.element_ty != tl.float32:  # both 16-bit: the product rounds to x's dtype
-        y = y.to(x_dtype).to(tl.float32)
-    if IS_SILU:
-        gate = tl.load(gate_ptr + token * stride_gate + cols, mask=mask, other=0.0).to(tl.float32)
-        y = y * (gate / (1.0 + tl.exp(-gate)))  # silu, as _gated_rms_norm_kernel computes it
-    y = y.to(x_dtype).to(tl.float32)  # what gated_rms_norm writes, back in fp32 (masked lanes are 0)
+    y, cols, mask = gated_norm_heads(x_ptr + token * stride_x, gate_ptr + token * stride_gate, weight_ptr, heads,
+                                     num_heads, eps, D, BLOCK_D, IS_SILU)
+    y = y.to(x_ptr.dtype.element_ty).to(tl.float32)  # what gated_rms_norm writes, back in fp32 (masked lanes are 0)
     amax = tl.reduce(tl.reduce(tl.abs(y), 1, _MAX), 0, _MAX)
     scale = fp8_scale(amax, FP8_MAX)  # a zero row: 1, not 0/0
     tl.store(scale_ptr + token, scale)
@@ -96,12 +84,9 @@ def default_config(problem: dict) -> dict:
 
 # Below the kernels: an import above them would move their line numbers, which Triton's source hash
 # and the binaries' line info include.
-from rdnac.kernels.registry import KernelFamily, OpKernel, dtype_name  # noqa: E402
+from rdnac.kernels.registry import KernelFamily, OpKernel  # noqa: E402
 
 
-FAMILY = KernelFamily(
-    "gated_rms_norm_quant", config_space=config_space, default_config=default_config,
-    size=lambda p: p["num_tokens"],
-    ops={"gated_rms_norm_quant": OpKernel(gated_rms_norm_quant, lambda a, ins, phase, runtime: {
-        "num_heads": a["num_heads"], "head_dim": a["head_dim"], "dtype": dtype_name(ins[0]),
-        "num_tokens": ins[0].shape[0]})})
+FAMILY = KernelFamily("gated_rms_norm_quant", config_space=config_space, default_config=default_config,
+                      size=lambda p: p["num_tokens"],
+                      ops={"gated_rms_norm_quant": OpKernel(gated_rms_norm_quant, norm_problem)})

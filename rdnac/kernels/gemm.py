@@ -14,7 +14,7 @@ picked by the cost model) there is no second launch: each program counts its
 arrival on the tile's counter (an atomic, acquire-release at device scope) and
 the last to arrive sums the partials in the same fixed order, so the output is
 bit for bit the two-kernel one, then sets the counter back to 0. The counters
-are a persistent zeroed int32 buffer per device (`split_k_counters`); launches
+are a persistent zeroed int32 buffer per device (`gemm_tiles.split_k_counters`); launches
 on one stream run one after another, so one buffer serves every GEMM.
 Without split-K the kernel loops over all of K with masks, so no config can
 truncate K.
@@ -51,6 +51,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.kernels.activation import activate
+from rdnac.kernels.gemm_tiles import (k_split_operands, split_k_counters, split_k_launch,  # noqa: F401 (split_k_counters:
+                                     splitk_partials, sum_splits, tile_of, tile_ranges)  # other modules import it here)
 from rdnac.kernels.launch import Launcher, cdiv, next_power_of_2
 
 # Shape ints fixed by the weights (never token counts): binaries specialize on their divisibility by 16.
@@ -75,55 +77,6 @@ def m_bucket(M: int) -> int:
 
 
 @triton.jit
-def tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_SIZE_M: tl.constexpr):
-    """(pid_m, pid_n): the output tile of program `pid`. GROUP_SIZE_M 1: row-major order, neighbouring
-    programs share the x rows; else grouped order: GROUP_SIZE_M row tiles reuse each weight panel from L2.
-    Every GEMM kernel of the library orders its tiles here."""
-    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M  # tl.cdiv is a jit function of Triton's: inlined
-    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    if GROUP_SIZE_M == 1:
-        return pid // num_pid_n, pid % num_pid_n
-    num_pid_in_group = GROUP_SIZE_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_SIZE_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_SIZE_M)
-    return first_pid_m + (pid % num_pid_in_group) % group_size_m, (pid % num_pid_in_group) // group_size_m
-
-
-@triton.jit
-def sum_splits(ws_ptr, offs, mask, MN, SPLIT_K: tl.constexpr, CACHE: tl.constexpr):
-    """The fp32 sum of the SPLIT_K partials at ws_ptr + s * MN + offs, added in split order (fixed, so
-    bitwise reproducible, and the same bits in the reduce kernels and the last split of SELF_REDUCE).
-    CACHE is the loads' cache modifier, always passed: Triton 3.6 does not make a jit function's string
-    default a constexpr, and the load then fails to build."""
-    total = tl.full(offs.shape, 0.0, tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        total += tl.load(ws_ptr + s * MN + offs, mask=mask, other=0.0, cache_modifier=CACHE)
-    return total
-
-
-@triton.jit
-def splitk_partials(ws_ptr, counter_ptr, pid, pid_k, acc, offs, mask, MN,
-                    SPLIT_K: tl.constexpr, SELF_REDUCE: tl.constexpr):
-    """Store split pid_k's fp32 partial `acc` of tile `pid` at ws_ptr + pid_k * MN + offs (the
-    [SPLIT_K, M, N] workspace). Without SELF_REDUCE the reduce kernel finishes the tile: (False, zeros).
-    With SELF_REDUCE the split counts its arrival on counter[pid] (0 between launches) and the last to
-    arrive gets (True, the partials summed in the reduce kernels' fixed order), so the tile's output is
-    the two-launch one bit for bit; it sets the counter back to 0 for the next launch (graph replays
-    reuse the counters). Every split-K GEMM kernel of the library ends here."""
-    tl.store(ws_ptr + pid_k * MN + offs, acc, mask=mask)
-    is_last = False
-    total = tl.full(acc.shape, 0.0, tl.float32)
-    if SELF_REDUCE:
-        tl.debug_barrier()  # every thread's partial is stored before the release below
-        arrived = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
-        is_last = arrived == SPLIT_K - 1
-        if is_last:  # .cg: read through L2, never a stale L1 line of this SM
-            total = sum_splits(ws_ptr, offs, mask, MN, SPLIT_K, ".cg")
-            tl.store(counter_ptr + pid, 0)
-    return is_last, total
-
-
-@triton.jit
 def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_ptr,
                  M, N, K, stride_xm, stride_wn, stride_om, k_per_split, softcap,
                  HAS_GATHER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -139,16 +92,11 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = tile_of(pid, M, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n = tile_ranges(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     if GATED != "":  # even tile columns read gate rows, odd ones the matching up rows: no weight re-layout
         w_rows = offs_n // 2 + (offs_n % 2) * (N // 2)  # [BN]
     else:
         w_rows = offs_n
-    k_begin = pid_k * k_per_split
     if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
         gdc_wait()
     if HAS_GATHER:
@@ -158,11 +106,7 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
     x_rows = x_ptr + rows * stride_xm  # [BM] row pointers
     # int64: vocab * hidden can pass 2**31 elements.
     w_cols = w_ptr + w_rows.to(tl.int64) * stride_wn  # [BN] row pointers of w
-
-    k_end = tl.minimum(k_begin + k_per_split, K)
-    offs_k = tl.arange(0, BLOCK_K)  # [BK]
-    a_ptrs = x_rows[:, None] + (k_begin + offs_k)[None, :]  # [BM, BK]
-    b_ptrs = w_cols[None, :] + (k_begin + offs_k)[:, None]  # [BK, BN]
+    k_begin, k_end, offs_k, a_ptrs, b_ptrs = k_split_operands(x_rows, w_cols, pid_k, k_per_split, K, BLOCK_K)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # tl.zeros is a jit function
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_left = k_end - k0  # masks the K tail of the last step
@@ -217,25 +161,6 @@ def _gemm_kernel(x_ptr, idx_ptr, w_ptr, bias_ptr, out_ptr, final_ptr, counter_pt
                 tl.store(dst_tile, total.to(dst_ptr.dtype.element_ty), mask=out_mask)
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []  # replaced counter buffers: graphs captured with them may still run
-_COUNTERS_MIN = 4096
-
-
-def split_k_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
-    """The persistent zeroed int32 arrival counters of SELF_REDUCE split-K launches on `device`
-    (every GEMM launch passes them; only SELF_REDUCE reads them). A buffer too small is replaced,
-    and the old one stays referenced, so a graph captured with it still runs."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < num_tiles:
-        if device.type == "meta":  # recording: shapes only
-            return torch.empty(max(num_tiles, 1), dtype=torch.int32, device=device)
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = _COUNTERS[device] = torch.zeros(max(num_tiles, _COUNTERS_MIN), dtype=torch.int32, device=device)
-    return buf
-
-
 @triton.jit
 def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, M, N, softcap,
                           HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -271,7 +196,7 @@ def _launch_gemm(x, idx, weight, bias, out, M, softcap, *, config, launcher, is_
     With `gated` (an activation name) weight is a merged gate/up [N = 2I, K] and `out` is [M, I]."""
     N, K = weight.shape
     c = config["constexprs"]
-    block_m, block_n, block_k, split_k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"]
+    block_n, split_k = c["BLOCK_N"], c["SPLIT_K"]
     self_reduce = bool(c.get("SELF_REDUCE", False)) and split_k > 1
     if gated:
         assert not is_gather and softcap == 0, "a gated GEMM has no row gather and no softcap"
@@ -282,34 +207,22 @@ def _launch_gemm(x, idx, weight, bias, out, M, softcap, *, config, launcher, is_
             f"add SELF_REDUCE or use SPLIT_K 1")
     if M == 0:
         return out
-    # Each split covers whole BLOCK_K steps; the last one stops at K (masked).
-    k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k
     has_bias, has_softcap = bias is not None, softcap > 0
     bias_arg = bias if has_bias else weight  # never read when HAS_BIAS is False
     idx_arg = idx if is_gather else weight  # never read when HAS_GATHER is False
-    num_tiles = cdiv(M, block_m) * cdiv(N, block_n)
-    grid = (num_tiles, split_k)
-    counters = split_k_counters(x.device, num_tiles)  # read only with SELF_REDUCE
-    flags = dict(HAS_GATHER=is_gather, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                 GROUP_SIZE_M=c["GROUP_SIZE_M"], SPLIT_K=split_k, SELF_REDUCE=self_reduce,
-                 **({"GATED": gated} if gated else {}))
-    if split_k == 1:
-        launcher.launch(_gemm_kernel, grid,
-                        (x, idx_arg, weight, bias_arg, out, out, counters, M, N, K, x.stride(0), weight.stride(0),
-                         out.stride(0), k_per_split, float(softcap)),
-                        constexprs=dict(flags, HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap),
-                        num_warps=config["num_warps"], num_stages=config["num_stages"])
-        return out
-    assert out.is_contiguous()
-    workspace = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)  # [S, M, N]
-    launcher.launch(_gemm_kernel, grid,
-                    (x, idx_arg, weight, bias_arg, workspace, out, counters, M, N, K, x.stride(0), weight.stride(0),
-                     N, k_per_split, float(softcap)),
-                    constexprs=dict(flags, HAS_BIAS=has_bias and self_reduce, HAS_SOFTCAP=has_softcap and self_reduce),
+    tiles = split_k_launch(config, out, M, N, K)
+    # Without split-K the program's sum is the tile's; with it the epilogue runs only in the last split of
+    # SELF_REDUCE, or else in the reduce kernel.
+    has_epilogue = split_k == 1 or self_reduce
+    launcher.launch(_gemm_kernel, tiles.grid,
+                    (x, idx_arg, weight, bias_arg, tiles.target, out, tiles.counters, M, N, K, x.stride(0),
+                     weight.stride(0), tiles.stride_target, tiles.k_per_split, float(softcap)),
+                    constexprs=dict(tiles.constexprs, HAS_GATHER=is_gather, HAS_BIAS=has_bias and has_epilogue,
+                                    HAS_SOFTCAP=has_softcap and has_epilogue, **({"GATED": gated} if gated else {})),
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
-    if not self_reduce:
+    if not has_epilogue:
         launcher.launch(_splitk_reduce_kernel, (cdiv(M * N, REDUCE_BLOCK),),
-                        (workspace, bias_arg, out, M, N, float(softcap)),
+                        (tiles.target, bias_arg, out, M, N, float(softcap)),
                         constexprs=dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, SPLIT_K=split_k,
                                         BLOCK=REDUCE_BLOCK),
                         num_warps=4, num_stages=1)
@@ -354,7 +267,7 @@ def _split_k_options(N: int, K: int, block_k: int, max_split: int) -> list[int]:
     if N * K < SPLIT_K_MIN_NK:
         return options
     for split in (2, 4, 8, 16):
-        k_per_split = cdiv(cdiv(K, split), block_k) * block_k  # as _launch_gemm computes it
+        k_per_split = cdiv(cdiv(K, split), block_k) * block_k  # as split_k_launch computes it
         if split <= max_split and k_per_split >= 2 * block_k and cdiv(K, k_per_split) == split:
             options.append(split)
     return options

@@ -55,7 +55,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from rdnac.ir.fp8 import FORMATS, FP8_MAX
 from rdnac.kernels.activation import ACTIVATIONS, activate
 from rdnac.kernels.fp8_quant import GRID, fp8_scale, quantize_activations, round_to_fp8_grid
-from rdnac.kernels.gemm import split_k_counters, splitk_partials, sum_splits, tile_of
+from rdnac.kernels.gemm_tiles import k_split_operands, scaled_tile_store, split_k_launch, sum_splits, tile_of, tile_ranges
 from rdnac.kernels.gemm_fp8_configs import _config, config_space, default_config  # noqa: F401 (the family API)
 from rdnac.kernels.launch import Launcher, cdiv
 
@@ -82,16 +82,10 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, 
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = tile_of(pid, M, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    k_begin = pid_k * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
-    offs_k = tl.arange(0, BLOCK_K)  # [BK]
-    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + (k_begin + offs_k)[None, :]  # [BM, BK]
-    # [BK, BN] with K contiguous: the K-major B operand FP8 wgmma/MFMA/WMMA want, no transpose.
-    b_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + (k_begin + offs_k)[:, None]
+    offs_m, offs_n, mask_m, mask_n = tile_ranges(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    k_begin, k_end, offs_k, a_ptrs, b_ptrs = k_split_operands(
+        a_ptr + offs_m.to(tl.int64) * stride_am, w_ptr + offs_n.to(tl.int64) * stride_wn, pid_k, k_per_split, K,
+        BLOCK_K)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_left = k_end - k0  # masks the K tail of the last step
@@ -110,26 +104,9 @@ def _fp8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr, 
         b_ptrs += BLOCK_K
     if PDL:  # the main loop is done: let the next kernel's blocks be scheduled (triggering at the top
         gdc_launch_dependents()  # let chains of waiting kernels crowd the SMs: 8B decode 17% slower)
-    out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        if not IS_A16:
-            acc *= tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=1.0).to(tl.float32)[:, None]
-        acc *= tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n, other=1.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:  # scales and bias are applied once, by the reduce kernel or the last split (SELF_REDUCE)
-        is_last, total = splitk_partials(out_ptr, counter_ptr, pid, pid_k, acc, out_offs, out_mask, M * N,
-                                         SPLIT_K, SELF_REDUCE)
-        if is_last:  # the epilogue in _fp8_splitk_reduce_kernel's order
-            if not IS_A16:
-                total *= tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=1.0).to(tl.float32)[:, None]
-            total *= tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n, other=1.0).to(tl.float32)[None, :]
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(final_ptr + offs_m[:, None] * N + offs_n[None, :],
-                     total.to(final_ptr.dtype.element_ty), mask=out_mask)
+    scaled_tile_store(acc, out_ptr, final_ptr, counter_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, pid, pid_k,
+                      offs_m, offs_n, mask_m, mask_n, M, N, stride_om, stride_as, stride_ws,
+                      not IS_A16, True, HAS_BIAS, SPLIT_K, SELF_REDUCE)
 
 
 @triton.jit
@@ -185,15 +162,11 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = tile_of(pid, M, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    k_begin = pid_k * k_per_split  # a multiple of BLOCK_K, so every step lies in one scale block
-    k_end = tl.minimum(k_begin + k_per_split, K)
-    offs_k = tl.arange(0, BLOCK_K)  # [BK]
-    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + (k_begin + offs_k)[None, :]  # [BM, BK]
-    b_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + (k_begin + offs_k)[:, None]  # [BK, BN]
+    offs_m, offs_n, mask_m, mask_n = tile_ranges(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    # k_begin: a multiple of BLOCK_K, so every step lies in one scale block
+    k_begin, k_end, offs_k, a_ptrs, b_ptrs = k_split_operands(
+        a_ptr + offs_m.to(tl.int64) * stride_am, w_ptr + offs_n.to(tl.int64) * stride_wn, pid_k, k_per_split, K,
+        BLOCK_K)
     a_scale_rows = a_scale_ptr + offs_m * stride_asm  # [BM]
     w_scale_cols = w_scale_ptr + (offs_n // SCALE_BLOCK_N) * stride_wsn  # [BN]
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
@@ -222,20 +195,10 @@ def _fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out
         b_ptrs += BLOCK_K
     if PDL:  # the main loop is done: let the next kernel's blocks be scheduled (triggering at the top
         gdc_launch_dependents()  # let chains of waiting kernels crowd the SMs: 8B decode 17% slower)
-    out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        is_last, total = splitk_partials(out_ptr, counter_ptr, pid, pid_k, acc, out_offs, out_mask, M * N,
-                                         SPLIT_K, SELF_REDUCE)
-        if is_last:  # partials are already scaled, the bias is added once
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(final_ptr + offs_m[:, None] * N + offs_n[None, :],
-                     total.to(final_ptr.dtype.element_ty), mask=out_mask)
+    # the partials are already scaled: the epilogue adds the bias only (the scale pointers are never read)
+    scaled_tile_store(acc, out_ptr, final_ptr, counter_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, pid, pid_k,
+                      offs_m, offs_n, mask_m, mask_n, M, N, stride_om, 0, 0, False, False, HAS_BIAS, SPLIT_K,
+                      SELF_REDUCE)
 
 
 @triton.jit
@@ -319,19 +282,13 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     else:
         a, a_scale = quantize_activations(x, input_scale, fp8_format, group, launcher=launcher)
 
-    block_m, block_n, block_k, split_k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"]
-    self_reduce = bool(c.get("SELF_REDUCE", False)) and split_k > 1  # see gemm.py: no reduce launch
-    k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k  # whole BLOCK_K steps per split
-    num_tiles = cdiv(M, block_m) * cdiv(N, block_n)
-    grid = (num_tiles, split_k)
-    target = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
-    stride_target = out.stride(0) if split_k == 1 else N
-    counters = split_k_counters(x.device, num_tiles)  # read only with SELF_REDUCE
+    tiles = split_k_launch(config, out, M, N, K)
+    split_k, self_reduce = tiles.split_k, tiles.self_reduce
     bias_arg = bias if has_bias else weight_scale  # never read when HAS_BIAS is False
-    flags = dict(IS_A16=is_a16, HAS_BIAS=has_bias and (split_k == 1 or self_reduce), BLOCK_M=block_m,
-                 BLOCK_N=block_n, BLOCK_K=block_k, GROUP_SIZE_M=c["GROUP_SIZE_M"], SPLIT_K=split_k,
-                 SELF_REDUCE=self_reduce)
+    flags = dict(tiles.constexprs, IS_A16=is_a16, HAS_BIAS=has_bias and (split_k == 1 or self_reduce))
     launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+    head = (a, a_scale, weight, weight_scale, bias_arg, tiles.target, out, tiles.counters, M, N, K, a.stride(0),
+            weight.stride(0), tiles.stride_target)
     # a_scale is [M, G] (dynamic), [1] (static) or unused (a16w8): zero strides broadcast it.
     stride_asm = 0 if is_a16 or quant_a or input_scale is not None else a_scale.stride(0)
     if is_block:
@@ -341,11 +298,11 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         else:  # per-channel / per-tensor weight under per-group activations
             scale_bn, scale_bk = 1, group
             stride_wsn, stride_wsk = (weight_scale.stride(0) if weight_scheme == "channel" else 0), 0
-        assert scale_bk % block_k == 0, f"linear_fp8: BLOCK_K {block_k} must divide the scale block's K {scale_bk}"
+        assert scale_bk % c["BLOCK_K"] == 0, \
+            f"linear_fp8: BLOCK_K {c['BLOCK_K']} must divide the scale block's K {scale_bk}"
         stride_ask = 1 if group else 0
-        launcher.launch(_fp8_block_gemm_kernel, grid,
-                        (a, a_scale, weight, weight_scale, bias_arg, target, out, counters, M, N, K, a.stride(0),
-                         weight.stride(0), stride_target, stride_asm, stride_ask, stride_wsn, stride_wsk, k_per_split),
+        launcher.launch(_fp8_block_gemm_kernel, tiles.grid,
+                        (*head, stride_asm, stride_ask, stride_wsn, stride_wsk, tiles.k_per_split),
                         constexprs=dict(flags, SCALE_BLOCK_N=scale_bn, SCALE_BLOCK_K=scale_bk,
                                         **_quant_a_constexprs(quant_a, fp8_format),
                                         **({"GATED_A": gated_act} if gated_act else {})), **launch)
@@ -353,16 +310,12 @@ def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     else:
         assert weight_scheme in ("channel", "tensor"), f"unknown FP8 weight scheme {weight_scheme!r}"
         stride_ws = weight_scale.stride(0) if weight_scheme == "channel" else 0  # [N] or [N, 1]
-        launcher.launch(_fp8_gemm_kernel, grid,
-                        (a, a_scale, weight, weight_scale, bias_arg, target, out, counters, M, N, K, a.stride(0),
-                         weight.stride(0), stride_target, stride_asm, stride_ws, k_per_split),
+        launcher.launch(_fp8_gemm_kernel, tiles.grid, (*head, stride_asm, stride_ws, tiles.k_per_split),
                         constexprs=flags, **launch)
         has_a_scale, has_w_scale = not is_a16, True
-    if split_k > 1:
-        assert out.is_contiguous()
     if split_k > 1 and not self_reduce:
         launcher.launch(_fp8_splitk_reduce_kernel, (cdiv(M * N, REDUCE_BLOCK),),
-                        (target, a_scale, weight_scale, bias_arg, out, M, N, stride_asm,
+                        (tiles.target, a_scale, weight_scale, bias_arg, out, M, N, stride_asm,
                          0 if is_block else stride_ws),
                         constexprs=dict(HAS_A_SCALE=has_a_scale, HAS_W_SCALE=has_w_scale, HAS_BIAS=has_bias,
                                         SPLIT_K=split_k, BLOCK=REDUCE_BLOCK),

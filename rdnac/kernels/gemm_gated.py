@@ -39,7 +39,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.kernels import activation, gemm
 from rdnac.kernels.activation import ACTIVATIONS, activate
-from rdnac.kernels.gemm import tile_of
+from rdnac.kernels.gemm_tiles import tile_of, tile_ranges
 from rdnac.kernels.launch import Launcher, cdiv
 
 # Shape ints fixed by the weights (never token counts): binaries specialize on their divisibility by 16.
@@ -54,11 +54,7 @@ def _gemm_gated_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stri
     # x: [M, K]; w: [2N, K] (gate rows, then up rows); bias: [2N]; out: [M, N]
     pid = tl.program_id(0)
     pid_m, pid_n = tile_of(pid, M, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n = tile_ranges(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
     if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
         gdc_wait()
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm  # [BM] row pointers

@@ -22,9 +22,9 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from rdnac.kernels.fp8_quant import quantize_activations
-from rdnac.kernels.gemm import split_k_counters, splitk_partials, tile_of
 from rdnac.kernels.gemm_fp8 import REDUCE_BLOCK, _fp8_splitk_reduce_kernel
 from rdnac.kernels.gemm_fp8_configs import config_space, default_config
+from rdnac.kernels.gemm_tiles import k_split_operands, scaled_tile_store, split_k_launch, tile_of, tile_ranges
 from rdnac.kernels.launch import Launcher, cdiv
 
 # Shape ints fixed by the weights (never token counts): binaries specialize on their divisibility by 16.
@@ -44,16 +44,10 @@ def _int8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = tile_of(pid, M, N, BLOCK_M, BLOCK_N, GROUP_SIZE_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    k_begin = pid_k * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
-    offs_k = tl.arange(0, BLOCK_K)  # [BK]
-    a_ptrs = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + (k_begin + offs_k)[None, :]  # [BM, BK]
-    # [BK, BN] with K contiguous: the K-major B operand the 8-bit wgmma/MFMA/WMMA want, no transpose.
-    b_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + (k_begin + offs_k)[:, None]
+    offs_m, offs_n, mask_m, mask_n = tile_ranges(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    k_begin, k_end, offs_k, a_ptrs, b_ptrs = k_split_operands(
+        a_ptr + offs_m.to(tl.int64) * stride_am, w_ptr + offs_n.to(tl.int64) * stride_wn, pid_k, k_per_split, K,
+        BLOCK_K)
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         k_left = k_end - k0  # masks the K tail of the last step
@@ -65,25 +59,10 @@ def _int8_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
         b_ptrs += BLOCK_K
     if PDL:  # the main loop is done: let the next kernel's blocks be scheduled
         gdc_launch_dependents()
-    out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    y = acc.to(tl.float32)
-    if SPLIT_K == 1:
-        y *= tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=1.0).to(tl.float32)[:, None]
-        y *= tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n, other=1.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:  # scales and bias are applied once, by the reduce kernel or the last split (SELF_REDUCE)
-        is_last, total = splitk_partials(out_ptr, counter_ptr, pid, pid_k, y, out_offs, out_mask, M * N,
-                                         SPLIT_K, SELF_REDUCE)
-        if is_last:  # the epilogue in _fp8_splitk_reduce_kernel's order
-            total *= tl.load(a_scale_ptr + offs_m * stride_as, mask=mask_m, other=1.0).to(tl.float32)[:, None]
-            total *= tl.load(w_scale_ptr + offs_n * stride_ws, mask=mask_n, other=1.0).to(tl.float32)[None, :]
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(final_ptr + offs_m[:, None] * N + offs_n[None, :],
-                     total.to(final_ptr.dtype.element_ty), mask=out_mask)
+    # scales and bias once, in fp32 (the integer sum is exact), in _fp8_splitk_reduce_kernel's order
+    scaled_tile_store(acc.to(tl.float32), out_ptr, final_ptr, counter_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+                      pid, pid_k, offs_m, offs_n, mask_m, mask_n, M, N, stride_om, stride_as, stride_ws,
+                      True, True, HAS_BIAS, SPLIT_K, SELF_REDUCE)
 
 
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *rest: torch.Tensor,
@@ -114,27 +93,19 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         a, a_scale = x, x_scale
     else:
         a, a_scale = quantize_activations(x, None, "int8", 0, launcher=launcher)
-    c = config["constexprs"]
-    block_m, block_n, block_k, split_k = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["SPLIT_K"]
-    self_reduce = bool(c.get("SELF_REDUCE", False)) and split_k > 1
-    k_per_split = cdiv(cdiv(K, split_k), block_k) * block_k  # whole BLOCK_K steps per split
-    num_tiles = cdiv(M, block_m) * cdiv(N, block_n)
-    target = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
-    stride_target = out.stride(0) if split_k == 1 else N
+    tiles = split_k_launch(config, out, M, N, K)
+    split_k, self_reduce = tiles.split_k, tiles.self_reduce
     bias_arg = bias if has_bias else weight_scale  # never read when HAS_BIAS is False
     stride_ws = weight_scale.stride(0) if weight_scheme == "channel" else 0  # [N] or [1]
-    launcher.launch(_int8_gemm_kernel, (num_tiles, split_k),
-                    (a, a_scale, weight, weight_scale, bias_arg, target, out, split_k_counters(x.device, num_tiles),
-                     M, N, K, a.stride(0), weight.stride(0), stride_target, a_scale.stride(0), stride_ws,
-                     k_per_split),
-                    constexprs=dict(HAS_BIAS=has_bias and (split_k == 1 or self_reduce), BLOCK_M=block_m,
-                                    BLOCK_N=block_n, BLOCK_K=block_k, GROUP_SIZE_M=c["GROUP_SIZE_M"],
-                                    SPLIT_K=split_k, SELF_REDUCE=self_reduce),
+    launcher.launch(_int8_gemm_kernel, tiles.grid,
+                    (a, a_scale, weight, weight_scale, bias_arg, tiles.target, out, tiles.counters,
+                     M, N, K, a.stride(0), weight.stride(0), tiles.stride_target, a_scale.stride(0), stride_ws,
+                     tiles.k_per_split),
+                    constexprs=dict(tiles.constexprs, HAS_BIAS=has_bias and (split_k == 1 or self_reduce)),
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
     if split_k > 1 and not self_reduce:
-        assert out.is_contiguous()
         launcher.launch(_fp8_splitk_reduce_kernel, (cdiv(M * N, REDUCE_BLOCK),),
-                        (target, a_scale, weight_scale, bias_arg, out, M, N, a_scale.stride(0), stride_ws),
+                        (tiles.target, a_scale, weight_scale, bias_arg, out, M, N, a_scale.stride(0), stride_ws),
                         constexprs=dict(HAS_A_SCALE=True, HAS_W_SCALE=True, HAS_BIAS=has_bias,
                                         SPLIT_K=split_k, BLOCK=REDUCE_BLOCK),
                         num_warps=4, num_stages=1)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rdnac.kernels.moe_gemm import _moe_epilogue
+from rdnac.kernels.moe_gemm import _moe_epilogue, expert_block
 
 # Shape ints fixed by the weights (never token counts): binaries specialize on their divisibility by 16.
 AOT_DIVISIBLE = {"_moe_fp8_block_gemm_kernel": ("N", "K", "stride_am", "stride_we", "stride_wn", "stride_se",
@@ -59,13 +59,8 @@ def _moe_fp8_block_gemm_kernel(a_ptr, a_scale_ptr, w_ptr, ws_ptr, rw_ptr, out_pt
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):  # past the last expert's blocks: nothing to do
         return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    slots = tl.load(sorted_ptr + offs_m)  # [BM]; padding rows hold num_slots
-    mask_m = slots < num_slots
-    a_row = (slots // ROW_DIV).to(tl.int64)  # [BM]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    mask_n = offs_n < N
+    expert, slots, mask_m, a_row, offs_n, mask_n = expert_block(pid_m, pid_n, block_expert_ptr, sorted_ptr,
+                                                                num_slots, N, ROW_DIV, BLOCK_M, BLOCK_N)
     rows = expert * stride_we + offs_n.to(tl.int64) * stride_wn  # [BN] gate (or only) weight rows
     up_rows = rows + N * stride_wn  # [BN] the matching up rows (GATED)
     srows = expert * stride_se + (offs_n // SCALE_BLOCK_N).to(tl.int64) * stride_sn  # [BN] their scale rows

@@ -68,6 +68,22 @@ def _mxfp4_half_tiles(w_ptr, s_ptr, rows, srows, k0, offs_kh, mask_n, K, DTYPE: 
 
 
 @triton.jit
+def expert_block(pid_m, pid_n, block_expert_ptr, sorted_ptr, num_slots, N, ROW_DIV: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (pid_m, pid_n)'s share of the grouped MoE GEMMs (moe_gemm, moe_fp8, moe_gemv): its expert
+    (int64; one per BLOCK_M block of the sorted slots), its slots [BM] (padding rows hold num_slots) with
+    their mask, the activation row of each slot ((slots // ROW_DIV), int64: x's token, or the slot itself),
+    and its output columns offs_n [BN] with their mask. The caller returns early for blocks past the
+    padded total (a helper cannot)."""
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    slots = tl.load(sorted_ptr + offs_m)  # [BM]; padding rows hold num_slots
+    a_row = (slots // ROW_DIV).to(tl.int64)  # [BM]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    return expert, slots, slots < num_slots, a_row, offs_n, offs_n < N
+
+
+@triton.jit
 def _moe_gemm_kernel(a_ptr, w_ptr, ws_ptr, bias_ptr, rw_ptr, out_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
                      num_slots, N, K, stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_om,
                      alpha, limit,
@@ -83,13 +99,9 @@ def _moe_gemm_kernel(a_ptr, w_ptr, ws_ptr, bias_ptr, rw_ptr, out_ptr, sorted_ptr
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):  # past the last expert's blocks: nothing to do
         return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    slots = tl.load(sorted_ptr + offs_m)  # [BM]; padding rows hold num_slots
-    mask_m = slots < num_slots
-    a_rows = a_ptr + (slots // ROW_DIV).to(tl.int64) * stride_am  # [BM] row pointers
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    mask_n = offs_n < N
+    expert, slots, mask_m, a_row, offs_n, mask_n = expert_block(pid_m, pid_n, block_expert_ptr, sorted_ptr,
+                                                                num_slots, N, ROW_DIV, BLOCK_M, BLOCK_N)
+    a_rows = a_ptr + a_row * stride_am  # [BM] row pointers
     rows = expert * stride_we + offs_n.to(tl.int64) * stride_wn  # [BN] gate (or only) weight rows
     up_rows = rows + N * stride_wn  # [BN] the matching up rows (GATED)
     srows = expert * stride_se + offs_n.to(tl.int64) * stride_sn  # [BN] their scale rows (MXFP4)

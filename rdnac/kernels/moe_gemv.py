@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from rdnac.kernels.moe_gemm import _moe_epilogue, e2m1_to_float, e8m0_to_float
+from rdnac.kernels.moe_gemm import _moe_epilogue, e2m1_to_float, e8m0_to_float, expert_block
 
 AOT_DIVISIBLE = {"_moe_gemv_mxfp4_kernel": ("N", "K", "stride_am", "stride_we", "stride_wn", "stride_se",
                                             "stride_sn", "stride_be", "stride_om"),
@@ -78,13 +78,9 @@ def _moe_gemv_mxfp4_kernel(a_ptr, w_ptr, ws_ptr, bias_ptr, rw_ptr, out_ptr, sort
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):  # past the last expert's blocks: nothing to do
         return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    slots = tl.load(sorted_ptr + offs_m)  # [BM]; padding rows hold num_slots
-    mask_m = slots < num_slots
-    a_rows = (a_ptr + (slots // ROW_DIV).to(tl.int64) * stride_am)[:, None, None, None]  # [BM, 1, 1, 1]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    mask_n = offs_n < N
+    expert, slots, mask_m, a_row, offs_n, mask_n = expert_block(pid_m, pid_n, block_expert_ptr, sorted_ptr,
+                                                                num_slots, N, ROW_DIV, BLOCK_M, BLOCK_N)
+    a_rows = (a_ptr + a_row * stride_am)[:, None, None, None]  # [BM, 1, 1, 1]
     # Row starts are whole words: K is a multiple of 32, so a row's K/2 bytes are a multiple of 16.
     rows = (w_ptr + expert * stride_we + offs_n.to(tl.int64) * stride_wn).to(tl.pointer_type(tl.int32))
     rows = rows[None, :, None, None]  # [1, BN, 1, 1] int32 word pointers

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
@@ -25,7 +25,9 @@ from rdnac.errors import EngineError, RequestError
 from rdnac.runtime.block_manager import BlockManager, blocks_for
 from rdnac.runtime.detokenizer import Detokenizer, release_text
 from rdnac.runtime.model_runner import ModelRunner, StepEntry
-from rdnac.runtime.sampling import SamplingBatch, top_logprobs
+from rdnac.runtime.engine_probe import first_line, probe_model
+from rdnac.runtime.requests import Prompt, Request, RequestOutput, final_output, sampling_batch
+from rdnac.runtime.sampling import top_logprobs
 from rdnac.runtime.sampling_params import SamplingParams, is_int, is_number
 from rdnac.runtime.scheduler import Scheduler
 from rdnac.runtime.sequence import Sequence
@@ -33,47 +35,10 @@ from rdnac.runtime.state_cache import default_num_blocks
 from rdnac.runtime.token_bitmask import TokenBitmasks
 from rdnac.runtime.tokenizer import Tokenizer
 
-Prompt = str | list[int] | list[dict]
-
 log = logging.getLogger("rdnac.engine")
 
 _UNLIMITED = 1 << 30  # ModelRunner's value for a plan that sets no limit
 _DEFAULT_MAX_NUM_SEQS = 256
-_NO_TOKEN = SamplingParams()  # the sampling row of a prompt chunk before the last: greedy, its token unused
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str  # text since the last output; a possible stop string or incomplete UTF-8 is held back
-    token_ids: list[int]  # all generated tokens
-    text: str  # all text released so far
-    logprobs: list[float] | None  # of new_token_ids, if asked for
-    finished: bool
-    finish_reason: str | None  # "stop" (EOS, stop token or stop string), "length", "abort" or "error"
-    num_prompt_tokens: int
-    prompt_token_ids: list[int] | None = None  # on the final output only
-    error: Exception | None = None  # what failed the request (finish_reason "error")
-    # per new token, its params.top_logprobs most likely (token id, logprob), if asked for
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-
-
-@dataclass(eq=False)
-class _Request:
-    seq: Sequence
-    params: SamplingParams
-    max_tokens: int  # params.max_tokens capped by the plan's max model length
-    seed: int  # the params' seed, or one drawn at random when the request was added
-    detokenizer: Detokenizer
-    matcher: object | None = None  # the params' guide's matcher: which tokens the grammar allows next
-    text: str = ""  # decoded text, held-back tail included
-    num_released: int = 0  # characters of `text` already output
-    is_finished: bool = False
-
-    @property
-    def released_text(self) -> str:
-        return self.text[:self.num_released]
 
 
 class LLMEngine:
@@ -114,7 +79,7 @@ class LLMEngine:
         runner.allocate_state(num_blocks, num_slots, self.max_num_seqs)
         self.block_manager = BlockManager(num_blocks, self.block_size, enable_prefix_caching, num_slots)
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []  # abort outputs, returned by the next step()
         self._deferred: dict[str, str] = {}  # request id -> the request whose prefill it waits for (shares)
         self._lock = threading.RLock()
@@ -174,7 +139,7 @@ class LLMEngine:
                 raise RequestError(f"request id requires a value not already in flight; got {request_id!r} twice")
             seq = Sequence(request_id, list(ids))
             matcher = params.guide.matcher() if params.guide is not None else None
-            self._requests[request_id] = _Request(seq, params, max_tokens, seed, Detokenizer(self.tokenizer, ids),
+            self._requests[request_id] = Request(seq, params, max_tokens, seed, Detokenizer(self.tokenizer, ids),
                                                   matcher)
             parent = self._requests.get(prefill_after) if prefill_after is not None else None
             if parent is not None and self.block_manager.enable_prefix_caching and not parent.is_finished \
@@ -202,11 +167,7 @@ class LLMEngine:
             if self._deferred.pop(request_id, None) is None:  # a deferred request holds nothing yet
                 self.scheduler.finish(req.seq)
             req.is_finished = True
-            self._pending.append(RequestOutput(request_id, [], "", list(req.seq.output_ids), req.released_text,
-                                               [] if req.params.logprobs else None, True, "abort",
-                                               req.seq.num_prompt_tokens,
-                                               req.seq.token_ids[:req.seq.num_prompt_tokens],
-                                               top_logprobs=[] if req.params.top_logprobs else None))
+            self._pending.append(final_output(req, "abort"))
 
     def has_unfinished(self) -> bool:
         with self._lock:
@@ -219,7 +180,7 @@ class LLMEngine:
 
         An exception while running a request fails that request only (finish_reason "error", the exception
         in `error`, its blocks freed); the engine keeps serving the others. When nothing in a failed step ran,
-        even alone, a one-token probe tells a request's fault from the engine's (`_probe`); if the probe fails
+        even alone, a one-token probe tells a request's fault from the engine's (`probe_model`); if the probe fails
         too, every request fails with an EngineError, `failure` says why, and no request is taken again."""
         with self._lock:
             outputs, self._pending = self._pending, []
@@ -241,9 +202,9 @@ class LLMEngine:
             except Exception as e:  # noqa: BLE001 -- the model step failed before any request took its token
                 log.exception("rdnac: a step of %d sequences failed", len(chunks))
                 failed, num_ran = self._isolate(chunks, e)
-                if num_ran == 0 and not self._probe():
+                if num_ran == 0 and not probe_model(self.runner, self.block_manager):
                     self.failure = (f"the engine can no longer run the model: a step failed ({type(e).__name__}: "
-                                    f"{_first_line(e)}) and a one-token probe run alone failed too; do restart "
+                                    f"{first_line(e)}) and a one-token probe run alone failed too; do restart "
                                     f"the server (reload the plan)")
                     log.error("rdnac: engine unhealthy: %s", self.failure)
                     failed = [replace(out, error=EngineError(self.failure)) for out in failed]
@@ -253,7 +214,7 @@ class LLMEngine:
     def _run(self, chunks: list) -> list[RequestOutput]:
         entries = [StepEntry(c.seq.token_ids, c.seq.block_table, c.start, c.end, c.seq.state_slot) for c in chunks]
         reqs = [self._requests[c.seq.seq_id] if c.is_last else None for c in chunks]  # None: gives no token
-        batch = _sampling_batch(reqs, self.tokenizer.eos_token_ids, self._bitmasks)
+        batch = sampling_batch(reqs, self.tokenizer.eos_token_ids, self._bitmasks)
         result = self.runner.execute(entries, batch)
         is_sampled = any(r is not None for r in reqs)
         tokens = result.tokens.tolist() if is_sampled else []  # one device->host copy per step
@@ -292,28 +253,6 @@ class LLMEngine:
                 outputs.append(self._fail(self._requests[c.seq.seq_id], e))
         return outputs, num_ran
 
-    def _probe(self) -> bool:
-        """Whether the model still runs: one token of a fixed prompt, alone, in blocks of its own, after a step in
-        which every request failed. A request that fails by itself (whatever it holds) leaves the probe
-        running, so no request, however often sent, can mark the engine failed; a lost GPU or a broken plan
-        fails the probe too. Without a free block (or state slot) there is no probe: the step's requests
-        freed theirs, so the next failure probes."""
-        probe = [0]
-        if not self.block_manager.can_allocate(probe):
-            return True
-        table, _ = self.block_manager.allocate(probe)
-        slot = self.block_manager.take_slot()
-        try:
-            self.runner.execute([StepEntry(probe, table, 0, 1, slot)]).logits.cpu()  # .cpu(): waits for the device
-        except Exception as e:  # noqa: BLE001 -- the probe's failure is the finding, reported by step()
-            log.error("rdnac: the one-token probe after a failed step failed too: %s: %s", type(e).__name__, e)
-            return False
-        finally:
-            self.block_manager.free(table)
-            self.block_manager.free_slot(slot)
-        log.warning("rdnac: the one-token probe after a failed step ran: the failure was the requests'; serving on")
-        return True
-
     def _fail_all(self) -> list[RequestOutput]:
         """Fail every request in flight with the engine's failure (their blocks freed)."""
         error = EngineError(self.failure)
@@ -325,18 +264,15 @@ class LLMEngine:
             outputs.append(self._fail(req, error))
         return outputs
 
-    def _fail(self, req: _Request, error: Exception) -> RequestOutput:
+    def _fail(self, req: Request, error: Exception) -> RequestOutput:
         seq = req.seq
         self._requests.pop(seq.seq_id, None)
         if not req.is_finished:
             self.scheduler.finish(seq)
             req.is_finished = True
-        return RequestOutput(seq.seq_id, [], "", list(seq.output_ids), req.released_text,
-                             [] if req.params.logprobs else None, True, "error", seq.num_prompt_tokens,
-                             seq.token_ids[:seq.num_prompt_tokens], error=error,
-                             top_logprobs=[] if req.params.top_logprobs else None)
+        return final_output(req, "error", error)
 
-    def _append_token(self, req: _Request, token: int, logprob: float | None,
+    def _append_token(self, req: Request, token: int, logprob: float | None,
                       top: list[tuple[int, float]] | None) -> RequestOutput:
         seq, params = req.seq, req.params
         seq.token_ids.append(token)
@@ -449,38 +385,6 @@ class LLMEngine:
                               o.num_prompt_tokens, o.prompt_token_ids,
                               top_logprobs=tops[o.request_id] if o.top_logprobs is not None else None)
                 for o in (final[i] for i in ids)]
-
-
-def _sampling_batch(reqs: list[_Request | None], eos_token_ids: set[int], bitmasks: TokenBitmasks) -> SamplingBatch:
-    """One sampling row per step entry, in order (None: an entry that gives no token)."""
-    params = [r.params if r is not None else _NO_TOKEN for r in reqs]
-    live = [r for r in reqs if r is not None]
-    extras = {}
-    if any(r.params.presence_penalty or r.params.frequency_penalty or r.params.logit_bias or r.params.min_tokens
-           for r in live):
-        def banned(r):  # before min_tokens, nothing that would end the request may be drawn
-            if r is None or r.seq.num_output_tokens >= r.params.min_tokens:
-                return []
-            return sorted(({*eos_token_ids} if not r.params.ignore_eos else set()) | set(r.params.stop_token_ids))
-        extras = dict(presence_penalties=[p.presence_penalty for p in params],
-                      frequency_penalties=[p.frequency_penalty for p in params],
-                      num_prompt_tokens=[r.seq.num_prompt_tokens if r is not None else 0 for r in reqs],
-                      logit_biases=[p.logit_bias for p in params], banned=[banned(r) for r in reqs])
-    if any(r.matcher is not None for r in live):  # grammars: one bitmask for the batch, applied on the device
-        extras["token_bitmask"] = bitmasks.fill([r.matcher if r is not None else None for r in reqs])
-    return SamplingBatch(
-        temperatures=[p.temperature for p in params], top_ks=[p.top_k for p in params],
-        top_ps=[p.top_p for p in params], min_ps=[p.min_p for p in params],
-        repetition_penalties=[p.repetition_penalty for p in params],
-        token_ids=[r.seq.token_ids if r is not None else [] for r in reqs],
-        seeds=[r.seed if r is not None else 0 for r in reqs],
-        steps=[r.seq.num_output_tokens if r is not None else 0 for r in reqs],
-        needs_logprobs=any(p.logprobs for p in params), **extras)
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else ""
 
 
 def _limit(name: str, value: int | None, plan_limit: int) -> int:

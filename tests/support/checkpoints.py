@@ -30,15 +30,21 @@ def make_checkpoint(model_type: str, directory: Path, *, seed: int = 0, shard_si
     config = AutoConfig.for_model(model_type, **cfg)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():  # random init leaves norms at 1; perturb them so norm weights are exercised
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * perturb_std)
+    perturb_norms(model, perturb_std)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(directory, **kwargs)
     if with_tokenizer:
         write_byte_tokenizer(directory, config.vocab_size)
     return model
+
+
+@torch.no_grad()
+def perturb_norms(model, std: float = 0.1) -> None:
+    """Add N(0, std) noise to every norm weight: random init leaves them at 1, which would leave the norm
+    weights untested. Draws from torch's global generator in parameter order (seed it first)."""
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.add_(torch.randn_like(p) * std)
 
 
 def write_byte_tokenizer(directory: Path, vocab_size: int, **config) -> None:
