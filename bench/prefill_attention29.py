@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prefill_attention_base import _prefill_kernel_base  # noqa: E402
 
-from rdnac.compiler import cost_model, tuning  # noqa: E402
+from rdnac.compiler import cost_model, tune, tuning  # noqa: E402
 from rdnac.ir import ops  # noqa: E402
 from rdnac.kernels import attention  # noqa: E402
 from rdnac.kernels.launch import InterpretLauncher, JitLauncher  # noqa: E402
@@ -98,24 +98,7 @@ def time_us(fn, device: str, reps: int) -> float:
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e6
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / reps)
-    del graph
-    return sorted(times)[2]
+    return tune.graph_time_us(lambda i: fn(), reps)
 
 
 def label(config: dict) -> str:

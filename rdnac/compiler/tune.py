@@ -298,6 +298,12 @@ def _time(fn, sets, reps, config, launcher) -> float:
         args, kw = sets[i % len(sets)]
         fn(*args, **kw, config=config, launcher=launcher)
 
+    return graph_time_us(step, reps)
+
+
+def graph_time_us(step, reps: int) -> float:
+    """Microseconds per call of step(i): `reps` calls (i = 0..reps-1) captured in one CUDA graph, the median
+    of 5 replays (warmed up once eagerly and once replayed)."""
     step(0)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
