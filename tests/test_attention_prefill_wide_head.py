@@ -1,0 +1,73 @@
+"""Prefill attention at head_dim 256 (Qwen3.5's full-attention layers, Gemma 3): configs that fit every target.
+
+On RDNA3 (gfx1151) WMMA operands are replicated across the two half-waves, and every whole-head prefill tile
+spilled there (16x16 on 4 warps at 1 stage: 256 VGPRs + 136 spilled), so no Qwen3.5 plan compiled for
+gfx1151. From head_dim 256 the config space adds tiles whose Q . K^T runs in head-dim chunks (`BLOCK_DK`,
+`attention._chunked_scores`): they compute the reference's attention (interpreter), and kernel selection's
+order (`select_kernels._candidates`) with the compiled binaries' resource check reaches one that fits on
+each target.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rdnac.kernels import attention as attn
+from rdnac.kernels.launch import InterpretLauncher
+from tests.test_kernels_attention import DECODE_ARGS, attrs_for, check, make_batch, problem
+
+QWEN35 = (16, 2, 256)  # query heads, kv heads, head_dim of a Qwen3.5 full-attention layer (GQA 8)
+CHUNKED = [attn._config(4, 1, BLOCK_M=16, BLOCK_N=16, BLOCK_DK=attn.HEAD_CHUNK),
+           attn._config(8, 2, BLOCK_M=64, BLOCK_N=32, BLOCK_DK=attn.HEAD_CHUNK)]
+
+
+def test_head_dim_256_space_adds_chunked_tiles_only_there():
+    wide = attn.config_space(problem("prefill", *QWEN35))
+    assert all(c in wide for c in CHUNKED)
+    for head_dim in (64, 80, 128):
+        assert not any("BLOCK_DK" in c["constexprs"] for c in attn.config_space(problem("prefill", 8, 2, head_dim)))
+
+
+@pytest.mark.parametrize("config", CHUNKED, ids=lambda c: "x".join(str(v) for v in c["constexprs"].values()))
+@pytest.mark.parametrize("options,use_sinks", [(dict(), False), (dict(sliding_window=20, softcap=3.0), True),
+                                               (dict(sliding_window=9), False), (dict(softcap=2.0), True)])
+def test_chunked_prefill_matches_reference(config, options, use_sinks):
+    """GQA 4:1 at head_dim 256 (and 200: padded to 256, masked chunks), sequences with a cached prefix
+    (chunked prefill) and without, a window, a soft-cap, sinks."""
+    seqs = [(1, 1), (40, 33), (37, 37), (70, 18)]  # (seq_len, query_len): prefixes of 0-52 keys
+    for head_dim in (256, 200):
+        batch, max_q = make_batch(seqs, 8, 2, head_dim, torch.float32, seed=5)
+        check("prefill", batch, max_q, attrs_for(8, 2, head_dim, **options), config, InterpretLauncher(),
+              use_sinks=use_sinks)
+
+
+def _first_fitting(target: str, max_tries: int = 6):
+    """Walk kernel selection's candidate order for one prefill node as select_kernels does: compile each
+    candidate, reject those whose binaries spill or overflow LDS. Returns (chosen, rejected)."""
+    from rdnac.compiler.build import check_resources, compile_calls
+    from rdnac.compiler.passes.select_kernels import _candidates
+    from rdnac.compiler.record import RecordingLauncher
+    from rdnac.targets import get_target
+
+    heads, kv_heads, head_dim = QWEN35
+    batch, _ = make_batch([(2048, 2048)], heads, kv_heads, head_dim, torch.bfloat16, device="meta")
+    prob = {**problem("prefill", heads, kv_heads, head_dim), "num_seqs": 1, "num_tokens": 2048}
+    rejected = []
+    for config, _why in _candidates("attention", prob, get_target(target))[:max_tries]:
+        rec = RecordingLauncher()
+        attn.attention_prefill(*[batch[k] for k in DECODE_ARGS], **attrs_for(heads, kv_heads, head_dim),
+                               max_query_len=2048, config=config, launcher=rec)
+        problems = [p for b in compile_calls(rec.calls, target, quiet=True) for p in check_resources(b, target)]
+        if not problems:
+            return config, rejected
+        rejected.append((config, problems))
+    raise AssertionError(f"{target}: none of the first {max_tries} candidates fits: {rejected}")
+
+
+@pytest.mark.parametrize("target", ["gfx1151", "gfx1201", "gfx942", "gfx950", "sm90"])
+def test_qwen35_prefill_attention_gets_a_config_that_does_not_spill(target):
+    chosen, rejected = _first_fitting(target)
+    print(f"{target}: {chosen}; rejected {rejected}")
+    if target == "gfx1151":  # no whole-head tile fits there: the chunked one is what compiles
+        assert chosen["constexprs"].get("BLOCK_DK") == attn.HEAD_CHUNK, chosen
