@@ -71,3 +71,23 @@ def test_qwen35_prefill_attention_gets_a_config_that_does_not_spill(target):
     print(f"{target}: {chosen}; rejected {rejected}")
     if target == "gfx1151":  # no whole-head tile fits there: the chunked one is what compiles
         assert chosen["constexprs"].get("BLOCK_DK") == attn.HEAD_CHUNK, chosen
+
+
+def test_tiny_qwen3_5_with_256_wide_heads_compiles_for_gfx1151(tmp_path):
+    """A whole hybrid plan for gfx1151 whose full-attention layer has Qwen3.5's 16 / 2 heads of 256: before
+    the chunked tiles its prefill attention node had no config that fit ("no candidate config fits")."""
+    import rdnac
+    from rdnac.compiler.build import check_resources
+    from rdnac.plans.binaries import KernelBinary
+    from rdnac.plans import read_plan
+    from tests.support.checkpoints import make_checkpoint
+    from tests.test_qwen3_5 import CONFIG
+
+    ckpt = tmp_path / "ckpt"
+    make_checkpoint("qwen3_5_text", ckpt, **dict(CONFIG, num_attention_heads=16, num_key_value_heads=2, head_dim=256))
+    plan = read_plan(rdnac.compile(ckpt, target="gfx1151", output=tmp_path / "q35.msgpack", quiet=True))
+    for b in (KernelBinary.from_dict(k) for k in plan.body["kernels"]):
+        assert check_resources(b, "gfx1151") == [], b.key
+    attn_node = plan.body["program"]["layers.1.attn"]
+    prefill = [choice["config"] for key, choice in attn_node.items() if key.startswith("prefill:")]
+    assert prefill and all(c["constexprs"].get("BLOCK_DK") == attn.HEAD_CHUNK for c in prefill), prefill
