@@ -42,6 +42,22 @@ def test_chunked_prefill_matches_reference(config, options, use_sinks):
               use_sinks=use_sinks)
 
 
+def test_chunked_prefill_reads_fp8_caches():
+    """FP8 KV caches (gfx1201 / CDNA / sm90 take them at head_dim 256): each K chunk widened to Q's dtype,
+    k_scale in the score scale, v_scale on the output."""
+    from rdnac.ir import ops
+    from tests.test_fp8_kv import _fp8_batch
+    from tests.test_kernels_small import assert_close
+
+    k_scale, v_scale = 0.05, 2.0
+    batch, max_q = _fp8_batch([(40, 33), (17, 7)], 4, 1, 256, torch.float8_e4m3fn, k_scale, v_scale)
+    attrs = attrs_for(4, 1, 256, k_scale=k_scale, v_scale=v_scale)
+    args = [batch[k] for k in DECODE_ARGS]
+    out = attn.attention_prefill(*args, **attrs, max_query_len=max_q, config=CHUNKED[1], launcher=InterpretLauncher())
+    assert torch.isfinite(out).all()
+    assert_close("chunked prefill fp8", out, ops.attention(*args, **attrs), 2e-2, 2e-2)
+
+
 def _first_fitting(target: str, max_tries: int = 6):
     """Walk kernel selection's candidate order for one prefill node as select_kernels does: compile each
     candidate, reject those whose binaries spill or overflow LDS. Returns (chosen, rejected)."""

@@ -130,8 +130,9 @@ def prefill_softcap(s, scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _chunked_scores(q_rows, k_rows, j0, j, kv_end, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr, MASKED: tl.constexpr):
+def _chunked_scores(q_rows, k_rows, j0, j, kv_end, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr,
+                    MASKED: tl.constexpr):
     """Raw scores Q . K^T [BLOCK_M, BLOCK_N] summed over head-dim chunks of BLOCK_DK, each chunk of Q and K
     loaded where it is used. Why: RDNA3's WMMA operands are replicated across the two half-waves, so a whole
     [rows, 256] Q tile held as a dot operand through the key loop costs ~128 VGPRs a thread (the K tile as
@@ -357,7 +358,7 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     launcher.launch(_prefill_kernel, grid, args,
                     constexprs={**cx, "HAS_SINKS": sinks is not None, "HAS_SOFTCAP": softcap > 0,
                                 "HAS_WINDOW": sliding_window > 0, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"],
-                                # head-dim chunks of Q . K^T; whole-head configs keep the specializations they had
+                                # head-dim chunks of Q . K^T; whole-head configs launch as they did
                                 **({"BLOCK_DK": c["BLOCK_DK"]} if c.get("BLOCK_DK", cx["BLOCK_D"]) < cx["BLOCK_D"]
                                    else {})},
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
