@@ -35,7 +35,8 @@ AMD_SPILL_FREE = {"gfx942": (32, None), "gfx950": (32, None), "gfx1201": (32, No
 # 8 warps (128) and spills 64x32 on 4 or 8; gfx950 spills 64x32 on 4 warps (512), not on 8; gfx942 fits both.
 # Chunked, the accumulator's rows per warp at most 8 (64x32 on 4 warps spilled on gfx1201): gfx1151 fits
 # 64x32 on 8 warps (256) and spills 64x64; gfx1201 fits 64x64 on 8 (512); gfx942 spills 128x64 on 8 (1024);
-# gfx950 fits 64x32 on 8 at 1 stage and spills 4-12 registers at 2 stages.
+# gfx950 fits 64x32 on 8 at 1 stage and spills 4-12 registers at 2 stages. A sliding window (Gemma 3, GQA 2) adds
+# registers: gfx1151's 64x32 on 8 warps spilled 1 at 2 stages there, and selection took its 1-stage twin (254).
 AMD_SPILL_FREE_WIDE_HEAD = {"gfx942": (512, 512, None), "gfx950": (256, 256, 1), "gfx1201": (128, 512, None),
                             "gfx1151": (0, 256, None)}
 
