@@ -107,3 +107,53 @@ def test_tiny_qwen3_5_with_256_wide_heads_compiles_for_gfx1151(tmp_path):
     attn_node = plan.body["program"]["layers.1.attn"]
     prefill = [choice["config"] for key, choice in attn_node.items() if key.startswith("prefill:")]
     assert prefill and all(c["constexprs"].get("BLOCK_DK") == attn.HEAD_CHUNK for c in prefill), prefill
+
+
+
+WHOLE_HEAD = [attn._config(4, 1, BLOCK_M=64, BLOCK_N=16), attn._config(4, 1, BLOCK_M=64, BLOCK_N=32),
+              attn._config(8, 2, BLOCK_M=64, BLOCK_N=16)]  # the whole-head tiles selection reaches (sm90 and RDNA4)
+
+
+def _check_and_time(device, launcher, configs, seqs, timed_tokens):
+    """Each config against the reference on `seqs` (plain, and a window with soft-cap and sinks), then, when
+    timed_tokens, a prefill of that many tokens timed on the device (printed)."""
+    heads, kv_heads, head_dim = QWEN35
+    batch, max_q = make_batch(seqs, heads, kv_heads, head_dim, torch.bfloat16, device=device, seed=7)
+    for config in configs:
+        for options, use_sinks in [(dict(), False), (dict(sliding_window=100, softcap=30.0), True)]:
+            check("prefill", batch, max_q, attrs_for(heads, kv_heads, head_dim, **options), config, launcher,
+                  use_sinks=use_sinks)
+    if not timed_tokens:
+        return
+    batch, max_q = make_batch([(timed_tokens, timed_tokens)], heads, kv_heads, head_dim, torch.bfloat16,
+                              device=device, seed=8)
+    args, attrs = [batch[k] for k in DECODE_ARGS], attrs_for(heads, kv_heads, head_dim)
+    for config in configs:
+        def run():
+            attn.attention_prefill(*args, **attrs, max_query_len=max_q, config=config, launcher=launcher)
+        run()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(20):
+            run()
+        end.record()
+        torch.cuda.synchronize()
+        print(f"head_dim 256 prefill {timed_tokens} tokens {config}: {start.elapsed_time(end) / 20 * 1e3:.1f} us")
+
+
+def test_device_check_runs_on_cpu_at_tiny_sizes():
+    """The GPU test's own code under the interpreter (one whole-head and one chunked tile, no timing)."""
+    _check_and_time("cpu", InterpretLauncher(), [WHOLE_HEAD[0], CHUNKED[0]], [(1, 1), (40, 33)], 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/HIP GPU")
+def test_gpu_head_dim_256_tiles_against_reference_and_timed():
+    """On the device, Qwen3.5's heads: every chunked tile in the space and the whole-head tiles selection reaches,
+    against the reference (GQA 8, a window with soft-cap and sinks, a chunk after a prefix), then a 2048-token
+    prefill of each timed (printed: what the chunks cost where whole-head tiles fit, e.g. on an H100)."""
+    from rdnac.kernels.launch import JitLauncher
+
+    chunked = [c for c in attn.config_space(problem("prefill", *QWEN35)) if "BLOCK_DK" in c["constexprs"]]
+    _check_and_time("cuda", JitLauncher(), WHOLE_HEAD + chunked, [(1, 1), (40, 33), (300, 300), (700, 180)], 2048)
