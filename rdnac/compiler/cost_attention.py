@@ -29,6 +29,16 @@ L2_OVER_HBM = 3.0  # K/V tiles are re-read by every query tile of a kv head: fro
 # 16-key one past 1 stage. A config past these is ranked as spilling (x SPILL_SLOWDOWN); the compiled binary
 # still decides (select_kernels rejects what spills and logs it).
 AMD_SPILL_FREE = {"gfx942": (32, None), "gfx950": (32, None), "gfx1201": (32, None), "gfx1151": (16, 1)}
+# Heads of 256 and wider (cross-compiles at head_dim 256, GQA 8, 2026-12-07), per target: (the most
+# BLOCK_M x BLOCK_N scores per warp of a whole-head tile, of a head-dim-chunked one (BLOCK_DK < BLOCK_D), the
+# most stages of a chunked one; None: any). Whole-head: gfx1151 spilled every tile (0); gfx1201 fits 32x32 on
+# 8 warps (128) and spills 64x32 on 4 or 8; gfx950 spills 64x32 on 4 warps (512), not on 8; gfx942 fits both.
+# Chunked, the accumulator's rows per warp at most 8 (64x32 on 4 warps spilled on gfx1201): gfx1151 fits
+# 64x32 on 8 warps (256) and spills 64x64; gfx1201 fits 64x64 on 8 (512); gfx942 spills 128x64 on 8 (1024);
+# gfx950 fits 64x32 on 8 at 1 stage and spills 4-12 registers at 2 stages. A sliding window (Gemma 3, GQA 2) adds
+# registers: gfx1151's 64x32 on 8 warps spilled 1 at 2 stages there, and selection took its 1-stage twin (254).
+AMD_SPILL_FREE_WIDE_HEAD = {"gfx942": (512, 512, None), "gfx950": (256, 256, 1), "gfx1201": (128, 512, None),
+                            "gfx1151": (0, 256, None)}
 
 
 def estimate_attention(problem: dict, config: dict, target) -> Estimate:
@@ -75,14 +85,14 @@ def estimate_attention(problem: dict, config: dict, target) -> Estimate:
     alu = ALU_OPS_PER_CU_US.get(target.name, DEFAULT_ALU_OPS_PER_CU_US)
     per_score = EXP_SLOTS.get(target.name, DEFAULT_EXP_SLOTS) + SOFTMAX_OPS_PER_SCORE + block_d / block_n
     alu_us = block_m * block_n * per_score / alu + ATTN_TILE_OPS_PER_THREAD * target.warp_size * warps / alu
-    load_us = 2 * block_n * block_d * elt / (target.hbm_gbps * 1e3 * L2_OVER_HBM / num_cu)
+    chunked = c.get("BLOCK_DK", block_d) < block_d  # Q . K^T over head-dim chunks: Q re-read per key tile
+    tile_bytes = (2 * block_n + (block_m if chunked else 0)) * block_d * elt
+    load_us = tile_bytes / (target.hbm_gbps * 1e3 * L2_OVER_HBM / num_cu)
     compute_us = max(mma_us, alu_us) + 0.5 * min(mma_us, alu_us)
     hidden = 2 / max(2, stages) * OVERLAP_LOSS if stages > 1 else 1.0 / occupancy
     visit_us = max(compute_us, load_us) + hidden * min(compute_us, load_us)
     est_us = max(visits * visit_us / num_cu, max(visits_per_head) * visit_us) + LAUNCH_US
-    keys, most_stages = AMD_SPILL_FREE.get(target.name, (None, None))
-    spills = ((keys is not None and block_n * block_d > keys * 128)
-              or (most_stages is not None and stages > most_stages))
+    spills = _likely_spills(target.name, block_m, block_n, block_d, warps, stages, chunked)
     if spills:
         est_us *= SPILL_SLOWDOWN
     flops = visits * 4 * block_m * block_n * block_d
@@ -92,6 +102,23 @@ def estimate_attention(problem: dict, config: dict, target) -> Estimate:
               f"{visit_us:.2f} us on {num_cu} CUs (dots {mma_us:.2f}, softmax {alu_us:.2f}, K/V from L2 "
               f"{load_us:.2f} us, {stages} stage(s)); {programs} programs, LDS ~{lds // 1024} KiB, "
               f"{occupancy}/CU resident" + ("; under 64 rows per warpgroup: half-rate dots" if mma_rate < 1 else "")
+              + ("; Q . K^T in head-dim chunks (Q re-read per key tile)" if chunked else "")
               + (f"; likely spills on {target.name} (x{SPILL_SLOWDOWN:g}, AMD_SPILL_FREE)" if spills else ""))
     return Estimate(int(visits * 2 * block_n * block_d * elt), int(flops), programs, math.ceil(programs / num_cu),
                     occupancy, est_us, reason)
+
+
+def _likely_spills(target: str, block_m: int, block_n: int, block_d: int, warps: int, stages: int,
+                   chunked: bool) -> bool:
+    """Whether a prefill tile is past the spill-free limits measured for an AMD target (AMD_SPILL_FREE up to
+    head_dim 128, AMD_SPILL_FREE_WIDE_HEAD from 256); other targets: never (the binary still decides)."""
+    if block_d >= 256 and target in AMD_SPILL_FREE_WIDE_HEAD:
+        whole, chunk, chunk_stages = AMD_SPILL_FREE_WIDE_HEAD[target]
+        per_warp = block_m * block_n / warps
+        if chunked:
+            return (per_warp > chunk or block_m / warps > 8
+                    or (chunk_stages is not None and stages > chunk_stages))
+        return per_warp > whole
+    keys, most_stages = AMD_SPILL_FREE.get(target, (None, None))
+    return ((keys is not None and block_n * block_d > keys * 128)
+            or (most_stages is not None and stages > most_stages))

@@ -36,6 +36,8 @@ dtype, optional num_seqs (decode batch size, steers the default NUM_SPLITS)):
            for the larger LDS of sm90 and gfx950 (`_WIDE_PREFILL_TILES`: 128x128 and 128x64 on 8 warps,
            2-4 stages, ...), within sm90's 227 KiB. Which fit a target is the cost model's call
            (`prefill_lds_bytes`) and the compiled binary's (spills), each rejection logged.
+           Heads of 256 and wider add tiles whose Q . K^T runs in head-dim chunks (BLOCK_DK = HEAD_CHUNK,
+           `_HEAD_CHUNK_TILES`): the only ones that build without spills on gfx1151 there.
            Default 64x64 (D <= 64) or 64x32, 4 warps, 2 stages: legal on every target.
   decode:  NUM_SPLITS {1, 2, 4, 8, 16} x BLOCK_N {16, 32, 64}, 4 warps, 2 stages. Default
            BLOCK_N 32 and about one split per 512 keys of max_model_len (at most 16), halved
@@ -115,10 +117,45 @@ def prefill_scores(q, k, scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """q [rows, D] @ k [keys, D]^T in the units `prefill_softmax_step` multiplies by its qk_scale: the raw dot
     products (the scale and log2(e) join the softmax's one FMA per score), or, softcapped, log2 units
     already (qk_scale 1): softcap * tanh(s * scale / softcap), tanh via exp (portable)."""
-    s = tl.dot(q, tl.trans(k))
+    return prefill_softcap(tl.dot(q, tl.trans(k)), scale, softcap, HAS_SOFTCAP)
+
+
+@triton.jit
+def prefill_softcap(s, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Raw scores s in `prefill_scores`' units: unchanged, or softcapped and in log2 units."""
     if HAS_SOFTCAP:
         s = s * scale
         s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0)) * _LOG2E
+    return s
+
+
+@triton.jit
+def _chunked_scores(q_rows, k_rows, j0, j, kv_end, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr,
+                    MASKED: tl.constexpr):
+    """Raw scores Q . K^T [BLOCK_M, BLOCK_N] summed over head-dim chunks of BLOCK_DK, each chunk of Q and K
+    loaded where it is used. Why: RDNA3's WMMA operands are replicated across the two half-waves, so a whole
+    [rows, 256] Q tile held as a dot operand through the key loop costs ~128 VGPRs a thread (the K tile as
+    much again) and gfx1151 spilled every head_dim 256 tile. Q is re-read per key tile from L1/L2.
+    q_rows [BLOCK_M, 1] points at each query row's head (rows past the sequence clamped onto it: no mask);
+    k_rows [BLOCK_N, 1] at each key's head; MASKED: keys j >= kv_end are not loaded (zero)."""
+    s = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+    # A run-time loop over chunks, counted from the key tile's first key: Q's addresses then depend on the
+    # key loop, which keeps the compiler from hoisting the loop-invariant Q loads out of it (Triton's load
+    # LICM did with a constexpr-bounded loop: the whole Q tile was back in registers).
+    for c in range(j0, j0 + BLOCK_D, BLOCK_DK):
+        dk = (c - j0) + tl.arange(0, BLOCK_DK)
+        if BLOCK_D != HEAD_DIM:
+            q = tl.load(q_rows + dk[None, :], mask=(dk < HEAD_DIM)[None, :], other=0.0)
+        else:
+            q = tl.load(q_rows + dk[None, :])
+        if MASKED:
+            k = tl.load(k_rows + dk[None, :], mask=(j < kv_end)[:, None] & (dk < HEAD_DIM)[None, :], other=0.0)
+        elif BLOCK_D != HEAD_DIM:
+            k = tl.load(k_rows + dk[None, :], mask=(dk < HEAD_DIM)[None, :], other=0.0)
+        else:
+            k = tl.load(k_rows + dk[None, :])
+        s = tl.dot(q, tl.trans(kv_operand(k, q, KV_FP8)), s)
     return s
 
 
@@ -142,11 +179,14 @@ def prefill_softmax_step(s, m_i, l_i, qk_scale, MASKED: tl.constexpr):
 def _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, stride_kb, stride_ks, stride_vb,
                   stride_vs, qk_scale, scale, softcap, sliding_window, d, d_ok, HEAD_DIM: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
-                  HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, KV_FP8: tl.constexpr, MASKED: tl.constexpr):
+                  HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, KV_FP8: tl.constexpr, MASKED: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr):
     """One key tile [start, start + BLOCK_N) of a query tile: (acc, m_i, l_i) after it. Keys are gathered
     through the block table, their rows as stored ([BLOCK_N, BLOCK_D], head dim contiguous: coalesced).
     MASKED: the causal diagonal, the sequence's end or the window's edge cut through the tile; otherwise
-    every row sees every key and nothing is masked or bounds-checked."""
+    every row sees every key and nothing is masked or bounds-checked.
+    0 < BLOCK_DK < BLOCK_D: q is the query rows' pointers [BLOCK_M, 1], not the Q tile, and Q . K^T runs over
+    head-dim chunks of BLOCK_DK (`_chunked_scores`)."""
     j = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
     if MASKED:
         j_ok = j < kv_end
@@ -160,11 +200,18 @@ def _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, 
     # hoisted out of the loop would hold registers through it
     k_ptrs = k_head + blk[:, None] * stride_kb + in_blk * stride_ks + d[None, :]  # [BLOCK_N, BLOCK_D]
     v_ptrs = v_head + blk[:, None] * stride_vb + in_blk * stride_vs + d[None, :]
-    if MASKED or BLOCK_D != HEAD_DIM:
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    if BLOCK_DK != 0 and BLOCK_DK != BLOCK_D:
+        k_rows = k_head + blk[:, None] * stride_kb + in_blk * stride_ks  # [BLOCK_N, 1]
+        s = _chunked_scores(q, k_rows, start, j, kv_end, HEAD_DIM, BLOCK_D, BLOCK_DK, BLOCK_M, BLOCK_N, KV_FP8, MASKED)
+        s = prefill_softcap(s, scale, softcap, HAS_SOFTCAP)
+        v_type = q.dtype.element_ty
     else:
-        k = tl.load(k_ptrs)
-    s = prefill_scores(q, kv_operand(k, q, KV_FP8), scale, softcap, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
+        if MASKED or BLOCK_D != HEAD_DIM:
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        s = prefill_scores(q, kv_operand(k, q, KV_FP8), scale, softcap, HAS_SOFTCAP)  # [BLOCK_M, BLOCK_N]
+        v_type = q.dtype
     if MASKED:
         allowed = j_ok[None, :] & (j[None, :] <= pos[:, None])
         if HAS_WINDOW:
@@ -175,7 +222,8 @@ def _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, 
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     else:
         v = tl.load(v_ptrs)
-    v = kv_operand(v, q, KV_FP8)
+    if KV_FP8:
+        v = v.to(v_type)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
 
@@ -188,7 +236,8 @@ def _prefill_kernel(
         scale, softcap, sliding_window, v_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
         HAS_SINKS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr = False, PDL: tl.constexpr = False):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_FP8: tl.constexpr = False, PDL: tl.constexpr = False,
+        BLOCK_DK: tl.constexpr = 0):
     if PDL:  # programmatic dependent launch: wait for the previous kernel (the trigger is after the loop)
         gdc_wait()
     seq = tl.program_id(0)
@@ -207,8 +256,11 @@ def _prefill_kernel(
     row_ok = tok < q_len
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    q_off = (q_start + tok)[:, None] * stride_qt + head[:, None] * HEAD_DIM + d[None, :]
-    q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    if BLOCK_DK == 0 or BLOCK_DK == BLOCK_D:  # the Q tile in registers through the key loops
+        q_off = (q_start + tok)[:, None] * stride_qt + head[:, None] * HEAD_DIM + d[None, :]
+        q = tl.load(q_ptr + q_off, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    else:  # Q's row pointers; rows past the sequence read its last token's query (finite, never stored)
+        q = q_ptr + ((q_start + tl.minimum(tok, q_len - 1)) * stride_qt + head * HEAD_DIM)[:, None]
     pos = tl.load(positions_ptr + q_start + tok, mask=row_ok, other=0).to(tl.int32)  # [BLOCK_M]
 
     # Key ranges, positions need not be sorted: [kv_lo, kv_end) is what some row of the tile sees;
@@ -243,20 +295,20 @@ def _prefill_kernel(
             acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, stride_kb,
                                           stride_ks, stride_vb, stride_vs, qk_scale, scale, softcap, sliding_window,
                                           d, d_ok, HEAD_DIM, BLOCK_D, BLOCK_N, KV_BLOCK_SIZE, HAS_SOFTCAP, HAS_WINDOW,
-                                          KV_FP8, True)
+                                          KV_FP8, True, BLOCK_M, BLOCK_DK)
     # Interior tiles, every key visible to every row: no masks, no bounds, one FMA and one exp2 per score.
     # Most of a long prefill's work; the loop num_stages pipelines.
     for start in range(win_full, kv_full, BLOCK_N):
         acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, stride_kb,
                                       stride_ks, stride_vb, stride_vs, qk_scale, scale, softcap, sliding_window,
                                       d, d_ok, HEAD_DIM, BLOCK_D, BLOCK_N, KV_BLOCK_SIZE, HAS_SOFTCAP, HAS_WINDOW,
-                                      KV_FP8, False)
+                                      KV_FP8, False, BLOCK_M, BLOCK_DK)
     # The causal diagonal and the sequence's end, masked.
     for start in range(kv_full, kv_end, BLOCK_N):
         acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, pos, start, kv_end, bt_row, k_head, v_head, stride_kb,
                                       stride_ks, stride_vb, stride_vs, qk_scale, scale, softcap, sliding_window,
                                       d, d_ok, HEAD_DIM, BLOCK_D, BLOCK_N, KV_BLOCK_SIZE, HAS_SOFTCAP, HAS_WINDOW,
-                                      KV_FP8, True)
+                                      KV_FP8, True, BLOCK_M, BLOCK_DK)
 
     if PDL:  # the main loop is done: let the next kernel's blocks be scheduled (triggering at the top
         gdc_launch_dependents()  # let chains of waiting kernels crowd the SMs: 8B decode 17% slower)
@@ -305,7 +357,10 @@ def attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             int(sliding_window), float(v_scale))
     launcher.launch(_prefill_kernel, grid, args,
                     constexprs={**cx, "HAS_SINKS": sinks is not None, "HAS_SOFTCAP": softcap > 0,
-                                "HAS_WINDOW": sliding_window > 0, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"]},
+                                "HAS_WINDOW": sliding_window > 0, "BLOCK_M": c["BLOCK_M"], "BLOCK_N": c["BLOCK_N"],
+                                # head-dim chunks of Q . K^T; whole-head configs launch as they did
+                                **({"BLOCK_DK": c["BLOCK_DK"]} if c.get("BLOCK_DK", cx["BLOCK_D"]) < cx["BLOCK_D"]
+                                   else {})},
                     num_warps=config["num_warps"], num_stages=config["num_stages"])
     return out
 
@@ -336,8 +391,12 @@ def prefill_lds_bytes(config: dict, head_dim: int, elem_bytes: int = 2) -> int:
     Q tile and two K + V buffers from 2 stages up (sm90: 128x128 at 2-4 stages 160-161 KiB, 128x64 96 KiB;
     gfx950: 128x128 164 KiB; one buffer at 1 stage). The cost model's "does not fit" test per target."""
     c = config["constexprs"]
+    block_d = next_power_of_2(head_dim)
+    if c.get("BLOCK_DK", block_d) < block_d:  # head-dim chunks: the V tile and one Q and K chunk (cross-compiles
+        # at head_dim 256, chunks of 32: gfx1151/gfx950 2 x BLOCK_N x 256 bytes at 1-2 stages, sm90 up to this)
+        return elem_bytes * (c["BLOCK_N"] * block_d + (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_DK"])
     buffers = max(1, min(config["num_stages"], 2))
-    return elem_bytes * next_power_of_2(head_dim) * (c["BLOCK_M"] + 2 * c["BLOCK_N"] * buffers)
+    return elem_bytes * block_d * (c["BLOCK_M"] + 2 * c["BLOCK_N"] * buffers)
 
 
 # Tiles past the 64 KiB every target has, for targets with more (sm90 227 KiB, gfx950 160 KiB): 128-row
@@ -348,6 +407,13 @@ def prefill_lds_bytes(config: dict, head_dim: int, elem_bytes: int = 2) -> int:
 _WIDE_PREFILL_TILES = ((128, 128, 8, 2), (128, 128, 8, 3), (128, 128, 8, 4), (128, 64, 8, 2), (128, 64, 8, 3),
                        (128, 64, 8, 4), (64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2))
 _LARGEST_LDS_BYTES = 227 * 1024  # sm90; see DESIGN.md "Targets"
+# Heads of 256 and wider: Q . K^T in head-dim chunks of HEAD_CHUNK (`_chunked_scores`), so neither the Q
+# tile nor the K tile is held whole as a dot operand. gfx1151 spilled every whole-head tile (16x16 on 4 warps
+# at 1 stage: 256 VGPRs + 136 spilled); chunked, 16x16 needs 125 and 64x32 on 8 warps 222 (Triton 3.9
+# cross-compiles). Tiles within 64 rows x 64 keys: the [BLOCK_M, 256] fp32 accumulator stays whole.
+HEAD_CHUNK = 32
+_HEAD_CHUNK_TILES = ((16, 16, 4, 1), (16, 16, 4, 2), (32, 16, 4, 1), (32, 32, 8, 1), (32, 32, 8, 2), (64, 32, 8, 1),
+                     (64, 32, 8, 2), (64, 64, 8, 1), (64, 64, 8, 2))
 
 
 def _reads_fp8(problem: dict) -> bool:
@@ -370,7 +436,9 @@ def config_space(problem: dict) -> list[dict]:
     # 256-wide heads: a 128-row fp32 accumulator alone is 128 registers a thread on 8 warps
     wide = [c for c in wide if c not in common and prefill_lds_bytes(c, block_d) <= _LARGEST_LDS_BYTES
             and (block_d <= 128 or c["constexprs"]["BLOCK_M"] * c["constexprs"]["BLOCK_N"] <= 64 * 64)]
-    return common + wide
+    chunked = [_config(w, st, BLOCK_M=m, BLOCK_N=n, BLOCK_DK=HEAD_CHUNK) for m, n, w, st in _HEAD_CHUNK_TILES
+               if block_d >= 256]
+    return common + wide + chunked
 
 
 def default_config(problem: dict) -> dict:

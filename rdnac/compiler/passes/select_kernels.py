@@ -14,6 +14,8 @@ its kernel binaries (`state.program`, `state.binaries`).
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from rdnac.compiler import cost_model, tuning
@@ -75,7 +77,12 @@ def _candidates(family: str, problem: dict, target: Target) -> list[tuple[dict, 
         if problem.get("act_scheme") == "prequantized":  # measured as its dynamic scheme: see tune.search
             config = entry.get("prequantized_config", config)
         ranked = [(config, why(entry, problem))] + [r for r in ranked if r[0] != config]
-    return ranked
+    # each config once: a repeat would compile to the binary that just failed, which the selection loop takes
+    # for a kernel no config can fix (gfx1151's tiny Qwen3.5 out_proj GEMM: 16x128x64 ranked twice)
+    unique: dict[str, tuple[dict, str]] = {}
+    for config, reason in ranked:
+        unique.setdefault(json.dumps(config, sort_keys=True), (config, reason))
+    return list(unique.values())
 
 
 def _unfused_first(problem: dict, target: Target) -> list[tuple[dict, str]]:
