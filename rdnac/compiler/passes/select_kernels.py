@@ -77,8 +77,8 @@ def _candidates(family: str, problem: dict, target: Target) -> list[tuple[dict, 
         if problem.get("act_scheme") == "prequantized":  # measured as its dynamic scheme: see tune.search
             config = entry.get("prequantized_config", config)
         ranked = [(config, why(entry, problem))] + [r for r in ranked if r[0] != config]
-    # each config once: a repeat would compile to the binary that just failed, which the selection loop takes
-    # for a kernel no config can fix (gfx1151's tiny Qwen3.5 out_proj GEMM: 16x128x64 ranked twice)
+    # each config once: a repeat compiles to the binary that just failed (gfx1151's tiny Qwen3.5 out_proj GEMM:
+    # 16x128x64 was ranked twice)
     unique: dict[str, tuple[dict, str]] = {}
     for config, reason in ranked:
         unique.setdefault(json.dumps(config, sort_keys=True), (config, reason))
@@ -162,7 +162,9 @@ def run(state: CompileState) -> None:
             program[node.name][key] = {"kernel": registry.wrapper_for(node.op, phase), "config": ranked[0][0],
                                        "reason": ranked[0][1]}
             _propagate_meta(node, env)
-    failed: dict[tuple[str, str], set[str]] = {}  # (node, key) -> the binaries that failed under earlier configs
+    # (node, key) -> the binaries that failed under every config tried so far: a kernel whose binary fails whatever
+    # the config (a helper kernel the node launches with its own tiles) is named when the candidates run out
+    always_failed: dict[tuple[str, str], set[str]] = {}
     while True:
         step_calls = {}
         for phase, bucket in keys:
@@ -179,20 +181,19 @@ def run(state: CompileState) -> None:
         if not rejected:
             break
         for (node, key), problems in rejected.items():
-            # a binary that fails again after the node's config changed does not depend on that config (a helper
-            # kernel the node launches with its own fixed tiles): no other config can fix it, so stop here
-            # instead of compiling every remaining candidate and blaming the last one
-            stuck = failing[(node, key)] & failed.get((node, key), set())
-            if stuck:
-                raise RdnacError(f"node {node!r}: kernel {min(stuck)} does not fit target {target.name} at {key} "
-                                 f"whatever config the node takes (its tiles do not depend on the node's config); "
-                                 f"{'; '.join(problems)}")
-            failed.setdefault((node, key), set()).update(failing[(node, key)])
+            prior = always_failed.get((node, key))
+            always_failed[(node, key)] = failing[(node, key)] if prior is None else prior & failing[(node, key)]
             remaining = options[(node, key)]
             bad = remaining.pop(0)
             label = _config_label({"kernel": program[node][key]["kernel"], "config": bad[0]})
             rejections.setdefault((node, label), ([], problems))[0].append(key)
             if not remaining:
+                tried = sum(n == node and key in ks for (n, _), (ks, _) in rejections.items())
+                stuck = always_failed[(node, key)]
+                if stuck and tried > 1:  # no config could have fixed it: say which kernel, not the last config
+                    raise RdnacError(f"node {node!r}: kernel {min(stuck)} does not fit target {target.name} at "
+                                     f"{key} under any of the node's {tried} candidate configs (its binary is the "
+                                     f"same whatever the config); {'; '.join(problems)}")
                 raise RdnacError(f"node {node!r}: no candidate config fits target {target.name} at {key}; "
                                  f"last problem: {problems[0]}")
             program[node][key].update(config=remaining[0][0], reason=remaining[0][1])
