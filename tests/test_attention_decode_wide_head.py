@@ -15,6 +15,7 @@ from rdnac.ir import ops
 from rdnac.ir.fp8 import to_kv_cache
 from rdnac.kernels import attention_decode as attn_decode
 from rdnac.kernels.launch import InterpretLauncher
+from tests.support.selection import first_fitting
 from tests.test_kernels_attention import DECODE_CONTEXTS, DECODE_ARGS, attrs_for, check, make_batch, problem
 
 QWEN35 = (16, 2, 256)  # query heads, kv heads, head_dim of a Qwen3.5 / Qwen3-Next full-attention layer (GQA 8)
@@ -24,9 +25,6 @@ def _first_fitting(target: str, kv_dtype: torch.dtype, max_tries: int = 4, quant
     """Walk kernel selection's candidate order for one decode node as select_kernels does: compile each
     candidate's launches, reject those whose binaries spill or overflow LDS. Returns (chosen, rejected).
     quant: the attention_quant op's wrapper (FP8 output for o_proj), which shares the family's configs."""
-    from rdnac.compiler.build import check_resources, compile_calls
-    from rdnac.compiler.passes.select_kernels import _candidates
-    from rdnac.compiler.record import RecordingLauncher
     from rdnac.targets import get_target
 
     heads, kv_heads, head_dim = QWEN35
@@ -34,20 +32,16 @@ def _first_fitting(target: str, kv_dtype: torch.dtype, max_tries: int = 4, quant
     batch["k_cache"], batch["v_cache"] = (batch[k].to(kv_dtype) for k in ("k_cache", "v_cache"))
     prob = {**problem("decode", heads, kv_heads, head_dim), "kv_dtype": str(kv_dtype).removeprefix("torch."),
             "num_seqs": 1, "num_tokens": 1}
-    rejected = []
-    for config, _why in _candidates("attention", prob, get_target(target))[:max_tries]:
-        rec = RecordingLauncher()
-        args, attrs = [batch[k] for k in DECODE_ARGS], attrs_for(heads, kv_heads, head_dim)
+    args, attrs = [batch[k] for k in DECODE_ARGS], attrs_for(heads, kv_heads, head_dim)
+
+    def launch(config, rec):
         if quant:
             attn_decode.attention_quant_decode(*args, **attrs, fp8_format=get_target(target).fp8_format,
                                                group=head_dim, config=config, launcher=rec)
         else:
             attn_decode.attention_decode(*args, **attrs, config=config, launcher=rec)
-        problems = [p for b in compile_calls(rec.calls, target, quiet=True) for p in check_resources(b, target)]
-        if not problems:
-            return config, rejected
-        rejected.append((config, problems))
-    raise AssertionError(f"{target}: none of the first {max_tries} candidates fits: {rejected}")
+
+    return first_fitting("attention", prob, target, launch, max_tries)
 
 
 @pytest.mark.parametrize("target", ["gfx1151", "gfx1201", "gfx942", "gfx950", "sm90"])

@@ -15,6 +15,7 @@ import torch
 
 from rdnac.kernels import attention as attn
 from rdnac.kernels.launch import InterpretLauncher
+from tests.support.selection import first_fitting
 from tests.test_kernels_attention import DECODE_ARGS, attrs_for, check, make_batch, problem
 
 QWEN35 = (16, 2, 256)  # query heads, kv heads, head_dim of a Qwen3.5 full-attention layer (GQA 8)
@@ -61,24 +62,15 @@ def test_chunked_prefill_reads_fp8_caches():
 def _first_fitting(target: str, max_tries: int = 6):
     """Walk kernel selection's candidate order for one prefill node as select_kernels does: compile each
     candidate, reject those whose binaries spill or overflow LDS. Returns (chosen, rejected)."""
-    from rdnac.compiler.build import check_resources, compile_calls
-    from rdnac.compiler.passes.select_kernels import _candidates
-    from rdnac.compiler.record import RecordingLauncher
-    from rdnac.targets import get_target
-
     heads, kv_heads, head_dim = QWEN35
     batch, _ = make_batch([(2048, 2048)], heads, kv_heads, head_dim, torch.bfloat16, device="meta")
     prob = {**problem("prefill", heads, kv_heads, head_dim), "num_seqs": 1, "num_tokens": 2048}
-    rejected = []
-    for config, _why in _candidates("attention", prob, get_target(target))[:max_tries]:
-        rec = RecordingLauncher()
+
+    def launch(config, rec):
         attn.attention_prefill(*[batch[k] for k in DECODE_ARGS], **attrs_for(heads, kv_heads, head_dim),
                                max_query_len=2048, config=config, launcher=rec)
-        problems = [p for b in compile_calls(rec.calls, target, quiet=True) for p in check_resources(b, target)]
-        if not problems:
-            return config, rejected
-        rejected.append((config, problems))
-    raise AssertionError(f"{target}: none of the first {max_tries} candidates fits: {rejected}")
+
+    return first_fitting("attention", prob, target, launch, max_tries)
 
 
 @pytest.mark.parametrize("target", ["gfx1151", "gfx1201", "gfx942", "gfx950", "sm90"])
