@@ -29,17 +29,16 @@ for the dense first layer, the shared expert and the 8 routed experts; two layer
 
 from __future__ import annotations
 
-import gc
 import math
 
 import pytest
 import torch
 
 import rdnac
-from rdnac import SamplingParams
 from rdnac.errors import UnsupportedModelError
 from rdnac.plans import read_plan
 from tests.test_tensor_parallel import ATOL, _check_sharded, _reference
+from tests.test_tensor_parallel_gpu import _run as run_plan
 
 # 128-aligned per rank at tp=2 (see the module docstring); the rest as test_deepseek.py's "v3" case
 FP8_V3 = dict(q_lora_rank=32, kv_lora_rank=32, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
@@ -186,18 +185,7 @@ def _gpu_plans(root, target: str, forms, **options) -> dict:
 
 
 def _run(plan, **load) -> tuple[torch.Tensor, list[list[int]], bool]:
-    llm = rdnac.load(plan, num_blocks=16, **load)
-    try:
-        logits = llm.logits(PROMPTS[0]).float().cpu()
-        outs = llm.generate(PROMPTS, [SamplingParams(max_tokens=n) for n in MAX_TOKENS])
-        graphs = llm.runner.graphs is not None and bool(llm.runner.graphs.buckets)
-        return logits, [o.token_ids for o in outs], graphs
-    finally:
-        llm.close()
-        del llm
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    return run_plan(plan, prompts=PROMPTS, max_tokens=MAX_TOKENS, num_blocks=16, **load)
 
 
 @pytest.fixture(scope="module")

@@ -117,13 +117,14 @@ def sm90(tmp_path_factory):
     return {tp: _compile(root / "ckpt", root / f"tp{tp}.msgpack", "sm90", tp) for tp in (1, 2)}
 
 
-def _run(plan, **load) -> tuple[torch.Tensor, list[list[int]], bool]:
+def _run(plan, *, prompts=PROMPTS, max_tokens=MAX_TOKENS, num_blocks: int = 64,
+         **load) -> tuple[torch.Tensor, list[list[int]], bool]:
     """(logits of the first prompt, the prompts' greedy tokens run together, whether decode graphs were
     captured); the LLM is gone after it (a few KV blocks: two plans share GPU 0 one after the other)."""
-    llm = rdnac.load(plan, num_blocks=64, **load)
+    llm = rdnac.load(plan, num_blocks=num_blocks, **load)
     try:
-        logits = llm.logits(PROMPTS[0]).float().cpu()
-        outs = llm.generate(PROMPTS, [SamplingParams(max_tokens=n) for n in MAX_TOKENS])
+        logits = llm.logits(prompts[0]).float().cpu()
+        outs = llm.generate(prompts, [SamplingParams(max_tokens=n) for n in max_tokens])
         graphs = llm.runner.graphs is not None and bool(llm.runner.graphs.buckets)
         return logits, [o.token_ids for o in outs], graphs
     finally:
